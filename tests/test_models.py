@@ -1,0 +1,90 @@
+"""Model resolution, loading and matrix discovery on real (small, locally built) models."""
+import pytest
+import torch
+
+from analysis.models import ModelLoadError, find_layers, load_model, prunable_layers, resolve_source
+
+
+def test_default_model_is_real_smollm2(default_model):
+    info = default_model.info
+    assert info.architecture == "LlamaForCausalLM"
+    assert info.n_blocks == 30
+    assert 130e6 < info.n_params < 140e6
+    assert "4-bit" in info.quantization
+    layers = prunable_layers(default_model.model)
+    assert len(layers) == 30 * 7
+    assert [l.kind for l in layers[:7]] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    # a pretrained model predicts a sensible continuation: " Paris" is its top token
+    tok, model = default_model.tokenizer, default_model.model
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        nxt = model(ids).logits[0, -1].argmax().item()
+    assert tok.decode([nxt]).strip() == "Paris"
+
+
+def test_converted_cache_loads_fast(default_model):
+    # the fixture already converted once; a second load reads safetensors only
+    again = load_model("default")
+    assert again.info.load_seconds < 15
+
+
+def test_local_folder_roundtrip(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=120)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    t = Tokenizer(models.WordLevel({f"w{i}": i for i in range(119)} | {"<unk>": 119}, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>").save_pretrained(tmp_path)
+    lm = load_model(str(tmp_path), device="cpu")
+    assert lm.info.n_blocks == 3
+    assert len(prunable_layers(lm.model)) == 21
+
+
+@pytest.mark.parametrize(
+    "build, n_blocks, kinds",
+    [
+        ("gpt2", 2, ["c_attn", "c_proj", "c_fc", "c_proj"]),
+        ("opt", 2, ["k_proj", "v_proj", "q_proj", "out_proj", "fc1", "fc2"]),
+        ("llama", 2, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+    ],
+)
+def test_discovery_on_small_models(build, n_blocks, kinds):
+    import transformers as tf
+
+    if build == "gpt2":
+        m = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50, bos_token_id=0, eos_token_id=0))
+    elif build == "opt":
+        m = tf.OPTForCausalLM(tf.OPTConfig(num_hidden_layers=2, hidden_size=32, ffn_dim=64, num_attention_heads=2,
+                                           vocab_size=50, word_embed_proj_dim=32))
+    else:
+        m = tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                               num_attention_heads=2, vocab_size=50))
+    layers = find_layers(m)
+    pr = [l for l in layers if l.prunable]
+    assert len(pr) == n_blocks * len(kinds)
+    assert [l.kind for l in pr if l.block == 0] == kinds
+    for l in pr:
+        w = l.weight()
+        assert tuple(w.shape) == (l.rows, l.cols)
+        assert w.data_ptr() == l.module.weight.data_ptr()  # a view, so pruning it edits the model
+    assert any(l.kind == "embed_tokens" and not l.prunable for l in layers)
+    if build == "gpt2":  # Conv1D stores (in, out); we expose (out, in)
+        c_fc = next(l for l in pr if l.kind == "c_fc")
+        assert (c_fc.rows, c_fc.cols) == (128, 32)
+
+
+@pytest.mark.parametrize("bad", ["", "./no/such/folder", "not a model id!", "/etc/passwd"])
+def test_bad_sources_give_clear_errors(bad):
+    with pytest.raises(ModelLoadError):
+        resolve_source(bad)
+
+
+def test_unreachable_hub_id_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="Could not load"):
+        load_model("someone/no-such-model-xyz", device="cpu")
