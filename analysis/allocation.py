@@ -387,6 +387,23 @@ def _finish(df, ratios, sparsity, method, params, model) -> Allocation:
 # methods
 
 
+def check_settings(method: str = "alphapruning", sparsity: float | None = 0.5, epsilon: float = 0.3,
+                   metric: str = "alpha", granularity: str = "block", owl_lambda: float = 0.08) -> None:
+    """Validate allocation settings before any expensive work (model loading, spectra); raises
+    AllocationError naming the first bad value. sparsity=None is allowed (a custom curve as drawn)."""
+    if method not in METHODS:
+        raise AllocationError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if sparsity is not None:
+        _check_sparsity(sparsity)
+    if method in ("alphapruning", "farms"):
+        _check_spread(epsilon, "epsilon")
+        _check_metric(metric)
+    if granularity not in GRANULARITIES:
+        raise AllocationError(f"granularity must be 'block' or 'layer', got {granularity!r}")
+    if method == "owl":
+        _check_spread(owl_lambda, "owl_lambda")
+
+
 def allocate(
     metrics: pd.DataFrame,
     sparsity: float,

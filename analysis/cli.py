@@ -32,12 +32,125 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_for_cli(args: argparse.Namespace):
+    from analysis.models import load_model  # noqa: PLC0415
+
+    return load_model(args.model, device=None if args.device == "auto" else args.device,
+                      dtype=None if args.dtype == "auto" else args.dtype, trust_remote_code=args.trust_remote_code)
+
+
+def _layer_table(model):
+    """Prunable matrices as a metrics-like table (name, block, kind, params, prunable) without spectra."""
+    import pandas as pd  # noqa: PLC0415
+
+    from analysis.models import prunable_layers  # noqa: PLC0415
+
+    return pd.DataFrame([dict(name=r.name, block=r.block, kind=r.kind, params=r.params, prunable=True)
+                         for r in prunable_layers(model)])
+
+
+def _print_progress(message: str, fraction: float) -> None:
+    print(f"[{fraction:4.0%}] {message}", file=sys.stderr, flush=True)
+
+
+def _allocation_metrics(args: argparse.Namespace, loaded):
+    if args.method in ("alphapruning", "farms"):
+        from analysis.spectra import analyze  # noqa: PLC0415
+
+        return analyze(loaded.model, fit=args.fit, farms=args.method == "farms", progress=_print_progress).metrics
+    return _layer_table(loaded.model)
+
+
+def _owl_outliers(args: argparse.Namespace, loaded) -> dict[int, float]:
+    from analysis.data import calibration_batches, load_text, split_text  # noqa: PLC0415
+    from analysis.pruning import collect_outlier_ratios  # noqa: PLC0415
+
+    text = load_text(args.calib)
+    if args.calib == "default":
+        text = split_text(text)[0]  # the half of the embedded corpus reserved for calibration
+    calib = calibration_batches(loaded.tokenizer, text, n_samples=args.nsamples, seqlen=args.seqlen)
+    return collect_outlier_ratios(loaded.model, calib, threshold_m=args.owl_threshold)
+
+
+def _print_allocation(alloc, metrics, metric: str | None) -> None:
+    import pandas as pd  # noqa: PLC0415
+
+    from analysis.allocation import block_table  # noqa: PLC0415
+
+    has_metric = metric is not None and metric in metrics.columns
+    t = block_table(metrics, metric) if has_metric else block_table(metrics.assign(_none=float("nan")), "_none")
+    t = t.set_index("block").reindex(range(len(alloc.per_block)))
+    table = pd.DataFrame({"block": range(len(alloc.per_block)), "matrices": t["n_matrices"].to_numpy(),
+                          "params": t["params"].to_numpy()})
+    if has_metric:
+        table[f"mean {metric}"] = t["metric_mean"].round(3).to_numpy()
+    table["sparsity"] = [round(x, 4) for x in alloc.per_block]
+    print(table.to_string(index=False))
+    for w in alloc.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    print(f"method {alloc.method}: target {alloc.sparsity:.4f}, achieved {alloc.achieved:.6f} "
+          f"(parameter-weighted over {len(alloc.per_layer)} prunable matrices)")
+
+
+def cmd_allocate(args: argparse.Namespace) -> int:
+    from analysis.allocation import allocate, check_settings, custom_allocation, parse_points  # noqa: PLC0415
+
+    if args.method == "custom":
+        if not args.points:
+            raise UsageError("--method custom needs --points, e.g. --points 0:0.5,0.5:0.7,1:0.8")
+        points = parse_points(args.points)
+        if args.sparsity is None and not args.as_drawn:
+            raise UsageError("--sparsity is required unless --as-drawn")
+    elif args.sparsity is None:
+        raise UsageError("--sparsity is required")
+    check_settings(args.method, args.sparsity, args.epsilon, args.metric, args.granularity, args.owl_lambda)
+    loaded = _load_for_cli(args)
+    metrics = _allocation_metrics(args, loaded)
+    if args.method == "custom":
+        alloc = custom_allocation(points, metrics, sparsity=args.sparsity, normalize=not args.as_drawn,
+                                  model=args.model)
+    else:
+        outliers = _owl_outliers(args, loaded) if args.method == "owl" else None
+        alloc = allocate(metrics, args.sparsity, method=args.method, epsilon=args.epsilon, metric=args.metric,
+                         granularity=args.granularity, outlier_ratios=outliers, owl_lambda=args.owl_lambda,
+                         model=args.model)
+    if args.method in ("alphapruning", "farms"):
+        alloc.params["fit"] = args.fit
+    _print_allocation(alloc, metrics, args.metric if args.method in ("alphapruning", "farms") else None)
+    if args.out:
+        print(f"wrote {alloc.save(args.out)}")
+    return 0
+
+
+def _add_allocate_parser(sub) -> None:
+    from analysis.allocation import METHODS, METRIC_DIRECTION  # noqa: PLC0415
+
+    p = sub.add_parser("allocate", help="layerwise sparsity (uniform, alphapruning, farms, owl, custom) to JSON")
+    _add_model_args(p)
+    p.add_argument("--method", default="alphapruning", choices=METHODS)
+    p.add_argument("--sparsity", type=float, default=None, help="target fraction of pruned weights, in [0, 0.99]")
+    p.add_argument("--epsilon", type=float, default=0.3, help="alphapruning/farms spread: ratios in [S(1-eps), S(1+eps)]")
+    p.add_argument("--metric", default="alpha", choices=list(METRIC_DIRECTION), help="per-matrix metric (alphapruning/farms)")
+    p.add_argument("--granularity", default="block", choices=["block", "layer"], help="one ratio per block or per matrix")
+    p.add_argument("--fit", default="peak", help="power-law xmin rule: peak, median or scan")
+    p.add_argument("--points", default=None, help="custom curve control points depth:sparsity, e.g. 0:0.5,0.5:0.7,1:0.8")
+    p.add_argument("--as-drawn", action="store_true", help="custom: apply the curve as drawn, report its budget")
+    p.add_argument("--owl-lambda", type=float, default=0.08, help="owl: half-range of the sparsities around the target")
+    p.add_argument("--owl-threshold", type=float, default=5.0, help="owl: outlier = |activation x weight| > M x mean")
+    p.add_argument("--calib", default="default", help="owl calibration text: default, wikitext2:valid or a .txt path")
+    p.add_argument("--nsamples", type=int, default=16, help="owl: calibration sequences")
+    p.add_argument("--seqlen", type=int, default=256, help="owl: tokens per calibration sequence")
+    p.add_argument("--out", default=None, help="write the allocation JSON here")
+    p.set_defaults(func=cmd_allocate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m analysis", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("models", help="list packaged models (and convert them with --convert)")
     p.add_argument("--convert", action="store_true", help="dequantize the packaged GGUF files into the cache now")
     p.set_defaults(func=cmd_models)
+    _add_allocate_parser(sub)
     return parser
 
 
@@ -46,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ModelLoadError, UsageError, FileNotFoundError) as e:
+    except (ModelLoadError, ValueError, FileNotFoundError) as e:  # UsageError, AllocationError, ... are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
