@@ -1,0 +1,208 @@
+"""Plotly figures for the dashboard pages (no streamlit import: pure data -> figure functions).
+
+Conventions: eigenvalues are those of WᵀW as produced by analysis.spectra (unnormalized unless the
+analysis said otherwise); depth is the block index divided by (n_blocks - 1); sparsity is the
+fraction of weights set to zero.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+KIND_ORDER = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+METHOD_COLORS = {"uniform": "#7f7f7f", "alphapruning": "#1f77b4", "farms": "#2ca02c", "owl": "#ff7f0e",
+                 "custom": "#d62728"}
+
+
+def _layout(fig: go.Figure, height: int = 360, **kw) -> go.Figure:
+    fig.update_layout(height=height, margin=dict(l=50, r=10, t=40, b=40), **kw)
+    return fig
+
+
+def esd_density(eigs: np.ndarray, log: bool = True, bins: int = 80) -> tuple[np.ndarray, np.ndarray]:
+    """Histogram of the positive eigenvalues as a density: (bin edges, density per bin).
+
+    log=True uses logarithmically spaced bins (what a log-log plot needs); the density is
+    count / (n * bin width) either way, so it integrates to 1 over the positive eigenvalues.
+    """
+    x = np.asarray(eigs, dtype=np.float64)
+    x = x[np.isfinite(x) & (x > 0)]
+    if x.size == 0:
+        return np.array([0.0, 1.0]), np.array([0.0])
+    lo, hi = x.min(), x.max()
+    if hi <= lo:
+        hi = lo * 1.01 + 1e-12
+    edges = np.geomspace(lo, hi, bins + 1) if log else np.linspace(lo, hi, bins + 1)
+    counts, edges = np.histogram(x, bins=edges)
+    return edges, counts / (x.size * np.diff(edges))
+
+
+def esd_figure(eigs: np.ndarray, alpha: float | None = None, xmin: float | None = None, log: bool = True,
+               mp: tuple[np.ndarray, np.ndarray] | None = None,
+               randomized: np.ndarray | None = None, title: str = "") -> go.Figure:
+    """ESD histogram with the fitted power law p(λ) ∝ λ^-alpha drawn over the tail λ >= xmin.
+
+    The power-law line is scaled to the tail's share of the eigenvalues, so on the log-log plot it
+    sits on the histogram: p(λ) = f · (alpha-1)/xmin · (λ/xmin)^-alpha, f = n_tail / n.
+    mp: (x, density) of a Marchenko–Pastur curve; randomized: eigenvalues of the same matrix with its
+    entries shuffled (what the layer would look like with no learned structure).
+    """
+    edges, dens = esd_density(eigs, log=log)
+    fig = go.Figure()
+    keep = dens > 0 if log else np.ones_like(dens, dtype=bool)
+    if log:  # bars have no sensible width on a log axis: draw the histogram as a filled step line
+        fig.add_trace(go.Scatter(
+            x=np.repeat(edges, 2)[1:-1][np.repeat(keep, 2)], y=np.repeat(dens, 2)[np.repeat(keep, 2)],
+            mode="lines", fill="tozeroy", line=dict(color="#4c78a8", width=1), name="ESD (histogram)",
+            hovertemplate="λ %{x:.3g}<br>density %{y:.3g}<extra></extra>",
+        ))
+    else:
+        fig.add_trace(go.Bar(
+            x=0.5 * (edges[:-1] + edges[1:]), y=dens, width=np.diff(edges), name="ESD (histogram)",
+            marker_color="#4c78a8", marker_line_width=0, opacity=0.75,
+            hovertemplate="λ %{x:.3g}<br>density %{y:.3g}<extra></extra>",
+        ))
+    x = np.asarray(eigs, dtype=np.float64)
+    x = x[np.isfinite(x) & (x > 0)]
+    if randomized is not None:
+        redges, rdens = esd_density(randomized, log=log)
+        rk = rdens > 0
+        fig.add_trace(go.Scatter(
+            x=np.sqrt(redges[:-1] * redges[1:])[rk] if log else (0.5 * (redges[:-1] + redges[1:]))[rk],
+            y=rdens[rk], mode="lines", line=dict(color="#9467bd", width=1.5, shape="hvh"),
+            name="randomized weights",
+        ))
+    if mp is not None:
+        mx, my = mp
+        mk = my > 0
+        fig.add_trace(go.Scatter(x=mx[mk], y=my[mk], mode="lines", line=dict(color="#2ca02c", width=2),
+                                 name="Marchenko–Pastur (random matrix)"))
+    if alpha is not None and xmin is not None and math.isfinite(alpha) and math.isfinite(xmin) and x.size:
+        tail = x[x >= xmin]
+        f = tail.size / x.size
+        lx = np.geomspace(xmin, max(x.max(), xmin * 1.01), 60)
+        ly = f * (alpha - 1) / xmin * (lx / xmin) ** (-alpha)
+        fig.add_trace(go.Scatter(x=lx, y=ly, mode="lines", line=dict(color="#d62728", width=2.5, dash="dash"),
+                                 name=f"power law fit, α = {alpha:.2f}"))
+        fig.add_vline(x=xmin, line=dict(color="#d62728", width=1, dash="dot"),
+                      annotation_text="xmin", annotation_position="top")
+    fig.update_xaxes(type="log" if log else "linear", title="eigenvalue λ of WᵀW")
+    fig.update_yaxes(type="log" if log else "linear", title="density")
+    if log and keep.any():
+        lo = dens[keep].min()
+        fig.update_yaxes(range=[math.log10(lo) - 0.5, math.log10(dens.max()) + 0.5])
+    fig.update_layout(bargap=0, legend=dict(orientation="h", y=1.02, yanchor="bottom", x=0))
+    return _layout(fig, 380, title=dict(text=title, y=0.98, font=dict(size=13)) if title else None)
+
+
+def alpha_depth_figure(metrics: pd.DataFrame, metric: str = "alpha") -> go.Figure:
+    """`metric` across depth (block index), one line per matrix kind; customdata = module name,
+    so a clicked point tells which layer it is."""
+    df = metrics[metrics["block"] >= 0]
+    kinds = [k for k in KIND_ORDER if k in set(df["kind"])] + sorted(set(df["kind"]) - set(KIND_ORDER))
+    fig = go.Figure()
+    for kind in kinds:
+        d = df[df["kind"] == kind].sort_values("block")
+        fig.add_trace(go.Scatter(
+            x=d["block"], y=d[metric], mode="lines+markers", name=kind, customdata=d["name"],
+            marker=dict(size=7), hovertemplate="%{customdata}<br>" + metric + " %{y:.3f}<extra></extra>",
+        ))
+    if metric == "alpha":
+        fig.add_hrect(y0=2, y1=6, fillcolor="green", opacity=0.06, line_width=0,
+                      annotation_text="2 ≤ α ≤ 6", annotation_position="top left")
+    fig.update_xaxes(title="block (depth)")
+    fig.update_yaxes(title=metric)
+    fig.update_layout(clickmode="event+select", legend=dict(orientation="h", y=1.02, yanchor="bottom", x=0))
+    return _layout(fig, 380)
+
+
+def heatmap_figure(metrics: pd.DataFrame, metric: str = "alpha") -> go.Figure:
+    """Block × kind heatmap of `metric`; customdata = module name for click-to-select."""
+    df = metrics[metrics["block"] >= 0]
+    kinds = [k for k in KIND_ORDER if k in set(df["kind"])] + sorted(set(df["kind"]) - set(KIND_ORDER))
+    blocks = sorted(df["block"].unique())
+    z = df.pivot_table(index="kind", columns="block", values=metric, aggfunc="first").reindex(index=kinds,
+                                                                                             columns=blocks)
+    names = df.pivot_table(index="kind", columns="block", values="name", aggfunc="first").reindex(
+        index=kinds, columns=blocks)
+    fig = go.Figure(go.Heatmap(
+        z=z.to_numpy(dtype=float), x=blocks, y=kinds, customdata=names.fillna("").to_numpy(),
+        colorscale="RdYlGn_r" if metric in ("alpha", "alpha_hat") else "Viridis", colorbar=dict(title=metric),
+        hovertemplate="%{customdata}<br>" + metric + " %{z:.3f}<extra></extra>",
+    ))
+    fig.update_xaxes(title="block")
+    return _layout(fig, 300)
+
+
+def depths(n_blocks: int) -> np.ndarray:
+    """Relative depth of each block: b / (n_blocks - 1), 0 for a single block."""
+    return np.arange(n_blocks) / (n_blocks - 1) if n_blocks > 1 else np.zeros(1)
+
+
+def allocation_overlay(per_block: list[float], name: str, color: str | None = None, dash: str = "dot") -> dict:
+    """An overlay line for the curve editor: a per-block allocation drawn at block depths."""
+    d = depths(len(per_block))
+    return {"name": name, "x": d.tolist(), "y": [float(v) for v in per_block], "color": color, "dash": dash}
+
+
+def block_bars_figure(per_block: list[float], params: list[int], target: float | None = None) -> go.Figure:
+    """Per-block sparsity bars; hover shows the block's prunable parameters and pruned weights."""
+    blocks = np.arange(len(per_block))
+    p = np.asarray(params, dtype=float)
+    r = np.asarray(per_block, dtype=float)
+    fig = go.Figure(go.Bar(
+        x=blocks, y=r, customdata=np.stack([p, p * r], axis=1), marker_color="#d62728",
+        name="applied sparsity",
+        hovertemplate="block %{x}<br>sparsity %{y:.3f}<br>params %{customdata[0]:,.0f}"
+                      "<br>pruned %{customdata[1]:,.0f}<extra></extra>",
+    ))
+    if target is not None:
+        fig.add_hline(y=target, line=dict(color="black", dash="dash", width=1),
+                      annotation_text=f"target {target:.0%}", annotation_position="top left")
+    fig.update_xaxes(title="block")
+    fig.update_yaxes(title="sparsity", range=[0, max(1.0, float(r.max(initial=0)) * 1.05)])
+    return _layout(fig, 280)
+
+
+def ppl_figure(updates: list, dense: list | None = None, title: str = "") -> go.Figure:
+    """Running perplexity vs windows evaluated, for the pruned weights and the dense baseline.
+
+    updates / dense: sequences of objects with .windows_done and .ppl (analysis.evaluation.PplUpdate).
+    """
+    fig = go.Figure()
+    if dense:
+        fig.add_trace(go.Scatter(x=[u.windows_done for u in dense], y=[u.ppl for u in dense],
+                                 mode="lines+markers", name="dense baseline", line=dict(color="#7f7f7f")))
+    if updates:
+        fig.add_trace(go.Scatter(x=[u.windows_done for u in updates], y=[u.ppl for u in updates],
+                                 mode="lines+markers", name="this run", line=dict(color="#d62728")))
+    fig.update_xaxes(title="evaluation windows done")
+    fig.update_yaxes(title="running perplexity")
+    fig.update_layout(legend=dict(orientation="h", y=1.02, yanchor="bottom", x=0))
+    return _layout(fig, 320, title=dict(text=title) if title else None)
+
+
+def ppl_vs_sparsity_figure(runs: pd.DataFrame, x: str = "sparsity", y: str = "ppl",
+                           color: str = "allocation") -> go.Figure:
+    """One line per allocation method: perplexity against sparsity (log y)."""
+    fig = go.Figure()
+    for method, d in runs.groupby(color, sort=True):
+        d = d.sort_values(x)
+        fig.add_trace(go.Scatter(x=d[x], y=d[y], mode="lines+markers", name=str(method),
+                                 line=dict(color=METHOD_COLORS.get(str(method)))))
+    fig.update_xaxes(title="sparsity")
+    fig.update_yaxes(title="perplexity", type="log")
+    return _layout(fig, 360)
+
+
+def curves_figure(curves: list[tuple[str, list[float]]]) -> go.Figure:
+    """Allocation curves (per-block sparsity over depth) overlaid, one per (label, per_block)."""
+    fig = go.Figure()
+    for label, per_block in curves:
+        fig.add_trace(go.Scatter(x=depths(len(per_block)), y=per_block, mode="lines+markers", name=label))
+    fig.update_xaxes(title="relative depth")
+    fig.update_yaxes(title="sparsity")
+    return _layout(fig, 360)
