@@ -262,10 +262,15 @@ def exact_budget(ratios, params, sparsity, lo: float = 0.0, hi: float = MAX_RATI
 
 
 def _scale_to_budget(r, p, mass, lo, hi):
+    if r.max() <= 0:
+        return None
+    # scaling is invariant to the unit; work in [.., 1] and treat ratios below 1e-12 of the largest as 0
+    # so that the scale factor stays finite (a ratio of 1e-300 would need c = 1e300)
+    r = r / r.max()
+    r = np.where(np.abs(r) < 1e-12, 0.0, r)
     weighted = float(np.sum(p * r))
     if weighted > 0:
-        c0 = mass / weighted
-        x = c0 * r
+        x = (mass / weighted) * r
         if np.all((x >= lo) & (x <= hi)):
             return x  # the common case: one exact multiplication, as in the paper
     pos = r > 0
