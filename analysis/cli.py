@@ -69,7 +69,7 @@ def _owl_outliers(args: argparse.Namespace, loaded) -> dict[int, float]:
     if args.calib == "default":
         text = split_text(text)[0]  # the half of the embedded corpus reserved for calibration
     calib = calibration_batches(loaded.tokenizer, text, n_samples=args.nsamples, seqlen=args.seqlen)
-    return collect_outlier_ratios(loaded.model, calib, threshold_m=args.owl_threshold)
+    return collect_outlier_ratios(loaded.model, calib, threshold_m=args.owl_threshold, progress=_print_progress)
 
 
 def _print_allocation(alloc, metrics, metric: str | None) -> None:
@@ -84,6 +84,9 @@ def _print_allocation(alloc, metrics, metric: str | None) -> None:
                           "params": t["params"].to_numpy()})
     if has_metric:
         table[f"mean {metric}"] = t["metric_mean"].round(3).to_numpy()
+    outliers = alloc.params.get("outlier_ratios")
+    if outliers:
+        table["outliers %"] = [round(100 * outliers.get(str(b), float("nan")), 3) for b in table["block"]]
     table["sparsity"] = [round(x, 4) for x in alloc.per_block]
     print(table.to_string(index=False))
     for w in alloc.warnings:
