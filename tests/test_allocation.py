@@ -442,3 +442,16 @@ def test_cli_custom_as_drawn(tmp_path):
     a = Allocation.load(out)
     assert a.per_block[0] == pytest.approx(0.4) and a.per_block[-1] == pytest.approx(0.8)
     assert a.achieved == pytest.approx(0.6, abs=1e-9) and math.isclose(a.sparsity, a.achieved)
+
+
+def test_cli_owl_uses_calibration_outliers(tmp_path):
+    out = tmp_path / "o.json"
+    p = run_cli("--method", "owl", "--sparsity", "0.6", "--owl-lambda", "0.1", "--nsamples", "2", "--seqlen", "64",
+                "--device", "cpu", "--out", str(out))
+    assert p.returncode == 0, p.stderr
+    a = Allocation.load(out)
+    assert a.method == "owl" and a.achieved == pytest.approx(0.6, abs=1e-6)
+    d = {int(k): v for k, v in a.params["outlier_ratios"].items()}
+    assert sorted(d) == list(range(30))
+    # the block with the most outliers is pruned least
+    assert int(np.argmin(a.per_block)) == max(d, key=d.get)
