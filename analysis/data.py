@@ -1,0 +1,208 @@
+"""Text sources and token windows for calibration and perplexity.
+
+Text sources (`load_text`):
+  - "default": the embedded corpus, gensim's Lee background corpus (300 short news articles,
+    ~360 KB, ~76K SmolLM2 tokens) shipped inside the gensim package;
+  - "wikitext2:test" / "wikitext2:valid": the raw WikiText-2 files in ../shared/data/wikitext-2
+    (override the folder with $ALPHASCOPE_WIKITEXT);
+  - "hf:<dataset>[:<config>]:<split>": a Hugging Face dataset (needs `datasets` and a reachable hub);
+  - anything else: a path to a UTF-8 text file.
+
+Calibration and evaluation text must be disjoint. The usual pairing is calibration on "default"
+(or "wikitext2:valid") and evaluation on "wikitext2:test"; when one text has to serve both, use
+`split_text`, which cuts it into two disjoint halves at a line boundary.
+
+Token windows: the text is tokenized once (cached per tokenizer and text), without special
+tokens. Calibration samples are random windows (seeded); evaluation windows are consecutive and
+non-overlapping. With `bos=True` every window starts with the tokenizer's BOS token followed by
+seqlen-1 text tokens (Gemma needs this; `ModelInfo.bos_per_window`).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+WIKITEXT_SPLITS = ("train", "valid", "test")
+
+
+class DataError(ValueError):
+    """A text source or window request the user can fix; the message says how."""
+
+
+# --------------------------------------------------------------------------------------------
+# text sources
+
+
+def default_corpus_path() -> Path:
+    """The embedded corpus: gensim's `test/test_data/lee_background.cor`."""
+    spec = importlib.util.find_spec("gensim")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("The embedded corpus needs the Python package 'gensim' (pip install gensim).")
+    return Path(spec.submodule_search_locations[0]) / "test" / "test_data" / "lee_background.cor"
+
+
+def wikitext_dir() -> Path:
+    """Folder with WikiText-2 raw text: $ALPHASCOPE_WIKITEXT, else ../shared/data/wikitext-2."""
+    env = os.environ.get("ALPHASCOPE_WIKITEXT")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
+
+
+def load_text(source: str) -> str:
+    """Return the text named by `source` (see the module docstring for the accepted names)."""
+    if not source or not str(source).strip():
+        raise DataError("No text source given; use 'default', 'wikitext2:test', 'hf:...' or a .txt path.")
+    src = str(source).strip()
+    if src == "default":
+        return _read(default_corpus_path())
+    if src.startswith("wikitext2:"):
+        return _load_wikitext(src.split(":", 1)[1])
+    if src.startswith("hf:"):
+        return _load_hf(src[3:])
+    return _read(Path(src).expanduser())
+
+
+def _read(path: Path) -> str:
+    if not path.is_file():
+        raise DataError(f"Text file '{path}' does not exist.")
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+def _load_wikitext(split: str) -> str:
+    if split not in WIKITEXT_SPLITS:
+        raise DataError(f"Unknown WikiText-2 split '{split}'; use one of {', '.join(WIKITEXT_SPLITS)}.")
+    path = wikitext_dir() / f"{split}.txt"
+    if not path.is_file():
+        raise DataError(f"WikiText-2 {split} not found at {path} (set $ALPHASCOPE_WIKITEXT to its folder).")
+    return path.read_text(encoding="utf-8")
+
+
+def _load_hf(spec: str) -> str:
+    """`spec` = "<dataset>[:<config>]:<split>"; rows' "text" fields joined by blank lines."""
+    parts = spec.split(":")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise DataError(f"Use 'hf:<dataset>[:<config>]:<split>', e.g. 'hf:wikitext:wikitext-2-raw-v1:test' (got 'hf:{spec}').")
+    name, config, split = (parts[0], None, parts[1]) if len(parts) == 2 else parts
+    try:
+        import datasets  # noqa: PLC0415 (optional dependency)
+    except ImportError as e:
+        raise DataError("Hugging Face datasets need the package 'datasets' (pip install datasets).") from e
+    try:
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # noqa: BLE001 (offline, unknown name, bad split: all user-fixable)
+        raise DataError(f"Could not load dataset '{spec}': {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    if "text" not in ds.column_names:
+        raise DataError(f"Dataset '{spec}' has no 'text' column (columns: {', '.join(ds.column_names)}).")
+    return "\n\n".join(ds["text"])
+
+
+def split_text(text: str, fraction: float = 0.5) -> tuple[str, str]:
+    """Cut `text` into (calibration, evaluation) halves at the line boundary nearest `fraction`
+    of its characters. The halves share no line, so calibration never sees evaluation text."""
+    if not 0.0 < fraction < 1.0:
+        raise DataError(f"fraction must be in (0, 1), got {fraction}")
+    cut = int(len(text) * fraction)
+    nl = text.find("\n", cut)
+    if nl < 0:
+        nl = text.rfind("\n", 0, cut)
+    if nl < 0:  # a single line: cut at a space, else in the middle
+        nl = text.find(" ", cut)
+        nl = cut if nl < 0 else nl
+    return text[:nl], text[nl + 1:]
+
+
+# --------------------------------------------------------------------------------------------
+# tokens and windows
+
+_TOKEN_CACHE: dict[tuple, torch.Tensor] = {}
+_CACHE_MAX = 8
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """All tokens of `text` as a 1-D LongTensor, no special tokens; cached per (tokenizer, text)."""
+    key = (getattr(tokenizer, "name_or_path", ""), type(tokenizer).__name__, len(tokenizer),
+           hashlib.sha1(text.encode("utf-8", errors="replace")).hexdigest())
+    ids = _TOKEN_CACHE.get(key)
+    if ids is None:
+        # verbose=False: the whole corpus is longer than model_max_length, which is fine here
+        enc = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        ids = torch.tensor(enc, dtype=torch.long)
+        if len(_TOKEN_CACHE) >= _CACHE_MAX:
+            _TOKEN_CACHE.pop(next(iter(_TOKEN_CACHE)))
+        _TOKEN_CACHE[key] = ids
+    return ids
+
+
+def _bos_id(tokenizer) -> int:
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        raise DataError("bos=True, but the tokenizer has no BOS token.")
+    return int(bos)
+
+
+def _check_seqlen(seqlen: int, bos: bool) -> int:
+    """Text tokens per window (seqlen, or seqlen-1 when a BOS token takes the first slot)."""
+    if int(seqlen) != seqlen or seqlen < 2:
+        raise DataError(f"seqlen must be an integer >= 2, got {seqlen}")
+    return int(seqlen) - (1 if bos else 0)
+
+
+def _with_bos(rows: torch.Tensor, tokenizer, bos: bool) -> torch.Tensor:
+    if not bos:
+        return rows
+    col = torch.full((rows.shape[0], 1), _bos_id(tokenizer), dtype=rows.dtype)
+    return torch.cat([col, rows], dim=1)
+
+
+def calibration_batches(tokenizer, text: str, n_samples: int = 16, seqlen: int = 256, seed: int = 0,
+                        bos: bool = False) -> torch.Tensor:
+    """`n_samples` random windows of `seqlen` tokens from `text`, as a (n_samples, seqlen) LongTensor.
+
+    Start positions are drawn uniformly with a generator seeded by `seed`, so the same seed gives
+    the same batch. Windows may overlap each other (not the evaluation text, see `split_text`).
+    """
+    if int(n_samples) != n_samples or n_samples < 1:
+        raise DataError(f"n_samples must be a positive integer, got {n_samples}")
+    span = _check_seqlen(seqlen, bos)
+    ids = tokenize(tokenizer, text)
+    if len(ids) < span:
+        raise DataError(f"Calibration text has {len(ids)} tokens, needs at least seqlen={span} "
+                        f"for one window; use a longer text or a smaller seqlen.")
+    gen = torch.Generator().manual_seed(int(seed))
+    starts = torch.randint(0, len(ids) - span + 1, (int(n_samples),), generator=gen)
+    rows = torch.stack([ids[s: s + span] for s in starts.tolist()])
+    return _with_bos(rows, tokenizer, bos)
+
+
+def eval_windows(tokenizer, text: str, seqlen: int = 512, bos: bool = False,
+                 max_windows: int | None = None) -> torch.Tensor:
+    """Consecutive non-overlapping windows of `text` as a (n, seqlen) LongTensor.
+
+    The tail shorter than a window is dropped; `max_windows` keeps only the first windows
+    (a fixed prefix of the text, so results stay comparable).
+    """
+    span = _check_seqlen(seqlen, bos)
+    if max_windows is not None and (int(max_windows) != max_windows or max_windows < 1):
+        raise DataError(f"max_windows must be a positive integer, got {max_windows}")
+    ids = tokenize(tokenizer, text)
+    n = len(ids) // span
+    if n == 0:
+        raise DataError(f"Evaluation text has {len(ids)} tokens, needs at least seqlen={span} "
+                        f"for one window; use a longer text or a smaller seqlen.")
+    if max_windows is not None:
+        n = min(n, int(max_windows))
+    rows = ids[: n * span].view(n, span)
+    return _with_bos(rows, tokenizer, bos)
+
+
+def calib_and_eval_texts(calib: str, eval_source: str) -> tuple[str, str]:
+    """Load calibration and evaluation text, disjoint: when both name the same source, that
+    source is split with `split_text` (first half calibrates, second half evaluates)."""
+    if str(calib).strip() == str(eval_source).strip():
+        return split_text(load_text(calib))
+    return load_text(calib), load_text(eval_source)
