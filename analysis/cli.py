@@ -147,6 +147,173 @@ def _add_allocate_parser(sub) -> None:
     p.set_defaults(func=cmd_allocate)
 
 
+# --------------------------------------------------------------------------------------------
+# prune / eval / runs
+
+
+def _print_ppl(label: str):
+    def show(u) -> None:
+        print(f"[{u.windows_done / u.windows_total:4.0%}] {label} perplexity {u.ppl:.3f} after "
+              f"{u.windows_done}/{u.windows_total} windows ({u.tokens} tokens)", file=sys.stderr, flush=True)
+    return show
+
+
+def _check_prune_args(args: argparse.Namespace):
+    """Validate cheap options before loading anything; returns (n, m) or None."""
+    from analysis.pruning import METHODS, parse_nm  # noqa: PLC0415
+
+    if args.method not in METHODS:
+        raise UsageError(f"--method must be one of {', '.join(METHODS)}")
+    nm = parse_nm(args.nm)
+    if nm is None and not 0.0 < args.sparsity <= 0.99:
+        raise UsageError(f"--sparsity must be in (0, 0.99], got {args.sparsity}")
+    if not 0.0 <= args.epsilon < 1.0:
+        raise UsageError(f"--epsilon must be in [0, 1), got {args.epsilon}")
+    for name in ("nsamples", "seqlen", "eval_seqlen"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer")
+    if args.max_windows is not None and args.max_windows < 1:
+        raise UsageError("--max-windows must be a positive integer")
+    return nm
+
+
+def _prune_config(args: argparse.Namespace, nm, alloc, data_info: dict, loaded) -> dict:
+    return {"model": args.model, "model_title": loaded.info.title, "method": args.method,
+            "allocation": alloc.method if nm is None else "n:m", "allocation_source": args.allocation,
+            "sparsity": alloc.sparsity, "epsilon": args.epsilon, "nm": list(nm) if nm else None, **data_info,
+            "seed": args.seed, "device": loaded.info.device, "dtype": loaded.info.dtype}
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    import torch  # noqa: PLC0415
+
+    from analysis.allocation import allocate  # noqa: PLC0415
+    from analysis.evaluation import perplexity  # noqa: PLC0415
+    from analysis.pruning import export, prune  # noqa: PLC0415
+    from analysis.runs import RunStore, Timer, build_allocation, make_record, prepare_data, write_record  # noqa: PLC0415
+
+    nm = _check_prune_args(args)
+    torch.manual_seed(args.seed)
+    timer = Timer()
+    with timer("load"):
+        loaded = _load_for_cli(args)
+    bos = loaded.info.bos_per_window
+    with timer("data"):
+        calib, windows, data_info = prepare_data(loaded.tokenizer, args.calib, args.eval, args.nsamples, args.seqlen,
+                                                 args.eval_seqlen, args.max_windows, args.seed, bos)
+    print(f"calibration {tuple(calib.shape)} from {args.calib}; evaluation {tuple(windows.shape)} from {args.eval}",
+          file=sys.stderr)
+    with timer("allocation"):
+        if nm is None:
+            alloc = build_allocation(loaded.model, args.allocation, args.sparsity, calib, epsilon=args.epsilon,
+                                     model_name=args.model, progress=_print_progress)
+        else:  # N:M fixes every matrix at (M-N)/M; a layerwise allocation has nothing to decide
+            alloc = allocate(_layer_table(loaded.model), (nm[1] - nm[0]) / nm[1], method="uniform", model=args.model)
+    with timer("dense_eval"):
+        dense = perplexity(loaded.model, windows, progress=_print_ppl("dense"))
+    with timer("prune"):
+        report = prune(loaded.model, alloc.per_layer, method=args.method, calib=calib, nm=nm, progress=_print_progress)
+    with timer("pruned_eval"):
+        pruned = perplexity(loaded.model, windows, progress=_print_ppl("pruned"))
+    record = make_record(_prune_config(args, nm, alloc, data_info, loaded), alloc.to_dict(), report, dense, pruned,
+                         timer.seconds)
+    if args.save_model:
+        with timer("export"):
+            print(f"saved the pruned model to {export(loaded.model, loaded.tokenizer, alloc, args.save_model)}")
+        record["saved_to"] = args.save_model
+    if args.out:
+        print(f"wrote {write_record(record, args.out)}")
+    run_id = RunStore(args.db).add(record)
+    print(f"{args.method} + {record['config']['allocation']} at {report.overall:.4f} sparsity: perplexity "
+          f"{dense:.3f} -> {pruned:.3f} (run {run_id}, prune {report.seconds:.1f} s)")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from analysis.evaluation import perplexity  # noqa: PLC0415
+    from analysis.pruning import METHODS, prune  # noqa: PLC0415
+    from analysis.runs import prepare_data  # noqa: PLC0415
+
+    if args.method not in METHODS:
+        raise UsageError(f"--method must be one of {', '.join(METHODS)}")
+    alloc = None
+    if args.allocation:
+        from analysis.allocation import Allocation  # noqa: PLC0415
+
+        alloc = Allocation.load(args.allocation)
+    loaded = _load_for_cli(args)
+    calib, windows, _ = prepare_data(loaded.tokenizer, args.calib, args.text, args.nsamples, args.seqlen,
+                                     args.eval_seqlen, args.max_windows, args.seed, loaded.info.bos_per_window)
+    if alloc is not None:
+        report = prune(loaded.model, alloc.per_layer, method=args.method, calib=calib, progress=_print_progress)
+        print(f"pruned with {args.method} + {alloc.method}: {report.overall:.4f} sparsity", file=sys.stderr)
+    ppl = perplexity(loaded.model, windows, progress=_print_ppl("pruned" if alloc else "dense"))
+    print(f"perplexity {ppl:.4f} on {args.text} ({windows.shape[0]} windows of {windows.shape[1]} tokens)")
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    import pandas as pd  # noqa: PLC0415
+
+    from analysis.runs import RunStore  # noqa: PLC0415
+
+    store = RunStore(args.db)
+    if args.show is not None:
+        import json  # noqa: PLC0415
+
+        print(json.dumps(store.get(args.show), indent=2))
+        return 0
+    table = store.all()
+    if table.empty:
+        print(f"no runs yet in {store.path}")
+        return 0
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(table.to_string(index=False))
+    return 0
+
+
+def _add_data_args(p: argparse.ArgumentParser, eval_flag: str) -> None:
+    p.add_argument("--calib", default="default", help="calibration text: default (embedded corpus), wikitext2:valid, "
+                   "hf:<dataset>[:<config>]:<split> or a .txt path (same as the evaluation text: split in halves)")
+    p.add_argument("--nsamples", type=int, default=16, help="calibration sequences")
+    p.add_argument("--seqlen", type=int, default=256, help="tokens per calibration sequence")
+    p.add_argument(eval_flag, dest="eval" if eval_flag == "--eval" else "text", default="wikitext2:test",
+                   help="evaluation text (same sources as --calib)")
+    p.add_argument("--eval-seqlen", type=int, default=512, help="tokens per evaluation window")
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    p.add_argument("--seed", type=int, default=0, help="seed for calibration sampling")
+
+
+def _add_prune_parsers(sub) -> None:
+    from analysis.pruning import METHODS  # noqa: PLC0415
+
+    p = sub.add_parser("prune", help="allocate, prune, evaluate; writes a run record")
+    _add_model_args(p)
+    p.add_argument("--method", default="wanda", choices=METHODS)
+    p.add_argument("--allocation", default="alphapruning",
+                   help="uniform, alphapruning, owl, farms, or an allocation JSON file")
+    p.add_argument("--sparsity", type=float, default=0.5, help="target fraction of pruned weights, in (0, 0.99]")
+    p.add_argument("--epsilon", type=float, default=0.3, help="alphapruning/farms spread")
+    p.add_argument("--nm", default=None, help="N:M semi-structured sparsity, e.g. 2:4 (overrides the allocation)")
+    _add_data_args(p, "--eval")
+    p.add_argument("--save-model", default=None, help="save the pruned model (safetensors + tokenizer + allocation.json)")
+    p.add_argument("--out", default=None, help="write the run record JSON here")
+    p.add_argument("--db", default=None, help="SQLite run store (default: the cache folder's runs.sqlite)")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("eval", help="perplexity of a model, optionally pruned with an allocation JSON")
+    _add_model_args(p)
+    p.add_argument("--allocation", default=None, help="allocation JSON file to prune with first")
+    p.add_argument("--method", default="wanda", choices=METHODS, help="pruner used with --allocation")
+    _add_data_args(p, "--text")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("runs", help="list recorded pruning runs")
+    p.add_argument("--db", default=None, help="SQLite run store (default: the cache folder's runs.sqlite)")
+    p.add_argument("--show", type=int, default=None, help="print the full record of this run id")
+    p.set_defaults(func=cmd_runs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m analysis", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -154,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--convert", action="store_true", help="dequantize the packaged GGUF files into the cache now")
     p.set_defaults(func=cmd_models)
     _add_allocate_parser(sub)
+    _add_prune_parsers(sub)
     return parser
 
 

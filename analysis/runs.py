@@ -185,3 +185,65 @@ class Timer:
 
     def __exit__(self, *exc) -> None:
         self.seconds[self._name] = self.seconds.get(self._name, 0.0) + time.perf_counter() - self._t0
+
+
+# --------------------------------------------------------------------------------------------
+# building blocks of a run, shared by the CLI, the dashboard and the benchmark
+
+ALLOCATIONS = ("uniform", "alphapruning", "farms", "owl")
+
+
+def prepare_data(tokenizer, calib: str = "default", eval_source: str = "wikitext2:test", n_samples: int = 16,
+                 seqlen: int = 256, eval_seqlen: int = 512, max_windows: int | None = None, seed: int = 0,
+                 bos: bool = False):
+    """(calibration batch (n, seqlen), evaluation windows (m, eval_seqlen), description dict).
+
+    Calibration and evaluation text are disjoint: the same source for both is split in halves."""
+    from analysis.data import calib_and_eval_texts, calibration_batches, eval_windows  # noqa: PLC0415
+
+    calib_text, eval_text = calib_and_eval_texts(calib, eval_source)
+    batch = calibration_batches(tokenizer, calib_text, n_samples=n_samples, seqlen=seqlen, seed=seed, bos=bos)
+    windows = eval_windows(tokenizer, eval_text, seqlen=eval_seqlen, bos=bos, max_windows=max_windows)
+    info = {"calib": calib, "n_samples": n_samples, "seqlen": seqlen, "eval": eval_source,
+            "eval_seqlen": eval_seqlen, "eval_windows": int(windows.shape[0]),
+            "eval_tokens": int(windows.shape[0] * (windows.shape[1] - 1)), "bos": bos,
+            "split": str(calib).strip() == str(eval_source).strip()}
+    return batch, windows, info
+
+
+def build_allocation(model, allocation: str, sparsity: float, calib=None, epsilon: float = 0.3,
+                     metric: str = "alpha", granularity: str = "block", owl_lambda: float = 0.08,
+                     owl_threshold: float = 5.0, model_name: str = "", metrics=None, outlier_ratios=None,
+                     progress=None):
+    """An Allocation by method name (uniform | alphapruning | farms | owl) or from a JSON file path.
+
+    `metrics` (spectra of the dense model) and `outlier_ratios` may be passed in to reuse them
+    across runs; otherwise they are computed here (owl needs `calib`)."""
+    from analysis.allocation import Allocation, allocate  # noqa: PLC0415
+
+    if allocation not in ALLOCATIONS:
+        path = Path(allocation).expanduser()
+        if not path.is_file():
+            raise ValueError(f"--allocation must be one of {', '.join(ALLOCATIONS)} or an allocation JSON file; "
+                             f"'{allocation}' is neither.")
+        return Allocation.load(path)
+    if metrics is None:
+        metrics = dense_metrics(model, farms=allocation == "farms", progress=progress)
+    if allocation == "owl" and outlier_ratios is None:
+        if calib is None:
+            raise ValueError("owl needs calibration data for its outlier ratios.")
+        from analysis.pruning import collect_outlier_ratios  # noqa: PLC0415
+
+        outlier_ratios = collect_outlier_ratios(model, calib, threshold_m=owl_threshold, progress=progress)
+    alloc = allocate(metrics, sparsity, method=allocation, epsilon=epsilon, metric=metric, granularity=granularity,
+                     outlier_ratios=outlier_ratios, owl_lambda=owl_lambda, model=model_name)
+    if allocation == "owl":
+        alloc.params["owl_threshold"] = owl_threshold
+    return alloc
+
+
+def dense_metrics(model, farms: bool = False, progress=None):
+    """Per-matrix spectral metrics of the model as it is now (call it before pruning)."""
+    from analysis.spectra import analyze  # noqa: PLC0415
+
+    return analyze(model, farms=farms, progress=progress).metrics
