@@ -22,6 +22,7 @@ from __future__ import annotations
 import threading
 import time
 import traceback
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 PENDING, RUNNING, DONE, ERROR, CANCELLED = "pending", "running", "done", "error", "cancelled"
@@ -150,3 +151,222 @@ class Job:
     def __repr__(self) -> str:
         msg, frac = self.progress
         return f"Job({self.name!r}, {self.status}, {frac:.0%} {msg!r})"
+
+
+# --------------------------------------------------------------------------------------------
+# what the dashboard runs in jobs (engine calls glued together; no streamlit here either)
+
+
+class WorkingCopy:
+    """A private deep copy of a shared model, for pruning without touching what others read.
+
+    The copy is made lazily (`ensure`) inside a job, since copying takes a second or so; its dense
+    prunable weights are kept in a DenseSnapshot so `restore()` undoes a prune without copying the
+    model again. `version` is bumped on every change of the weights (caches key on it); `label` says
+    what the weights are ("dense" or a short description of the last prune).
+    """
+
+    def __init__(self, key: Any = None):
+        self.key = key
+        self.model = None
+        self.snapshot = None
+        self.label = "dense"
+        self.version = 0
+        self.allocation = None  # the Allocation the copy was last pruned with
+        self.job: Job | None = None  # the running or last prune/eval job of the owner
+        self.lock = threading.Lock()  # one job at a time may change the weights
+
+    @property
+    def pruned(self) -> bool:
+        return self.model is not None and self.label != "dense"
+
+    def ensure(self, shared_model) -> Any:
+        """The copy, made from `shared_model` on first use (deepcopy only reads the shared weights)."""
+        import copy  # noqa: PLC0415
+
+        from analysis.pruning import DenseSnapshot  # noqa: PLC0415
+
+        if self.model is None:
+            model = copy.deepcopy(shared_model)
+            self.snapshot = DenseSnapshot.take(model)
+            self.model = model
+        return self.model
+
+    def restore(self) -> None:
+        """Back to the dense weights (no-op when nothing was pruned)."""
+        if self.pruned:
+            self.snapshot.restore(self.model)
+            self.label, self.allocation = "dense", None
+            self.version += 1
+
+    def drop(self) -> None:
+        """Free the copy's memory; the owner then reads the shared model again."""
+        self.model = self.snapshot = self.allocation = None
+        self.label = "dense"
+        self.version += 1
+
+
+def texts_and_windows(tokenizer, calib_source: str, eval_source: str, n_samples: int = 16,
+                      calib_seqlen: int = 256, eval_seqlen: int = 512, max_windows: int | None = 16,
+                      bos: bool = False, seed: int = 0):
+    """(calibration batch (n_samples, calib_seqlen), evaluation windows (n, eval_seqlen)) as token ids.
+
+    Calibration and evaluation text never overlap: one source named for both is split in halves.
+    """
+    from analysis.data import calib_and_eval_texts, calibration_batches, eval_windows  # noqa: PLC0415
+
+    calib_text, eval_text = calib_and_eval_texts(calib_source, eval_source)
+    calib = calibration_batches(tokenizer, calib_text, n_samples, calib_seqlen, seed=seed, bos=bos)
+    windows = eval_windows(tokenizer, eval_text, eval_seqlen, bos=bos, max_windows=max_windows)
+    return calib, windows
+
+
+def evaluate_job(job: Job, model, windows, lo: float = 0.0, hi: float = 1.0):
+    """Stream running perplexity over `windows` into job.emit (one PplUpdate per window), with
+    progress from `lo` to `hi`; returns the last PplUpdate (None if stopped before the first window)."""
+    from analysis.evaluation import perplexity_stream  # noqa: PLC0415
+
+    last = None
+    for u in perplexity_stream(model, windows, stop=job.stop):
+        last = u
+        job.emit(u)
+        job.report(f"perplexity: window {u.windows_done}/{u.windows_total}, ppl {u.ppl:.2f}",
+                   lo + (hi - lo) * u.windows_done / max(u.windows_total, 1))
+    return last
+
+
+def outlier_ratios_job(job: Job, shared_model, calib, threshold_m: float = 5.0) -> dict[int, float]:
+    """OWL outlier ratios of a shared model, measured on a throw-away copy.
+
+    Why a copy: collecting activations registers forward hooks and intercepts the first block's
+    inputs, which would disturb every other session running the shared model at the same time.
+    """
+    import copy  # noqa: PLC0415
+
+    from analysis.pruning import collect_outlier_ratios  # noqa: PLC0415
+
+    job.report("copying the model for the activation walk", 0.0)
+    model = copy.deepcopy(shared_model)
+    try:
+        return collect_outlier_ratios(model, calib, threshold_m, progress=job.report)
+    finally:
+        del model
+
+
+@dataclass
+class PruneSettings:
+    """Everything a dashboard prune run needs besides the model.
+
+    sparsity: target fraction of pruned weights; allocation: uniform | alphapruning | farms | owl |
+    custom (then `custom` holds the Allocation); metrics / farms_metrics: spectra metrics for
+    alphapruning / farms; nm: "2:4"-style string or None; max_windows: evaluation windows (None: all).
+    """
+
+    method: str = "wanda"
+    sparsity: float = 0.5
+    allocation: str = "uniform"
+    epsilon: float = 0.3
+    nm: str | None = None
+    n_samples: int = 16
+    calib_seqlen: int = 256
+    calib_source: str = "default"
+    eval_source: str = "default"
+    eval_seqlen: int = 512
+    max_windows: int | None = 16
+    seed: int = 0
+    owl_lambda: float = 0.08
+    custom: Any = None
+    metrics: Any = field(default=None, repr=False)
+    farms_metrics: Any = field(default=None, repr=False)
+
+
+def layer_table(model):
+    """Prunable matrices as a DataFrame (name, block, kind, params, prunable): what the metric-free
+    allocations (uniform, owl) need when no spectra were computed."""
+    import pandas as pd  # noqa: PLC0415
+
+    from analysis.models import prunable_layers  # noqa: PLC0415
+
+    return pd.DataFrame([{"name": r.name, "block": r.block, "kind": r.kind, "params": r.params, "prunable": True}
+                         for r in prunable_layers(model)])
+
+
+def make_allocation(s: PruneSettings, model, calib, model_name: str = "", progress=None):
+    """The Allocation for a run (OWL measures outlier ratios on `model`, which must be dense and private)."""
+    from analysis.allocation import allocate  # noqa: PLC0415
+    from analysis.pruning import collect_outlier_ratios  # noqa: PLC0415
+
+    if s.allocation == "uniform":
+        return allocate(s.metrics if s.metrics is not None else layer_table(model), s.sparsity, "uniform",
+                        model=model_name)
+    if s.allocation == "custom":
+        if s.custom is None:
+            raise ValueError("No custom allocation: draw one on the Allocation page first.")
+        return s.custom
+    if s.allocation == "owl":
+        ratios = collect_outlier_ratios(model, calib, progress=progress)
+        return allocate(s.metrics if s.metrics is not None else layer_table(model), s.sparsity, "owl",
+                        outlier_ratios=ratios, owl_lambda=s.owl_lambda, model=model_name)
+    metrics = s.farms_metrics if s.allocation == "farms" else s.metrics
+    if metrics is None:
+        raise ValueError(f"Allocation '{s.allocation}' needs the spectra metrics"
+                         f"{' (FARMS)' if s.allocation == 'farms' else ''}; they are not computed yet.")
+    return allocate(metrics, s.sparsity, s.allocation, epsilon=s.epsilon, model=model_name)
+
+
+def prune_and_evaluate(job: Job, work: WorkingCopy, shared_model, tokenizer, settings: PruneSettings,
+                       model_name: str = "", bos: bool = False, store=None) -> dict:
+    """Prune `work`'s private copy block by block, then stream its perplexity window by window.
+
+    Progress: job.progress goes 0 -> 0.7 over the blocks, then 0.7 -> 1 over the windows; every
+    window emits a PplUpdate. Cancelling restores the dense weights. The finished run is added to
+    `store` (an analysis.runs.RunStore) when given. Returns the run record (dict).
+    """
+    from analysis.pruning import prune  # noqa: PLC0415
+
+    s = settings
+    with work.lock:
+        job.report("copying the shared model (first prune of this session)" if work.model is None
+                   else "restoring dense weights", 0.0)
+        model = work.ensure(shared_model)
+        work.restore()
+        job.report("tokenizing calibration and evaluation text", 0.02)
+        calib, windows = texts_and_windows(tokenizer, s.calib_source, s.eval_source, s.n_samples, s.calib_seqlen,
+                                           s.eval_seqlen, s.max_windows, bos=bos, seed=s.seed)
+        alloc = make_allocation(s, model, calib, model_name,
+                                progress=lambda m, f: job.report(f"OWL {m}", 0.03 + 0.1 * f))
+        base = 0.15 if s.allocation == "owl" else 0.03
+        report = prune(model, alloc.per_layer, method=s.method, calib=calib, nm=s.nm,
+                       progress=lambda m, f: job.report(m, base + (0.7 - base) * f), stop=job.stop)
+        work.version += 1
+        if report.stopped or job.cancelled:
+            work.label = "partly pruned"
+            work.restore()
+            raise JobCancelled()
+        work.label = f"{s.method} {report.overall:.0%} ({alloc.method}{', ' + s.nm if s.nm else ''})"
+        work.allocation = alloc
+        job.report(f"pruned to {report.overall:.1%} in {report.seconds:.1f} s; evaluating", 0.7)
+
+        last = evaluate_job(job, model, windows, 0.7, 1.0)
+    record = {
+        "model": model_name, "method": s.method, "allocation": alloc.method, "sparsity": float(s.sparsity),
+        "achieved": float(report.overall), "nm": s.nm or "", "epsilon": float(s.epsilon)
+        if alloc.method in ("alphapruning", "farms") else None,
+        "calib_source": s.calib_source, "n_samples": s.n_samples, "calib_seqlen": s.calib_seqlen,
+        "eval_source": s.eval_source, "eval_seqlen": s.eval_seqlen,
+        "windows": 0 if last is None else last.windows_done, "ppl": None if last is None else float(last.ppl),
+        "prune_seconds": float(report.seconds), "complete": bool(last and last.windows_done == last.windows_total),
+        "per_block": [float(v) for v in alloc.per_block],
+    }
+    if store is not None and record["complete"]:
+        record["id"] = store.add(record)
+    return record
+
+
+def evaluate_weights(job: Job, model, tokenizer, settings: PruneSettings, bos: bool = False):
+    """Perplexity of `model` as it is now, on the evaluation windows of `settings`; last PplUpdate."""
+    s = settings
+    job.report("tokenizing evaluation text", 0.0)
+    _, windows = texts_and_windows(tokenizer, s.calib_source, s.eval_source, n_samples=1,
+                                   eval_seqlen=s.eval_seqlen, max_windows=s.max_windows, bos=bos)
+    return evaluate_job(job, model, windows)

@@ -8,7 +8,7 @@ Sharing rules
 - Results every session would compute identically (spectra per model+fit+FARMS, dense perplexity
   per model+eval settings, OWL outlier ratios) are shared background `Job`s in a process-wide
   registry, so the second session to ask gets the running or finished job instead of a new one.
-- Pruning happens on a per-session deep copy (`SessionWork.model`), made lazily on the first prune.
+- Pruning happens on a per-session deep copy (`WorkingCopy.model`, analysis/jobs.py), made lazily on the first prune.
   Why a copy and not a lock plus restore on the shared model: a prune takes seconds to minutes, and
   a lock would block every other session's reads (spectra, dense perplexity) for that whole time,
   while restoring afterwards would still let them read half-pruned weights if they skipped the lock.
@@ -17,12 +17,11 @@ Sharing rules
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import streamlit as st
 
-from analysis.jobs import CANCELLED, ERROR, Job
+from analysis.jobs import CANCELLED, ERROR, Job, WorkingCopy
 from analysis.models import PACKAGED, LoadedModel, load_model, packaged_key
 
 ModelKey = tuple[str, str, str, bool]  # (source, device, dtype, trust_remote_code)
@@ -34,13 +33,38 @@ MODEL_PAGE = "pages/model.py"
 # the shared model
 
 
-@st.cache_resource(show_spinner=False, max_entries=3)
+MAX_MODELS = 3  # models kept loaded at once (least recently loaded dropped first)
+
+
+@st.cache_resource(show_spinner=False)
+def _models() -> tuple[dict[ModelKey, LoadedModel], dict[ModelKey, threading.Lock], threading.Lock]:
+    return {}, {}, threading.Lock()
+
+
 def load_shared_model(source: str, device: str, dtype: str, trust_remote_code: bool,
-                      _progress: Callable[[str, float], None] | None = None) -> LoadedModel:
-    """Load once per key for the whole server; a failed load is not cached (it raises)."""
-    return load_model(source, device=None if device == "auto" else device,
-                      dtype=None if dtype == "auto" else dtype, trust_remote_code=trust_remote_code,
-                      progress=_progress)
+                      progress: Callable[[str, float], None] | None = None) -> LoadedModel:
+    """Load once per key for the whole server (process-wide registry); a failed load raises and is
+    not remembered. A per-key lock makes a second session wait for a load in progress instead of
+    loading the same model twice. (Not `st.cache_resource` on the loader itself: its element replay
+    forbids updating a progress bar created outside the cached function.)"""
+    models, key_locks, lock = _models()
+    key = (source, device, dtype, bool(trust_remote_code))
+    with lock:
+        if key in models:
+            return models[key]
+        key_lock = key_locks.setdefault(key, threading.Lock())
+    with key_lock:
+        with lock:
+            if key in models:
+                return models[key]
+        loaded = load_model(source, device=None if device == "auto" else device,
+                            dtype=None if dtype == "auto" else dtype, trust_remote_code=trust_remote_code,
+                            progress=progress)
+        with lock:
+            models[key] = loaded
+            while len(models) > MAX_MODELS:
+                models.pop(next(iter(models)))
+        return loaded
 
 
 def model_key() -> ModelKey | None:
@@ -121,34 +145,92 @@ def job_failed(job: Job) -> bool:
 # the session's private copy
 
 
-@dataclass
-class SessionWork:
-    """What one browser session prunes: a deep copy of the shared model, made on first use.
+def session_work() -> WorkingCopy:
+    """This session's private working copy for the current model (a new one when the model changed).
 
-    model: the copy (None until the first prune); snapshot: its dense prunable weights
-    (analysis.pruning.DenseSnapshot) to restore without re-copying; label: what the weights are now
-    ("dense" or a short run description); job: the running or last prune/eval job of this session.
-    """
-
-    key: ModelKey
-    model: Any = None
-    snapshot: Any = None
-    label: str = "dense"
-    allocation: Any = None  # the Allocation the copy was pruned with
-    job: Job | None = None
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    @property
-    def pruned(self) -> bool:
-        return self.model is not None and self.label != "dense"
-
-
-def session_work() -> SessionWork:
-    """This session's SessionWork for the current model (a new one when the model changed)."""
+    The copy itself is made lazily by the first prune job (analysis.jobs.WorkingCopy.ensure)."""
     key = model_key()
     work = st.session_state.get("work")
     if work is None or work.key != key:
         if work is not None and work.job is not None:
             work.job.cancel()
-        work = st.session_state["work"] = SessionWork(key)
+        work = st.session_state["work"] = WorkingCopy(key)
     return work
+
+
+def weights_zero_fraction(model) -> float:
+    """Fraction of exactly-zero weights over the prunable matrices (0.0 for a dense model)."""
+    from analysis.models import prunable_layers  # noqa: PLC0415
+
+    refs = prunable_layers(model)
+    total = sum(r.params for r in refs)
+    zeros = sum(int((r.weight() == 0).sum()) for r in refs)
+    return zeros / total if total else 0.0
+
+
+def session_spectra_job(work: WorkingCopy, fit: str, farms: bool) -> Job:
+    """Spectra of this session's pruned copy (private: no other session has these weights)."""
+    from analysis.spectra import analyze  # noqa: PLC0415
+
+    jobs = st.session_state.setdefault("work_spectra", {})
+    key = (work.key, work.version, fit, bool(farms))
+    job = jobs.get(key)
+    if job is None or job.status == CANCELLED:
+        model = work.model
+        jobs.clear()  # results of older weights are stale
+        job = jobs[key] = Job(lambda j: analyze(model, fit=fit, farms=farms, include_outside=True,
+                                                progress=j.report), name="spectra-session").start()
+    return job
+
+
+def wait_for(job: Job, what: str, every: float = 0.5) -> None:
+    """Show a job's progress until it ends, then re-run the page; stops the script meanwhile.
+
+    The polling runs in a fragment, so only the progress bar refreshes while the job works in its
+    own thread; on a failed job it shows the error instead."""
+    if job.status == ERROR:
+        st.error(f"{what} failed: {job.error}")
+        st.stop()
+    if job.done:
+        return
+
+    @st.fragment(run_every=every)
+    def _poll():
+        msg, frac = job.progress
+        st.progress(frac, text=f"{what}: {msg} ({job.elapsed:.0f} s)")
+        if job.done:
+            st.rerun()
+
+    _poll()
+    st.stop()
+
+
+def dense_ppl_job(loaded: LoadedModel, calib_source: str, eval_source: str, eval_seqlen: int,
+                  max_windows: int | None) -> Job:
+    """Perplexity of the shared dense model on exactly the windows a prune run with these settings
+    evaluates (same text split, length, count, BOS), computed once for everyone."""
+    from analysis.jobs import evaluate_job, texts_and_windows  # noqa: PLC0415
+
+    def run(job: Job):
+        _, windows = texts_and_windows(loaded.tokenizer, calib_source, eval_source, n_samples=1,
+                                       eval_seqlen=eval_seqlen, max_windows=max_windows,
+                                       bos=loaded.info.bos_per_window)
+        last = evaluate_job(job, loaded.model, windows)
+        return None if last is None else last.ppl
+
+    key = ("dense_ppl", model_key(), calib_source, eval_source, int(eval_seqlen), max_windows)
+    return shared_job(key, run, name="dense-ppl")
+
+
+def owl_job(loaded: LoadedModel, calib_source: str = "default", eval_source: str = "default",
+            n_samples: int = 16, calib_seqlen: int = 256) -> Job:
+    """OWL outlier ratios of the shared model (measured on a throw-away copy), once for everyone."""
+    from analysis.jobs import outlier_ratios_job, texts_and_windows  # noqa: PLC0415
+
+    def run(job: Job):
+        calib, _ = texts_and_windows(loaded.tokenizer, calib_source, eval_source, n_samples, calib_seqlen,
+                                     max_windows=1, bos=loaded.info.bos_per_window)
+        return outlier_ratios_job(job, loaded.model, calib)
+
+    key = ("owl", model_key(), calib_source, eval_source, int(n_samples), int(calib_seqlen))
+    return shared_job(key, run, name="owl-ratios")

@@ -1,2 +1,130 @@
+"""Allocation page: draw the layerwise sparsity curve over depth, compare it with the presets."""
+import hashlib
+import json
+
+import numpy as np
+import pandas as pd
 import streamlit as st
-st.title("allocation")
+
+from analysis.allocation import Allocation, AllocationError, allocate, block_table, custom_allocation
+from components.curve_editor import clamp_points, curve_editor, curve_points
+from components.figures import METHOD_COLORS, allocation_overlay, block_bars_figure, depths
+from components.state import owl_job, require_model, spectra_job, wait_for
+
+POINTS_KEY = "alloc_points"
+Y_MAX = 0.95  # highest sparsity a control point may take on the chart
+
+st.title("🎚️ Allocation")
+st.caption("How much to prune each block: drag the red curve, or load a preset and adjust it. "
+           "The budget is the parameter-weighted mean sparsity over all prunable matrices.")
+loaded = require_model()
+fit = st.session_state.get("spectra_fit", "peak")
+job = spectra_job(loaded, fit)
+wait_for(job, "Computing spectra")
+metrics = job.result.metrics
+n_blocks = int(metrics.loc[metrics["prunable"], "block"].max()) + 1
+params = block_table(metrics)["params"].tolist()
+
+c1, c2, c3 = st.columns(3)
+target = c1.slider("Target sparsity", 0.05, 0.9, 0.5, 0.05, key="alloc_target")
+epsilon = c2.slider("ε (AlphaPruning / FARMS spread)", 0.0, 0.9, 0.3, 0.05, key="alloc_epsilon",
+                    help="Ratios start in [S(1-ε), S(1+ε)] before rescaling to the budget.")
+mode = c3.radio("Apply the curve", ["normalized to target", "as drawn"], key="alloc_mode",
+                help="normalized: the curve's shape, scaled so the budget equals the target; "
+                     "as drawn: exactly the drawn values (the budget is whatever they imply).")
+
+# ---- presets (FARMS and OWL need extra background work; they appear when ready) ----
+presets: dict[str, Allocation] = {
+    "uniform": allocate(metrics, target, "uniform", model=loaded.info.source),
+    "alphapruning": allocate(metrics, target, "alphapruning", epsilon=epsilon, model=loaded.info.source),
+}
+farms_job = spectra_job(loaded, fit, farms=True)
+owl = owl_job(loaded)
+pending = []
+if farms_job.status == "done":
+    presets["farms"] = allocate(farms_job.result.metrics, target, "farms", epsilon=epsilon, model=loaded.info.source)
+else:
+    pending.append(f"FARMS spectra {farms_job.progress[1]:.0%}" if farms_job.running else f"FARMS: {farms_job.error}")
+if owl.status == "done":
+    presets["owl"] = allocate(metrics, target, "owl", outlier_ratios=owl.result, model=loaded.info.source)
+else:
+    pending.append(f"OWL outlier ratios {owl.progress[1]:.0%}" if owl.running else f"OWL: {owl.error}")
+if pending:
+    st.caption("Still computing in the background: " + ", ".join(pending) + " (reload to see them).")
+
+p1, p2, p3 = st.columns([2, 1, 1])
+preset = p1.selectbox("Preset", list(presets), index=list(presets).index("alphapruning"), key="alloc_preset")
+k = p2.number_input("Control points", 2, max(2, n_blocks), min(7, n_blocks), key="alloc_preset_points")
+if p3.button("Load preset as the curve", key="alloc_load_preset"):
+    idx = np.unique(np.round(np.linspace(0, n_blocks - 1, int(k))).astype(int))
+    st.session_state[POINTS_KEY] = clamp_points(
+        [[float(depths(n_blocks)[i]), presets[preset].per_block[i]] for i in idx], Y_MAX)[0]
+
+# ---- the curve: apply a pending drag first, then the numeric table, then draw ----
+points = curve_points(POINTS_KEY, [[0.0, target], [0.5, target], [1.0, target]], Y_MAX)
+chart_box = st.container()
+st.markdown("**Control points** (numeric editing; add or delete rows)")
+table = pd.DataFrame(points, columns=["depth", "sparsity"])
+editor_key = "alloc_table_" + hashlib.sha1(json.dumps(points).encode()).hexdigest()[:10]
+edited = st.data_editor(
+    table, key=editor_key, num_rows="dynamic", hide_index=True,
+    column_config={
+        "depth": st.column_config.NumberColumn("depth (0 = first block, 1 = last)", min_value=0.0, max_value=1.0,
+                                               step=0.01, format="%.3f"),
+        "sparsity": st.column_config.NumberColumn("sparsity", min_value=0.0, max_value=Y_MAX, step=0.01,
+                                                  format="%.3f"),
+    },
+)
+new_points, clamped = clamp_points(edited.to_numpy().tolist(), Y_MAX)
+if new_points != points:
+    if len(new_points) >= 2:
+        st.session_state[POINTS_KEY] = points = new_points
+        if clamped:
+            st.info(f"Values outside depth 0–1 or sparsity 0–{Y_MAX:g} were clamped.")
+    else:
+        st.warning("Keep at least two control points.")
+
+try:
+    drawn = custom_allocation(points, metrics, sparsity=None, normalize=False, model=loaded.info.source)
+    normalized = custom_allocation(points, metrics, sparsity=target, normalize=True, model=loaded.info.source)
+except AllocationError as e:
+    st.error(str(e))
+    st.stop()
+applied = drawn if mode == "as drawn" else normalized
+st.session_state["alloc_custom"] = applied  # the Prune page offers it as "custom"
+
+with chart_box:
+    overlays = [allocation_overlay(a.per_block, name, METHOD_COLORS.get(name)) for name, a in presets.items()]
+    overlays.append({**allocation_overlay(applied.per_block, f"applied ({mode})", "#d62728", "solid"),
+                     "mode": "markers", "opacity": 0.5})
+    curve_editor(points, overlays, key=POINTS_KEY, y_max=Y_MAX, height=380)
+    b1, b2, b3 = st.columns(3)
+    b1.metric("Budget as drawn", f"{drawn.achieved:.1%}", help="Parameter-weighted mean sparsity of the curve as drawn.")
+    b2.metric("Applied budget", f"{applied.achieved:.1%}", delta=f"{applied.achieved - target:+.1%} vs target",
+              delta_color="off")
+    b3.metric("Weights removed", f"{applied.achieved * sum(params) / 1e6:.1f} M of {sum(params) / 1e6:.1f} M")
+    st.markdown(f"Budget as drawn: **{drawn.achieved:.1%}** of prunable weights · applied ({mode}): "
+                f"**{applied.achieved:.1%}** · target {target:.0%}")
+    for w in applied.warnings:
+        st.warning(w)
+
+st.subheader("Applied sparsity per block")
+st.plotly_chart(block_bars_figure(applied.per_block, params, target), key="alloc_bars")
+
+st.subheader("Save / load")
+s1, s2 = st.columns(2)
+s1.download_button("Download allocation (JSON)", json.dumps(applied.to_dict(), indent=2).encode(),
+                   file_name="allocation.json", mime="application/json", key="alloc_download")
+up = s2.file_uploader("Load an allocation JSON", type=["json"], key="alloc_upload")
+if up is not None and st.session_state.get("_alloc_upload_id") != up.file_id:
+    st.session_state["_alloc_upload_id"] = up.file_id
+    try:
+        loaded_alloc = Allocation.from_dict(json.loads(up.getvalue()))
+    except (AllocationError, ValueError) as e:
+        st.error(f"Could not load {up.name}: {e}")
+    else:
+        pts = loaded_alloc.params.get("points")
+        if not pts:  # a preset allocation: take its per-block ratios as the control points
+            pts = [[float(d), float(v)] for d, v in zip(depths(len(loaded_alloc.per_block)), loaded_alloc.per_block)]
+        st.session_state[POINTS_KEY] = clamp_points(pts, Y_MAX)[0]
+        st.rerun()

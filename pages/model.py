@@ -49,7 +49,7 @@ key = (source, device, dtype, bool(trust))
 if st.button("Load model", type="primary", disabled=not source, key="model_load"):
     bar = st.progress(0.0, text="Starting…")
     try:
-        loaded = load_shared_model(*key, _progress=lambda msg, frac: bar.progress(min(max(frac, 0.0), 1.0), text=msg))
+        loaded = load_shared_model(*key, progress=lambda msg, frac: bar.progress(min(max(frac, 0.0), 1.0), text=msg))
     except ModelLoadError as e:
         bar.empty()
         st.error(str(e))
@@ -57,6 +57,7 @@ if st.button("Load model", type="primary", disabled=not source, key="model_load"
         bar.empty()
         st.session_state["model_key"] = key
         spectra_job(loaded)  # start the default spectra in the background: the Spectra page opens ready
+        st.rerun()  # redraw the sidebar, which ran before the load
 
 current = model_key()
 if current is not None:

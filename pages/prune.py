@@ -1,2 +1,143 @@
+"""Prune page: prune this session's private copy in the background, watch perplexity live."""
 import streamlit as st
-st.title("prune")
+
+from analysis.jobs import Job, PruneSettings, evaluate_weights, prune_and_evaluate
+from components.figures import ppl_figure
+from components.state import dense_ppl_job, require_model, session_work, spectra_job, weights_zero_fraction
+
+ALLOCATIONS = {"uniform": "uniform", "alphapruning (α-guided)": "alphapruning", "FARMS (α-guided)": "farms",
+               "OWL (outlier-guided)": "owl", "custom curve (Allocation page)": "custom"}
+EVAL_SOURCES = ["default", "wikitext2:test", "wikitext2:valid"]
+
+st.title("✂️ Prune")
+loaded = require_model()
+work = session_work()
+job: Job | None = work.job
+busy = job is not None and not job.done
+
+st.caption("Pruning changes only your session's private copy of the model; other sessions keep reading "
+           "the shared dense weights.")
+
+c1, c2, c3, c4 = st.columns(4)
+method = c1.selectbox("Method", ["wanda", "magnitude", "sparsegpt"], key="prune_method",
+                      help="wanda: |W|·‖X‖ (Sun et al. 2023); magnitude: |W|; sparsegpt: second-order "
+                           "reconstruction (Frantar & Alistarh 2023).")
+nm = c2.selectbox("Pattern", ["unstructured", "2:4", "4:8"], key="prune_nm",
+                  help="N:M keeps N of every M consecutive weights of a row: the sparsity is fixed at (M-N)/M.")
+alloc_label = c3.selectbox("Allocation", list(ALLOCATIONS), key="prune_alloc")
+allocation = ALLOCATIONS[alloc_label]
+sparsity = c4.slider("Target sparsity", 0.05, 0.9, 0.5, 0.05, key="prune_sparsity",
+                     disabled=nm != "unstructured" or allocation == "custom")
+epsilon = 0.3
+if allocation in ("alphapruning", "farms"):
+    epsilon = st.slider("ε (spread of the α-guided ratios)", 0.0, 0.9, 0.3, 0.05, key="prune_epsilon")
+
+with st.expander("Calibration and evaluation data"):
+    d1, d2, d3 = st.columns(3)
+    calib_source = d1.text_input("Calibration text", "default", key="prune_calib_source",
+                                 help="'default' (embedded corpus), 'wikitext2:valid', or a .txt path. "
+                                      "When it equals the evaluation text, the text is split in disjoint halves.")
+    n_samples = d2.number_input("Calibration samples", 1, 256, 16, key="prune_n_samples")
+    calib_seqlen = d3.number_input("Calibration length (tokens)", 16, 2048, 256, step=16, key="prune_calib_seqlen")
+    e1, e2, e3 = st.columns(3)
+    eval_source = e1.selectbox("Evaluation text", EVAL_SOURCES, key="prune_eval_source")
+    eval_seqlen = e2.number_input("Window length (tokens)", 16, 4096, 512, step=16, key="prune_eval_seqlen")
+    max_windows = e3.number_input("Windows (0 = all)", 0, 10_000, 16, key="prune_windows")
+max_windows = int(max_windows) or None
+
+custom = st.session_state.get("alloc_custom")
+if allocation == "custom" and custom is None:
+    st.warning("No custom curve yet: draw one on the Allocation page.")
+settings = PruneSettings(
+    method=method, sparsity=float(sparsity), allocation=allocation, epsilon=float(epsilon),
+    nm=None if nm == "unstructured" else nm, n_samples=int(n_samples), calib_seqlen=int(calib_seqlen),
+    calib_source=calib_source.strip() or "default", eval_source=eval_source, eval_seqlen=int(eval_seqlen),
+    max_windows=max_windows, custom=custom,
+)
+if allocation in ("alphapruning", "farms"):
+    spec = spectra_job(loaded, st.session_state.get("spectra_fit", "peak"), farms=allocation == "farms")
+    if spec.status == "done":
+        setattr(settings, "farms_metrics" if allocation == "farms" else "metrics", spec.result.metrics)
+    else:
+        st.info(f"Spectra for {alloc_label} are still being computed ({spec.progress[1]:.0%}); Run waits for them.")
+
+b1, b2, b3, b4 = st.columns(4)
+ready = not busy and (allocation != "custom" or custom is not None) and (
+    allocation in ("uniform", "custom", "owl") or settings.metrics is not None or settings.farms_metrics is not None)
+if b1.button("Run", type="primary", disabled=not ready, key="prune_run"):
+    try:
+        from analysis.runs import RunStore  # noqa: PLC0415
+
+        store = RunStore()
+    except ImportError:  # the run store is optional: the run still shows here
+        store = None
+    shared, tok, info = loaded.model, loaded.tokenizer, loaded.info
+    work.job = Job(lambda j: prune_and_evaluate(j, work, shared, tok, settings, model_name=info.source,
+                                                bos=info.bos_per_window, store=store), name="prune").start()
+    st.rerun()
+if b2.button("Cancel", disabled=not busy, key="prune_cancel"):
+    job.cancel()
+if b3.button("Restore dense", disabled=busy or not work.pruned, key="prune_restore"):
+    work.restore()
+    st.rerun()
+if b4.button("Evaluate current weights", disabled=busy, key="prune_eval"):
+    model = work.model if work.model is not None else loaded.model
+    work.job = Job(lambda j: evaluate_weights(j, model, loaded.tokenizer, settings, loaded.info.bos_per_window),
+                   name="eval").start()
+    st.rerun()
+
+dense = dense_ppl_job(loaded, settings.calib_source, eval_source, settings.eval_seqlen, max_windows)
+zero = weights_zero_fraction(work.model if work.model is not None else loaded.model)
+st.markdown(f"**Your weights:** {'pruned copy — ' + work.label if work.pruned else 'dense (shared model)'} · "
+            f"{zero:.1%} of prunable weights are zero")
+
+
+@st.fragment(run_every=1.0 if (busy or not dense.done) else None)
+def live() -> None:
+    """Progress and perplexity, refreshed every second while a job runs (the job runs in its own
+    thread: leaving this page or clicking elsewhere does not stop it)."""
+    j = work.job
+    m1, m2, m3 = st.columns(3)
+    dense_updates = dense.updates()
+    if dense.status == "error":
+        m2.error(f"Dense baseline failed: {dense.error}")
+    elif dense_updates:
+        m2.metric("Dense baseline perplexity", f"{dense_updates[-1].ppl:.2f}",
+                  help=f"{dense_updates[-1].windows_done}/{dense_updates[-1].windows_total} windows")
+    else:
+        m2.metric("Dense baseline perplexity", "…")
+    updates = j.updates() if j is not None else []
+    if j is not None:
+        msg, frac = j.progress
+        st.progress(frac, text=f"{j.name}: {msg} · {j.status} · {j.elapsed:.0f} s")
+        if updates:
+            u = updates[-1]
+            m1.metric(f"Perplexity ({j.name})", f"{u.ppl:.2f}",
+                      delta=f"{u.ppl - dense_updates[min(len(dense_updates), u.windows_done) - 1].ppl:+.2f} vs dense"
+                      if dense_updates else None, delta_color="inverse",
+                      help=f"running value after {u.windows_done}/{u.windows_total} windows")
+        if j.status == "error":
+            st.error(j.error)
+        elif j.status == "cancelled":
+            st.warning("Cancelled; the dense weights were restored." if not work.pruned else "Cancelled.")
+    m3.metric("Sparsity of your weights", work.label if work.pruned else "dense")
+    st.plotly_chart(ppl_figure(updates, dense_updates), key="prune_ppl_chart")
+    if j is not None and j.done and st.session_state.get("_prune_seen") is not j:
+        st.session_state["_prune_seen"] = j
+        st.rerun()  # the job just ended: refresh the buttons and the status line
+
+
+live()
+
+st.subheader("Export")
+x1, x2 = st.columns([3, 1])
+out_dir = x1.text_input("Folder", "artifacts/pruned-model", key="prune_export_dir")
+if x2.button("Export pruned model", disabled=busy or not work.pruned, key="prune_export"):
+    from analysis.pruning import export  # noqa: PLC0415
+
+    try:
+        path = export(work.model, loaded.tokenizer, work.allocation, out_dir)
+    except (OSError, ValueError) as e:
+        st.error(f"Export failed: {e}")
+    else:
+        st.success(f"Saved the pruned model, its tokenizer and allocation.json to {path}")

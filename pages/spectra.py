@@ -1,2 +1,122 @@
+"""Spectra page: ESD of every weight matrix, alpha across depth, block x kind heatmap, metrics table."""
+import math
+
+import numpy as np
 import streamlit as st
-st.title("spectra")
+import torch
+
+from analysis.spectra import esd, farms_esd, mp_density
+from components.figures import alpha_depth_figure, esd_figure, heatmap_figure
+from components.state import (require_model, session_spectra_job, session_work, spectra_job, wait_for,
+                              weights_zero_fraction)
+
+METRICS = ["alpha", "alpha_hat", "stable_rank", "log_norm", "spectral_entropy", "lambda_max", "ks_distance"]
+LAYER_KEY = "spectra_layer"
+
+st.title("📈 Spectra")
+loaded = require_model()
+work = session_work()
+
+with st.expander("How to read α (the power-law exponent of the ESD tail)", expanded=False):
+    st.markdown(
+        "- The **ESD** is the histogram of the eigenvalues of WᵀW (squared singular values). Training "
+        "makes its tail heavy: p(λ) ∝ λ^-α for λ ≥ xmin.\n"
+        "- **α ≈ 2–6**: typical of a well-trained layer.\n"
+        "- **α < 2**: very heavy tail, a sign of over-fitting / over-training of that layer.\n"
+        "- **α > 6**: the spectrum is close to a random matrix's (Marchenko–Pastur): the layer is "
+        "under-trained and carries little learned structure.\n"
+        "- AlphaPruning (Lu et al., NeurIPS 2024) uses this: layers with larger α are pruned more.\n"
+        "- Read α together with the fit's KS distance: a large distance means the tail is no clean power law."
+    )
+
+c1, c2, c3 = st.columns([1, 1, 2])
+fit = c1.selectbox("xmin rule", ["peak", "median", "scan"], key="spectra_fit",
+                   help="peak: the tail starts near the histogram peak (HT-SR / AlphaPruning default); "
+                        "median: at the median eigenvalue; scan: smallest KS distance.")
+farms = c2.checkbox("FARMS", key="spectra_farms",
+                    help="Fit the pooled ESD of square sub-windows (removes the aspect-ratio bias).")
+sources = ["shared dense model"] + (["my pruned copy"] if work.pruned else [])
+which = c3.radio("Weights", sources, horizontal=True, key="spectra_weights")
+if which == "my pruned copy" and work.pruned:
+    job, model = session_spectra_job(work, fit, farms), work.model
+    st.caption(f"Your pruned copy: {work.label}. Other sessions still see the dense model.")
+else:
+    job, model = spectra_job(loaded, fit, farms), loaded.model
+wait_for(job, "Computing spectra")
+res = job.result
+metrics = res.metrics
+zero = weights_zero_fraction(model)
+st.caption(f"{len(metrics)} matrices · {zero:.2%} of the prunable weights analyzed here are zero · "
+           f"fit '{res.fit}'{' · FARMS' if res.farms else ''}")
+
+ok = metrics[(metrics["status"] == "ok") & metrics["prunable"]]
+m1, m2, m3, m4 = st.columns(4)
+m1.metric("Mean α (prunable)", f"{ok['alpha'].mean():.2f}" if len(ok) else "n/a")
+m2.metric("α < 2 (over-trained)", int((ok["alpha"] < 2).sum()))
+m3.metric("2 ≤ α ≤ 6", int(((ok["alpha"] >= 2) & (ok["alpha"] <= 6)).sum()))
+m4.metric("α > 6 (under-trained)", int((ok["alpha"] > 6).sum()))
+
+names = metrics["name"].tolist()
+if st.session_state.get(LAYER_KEY) not in names:
+    st.session_state[LAYER_KEY] = names[0]
+
+
+def _pick_layer(chart_key: str) -> None:
+    """Chart click -> selected layer (the point's customdata is the module name)."""
+    event = st.session_state.get(chart_key)
+    points = (event or {}).get("selection", {}).get("points", []) if isinstance(event, dict) else \
+        getattr(getattr(event, "selection", None), "points", [])
+    for p in points:
+        name = p.get("customdata")
+        name = name[0] if isinstance(name, list) else name
+        if name in names:
+            st.session_state[LAYER_KEY] = name
+            return
+
+
+left, right = st.columns([3, 2])
+with left:
+    st.subheader("Across depth")
+    depth_metric = st.selectbox("Metric", METRICS, key="spectra_depth_metric")
+    st.plotly_chart(alpha_depth_figure(metrics, depth_metric), key="spectra_depth_chart", on_select=lambda: _pick_layer(
+        "spectra_depth_chart"), selection_mode="points")
+    st.caption("Click a point to open that layer's ESD.")
+    heat_metric = st.selectbox("Heatmap metric", METRICS, key="spectra_heat_metric")
+    st.plotly_chart(heatmap_figure(metrics, heat_metric), key="spectra_heatmap",
+                    on_select=lambda: _pick_layer("spectra_heatmap"), selection_mode="points")
+with right:
+    st.subheader("One layer")
+    name = st.selectbox("Layer", names, key=LAYER_KEY)
+    row = metrics.set_index("name").loc[name]
+    t1, t2, t3 = st.columns(3)
+    log = t1.toggle("Log-log", value=True, key="spectra_log")
+    show_mp = t2.checkbox("Marchenko–Pastur", key="spectra_mp")
+    show_rand = t3.checkbox("Randomized", key="spectra_rand",
+                            help="ESD of the same matrix with its entries shuffled: no learned structure left.")
+    eigs = res.esds[name]
+    mp = rand = None
+    if show_mp:
+        pos = eigs[np.isfinite(eigs)]
+        q = 1.0 if res.farms else max(row["rows"], row["cols"]) / min(row["rows"], row["cols"])
+        sigma2 = float(pos.mean())  # mean eigenvalue = (long side) x entry variance, what mp_density wants
+        lo, hi = sigma2 * (1 - q ** -0.5) ** 2, sigma2 * (1 + q ** -0.5) ** 2
+        x = np.geomspace(max(lo, hi * 1e-6), hi, 400) if log else np.linspace(lo, hi, 400)
+        mp = (x, mp_density(x, q, sigma2))
+    if show_rand:
+        w = dict(model.named_modules())[name].weight.detach()
+        gen = torch.Generator().manual_seed(0)
+        shuffled = w.flatten()[torch.randperm(w.numel(), generator=gen)].view_as(w)
+        rand = farms_esd(shuffled, res.normalize) if res.farms else esd(shuffled, res.normalize)
+    alpha = float(row["alpha"]) if math.isfinite(row["alpha"]) else None
+    st.plotly_chart(esd_figure(eigs, alpha, float(row["xmin"]), log=log, mp=mp, randomized=rand,
+                               title=f"{name} ({row['rows']} x {row['cols']})"), key="spectra_esd")
+    st.markdown(
+        f"α = **{row['alpha']:.2f}** · xmin = {row['xmin']:.3g} · tail {int(row['n_tail'])} eigenvalues · "
+        f"KS = {row['ks_distance']:.3f} · λmax = {row['lambda_max']:.3g} · stable rank = "
+        f"{row['stable_rank']:.1f} · status: {row['status']}"
+    )
+
+st.subheader("Metrics table")
+st.dataframe(metrics, hide_index=True, key="spectra_table")
+st.download_button("Download metrics (CSV)", metrics.to_csv(index=False).encode(), file_name="spectra_metrics.csv",
+                   mime="text/csv", key="spectra_csv")

@@ -61,8 +61,37 @@ def clamp_points(points: Any, y_max: float = 1.0) -> tuple[list[list[float]], bo
     return out, clamped
 
 
+def _keys(key: str) -> tuple[str, str]:
+    return f"_{key}__component", f"_{key}__seq"
+
+
+def curve_points(key: str, points: list | None = None, y_max: float = 0.95) -> list[list[float]]:
+    """The current control points under `key`, with any new browser gesture applied first.
+
+    Call it before computing anything from the points, so charts drawn in the same run (overlays,
+    budgets) already reflect a drag that just happened; `curve_editor` calls it too (idempotent).
+    points: starting points, used only while st.session_state[key] is unset.
+    """
+    state = st.session_state
+    if key not in state:
+        state[key] = clamp_points(points, y_max)[0]
+    widget_key, seq_key = _keys(key)
+    # The component keeps returning its last value on every rerun; only a new gesture (new seq)
+    # may overwrite the points, otherwise a preset loaded after a drag would be undone.
+    value = state.get(widget_key)
+    if isinstance(value, dict) and value.get("seq") and value.get("seq") != state.get(seq_key):
+        state[seq_key] = value["seq"]
+        new, clamped = clamp_points(value.get("points"), y_max)
+        if len(new) >= 2:
+            state[key] = new
+            if clamped:
+                st.info(f"A point was released outside the chart; it was clamped to depth 0–1 and "
+                        f"sparsity 0–{y_max:g}.")
+    return [list(p) for p in state[key]]
+
+
 def curve_editor(
-    points: list[list[float]] | list[tuple[float, float]],
+    points: list | None = None,
     overlays: list[dict] | None = None,
     key: str = "curve",
     y_max: float = 0.95,
@@ -79,21 +108,9 @@ def curve_editor(
     y_max: highest sparsity a point may take; points released beyond the chart are clamped to it
       (and to depth 0..1), and a message says so.
     """
-    state = st.session_state
-    if key not in state:
-        state[key] = clamp_points(points, y_max)[0]
-    widget_key, seq_key = f"_{key}__component", f"_{key}__seq"
-    value = _component(
-        points=state[key], overlays=overlays or [], y_max=y_max, height=height,
-        x_label=x_label, y_label=y_label, key=widget_key, default=None, disabled=disabled,
-    )
-    # The component keeps returning its last value on every rerun; only a new gesture (new seq)
-    # may overwrite the points, otherwise a preset loaded after a drag would be undone.
-    if isinstance(value, dict) and value.get("seq") and value.get("seq") != state.get(seq_key):
-        state[seq_key] = value["seq"]
-        new, clamped = clamp_points(value.get("points"), y_max)
-        if len(new) >= 2:
-            state[key] = new
-            if clamped:
-                st.info(f"A point was released outside the chart; it was clamped to depth 0–1 and sparsity 0–{y_max:g}.")
-    return [list(p) for p in state[key]]
+    current = curve_points(key, points, y_max)
+    widget_key, _ = _keys(key)
+    _component(points=current, overlays=overlays or [], y_max=y_max, height=height, x_label=x_label,
+               y_label=y_label, key=widget_key, default=None, disabled=disabled)
+    # a value returned by this very call was already in session state and applied above
+    return curve_points(key, points, y_max)
