@@ -1,0 +1,305 @@
+"""Pruners on tiny hand-checkable matrices, whole-model pruning on tiny models built from configs,
+and one check on the real default model."""
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from analysis.models import prunable_layers
+from analysis.pruning import (
+    DenseSnapshot,
+    InputStats,
+    collect_outlier_ratios,
+    export,
+    prune,
+    prune_layer,
+    prune_magnitude,
+    prune_sparsegpt,
+    prune_wanda,
+    walk_blocks,
+)
+
+
+def tiny_llama(seed=0, layers=2):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gemma3(seed=0):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    cfg = Gemma3TextConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=4,
+                           layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                           max_position_embeddings=64)
+    return Gemma3ForCausalLM(cfg).eval()
+
+
+def calib_ids(n=4, seqlen=16, vocab=128, seed=0):
+    return torch.randint(0, vocab, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def correlated_inputs(tokens=1024, cols=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(tokens, cols, generator=g)
+    mix = torch.eye(cols) + 0.9 * torch.randn(cols, cols, generator=g) / math.sqrt(cols)
+    scale = torch.exp(torch.randn(cols, generator=g))  # uneven feature scales, like LLM activations
+    return (z @ mix) * scale
+
+
+def stats_of(x, hessian=True):
+    s = InputStats(x.shape[1], hessian, torch.device("cpu"))
+    s.add(x)
+    return s
+
+
+# ---------------------------------------------------------------------------------------------
+# single matrices
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.5, 0.7, 0.93])
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_achieved_sparsity_is_exact_per_row(method, ratio):
+    torch.manual_seed(1)
+    w = torch.randn(24, 300)  # 300 columns: three SparseGPT blocks, the last one partial
+    x = correlated_inputs(cols=300)
+    s = stats_of(x)
+    if method == "magnitude":
+        out = prune_magnitude(w, ratio)
+    elif method == "wanda":
+        out = prune_wanda(w, s.col_norms(), ratio)
+    else:
+        out = prune_sparsegpt(w, s.hessian(), ratio)
+    zeros_per_row = (out == 0).sum(dim=1)
+    assert torch.all((zeros_per_row - ratio * 300).abs() <= 0.5 + 1e-9), zeros_per_row
+
+
+@pytest.mark.parametrize("nm", [(2, 4), (4, 8), (1, 4)])
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_nm_pattern_holds(method, nm):
+    n, m = nm
+    torch.manual_seed(2)
+    w = torch.randn(16, 256)
+    s = stats_of(correlated_inputs(cols=256))
+    if method == "magnitude":
+        out = prune_magnitude(w, 0.0, nm)
+    elif method == "wanda":
+        out = prune_wanda(w, s.col_norms(), 0.0, nm)
+    else:
+        out = prune_sparsegpt(w, s.hessian(), 0.0, nm)
+    zeros = (out.reshape(16, 256 // m, m) == 0).sum(dim=2)
+    assert torch.all(zeros >= m - n)
+    assert abs(float((out == 0).float().mean()) - (m - n) / m) < 0.01
+
+
+def test_wanda_hand_checked_mask():
+    # column norms of X are [4, 1, 0.5, 0.25]; scores |W| * norm:
+    #   row 0: [1*4, 2*1, 3*0.5, 4*0.25] = [4, 2, 1.5, 1]   -> prune columns 3 and 2
+    #   row 1: [4*4, 1*1, 1*0.5, 8*0.25] = [16, 1, 0.5, 2]  -> prune columns 2 and 1
+    w = torch.tensor([[1.0, 2.0, 3.0, 4.0], [4.0, -1.0, 1.0, -8.0]])
+    x = torch.diag(torch.tensor([4.0, 1.0, 0.5, 0.25]))
+    s = stats_of(x, hessian=False)
+    assert torch.allclose(s.col_norms(), torch.tensor([4.0, 1.0, 0.5, 0.25]))
+    out = prune_wanda(w, s.col_norms(), 0.5)
+    expected = torch.tensor([[1.0, 2.0, 0.0, 0.0], [4.0, 0.0, 0.0, -8.0]])
+    assert torch.equal(out, expected)
+    # magnitude alone would keep the large weights of row 0 instead
+    assert torch.equal(prune_magnitude(w, 0.5)[0], torch.tensor([0.0, 0.0, 3.0, 4.0]))
+
+
+def test_sparsegpt_with_diagonal_hessian_is_magnitude_pruning():
+    # equal, uncorrelated input features: no error to compensate, the mask is the magnitude mask
+    torch.manual_seed(3)
+    w = torch.randn(8, 32)
+    h = 3.0 * torch.eye(32)
+    assert torch.allclose(prune_sparsegpt(w, h, 0.5), prune_magnitude(w, 0.5), atol=1e-6)
+
+
+def test_sparsegpt_two_weights_hand_checked():
+    # one row, two correlated inputs; pruning 1 of 2 weights. Dampened Hessian Hd, Hinv = Hd^-1.
+    # Column 0 has the smaller score w0^2 / Hinv_00, so it is removed, and the optimal-brain-surgeon
+    # update moves its contribution onto column 1: w1 <- w1 - w0 * Hinv_01 / Hinv_00.
+    w = torch.tensor([[0.5, 1.0]])
+    h = torch.tensor([[2.0, 1.8], [1.8, 2.0]])
+    hd = h.double() + 0.01 * 2.0 * torch.eye(2, dtype=torch.float64)
+    hinv = torch.linalg.inv(hd)
+    expected_w1 = 1.0 - 0.5 * hinv[0, 1] / hinv[0, 0]
+    out = prune_sparsegpt(w, h, 0.5)
+    assert out[0, 0] == 0.0
+    assert out[0, 1].item() == pytest.approx(expected_w1.item(), rel=1e-5)
+    # the compensated weight reproduces the dense output better than plain removal
+    x = torch.tensor([[1.0, 0.9], [0.9, 1.0], [1.0, 1.0]])
+    assert torch.norm(x @ (w - out).t()) < torch.norm(x @ (w - torch.tensor([[0.0, 1.0]])).t())
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_sparsegpt_reconstructs_better_than_magnitude_and_wanda(nm):
+    torch.manual_seed(4)
+    x = correlated_inputs(tokens=2048, cols=128)
+    w = torch.randn(64, 128)
+    s = stats_of(x)
+    dense = x @ w.t()
+    errs = {
+        "magnitude": torch.norm(dense - x @ prune_magnitude(w, 0.5, nm).t()),
+        "wanda": torch.norm(dense - x @ prune_wanda(w, s.col_norms(), 0.5, nm).t()),
+        "sparsegpt": torch.norm(dense - x @ prune_sparsegpt(w, s.hessian(), 0.5, nm).t()),
+    }
+    assert errs["sparsegpt"] < errs["wanda"] < errs["magnitude"], errs
+
+
+def test_dead_input_columns_are_zeroed_without_nan():
+    torch.manual_seed(5)
+    x = correlated_inputs(cols=32)
+    x[:, 3] = 0.0
+    out = prune_sparsegpt(torch.randn(4, 32), stats_of(x).hessian(), 0.25)
+    assert torch.isfinite(out).all() and torch.all(out[:, 3] == 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# whole models built from configs
+
+
+def test_prune_tiny_llama_all_methods():
+    for method in ("magnitude", "wanda", "sparsegpt"):
+        model = tiny_llama()
+        refs = prunable_layers(model)
+        per_layer = {r.name: 0.3 + 0.1 * (r.block % 2) for r in refs}
+        report = prune(model, per_layer, method=method, calib=calib_ids())
+        assert not report.stopped and report.blocks_done == 2
+        for r in refs:
+            zeros = (r.weight() == 0).sum(dim=1)
+            assert torch.all((zeros - per_layer[r.name] * r.cols).abs() <= 0.5), (method, r.name)
+        expected = sum(per_layer[r.name] * r.params for r in refs) / sum(r.params for r in refs)
+        assert report.overall == pytest.approx(expected, abs=1e-3)
+        out = model(input_ids=calib_ids(1, 8)).logits
+        assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gemma3])
+def test_inputs_propagate_through_pruned_blocks(make):
+    """Statistics gathered for block 1 during the walk equal those of a plain forward of the model
+    with block 0 already pruned: inputs went through the pruned block, with the right masks and
+    position embeddings (Gemma 3 mixes sliding-window and full-attention blocks)."""
+    model = make()
+    calib = calib_ids(3, 12)
+    seen = {}
+
+    def on_block(b, refs, stats):
+        if b == 0:
+            for r in refs:
+                prune_layer(r, 0.6, "magnitude", None)
+            return True
+        seen.update({name: s.sq.clone() for name, s in stats.items()})
+        return False
+
+    walk_blocks(model, calib, on_block)
+    refs = [r for r in prunable_layers(model) if r.block >= 1]
+    direct = {r.name: InputStats(r.cols, False, torch.device("cpu")) for r in refs}
+    hooks = [r.module.register_forward_hook(lambda m, i, o, s=direct[r.name]: s.add(i[0])) for r in refs]
+    with torch.no_grad():
+        model(input_ids=calib, use_cache=False)
+    for h in hooks:
+        h.remove()
+    for name, s in direct.items():
+        assert torch.allclose(seen[name], s.sq, rtol=1e-4, atol=1e-5), name
+
+
+def test_prune_stops_between_blocks():
+    model = tiny_llama(layers=3)
+    calls = []
+
+    def stop():
+        return len(calls) >= 1
+
+    report = prune(model, {r.name: 0.5 for r in prunable_layers(model)}, method="wanda", calib=calib_ids(),
+                   progress=lambda msg, frac: calls.append(frac), stop=stop)
+    assert report.stopped and report.blocks_done == 1
+    assert report.per_layer["model.layers.0.mlp.up_proj"] == pytest.approx(0.5)
+    assert report.per_layer["model.layers.2.mlp.up_proj"] == 0.0
+
+
+def test_bad_prune_requests_raise_value_errors():
+    model = tiny_llama()
+    names = [r.name for r in prunable_layers(model)]
+    with pytest.raises(ValueError, match="Unknown pruning method"):
+        prune(model, {names[0]: 0.5}, method="random")
+    with pytest.raises(ValueError, match="not prunable matrices"):
+        prune(model, {"model.embed_tokens": 0.5}, method="magnitude")
+    with pytest.raises(ValueError, match="must be in"):
+        prune(model, {names[0]: 1.0}, method="magnitude")
+    with pytest.raises(ValueError, match="needs calibration"):
+        prune(model, {names[0]: 0.5}, method="wanda")
+    with pytest.raises(ValueError, match="N:M"):
+        prune(model, {names[0]: 0.5}, method="magnitude", nm="4:2")
+
+
+def test_outlier_ratios_per_block():
+    model = tiny_llama(layers=3)
+    ratios = collect_outlier_ratios(model, calib_ids(), threshold_m=3.0)
+    assert sorted(ratios) == [0, 1, 2]
+    assert all(0.0 < r < 0.2 for r in ratios.values())
+    assert set(collect_outlier_ratios(model, calib_ids(), threshold_m=1e9).values()) == {0.0}
+    # hand count for block 0 at M=3, from the same statistics
+    counts, total = 0, 0
+
+    def on_block(b, refs, stats):
+        nonlocal counts, total
+        if b == 0:
+            for r in refs:
+                a = r.weight().abs() * stats[r.name].col_norms()
+                counts += int((a > 3.0 * a.mean()).sum())
+                total += a.numel()
+        return False
+
+    walk_blocks(model, calib_ids(), on_block)
+    assert ratios[0] == pytest.approx(counts / total)
+
+
+def test_snapshot_restore_is_bit_identical_and_export_reloads(tmp_path):
+    model = tiny_llama()
+    before = {r.name: r.weight().detach().clone() for r in prunable_layers(model)}
+    snap = DenseSnapshot.take(model)
+    prune(model, {r.name: 0.5 for r in prunable_layers(model)}, method="sparsegpt", calib=calib_ids())
+    assert any(not torch.equal(before[r.name], r.weight()) for r in prunable_layers(model))
+    out = export(model, None, {"method": "uniform", "per_layer": {}}, tmp_path / "pruned")
+    assert (out / "allocation.json").exists() and list(out.glob("*.safetensors"))
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    for r, r2 in zip(prunable_layers(model), prunable_layers(reloaded)):
+        assert torch.equal(r.weight(), r2.weight())
+    snap.restore(model)
+    for r in prunable_layers(model):
+        assert torch.equal(before[r.name], r.weight())
+    with pytest.raises(ValueError, match="different model"):
+        snap.restore(tiny_llama(layers=3))
+
+
+# ---------------------------------------------------------------------------------------------
+# the real default model
+
+
+def test_default_model_wanda_beats_magnitude_at_half_sparsity(default_model, wikitext_dir):
+    from analysis.data import calibration_batches, eval_windows, load_text, split_text
+    from analysis.evaluation import perplexity
+
+    model, tok = default_model.model, default_model.tokenizer
+    calib = calibration_batches(tok, split_text(load_text("default"))[0], n_samples=8, seqlen=128)
+    windows = eval_windows(tok, (wikitext_dir / "test.txt").read_text(), seqlen=256, max_windows=4)
+    snap = DenseSnapshot.take(model)
+    per_layer = {r.name: 0.5 for r in prunable_layers(model)}
+    try:
+        dense = perplexity(model, windows)
+        mag_report = prune(model, per_layer, method="magnitude")
+        mag = perplexity(model, windows)
+        snap.restore(model)
+        wanda_report = prune(model, per_layer, method="wanda", calib=calib)
+        wanda = perplexity(model, windows)
+    finally:
+        snap.restore(model)
+    assert mag_report.overall == pytest.approx(0.5, abs=1e-3)
+    assert wanda_report.overall == pytest.approx(0.5, abs=1e-3)
+    assert math.isfinite(wanda) and dense < wanda < mag, (dense, wanda, mag)
+    assert perplexity(model, windows) == pytest.approx(dense, rel=1e-6)
