@@ -206,21 +206,6 @@ class WorkingCopy:
         self.version += 1
 
 
-def texts_and_windows(tokenizer, calib_source: str, eval_source: str, n_samples: int = 16,
-                      calib_seqlen: int = 256, eval_seqlen: int = 512, max_windows: int | None = 16,
-                      bos: bool = False, seed: int = 0):
-    """(calibration batch (n_samples, calib_seqlen), evaluation windows (n, eval_seqlen)) as token ids.
-
-    Calibration and evaluation text never overlap: one source named for both is split in halves.
-    """
-    from analysis.data import calib_and_eval_texts, calibration_batches, eval_windows  # noqa: PLC0415
-
-    calib_text, eval_text = calib_and_eval_texts(calib_source, eval_source)
-    calib = calibration_batches(tokenizer, calib_text, n_samples, calib_seqlen, seed=seed, bos=bos)
-    windows = eval_windows(tokenizer, eval_text, eval_seqlen, bos=bos, max_windows=max_windows)
-    return calib, windows
-
-
 def evaluate_job(job: Job, model, windows, lo: float = 0.0, hi: float = 1.0):
     """Stream running perplexity over `windows` into job.emit (one PplUpdate per window), with
     progress from `lo` to `hi`; returns the last PplUpdate (None if stopped before the first window)."""
@@ -280,64 +265,61 @@ class PruneSettings:
     farms_metrics: Any = field(default=None, repr=False)
 
 
-def layer_table(model):
-    """Prunable matrices as a DataFrame (name, block, kind, params, prunable): what the metric-free
-    allocations (uniform, owl) need when no spectra were computed."""
-    import pandas as pd  # noqa: PLC0415
-
-    from analysis.models import prunable_layers  # noqa: PLC0415
-
-    return pd.DataFrame([{"name": r.name, "block": r.block, "kind": r.kind, "params": r.params, "prunable": True}
-                         for r in prunable_layers(model)])
-
-
 def make_allocation(s: PruneSettings, model, calib, model_name: str = "", progress=None):
-    """The Allocation for a run (OWL measures outlier ratios on `model`, which must be dense and private)."""
+    """The Allocation for a run. OWL measures outlier ratios on `model`, which must be dense and
+    private (see outlier_ratios_job); uniform and OWL need no spectra."""
     from analysis.allocation import allocate  # noqa: PLC0415
-    from analysis.pruning import collect_outlier_ratios  # noqa: PLC0415
+    from analysis.cli import _layer_table  # noqa: PLC0415
+    from analysis.pruning import parse_nm  # noqa: PLC0415
+    from analysis.runs import build_allocation  # noqa: PLC0415
 
-    if s.allocation == "uniform":
-        return allocate(s.metrics if s.metrics is not None else layer_table(model), s.sparsity, "uniform",
-                        model=model_name)
+    nm = parse_nm(s.nm)
+    if nm is not None:  # N:M fixes every matrix at (M-N)/M: there is no layerwise choice to make
+        return allocate(_layer_table(model), (nm[1] - nm[0]) / nm[1], "uniform", model=model_name)
     if s.allocation == "custom":
         if s.custom is None:
             raise ValueError("No custom allocation: draw one on the Allocation page first.")
         return s.custom
-    if s.allocation == "owl":
-        ratios = collect_outlier_ratios(model, calib, progress=progress)
-        return allocate(s.metrics if s.metrics is not None else layer_table(model), s.sparsity, "owl",
-                        outlier_ratios=ratios, owl_lambda=s.owl_lambda, model=model_name)
     metrics = s.farms_metrics if s.allocation == "farms" else s.metrics
     if metrics is None:
-        raise ValueError(f"Allocation '{s.allocation}' needs the spectra metrics"
-                         f"{' (FARMS)' if s.allocation == 'farms' else ''}; they are not computed yet.")
-    return allocate(metrics, s.sparsity, s.allocation, epsilon=s.epsilon, model=model_name)
+        if s.allocation not in ("uniform", "owl"):
+            raise ValueError(f"Allocation '{s.allocation}' needs the spectra metrics; they are not computed yet.")
+        metrics = _layer_table(model)
+    return build_allocation(model, s.allocation, s.sparsity, calib, epsilon=s.epsilon, owl_lambda=s.owl_lambda,
+                            model_name=model_name, metrics=metrics, progress=progress)
 
 
 def prune_and_evaluate(job: Job, work: WorkingCopy, shared_model, tokenizer, settings: PruneSettings,
-                       model_name: str = "", bos: bool = False, store=None) -> dict:
+                       model_name: str = "", bos: bool = False, store=None, dense_job: Job | None = None) -> dict:
     """Prune `work`'s private copy block by block, then stream its perplexity window by window.
 
     Progress: job.progress goes 0 -> 0.7 over the blocks, then 0.7 -> 1 over the windows; every
-    window emits a PplUpdate. Cancelling restores the dense weights. The finished run is added to
-    `store` (an analysis.runs.RunStore) when given. Returns the run record (dict).
+    window emits a PplUpdate. Cancelling restores the dense weights. A finished run is added to
+    `store` (an analysis.runs.RunStore) when given, with the dense perplexity of `dense_job` (the
+    shared baseline on the same windows). Returns the run record (analysis.runs.make_record).
     """
     from analysis.pruning import prune  # noqa: PLC0415
+    from analysis.runs import Timer, make_record, prepare_data  # noqa: PLC0415
 
     s = settings
+    timer = Timer()
     with work.lock:
         job.report("copying the shared model (first prune of this session)" if work.model is None
                    else "restoring dense weights", 0.0)
-        model = work.ensure(shared_model)
-        work.restore()
+        with timer("copy"):
+            model = work.ensure(shared_model)
+            work.restore()
         job.report("tokenizing calibration and evaluation text", 0.02)
-        calib, windows = texts_and_windows(tokenizer, s.calib_source, s.eval_source, s.n_samples, s.calib_seqlen,
-                                           s.eval_seqlen, s.max_windows, bos=bos, seed=s.seed)
-        alloc = make_allocation(s, model, calib, model_name,
-                                progress=lambda m, f: job.report(f"OWL {m}", 0.03 + 0.1 * f))
+        with timer("data"):
+            calib, windows, data_info = prepare_data(tokenizer, s.calib_source, s.eval_source, s.n_samples,
+                                                     s.calib_seqlen, s.eval_seqlen, s.max_windows, s.seed, bos)
+        with timer("allocation"):
+            alloc = make_allocation(s, model, calib, model_name,
+                                    progress=lambda m, f: job.report(f"OWL {m}", 0.03 + 0.1 * f))
         base = 0.15 if s.allocation == "owl" else 0.03
-        report = prune(model, alloc.per_layer, method=s.method, calib=calib, nm=s.nm,
-                       progress=lambda m, f: job.report(m, base + (0.7 - base) * f), stop=job.stop)
+        with timer("prune"):
+            report = prune(model, alloc.per_layer, method=s.method, calib=calib, nm=s.nm,
+                           progress=lambda m, f: job.report(m, base + (0.7 - base) * f), stop=job.stop)
         work.version += 1
         if report.stopped or job.cancelled:
             work.label = "partly pruned"
@@ -346,27 +328,29 @@ def prune_and_evaluate(job: Job, work: WorkingCopy, shared_model, tokenizer, set
         work.label = f"{s.method} {report.overall:.0%} ({alloc.method}{', ' + s.nm if s.nm else ''})"
         work.allocation = alloc
         job.report(f"pruned to {report.overall:.1%} in {report.seconds:.1f} s; evaluating", 0.7)
-
-        last = evaluate_job(job, model, windows, 0.7, 1.0)
-    record = {
-        "model": model_name, "method": s.method, "allocation": alloc.method, "sparsity": float(s.sparsity),
-        "achieved": float(report.overall), "nm": s.nm or "", "epsilon": float(s.epsilon)
-        if alloc.method in ("alphapruning", "farms") else None,
-        "calib_source": s.calib_source, "n_samples": s.n_samples, "calib_seqlen": s.calib_seqlen,
-        "eval_source": s.eval_source, "eval_seqlen": s.eval_seqlen,
-        "windows": 0 if last is None else last.windows_done, "ppl": None if last is None else float(last.ppl),
-        "prune_seconds": float(report.seconds), "complete": bool(last and last.windows_done == last.windows_total),
-        "per_block": [float(v) for v in alloc.per_block],
-    }
-    if store is not None and record["complete"]:
+        with timer("pruned_eval"):
+            last = evaluate_job(job, model, windows, 0.7, 1.0)
+    complete = last is not None and last.windows_done == last.windows_total
+    dense = None
+    if dense_job is not None and complete:
+        dense_job.wait(timeout=600)
+        dense = dense_job.result if dense_job.status == DONE else None
+    config = {"model": model_name, "method": s.method, "allocation": alloc.method if not s.nm else "n:m",
+              "allocation_source": "dashboard", "sparsity": alloc.sparsity, "epsilon": s.epsilon,
+              "nm": [int(x) for x in s.nm.split(":")] if s.nm else None, **data_info, "seed": s.seed}
+    record = make_record(config, alloc.to_dict(), report, dense, None if last is None else last.ppl, timer.seconds,
+                         complete=complete)
+    if store is not None and complete:
         record["id"] = store.add(record)
     return record
 
 
 def evaluate_weights(job: Job, model, tokenizer, settings: PruneSettings, bos: bool = False):
     """Perplexity of `model` as it is now, on the evaluation windows of `settings`; last PplUpdate."""
+    from analysis.runs import prepare_data  # noqa: PLC0415
+
     s = settings
     job.report("tokenizing evaluation text", 0.0)
-    _, windows = texts_and_windows(tokenizer, s.calib_source, s.eval_source, n_samples=1,
-                                   eval_seqlen=s.eval_seqlen, max_windows=s.max_windows, bos=bos)
+    _, windows, _ = prepare_data(tokenizer, s.calib_source, s.eval_source, 1, s.calib_seqlen, s.eval_seqlen,
+                                 s.max_windows, s.seed, bos)
     return evaluate_job(job, model, windows)

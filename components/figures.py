@@ -187,12 +187,16 @@ def ppl_figure(updates: list, dense: list | None = None, title: str = "") -> go.
 
 def ppl_vs_sparsity_figure(runs: pd.DataFrame, x: str = "sparsity", y: str = "ppl",
                            color: str = "allocation") -> go.Figure:
-    """One line per allocation method: perplexity against sparsity (log y)."""
+    """One line per value of `color` (e.g. "wanda + alphapruning"): perplexity against sparsity (log y).
+    Lines take the allocation's color (the part after " + ") and a dash per pruning method."""
     fig = go.Figure()
-    for method, d in runs.groupby(color, sort=True):
+    dashes = {}
+    for label, d in runs.groupby(color, sort=True):
         d = d.sort_values(x)
-        fig.add_trace(go.Scatter(x=d[x], y=d[y], mode="lines+markers", name=str(method),
-                                 line=dict(color=METHOD_COLORS.get(str(method)))))
+        prune_method, _, alloc = str(label).rpartition(" + ")
+        dash = dashes.setdefault(prune_method, ["solid", "dash", "dot", "dashdot"][len(dashes) % 4])
+        fig.add_trace(go.Scatter(x=d[x], y=d[y], mode="lines+markers", name=str(label),
+                                 line=dict(color=METHOD_COLORS.get(alloc or str(label)), dash=dash)))
     fig.update_xaxes(title="sparsity")
     fig.update_yaxes(title="perplexity", type="log")
     return _layout(fig, 360)

@@ -16,6 +16,7 @@ Sharing rules
 """
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any, Callable
 
@@ -209,12 +210,12 @@ def dense_ppl_job(loaded: LoadedModel, calib_source: str, eval_source: str, eval
                   max_windows: int | None) -> Job:
     """Perplexity of the shared dense model on exactly the windows a prune run with these settings
     evaluates (same text split, length, count, BOS), computed once for everyone."""
-    from analysis.jobs import evaluate_job, texts_and_windows  # noqa: PLC0415
+    from analysis.jobs import evaluate_job  # noqa: PLC0415
+    from analysis.runs import prepare_data  # noqa: PLC0415
 
     def run(job: Job):
-        _, windows = texts_and_windows(loaded.tokenizer, calib_source, eval_source, n_samples=1,
-                                       eval_seqlen=eval_seqlen, max_windows=max_windows,
-                                       bos=loaded.info.bos_per_window)
+        _, windows, _ = prepare_data(loaded.tokenizer, calib_source, eval_source, n_samples=1,
+                                     eval_seqlen=eval_seqlen, max_windows=max_windows, bos=loaded.info.bos_per_window)
         last = evaluate_job(job, loaded.model, windows)
         return None if last is None else last.ppl
 
@@ -225,12 +226,21 @@ def dense_ppl_job(loaded: LoadedModel, calib_source: str, eval_source: str, eval
 def owl_job(loaded: LoadedModel, calib_source: str = "default", eval_source: str = "default",
             n_samples: int = 16, calib_seqlen: int = 256) -> Job:
     """OWL outlier ratios of the shared model (measured on a throw-away copy), once for everyone."""
-    from analysis.jobs import outlier_ratios_job, texts_and_windows  # noqa: PLC0415
+    from analysis.jobs import outlier_ratios_job  # noqa: PLC0415
+    from analysis.runs import prepare_data  # noqa: PLC0415
 
     def run(job: Job):
-        calib, _ = texts_and_windows(loaded.tokenizer, calib_source, eval_source, n_samples, calib_seqlen,
-                                     max_windows=1, bos=loaded.info.bos_per_window)
+        calib, _, _ = prepare_data(loaded.tokenizer, calib_source, eval_source, n_samples, calib_seqlen,
+                                   max_windows=1, bos=loaded.info.bos_per_window)
         return outlier_ratios_job(job, loaded.model, calib)
 
     key = ("owl", model_key(), calib_source, eval_source, int(n_samples), int(calib_seqlen))
     return shared_job(key, run, name="owl-ratios")
+
+
+def runs_store():
+    """The run store (SQLite): $ALPHASCOPE_RUNS_DB if set (tests point it at a temporary file), else
+    analysis.runs' default under the cache folder."""
+    from analysis.runs import RunStore  # noqa: PLC0415
+
+    return RunStore(os.environ.get("ALPHASCOPE_RUNS_DB") or None)

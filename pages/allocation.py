@@ -38,19 +38,23 @@ presets: dict[str, Allocation] = {
     "uniform": allocate(metrics, target, "uniform", model=loaded.info.source),
     "alphapruning": allocate(metrics, target, "alphapruning", epsilon=epsilon, model=loaded.info.source),
 }
-farms_job = spectra_job(loaded, fit, farms=True)
-owl = owl_job(loaded)
-pending = []
-if farms_job.status == "done":
-    presets["farms"] = allocate(farms_job.result.metrics, target, "farms", epsilon=epsilon, model=loaded.info.source)
-else:
-    pending.append(f"FARMS spectra {farms_job.progress[1]:.0%}" if farms_job.running else f"FARMS: {farms_job.error}")
-if owl.status == "done":
-    presets["owl"] = allocate(metrics, target, "owl", outlier_ratios=owl.result, model=loaded.info.source)
-else:
-    pending.append(f"OWL outlier ratios {owl.progress[1]:.0%}" if owl.running else f"OWL: {owl.error}")
-if pending:
-    st.caption("Still computing in the background: " + ", ".join(pending) + " (reload to see them).")
+more = st.checkbox("Also FARMS and OWL presets", key="alloc_more",
+                   help="FARMS needs a second spectra pass; OWL a calibration pass over the model. Both run in "
+                        "the background (shared by all sessions) and appear here when ready.")
+if more:
+    farms_job, owl = spectra_job(loaded, fit, farms=True), owl_job(loaded)
+    pending = []
+    if farms_job.status == "done":
+        presets["farms"] = allocate(farms_job.result.metrics, target, "farms", epsilon=epsilon,
+                                    model=loaded.info.source)
+    else:
+        pending.append(f"FARMS spectra {farms_job.progress[1]:.0%}" if not farms_job.done else f"FARMS: {farms_job.error}")
+    if owl.status == "done":
+        presets["owl"] = allocate(metrics, target, "owl", outlier_ratios=owl.result, model=loaded.info.source)
+    else:
+        pending.append(f"OWL outlier ratios {owl.progress[1]:.0%}" if not owl.done else f"OWL: {owl.error}")
+    if pending:
+        st.caption("Computing in the background: " + ", ".join(pending) + " (they appear on the next interaction).")
 
 p1, p2, p3 = st.columns([2, 1, 1])
 preset = p1.selectbox("Preset", list(presets), index=list(presets).index("alphapruning"), key="alloc_preset")

@@ -1,66 +1,61 @@
 """Compare page: every finished prune run from the run store (SQLite), side by side."""
-import json
-
 import streamlit as st
 
+from analysis.runs import RunStore
 from components.figures import curves_figure, ppl_vs_sparsity_figure
+from components.state import runs_store
 
 st.title("📊 Compare runs")
-try:
-    from analysis.runs import RunStore
-except ImportError:
-    st.info("The run store is not available in this installation.")
-    st.stop()
-
-store = RunStore()
+store = runs_store()
 runs = store.all()
-st.caption(f"Runs are kept in {getattr(store, 'path', 'the run store')}; every finished prune on the Prune "
+st.caption(f"Runs are kept in {store.path}; every finished prune on the Prune "
            "page (from any session) is added there.")
 if runs.empty:
     st.info("No runs yet. Prune a model on the Prune page; finished runs appear here.")
     st.stop()
 
-if "model" in runs.columns and runs["model"].nunique() > 1:
-    models = sorted(runs["model"].astype(str).unique())
-    chosen = st.multiselect("Models", models, default=models, key="compare_models")
-    runs = runs[runs["model"].astype(str).isin(chosen)]
 
-group = "allocation" if "allocation" in runs.columns else "method"
-x = "achieved" if "achieved" in runs.columns else "sparsity"
-methods = sorted(runs["method"].astype(str).unique()) if "method" in runs.columns else []
-if len(methods) > 1:
-    pick = st.radio("Pruning method", methods, horizontal=True, key="compare_method")
-    view = runs[runs["method"].astype(str) == pick]
-else:
-    view = runs
+@st.cache_data(show_spinner=False, max_entries=1024)
+def _details(path: str, run_id: int) -> dict:
+    """Achieved sparsity and per-block allocation of a run (records never change once stored)."""
+    rec = RunStore(path).get(run_id)
+    alloc = rec.get("allocation") or {}
+    return {"achieved": (rec.get("achieved") or {}).get("overall"), "per_block": alloc.get("per_block") or [],
+            "eval": (rec.get("config") or {}).get("eval")}
 
-st.subheader("Perplexity vs sparsity, per allocation")
-if "ppl" in view.columns and len(view):
-    st.plotly_chart(ppl_vs_sparsity_figure(view.dropna(subset=["ppl"]), x=x, y="ppl", color=group),
-                    key="compare_ppl")
+
+details = [_details(str(store.path), int(i)) for i in runs["id"]]
+runs = runs.assign(achieved=[d["achieved"] for d in details], eval=[d["eval"] for d in details])
+per_block = {int(i): d["per_block"] for i, d in zip(runs["id"], details)}
+
+f1, f2, f3 = st.columns(3)
+models = sorted(runs["model"].astype(str).unique())
+chosen = f1.multiselect("Models", models, default=models, key="compare_models")
+methods = sorted(runs["method"].astype(str).unique())
+pick = f2.multiselect("Pruning methods", methods, default=methods, key="compare_methods")
+evals = sorted(runs["eval"].astype(str).unique())
+ev = f3.selectbox("Evaluation text", evals, key="compare_eval",
+                  help="Perplexities are only comparable on the same evaluation text.")
+view = runs[runs["model"].astype(str).isin(chosen) & runs["method"].astype(str).isin(pick)
+            & (runs["eval"].astype(str) == ev)]
+
+st.subheader("Perplexity vs sparsity, per allocation method")
+plot = view.dropna(subset=["pruned_ppl"]).assign(
+    label=lambda d: d["method"].astype(str) + " + " + d["allocation_method"].astype(str))
+if len(plot):
+    st.plotly_chart(ppl_vs_sparsity_figure(plot, x="achieved", y="pruned_ppl", color="label"), key="compare_ppl")
+dense = view["dense_ppl"].dropna()
+if len(dense):
+    st.caption(f"Dense perplexity on this text: {dense.iloc[-1]:.2f}")
 
 st.subheader("Allocation curves")
-
-
-def _per_block(v):
-    """per_block as stored: a list, or its JSON text."""
-    if isinstance(v, str):
-        try:
-            v = json.loads(v)
-        except ValueError:
-            return None
-    return [float(r) for r in v] if isinstance(v, (list, tuple)) and v else None
-
-
-if "per_block" in runs.columns:
-    id_col = "id" if "id" in runs.columns else None
-    labels = {i: f"#{row[id_col] if id_col else i} {row.get('method', '')} {row.get(group, '')} "
-                 f"{float(row.get(x, 0)):.0%}" for i, row in runs.iterrows()}
-    chosen_runs = st.multiselect("Runs to overlay", list(labels), default=list(labels)[-5:],
-                                 format_func=labels.get, key="compare_curves")
-    curves = [(labels[i], pb) for i in chosen_runs if (pb := _per_block(runs.loc[i, "per_block"]))]
-    if curves:
-        st.plotly_chart(curves_figure(curves), key="compare_curves_chart")
+labels = {int(r.id): f"#{r.id} {r.method} + {r.allocation_method} {float(r.achieved or 0):.0%}"
+          for r in view.itertuples()}
+chosen_runs = st.multiselect("Runs to overlay", list(labels), default=list(labels)[-5:], format_func=labels.get,
+                             key="compare_curves")
+curves = [(labels[i], per_block[i]) for i in chosen_runs if per_block.get(i)]
+if curves:
+    st.plotly_chart(curves_figure(curves), key="compare_curves_chart")
 
 st.subheader("All runs")
 st.dataframe(runs, hide_index=True, key="compare_table")

@@ -3,7 +3,8 @@ import streamlit as st
 
 from analysis.jobs import Job, PruneSettings, evaluate_weights, prune_and_evaluate
 from components.figures import ppl_figure
-from components.state import dense_ppl_job, require_model, session_work, spectra_job, weights_zero_fraction
+from components.state import (dense_ppl_job, require_model, runs_store, session_work, spectra_job,
+                              weights_zero_fraction)
 
 ALLOCATIONS = {"uniform": "uniform", "alphapruning (α-guided)": "alphapruning", "FARMS (α-guided)": "farms",
                "OWL (outlier-guided)": "owl", "custom curve (Allocation page)": "custom"}
@@ -65,15 +66,12 @@ b1, b2, b3, b4 = st.columns(4)
 ready = not busy and (allocation != "custom" or custom is not None) and (
     allocation in ("uniform", "custom", "owl") or settings.metrics is not None or settings.farms_metrics is not None)
 if b1.button("Run", type="primary", disabled=not ready, key="prune_run"):
-    try:
-        from analysis.runs import RunStore  # noqa: PLC0415
-
-        store = RunStore()
-    except ImportError:  # the run store is optional: the run still shows here
-        store = None
+    store = runs_store()
     shared, tok, info = loaded.model, loaded.tokenizer, loaded.info
+    dense_job = dense_ppl_job(loaded, settings.calib_source, eval_source, settings.eval_seqlen, max_windows)
     work.job = Job(lambda j: prune_and_evaluate(j, work, shared, tok, settings, model_name=info.source,
-                                                bos=info.bos_per_window, store=store), name="prune").start()
+                                                bos=info.bos_per_window, store=store, dense_job=dense_job),
+                   name="prune").start()
     st.rerun()
 if b2.button("Cancel", disabled=not busy, key="prune_cancel"):
     job.cancel()

@@ -163,8 +163,10 @@
     moved = false;
   }, true);
 
-  gd.addEventListener("dblclick", (ev) => {
-    if (!plotted || (args && args.disabled) || nearest(ev.clientX, ev.clientY) >= 0) return;
+  // A double click adds a point. Plotly's drag layer covers the plot during a press, so browsers
+  // fire no "dblclick" there; the second "click" (detail === 2) is what arrives reliably.
+  gd.addEventListener("click", (ev) => {
+    if (ev.detail !== 2 || !plotted || (args && args.disabled) || nearest(ev.clientX, ev.clientY) >= 0) return;
     const p = toData(ev.clientX, ev.clientY);
     if (p[0] < 0 || p[0] > 1) return;  // outside the depth axis: not a meaningful place for a point
     ev.preventDefault();
