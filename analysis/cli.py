@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from analysis.models import ModelLoadError
 
@@ -174,6 +175,11 @@ def _check_prune_args(args: argparse.Namespace):
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer")
     if args.max_windows is not None and args.max_windows < 1:
         raise UsageError("--max-windows must be a positive integer")
+    from analysis.runs import ALLOCATIONS  # noqa: PLC0415
+
+    if nm is None and args.allocation not in ALLOCATIONS and not Path(args.allocation).expanduser().is_file():
+        raise UsageError(f"--allocation must be one of {', '.join(ALLOCATIONS)} or an allocation JSON file; "
+                         f"'{args.allocation}' is neither.")
     return nm
 
 
