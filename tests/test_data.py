@@ -1,0 +1,87 @@
+"""Text sources and token windows, with the real default tokenizer."""
+import pytest
+import torch
+
+from analysis.data import (
+    DataError,
+    calib_and_eval_texts,
+    calibration_batches,
+    eval_windows,
+    load_text,
+    split_text,
+    tokenize,
+)
+
+
+@pytest.fixture(scope="module")
+def tok(default_model):
+    return default_model.tokenizer
+
+
+def test_default_corpus_and_wikitext_load(wikitext_dir):
+    assert len(load_text("default")) > 300_000
+    assert load_text("wikitext2:test") == (wikitext_dir / "test.txt").read_text()
+    assert load_text(str(wikitext_dir / "valid.txt")).startswith(" \n = ")
+
+
+def test_split_text_halves_are_disjoint():
+    text = load_text("default")
+    calib, ev = split_text(text)
+    assert calib + "\n" + ev == text
+    assert set(calib.splitlines()).isdisjoint(ev.splitlines())
+    assert 0.4 < len(calib) / len(text) < 0.6
+    # the same source for both roles is split, different sources are not
+    c2, e2 = calib_and_eval_texts("default", "default")
+    assert (c2, e2) == (calib, ev)
+
+
+def test_calibration_is_seeded_random_windows(tok):
+    text = split_text(load_text("default"))[0]
+    a = calibration_batches(tok, text, n_samples=5, seqlen=64, seed=3)
+    b = calibration_batches(tok, text, n_samples=5, seqlen=64, seed=3)
+    c = calibration_batches(tok, text, n_samples=5, seqlen=64, seed=4)
+    assert a.shape == (5, 64) and a.dtype == torch.long
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    ids = tokenize(tok, text).tolist()
+    row = a[0].tolist()  # every row is a contiguous slice of the text's tokens
+    assert any(ids[i: i + 64] == row for i in range(len(ids) - 63))
+
+
+def test_eval_windows_are_consecutive_and_non_overlapping(tok):
+    text = load_text("default")
+    ids = tokenize(tok, text)
+    w = eval_windows(tok, text, seqlen=100)
+    assert w.shape == (len(ids) // 100, 100)
+    assert torch.equal(w.reshape(-1), ids[: w.numel()])
+    assert eval_windows(tok, text, seqlen=100, max_windows=3).shape == (3, 100)
+
+
+def test_bos_per_window(tok):
+    text = load_text("default")
+    w = eval_windows(tok, text, seqlen=50, bos=True, max_windows=2)
+    ids = tokenize(tok, text)
+    assert torch.all(w[:, 0] == tok.bos_token_id)
+    assert torch.equal(w[:, 1:].reshape(-1), ids[:98])
+    c = calibration_batches(tok, text, n_samples=2, seqlen=50, bos=True)
+    assert c.shape == (2, 50) and torch.all(c[:, 0] == tok.bos_token_id)
+
+
+def test_text_too_short_is_a_clear_error(tok):
+    with pytest.raises(ValueError, match=r"has \d+ tokens, needs at least seqlen=512"):
+        eval_windows(tok, "Only a few words here.", seqlen=512)
+    with pytest.raises(ValueError, match=r"has \d+ tokens, needs at least seqlen=256"):
+        calibration_batches(tok, "Too short.", seqlen=256)
+
+
+def test_bad_sources_raise_data_errors(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_text(str(tmp_path / "missing.txt"))
+    with pytest.raises(DataError, match="Unknown WikiText-2 split"):
+        load_text("wikitext2:training")
+    with pytest.raises(DataError, match="hf:<dataset>"):
+        load_text("hf:onlyname")
+    with pytest.raises(DataError, match="No text source"):
+        load_text(" ")
+    f = tmp_path / "mine.txt"
+    f.write_text("hello world\n")
+    assert load_text(str(f)) == "hello world\n"

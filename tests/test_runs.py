@@ -1,0 +1,104 @@
+"""Run store durability and the prune/eval/runs command line."""
+import json
+import math
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from analysis.runs import RunStore, make_record
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def record(sparsity=0.5, ppl=30.0):
+    cfg = {"model": "default", "method": "wanda", "allocation": "uniform", "sparsity": sparsity, "nm": None}
+    return make_record(cfg, {"method": "uniform"}, {"overall": sparsity, "per_layer": {"a": sparsity}},
+                       20.0, ppl, {"prune": 1.0})
+
+
+def test_add_all_get(tmp_path):
+    store = RunStore(tmp_path / "runs.sqlite")
+    a = store.add(record(0.5))
+    b = store.add(record(0.7, math.inf))  # a diverged run: stored, perplexity column NULL
+    df = store.all()
+    assert list(df["id"]) == [a, b] and list(df["sparsity"]) == [0.5, 0.7]
+    assert df["pruned_ppl"].isna().tolist() == [False, True]
+    got = store.get(a)
+    assert got["id"] == a and got["config"]["method"] == "wanda" and got["achieved"]["per_layer"] == {"a": 0.5}
+    assert set(got["versions"]) == {"python", "torch", "transformers"}
+    with pytest.raises(KeyError):
+        store.get(999)
+    with sqlite3.connect(store.path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_failed_add_leaves_earlier_runs(tmp_path):
+    store = RunStore(tmp_path / "runs.sqlite")
+    store.add(record(0.5))
+    bad = record(0.6)
+    bad["config"]["sparsity"] = "sixty percent"  # violates the column's CHECK inside the transaction
+    with pytest.raises(sqlite3.IntegrityError):
+        store.add(bad)
+    unserializable = record(0.6)
+    unserializable["extra"] = object()
+    with pytest.raises(TypeError):
+        store.add(unserializable)
+    assert len(store) == 1
+    store.add(record(0.7))
+    assert list(store.all()["sparsity"]) == [0.5, 0.7]
+
+
+def test_crash_mid_transaction_keeps_earlier_runs(tmp_path):
+    path = tmp_path / "runs.sqlite"
+    RunStore(path).add(record(0.5))
+    # another process starts writing a run and dies before committing
+    code = (
+        "import os, sqlite3, sys\n"
+        "conn = sqlite3.connect(sys.argv[1])\n"
+        "conn.execute('BEGIN')\n"
+        "conn.execute(\"INSERT INTO runs (created, record_json) VALUES ('now', '{}')\")\n"
+        "os._exit(1)\n"
+    )
+    assert subprocess.run([sys.executable, "-c", code, str(path)]).returncode == 1
+    store = RunStore(path)
+    assert len(store) == 1 and store.get(1)["config"]["sparsity"] == 0.5
+
+
+def run_cli(*args, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "analysis", *args], capture_output=True, text=True, cwd=ROOT,
+                          env=env, timeout=900)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["prune", "--sparsity", "1.2"], "--sparsity must be in"),
+    (["prune", "--sparsity", "0.5", "--nm", "4:2"], "0 < N < M"),
+    (["prune", "--epsilon", "1.5"], "--epsilon"),
+    (["prune", "--allocation", "nowhere.json", "--method", "magnitude", "--max-windows", "1"], "neither"),
+])
+def test_cli_bad_input_exits_2(args, message, tmp_path):
+    r = run_cli(*args, "--db", str(tmp_path / "r.sqlite"), tmp_path=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().startswith("error:") and message in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_cli_prune_writes_record_and_store(tmp_path, wikitext_dir):
+    db, out = tmp_path / "runs.sqlite", tmp_path / "run.json"
+    r = run_cli("prune", "--method", "wanda", "--allocation", "uniform", "--sparsity", "0.5", "--nsamples", "4",
+                "--seqlen", "64", "--eval-seqlen", "128", "--max-windows", "2", "--out", str(out), "--db", str(db),
+                "--device", "cpu", tmp_path=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "wanda: block 30/30" in r.stderr and "pruned perplexity" in r.stderr
+    rec = json.loads(out.read_text())
+    assert rec["config"]["method"] == "wanda" and rec["config"]["eval_windows"] == 2
+    assert rec["achieved"]["overall"] == pytest.approx(0.5, abs=1e-3)
+    assert len(rec["achieved"]["per_layer"]) == 210
+    assert math.isfinite(rec["dense_ppl"]) and rec["pruned_ppl"] > rec["dense_ppl"]
+    assert {"prune", "dense_eval", "pruned_eval"} <= set(rec["timings_s"])
+    listed = run_cli("runs", "--db", str(db), tmp_path=tmp_path)
+    assert listed.returncode == 0 and "wanda" in listed.stdout and "uniform" in listed.stdout
