@@ -149,36 +149,37 @@ def _block_prune_counts(ratio: float, cols: int, blocksize: int) -> list[int]:
 
 def prune_sparsegpt(w: torch.Tensor, hessian: torch.Tensor, ratio: float, nm: tuple[int, int] | None = None,
                     blocksize: int = 128, percdamp: float = 0.01) -> torch.Tensor:
-    """SparseGPT on one matrix (out, in) with the input Hessian (in, in); returns the pruned matrix."""
-    w = w.detach().clone().float()
+    """SparseGPT on one matrix (out, in) with the input Hessian (in, in); returns the pruned matrix.
+
+    Works on the transpose (in, out) so that each input column is a contiguous row (fast updates)."""
     rows, cols = w.shape
     if nm and blocksize % nm[1]:
         raise ValueError(f"blocksize {blocksize} must be a multiple of M={nm[1]}")
-    u = _inverse_hessian_factor(hessian.float(), w, percdamp)
+    wt = w.detach().t().float().contiguous()  # (in, out): wt[j] is input column j of W
+    u = _inverse_hessian_factor(hessian.float(), wt.t(), percdamp)
     counts = _block_prune_counts(ratio, cols, blocksize)
     for bi, i1 in enumerate(range(0, cols, blocksize)):
         i2 = min(i1 + blocksize, cols)
         u_blk = u[i1:i2, i1:i2]
-        w_blk = w[:, i1:i2].clone()
-        err_blk = torch.zeros_like(w_blk)
+        wt_blk = wt[i1:i2]  # a view: updated in place
+        err_blk = torch.zeros_like(wt_blk)
         diag = torch.diag(u_blk)
-        # adaptive mask: chosen per block from the weights as compensated so far
-        mask = None if nm else lowest_k_mask(w_blk ** 2 / diag.reshape(1, -1) ** 2, counts[bi])
+        if not nm:  # adaptive mask: chosen per block from the weights as compensated so far
+            mask_t = lowest_k_mask((wt_blk ** 2 / diag.reshape(-1, 1) ** 2).t(), counts[bi]).t()
         for j in range(i2 - i1):
             if nm and j % nm[1] == 0:
-                grp = w_blk[:, j: j + nm[1]] ** 2 / diag[j: j + nm[1]].reshape(1, -1) ** 2
-                grp_mask = nm_mask(grp, *nm)
-            col = w_blk[:, j]
-            pruned = grp_mask[:, j % nm[1]] if nm else mask[:, j]
-            q = col.masked_fill(pruned, 0.0)
-            err = (col - q) / diag[j]
-            # OBS update: move the removed weights' error onto the block's later columns
-            w_blk[:, j:] -= err.unsqueeze(1) @ u_blk[j, j:].unsqueeze(0)
-            w_blk[:, j] = q
-            err_blk[:, j] = err
-        w[:, i1:i2] = w_blk
-        w[:, i2:] -= err_blk @ u[i1:i2, i2:]
-    return w
+                grp = wt_blk[j: j + nm[1]] ** 2 / diag[j: j + nm[1]].reshape(-1, 1) ** 2
+                mask_t = torch.zeros_like(wt_blk, dtype=torch.bool)
+                mask_t[j: j + nm[1]] = nm_mask(grp.t(), *nm).t()
+            pruned = mask_t[j]
+            err = torch.where(pruned, wt_blk[j], 0.0) / diag[j]
+            # OBS update: move the removed weights' error onto this and the block's later columns
+            wt_blk[j:].addr_(u_blk[j, j:], err, alpha=-1.0)
+            wt_blk[j].masked_fill_(pruned, 0.0)  # exactly zero (the update leaves rounding residue)
+            err_blk[j] = err
+        if i2 < cols:
+            wt[i2:].sub_(u[i1:i2, i2:].t() @ err_blk)
+    return wt.t().contiguous()
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,9 +210,18 @@ class InputStats:
         return self.xtx * (2.0 / max(self.tokens, 1))
 
 
-def _stats_hook(stats: InputStats):
+def _stats_hook(stats: dict[str, InputStats], name: str, seen: dict):
+    """Forward hook adding the layer's input to stats[name]. Layers fed the very same tensor
+    (q/k/v, gate/up) share one InputStats instead of recomputing it: `seen` maps a tensor's
+    address to (first layer, tensor), holding the tensor so the address cannot be reused."""
     def hook(_module, inputs, _output):
-        stats.add(inputs[0])
+        x = inputs[0]
+        key = (x.data_ptr(), tuple(x.shape), x._version)
+        if key in seen:
+            stats[name] = stats[seen[key][0]]
+            return
+        seen[key] = (name, x)
+        stats[name].add(x)
     return hook
 
 
@@ -348,13 +358,15 @@ def walk_blocks(model: nn.Module, calib: torch.Tensor, on_block: BlockFn, hessia
         call = _call_to(calls[b], dev)
         refs = refs_by_block.get(b, [])
         stats = {r.name: InputStats(r.cols, hessian, dev) for r in refs}
-        handles = [r.module.register_forward_hook(_stats_hook(stats[r.name])) for r in refs]
+        seen: dict = {}
+        handles = [r.module.register_forward_hook(_stats_hook(stats, r.name, seen)) for r in refs]
         try:
             with torch.no_grad():
                 out = run_block(block, hidden, call)
         finally:
             for h in handles:
                 h.remove()
+            seen.clear()
         if on_block(b, refs, stats):
             with torch.no_grad():
                 out = run_block(block, hidden, call)
