@@ -320,6 +320,82 @@ def _add_prune_parsers(sub) -> None:
     p.set_defaults(func=cmd_runs)
 
 
+# --------------------------------------------------------------------------------------------
+# spectra
+
+
+def _tqdm_progress(total_label: str):
+    """A progress callback drawing one tqdm bar (on stderr) from (message, fraction) calls."""
+    from tqdm import tqdm  # noqa: PLC0415
+
+    bar = tqdm(total=100, desc=total_label, file=sys.stderr, bar_format="{percentage:3.0f}%|{bar:20}| {desc}")
+
+    def update(message: str, fraction: float) -> None:
+        bar.set_description_str(message, refresh=False)
+        bar.update(round(100 * fraction) - bar.n)
+        if fraction >= 1.0:
+            bar.close()
+    return update
+
+
+def _block_summary(metrics):
+    """Mean alpha per block and group (attn, mlp, ...), plus the block's mean over all its matrices."""
+    m = metrics.assign(where=metrics["block"].map(lambda b: "outside" if b < 0 else b))
+    table = m.pivot_table(index="where", columns="group", values="alpha", aggfunc="mean", sort=False)
+    table["all"] = m.groupby("where", sort=False)["alpha"].mean()
+    table.insert(0, "matrices", m.groupby("where", sort=False).size())
+    table.index.name = "block"
+    table.columns.name = None
+    return table.round(3)
+
+
+def _write_metrics(metrics, out: str | None, as_json: bool) -> str | None:
+    target = sys.stdout if out is None else out
+    try:
+        if as_json:
+            metrics.to_json(target, orient="records", indent=1)
+        else:
+            metrics.to_csv(target, index=False)
+    except OSError as e:
+        raise UsageError(f"cannot write {out}: {e.strerror or e}") from e
+    return out
+
+
+def cmd_spectra(args: argparse.Namespace) -> int:
+    from analysis.powerlaw import XMIN_RULES  # noqa: PLC0415
+    from analysis.spectra import analyze  # noqa: PLC0415
+
+    if args.fit not in XMIN_RULES:
+        raise UsageError(f"--fit must be one of {', '.join(XMIN_RULES)}")
+    as_json = args.json or (args.out or "").lower().endswith(".json")
+    loaded = _load_for_cli(args)
+    result = analyze(loaded.model, fit=args.fit, farms=args.farms, normalize=args.normalize,
+                     include_outside=args.include_outside, progress=_tqdm_progress("spectra"))
+    metrics = result.metrics
+    report = sys.stdout if args.out else sys.stderr  # keep stdout clean when the table goes there
+    _write_metrics(metrics, args.out, as_json)
+    with __import__("pandas").option_context("display.width", 200, "display.max_rows", 500):
+        print(_block_summary(metrics).to_string(), file=report)
+    bad = metrics[metrics["status"] != "ok"]
+    for _, row in bad.iterrows():
+        print(f"warning: {row['name']}: {row['status']}", file=sys.stderr)
+    print(f"{len(metrics)} matrices of {loaded.info.title}, fit={args.fit}{', FARMS' if args.farms else ''}: "
+          f"median alpha {metrics['alpha'].median():.3f}" + (f"; wrote {args.out}" if args.out else ""), file=report)
+    return 0
+
+
+def _add_spectra_parser(sub) -> None:
+    p = sub.add_parser("spectra", help="ESD heavy-tail metrics (alpha, ...) of every weight matrix to CSV/JSON")
+    _add_model_args(p)
+    p.add_argument("--out", default=None, help="output file (.csv, or .json); default: CSV on stdout")
+    p.add_argument("--fit", default="peak", help="power-law xmin rule: peak (default), median or scan")
+    p.add_argument("--farms", action="store_true", help="fit the pooled ESD of square sliding windows (FARMS)")
+    p.add_argument("--normalize", action="store_true", help="divide eigenvalues by N (rows)")
+    p.add_argument("--include-outside", action="store_true", help="also the embedding and lm_head (not prunable)")
+    p.add_argument("--json", action="store_true", help="write JSON records instead of CSV")
+    p.set_defaults(func=cmd_spectra)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m analysis", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -328,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
     _add_allocate_parser(sub)
     _add_prune_parsers(sub)
+    _add_spectra_parser(sub)
     return parser
 
 
