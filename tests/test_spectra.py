@@ -175,3 +175,63 @@ def test_alphas_agree_with_weightwatcher(default_model, default_peak):
     assert np.mean(np.abs(default_scan - theirs) < 0.05) >= 0.9
     np.testing.assert_allclose(
         analyze(layers, fit="scan").metrics["spectral_entropy"], details["entropy"], atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI
+
+
+def run_cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "analysis", "spectra", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=120)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    t = Tokenizer(models.WordLevel({f"w{i}": i for i in range(119)} | {"<unk>": 119}, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>").save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("bad", [["--model", "./no/such/model"], ["--model", "not a model id!"], ["--fit", "best"]])
+def test_cli_bad_input_is_one_line_error(bad):
+    r = run_cli(*bad)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+
+
+def test_cli_writes_csv_and_summary(tiny_llama, tmp_path):
+    import pandas as pd
+
+    out = tmp_path / "metrics.csv"
+    r = run_cli("--model", str(tiny_llama), "--device", "cpu", "--out", str(out), "--fit", "median")
+    assert r.returncode == 0, r.stderr
+    m = pd.read_csv(out)
+    assert list(m.columns) == COLUMNS and len(m) == 21
+    assert sorted(m["block"].unique()) == [0, 1, 2]
+    assert (m["status"] == "ok").all() and np.isfinite(m["alpha"]).all()
+    assert "attn" in r.stdout and "mlp" in r.stdout and "21 matrices" in r.stdout  # per-block summary
+    assert "100%" in r.stderr  # progress bar
+
+
+def test_cli_json_with_outside_matrices(tiny_llama, tmp_path):
+    import json
+
+    out = tmp_path / "metrics.json"
+    r = run_cli("--model", str(tiny_llama), "--device", "cpu", "--out", str(out), "--include-outside", "--farms")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(out.read_text())
+    assert len(rows) == 23  # 21 block matrices + embedding + (untied) lm_head
+    outside = [row for row in rows if row["block"] == -1]
+    assert {row["kind"] for row in outside} == {"embed_tokens", "lm_head"}
+    assert not any(row["prunable"] for row in outside)
