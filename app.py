@@ -7,20 +7,20 @@ import streamlit as st
 
 from components.state import current_model, model_key, model_label, session_work
 
-st.set_page_config(page_title="alphascope", page_icon="🔭", layout="wide")
+st.set_page_config(page_title="alphascope", page_icon=":material/troubleshoot:", layout="wide")
 
 PAGES = [
-    st.Page("pages/model.py", title="Model", icon="🧠", default=True),
-    st.Page("pages/spectra.py", title="Spectra", icon="📈"),
-    st.Page("pages/allocation.py", title="Allocation", icon="🎚️"),
-    st.Page("pages/prune.py", title="Prune", icon="✂️"),
-    st.Page("pages/compare.py", title="Compare", icon="📊"),
-    st.Page("pages/learn.py", title="Learn", icon="🎓"),
+    st.Page("pages/model.py", title="Model", icon=":material/memory:", default=True),
+    st.Page("pages/spectra.py", title="Spectra", icon=":material/insights:"),
+    st.Page("pages/allocation.py", title="Allocation", icon=":material/tune:"),
+    st.Page("pages/prune.py", title="Prune", icon=":material/content_cut:"),
+    st.Page("pages/compare.py", title="Compare", icon=":material/compare_arrows:"),
+    st.Page("pages/learn.py", title="Learn", icon=":material/school:"),
 ]
 nav = st.navigation(PAGES)
 
 with st.sidebar:
-    st.markdown("### 🔭 alphascope")
+    st.markdown("### alphascope")
     st.caption("Heavy-tailed spectral analysis of LLM weights, and pruning guided by it.")
     key = model_key()
     if key is None:

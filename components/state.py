@@ -25,6 +25,11 @@ import streamlit as st
 from analysis.jobs import CANCELLED, ERROR, Job, WorkingCopy
 from analysis.models import PACKAGED, LoadedModel, load_model, packaged_key
 
+# Resolve transformers' lazy attributes once, at import (the app's first run), in one thread.
+# Otherwise two script threads (a rerun overlapping the previous run, or two sessions) may both
+# trigger the lazy import and one of them sees a half-initialized module ("cannot import name").
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402, F401
+
 ModelKey = tuple[str, str, str, bool]  # (source, device, dtype, trust_remote_code)
 
 MODEL_PAGE = "pages/model.py"
@@ -83,7 +88,7 @@ def require_model() -> LoadedModel:
     loaded = current_model()
     if loaded is None:
         st.info("No model loaded yet. Load one on the Model page first (the packaged default takes ~2 s).")
-        st.page_link(MODEL_PAGE, label="Go to the Model page", icon="🧠")
+        st.page_link(MODEL_PAGE, label="Go to the Model page", icon=":material/memory:")
         st.stop()
     return loaded
 

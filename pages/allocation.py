@@ -14,7 +14,7 @@ from components.state import owl_job, require_model, spectra_job, wait_for
 POINTS_KEY = "alloc_points"
 Y_MAX = 0.95  # highest sparsity a control point may take on the chart
 
-st.title("🎚️ Allocation")
+st.title("Allocation")
 st.caption("How much to prune each block: drag the red curve, or load a preset and adjust it. "
            "The budget is the parameter-weighted mean sparsity over all prunable matrices.")
 loaded = require_model()

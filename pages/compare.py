@@ -5,7 +5,7 @@ from analysis.runs import RunStore
 from components.figures import curves_figure, ppl_vs_sparsity_figure
 from components.state import runs_store
 
-st.title("📊 Compare runs")
+st.title("Compare runs")
 store = runs_store()
 runs = store.all()
 st.caption(f"Runs are kept in {store.path}; every finished prune on the Prune "

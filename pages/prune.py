@@ -10,7 +10,7 @@ ALLOCATIONS = {"uniform": "uniform", "alphapruning (α-guided)": "alphapruning",
                "OWL (outlier-guided)": "owl", "custom curve (Allocation page)": "custom"}
 EVAL_SOURCES = ["default", "wikitext2:test", "wikitext2:valid"]
 
-st.title("✂️ Prune")
+st.title("Prune")
 loaded = require_model()
 work = session_work()
 job: Job | None = work.job

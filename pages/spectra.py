@@ -13,7 +13,7 @@ from components.state import (require_model, session_spectra_job, session_work, 
 METRICS = ["alpha", "alpha_hat", "stable_rank", "log_norm", "spectral_entropy", "lambda_max", "ks_distance"]
 LAYER_KEY = "spectra_layer"
 
-st.title("📈 Spectra")
+st.title("Spectra")
 loaded = require_model()
 work = session_work()
 

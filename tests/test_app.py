@@ -1,0 +1,247 @@
+"""Streamlit AppTest of every dashboard page, with the real packaged default model.
+
+AppTest runs the page scripts headless (no browser, no JavaScript); background jobs run in real
+threads, so tests re-run the page until the job's progress bar is gone. The curve editor is set
+through st.session_state (see components/curve_editor), the rest through the widgets themselves.
+"""
+import json
+import math
+import re
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+pytest.importorskip("streamlit")
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = str(ROOT / "app.py")
+WAIT_S = 900  # spectra and pruning share two CPU cores with everything else here
+
+
+def fresh_app() -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=300)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def run_until_idle(at: AppTest, what: str, timeout: float = WAIT_S) -> AppTest:
+    """Re-run until no progress bar shows (background jobs finished)."""
+    t0 = time.time()
+    while True:
+        at.run()
+        assert not at.exception, [e.value for e in at.exception]
+        if not at.get("progress"):
+            return at
+        if time.time() - t0 > timeout:
+            pytest.fail(f"{what} still running after {timeout} s: {[p.proto.text for p in at.get('progress')]}")
+        time.sleep(1.0)
+
+
+def texts(at: AppTest) -> str:
+    return "\n".join(m.value for m in at.markdown)
+
+
+def metric(at: AppTest, label: str) -> str:
+    found = [m.value for m in at.metric if m.label == label]
+    assert found, f"no metric {label!r}; have {[m.label for m in at.metric]}"
+    return found[0]
+
+
+@pytest.fixture(scope="module")
+def runs_db(tmp_path_factory):
+    import os
+
+    path = tmp_path_factory.mktemp("runs") / "runs.sqlite"
+    old = os.environ.get("ALPHASCOPE_RUNS_DB")
+    os.environ["ALPHASCOPE_RUNS_DB"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("ALPHASCOPE_RUNS_DB", None)
+    else:
+        os.environ["ALPHASCOPE_RUNS_DB"] = old
+
+
+@pytest.fixture(scope="module")
+def app(runs_db) -> AppTest:
+    """One session with the default model loaded (pages are visited in turn by the tests)."""
+    at = fresh_app()
+    assert at.radio(key="model_choice").value.startswith("SmolLM2")  # the default is preselected
+    at.button(key="model_load").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+    return at
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_model_page_loads_the_default_model(app):
+    assert metric(app, "Decoder blocks") == "30"
+    assert metric(app, "Prunable matrices") == "210"
+    assert "SmolLM2-135M-Instruct" in app.success[0].value
+    assert any("Estimated memory" in c.value for c in app.caption)
+    for key in ("model_device", "model_dtype"):
+        assert app.selectbox(key=key).value == "auto"
+    assert app.checkbox(key="model_trust").value is False
+
+
+@pytest.mark.parametrize("kind, key, value, message", [
+    ("Local checkpoint folder", "model_folder", "/nonexistent/model/folder", "does not exist"),
+    ("Hugging Face model id", "model_hf_id", "not a valid id!!", "neither a packaged model"),
+])
+def test_bad_model_source_shows_an_error(kind, key, value, message):
+    at = fresh_app()
+    at.radio(key="model_choice").set_value(kind).run()
+    at.text_input(key=key).input(value).run()
+    at.button(key="model_load").click().run()
+    assert not at.exception
+    assert len(at.error) == 1 and message in at.error[0].value
+    assert "model_key" not in at.session_state  # nothing was loaded
+
+
+def test_pages_without_a_model_point_to_the_model_page():
+    at = fresh_app()
+    for page in ("spectra", "allocation", "prune"):
+        at.switch_page(f"pages/{page}.py").run()
+        assert not at.exception
+        assert any("No model loaded" in i.value for i in at.info), page
+
+
+def test_learn_page_alpha_follows_the_tail_index():
+    at = fresh_app()
+    at.switch_page("pages/learn.py").run()
+    assert not at.exception
+    gauss_edge = metric(at, "MP bulk edge")
+    assert metric(at, "Eigenvalues beyond the edge") == "0"  # pure noise stays inside the MP bulk
+    at.radio(key="learn_kind").set_value("Heavy-tailed entries").run()
+    at.slider(key="learn_mu").set_value(1.0).run()
+    heavy = float(metric(at, "Fitted α"))
+    at.slider(key="learn_mu").set_value(4.0).run()
+    lighter = float(metric(at, "Fitted α"))
+    assert heavy < 2.0 < lighter  # heavier entries -> heavier ESD tail -> smaller alpha
+    at.radio(key="learn_kind").set_value("Low-rank spikes + noise").run()
+    at.slider(key="learn_strength").set_value(2.0).run()
+    assert int(metric(at, "Eigenvalues beyond the edge")) == at.slider(key="learn_rank").value
+    assert metric(at, "MP bulk edge") != "" and gauss_edge
+    assert not at.exception
+
+
+def test_spectra_page(app):
+    app.switch_page("pages/spectra.py")
+    run_until_idle(app, "spectra")
+    assert app.title[0].value == "Spectra"
+    # the packaged weights went through 4-bit quantization: a few (0.03%) are exactly zero already
+    zeros = [float(m.group(1)) for c in app.caption
+             if (m := re.search(r"([\d.]+)% of the prunable weights analyzed here are zero", c.value))]
+    assert zeros and zeros[0] < 0.1
+    assert len(app.dataframe) == 1
+    table = app.dataframe[0].value
+    assert len(table) == 211  # 210 block matrices + the (tied) embedding
+    assert app.get("download_button")
+    layer = "model.layers.7.mlp.down_proj"
+    app.selectbox(key="spectra_layer").set_value(layer).run()
+    alpha = float(table.set_index("name").loc[layer, "alpha"])
+    assert f"α = **{alpha:.2f}**" in texts(app)
+    for key in ("spectra_mp", "spectra_rand"):
+        app.checkbox(key=key).check().run()
+    app.toggle(key="spectra_log").set_value(False).run()
+    assert not app.exception
+    assert len(app.get("plotly_chart")) == 3  # depth, heatmap, ESD (drawn content: see the browser test)
+
+
+def _budget(at: AppTest) -> float:
+    m = re.search(r"Budget as drawn: \*\*([\d.]+)%\*\*", texts(at))
+    assert m, texts(at)
+    return float(m.group(1))
+
+
+def test_allocation_budget_follows_the_curve(app):
+    app.switch_page("pages/allocation.py")
+    run_until_idle(app, "spectra")
+    assert len(app.data_editor) == 1  # the numeric editor of the control points
+    app.session_state["alloc_points"] = [[0.0, 0.2], [1.0, 0.2]]
+    app.run()
+    assert _budget(app) == pytest.approx(20.0)
+    app.session_state["alloc_points"] = [[0.0, 0.3], [0.5, 0.6], [1.0, 0.9]]
+    app.run()
+    drawn = _budget(app)
+    assert 55.0 < drawn < 65.0
+    assert metric(app, "Applied budget") == "50.0%"  # normalized to the 50% target by default
+    app.radio(key="alloc_mode").set_value("as drawn").run()
+    assert metric(app, "Applied budget") == f"{drawn:.1f}%"
+    applied = app.session_state["alloc_custom"]
+    assert applied.method == "custom" and applied.per_block[0] < applied.per_block[-1]
+    app.radio(key="alloc_mode").set_value("normalized to target").run()
+
+
+def test_allocation_presets_and_json(app):
+    from analysis.allocation import allocate
+
+    app.switch_page("pages/allocation.py")
+    run_until_idle(app, "spectra")
+    app.selectbox(key="alloc_preset").set_value("uniform").run()
+    app.button(key="alloc_load_preset").click().run()
+    pts = app.session_state["alloc_points"]
+    assert len(pts) == 7 and all(p[1] == pytest.approx(0.5) for p in pts)
+    assert _budget(app) == pytest.approx(50.0)
+    # an allocation JSON written by the engine loads as the curve
+    n = len(app.session_state["alloc_custom"].per_block)
+    table = pd.DataFrame({"name": [f"model.layers.{b}.mlp.up_proj" for b in range(n)], "block": range(n),
+                          "params": 1000, "prunable": True})
+    alloc = allocate(table, 0.3, "uniform")
+    app.file_uploader(key="alloc_upload").upload("a.json", json.dumps(alloc.to_dict()).encode(), "application/json")
+    app.run()
+    app.run()
+    assert not app.exception
+    assert _budget(app) == pytest.approx(30.0)
+    bad = app.file_uploader(key="alloc_upload")
+    bad.clear().upload("bad.json", b'{"format": "x"}', "application/json")
+    app.run()
+    assert any("Could not load bad.json" in e.value for e in app.error)
+
+
+def test_prune_runs_in_the_background_and_restores(app, runs_db):
+    app.switch_page("pages/prune.py").run()
+    assert not app.exception
+    assert "dense (shared model) · 0.0% of prunable weights are zero" in texts(app)
+    # small settings so the test stays quick on two cores
+    app.number_input(key="prune_n_samples").set_value(4)
+    app.number_input(key="prune_calib_seqlen").set_value(64)
+    app.number_input(key="prune_eval_seqlen").set_value(128)
+    app.number_input(key="prune_windows").set_value(3)
+    app.run()
+    app.button(key="prune_run").click().run()
+    assert not app.exception
+    # clicking elsewhere (another page) does not stop the job
+    app.switch_page("pages/learn.py").run()
+    app.switch_page("pages/prune.py")
+    run_until_idle(app, "prune")
+    assert not app.error, [e.value for e in app.error]
+    ppl = float(metric(app, "Perplexity (prune)"))
+    dense = float(metric(app, "Dense baseline perplexity"))
+    assert math.isfinite(ppl) and ppl > dense > 1
+    assert "pruned copy — wanda 50% (uniform) · 50.0% of prunable weights are zero" in texts(app)
+    # the shared model is untouched
+    from components.state import load_shared_model
+
+    shared = load_shared_model(*app.session_state["model_key"]).model
+    assert float(shared.model.layers[0].self_attn.q_proj.weight.eq(0).float().mean()) == 0.0
+    from analysis.runs import RunStore
+
+    runs = RunStore(runs_db).all()
+    assert len(runs) == 1 and runs["pruned_ppl"][0] == pytest.approx(ppl, abs=0.01)
+    app.button(key="prune_restore").click().run()
+    assert "dense (shared model) · 0.0% of prunable weights are zero" in texts(app)
+
+
+def test_compare_page_lists_the_run(app):
+    app.switch_page("pages/compare.py").run()
+    assert not app.exception
+    table = app.dataframe[0].value
+    assert len(table) >= 1 and {"pruned_ppl", "dense_ppl", "achieved"} <= set(table.columns)
+    assert table["achieved"].iloc[-1] == pytest.approx(0.5, abs=0.01)
+    assert app.get("download_button")
