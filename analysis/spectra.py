@@ -15,8 +15,8 @@ every eigenvalue matches `torch.linalg.svdvals(W.double())**2` to 3e-6 relative 
 and alphas agree to 1e-12.
 
 Heavy-Tailed Self-Regularization (HT-SR) metrics after Martin & Mahoney (JMLR 2021); layerwise
-alpha for pruning after AlphaPruning (Lu et al., NeurIPS 2024); FARMS after "Eigenspectrum analysis
-of neural networks without aspect ratio bias" (Liu et al., 2025).
+alpha for pruning after AlphaPruning (Lu et al., NeurIPS 2024); FARMS (Fixed-Aspect-Ratio Matrix
+Subsampling) after "Eigenspectrum analysis of neural networks without aspect ratio bias" (Hu et al., 2025).
 """
 from __future__ import annotations
 
