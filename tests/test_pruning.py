@@ -303,3 +303,21 @@ def test_default_model_wanda_beats_magnitude_at_half_sparsity(default_model, wik
     assert wanda_report.overall == pytest.approx(0.5, abs=1e-3)
     assert math.isfinite(wanda) and dense < wanda < mag, (dense, wanda, mag)
     assert perplexity(model, windows) == pytest.approx(dense, rel=1e-6)
+
+
+def test_layers_fed_the_same_input_share_statistics():
+    model = tiny_llama()
+    shared = {}
+
+    def on_block(b, refs, stats):
+        if b == 0:
+            shared.update(stats)
+        return False
+
+    walk_blocks(model, calib_ids(), on_block)
+    p = "model.layers.0."
+    assert shared[p + "self_attn.q_proj"] is shared[p + "self_attn.k_proj"] is shared[p + "self_attn.v_proj"]
+    assert shared[p + "mlp.gate_proj"] is shared[p + "mlp.up_proj"]
+    assert shared[p + "self_attn.o_proj"] is not shared[p + "self_attn.q_proj"]
+    assert shared[p + "mlp.gate_proj"] is not shared[p + "self_attn.q_proj"]
+    assert shared[p + "mlp.down_proj"].tokens == 4 * 16
