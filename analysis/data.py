@@ -102,18 +102,27 @@ def _load_hf(spec: str) -> str:
 
 
 def split_text(text: str, fraction: float = 0.5) -> tuple[str, str]:
-    """Cut `text` into (calibration, evaluation) halves at the line boundary nearest `fraction`
-    of its characters. The halves share no line, so calibration never sees evaluation text."""
+    """Cut `text` into (calibration, evaluation) parts at the line boundary nearest `fraction` of
+    its characters. Lines of the second part that also occur in the first (corpora repeat
+    documents; the embedded one does) are dropped from it, so calibration never sees evaluation text.
+    A text without line breaks is cut at a space."""
     if not 0.0 < fraction < 1.0:
         raise DataError(f"fraction must be in (0, 1), got {fraction}")
-    cut = int(len(text) * fraction)
-    nl = text.find("\n", cut)
-    if nl < 0:
-        nl = text.rfind("\n", 0, cut)
-    if nl < 0:  # a single line: cut at a space, else in the middle
-        nl = text.find(" ", cut)
-        nl = cut if nl < 0 else nl
-    return text[:nl], text[nl + 1:]
+    if "\n" not in text.strip():
+        cut = text.find(" ", int(len(text) * fraction))
+        cut = int(len(text) * fraction) if cut < 0 else cut
+        return text[:cut], text[cut + 1:]
+    lines = text.split("\n")
+    sizes = [len(line) + 1 for line in lines]
+    target, acc, i = len(text) * fraction, 0, 0
+    while i < len(lines) - 1 and acc + sizes[i] <= target:
+        acc += sizes[i]
+        i += 1
+    i = max(i, 1)
+    first = lines[:i]
+    seen = {line for line in first if line.strip()}
+    second = [line for line in lines[i:] if line not in seen]
+    return "\n".join(first), "\n".join(second)
 
 
 # --------------------------------------------------------------------------------------------

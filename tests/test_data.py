@@ -27,9 +27,11 @@ def test_default_corpus_and_wikitext_load(wikitext_dir):
 def test_split_text_halves_are_disjoint():
     text = load_text("default")
     calib, ev = split_text(text)
-    assert calib + "\n" + ev == text
+    assert text.startswith(calib + "\n")
+    # the corpus repeats a few articles: the evaluation part drops those the calibration part has
     assert set(calib.splitlines()).isdisjoint(ev.splitlines())
-    assert 0.4 < len(calib) / len(text) < 0.6
+    assert 0.45 < len(calib) / len(text) < 0.55 and len(ev) > 0.4 * len(text)
+    assert split_text("one two three four", 0.4) == ("one two", "three four")
     # the same source for both roles is split, different sources are not
     c2, e2 = calib_and_eval_texts("default", "default")
     assert (c2, e2) == (calib, ev)
