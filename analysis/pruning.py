@@ -28,9 +28,10 @@ the block is pruned, and its outputs are recomputed with the pruned weights to b
 block's inputs (errors of earlier blocks are seen by later ones). Only the current block sits on the
 compute device. Memory on that device, for n calibration samples of L tokens and hidden size d:
 the block's weights + 2 * n*L*d activations (inputs and outputs) + the block's forward intermediates
-+ statistics: one float per input column (wanda) or a cols x cols float32 Hessian per matrix of
-the block (sparsegpt; SmolLM2-135M: 4 * 576^2 + 2 * 576^2 + 1536^2 floats, ~17 MB). With the
-defaults (16 x 256 tokens) and SmolLM2-135M this is well under 100 MB beside the model.
++ statistics: one float per input column (wanda) or a cols x cols float32 Hessian per distinct input
+of the block (sparsegpt; q/k/v share one, gate/up share one; SmolLM2-135M: 3 * 576^2 + 1536^2
+floats, ~13 MB). With the defaults (16 x 256 tokens) and SmolLM2-135M this is well under 100 MB
+beside the model.
 """
 from __future__ import annotations
 
