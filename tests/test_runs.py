@@ -102,3 +102,25 @@ def test_cli_prune_writes_record_and_store(tmp_path, wikitext_dir):
     assert {"prune", "dense_eval", "pruned_eval"} <= set(rec["timings_s"])
     listed = run_cli("runs", "--db", str(db), tmp_path=tmp_path)
     assert listed.returncode == 0 and "wanda" in listed.stdout and "uniform" in listed.stdout
+
+
+def test_cli_eval_with_allocation_file(tmp_path, default_model, wikitext_dir):
+    import pandas as pd
+
+    from analysis.allocation import allocate
+    from analysis.models import prunable_layers
+
+    table = pd.DataFrame([dict(name=r.name, block=r.block, params=r.params, prunable=True)
+                          for r in prunable_layers(default_model.model)])
+    path = allocate(table, 0.3, method="uniform", model="default").save(tmp_path / "alloc.json")
+    r = run_cli("eval", "--allocation", str(path), "--method", "magnitude", "--max-windows", "1",
+                "--eval-seqlen", "64", "--device", "cpu", tmp_path=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "pruned with magnitude + uniform: 0.3000 sparsity" in r.stderr
+    ppl = float(r.stdout.split("perplexity ")[1].split()[0])
+    assert 1.0 < ppl < 1e4
+    # an allocation for other matrix names is refused with one line
+    bad = allocate(table.assign(name=table["name"].str.replace("model.layers", "decoder.h")), 0.3,
+                   method="uniform").save(tmp_path / "other.json")
+    r = run_cli("eval", "--allocation", str(bad), "--max-windows", "1", "--device", "cpu", tmp_path=tmp_path)
+    assert r.returncode == 2 and "not prunable matrices" in r.stderr and "Traceback" not in r.stderr
