@@ -116,7 +116,7 @@ def test_cli_eval_with_allocation_file(tmp_path, default_model, wikitext_dir):
     r = run_cli("eval", "--allocation", str(path), "--method", "magnitude", "--max-windows", "1",
                 "--eval-seqlen", "64", "--device", "cpu", tmp_path=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert "pruned with magnitude + uniform: 0.3000 sparsity" in r.stderr
+    assert "pruned with magnitude + uniform: 0.300" in r.stderr  # 0.3 x 576 rounds to 173 per row
     ppl = float(r.stdout.split("perplexity ")[1].split()[0])
     assert 1.0 < ppl < 1e4
     # an allocation for other matrix names is refused with one line
