@@ -19,6 +19,27 @@ PAGES = [
 ]
 nav = st.navigation(PAGES)
 
+# Streamlit drops a widget's value at the end of a run in which its page was not shown. This script
+# runs before every page: it keeps a shadow copy of each setting and puts it back when the widget's
+# own value is gone, so a page shows what the user chose when they come back to it.
+PERSIST = (
+    "model_choice", "model_hf_id", "model_folder", "model_device", "model_dtype", "model_trust",
+    "spectra_fit", "spectra_farms", "spectra_weights", "spectra_layer", "spectra_depth_metric",
+    "spectra_heat_metric", "spectra_log", "spectra_mp", "spectra_rand",
+    "alloc_target", "alloc_epsilon", "alloc_mode", "alloc_more", "alloc_preset", "alloc_preset_points",
+    "prune_method", "prune_nm", "prune_alloc", "prune_sparsity", "prune_epsilon", "prune_calib_source",
+    "prune_n_samples", "prune_calib_seqlen", "prune_eval_source", "prune_eval_seqlen", "prune_windows",
+    "prune_export_dir",
+    "learn_kind", "learn_n", "learn_aspect", "learn_seed", "learn_log", "learn_fit", "learn_mu", "learn_family",
+    "learn_strength", "learn_rank",
+)
+_shadow = st.session_state.setdefault("_persisted", {})
+for _key in PERSIST:
+    if _key in st.session_state:
+        _shadow[_key] = st.session_state[_key]
+    elif _key in _shadow:
+        st.session_state[_key] = _shadow[_key]
+
 with st.sidebar:
     st.markdown("### alphascope")
     st.caption("Heavy-tailed spectral analysis of LLM weights, and pruning guided by it.")

@@ -224,8 +224,17 @@ def dense_ppl_job(loaded: LoadedModel, calib_source: str, eval_source: str, eval
         last = evaluate_job(job, loaded.model, windows)
         return None if last is None else last.ppl
 
-    key = ("dense_ppl", model_key(), calib_source, eval_source, int(eval_seqlen), max_windows)
-    return shared_job(key, run, name="dense-ppl")
+    return shared_job(_dense_key(calib_source, eval_source, eval_seqlen, max_windows), run, name="dense-ppl")
+
+
+def _dense_key(calib_source: str, eval_source: str, eval_seqlen: int, max_windows: int | None) -> tuple:
+    return ("dense_ppl", model_key(), calib_source, eval_source, int(eval_seqlen), max_windows)
+
+
+def peek_dense_ppl_job(loaded: LoadedModel, calib_source: str, eval_source: str, eval_seqlen: int,
+                       max_windows: int | None) -> Job | None:
+    """The dense-baseline job for these settings if one was started (by any session), else None."""
+    return peek_job(_dense_key(calib_source, eval_source, eval_seqlen, max_windows))
 
 
 def owl_job(loaded: LoadedModel, calib_source: str = "default", eval_source: str = "default",

@@ -3,7 +3,7 @@ import streamlit as st
 
 from analysis.jobs import Job, PruneSettings, evaluate_weights, prune_and_evaluate
 from components.figures import ppl_figure
-from components.state import (dense_ppl_job, require_model, runs_store, session_work, spectra_job,
+from components.state import (dense_ppl_job, peek_dense_ppl_job, require_model, runs_store, session_work, spectra_job,
                               weights_zero_fraction)
 
 ALLOCATIONS = {"uniform": "uniform", "alphapruning (α-guided)": "alphapruning", "FARMS (α-guided)": "farms",
@@ -79,25 +79,29 @@ if b3.button("Restore dense", disabled=busy or not work.pruned, key="prune_resto
     work.restore()
     st.rerun()
 if b4.button("Evaluate current weights", disabled=busy, key="prune_eval"):
+    dense_ppl_job(loaded, settings.calib_source, eval_source, settings.eval_seqlen, max_windows)
     model = work.model if work.model is not None else loaded.model
     work.job = Job(lambda j: evaluate_weights(j, model, loaded.tokenizer, settings, loaded.info.bos_per_window),
                    name="eval").start()
     st.rerun()
 
-dense = dense_ppl_job(loaded, settings.calib_source, eval_source, settings.eval_seqlen, max_windows)
+# the dense baseline on these exact windows: started with the first Run/Evaluate, then shared
+dense = peek_dense_ppl_job(loaded, settings.calib_source, eval_source, settings.eval_seqlen, max_windows)
 zero = weights_zero_fraction(work.model if work.model is not None else loaded.model)
 st.markdown(f"**Your weights:** {'pruned copy — ' + work.label if work.pruned else 'dense (shared model)'} · "
             f"{zero:.1%} of prunable weights are zero")
 
 
-@st.fragment(run_every=1.0 if (busy or not dense.done) else None)
+@st.fragment(run_every=1.0 if (busy or (dense is not None and not dense.done)) else None)
 def live() -> None:
     """Progress and perplexity, refreshed every second while a job runs (the job runs in its own
     thread: leaving this page or clicking elsewhere does not stop it)."""
     j = work.job
     m1, m2, m3 = st.columns(3)
-    dense_updates = dense.updates()
-    if dense.status == "error":
+    dense_updates = dense.updates() if dense is not None else []
+    if dense is None:
+        m2.metric("Dense baseline perplexity", "–", help="computed with the first Run or Evaluate for these settings")
+    elif dense.status == "error":
         m2.error(f"Dense baseline failed: {dense.error}")
     elif dense_updates:
         m2.metric("Dense baseline perplexity", f"{dense_updates[-1].ppl:.2f}",
@@ -107,7 +111,10 @@ def live() -> None:
     updates = j.updates() if j is not None else []
     if j is not None:
         msg, frac = j.progress
-        st.progress(frac, text=f"{j.name}: {msg} · {j.status} · {j.elapsed:.0f} s")
+        if j.done:
+            st.caption(f"Last {j.name}: {msg} · {j.status} after {j.elapsed:.0f} s")
+        else:
+            st.progress(frac, text=f"{j.name}: {msg} · {j.elapsed:.0f} s")
         if updates:
             u = updates[-1]
             m1.metric(f"Perplexity ({j.name})", f"{u.ppl:.2f}",

@@ -208,17 +208,21 @@ def test_prune_runs_in_the_background_and_restores(app, runs_db):
     app.switch_page("pages/prune.py").run()
     assert not app.exception
     assert "dense (shared model) · 0.0% of prunable weights are zero" in texts(app)
-    # small settings so the test stays quick on two cores
-    app.number_input(key="prune_n_samples").set_value(4)
-    app.number_input(key="prune_calib_seqlen").set_value(64)
-    app.number_input(key="prune_eval_seqlen").set_value(128)
-    app.number_input(key="prune_windows").set_value(3)
-    app.run()
+    def small_settings():  # so the test stays quick on two cores
+        app.number_input(key="prune_n_samples").set_value(4)
+        app.number_input(key="prune_calib_seqlen").set_value(64)
+        app.number_input(key="prune_eval_seqlen").set_value(128)
+        app.number_input(key="prune_windows").set_value(3)
+        app.run()
+
+    small_settings()
     app.button(key="prune_run").click().run()
     assert not app.exception
     # clicking elsewhere (another page) does not stop the job
     app.switch_page("pages/learn.py").run()
-    app.switch_page("pages/prune.py")
+    assert app.session_state["work"].job.status in ("running", "done")
+    app.switch_page("pages/prune.py").run()
+    small_settings()  # (AppTest re-creates the page's widgets with their defaults)
     run_until_idle(app, "prune")
     assert not app.error, [e.value for e in app.error]
     ppl = float(metric(app, "Perplexity (prune)"))
@@ -229,7 +233,7 @@ def test_prune_runs_in_the_background_and_restores(app, runs_db):
     from components.state import load_shared_model
 
     shared = load_shared_model(*app.session_state["model_key"]).model
-    assert float(shared.model.layers[0].self_attn.q_proj.weight.eq(0).float().mean()) == 0.0
+    assert float(shared.model.layers[0].self_attn.q_proj.weight.eq(0).float().mean()) < 0.01  # (4-bit zeros only)
     from analysis.runs import RunStore
 
     runs = RunStore(runs_db).all()

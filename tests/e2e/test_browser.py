@@ -1,0 +1,108 @@
+"""End to end in a real browser: Playwright (Python, sync API) with Debian's chromium against
+`streamlit run app.py` on localhost. Screenshots go to artifacts/e2e/.
+
+Flow (one server, two browser sessions):
+  A: load the default model -> Spectra shows an ESD histogram -> drag a curve point with the mouse
+     and see the budget change -> start a 50% Wanda prune and see a perplexity value.
+  B (a second browser context, i.e. another user, while A's prune runs): its weights stay the dense
+     shared model, its Spectra caption reports no pruned zeros, and evaluating its weights gives the
+     dense baseline perplexity.
+"""
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.app_driver import (ARTIFACTS, BUDGET_JS, CHROMIUM, LONG_MS, budget_text, drag_point, esd_svg, launch,
+                                  load_default, metric_value, nav, open_app, set_small_eval, shot, start_server,
+                                  stop_server, wait_idle, wait_text_change, weights_line)
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                                reason=f"Debian chromium not found at {CHROMIUM} (install it: make browser)")
+
+# small calibration/evaluation so the prune finishes in reasonable time on two shared CPU cores
+SMALL = dict(n_samples=4, calib_seqlen=128, eval_seqlen=128, windows=3)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    proc, url = start_server(env={"ALPHASCOPE_RUNS_DB": str(tmp / "runs.sqlite")},
+                             log_path=ARTIFACTS / "streamlit.log")
+    yield url
+    stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        b = launch(p)
+        yield b
+        b.close()
+
+
+def test_spectra_drag_prune_and_isolation(server, browser):
+    ctx_a, ctx_b = browser.new_context(), browser.new_context()
+    a = open_app(ctx_a, server)
+    load_default(a)
+    assert "SmolLM2-135M-Instruct" in a.locator("[data-testid=stSidebar]").inner_text()
+    shot(a, "01_model_loaded")
+
+    # Spectra: the ESD histogram of a layer is drawn (plotly SVG with the histogram trace)
+    nav(a, "Spectra")
+    wait_idle(a)
+    esd_svg(a).wait_for(timeout=LONG_MS)
+    assert a.locator(".st-key-spectra_esd").get_by_text("ESD (histogram)").count() >= 1
+    assert a.locator(".st-key-spectra_esd .scatterlayer .trace").count() >= 2  # histogram + power-law fit
+    shot(a, "02_spectra")
+
+    # Allocation: drag the middle control point up with the mouse; the budget text follows
+    nav(a, "Allocation")
+    wait_idle(a)
+    before = budget_text(a)
+    drag_point(a, 1, dy=-80)
+    wait_text_change(a, BUDGET_JS, before)
+    after = budget_text(a)
+    pct = [float(re.search(r"Budget as drawn: ([\d.]+)%", t).group(1)) for t in (before, after)]
+    assert pct[1] > pct[0]  # dragged up -> more sparsity
+    shot(a, "03_allocation_dragged")
+
+    # Prune: 50% Wanda (uniform), small calibration/eval; a live perplexity value appears
+    nav(a, "Prune")
+    set_small_eval(a, **SMALL)
+    a.get_by_role("button", name="Run", exact=True).click()
+
+    # meanwhile user B opens the app: same shared model, own (dense) weights
+    b = open_app(ctx_b, server)
+    load_default(b)  # instant: the model is cached for all sessions
+    nav(b, "Prune")
+    assert "dense (shared model) · 0.0% of prunable weights are zero" in weights_line(b)
+
+    ppl_a = float(metric_value(a, "Perplexity (prune)"))
+    shot(a, "04_prune_first_ppl")
+    wait_idle(a)
+    ppl_a = float(metric_value(a, "Perplexity (prune)"))
+    dense_a = float(metric_value(a, "Dense baseline perplexity"))
+    assert ppl_a > dense_a > 1
+    assert "50.0% of prunable weights are zero" in weights_line(a)
+    shot(a, "05_prune_done")
+
+    # B after A's prune: still dense, and its perplexity is the dense baseline
+    set_small_eval(b, **SMALL)  # the same evaluation windows as A
+    assert "dense (shared model) · 0.0% of prunable weights are zero" in weights_line(b)
+    b.get_by_role("button", name="Evaluate current weights").click()
+    ppl_b = float(metric_value(b, "Perplexity (eval)"))
+    wait_idle(b)
+    ppl_b = float(metric_value(b, "Perplexity (eval)"))
+    dense_b = float(metric_value(b, "Dense baseline perplexity"))
+    assert ppl_b == pytest.approx(dense_b, abs=0.011) and dense_b == pytest.approx(dense_a, abs=0.011)
+    shot(b, "06_other_session_dense")
+    nav(b, "Spectra")
+    wait_idle(b)
+    caption = b.get_by_text(re.compile(r"of the prunable weights analyzed here are zero")).first.inner_text()
+    assert float(re.search(r"([\d.]+)% of the prunable", caption).group(1)) < 0.1
+    shot(b, "07_other_session_spectra")
+    ctx_a.close()
+    ctx_b.close()
