@@ -14,6 +14,12 @@ log-histogram peak the default "peak" fit starts from and changed alphas by up t
 every eigenvalue matches `torch.linalg.svdvals(W.double())**2` to 3e-6 relative (the tail to 1e-14)
 and alphas agree to 1e-12.
 
+CPU threads: during `analyze` on CPU, torch runs single-threaded and the eigen-decompositions of a
+group are spread over `torch.get_num_threads()` Python threads instead (one matrix per call). On a
+busy machine, multi-threaded LAPACK inside one small eigvalsh spin-waits for its siblings: measured
+here with other jobs running, 8 eigvalsh calls (576 x 576) took 14.5 s with 2 intra-op threads and
+0.76 s as 2 single-threaded workers. The previous thread setting is restored afterwards.
+
 Heavy-Tailed Self-Regularization (HT-SR) metrics after Martin & Mahoney (JMLR 2021); layerwise
 alpha for pruning after AlphaPruning (Lu et al., NeurIPS 2024); FARMS (Fixed-Aspect-Ratio Matrix
 Subsampling) after "Eigenspectrum analysis of neural networks without aspect ratio bias" (Hu et al., 2025).
@@ -22,6 +28,8 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -71,6 +79,30 @@ def batched_eigs(ws: torch.Tensor) -> torch.Tensor:
     return torch.linalg.eigvalsh(gram).clamp_min(0)  # round-off can make zero eigenvalues negative
 
 
+@contextmanager
+def cpu_workers(device: torch.device):
+    """Yield how many single-threaded workers to use: on CPU torch's thread count, with torch set
+    to 1 thread meanwhile (restored on exit); elsewhere 1 (the GPU parallelizes a batch itself)."""
+    if device.type != "cpu":
+        yield 1
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(n)
+
+
+def parallel_eigs(ws: torch.Tensor, workers: int) -> list[np.ndarray]:
+    """`batched_eigs` of (B, m, n), split over `workers` threads (torch releases the GIL)."""
+    if workers <= 1 or len(ws) == 1:
+        return list(batched_eigs(ws).cpu().numpy())
+    with ThreadPoolExecutor(workers) as pool:
+        parts = pool.map(batched_eigs, ws.split(1))
+        return [p[0].cpu().numpy() for p in parts]
+
+
 def esd(w: torch.Tensor, normalize: bool = False) -> np.ndarray:
     """Eigenvalues of WᵀW (the squared singular values of W), ascending, float64.
 
@@ -99,12 +131,12 @@ def farms_windows(w: torch.Tensor) -> torch.Tensor:
     return torch.stack([w[:, s:s + m] for s in starts])
 
 
-def farms_esd(w: torch.Tensor, normalize: bool = False) -> np.ndarray:
+def farms_esd(w: torch.Tensor, normalize: bool = False, workers: int = 1) -> np.ndarray:
     """Pooled (concatenated, sorted) eigenvalues of all FARMS windows of W: the average of the
     windows' empirical spectral distributions. normalize divides by the window's side m."""
     with torch.no_grad():
         win = farms_windows(w.detach())
-        ev = batched_eigs(win).reshape(-1).cpu().numpy()
+        ev = np.concatenate(parallel_eigs(win, workers))
     ev = np.sort(ev)
     return ev / win.shape[-1] if normalize else ev
 
@@ -173,17 +205,17 @@ def _group_key(ref: LayerRef, farms: bool) -> tuple[int, int]:
     return (m, m) if farms else (m, n)
 
 
-def _group_eigs(weights: list[torch.Tensor], farms: bool) -> list[np.ndarray]:
+def _group_eigs(weights: list[torch.Tensor], farms: bool, workers: int) -> list[np.ndarray]:
     """Unnormalized ESDs of equal-shape matrices, computed in batches that bound memory."""
     if farms:
-        return [farms_esd(w) for w in weights]
+        return [farms_esd(w, workers=workers) for w in weights]
     m, n = short_side_first(weights[0]).shape
     per_batch = max(1, BATCH_ELEMENTS // (m * n))
     out: list[np.ndarray] = []
     with torch.no_grad():
         for s in range(0, len(weights), per_batch):
             ws = torch.stack([short_side_first(w) for w in weights[s:s + per_batch]])
-            out.extend(batched_eigs(ws).cpu().numpy())
+            out.extend(parallel_eigs(ws, workers))
     return out
 
 
@@ -216,6 +248,17 @@ def analyze(
     groups: dict[tuple[int, int], list[LayerRef]] = defaultdict(list)
     for ref in layers:
         groups[_group_key(ref, farms)].append(ref)
+    used = dev or (layers[0].weight().device if layers else torch.device("cpu"))
+    with cpu_workers(used) as workers:
+        esds, status = _all_esds(groups, farms, normalize, dev, workers, progress)
+        progress and progress("Fitting power laws", 1.0)
+        rows = [_layer_row(ref) | _fit_row(esds[ref.name], fit, status.get(ref.name), min_tail) for ref in layers]
+    metrics = pd.DataFrame(rows, columns=COLUMNS)
+    return SpectraResult(metrics, esds, fit, farms, normalize, str(used))
+
+
+def _all_esds(groups, farms, normalize, dev, workers, progress):
+    """ESDs of every matrix, group by group; non-finite matrices get NaNs and a status instead."""
     esds: dict[str, np.ndarray] = {}
     status: dict[str, str] = {}
     for g, (key, refs) in enumerate(groups.items()):
@@ -229,15 +272,10 @@ def analyze(
                 continue
             weights.append(w)
             names.append(ref.name)
-        if weights:
-            for name, ev, w in zip(names, _group_eigs(weights, farms), weights):
-                scale = (min(w.shape) if farms else w.shape[0]) if normalize else 1
-                esds[name] = ev / scale
-    progress and progress("Fitting power laws", 1.0)
-    rows = [_layer_row(ref) | _fit_row(esds[ref.name], fit, status.get(ref.name), min_tail) for ref in layers]
-    metrics = pd.DataFrame(rows, columns=COLUMNS)
-    used = str(dev) if dev is not None else (str(layers[0].weight().device) if layers else "cpu")
-    return SpectraResult(metrics, esds, fit, farms, normalize, used)
+        for name, ev, w in zip(names, _group_eigs(weights, farms, workers) if weights else [], weights):
+            scale = (min(w.shape) if farms else w.shape[0]) if normalize else 1
+            esds[name] = ev / scale
+    return esds, status
 
 
 def _fit_row(eigs: np.ndarray, fit: str, known_status: str | None, min_tail: int) -> dict:
