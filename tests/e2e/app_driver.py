@@ -153,5 +153,10 @@ def set_small_eval(page, n_samples: int | None = None, calib_seqlen: int | None 
         page.wait_for_timeout(300)
 
 
-def weights_line(page) -> str:
-    return page.get_by_text(re.compile(r"^Your weights:")).first.inner_text()
+def weights_line(page, containing: str | None = None, timeout_ms: int = 60_000) -> str:
+    """The Prune page's "Your weights: ..." line (waiting until it contains `containing`, if given)."""
+    para = page.locator("[data-testid=stMain] [data-testid=stMarkdownContainer] p").filter(has_text="Your weights:")
+    if containing:
+        para = para.filter(has_text=containing)
+    para.first.wait_for(timeout=timeout_ms)
+    return para.first.inner_text()
