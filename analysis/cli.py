@@ -362,6 +362,8 @@ def _write_metrics(metrics, out: str | None, as_json: bool) -> str | None:
 
 
 def cmd_spectra(args: argparse.Namespace) -> int:
+    import pandas as pd  # noqa: PLC0415
+
     from analysis.powerlaw import XMIN_RULES  # noqa: PLC0415
     from analysis.spectra import analyze  # noqa: PLC0415
 
@@ -374,7 +376,7 @@ def cmd_spectra(args: argparse.Namespace) -> int:
     metrics = result.metrics
     report = sys.stdout if args.out else sys.stderr  # keep stdout clean when the table goes there
     _write_metrics(metrics, args.out, as_json)
-    with __import__("pandas").option_context("display.width", 200, "display.max_rows", 500):
+    with pd.option_context("display.width", 200, "display.max_rows", 500):
         print(_block_summary(metrics).to_string(), file=report)
     bad = metrics[metrics["status"] != "ok"]
     for _, row in bad.iterrows():

@@ -4,17 +4,18 @@ import logging
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from analysis.models import LayerRef, prunable_layers
+from analysis.models import LayerRef, find_layers, prunable_layers
 from analysis.powerlaw import fit_power_law
 from analysis.spectra import COLUMNS, analyze, esd, farms_esd, farms_windows, mp_density
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def gaussian(rows, cols, seed, std=0.02):
@@ -149,8 +150,7 @@ def test_default_model_metrics(default_peak, default_model):
 
 
 def test_default_model_outside_matrices_are_listed_not_prunable(default_model):
-    layers = [l for l in __import__("analysis.models", fromlist=["find_layers"]).find_layers(default_model.model)
-              if not l.prunable]
+    layers = [l for l in find_layers(default_model.model) if not l.prunable]
     m = analyze(layers, fit="median").metrics
     assert list(m["kind"]) == ["embed_tokens"]  # lm_head is tied to it: listed once
     assert not m["prunable"].any() and m.loc[0, "status"] == "ok"
