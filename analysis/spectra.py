@@ -27,6 +27,7 @@ Subsampling) after "Eigenspectrum analysis of neural networks without aspect rat
 from __future__ import annotations
 
 import math
+import threading
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -79,6 +80,33 @@ def batched_eigs(ws: torch.Tensor) -> torch.Tensor:
     return torch.linalg.eigvalsh(gram).clamp_min(0)  # round-off can make zero eigenvalues negative
 
 
+class _SingleThreadedTorch:
+    """Reference-counted torch.set_num_threads(1): the first `analyze` on CPU saves the setting, the
+    last one to finish restores it, so concurrent analyses (app threads) never leave it at 1."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.users = 0
+        self.saved = 1
+
+    def enter(self) -> int:
+        with self.lock:
+            if self.users == 0:
+                self.saved = torch.get_num_threads()
+                torch.set_num_threads(1)
+            self.users += 1
+            return self.saved
+
+    def exit(self) -> None:
+        with self.lock:
+            self.users -= 1
+            if self.users == 0:
+                torch.set_num_threads(self.saved)
+
+
+_SINGLE_THREADED = _SingleThreadedTorch()
+
+
 @contextmanager
 def cpu_workers(device: torch.device):
     """Yield how many single-threaded workers to use: on CPU torch's thread count, with torch set
@@ -86,12 +114,11 @@ def cpu_workers(device: torch.device):
     if device.type != "cpu":
         yield 1
         return
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+    n = _SINGLE_THREADED.enter()
     try:
         yield n
     finally:
-        torch.set_num_threads(n)
+        _SINGLE_THREADED.exit()
 
 
 def parallel_eigs(ws: torch.Tensor, workers: int) -> list[np.ndarray]:

@@ -235,3 +235,15 @@ def test_cli_json_with_outside_matrices(tiny_llama, tmp_path):
     outside = [row for row in rows if row["block"] == -1]
     assert {row["kind"] for row in outside} == {"embed_tokens", "lm_head"}
     assert not any(row["prunable"] for row in outside)
+
+
+def test_concurrent_analyses_restore_the_thread_setting():
+    from concurrent.futures import ThreadPoolExecutor
+
+    before = torch.get_num_threads()
+    refs = [linear_ref(gaussian(64, 128, i), f"m{i}") for i in range(4)]
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda _: analyze(refs, fit="median"), range(3)))
+    assert torch.get_num_threads() == before
+    assert all((r.metrics["status"] == "ok").all() for r in results)
+    np.testing.assert_array_equal(results[0].metrics["alpha"], results[2].metrics["alpha"])
