@@ -71,6 +71,13 @@ class Job:
         self._thread.start()
         return self
 
+    def start_once(self) -> Job:
+        """start() unless some thread already did (safe to call from several threads)."""
+        with self._lock:
+            if self._thread is None:
+                self.start()
+        return self
+
     def cancel(self) -> None:
         """Ask the job to stop; it ends as "cancelled" at its next check of `stop`."""
         self.stop.set()
@@ -206,15 +213,18 @@ class WorkingCopy:
         self.version += 1
 
 
-def evaluate_job(job: Job, model, windows, lo: float = 0.0, hi: float = 1.0):
+def evaluate_job(job: Job, model, windows, lo: float = 0.0, hi: float = 1.0, after_first=None):
     """Stream running perplexity over `windows` into job.emit (one PplUpdate per window), with
-    progress from `lo` to `hi`; returns the last PplUpdate (None if stopped before the first window)."""
+    progress from `lo` to `hi`; returns the last PplUpdate (None if stopped before the first window).
+    `after_first`: called once after the first window (e.g. to start a job that would compete for CPU)."""
     from analysis.evaluation import perplexity_stream  # noqa: PLC0415
 
     last = None
     for u in perplexity_stream(model, windows, stop=job.stop):
-        last = u
+        first, last = last is None, u
         job.emit(u)
+        if first and after_first is not None:
+            after_first()
         job.report(f"perplexity: window {u.windows_done}/{u.windows_total}, ppl {u.ppl:.2f}",
                    lo + (hi - lo) * u.windows_done / max(u.windows_total, 1))
     return last
@@ -252,8 +262,8 @@ class PruneSettings:
     allocation: str = "uniform"
     epsilon: float = 0.3
     nm: str | None = None
-    n_samples: int = 16
-    calib_seqlen: int = 256
+    n_samples: int = 8
+    calib_seqlen: int = 128
     calib_source: str = "default"
     eval_source: str = "default"
     eval_seqlen: int = 512
@@ -296,7 +306,8 @@ def prune_and_evaluate(job: Job, work: WorkingCopy, shared_model, tokenizer, set
     Progress: job.progress goes 0 -> 0.7 over the blocks, then 0.7 -> 1 over the windows; every
     window emits a PplUpdate. Cancelling restores the dense weights. A finished run is added to
     `store` (an analysis.runs.RunStore) when given, with the dense perplexity of `dense_job` (the
-    shared baseline on the same windows). Returns the run record (analysis.runs.make_record).
+    shared baseline on the same windows; started here after the first pruned window if nobody started
+    it yet, so it does not slow down the first live value on a small CPU). Returns the run record (analysis.runs.make_record).
     """
     from analysis.pruning import prune  # noqa: PLC0415
     from analysis.runs import Timer, make_record, prepare_data  # noqa: PLC0415
@@ -329,10 +340,11 @@ def prune_and_evaluate(job: Job, work: WorkingCopy, shared_model, tokenizer, set
         work.allocation = alloc
         job.report(f"pruned to {report.overall:.1%} in {report.seconds:.1f} s; evaluating", 0.7)
         with timer("pruned_eval"):
-            last = evaluate_job(job, model, windows, 0.7, 1.0)
+            last = evaluate_job(job, model, windows, 0.7, 1.0, after_first=dense_job.start_once if dense_job else None)
     complete = last is not None and last.windows_done == last.windows_total
     dense = None
     if dense_job is not None and complete:
+        dense_job.start_once()
         dense_job.wait(timeout=600)
         dense = dense_job.result if dense_job.status == DONE else None
     config = {"model": model_name, "method": s.method, "allocation": alloc.method if not s.nm else "n:m",

@@ -107,8 +107,9 @@ def _registry() -> tuple[dict[tuple, Job], threading.Lock]:
     return {}, threading.Lock()
 
 
-def shared_job(key: tuple, fn: Callable[[Job], Any], name: str) -> Job:
-    """The job registered under `key`, started with `fn` if there is none yet (or it was cancelled).
+def shared_job(key: tuple, fn: Callable[[Job], Any], name: str, start: bool = True) -> Job:
+    """The job registered under `key`, made with `fn` if there is none yet (or it was cancelled),
+    and started unless start=False (then whoever needs it calls `job.start_once()`).
 
     A job that failed stays registered so every session sees the same error; `forget_job` clears it.
     """
@@ -116,8 +117,8 @@ def shared_job(key: tuple, fn: Callable[[Job], Any], name: str) -> Job:
     with lock:
         job = jobs.get(key)
         if job is None or job.status == CANCELLED:
-            job = jobs[key] = Job(fn, name=name).start()
-    return job
+            job = jobs[key] = Job(fn, name=name)
+    return job.start_once() if start else job
 
 
 def peek_job(key: tuple) -> Job | None:
@@ -212,7 +213,7 @@ def wait_for(job: Job, what: str, every: float = 0.5) -> None:
 
 
 def dense_ppl_job(loaded: LoadedModel, calib_source: str, eval_source: str, eval_seqlen: int,
-                  max_windows: int | None) -> Job:
+                  max_windows: int | None, start: bool = True) -> Job:
     """Perplexity of the shared dense model on exactly the windows a prune run with these settings
     evaluates (same text split, length, count, BOS), computed once for everyone."""
     from analysis.jobs import evaluate_job  # noqa: PLC0415
@@ -224,7 +225,8 @@ def dense_ppl_job(loaded: LoadedModel, calib_source: str, eval_source: str, eval
         last = evaluate_job(job, loaded.model, windows)
         return None if last is None else last.ppl
 
-    return shared_job(_dense_key(calib_source, eval_source, eval_seqlen, max_windows), run, name="dense-ppl")
+    return shared_job(_dense_key(calib_source, eval_source, eval_seqlen, max_windows), run, name="dense-ppl",
+                      start=start)
 
 
 def _dense_key(calib_source: str, eval_source: str, eval_seqlen: int, max_windows: int | None) -> tuple:

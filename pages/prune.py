@@ -38,8 +38,10 @@ with st.expander("Calibration and evaluation data"):
     calib_source = d1.text_input("Calibration text", "default", key="prune_calib_source",
                                  help="'default' (embedded corpus), 'wikitext2:valid', or a .txt path. "
                                       "When it equals the evaluation text, the text is split in disjoint halves.")
-    n_samples = d2.number_input("Calibration samples", 1, 256, 16, key="prune_n_samples")
-    calib_seqlen = d3.number_input("Calibration length (tokens)", 16, 2048, 256, step=16, key="prune_calib_seqlen")
+    n_samples = d2.number_input("Calibration samples", 1, 256, PruneSettings.n_samples, key="prune_n_samples",
+                                help="Small defaults keep a CPU prune interactive; the papers use 128 x 2048.")
+    calib_seqlen = d3.number_input("Calibration length (tokens)", 16, 2048, PruneSettings.calib_seqlen, step=16,
+                                   key="prune_calib_seqlen")
     e1, e2, e3 = st.columns(3)
     eval_source = e1.selectbox("Evaluation text", EVAL_SOURCES, key="prune_eval_source")
     eval_seqlen = e2.number_input("Window length (tokens)", 16, 4096, 512, step=16, key="prune_eval_seqlen")
@@ -68,7 +70,10 @@ ready = not busy and (allocation != "custom" or custom is not None) and (
 if b1.button("Run", type="primary", disabled=not ready, key="prune_run"):
     store = runs_store()
     shared, tok, info = loaded.model, loaded.tokenizer, loaded.info
-    dense_job = dense_ppl_job(loaded, settings.calib_source, eval_source, settings.eval_seqlen, max_windows)
+    # registered now, started by the prune job after its first live value (two CPU cores go far further
+    # on one job at a time)
+    dense_job = dense_ppl_job(loaded, settings.calib_source, eval_source, settings.eval_seqlen, max_windows,
+                              start=False)
     work.job = Job(lambda j: prune_and_evaluate(j, work, shared, tok, settings, model_name=info.source,
                                                 bos=info.bos_per_window, store=store, dense_job=dense_job),
                    name="prune").start()
@@ -92,7 +97,7 @@ st.markdown(f"**Your weights:** {'pruned copy — ' + work.label if work.pruned 
             f"{zero:.1%} of prunable weights are zero")
 
 
-@st.fragment(run_every=1.0 if (busy or (dense is not None and not dense.done)) else None)
+@st.fragment(run_every=1.0 if (busy or (dense is not None and dense.running)) else None)
 def live() -> None:
     """Progress and perplexity, refreshed every second while a job runs (the job runs in its own
     thread: leaving this page or clicking elsewhere does not stop it)."""
@@ -125,7 +130,8 @@ def live() -> None:
             st.error(j.error)
         elif j.status == "cancelled":
             st.warning("Cancelled; the dense weights were restored." if not work.pruned else "Cancelled.")
-    m3.metric("Sparsity of your weights", work.label if work.pruned else "dense")
+    m3.metric("Zeros in your weights", f"{weights_zero_fraction(work.model if work.pruned else loaded.model):.1%}",
+              help=("pruned copy: " + work.label) if work.pruned else "dense shared model")
     st.plotly_chart(ppl_figure(updates, dense_updates), key="prune_ppl_chart")
     if j is not None and j.done and st.session_state.get("_prune_seen") is not j:
         st.session_state["_prune_seen"] = j
