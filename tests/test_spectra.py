@@ -156,6 +156,7 @@ def test_default_model_outside_matrices_are_listed_not_prunable(default_model):
     assert not m["prunable"].any() and m.loc[0, "status"] == "ok"
 
 
+@pytest.mark.filterwarnings("ignore")  # weightwatcher's own pandas deprecation warnings
 def test_alphas_agree_with_weightwatcher(default_model, default_peak):
     """weightwatcher 0.7.7's default fit (KS scan over every xmin, unnormalized squared singular
     values, no randomization) is our "scan" rule with min_tail=2. (Its fix_fingers="xmin_peak"
