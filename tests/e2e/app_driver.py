@@ -147,7 +147,7 @@ def set_small_eval(page, n_samples: int | None = None, calib_seqlen: int | None 
                          ("Window length (tokens)", eval_seqlen), ("Windows (0 = all)", windows)):
         if value is None:
             continue
-        box = page.get_by_label(label)
+        box = page.get_by_role("spinbutton", name=label, exact=True)
         box.fill(str(value))
         box.press("Enter")
         page.wait_for_timeout(300)
