@@ -37,7 +37,7 @@ _shadow = st.session_state.setdefault("_persisted", {})
 for _key in PERSIST:
     if _key in st.session_state:
         _shadow[_key] = st.session_state[_key]
-    elif _key in _shadow:
+    if _key in _shadow:  # assigning marks the value as the app's, which survives the page change
         st.session_state[_key] = _shadow[_key]
 
 with st.sidebar:
