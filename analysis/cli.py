@@ -40,16 +40,6 @@ def _load_for_cli(args: argparse.Namespace):
                       dtype=None if args.dtype == "auto" else args.dtype, trust_remote_code=args.trust_remote_code)
 
 
-def _layer_table(model):
-    """Prunable matrices as a metrics-like table (name, block, kind, params, prunable) without spectra."""
-    import pandas as pd  # noqa: PLC0415
-
-    from analysis.models import prunable_layers  # noqa: PLC0415
-
-    return pd.DataFrame([dict(name=r.name, block=r.block, kind=r.kind, params=r.params, prunable=True)
-                         for r in prunable_layers(model)])
-
-
 def _print_progress(message: str, fraction: float) -> None:
     print(f"[{fraction:4.0%}] {message}", file=sys.stderr, flush=True)
 
@@ -59,7 +49,9 @@ def _allocation_metrics(args: argparse.Namespace, loaded):
         from analysis.spectra import analyze  # noqa: PLC0415
 
         return analyze(loaded.model, fit=args.fit, farms=args.method == "farms", progress=_print_progress).metrics
-    return _layer_table(loaded.model)
+    from analysis.models import layer_table  # noqa: PLC0415
+
+    return layer_table(loaded.model)
 
 
 def _owl_outliers(args: argparse.Namespace, loaded) -> dict[int, float]:
@@ -193,10 +185,10 @@ def _prune_config(args: argparse.Namespace, nm, alloc, data_info: dict, loaded) 
 def cmd_prune(args: argparse.Namespace) -> int:
     import torch  # noqa: PLC0415
 
-    from analysis.allocation import allocate  # noqa: PLC0415
     from analysis.evaluation import perplexity  # noqa: PLC0415
     from analysis.pruning import export, prune  # noqa: PLC0415
-    from analysis.runs import RunStore, Timer, build_allocation, make_record, prepare_data, write_record  # noqa: PLC0415
+    from analysis.runs import (RunStore, Timer, build_allocation, make_record, nm_allocation,  # noqa: PLC0415
+                               prepare_data, write_record)
 
     nm = _check_prune_args(args)
     torch.manual_seed(args.seed)
@@ -213,8 +205,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         if nm is None:
             alloc = build_allocation(loaded.model, args.allocation, args.sparsity, calib, epsilon=args.epsilon,
                                      model_name=args.model, progress=_print_progress)
-        else:  # N:M fixes every matrix at (M-N)/M; a layerwise allocation has nothing to decide
-            alloc = allocate(_layer_table(loaded.model), (nm[1] - nm[0]) / nm[1], method="uniform", model=args.model)
+        else:
+            alloc = nm_allocation(loaded.model, nm, model_name=args.model)
     with timer("dense_eval"):
         dense = perplexity(loaded.model, windows, progress=_print_ppl("dense"))
     with timer("prune"):

@@ -278,14 +278,13 @@ class PruneSettings:
 def make_allocation(s: PruneSettings, model, calib, model_name: str = "", progress=None):
     """The Allocation for a run. OWL measures outlier ratios on `model`, which must be dense and
     private (see outlier_ratios_job); uniform and OWL need no spectra."""
-    from analysis.allocation import allocate  # noqa: PLC0415
-    from analysis.cli import _layer_table  # noqa: PLC0415
+    from analysis.models import layer_table  # noqa: PLC0415
     from analysis.pruning import parse_nm  # noqa: PLC0415
-    from analysis.runs import build_allocation  # noqa: PLC0415
+    from analysis.runs import build_allocation, nm_allocation  # noqa: PLC0415
 
     nm = parse_nm(s.nm)
-    if nm is not None:  # N:M fixes every matrix at (M-N)/M: there is no layerwise choice to make
-        return allocate(_layer_table(model), (nm[1] - nm[0]) / nm[1], "uniform", model=model_name)
+    if nm is not None:
+        return nm_allocation(model, nm, model_name=model_name)
     if s.allocation == "custom":
         if s.custom is None:
             raise ValueError("No custom allocation: draw one on the Allocation page first.")
@@ -294,7 +293,7 @@ def make_allocation(s: PruneSettings, model, calib, model_name: str = "", progre
     if metrics is None:
         if s.allocation not in ("uniform", "owl"):
             raise ValueError(f"Allocation '{s.allocation}' needs the spectra metrics; they are not computed yet.")
-        metrics = _layer_table(model)
+        metrics = layer_table(model)
     return build_allocation(model, s.allocation, s.sparsity, calib, epsilon=s.epsilon, owl_lambda=s.owl_lambda,
                             model_name=model_name, metrics=metrics, progress=progress)
 

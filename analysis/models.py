@@ -378,3 +378,12 @@ def find_layers(model: nn.Module, include_outside: bool = True) -> list[LayerRef
 
 def prunable_layers(model: nn.Module) -> list[LayerRef]:
     return [r for r in find_layers(model, include_outside=False) if r.prunable]
+
+
+def layer_table(model: nn.Module):
+    """The prunable matrices as a metrics-like DataFrame (name, block, kind, params, prunable) without
+    spectra: what uniform, OWL and N:M allocations need."""
+    import pandas as pd  # noqa: PLC0415
+
+    return pd.DataFrame([dict(name=r.name, block=r.block, kind=r.kind, params=r.params, prunable=True)
+                         for r in prunable_layers(model)])

@@ -242,6 +242,15 @@ def build_allocation(model, allocation: str, sparsity: float, calib=None, epsilo
     return alloc
 
 
+def nm_allocation(model, nm: tuple[int, int], model_name: str = ""):
+    """The allocation an N:M run records: N:M fixes every matrix at (M-N)/M, so there is no
+    layerwise choice to make."""
+    from analysis.allocation import allocate  # noqa: PLC0415
+    from analysis.models import layer_table  # noqa: PLC0415
+
+    return allocate(layer_table(model), (nm[1] - nm[0]) / nm[1], method="uniform", model=model_name)
+
+
 def dense_metrics(model, farms: bool = False, progress=None):
     """Per-matrix spectral metrics of the model as it is now (call it before pruning)."""
     from analysis.spectra import analyze  # noqa: PLC0415
