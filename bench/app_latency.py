@@ -15,19 +15,16 @@ Usage: .venv/bin/python -m bench.app_latency [--drags 7]   -> bench/results/app_
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import machine_info, write_result  # noqa: E402
 from tests.e2e.app_driver import (BUDGET_JS, LONG_MS, budget_text, drag_point, esd_svg, launch,  # noqa: E402
                                   load_default, metric_value, nav, open_app, shot, start_server, stop_server,
                                   wait_idle, wait_text_change)
@@ -85,13 +82,9 @@ def main(argv=None) -> int:
     finally:
         stop_server(proc)
     res["targets"] = {"spectra_open_s": 5.0, "run_to_first_ppl_s": 15.0}
-    res["machine"] = {"cpus": os.cpu_count(), "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
-                      "python": platform.python_version(), "platform": platform.platform()}
-    res["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    res["machine"] = machine_info()
     res["command"] = ".venv/bin/python -m bench.app_latency"
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
-    print(json.dumps(res, indent=2))
+    write_result(res, args.out)
     return 0
 
 

@@ -13,7 +13,6 @@ run back to back; CPU seconds (time.process_time, all threads) are reported besi
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 from analysis.models import load_model, prunable_layers
+from bench import write_result
 from analysis.spectra import analyze
 
 OUT = Path(__file__).resolve().parent / "results" / "spectra_vs_weightwatcher.json"
@@ -109,9 +109,7 @@ def main(argv=None) -> int:
         cuda = time_ours(prunable_layers(lm.model), "cuda")
         report["cuda"] = {"device": torch.cuda.get_device_name(0),
                           "ours_seconds": {k: v["seconds"] for k, v in cuda.items()}}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
+    write_result(report, args.out)
     return 0
 
 

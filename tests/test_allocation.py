@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 from analysis.allocation import (
     MAX_RATIO,
     Allocation,
-    AllocationError,
     allocate,
     block_table,
     budget,
