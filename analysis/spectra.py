@@ -5,17 +5,17 @@ eigenvalues of WᵀW, i.e. the min(rows, cols) squared singular values of W, unn
 `normalize=True` (then divided by N = rows, the number of output features). The zero eigenvalues
 WᵀW has beyond min(rows, cols) are not listed.
 
-Speed: matrices are grouped by shape, oriented so the short side comes first (W or Wᵀ), and each
-group's Gram matrices (short x short) are formed and diagonalized in batches with
-`torch.linalg.eigvalsh` on the chosen device. Precision (`GRAM_DTYPE`) is float64: measured on the
+Speed: each matrix is oriented so the short side comes first (W or Wᵀ) and its Gram matrix
+(short x short) is diagonalized with `torch.linalg.eigvalsh`. On a GPU, matrices of equal shape go
+in batches; on a CPU, one matrix per task over single-threaded workers (below), largest first. Precision (`GRAM_DTYPE`) is float64: measured on the
 default model (CPU), float32 Gram + eigvalsh took ~55% of the float64 time, but its absolute error
 (~1e-7·λmax) wrecks the smallest eigenvalues (relative error up to 4e3), which moves the
 log-histogram peak the default "peak" fit starts from and changed alphas by up to 1.5. In float64
 every eigenvalue matches `torch.linalg.svdvals(W.double())**2` to 3e-6 relative (the tail to 1e-14)
 and alphas agree to 1e-12.
 
-CPU threads: during `analyze` on CPU, torch runs single-threaded and the eigen-decompositions of a
-group are spread over `torch.get_num_threads()` Python threads instead (one matrix per call). On a
+CPU threads: during `analyze` on CPU, torch runs single-threaded and the matrices are spread over
+`torch.get_num_threads()` Python threads instead (one matrix per call). On a
 busy machine, multi-threaded LAPACK inside one small eigvalsh spin-waits for its siblings: measured
 here with other jobs running, 8 eigvalsh calls (576 x 576) took 14.5 s with 2 intra-op threads and
 0.76 s as 2 single-threaded workers. The previous thread setting is restored afterwards.
@@ -121,15 +121,6 @@ def cpu_workers(device: torch.device):
         _SINGLE_THREADED.exit()
 
 
-def parallel_eigs(ws: torch.Tensor, workers: int) -> list[np.ndarray]:
-    """`batched_eigs` of (B, m, n), split over `workers` threads (torch releases the GIL)."""
-    if workers <= 1 or len(ws) == 1:
-        return list(batched_eigs(ws).cpu().numpy())
-    with ThreadPoolExecutor(workers) as pool:
-        parts = pool.map(batched_eigs, ws.split(1))
-        return [p[0].cpu().numpy() for p in parts]
-
-
 def esd(w: torch.Tensor, normalize: bool = False) -> np.ndarray:
     """Eigenvalues of WᵀW (the squared singular values of W), ascending, float64.
 
@@ -158,13 +149,12 @@ def farms_windows(w: torch.Tensor) -> torch.Tensor:
     return torch.stack([w[:, s:s + m] for s in starts])
 
 
-def farms_esd(w: torch.Tensor, normalize: bool = False, workers: int = 1) -> np.ndarray:
+def farms_esd(w: torch.Tensor, normalize: bool = False) -> np.ndarray:
     """Pooled (concatenated, sorted) eigenvalues of all FARMS windows of W: the average of the
     windows' empirical spectral distributions. normalize divides by the window's side m."""
     with torch.no_grad():
         win = farms_windows(w.detach())
-        ev = np.concatenate(parallel_eigs(win, workers))
-    ev = np.sort(ev)
+        ev = np.sort(batched_eigs(win).cpu().numpy().ravel())
     return ev / win.shape[-1] if normalize else ev
 
 
@@ -232,17 +222,17 @@ def _group_key(ref: LayerRef, farms: bool) -> tuple[int, int]:
     return (m, m) if farms else (m, n)
 
 
-def _group_eigs(weights: list[torch.Tensor], farms: bool, workers: int) -> list[np.ndarray]:
+def _group_eigs(weights: list[torch.Tensor], farms: bool) -> list[np.ndarray]:
     """Unnormalized ESDs of equal-shape matrices, computed in batches that bound memory."""
     if farms:
-        return [farms_esd(w, workers=workers) for w in weights]
+        return [farms_esd(w) for w in weights]
     m, n = short_side_first(weights[0]).shape
     per_batch = max(1, BATCH_ELEMENTS // (m * n))
     out: list[np.ndarray] = []
     with torch.no_grad():
         for s in range(0, len(weights), per_batch):
             ws = torch.stack([short_side_first(w) for w in weights[s:s + per_batch]])
-            out.extend(parallel_eigs(ws, workers))
+            out.extend(batched_eigs(ws).cpu().numpy())
     return out
 
 
@@ -272,37 +262,58 @@ def analyze(
         raise ValueError(f"Unknown fit '{fit}'; choose one of {', '.join(XMIN_RULES)}.")
     layers = _resolve_layers(model_or_layers, include_outside)
     dev = torch.device(device) if device not in (None, "", "auto") else None
-    groups: dict[tuple[int, int], list[LayerRef]] = defaultdict(list)
-    for ref in layers:
-        groups[_group_key(ref, farms)].append(ref)
     used = dev or (layers[0].weight().device if layers else torch.device("cpu"))
     with cpu_workers(used) as workers:
-        esds, status = _all_esds(groups, farms, normalize, dev, workers, progress)
+        esds, status = _all_esds(layers, farms, normalize, dev, workers, progress)
         progress and progress("Fitting power laws", 1.0)
         rows = [_layer_row(ref) | _fit_row(esds[ref.name], fit, status.get(ref.name), min_tail) for ref in layers]
     metrics = pd.DataFrame(rows, columns=COLUMNS)
     return SpectraResult(metrics, esds, fit, farms, normalize, str(used))
 
 
-def _all_esds(groups, farms, normalize, dev, workers, progress):
-    """ESDs of every matrix, group by group; non-finite matrices get NaNs and a status instead."""
+def _all_esds(layers, farms, normalize, dev, workers, progress):
+    """ESDs of every matrix; non-finite matrices get NaNs and a status instead."""
     esds: dict[str, np.ndarray] = {}
     status: dict[str, str] = {}
-    for g, (key, refs) in enumerate(groups.items()):
-        progress and progress(f"Spectra of {len(refs)} matrices of shape {key[0]}x{key[1]}", g / len(groups))
-        weights, names = [], []
-        for ref in refs:
-            w = ref.weight().detach()
-            w = w.to(dev) if dev is not None else w
-            if not torch.isfinite(w).all():
-                esds[ref.name], status[ref.name] = np.full(min(w.shape), math.nan), "non-finite weights"
-                continue
-            weights.append(w)
-            names.append(ref.name)
-        for name, ev, w in zip(names, _group_eigs(weights, farms, workers) if weights else [], weights):
-            scale = (min(w.shape) if farms else w.shape[0]) if normalize else 1
-            esds[name] = ev / scale
+    todo: list[tuple[LayerRef, torch.Tensor]] = []
+    for ref in layers:
+        w = ref.weight().detach()
+        w = w.to(dev) if dev is not None else w
+        if torch.isfinite(w).all():
+            todo.append((ref, w))
+        else:
+            esds[ref.name], status[ref.name] = np.full(min(w.shape), math.nan), "non-finite weights"
+    pairs = _pooled_eigs(todo, farms, workers, progress) if workers > 1 else _batched_by_shape(todo, farms, progress)
+    for ref, ev in pairs:
+        scale = (min(ref.rows, ref.cols) if farms else ref.rows) if normalize else 1
+        esds[ref.name] = ev / scale
     return esds, status
+
+
+def _batched_by_shape(todo, farms, progress):
+    """One batched eigvalsh per group of equal shapes (what a GPU wants)."""
+    groups: dict[tuple[int, int], list] = defaultdict(list)
+    for ref, w in todo:
+        groups[_group_key(ref, farms)].append((ref, w))
+    for g, (key, items) in enumerate(groups.items()):
+        progress and progress(f"Spectra of {len(items)} matrices of shape {key[0]}x{key[1]}", g / len(groups))
+        yield from zip([r for r, _ in items], _group_eigs([w for _, w in items], farms))
+
+
+def _pooled_eigs(todo, farms, workers, progress):
+    """One matrix per single-threaded task over `workers` threads, the most expensive first, so a
+    big matrix (an embedding: its Gram costs as much as dozens of block matrices) never runs alone
+    at the end while the other threads idle."""
+    def cost(item):
+        m, n = sorted(item[1].shape)
+        return m * m * n
+
+    ordered = sorted(todo, key=cost, reverse=True)
+    progress and progress(f"Spectra: 0/{len(ordered)} matrices", 0.0)
+    with ThreadPoolExecutor(workers) as pool:
+        for i, (item, ev) in enumerate(zip(ordered, pool.map(farms_esd if farms else esd, [w for _, w in ordered]))):
+            progress and progress(f"Spectra: {i + 1}/{len(ordered)} matrices", (i + 1) / len(ordered))
+            yield item[0], ev
 
 
 def _fit_row(eigs: np.ndarray, fit: str, known_status: str | None, min_tail: int) -> dict:

@@ -117,13 +117,29 @@ def test_mp_density_is_a_density_that_matches_a_gaussian_esd():
     assert np.abs(hist - mp_density(mid, 1536 / 576, 1536 * s**2)).max() < 0.15 * hist.max()
 
 
-def test_progress_is_reported_per_shape_group():
+def test_progress_is_monotone_and_ends_at_one():
     refs = [linear_ref(gaussian(16, 48, i), f"a{i}") for i in range(3)] + [linear_ref(gaussian(24, 24, 9), "b")]
     calls = []
     analyze(refs, progress=lambda msg, frac: calls.append((msg, frac)))
     fracs = [f for _, f in calls]
-    assert len(calls) == 3  # two shape groups, then the fits
+    # per matrix on a multi-core CPU, per shape group on one thread or a GPU; then the fits
+    assert len(calls) == (6 if torch.get_num_threads() > 1 else 3)
     assert fracs == sorted(fracs) and fracs[-1] == 1.0 and all(0 <= f <= 1 for f in fracs)
+
+
+def test_cpu_pool_and_batched_paths_give_the_same_spectra():
+    refs = [linear_ref(gaussian(16, 48, i), f"a{i}") for i in range(3)] + [linear_ref(gaussian(24, 24, 9), "b")]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        batched = analyze(refs, farms=True)
+        torch.set_num_threads(2)
+        pooled = analyze(refs, farms=True)
+    finally:
+        torch.set_num_threads(threads)
+    for r in refs:
+        np.testing.assert_allclose(batched.esds[r.name], pooled.esds[r.name], rtol=1e-10)
+    assert torch.get_num_threads() == threads
 
 
 # ------------------------------------------------------------------------------------------------
