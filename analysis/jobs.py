@@ -167,16 +167,17 @@ class Job:
 class WorkingCopy:
     """A private deep copy of a shared model, for pruning without touching what others read.
 
-    The copy is made lazily (`ensure`) inside a job, since copying takes a second or so; its dense
-    prunable weights are kept in a DenseSnapshot so `restore()` undoes a prune without copying the
-    model again. `version` is bumped on every change of the weights (caches key on it); `label` says
-    what the weights are ("dense" or a short description of the last prune).
+    The copy is made by `ensure` (the first prune does it, or `prepare` ahead of time in the
+    background, since copying takes a few seconds on a CPU). `restore()` undoes a prune by copying
+    the prunable weights back from the shared model, which is never changed: no second copy of the
+    dense weights per session. `version` is bumped on every change of the weights (caches key on
+    it); `label` says what the weights are ("dense" or a short description of the last prune).
     """
 
     def __init__(self, key: Any = None):
         self.key = key
         self.model = None
-        self.snapshot = None
+        self.dense = None  # DenseSnapshot.view of the shared model: where restore() copies from
         self.label = "dense"
         self.version = 0
         self.allocation = None  # the Allocation the copy was last pruned with
@@ -195,20 +196,29 @@ class WorkingCopy:
 
         if self.model is None:
             model = copy.deepcopy(shared_model)
-            self.snapshot = DenseSnapshot.take(model)
+            self.dense = DenseSnapshot.view(shared_model)
             self.model = model
         return self.model
+
+    def prepare(self, shared_model) -> None:
+        """Make the copy in a background thread now, so a later prune does not wait for it."""
+        def run() -> None:
+            with self.lock:
+                self.ensure(shared_model)
+
+        if self.model is None and not self.lock.locked():
+            threading.Thread(target=run, name="working-copy", daemon=True).start()
 
     def restore(self) -> None:
         """Back to the dense weights (no-op when nothing was pruned)."""
         if self.pruned:
-            self.snapshot.restore(self.model)
+            self.dense.restore(self.model)
             self.label, self.allocation = "dense", None
             self.version += 1
 
     def drop(self) -> None:
         """Free the copy's memory; the owner then reads the shared model again."""
-        self.model = self.snapshot = self.allocation = None
+        self.model = self.dense = self.allocation = None
         self.label = "dense"
         self.version += 1
 

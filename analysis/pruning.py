@@ -368,7 +368,7 @@ def walk_blocks(model: nn.Module, calib: torch.Tensor, on_block: BlockFn, hessia
             for h in handles:
                 h.remove()
             seen.clear()
-        if on_block(b, refs, stats):
+        if on_block(b, refs, stats) and b < n - 1:  # the last block's outputs feed nothing
             with torch.no_grad():
                 out = run_block(block, hidden, call)
         hidden = out
@@ -523,6 +523,12 @@ class DenseSnapshot:
     @classmethod
     def take(cls, model: nn.Module) -> "DenseSnapshot":
         return cls({r.name: r.weight().detach().to("cpu", copy=True).contiguous() for r in prunable_layers(model)})
+
+    @classmethod
+    def view(cls, model: nn.Module) -> "DenseSnapshot":
+        """The prunable weights of `model` itself, not copied: a restore source only while that
+        model is never changed (e.g. a shared read-only model that pruned copies were made from)."""
+        return cls({r.name: r.weight().detach() for r in prunable_layers(model)})
 
     def restore(self, model: nn.Module) -> None:
         refs = prunable_layers(model)

@@ -16,6 +16,7 @@ Sharing rules
 """
 from __future__ import annotations
 
+import gc
 import os
 import threading
 from typing import Any, Callable
@@ -68,8 +69,16 @@ def load_shared_model(source: str, device: str, dtype: str, trust_remote_code: b
                             progress=progress)
         with lock:
             models[key] = loaded
-            while len(models) > MAX_MODELS:
-                models.pop(next(iter(models)))
+            if len(models) > MAX_MODELS:
+                gc.unfreeze()  # let the cycle collector reclaim what the dropped model leaves
+                while len(models) > MAX_MODELS:
+                    models.pop(next(iter(models)))
+            # Keep the cycle collector off the objects that live as long as the server (modules,
+            # the model, its tokenizer). The server allocates steadily, and every full collection
+            # walked all of them with the GIL held: measured right after loading SmolLM2, it took
+            # two thirds of the process's CPU time and stalled the spectra workers (12 s vs 5.5 s).
+            gc.collect()
+            gc.freeze()
         return loaded
 
 
@@ -165,14 +174,28 @@ def session_work() -> WorkingCopy:
     return work
 
 
-def weights_zero_fraction(model) -> float:
-    """Fraction of exactly-zero weights over the prunable matrices (0.0 for a dense model)."""
+def weights_zero_fraction(model, version: int = 0) -> float:
+    """Fraction of exactly-zero weights over the prunable matrices (0.0 for a dense model).
+
+    Counting scans every weight (a few hundred ms on a CPU, competing with a running prune), so the
+    result is kept per (model, version): pass the WorkingCopy's version for a private copy."""
     from analysis.models import prunable_layers  # noqa: PLC0415
 
-    refs = prunable_layers(model)
-    total = sum(r.params for r in refs)
-    zeros = sum(int((r.weight() == 0).sum()) for r in refs)
-    return zeros / total if total else 0.0
+    cache = st.session_state.setdefault("_zero_fraction", {})
+    key = (id(model), version)
+    if key not in cache:
+        refs = prunable_layers(model)
+        total = sum(r.params for r in refs)
+        zeros = sum(int((r.weight() == 0).sum()) for r in refs)
+        if len(cache) > 8:
+            cache.clear()
+        cache[key] = zeros / total if total else 0.0
+    return cache[key]
+
+
+def session_weights(work: WorkingCopy, shared_model) -> tuple[Any, int]:
+    """(model, version) this session's pages show: its pruned copy, or the shared dense model."""
+    return (work.model, work.version) if work.pruned else (shared_model, 0)
 
 
 def session_spectra_job(work: WorkingCopy, fit: str, farms: bool) -> Job:

@@ -3,8 +3,8 @@ import streamlit as st
 
 from analysis.jobs import Job, PruneSettings, evaluate_weights, prune_and_evaluate
 from components.figures import ppl_figure
-from components.state import (dense_ppl_job, peek_dense_ppl_job, require_model, runs_store, session_work, spectra_job,
-                              weights_zero_fraction)
+from components.state import (dense_ppl_job, peek_dense_ppl_job, require_model, runs_store, session_weights,
+                              session_work, spectra_job, weights_zero_fraction)
 
 ALLOCATIONS = {"uniform": "uniform", "alphapruning (α-guided)": "alphapruning", "FARMS (α-guided)": "farms",
                "OWL (outlier-guided)": "owl", "custom curve (Allocation page)": "custom"}
@@ -92,9 +92,10 @@ if b4.button("Evaluate current weights", disabled=busy, key="prune_eval"):
 
 # the dense baseline on these exact windows: started with the first Run/Evaluate, then shared
 dense = peek_dense_ppl_job(loaded, settings.calib_source, eval_source, settings.eval_seqlen, max_windows)
-zero = weights_zero_fraction(work.model if work.model is not None else loaded.model)
+zero = weights_zero_fraction(*session_weights(work, loaded.model))
 st.markdown(f"**Your weights:** {'pruned copy — ' + work.label if work.pruned else 'dense (shared model)'} · "
             f"{zero:.1%} of prunable weights are zero")
+work.prepare(loaded.model)  # make the private copy now, in the background: Run then starts pruning at once
 
 
 @st.fragment(run_every=1.0 if (busy or (dense is not None and dense.running)) else None)
@@ -130,7 +131,7 @@ def live() -> None:
             st.error(j.error)
         elif j.status == "cancelled":
             st.warning("Cancelled; the dense weights were restored." if not work.pruned else "Cancelled.")
-    m3.metric("Zeros in your weights", f"{weights_zero_fraction(work.model if work.pruned else loaded.model):.1%}",
+    m3.metric("Zeros in your weights", f"{weights_zero_fraction(*session_weights(work, loaded.model)):.1%}",
               help=("pruned copy: " + work.label) if work.pruned else "dense shared model")
     st.plotly_chart(ppl_figure(updates, dense_updates), key="prune_ppl_chart")
     if j is not None and j.done and st.session_state.get("_prune_seen") is not j:

@@ -45,7 +45,7 @@ else:
 wait_for(job, "Computing spectra")
 res = job.result
 metrics = res.metrics
-zero = weights_zero_fraction(model)
+zero = weights_zero_fraction(model, work.version if model is work.model else 0)
 st.caption(f"{len(metrics)} matrices · {zero:.2%} of the prunable weights analyzed here are zero · "
            f"fit '{res.fit}'{' · FARMS' if res.farms else ''}")
 
