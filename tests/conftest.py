@@ -19,3 +19,20 @@ def wikitext_dir():
     if not (WIKITEXT / "test.txt").exists():
         pytest.skip("WikiText-2 not found beside the checkout (../shared/data/wikitext-2)")
     return WIKITEXT
+
+
+def save_tiny_llama(path: Path) -> Path:
+    """A 3-block LLaMA with random weights and a word-level tokenizer, saved as a local checkpoint
+    folder (what a user's own model directory looks like)."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=120)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    t = Tokenizer(models.WordLevel({f"w{i}": i for i in range(119)} | {"<unk>": 119}, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>").save_pretrained(path)
+    return path

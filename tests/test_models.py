@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from analysis.models import ModelLoadError, find_layers, load_model, prunable_layers, resolve_source
+from conftest import save_tiny_llama
 
 
 def test_default_model_is_real_smollm2(default_model):
@@ -29,17 +30,7 @@ def test_converted_cache_loads_fast(default_model):
 
 
 def test_local_folder_roundtrip(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=120)
-    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    t = Tokenizer(models.WordLevel({f"w{i}": i for i in range(119)} | {"<unk>": 119}, unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>").save_pretrained(tmp_path)
+    save_tiny_llama(tmp_path)
     lm = load_model(str(tmp_path), device="cpu")
     assert lm.info.n_blocks == 3
     assert len(prunable_layers(lm.model)) == 21

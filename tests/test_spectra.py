@@ -14,6 +14,7 @@ from torch import nn
 from analysis.models import LayerRef, find_layers, prunable_layers
 from analysis.powerlaw import fit_power_law
 from analysis.spectra import COLUMNS, analyze, esd, farms_esd, farms_windows, mp_density
+from conftest import save_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -205,18 +206,7 @@ def run_cli(*args, cwd=ROOT):
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    path = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=120)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    t = Tokenizer(models.WordLevel({f"w{i}": i for i in range(119)} | {"<unk>": 119}, unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>").save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.mark.parametrize("bad", [["--model", "./no/such/model"], ["--model", "not a model id!"], ["--fit", "best"]])
