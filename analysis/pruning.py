@@ -86,11 +86,14 @@ def unstructured_mask(scores: torch.Tensor, ratio: float) -> torch.Tensor:
 
 
 def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Remove the k lowest scores of every row."""
+    """Remove the k lowest scores along the last dimension.
+
+    Equal scores go to the lower index first (a stable sort, unlike topk), so CPU and GPU remove
+    the same weights: dequantized 4-bit checkpoints have many exactly equal magnitudes."""
     mask = torch.zeros_like(scores, dtype=torch.bool)
     if k > 0:
-        idx = torch.topk(scores, k, dim=1, largest=False).indices
-        mask.scatter_(1, idx, True)
+        idx = torch.sort(scores, dim=-1, stable=True).indices[..., :k]
+        mask.scatter_(-1, idx, True)
     return mask
 
 
@@ -99,10 +102,7 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     rows, cols = scores.shape
     if cols % m:
         raise ValueError(f"N:M sparsity needs the input size ({cols}) to be a multiple of M={m}")
-    groups = scores.reshape(rows, cols // m, m)
-    idx = torch.topk(groups, m - n, dim=2, largest=False).indices
-    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, idx, True)
-    return mask.reshape(rows, cols)
+    return lowest_k_mask(scores.reshape(rows, cols // m, m), m - n).reshape(rows, cols)
 
 
 def select_mask(scores: torch.Tensor, ratio: float, nm: tuple[int, int] | None) -> torch.Tensor:

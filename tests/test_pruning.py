@@ -96,6 +96,16 @@ def test_nm_pattern_holds(method, nm):
     assert abs(float((out == 0).float().mean()) - (m - n) / m) < 0.01
 
 
+def test_equal_scores_go_to_the_lower_column_first():
+    """Ties (common in dequantized 4-bit weights) are broken by column index, the same on every
+    device, for unstructured and N:M masks."""
+    w = torch.tensor([[1.0, -1.0, 1.0, 0.5, 1.0, 1.0, -1.0, 1.0]])
+    assert torch.equal(prune_magnitude(w, 0.25), torch.tensor([[0.0, -1.0, 1.0, 0.0, 1.0, 1.0, -1.0, 1.0]]))
+    assert torch.equal(prune_magnitude(w, 0.5, nm=(2, 4)), torch.tensor([[0.0, -1.0, 1.0, 0.0, 0.0, 0.0, -1.0, 1.0]]))
+    big = torch.randint(0, 4, (64, 256)).float()  # many ties
+    assert torch.equal(prune_magnitude(big, 0.6), prune_magnitude(big.clone(), 0.6))
+
+
 def test_wanda_hand_checked_mask():
     # column norms of X are [4, 1, 0.5, 0.25]; scores |W| * norm:
     #   row 0: [1*4, 2*1, 3*0.5, 4*0.25] = [4, 2, 1.5, 1]   -> prune columns 3 and 2
