@@ -178,7 +178,9 @@ def test_alphas_agree_with_weightwatcher(default_model, default_peak):
     """weightwatcher 0.7.7's default fit (KS scan over every xmin, unnormalized squared singular
     values, no randomization) is our "scan" rule with min_tail=2. (Its fix_fingers="xmin_peak"
     path fails with powerlaw 2.0.0, so the peak rule cannot be compared with it.)
-    Measured: all 210 matrices agree to < 1e-9; with our default min_tail=10, 97% within 0.05."""
+    Measured: all 210 matrices agree to < 1e-9; with our default min_tail=10, 97% within 0.05.
+    Where CUDA is visible weightwatcher takes float32 singular values on the GPU instead of float64
+    on the CPU; measured on an H100: 98.6% within 0.01, 99.5% within 0.05."""
     ww = pytest.importorskip("weightwatcher")
     logging.getLogger("weightwatcher").setLevel(logging.ERROR)
     layers = prunable_layers(default_model.model)
@@ -188,11 +190,12 @@ def test_alphas_agree_with_weightwatcher(default_model, default_peak):
     theirs = details["alpha"].to_numpy()
     ours = analyze(layers, fit="scan", min_tail=2).metrics["alpha"].to_numpy()
     diff = np.abs(ours - theirs)
-    assert np.mean(diff < 1e-6) >= 0.99, np.sort(diff)[-5:]
+    float32_svd = torch.cuda.is_available()
+    assert np.mean(diff < (0.01 if float32_svd else 1e-6)) >= (0.95 if float32_svd else 0.99), np.sort(diff)[-5:]
     default_scan = analyze(layers, fit="scan").metrics["alpha"].to_numpy()
     assert np.mean(np.abs(default_scan - theirs) < 0.05) >= 0.9
     np.testing.assert_allclose(
-        analyze(layers, fit="scan").metrics["spectral_entropy"], details["entropy"], atol=1e-6)
+        analyze(layers, fit="scan").metrics["spectral_entropy"], details["entropy"], atol=1e-4 if float32_svd else 1e-6)
 
 
 # ------------------------------------------------------------------------------------------------
