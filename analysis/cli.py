@@ -208,11 +208,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
         else:
             alloc = nm_allocation(loaded.model, nm, model_name=args.model)
     with timer("dense_eval"):
-        dense = perplexity(loaded.model, windows, progress=_print_ppl("dense"))
+        dense = perplexity(loaded.model, windows, progress=_print_ppl("dense"), batch_size=args.batch_size)
     with timer("prune"):
         report = prune(loaded.model, alloc.per_layer, method=args.method, calib=calib, nm=nm, progress=_print_progress)
     with timer("pruned_eval"):
-        pruned = perplexity(loaded.model, windows, progress=_print_ppl("pruned"))
+        pruned = perplexity(loaded.model, windows, progress=_print_ppl("pruned"), batch_size=args.batch_size)
     record = make_record(_prune_config(args, nm, alloc, data_info, loaded), alloc.to_dict(), report, dense, pruned,
                          timer.seconds)
     if args.save_model:
@@ -245,7 +245,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if alloc is not None:
         report = prune(loaded.model, alloc.per_layer, method=args.method, calib=calib, progress=_print_progress)
         print(f"pruned with {args.method} + {alloc.method}: {report.overall:.4f} sparsity", file=sys.stderr)
-    ppl = perplexity(loaded.model, windows, progress=_print_ppl("pruned" if alloc else "dense"))
+    ppl = perplexity(loaded.model, windows, progress=_print_ppl("pruned" if alloc else "dense"), batch_size=args.batch_size)
     print(f"perplexity {ppl:.4f} on {args.text} ({windows.shape[0]} windows of {windows.shape[1]} tokens)")
     return 0
 
@@ -279,6 +279,7 @@ def _add_data_args(p: argparse.ArgumentParser, eval_flag: str) -> None:
                    help="evaluation text (same sources as --calib)")
     p.add_argument("--eval-seqlen", type=int, default=512, help="tokens per evaluation window")
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    p.add_argument("--batch-size", type=int, default=None, help="evaluation windows per forward pass (default: 1 on CPU, 8 on GPU)")
     p.add_argument("--seed", type=int, default=0, help="seed for calibration sampling")
 
 

@@ -43,7 +43,7 @@ def model_device(model: nn.Module) -> torch.device:
 
 @torch.inference_mode()
 def window_nll(model: nn.Module, window: torch.Tensor) -> tuple[float, int]:
-    """(sum of next-token NLL in nats, number of predicted tokens) for one (1, L) window."""
+    """(sum of next-token NLL in nats, number of predicted tokens) for a (B, L) batch of windows."""
     logits = model(input_ids=window, use_cache=False).logits
     pred = logits[:, :-1, :].float()
     target = window[:, 1:]
@@ -51,27 +51,39 @@ def window_nll(model: nn.Module, window: torch.Tensor) -> tuple[float, int]:
     return float(nll), int(target.numel())
 
 
+def default_batch_size(device: torch.device) -> int:
+    """Windows per forward pass: 1 on CPU (batching gains nothing there and the live curve updates
+    every window), 8 on a GPU (the whole WikiText-2 test set, 609 windows of 512 tokens on SmolLM2,
+    took 22 s one window at a time on an H100, where one window leaves the GPU mostly idle)."""
+    return 1 if device.type == "cpu" else 8
+
+
 def perplexity_stream(model: nn.Module, windows: torch.Tensor, device: str | torch.device | None = None,
-                      stop: StopFlag = None) -> Iterator[PplUpdate]:
-    """Yield a PplUpdate after every window of `windows` (n, L); stop early when `stop` is set.
+                      stop: StopFlag = None, batch_size: int | None = None) -> Iterator[PplUpdate]:
+    """Yield a PplUpdate after every batch of `batch_size` windows of `windows` (n, L); stop early
+    when `stop` is set. Batching changes no result beyond float round-off: each window is scored on
+    its own either way.
 
     The model runs where its parameters are unless `device` says otherwise (then the inputs go
-    there; the model is not moved).
+    there; the model is not moved). batch_size: windows per forward pass (default: `default_batch_size`).
     """
     if windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
         raise ValueError(f"windows must be a non-empty (n, L>=2) tensor of token ids, got shape {tuple(windows.shape)}")
     dev = torch.device(device) if device is not None else model_device(model)
+    step = default_batch_size(dev) if batch_size is None else int(batch_size)
+    if step < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
     was_training = model.training
     model.eval()
     nll_sum, tokens, total = 0.0, 0, int(windows.shape[0])
     try:
-        for i in range(total):
+        for i in range(0, total, step):
             if should_stop(stop):
                 return
-            nll, n = window_nll(model, windows[i: i + 1].to(dev))
+            nll, n = window_nll(model, windows[i: i + step].to(dev))
             nll_sum += nll
             tokens += n
-            yield PplUpdate(i + 1, total, tokens, nll_sum, _ppl(nll_sum, tokens))
+            yield PplUpdate(min(i + step, total), total, tokens, nll_sum, _ppl(nll_sum, tokens))
     finally:
         model.train(was_training)
 
@@ -84,10 +96,10 @@ def _ppl(nll_sum: float, tokens: int) -> float:
 
 
 def perplexity(model: nn.Module, windows: torch.Tensor, device: str | torch.device | None = None,
-               progress: Callable[[PplUpdate], None] | None = None) -> float:
+               progress: Callable[[PplUpdate], None] | None = None, batch_size: int | None = None) -> float:
     """Perplexity over all `windows`; `progress` is called with every PplUpdate."""
     last = None
-    for last in perplexity_stream(model, windows, device=device):
+    for last in perplexity_stream(model, windows, device=device, batch_size=batch_size):
         if progress is not None:
             progress(last)
     return last.ppl

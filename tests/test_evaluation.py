@@ -34,6 +34,16 @@ def test_stream_yields_every_window_and_matches_the_model_loss(tiny):
     assert perplexity(tiny, w) == pytest.approx(ups[-1].ppl)
 
 
+def test_batched_windows_give_the_same_perplexity(tiny):
+    w = windows()
+    ups = list(perplexity_stream(tiny, w, batch_size=2))
+    assert [u.windows_done for u in ups] == [2, 4, 5]
+    assert [u.tokens for u in ups] == [30, 60, 75]
+    assert ups[-1].ppl == pytest.approx(perplexity(tiny, w, batch_size=1), rel=1e-5)
+    with pytest.raises(ValueError, match="batch_size"):
+        list(perplexity_stream(tiny, w, batch_size=0))
+
+
 def test_stream_stops_early_with_event_or_callable(tiny):
     stop = threading.Event()
     done = []
