@@ -100,7 +100,8 @@ def main(argv=None) -> int:
         "alpha_agreement_peak_vs_weightwatcher_scan (different rules, for scale)": agreement(
             ours["peak"]["result"].metrics["alpha"].to_numpy(), theirs),
         "median_alpha": {k: round(float(v["result"].metrics["alpha"].median()), 4) for k, v in ours.items()},
-        "notes": "ours: batched float64 Gram + torch.linalg.eigvalsh, vectorized Hill/KS; best of 3 after a warm-up. "
+        "notes": "ours: float64 Gram + eigvalsh (NumPy/OpenBLAS over single-threaded workers on CPU, batched torch/cuSOLVER on GPU), "
+                 "vectorized Hill/KS fits over the same workers; best of 3 after a warm-up. "
                  "weightwatcher: analyze() defaults on the same modules (its xmin_peak option fails with "
                  "powerlaw 2.0.0, so its default full KS scan is the comparable rule).",
     }
