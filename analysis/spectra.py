@@ -95,6 +95,17 @@ def batched_eigs(ws: torch.Tensor) -> np.ndarray:
     return np.clip(ev, 0, None)  # round-off can make zero eigenvalues negative
 
 
+def _on_fresh_thread(fn):
+    """Call fn() on a new thread and return its result. OpenBLAS (NumPy 2.4's, 0.3.31) ignored a
+    thread-count change made from a thread that had run BLAS calls itself, so the BLAS limit is set
+    and restored from a thread that never has."""
+    out = []
+    t = threading.Thread(target=lambda: out.append(fn()))
+    t.start()
+    t.join()
+    return out[0]
+
+
 class _SingleThreaded:
     """Reference-counted single-threading of torch and NumPy's BLAS: the first `analyze` on CPU saves
     the settings, the last one to finish restores them, so concurrent analyses (app threads) never
@@ -109,7 +120,9 @@ class _SingleThreaded:
     def enter(self) -> int:
         with self.lock:
             if self.users == 0:
-                self.blas = ThreadpoolController().limit(limits=1, user_api="blas")
+                # before torch goes to 1 thread, and undone before torch is restored: threadpoolctl's
+                # restore also resets OpenMP (torch's threads) to what it saw when limiting
+                self.blas = _on_fresh_thread(lambda: ThreadpoolController().limit(limits=1, user_api="blas"))
                 self.saved = torch.get_num_threads()
                 torch.set_num_threads(1)
             self.users += 1
@@ -119,7 +132,7 @@ class _SingleThreaded:
         with self.lock:
             self.users -= 1
             if self.users == 0:
-                self.blas.restore_original_limits()
+                _on_fresh_thread(self.blas.restore_original_limits)
                 torch.set_num_threads(self.saved)
 
 

@@ -250,10 +250,16 @@ def test_cli_json_with_outside_matrices(tiny_llama, tmp_path):
 def test_concurrent_analyses_restore_the_thread_setting():
     from concurrent.futures import ThreadPoolExecutor
 
-    before = torch.get_num_threads()
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+    before, blas_before = torch.get_num_threads(), blas_threads()
     refs = [linear_ref(gaussian(64, 128, i), f"m{i}") for i in range(4)]
     with ThreadPoolExecutor(3) as pool:
         results = list(pool.map(lambda _: analyze(refs, fit="median"), range(3)))
     assert torch.get_num_threads() == before
+    assert blas_threads() == blas_before
     assert all((r.metrics["status"] == "ok").all() for r in results)
     np.testing.assert_array_equal(results[0].metrics["alpha"], results[2].metrics["alpha"])
