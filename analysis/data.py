@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 WIKITEXT_SPLITS = ("train", "valid", "test")
+NO_SOURCE = "No text source given; use 'default', 'wikitext2:test', 'hf:...' or a .txt path."
 
 
 class DataError(ValueError):
@@ -56,7 +57,7 @@ def wikitext_dir() -> Path:
 def load_text(source: str) -> str:
     """Return the text named by `source` (see the module docstring for the accepted names)."""
     if not source or not str(source).strip():
-        raise DataError("No text source given; use 'default', 'wikitext2:test', 'hf:...' or a .txt path.")
+        raise DataError(NO_SOURCE)
     src = str(source).strip()
     if src == "default":
         return _read(default_corpus_path())
@@ -67,9 +68,29 @@ def load_text(source: str) -> str:
     return _read(Path(src).expanduser())
 
 
-def _read(path: Path) -> str:
+def text_source_problem(source: str) -> str | None:
+    """Why `source` cannot name a text, found without reading it (None if it may): empty, a file that
+    does not exist, a malformed hf: spec. Reading can still fail later (a hub out of reach)."""
+    src = str(source or "").strip()
+    try:
+        if not src:
+            raise DataError(NO_SOURCE)
+        if src.startswith("hf:"):
+            _hf_parts(src[3:])
+        elif src != "default" and not src.startswith("wikitext2:"):
+            _check_file(Path(src).expanduser())
+    except DataError as e:
+        return str(e)
+    return None
+
+
+def _check_file(path: Path) -> None:
     if not path.is_file():
         raise DataError(f"Text file '{path}' does not exist.")
+
+
+def _read(path: Path) -> str:
+    _check_file(path)
     return path.read_text(encoding="utf-8", errors="replace")
 
 
@@ -82,12 +103,17 @@ def _load_wikitext(split: str) -> str:
     return path.read_text(encoding="utf-8")
 
 
-def _load_hf(spec: str) -> str:
-    """`spec` = "<dataset>[:<config>]:<split>"; rows' "text" fields joined by blank lines."""
+def _hf_parts(spec: str) -> tuple[str, str | None, str]:
+    """(dataset, config or None, split) from "<dataset>[:<config>]:<split>"."""
     parts = spec.split(":")
     if len(parts) not in (2, 3) or not all(parts):
         raise DataError(f"Use 'hf:<dataset>[:<config>]:<split>', e.g. 'hf:wikitext:wikitext-2-raw-v1:test' (got 'hf:{spec}').")
-    name, config, split = (parts[0], None, parts[1]) if len(parts) == 2 else parts
+    return (parts[0], None, parts[1]) if len(parts) == 2 else tuple(parts)
+
+
+def _load_hf(spec: str) -> str:
+    """`spec` = "<dataset>[:<config>]:<split>"; rows' "text" fields joined by blank lines."""
+    name, config, split = _hf_parts(spec)
     try:
         import datasets  # noqa: PLC0415 (optional dependency)
     except ImportError as e:

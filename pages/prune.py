@@ -1,6 +1,7 @@
 """Prune page: prune this session's private copy in the background, watch perplexity live."""
 import streamlit as st
 
+from analysis.data import text_source_problem
 from analysis.jobs import Job, PruneSettings, evaluate_weights, prune_and_evaluate
 from components.figures import ppl_figure
 from components.state import (dense_ppl_job, peek_dense_ppl_job, require_model, runs_store, session_weights,
@@ -8,7 +9,8 @@ from components.state import (dense_ppl_job, peek_dense_ppl_job, require_model, 
 
 ALLOCATIONS = {"uniform": "uniform", "alphapruning (α-guided)": "alphapruning", "FARMS (α-guided)": "farms",
                "OWL (outlier-guided)": "owl", "custom curve (Allocation page)": "custom"}
-EVAL_SOURCES = ["default", "wikitext2:test", "wikitext2:valid"]
+OWN_TEXT = "your own text (file path or hf:...)"
+EVAL_SOURCES = ["default", "wikitext2:test", "wikitext2:valid", OWN_TEXT]
 
 st.title("Prune")
 loaded = require_model()
@@ -44,9 +46,18 @@ with st.expander("Calibration and evaluation data"):
                                    key="prune_calib_seqlen")
     e1, e2, e3 = st.columns(3)
     eval_source = e1.selectbox("Evaluation text", EVAL_SOURCES, key="prune_eval_source")
+    if eval_source == OWN_TEXT:
+        eval_source = e1.text_input("Evaluation text source", "", key="prune_eval_own",
+                                    placeholder="/path/to/text.txt or hf:wikitext:wikitext-2-raw-v1:test",
+                                    help="A UTF-8 text file on this machine, or a Hugging Face dataset "
+                                         "(needs the `datasets` package and a reachable hub).").strip()
     eval_seqlen = e2.number_input("Window length (tokens)", 16, 4096, 512, step=16, key="prune_eval_seqlen")
     max_windows = e3.number_input("Windows (0 = all)", 0, 10_000, 16, key="prune_windows")
 max_windows = int(max_windows) or None
+text_problems = [f"{what}: {problem}" for what, src in (("Calibration text", calib_source), ("Evaluation text", eval_source))
+                 if (problem := text_source_problem(src))]
+for problem in text_problems:
+    st.error(problem)
 
 custom = st.session_state.get("alloc_custom")
 if allocation == "custom" and custom is None:
@@ -65,7 +76,7 @@ if allocation in ("alphapruning", "farms"):
         st.info(f"Spectra for {alloc_label} are still being computed ({spec.progress[1]:.0%}); Run waits for them.")
 
 b1, b2, b3, b4 = st.columns(4)
-ready = not busy and (allocation != "custom" or custom is not None) and (
+ready = not busy and not text_problems and (allocation != "custom" or custom is not None) and (
     allocation in ("uniform", "custom", "owl") or settings.metrics is not None or settings.farms_metrics is not None)
 if b1.button("Run", type="primary", disabled=not ready, key="prune_run"):
     store = runs_store()
@@ -83,7 +94,7 @@ if b2.button("Cancel", disabled=not busy, key="prune_cancel"):
 if b3.button("Restore dense", disabled=busy or not work.pruned, key="prune_restore"):
     work.restore()
     st.rerun()
-if b4.button("Evaluate current weights", disabled=busy, key="prune_eval"):
+if b4.button("Evaluate current weights", disabled=busy or bool(text_problems), key="prune_eval"):
     dense_ppl_job(loaded, settings.calib_source, eval_source, settings.eval_seqlen, max_windows)
     model = work.model if work.model is not None else loaded.model
     work.job = Job(lambda j: evaluate_weights(j, model, loaded.tokenizer, settings, loaded.info.bos_per_window),

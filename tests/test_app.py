@@ -242,6 +242,25 @@ def test_prune_runs_in_the_background_and_restores(app, runs_db):
     assert "dense (shared model) · 0.0% of prunable weights are zero" in texts(app)
 
 
+def test_prune_page_takes_your_own_evaluation_text(app, tmp_path):
+    app.switch_page("pages/prune.py").run()
+    app.selectbox(key="prune_eval_source").set_value("your own text (file path or hf:...)").run()
+    app.text_input(key="prune_eval_own").input(str(tmp_path / "missing.txt")).run()
+    assert any("Evaluation text: Text file" in e.value and "does not exist" in e.value for e in app.error)
+    assert app.button(key="prune_run").disabled and app.button(key="prune_eval").disabled
+    own = tmp_path / "own.txt"
+    own.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    app.text_input(key="prune_eval_own").input(str(own)).run()
+    assert not app.error and not app.button(key="prune_run").disabled
+    app.number_input(key="prune_eval_seqlen").set_value(64)
+    app.number_input(key="prune_windows").set_value(2).run()
+    app.button(key="prune_eval").click().run()
+    run_until_idle(app, "evaluation of your own text")
+    assert not app.error, [e.value for e in app.error]
+    ppl = float(metric(app, "Perplexity (eval)"))
+    assert math.isfinite(ppl) and ppl < 20  # a text repeating one sentence is easy to predict
+
+
 def test_compare_page_lists_the_run(app):
     app.switch_page("pages/compare.py").run()
     assert not app.exception

@@ -9,6 +9,7 @@ from analysis.data import (
     eval_windows,
     load_text,
     split_text,
+    text_source_problem,
     tokenize,
 )
 
@@ -87,3 +88,13 @@ def test_bad_sources_raise_data_errors(tmp_path):
     f = tmp_path / "mine.txt"
     f.write_text("hello world\n")
     assert load_text(str(f)) == "hello world\n"
+
+
+def test_text_source_problems_are_found_without_reading(tmp_path):
+    f = tmp_path / "mine.txt"
+    f.write_text("hello world\n")
+    for ok in ("default", "wikitext2:test", str(f), "hf:wikitext:wikitext-2-raw-v1:test", "hf:ptb_text_only:test"):
+        assert text_source_problem(ok) is None, ok
+    assert "does not exist" in text_source_problem(str(tmp_path / "missing.txt"))
+    assert "hf:<dataset>" in text_source_problem("hf:onlyname")
+    assert "No text source" in text_source_problem("  ")
