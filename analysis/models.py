@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -193,6 +194,45 @@ def resolve_source(source: str) -> tuple[str, str, PackagedModel | None]:
     return src, src, None
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face endpoint ($HF_ENDPOINT, default huggingface.co) takes a TCP connection;
+    False when $HF_HUB_OFFLINE is set. Asked before any hub call: huggingface_hub retries an
+    unreachable hub with back-off, which kept a wrong id waiting ~45 s for its error here."""
+    from urllib.parse import urlparse  # noqa: PLC0415
+
+    from huggingface_hub import constants  # noqa: PLC0415
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def hub_access(repo_id: str) -> dict:
+    """Extra from_pretrained arguments for a Hugging Face id: none when the hub is reachable,
+    local_files_only=True when it is not but the local HF cache has the model. Raises ModelLoadError
+    when it has neither."""
+    if hub_reachable():
+        return {}
+    from huggingface_hub import constants, try_to_load_from_cache  # noqa: PLC0415
+
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        return {"local_files_only": True}
+    raise ModelLoadError(
+        f"Could not load '{repo_id}': it is not a packaged model or local folder, it is not in the local "
+        f"Hugging Face cache ({constants.HF_HUB_CACHE}), and the hub ({constants.ENDPOINT}) cannot be "
+        f"reached from this machine."
+    )
+
+
+def _is_hub_id(path: str, pm: PackagedModel | None) -> bool:
+    return pm is None and not Path(path).expanduser().exists()
+
+
 def pick_device(device: str | None = None) -> torch.device:
     """`None`/"auto": CUDA when available, else CPU."""
     if device in (None, "", "auto"):
@@ -235,13 +275,14 @@ def load_model(
     dt = pick_dtype(dtype, dev)
     if pm is not None:
         path = str(ensure_converted(pm.key, progress))
+    hub = hub_access(path) if _is_hub_id(path, pm) else {}
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415 (slow import)
 
     progress and progress(f"Loading {title}", 0.5)
     try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **hub)
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dt, trust_remote_code=trust_remote_code, use_safetensors=None
+            path, dtype=dt, trust_remote_code=trust_remote_code, use_safetensors=None, **hub
         )
     except (OSError, ValueError, KeyError) as e:
         raise ModelLoadError(_explain_load_error(source, e)) from e
@@ -300,7 +341,7 @@ def estimate_memory_bytes(source: str, dtype: str | torch.dtype | None = "float3
 
         if pm is not None and not (Path(path) / "config.json").exists():
             return {"smollm2": 134_515_008, "gemma3": 268_098_176}[pm.key] * _bytes(dtype)
-        cfg = AutoConfig.from_pretrained(path)
+        cfg = AutoConfig.from_pretrained(path, **(hub_access(path) if _is_hub_id(path, pm) else {}))
     except Exception:  # noqa: BLE001 (an estimate is optional; loading will report the real error)
         return None
     with torch.device("meta"):

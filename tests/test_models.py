@@ -1,4 +1,9 @@
 """Model resolution, loading and matrix discovery on real (small, locally built) models."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -79,3 +84,26 @@ def test_unreachable_hub_id_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="Could not load"):
         load_model("someone/no-such-model-xyz", device="cpu")
+
+
+def test_hub_id_loads_from_the_local_hf_cache_without_the_hub(tmp_path):
+    """A Hugging Face id the user downloaded earlier loads offline from the HF cache layout
+    (models--org--name/snapshots/<rev>/), with no retries against the unreachable hub; an id the
+    cache lacks fails at once with a message naming the cache."""
+    snap = tmp_path / "hub" / "models--someone--tiny-llama" / "snapshots" / ("0" * 40)
+    save_tiny_llama(snap)
+    (snap.parents[1] / "refs").mkdir()
+    (snap.parents[1] / "refs" / "main").write_text("0" * 40)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    code = ("import time; from analysis.models import load_model, ModelLoadError\n"
+            "lm = load_model('someone/tiny-llama', device='cpu'); print(lm.info.n_blocks, lm.info.architecture)\n"
+            "t = time.perf_counter()\n"
+            "try: load_model('someone/not-cached', device='cpu')\n"
+            "except ModelLoadError as e: print(round(time.perf_counter() - t, 1), e)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    first, second = out.stdout.strip().splitlines()
+    assert first == "3 LlamaForCausalLM"
+    seconds, message = second.split(" ", 1)
+    assert float(seconds) < 5 and "not in the local Hugging Face cache" in message
