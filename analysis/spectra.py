@@ -153,6 +153,10 @@ def cpu_workers(device: torch.device):
         _SINGLE_THREADED.exit()
 
 
+def _non_finite(w: torch.Tensor) -> np.ndarray:
+    return np.full(min(w.shape), math.nan)
+
+
 def esd(w: torch.Tensor, normalize: bool = False) -> np.ndarray:
     """Eigenvalues of WᵀW (the squared singular values of W), ascending, float64.
 
@@ -162,7 +166,7 @@ def esd(w: torch.Tensor, normalize: bool = False) -> np.ndarray:
     if w.dim() != 2:
         raise ValueError(f"esd expects a 2-D matrix, got shape {tuple(w.shape)}")
     if not torch.isfinite(w).all():
-        return np.full(min(w.shape), math.nan)
+        return _non_finite(w)
     with torch.no_grad():
         ev = batched_eigs(short_side_first(w.detach())[None])[0]
     return ev / w.shape[0] if normalize else ev
@@ -183,7 +187,10 @@ def farms_windows(w: torch.Tensor) -> torch.Tensor:
 
 def farms_esd(w: torch.Tensor, normalize: bool = False) -> np.ndarray:
     """Pooled (concatenated, sorted) eigenvalues of all FARMS windows of W: the average of the
-    windows' empirical spectral distributions. normalize divides by the window's side m."""
+    windows' empirical spectral distributions. normalize divides by the window's side m.
+    Non-finite weights give an array of NaNs."""
+    if not torch.isfinite(w).all():
+        return _non_finite(w)
     with torch.no_grad():
         win = farms_windows(w.detach())
         ev = np.sort(batched_eigs(win).ravel())
@@ -286,7 +293,7 @@ def analyze(
     normalize: divide eigenvalues by N (rows; for FARMS the window side).
     include_outside: with a module, also the embedding and lm_head (listed as not prunable).
     device: where the eigenvalues are computed (default: where the weights live).
-    progress: called as progress(message, fraction) once per shape group.
+    progress: called as progress(message, fraction) as matrices (CPU) or shape groups (GPU) finish.
     min_tail: smallest tail the "scan" rule may choose (2 reproduces weightwatcher's default fit).
     Matrices with NaN/inf weights get status "non-finite weights" and NaN metrics.
     """
@@ -296,59 +303,60 @@ def analyze(
     dev = torch.device(device) if device not in (None, "", "auto") else None
     used = dev or (layers[0].weight().device if layers else torch.device("cpu"))
     with cpu_workers(used) as workers:
-        esds, status = _all_esds(layers, farms, normalize, dev, workers, progress)
-    progress and progress("Fitting power laws", 1.0)
-    with cpu_workers(torch.device("cpu")) as workers, ThreadPoolExecutor(workers) as pool:
-        # the fits run on CPU whatever the device: small vectorized torch/numpy work per matrix
-        fits = pool.map(lambda ref: _fit_row(esds[ref.name], fit, status.get(ref.name), min_tail), layers)
-        rows = [_layer_row(ref) | f for ref, f in zip(layers, fits)]
-    metrics = pd.DataFrame(rows, columns=COLUMNS)
-    return SpectraResult(metrics, esds, fit, farms, normalize, str(used))
+        if workers > 1:  # CPU: one task per matrix does its ESD and its fit
+            done = dict(_pooled(layers, dev, farms, normalize, fit, min_tail, workers, progress))
+        else:  # GPU (or a single CPU thread): batched ESDs of equal shapes, then the fits
+            done = _batched(layers, dev, farms, normalize, fit, min_tail, progress)
+    rows = [_layer_row(ref) | done[ref.name][1] for ref in layers]
+    esds = {ref.name: done[ref.name][0] for ref in layers}
+    return SpectraResult(pd.DataFrame(rows, columns=COLUMNS), esds, fit, farms, normalize, str(used))
 
 
-def _all_esds(layers, farms, normalize, dev, workers, progress):
-    """ESDs of every matrix; non-finite matrices get NaNs and a status instead."""
-    esds: dict[str, np.ndarray] = {}
-    status: dict[str, str] = {}
-    todo: list[tuple[LayerRef, torch.Tensor]] = []
-    for ref in layers:
-        w = ref.weight().detach()
-        w = w.to(dev) if dev is not None else w
-        if torch.isfinite(w).all():
-            todo.append((ref, w))
-        else:
-            esds[ref.name], status[ref.name] = np.full(min(w.shape), math.nan), "non-finite weights"
-    pairs = _pooled_eigs(todo, farms, workers, progress) if workers > 1 else _batched_by_shape(todo, farms, progress)
-    for ref, ev in pairs:
-        scale = (min(ref.rows, ref.cols) if farms else ref.rows) if normalize else 1
-        esds[ref.name] = ev / scale
-    return esds, status
+def _weight(ref: LayerRef, dev) -> torch.Tensor:
+    w = ref.weight().detach()
+    return w.to(dev) if dev is not None else w
 
 
-def _batched_by_shape(todo, farms, progress):
-    """One batched eigvalsh per group of equal shapes (what a GPU wants)."""
-    groups: dict[tuple[int, int], list] = defaultdict(list)
-    for ref, w in todo:
-        groups[_group_key(ref, farms)].append((ref, w))
-    for g, (key, items) in enumerate(groups.items()):
-        progress and progress(f"Spectra of {len(items)} matrices of shape {key[0]}x{key[1]}", g / len(groups))
-        yield from zip([r for r, _ in items], _group_eigs([w for _, w in items], farms))
+def _scaled(ev: np.ndarray, ref: LayerRef, farms: bool, normalize: bool) -> np.ndarray:
+    return ev / ((min(ref.rows, ref.cols) if farms else ref.rows) if normalize else 1)
 
 
-def _pooled_eigs(todo, farms, workers, progress):
-    """One matrix per single-threaded task over `workers` threads, the most expensive first, so a
-    big matrix (an embedding: its Gram costs as much as dozens of block matrices) never runs alone
-    at the end while the other threads idle."""
-    def cost(item):
-        m, n = sorted(item[1].shape)
-        return m * m * n
+def _pooled(layers, dev, farms, normalize, fit, min_tail, workers, progress):
+    """Yield (name, (esd, metrics)) from one single-threaded task per matrix over `workers` threads,
+    the most expensive first, so a big matrix (an embedding: its Gram costs as much as dozens of
+    block matrices) never runs alone at the end while the other threads idle."""
+    def task(ref):
+        ev = _scaled((farms_esd if farms else esd)(_weight(ref, dev)), ref, farms, normalize)
+        return ev, _fit_row(ev, fit, "non-finite weights" if np.isnan(ev).all() else None, min_tail)
 
-    ordered = sorted(todo, key=cost, reverse=True)
+    ordered = sorted(layers, key=lambda r: min(r.rows, r.cols) ** 2 * max(r.rows, r.cols), reverse=True)
     progress and progress(f"Spectra: 0/{len(ordered)} matrices", 0.0)
     with ThreadPoolExecutor(workers) as pool:
-        for i, (item, ev) in enumerate(zip(ordered, pool.map(farms_esd if farms else esd, [w for _, w in ordered]))):
+        for i, (ref, out) in enumerate(zip(ordered, pool.map(task, ordered))):
             progress and progress(f"Spectra: {i + 1}/{len(ordered)} matrices", (i + 1) / len(ordered))
-            yield item[0], ev
+            yield ref.name, out
+
+
+def _batched(layers, dev, farms, normalize, fit, min_tail, progress) -> dict:
+    """{name: (esd, metrics)}: one batched eigvalsh per group of equal shapes (what a GPU wants),
+    then the fits, spread over CPU threads (small vectorized torch/NumPy work per matrix)."""
+    esds: dict[str, np.ndarray] = {}
+    status: dict[str, str] = {}
+    groups: dict[tuple[int, int], list] = defaultdict(list)
+    for ref in layers:
+        w = _weight(ref, dev)
+        if torch.isfinite(w).all():  # one NaN would spoil its whole batch
+            groups[_group_key(ref, farms)].append((ref, w))
+        else:
+            esds[ref.name], status[ref.name] = _non_finite(w), "non-finite weights"
+    for g, (key, items) in enumerate(groups.items()):
+        progress and progress(f"Spectra of {len(items)} matrices of shape {key[0]}x{key[1]}", g / len(groups))
+        for (ref, _), ev in zip(items, _group_eigs([w for _, w in items], farms)):
+            esds[ref.name] = _scaled(ev, ref, farms, normalize)
+    progress and progress("Fitting power laws", 1.0)
+    with cpu_workers(torch.device("cpu")) as workers, ThreadPoolExecutor(workers) as pool:
+        fits = pool.map(lambda ref: _fit_row(esds[ref.name], fit, status.get(ref.name), min_tail), layers)
+        return {ref.name: (esds[ref.name], f) for ref, f in zip(layers, fits)}
 
 
 def _fit_row(eigs: np.ndarray, fit: str, known_status: str | None, min_tail: int) -> dict:

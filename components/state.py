@@ -213,7 +213,7 @@ def session_spectra_job(work: WorkingCopy, fit: str, farms: bool) -> Job:
     return job
 
 
-def wait_for(job: Job, what: str, every: float = 0.5) -> None:
+def wait_for(job: Job, what: str, every: float = 0.25) -> None:
     """Show a job's progress until it ends, then re-run the page; stops the script meanwhile.
 
     The polling runs in a fragment, so only the progress bar refreshes while the job works in its

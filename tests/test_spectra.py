@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -123,13 +124,17 @@ def test_progress_is_monotone_and_ends_at_one():
     calls = []
     analyze(refs, progress=lambda msg, frac: calls.append((msg, frac)))
     fracs = [f for _, f in calls]
-    # per matrix on a multi-core CPU, per shape group on one thread or a GPU; then the fits
-    assert len(calls) == (6 if torch.get_num_threads() > 1 else 3)
+    # a start and one per matrix (ESD and fit) on a multi-core CPU; per shape group and then the fits
+    # on one thread or a GPU
+    assert len(calls) == (5 if torch.get_num_threads() > 1 else 3)
     assert fracs == sorted(fracs) and fracs[-1] == 1.0 and all(0 <= f <= 1 for f in fracs)
 
 
 def test_cpu_pool_and_batched_paths_give_the_same_spectra():
-    refs = [linear_ref(gaussian(16, 48, i), f"a{i}") for i in range(3)] + [linear_ref(gaussian(24, 24, 9), "b")]
+    nan_w = gaussian(16, 48, 5)
+    nan_w[0, 0] = float("nan")
+    refs = [linear_ref(gaussian(16, 48, i), f"a{i}") for i in range(3)] + [linear_ref(gaussian(24, 24, 9), "b"),
+                                                                            linear_ref(nan_w, "nan")]
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -140,6 +145,8 @@ def test_cpu_pool_and_batched_paths_give_the_same_spectra():
         torch.set_num_threads(threads)
     for r in refs:
         np.testing.assert_allclose(batched.esds[r.name], pooled.esds[r.name], rtol=1e-10)
+    pd.testing.assert_frame_equal(batched.metrics, pooled.metrics)
+    assert batched.metrics["status"].tolist() == ["ok"] * 4 + ["non-finite weights"]
     assert torch.get_num_threads() == threads
 
 
