@@ -162,17 +162,28 @@ def _check_prune_args(args: argparse.Namespace):
         raise UsageError(f"--sparsity must be in (0, 0.99], got {args.sparsity}")
     if not 0.0 <= args.epsilon < 1.0:
         raise UsageError(f"--epsilon must be in [0, 1), got {args.epsilon}")
-    for name in ("nsamples", "seqlen", "eval_seqlen"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer")
-    if args.max_windows is not None and args.max_windows < 1:
-        raise UsageError("--max-windows must be a positive integer")
+    _check_data_args(args, args.eval)
     from analysis.runs import ALLOCATIONS  # noqa: PLC0415
 
     if nm is None and args.allocation not in ALLOCATIONS and not Path(args.allocation).expanduser().is_file():
         raise UsageError(f"--allocation must be one of {', '.join(ALLOCATIONS)} or an allocation JSON file; "
                          f"'{args.allocation}' is neither.")
     return nm
+
+
+def _check_data_args(args: argparse.Namespace, eval_source: str) -> None:
+    """The calibration/evaluation options, including that the texts can exist, before any model loads."""
+    from analysis.data import text_source_problem  # noqa: PLC0415
+
+    for name in ("nsamples", "seqlen", "eval_seqlen"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer")
+    for name in ("max_windows", "batch_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer")
+    for flag, source in (("--calib", args.calib), ("evaluation text", eval_source)):
+        if problem := text_source_problem(source):
+            raise UsageError(f"{flag}: {problem}")
 
 
 def _prune_config(args: argparse.Namespace, nm, alloc, data_info: dict, loaded) -> dict:
@@ -234,6 +245,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.method not in METHODS:
         raise UsageError(f"--method must be one of {', '.join(METHODS)}")
+    _check_data_args(args, args.text)
     alloc = None
     if args.allocation:
         from analysis.allocation import Allocation  # noqa: PLC0415

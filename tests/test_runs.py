@@ -79,12 +79,15 @@ def run_cli(*args, tmp_path):
     (["prune", "--sparsity", "0.5", "--nm", "4:2"], "0 < N < M"),
     (["prune", "--epsilon", "1.5"], "--epsilon"),
     (["prune", "--allocation", "nowhere.json", "--method", "magnitude", "--max-windows", "1"], "neither"),
+    (["prune", "--eval", "nowhere.txt"], "evaluation text: Text file"),
+    (["prune", "--calib", "hf:x"], "--calib: Use 'hf:<dataset>"),
+    (["prune", "--batch-size", "0"], "--batch-size must be a positive integer"),
 ])
 def test_cli_bad_input_exits_2(args, message, tmp_path):
     r = run_cli(*args, "--db", str(tmp_path / "r.sqlite"), tmp_path=tmp_path)
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().startswith("error:") and message in r.stderr
-    assert "Traceback" not in r.stderr
+    assert "Traceback" not in r.stderr and "Loading weights" not in r.stderr  # refused before loading the model
 
 
 def test_cli_prune_writes_record_and_store(tmp_path, wikitext_dir):
