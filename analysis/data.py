@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -82,6 +83,21 @@ def text_source_problem(source: str) -> str | None:
     except DataError as e:
         return str(e)
     return None
+
+
+def save_text(name: str, data: bytes, folder: Path | None = None) -> Path:
+    """Keep an uploaded text as a file under `folder` (default: the cache folder's texts/) and return
+    its path, named by content (the same upload gives the same path, so results keyed by the text
+    source stay valid)."""
+    from analysis.models import cache_dir  # noqa: PLC0415
+
+    folder = Path(folder) if folder is not None else cache_dir() / "texts"
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = re.sub(r"[^\w.-]+", "_", Path(name).stem)[:60] or "text"
+    path = folder / f"{hashlib.sha1(data).hexdigest()[:12]}-{stem}.txt"
+    if not path.exists():
+        path.write_bytes(data)
+    return path
 
 
 def _check_file(path: Path) -> None:

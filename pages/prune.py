@@ -1,7 +1,7 @@
 """Prune page: prune this session's private copy in the background, watch perplexity live."""
 import streamlit as st
 
-from analysis.data import text_source_problem
+from analysis.data import save_text, text_source_problem
 from analysis.jobs import Job, PruneSettings, evaluate_weights, prune_and_evaluate
 from components.figures import ppl_figure
 from components.state import (dense_ppl_job, peek_dense_ppl_job, require_model, runs_store, session_weights,
@@ -11,6 +11,15 @@ ALLOCATIONS = {"uniform": "uniform", "alphapruning (α-guided)": "alphapruning",
                "OWL (outlier-guided)": "owl", "custom curve (Allocation page)": "custom"}
 OWN_TEXT = "your own text (file path or hf:...)"
 EVAL_SOURCES = ["default", "wikitext2:test", "wikitext2:valid", OWN_TEXT]
+
+
+def _use_uploaded_text() -> None:
+    """Keep an uploaded .txt and make it the evaluation text (a callback: runs before the widgets)."""
+    up = st.session_state.get("prune_text_upload")
+    if up is not None:
+        st.session_state["prune_eval_source"] = OWN_TEXT
+        st.session_state["prune_eval_own"] = str(save_text(up.name, up.getvalue()))
+
 
 st.title("Prune")
 loaded = require_model()
@@ -47,12 +56,15 @@ with st.expander("Calibration and evaluation data"):
     e1, e2, e3 = st.columns(3)
     eval_source = e1.selectbox("Evaluation text", EVAL_SOURCES, key="prune_eval_source")
     if eval_source == OWN_TEXT:
-        eval_source = e1.text_input("Evaluation text source", "", key="prune_eval_own",
+        eval_source = e1.text_input("Evaluation text source", key="prune_eval_own",
                                     placeholder="/path/to/text.txt or hf:wikitext:wikitext-2-raw-v1:test",
                                     help="A UTF-8 text file on this machine, or a Hugging Face dataset "
                                          "(needs the `datasets` package and a reachable hub).").strip()
     eval_seqlen = e2.number_input("Window length (tokens)", 16, 4096, 512, step=16, key="prune_eval_seqlen")
     max_windows = e3.number_input("Windows (0 = all)", 0, 10_000, 16, key="prune_windows")
+    st.file_uploader("…or upload a text file: it becomes the evaluation text (put its path in Calibration "
+                     "text to calibrate on it instead)", type=["txt"], key="prune_text_upload",
+                     on_change=_use_uploaded_text)
 max_windows = int(max_windows) or None
 text_problems = [f"{what}: {problem}" for what, src in (("Calibration text", calib_source), ("Evaluation text", eval_source))
                  if (problem := text_source_problem(src))]

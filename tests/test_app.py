@@ -259,6 +259,13 @@ def test_prune_page_takes_your_own_evaluation_text(app, tmp_path):
     assert not app.error, [e.value for e in app.error]
     ppl = float(metric(app, "Perplexity (eval)"))
     assert math.isfinite(ppl) and ppl < 20  # a text repeating one sentence is easy to predict
+    # an uploaded file is kept (by content) and becomes the evaluation text
+    app.file_uploader(key="prune_text_upload").upload("My notes.txt", own.read_bytes(), "text/plain")
+    app.run()
+    kept = Path(app.session_state["prune_eval_own"])
+    assert app.session_state["prune_eval_source"] == "your own text (file path or hf:...)"
+    assert kept.read_bytes() == own.read_bytes() and kept.name.endswith("-My_notes.txt")
+    assert not app.error and not app.warning and not app.button(key="prune_run").disabled
 
 
 def test_compare_page_lists_the_run(app):

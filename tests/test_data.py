@@ -8,6 +8,7 @@ from analysis.data import (
     calibration_batches,
     eval_windows,
     load_text,
+    save_text,
     split_text,
     text_source_problem,
     tokenize,
@@ -98,3 +99,11 @@ def test_text_source_problems_are_found_without_reading(tmp_path):
     assert "does not exist" in text_source_problem(str(tmp_path / "missing.txt"))
     assert "hf:<dataset>" in text_source_problem("hf:onlyname")
     assert "No text source" in text_source_problem("  ")
+
+
+def test_saved_uploads_are_named_by_content(tmp_path):
+    a = save_text("../My notes?.txt", b"some text", tmp_path)
+    assert a.parent == tmp_path and a.name.endswith("-My_notes_.txt") and a.read_bytes() == b"some text"
+    assert save_text("other.txt", b"some text", tmp_path).read_bytes() == b"some text"
+    assert save_text("My notes?.txt", b"some text", tmp_path) == a
+    assert save_text("My notes?.txt", b"new text", tmp_path) != a
