@@ -194,22 +194,32 @@ def resolve_source(source: str) -> tuple[str, str, PackagedModel | None]:
     return src, src, None
 
 
+_HUB_CHECK: dict[str, tuple[float, bool]] = {}  # endpoint -> (time.monotonic() of the check, reachable)
+HUB_CHECK_TTL = 60.0  # seconds a reachability answer is reused (the Model page asks on every rerun)
+
+
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face endpoint ($HF_ENDPOINT, default huggingface.co) takes a TCP connection;
     False when $HF_HUB_OFFLINE is set. Asked before any hub call: huggingface_hub retries an
-    unreachable hub with back-off, which kept a wrong id waiting ~45 s for its error here."""
+    unreachable hub with back-off, which kept a wrong id waiting ~45 s for its error here. The answer
+    is reused for `HUB_CHECK_TTL` seconds."""
     from urllib.parse import urlparse  # noqa: PLC0415
 
     from huggingface_hub import constants  # noqa: PLC0415
 
     if constants.HF_HUB_OFFLINE:
         return False
+    checked = _HUB_CHECK.get(constants.ENDPOINT)
+    if checked is not None and time.monotonic() - checked[0] < HUB_CHECK_TTL:
+        return checked[1]
     url = urlparse(constants.ENDPOINT)
     try:
         socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        ok = True
     except OSError:
-        return False
-    return True
+        ok = False
+    _HUB_CHECK[constants.ENDPOINT] = (time.monotonic(), ok)
+    return ok
 
 
 def hub_access(repo_id: str) -> dict:

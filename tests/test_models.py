@@ -107,3 +107,25 @@ def test_hub_id_loads_from_the_local_hf_cache_without_the_hub(tmp_path):
     assert first == "3 LlamaForCausalLM"
     seconds, message = second.split(" ", 1)
     assert float(seconds) < 5 and "not in the local Hugging Face cache" in message
+
+
+def test_hub_reachability_is_probed_once_a_minute(monkeypatch):
+    """The probe is a TCP connect to $HF_ENDPOINT (loopback here), and its answer is reused."""
+    import socket
+
+    from huggingface_hub import constants
+
+    from analysis import models
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(models, "_HUB_CHECK", {})
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    assert models.hub_reachable()
+    server.close()
+    assert models.hub_reachable()  # reused within HUB_CHECK_TTL
+    monkeypatch.setattr(models, "HUB_CHECK_TTL", 0.0)
+    assert not models.hub_reachable()  # asked again: nothing listens any more
