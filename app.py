@@ -28,8 +28,8 @@ PERSIST = (
     "spectra_heat_metric", "spectra_log", "spectra_mp", "spectra_rand",
     "alloc_target", "alloc_epsilon", "alloc_mode", "alloc_more", "alloc_preset", "alloc_preset_points",
     "prune_method", "prune_nm", "prune_alloc", "prune_sparsity", "prune_epsilon", "prune_calib_source",
-    "prune_n_samples", "prune_calib_seqlen", "prune_eval_source", "prune_eval_seqlen", "prune_windows",
-    "prune_export_dir",
+    "prune_n_samples", "prune_calib_seqlen", "prune_eval_source", "prune_eval_own", "prune_eval_seqlen",
+    "prune_windows", "prune_export_dir",
     "learn_kind", "learn_n", "learn_aspect", "learn_seed", "learn_log", "learn_fit", "learn_mu", "learn_family",
     "learn_strength", "learn_rank",
 )

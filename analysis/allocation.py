@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy.interpolate import PchipInterpolator
 
 MAX_RATIO = 0.99  # never prune a whole matrix: keep at least 1% of its weights
 FORMAT = "alphascope-allocation"
@@ -118,10 +119,6 @@ class Allocation:
             return cls.from_dict(d)
         except AllocationError as e:
             raise AllocationError(f"{path}: {e}") from None
-
-    def block_frame(self) -> pd.DataFrame:
-        """per_block as a DataFrame (block, sparsity) for tables and charts."""
-        return pd.DataFrame({"block": range(len(self.per_block)), "sparsity": self.per_block})
 
 
 _REQUIRED = ("sparsity", "method", "per_block", "per_layer")
@@ -227,7 +224,8 @@ def _polish(r: np.ndarray, p: np.ndarray, target_mass: float, lo: float, hi: flo
     return y
 
 
-def exact_budget(ratios, params, sparsity, lo: float = 0.0, hi: float = MAX_RATIO, *, mode: str = "scale") -> np.ndarray:
+def exact_budget(ratios, params, sparsity, lo: float = 0.0, hi: float = MAX_RATIO, *,
+                 mode: str = "scale") -> np.ndarray:
     """Adjust `ratios` so that sum(params * r) / sum(params) == sparsity with every r in [lo, hi].
 
     mode="scale" (AlphaPruning's rule) multiplies every ratio by one constant c; mode="shift" (OWL's
@@ -527,13 +525,25 @@ def _clean_points(points, warnings: list[str]) -> tuple[np.ndarray, np.ndarray]:
 def curve_values(points, depths) -> np.ndarray:
     """Evaluate the custom curve through `points` at `depths` (clamped to the end points outside
     their range), clipped to [0, MAX_RATIO]. Monotone between control points: no overshoot."""
-    from scipy.interpolate import PchipInterpolator  # noqa: PLC0415
-
     x, y = _clean_points(points, [])
     d = np.clip(np.asarray(depths, dtype=np.float64), x[0], x[-1])
     if x.size == 1:
         return np.full(d.shape, y[0])
     return np.clip(PchipInterpolator(x, y)(d), 0.0, MAX_RATIO)
+
+
+def block_depths(n_blocks: int) -> np.ndarray:
+    """Relative depth of each block: b / (n_blocks - 1), 0 for a single block."""
+    return np.arange(n_blocks) / (n_blocks - 1) if n_blocks > 1 else np.zeros(1)
+
+
+def control_points(per_block, k: int | None = None) -> list[list[float]]:
+    """A per-block allocation as [depth, sparsity] control points of a custom curve: every block, or
+    `k` blocks evenly spread over depth (first and last included)."""
+    n = len(per_block)
+    idx = range(n) if k is None else np.unique(np.round(np.linspace(0, n - 1, max(2, int(k)))).astype(int))
+    d = block_depths(n)
+    return [[float(d[i]), float(per_block[i])] for i in idx]
 
 
 def custom_allocation(points, metrics: pd.DataFrame, sparsity: float | None = None, normalize: bool = True,
@@ -545,9 +555,7 @@ def custom_allocation(points, metrics: pd.DataFrame, sparsity: float | None = No
     warnings: list[str] = []
     x, y = _clean_points(points, warnings)
     df = prunable_rows(metrics)
-    n = _n_blocks(df)
-    depths = np.arange(n) / (n - 1) if n > 1 else np.zeros(1)
-    per_block = curve_values(list(zip(x, y)), depths)
+    per_block = curve_values(list(zip(x, y)), block_depths(_n_blocks(df)))
     ratios = per_block[df["block"].to_numpy(int)]
     p = df["params"].to_numpy(float)
     if normalize:

@@ -1,30 +1,151 @@
 """Command line: `python -m analysis <command> ...`. Every dashboard action has a command here.
 
-Errors the user can fix exit with status 2 and one line on stderr, never a traceback.
+Option defaults are read from analysis.settings. Errors the user can fix exit with status 2 and one
+line on stderr, never a traceback; options are checked before any model loads.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
-from analysis.models import ModelLoadError
+import pandas as pd
+from tqdm import tqdm
+
+from analysis.allocation import METHODS as ALLOCATION_CHOICES
+from analysis.allocation import METRIC_DIRECTION, Allocation, block_table, parse_points
+from analysis.evaluation import perplexity
+from analysis.export import export
+from analysis.layers import layer_table
+from analysis.loading import PACKAGED, ModelLoadError, ensure_converted, load_model
+from analysis.pipeline import build_allocation, calibration_batch, dense_spectra, evaluation_windows, run, write_record
+from analysis.powerlaw import XMIN_RULES
+from analysis.pruners import PRUNERS
+from analysis.pruning import prune
+from analysis.settings import (
+    ALLOCATION_METHODS,
+    SPECTRA_METHODS,
+    AllocationSettings,
+    CalibrationSettings,
+    EvaluationSettings,
+    ModelSettings,
+    PruneSettings,
+    RunSettings,
+    SettingsError,
+    SpectraSettings,
+)
+from analysis.spectra import analyze
+from analysis.store import RunStore
 
 
 class UsageError(ValueError):
     """Bad option value; printed as one line."""
 
 
+# the option that sets each setting (SettingsError.field), so an error names what to change
+FLAGS = {
+    "model.source": "--model", "spectra.fit": "--fit", "allocation.method": "--allocation",
+    "allocation.file": "--allocation", "allocation.sparsity": "--sparsity", "allocation.epsilon": "--epsilon",
+    "allocation.metric": "--metric", "allocation.granularity": "--granularity", "allocation.fit": "--fit",
+    "allocation.owl_lambda": "--owl-lambda", "allocation.owl_threshold": "--owl-threshold",
+    "allocation.points": "--points", "prune.method": "--method", "prune.nm": "--nm", "calibration.source": "--calib",
+    "calibration.n_samples": "--nsamples", "calibration.seqlen": "--seqlen", "calibration.seed": "--seed",
+    "evaluation.source": "--eval", "evaluation.seqlen": "--eval-seqlen", "evaluation.max_windows": "--max-windows",
+    "evaluation.batch_size": "--batch-size",
+}
+
+
+def _parser(sub, name: str, help: str) -> argparse.ArgumentParser:
+    # allow_abbrev=False: "--eval" must never be taken as a prefix of "--eval-seqlen"
+    return sub.add_parser(name, help=help, allow_abbrev=False)
+
+
+def _print_progress(message: str, fraction: float) -> None:
+    print(f"[{fraction:4.0%}] {message}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# model and data options
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), 'gemma3', a folder or a HF id")
-    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1 ...")
-    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
-    p.add_argument("--trust-remote-code", action="store_true", help="run code from the model's repository (off by default)")
+    d = ModelSettings()
+    p.add_argument("--model", default=d.source, help="'default' (SmolLM2-135M-Instruct), 'gemma3', a folder or a HF id")
+    p.add_argument("--device", default=d.device, help="auto (CUDA if available), cpu, cuda, cuda:1 ...")
+    p.add_argument("--dtype", default=d.dtype, help="auto, float32, bfloat16, float16")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run code from the model's repository (off by default)")
+
+
+def _model_settings(args: argparse.Namespace) -> ModelSettings:
+    return ModelSettings(args.model, args.device, args.dtype, args.trust_remote_code)
+
+
+def _load(m: ModelSettings):
+    return load_model(m.source, device=None if m.device == "auto" else m.device,
+                      dtype=None if m.dtype == "auto" else m.dtype, trust_remote_code=m.trust_remote_code)
+
+
+def _add_calib_args(p: argparse.ArgumentParser, what: str = "calibration") -> None:
+    d = CalibrationSettings()
+    p.add_argument("--calib", default=d.source, help=f"{what} text: default (embedded corpus), wikitext2:valid, "
+                   "hf:<dataset>[:<config>]:<split> or a .txt path (the embedded corpus, or a text named for both "
+                   "calibration and evaluation, is split in disjoint halves)")
+    p.add_argument("--nsamples", type=int, default=d.n_samples, help=f"{what} sequences")
+    p.add_argument("--seqlen", type=int, default=d.seqlen, help=f"tokens per {what} sequence")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"seed for {what} sampling")
+
+
+def _calibration(args: argparse.Namespace) -> CalibrationSettings:
+    return CalibrationSettings(args.calib, args.nsamples, args.seqlen, args.seed)
+
+
+def _add_eval_args(p: argparse.ArgumentParser, flag: str) -> None:
+    d = EvaluationSettings()
+    p.add_argument(flag, dest="eval", default=d.source, help="evaluation text (same sources as --calib)")
+    p.add_argument("--eval-seqlen", type=int, default=d.seqlen, help="tokens per evaluation window")
+    p.add_argument("--max-windows", type=int, default=d.max_windows, help="evaluate only the first N windows")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="evaluation windows per forward pass (default: 1 on CPU, 8 on GPU)")
+
+
+def _evaluation(args: argparse.Namespace) -> EvaluationSettings:
+    return EvaluationSettings(args.eval, args.eval_seqlen, args.max_windows, args.batch_size)
+
+
+def _add_allocation_args(p: argparse.ArgumentParser) -> None:
+    d = AllocationSettings()
+    p.add_argument("--epsilon", type=float, default=d.epsilon,
+                   help="alphapruning/farms spread: ratios in [S(1-eps), S(1+eps)]")
+    p.add_argument("--metric", default=d.metric, choices=list(METRIC_DIRECTION),
+                   help="per-matrix metric (alphapruning/farms)")
+    p.add_argument("--granularity", default=d.granularity, choices=["block", "layer"],
+                   help="one ratio per block or per matrix")
+    p.add_argument("--fit", default=d.fit, help=f"power-law xmin rule: {', '.join(XMIN_RULES)}")
+    p.add_argument("--owl-lambda", type=float, default=d.owl_lambda,
+                   help="owl: half-range of the sparsities around the target")
+    p.add_argument("--owl-threshold", type=float, default=d.owl_threshold,
+                   help="owl: outlier = |activation x weight| > M x mean")
+
+
+def _allocation(args: argparse.Namespace, method: str, sparsity: float | None, **extra) -> AllocationSettings:
+    d = AllocationSettings()
+    return AllocationSettings(method=method, sparsity=d.sparsity if sparsity is None else sparsity,
+                              epsilon=args.epsilon, metric=args.metric, granularity=args.granularity, fit=args.fit,
+                              owl_lambda=args.owl_lambda, owl_threshold=args.owl_threshold, **extra)
+
+
+def _print_ppl(label: str, u) -> None:
+    print(f"[{u.windows_done / u.windows_total:4.0%}] {label} perplexity {u.ppl:.3f} after "
+          f"{u.windows_done}/{u.windows_total} windows ({u.tokens} tokens)", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# models
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from analysis.models import PACKAGED, ensure_converted  # noqa: PLC0415
-
     for key, pm in PACKAGED.items():
         line = f"{key:10s} {pm.title:28s} {pm.quantization}"
         if args.convert:
@@ -33,43 +154,11 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_for_cli(args: argparse.Namespace):
-    from analysis.models import load_model  # noqa: PLC0415
-
-    return load_model(args.model, device=None if args.device == "auto" else args.device,
-                      dtype=None if args.dtype == "auto" else args.dtype, trust_remote_code=args.trust_remote_code)
+# --------------------------------------------------------------------------------------------
+# allocate
 
 
-def _print_progress(message: str, fraction: float) -> None:
-    print(f"[{fraction:4.0%}] {message}", file=sys.stderr, flush=True)
-
-
-def _allocation_metrics(args: argparse.Namespace, loaded):
-    if args.method in ("alphapruning", "farms"):
-        from analysis.spectra import analyze  # noqa: PLC0415
-
-        return analyze(loaded.model, fit=args.fit, farms=args.method == "farms", progress=_print_progress).metrics
-    from analysis.models import layer_table  # noqa: PLC0415
-
-    return layer_table(loaded.model)
-
-
-def _owl_outliers(args: argparse.Namespace, loaded) -> dict[int, float]:
-    from analysis.data import calibration_batches, load_text, split_text  # noqa: PLC0415
-    from analysis.pruning import collect_outlier_ratios  # noqa: PLC0415
-
-    text = load_text(args.calib)
-    if args.calib == "default":
-        text = split_text(text)[0]  # the half of the embedded corpus reserved for calibration
-    calib = calibration_batches(loaded.tokenizer, text, n_samples=args.nsamples, seqlen=args.seqlen)
-    return collect_outlier_ratios(loaded.model, calib, threshold_m=args.owl_threshold, progress=_print_progress)
-
-
-def _print_allocation(alloc, metrics, metric: str | None) -> None:
-    import pandas as pd  # noqa: PLC0415
-
-    from analysis.allocation import block_table  # noqa: PLC0415
-
+def _print_allocation(alloc: Allocation, metrics: pd.DataFrame, metric: str | None) -> None:
     has_metric = metric is not None and metric in metrics.columns
     t = block_table(metrics, metric) if has_metric else block_table(metrics.assign(_none=float("nan")), "_none")
     t = t.set_index("block").reindex(range(len(alloc.per_block)))
@@ -89,53 +178,45 @@ def _print_allocation(alloc, metrics, metric: str | None) -> None:
 
 
 def cmd_allocate(args: argparse.Namespace) -> int:
-    from analysis.allocation import allocate, check_settings, custom_allocation, parse_points  # noqa: PLC0415
-
+    points = None
     if args.method == "custom":
         if not args.points:
             raise UsageError("--method custom needs --points, e.g. --points 0:0.5,0.5:0.7,1:0.8")
-        points = parse_points(args.points)
+        points = tuple(parse_points(args.points))
         if args.sparsity is None and not args.as_drawn:
             raise UsageError("--sparsity is required unless --as-drawn")
     elif args.sparsity is None:
         raise UsageError("--sparsity is required")
-    check_settings(args.method, args.sparsity, args.epsilon, args.metric, args.granularity, args.owl_lambda)
-    loaded = _load_for_cli(args)
-    metrics = _allocation_metrics(args, loaded)
-    if args.method == "custom":
-        alloc = custom_allocation(points, metrics, sparsity=args.sparsity, normalize=not args.as_drawn,
-                                  model=args.model)
+    settings = _allocation(args, args.method, args.sparsity, points=points, as_drawn=args.as_drawn).check()
+    calibration = _calibration(args).check() if args.method == "owl" else None
+    loaded = _load(_model_settings(args))
+    if args.method in SPECTRA_METHODS:
+        metrics = dense_spectra(loaded.model, settings.spectra, progress=_print_progress)
     else:
-        outliers = _owl_outliers(args, loaded) if args.method == "owl" else None
-        alloc = allocate(metrics, args.sparsity, method=args.method, epsilon=args.epsilon, metric=args.metric,
-                         granularity=args.granularity, outlier_ratios=outliers, owl_lambda=args.owl_lambda,
-                         model=args.model)
-    if args.method in ("alphapruning", "farms"):
-        alloc.params["fit"] = args.fit
-    _print_allocation(alloc, metrics, args.metric if args.method in ("alphapruning", "farms") else None)
+        metrics = layer_table(loaded.model)
+    calib = None
+    if calibration is not None:
+        calib = calibration_batch(loaded.tokenizer, calibration, bos=loaded.info.bos_per_window)
+    if args.method == "custom" and args.as_drawn and args.sparsity is None:
+        settings = AllocationSettings(method="custom", points=points, as_drawn=True)
+    alloc = build_allocation(settings, loaded.model, calib=calib, metrics=metrics, model_name=args.model,
+                             progress=_print_progress)
+    _print_allocation(alloc, metrics, args.metric if args.method in SPECTRA_METHODS else None)
     if args.out:
         print(f"wrote {alloc.save(args.out)}")
     return 0
 
 
 def _add_allocate_parser(sub) -> None:
-    from analysis.allocation import METHODS, METRIC_DIRECTION  # noqa: PLC0415
-
-    p = sub.add_parser("allocate", help="layerwise sparsity (uniform, alphapruning, farms, owl, custom) to JSON")
+    p = _parser(sub, "allocate", "layerwise sparsity (uniform, alphapruning, farms, owl, custom) to JSON")
     _add_model_args(p)
-    p.add_argument("--method", default="alphapruning", choices=METHODS)
+    p.add_argument("--method", default=AllocationSettings.method, choices=ALLOCATION_CHOICES)
     p.add_argument("--sparsity", type=float, default=None, help="target fraction of pruned weights, in [0, 0.99]")
-    p.add_argument("--epsilon", type=float, default=0.3, help="alphapruning/farms spread: ratios in [S(1-eps), S(1+eps)]")
-    p.add_argument("--metric", default="alpha", choices=list(METRIC_DIRECTION), help="per-matrix metric (alphapruning/farms)")
-    p.add_argument("--granularity", default="block", choices=["block", "layer"], help="one ratio per block or per matrix")
-    p.add_argument("--fit", default="peak", help="power-law xmin rule: peak, median or scan")
-    p.add_argument("--points", default=None, help="custom curve control points depth:sparsity, e.g. 0:0.5,0.5:0.7,1:0.8")
+    _add_allocation_args(p)
+    p.add_argument("--points", default=None,
+                   help="custom curve control points depth:sparsity, e.g. 0:0.5,0.5:0.7,1:0.8")
     p.add_argument("--as-drawn", action="store_true", help="custom: apply the curve as drawn, report its budget")
-    p.add_argument("--owl-lambda", type=float, default=0.08, help="owl: half-range of the sparsities around the target")
-    p.add_argument("--owl-threshold", type=float, default=5.0, help="owl: outlier = |activation x weight| > M x mean")
-    p.add_argument("--calib", default="default", help="owl calibration text: default, wikitext2:valid or a .txt path")
-    p.add_argument("--nsamples", type=int, default=16, help="owl: calibration sequences")
-    p.add_argument("--seqlen", type=int, default=256, help="owl: tokens per calibration sequence")
+    _add_calib_args(p, "owl calibration")
     p.add_argument("--out", default=None, help="write the allocation JSON here")
     p.set_defaults(func=cmd_allocate)
 
@@ -144,133 +225,59 @@ def _add_allocate_parser(sub) -> None:
 # prune / eval / runs
 
 
-def _print_ppl(label: str):
-    def show(u) -> None:
-        print(f"[{u.windows_done / u.windows_total:4.0%}] {label} perplexity {u.ppl:.3f} after "
-              f"{u.windows_done}/{u.windows_total} windows ({u.tokens} tokens)", file=sys.stderr, flush=True)
-    return show
-
-
-def _check_prune_args(args: argparse.Namespace):
-    """Validate cheap options before loading anything; returns (n, m) or None."""
-    from analysis.pruning import METHODS, parse_nm  # noqa: PLC0415
-
-    if args.method not in METHODS:
-        raise UsageError(f"--method must be one of {', '.join(METHODS)}")
-    nm = parse_nm(args.nm)
-    if nm is None and not 0.0 < args.sparsity <= 0.99:
-        raise UsageError(f"--sparsity must be in (0, 0.99], got {args.sparsity}")
-    if not 0.0 <= args.epsilon < 1.0:
-        raise UsageError(f"--epsilon must be in [0, 1), got {args.epsilon}")
-    _check_data_args(args, args.eval)
-    from analysis.runs import ALLOCATIONS  # noqa: PLC0415
-
-    if nm is None and args.allocation not in ALLOCATIONS and not Path(args.allocation).expanduser().is_file():
-        raise UsageError(f"--allocation must be one of {', '.join(ALLOCATIONS)} or an allocation JSON file; "
-                         f"'{args.allocation}' is neither.")
-    return nm
-
-
-def _check_data_args(args: argparse.Namespace, eval_source: str) -> None:
-    """The calibration/evaluation options, including that the texts can exist, before any model loads."""
-    from analysis.data import text_source_problem  # noqa: PLC0415
-
-    for name in ("nsamples", "seqlen", "eval_seqlen"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer")
-    for name in ("max_windows", "batch_size"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer")
-    for flag, source in (("--calib", args.calib), ("evaluation text", eval_source)):
-        if problem := text_source_problem(source):
-            raise UsageError(f"{flag}: {problem}")
-
-
-def _prune_config(args: argparse.Namespace, nm, alloc, data_info: dict, loaded) -> dict:
-    return {"model": args.model, "model_title": loaded.info.title, "method": args.method,
-            "allocation": alloc.method if nm is None else "n:m", "allocation_source": args.allocation,
-            "sparsity": alloc.sparsity, "epsilon": args.epsilon, "nm": list(nm) if nm else None, **data_info,
-            "seed": args.seed, "device": loaded.info.device, "dtype": loaded.info.dtype}
+def _run_settings(args: argparse.Namespace) -> RunSettings:
+    method, file = args.allocation, None
+    if method not in ALLOCATION_METHODS or method in ("custom", "file"):
+        method, file = "file", args.allocation
+    settings = RunSettings(model=_model_settings(args),
+                           allocation=_allocation(args, method, args.sparsity, file=file),
+                           prune=PruneSettings(args.method, args.nm), calibration=_calibration(args),
+                           evaluation=_evaluation(args))
+    if settings.prune.nm is None and method == "file" and not Path(file).expanduser().is_file():
+        raise UsageError(f"--allocation must be one of {', '.join(ALLOCATION_METHODS[:4])} or an allocation "
+                         f"JSON file; '{args.allocation}' is neither.")
+    return settings.check()
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    import torch  # noqa: PLC0415
-
-    from analysis.evaluation import perplexity  # noqa: PLC0415
-    from analysis.pruning import export, prune  # noqa: PLC0415
-    from analysis.runs import (RunStore, Timer, build_allocation, make_record, nm_allocation,  # noqa: PLC0415
-                               prepare_data, write_record)
-
-    nm = _check_prune_args(args)
-    torch.manual_seed(args.seed)
-    timer = Timer()
-    with timer("load"):
-        loaded = _load_for_cli(args)
-    bos = loaded.info.bos_per_window
-    with timer("data"):
-        calib, windows, data_info = prepare_data(loaded.tokenizer, args.calib, args.eval, args.nsamples, args.seqlen,
-                                                 args.eval_seqlen, args.max_windows, args.seed, bos)
-    print(f"calibration {tuple(calib.shape)} from {args.calib}; evaluation {tuple(windows.shape)} from {args.eval}",
-          file=sys.stderr)
-    with timer("allocation"):
-        if nm is None:
-            alloc = build_allocation(loaded.model, args.allocation, args.sparsity, calib, epsilon=args.epsilon,
-                                     model_name=args.model, progress=_print_progress)
-        else:
-            alloc = nm_allocation(loaded.model, nm, model_name=args.model)
-    with timer("dense_eval"):
-        dense = perplexity(loaded.model, windows, progress=_print_ppl("dense"), batch_size=args.batch_size)
-    with timer("prune"):
-        report = prune(loaded.model, alloc.per_layer, method=args.method, calib=calib, nm=nm, progress=_print_progress)
-    with timer("pruned_eval"):
-        pruned = perplexity(loaded.model, windows, progress=_print_ppl("pruned"), batch_size=args.batch_size)
-    record = make_record(_prune_config(args, nm, alloc, data_info, loaded), alloc.to_dict(), report, dense, pruned,
-                         timer.seconds)
+    settings = _run_settings(args)
+    loaded = _load(settings.model)
+    print(f"calibration {settings.calibration.n_samples} x {settings.calibration.seqlen} tokens from "
+          f"{settings.calibration.source}; evaluation on {settings.evaluation.source}", file=sys.stderr)
+    result = run(loaded, settings, progress=_print_progress, on_ppl=_print_ppl)
+    record, report = result.record, result.report
+    record["timings_s"]["load"] = round(loaded.info.load_seconds, 3)
     if args.save_model:
-        with timer("export"):
-            print(f"saved the pruned model to {export(loaded.model, loaded.tokenizer, alloc, args.save_model)}")
+        print(f"saved the pruned model to {export(loaded.model, loaded.tokenizer, result.allocation, args.save_model)}")
         record["saved_to"] = args.save_model
     if args.out:
         print(f"wrote {write_record(record, args.out)}")
     run_id = RunStore(args.db).add(record)
     print(f"{args.method} + {record['config']['allocation']} at {report.overall:.4f} sparsity: perplexity "
-          f"{dense:.3f} -> {pruned:.3f} (run {run_id}, prune {report.seconds:.1f} s)")
+          f"{record['dense_ppl']:.3f} -> {record['pruned_ppl']:.3f} (run {run_id}, prune {report.seconds:.1f} s)")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from analysis.evaluation import perplexity  # noqa: PLC0415
-    from analysis.pruning import METHODS, prune  # noqa: PLC0415
-    from analysis.runs import prepare_data  # noqa: PLC0415
-
-    if args.method not in METHODS:
-        raise UsageError(f"--method must be one of {', '.join(METHODS)}")
-    _check_data_args(args, args.text)
-    alloc = None
-    if args.allocation:
-        from analysis.allocation import Allocation  # noqa: PLC0415
-
-        alloc = Allocation.load(args.allocation)
-    loaded = _load_for_cli(args)
-    calib, windows, _ = prepare_data(loaded.tokenizer, args.calib, args.text, args.nsamples, args.seqlen,
-                                     args.eval_seqlen, args.max_windows, args.seed, loaded.info.bos_per_window)
+    PruneSettings(args.method).check()
+    calibration, evaluation = _calibration(args).check(), _evaluation(args).check()
+    alloc = Allocation.load(args.allocation) if args.allocation else None
+    loaded = _load(_model_settings(args))
+    bos = loaded.info.bos_per_window
+    windows = evaluation_windows(loaded.tokenizer, evaluation, calibration.source, bos)
     if alloc is not None:
+        calib = calibration_batch(loaded.tokenizer, calibration, evaluation.source, bos)
         report = prune(loaded.model, alloc.per_layer, method=args.method, calib=calib, progress=_print_progress)
         print(f"pruned with {args.method} + {alloc.method}: {report.overall:.4f} sparsity", file=sys.stderr)
-    ppl = perplexity(loaded.model, windows, progress=_print_ppl("pruned" if alloc else "dense"), batch_size=args.batch_size)
-    print(f"perplexity {ppl:.4f} on {args.text} ({windows.shape[0]} windows of {windows.shape[1]} tokens)")
+    label = "pruned" if alloc else "dense"
+    ppl = perplexity(loaded.model, windows, progress=lambda u: _print_ppl(label, u), batch_size=evaluation.batch_size)
+    print(f"perplexity {ppl:.4f} on {evaluation.source} ({windows.shape[0]} windows of {windows.shape[1]} tokens)")
     return 0
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    import pandas as pd  # noqa: PLC0415
-
-    from analysis.runs import RunStore  # noqa: PLC0415
-
     store = RunStore(args.db)
     if args.show is not None:
-        import json  # noqa: PLC0415
-
         print(json.dumps(store.get(args.show), indent=2))
         return 0
     table = store.all()
@@ -282,44 +289,35 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_data_args(p: argparse.ArgumentParser, eval_flag: str) -> None:
-    p.add_argument("--calib", default="default", help="calibration text: default (embedded corpus), wikitext2:valid, "
-                   "hf:<dataset>[:<config>]:<split> or a .txt path (same as the evaluation text: split in halves)")
-    p.add_argument("--nsamples", type=int, default=16, help="calibration sequences")
-    p.add_argument("--seqlen", type=int, default=256, help="tokens per calibration sequence")
-    p.add_argument(eval_flag, dest="eval" if eval_flag == "--eval" else "text", default="wikitext2:test",
-                   help="evaluation text (same sources as --calib)")
-    p.add_argument("--eval-seqlen", type=int, default=512, help="tokens per evaluation window")
-    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
-    p.add_argument("--batch-size", type=int, default=None, help="evaluation windows per forward pass (default: 1 on CPU, 8 on GPU)")
-    p.add_argument("--seed", type=int, default=0, help="seed for calibration sampling")
-
-
 def _add_prune_parsers(sub) -> None:
-    from analysis.pruning import METHODS  # noqa: PLC0415
-
-    p = sub.add_parser("prune", help="allocate, prune, evaluate; writes a run record")
+    p = _parser(sub, "prune", "allocate, prune, evaluate; writes a run record")
     _add_model_args(p)
-    p.add_argument("--method", default="wanda", choices=METHODS)
-    p.add_argument("--allocation", default="alphapruning",
-                   help="uniform, alphapruning, owl, farms, or an allocation JSON file")
-    p.add_argument("--sparsity", type=float, default=0.5, help="target fraction of pruned weights, in (0, 0.99]")
-    p.add_argument("--epsilon", type=float, default=0.3, help="alphapruning/farms spread")
-    p.add_argument("--nm", default=None, help="N:M semi-structured sparsity, e.g. 2:4 (overrides the allocation)")
-    _add_data_args(p, "--eval")
-    p.add_argument("--save-model", default=None, help="save the pruned model (safetensors + tokenizer + allocation.json)")
+    p.add_argument("--method", default=PruneSettings.method, choices=list(PRUNERS))
+    p.add_argument("--allocation", default=AllocationSettings.method,
+                   help=f"{', '.join(ALLOCATION_METHODS[:4])}, or an allocation JSON file")
+    p.add_argument("--sparsity", type=float, default=AllocationSettings.sparsity,
+                   help="target fraction of pruned weights, in (0, 0.99]")
+    _add_allocation_args(p)
+    p.add_argument("--nm", default=PruneSettings.nm,
+                   help="N:M semi-structured sparsity, e.g. 2:4 (overrides the allocation)")
+    _add_calib_args(p)
+    _add_eval_args(p, "--eval")
+    p.add_argument("--save-model", default=None,
+                   help="save the pruned model (safetensors + tokenizer + allocation.json)")
     p.add_argument("--out", default=None, help="write the run record JSON here")
     p.add_argument("--db", default=None, help="SQLite run store (default: the cache folder's runs.sqlite)")
     p.set_defaults(func=cmd_prune)
 
-    p = sub.add_parser("eval", help="perplexity of a model, optionally pruned with an allocation JSON")
+    p = _parser(sub, "eval", "perplexity of a model, optionally pruned with an allocation JSON")
     _add_model_args(p)
     p.add_argument("--allocation", default=None, help="allocation JSON file to prune with first")
-    p.add_argument("--method", default="wanda", choices=METHODS, help="pruner used with --allocation")
-    _add_data_args(p, "--text")
+    p.add_argument("--method", default=PruneSettings.method, choices=list(PRUNERS),
+                   help="pruner used with --allocation")
+    _add_calib_args(p)
+    _add_eval_args(p, "--text")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("runs", help="list recorded pruning runs")
+    p = _parser(sub, "runs", "list recorded pruning runs")
     p.add_argument("--db", default=None, help="SQLite run store (default: the cache folder's runs.sqlite)")
     p.add_argument("--show", type=int, default=None, help="print the full record of this run id")
     p.set_defaults(func=cmd_runs)
@@ -331,8 +329,6 @@ def _add_prune_parsers(sub) -> None:
 
 def _tqdm_progress(total_label: str):
     """A progress callback drawing one tqdm bar (on stderr) from (message, fraction) calls."""
-    from tqdm import tqdm  # noqa: PLC0415
-
     bar = tqdm(total=100, desc=total_label, file=sys.stderr, bar_format="{percentage:3.0f}%|{bar:20}| {desc}")
 
     def update(message: str, fraction: float) -> None:
@@ -343,7 +339,7 @@ def _tqdm_progress(total_label: str):
     return update
 
 
-def _block_summary(metrics):
+def _block_summary(metrics: pd.DataFrame) -> pd.DataFrame:
     """Mean alpha per block and group (attn, mlp, ...), plus the block's mean over all its matrices."""
     m = metrics.assign(where=metrics["block"].map(lambda b: "outside" if b < 0 else b))
     table = m.pivot_table(index="where", columns="group", values="alpha", aggfunc="mean", sort=False)
@@ -354,7 +350,7 @@ def _block_summary(metrics):
     return table.round(3)
 
 
-def _write_metrics(metrics, out: str | None, as_json: bool) -> str | None:
+def _write_metrics(metrics: pd.DataFrame, out: str | None, as_json: bool) -> None:
     target = sys.stdout if out is None else out
     try:
         if as_json:
@@ -363,39 +359,32 @@ def _write_metrics(metrics, out: str | None, as_json: bool) -> str | None:
             metrics.to_csv(target, index=False)
     except OSError as e:
         raise UsageError(f"cannot write {out}: {e.strerror or e}") from e
-    return out
 
 
 def cmd_spectra(args: argparse.Namespace) -> int:
-    import pandas as pd  # noqa: PLC0415
-
-    from analysis.powerlaw import XMIN_RULES  # noqa: PLC0415
-    from analysis.spectra import analyze  # noqa: PLC0415
-
-    if args.fit not in XMIN_RULES:
-        raise UsageError(f"--fit must be one of {', '.join(XMIN_RULES)}")
+    settings = SpectraSettings(args.fit, args.farms, args.normalize, args.include_outside).check()
     as_json = args.json or (args.out or "").lower().endswith(".json")
-    loaded = _load_for_cli(args)
-    result = analyze(loaded.model, fit=args.fit, farms=args.farms, normalize=args.normalize,
-                     include_outside=args.include_outside, progress=_tqdm_progress("spectra"))
+    loaded = _load(_model_settings(args))
+    result = analyze(loaded.model, fit=settings.fit, farms=settings.farms, normalize=settings.normalize,
+                     include_outside=settings.include_outside, progress=_tqdm_progress("spectra"))
     metrics = result.metrics
     report = sys.stdout if args.out else sys.stderr  # keep stdout clean when the table goes there
     _write_metrics(metrics, args.out, as_json)
     with pd.option_context("display.width", 200, "display.max_rows", 500):
         print(_block_summary(metrics).to_string(), file=report)
-    bad = metrics[metrics["status"] != "ok"]
-    for _, row in bad.iterrows():
+    for _, row in metrics[metrics["status"] != "ok"].iterrows():
         print(f"warning: {row['name']}: {row['status']}", file=sys.stderr)
-    print(f"{len(metrics)} matrices of {loaded.info.title}, fit={args.fit}{', FARMS' if args.farms else ''}: "
+    print(f"{len(metrics)} matrices of {loaded.info.title}, fit={settings.fit}{', FARMS' if settings.farms else ''}: "
           f"median alpha {metrics['alpha'].median():.3f}" + (f"; wrote {args.out}" if args.out else ""), file=report)
     return 0
 
 
 def _add_spectra_parser(sub) -> None:
-    p = sub.add_parser("spectra", help="ESD heavy-tail metrics (alpha, ...) of every weight matrix to CSV/JSON")
+    d = SpectraSettings()
+    p = _parser(sub, "spectra", "ESD heavy-tail metrics (alpha, ...) of every weight matrix to CSV/JSON")
     _add_model_args(p)
     p.add_argument("--out", default=None, help="output file (.csv, or .json); default: CSV on stdout")
-    p.add_argument("--fit", default="peak", help="power-law xmin rule: peak (default), median or scan")
+    p.add_argument("--fit", default=d.fit, help=f"power-law xmin rule: {', '.join(XMIN_RULES)}")
     p.add_argument("--farms", action="store_true", help="fit the pooled ESD of square sliding windows (FARMS)")
     p.add_argument("--normalize", action="store_true", help="divide eigenvalues by N (rows)")
     p.add_argument("--include-outside", action="store_true", help="also the embedding and lm_head (not prunable)")
@@ -404,9 +393,10 @@ def _add_spectra_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m analysis", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m analysis", description=__doc__.splitlines()[0],
+                                     allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("models", help="list packaged models (and convert them with --convert)")
+    p = _parser(sub, "models", "list packaged models (and convert them with --convert)")
     p.add_argument("--convert", action="store_true", help="dequantize the packaged GGUF files into the cache now")
     p.set_defaults(func=cmd_models)
     _add_allocate_parser(sub)
@@ -416,11 +406,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ModelLoadError, ValueError, FileNotFoundError) as e:  # UsageError, AllocationError, ... are ValueErrors
+    except SettingsError as e:
+        flag = FLAGS.get(e.field)
+        if flag == "--eval" and args.command == "eval":
+            flag = "--text"
+        print(f"error: {flag + ': ' if flag else ''}{e}", file=sys.stderr)
+        return 2
+    except (ModelLoadError, ValueError, FileNotFoundError) as e:  # SettingsError, AllocationError, ... are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

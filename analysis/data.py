@@ -8,9 +8,9 @@ Text sources (`load_text`):
   - "hf:<dataset>[:<config>]:<split>": a Hugging Face dataset (needs `datasets` and a reachable hub);
   - anything else: a path to a UTF-8 text file.
 
-Calibration and evaluation text must be disjoint. The usual pairing is calibration on "default"
-(or "wikitext2:valid") and evaluation on "wikitext2:test"; when one text has to serve both, use
-`split_text`, which cuts it into two disjoint halves at a line boundary.
+Calibration and evaluation text are disjoint: the embedded corpus is always cut in two halves at a
+line boundary (`split_text`), the first for calibration and the second for evaluation, and any other
+source named for both is cut the same way (`calibration_text`, `evaluation_text`).
 
 Token windows: the text is tokenized once (cached per tokenizer and text), without special
 tokens. Calibration samples are random windows (seeded); evaluation windows are consecutive and
@@ -26,6 +26,8 @@ import re
 from pathlib import Path
 
 import torch
+
+from analysis.runtime import cache_dir
 
 WIKITEXT_SPLITS = ("train", "valid", "test")
 NO_SOURCE = "No text source given; use 'default', 'wikitext2:test', 'hf:...' or a .txt path."
@@ -89,8 +91,6 @@ def save_text(name: str, data: bytes, folder: Path | None = None) -> Path:
     """Keep an uploaded text as a file under `folder` (default: the cache folder's texts/) and return
     its path, named by content (the same upload gives the same path, so results keyed by the text
     source stay valid)."""
-    from analysis.models import cache_dir  # noqa: PLC0415
-
     folder = Path(folder) if folder is not None else cache_dir() / "texts"
     folder.mkdir(parents=True, exist_ok=True)
     stem = re.sub(r"[^\w.-]+", "_", Path(name).stem)[:60] or "text"
@@ -123,7 +123,8 @@ def _hf_parts(spec: str) -> tuple[str, str | None, str]:
     """(dataset, config or None, split) from "<dataset>[:<config>]:<split>"."""
     parts = spec.split(":")
     if len(parts) not in (2, 3) or not all(parts):
-        raise DataError(f"Use 'hf:<dataset>[:<config>]:<split>', e.g. 'hf:wikitext:wikitext-2-raw-v1:test' (got 'hf:{spec}').")
+        raise DataError(f"Use 'hf:<dataset>[:<config>]:<split>', e.g. 'hf:wikitext:wikitext-2-raw-v1:test' (got "
+                        f"'hf:{spec}').")
     return (parts[0], None, parts[1]) if len(parts) == 2 else tuple(parts)
 
 
@@ -137,7 +138,8 @@ def _load_hf(spec: str) -> str:
     try:
         ds = datasets.load_dataset(name, config, split=split)
     except Exception as e:  # noqa: BLE001 (offline, unknown name, bad split: all user-fixable)
-        raise DataError(f"Could not load dataset '{spec}': {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"Could not load dataset '{spec}': {reason}") from e
     if "text" not in ds.column_names:
         raise DataError(f"Dataset '{spec}' has no 'text' column (columns: {', '.join(ds.column_names)}).")
     return "\n\n".join(ds["text"])
@@ -251,9 +253,25 @@ def eval_windows(tokenizer, text: str, seqlen: int = 512, bos: bool = False,
     return _with_bos(rows, tokenizer, bos)
 
 
+def is_split(source: str, other: str | None) -> bool:
+    """The embedded corpus is always cut in halves (its first half calibrates, its second evaluates);
+    any other source is cut only when it is named for both."""
+    src = str(source).strip()
+    return src == "default" or (other is not None and src == str(other).strip())
+
+
+def calibration_text(source: str, eval_source: str | None = None) -> str:
+    """The text calibration samples are drawn from (see `is_split`)."""
+    text = load_text(source)
+    return split_text(text)[0] if is_split(source, eval_source) else text
+
+
+def evaluation_text(source: str, calib_source: str | None = None) -> str:
+    """The text evaluation windows are cut from (see `is_split`)."""
+    text = load_text(source)
+    return split_text(text)[1] if is_split(source, calib_source) else text
+
+
 def calib_and_eval_texts(calib: str, eval_source: str) -> tuple[str, str]:
-    """Load calibration and evaluation text, disjoint: when both name the same source, that
-    source is split with `split_text` (first half calibrates, second half evaluates)."""
-    if str(calib).strip() == str(eval_source).strip():
-        return split_text(load_text(calib))
-    return load_text(calib), load_text(eval_source)
+    """Calibration and evaluation text, disjoint whatever the two sources are."""
+    return calibration_text(calib, eval_source), evaluation_text(eval_source, calib)

@@ -8,15 +8,15 @@ When windows start with BOS (`eval_windows(bos=True)`), BOS is context only and 
 from __future__ import annotations
 
 import math
-import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-StopFlag = threading.Event | Callable[[], bool] | None
+from analysis.layers import module_device
+from analysis.runtime import StopFlag, should_stop
 
 
 @dataclass(frozen=True)
@@ -26,19 +26,6 @@ class PplUpdate:
     tokens: int  # predicted tokens scored so far
     nll_sum: float  # nats
     ppl: float  # exp(nll_sum / tokens)
-
-
-def should_stop(stop: StopFlag) -> bool:
-    """True when `stop` (a threading.Event or a no-argument callable) asks to stop."""
-    if stop is None:
-        return False
-    if isinstance(stop, threading.Event):
-        return stop.is_set()
-    return bool(stop())
-
-
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 @torch.inference_mode()
@@ -53,8 +40,7 @@ def window_nll(model: nn.Module, window: torch.Tensor) -> tuple[float, int]:
 
 def default_batch_size(device: torch.device) -> int:
     """Windows per forward pass: 1 on CPU (batching gains nothing there and the live curve updates
-    every window), 8 on a GPU (the whole WikiText-2 test set, 609 windows of 512 tokens on SmolLM2,
-    took 22 s one window at a time on an H100, where one window leaves the GPU mostly idle)."""
+    every window), 8 on a GPU (one window of a small model leaves a GPU mostly idle)."""
     return 1 if device.type == "cpu" else 8
 
 
@@ -69,7 +55,7 @@ def perplexity_stream(model: nn.Module, windows: torch.Tensor, device: str | tor
     """
     if windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
         raise ValueError(f"windows must be a non-empty (n, L>=2) tensor of token ids, got shape {tuple(windows.shape)}")
-    dev = torch.device(device) if device is not None else model_device(model)
+    dev = torch.device(device) if device is not None else module_device(model)
     step = default_batch_size(dev) if batch_size is None else int(batch_size)
     if step < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")

@@ -55,7 +55,7 @@ class PowerLawFit:
     status: str = "ok"
 
     @classmethod
-    def failed(cls, status: str) -> "PowerLawFit":
+    def failed(cls, status: str) -> PowerLawFit:
         return cls(math.nan, math.nan, math.nan, 0, status)
 
 

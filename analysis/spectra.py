@@ -5,27 +5,17 @@ eigenvalues of WᵀW, i.e. the min(rows, cols) squared singular values of W, unn
 `normalize=True` (then divided by N = rows, the number of output features). The zero eigenvalues
 WᵀW has beyond min(rows, cols) are not listed.
 
-Speed: each matrix is oriented so the short side comes first (W or Wᵀ) and its Gram matrix
+How: each matrix is oriented so the short side comes first (W or Wᵀ) and its Gram matrix
 (short x short) is diagonalized. On a GPU, `torch.linalg.eigvalsh` (cuSOLVER) on batches of equal
-shape; on a CPU, NumPy's `eigvalsh` (the OpenBLAS LAPACK that NumPy ships), one matrix per task over
-single-threaded workers (below), largest first. NumPy rather than torch on CPU: for the default
-model's 210 block matrices, 2 worker threads took 1.7 s with NumPy and 4.0 s with torch (whose
-LAPACK is MKL) on this project's 2-core AMD machine; on a 16-core H100 host the single-threaded
-576 x 576 eigensolve took 27 ms vs 54 ms. NumPy's linalg releases the GIL, so the workers run in
-parallel. Precision (`GRAM_DTYPE`) is float64: measured on the
-default model (CPU), float32 Gram + eigvalsh took ~55% of the float64 time, but its absolute error
-(~1e-7·λmax) wrecks the smallest eigenvalues (relative error up to 4e3), which moves the
-log-histogram peak the default "peak" fit starts from and changed alphas by up to 1.5. In float64
-every eigenvalue matches `torch.linalg.svdvals(W.double())**2` to 3e-6 relative (the tail to 1e-14)
-and alphas agree to 1e-12.
+shape; on a CPU, NumPy's `eigvalsh` one matrix per task over single-threaded worker threads, largest
+first (NumPy's LAPACK was the faster of the two on CPU and releases the GIL; a multi-threaded LAPACK
+inside one small eigensolve spin-waits for its siblings on a busy machine). The power-law fits are
+spread over the same workers. The previous thread settings are restored afterwards.
 
-CPU threads: during `analyze` on CPU, torch and NumPy's BLAS run single-threaded and the matrices are
-spread over `torch.get_num_threads()` Python threads instead (one matrix per call); the power-law fits are
-spread the same way, on any device (the "scan" rule's KS matrices were 2.7 of its 3.6 s on a
-16-core machine when fitted one after another). On a
-busy machine, multi-threaded LAPACK inside one small eigvalsh spin-waits for its siblings: measured
-here with other jobs running, 8 eigvalsh calls (576 x 576) took 14.5 s with 2 intra-op threads and
-0.76 s as 2 single-threaded workers. The previous thread setting is restored afterwards.
+Precision (`GRAM_DTYPE`) is float64: a float32 Gram's absolute error (~1e-7·λmax) wrecks the smallest
+eigenvalues, which moves the log-histogram peak the default "peak" fit starts from and changes alphas
+by up to 1.5 on the default model. In float64 the eigenvalues match the squared singular values of
+W in float64 (relative 3e-6, the tail 1e-14). Measurements: bench/results/spectra_*.json.
 
 Heavy-Tailed Self-Regularization (HT-SR) metrics after Martin & Mahoney (JMLR 2021); layerwise
 alpha for pruning after AlphaPruning (Lu et al., NeurIPS 2024); FARMS (Fixed-Aspect-Ratio Matrix
@@ -46,8 +36,9 @@ import torch
 from threadpoolctl import ThreadpoolController
 from torch import nn
 
-from analysis.models import LayerRef, ProgressFn, find_layers
+from analysis.layers import LayerRef, find_layers
 from analysis.powerlaw import MIN_TAIL, XMIN_RULES, PowerLawFit, fit_power_law
+from analysis.runtime import ProgressFn
 
 GRAM_DTYPE = torch.float64
 BATCH_ELEMENTS = 1 << 25  # matrix elements per batched Gram product (~256 MiB in float64)
@@ -369,18 +360,24 @@ def _fit_row(eigs: np.ndarray, fit: str, known_status: str | None, min_tail: int
 # Marchenko–Pastur
 
 
+def mp_bounds(ratio: float, sigma2: float = 1.0) -> tuple[float, float]:
+    """Support [lo, hi] of the Marchenko–Pastur density (see `mp_density`)."""
+    q = max(ratio, 1.0 / ratio)
+    return sigma2 * (1 - q ** -0.5) ** 2, sigma2 * (1 + q ** -0.5) ** 2
+
+
 def mp_density(x, ratio: float, sigma2: float = 1.0) -> np.ndarray:
     """Marchenko–Pastur density of the min(N, M) nonzero eigenvalues of (1/N)·WᵀW for W (N x M) with
     i.i.d. entries of variance sigma2.
 
     ratio: Q = N/M, the long side over the short side; a value below 1 is read as its inverse.
-    The density lives on [sigma2·(1 - 1/√Q)², sigma2·(1 + 1/√Q)²] and integrates to 1.
+    The density lives on `mp_bounds(ratio, sigma2)` and integrates to 1.
     For the unnormalized ESD (this module's default) of a matrix with entry variance s², pass
     sigma2 = N·s², N being the long side. Returns 0 outside the support.
     """
     q = max(ratio, 1.0 / ratio)
     x = np.asarray(x, dtype=np.float64)
-    lo, hi = sigma2 * (1 - q ** -0.5) ** 2, sigma2 * (1 + q ** -0.5) ** 2
+    lo, hi = mp_bounds(q, sigma2)
     inside = (x > lo) & (x < hi)
     dens = np.zeros_like(x)
     xi = x[inside]
@@ -388,5 +385,31 @@ def mp_density(x, ratio: float, sigma2: float = 1.0) -> np.ndarray:
     return dens
 
 
-__all__ = ["COLUMNS", "SpectraResult", "analyze", "esd", "farms_esd", "farms_windows", "mp_density",
-           "spectral_entropy"]
+def mp_curve(eigs: np.ndarray, ratio: float, log: bool = True, points: int = 400) -> tuple[np.ndarray, np.ndarray]:
+    """(x, density) of the Marchenko–Pastur law a random matrix of the same shape and the same mean
+    eigenvalue would follow (the mean eigenvalue equals sigma2 for either scaling of the ESD): the
+    overlay that shows how far a spectrum is from noise. x spans the support, log-spaced if `log`."""
+    finite = np.asarray(eigs, dtype=np.float64)
+    sigma2 = float(finite[np.isfinite(finite)].mean())
+    lo, hi = mp_bounds(ratio, sigma2)
+    x = np.geomspace(max(lo, hi * 1e-6), hi, points) if log else np.linspace(lo, hi, points)
+    return x, mp_density(x, ratio, sigma2)
+
+
+# ---------------------------------------------------------------------------------------------
+# reading alpha
+
+ALPHA_BANDS = (2.0, 6.0)  # HT-SR's reading: below over-trained, inside well trained, above under-trained
+
+
+def shuffled_esd(ref: LayerRef, farms: bool = False, normalize: bool = False, seed: int = 0) -> np.ndarray:
+    """ESD of the matrix with its entries randomly permuted: the same entry distribution with no
+    learned correlations left (what the layer's spectrum would be without structure)."""
+    w = ref.weight().detach()
+    gen = torch.Generator().manual_seed(seed)
+    shuffled = w.flatten()[torch.randperm(w.numel(), generator=gen).to(w.device)].view_as(w)
+    return farms_esd(shuffled, normalize) if farms else esd(shuffled, normalize)
+
+
+__all__ = ["ALPHA_BANDS", "COLUMNS", "SpectraResult", "analyze", "esd", "farms_esd", "farms_windows", "mp_bounds",
+           "mp_curve", "mp_density", "shuffled_esd", "spectral_entropy"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 import platform
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 
@@ -13,7 +13,7 @@ def machine_info() -> dict:
     return {"cpus": os.cpu_count(), "load_avg": [round(x, 2) for x in os.getloadavg()],
             "processor": platform.processor() or platform.machine(),
             "python": platform.python_version(), "platform": platform.platform(),
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            "date": datetime.now(UTC).isoformat(timespec="seconds")}
 
 
 def write_result(report: dict, out: str | Path) -> None:

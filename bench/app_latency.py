@@ -25,9 +25,23 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import machine_info, write_result  # noqa: E402
-from tests.e2e.app_driver import (BUDGET_JS, LONG_MS, budget_text, drag_point, esd_svg, launch,  # noqa: E402
-                                  load_default, metric_value, nav, open_app, shot, start_server, stop_server,
-                                  wait_idle, wait_text_change)
+from tests.e2e.app_driver import (  # noqa: E402
+    BUDGET_JS,
+    LONG_MS,
+    budget_text,
+    drag_point,
+    esd_svg,
+    launch,
+    load_default,
+    metric_value,
+    nav,
+    open_app,
+    shot,
+    start_server,
+    stop_server,
+    wait_idle,
+    wait_text_change,
+)
 
 OUT = ROOT / "bench" / "results" / "app_latency.json"
 
@@ -44,7 +58,7 @@ def main(argv=None) -> int:
     ap.add_argument("--drags", type=int, default=7)
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args(argv)
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import sync_playwright  # noqa: PLC0415 (dev-only browser driver)
 
     tmp = Path(tempfile.mkdtemp(prefix="alphascope-bench-"))
     proc, url = start_server(env={"ALPHASCOPE_RUNS_DB": str(tmp / "runs.sqlite")}, log_path=tmp / "streamlit.log")

@@ -6,7 +6,8 @@ Grid: dense, then every sparsity x pruner {magnitude, wanda, sparsegpt} x alloca
 alphapruning}. Calibration: n random windows from the embedded corpus (gensim's Lee background
 corpus, news text, disjoint from WikiText-2). Evaluation: the first `--windows` non-overlapping
 512-token windows of WikiText-2 test (a fixed prefix, identical for every run, so differences between
-runs are paired; `--windows 0` takes the whole test set). AlphaPruning's epsilon is chosen from `--eps-grid` on WikiText-2 *valid* (first
+runs are paired; `--windows 0` takes the whole test set). AlphaPruning's epsilon is chosen from `--eps-grid` on
+WikiText-2 *valid* (first
 `--valid-windows` windows, wanda at `--eps-sparsity`), never on test. OWL uses M=5, lambda=0.08.
 
 Per run it records pruning and evaluation seconds and the peak resident memory of the process
@@ -33,9 +34,12 @@ import torch
 from analysis.allocation import allocate
 from analysis.data import calibration_batches, eval_windows, load_text
 from analysis.evaluation import perplexity
-from analysis.models import load_model
-from analysis.pruning import DenseSnapshot, collect_outlier_ratios, prune
-from analysis.runs import dense_metrics, library_versions, now_iso
+from analysis.loading import load_model
+from analysis.owl import collect_outlier_ratios
+from analysis.pipeline import dense_spectra, library_versions
+from analysis.pruning import DenseSnapshot, prune
+from analysis.settings import SpectraSettings
+from analysis.store import now_iso
 
 OUT = Path(__file__).resolve().parent / "results" / "quality.json"
 METHODS = ("magnitude", "wanda", "sparsegpt")
@@ -56,7 +60,7 @@ class PeakRSS:
             self.peak = max(self.peak, self._proc.memory_info().rss)
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "PeakRSS":
+    def __enter__(self) -> PeakRSS:
         self.peak = self._proc.memory_info().rss
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -130,7 +134,8 @@ def grid_order(sparsities, methods, allocs):
 
 def markdown(results: dict) -> str:
     runs, cfg = results["runs"], results["config"]
-    lines = [f"Dense: {results['dense']['ppl']:.2f}. WikiText-2 test perplexity, first {cfg.get('eval_windows', cfg['windows'])} windows of "
+    n_windows = cfg.get('eval_windows', cfg['windows'])
+    lines = [f"Dense: {results['dense']['ppl']:.2f}. WikiText-2 test perplexity, first {n_windows} windows of "
              f"{cfg['eval_seqlen']} tokens ({cfg['eval_tokens']} scored tokens); calibration {cfg['nsamples']}x"
              f"{cfg['seqlen']} tokens from the embedded corpus; AlphaPruning eps = {results.get('epsilon')} "
              f"(chosen on WikiText-2 valid).", "",
@@ -143,7 +148,8 @@ def markdown(results: dict) -> str:
                 continue
             u, a = cells[0], cells[2]
             delta = f"{100 * (a - u) / u:+.1f}%" if u and a else "n/a"
-            lines.append(f"| {s:.1f} | {m} | " + " | ".join(f"{c:.2f}" if c else "n/a" for c in cells) + f" | {delta} |")
+            shown = " | ".join(f"{c:.2f}" if c else "n/a" for c in cells)
+            lines.append(f"| {s:.1f} | {m} | {shown} | {delta} |")
     lines += ["", "| sparsity | pruner | allocation | prune s | eval s | peak RSS MB |", "|---|---|---|---|---|---|"]
     for key, r in runs.items():
         s, m, a = key.split("/")
@@ -154,7 +160,8 @@ def markdown(results: dict) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.splitlines()[0])
     p.add_argument("--windows", type=int, default=40, help="WikiText-2 test windows of 512 tokens (0: all)")
-    p.add_argument("--valid-windows", type=int, default=20, help="WikiText-2 valid windows for choosing epsilon (0: all)")
+    p.add_argument("--valid-windows", type=int, default=20,
+                   help="WikiText-2 valid windows for choosing epsilon (0: all)")
     p.add_argument("--nsamples", type=int, default=16)
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--sparsities", default="0.5,0.6,0.7")
@@ -186,7 +193,8 @@ def main(argv=None) -> int:
     if results.get("config", {}).get("windows") not in (None, args.windows):
         results = {}  # different evaluation set: nothing to resume
     results.update({"config": {**results.get("config", {}), **config}, "started": results.get("started", now_iso()),
-                    "versions": library_versions(), "machine": {"cpus": psutil.cpu_count(), "platform": platform.platform()}})
+                    "versions": library_versions(),
+                    "machine": {"cpus": psutil.cpu_count(), "platform": platform.platform()}})
     results.setdefault("runs", {})
     calib = calibration_batches(tok, load_text("default"), args.nsamples, args.seqlen, seed=args.seed)
     test = eval_windows(tok, load_text("wikitext2:test"), 512, max_windows=args.windows or None)
@@ -196,7 +204,7 @@ def main(argv=None) -> int:
     snap = DenseSnapshot.take(model)
 
     t0 = time.perf_counter()
-    metrics = dense_metrics(model)
+    metrics = dense_spectra(model, SpectraSettings())
     results["spectra_s"] = round(time.perf_counter() - t0, 2)
     if "dense" not in results:
         with PeakRSS() as mem:

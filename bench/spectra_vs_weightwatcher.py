@@ -22,9 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from analysis.models import load_model, prunable_layers
-from bench import write_result
+from analysis.layers import prunable_layers
+from analysis.loading import load_model
 from analysis.spectra import analyze
+from bench import write_result
 
 OUT = Path(__file__).resolve().parent / "results" / "spectra_vs_weightwatcher.json"
 TOLERANCES = (1e-6, 0.01, 0.05)
@@ -45,10 +46,10 @@ def best_time(fn, repeats: int = 3, warmup: bool = True) -> tuple[float, float, 
 
 
 def run_weightwatcher(layers, repeats: int):
-    import weightwatcher as ww
+    import weightwatcher as ww  # noqa: PLC0415 (slow import, only for this comparison)
 
     logging.getLogger("weightwatcher").setLevel(logging.ERROR)
-    watcher = ww.WeightWatcher(model=torch.nn.ModuleList([l.module for l in layers]))
+    watcher = ww.WeightWatcher(model=torch.nn.ModuleList([r.module for r in layers]))
     seconds, cpu, details = best_time(lambda: watcher.analyze(plot=False, randomize=False, mp_fit=False),
                                       repeats=repeats, warmup=False)
     return seconds, cpu, details, ww.__version__
@@ -64,7 +65,7 @@ def time_ours(layers, device: str) -> dict:
     out = {}
     for label, kwargs in {"peak": dict(fit="peak"), "scan_min_tail_2": dict(fit="scan", min_tail=2),
                           "farms_peak": dict(fit="peak", farms=True)}.items():
-        seconds, cpu, result = best_time(lambda: analyze(layers, device=device, **kwargs))
+        seconds, cpu, result = best_time(lambda kw=kwargs: analyze(layers, device=device, **kw))
         out[label] = {"seconds": round(seconds, 4), "cpu_seconds": round(cpu, 3), "result": result}
     return out
 
@@ -100,7 +101,8 @@ def main(argv=None) -> int:
         "alpha_agreement_peak_vs_weightwatcher_scan (different rules, for scale)": agreement(
             ours["peak"]["result"].metrics["alpha"].to_numpy(), theirs),
         "median_alpha": {k: round(float(v["result"].metrics["alpha"].median()), 4) for k, v in ours.items()},
-        "notes": "ours: float64 Gram + eigvalsh (NumPy/OpenBLAS over single-threaded workers on CPU, batched torch/cuSOLVER on GPU), "
+        "notes": "ours: float64 Gram + eigvalsh (NumPy/OpenBLAS over single-threaded workers on CPU, "
+                 "batched torch/cuSOLVER on GPU), "
                  "vectorized Hill/KS fits over the same workers; best of 3 after a warm-up. "
                  "weightwatcher: analyze() defaults on the same modules (its xmin_peak option fails with "
                  "powerlaw 2.0.0, so its default full KS scan is the comparable rule).",

@@ -12,6 +12,8 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from analysis.allocation import block_depths
+
 KIND_ORDER = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METHOD_COLORS = {"uniform": "#7f7f7f", "alphapruning": "#1f77b4", "farms": "#2ca02c", "owl": "#ff7f0e",
                  "custom": "#d62728"}
@@ -137,14 +139,9 @@ def heatmap_figure(metrics: pd.DataFrame, metric: str = "alpha") -> go.Figure:
     return _layout(fig, 300)
 
 
-def depths(n_blocks: int) -> np.ndarray:
-    """Relative depth of each block: b / (n_blocks - 1), 0 for a single block."""
-    return np.arange(n_blocks) / (n_blocks - 1) if n_blocks > 1 else np.zeros(1)
-
-
 def allocation_overlay(per_block: list[float], name: str, color: str | None = None, dash: str = "dot") -> dict:
     """An overlay line for the curve editor: a per-block allocation drawn at block depths."""
-    d = depths(len(per_block))
+    d = block_depths(len(per_block))
     return {"name": name, "x": d.tolist(), "y": [float(v) for v in per_block], "color": color, "dash": dash}
 
 
@@ -206,7 +203,7 @@ def curves_figure(curves: list[tuple[str, list[float]]]) -> go.Figure:
     """Allocation curves (per-block sparsity over depth) overlaid, one per (label, per_block)."""
     fig = go.Figure()
     for label, per_block in curves:
-        fig.add_trace(go.Scatter(x=depths(len(per_block)), y=per_block, mode="lines+markers", name=label))
+        fig.add_trace(go.Scatter(x=block_depths(len(per_block)), y=per_block, mode="lines+markers", name=label))
     fig.update_xaxes(title="relative depth")
     fig.update_yaxes(title="sparsity")
     return _layout(fig, 360)

@@ -8,7 +8,8 @@ Sharing rules
 - Results every session would compute identically (spectra per model+fit+FARMS, dense perplexity
   per model+eval settings, OWL outlier ratios) are shared background `Job`s in a process-wide
   registry, so the second session to ask gets the running or finished job instead of a new one.
-- Pruning happens on a per-session deep copy (`WorkingCopy.model`, analysis/jobs.py), made lazily on the first prune.
+- Pruning happens on a per-session deep copy (`WorkingCopy.model`, analysis/session.py), made lazily on the
+  first prune.
   Why a copy and not a lock plus restore on the shared model: a prune takes seconds to minutes, and
   a lock would block every other session's reads (spectra, dense perplexity) for that whole time,
   while restoring afterwards would still let them read half-pruned weights if they skipped the lock.
@@ -19,17 +20,24 @@ from __future__ import annotations
 import gc
 import os
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import streamlit as st
 
-from analysis.jobs import CANCELLED, ERROR, Job, WorkingCopy
-from analysis.models import PACKAGED, LoadedModel, load_model, packaged_key
-
-# Resolve transformers' lazy attributes once, at import (the app's first run), in one thread.
-# Otherwise two script threads (a rerun overlapping the previous run, or two sessions) may both
-# trigger the lazy import and one of them sees a half-initialized module ("cannot import name").
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402, F401
+# analysis.loading imports transformers' Auto classes at module level: that resolves transformers'
+# lazy attributes once, at the app's first run, in one thread. Resolved lazily, two script threads
+# (a rerun overlapping the previous run, or two sessions) could both trigger the lazy import and
+# one of them would see a half-initialized module ("cannot import name").
+from analysis.data import is_split
+from analysis.jobs import CANCELLED, ERROR, Job
+from analysis.layers import zero_fraction
+from analysis.loading import PACKAGED, LoadedModel, load_model, packaged_key
+from analysis.pipeline import calibration_batch, evaluation_windows
+from analysis.session import WorkingCopy, evaluate_job, outlier_ratios_job
+from analysis.settings import QUICK_EVALUATION, CalibrationSettings, EvaluationSettings, SpectraSettings
+from analysis.spectra import analyze
+from analysis.store import RunStore
 
 ModelKey = tuple[str, str, str, bool]  # (source, device, dtype, trust_remote_code)
 
@@ -120,7 +128,7 @@ def shared_job(key: tuple, fn: Callable[[Job], Any], name: str, start: bool = Tr
     """The job registered under `key`, made with `fn` if there is none yet (or it was cancelled),
     and started unless start=False (then whoever needs it calls `job.start_once()`).
 
-    A job that failed stays registered so every session sees the same error; `forget_job` clears it.
+    A job that failed stays registered so every session sees the same error.
     """
     jobs, lock = _registry()
     with lock:
@@ -136,25 +144,11 @@ def peek_job(key: tuple) -> Job | None:
         return jobs.get(key)
 
 
-def forget_job(key: tuple) -> None:
-    jobs, lock = _registry()
-    with lock:
-        job = jobs.pop(key, None)
-    if job is not None:
-        job.cancel()
-
-
-def spectra_job(loaded: LoadedModel, fit: str = "peak", farms: bool = False) -> Job:
+def spectra_job(loaded: LoadedModel, fit: str = SpectraSettings.fit, farms: bool = False) -> Job:
     """Spectra of the shared (dense) model, computed once per (model, fit rule, FARMS) for everyone."""
-    from analysis.spectra import analyze  # noqa: PLC0415 (torch-heavy; only pages that need it)
-
     key = ("spectra", model_key(), fit, bool(farms))
     return shared_job(key, lambda job: analyze(loaded.model, fit=fit, farms=farms, include_outside=True,
                                                progress=job.report), name="spectra")
-
-
-def job_failed(job: Job) -> bool:
-    return job.status == ERROR
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,7 +158,7 @@ def job_failed(job: Job) -> bool:
 def session_work() -> WorkingCopy:
     """This session's private working copy for the current model (a new one when the model changed).
 
-    The copy itself is made lazily by the first prune job (analysis.jobs.WorkingCopy.ensure)."""
+    The copy itself is made lazily by the first prune job (analysis.session.WorkingCopy.ensure)."""
     key = model_key()
     work = st.session_state.get("work")
     if work is None or work.key != key:
@@ -179,17 +173,12 @@ def weights_zero_fraction(model, version: int = 0) -> float:
 
     Counting scans every weight (a few hundred ms on a CPU, competing with a running prune), so the
     result is kept per (model, version): pass the WorkingCopy's version for a private copy."""
-    from analysis.models import prunable_layers  # noqa: PLC0415
-
     cache = st.session_state.setdefault("_zero_fraction", {})
     key = (id(model), version)
     if key not in cache:
-        refs = prunable_layers(model)
-        total = sum(r.params for r in refs)
-        zeros = sum(int((r.weight() == 0).sum()) for r in refs)
         if len(cache) > 8:
             cache.clear()
-        cache[key] = zeros / total if total else 0.0
+        cache[key] = zero_fraction(model)
     return cache[key]
 
 
@@ -200,8 +189,6 @@ def session_weights(work: WorkingCopy, shared_model) -> tuple[Any, int]:
 
 def session_spectra_job(work: WorkingCopy, fit: str, farms: bool) -> Job:
     """Spectra of this session's pruned copy (private: no other session has these weights)."""
-    from analysis.spectra import analyze  # noqa: PLC0415
-
     jobs = st.session_state.setdefault("work_spectra", {})
     key = (work.key, work.version, fit, bool(farms))
     job = jobs.get(key)
@@ -235,51 +222,58 @@ def wait_for(job: Job, what: str, every: float = 0.25) -> None:
     st.stop()
 
 
-def dense_ppl_job(loaded: LoadedModel, calib_source: str, eval_source: str, eval_seqlen: int,
-                  max_windows: int | None, start: bool = True) -> Job:
+def dense_ppl_job(loaded: LoadedModel, calib_source: str, evaluation: EvaluationSettings, start: bool = True) -> Job:
     """Perplexity of the shared dense model on exactly the windows a prune run with these settings
     evaluates (same text split, length, count, BOS), computed once for everyone."""
-    from analysis.jobs import evaluate_job  # noqa: PLC0415
-    from analysis.runs import prepare_data  # noqa: PLC0415
-
     def run(job: Job):
-        _, windows, _ = prepare_data(loaded.tokenizer, calib_source, eval_source, n_samples=1,
-                                     eval_seqlen=eval_seqlen, max_windows=max_windows, bos=loaded.info.bos_per_window)
+        windows = evaluation_windows(loaded.tokenizer, evaluation, calib_source, loaded.info.bos_per_window)
         last = evaluate_job(job, loaded.model, windows)
         return None if last is None else last.ppl
 
-    return shared_job(_dense_key(calib_source, eval_source, eval_seqlen, max_windows), run, name="dense-ppl",
-                      start=start)
+    return shared_job(_dense_key(calib_source, evaluation), run, name="dense-ppl", start=start)
 
 
-def _dense_key(calib_source: str, eval_source: str, eval_seqlen: int, max_windows: int | None) -> tuple:
-    return ("dense_ppl", model_key(), calib_source, eval_source, int(eval_seqlen), max_windows)
+def _dense_key(calib_source: str, evaluation: EvaluationSettings) -> tuple:
+    return ("dense_ppl", model_key(), calib_source, evaluation.source, evaluation.seqlen, evaluation.max_windows)
 
 
-def peek_dense_ppl_job(loaded: LoadedModel, calib_source: str, eval_source: str, eval_seqlen: int,
-                       max_windows: int | None) -> Job | None:
+def peek_dense_ppl_job(calib_source: str, evaluation: EvaluationSettings) -> Job | None:
     """The dense-baseline job for these settings if one was started (by any session), else None."""
-    return peek_job(_dense_key(calib_source, eval_source, eval_seqlen, max_windows))
+    return peek_job(_dense_key(calib_source, evaluation))
 
 
-def owl_job(loaded: LoadedModel, calib_source: str = "default", eval_source: str = "default",
-            n_samples: int = 16, calib_seqlen: int = 256) -> Job:
-    """OWL outlier ratios of the shared model (measured on a throw-away copy), once for everyone."""
-    from analysis.jobs import outlier_ratios_job  # noqa: PLC0415
-    from analysis.runs import prepare_data  # noqa: PLC0415
-
+def owl_job(loaded: LoadedModel, calibration: CalibrationSettings, eval_source: str, threshold_m: float,
+            start: bool = True) -> Job:
+    """OWL outlier ratios of the shared model (measured on a throw-away copy), once for everyone per
+    calibration batch and outlier threshold: the Allocation page's OWL preset and an OWL run on the
+    Prune page with the same settings share this job, so they apply the same ratios."""
     def run(job: Job):
-        calib, _, _ = prepare_data(loaded.tokenizer, calib_source, eval_source, n_samples, calib_seqlen,
-                                   max_windows=1, bos=loaded.info.bos_per_window)
-        return outlier_ratios_job(job, loaded.model, calib)
+        calib = calibration_batch(loaded.tokenizer, calibration, eval_source, loaded.info.bos_per_window)
+        return outlier_ratios_job(job, loaded.model, calib, threshold_m)
 
-    key = ("owl", model_key(), calib_source, eval_source, int(n_samples), int(calib_seqlen))
-    return shared_job(key, run, name="owl-ratios")
+    key = ("owl", model_key(), calibration, eval_source if is_split(calibration.source, eval_source) else None,
+           threshold_m)
+    return shared_job(key, run, name="owl-ratios", start=start)
 
 
-def runs_store():
+OWN_TEXT = "your own text (file path or hf:...)"  # the Prune page's evaluation choice for a path/hf source
+
+
+def prune_data_settings() -> tuple[CalibrationSettings, str]:
+    """The calibration settings and evaluation source chosen on the Prune page (its widget keys, kept
+    across pages by app.py; defaults where it was never opened). The Allocation page's OWL preset
+    reads them here, so it shows the allocation an OWL run there applies."""
+    s, default = st.session_state, CalibrationSettings()
+    calibration = CalibrationSettings(str(s.get("prune_calib_source", default.source)).strip() or default.source,
+                                      int(s.get("prune_n_samples", default.n_samples)),
+                                      int(s.get("prune_calib_seqlen", default.seqlen)))
+    eval_source = s.get("prune_eval_source", QUICK_EVALUATION.source)
+    if eval_source == OWN_TEXT:
+        eval_source = str(s.get("prune_eval_own", "")).strip()
+    return calibration, eval_source
+
+
+def runs_store() -> RunStore:
     """The run store (SQLite): $ALPHASCOPE_RUNS_DB if set (tests point it at a temporary file), else
-    analysis.runs' default under the cache folder."""
-    from analysis.runs import RunStore  # noqa: PLC0415
-
+    analysis.store's default under the cache folder."""
     return RunStore(os.environ.get("ALPHASCOPE_RUNS_DB") or None)

@@ -2,14 +2,14 @@
 import hashlib
 import json
 
-import numpy as np
 import pandas as pd
 import streamlit as st
 
-from analysis.allocation import Allocation, AllocationError, allocate, block_table, custom_allocation
+from analysis.allocation import Allocation, AllocationError, allocate, block_table, control_points, custom_allocation
+from analysis.settings import AllocationSettings, SpectraSettings
 from components.curve_editor import clamp_points, curve_editor, curve_points
-from components.figures import METHOD_COLORS, allocation_overlay, block_bars_figure, depths
-from components.state import owl_job, require_model, spectra_job, wait_for
+from components.figures import METHOD_COLORS, allocation_overlay, block_bars_figure
+from components.state import owl_job, prune_data_settings, require_model, spectra_job, wait_for
 
 POINTS_KEY = "alloc_points"
 Y_MAX = 0.95  # highest sparsity a control point may take on the chart
@@ -18,7 +18,8 @@ st.title("Allocation")
 st.caption("How much to prune each block: drag the red curve, or load a preset and adjust it. "
            "The budget is the parameter-weighted mean sparsity over all prunable matrices.")
 loaded = require_model()
-fit = st.session_state.get("spectra_fit", "peak")
+DEFAULT = AllocationSettings()
+fit = st.session_state.get("spectra_fit", SpectraSettings.fit)
 job = spectra_job(loaded, fit)
 wait_for(job, "Computing spectra")
 metrics = job.result.metrics
@@ -26,8 +27,8 @@ n_blocks = int(metrics.loc[metrics["prunable"], "block"].max()) + 1
 params = block_table(metrics)["params"].tolist()
 
 c1, c2, c3 = st.columns(3)
-target = c1.slider("Target sparsity", 0.05, 0.9, 0.5, 0.05, key="alloc_target")
-epsilon = c2.slider("ε (AlphaPruning / FARMS spread)", 0.0, 0.9, 0.3, 0.05, key="alloc_epsilon",
+target = c1.slider("Target sparsity", 0.05, 0.9, DEFAULT.sparsity, 0.05, key="alloc_target")
+epsilon = c2.slider("ε (AlphaPruning / FARMS spread)", 0.0, 0.9, DEFAULT.epsilon, 0.05, key="alloc_epsilon",
                     help="Ratios start in [S(1-ε), S(1+ε)] before rescaling to the budget.")
 mode = c3.radio("Apply the curve", ["normalized to target", "as drawn"], key="alloc_mode",
                 help="normalized: the curve's shape, scaled so the budget equals the target; "
@@ -36,33 +37,42 @@ mode = c3.radio("Apply the curve", ["normalized to target", "as drawn"], key="al
 # ---- presets (FARMS and OWL need extra background work; they appear when ready) ----
 presets: dict[str, Allocation] = {
     "uniform": allocate(metrics, target, "uniform", model=loaded.info.source),
-    "alphapruning": allocate(metrics, target, "alphapruning", epsilon=epsilon, model=loaded.info.source),
+    "alphapruning": allocate(metrics, target, "alphapruning", epsilon=epsilon, metric=DEFAULT.metric,
+                             granularity=DEFAULT.granularity, model=loaded.info.source),
 }
 more = st.checkbox("Also FARMS and OWL presets", key="alloc_more",
-                   help="FARMS needs a second spectra pass; OWL a calibration pass over the model. Both run in "
-                        "the background (shared by all sessions) and appear here when ready.")
+                   help="FARMS needs a second spectra pass; OWL a calibration pass over the model, with the "
+                        "calibration settings of the Prune page. Both run in the background (shared by all "
+                        "sessions) and appear here when ready.")
 if more:
-    farms_job, owl = spectra_job(loaded, fit, farms=True), owl_job(loaded)
+    calibration, eval_source = prune_data_settings()  # the OWL preset is what an OWL run there applies
+    farms_job = spectra_job(loaded, fit, farms=True)
+    owl = owl_job(loaded, calibration, eval_source, DEFAULT.owl_threshold)
     pending = []
     if farms_job.status == "done":
-        presets["farms"] = allocate(farms_job.result.metrics, target, "farms", epsilon=epsilon,
-                                    model=loaded.info.source)
+        presets["farms"] = allocate(farms_job.result.metrics, target, "farms", epsilon=epsilon, metric=DEFAULT.metric,
+                                    granularity=DEFAULT.granularity, model=loaded.info.source)
     else:
-        pending.append(f"FARMS spectra {farms_job.progress[1]:.0%}" if not farms_job.done else f"FARMS: {farms_job.error}")
+        pending.append(f"FARMS spectra {farms_job.progress[1]:.0%}" if not farms_job.done
+                       else f"FARMS: {farms_job.error}")
     if owl.status == "done":
-        presets["owl"] = allocate(metrics, target, "owl", outlier_ratios=owl.result, model=loaded.info.source)
+        presets["owl"] = allocate(metrics, target, "owl", outlier_ratios=owl.result, owl_lambda=DEFAULT.owl_lambda,
+                                  model=loaded.info.source)
     else:
         pending.append(f"OWL outlier ratios {owl.progress[1]:.0%}" if not owl.done else f"OWL: {owl.error}")
     if pending:
         st.caption("Computing in the background: " + ", ".join(pending) + " (they appear on the next interaction).")
 
+with st.expander("Preset ratios per block (table)"):
+    st.dataframe(pd.DataFrame({"block": range(n_blocks), "params": params,
+                               **{name: a.per_block for name, a in presets.items()}}),
+                 hide_index=True, key="alloc_preset_table")
+
 p1, p2, p3 = st.columns([2, 1, 1])
 preset = p1.selectbox("Preset", list(presets), index=list(presets).index("alphapruning"), key="alloc_preset")
 k = p2.number_input("Control points", 2, max(2, n_blocks), min(7, n_blocks), key="alloc_preset_points")
 if p3.button("Load preset as the curve", key="alloc_load_preset"):
-    idx = np.unique(np.round(np.linspace(0, n_blocks - 1, int(k))).astype(int))
-    st.session_state[POINTS_KEY] = clamp_points(
-        [[float(depths(n_blocks)[i]), presets[preset].per_block[i]] for i in idx], Y_MAX)[0]
+    st.session_state[POINTS_KEY] = clamp_points(control_points(presets[preset].per_block, int(k)), Y_MAX)[0]
 
 # ---- the curve: apply a pending drag first, then the numeric table, then draw ----
 points = curve_points(POINTS_KEY, [[0.0, target], [0.5, target], [1.0, target]], Y_MAX)
@@ -103,7 +113,8 @@ with chart_box:
                      "mode": "markers", "opacity": 0.5})
     curve_editor(points, overlays, key=POINTS_KEY, y_max=Y_MAX, height=380)
     b1, b2, b3 = st.columns(3)
-    b1.metric("Budget as drawn", f"{drawn.achieved:.1%}", help="Parameter-weighted mean sparsity of the curve as drawn.")
+    b1.metric("Budget as drawn", f"{drawn.achieved:.1%}",
+              help="Parameter-weighted mean sparsity of the curve as drawn.")
     b2.metric("Applied budget", f"{applied.achieved:.1%}", delta=f"{applied.achieved - target:+.1%} vs target",
               delta_color="off")
     b3.metric("Weights removed", f"{applied.achieved * sum(params) / 1e6:.1f} M of {sum(params) / 1e6:.1f} M")
@@ -129,6 +140,6 @@ if up is not None and st.session_state.get("_alloc_upload_id") != up.file_id:
     else:
         pts = loaded_alloc.params.get("points")
         if not pts:  # a preset allocation: take its per-block ratios as the control points
-            pts = [[float(d), float(v)] for d, v in zip(depths(len(loaded_alloc.per_block)), loaded_alloc.per_block)]
+            pts = control_points(loaded_alloc.per_block)
         st.session_state[POINTS_KEY] = clamp_points(pts, Y_MAX)[0]
         st.rerun()

@@ -1,7 +1,7 @@
 """Compare page: every finished prune run from the run store (SQLite), side by side."""
 import streamlit as st
 
-from analysis.runs import RunStore
+from analysis.store import RunStore, run_summary
 from components.figures import curves_figure, ppl_vs_sparsity_figure
 from components.state import runs_store
 
@@ -18,10 +18,7 @@ if runs.empty:
 @st.cache_data(show_spinner=False, max_entries=1024)
 def _details(path: str, run_id: int) -> dict:
     """Achieved sparsity and per-block allocation of a run (records never change once stored)."""
-    rec = RunStore(path).get(run_id)
-    alloc = rec.get("allocation") or {}
-    return {"achieved": (rec.get("achieved") or {}).get("overall"), "per_block": alloc.get("per_block") or [],
-            "eval": (rec.get("config") or {}).get("eval")}
+    return run_summary(RunStore(path).get(run_id))
 
 
 details = [_details(str(store.path), int(i)) for i in runs["id"]]

@@ -5,8 +5,8 @@ import numpy as np
 import streamlit as st
 import torch
 
-from analysis.powerlaw import fit_power_law
-from analysis.spectra import esd, mp_density
+from analysis.powerlaw import XMIN_RULES, fit_power_law
+from analysis.spectra import ALPHA_BANDS, esd, mp_bounds, mp_curve
 from components import synthetic
 from components.figures import esd_figure
 
@@ -28,7 +28,7 @@ aspect = c2.slider("Aspect ratio Q = N / M", 1.0, 8.0, 2.0, step=0.5, key="learn
 seed = c3.number_input("Seed", 0, 10_000, 0, key="learn_seed")
 t1, t2 = st.columns(2)
 log = t1.toggle("Log-log axes", value=True, key="learn_log")
-rule = t2.radio("xmin rule of the fit", ["peak", "scan", "median"], horizontal=True, key="learn_fit",
+rule = t2.radio("xmin rule of the fit", XMIN_RULES, horizontal=True, key="learn_fit",
                 help="peak: start of the tail near the histogram peak (default, as on the Spectra page); "
                      "scan: smallest KS distance over all candidates; median: the median eigenvalue.")
 
@@ -56,9 +56,7 @@ else:
 eigs = esd(torch.from_numpy(w), normalize=True)
 fit = fit_power_law(eigs, rule)
 q = w.shape[0] / w.shape[1]
-sigma2 = float(np.mean(eigs))  # mean eigenvalue of (1/N)WᵀW = entry variance (sample estimate)
-lo, hi = sigma2 * (1 - q ** -0.5) ** 2, sigma2 * (1 + q ** -0.5) ** 2
-mx = np.geomspace(max(lo, 1e-6), hi, 400) if log else np.linspace(lo, hi, 400)
+_, hi = mp_bounds(q, float(np.mean(eigs)))  # mean eigenvalue of (1/N)WᵀW = entry variance (sample estimate)
 
 m1, m0, m2, m3, m4 = st.columns(5)
 m1.metric("Fitted α", f"{fit.alpha:.2f}" if math.isfinite(fit.alpha) else "n/a")
@@ -67,8 +65,9 @@ m0.metric("KS distance", f"{fit.ks_distance:.3f}" if math.isfinite(fit.ks_distan
 m2.metric("λmax", f"{eigs.max():.3g}")
 m3.metric("MP bulk edge", f"{hi:.3g}")
 m4.metric("Eigenvalues beyond the edge", int((eigs > hi * 1.05).sum()))
-st.plotly_chart(esd_figure(eigs, fit.alpha, fit.xmin, log=log, mp=(mx, mp_density(mx, q, sigma2)),
+st.plotly_chart(esd_figure(eigs, fit.alpha, fit.xmin, log=log, mp=mp_curve(eigs, q, log=log),
                            title=f"{w.shape[0]} x {w.shape[1]} matrix"), key="learn_esd")
 st.info(note)
-st.caption("Reading α on real layers: ≈ 2–6 well trained; < 2 very heavy tail (over-fit / over-trained); "
-           "> 6 close to random (under-trained). Fit status: " + fit.status)
+low, high = ALPHA_BANDS
+st.caption(f"Reading α on real layers: ≈ {low:g}–{high:g} well trained; < {low:g} very heavy tail (over-fit / "
+           f"over-trained); > {high:g} close to random (under-trained). Fit status: " + fit.status)

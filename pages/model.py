@@ -2,7 +2,8 @@
 import pandas as pd
 import streamlit as st
 
-from analysis.models import DTYPES, ModelLoadError, estimate_memory_bytes, find_layers
+from analysis.layers import find_layers
+from analysis.loading import DTYPES, ModelLoadError, estimate_memory_bytes
 from components.state import load_shared_model, model_key, session_work, spectra_job
 
 SOURCES = {

@@ -2,15 +2,40 @@
 import streamlit as st
 
 from analysis.data import save_text, text_source_problem
-from analysis.jobs import Job, PruneSettings, evaluate_weights, prune_and_evaluate
+from analysis.export import export
+from analysis.jobs import Job
+from analysis.pipeline import evaluation_windows
+from analysis.pruners import PRUNERS
+from analysis.session import evaluate_job, prune_and_evaluate
+from analysis.settings import (
+    QUICK_EVALUATION,
+    SPECTRA_METHODS,
+    AllocationSettings,
+    CalibrationSettings,
+    EvaluationSettings,
+    PruneSettings,
+    RunSettings,
+    SpectraSettings,
+)
 from components.figures import ppl_figure
-from components.state import (dense_ppl_job, peek_dense_ppl_job, require_model, runs_store, session_weights,
-                              session_work, spectra_job, weights_zero_fraction)
+from components.state import (
+    OWN_TEXT,
+    dense_ppl_job,
+    owl_job,
+    peek_dense_ppl_job,
+    prune_data_settings,
+    require_model,
+    runs_store,
+    session_weights,
+    session_work,
+    spectra_job,
+    weights_zero_fraction,
+)
 
-ALLOCATIONS = {"uniform": "uniform", "alphapruning (α-guided)": "alphapruning", "FARMS (α-guided)": "farms",
+ALLOCATIONS = {"alphapruning (α-guided)": "alphapruning", "uniform": "uniform", "FARMS (α-guided)": "farms",
                "OWL (outlier-guided)": "owl", "custom curve (Allocation page)": "custom"}
-OWN_TEXT = "your own text (file path or hf:...)"
 EVAL_SOURCES = ["default", "wikitext2:test", "wikitext2:valid", OWN_TEXT]
+ALLOC_DEFAULT, CALIB_DEFAULT = AllocationSettings(), CalibrationSettings()
 
 
 def _use_uploaded_text() -> None:
@@ -31,27 +56,27 @@ st.caption("Pruning changes only your session's private copy of the model; other
            "the shared dense weights.")
 
 c1, c2, c3, c4 = st.columns(4)
-method = c1.selectbox("Method", ["wanda", "magnitude", "sparsegpt"], key="prune_method",
-                      help="wanda: |W|·‖X‖ (Sun et al. 2023); magnitude: |W|; sparsegpt: second-order "
-                           "reconstruction (Frantar & Alistarh 2023).")
+method = c1.selectbox("Method", list(PRUNERS), index=list(PRUNERS).index(PruneSettings.method), key="prune_method",
+                      help="; ".join(f"{p.name}: {p.summary}" for p in PRUNERS.values()))
 nm = c2.selectbox("Pattern", ["unstructured", "2:4", "4:8"], key="prune_nm",
                   help="N:M keeps N of every M consecutive weights of a row: the sparsity is fixed at (M-N)/M.")
 alloc_label = c3.selectbox("Allocation", list(ALLOCATIONS), key="prune_alloc")
 allocation = ALLOCATIONS[alloc_label]
-sparsity = c4.slider("Target sparsity", 0.05, 0.9, 0.5, 0.05, key="prune_sparsity",
+sparsity = c4.slider("Target sparsity", 0.05, 0.9, ALLOC_DEFAULT.sparsity, 0.05, key="prune_sparsity",
                      disabled=nm != "unstructured" or allocation == "custom")
-epsilon = 0.3
-if allocation in ("alphapruning", "farms"):
-    epsilon = st.slider("ε (spread of the α-guided ratios)", 0.0, 0.9, 0.3, 0.05, key="prune_epsilon")
+epsilon = ALLOC_DEFAULT.epsilon
+if allocation in SPECTRA_METHODS:
+    epsilon = st.slider("ε (spread of the α-guided ratios)", 0.0, 0.9, ALLOC_DEFAULT.epsilon, 0.05, key="prune_epsilon")
 
 with st.expander("Calibration and evaluation data"):
     d1, d2, d3 = st.columns(3)
-    calib_source = d1.text_input("Calibration text", "default", key="prune_calib_source",
-                                 help="'default' (embedded corpus), 'wikitext2:valid', or a .txt path. "
-                                      "When it equals the evaluation text, the text is split in disjoint halves.")
-    n_samples = d2.number_input("Calibration samples", 1, 256, PruneSettings.n_samples, key="prune_n_samples",
-                                help="Small defaults keep a CPU prune interactive; the papers use 128 x 2048.")
-    calib_seqlen = d3.number_input("Calibration length (tokens)", 16, 2048, PruneSettings.calib_seqlen, step=16,
+    calib_source = d1.text_input("Calibration text", CALIB_DEFAULT.source, key="prune_calib_source",
+                                 help="'default' (embedded corpus: its first half calibrates, its second half "
+                                      "evaluates), 'wikitext2:valid', or a .txt path. A text named for both "
+                                      "calibration and evaluation is split in disjoint halves too.")
+    n_samples = d2.number_input("Calibration samples", 1, 256, CALIB_DEFAULT.n_samples, key="prune_n_samples",
+                                help="The papers use 128 x 2048 tokens; the default keeps a CPU prune interactive.")
+    calib_seqlen = d3.number_input("Calibration length (tokens)", 16, 2048, CALIB_DEFAULT.seqlen, step=16,
                                    key="prune_calib_seqlen")
     e1, e2, e3 = st.columns(3)
     eval_source = e1.selectbox("Evaluation text", EVAL_SOURCES, key="prune_eval_source")
@@ -60,13 +85,14 @@ with st.expander("Calibration and evaluation data"):
                                     placeholder="/path/to/text.txt or hf:wikitext:wikitext-2-raw-v1:test",
                                     help="A UTF-8 text file on this machine, or a Hugging Face dataset "
                                          "(needs the `datasets` package and a reachable hub).").strip()
-    eval_seqlen = e2.number_input("Window length (tokens)", 16, 4096, 512, step=16, key="prune_eval_seqlen")
-    max_windows = e3.number_input("Windows (0 = all)", 0, 10_000, 16, key="prune_windows")
+    eval_seqlen = e2.number_input("Window length (tokens)", 16, 4096, QUICK_EVALUATION.seqlen, step=16,
+                                  key="prune_eval_seqlen")
+    max_windows = e3.number_input("Windows (0 = all)", 0, 10_000, QUICK_EVALUATION.max_windows, key="prune_windows")
     st.file_uploader("…or upload a text file: it becomes the evaluation text (put its path in Calibration "
                      "text to calibrate on it instead)", type=["txt"], key="prune_text_upload",
                      on_change=_use_uploaded_text)
-max_windows = int(max_windows) or None
-text_problems = [f"{what}: {problem}" for what, src in (("Calibration text", calib_source), ("Evaluation text", eval_source))
+text_problems = [f"{what}: {problem}"
+                 for what, src in (("Calibration text", calib_source), ("Evaluation text", eval_source))
                  if (problem := text_source_problem(src))]
 for problem in text_problems:
     st.error(problem)
@@ -74,31 +100,34 @@ for problem in text_problems:
 custom = st.session_state.get("alloc_custom")
 if allocation == "custom" and custom is None:
     st.warning("No custom curve yet: draw one on the Allocation page.")
-settings = PruneSettings(
-    method=method, sparsity=float(sparsity), allocation=allocation, epsilon=float(epsilon),
-    nm=None if nm == "unstructured" else nm, n_samples=int(n_samples), calib_seqlen=int(calib_seqlen),
-    calib_source=calib_source.strip() or "default", eval_source=eval_source, eval_seqlen=int(eval_seqlen),
-    max_windows=max_windows, custom=custom,
-)
-if allocation in ("alphapruning", "farms"):
-    spec = spectra_job(loaded, st.session_state.get("spectra_fit", "peak"), farms=allocation == "farms")
+fit = st.session_state.get("spectra_fit", SpectraSettings.fit)
+calibration = prune_data_settings()[0]
+evaluation = EvaluationSettings(eval_source, int(eval_seqlen), int(max_windows) or None)
+settings = RunSettings(
+    allocation=AllocationSettings(method=allocation, sparsity=float(sparsity), epsilon=float(epsilon), fit=fit),
+    prune=PruneSettings(method, None if nm == "unstructured" else nm), calibration=calibration, evaluation=evaluation)
+metrics = None
+if allocation in SPECTRA_METHODS and settings.prune.nm is None:
+    spec = spectra_job(loaded, fit, farms=allocation == "farms")
     if spec.status == "done":
-        setattr(settings, "farms_metrics" if allocation == "farms" else "metrics", spec.result.metrics)
+        metrics = spec.result.metrics
     else:
         st.info(f"Spectra for {alloc_label} are still being computed ({spec.progress[1]:.0%}); Run waits for them.")
 
 b1, b2, b3, b4 = st.columns(4)
 ready = not busy and not text_problems and (allocation != "custom" or custom is not None) and (
-    allocation in ("uniform", "custom", "owl") or settings.metrics is not None or settings.farms_metrics is not None)
+    allocation not in SPECTRA_METHODS or metrics is not None or settings.prune.nm is not None)
 if b1.button("Run", type="primary", disabled=not ready, key="prune_run"):
     store = runs_store()
     shared, tok, info = loaded.model, loaded.tokenizer, loaded.info
     # registered now, started by the prune job after its first live value (two CPU cores go far further
     # on one job at a time)
-    dense_job = dense_ppl_job(loaded, settings.calib_source, eval_source, settings.eval_seqlen, max_windows,
-                              start=False)
+    dense_job = dense_ppl_job(loaded, calibration.source, evaluation, start=False)
+    owl = owl_job(loaded, calibration, evaluation.source, ALLOC_DEFAULT.owl_threshold, start=False) \
+        if allocation == "owl" else None
     work.job = Job(lambda j: prune_and_evaluate(j, work, shared, tok, settings, model_name=info.source,
-                                                bos=info.bos_per_window, store=store, dense_job=dense_job),
+                                                bos=info.bos_per_window, store=store, dense_job=dense_job,
+                                                metrics=metrics, owl_job=owl, custom=custom),
                    name="prune").start()
     st.rerun()
 if b2.button("Cancel", disabled=not busy, key="prune_cancel"):
@@ -107,14 +136,15 @@ if b3.button("Restore dense", disabled=busy or not work.pruned, key="prune_resto
     work.restore()
     st.rerun()
 if b4.button("Evaluate current weights", disabled=busy or bool(text_problems), key="prune_eval"):
-    dense_ppl_job(loaded, settings.calib_source, eval_source, settings.eval_seqlen, max_windows)
+    dense_ppl_job(loaded, calibration.source, evaluation)
     model = work.model if work.model is not None else loaded.model
-    work.job = Job(lambda j: evaluate_weights(j, model, loaded.tokenizer, settings, loaded.info.bos_per_window),
+    work.job = Job(lambda j: evaluate_job(j, model, evaluation_windows(loaded.tokenizer, evaluation, calibration.source,
+                                                                       loaded.info.bos_per_window)),
                    name="eval").start()
     st.rerun()
 
 # the dense baseline on these exact windows: started with the first Run/Evaluate, then shared
-dense = peek_dense_ppl_job(loaded, settings.calib_source, eval_source, settings.eval_seqlen, max_windows)
+dense = peek_dense_ppl_job(calibration.source, evaluation)
 zero = weights_zero_fraction(*session_weights(work, loaded.model))
 st.markdown(f"**Your weights:** {'pruned copy — ' + work.label if work.pruned else 'dense (shared model)'} · "
             f"{zero:.1%} of prunable weights are zero")
@@ -168,8 +198,6 @@ st.subheader("Export")
 x1, x2 = st.columns([3, 1])
 out_dir = x1.text_input("Folder", "artifacts/pruned-model", key="prune_export_dir")
 if x2.button("Export pruned model", disabled=busy or not work.pruned, key="prune_export"):
-    from analysis.pruning import export  # noqa: PLC0415
-
     try:
         path = export(work.model, loaded.tokenizer, work.allocation, out_dir)
     except (OSError, ValueError) as e:

@@ -1,14 +1,20 @@
 """Spectra page: ESD of every weight matrix, alpha across depth, block x kind heatmap, metrics table."""
 import math
 
-import numpy as np
 import streamlit as st
-import torch
 
-from analysis.spectra import esd, farms_esd, mp_density
+from analysis.layers import find_layers
+from analysis.powerlaw import XMIN_RULES
+from analysis.spectra import ALPHA_BANDS, mp_curve, shuffled_esd
 from components.figures import alpha_depth_figure, esd_figure, heatmap_figure
-from components.state import (require_model, session_spectra_job, session_work, spectra_job, wait_for,
-                              weights_zero_fraction)
+from components.state import (
+    require_model,
+    session_spectra_job,
+    session_work,
+    spectra_job,
+    wait_for,
+    weights_zero_fraction,
+)
 
 METRICS = ["alpha", "alpha_hat", "stable_rank", "log_norm", "spectral_entropy", "lambda_max", "ks_distance"]
 LAYER_KEY = "spectra_layer"
@@ -17,20 +23,21 @@ st.title("Spectra")
 loaded = require_model()
 work = session_work()
 
+LOW, HIGH = ALPHA_BANDS
 with st.expander("How to read α (the power-law exponent of the ESD tail)", expanded=False):
     st.markdown(
         "- The **ESD** is the histogram of the eigenvalues of WᵀW (squared singular values). Training "
         "makes its tail heavy: p(λ) ∝ λ^-α for λ ≥ xmin.\n"
-        "- **α ≈ 2–6**: typical of a well-trained layer.\n"
-        "- **α < 2**: very heavy tail, a sign of over-fitting / over-training of that layer.\n"
-        "- **α > 6**: the spectrum is close to a random matrix's (Marchenko–Pastur): the layer is "
+        f"- **α ≈ {LOW:g}–{HIGH:g}**: typical of a well-trained layer.\n"
+        f"- **α < {LOW:g}**: very heavy tail, a sign of over-fitting / over-training of that layer.\n"
+        f"- **α > {HIGH:g}**: the spectrum is close to a random matrix's (Marchenko–Pastur): the layer is "
         "under-trained and carries little learned structure.\n"
         "- AlphaPruning (Lu et al., NeurIPS 2024) uses this: layers with larger α are pruned more.\n"
         "- Read α together with the fit's KS distance: a large distance means the tail is no clean power law."
     )
 
 c1, c2, c3 = st.columns([1, 1, 2])
-fit = c1.selectbox("xmin rule", ["peak", "median", "scan"], key="spectra_fit",
+fit = c1.selectbox("xmin rule", XMIN_RULES, key="spectra_fit",
                    help="peak: the tail starts near the histogram peak (HT-SR / AlphaPruning default); "
                         "median: at the median eigenvalue; scan: smallest KS distance.")
 farms = c2.checkbox("FARMS", key="spectra_farms",
@@ -52,9 +59,9 @@ st.caption(f"{len(metrics)} matrices · {zero:.2%} of the prunable weights analy
 ok = metrics[(metrics["status"] == "ok") & metrics["prunable"]]
 m1, m2, m3, m4 = st.columns(4)
 m1.metric("Mean α (prunable)", f"{ok['alpha'].mean():.2f}" if len(ok) else "n/a")
-m2.metric("α < 2 (over-trained)", int((ok["alpha"] < 2).sum()))
-m3.metric("2 ≤ α ≤ 6", int(((ok["alpha"] >= 2) & (ok["alpha"] <= 6)).sum()))
-m4.metric("α > 6 (under-trained)", int((ok["alpha"] > 6).sum()))
+m2.metric(f"α < {LOW:g} (over-trained)", int((ok["alpha"] < LOW).sum()))
+m3.metric(f"{LOW:g} ≤ α ≤ {HIGH:g}", int(((ok["alpha"] >= LOW) & (ok["alpha"] <= HIGH)).sum()))
+m4.metric(f"α > {HIGH:g} (under-trained)", int((ok["alpha"] > HIGH).sum()))
 
 names = metrics["name"].tolist()
 if st.session_state.get(LAYER_KEY) not in names:
@@ -96,17 +103,11 @@ with right:
     eigs = res.esds[name]
     mp = rand = None
     if show_mp:
-        pos = eigs[np.isfinite(eigs)]
         q = 1.0 if res.farms else max(row["rows"], row["cols"]) / min(row["rows"], row["cols"])
-        sigma2 = float(pos.mean())  # mean eigenvalue = (long side) x entry variance, what mp_density wants
-        lo, hi = sigma2 * (1 - q ** -0.5) ** 2, sigma2 * (1 + q ** -0.5) ** 2
-        x = np.geomspace(max(lo, hi * 1e-6), hi, 400) if log else np.linspace(lo, hi, 400)
-        mp = (x, mp_density(x, q, sigma2))
+        mp = mp_curve(eigs, q, log=log)
     if show_rand:
-        w = dict(model.named_modules())[name].weight.detach()
-        gen = torch.Generator().manual_seed(0)
-        shuffled = w.flatten()[torch.randperm(w.numel(), generator=gen)].view_as(w)
-        rand = farms_esd(shuffled, res.normalize) if res.farms else esd(shuffled, res.normalize)
+        ref = next(r for r in find_layers(model, include_outside=True) if r.name == name)
+        rand = shuffled_esd(ref, res.farms, res.normalize)
     alpha = float(row["alpha"]) if math.isfinite(row["alpha"]) else None
     st.plotly_chart(esd_figure(eigs, alpha, float(row["xmin"]), log=log, mp=mp, randomized=rand,
                                title=f"{name} ({row['rows']} x {row['cols']})"), key="spectra_esd")

@@ -9,7 +9,7 @@ WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2"
 
 @pytest.fixture(scope="session")
 def default_model():
-    from analysis.models import load_model
+    from analysis.loading import load_model
 
     return load_model("default", device="cpu")
 

@@ -383,7 +383,7 @@ def test_not_json(tmp_path):
 
 
 def test_alphapruning_on_default_model_spectra(default_model):
-    from analysis.models import prunable_layers
+    from analysis.layers import prunable_layers
     from analysis.spectra import analyze
 
     res = analyze(default_model.model)

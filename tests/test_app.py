@@ -209,6 +209,7 @@ def test_prune_runs_in_the_background_and_restores(app, runs_db):
     assert not app.exception
     assert "dense (shared model) · 0.0% of prunable weights are zero" in texts(app)
     def small_settings():  # so the test stays quick on two cores
+        app.selectbox(key="prune_alloc").set_value("uniform")
         app.number_input(key="prune_n_samples").set_value(4)
         app.number_input(key="prune_calib_seqlen").set_value(64)
         app.number_input(key="prune_eval_seqlen").set_value(128)
@@ -234,12 +235,43 @@ def test_prune_runs_in_the_background_and_restores(app, runs_db):
 
     shared = load_shared_model(*app.session_state["model_key"]).model
     assert float(shared.model.layers[0].self_attn.q_proj.weight.eq(0).float().mean()) < 0.01  # (4-bit zeros only)
-    from analysis.runs import RunStore
+    from analysis.store import RunStore
 
     runs = RunStore(runs_db).all()
     assert len(runs) == 1 and runs["pruned_ppl"][0] == pytest.approx(ppl, abs=0.01)
     app.button(key="prune_restore").click().run()
     assert "dense (shared model) · 0.0% of prunable weights are zero" in texts(app)
+
+
+def test_owl_preset_is_the_allocation_an_owl_run_applies(app, runs_db):
+    """The Allocation page's OWL preset and an OWL run on the Prune page, with the same calibration
+    settings (chosen on the Prune page), give the same per-block ratios."""
+    from analysis.store import RunStore
+
+    app.switch_page("pages/prune.py").run()
+    app.selectbox(key="prune_alloc").set_value("OWL (outlier-guided)")
+    app.number_input(key="prune_n_samples").set_value(4)
+    app.number_input(key="prune_calib_seqlen").set_value(64)
+    app.number_input(key="prune_eval_seqlen").set_value(64)
+    app.number_input(key="prune_windows").set_value(1)
+    app.run()
+    app.button(key="prune_run").click().run()
+    run_until_idle(app, "OWL prune")
+    assert not app.error, [e.value for e in app.error]
+    store = RunStore(runs_db)
+    record = store.get(int(store.all()["id"].max()))
+    assert record["config"]["allocation"] == "owl" and record["config"]["n_samples"] == 4
+    applied = record["allocation"]["per_block"]
+    assert max(applied) - min(applied) > 0.01  # OWL is not uniform here
+
+    app.switch_page("pages/allocation.py").run()
+    app.checkbox(key="alloc_more").check().run()
+    run_until_idle(app, "FARMS/OWL presets")
+    preset = app.dataframe(key="alloc_preset_table").value
+    assert preset["owl"].tolist() == pytest.approx(applied, abs=1e-9)
+    app.checkbox(key="alloc_more").uncheck().run()
+    app.switch_page("pages/prune.py").run()
+    app.button(key="prune_restore").click().run()
 
 
 def test_prune_page_takes_your_own_evaluation_text(app, tmp_path):

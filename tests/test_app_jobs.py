@@ -5,9 +5,17 @@ import time
 
 import pytest
 
-from analysis.jobs import CANCELLED, DONE, ERROR, Job, JobCancelled, PruneSettings, WorkingCopy, prune_and_evaluate
+from analysis.jobs import CANCELLED, DONE, ERROR, Job, JobCancelled
+from analysis.layers import zero_fraction
+from analysis.session import WorkingCopy, prune_and_evaluate
+from analysis.settings import AllocationSettings, CalibrationSettings, EvaluationSettings, PruneSettings, RunSettings
 
-SMALL = dict(n_samples=2, calib_seqlen=64, eval_seqlen=64, max_windows=2)
+
+def magnitude_50() -> RunSettings:
+    """A small uniform 50% magnitude run, so the test stays quick on two cores."""
+    return RunSettings(allocation=AllocationSettings(method="uniform", sparsity=0.5),
+                       prune=PruneSettings(method="magnitude"), calibration=CalibrationSettings(n_samples=2, seqlen=64),
+                       evaluation=EvaluationSettings(source="default", seqlen=64, max_windows=2))
 
 
 def test_job_reports_progress_updates_and_result():
@@ -52,35 +60,28 @@ def test_job_errors_and_cancel():
     assert JobCancelled
 
 
-def _zero_fraction(model) -> float:
-    from analysis.models import prunable_layers
-
-    refs = prunable_layers(model)
-    return sum(int((r.weight() == 0).sum()) for r in refs) / sum(r.params for r in refs)
-
-
 def test_prune_on_a_private_copy_leaves_the_shared_model_dense(default_model, tmp_path):
-    from analysis.runs import RunStore
+    from analysis.store import RunStore
 
     shared = default_model.model
-    dense_zeros = _zero_fraction(shared)
+    dense_zeros = zero_fraction(shared)
     work, store = WorkingCopy("k"), RunStore(tmp_path / "runs.sqlite")
     job = Job(lambda j: prune_and_evaluate(j, work, shared, default_model.tokenizer,
-                                           PruneSettings(method="magnitude", sparsity=0.5, **SMALL),
+                                           magnitude_50(),
                                            model_name="default", store=store), name="prune").start()
     assert job.wait(600), job.progress
     assert job.status == DONE, job.traceback
     record = job.result
     assert work.model is not shared and work.pruned and work.label.startswith("magnitude 50%")
-    assert _zero_fraction(work.model) == pytest.approx(0.5, abs=0.005)
-    assert _zero_fraction(shared) == dense_zeros  # the shared model never changed
+    assert zero_fraction(work.model) == pytest.approx(0.5, abs=0.005)
+    assert zero_fraction(shared) == dense_zeros  # the shared model never changed
     ups = job.updates()
     assert [u.windows_done for u in ups] == [1, 2] and ups[-1].ppl == record["pruned_ppl"]
     runs = store.all()
     assert len(runs) == 1 and runs["pruned_ppl"][0] == pytest.approx(record["pruned_ppl"])
     assert runs["allocation_method"][0] == "uniform" and runs["sparsity"][0] == 0.5
     work.restore()
-    assert not work.pruned and _zero_fraction(work.model) == dense_zeros
+    assert not work.pruned and zero_fraction(work.model) == dense_zeros
 
 
 def test_cancel_restores_the_dense_copy(default_model):
@@ -97,9 +98,9 @@ def test_cancel_restores_the_dense_copy(default_model):
                 j.cancel()
         j.report = report
         return prune_and_evaluate(j, work, default_model.model, default_model.tokenizer,
-                                  PruneSettings(method="magnitude", sparsity=0.5, **SMALL))
+                                  magnitude_50())
 
     job = Job(report_then_cancel, name="prune").start()
     assert job.wait(600)
     assert started.is_set() and job.status == CANCELLED
-    assert not work.pruned and _zero_fraction(work.model) == _zero_fraction(default_model.model)
+    assert not work.pruned and zero_fraction(work.model) == zero_fraction(default_model.model)

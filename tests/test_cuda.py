@@ -8,7 +8,8 @@ import torch
 from analysis.allocation import allocate
 from analysis.data import calibration_batches, eval_windows, load_text, split_text
 from analysis.evaluation import perplexity
-from analysis.models import load_model, prunable_layers
+from analysis.layers import prunable_layers
+from analysis.loading import load_model
 from analysis.pruning import DenseSnapshot, prune
 from analysis.spectra import analyze
 
@@ -66,7 +67,8 @@ def test_gpu_prune_matches_cpu_and_offload(pair, texts, method):
     cpu_lm, gpu_lm = pair
     alloc = allocate(analyze(cpu_lm.model).metrics, 0.5, method="alphapruning", epsilon=0.2)
     results = {}
-    for label, model, device in (("cpu", cpu_lm.model, None), ("gpu", gpu_lm.model, None), ("offload", cpu_lm.model, "cuda")):
+    runs = (("cpu", cpu_lm.model, None), ("gpu", gpu_lm.model, None), ("offload", cpu_lm.model, "cuda"))
+    for label, model, device in runs:
         snap = DenseSnapshot.take(model)
         report = prune(model, alloc.per_layer, method=method, calib=calib, device=device)
         results[label] = (report.overall, perplexity(model, windows),
@@ -76,5 +78,6 @@ def test_gpu_prune_matches_cpu_and_offload(pair, texts, method):
     for label in ("gpu", "offload"):
         assert results[label][0] == pytest.approx(results["cpu"][0], abs=1e-6)
         assert results[label][1] == pytest.approx(results["cpu"][1], rel=0.02)
-        agree = np.mean([(results[label][2][k] == results["cpu"][2][k]).float().mean().item() for k in results["cpu"][2]])
+        agree = np.mean([(results[label][2][k] == results["cpu"][2][k]).float().mean().item()
+                         for k in results["cpu"][2]])
         assert agree >= MASK_AGREEMENT[method]

@@ -6,7 +6,9 @@ from analysis.data import (
     DataError,
     calib_and_eval_texts,
     calibration_batches,
+    calibration_text,
     eval_windows,
+    evaluation_text,
     load_text,
     save_text,
     split_text,
@@ -37,6 +39,18 @@ def test_split_text_halves_are_disjoint():
     # the same source for both roles is split, different sources are not
     c2, e2 = calib_and_eval_texts("default", "default")
     assert (c2, e2) == (calib, ev)
+
+
+def test_embedded_corpus_is_always_split(wikitext_dir):
+    """The embedded corpus calibrates on its first half and evaluates on its second, whatever the
+    other source is; any other text is split only when it is named for both roles."""
+    calib, ev = split_text(load_text("default"))
+    assert calibration_text("default", "wikitext2:test") == calib == calibration_text("default")
+    assert evaluation_text("default", "wikitext2:valid") == ev == evaluation_text("default")
+    whole = load_text("wikitext2:valid")
+    assert calibration_text("wikitext2:valid", "wikitext2:test") == whole
+    assert calibration_text("wikitext2:valid", "wikitext2:valid") == split_text(whole)[0]
+    assert evaluation_text("wikitext2:test", "default") == load_text("wikitext2:test")
 
 
 def test_calibration_is_seeded_random_windows(tok):

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from analysis.models import ModelLoadError, find_layers, load_model, prunable_layers, resolve_source
 from conftest import save_tiny_llama
+
+from analysis.layers import find_layers, prunable_layers
+from analysis.loading import ModelLoadError, load_model, resolve_source
 
 
 def test_default_model_is_real_smollm2(default_model):
@@ -19,7 +20,7 @@ def test_default_model_is_real_smollm2(default_model):
     assert "4-bit" in info.quantization
     layers = prunable_layers(default_model.model)
     assert len(layers) == 30 * 7
-    assert [l.kind for l in layers[:7]] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert [r.kind for r in layers[:7]] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     # a pretrained model predicts a sensible continuation: " Paris" is its top token
     tok, model = default_model.tokenizer, default_model.model
     ids = tok("The capital of France is", return_tensors="pt").input_ids
@@ -53,7 +54,8 @@ def test_discovery_on_small_models(build, n_blocks, kinds):
     import transformers as tf
 
     if build == "gpt2":
-        m = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50, bos_token_id=0, eos_token_id=0))
+        cfg = tf.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50, bos_token_id=0, eos_token_id=0)
+        m = tf.GPT2LMHeadModel(cfg)
     elif build == "opt":
         m = tf.OPTForCausalLM(tf.OPTConfig(num_hidden_layers=2, hidden_size=32, ffn_dim=64, num_attention_heads=2,
                                            vocab_size=50, word_embed_proj_dim=32))
@@ -61,16 +63,16 @@ def test_discovery_on_small_models(build, n_blocks, kinds):
         m = tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                                num_attention_heads=2, vocab_size=50))
     layers = find_layers(m)
-    pr = [l for l in layers if l.prunable]
+    pr = [r for r in layers if r.prunable]
     assert len(pr) == n_blocks * len(kinds)
-    assert [l.kind for l in pr if l.block == 0] == kinds
-    for l in pr:
-        w = l.weight()
-        assert tuple(w.shape) == (l.rows, l.cols)
-        assert w.data_ptr() == l.module.weight.data_ptr()  # a view, so pruning it edits the model
-    assert any(l.kind == "embed_tokens" and not l.prunable for l in layers)
+    assert [r.kind for r in pr if r.block == 0] == kinds
+    for r in pr:
+        w = r.weight()
+        assert tuple(w.shape) == (r.rows, r.cols)
+        assert w.data_ptr() == r.module.weight.data_ptr()  # a view, so pruning it edits the model
+    assert any(r.kind == "embed_tokens" and not r.prunable for r in layers)
     if build == "gpt2":  # Conv1D stores (in, out); we expose (out, in)
-        c_fc = next(l for l in pr if l.kind == "c_fc")
+        c_fc = next(r for r in pr if r.kind == "c_fc")
         assert (c_fc.rows, c_fc.cols) == (128, 32)
 
 
@@ -95,7 +97,7 @@ def test_hub_id_loads_from_the_local_hf_cache_without_the_hub(tmp_path):
     (snap.parents[1] / "refs").mkdir()
     (snap.parents[1] / "refs" / "main").write_text("0" * 40)
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
-    code = ("import time; from analysis.models import load_model, ModelLoadError\n"
+    code = ("import time; from analysis.loading import load_model, ModelLoadError\n"
             "lm = load_model('someone/tiny-llama', device='cpu'); print(lm.info.n_blocks, lm.info.architecture)\n"
             "t = time.perf_counter()\n"
             "try: load_model('someone/not-cached', device='cpu')\n"
@@ -115,7 +117,7 @@ def test_hub_reachability_is_probed_once_a_minute(monkeypatch):
 
     from huggingface_hub import constants
 
-    from analysis import models
+    from analysis import loading as models
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(models, "_HUB_CHECK", {})

@@ -6,19 +6,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from analysis.models import prunable_layers
-from analysis.pruning import (
-    DenseSnapshot,
-    InputStats,
-    collect_outlier_ratios,
-    export,
-    prune,
-    prune_layer,
-    prune_magnitude,
-    prune_sparsegpt,
-    prune_wanda,
-    walk_blocks,
-)
+from analysis.calibration import InputStats, walk_blocks
+from analysis.export import export
+from analysis.layers import prunable_layers
+from analysis.owl import collect_outlier_ratios
+from analysis.pruners import prune_magnitude, prune_sparsegpt, prune_wanda
+from analysis.pruning import DenseSnapshot, prune, prune_layer
 
 
 def tiny_llama(seed=0, layers=2):
@@ -331,3 +324,13 @@ def test_layers_fed_the_same_input_share_statistics():
     assert shared[p + "self_attn.o_proj"] is not shared[p + "self_attn.q_proj"]
     assert shared[p + "mlp.gate_proj"] is not shared[p + "self_attn.q_proj"]
     assert shared[p + "mlp.down_proj"].tokens == 4 * 16
+
+
+def test_walk_without_data_visits_every_block_in_order():
+    """calib=None: the walker visits the blocks (for magnitude pruning) without running them."""
+    model = tiny_llama(layers=3)
+    seen = []
+    done = walk_blocks(model, None, lambda b, refs, stats: seen.append((b, len(refs), dict(stats))))
+    assert done == 3 and [s[0] for s in seen] == [0, 1, 2]
+    assert all(n == 7 and stats == {} for _, n, stats in seen)
+    assert walk_blocks(model, None, lambda *a: None, stop=lambda: True) == 0

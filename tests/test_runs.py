@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from analysis.runs import RunStore, make_record
+from analysis.pipeline import make_record
+from analysis.store import RunStore
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,13 +76,13 @@ def run_cli(*args, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["prune", "--sparsity", "1.2"], "--sparsity must be in"),
+    (["prune", "--sparsity", "1.2"], "--sparsity: sparsity = 1.2 is outside"),
     (["prune", "--sparsity", "0.5", "--nm", "4:2"], "0 < N < M"),
     (["prune", "--epsilon", "1.5"], "--epsilon"),
     (["prune", "--allocation", "nowhere.json", "--method", "magnitude", "--max-windows", "1"], "neither"),
     (["prune", "--eval", "nowhere.txt"], "evaluation text: Text file"),
-    (["prune", "--calib", "hf:x"], "--calib: Use 'hf:<dataset>"),
-    (["prune", "--batch-size", "0"], "--batch-size must be a positive integer"),
+    (["prune", "--calib", "hf:x"], "--calib: calibration text: Use 'hf:<dataset>"),
+    (["prune", "--batch-size", "0"], "--batch-size: batch_size must be an integer >= 1"),
 ])
 def test_cli_bad_input_exits_2(args, message, tmp_path):
     r = run_cli(*args, "--db", str(tmp_path / "r.sqlite"), tmp_path=tmp_path)
@@ -111,7 +112,7 @@ def test_cli_eval_with_allocation_file(tmp_path, default_model, wikitext_dir):
     import pandas as pd
 
     from analysis.allocation import allocate
-    from analysis.models import prunable_layers
+    from analysis.layers import prunable_layers
 
     table = pd.DataFrame([dict(name=r.name, block=r.block, params=r.params, prunable=True)
                           for r in prunable_layers(default_model.model)])
@@ -127,3 +128,18 @@ def test_cli_eval_with_allocation_file(tmp_path, default_model, wikitext_dir):
                    method="uniform").save(tmp_path / "other.json")
     r = run_cli("eval", "--allocation", str(bad), "--max-windows", "1", "--device", "cpu", tmp_path=tmp_path)
     assert r.returncode == 2 and "not prunable matrices" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_defaults_are_the_settings_defaults():
+    """`python -m analysis prune` with no options runs exactly RunSettings() (the dashboard's widgets
+    read the same defaults); options override one field each."""
+    from analysis.cli import _run_settings, build_parser
+    from analysis.settings import RunSettings
+
+    parser = build_parser()
+    assert _run_settings(parser.parse_args(["prune"])) == RunSettings()
+    s = _run_settings(parser.parse_args(["prune", "--nsamples", "4", "--eval", "default", "--epsilon", "0.1"]))
+    assert (s.calibration.n_samples, s.evaluation.source, s.allocation.epsilon) == (4, "default", 0.1)
+    assert s.calibration.seqlen == RunSettings().calibration.seqlen
+    with pytest.raises(SystemExit):  # no prefix matching: --eval is not --eval-seqlen
+        parser.parse_args(["prune", "--eval-seq", "64"])

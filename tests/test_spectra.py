@@ -10,12 +10,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import save_tiny_llama
 from torch import nn
 
-from analysis.models import LayerRef, find_layers, prunable_layers
+from analysis.layers import LayerRef, find_layers, prunable_layers
 from analysis.powerlaw import fit_power_law
 from analysis.spectra import COLUMNS, analyze, esd, farms_esd, farms_windows, mp_density
-from conftest import save_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -174,7 +174,7 @@ def test_default_model_metrics(default_peak, default_model):
 
 
 def test_default_model_outside_matrices_are_listed_not_prunable(default_model):
-    layers = [l for l in find_layers(default_model.model) if not l.prunable]
+    layers = [r for r in find_layers(default_model.model) if not r.prunable]
     m = analyze(layers, fit="median").metrics
     assert list(m["kind"]) == ["embed_tokens"]  # lm_head is tied to it: listed once
     assert not m["prunable"].any() and m.loc[0, "status"] == "ok"
@@ -191,7 +191,7 @@ def test_alphas_agree_with_weightwatcher(default_model, default_peak):
     ww = pytest.importorskip("weightwatcher")
     logging.getLogger("weightwatcher").setLevel(logging.ERROR)
     layers = prunable_layers(default_model.model)
-    watcher = ww.WeightWatcher(model=nn.ModuleList([l.module for l in layers]))
+    watcher = ww.WeightWatcher(model=nn.ModuleList([r.module for r in layers]))
     details = watcher.analyze(plot=False, randomize=False, mp_fit=False)
     assert len(details) == len(layers)
     theirs = details["alpha"].to_numpy()

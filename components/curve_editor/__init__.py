@@ -2,7 +2,8 @@
 
 The browser side (frontend/index.html + main.js, no build step) draws the control points with
 Plotly.js and sends the moved points back when the mouse is released. Plotly.js is copied from the
-installed `plotly` Python package into the static folder on first import, so the app needs no CDN.
+installed `plotly` Python package into the static folder at setup (`python -m components.curve_editor`,
+run by `make setup`), so the app needs no CDN and importing this module writes nothing.
 
 `st.session_state[key]` holds the current points (a list of [depth, sparsity] pairs) and is the one
 source of truth: a drag in the browser writes it, and so can any other control on the page (preset
@@ -24,7 +25,7 @@ PLOTLY_JS = FRONTEND / "plotly.min.js"
 
 
 def ensure_plotly_js() -> Path:
-    """Copy plotly.min.js from the installed plotly package next to index.html (once)."""
+    """Copy plotly.min.js from the installed plotly package next to index.html (once); the setup step."""
     if not PLOTLY_JS.exists():
         spec = importlib.util.find_spec("plotly")
         if spec is None or not spec.submodule_search_locations:
@@ -36,7 +37,6 @@ def ensure_plotly_js() -> Path:
     return PLOTLY_JS
 
 
-ensure_plotly_js()
 _component = components.declare_component("curve_editor", path=str(FRONTEND))
 
 
@@ -108,6 +108,8 @@ def curve_editor(
     y_max: highest sparsity a point may take; points released beyond the chart are clamped to it
       (and to depth 0..1), and a message says so.
     """
+    if not PLOTLY_JS.exists():
+        raise RuntimeError(f"{PLOTLY_JS} is missing: run `make setup` (or `python -m components.curve_editor`) once.")
     current = curve_points(key, points, y_max)
     widget_key, _ = _keys(key)
     _component(points=current, overlays=overlays or [], y_max=y_max, height=height, x_label=x_label,

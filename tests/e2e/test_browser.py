@@ -13,9 +13,27 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.app_driver import (ARTIFACTS, BUDGET_JS, CHROMIUM, LONG_MS, budget_text, drag_point, esd_svg, launch,
-                                  load_default, metric_value, nav, open_app, set_small_eval, shot, start_server,
-                                  stop_server, wait_idle, wait_text_change, weights_line)
+from tests.e2e.app_driver import (
+    ARTIFACTS,
+    BUDGET_JS,
+    CHROMIUM,
+    LONG_MS,
+    budget_text,
+    drag_point,
+    esd_svg,
+    launch,
+    load_default,
+    metric_value,
+    nav,
+    open_app,
+    set_small_eval,
+    shot,
+    start_server,
+    stop_server,
+    wait_idle,
+    wait_text_change,
+    weights_line,
+)
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
                                 reason=f"Debian chromium not found at {CHROMIUM} (install it: make browser)")

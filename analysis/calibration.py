@@ -1,0 +1,206 @@
+"""Calibration: the one block walker that feeds calibration tokens through the decoder block by
+block, and the input statistics gathered on the way.
+
+The calibration batch enters block 0; each block's linear layers are observed with forward hooks
+while the block runs; a caller may then change the block's weights (prune it), and the block's
+outputs are recomputed with the new weights to become the next block's inputs, so later blocks see
+the errors of earlier ones. Only the current block sits on the compute device. Memory there, for n
+calibration samples of L tokens and hidden size d: the block's weights + 2·n·L·d activations
+(inputs and outputs) + the block's forward intermediates + the statistics (one float per input column,
+or a cols x cols float32 Hessian per distinct input of the block: q/k/v share one, gate/up share one).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from analysis.layers import LayerRef, find_blocks, layers_by_block, module_device
+from analysis.runtime import ProgressFn, StopFlag, should_stop
+
+
+class InputStats:
+    """Running statistics of a linear layer's inputs X (tokens x cols), accumulated in float32."""
+
+    def __init__(self, cols: int, hessian: bool, device: torch.device):
+        self.sq = torch.zeros(cols, dtype=torch.float32, device=device)  # sum_t x_tj^2
+        self.xtx = torch.zeros(cols, cols, dtype=torch.float32, device=device) if hessian else None
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        self.sq += (x * x).sum(dim=0)
+        if self.xtx is not None:
+            self.xtx += x.t() @ x
+        self.tokens += x.shape[0]
+
+    def col_norms(self) -> torch.Tensor:
+        """||X_j||_2 over all tokens seen."""
+        return self.sq.sqrt()
+
+    def hessian(self) -> torch.Tensor:
+        """H = 2/T * X^T X (T tokens)."""
+        return self.xtx * (2.0 / max(self.tokens, 1))
+
+
+def _stats_hook(stats: dict[str, InputStats], name: str, seen: dict):
+    """Forward hook adding the layer's input to stats[name]. Layers fed the very same tensor
+    (q/k/v, gate/up) share one InputStats instead of recomputing it: `seen` maps a tensor's
+    address to (first layer, tensor), holding the tensor so the address cannot be reused."""
+    def hook(_module, inputs, _output):
+        x = inputs[0]
+        key = (x.data_ptr(), tuple(x.shape), x._version)
+        if key in seen:
+            stats[name] = stats[seen[key][0]]
+            return
+        seen[key] = (name, x)
+        stats[name].add(x)
+    return hook
+
+
+class _Captured(Exception):
+    """Raised by the last recording block to end the capture forward early."""
+
+
+@dataclass
+class BlockCall:
+    """How the model called one block: extra positional args and keyword args (masks, rotary
+    position embeddings, position ids, ...), reused to run the block on the calibration batch."""
+
+    args: tuple
+    kwargs: dict
+    hidden_by_keyword: bool = False
+
+
+def _split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor, BlockCall]:
+    if args:
+        return args[0], BlockCall(tuple(args[1:]), dict(kwargs))
+    kw = dict(kwargs)
+    return kw.pop("hidden_states"), BlockCall((), kw, hidden_by_keyword=True)
+
+
+def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList,
+                         calib: torch.Tensor) -> tuple[torch.Tensor, list[BlockCall]]:
+    """Hidden states entering block 0 for the calibration batch, and each block's call arguments.
+
+    Every block's forward is swapped for a recorder that stores its arguments and passes the hidden
+    states through unchanged, so one cheap forward (embeddings only) yields per-block masks and
+    position embeddings (they differ per block in models with sliding-window layers, e.g. Gemma 3).
+    If a model cannot run with pass-through blocks, later blocks reuse block 0's arguments.
+    """
+    calls: list[BlockCall | None] = [None] * len(blocks)
+    first: dict[str, torch.Tensor] = {}
+
+    def recorder(i: int):
+        def forward(*args, **kwargs):
+            hidden, call = _split_hidden(args, kwargs)
+            calls[i] = call
+            if i == 0:
+                first["x"] = hidden.detach()
+            if i == len(blocks) - 1:
+                raise _Captured
+            return hidden
+        return forward
+
+    for i, blk in enumerate(blocks):
+        blk.forward = recorder(i)
+    try:
+        with torch.no_grad():
+            model(input_ids=calib.to(module_device(model)), use_cache=False)
+    except _Captured:
+        pass
+    except Exception:  # noqa: BLE001 (a model that cannot pass hidden states through: see docstring)
+        if calls[0] is None:
+            raise
+    finally:
+        for blk in blocks:
+            del blk.forward
+    if "x" not in first:
+        raise RuntimeError("The calibration forward never reached the first decoder block.")
+    return first["x"], [c if c is not None else calls[0] for c in calls]
+
+
+def run_block(block: nn.Module, hidden: torch.Tensor, call: BlockCall) -> torch.Tensor:
+    if call.hidden_by_keyword:
+        out = block(*call.args, hidden_states=hidden, **call.kwargs)
+    else:
+        out = block(hidden, *call.args, **call.kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _to_device(obj, device: torch.device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _call_to(call: BlockCall, device: torch.device) -> BlockCall:
+    return BlockCall(_to_device(call.args, device), _to_device(call.kwargs, device), call.hidden_by_keyword)
+
+
+BlockFn = Callable[[int, list[LayerRef], dict[str, InputStats]], bool]
+
+
+def walk_blocks(model: nn.Module, calib: torch.Tensor | None, on_block: BlockFn, hessian: bool = False,
+                device: str | torch.device | None = None, progress: ProgressFn | None = None,
+                stop: StopFlag = None, label: str = "block") -> int:
+    """Run the calibration batch block by block, gathering input statistics of every prunable
+    matrix; `on_block(b, refs, stats)` may change the block's weights and returns True if it did
+    (then the block's outputs are recomputed before feeding the next block). Returns the number of
+    blocks done (fewer than all when `stop` was set).
+
+    calib=None visits the blocks without running them (`stats` is empty): for pruners that need no data.
+    `device`: where each block runs (default: where the model is). A block on another device is
+    moved there for its turn and back afterwards.
+    """
+    found = find_blocks(model)
+    if found is None:
+        raise ValueError("The model has no decoder blocks (no nn.ModuleList) to walk through.")
+    blocks = found[1]
+    if calib is not None and (calib.dim() != 2 or calib.shape[0] == 0):
+        raise ValueError("Calibration data must be a non-empty (n_samples, seqlen) tensor of token ids.")
+    dev = torch.device(device) if device is not None else module_device(model)
+    refs_by_block = layers_by_block(model)
+    n = len(blocks)
+    if calib is None:
+        for b in range(n):
+            if should_stop(stop):
+                return b
+            on_block(b, refs_by_block.get(b, []), {})
+            if progress:
+                progress(f"{label} {b + 1}/{n}", (b + 1) / n)
+        return n
+    hidden, calls = capture_block_inputs(model, blocks, calib)
+    hidden = hidden.to(dev)
+    for b, block in enumerate(blocks):
+        if should_stop(stop):
+            return b
+        block_home = module_device(block)
+        block.to(dev)
+        call = _call_to(calls[b], dev)
+        refs = refs_by_block.get(b, [])
+        stats = {r.name: InputStats(r.cols, hessian, dev) for r in refs}
+        seen: dict = {}
+        handles = [r.module.register_forward_hook(_stats_hook(stats, r.name, seen)) for r in refs]
+        try:
+            with torch.no_grad():
+                out = run_block(block, hidden, call)
+        finally:
+            for h in handles:
+                h.remove()
+            seen.clear()
+        if on_block(b, refs, stats) and b < n - 1:  # the last block's outputs feed nothing
+            with torch.no_grad():
+                out = run_block(block, hidden, call)
+        hidden = out
+        del stats
+        block.to(block_home)
+        if progress:
+            progress(f"{label} {b + 1}/{n}", (b + 1) / n)
+    return n

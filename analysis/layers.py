@@ -1,0 +1,141 @@
+"""The weight matrices of a causal LM: its decoder blocks and the linear layers inside them.
+
+One walker for every architecture: the decoder blocks are the longest `nn.ModuleList`; inside a block
+every `nn.Linear` (or GPT-2 style `Conv1D`) is a prunable matrix, listed in module order. The input
+embedding and an untied lm_head are listed too, as not prunable. A matrix is always described as
+(out_features, in_features), whatever its module stores.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+from torch import nn
+
+
+@dataclass
+class LayerRef:
+    """One weight matrix of the model, by name.
+
+    `rows` x `cols` is the matrix as (out_features, in_features), whatever the module stores
+    (GPT-2's Conv1D keeps the transpose).
+    """
+
+    name: str  # module name, e.g. "model.layers.3.self_attn.q_proj"
+    block: int  # decoder block index, -1 for matrices outside the blocks
+    kind: str  # q_proj, k_proj, ..., fc1, c_attn, embed_tokens, lm_head
+    group: str  # "attn", "mlp", "embed", "head", or "other"
+    rows: int
+    cols: int
+    prunable: bool  # inside a decoder block; embeddings and lm_head are listed but excluded
+    transposed: bool = False  # Conv1D: module.weight is (in, out)
+    module: nn.Module | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def params(self) -> int:
+        return self.rows * self.cols
+
+    def weight(self) -> torch.Tensor:
+        """The matrix as (out, in); a view of the module's parameter, not a copy."""
+        w = self.module.weight
+        return w.t() if self.transposed else w
+
+
+
+_GROUPS = {
+    "attn": ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "c_attn", "query_key_value", "out_proj",
+             "dense", "Wqkv", "wq", "wk", "wv", "wo"),
+    "mlp": ("gate_proj", "up_proj", "down_proj", "gate_up_proj", "fc1", "fc2", "c_fc", "c_proj",
+            "dense_h_to_4h", "dense_4h_to_h", "w1", "w2", "w3"),
+}
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """The decoder blocks: the longest nn.ModuleList (ties: the first), with its dotted name."""
+    best = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and (best is None or len(mod) > len(best[1])):
+            best = (name, mod)
+    return best
+
+
+def _is_matrix_module(mod: nn.Module) -> bool:
+    if isinstance(mod, nn.Linear):
+        return True
+    # GPT-2 style Conv1D (weight stored as (in, out)) without importing its class
+    return type(mod).__name__ == "Conv1D" and getattr(mod, "weight", None) is not None and mod.weight.dim() == 2
+
+
+def _group(name: str, kind: str) -> str:
+    parent = name.split(".")[-2] if "." in name else ""
+    if "attn" in parent or "attention" in parent:
+        return "attn"
+    if "mlp" in parent or "ffn" in parent or "feed_forward" in parent:
+        return "mlp"
+    for g, kinds in _GROUPS.items():
+        if kind in kinds:
+            return g
+    return "other"
+
+
+def find_layers(model: nn.Module, include_outside: bool = True) -> list[LayerRef]:
+    """All weight matrices: every Linear/Conv1D inside the decoder blocks (prunable), in module order,
+    plus the input embedding and lm_head (listed, not prunable) when `include_outside`.
+    """
+    found = find_blocks(model)
+    refs: list[LayerRef] = []
+    if found:
+        prefix, blocks = found
+        for b, block in enumerate(blocks):
+            for sub, mod in block.named_modules():
+                if not _is_matrix_module(mod):
+                    continue
+                name = f"{prefix}.{b}.{sub}"
+                kind = sub.split(".")[-1]
+                transposed = not isinstance(mod, nn.Linear)
+                r, c = mod.weight.shape[::-1] if transposed else mod.weight.shape
+                refs.append(LayerRef(name, b, kind, _group(name, kind), int(r), int(c), True, transposed, mod))
+    if include_outside:
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        names = {id(m): n for n, m in model.named_modules()}
+        for mod, kind, group in ((emb, "embed_tokens", "embed"), (head, "lm_head", "head")):
+            if mod is None or getattr(mod, "weight", None) is None or id(mod) not in names:
+                continue
+            if group == "head" and emb is not None and mod.weight is emb.weight:
+                continue  # tied with the embedding: the same matrix, list it once
+            r, c = mod.weight.shape
+            refs.append(LayerRef(names[id(mod)], -1, kind, group, int(r), int(c), False, False, mod))
+    return refs
+
+
+def prunable_layers(model: nn.Module) -> list[LayerRef]:
+    return [r for r in find_layers(model, include_outside=False) if r.prunable]
+
+
+def layer_table(model: nn.Module):
+    """The prunable matrices as a metrics-like DataFrame (name, block, kind, params, prunable) without
+    spectra: what uniform, OWL and N:M allocations need."""
+    return pd.DataFrame([dict(name=r.name, block=r.block, kind=r.kind, params=r.params, prunable=True)
+                         for r in prunable_layers(model)])
+
+
+def layers_by_block(model: nn.Module) -> dict[int, list[LayerRef]]:
+    """The prunable matrices grouped by decoder block index."""
+    out: dict[int, list[LayerRef]] = {}
+    for ref in prunable_layers(model):
+        out.setdefault(ref.block, []).append(ref)
+    return out
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Where the module's first parameter lives."""
+    return next(module.parameters()).device
+
+
+def zero_fraction(model: nn.Module) -> float:
+    """Fraction of exactly-zero weights over the prunable matrices (0.0 for a dense model)."""
+    refs = prunable_layers(model)
+    total = sum(r.params for r in refs)
+    return sum(int((r.weight() == 0).sum()) for r in refs) / total if total else 0.0

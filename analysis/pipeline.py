@@ -1,0 +1,236 @@
+"""The pipeline: settings -> data -> allocation -> prune -> evaluation -> run record.
+
+The CLI, the dashboard's jobs and the benchmarks call these steps, so one setting means the same
+thing everywhere. `run` chains them for a loaded model (the CLI and sweeps); the dashboard calls the
+steps one by one around its private working copy (analysis.session).
+
+A run record is a JSON-able dict (`make_record`): config (the flat summary the run store indexes,
+plus `settings`, the full RunSettings), the allocation, the achieved sparsity per matrix and overall,
+dense and pruned perplexity, seconds per phase, and library versions.
+"""
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+import transformers
+from torch import nn
+
+from analysis.allocation import Allocation, allocate, custom_allocation
+from analysis.data import calibration_batches, calibration_text, eval_windows, evaluation_text
+from analysis.evaluation import PplUpdate, perplexity
+from analysis.layers import layer_table
+from analysis.loading import LoadedModel
+from analysis.owl import collect_outlier_ratios
+from analysis.pruners import parse_nm
+from analysis.pruning import PruneReport, prune
+from analysis.runtime import ProgressFn, StopFlag
+from analysis.settings import (
+    SPECTRA_METHODS,
+    AllocationSettings,
+    CalibrationSettings,
+    EvaluationSettings,
+    RunSettings,
+    SpectraSettings,
+)
+from analysis.spectra import analyze
+from analysis.store import now_iso, to_json
+
+# --------------------------------------------------------------------------------------------
+# data
+
+
+@dataclass
+class RunData:
+    """calib: (n_samples, seqlen) token ids; windows: (n_windows, seqlen) token ids; info: what the
+    record says about them."""
+
+    calib: torch.Tensor
+    windows: torch.Tensor
+    info: dict
+
+
+def calibration_batch(tokenizer, calibration: CalibrationSettings, evaluation_source: str | None = None,
+                      bos: bool = False) -> torch.Tensor:
+    """The calibration batch of a run whose evaluation text is `evaluation_source` (the two are kept
+    disjoint, see analysis.data.calibration_text)."""
+    text = calibration_text(calibration.source, evaluation_source)
+    return calibration_batches(tokenizer, text, n_samples=calibration.n_samples, seqlen=calibration.seqlen,
+                               seed=calibration.seed, bos=bos)
+
+
+def evaluation_windows(tokenizer, evaluation: EvaluationSettings, calibration_source: str | None = None,
+                       bos: bool = False) -> torch.Tensor:
+    """The evaluation windows of a run that calibrates on `calibration_source`."""
+    text = evaluation_text(evaluation.source, calibration_source)
+    return eval_windows(tokenizer, text, seqlen=evaluation.seqlen, bos=bos, max_windows=evaluation.max_windows)
+
+
+def prepare_data(tokenizer, calibration: CalibrationSettings, evaluation: EvaluationSettings,
+                 bos: bool = False) -> RunData:
+    calib = calibration_batch(tokenizer, calibration, evaluation.source, bos)
+    windows = evaluation_windows(tokenizer, evaluation, calibration.source, bos)
+    info = {"calib": calibration.source, "n_samples": calibration.n_samples, "seqlen": calibration.seqlen,
+            "eval": evaluation.source, "eval_seqlen": evaluation.seqlen, "eval_windows": int(windows.shape[0]),
+            "eval_tokens": int(windows.shape[0] * (windows.shape[1] - 1)), "bos": bos,
+            "split": calibration.source.strip() == evaluation.source.strip()}
+    return RunData(calib, windows, info)
+
+
+# --------------------------------------------------------------------------------------------
+# allocation
+
+
+def dense_spectra(model: nn.Module, spectra: SpectraSettings, progress: ProgressFn | None = None) -> pd.DataFrame:
+    """Per-matrix spectral metrics of the model as it is now (call it before pruning)."""
+    return analyze(model, fit=spectra.fit, farms=spectra.farms, normalize=spectra.normalize,
+                   include_outside=spectra.include_outside, progress=progress).metrics
+
+
+def build_allocation(settings: AllocationSettings, model: nn.Module, *, nm=None, calib: torch.Tensor | None = None,
+                     metrics: pd.DataFrame | None = None, outlier_ratios: dict[int, float] | None = None,
+                     custom: Allocation | None = None, model_name: str = "",
+                     progress: ProgressFn | None = None) -> Allocation:
+    """The Allocation of a run. Inputs computed elsewhere may be passed in to reuse them (and must
+    come from the same dense model): `metrics` (spectra with settings.spectra, for alphapruning/farms),
+    `outlier_ratios` (OWL, measured on `calib`), `custom` (a curve drawn on the Allocation page).
+    Otherwise they are computed here from `model`, which must then be dense; OWL hooks its modules.
+    With an N:M pattern every matrix is (M-N)/M sparse, so the allocation is uniform at that value."""
+    pattern = parse_nm(nm)
+    if pattern is not None:
+        return allocate(layer_table(model), (pattern[1] - pattern[0]) / pattern[1], "uniform", model=model_name)
+    method = settings.method
+    if method == "file":
+        return Allocation.load(settings.file)
+    if method == "custom":
+        if custom is not None:
+            return custom
+        return custom_allocation(settings.points, layer_table(model),
+                                 sparsity=None if settings.as_drawn else settings.sparsity,
+                                 normalize=not settings.as_drawn, model=model_name)
+    if method in SPECTRA_METHODS:
+        metrics = dense_spectra(model, settings.spectra, progress) if metrics is None else metrics
+    else:
+        metrics = layer_table(model)
+    if method == "owl" and outlier_ratios is None:
+        if calib is None:
+            raise ValueError("owl needs calibration data for its outlier ratios.")
+        outlier_ratios = collect_outlier_ratios(model, calib, threshold_m=settings.owl_threshold, progress=progress)
+    alloc = allocate(metrics, settings.sparsity, method=method, epsilon=settings.epsilon, metric=settings.metric,
+                     granularity=settings.granularity, outlier_ratios=outlier_ratios, owl_lambda=settings.owl_lambda,
+                     model=model_name)
+    if method in SPECTRA_METHODS:
+        alloc.params["fit"] = settings.fit
+    if method == "owl":
+        alloc.params["owl_threshold"] = settings.owl_threshold
+    return alloc
+
+
+# --------------------------------------------------------------------------------------------
+# records
+
+
+class Timer:
+    """Wall-clock seconds per named phase: `with timer("prune"): ...`."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._name = None
+        self._t0 = 0.0
+
+    def __call__(self, name: str) -> Timer:
+        self._name = name
+        return self
+
+    def __enter__(self) -> Timer:
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds[self._name] = self.seconds.get(self._name, 0.0) + time.perf_counter() - self._t0
+
+
+def library_versions() -> dict[str, str]:
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def record_config(settings: RunSettings, alloc: Allocation, data_info: dict, model_name: str = "",
+                  **model_info) -> dict:
+    """The record's config: the flat summary the run store and the Compare page read, and `settings`."""
+    nm = parse_nm(settings.prune.nm)
+    source = settings.allocation.file if settings.allocation.method == "file" else settings.allocation.method
+    return {"model": model_name or settings.model.source, **model_info, "method": settings.prune.method,
+            "allocation": alloc.method if nm is None else "n:m", "allocation_source": source,
+            "sparsity": alloc.sparsity, "epsilon": settings.allocation.epsilon, "nm": list(nm) if nm else None,
+            **data_info, "seed": settings.calibration.seed, "settings": settings.to_dict()}
+
+
+def make_record(config: dict, allocation: dict | None, report, dense_ppl: float | None, pruned_ppl: float | None,
+                timings: dict[str, float], **extra) -> dict:
+    """A run record. `report`: a PruneReport (or its dict); `timings`: seconds per phase."""
+    rep = report.to_dict() if hasattr(report, "to_dict") else dict(report or {})
+    return {
+        "created": now_iso(),
+        "config": dict(config),
+        "allocation": allocation,
+        "achieved": {"overall": rep.get("overall"), "per_layer": rep.get("per_layer", {})},
+        "stopped": rep.get("stopped", False),
+        "dense_ppl": dense_ppl,
+        "pruned_ppl": pruned_ppl,
+        "timings_s": {k: round(float(v), 3) for k, v in timings.items()},
+        "versions": library_versions(),
+        **extra,
+    }
+
+
+def write_record(record: dict, path: str | Path) -> Path:
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(to_json(record, indent=2) + "\n")
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# a whole run
+
+
+@dataclass
+class RunResult:
+    record: dict
+    allocation: Allocation
+    report: PruneReport
+
+
+def run(loaded: LoadedModel, settings: RunSettings, *, progress: ProgressFn | None = None,
+        on_ppl: Callable[[str, PplUpdate], None] | None = None, stop: StopFlag = None,
+        timer: Timer | None = None) -> RunResult:
+    """Allocate, measure the dense perplexity, prune `loaded.model` in place and measure it again.
+    `on_ppl(label, update)` sees every running perplexity ("dense", then "pruned")."""
+    settings.check()
+    timer = timer or Timer()
+    model, info = loaded.model, loaded.info
+    with timer("data"):
+        data = prepare_data(loaded.tokenizer, settings.calibration, settings.evaluation, info.bos_per_window)
+    with timer("allocation"):
+        alloc = build_allocation(settings.allocation, model, nm=settings.prune.nm, calib=data.calib,
+                                 model_name=info.source, progress=progress)
+
+    def evaluate(label: str) -> float:
+        show = (lambda u: on_ppl(label, u)) if on_ppl else None
+        return perplexity(model, data.windows, progress=show, batch_size=settings.evaluation.batch_size)
+
+    with timer("dense_eval"):
+        dense = evaluate("dense")
+    with timer("prune"):
+        report = prune(model, alloc.per_layer, method=settings.prune.method, calib=data.calib, nm=settings.prune.nm,
+                       progress=progress, stop=stop)
+    with timer("pruned_eval"):
+        pruned = evaluate("pruned")
+    config = record_config(settings, alloc, data.info, info.source, model_title=info.title, device=info.device,
+                           dtype=info.dtype)
+    return RunResult(make_record(config, alloc.to_dict(), report, dense, pruned, timer.seconds), alloc, report)

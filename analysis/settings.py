@@ -1,0 +1,227 @@
+"""Settings: one frozen object per concern. Their defaults are the project's defaults: the CLI's
+options and the dashboard's widgets read them from here, so a preset a user looks at and the run
+that applies it use the same values. `check()` validates a setting before anything expensive
+(model loading, spectra) and raises `SettingsError` naming the first bad value.
+
+Calibration defaults to 16 sequences of 256 tokens from the embedded corpus everywhere (CLI, Prune
+page, OWL preset): enough tokens for stable Wanda/SparseGPT/OWL statistics on the packaged models and
+still interactive on a CPU. Evaluation defaults differ on purpose and by name: the CLI's
+`EvaluationSettings()` is the papers' benchmark (all of WikiText-2 test), the dashboard's
+`QUICK_EVALUATION` the first 16 windows of the embedded corpus's evaluation half, so a live curve
+finishes in seconds on a CPU and needs no data outside the packages.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+from analysis.allocation import MAX_RATIO, check_settings
+from analysis.data import text_source_problem
+from analysis.powerlaw import XMIN_RULES
+from analysis.pruners import PRUNERS, parse_nm
+
+# allocation methods a run can name; "custom" is a drawn curve, "file" an allocation JSON
+ALLOCATION_METHODS = ("uniform", "alphapruning", "farms", "owl", "custom", "file")
+SPECTRA_METHODS = ("alphapruning", "farms")  # allocations computed from the dense model's spectra
+
+
+class SettingsError(ValueError):
+    """A setting the user can fix; the message names it, and `field` ("calibration.seqlen", ...) says
+    which one, so a front end can point at its own control (the CLI names the option)."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+def _checked(field_name: str, check, *args) -> None:
+    """Run a lower-level validator; its error becomes a SettingsError for `field_name`."""
+    try:
+        check(*args)
+    except ValueError as e:
+        raise SettingsError(str(e), field_name) from None
+
+
+def _positive_int(value, name: str, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise SettingsError(f"{name.split('.')[-1]} must be an integer >= {minimum}, got {value!r}", name)
+
+
+def _source(source: str, name: str, label: str) -> None:
+    if problem := text_source_problem(source):
+        raise SettingsError(f"{label}: {problem}", name)
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """source: 'default', 'gemma3', a folder or a Hugging Face id; device: auto | cpu | cuda[:i];
+    dtype: auto | float32 | bfloat16 | float16; trust_remote_code stays off unless asked for."""
+
+    source: str = "default"
+    device: str = "auto"
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class SpectraSettings:
+    """fit: xmin rule of the power-law fit (analysis.powerlaw); farms: pooled fixed-aspect-ratio
+    windows; normalize: eigenvalues divided by N (rows); include_outside: embedding and lm_head too."""
+
+    fit: str = "peak"
+    farms: bool = False
+    normalize: bool = False
+    include_outside: bool = False
+
+    def check(self) -> SpectraSettings:
+        if self.fit not in XMIN_RULES:
+            raise SettingsError(f"fit must be one of {', '.join(XMIN_RULES)}, got {self.fit!r}", "spectra.fit")
+        return self
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """source: text source (analysis.data.load_text); n_samples sequences of seqlen tokens, drawn
+    with `seed`."""
+
+    source: str = "default"
+    n_samples: int = 16
+    seqlen: int = 256
+    seed: int = 0
+
+    def check(self) -> CalibrationSettings:
+        _positive_int(self.n_samples, "calibration.n_samples")
+        _positive_int(self.seqlen, "calibration.seqlen", 2)
+        _positive_int(self.seed, "calibration.seed", 0)
+        _source(self.source, "calibration.source", "calibration text")
+        return self
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """source: text source; consecutive windows of seqlen tokens, the first max_windows of them
+    (None: all); batch_size windows per forward pass (None: 1 on CPU, 8 on a GPU)."""
+
+    source: str = "wikitext2:test"
+    seqlen: int = 512
+    max_windows: int | None = None
+    batch_size: int | None = None
+
+    def check(self) -> EvaluationSettings:
+        _positive_int(self.seqlen, "evaluation.seqlen", 2)
+        for name in ("max_windows", "batch_size"):
+            if getattr(self, name) is not None:
+                _positive_int(getattr(self, name), f"evaluation.{name}")
+        _source(self.source, "evaluation.source", "evaluation text")
+        return self
+
+
+QUICK_EVALUATION = EvaluationSettings(source="default", max_windows=16)
+
+
+@dataclass(frozen=True)
+class AllocationSettings:
+    """method: one of ALLOCATION_METHODS; sparsity: the budget, fraction of prunable weights removed;
+    epsilon: AlphaPruning's spread; metric / granularity / fit: how spectra become scores; owl_lambda
+    and owl_threshold: OWL's half-range and outlier multiple M; points / as_drawn: a custom curve
+    ((depth, sparsity) pairs); file: an allocation JSON (method "file")."""
+
+    method: str = "alphapruning"
+    sparsity: float = 0.5
+    epsilon: float = 0.3
+    metric: str = "alpha"
+    granularity: str = "block"
+    fit: str = "peak"
+    owl_lambda: float = 0.08
+    owl_threshold: float = 5.0
+    points: tuple[tuple[float, float], ...] | None = None
+    as_drawn: bool = False
+    file: str | None = None
+
+    def check(self) -> AllocationSettings:
+        if self.method not in ALLOCATION_METHODS:
+            raise SettingsError(f"allocation must be one of {', '.join(ALLOCATION_METHODS[:-1])} or an "
+                                f"allocation JSON file, got {self.method!r}", "allocation.method")
+        if self.method == "file":
+            if not self.file or not Path(self.file).expanduser().is_file():
+                raise SettingsError(f"allocation file '{self.file}' does not exist", "allocation.file")
+            return self
+        # one field at a time (the others at valid values), so the error says which field is wrong
+        if not self.as_drawn:
+            _checked("allocation.sparsity", check_settings, "uniform", self.sparsity)
+        _checked("allocation.epsilon", check_settings, "alphapruning", 0.5, self.epsilon)
+        _checked("allocation.metric", check_settings, "alphapruning", 0.5, 0.3, self.metric)
+        _checked("allocation.granularity", check_settings, "uniform", 0.5, 0.3, "alpha", self.granularity)
+        _checked("allocation.owl_lambda", check_settings, "owl", 0.5, 0.3, "alpha", "block", self.owl_lambda)
+        if self.fit not in XMIN_RULES:
+            raise SettingsError(f"fit must be one of {', '.join(XMIN_RULES)}, got {self.fit!r}", "allocation.fit")
+        if not self.owl_threshold > 0:
+            raise SettingsError(f"owl_threshold must be > 0, got {self.owl_threshold}", "allocation.owl_threshold")
+        if self.method == "custom" and not self.points:
+            raise SettingsError("a custom allocation needs control points, e.g. 0:0.5,0.5:0.7,1:0.8",
+                                "allocation.points")
+        return self
+
+    @property
+    def spectra(self) -> SpectraSettings:
+        """The spectra an alphapruning/farms allocation is computed from."""
+        return SpectraSettings(fit=self.fit, farms=self.method == "farms")
+
+
+@dataclass(frozen=True)
+class PruneSettings:
+    """method: a key of analysis.pruners.PRUNERS; nm: "2:4"-style N:M pattern or None (unstructured)."""
+
+    method: str = "wanda"
+    nm: str | None = None
+
+    def check(self) -> PruneSettings:
+        if self.method not in PRUNERS:
+            raise SettingsError(f"method must be one of {', '.join(PRUNERS)}, got {self.method!r}", "prune.method")
+        _checked("prune.nm", parse_nm, self.nm)
+        return self
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything one prune-and-evaluate run needs besides the loaded model."""
+
+    model: ModelSettings = field(default_factory=ModelSettings)
+    allocation: AllocationSettings = field(default_factory=AllocationSettings)
+    prune: PruneSettings = field(default_factory=PruneSettings)
+    calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
+    evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
+
+    def check(self) -> RunSettings:
+        self.prune.check()
+        self.calibration.check()
+        self.evaluation.check()
+        if self.prune.nm is None:
+            self.allocation.check()
+            if self.allocation.method != "file" and not 0.0 < self.allocation.sparsity <= MAX_RATIO:
+                raise SettingsError(f"sparsity must be in (0, {MAX_RATIO}], got {self.allocation.sparsity}",
+                                    "allocation.sparsity")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunSettings:
+        """The inverse of to_dict; unknown keys are refused with a message."""
+        parts = {}
+        for f in fields(cls):
+            sub = dict(d.get(f.name) or {})
+            default = f.default_factory()
+            unknown = set(sub) - {g.name for g in fields(default)}
+            if unknown:
+                raise SettingsError(f"unknown {f.name} setting(s): {', '.join(sorted(unknown))}", f.name)
+            if f.name == "allocation" and sub.get("points") is not None:
+                sub["points"] = tuple(tuple(p) for p in sub["points"])
+            parts[f.name] = replace(default, **sub)
+        return cls(**parts)
+
+
+__all__ = ["ALLOCATION_METHODS", "QUICK_EVALUATION", "SPECTRA_METHODS",
+           "AllocationSettings", "CalibrationSettings", "EvaluationSettings", "ModelSettings", "PruneSettings",
+           "RunSettings", "SettingsError", "SpectraSettings"]

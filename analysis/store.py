@@ -1,0 +1,144 @@
+"""The run store: pruning run records (JSON-able dicts, see analysis.pipeline.make_record) in an
+embedded SQLite file.
+
+Records are appended in WAL mode, one transaction per run: a crash or an error while writing a run
+rolls that run back and leaves every earlier run intact.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pandas as pd
+
+from analysis.runtime import cache_dir
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    created TEXT NOT NULL,
+    model TEXT,
+    method TEXT,
+    allocation_method TEXT,
+    sparsity REAL CHECK (sparsity IS NULL OR typeof(sparsity) IN ('real', 'integer')),
+    nm TEXT,
+    dense_ppl REAL,
+    pruned_ppl REAL,
+    record_json TEXT NOT NULL
+)
+"""
+COLUMNS = ("id", "created", "model", "method", "allocation_method", "sparsity", "nm", "dense_ppl", "pruned_ppl")
+
+
+def default_db_path() -> Path:
+    return cache_dir() / "runs.sqlite"
+
+
+def _finite_or_none(x):
+    """SQLite and JSON have no inf/nan; a diverged perplexity is stored as NULL (the record says 'inf')."""
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+class RunStore:
+    """Runs in a SQLite file (default `cache_dir()/runs.sqlite`)."""
+
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path).expanduser() if path else default_db_path()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as conn:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(SCHEMA)
+
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.path, timeout=30)
+
+    def add(self, record: dict) -> int:
+        """Append one run record; returns its id. All or nothing: on any error nothing is stored."""
+        row = _row(record)
+        conn = self._connect()
+        try:
+            with conn:  # one transaction: commit on success, roll back on any exception
+                cur = conn.execute(
+                    "INSERT INTO runs (created, model, method, allocation_method, sparsity, nm, dense_ppl, "
+                    "pruned_ppl, record_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+                return int(cur.lastrowid)
+        finally:
+            conn.close()
+
+    def all(self) -> pd.DataFrame:
+        """One row per run (without the full record), oldest first."""
+        conn = self._connect()
+        try:
+            return pd.read_sql_query(f"SELECT {', '.join(COLUMNS)} FROM runs ORDER BY id", conn)
+        finally:
+            conn.close()
+
+    def get(self, run_id: int) -> dict:
+        """The full record of run `run_id` (with its id); KeyError if there is none."""
+        conn = self._connect()
+        try:
+            found = conn.execute("SELECT record_json FROM runs WHERE id = ?", (int(run_id),)).fetchone()
+        finally:
+            conn.close()
+        if found is None:
+            raise KeyError(f"no run with id {run_id} in {self.path}")
+        return {"id": int(run_id), **json.loads(found[0])}
+
+    def __len__(self) -> int:
+        conn = self._connect()
+        try:
+            return int(conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0])
+        finally:
+            conn.close()
+
+
+def _row(record: dict) -> tuple:
+    cfg = record.get("config", {})
+    nm = cfg.get("nm")
+    return (
+        record.get("created") or now_iso(),
+        cfg.get("model"),
+        cfg.get("method"),
+        cfg.get("allocation"),
+        cfg.get("sparsity"),
+        ":".join(str(x) for x in nm) if nm else None,
+        _finite_or_none(record.get("dense_ppl")),
+        _finite_or_none(record.get("pruned_ppl")),
+        to_json(record),
+    )
+
+
+def to_json(record: dict, indent: int | None = None) -> str:
+    """A record as JSON; numpy/torch scalars, paths, tuples and objects with to_dict() are converted."""
+    return json.dumps(record, default=_json_default, allow_nan=True, indent=indent)
+
+
+def run_summary(record: dict) -> dict:
+    """What the Compare page shows of a run beyond the table's columns: achieved overall sparsity,
+    the per-block allocation and the evaluation text."""
+    alloc = record.get("allocation") or {}
+    return {"achieved": (record.get("achieved") or {}).get("overall"), "per_block": alloc.get("per_block") or [],
+            "eval": (record.get("config") or {}).get("eval")}
+
+
+def _json_default(obj):
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    if hasattr(obj, "item"):  # numpy / torch scalars
+        return obj.item()
+    if isinstance(obj, (set, tuple)):
+        return list(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+def now_iso() -> str:
+    """The current UTC time, ISO 8601 to the second (a record's `created`)."""
+    return datetime.now(UTC).isoformat(timespec="seconds")

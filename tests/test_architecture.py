@@ -1,0 +1,53 @@
+"""The engine's import graph: no cycles, no module importing a layer above its own, and no Streamlit
+in analysis/ (README, "Architecture"). Read from the source with ast, so it checks deferred imports too."""
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# lowest first; a module may import only from its own layer's lower neighbours (strictly lower layers)
+LAYERS = [
+    {"runtime", "layers", "powerlaw", "pruners", "allocation", "jobs", "export"},
+    {"data", "store", "calibration", "evaluation", "loading", "spectra"},
+    {"owl", "pruning", "settings"},
+    {"pipeline"},
+    {"session", "cli"},
+    {"__main__"},
+]
+
+
+def project_imports(path: Path) -> set[str]:
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        out |= {n for n in names if n.split(".")[0] in ("analysis", "components", "pages", "streamlit")}
+    return out
+
+
+def layer_of(module: str) -> int:
+    for i, layer in enumerate(LAYERS):
+        if module in layer:
+            return i
+    raise AssertionError(f"analysis/{module}.py is in no layer of tests/test_architecture.py (and the README)")
+
+
+def test_engine_layers_only_import_downwards():
+    for path in sorted((ROOT / "analysis").glob("*.py")):
+        if path.stem == "__init__":
+            continue
+        mine = layer_of(path.stem)
+        for dep in project_imports(path):
+            assert not dep.startswith(("components", "pages", "streamlit")), f"{path.name} imports {dep}"
+            other = dep.split(".")[1] if "." in dep else None
+            assert other is not None, f"{path.name}: import the module, not the package: {dep}"
+            assert layer_of(other) < mine, f"{path.name} (layer {mine}) imports {other} (layer {layer_of(other)})"
+
+
+def test_components_do_not_import_pages():
+    for path in sorted((ROOT / "components").rglob("*.py")):
+        assert not any(d.startswith("pages") for d in project_imports(path)), path
