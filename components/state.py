@@ -256,21 +256,16 @@ def owl_job(loaded: LoadedModel, calibration: CalibrationSettings, eval_source: 
     return shared_job(key, run, name="owl-ratios", start=start)
 
 
-OWN_TEXT = "your own text (file path or hf:...)"  # the Prune page's evaluation choice for a path/hf source
+def remember_prune_data(calibration: CalibrationSettings, eval_source: str) -> None:
+    """The Prune page records its calibration settings and evaluation source on every run (a plain
+    session key, which outlives the page's widgets), so the Allocation page's OWL preset uses them."""
+    st.session_state["_prune_data"] = (calibration, eval_source)
 
 
 def prune_data_settings() -> tuple[CalibrationSettings, str]:
-    """The calibration settings and evaluation source chosen on the Prune page (its widget keys, kept
-    across pages by app.py; defaults where it was never opened). The Allocation page's OWL preset
-    reads them here, so it shows the allocation an OWL run there applies."""
-    s, default = st.session_state, CalibrationSettings()
-    calibration = CalibrationSettings(str(s.get("prune_calib_source", default.source)).strip() or default.source,
-                                      int(s.get("prune_n_samples", default.n_samples)),
-                                      int(s.get("prune_calib_seqlen", default.seqlen)))
-    eval_source = s.get("prune_eval_source", QUICK_EVALUATION.source)
-    if eval_source == OWN_TEXT:
-        eval_source = str(s.get("prune_eval_own", "")).strip()
-    return calibration, eval_source
+    """The calibration settings and evaluation source last chosen on the Prune page (defaults where it
+    was never opened): the OWL preset is then the allocation an OWL run there applies."""
+    return st.session_state.get("_prune_data", (CalibrationSettings(), QUICK_EVALUATION.source))
 
 
 def runs_store() -> RunStore:

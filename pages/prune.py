@@ -19,11 +19,10 @@ from analysis.settings import (
 )
 from components.figures import ppl_figure
 from components.state import (
-    OWN_TEXT,
     dense_ppl_job,
     owl_job,
     peek_dense_ppl_job,
-    prune_data_settings,
+    remember_prune_data,
     require_model,
     runs_store,
     session_weights,
@@ -34,6 +33,7 @@ from components.state import (
 
 ALLOCATIONS = {"alphapruning (α-guided)": "alphapruning", "uniform": "uniform", "FARMS (α-guided)": "farms",
                "OWL (outlier-guided)": "owl", "custom curve (Allocation page)": "custom"}
+OWN_TEXT = "your own text (file path or hf:...)"
 EVAL_SOURCES = ["default", "wikitext2:test", "wikitext2:valid", OWN_TEXT]
 ALLOC_DEFAULT, CALIB_DEFAULT = AllocationSettings(), CalibrationSettings()
 
@@ -101,7 +101,8 @@ custom = st.session_state.get("alloc_custom")
 if allocation == "custom" and custom is None:
     st.warning("No custom curve yet: draw one on the Allocation page.")
 fit = st.session_state.get("spectra_fit", SpectraSettings.fit)
-calibration = prune_data_settings()[0]
+calibration = CalibrationSettings(calib_source.strip() or CALIB_DEFAULT.source, int(n_samples), int(calib_seqlen))
+remember_prune_data(calibration, eval_source)
 evaluation = EvaluationSettings(eval_source, int(eval_seqlen), int(max_windows) or None)
 settings = RunSettings(
     allocation=AllocationSettings(method=allocation, sparsity=float(sparsity), epsilon=float(epsilon), fit=fit),

@@ -87,7 +87,7 @@ def test_spectra_drag_prune_and_isolation(server, browser):
     assert pct[1] > pct[0]  # dragged up -> more sparsity
     shot(a, "03_allocation_dragged")
 
-    # Prune: 50% Wanda (uniform), small calibration/eval; a live perplexity value appears
+    # Prune: 50% Wanda (AlphaPruning, the default allocation), small calibration/eval; a live perplexity value appears
     nav(a, "Prune")
     set_small_eval(a, **SMALL)
     a.get_by_role("button", name="Run", exact=True).click()
