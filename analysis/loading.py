@@ -16,6 +16,7 @@ import re
 import shutil
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -78,6 +79,51 @@ class LoadedModel:
     model: nn.Module
     tokenizer: object
     info: ModelInfo
+
+
+@dataclass
+class ModelPreview:
+    """What is known of a model before its weights load (its tokenizer and config), for the checks
+    that must fail before that expensive part."""
+
+    source: str
+    tokenizer: object
+    config: object
+    bos_per_window: bool
+
+    @property
+    def context(self) -> int | None:
+        """Longest input in tokens the model was built for (None when its config does not say)."""
+        return context_length(self.config)
+
+    def skeleton(self) -> nn.Module:
+        return skeleton(self.config)
+
+
+def skeleton(config) -> nn.Module:
+    """The model of `config` on the meta device: module names and shapes, no weights, no memory."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def context_length(config) -> int | None:
+    """max_position_embeddings (or n_positions) of a transformers config, None when it has neither."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(text, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_tokenizer(tokenizer, config, source: str) -> None:
+    """A tokenizer with more tokens than the model has embedding rows is not this model's: its ids
+    past the end would fail (or read garbage) in the first forward pass."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    rows = getattr(text, "vocab_size", None)
+    if isinstance(rows, int) and len(tokenizer) > rows:
+        raise ModelLoadError(f"The tokenizer of '{source}' has {len(tokenizer)} tokens but the model has only {rows} "
+                             "embedding rows: the tokenizer belongs to another model.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,11 +279,14 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     trust_remote_code: bool = False,
     progress: ProgressFn | None = None,
+    check: Callable[[ModelPreview], None] | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer in eval mode.
 
     Raises ModelLoadError with a user-facing message for anything the user can fix
-    (unknown id, folder without config, no network to the hub, missing package).
+    (unknown id, folder without config, no network to the hub, missing package, a tokenizer of
+    another model). `check(preview)` runs once the tokenizer and config are read, before the weights
+    load: what the caller will ask of the model (context length, text lengths) fails early there.
     """
     t0 = time.perf_counter()
     path, title, pm = resolve_source(source)
@@ -249,6 +298,14 @@ def load_model(
     progress and progress(f"Loading {title}", 0.5)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **hub)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **hub)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(_explain_load_error(source, e)) from e
+    check_tokenizer(tok, config, source)
+    bos = pm.bos_per_window if pm else _wants_bos(config)
+    if check is not None:
+        check(ModelPreview(source, tok, config, bos))
+    try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dt, trust_remote_code=trust_remote_code, use_safetensors=None, **hub
         )
@@ -269,7 +326,7 @@ def load_model(
         device=str(dev),
         dtype=str(dt).replace("torch.", ""),
         quantization=pm.quantization if pm else None,
-        bos_per_window=pm.bos_per_window if pm else _wants_bos(model),
+        bos_per_window=bos,
         load_seconds=time.perf_counter() - t0,
     )
     return LoadedModel(model, tok, info)
@@ -285,8 +342,8 @@ def _read_into_memory(model: nn.Module) -> None:
             p.data = p.data.clone()
 
 
-def _wants_bos(model: nn.Module) -> bool:
-    return getattr(model.config, "model_type", "").startswith("gemma")
+def _wants_bos(config) -> bool:
+    return getattr(config, "model_type", "").startswith("gemma")
 
 
 def _explain_load_error(source: str, e: Exception) -> str:
@@ -310,11 +367,10 @@ def estimate_memory_bytes(source: str, dtype: str | torch.dtype | None = "float3
         cfg = AutoConfig.from_pretrained(path, **(hub_access(path) if _is_hub_id(path, pm) else {}))
     except Exception:  # noqa: BLE001 (an estimate is optional; loading will report the real error)
         return None
-    with torch.device("meta"):
-        try:
-            m = AutoModelForCausalLM.from_config(cfg)
-        except Exception:  # noqa: BLE001
-            return None
+    try:
+        m = skeleton(cfg)
+    except Exception:  # noqa: BLE001
+        return None
     return sum(p.numel() for p in m.parameters()) * _bytes(dtype)
 
 
