@@ -35,6 +35,7 @@ from analysis.runtime import cache_dir
 WIKITEXT_SPLITS = ("train", "valid", "test")
 NO_SOURCE = "No text source given; use 'default', 'wikitext2:test', 'hf:...' or a .txt path."
 ENCODING = "utf-8"  # of text files, unless another is named
+MAX_UPLOAD_MB = 50  # largest text the dashboard keeps from an upload (WikiText-103's training text is ~540 MB)
 
 
 class DataError(ValueError):
@@ -99,7 +100,12 @@ def text_source_problem(source: str, encoding: str = ENCODING) -> str | None:
 def save_text(name: str, data: bytes, folder: Path | None = None) -> Path:
     """Keep an uploaded text as a file under `folder` (default: the cache folder's texts/) and return
     its path, named by content (the same upload gives the same path, so results keyed by the text
-    source stay valid)."""
+    source stay valid). DataError, and nothing kept, for more than MAX_UPLOAD_MB megabytes
+    (2**20 bytes) or data that is not UTF-8 text."""
+    if len(data) > MAX_UPLOAD_MB * 2**20:
+        raise DataError(f"'{name}' is {len(data) / 2**20:.1f} MB; uploads are limited to {MAX_UPLOAD_MB} MB "
+                        "(name a larger file by its path instead).")
+    _decode(Path(name), data, ENCODING)
     folder = Path(folder) if folder is not None else cache_dir() / "texts"
     folder.mkdir(parents=True, exist_ok=True)
     stem = re.sub(r"[^\w.-]+", "_", Path(name).stem)[:60] or "text"
