@@ -54,6 +54,7 @@ FLAGS = {
     "calibration.n_samples": "--nsamples", "calibration.seqlen": "--seqlen", "calibration.seed": "--seed",
     "evaluation.source": "--eval", "evaluation.seqlen": "--eval-seqlen", "evaluation.max_windows": "--max-windows",
     "evaluation.batch_size": "--batch-size", "calibration.encoding": "--encoding", "evaluation.encoding": "--encoding",
+    "model.device": "--device", "model.dtype": "--dtype",
 }
 
 
@@ -92,6 +93,7 @@ def _model_settings(args: argparse.Namespace) -> ModelSettings:
 
 def _load(m: ModelSettings, check=None):
     """Load the model; `check(preview)` runs on its tokenizer and config before the weights load."""
+    m.check()
     return load_model(m.source, device=None if m.device == "auto" else m.device,
                       dtype=None if m.dtype == "auto" else m.dtype, trust_remote_code=m.trust_remote_code,
                       check=check)

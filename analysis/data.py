@@ -87,11 +87,13 @@ def text_source_problem(source: str, encoding: str = ENCODING) -> str | None:
             raise DataError(NO_SOURCE)
         if src.startswith("hf:"):
             _hf_parts(src[3:])
-        elif src != "default" and not src.startswith("wikitext2:"):
+        elif src.startswith("wikitext2:"):
+            _wikitext_path(src.split(":", 1)[1])
+        elif src != "default":
             path = Path(src).expanduser()
             _check_file(path)
             stat = path.stat()
-            _check_decodes(path.resolve(), _codec(encoding), stat.st_size, stat.st_mtime_ns)
+            _check_decodes(path.resolve(), check_encoding(encoding), stat.st_size, stat.st_mtime_ns)
     except DataError as e:
         return str(e)
     return None
@@ -120,7 +122,8 @@ def _check_file(path: Path) -> None:
         raise DataError(f"Text file '{path}' does not exist.")
 
 
-def _codec(encoding: str) -> str:
+def check_encoding(encoding: str) -> str:
+    """The codec's canonical name ("latin-1" -> "iso8859-1"); DataError for an unknown encoding."""
     try:
         return codecs.lookup(encoding).name
     except (LookupError, TypeError):
@@ -129,7 +132,7 @@ def _codec(encoding: str) -> str:
 
 def _decode(path: Path, data: bytes, encoding: str) -> str:
     """`data` as text; DataError for binary data (NUL bytes outside UTF-16/32) or bytes that do not decode."""
-    encoding = _codec(encoding)
+    encoding = check_encoding(encoding)
     if b"\0" in data[:65536] and not encoding.startswith("utf-16") and not encoding.startswith("utf-32"):
         raise DataError(f"'{path}' is not a text file (it has NUL bytes: binary data?); give a plain text file.")
     try:
@@ -152,13 +155,17 @@ def _read(path: Path, encoding: str = ENCODING) -> str:
     return _decode(path, path.read_bytes(), encoding)
 
 
-def _load_wikitext(split: str) -> str:
+def _wikitext_path(split: str) -> Path:
     if split not in WIKITEXT_SPLITS:
         raise DataError(f"Unknown WikiText-2 split '{split}'; use one of {', '.join(WIKITEXT_SPLITS)}.")
     path = wikitext_dir() / f"{split}.txt"
     if not path.is_file():
         raise DataError(f"WikiText-2 {split} not found at {path} (set $ALPHASCOPE_WIKITEXT to its folder).")
-    return path.read_text(encoding="utf-8")
+    return path
+
+
+def _load_wikitext(split: str) -> str:
+    return _wikitext_path(split).read_text(encoding="utf-8")
 
 
 def _hf_parts(spec: str) -> tuple[str, str | None, str]:

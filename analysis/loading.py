@@ -253,9 +253,14 @@ def pick_device(device: str | None = None) -> torch.device:
     """`None`/"auto": CUDA when available, else CPU."""
     if device in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    d = torch.device(device)
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ModelLoadError(f"Unknown device '{device}'; use auto, cpu, cuda or cuda:<index>.") from None
     if d.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError("CUDA was requested but no CUDA device is available; use device 'cpu'.")
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        raise ModelLoadError(f"There is no {device}: this machine has {torch.cuda.device_count()} CUDA device(s).")
     return d
 
 

@@ -22,12 +22,13 @@ from analysis.data import (
     ENCODING,
     calibration_batches,
     calibration_text,
+    check_encoding,
     eval_windows,
     evaluation_text,
     text_source_problem,
 )
 from analysis.layers import prunable_layers
-from analysis.loading import ModelPreview
+from analysis.loading import DTYPES, ModelLoadError, ModelPreview, pick_device
 from analysis.powerlaw import XMIN_RULES
 from analysis.pruners import PRUNERS, parse_nm
 
@@ -59,6 +60,7 @@ def _positive_int(value, name: str, minimum: int = 1) -> None:
 
 
 def _source(source: str, encoding: str, name: str, label: str) -> None:
+    _checked(name.split(".")[0] + ".encoding", check_encoding, encoding)
     if problem := text_source_problem(source, encoding):
         raise SettingsError(f"{label}: {problem}", name)
 
@@ -79,6 +81,15 @@ class ModelSettings:
     device: str = "auto"
     dtype: str = "auto"
     trust_remote_code: bool = False
+
+    def check(self) -> ModelSettings:
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise SettingsError(f"dtype must be auto, {', '.join(DTYPES)}, got {self.dtype!r}", "model.dtype")
+        try:
+            pick_device(self.device)
+        except ModelLoadError as e:
+            raise SettingsError(str(e), "model.device") from None
+        return self
 
 
 @dataclass(frozen=True)
@@ -245,6 +256,7 @@ class RunSettings:
     evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
 
     def check(self) -> RunSettings:
+        self.model.check()
         self.prune.check()
         self.calibration.check()
         self.evaluation.check()
