@@ -43,7 +43,7 @@ def _use_uploaded_text() -> None:
     """Keep an uploaded .txt and make it the evaluation text (a callback: runs before the widgets)."""
     up = st.session_state.get("prune_text_upload")
     st.session_state.pop("prune_upload_error", None)
-    if up is not None:
+    if hasattr(up, "getvalue"):  # not None, nor a DeletedFile (an upload gone from Streamlit's storage)
         try:
             path = save_text(up.name, up.getvalue())
         except DataError as e:  # too large or not text: refused, the evaluation text stays as it was

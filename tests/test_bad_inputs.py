@@ -152,7 +152,10 @@ CASE_ARGS = [c.values[0] if hasattr(c, "marks") else c[0] for c in CLI_CASES]
 def test_cli_bad_input_is_one_line_and_exit_2(args, message, bad):
     import shlex
 
-    r = run_cli(*shlex.split(args.format(bad=bad)))
+    argv = shlex.split(args.format(bad=bad))
+    if argv[0] == "prune" and "--db" not in argv:
+        argv += ["--db", str(bad / "runs.sqlite")]  # not the user's run store
+    r = run_cli(*argv)
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
     assert message.format(bad=bad) in r.stderr, r.stderr
@@ -259,13 +262,13 @@ def test_app_with_a_corrupt_run_store_starts_and_says_so(corrupt_runs_db, bad):
     at.switch_page("pages/prune.py").run()
     at.selectbox(key="prune_alloc").set_value("uniform").run()
     upload = at.file_uploader(key="prune_text_upload")
-    upload.upload("big.txt", b"word " * (MAX_UPLOAD_MB * 2**20 // 5 + 1), "text/plain").run()
+    upload.set_value(("big.txt", b"word " * (MAX_UPLOAD_MB * 2**20 // 5 + 1), "text/plain")).run()
     assert not at.exception
     assert any(f"uploads are limited to {MAX_UPLOAD_MB} MB" in e.value for e in at.error), [e.value for e in at.error]
-    upload.clear().upload("photo.txt", bytes(range(256)) * 4, "text/plain").run()
+    at.file_uploader(key="prune_text_upload").set_value(("photo.txt", bytes(range(256)) * 4, "text/plain")).run()
     assert any("Upload refused: 'photo.txt' is not a text file" in e.value for e in at.error)
     assert at.selectbox(key="prune_eval_source").value == "default"  # the evaluation text did not change
-    upload.clear().run()
+    at.file_uploader(key="prune_text_upload").set_value(None).run()
     at.button(key="prune_run").click().run()
     assert not at.exception
     assert any("is not a run store" in e.value and "The run was not started." in e.value for e in at.error)
