@@ -90,6 +90,7 @@ class ModelPreview:
     tokenizer: object
     config: object
     bos_per_window: bool
+    trust_remote_code: bool = False
 
     @property
     def context(self) -> int | None:
@@ -97,13 +98,13 @@ class ModelPreview:
         return context_length(self.config)
 
     def skeleton(self) -> nn.Module:
-        return skeleton(self.config)
+        return skeleton(self.config, self.trust_remote_code)
 
 
-def skeleton(config) -> nn.Module:
+def skeleton(config, trust_remote_code: bool = False) -> nn.Module:
     """The model of `config` on the meta device: module names and shapes, no weights, no memory."""
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
 def context_length(config) -> int | None:
@@ -117,12 +118,14 @@ def context_length(config) -> int | None:
 
 
 def check_tokenizer(tokenizer, config, source: str) -> None:
-    """A tokenizer with more tokens than the model has embedding rows is not this model's: its ids
-    past the end would fail (or read garbage) in the first forward pass."""
+    """A tokenizer whose base vocabulary is larger than the model's embedding rows is not this model's:
+    its ids past the end would fail in the first forward pass. (Added special tokens are not counted:
+    some checkpoints list chat tokens they never embed, and plain text does not produce them.)"""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     rows = getattr(text, "vocab_size", None)
-    if isinstance(rows, int) and len(tokenizer) > rows:
-        raise ModelLoadError(f"The tokenizer of '{source}' has {len(tokenizer)} tokens but the model has only {rows} "
+    tokens = getattr(tokenizer, "vocab_size", None) or len(tokenizer)
+    if isinstance(rows, int) and tokens > rows:
+        raise ModelLoadError(f"The tokenizer of '{source}' has {tokens} tokens but the model has only {rows} "
                              "embedding rows: the tokenizer belongs to another model.")
 
 
@@ -309,7 +312,7 @@ def load_model(
     check_tokenizer(tok, config, source)
     bos = pm.bos_per_window if pm else _wants_bos(config)
     if check is not None:
-        check(ModelPreview(source, tok, config, bos))
+        check(ModelPreview(source, tok, config, bos, trust_remote_code))
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dt, trust_remote_code=trust_remote_code, use_safetensors=None, **hub
