@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from conftest import save_tiny_llama
@@ -171,6 +172,14 @@ def test_nothing_written_by_refused_runs(bad):
     assert r.returncode == 2
     assert len(RunStore(db)) == 0 and not (bad / "r.json").exists()
     assert (bad / "not-a-store.sqlite").read_bytes() == b"this is not a SQLite file " * 100  # left as it was
+
+
+def test_out_into_a_missing_folder_is_made(bad):
+    """A missing output folder is not an error: it is made (for spectra as for allocate and prune)."""
+    out = bad / "new" / "folder" / "metrics.csv"
+    r = run_cli("spectra", f"--model={bad}/tiny", "--device", "cpu", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(pd.read_csv(out)) == 21
 
 
 # --------------------------------------------------------------------------------------------
