@@ -28,8 +28,9 @@ LATIN1 = "Café crème, naïve résumé. ".encode("latin-1") * 200
 
 
 @pytest.fixture(scope="module")
-def bad(tmp_path_factory) -> Path:
-    """A folder of bad inputs; the CLI cases name them as {bad}/..."""
+def bad(tmp_path_factory, wikitext_dir) -> Path:
+    """A folder of bad inputs; the CLI cases name them as {bad}/... (WikiText-2 test, the default
+    evaluation text, must be there: settings refuse a missing text before anything else)."""
     d = tmp_path_factory.mktemp("bad")
     (d / "binary.txt").write_bytes(bytes(range(256)) * 16)  # NUL bytes: not text
     (d / "latin1.txt").write_bytes(LATIN1)
