@@ -108,13 +108,29 @@ class Allocation:
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         return path
 
+    def check_names(self, names) -> None:
+        """Raise AllocationError unless this allocation gives a ratio to exactly the prunable matrices
+        `names` of the model it is applied to (one made for another model names others)."""
+        names, have = set(names), set(self.per_layer)
+        unknown, missing = sorted(have - names), sorted(names - have)
+        if unknown or missing:
+            example = f"'{unknown[0]}' is not one of its matrices" if unknown else f"no ratio for '{missing[0]}'"
+            raise AllocationError(f"the allocation does not fit this model: {len(unknown)} of its {len(have)} names "
+                                  f"are not prunable matrices of the model and {len(missing)} of the model's "
+                                  f"{len(names)} prunable matrices are missing (e.g. {example}); was it made for "
+                                  "another model?")
+
     @classmethod
     def load(cls, path: str | Path) -> Allocation:
         path = Path(path)
         try:
-            d = json.loads(path.read_text())
+            d = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise AllocationError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        except UnicodeDecodeError:
+            raise AllocationError(f"{path}: not an allocation JSON (not UTF-8 text)") from None
+        except OSError as e:
+            raise AllocationError(f"{path}: cannot read it ({e.strerror or e})") from None
         try:
             return cls.from_dict(d)
         except AllocationError as e:
@@ -582,6 +598,12 @@ def parse_points(text: str) -> list[tuple[float, float]]:
             pts.append((float(parts[0]), float(parts[1])))
         except ValueError:
             raise AllocationError(f"bad control point {item!r}; write depth:sparsity, e.g. 0.5:0.7") from None
+        depth, sparsity = pts[-1]
+        if not 0.0 <= depth <= 1.0:  # typed points are refused; only a drawn curve is clipped to the chart
+            raise AllocationError(f"control point {item!r}: depth {depth:g} is outside [0, 1]")
+        if not 0.0 <= sparsity <= MAX_RATIO:
+            raise AllocationError(f"control point {item!r}: sparsity {sparsity:g} is outside [0, {MAX_RATIO}] "
+                                  "(a matrix keeps at least 1% of its weights)")
     if not pts:
         raise AllocationError("no control points given; write e.g. 0:0.5,1:0.8")
     return pts

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from analysis.settings import (
     SpectraSettings,
 )
 from analysis.spectra import analyze
-from analysis.store import RunStore
+from analysis.store import RunStore, StoreError, now_iso
 
 
 class UsageError(ValueError):
@@ -52,8 +53,16 @@ FLAGS = {
     "allocation.points": "--points", "prune.method": "--method", "prune.nm": "--nm", "calibration.source": "--calib",
     "calibration.n_samples": "--nsamples", "calibration.seqlen": "--seqlen", "calibration.seed": "--seed",
     "evaluation.source": "--eval", "evaluation.seqlen": "--eval-seqlen", "evaluation.max_windows": "--max-windows",
-    "evaluation.batch_size": "--batch-size",
+    "evaluation.batch_size": "--batch-size", "calibration.encoding": "--encoding", "evaluation.encoding": "--encoding",
+    "model.device": "--device", "model.dtype": "--dtype",
 }
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (`error: ...`, exit status 2) like every other error here."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
 
 
 def _parser(sub, name: str, help: str) -> argparse.ArgumentParser:
@@ -82,9 +91,26 @@ def _model_settings(args: argparse.Namespace) -> ModelSettings:
     return ModelSettings(args.model, args.device, args.dtype, args.trust_remote_code)
 
 
-def _load(m: ModelSettings):
+def _load(m: ModelSettings, check=None):
+    """Load the model; `check(preview)` runs on its tokenizer and config before the weights load."""
+    m.check()
     return load_model(m.source, device=None if m.device == "auto" else m.device,
-                      dtype=None if m.dtype == "auto" else m.dtype, trust_remote_code=m.trust_remote_code)
+                      dtype=None if m.dtype == "auto" else m.dtype, trust_remote_code=m.trust_remote_code,
+                      check=check)
+
+
+def _writable(out: str | None) -> None:
+    """Refuse an --out file that cannot be written, before any work (a missing folder is made later)."""
+    if not out:
+        return
+    path = Path(out).expanduser()
+    if path.is_dir():
+        raise UsageError(f"--out: '{out}' is a folder; give a file name")
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"--out: cannot write '{out}': '{folder}' is not a folder this user can write to")
 
 
 def _add_calib_args(p: argparse.ArgumentParser, what: str = "calibration") -> None:
@@ -95,10 +121,11 @@ def _add_calib_args(p: argparse.ArgumentParser, what: str = "calibration") -> No
     p.add_argument("--nsamples", type=int, default=d.n_samples, help=f"{what} sequences")
     p.add_argument("--seqlen", type=int, default=d.seqlen, help=f"tokens per {what} sequence")
     p.add_argument("--seed", type=int, default=d.seed, help=f"seed for {what} sampling")
+    p.add_argument("--encoding", default=d.encoding, help="encoding of the text files named as text sources")
 
 
 def _calibration(args: argparse.Namespace) -> CalibrationSettings:
-    return CalibrationSettings(args.calib, args.nsamples, args.seqlen, args.seed)
+    return CalibrationSettings(args.calib, args.nsamples, args.seqlen, args.seed, args.encoding)
 
 
 def _add_eval_args(p: argparse.ArgumentParser, flag: str) -> None:
@@ -111,7 +138,7 @@ def _add_eval_args(p: argparse.ArgumentParser, flag: str) -> None:
 
 
 def _evaluation(args: argparse.Namespace) -> EvaluationSettings:
-    return EvaluationSettings(args.eval, args.eval_seqlen, args.max_windows, args.batch_size)
+    return EvaluationSettings(args.eval, args.eval_seqlen, args.max_windows, args.batch_size, args.encoding)
 
 
 def _add_allocation_args(p: argparse.ArgumentParser) -> None:
@@ -189,7 +216,8 @@ def cmd_allocate(args: argparse.Namespace) -> int:
         raise UsageError("--sparsity is required")
     settings = _allocation(args, args.method, args.sparsity, points=points, as_drawn=args.as_drawn).check()
     calibration = _calibration(args).check() if args.method == "owl" else None
-    loaded = _load(_model_settings(args))
+    _writable(args.out)
+    loaded = _load(_model_settings(args), calibration and calibration.check_model)
     if args.method in SPECTRA_METHODS:
         metrics = dense_spectra(loaded.model, settings.spectra, progress=_print_progress)
     else:
@@ -241,7 +269,9 @@ def _run_settings(args: argparse.Namespace) -> RunSettings:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     settings = _run_settings(args)
-    loaded = _load(settings.model)
+    _writable(args.out)
+    store = RunStore(args.db)  # a store that cannot be opened is refused now, not after the run
+    loaded = _load(settings.model, settings.check_model)
     print(f"calibration {settings.calibration.n_samples} x {settings.calibration.seqlen} tokens from "
           f"{settings.calibration.source}; evaluation on {settings.evaluation.source}", file=sys.stderr)
     result = run(loaded, settings, progress=_print_progress, on_ppl=_print_ppl)
@@ -252,7 +282,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
         record["saved_to"] = args.save_model
     if args.out:
         print(f"wrote {write_record(record, args.out)}")
-    run_id = RunStore(args.db).add(record)
+    try:
+        run_id = store.add(record)
+    except StoreError as e:  # nothing lost: the record goes to a file beside the store
+        saved = args.out or write_record(record, store.path.with_name(f"unsaved-run-{now_iso()}.json"))
+        raise StoreError(f"{e} The run's record is in {saved}.") from None
     print(f"{args.method} + {record['config']['allocation']} at {report.overall:.4f} sparsity: perplexity "
           f"{record['dense_ppl']:.3f} -> {record['pruned_ppl']:.3f} (run {run_id}, prune {report.seconds:.1f} s)")
     return 0
@@ -262,7 +296,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     PruneSettings(args.method).check()
     calibration, evaluation = _calibration(args).check(), _evaluation(args).check()
     alloc = Allocation.load(args.allocation) if args.allocation else None
-    loaded = _load(_model_settings(args))
+
+    def check(preview) -> None:
+        evaluation.check_model(preview, calibration.source)
+        if alloc is not None:
+            calibration.check_model(preview, evaluation.source)
+            AllocationSettings(method="file", file=args.allocation).check_model(preview)
+    loaded = _load(_model_settings(args), check)
     bos = loaded.info.bos_per_window
     windows = evaluation_windows(loaded.tokenizer, evaluation, calibration.source, bos)
     if alloc is not None:
@@ -351,8 +391,10 @@ def _block_summary(metrics: pd.DataFrame) -> pd.DataFrame:
 
 
 def _write_metrics(metrics: pd.DataFrame, out: str | None, as_json: bool) -> None:
-    target = sys.stdout if out is None else out
+    target = sys.stdout if out is None else Path(out).expanduser()
     try:
+        if out is not None:
+            target.parent.mkdir(parents=True, exist_ok=True)
         if as_json:
             metrics.to_json(target, orient="records", indent=1)
         else:
@@ -364,6 +406,7 @@ def _write_metrics(metrics: pd.DataFrame, out: str | None, as_json: bool) -> Non
 def cmd_spectra(args: argparse.Namespace) -> int:
     settings = SpectraSettings(args.fit, args.farms, args.normalize, args.include_outside).check()
     as_json = args.json or (args.out or "").lower().endswith(".json")
+    _writable(args.out)
     loaded = _load(_model_settings(args))
     result = analyze(loaded.model, fit=settings.fit, farms=settings.farms, normalize=settings.normalize,
                      include_outside=settings.include_outside, progress=_tqdm_progress("spectra"))
@@ -393,8 +436,7 @@ def _add_spectra_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m analysis", description=__doc__.splitlines()[0],
-                                     allow_abbrev=False)
+    parser = _Parser(prog="python -m analysis", description=__doc__.splitlines()[0], allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
     p = _parser(sub, "models", "list packaged models (and convert them with --convert)")
     p.add_argument("--convert", action="store_true", help="dequantize the packaged GGUF files into the cache now")
@@ -415,7 +457,8 @@ def main(argv: list[str] | None = None) -> int:
             flag = "--text"
         print(f"error: {flag + ': ' if flag else ''}{e}", file=sys.stderr)
         return 2
-    except (ModelLoadError, ValueError, FileNotFoundError) as e:  # SettingsError, AllocationError, ... are ValueErrors
+    # SettingsError, AllocationError, DataError, UsageError are ValueErrors
+    except (ModelLoadError, StoreError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

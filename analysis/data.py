@@ -6,7 +6,8 @@ Text sources (`load_text`):
   - "wikitext2:test" / "wikitext2:valid": the raw WikiText-2 files in ../shared/data/wikitext-2
     (override the folder with $ALPHASCOPE_WIKITEXT);
   - "hf:<dataset>[:<config>]:<split>": a Hugging Face dataset (needs `datasets` and a reachable hub);
-  - anything else: a path to a UTF-8 text file.
+  - anything else: a path to a text file, UTF-8 unless another `encoding` is named (a file with NUL
+    bytes is refused as binary, one that does not decode is refused with the offset of the first bad byte).
 
 Calibration and evaluation text are disjoint: the embedded corpus is always cut in two halves at a
 line boundary (`split_text`), the first for calibration and the second for evaluation, and any other
@@ -19,6 +20,8 @@ seqlen-1 text tokens (Gemma needs this; `ModelInfo.bos_per_window`).
 """
 from __future__ import annotations
 
+import codecs
+import functools
 import hashlib
 import importlib.util
 import os
@@ -31,6 +34,8 @@ from analysis.runtime import cache_dir
 
 WIKITEXT_SPLITS = ("train", "valid", "test")
 NO_SOURCE = "No text source given; use 'default', 'wikitext2:test', 'hf:...' or a .txt path."
+ENCODING = "utf-8"  # of text files, unless another is named
+MAX_UPLOAD_MB = 50  # largest text the dashboard keeps from an upload (WikiText-103's training text is ~540 MB)
 
 
 class DataError(ValueError):
@@ -57,8 +62,9 @@ def wikitext_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
 
 
-def load_text(source: str) -> str:
-    """Return the text named by `source` (see the module docstring for the accepted names)."""
+def load_text(source: str, encoding: str = ENCODING) -> str:
+    """Return the text named by `source` (see the module docstring for the accepted names);
+    `encoding` applies to text files (the packaged corpora are UTF-8)."""
     if not source or not str(source).strip():
         raise DataError(NO_SOURCE)
     src = str(source).strip()
@@ -68,20 +74,26 @@ def load_text(source: str) -> str:
         return _load_wikitext(src.split(":", 1)[1])
     if src.startswith("hf:"):
         return _load_hf(src[3:])
-    return _read(Path(src).expanduser())
+    return _read(Path(src).expanduser(), encoding)
 
 
-def text_source_problem(source: str) -> str | None:
-    """Why `source` cannot name a text, found without reading it (None if it may): empty, a file that
-    does not exist, a malformed hf: spec. Reading can still fail later (a hub out of reach)."""
+def text_source_problem(source: str, encoding: str = ENCODING) -> str | None:
+    """Why `source` cannot name a text, found without a model (None if it may): empty, a file that
+    does not exist, is binary or does not decode with `encoding`, a malformed hf: spec. Reading can
+    still fail later (a hub out of reach)."""
     src = str(source or "").strip()
     try:
         if not src:
             raise DataError(NO_SOURCE)
         if src.startswith("hf:"):
             _hf_parts(src[3:])
-        elif src != "default" and not src.startswith("wikitext2:"):
-            _check_file(Path(src).expanduser())
+        elif src.startswith("wikitext2:"):
+            _wikitext_path(src.split(":", 1)[1])
+        elif src != "default":
+            path = Path(src).expanduser()
+            _check_file(path)
+            stat = path.stat()
+            _check_decodes(path.resolve(), check_encoding(encoding), stat.st_size, stat.st_mtime_ns)
     except DataError as e:
         return str(e)
     return None
@@ -90,7 +102,12 @@ def text_source_problem(source: str) -> str | None:
 def save_text(name: str, data: bytes, folder: Path | None = None) -> Path:
     """Keep an uploaded text as a file under `folder` (default: the cache folder's texts/) and return
     its path, named by content (the same upload gives the same path, so results keyed by the text
-    source stay valid)."""
+    source stay valid). DataError, and nothing kept, for more than MAX_UPLOAD_MB megabytes
+    (2**20 bytes) or data that is not UTF-8 text."""
+    if len(data) > MAX_UPLOAD_MB * 2**20:
+        raise DataError(f"'{name}' is {len(data) / 2**20:.1f} MB; uploads are limited to {MAX_UPLOAD_MB} MB "
+                        "(name a larger file by its path instead).")
+    _decode(Path(name), data, ENCODING)
     folder = Path(folder) if folder is not None else cache_dir() / "texts"
     folder.mkdir(parents=True, exist_ok=True)
     stem = re.sub(r"[^\w.-]+", "_", Path(name).stem)[:60] or "text"
@@ -105,18 +122,50 @@ def _check_file(path: Path) -> None:
         raise DataError(f"Text file '{path}' does not exist.")
 
 
-def _read(path: Path) -> str:
+def check_encoding(encoding: str) -> str:
+    """The codec's canonical name ("latin-1" -> "iso8859-1"); DataError for an unknown encoding."""
+    try:
+        return codecs.lookup(encoding).name
+    except (LookupError, TypeError):
+        raise DataError(f"Unknown text encoding {encoding!r}; use e.g. utf-8, latin-1, cp1252 or utf-16.") from None
+
+
+def _decode(path: Path, data: bytes, encoding: str) -> str:
+    """`data` as text; DataError for binary data (NUL bytes outside UTF-16/32) or bytes that do not decode."""
+    encoding = check_encoding(encoding)
+    if b"\0" in data[:65536] and not encoding.startswith("utf-16") and not encoding.startswith("utf-32"):
+        raise DataError(f"'{path}' is not a text file (it has NUL bytes: binary data?); give a plain text file.")
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as e:
+        hint = "" if encoding != "utf-8" else ("; save it as UTF-8 or name its encoding (--encoding on the command "
+                                               "line, e.g. latin-1 or cp1252)")
+        raise DataError(f"'{path}' is not valid {encoding} text (byte 0x{data[e.start]:02x} at offset {e.start})"
+                        f"{hint}.") from None
+
+
+@functools.lru_cache(maxsize=16)
+def _check_decodes(path: Path, encoding: str, size: int, mtime_ns: int) -> None:
+    """Read and decode a text file once per (path, encoding, size, mtime): the Prune page asks on every rerun."""
+    _decode(path, path.read_bytes(), encoding)
+
+
+def _read(path: Path, encoding: str = ENCODING) -> str:
     _check_file(path)
-    return path.read_text(encoding="utf-8", errors="replace")
+    return _decode(path, path.read_bytes(), encoding)
 
 
-def _load_wikitext(split: str) -> str:
+def _wikitext_path(split: str) -> Path:
     if split not in WIKITEXT_SPLITS:
         raise DataError(f"Unknown WikiText-2 split '{split}'; use one of {', '.join(WIKITEXT_SPLITS)}.")
     path = wikitext_dir() / f"{split}.txt"
     if not path.is_file():
         raise DataError(f"WikiText-2 {split} not found at {path} (set $ALPHASCOPE_WIKITEXT to its folder).")
-    return path.read_text(encoding="utf-8")
+    return path
+
+
+def _load_wikitext(split: str) -> str:
+    return _wikitext_path(split).read_text(encoding="utf-8")
 
 
 def _hf_parts(spec: str) -> tuple[str, str | None, str]:
@@ -260,15 +309,15 @@ def is_split(source: str, other: str | None) -> bool:
     return src == "default" or (other is not None and src == str(other).strip())
 
 
-def calibration_text(source: str, eval_source: str | None = None) -> str:
+def calibration_text(source: str, eval_source: str | None = None, encoding: str = ENCODING) -> str:
     """The text calibration samples are drawn from (see `is_split`)."""
-    text = load_text(source)
+    text = load_text(source, encoding)
     return split_text(text)[0] if is_split(source, eval_source) else text
 
 
-def evaluation_text(source: str, calib_source: str | None = None) -> str:
+def evaluation_text(source: str, calib_source: str | None = None, encoding: str = ENCODING) -> str:
     """The text evaluation windows are cut from (see `is_split`)."""
-    text = load_text(source)
+    text = load_text(source, encoding)
     return split_text(text)[1] if is_split(source, calib_source) else text
 
 

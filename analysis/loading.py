@@ -16,6 +16,7 @@ import re
 import shutil
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -78,6 +79,54 @@ class LoadedModel:
     model: nn.Module
     tokenizer: object
     info: ModelInfo
+
+
+@dataclass
+class ModelPreview:
+    """What is known of a model before its weights load (its tokenizer and config), for the checks
+    that must fail before that expensive part."""
+
+    source: str
+    tokenizer: object
+    config: object
+    bos_per_window: bool
+    trust_remote_code: bool = False
+
+    @property
+    def context(self) -> int | None:
+        """Longest input in tokens the model was built for (None when its config does not say)."""
+        return context_length(self.config)
+
+    def skeleton(self) -> nn.Module:
+        return skeleton(self.config, self.trust_remote_code)
+
+
+def skeleton(config, trust_remote_code: bool = False) -> nn.Module:
+    """The model of `config` on the meta device: module names and shapes, no weights, no memory."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def context_length(config) -> int | None:
+    """max_position_embeddings (or n_positions) of a transformers config, None when it has neither."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(text, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_tokenizer(tokenizer, config, source: str) -> None:
+    """A tokenizer whose base vocabulary is larger than the model's embedding rows is not this model's:
+    its ids past the end would fail in the first forward pass. (Added special tokens are not counted:
+    some checkpoints list chat tokens they never embed, and plain text does not produce them.)"""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    rows = getattr(text, "vocab_size", None)
+    tokens = getattr(tokenizer, "vocab_size", None) or len(tokenizer)
+    if isinstance(rows, int) and tokens > rows:
+        raise ModelLoadError(f"The tokenizer of '{source}' has {tokens} tokens but the model has only {rows} "
+                             "embedding rows: the tokenizer belongs to another model.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,9 +256,14 @@ def pick_device(device: str | None = None) -> torch.device:
     """`None`/"auto": CUDA when available, else CPU."""
     if device in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    d = torch.device(device)
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ModelLoadError(f"Unknown device '{device}'; use auto, cpu, cuda or cuda:<index>.") from None
     if d.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError("CUDA was requested but no CUDA device is available; use device 'cpu'.")
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        raise ModelLoadError(f"There is no {device}: this machine has {torch.cuda.device_count()} CUDA device(s).")
     return d
 
 
@@ -233,11 +287,14 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     trust_remote_code: bool = False,
     progress: ProgressFn | None = None,
+    check: Callable[[ModelPreview], None] | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer in eval mode.
 
     Raises ModelLoadError with a user-facing message for anything the user can fix
-    (unknown id, folder without config, no network to the hub, missing package).
+    (unknown id, folder without config, no network to the hub, missing package, a tokenizer of
+    another model). `check(preview)` runs once the tokenizer and config are read, before the weights
+    load: what the caller will ask of the model (context length, text lengths) fails early there.
     """
     t0 = time.perf_counter()
     path, title, pm = resolve_source(source)
@@ -249,6 +306,14 @@ def load_model(
     progress and progress(f"Loading {title}", 0.5)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **hub)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **hub)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(_explain_load_error(source, e)) from e
+    check_tokenizer(tok, config, source)
+    bos = pm.bos_per_window if pm else _wants_bos(config)
+    if check is not None:
+        check(ModelPreview(source, tok, config, bos, trust_remote_code))
+    try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dt, trust_remote_code=trust_remote_code, use_safetensors=None, **hub
         )
@@ -269,7 +334,7 @@ def load_model(
         device=str(dev),
         dtype=str(dt).replace("torch.", ""),
         quantization=pm.quantization if pm else None,
-        bos_per_window=pm.bos_per_window if pm else _wants_bos(model),
+        bos_per_window=bos,
         load_seconds=time.perf_counter() - t0,
     )
     return LoadedModel(model, tok, info)
@@ -285,8 +350,8 @@ def _read_into_memory(model: nn.Module) -> None:
             p.data = p.data.clone()
 
 
-def _wants_bos(model: nn.Module) -> bool:
-    return getattr(model.config, "model_type", "").startswith("gemma")
+def _wants_bos(config) -> bool:
+    return getattr(config, "model_type", "").startswith("gemma")
 
 
 def _explain_load_error(source: str, e: Exception) -> str:
@@ -310,11 +375,10 @@ def estimate_memory_bytes(source: str, dtype: str | torch.dtype | None = "float3
         cfg = AutoConfig.from_pretrained(path, **(hub_access(path) if _is_hub_id(path, pm) else {}))
     except Exception:  # noqa: BLE001 (an estimate is optional; loading will report the real error)
         return None
-    with torch.device("meta"):
-        try:
-            m = AutoModelForCausalLM.from_config(cfg)
-        except Exception:  # noqa: BLE001
-            return None
+    try:
+        m = skeleton(cfg)
+    except Exception:  # noqa: BLE001
+        return None
     return sum(p.numel() for p in m.parameters()) * _bytes(dtype)
 
 

@@ -59,7 +59,7 @@ def calibration_batch(tokenizer, calibration: CalibrationSettings, evaluation_so
                       bos: bool = False) -> torch.Tensor:
     """The calibration batch of a run whose evaluation text is `evaluation_source` (the two are kept
     disjoint, see analysis.data.calibration_text)."""
-    text = calibration_text(calibration.source, evaluation_source)
+    text = calibration_text(calibration.source, evaluation_source, calibration.encoding)
     return calibration_batches(tokenizer, text, n_samples=calibration.n_samples, seqlen=calibration.seqlen,
                                seed=calibration.seed, bos=bos)
 
@@ -67,7 +67,7 @@ def calibration_batch(tokenizer, calibration: CalibrationSettings, evaluation_so
 def evaluation_windows(tokenizer, evaluation: EvaluationSettings, calibration_source: str | None = None,
                        bos: bool = False) -> torch.Tensor:
     """The evaluation windows of a run that calibrates on `calibration_source`."""
-    text = evaluation_text(evaluation.source, calibration_source)
+    text = evaluation_text(evaluation.source, calibration_source, evaluation.encoding)
     return eval_windows(tokenizer, text, seqlen=evaluation.seqlen, bos=bos, max_windows=evaluation.max_windows)
 
 

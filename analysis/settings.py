@@ -1,7 +1,9 @@
 """Settings: one frozen object per concern. Their defaults are the project's defaults: the CLI's
 options and the dashboard's widgets read them from here, so a preset a user looks at and the run
 that applies it use the same values. `check()` validates a setting before anything expensive
-(model loading, spectra) and raises `SettingsError` naming the first bad value.
+(model loading, spectra) and raises `SettingsError` naming the first bad value; `check_model(preview)`
+validates what needs the model's tokenizer and config (context length, text lengths, matrix widths,
+an allocation file's matrix names) before its weights load (analysis.loading.load_model's `check`).
 
 Calibration defaults to 16 sequences of 256 tokens from the embedded corpus everywhere (CLI, Prune
 page, OWL preset): enough tokens for stable Wanda/SparseGPT/OWL statistics on the packaged models and
@@ -15,8 +17,18 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-from analysis.allocation import MAX_RATIO, check_settings
-from analysis.data import text_source_problem
+from analysis.allocation import MAX_RATIO, Allocation, check_settings
+from analysis.data import (
+    ENCODING,
+    calibration_batches,
+    calibration_text,
+    check_encoding,
+    eval_windows,
+    evaluation_text,
+    text_source_problem,
+)
+from analysis.layers import prunable_layers
+from analysis.loading import DTYPES, ModelLoadError, ModelPreview, pick_device
 from analysis.powerlaw import XMIN_RULES
 from analysis.pruners import PRUNERS, parse_nm
 
@@ -47,9 +59,17 @@ def _positive_int(value, name: str, minimum: int = 1) -> None:
         raise SettingsError(f"{name.split('.')[-1]} must be an integer >= {minimum}, got {value!r}", name)
 
 
-def _source(source: str, name: str, label: str) -> None:
-    if problem := text_source_problem(source):
+def _source(source: str, encoding: str, name: str, label: str) -> None:
+    _checked(name.split(".")[0] + ".encoding", check_encoding, encoding)
+    if problem := text_source_problem(source, encoding):
         raise SettingsError(f"{label}: {problem}", name)
+
+
+def _fits_context(seqlen: int, preview: ModelPreview, name: str) -> None:
+    context = preview.context
+    if context is not None and seqlen > context:
+        raise SettingsError(f"{name.split('.')[-1]} = {seqlen} tokens is longer than the context of "
+                            f"'{preview.source}' (max_position_embeddings = {context})", name)
 
 
 @dataclass(frozen=True)
@@ -61,6 +81,15 @@ class ModelSettings:
     device: str = "auto"
     dtype: str = "auto"
     trust_remote_code: bool = False
+
+    def check(self) -> ModelSettings:
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise SettingsError(f"dtype must be auto, {', '.join(DTYPES)}, got {self.dtype!r}", "model.dtype")
+        try:
+            pick_device(self.device)
+        except ModelLoadError as e:
+            raise SettingsError(str(e), "model.device") from None
+        return self
 
 
 @dataclass(frozen=True)
@@ -81,20 +110,29 @@ class SpectraSettings:
 
 @dataclass(frozen=True)
 class CalibrationSettings:
-    """source: text source (analysis.data.load_text); n_samples sequences of seqlen tokens, drawn
-    with `seed`."""
+    """source: text source (analysis.data.load_text), `encoding` if it is a file; n_samples sequences
+    of seqlen tokens, drawn with `seed`."""
 
     source: str = "default"
     n_samples: int = 16
     seqlen: int = 256
     seed: int = 0
+    encoding: str = ENCODING
 
     def check(self) -> CalibrationSettings:
         _positive_int(self.n_samples, "calibration.n_samples")
         _positive_int(self.seqlen, "calibration.seqlen", 2)
         _positive_int(self.seed, "calibration.seed", 0)
-        _source(self.source, "calibration.source", "calibration text")
+        _source(self.source, self.encoding, "calibration.source", "calibration text")
         return self
+
+    def check_model(self, preview: ModelPreview, evaluation_source: str | None = None) -> None:
+        """seqlen fits the model's context and the text (as cut for a run evaluating on
+        `evaluation_source`) gives one window with its tokenizer (tokens are cached for the run)."""
+        _fits_context(self.seqlen, preview, "calibration.seqlen")
+        text = calibration_text(self.source, evaluation_source, self.encoding)
+        _checked("calibration.seqlen", calibration_batches, preview.tokenizer, text, 1, self.seqlen, 0,
+                 preview.bos_per_window)
 
 
 @dataclass(frozen=True)
@@ -106,14 +144,21 @@ class EvaluationSettings:
     seqlen: int = 512
     max_windows: int | None = None
     batch_size: int | None = None
+    encoding: str = ENCODING
 
     def check(self) -> EvaluationSettings:
         _positive_int(self.seqlen, "evaluation.seqlen", 2)
         for name in ("max_windows", "batch_size"):
             if getattr(self, name) is not None:
                 _positive_int(getattr(self, name), f"evaluation.{name}")
-        _source(self.source, "evaluation.source", "evaluation text")
+        _source(self.source, self.encoding, "evaluation.source", "evaluation text")
         return self
+
+    def check_model(self, preview: ModelPreview, calibration_source: str | None = None) -> None:
+        """seqlen fits the model's context and the text gives at least one window."""
+        _fits_context(self.seqlen, preview, "evaluation.seqlen")
+        text = evaluation_text(self.source, calibration_source, self.encoding)
+        _checked("evaluation.seqlen", eval_windows, preview.tokenizer, text, self.seqlen, preview.bos_per_window, 1)
 
 
 QUICK_EVALUATION = EvaluationSettings(source="default", max_windows=16)
@@ -145,6 +190,7 @@ class AllocationSettings:
         if self.method == "file":
             if not self.file or not Path(self.file).expanduser().is_file():
                 raise SettingsError(f"allocation file '{self.file}' does not exist", "allocation.file")
+            _checked("allocation.file", Allocation.load, Path(self.file).expanduser())
             return self
         # one field at a time (the others at valid values), so the error says which field is wrong
         if not self.as_drawn:
@@ -161,6 +207,12 @@ class AllocationSettings:
             raise SettingsError("a custom allocation needs control points, e.g. 0:0.5,0.5:0.7,1:0.8",
                                 "allocation.points")
         return self
+
+    def check_model(self, preview: ModelPreview) -> None:
+        """An allocation file names exactly the model's prunable matrices."""
+        if self.method == "file":
+            _checked("allocation.file", Allocation.load(Path(self.file).expanduser()).check_names,
+                     [r.name for r in prunable_layers(preview.skeleton())])
 
     @property
     def spectra(self) -> SpectraSettings:
@@ -181,6 +233,17 @@ class PruneSettings:
         _checked("prune.nm", parse_nm, self.nm)
         return self
 
+    def check_model(self, preview: ModelPreview) -> None:
+        """With N:M, every prunable matrix's width (input features) is a multiple of M."""
+        pattern = parse_nm(self.nm)
+        if pattern is None:
+            return
+        m = pattern[1]
+        odd = [r for r in prunable_layers(preview.skeleton()) if r.cols % m]
+        if odd:
+            raise SettingsError(f"N:M {self.nm} needs matrix widths divisible by {m}; {len(odd)} matrices of "
+                                f"'{preview.source}' are not (e.g. {odd[0].name}, width {odd[0].cols})", "prune.nm")
+
 
 @dataclass(frozen=True)
 class RunSettings:
@@ -193,6 +256,7 @@ class RunSettings:
     evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
 
     def check(self) -> RunSettings:
+        self.model.check()
         self.prune.check()
         self.calibration.check()
         self.evaluation.check()
@@ -202,6 +266,14 @@ class RunSettings:
                 raise SettingsError(f"sparsity must be in (0, {MAX_RATIO}], got {self.allocation.sparsity}",
                                     "allocation.sparsity")
         return self
+
+    def check_model(self, preview: ModelPreview) -> None:
+        """The checks of `check_model` of each part (the allocation's only when no N:M pattern overrides it)."""
+        self.prune.check_model(preview)
+        if self.prune.nm is None:
+            self.allocation.check_model(preview)
+        self.calibration.check_model(preview, self.evaluation.source)
+        self.evaluation.check_model(preview, self.calibration.source)
 
     def to_dict(self) -> dict:
         return asdict(self)

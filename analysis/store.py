@@ -2,13 +2,15 @@
 embedded SQLite file.
 
 Records are appended in WAL mode, one transaction per run: a crash or an error while writing a run
-rolls that run back and leaves every earlier run intact.
+rolls that run back and leaves every earlier run intact. A file that is not a run store, or one another
+process keeps locked, raises StoreError (a message for the user; the file is left as it is).
 """
 from __future__ import annotations
 
 import json
 import math
 import sqlite3
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -33,6 +35,10 @@ CREATE TABLE IF NOT EXISTS runs (
 COLUMNS = ("id", "created", "model", "method", "allocation_method", "sparsity", "nm", "dense_ppl", "pruned_ppl")
 
 
+class StoreError(RuntimeError):
+    """The run store cannot be opened or written (not a SQLite file, locked, unwritable folder)."""
+
+
 def default_db_path() -> Path:
     return cache_dir() / "runs.sqlite"
 
@@ -46,56 +52,72 @@ def _finite_or_none(x):
 
 
 class RunStore:
-    """Runs in a SQLite file (default `cache_dir()/runs.sqlite`)."""
+    """Runs in a SQLite file (default `cache_dir()/runs.sqlite`). `timeout`: seconds to wait for
+    another process's write lock before StoreError. Opening checks the file (StoreError if it is not
+    a run store), so a front end can refuse before a run rather than lose the run after it."""
 
-    def __init__(self, path: str | Path | None = None):
+    def __init__(self, path: str | Path | None = None, timeout: float = 30.0):
         self.path = Path(path).expanduser() if path else default_db_path()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.timeout = timeout
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"Run store {self.path}: cannot create its folder ({e.strerror or e}).") from None
         with self._connect() as conn:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(SCHEMA)
+            conn.execute(f"SELECT {', '.join(COLUMNS)}, record_json FROM runs LIMIT 0")  # a runs table of ours
 
-    def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.path, timeout=30)
+    @contextmanager
+    def _connect(self):
+        """A connection, closed afterwards; SQLite's errors other than a record's CHECK become StoreError."""
+        conn = None
+        try:
+            conn = sqlite3.connect(self.path, timeout=self.timeout)
+            yield conn
+        except sqlite3.IntegrityError:
+            raise
+        except sqlite3.DatabaseError as e:
+            raise StoreError(_store_problem(self.path, e, self.timeout)) from None
+        finally:
+            if conn is not None:
+                conn.close()
 
     def add(self, record: dict) -> int:
         """Append one run record; returns its id. All or nothing: on any error nothing is stored."""
         row = _row(record)
-        conn = self._connect()
-        try:
-            with conn:  # one transaction: commit on success, roll back on any exception
-                cur = conn.execute(
-                    "INSERT INTO runs (created, model, method, allocation_method, sparsity, nm, dense_ppl, "
-                    "pruned_ppl, record_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
-                return int(cur.lastrowid)
-        finally:
-            conn.close()
+        with self._connect() as conn, conn:  # one transaction: commit on success, roll back on any exception
+            cur = conn.execute(
+                "INSERT INTO runs (created, model, method, allocation_method, sparsity, nm, dense_ppl, "
+                "pruned_ppl, record_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+            return int(cur.lastrowid)
 
     def all(self) -> pd.DataFrame:
         """One row per run (without the full record), oldest first."""
-        conn = self._connect()
-        try:
+        with self._connect() as conn:
             return pd.read_sql_query(f"SELECT {', '.join(COLUMNS)} FROM runs ORDER BY id", conn)
-        finally:
-            conn.close()
 
     def get(self, run_id: int) -> dict:
         """The full record of run `run_id` (with its id); KeyError if there is none."""
-        conn = self._connect()
-        try:
+        with self._connect() as conn:
             found = conn.execute("SELECT record_json FROM runs WHERE id = ?", (int(run_id),)).fetchone()
-        finally:
-            conn.close()
         if found is None:
             raise KeyError(f"no run with id {run_id} in {self.path}")
         return {"id": int(run_id), **json.loads(found[0])}
 
     def __len__(self) -> int:
-        conn = self._connect()
-        try:
+        with self._connect() as conn:
             return int(conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0])
-        finally:
-            conn.close()
+
+
+def _store_problem(path: Path, e: sqlite3.DatabaseError, timeout: float) -> str:
+    msg = str(e)
+    if "locked" in msg or "busy" in msg:
+        return f"Run store {path} is locked by another process (waited {timeout:g} s); try again when it is done."
+    if "not a database" in msg or "malformed" in msg or "no such" in msg or "no column" in msg:
+        return (f"{path} is not a run store ({msg}); move it aside or choose another file "
+                "(--db, or $ALPHASCOPE_RUNS_DB for the dashboard).")
+    return f"Run store {path}: {msg}."
 
 
 def _row(record: dict) -> tuple:

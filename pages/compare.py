@@ -1,13 +1,17 @@
 """Compare page: every finished prune run from the run store (SQLite), side by side."""
 import streamlit as st
 
-from analysis.store import RunStore, run_summary
+from analysis.store import RunStore, StoreError, run_summary
 from components.figures import curves_figure, ppl_vs_sparsity_figure
 from components.state import runs_store
 
 st.title("Compare runs")
-store = runs_store()
-runs = store.all()
+try:
+    store = runs_store()
+    runs = store.all()
+except StoreError as e:
+    st.error(str(e))
+    st.stop()
 st.caption(f"Runs are kept in {store.path}; every finished prune on the Prune "
            "page (from any session) is added there.")
 if runs.empty:

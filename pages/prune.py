@@ -1,7 +1,7 @@
 """Prune page: prune this session's private copy in the background, watch perplexity live."""
 import streamlit as st
 
-from analysis.data import save_text, text_source_problem
+from analysis.data import DataError, save_text, text_source_problem
 from analysis.export import export
 from analysis.jobs import Job
 from analysis.pipeline import evaluation_windows
@@ -17,6 +17,7 @@ from analysis.settings import (
     RunSettings,
     SpectraSettings,
 )
+from analysis.store import StoreError
 from components.figures import ppl_figure
 from components.state import (
     dense_ppl_job,
@@ -41,9 +42,15 @@ ALLOC_DEFAULT, CALIB_DEFAULT = AllocationSettings(), CalibrationSettings()
 def _use_uploaded_text() -> None:
     """Keep an uploaded .txt and make it the evaluation text (a callback: runs before the widgets)."""
     up = st.session_state.get("prune_text_upload")
-    if up is not None:
+    st.session_state.pop("prune_upload_error", None)
+    if hasattr(up, "getvalue"):  # not None, nor a DeletedFile (an upload gone from Streamlit's storage)
+        try:
+            path = save_text(up.name, up.getvalue())
+        except DataError as e:  # too large or not text: refused, the evaluation text stays as it was
+            st.session_state["prune_upload_error"] = str(e)
+            return
         st.session_state["prune_eval_source"] = OWN_TEXT
-        st.session_state["prune_eval_own"] = str(save_text(up.name, up.getvalue()))
+        st.session_state["prune_eval_own"] = str(path)
 
 
 st.title("Prune")
@@ -91,6 +98,8 @@ with st.expander("Calibration and evaluation data"):
     st.file_uploader("…or upload a text file: it becomes the evaluation text (put its path in Calibration "
                      "text to calibrate on it instead)", type=["txt"], key="prune_text_upload",
                      on_change=_use_uploaded_text)
+    if upload_error := st.session_state.get("prune_upload_error"):
+        st.error(f"Upload refused: {upload_error}")
 text_problems = [f"{what}: {problem}"
                  for what, src in (("Calibration text", calib_source), ("Evaluation text", eval_source))
                  if (problem := text_source_problem(src))]
@@ -119,7 +128,11 @@ b1, b2, b3, b4 = st.columns(4)
 ready = not busy and not text_problems and (allocation != "custom" or custom is not None) and (
     allocation not in SPECTRA_METHODS or metrics is not None or settings.prune.nm is not None)
 if b1.button("Run", type="primary", disabled=not ready, key="prune_run"):
-    store = runs_store()
+    try:
+        store = runs_store()
+    except StoreError as e:
+        st.error(f"{e} The run was not started.")
+        st.stop()
     shared, tok, info = loaded.model, loaded.tokenizer, loaded.info
     # registered now, started by the prune job after its first live value (two CPU cores go far further
     # on one job at a time)

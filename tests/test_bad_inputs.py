@@ -1,0 +1,290 @@
+"""Every bad input the command line and the dashboard answer: one line `error: ...` and exit status 2
+(CLI), an error box (pages), before the model's weights load (or any spectra, prune), and nothing lost.
+
+The CLI cases run `python -m analysis ...` in a subprocess, offline ($HF_HUB_OFFLINE), against real
+files: a small local checkpoint (3-block LLaMA, word-level tokenizer, context 2048), the same with the
+packaged SmolLM2 tokenizer (a tokenizer of another model), binary and Latin-1 texts, a corrupt run store.
+"""
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from conftest import save_tiny_llama
+
+from analysis.allocation import allocate
+from analysis.data import MAX_UPLOAD_MB, DataError, load_text, save_text, text_source_problem
+from analysis.layers import layer_table
+from analysis.loading import converted_dir
+from analysis.store import RunStore, StoreError
+
+ROOT = Path(__file__).resolve().parents[1]
+LATIN1 = "Café crème, naïve résumé. ".encode("latin-1") * 200
+
+
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory, wikitext_dir) -> Path:
+    """A folder of bad inputs; the CLI cases name them as {bad}/... (WikiText-2 test, the default
+    evaluation text, must be there: settings refuse a missing text before anything else)."""
+    d = tmp_path_factory.mktemp("bad")
+    (d / "binary.txt").write_bytes(bytes(range(256)) * 16)  # NUL bytes: not text
+    (d / "latin1.txt").write_bytes(LATIN1)
+    (d / "short.txt").write_text("just four words here\n")
+    (d / "broken.json").write_text('{"format": ')
+    (d / "not-a-store.sqlite").write_bytes(b"this is not a SQLite file " * 100)
+    (d / "file").write_text("a file, not a folder\n")
+    (d / "folder").mkdir()
+    tiny = save_tiny_llama(d / "tiny")
+    # the tokenizer of another model: the packaged SmolLM2's (49152 tokens) beside 120 embedding rows
+    other = Path(shutil.copytree(tiny, d / "mismatch"))
+    for f in converted_dir("smollm2").glob("tokenizer*"):
+        shutil.copy(f, other)
+    # an allocation made for a 2-block model of the same family: its names miss the third block
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    two = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=120))
+    allocate(layer_table(two), 0.3, "uniform", model="two-block").save(d / "other-model.json")
+    return d
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "analysis", *args], capture_output=True, text=True, cwd=ROOT,
+                          env=env, timeout=300)
+
+
+TINY = "--model={bad}/tiny"
+CLI_CASES = [
+    # options argparse refuses (one line too), and no prefix matching
+    ("eval --eval {bad}/short.txt", "unrecognized arguments: --eval"),
+    ("prune --eval-seq 64", "unrecognized arguments: --eval-seq"),
+    ("prune --method foo", "argument --method: invalid choice: 'foo'"),
+    ("allocate --method foo --sparsity 0.5", "argument --method: invalid choice: 'foo'"),
+    ("prune --sparsity half", "argument --sparsity: invalid float value"),
+    # settings
+    ("prune --sparsity 1.3", "--sparsity: sparsity = 1.3 is outside [0, 0.99]"),
+    ("prune --sparsity 1.2", "--sparsity: sparsity = 1.2 is outside"),
+    ("prune --sparsity nan", "--sparsity: sparsity must be a finite number, got nan"),
+    ("prune --sparsity -0.1", "--sparsity: sparsity = -0.1 is outside [0, 0.99]"),
+    ("prune --epsilon 1.5", "--epsilon: epsilon = 1.5 is outside [0, 1)"),
+    ("prune --epsilon -1", "--epsilon: epsilon = -1 is outside [0, 1)"),
+    ("prune --allocation foo", "--allocation must be one of uniform, alphapruning, farms, owl or an allocation "
+                               "JSON file; 'foo' is neither"),
+    ("prune --allocation nowhere.json --method magnitude --max-windows 1", "neither"),
+    ("prune --allocation {bad}/broken.json", "--allocation: {bad}/broken.json: not valid JSON"),
+    ("prune --fit nonsense", "--fit: fit must be one of"),
+    ("prune --owl-threshold 0", "--owl-threshold: owl_threshold must be > 0"),
+    ("prune --nm 2x4", "--nm: N:M must look like '2:4', got '2x4'"),
+    ("prune --nm 2:4:8", "--nm: N:M must look like '2:4', got '2:4:8'"),
+    ("prune --sparsity 0.5 --nm 4:2", "--nm: N:M needs 0 < N < M, got 4:2"),
+    ("prune --nm 0:4", "--nm: N:M needs 0 < N < M, got 0:4"),
+    ("prune --nsamples 0", "--nsamples: n_samples must be an integer >= 1, got 0"),
+    ("prune --seqlen 1", "--seqlen: seqlen must be an integer >= 2, got 1"),
+    ("prune --max-windows 0", "--max-windows: max_windows must be an integer >= 1, got 0"),
+    ("eval --max-windows -3", "--max-windows: max_windows must be an integer >= 1, got -3"),
+    ("prune --batch-size 0", "--batch-size: batch_size must be an integer >= 1"),
+    ("allocate --method uniform", "--sparsity is required"),
+    ("allocate --method custom --sparsity 0.5", "--method custom needs --points"),
+    ("allocate --method custom --points 0:0.5,1:1.0 --sparsity 0.5",
+     "control point '1:1.0': sparsity 1 is outside [0, 0.99]"),
+    ("allocate --method custom --points 0:-0.2,1:0.5 --sparsity 0.5",
+     "control point '0:-0.2': sparsity -0.2 is outside [0, 0.99]"),
+    ("allocate --method custom --points 0:0.5,1.5:0.6 --as-drawn", "control point '1.5:0.6': depth 1.5 is outside"),
+    ("allocate --method custom --points 0:0.5,half:0.6 --as-drawn", "bad control point 'half:0.6'"),
+    # text sources
+    ("prune --eval nowhere.txt", "--eval: evaluation text: Text file 'nowhere.txt' does not exist"),
+    ("eval --text nowhere.txt", "--text: evaluation text: Text file 'nowhere.txt' does not exist"),
+    ("prune --calib hf:x", "--calib: calibration text: Use 'hf:<dataset>[:<config>]:<split>'"),
+    ("prune --calib wikitext2:training", "Unknown WikiText-2 split 'training'"),
+    ("prune --eval {bad}/binary.txt", "--eval: evaluation text: '{bad}/binary.txt' is not a text file"),
+    ("allocate --method owl --sparsity 0.5 --calib {bad}/binary.txt", "--calib: calibration text: '{bad}/binary.txt' "
+                                                                       "is not a text file"),
+    ("prune --calib {bad}/latin1.txt", "--calib: calibration text: '{bad}/latin1.txt' is not valid utf-8 text "
+                                       "(byte 0xe9 at offset 3); save it as UTF-8 or name its encoding (--encoding"),
+    ("prune --eval {bad}/latin1.txt --encoding klingon", "--encoding: Unknown text encoding 'klingon'"),
+    # the model's tokenizer and config, read before its weights
+    (f"prune {TINY} --calib {{bad}}/short.txt", "--seqlen: Calibration text has 4 tokens, needs at least "
+                                                "seqlen=256 for one window"),
+    (f"eval {TINY} --text {{bad}}/short.txt", "--eval-seqlen: Evaluation text has 4 tokens, needs at least "
+                                              "seqlen=512 for one window"),
+    (f"prune {TINY} --seqlen 4096", "--seqlen: seqlen = 4096 tokens is longer than the context of '{bad}/tiny' "
+                                    "(max_position_embeddings = 2048)"),
+    (f"eval {TINY} --eval-seqlen 2049", "--eval-seqlen: seqlen = 2049 tokens is longer than the context"),
+    (f"prune {TINY} --nm 2:5", "--nm: N:M 2:5 needs matrix widths divisible by 5; 21 matrices of '{bad}/tiny' are "
+                               "not (e.g. model.layers.0.self_attn.q_proj, width 64)"),
+    (f"prune {TINY} --allocation {{bad}}/other-model.json",
+     "the allocation does not fit this model: 0 of its 14 names are not prunable matrices of the model and 7 of "
+     "the model's 21 prunable matrices are missing"),
+    (f"eval {TINY} --allocation {{bad}}/other-model.json", "7 of the model's 21 prunable matrices are missing"),
+    ("prune --model={bad}/mismatch", "The tokenizer of '{bad}/mismatch' has 49152 tokens but the model has only 120 "
+                                     "embedding rows: the tokenizer belongs to another model"),
+    # models, devices, dtypes
+    ("prune --model nobody/no-such-model", "Could not load 'nobody/no-such-model': it is not a packaged model or "
+                                           "local folder, it is not in the local Hugging Face cache"),
+    ("spectra --model ./no/such/folder", "Model folder './no/such/folder' does not exist"),
+    ("prune --model 'not an id!'", "is neither a packaged model, a local folder nor a Hugging Face id"),
+    pytest.param("prune --device cuda", "--device: CUDA was requested but no CUDA device is available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")),
+    ("prune --device quantum", "--device: Unknown device 'quantum'; use auto, cpu, cuda or cuda:<index>"),
+    ("spectra --dtype nonsense", "--dtype: dtype must be auto, float32, bfloat16, float16, got 'nonsense'"),
+    # outputs and the run store, checked before any work
+    ("spectra --out {bad}/file/metrics.json", "--out: cannot write '{bad}/file/metrics.json': '{bad}/file' is not a "
+                                              "folder this user can write to"),
+    ("spectra --out {bad}/folder", "--out: '{bad}/folder' is a folder; give a file name"),
+    ("allocate --method uniform --sparsity 0.5 --out {bad}/file/a.json", "--out: cannot write '{bad}/file/a.json'"),
+    ("prune --out {bad}/file/run.json", "--out: cannot write '{bad}/file/run.json'"),
+    (f"prune {TINY} --db {{bad}}/not-a-store.sqlite", "{bad}/not-a-store.sqlite is not a run store (file is not a "
+                                                      "database); move it aside or choose another file"),
+    ("runs --db {bad}/not-a-store.sqlite", "{bad}/not-a-store.sqlite is not a run store"),
+    ("runs --db {bad}/file/runs.sqlite", "Run store {bad}/file/runs.sqlite: cannot create its folder"),
+]
+
+
+CASE_ARGS = [c.values[0] if hasattr(c, "marks") else c[0] for c in CLI_CASES]
+
+
+@pytest.mark.parametrize("args, message", CLI_CASES, ids=CASE_ARGS)
+def test_cli_bad_input_is_one_line_and_exit_2(args, message, bad):
+    import shlex
+
+    argv = shlex.split(args.format(bad=bad))
+    if argv[0] == "prune" and "--db" not in argv:
+        argv += ["--db", str(bad / "runs.sqlite")]  # not the user's run store
+    r = run_cli(*argv)
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert message.format(bad=bad) in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and "Loading weights" not in r.stderr  # refused before the weights load
+    assert r.stdout == ""
+
+
+def test_nothing_written_by_refused_runs(bad):
+    """A refused prune leaves the run store as it was and writes no output file."""
+    db = bad / "kept.sqlite"
+    RunStore(db)
+    r = run_cli("prune", f"--model={bad}/tiny", "--nm", "2:5", "--db", str(db), "--out", str(bad / "r.json"))
+    assert r.returncode == 2
+    assert len(RunStore(db)) == 0 and not (bad / "r.json").exists()
+    assert (bad / "not-a-store.sqlite").read_bytes() == b"this is not a SQLite file " * 100  # left as it was
+
+
+def test_out_into_a_missing_folder_is_made(bad):
+    """A missing output folder is not an error: it is made (for spectra as for allocate and prune)."""
+    out = bad / "new" / "folder" / "metrics.csv"
+    r = run_cli("spectra", f"--model={bad}/tiny", "--device", "cpu", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(pd.read_csv(out)) == 21
+
+
+# --------------------------------------------------------------------------------------------
+# the engine's functions behind those messages
+
+
+def test_text_files_binary_encoding(bad):
+    assert "is not a text file" in text_source_problem(str(bad / "binary.txt"))
+    assert "is not valid utf-8 text" in text_source_problem(str(bad / "latin1.txt"))
+    assert text_source_problem(str(bad / "latin1.txt"), "latin-1") is None
+    assert load_text(str(bad / "latin1.txt"), encoding="latin-1").startswith("Café crème")
+    with pytest.raises(DataError, match="is not valid utf-8"):
+        load_text(str(bad / "latin1.txt"))
+    with pytest.raises(DataError, match="not a text file"):
+        load_text(str(bad / "binary.txt"))
+    assert load_text(str(bad / "short.txt")) == "just four words here\n"
+    utf16 = bad / "utf16.txt"
+    utf16.write_text("wide text", encoding="utf-16")  # NUL bytes, but text in the encoding named
+    assert load_text(str(utf16), encoding="utf-16") == "wide text"
+
+
+def test_uploads_too_large_or_not_text_are_not_kept(tmp_path):
+    with pytest.raises(DataError, match=f"uploads are limited to {MAX_UPLOAD_MB} MB"):
+        save_text("big.txt", b"a" * (MAX_UPLOAD_MB * 2**20 + 1), tmp_path)
+    with pytest.raises(DataError, match="not a text file"):
+        save_text("photo.txt", bytes(range(256)), tmp_path)
+    with pytest.raises(DataError, match="not valid utf-8"):
+        save_text("latin.txt", LATIN1, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_locked_store_refuses_and_keeps_earlier_runs(tmp_path):
+    from analysis.pipeline import make_record
+
+    store = RunStore(tmp_path / "runs.sqlite", timeout=0.2)
+    store.add(make_record({"model": "a"}, None, None, 1.0, 2.0, {}))
+    holder = sqlite3.connect(store.path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # another process writing
+    with pytest.raises(StoreError, match="is locked by another process"):
+        store.add(make_record({"model": "b"}, None, None, 1.0, 2.0, {}))
+    assert list(store.all()["model"]) == ["a"]  # readers still see the earlier runs (WAL)
+    holder.execute("ROLLBACK")
+    store.add(make_record({"model": "c"}, None, None, 1.0, 2.0, {}))
+    assert list(store.all()["model"]) == ["a", "c"]
+
+
+def test_other_sqlite_file_is_not_a_run_store(tmp_path):
+    path = tmp_path / "other.sqlite"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE runs (x)")
+    with pytest.raises(StoreError, match="is not a run store"):
+        RunStore(path)
+
+
+# --------------------------------------------------------------------------------------------
+# the dashboard
+
+
+@pytest.fixture()
+def corrupt_runs_db(bad):
+    old = os.environ.get("ALPHASCOPE_RUNS_DB")
+    os.environ["ALPHASCOPE_RUNS_DB"] = str(bad / "not-a-store.sqlite")
+    yield bad / "not-a-store.sqlite"
+    if old is None:
+        os.environ.pop("ALPHASCOPE_RUNS_DB", None)
+    else:
+        os.environ["ALPHASCOPE_RUNS_DB"] = old
+
+
+def test_app_with_a_corrupt_run_store_starts_and_says_so(corrupt_runs_db, bad):
+    """The app starts; Compare and Prune's Run show the store's problem in an error box; uploads that
+    are too large or not text are refused on the Prune page. (A small local checkpoint is loaded.)"""
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
+    at.run()
+    assert not at.exception
+    at.switch_page("pages/compare.py").run()
+    assert not at.exception
+    assert [e.value for e in at.error] == [f"{corrupt_runs_db} is not a run store (file is not a database); move it "
+                                           "aside or choose another file (--db, or $ALPHASCOPE_RUNS_DB for the "
+                                           "dashboard)."]
+    at.switch_page("pages/model.py").run()
+    at.radio(key="model_choice").set_value("Local checkpoint folder").run()
+    at.text_input(key="model_folder").input(str(bad / "tiny")).run()
+    at.button(key="model_load").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+
+    at.switch_page("pages/prune.py").run()
+    at.selectbox(key="prune_alloc").set_value("uniform").run()
+    upload = at.file_uploader(key="prune_text_upload")
+    upload.set_value(("big.txt", b"word " * (MAX_UPLOAD_MB * 2**20 // 5 + 1), "text/plain")).run()
+    assert not at.exception
+    assert any(f"uploads are limited to {MAX_UPLOAD_MB} MB" in e.value for e in at.error), [e.value for e in at.error]
+    at.file_uploader(key="prune_text_upload").set_value(("photo.txt", bytes(range(256)) * 4, "text/plain")).run()
+    assert any("Upload refused: 'photo.txt' is not a text file" in e.value for e in at.error)
+    assert at.selectbox(key="prune_eval_source").value == "default"  # the evaluation text did not change
+    at.file_uploader(key="prune_text_upload").set_value(None).run()
+    at.button(key="prune_run").click().run()
+    assert not at.exception
+    assert any("is not a run store" in e.value and "The run was not started." in e.value for e in at.error)
+    assert "_prune_seen" not in at.session_state and not at.get("progress")  # no job started
+
+
+def test_every_case_is_listed_once():
+    assert len(CASE_ARGS) == len(set(CASE_ARGS)) >= 30
+    assert {a.split()[0] for a in CASE_ARGS} == {"prune", "eval", "allocate", "spectra", "runs"}
