@@ -115,14 +115,15 @@ def check_output_file(path: str | Path) -> Path:
 
 def _is_24(w: torch.Tensor) -> bool:
     """At most 2 non-zeros in every group of 4 consecutive weights of a row."""
-    return w.shape[-1] % 4 == 0 and bool(((w != 0).reshape(-1, 4).sum(1) <= 2).all())
+    return w.shape[-1] % 4 == 0 and bool((torch.count_nonzero(w.reshape(-1, 4), dim=1) <= 2).all())
 
 
 def _mask_24(w: torch.Tensor) -> torch.Tensor:
-    """Exactly 2 kept positions per group of 4: the non-zeros, topped up with zeros."""
-    groups = w.reshape(-1, 4)
-    keep = torch.zeros_like(groups, dtype=torch.bool)
-    keep.scatter_(1, (groups != 0).to(torch.int8).topk(2, dim=1).indices, True)
+    """Exactly 2 kept positions per group of 4 (the format stores 2 values per group): the non-zeros,
+    topped up with the group's first zeros."""
+    nonzero = w.reshape(-1, 4) != 0
+    zero_rank = torch.cumsum(~nonzero, dim=1)  # 1 for the group's first zero, 2 for its second, ...
+    keep = nonzero | (~nonzero & (zero_rank <= 2 - nonzero.sum(1, keepdim=True)))
     return keep.reshape(w.shape)
 
 
@@ -134,7 +135,7 @@ def _compress_matrix(prefix: str, w: torch.Tensor, two_four: bool) -> dict[str, 
                 f"{prefix}.compressed": w[keep].reshape(w.shape[0], w.shape[1] // 2),
                 f"{prefix}.bitmask": pack_bitmasks(keep)}
     keep = w != 0
-    counts = keep.sum(dim=-1)
+    counts = torch.count_nonzero(keep, dim=-1)
     return {f"{prefix}.shape": torch.tensor(list(w.shape)), f"{prefix}.compressed": w[keep],
             f"{prefix}.bitmask": pack_bitmasks(keep), f"{prefix}.row_offsets": torch.cumsum(counts, 0) - counts}
 
@@ -172,7 +173,7 @@ def _write_compressed(model: nn.Module, names: list[str], folder: Path) -> None:
     model.config.save_pretrained(folder)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(folder)
-    zeros = sum(int((w == 0).sum()) for w in weights.values())
+    zeros = sum(w.numel() - int(torch.count_nonzero(w)) for w in weights.values())
     total = sum(w.numel() for w in weights.values())
     config_file = folder / "config.json"
     config = json.loads(config_file.read_text())
