@@ -261,6 +261,22 @@ def test_cli_prune_saves_compressed_model(tmp_path, capsys):
     assert (out / "tokenizer.json").exists() and (out / "allocation.json").exists()
 
 
+def test_cli_prune_full_disk_keeps_the_run_record(tmp_path, capsys, monkeypatch):
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", no_space)
+    model_dir = save_tiny_llama(tmp_path / "tiny")
+    out, record = tmp_path / "saved", tmp_path / "run.json"
+    code, _, err = run(capsys, "prune", "--model", model_dir, "--device", "cpu", "--method", "magnitude",
+                       "--sparsity", 0.5, "--allocation", "uniform", "--eval-seqlen", 32, "--max-windows", 1,
+                       "--db", tmp_path / "r.sqlite", "--out", record, "--save-model", out,
+                       "--save-format", "compressed")
+    assert code == 2 and "error: --save-model: cannot write" in err and "No space left on device" in err
+    assert not out.exists() and json.loads(record.read_text())["achieved"]["overall"] == pytest.approx(0.5)
+    assert not [p for p in tmp_path.iterdir() if "saved" in p.name]  # no partial folder either
+
+
 def test_cli_export_writes_recipe_and_npy(tmp_path, capsys, recipe_parser):
     from analysis.allocation import Allocation
 
@@ -277,3 +293,49 @@ def test_cli_export_writes_recipe_and_npy(tmp_path, capsys, recipe_parser):
     assert code == 2 and "nothing to write" in err
     code, _, err = run(capsys, "export", "--allocation", path, "--recipe", tmp_path)
     assert code == 2 and err.startswith("error: --recipe:") and "is a folder" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# the Prune page's Export section (Streamlit AppTest, the real default model)
+
+
+def test_prune_page_export_section(tmp_path, monkeypatch):
+    pytest.importorskip("streamlit")
+    from streamlit.testing.v1 import AppTest
+    from test_app import APP, run_until_idle
+
+    monkeypatch.setenv("ALPHASCOPE_RUNS_DB", str(tmp_path / "runs.sqlite"))
+    at = AppTest.from_file(APP, default_timeout=300)
+    at.run()
+    at.button(key="model_load").click().run()
+    at.switch_page("pages/prune.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.radio(key="prune_export_format").value == "dense"
+    assert at.download_button(key="prune_recipe_download").disabled  # nothing pruned yet
+    assert at.button(key="prune_export").disabled
+
+    def settings():  # magnitude (no calibration) on one short window: quick on two cores
+        at.selectbox(key="prune_method").set_value("magnitude")
+        at.selectbox(key="prune_alloc").set_value("uniform")
+        at.number_input(key="prune_eval_seqlen").set_value(64)
+        at.number_input(key="prune_windows").set_value(1)
+        at.run()
+
+    settings()
+    at.button(key="prune_run").click().run()
+    settings()
+    run_until_idle(at, "prune")
+    assert not at.download_button(key="prune_recipe_download").disabled
+    assert not at.download_button(key="prune_npy_download").disabled
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("mine")
+    at.text_input(key="prune_export_dir").input(str(full))
+    at.radio(key="prune_export_format").set_value("compressed")
+    at.button(key="prune_export").click().run()
+    assert any("not empty" in e.value for e in at.error) and (full / "keep.txt").exists()
+    at.checkbox(key="prune_export_overwrite").check()
+    at.button(key="prune_export").click().run()
+    assert not at.error and any("Saved the pruned model (compressed)" in s.value for s in at.success)
+    shared = at.session_state["work"].model
+    assert_same_weights(shared, load_pruned(full))
