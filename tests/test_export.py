@@ -197,15 +197,23 @@ def test_overwrite_replaces_the_old_export(tmp_path):
     assert not (out / "old.txt").exists() and (out / "model.safetensors").exists()
 
 
-@pytest.mark.parametrize("fmt", ["compressed", "dense"])
-def test_full_disk_removes_the_partial_folder_and_keeps_the_old_one(tmp_path, monkeypatch, fmt):
+@pytest.fixture
+def fill_disk(monkeypatch):
+    """Call it to make every weights file write fail with ENOSPC, at the two places weights are
+    written: the compressed writer (safetensors) and transformers' save_pretrained."""
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    # the two places weights are written: our compressed writer and transformers' save_pretrained
-    monkeypatch.setattr(safetensors.torch, "save_file", no_space)
-    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", no_space)
+    def fill():
+        monkeypatch.setattr(safetensors.torch, "save_file", no_space)
+        monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", no_space)
+    return fill
+
+
+@pytest.mark.parametrize("fmt", ["compressed", "dense"])
+def test_full_disk_removes_the_partial_folder_and_keeps_the_old_one(tmp_path, fill_disk, fmt):
     model, alloc = pruned()
+    fill_disk()
     with pytest.raises(ExportError, match="No space left on device"):
         export(model, None, alloc, tmp_path / "new", format=fmt)
     assert list(tmp_path.iterdir()) == []  # neither the folder nor a partial staging folder
@@ -261,12 +269,9 @@ def test_cli_prune_saves_compressed_model(tmp_path, capsys):
     assert (out / "tokenizer.json").exists() and (out / "allocation.json").exists()
 
 
-def test_cli_prune_full_disk_keeps_the_run_record(tmp_path, capsys, monkeypatch):
-    def no_space(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(safetensors.torch, "save_file", no_space)
+def test_cli_prune_full_disk_keeps_the_run_record(tmp_path, capsys, fill_disk):
     model_dir = save_tiny_llama(tmp_path / "tiny")
+    fill_disk()
     out, record = tmp_path / "saved", tmp_path / "run.json"
     code, _, err = run(capsys, "prune", "--model", model_dir, "--device", "cpu", "--method", "magnitude",
                        "--sparsity", 0.5, "--allocation", "uniform", "--eval-seqlen", 32, "--max-windows", 1,
