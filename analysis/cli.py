@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -17,12 +16,23 @@ from tqdm import tqdm
 from analysis.allocation import METHODS as ALLOCATION_CHOICES
 from analysis.allocation import METRIC_DIRECTION, Allocation, block_table, parse_points
 from analysis.evaluation import perplexity
-from analysis.export import export
+from analysis.export import (
+    DEFAULT_FORMAT,
+    FORMATS,
+    RECIPE_PRUNERS,
+    ExportError,
+    check_destination,
+    check_output_file,
+    export,
+    module_order,
+    ratios_npy,
+    recipe_yaml,
+)
 from analysis.layers import layer_table
 from analysis.loading import PACKAGED, ModelLoadError, ensure_converted, load_model
 from analysis.pipeline import build_allocation, calibration_batch, dense_spectra, evaluation_windows, run, write_record
 from analysis.powerlaw import XMIN_RULES
-from analysis.pruners import PRUNERS
+from analysis.pruners import PRUNERS, parse_nm
 from analysis.pruning import prune
 from analysis.settings import (
     ALLOCATION_METHODS,
@@ -99,20 +109,6 @@ def _load(m: ModelSettings, check=None):
                       check=check)
 
 
-def _writable(out: str | None) -> None:
-    """Refuse an --out file that cannot be written, before any work (a missing folder is made later)."""
-    if not out:
-        return
-    path = Path(out).expanduser()
-    if path.is_dir():
-        raise UsageError(f"--out: '{out}' is a folder; give a file name")
-    folder = path.parent
-    while not folder.exists():
-        folder = folder.parent
-    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-        raise UsageError(f"--out: cannot write '{out}': '{folder}' is not a folder this user can write to")
-
-
 def _add_calib_args(p: argparse.ArgumentParser, what: str = "calibration") -> None:
     d = CalibrationSettings()
     p.add_argument("--calib", default=d.source, help=f"{what} text: default (embedded corpus), wikitext2:valid, "
@@ -182,6 +178,61 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# allocation files (llm-compressor recipe, AlphaPruning .npy) and model folders
+
+
+def _checked_output(flag: str, path: str | None) -> None:
+    """UsageError naming `flag` unless the output file `path` (None: not asked for) can be written."""
+    if path:
+        try:
+            check_output_file(path)
+        except ExportError as e:
+            raise UsageError(f"{flag}: {e}") from None
+
+
+def _add_allocation_file_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", default=None, help="write the allocation as an llm-compressor recipe (YAML) here")
+    p.add_argument("--recipe-pruner", default="sparsegpt", choices=list(RECIPE_PRUNERS),
+                   help="the recipe's pruning modifier: SparseGPTModifier or WandaPruningModifier")
+    p.add_argument("--npy", default=None, help="write the ratios here as AlphaPruning's .npy (one per matrix, "
+                   "module order)")
+
+
+def _write_allocation_files(args: argparse.Namespace, alloc: Allocation, per_layer: dict[str, float],
+                            nm=None) -> None:
+    note = (f"alphascope allocation '{alloc.method}' for {alloc.model or 'an unnamed model'}: target "
+            f"{alloc.sparsity:.4f}, achieved {alloc.achieved:.6f}\none sparsity per target, in module order")
+    outputs = [(args.recipe, lambda p: p.write_text(recipe_yaml(per_layer, args.recipe_pruner, nm, note))),
+               (args.npy, lambda p: p.write_bytes(ratios_npy(per_layer)))]
+    for path, write in outputs:
+        if path:
+            try:
+                write(Path(path).expanduser())
+            except OSError as e:
+                raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
+            print(f"wrote {path}")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    if not (args.recipe or args.npy):
+        raise UsageError("nothing to write: give --recipe and/or --npy")
+    nm = parse_nm(args.nm)
+    _checked_output("--recipe", args.recipe)
+    _checked_output("--npy", args.npy)
+    alloc = Allocation.load(args.allocation)
+    _write_allocation_files(args, alloc, alloc.per_layer, nm)
+    return 0
+
+
+def _add_export_parser(sub) -> None:
+    p = _parser(sub, "export", "an allocation JSON as an llm-compressor recipe and/or AlphaPruning .npy")
+    p.add_argument("--allocation", required=True, help="allocation JSON (from allocate --out or a prune run)")
+    _add_allocation_file_args(p)
+    p.add_argument("--nm", default=None, help="the recipe's mask structure, e.g. 2:4 (default: unstructured)")
+    p.set_defaults(func=cmd_export)
+
+
+# --------------------------------------------------------------------------------------------
 # allocate
 
 
@@ -216,7 +267,8 @@ def cmd_allocate(args: argparse.Namespace) -> int:
         raise UsageError("--sparsity is required")
     settings = _allocation(args, args.method, args.sparsity, points=points, as_drawn=args.as_drawn).check()
     calibration = _calibration(args).check() if args.method == "owl" else None
-    _writable(args.out)
+    for flag, path in (("--out", args.out), ("--recipe", args.recipe), ("--npy", args.npy)):
+        _checked_output(flag, path)
     loaded = _load(_model_settings(args), calibration and calibration.check_model)
     if args.method in SPECTRA_METHODS:
         metrics = dense_spectra(loaded.model, settings.spectra, progress=_print_progress)
@@ -232,6 +284,7 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     _print_allocation(alloc, metrics, args.metric if args.method in SPECTRA_METHODS else None)
     if args.out:
         print(f"wrote {alloc.save(args.out)}")
+    _write_allocation_files(args, alloc, module_order(alloc.per_layer, loaded.model))
     return 0
 
 
@@ -246,6 +299,7 @@ def _add_allocate_parser(sub) -> None:
     p.add_argument("--as-drawn", action="store_true", help="custom: apply the curve as drawn, report its budget")
     _add_calib_args(p, "owl calibration")
     p.add_argument("--out", default=None, help="write the allocation JSON here")
+    _add_allocation_file_args(p)
     p.set_defaults(func=cmd_allocate)
 
 
@@ -269,7 +323,12 @@ def _run_settings(args: argparse.Namespace) -> RunSettings:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     settings = _run_settings(args)
-    _writable(args.out)
+    if args.save_model:  # before the prune: a destination problem must not cost a run
+        try:
+            check_destination(args.save_model, args.overwrite)
+        except ExportError as e:
+            raise UsageError(f"--save-model: {e}") from None
+    _checked_output("--out", args.out)
     store = RunStore(args.db)  # a store that cannot be opened is refused now, not after the run
     loaded = _load(settings.model, settings.check_model)
     print(f"calibration {settings.calibration.n_samples} x {settings.calibration.seqlen} tokens from "
@@ -277,9 +336,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
     result = run(loaded, settings, progress=_print_progress, on_ppl=_print_ppl)
     record, report = result.record, result.report
     record["timings_s"]["load"] = round(loaded.info.load_seconds, 3)
+    export_error = None
     if args.save_model:
-        print(f"saved the pruned model to {export(loaded.model, loaded.tokenizer, result.allocation, args.save_model)}")
-        record["saved_to"] = args.save_model
+        try:
+            path = export(loaded.model, loaded.tokenizer, result.allocation, args.save_model, args.save_format,
+                          args.overwrite)
+        except ExportError as e:  # e.g. a full disk: still keep the run record below
+            export_error = e
+        else:
+            print(f"saved the pruned model ({args.save_format}) to {path}")
+            record["saved_to"] = args.save_model
     if args.out:
         print(f"wrote {write_record(record, args.out)}")
     try:
@@ -289,6 +355,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise StoreError(f"{e} The run's record is in {saved}.") from None
     print(f"{args.method} + {record['config']['allocation']} at {report.overall:.4f} sparsity: perplexity "
           f"{record['dense_ppl']:.3f} -> {record['pruned_ppl']:.3f} (run {run_id}, prune {report.seconds:.1f} s)")
+    if export_error is not None:
+        print(f"error: --save-model: {export_error}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -343,7 +412,11 @@ def _add_prune_parsers(sub) -> None:
     _add_calib_args(p)
     _add_eval_args(p, "--eval")
     p.add_argument("--save-model", default=None,
-                   help="save the pruned model (safetensors + tokenizer + allocation.json)")
+                   help="save the pruned model (safetensors + tokenizer + allocation.json) in this folder")
+    p.add_argument("--save-format", default=DEFAULT_FORMAT, choices=list(FORMATS),
+                   help="dense: save_pretrained, loads anywhere; compressed: compressed-tensors bitmask "
+                        "(smaller; read it back with analysis.export.load_pruned)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save-model folder")
     p.add_argument("--out", default=None, help="write the run record JSON here")
     p.add_argument("--db", default=None, help="SQLite run store (default: the cache folder's runs.sqlite)")
     p.set_defaults(func=cmd_prune)
@@ -406,7 +479,7 @@ def _write_metrics(metrics: pd.DataFrame, out: str | None, as_json: bool) -> Non
 def cmd_spectra(args: argparse.Namespace) -> int:
     settings = SpectraSettings(args.fit, args.farms, args.normalize, args.include_outside).check()
     as_json = args.json or (args.out or "").lower().endswith(".json")
-    _writable(args.out)
+    _checked_output("--out", args.out)
     loaded = _load(_model_settings(args))
     result = analyze(loaded.model, fit=settings.fit, farms=settings.farms, normalize=settings.normalize,
                      include_outside=settings.include_outside, progress=_tqdm_progress("spectra"))
@@ -442,6 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--convert", action="store_true", help="dequantize the packaged GGUF files into the cache now")
     p.set_defaults(func=cmd_models)
     _add_allocate_parser(sub)
+    _add_export_parser(sub)
     _add_prune_parsers(sub)
     _add_spectra_parser(sub)
     return parser

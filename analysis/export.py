@@ -1,20 +1,308 @@
-"""Saving a pruned model: safetensors weights, its tokenizer, and the allocation it was pruned with."""
+"""Saving a pruned model, and its allocation in the layouts other pruning tools read.
+
+Model folders (`export`)
+------------------------
+- ``"dense"`` (the default): ``save_pretrained`` (safetensors), zeros stored as zeros. Loads with
+  transformers' ``from_pretrained`` and serves with vLLM like any checkpoint.
+- ``"compressed"``: the compressed-tensors sparse layout, for disk and transfer. Every pruned matrix
+  is stored as its non-zero values plus a bitmask (1 bit per weight, rows packed little-endian):
+  all-2:4 models in the ``sparse-24-bitmask`` format (values as rows x cols/2, keys
+  ``<module>.compressed``, ``.bitmask``, ``.shape``), others in ``sparse-bitmask`` (values flat, plus
+  ``.row_offsets``); every other tensor is stored as is. config.json gets a ``quantization_config``
+  (``quant_method: compressed-tensors``) whose ``sparsity_config`` (format, sparsity_structure,
+  targets, ignore, global_sparsity) is made by compressed-tensors' own config classes. Not the
+  default because nothing current decompresses it: compressed-tensors 0.19 keeps those configs and
+  the bit packing (used here) but dropped its sparse compressors, transformers 5 then loads the
+  pruned matrices as random weights (its load report lists them as MISSING), and vLLM dropped 2:4
+  sparse checkpoints in 0.19.1. Load it back with `load_pruned` (bit-identical weights).
+Both also hold the tokenizer and the allocation (allocation.json). A folder is written to a
+hidden staging folder beside the destination and renamed into place only when complete, so a
+failed write (a full disk, ...) leaves neither a partial folder nor a damaged older export.
+
+Allocation files
+----------------
+- `recipe_yaml`: an llm-compressor (0.14) recipe whose SparseGPTModifier or WandaPruningModifier
+  carries one sparsity per target matrix (``sparsity`` list aligned with ``targets``, in module
+  order, which is the order llm-compressor matches targets in), and ``mask_structure`` ("0:0" for
+  unstructured, "2:4", ...).
+- `ratios_npy`: AlphaPruning's layout: a float64 .npy vector, one ratio per prunable linear layer
+  in module order.
+"""
 from __future__ import annotations
 
+import io
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
+import compressed_tensors
+import numpy as np
+import safetensors.torch
+import torch
+import yaml
+from compressed_tensors.base import (
+    COMPRESSION_VERSION_NAME,
+    QUANTIZATION_CONFIG_NAME,
+    QUANTIZATION_METHOD,
+    QUANTIZATION_METHOD_NAME,
+    SPARSITY_CONFIG_NAME,
+)
+from compressed_tensors.config import BitmaskConfig, Sparse24BitMaskConfig
+from compressed_tensors.utils import pack_bitmasks, unpack_bitmasks
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+FORMATS = ("dense", "compressed")
+DEFAULT_FORMAT = "dense"  # the one every current loader reads (see the module docstring)
+RECIPE_PRUNERS = {"sparsegpt": "SparseGPTModifier", "wanda": "WandaPruningModifier"}
+WEIGHTS_FILE = "model.safetensors"
 
 
-def export(model: nn.Module, tokenizer, allocation, out_dir: str | Path) -> Path:
-    """Save the (pruned) model as safetensors with its tokenizer, and the allocation as
-    allocation.json beside them. `allocation`: an Allocation (anything with to_dict()) or a dict."""
+class ExportError(ValueError):
+    """A destination that cannot be written, or a write that failed; the message is one line."""
+
+
+# --------------------------------------------------------------------------------------------
+# destinations
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _check_writable_folder(folder: Path, what: Path) -> None:
+    """Raise ExportError unless a file can be created in `folder` (or the folder it would be made in).
+    Tried for real, since permission bits say nothing for root or on read-only mounts."""
+    base = _nearest_existing(folder)
+    if not base.is_dir():
+        raise ExportError(f"cannot write {what}: {base} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".alphascope-probe-", dir=base)
+    except OSError as e:
+        raise ExportError(f"cannot write {what}: {base} is not writable ({e.strerror or e})") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_destination(out_dir: str | Path, overwrite: bool = False) -> Path:
+    """The model folder `out_dir` as a Path, after checking it can be written: not an existing file,
+    empty or absent unless `overwrite`, and creatable. Raises ExportError. Cheap: call it before pruning."""
     out = Path(out_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)  # safetensors is the default format
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    alloc = allocation.to_dict() if hasattr(allocation, "to_dict") else dict(allocation or {})
-    (out / "allocation.json").write_text(json.dumps(alloc, indent=2))
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} is an existing file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"{out} is not empty: choose another folder or allow overwriting it (--overwrite)")
+    _check_writable_folder(out.parent, out)
     return out
+
+
+def check_output_file(path: str | Path) -> Path:
+    """The output file `path` as a Path, after checking it is not a folder and can be created."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise ExportError(f"{p} is a folder, not a file")
+    _check_writable_folder(p.parent, p)
+    return p
+
+
+# --------------------------------------------------------------------------------------------
+# compressed-tensors sparse layout
+
+
+def _group_counts(nonzero: torch.Tensor) -> torch.Tensor:
+    """Non-zeros per group, from the (groups, 4) bool mask. Column sums: a reduction over 4 elements
+    per row (.sum(1)) is several times slower on a CPU."""
+    c = nonzero.to(torch.int8)
+    return c[:, 0] + c[:, 1] + c[:, 2] + c[:, 3]
+
+
+def _is_24(w: torch.Tensor) -> bool:
+    """At most 2 non-zeros in every group of 4 consecutive weights of a row."""
+    return w.shape[-1] % 4 == 0 and bool((_group_counts(w.reshape(-1, 4) != 0) <= 2).all())
+
+
+def _mask_24(w: torch.Tensor) -> torch.Tensor:
+    """Exactly 2 kept positions per group of 4 (the format stores 2 values per group): the non-zeros,
+    topped up with the group's first zeros."""
+    nonzero = w.reshape(-1, 4) != 0
+    room = 2 - _group_counts(nonzero)  # zeros still to keep in each group
+    keep, zeros_seen = nonzero.clone(), torch.zeros_like(room)
+    for j in range(4):
+        zeros_seen += ~nonzero[:, j]
+        keep[:, j] |= ~nonzero[:, j] & (zeros_seen <= room)
+    return keep.reshape(w.shape)
+
+
+def _compress_matrix(prefix: str, w: torch.Tensor, two_four: bool) -> dict[str, torch.Tensor]:
+    w = w.detach().cpu()
+    if two_four:
+        keep = _mask_24(w)
+        return {f"{prefix}.shape": torch.tensor(list(w.shape)).reshape(-1, 1),
+                f"{prefix}.compressed": w.masked_select(keep).reshape(w.shape[0], w.shape[1] // 2),
+                f"{prefix}.bitmask": pack_bitmasks(keep)}
+    keep = w != 0
+    counts = torch.count_nonzero(keep, dim=-1)
+    return {f"{prefix}.shape": torch.tensor(list(w.shape)), f"{prefix}.compressed": w.masked_select(keep),
+            f"{prefix}.bitmask": pack_bitmasks(keep), f"{prefix}.row_offsets": torch.cumsum(counts, 0) - counts}
+
+
+def _decompress_matrix(parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    shape = [int(x) for x in parts["shape"].flatten()]
+    keep = unpack_bitmasks(parts["bitmask"], shape)
+    return torch.zeros(shape, dtype=parts["compressed"].dtype).masked_scatter_(keep, parts["compressed"].flatten())
+
+
+def _sparsity_config(model: nn.Module, targets: list[str], two_four: bool, zeros: int, total: int) -> dict:
+    ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in targets)
+    cls = Sparse24BitMaskConfig if two_four else BitmaskConfig
+    # sparsity_structure "unstructured" also covers other N:M patterns: compressed-tensors names only 2:4
+    return cls(targets=["Linear"], ignore=ignore, global_sparsity=zeros / max(total, 1),
+               sparsity_structure="2:4" if two_four else "unstructured").model_dump()
+
+
+def _write_compressed(model: nn.Module, names: list[str], folder: Path) -> None:
+    weights = {n: model.get_submodule(n).weight for n in names}
+    two_four = all(_is_24(w) for w in weights.values())
+    tensors, seen = {}, set()
+    for key, t in model.state_dict().items():
+        if t.data_ptr() in seen:  # a tied weight (lm_head = embeddings): stored once, re-tied on load
+            continue
+        seen.add(t.data_ptr())
+        prefix = key.removesuffix(".weight")
+        if key.endswith(".weight") and prefix in weights:
+            tensors.update(_compress_matrix(prefix, t, two_four))
+        else:
+            tensors[key] = t.detach().cpu().contiguous()
+    safetensors.torch.save_file(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt"})
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    zeros = sum(w.numel() - int(torch.count_nonzero(w)) for w in weights.values())
+    total = sum(w.numel() for w in weights.values())
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text())
+    config[QUANTIZATION_CONFIG_NAME] = {
+        QUANTIZATION_METHOD_NAME: QUANTIZATION_METHOD, COMPRESSION_VERSION_NAME: compressed_tensors.__version__,
+        SPARSITY_CONFIG_NAME: _sparsity_config(model, names, two_four, zeros, total)}
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def load_pruned(folder: str | Path, device: str | torch.device | None = None) -> nn.Module:
+    """A model saved by `export` (either format) as a transformers model in eval mode: compressed
+    matrices are decompressed to bit-identical dense weights in the stored dtype."""
+    folder = Path(folder).expanduser()
+    config = AutoConfig.from_pretrained(folder)
+    quant = getattr(config, "quantization_config", None)
+    quant = quant if isinstance(quant, dict) else {}
+    if not quant.get("sparsity_config"):
+        return AutoModelForCausalLM.from_pretrained(folder, device_map=device).eval()
+    del config.quantization_config
+    stored = safetensors.torch.load_file(folder / WEIGHTS_FILE)
+    state, parts = {}, {}
+    for key, t in stored.items():
+        prefix, _, leaf = key.rpartition(".")
+        if leaf in ("shape", "compressed", "bitmask", "row_offsets"):
+            parts.setdefault(prefix, {})[leaf] = t
+        else:
+            state[key] = t
+    for prefix, p in parts.items():
+        state[f"{prefix}.weight"] = _decompress_matrix(p)
+    dtype = next(iter(state.values())).dtype
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    params = model.state_dict()
+    loaded = {params[k].data_ptr() for k in state if k in params}
+    tied = {k for k in missing if params[k].data_ptr() in loaded}  # e.g. lm_head tied to the embeddings
+    if unexpected or set(missing) - tied:
+        raise ExportError(f"{folder}: weights do not match the model (missing {sorted(set(missing) - tied)[:3]}, "
+                          f"unexpected {sorted(unexpected)[:3]})")
+    return model.to(device or "cpu").eval()
+
+
+# --------------------------------------------------------------------------------------------
+# the model folder
+
+
+def _allocation_dict(allocation) -> dict:
+    return allocation.to_dict() if hasattr(allocation, "to_dict") else dict(allocation or {})
+
+
+def export(model: nn.Module, tokenizer, allocation, out_dir: str | Path, format: str = DEFAULT_FORMAT,
+           overwrite: bool = False) -> Path:
+    """Save the (pruned) model in `format` ("compressed" or "dense", see the module docstring) with its
+    tokenizer (None: none) and the allocation as allocation.json. `allocation`: an Allocation (anything
+    with to_dict()) or a dict; its per_layer names are the matrices the compressed format compresses.
+    An existing non-empty `out_dir` is replaced only if `overwrite`. Raises ExportError (nothing is
+    left behind, an older export in `out_dir` is kept) when the folder cannot be written."""
+    if format not in FORMATS:
+        raise ExportError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    out = check_destination(out_dir, overwrite)
+    alloc = _allocation_dict(allocation)
+    names = [n for n, _ in model.named_modules() if n in alloc.get("per_layer", {})]
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as e:
+        raise ExportError(f"cannot write {out}: {e.strerror or e}") from None
+    try:
+        if format == "compressed":
+            _write_compressed(model, names, stage)
+        else:
+            model.save_pretrained(stage)  # safetensors is the default format
+        if tokenizer is not None:
+            tokenizer.save_pretrained(stage)
+        (stage / "allocation.json").write_text(json.dumps(alloc, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        stage.rename(out)
+    except OSError as e:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise ExportError(f"cannot write {out}: {e.strerror or e}; nothing was saved") from None
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return out
+
+
+def folder_bytes(folder: str | Path) -> int:
+    """Total size in bytes of the files in `folder` (recursively)."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+# --------------------------------------------------------------------------------------------
+# allocation files
+
+
+def module_order(per_layer: dict[str, float], model: nn.Module | None = None) -> dict[str, float]:
+    """`per_layer` in the model's module order (named_modules); without a model, as given
+    (allocations are built walking the model, so their order already is module order)."""
+    if model is None:
+        return dict(per_layer)
+    return {n: per_layer[n] for n, _ in model.named_modules() if n in per_layer}
+
+
+def recipe_yaml(per_layer: dict[str, float], pruner: str = "sparsegpt", nm: tuple[int, int] | None = None,
+                note: str = "") -> str:
+    """An llm-compressor recipe pruning each matrix of `per_layer` (module name -> sparsity, in module
+    order) with `pruner` ("sparsegpt" or "wanda"); `nm` (N, M) sets the mask structure (default
+    unstructured). `note` becomes a comment line on top."""
+    if pruner not in RECIPE_PRUNERS:
+        raise ExportError(f"recipe pruner must be one of {', '.join(RECIPE_PRUNERS)}, got {pruner!r}")
+    if not per_layer:
+        raise ExportError("the allocation has no layers")
+    modifier = {"targets": list(per_layer), "sparsity": [float(r) for r in per_layer.values()],
+                "mask_structure": f"{nm[0]}:{nm[1]}" if nm else "0:0"}
+    recipe = {"sparsity_stage": {"pruning_modifiers": {RECIPE_PRUNERS[pruner]: modifier}}}
+    head = "".join(f"# {line}\n" for line in note.splitlines())
+    return head + yaml.safe_dump(recipe, sort_keys=False, width=120)
+
+
+def ratios_npy(per_layer: dict[str, float]) -> bytes:
+    """The ratios of `per_layer` (in module order) as the bytes of a float64 .npy vector."""
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(list(per_layer.values()), dtype=np.float64))
+    return buf.getvalue()

@@ -2,10 +2,10 @@
 import streamlit as st
 
 from analysis.data import DataError, save_text, text_source_problem
-from analysis.export import export
+from analysis.export import DEFAULT_FORMAT, FORMATS, RECIPE_PRUNERS, export, module_order, ratios_npy, recipe_yaml
 from analysis.jobs import Job
 from analysis.pipeline import evaluation_windows
-from analysis.pruners import PRUNERS
+from analysis.pruners import PRUNERS, parse_nm
 from analysis.session import evaluate_job, prune_and_evaluate
 from analysis.settings import (
     QUICK_EVALUATION,
@@ -209,12 +209,32 @@ def live() -> None:
 live()
 
 st.subheader("Export")
-x1, x2 = st.columns([3, 1])
+x1, x2, x3 = st.columns([3, 1, 1])
 out_dir = x1.text_input("Folder", "artifacts/pruned-model", key="prune_export_dir")
-if x2.button("Export pruned model", disabled=busy or not work.pruned, key="prune_export"):
+save_format = x2.radio("Format", FORMATS, index=FORMATS.index(DEFAULT_FORMAT), key="prune_export_format",
+                       help="dense: save_pretrained, loads with transformers and serves with vLLM. compressed: "
+                            "compressed-tensors bitmask (smaller on disk; transformers 5 and vLLM no longer "
+                            "decompress it: read it back with analysis.export.load_pruned).")
+overwrite = x3.checkbox("Overwrite", key="prune_export_overwrite", help="replace a non-empty folder")
+if x3.button("Export pruned model", disabled=busy or not work.pruned, key="prune_export"):
     try:
-        path = export(work.model, loaded.tokenizer, work.allocation, out_dir)
+        path = export(work.model, loaded.tokenizer, work.allocation, out_dir, save_format, overwrite)
     except (OSError, ValueError) as e:
         st.error(f"Export failed: {e}")
     else:
-        st.success(f"Saved the pruned model, its tokenizer and allocation.json to {path}")
+        st.success(f"Saved the pruned model ({save_format}), its tokenizer and allocation.json to {path}")
+alloc = work.allocation if work.pruned else None
+r1, r2, r3 = st.columns([1, 1, 1])
+recipe_pruner = r1.selectbox("Recipe pruner", list(RECIPE_PRUNERS), key="prune_recipe_pruner",
+                             help="the llm-compressor modifier that carries the per-matrix sparsities")
+per_layer = module_order(alloc.per_layer, work.model) if alloc is not None else {}
+recipe = recipe_yaml(per_layer, recipe_pruner, parse_nm(settings.prune.nm)) if alloc is not None else ""
+r2.download_button("Download llm-compressor recipe", recipe, file_name="recipe.yaml", mime="application/x-yaml",
+                   disabled=alloc is None, key="prune_recipe_download",
+                   help="the allocation of your last prune, with the Pattern selected above as its mask "
+                        "structure; run it elsewhere with llm-compressor's oneshot(model=..., recipe=...)")
+r3.download_button("Download ratios (.npy)", ratios_npy(per_layer) if alloc is not None else b"",
+                   file_name="ratios.npy", mime="application/octet-stream", disabled=alloc is None,
+                   key="prune_npy_download", help="AlphaPruning's layout: one ratio per matrix, in module order")
+if alloc is None:
+    st.caption("The recipe and ratio downloads describe the allocation of your last prune: run one first.")

@@ -135,11 +135,11 @@ CLI_CASES = [
     ("prune --device quantum", "--device: Unknown device 'quantum'; use auto, cpu, cuda or cuda:<index>"),
     ("spectra --dtype nonsense", "--dtype: dtype must be auto, float32, bfloat16, float16, got 'nonsense'"),
     # outputs and the run store, checked before any work
-    ("spectra --out {bad}/file/metrics.json", "--out: cannot write '{bad}/file/metrics.json': '{bad}/file' is not a "
-                                              "folder this user can write to"),
-    ("spectra --out {bad}/folder", "--out: '{bad}/folder' is a folder; give a file name"),
-    ("allocate --method uniform --sparsity 0.5 --out {bad}/file/a.json", "--out: cannot write '{bad}/file/a.json'"),
-    ("prune --out {bad}/file/run.json", "--out: cannot write '{bad}/file/run.json'"),
+    ("spectra --out {bad}/file/metrics.json", "--out: cannot write {bad}/file/metrics.json: {bad}/file is a file, "
+                                              "not a folder"),
+    ("spectra --out {bad}/folder", "--out: {bad}/folder is a folder, not a file"),
+    ("allocate --method uniform --sparsity 0.5 --out {bad}/file/a.json", "--out: cannot write {bad}/file/a.json"),
+    ("prune --out {bad}/file/run.json", "--out: cannot write {bad}/file/run.json"),
     (f"prune {TINY} --db {{bad}}/not-a-store.sqlite", "{bad}/not-a-store.sqlite is not a run store (file is not a "
                                                       "database); move it aside or choose another file"),
     ("runs --db {bad}/not-a-store.sqlite", "{bad}/not-a-store.sqlite is not a run store"),

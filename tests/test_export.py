@@ -1,0 +1,346 @@
+"""Exports: model folders (dense, compressed-tensors bitmask) reload to identical weights, the
+llm-compressor recipe parses with llm-compressor's own parser to the same per-matrix numbers, the
+AlphaPruning .npy round-trips, and bad destinations are refused before any work, losing nothing."""
+import errno
+import json
+import re
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+import transformers.modeling_utils
+from conftest import save_tiny_llama
+from test_pruning import calib_ids, tiny_gemma3, tiny_llama
+from transformers import AutoModelForCausalLM
+
+from analysis import cli
+from analysis.export import (
+    ExportError,
+    check_destination,
+    export,
+    folder_bytes,
+    load_pruned,
+    module_order,
+    ratios_npy,
+    recipe_yaml,
+)
+from analysis.layers import prunable_layers
+from analysis.pruning import prune
+
+
+def pruned(model_fn=tiny_llama, nm=None, ratios=None, method="magnitude"):
+    """A tiny model pruned with `ratios` (module name -> sparsity; default: a non-uniform ramp)."""
+    model = model_fn()
+    names = [r.name for r in prunable_layers(model)]
+    per_layer = ratios or {n: 0.2 + 0.6 * i / (len(names) - 1) for i, n in enumerate(names)}
+    prune(model, per_layer, method=method, calib=calib_ids(), nm=nm)
+    return model, {"method": "test", "sparsity": 0.5, "per_block": [], "per_layer": per_layer}
+
+
+def assert_same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+
+
+def zero_fraction(model, name):
+    w = model.get_submodule(name).weight
+    return float((w == 0).float().mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# model folders
+
+
+@pytest.mark.parametrize("model_fn", [tiny_llama, tiny_gemma3], ids=["llama", "gemma3-tied"])
+def test_compressed_unstructured_nonuniform_reloads_identical(tmp_path, model_fn):
+    model, alloc = pruned(model_fn, method="wanda")
+    out = export(model, None, alloc, tmp_path / "c", format="compressed")
+    q = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert q["quant_method"] == "compressed-tensors"
+    sc = q["sparsity_config"]
+    assert sc["format"] == "sparse-bitmask" and sc["sparsity_structure"] == "unstructured"
+    assert sc["targets"] == ["Linear"] and sc["ignore"] == ["lm_head"]
+    names = list(alloc["per_layer"])
+    zeros = sum(int((model.get_submodule(n).weight == 0).sum()) for n in names)
+    total = sum(model.get_submodule(n).weight.numel() for n in names)
+    assert sc["global_sparsity"] == pytest.approx(zeros / total)
+    with safetensors.safe_open(out / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert f"{names[0]}.bitmask" in keys and f"{names[0]}.row_offsets" in keys and f"{names[0]}.weight" not in keys
+    reloaded = load_pruned(out)
+    assert_same_weights(model, reloaded)
+    for n, r in alloc["per_layer"].items():  # the non-uniform allocation survives, matrix by matrix
+        assert zero_fraction(reloaded, n) == pytest.approx(r, abs=0.02)
+    if model.config.tie_word_embeddings:
+        assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
+    assert json.loads((out / "allocation.json").read_text())["per_layer"] == alloc["per_layer"]
+
+
+def test_compressed_24_uses_the_24_format_and_is_smaller(tmp_path):
+    model, alloc = pruned(nm="2:4", ratios={r.name: 0.5 for r in prunable_layers(tiny_llama())})
+    with torch.no_grad():  # groups with fewer than 2 non-zeros still store 2 values (zeros among them)
+        model.model.layers[0].mlp.down_proj.weight[0, :8] = torch.tensor([0.0, 0, 0, 0, 0, -0.0, 3, 0])
+    out = export(model, None, alloc, tmp_path / "c24", format="compressed")
+    sc = json.loads((out / "config.json").read_text())["quantization_config"]["sparsity_config"]
+    assert sc["format"] == "sparse-24-bitmask" and sc["sparsity_structure"] == "2:4"
+    assert sc["global_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    name = "model.layers.0.mlp.down_proj"
+    with safetensors.safe_open(out / "model.safetensors", "pt") as f:
+        assert list(f.get_tensor(f"{name}.compressed").shape) == [64, 64]  # 64 x 128 at 2 of every 4
+        assert f.get_tensor(f"{name}.shape").flatten().tolist() == [64, 128]
+    reloaded = load_pruned(out)
+    assert_same_weights(model, reloaded)
+    dense = export(model, None, alloc, tmp_path / "d", format="dense")
+    linear = sum(p.numel() * 4 for n, p in model.named_parameters() if n.removesuffix(".weight") in alloc["per_layer"])
+    # 2:4 in float32: half the values plus 1 bit per weight -> saves ~15/32 of the pruned matrices' bytes
+    assert folder_bytes(dense) - folder_bytes(out) == pytest.approx(linear * 15 / 32, rel=0.05)
+
+
+def test_dense_export_reloads_with_transformers(tmp_path):
+    model, alloc = pruned()
+    out = export(model, None, alloc, tmp_path / "d")  # dense is the default
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    assert_same_weights(model, AutoModelForCausalLM.from_pretrained(out))
+    assert_same_weights(model, load_pruned(out))
+
+
+def test_transformers_does_not_decompress_the_compressed_format(tmp_path):
+    """Why "dense" is the default: with compressed-tensors 0.19 (no sparse compressors left) transformers
+    loads the bitmask-compressed matrices as fresh random weights. If this starts failing, a current
+    loader reads the format again and "compressed" can become the default."""
+    model, alloc = pruned()
+    out = export(model, None, alloc, tmp_path / "c", format="compressed")
+    hf = AutoModelForCausalLM.from_pretrained(out)
+    name = next(iter(alloc["per_layer"]))
+    assert not torch.equal(hf.get_submodule(name).weight, model.get_submodule(name).weight)
+
+
+# ---------------------------------------------------------------------------------------------
+# allocation files
+
+
+@pytest.fixture(scope="module")
+def recipe_parser():
+    pytest.importorskip("llmcompressor")
+    from llmcompressor.recipe import Recipe
+
+    return Recipe
+
+
+@pytest.mark.parametrize("pruner, nm, cls", [("sparsegpt", None, "SparseGPTModifier"),
+                                             ("wanda", (2, 4), "WandaPruningModifier")])
+def test_recipe_parses_with_llmcompressor_to_the_same_numbers(tmp_path, recipe_parser, pruner, nm, cls):
+    from compressed_tensors.utils import match_named_modules
+
+    model, alloc = pruned()
+    per_layer = module_order(alloc["per_layer"], model)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(recipe_yaml(per_layer, pruner, nm, note="test allocation\nsecond line"))
+    recipe = recipe_parser.create_instance(str(path))
+    (modifier,) = recipe.modifiers
+    assert type(modifier).__name__ == cls
+    assert modifier.sparsity == list(per_layer.values()) and modifier.targets == list(per_layer)
+    assert modifier.mask_structure == ("2:4" if nm else "0:0")
+    # llm-compressor pairs sparsity[i] with the i-th module its targets match, in module order
+    matched = [n for n, _ in match_named_modules(model, modifier.targets)]
+    assert matched == list(per_layer)
+
+
+def test_npy_round_trip_in_module_order(tmp_path):
+    model, alloc = pruned()
+    shuffled = dict(reversed(list(alloc["per_layer"].items())))
+    path = tmp_path / "ratios.npy"
+    path.write_bytes(ratios_npy(module_order(shuffled, model)))
+    got = np.load(path)
+    assert got.dtype == np.float64 and got.shape == (len(prunable_layers(model)),)
+    assert got.tolist() == [alloc["per_layer"][r.name] for r in prunable_layers(model)]
+
+
+# ---------------------------------------------------------------------------------------------
+# bad destinations
+
+
+def test_destination_checks(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(ExportError, match="existing file"):
+        check_destination(f)
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("mine")
+    with pytest.raises(ExportError, match="not empty.*--overwrite"):
+        check_destination(full)
+    assert check_destination(full, overwrite=True) == full
+    assert check_destination(tmp_path / "new" / "deeper") == tmp_path / "new" / "deeper"
+    with pytest.raises(ExportError, match="is a file"):
+        check_destination(f / "below")
+
+
+def test_unwritable_destination(tmp_path):
+    try:
+        check_destination("/sys/alphascope-export-test")
+    except ExportError as e:
+        assert "not writable" in str(e)
+    else:
+        pytest.skip("/sys is writable here")
+
+
+def test_overwrite_replaces_the_old_export(tmp_path):
+    model, alloc = pruned()
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    export(model, None, alloc, out, format="compressed", overwrite=True)
+    assert not (out / "old.txt").exists() and (out / "model.safetensors").exists()
+
+
+@pytest.fixture
+def fill_disk(monkeypatch):
+    """Call it to make every weights file write fail with ENOSPC, at the two places weights are
+    written: the compressed writer (safetensors) and transformers' save_pretrained."""
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def fill():
+        monkeypatch.setattr(safetensors.torch, "save_file", no_space)
+        monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", no_space)
+    return fill
+
+
+@pytest.mark.parametrize("fmt", ["compressed", "dense"])
+def test_full_disk_removes_the_partial_folder_and_keeps_the_old_one(tmp_path, fill_disk, fmt):
+    model, alloc = pruned()
+    fill_disk()
+    with pytest.raises(ExportError, match="No space left on device"):
+        export(model, None, alloc, tmp_path / "new", format=fmt)
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor a partial staging folder
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "keep.txt").write_text("previous export")
+    with pytest.raises(ExportError):
+        export(model, None, alloc, old, format=fmt, overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["old"] and (old / "keep.txt").read_text() == "previous export"
+
+
+# ---------------------------------------------------------------------------------------------
+# the command line (in-process: the same main() as `python -m analysis`)
+
+
+def run(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("case, message", [
+    ("file", "--save-model: .* is an existing file"),
+    ("full", "--save-model: .* is not empty.*--overwrite"),
+    ("unwritable_out", "--out: cannot write"),
+])
+def test_cli_prune_refuses_bad_destinations_before_loading(tmp_path, capsys, case, message):
+    f, full = tmp_path / "file", tmp_path / "full"
+    f.write_text("x")
+    full.mkdir()
+    (full / "keep.txt").write_text("mine")
+    args = {"file": ["--save-model", f], "full": ["--save-model", full], "unwritable_out": ["--out", f / "run.json"]}
+    # a model that does not exist: had the destination been checked after loading, this would be the error
+    code, _, err = run(capsys, "prune", "--model", tmp_path / "no-model", "--db", tmp_path / "r.sqlite", *args[case])
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: ") and re.search(message, err), err
+    assert (full / "keep.txt").read_text() == "mine"
+
+
+def test_cli_prune_saves_compressed_model(tmp_path, capsys):
+    model_dir = save_tiny_llama(tmp_path / "tiny")
+    out = tmp_path / "saved"
+    code, stdout, err = run(capsys, "prune", "--model", model_dir, "--device", "cpu", "--method", "magnitude",
+                            "--nm", "2:4", "--nsamples", 2, "--seqlen", 16, "--eval-seqlen", 32,
+                            "--max-windows", 1, "--db", tmp_path / "r.sqlite", "--save-model", out,
+                            "--save-format", "compressed")
+    assert code == 0, err
+    assert "saved the pruned model (compressed)" in stdout
+    sc = json.loads((out / "config.json").read_text())["quantization_config"]["sparsity_config"]
+    assert sc["format"] == "sparse-24-bitmask"
+    reloaded = load_pruned(out)
+    assert zero_fraction(reloaded, "model.layers.0.mlp.up_proj") == 0.5
+    assert (out / "tokenizer.json").exists() and (out / "allocation.json").exists()
+
+
+def test_cli_prune_full_disk_keeps_the_run_record(tmp_path, capsys, fill_disk):
+    model_dir = save_tiny_llama(tmp_path / "tiny")
+    fill_disk()
+    out, record = tmp_path / "saved", tmp_path / "run.json"
+    code, _, err = run(capsys, "prune", "--model", model_dir, "--device", "cpu", "--method", "magnitude",
+                       "--sparsity", 0.5, "--allocation", "uniform", "--eval-seqlen", 32, "--max-windows", 1,
+                       "--db", tmp_path / "r.sqlite", "--out", record, "--save-model", out,
+                       "--save-format", "compressed")
+    assert code == 2 and "error: --save-model: cannot write" in err and "No space left on device" in err
+    assert not out.exists() and json.loads(record.read_text())["achieved"]["overall"] == pytest.approx(0.5)
+    assert not [p for p in tmp_path.iterdir() if "saved" in p.name]  # no partial folder either
+
+
+def test_cli_export_writes_recipe_and_npy(tmp_path, capsys, recipe_parser):
+    from analysis.allocation import Allocation
+
+    model, alloc = pruned()
+    path = Allocation.from_dict(alloc).save(tmp_path / "alloc.json")
+    recipe, npy = tmp_path / "r.yaml", tmp_path / "r.npy"
+    code, stdout, err = run(capsys, "export", "--allocation", path, "--recipe", recipe, "--recipe-pruner", "wanda",
+                            "--npy", npy)
+    assert code == 0, err
+    (modifier,) = recipe_parser.create_instance(str(recipe)).modifiers
+    assert modifier.sparsity == list(alloc["per_layer"].values()) == np.load(npy).tolist()
+    assert modifier.mask_structure == "0:0" and type(modifier).__name__ == "WandaPruningModifier"
+    code, _, err = run(capsys, "export", "--allocation", path)
+    assert code == 2 and "nothing to write" in err
+    code, _, err = run(capsys, "export", "--allocation", path, "--recipe", tmp_path)
+    assert code == 2 and err.startswith("error: --recipe:") and "is a folder" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# the Prune page's Export section (Streamlit AppTest, the real default model)
+
+
+def test_prune_page_export_section(tmp_path, monkeypatch):
+    pytest.importorskip("streamlit")
+    from streamlit.testing.v1 import AppTest
+    from test_app import APP, run_until_idle
+
+    monkeypatch.setenv("ALPHASCOPE_RUNS_DB", str(tmp_path / "runs.sqlite"))
+    at = AppTest.from_file(APP, default_timeout=300)
+    at.run()
+    at.button(key="model_load").click().run()
+    at.switch_page("pages/prune.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.radio(key="prune_export_format").value == "dense"
+    assert at.download_button(key="prune_recipe_download").disabled  # nothing pruned yet
+    assert at.button(key="prune_export").disabled
+
+    def settings():  # magnitude (no calibration) on one short window: quick on two cores
+        at.selectbox(key="prune_method").set_value("magnitude")
+        at.selectbox(key="prune_alloc").set_value("uniform")
+        at.number_input(key="prune_eval_seqlen").set_value(64)
+        at.number_input(key="prune_windows").set_value(1)
+        at.run()
+
+    settings()
+    at.button(key="prune_run").click().run()
+    settings()
+    run_until_idle(at, "prune")
+    assert not at.download_button(key="prune_recipe_download").disabled
+    assert not at.download_button(key="prune_npy_download").disabled
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("mine")
+    at.text_input(key="prune_export_dir").input(str(full))
+    at.radio(key="prune_export_format").set_value("compressed")
+    at.button(key="prune_export").click().run()
+    assert any("not empty" in e.value for e in at.error) and (full / "keep.txt").exists()
+    at.checkbox(key="prune_export_overwrite").check()
+    at.button(key="prune_export").click().run()
+    assert not at.error and any("Saved the pruned model (compressed)" in s.value for s in at.success)
+    shared = at.session_state["work"].model
+    assert_same_weights(shared, load_pruned(full))
