@@ -77,6 +77,12 @@ class ZeroShotResult:
                 "stopped": self.stopped, "scores": [asdict(s) for s in self.scores]}
 
 
+def record_accuracy(record: dict) -> dict[str, float]:
+    """Task -> acc of a run record's zero-shot scores (empty when the run had none)."""
+    scores = (record.get("zeroshot") or {}).get("scores") or []
+    return {s["task"]: s["value"] for s in scores if s.get("metric") == "acc"}
+
+
 # --------------------------------------------------------------------------------------------
 # the local cloze task
 
@@ -161,11 +167,12 @@ def _datasets_cached(path: str) -> bool:
     return any(p.is_dir() and any(p.iterdir()) for p in candidates)
 
 
-def _unreachable(name: str, what: str) -> ZeroShotError:
-    return ZeroShotError(
-        f"task '{name}' needs {what} from the Hugging Face hub ({hub_constants.ENDPOINT}), which is not reachable "
-        f"from here, and it is not in the local datasets cache; run it once where the hub is reachable (the data "
-        f"is then cached), or use a local task: {', '.join(local_tasks())}.")
+HOW_TO_GET_DATA = "run it once where the hub is reachable (its data is then cached), or use a local task"
+
+
+def _hub_message(name: str, need: str) -> ZeroShotError:
+    return ZeroShotError(f"task '{name}' {need} from the Hugging Face hub ({hub_constants.ENDPOINT}), which is not "
+                         f"reachable from here: {HOW_TO_GET_DATA} ({', '.join(local_tasks())}).")
 
 
 def check_tasks(tasks: str | Sequence[str]) -> tuple[str, ...]:
@@ -179,7 +186,8 @@ def check_tasks(tasks: str | Sequence[str]) -> tuple[str, ...]:
         return names
     online = hub_reachable()
     if not online and not any(_datasets_cached(p) for p in _cached_dataset_names()):
-        raise _unreachable(remote[0], "its data")
+        raise _hub_message(remote[0], "is not a local task, and lm-eval's own tasks read their data (none of it "
+                                      "in the local datasets cache)")
     index = _task_manager(True).task_index
     for name in remote:
         entry = index.get(name)
@@ -188,7 +196,7 @@ def check_tasks(tasks: str | Sequence[str]) -> tuple[str, ...]:
                                 f"lm-eval task (list those with: python -m lm_eval ls tasks).")
         path = (entry.cfg or {}).get("dataset_path")
         if not online and path and not _datasets_cached(path):
-            raise _unreachable(name, f"the dataset '{path}'")
+            raise _hub_message(name, f"needs the dataset '{path}' (not in the local datasets cache)")
     return names
 
 
