@@ -242,10 +242,21 @@ def _wrapped_model(model: nn.Module, tokenizer, batch_size: int, bos: bool, prog
     from lm_eval.models.huggingface import HFLM  # noqa: PLC0415
 
     class _LM(HFLM):
-        started = False
+        started = False  # set by the first request: errors before it come from loading the tasks' data
+
+        def loglikelihood(self, requests, disable_tqdm=False):
+            self.started = True
+            return super().loglikelihood(requests, disable_tqdm)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm=False):
+            self.started = True
+            return super().loglikelihood_rolling(requests, disable_tqdm)
+
+        def generate_until(self, requests, disable_tqdm=False):
+            self.started = True
+            return super().generate_until(requests, disable_tqdm)
 
         def _loglikelihood_tokens(self, requests, disable_tqdm=False, override_bs=None):
-            self.started = True
             out = []
             for i in range(0, len(requests), CHUNK):
                 if should_stop(stop):
@@ -288,6 +299,9 @@ def evaluate(model: nn.Module, tokenizer, tasks: str | Sequence[str], limit: int
     names = check_tasks(tasks)
     if limit is not None and (isinstance(limit, bool) or int(limit) != limit or limit < 1):
         raise ZeroShotError(f"limit must be a positive integer, got {limit!r}")
+    if getattr(tokenizer, "eos_token_id", None) is None and getattr(tokenizer, "bos_token_id", None) is None:
+        raise ZeroShotError("lm-eval needs a tokenizer with an EOS or BOS token (it starts empty contexts with "
+                            "one); this tokenizer has neither.")
     device = next(model.parameters()).device
     batch_size = batch_size or (32 if device.type == "cuda" else 16)
     lm = _wrapped_model(model, tokenizer, batch_size, bos, progress, stop)
