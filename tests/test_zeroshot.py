@@ -121,3 +121,56 @@ def test_cli_prune_with_tasks_keeps_scores_in_the_record(tmp_path, capsys):
     assert all(s["n"] == 5 and 0.0 <= s["value"] <= 1.0 for s in scores)
     assert zeroshot.record_accuracy(record) == {"cloze": scores[0]["value"] if scores[0]["metric"] == "acc"
                                                 else scores[1]["value"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# dashboard
+
+
+def _table_with(app, column: str):
+    """The page's dataframe with `column` (AppTest does not keep st.dataframe keys)."""
+    tables = [d.value for d in app.dataframe if column in d.value.columns]
+    assert len(tables) == 1, [list(d.value.columns) for d in app.dataframe]
+    return tables[0]
+
+
+@pytest.fixture
+def runs_db(tmp_path, monkeypatch):
+    path = tmp_path / "runs.sqlite"
+    monkeypatch.setenv("ALPHASCOPE_RUNS_DB", str(path))
+    return path
+
+
+def test_prune_page_scores_the_current_weights_in_the_background(runs_db):
+    from test_app import fresh_app, run_until_idle
+
+    app = fresh_app()
+    app.button(key="model_load").click().run()
+    app.switch_page("pages/prune.py").run()
+    assert app.multiselect(key="prune_zs_tasks").value == ["cloze"]
+    app.number_input(key="prune_zs_limit").set_value(8).run()
+    app.button(key="prune_zs_run").click().run()
+    assert app.session_state["work"].job.name == "zero-shot"
+    app.number_input(key="prune_zs_limit").set_value(8)  # (AppTest re-creates the widgets with their defaults)
+    run_until_idle(app, "zero-shot")
+    assert not app.error, [e.value for e in app.error]
+    table = _table_with(app, "weights")
+    assert list(table["weights"]) == ["dense", "dense"] and set(table["metric"]) == {"acc", "acc_norm"}
+    assert (table["n"] == 8).all() and table["value"].between(0, 1).all()
+
+
+def test_compare_page_shows_accuracy_columns_when_present(runs_db):
+    from test_app import fresh_app
+
+    from analysis.store import RunStore
+
+    store = RunStore(runs_db)
+    config = {"model": "default", "method": "wanda", "allocation": "uniform", "sparsity": 0.5, "eval": "default"}
+    store.add({"config": config, "dense_ppl": 20.0, "pruned_ppl": 30.0})
+    store.add({"config": config, "dense_ppl": 20.0, "pruned_ppl": 31.0,
+               "zeroshot": {"scores": [{"task": "cloze", "metric": "acc", "value": 0.75, "stderr": 0.05, "n": 40}]}})
+    app = fresh_app()
+    app.switch_page("pages/compare.py").run()
+    assert not app.exception, [e.value for e in app.exception]
+    table = _table_with(app, "acc cloze")
+    assert table["acc cloze"].isna().tolist() == [True, False] and table["acc cloze"].iloc[1] == 0.75
