@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -45,9 +46,12 @@ from analysis.settings import (
     RunSettings,
     SettingsError,
     SpectraSettings,
+    ZeroShotSettings,
 )
 from analysis.spectra import analyze
 from analysis.store import RunStore, StoreError, now_iso
+from analysis.zeroshot import PAPER_TASKS, ZeroShotError, check_tasks
+from analysis.zeroshot import evaluate as zeroshot_evaluate
 
 
 class UsageError(ValueError):
@@ -65,6 +69,7 @@ FLAGS = {
     "evaluation.source": "--eval", "evaluation.seqlen": "--eval-seqlen", "evaluation.max_windows": "--max-windows",
     "evaluation.batch_size": "--batch-size", "calibration.encoding": "--encoding", "evaluation.encoding": "--encoding",
     "model.device": "--device", "model.dtype": "--dtype",
+    "zeroshot.tasks": "--tasks", "zeroshot.limit": "--limit",
 }
 
 
@@ -304,6 +309,37 @@ def _add_allocate_parser(sub) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# zero-shot accuracy
+
+
+def _add_zeroshot_args(p: argparse.ArgumentParser, what: str) -> None:
+    d = ZeroShotSettings()
+    p.add_argument("--tasks", default=None, help=f"zero-shot accuracy {what} on these lm-eval tasks, comma-separated: "
+                   f"'cloze' (local, embedded corpus) or hub tasks such as {','.join(PAPER_TASKS)}")
+    p.add_argument("--limit", type=int, default=d.limit, help="zero-shot: only the first N documents of each task")
+
+
+def _zeroshot_settings(args: argparse.Namespace) -> ZeroShotSettings | None:
+    """The zero-shot settings when --tasks is given, checked (task names and data) before any model loads."""
+    if args.tasks is None:
+        return None
+    settings = ZeroShotSettings(tuple(args.tasks.split(",")), args.limit).check()
+    try:
+        return replace(settings, tasks=check_tasks(settings.tasks))
+    except ZeroShotError as e:
+        raise SettingsError(str(e), "zeroshot.tasks") from None
+
+
+def _zeroshot(loaded, settings: ZeroShotSettings, label: str):
+    result = zeroshot_evaluate(loaded.model, loaded.tokenizer, settings.tasks, limit=settings.limit,
+                               batch_size=settings.batch_size, bos=loaded.info.bos_per_window, progress=_print_progress)
+    table = result.table().assign(value=lambda t: t["value"].round(4), stderr=lambda t: t["stderr"].round(4))
+    print(f"zero-shot accuracy of the {label} model ({result.seconds:.0f} s):")
+    print(table.to_string(index=False))
+    return result
+
+
+# --------------------------------------------------------------------------------------------
 # prune / eval / runs
 
 
@@ -328,6 +364,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
             check_destination(args.save_model, args.overwrite)
         except ExportError as e:
             raise UsageError(f"--save-model: {e}") from None
+    zeroshot = _zeroshot_settings(args)
     _checked_output("--out", args.out)
     store = RunStore(args.db)  # a store that cannot be opened is refused now, not after the run
     loaded = _load(settings.model, settings.check_model)
@@ -337,6 +374,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     record, report = result.record, result.report
     record["timings_s"]["load"] = round(loaded.info.load_seconds, 3)
     export_error = None
+    if zeroshot is not None:
+        record["zeroshot"] = _zeroshot(loaded, zeroshot, "pruned").to_dict()
     if args.save_model:
         try:
             path = export(loaded.model, loaded.tokenizer, result.allocation, args.save_model, args.save_format,
@@ -365,6 +404,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     PruneSettings(args.method).check()
     calibration, evaluation = _calibration(args).check(), _evaluation(args).check()
     alloc = Allocation.load(args.allocation) if args.allocation else None
+    zeroshot = _zeroshot_settings(args)
 
     def check(preview) -> None:
         evaluation.check_model(preview, calibration.source)
@@ -373,12 +413,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
             AllocationSettings(method="file", file=args.allocation).check_model(preview)
     loaded = _load(_model_settings(args), check)
     bos = loaded.info.bos_per_window
-    windows = evaluation_windows(loaded.tokenizer, evaluation, calibration.source, bos)
+    windows = evaluation_windows(loaded.tokenizer, evaluation, calibration.source, bos) if zeroshot is None else None
     if alloc is not None:
         calib = calibration_batch(loaded.tokenizer, calibration, evaluation.source, bos)
         report = prune(loaded.model, alloc.per_layer, method=args.method, calib=calib, progress=_print_progress)
         print(f"pruned with {args.method} + {alloc.method}: {report.overall:.4f} sparsity", file=sys.stderr)
     label = "pruned" if alloc else "dense"
+    if zeroshot is not None:
+        _zeroshot(loaded, zeroshot, label)
+        return 0
     ppl = perplexity(loaded.model, windows, progress=lambda u: _print_ppl(label, u), batch_size=evaluation.batch_size)
     print(f"perplexity {ppl:.4f} on {evaluation.source} ({windows.shape[0]} windows of {windows.shape[1]} tokens)")
     return 0
@@ -419,6 +462,7 @@ def _add_prune_parsers(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save-model folder")
     p.add_argument("--out", default=None, help="write the run record JSON here")
     p.add_argument("--db", default=None, help="SQLite run store (default: the cache folder's runs.sqlite)")
+    _add_zeroshot_args(p, "of the pruned model (kept in the run record)")
     p.set_defaults(func=cmd_prune)
 
     p = _parser(sub, "eval", "perplexity of a model, optionally pruned with an allocation JSON")
@@ -428,6 +472,7 @@ def _add_prune_parsers(sub) -> None:
                    help="pruner used with --allocation")
     _add_calib_args(p)
     _add_eval_args(p, "--text")
+    _add_zeroshot_args(p, "instead of perplexity")
     p.set_defaults(func=cmd_eval)
 
     p = _parser(sub, "runs", "list recorded pruning runs")

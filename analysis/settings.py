@@ -246,6 +246,30 @@ class PruneSettings:
 
 
 @dataclass(frozen=True)
+class ZeroShotSettings:
+    """tasks: lm-eval task names ("cloze" is the local one, see analysis.zeroshot); limit: score only
+    the first `limit` documents of each task (None: all); batch_size: sequences per forward pass
+    (None: 16 on a CPU, 32 on a GPU). Whether a task can run here (known, data reachable) is checked
+    by analysis.zeroshot.check_tasks, which needs lm-eval."""
+
+    tasks: tuple[str, ...] = ("cloze",)
+    limit: int | None = None
+    batch_size: int | None = None
+
+    def check(self) -> ZeroShotSettings:
+        if not self.tasks or not all(isinstance(t, str) and t.strip() for t in self.tasks):
+            raise SettingsError(f"tasks must be one or more task names, got {self.tasks!r}", "zeroshot.tasks")
+        for name in ("limit", "batch_size"):
+            if getattr(self, name) is not None:
+                _positive_int(getattr(self, name), f"zeroshot.{name}")
+        return self
+
+
+# the dashboard's: the first 100 documents of each task, a quick check (the CLI scores them all)
+QUICK_ZEROSHOT = ZeroShotSettings(limit=100)
+
+
+@dataclass(frozen=True)
 class RunSettings:
     """Everything one prune-and-evaluate run needs besides the loaded model."""
 
@@ -294,6 +318,6 @@ class RunSettings:
         return cls(**parts)
 
 
-__all__ = ["ALLOCATION_METHODS", "QUICK_EVALUATION", "SPECTRA_METHODS",
+__all__ = ["ALLOCATION_METHODS", "QUICK_EVALUATION", "QUICK_ZEROSHOT", "SPECTRA_METHODS",
            "AllocationSettings", "CalibrationSettings", "EvaluationSettings", "ModelSettings", "PruneSettings",
-           "RunSettings", "SettingsError", "SpectraSettings"]
+           "RunSettings", "SettingsError", "SpectraSettings", "ZeroShotSettings"]

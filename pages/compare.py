@@ -1,7 +1,9 @@
 """Compare page: every finished prune run from the run store (SQLite), side by side."""
+import pandas as pd
 import streamlit as st
 
 from analysis.store import RunStore, StoreError, run_summary
+from analysis.zeroshot import record_accuracy
 from components.figures import curves_figure, ppl_vs_sparsity_figure
 from components.state import runs_store
 
@@ -21,12 +23,17 @@ if runs.empty:
 
 @st.cache_data(show_spinner=False, max_entries=1024)
 def _details(path: str, run_id: int) -> dict:
-    """Achieved sparsity and per-block allocation of a run (records never change once stored)."""
-    return run_summary(RunStore(path).get(run_id))
+    """Achieved sparsity, per-block allocation and zero-shot accuracies of a run (records never change
+    once stored)."""
+    record = RunStore(path).get(run_id)
+    return {**run_summary(record), "zeroshot": record_accuracy(record)}
 
 
 details = [_details(str(store.path), int(i)) for i in runs["id"]]
 runs = runs.assign(achieved=[d["achieved"] for d in details], eval=[d["eval"] for d in details])
+# one "acc <task>" column per zero-shot task any run was scored on (runs pruned with --tasks)
+accuracy = pd.DataFrame([d["zeroshot"] for d in details], index=runs.index).add_prefix("acc ")
+runs = pd.concat([runs, accuracy], axis=1)
 per_block = {int(i): d["per_block"] for i, d in zip(runs["id"], details)}
 
 f1, f2, f3 = st.columns(3)

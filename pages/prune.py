@@ -1,14 +1,16 @@
 """Prune page: prune this session's private copy in the background, watch perplexity live."""
+import pandas as pd
 import streamlit as st
 
 from analysis.data import DataError, save_text, text_source_problem
 from analysis.export import DEFAULT_FORMAT, FORMATS, RECIPE_PRUNERS, export, module_order, ratios_npy, recipe_yaml
-from analysis.jobs import Job
+from analysis.jobs import DONE, Job, JobCancelled
 from analysis.pipeline import evaluation_windows
 from analysis.pruners import PRUNERS, parse_nm
 from analysis.session import evaluate_job, prune_and_evaluate
 from analysis.settings import (
     QUICK_EVALUATION,
+    QUICK_ZEROSHOT,
     SPECTRA_METHODS,
     AllocationSettings,
     CalibrationSettings,
@@ -18,6 +20,8 @@ from analysis.settings import (
     SpectraSettings,
 )
 from analysis.store import StoreError
+from analysis.zeroshot import PAPER_TASKS, local_tasks
+from analysis.zeroshot import evaluate as zeroshot_evaluate
 from components.figures import ppl_figure
 from components.state import (
     dense_ppl_job,
@@ -238,3 +242,32 @@ r3.download_button("Download ratios (.npy)", ratios_npy(per_layer) if alloc is n
                    key="prune_npy_download", help="AlphaPruning's layout: one ratio per matrix, in module order")
 if alloc is None:
     st.caption("The recipe and ratio downloads describe the allocation of your last prune: run one first.")
+
+
+st.subheader("Zero-shot accuracy")
+st.caption("lm-eval on your current weights (the pruned copy, or the dense shared model), in the background. "
+           "'cloze' is local (last words of the embedded corpus's evaluation half, 4 choices, chance 25%); the "
+           "papers' tasks need the Hugging Face hub, or their data in the local datasets cache.")
+z1, z2, z3 = st.columns([3, 1, 1])
+zs_tasks = z1.multiselect("Tasks", [*local_tasks(), *PAPER_TASKS], default=list(QUICK_ZEROSHOT.tasks),
+                          key="prune_zs_tasks")
+zs_limit = z2.number_input("Documents per task (0 = all)", 0, 100_000, QUICK_ZEROSHOT.limit, key="prune_zs_limit")
+if z3.button("Zero-shot accuracy of current weights", disabled=busy or not zs_tasks, key="prune_zs_run"):
+    zs_model = work.model if work.model is not None else loaded.model
+    zs_label = work.label if work.pruned else "dense"
+
+    def zeroshot_body(j: Job) -> pd.DataFrame:
+        result = zeroshot_evaluate(zs_model, loaded.tokenizer, zs_tasks, limit=int(zs_limit) or None,
+                                   bos=loaded.info.bos_per_window, progress=j.report, stop=j.stop)
+        if result.stopped:
+            raise JobCancelled()
+        return result.table().assign(weights=zs_label)
+
+    work.job = Job(zeroshot_body, name="zero-shot").start()
+    # the last few zero-shot jobs, whose results are shown below (a job holds its model: keep few)
+    st.session_state["prune_zs_jobs"] = [*st.session_state.get("prune_zs_jobs", [])[-3:], work.job]
+    st.rerun()
+zs_done = [j.result for j in st.session_state.get("prune_zs_jobs", []) if j.status == DONE]
+if zs_done:
+    st.dataframe(pd.concat(zs_done, ignore_index=True)[["weights", "task", "metric", "value", "stderr", "n"]],
+                 hide_index=True, key="prune_zs_table")

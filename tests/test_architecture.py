@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [
     {"runtime", "layers", "powerlaw", "pruners", "allocation", "jobs", "export"},
     {"data", "store", "calibration", "evaluation", "loading", "spectra"},
-    {"owl", "pruning", "settings"},
+    {"owl", "pruning", "settings", "zeroshot"},
     {"pipeline"},
     {"session", "cli"},
     {"__main__"},
