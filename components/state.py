@@ -20,11 +20,11 @@ from __future__ import annotations
 import gc
 import os
 import threading
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 import streamlit as st
-from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 # analysis.loading imports transformers' Auto classes at module level: that resolves transformers'
 # lazy attributes once, at the app's first run, in one thread. Resolved lazily, two script threads
@@ -186,9 +186,9 @@ def spectra_job(loaded: LoadedModel, fit: str = SpectraSettings.fit, farms: bool
 
 
 def session_label() -> str:
-    """How other sessions' queue messages name this browser session."""
-    ctx = get_script_run_ctx()
-    return f"session {ctx.session_id[:6]}" if ctx is not None else "a session"
+    """How other sessions' queue messages name this browser session (a random name, kept for the
+    session: its id is not shown to others, and is the same for every AppTest session)."""
+    return st.session_state.setdefault("_session_label", f"session {uuid.uuid4().hex[:6]}")
 
 
 def session_work() -> WorkingCopy:
