@@ -241,3 +241,17 @@ def test_two_sessions_under_a_low_memory_limit(tiny_dir, monkeypatch, tmp_path):
     _until(b, lambda at: not at.get("progress"), "evaluation")
     b_ppl = float([m.value for m in b.metric if m.label == "Perplexity (eval)"][0])
     assert b_ppl == baseline
+
+
+def test_model_page_picker_lists_the_hf_cache_and_loads_from_it(tiny_dir, tmp_path, monkeypatch):
+    snap = hf_cache_with_tiny(tmp_path, tiny_dir)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    at = _app()
+    at.radio(key="model_choice").set_value("Already in the local Hugging Face cache").run()
+    picker = at.selectbox(key="model_cached")
+    assert picker.options == ["someone/tiny-llama (01234567)"]
+    picker.set_value("someone/tiny-llama (01234567)").run()
+    at.button(key="model_load").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert at.session_state["model_key"][0] == str(snap)
+    assert any("Weights live on: **cpu**" in c.value for c in at.caption)
