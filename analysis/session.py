@@ -25,7 +25,7 @@ from torch import nn
 from analysis.allocation import Allocation
 from analysis.evaluation import PplUpdate, default_batch_size, perplexity_stream
 from analysis.jobs import DONE, Job, JobCancelled
-from analysis.layers import module_device, zero_fraction
+from analysis.layers import module_device
 from analysis.loading import MemoryEstimate, available_memory_bytes, memory_estimate
 from analysis.owl import collect_outlier_ratios
 from analysis.pipeline import Timer, build_allocation, make_record, prepare_data, record_config
@@ -49,7 +49,7 @@ class ModelGate:
         self._queue: list[tuple[object, bool, str]] = []  # (ticket, exclusive, who), oldest first
         self.holder: str | None = None  # who leased the model, or None
         self.until = ""  # what the waiters wait for, e.g. "session 3f2a9c's pruned weights to be restored"
-        self.dense_zero_fraction: float | None = None  # measured on the dense weights when leased
+        self.dense_zero_fraction: float | None = None  # of the dense weights, set by whoever loaded them
 
     def _may_go(self, ticket: object, exclusive: bool) -> bool:
         if self.holder is not None:
@@ -180,7 +180,6 @@ class WorkingCopy:
         """Wait for the shared model's lease, then keep the original prunable weights on the host."""
         self.gate.lease(self.owner, f"{self.owner}'s pruned weights to be restored", job)
         try:
-            self.gate.dense_zero_fraction = zero_fraction(shared_model)
             self.dense = DenseSnapshot.take(shared_model)
         except BaseException:
             self.gate.release(self.owner)
@@ -355,14 +354,15 @@ def prune_and_evaluate(job: Job, work: WorkingCopy, shared_model: nn.Module, tok
     """
     s = settings.check()
     timer = Timer()
+    with work.lock:  # first: the shared jobs waited for below may need this session's lease back
+        job.report("restoring dense weights", 0.0)
+        work.restore(job)
     outliers = None
     if s.allocation.method == "owl" and s.prune.nm is None and owl_job is not None:
         job.report("waiting for the OWL outlier ratios", 0.0)
         outliers = _result_of(owl_job, "OWL outlier ratios", job)
     need = prune_need(shared_model, s)
     with work.lock:
-        job.report("restoring dense weights", 0.0)
-        work.restore(job)
         with timer("copy"):
             job.report("copying the shared model (first prune of this session)", 0.0)
             if not work.make_copy(shared_model, need, job):

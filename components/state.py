@@ -202,14 +202,19 @@ def session_work() -> WorkingCopy:
     if work is None or work.key != key:
         if work is not None:
             if work.job is not None:
-                work.job.cancel()  # a cancelled prune restores the weights it changed
-            if work.lock.acquire(blocking=False):
-                try:
-                    work.drop()
-                finally:
-                    work.lock.release()
+                work.job.cancel()
+            _drop_when_idle(work)
         work = st.session_state["work"] = WorkingCopy(key, model_gate(key) if key else None, session_label())
     return work
+
+
+def _drop_when_idle(work: WorkingCopy) -> None:
+    """Free a session's old weights (giving a lease back) once its job, if any, has let go of them."""
+    def run() -> None:
+        with work.lock:
+            work.drop()
+
+    threading.Thread(target=run, name="drop-weights", daemon=True).start()
 
 
 def weights_zero_fraction(model, version: int = 0) -> float:
