@@ -255,3 +255,20 @@ def test_model_page_picker_lists_the_hf_cache_and_loads_from_it(tiny_dir, tmp_pa
     assert not at.exception and not at.error, [e.value for e in at.error]
     assert at.session_state["model_key"][0] == str(snap)
     assert any("Weights live on: **cpu**" in c.value for c in at.caption)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_lease_on_a_gpu_keeps_the_snapshot_on_the_host(tiny_dir, monkeypatch):
+    loaded = load_model(str(tiny_dir), device="cuda", dtype="bfloat16")
+    shared = loaded.model
+    dense = {k: v.clone() for k, v in shared.state_dict().items()}
+    monkeypatch.setenv(MEMORY_LIMIT_ENV, str(lease_only_limit(shared)))
+    work = WorkingCopy("k", ModelGate(), "session A")
+    job = Job(lambda j: prune_and_evaluate(j, work, shared, loaded.tokenizer, SETTINGS), name="prune").start()
+    assert job.wait(300) and job.status == DONE, job.traceback
+    assert work.leased and all(w.device.type == "cpu" for w in work.dense.weights.values())
+    assert zero_fraction(shared) == pytest.approx(0.5, abs=0.01)
+    work.restore()
+    assert all(torch.equal(v, dense[k]) for k, v in shared.state_dict().items())
+    spread = load_model(str(tiny_dir), device_map="auto", dtype="bfloat16")
+    assert set(spread.info.placement) == {"cuda:0"}
