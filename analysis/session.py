@@ -68,7 +68,7 @@ class ModelGate:
             return f"waiting for {self.until} (position {position} in the queue)"
         return f"waiting for {self._readers} reader(s) of the dense weights to finish (position {position})"
 
-    def _enter(self, exclusive: bool, who: str, job: Job | None, blocking: bool = True) -> bool:
+    def _enter(self, exclusive: bool, who: str, job: Job | None, blocking: bool = True, until: str = "") -> bool:
         ticket = object()
         with self._cond:
             self._queue.append((ticket, exclusive, who))
@@ -82,7 +82,7 @@ class ModelGate:
                         job.check()  # a cancelled waiter leaves the queue (JobCancelled)
                     self._cond.wait(WAIT_POLL_S)
                 if exclusive:
-                    self.holder = who
+                    self.holder, self.until = who, until
                 else:
                     self._readers += 1
                 return True
@@ -113,8 +113,7 @@ class ModelGate:
     def lease(self, who: str, until: str, job: Job | None = None) -> None:
         """Wait for exclusive use of the weights (see `begin_read` for the waiting), for `who`;
         `until` tells the waiters what they wait for."""
-        self._enter(True, who, job)
-        self.until = until
+        self._enter(True, who, job, until=until)
 
     def release(self, who: str) -> None:
         with self._cond:

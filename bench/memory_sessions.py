@@ -10,7 +10,8 @@ the dashboard runs (analysis.session): the shared model in float32, then
 Each prune: 50% Wanda, uniform, 16 calibration samples x 256 tokens (the Prune page's defaults),
 2 evaluation windows of 256 tokens.
 
-Usage: .venv/bin/python -m bench.memory_sessions   -> bench/results/memory_sessions.json
+Usage: .venv/bin/python -m bench.memory_sessions [SCENARIO ...]   -> bench/results/memory_sessions.json
+(named scenarios replace their rows in an existing result file; default: all)
 """
 from __future__ import annotations
 
@@ -71,13 +72,14 @@ def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--scenario":
         print(json.dumps(run_scenario(sys.argv[2])))
         return
-    rows = []
-    for name in SCENARIOS:
+    result = ROOT / "bench" / "results" / "memory_sessions.json"
+    rows = {r["scenario"]: r for r in json.loads(result.read_text())["scenarios"]} if result.exists() else {}
+    for name in sys.argv[1:] or SCENARIOS:
         out = subprocess.run([sys.executable, "-m", "bench.memory_sessions", "--scenario", name], cwd=ROOT,
                              capture_output=True, text=True, check=True)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(rows[-1], file=sys.stderr)
-    write_result({"machine": machine_info(), "scenarios": rows}, ROOT / "bench" / "results" / "memory_sessions.json")
+        rows[name] = json.loads(out.stdout.strip().splitlines()[-1]) | {"machine": machine_info()}
+        print(rows[name], file=sys.stderr)
+    write_result({"scenarios": [rows[n] for n in SCENARIOS if n in rows]}, result)
 
 
 if __name__ == "__main__":
