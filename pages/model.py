@@ -83,7 +83,7 @@ def _memory_problem() -> str | None:
     est = _estimate(source, load_dtype, calibration.n_samples, calibration.seqlen, 8 if on_gpu else 1)
     if est is None or device == DEVICE_MAP_AUTO or is_loaded(key):
         return None
-    return est.problem(pick_device("cuda" if on_gpu else "cpu"))
+    return est.problem(pick_device("cuda" if on_gpu else "cpu"), f"'{source}'")
 
 
 if st.button("Load model", type="primary", disabled=not source, key="model_load"):

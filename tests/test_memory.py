@@ -282,3 +282,18 @@ def test_cli_device_map_auto_gives_the_resident_perplexity(tiny_dir, capsys):
     resident = capsys.readouterr().out.strip().splitlines()[-1]
     assert main([*args, "--device-map", "auto"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == resident
+
+
+def test_model_page_refuses_a_model_that_cannot_fit(tiny_dir, tmp_path, monkeypatch):
+    import shutil
+
+    folder = shutil.copytree(tiny_dir, tmp_path / "tiny-copy")  # a key no other test loaded
+    monkeypatch.setenv(MEMORY_LIMIT_ENV, "100000")
+    at = _app()
+    at.radio(key="model_choice").set_value("Local checkpoint folder").run()
+    at.text_input(key="model_folder").set_value(str(folder)).run()
+    at.button(key="model_load").click().run()
+    assert not at.exception
+    assert any(e.value.startswith(f"'{folder}' cannot be loaded and pruned here") for e in at.error), \
+        [e.value for e in at.error]
+    assert "model_key" not in at.session_state
