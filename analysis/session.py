@@ -262,6 +262,13 @@ def prune_need(model: nn.Module, settings: RunSettings) -> MemoryEstimate:
                            settings.calibration.seqlen, default_batch_size(dev), settings.evaluation.seqlen)
 
 
+def prune_device(model: nn.Module) -> torch.device:
+    """Where each block is pruned: a GPU when the model sits in host memory and one is visible (only
+    the current block goes there: how a model larger than the GPU is pruned), else where it lives."""
+    dev = module_device(model)
+    return torch.device("cuda") if dev.type == "cpu" and torch.cuda.is_available() else dev
+
+
 def lease_problem(model: nn.Module, need: MemoryEstimate) -> str | None:
     """Why even a prune in place does not fit (no room on the host for the original values of the
     prunable matrices, or on the device for the working memory), or None."""
@@ -383,7 +390,8 @@ def prune_and_evaluate(job: Job, work: WorkingCopy, shared_model: nn.Module, tok
                                          progress=lambda m, f: job.report(f"allocation: {m}", 0.03 + 0.1 * f))
             with timer("prune"):
                 report = prune(model, alloc.per_layer, method=s.prune.method, calib=data.calib, nm=s.prune.nm,
-                               progress=lambda m, f: job.report(m, 0.13 + 0.57 * f), stop=job.stop)
+                               progress=lambda m, f: job.report(m, 0.13 + 0.57 * f), stop=job.stop,
+                               device=prune_device(model))
             work.version += 1
             if report.stopped or job.cancelled:
                 raise JobCancelled()

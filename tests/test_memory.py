@@ -12,7 +12,15 @@ from analysis.evaluation import perplexity
 from analysis.jobs import DONE, ERROR, Job
 from analysis.layers import zero_fraction
 from analysis.loading import MEMORY_LIMIT_ENV, cached_checkpoints, estimate_memory, load_model
-from analysis.session import ModelGate, WorkingCopy, evaluate_job, lease_problem, prune_and_evaluate, prune_need
+from analysis.session import (
+    ModelGate,
+    WorkingCopy,
+    evaluate_job,
+    lease_problem,
+    prune_and_evaluate,
+    prune_device,
+    prune_need,
+)
 from analysis.settings import AllocationSettings, CalibrationSettings, EvaluationSettings, PruneSettings, RunSettings
 from tests.conftest import save_tiny_llama
 
@@ -272,6 +280,11 @@ def test_lease_on_a_gpu_keeps_the_snapshot_on_the_host(tiny_dir, monkeypatch):
     assert all(torch.equal(v, dense[k]) for k, v in shared.state_dict().items())
     spread = load_model(str(tiny_dir), device_map="auto", dtype="bfloat16")
     assert set(spread.info.placement) == {"cuda:0"}
+    on_host = load_model(str(tiny_dir), device="cpu")
+    assert prune_device(on_host.model).type == "cuda"  # a host-resident model is pruned block by block there
+    job = Job(lambda j: prune_and_evaluate(j, WorkingCopy("h", ModelGate()), on_host.model, on_host.tokenizer,
+                                           SETTINGS), name="prune").start()
+    assert job.wait(300) and job.status == DONE, job.traceback
 
 
 def test_cli_device_map_auto_gives_the_resident_perplexity(tiny_dir, capsys):
