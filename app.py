@@ -23,7 +23,7 @@ nav = st.navigation(PAGES)
 # runs before every page: it keeps a shadow copy of each setting and puts it back when the widget's
 # own value is gone, so a page shows what the user chose when they come back to it.
 PERSIST = (
-    "model_choice", "model_hf_id", "model_folder", "model_device", "model_dtype", "model_trust",
+    "model_choice", "model_hf_id", "model_folder", "model_cached", "model_device", "model_dtype", "model_trust",
     "spectra_fit", "spectra_farms", "spectra_weights", "spectra_layer", "spectra_depth_metric",
     "spectra_heat_metric", "spectra_log", "spectra_mp", "spectra_rand",
     "alloc_target", "alloc_epsilon", "alloc_mode", "alloc_more", "alloc_preset", "alloc_preset_points",
@@ -50,6 +50,6 @@ with st.sidebar:
         loaded = current_model()
         st.markdown(f"**Model:** {model_label(key)}  \n`{loaded.info.device}` · `{loaded.info.dtype}`")
         work = session_work()
-        st.caption(f"Your weights: {'pruned copy — ' + work.label if work.pruned else 'dense (shared model)'}")
+        st.caption(f"Your weights: {work.describe()}")
 
 nav.run()

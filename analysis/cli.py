@@ -30,7 +30,7 @@ from analysis.export import (
     recipe_yaml,
 )
 from analysis.layers import layer_table
-from analysis.loading import PACKAGED, ModelLoadError, ensure_converted, load_model
+from analysis.loading import DEVICE_MAP_AUTO, PACKAGED, ModelLoadError, ensure_converted, load_model
 from analysis.pipeline import build_allocation, calibration_batch, dense_spectra, evaluation_windows, run, write_record
 from analysis.powerlaw import XMIN_RULES
 from analysis.pruners import PRUNERS, parse_nm
@@ -98,12 +98,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=d.source, help="'default' (SmolLM2-135M-Instruct), 'gemma3', a folder or a HF id")
     p.add_argument("--device", default=d.device, help="auto (CUDA if available), cpu, cuda, cuda:1 ...")
     p.add_argument("--dtype", default=d.dtype, help="auto, float32, bfloat16, float16")
+    p.add_argument("--device-map", choices=["auto"], default=None,
+                   help="auto: spread the weights over the visible GPUs, then CPU, then disk (accelerate), for "
+                        "models larger than one GPU; replaces --device")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="run code from the model's repository (off by default)")
 
 
 def _model_settings(args: argparse.Namespace) -> ModelSettings:
-    return ModelSettings(args.model, args.device, args.dtype, args.trust_remote_code)
+    device = DEVICE_MAP_AUTO if getattr(args, "device_map", None) == "auto" else args.device
+    return ModelSettings(args.model, device, args.dtype, args.trust_remote_code)
 
 
 def _load(m: ModelSettings, check=None):

@@ -33,7 +33,7 @@ def window_nll(model: nn.Module, window: torch.Tensor) -> tuple[float, int]:
     """(sum of next-token NLL in nats, number of predicted tokens) for a (B, L) batch of windows."""
     logits = model(input_ids=window, use_cache=False).logits
     pred = logits[:, :-1, :].float()
-    target = window[:, 1:]
+    target = window[:, 1:].to(pred.device)  # (a model spread by device_map ends on its last device)
     nll = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="sum")
     return float(nll), int(target.numel())
 
@@ -51,11 +51,15 @@ def perplexity_stream(model: nn.Module, windows: torch.Tensor, device: str | tor
     its own either way.
 
     The model runs where its parameters are unless `device` says otherwise (then the inputs go
-    there; the model is not moved). batch_size: windows per forward pass (default: `default_batch_size`).
+    there; the model is not moved). A model spread by accelerate's device_map runs where it was
+    placed: the inputs go to its first parameter's device (the CPU when that one is offloaded to disk),
+    and accelerate's hooks move them on. batch_size: windows per forward pass (default: `default_batch_size`).
     """
     if windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
         raise ValueError(f"windows must be a non-empty (n, L>=2) tensor of token ids, got shape {tuple(windows.shape)}")
     dev = torch.device(device) if device is not None else module_device(model)
+    if dev.type == "meta":  # offloaded by accelerate: its hooks load the weights for each forward
+        dev = torch.device("cpu")
     step = default_batch_size(dev) if batch_size is None else int(batch_size)
     if step < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")

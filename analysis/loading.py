@@ -12,21 +12,23 @@ once and cached as a safetensors folder under `cache_dir()` so later loads take 
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import shutil
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
+import psutil
 import torch
 from huggingface_hub import constants, try_to_load_from_cache
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from analysis.layers import find_blocks
+from analysis.layers import find_blocks, layers_by_block, prunable_layers
 from analysis.runtime import ProgressFn, cache_dir
 
 
@@ -72,6 +74,8 @@ class ModelInfo:
     quantization: str | None = None  # set for packaged GGUF models: weights were 4-bit
     bos_per_window: bool = False
     load_seconds: float = 0.0
+    device_map: str | None = None  # "auto": placed by accelerate across GPUs, CPU and disk
+    placement: dict[str, int] = field(default_factory=dict)  # parameter bytes by where they live
 
 
 @dataclass
@@ -252,6 +256,9 @@ def _is_hub_id(path: str, pm: PackagedModel | None) -> bool:
     return pm is None and not Path(path).expanduser().exists()
 
 
+DEVICE_MAP_AUTO = "device_map=auto"  # the device choice that spreads a model with accelerate
+
+
 def pick_device(device: str | None = None) -> torch.device:
     """`None`/"auto": CUDA when available, else CPU."""
     if device in (None, "", "auto"):
@@ -288,21 +295,31 @@ def load_model(
     trust_remote_code: bool = False,
     progress: ProgressFn | None = None,
     check: Callable[[ModelPreview], None] | None = None,
+    device_map: str | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer in eval mode.
 
+    device_map="auto" (or device=DEVICE_MAP_AUTO): accelerate spreads the weights over the visible
+    GPUs, then the CPU, then disk (a folder under the cache folder), each capped by
+    `available_memory_bytes`; forward passes move activations between them.
     Raises ModelLoadError with a user-facing message for anything the user can fix
     (unknown id, folder without config, no network to the hub, missing package, a tokenizer of
     another model). `check(preview)` runs once the tokenizer and config are read, before the weights
     load: what the caller will ask of the model (context length, text lengths) fails early there.
     """
     t0 = time.perf_counter()
+    if device == DEVICE_MAP_AUTO:
+        device, device_map = None, "auto"
+    if device_map not in (None, "auto"):
+        raise ModelLoadError(f"Unknown device_map '{device_map}'; only 'auto' is supported.")
     path, title, pm = resolve_source(source)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     if pm is not None:
         path = str(ensure_converted(pm.key, progress))
     hub = hub_access(path) if _is_hub_id(path, pm) else {}
+    placing = {"device_map": "auto", "max_memory": _max_memory(),
+               "offload_folder": str(cache_dir() / "offload" / re.sub(r"[^\w.-]+", "_", path))} if device_map else {}
     progress and progress(f"Loading {title}", 0.5)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **hub)
@@ -315,12 +332,14 @@ def load_model(
         check(ModelPreview(source, tok, config, bos, trust_remote_code))
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dt, trust_remote_code=trust_remote_code, use_safetensors=None, **hub
+            path, dtype=dt, trust_remote_code=trust_remote_code, use_safetensors=None, **hub, **placing
         )
     except (OSError, ValueError, KeyError) as e:
         raise ModelLoadError(_explain_load_error(source, e)) from e
-    model.to(dev).eval()
-    if dev.type == "cpu":
+    if not device_map:
+        model.to(dev)
+    model.eval()
+    if dev.type == "cpu" or device_map:
         _read_into_memory(model)
     progress and progress("Loaded", 1.0)
     blocks = find_blocks(model)
@@ -331,13 +350,38 @@ def load_model(
         architecture=type(model).__name__,
         n_blocks=len(blocks[1]) if blocks else 0,
         n_params=sum(p.numel() for p in model.parameters()),
-        device=str(dev),
+        device=DEVICE_MAP_AUTO if device_map else str(dev),
         dtype=str(dt).replace("torch.", ""),
         quantization=pm.quantization if pm else None,
         bos_per_window=bos,
         load_seconds=time.perf_counter() - t0,
+        device_map=device_map,
+        placement=weights_placement(model),
     )
     return LoadedModel(model, tok, info)
+
+
+def _max_memory() -> dict:
+    """accelerate's per-device budget for device_map="auto": what `available_memory_bytes` allows on
+    each visible GPU and on the host (the rest goes to disk)."""
+    gpus = {i: available_memory_bytes(torch.device("cuda", i)) for i in range(torch.cuda.device_count())}
+    return gpus | {"cpu": available_memory_bytes(torch.device("cpu"))}
+
+
+def weights_placement(model: nn.Module) -> dict[str, int]:
+    """Parameter bytes by where they live: "cuda:0", "cpu", or "disk" (for weights that accelerate
+    offloaded: they sit on the meta device and `hf_device_map` says where they are kept). A weight
+    shared by two modules counts once."""
+    mapped = getattr(model, "hf_device_map", None) or {}
+    out: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        where = str(p.device)
+        if p.device.type == "meta":
+            module = max((m for m in mapped if m == "" or name.startswith(m + ".")), key=len, default=None)
+            target = mapped.get(module, "disk")
+            where = f"cuda:{target}" if isinstance(target, int) else str(target)
+        out[where] = out.get(where, 0) + p.numel() * p.element_size()
+    return out
 
 
 def _read_into_memory(model: nn.Module) -> None:
@@ -347,7 +391,8 @@ def _read_into_memory(model: nn.Module) -> None:
     the spectra of SmolLM2. Reading them once here costs a fraction of a second."""
     with torch.no_grad():
         for p in model.parameters():  # tied weights are one Parameter: cloned once, still tied
-            p.data = p.data.clone()
+            if p.device.type == "cpu":  # (not weights accelerate placed on a GPU or offloaded)
+                p.data = p.data.clone()
 
 
 def _wants_bos(config) -> bool:
@@ -366,12 +411,85 @@ def _explain_load_error(source: str, e: Exception) -> str:
     return f"Could not load '{source}': {msg}"
 
 
-def estimate_memory_bytes(source: str, dtype: str | torch.dtype | None = "float32") -> int | None:
-    """Weights' size after loading, from the config alone (None when the config is not at hand)."""
+# --------------------------------------------------------------------------------------------
+# memory
+
+
+MEMORY_LIMIT_ENV = "ALPHASCOPE_MEMORY_LIMIT_BYTES"
+
+
+def available_memory_bytes(device: str | torch.device) -> int:
+    """Bytes free for new tensors on `device`: CUDA's free memory (torch.cuda.mem_get_info) on a GPU,
+    the host's available RAM otherwise (psutil; also for "meta"/disk). Never more than
+    $ALPHASCOPE_MEMORY_LIMIT_BYTES when that is set: a cap that leaves room for other programs, and
+    lets tests take the low-memory paths on any machine."""
+    d = torch.device(device)
+    free = torch.cuda.mem_get_info(d)[0] if d.type == "cuda" else psutil.virtual_memory().available
+    limit = os.environ.get(MEMORY_LIMIT_ENV, "").strip()
+    return min(free, int(float(limit))) if limit else free
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes one pruning session needs, by purpose (README, "Memory model"). `weights` live on the
+    model's device; a prune in place keeps the original values of the prunable matrices on the host
+    (`prunable`, the same memory as the weights on a CPU) and needs `working` on the device."""
+
+    weights: int  # every parameter in the load dtype
+    prunable: int  # the prunable matrices in the load dtype
+    activations: int  # the larger of: one block's calibration pass, one evaluation batch's logits
+    hessians: int  # SparseGPT: a float32 cols x cols matrix per prunable matrix of one block
+
+    @property
+    def working(self) -> int:
+        return self.activations + self.hessians
+
+    def problem(self, device: torch.device, title: str = "The model") -> str | None:
+        """Why the weights plus one prune in place do not fit in what `available_memory_bytes`
+        allows on `device` (and on the host, for the original values), or None when they fit."""
+        gib = 2.0 ** 30
+        free, host = available_memory_bytes(device), available_memory_bytes("cpu")
+        need = self.weights + self.working + (self.prunable if device.type == "cpu" else 0)
+        if need <= free and (device.type == "cpu" or self.prunable <= host):
+            return None
+        where = f"{need / gib:.2f} GiB on {device} ({self.weights / gib:.2f} weights + "
+        where += f"{self.working / gib:.2f} calibration activations and SparseGPT Hessians"
+        where += f" + {self.prunable / gib:.2f} original values of the pruned matrices)" if device.type == "cpu" else \
+            f") and {self.prunable / gib:.2f} GiB of host memory for the original values of the pruned matrices"
+        return (f"{title} cannot be loaded and pruned here: it needs {where}, but only {free / gib:.2f} GiB "
+                f"{'' if device.type == 'cpu' else f'on {device} and {host / gib:.2f} GiB on the host '}"
+                f"are free. Choose bfloat16, fewer or shorter calibration samples, {DEVICE_MAP_AUTO} "
+                f"(no pruning of offloaded weights), or free memory.")
+
+
+def memory_estimate(model: nn.Module, dtype: str | torch.dtype | None, n_samples: int, seqlen: int,
+                    eval_batch: int = 1, eval_seqlen: int = 256) -> MemoryEstimate:
+    """Estimate from a model's shapes (a real one, or one on the meta device built from its config):
+    calibration of `n_samples` x `seqlen` tokens, evaluation batches of `eval_batch` windows of
+    `eval_seqlen` tokens (logits kept in float32 too)."""
+    b = _bytes(dtype)
+    weights = sum(p.numel() for p in model.parameters()) * b
+    refs = prunable_layers(model)
+    first = next(iter(layers_by_block(model).values()), [])
+    hidden = model.get_input_embeddings().embedding_dim
+    wide = max((max(r.rows, r.cols) for r in first), default=hidden)  # the MLP's intermediate size
+    heads = getattr(model.config.get_text_config(), "num_attention_heads", 1)
+    vocab = model.get_input_embeddings().num_embeddings
+    tokens = n_samples * seqlen
+    calibration = tokens * (2 * hidden + 3 * wide) * b + n_samples * heads * seqlen * seqlen * b
+    logits = eval_batch * eval_seqlen * vocab * (b + 4)
+    return MemoryEstimate(weights, sum(r.params for r in refs) * b, max(calibration, logits),
+                          sum(r.cols * r.cols * 4 for r in first))
+
+
+def estimate_memory(source: str, dtype: str | torch.dtype | None = "float32", n_samples: int = 16,
+                    seqlen: int = 256, eval_batch: int = 1, eval_seqlen: int = 256) -> MemoryEstimate | None:
+    """`memory_estimate` from the config alone, before loading (None when the config is not at hand)."""
     try:
         path, _, pm = resolve_source(source)
-        if pm is not None and not (Path(path) / "config.json").exists():
-            return {"smollm2": 134_515_008, "gemma3": 268_098_176}[pm.key] * _bytes(dtype)
+        if pm is not None and not (Path(path) / "config.json").exists():  # not converted yet: weights only
+            weights = {"smollm2": 134_515_008, "gemma3": 268_098_176}[pm.key] * _bytes(dtype)
+            return MemoryEstimate(weights, weights, 0, 0)
         cfg = AutoConfig.from_pretrained(path, **(hub_access(path) if _is_hub_id(path, pm) else {}))
     except Exception:  # noqa: BLE001 (an estimate is optional; loading will report the real error)
         return None
@@ -379,9 +497,41 @@ def estimate_memory_bytes(source: str, dtype: str | torch.dtype | None = "float3
         m = skeleton(cfg)
     except Exception:  # noqa: BLE001
         return None
-    return sum(p.numel() for p in m.parameters()) * _bytes(dtype)
+    return memory_estimate(m, dtype, n_samples, seqlen, eval_batch, eval_seqlen)
 
 
 def _bytes(dtype) -> int:
     dt = DTYPES.get(dtype, torch.float32) if not isinstance(dtype, torch.dtype) else dtype
     return torch.finfo(dt).bits // 8
+
+
+# --------------------------------------------------------------------------------------------
+# the local Hugging Face cache
+
+
+@dataclass(frozen=True)
+class CachedCheckpoint:
+    repo_id: str
+    revision: str  # the snapshot folder's name (a commit hash)
+    path: Path  # the snapshot folder: load it as a local folder, no network
+
+
+def hf_cache_dir() -> Path:
+    """$HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub (read now, not at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    return Path(constants.HF_HUB_CACHE).expanduser()
+
+
+def cached_checkpoints(cache: str | Path | None = None) -> list[CachedCheckpoint]:
+    """Checkpoints already in a local Hugging Face hub cache (default `hf_cache_dir()`): every
+    models--ORG--NAME/snapshots/REVISION folder with a config.json, sorted by id. Reads the folder
+    only (no network)."""
+    root = Path(cache).expanduser() if cache else hf_cache_dir()
+    found = []
+    for snap in sorted(root.glob("models--*/snapshots/*/config.json")):
+        repo = snap.parents[2].name.removeprefix("models--").replace("--", "/")
+        found.append(CachedCheckpoint(repo, snap.parent.name, snap.parent))
+    return found

@@ -1,42 +1,150 @@
-"""A dashboard session's private working copy of the shared model, and the job bodies that change
-or measure it (run in analysis.jobs threads; no streamlit here either).
+"""A dashboard session's weights (a private copy of the shared model, or the shared model itself
+leased for a prune in place), the gate that keeps every other reader of the shared model on dense
+weights, and the job bodies that change or measure them (run in analysis.jobs threads; no streamlit
+here either).
 
-The shared model is read by every session and never changed: pruning happens on a session's own
-`WorkingCopy`, and restoring copies the prunable weights back from the shared model, so no second
-dense copy is kept per session. Results every session would compute alike (spectra, the dense
-baseline, OWL outlier ratios) are shared jobs made by components/state.py from the steps here.
+Memory model (README, "Memory model"): a session prunes a private deep copy when the device has
+room for one more copy of the weights plus the prune's working memory (fast: nobody waits). When it
+has not, the session leases the shared model exclusively through its `ModelGate`, keeps the original
+values of the prunable matrices on the host (a `DenseSnapshot`), prunes in place, and copies them
+back bit for bit before it releases the lease. Everything else that reads the shared model's
+weights (shared spectra, dense baseline and OWL jobs, another session's evaluation or copy) reads
+through the gate, so it waits in a visible queue meanwhile and never sees pruned weights.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import threading
+from collections.abc import Iterator
 from typing import Any
 
+import torch
 from torch import nn
 
 from analysis.allocation import Allocation
-from analysis.evaluation import PplUpdate, perplexity_stream
+from analysis.evaluation import PplUpdate, default_batch_size, perplexity_stream
 from analysis.jobs import DONE, Job, JobCancelled
+from analysis.layers import module_device
+from analysis.loading import MemoryEstimate, available_memory_bytes, memory_estimate
 from analysis.owl import collect_outlier_ratios
 from analysis.pipeline import Timer, build_allocation, make_record, prepare_data, record_config
 from analysis.pruning import DenseSnapshot, prune
 from analysis.settings import RunSettings
 
+WAIT_POLL_S = 0.25  # how often a waiting job re-checks its cancel flag and its queue position
 
-class WorkingCopy:
-    """A private deep copy of a shared model, for pruning without touching what others read.
 
-    The copy is made by `ensure` (the first prune does it, or `prepare` ahead of time in the
-    background, since copying takes a few seconds on a CPU). `restore()` undoes a prune by copying
-    the prunable weights back from the shared model, which is never changed. `version` is bumped on
-    every change of the weights (caches key on it); `label` says what the weights are ("dense" or a
-    short description of the last prune).
+class ModelGate:
+    """Who may use one shared model's weights: any number of readers at once, or one session that
+    leased it to prune it in place (until it restored the dense weights). Waiters queue in order of
+    arrival; a reader behind a queued lease waits for that lease, so a lease is never starved.
+
+    `who` names a waiter in the messages other waiters see (e.g. "session 3f2a9c").
     """
 
-    def __init__(self, key: Any = None):
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._queue: list[tuple[object, bool, str]] = []  # (ticket, exclusive, who), oldest first
+        self.holder: str | None = None  # who leased the model, or None
+        self.until = ""  # what the waiters wait for, e.g. "session 3f2a9c's pruned weights to be restored"
+        self.dense_zero_fraction: float | None = None  # of the dense weights, set by whoever loaded them
+
+    def _may_go(self, ticket: object, exclusive: bool) -> bool:
+        if self.holder is not None:
+            return False
+        if exclusive:
+            return self._readers == 0 and self._queue[0][0] is ticket
+        for t, excl, _ in self._queue:
+            if t is ticket:
+                return True
+            if excl:
+                return False
+        return False
+
+    def waiting_message(self, position: int) -> str:
+        if self.holder is not None:
+            return f"waiting for {self.until} (position {position} in the queue)"
+        return f"waiting for {self._readers} reader(s) of the dense weights to finish (position {position})"
+
+    def _enter(self, exclusive: bool, who: str, job: Job | None, blocking: bool = True, until: str = "") -> bool:
+        ticket = object()
+        with self._cond:
+            self._queue.append((ticket, exclusive, who))
+            try:
+                while not self._may_go(ticket, exclusive):
+                    if not blocking:
+                        return False
+                    if job is not None:
+                        position = next(i for i, q in enumerate(self._queue) if q[0] is ticket) + 1
+                        job.report(self.waiting_message(position))
+                        job.check()  # a cancelled waiter leaves the queue (JobCancelled)
+                    self._cond.wait(WAIT_POLL_S)
+                if exclusive:
+                    self.holder, self.until = who, until
+                else:
+                    self._readers += 1
+                return True
+            finally:
+                self._queue = [q for q in self._queue if q[0] is not ticket]
+                self._cond.notify_all()
+
+    def begin_read(self, who: str = "a reader", job: Job | None = None, blocking: bool = True) -> bool:
+        """Start a read of the dense weights, waiting (and reporting the queue position to `job`, which
+        may be cancelled meanwhile) while a lease is held or queued; with blocking=False return False
+        instead of waiting. Every started read ends with `end_read`."""
+        return self._enter(False, who, job, blocking)
+
+    def end_read(self) -> None:
+        with self._cond:
+            self._readers -= 1
+            self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def reading(self, who: str = "a reader", job: Job | None = None) -> Iterator[None]:
+        """`begin_read` ... `end_read` around a `with` body."""
+        self.begin_read(who, job)
+        try:
+            yield
+        finally:
+            self.end_read()
+
+    def lease(self, who: str, until: str, job: Job | None = None) -> None:
+        """Wait for exclusive use of the weights (see `begin_read` for the waiting), for `who`;
+        `until` tells the waiters what they wait for."""
+        self._enter(True, who, job, until=until)
+
+    def release(self, who: str) -> None:
+        with self._cond:
+            if self.holder != who:
+                raise RuntimeError(f"{who} does not hold the model (held by {self.holder})")
+            self.holder = None
+            self._cond.notify_all()
+
+    def queue(self) -> list[str]:
+        """Who waits, oldest first."""
+        with self._cond:
+            return [who for _, _, who in self._queue]
+
+
+class WorkingCopy:
+    """The weights one session prunes: a private deep copy of the shared model, or the shared model
+    itself under an exclusive lease of its `gate` (module docstring; `choose` decides).
+
+    `restore()` undoes a prune: a private copy gets the prunable weights back from the shared model;
+    a lease copies the host snapshot of the original values back and releases the lease. `version`
+    is bumped on every change of the weights (caches key on it); `label` says what the weights are
+    ("dense" or a short description of the last prune).
+    """
+
+    def __init__(self, key: Any = None, gate: ModelGate | None = None, owner: str = "a session"):
         self.key = key
-        self.model = None
-        self.dense = None  # DenseSnapshot.view of the shared model: where restore() copies from
+        self.gate = gate if gate is not None else ModelGate()
+        self.owner = owner  # how other sessions' queue messages name this session
+        self.model = None  # the private copy, or the shared model while leased
+        self.dense = None  # where restore() copies from: a view of the shared model, or the host snapshot
+        self.leased = False
         self.label = "dense"
         self.version = 0
         self.allocation = None  # the Allocation the copy was last pruned with
@@ -47,35 +155,136 @@ class WorkingCopy:
     def pruned(self) -> bool:
         return self.model is not None and self.label != "dense"
 
-    def ensure(self, shared_model: nn.Module) -> nn.Module:
-        """The copy, made from `shared_model` on first use (deepcopy only reads the shared weights)."""
-        if self.model is None:
-            model = copy.deepcopy(shared_model)
-            self.dense = DenseSnapshot.view(shared_model)
-            self.model = model
-        return self.model
+    def describe(self) -> str:
+        """The "Your weights" line."""
+        if not self.pruned:
+            return "dense (shared model)"
+        if self.leased:
+            return "pruned in place — " + self.label + " (the shared model is yours until you restore it)"
+        return "pruned copy — " + self.label
 
-    def prepare(self, shared_model: nn.Module) -> None:
-        """Make the copy in a background thread now, so a later prune does not wait for it."""
+    def make_copy(self, shared_model: nn.Module, need: MemoryEstimate, job: Job | None = None) -> bool:
+        """Make the private copy (reading the shared model through the gate) when the model's device
+        has room for it plus the prune's working memory; False when it has not. True at once when
+        the copy exists."""
+        if self.model is not None and not self.leased:
+            return True
+        copied = _private_copy(shared_model, need, self.gate, self.owner, job)
+        if copied is None:
+            return False
+        self.model, self.dense, self.leased = copied, DenseSnapshot.view(shared_model), False
+        return True
+
+    def lease(self, shared_model: nn.Module, job: Job | None = None) -> nn.Module:
+        """Wait for the shared model's lease, then keep the original prunable weights on the host."""
+        self.gate.lease(self.owner, f"{self.owner}'s pruned weights to be restored", job)
+        try:
+            self.dense = DenseSnapshot.take(shared_model)
+        except BaseException:
+            self.gate.release(self.owner)
+            raise
+        self.model, self.leased = shared_model, True
+        return shared_model
+
+    def prepare(self, shared_model: nn.Module, need: MemoryEstimate) -> None:
+        """Make the private copy in a background thread now, when it fits, so a later prune does not
+        wait for it (a copy takes seconds on a CPU)."""
         def run() -> None:
             with self.lock:
-                self.ensure(shared_model)
+                if self.model is None:
+                    self.make_copy(shared_model, need)
 
-        if self.model is None and not self.lock.locked():
+        room = _room(module_device(shared_model), need.weights + need.working)
+        if self.model is None and not self.lock.locked() and room:
             threading.Thread(target=run, name="working-copy", daemon=True).start()
 
-    def restore(self) -> None:
-        """Back to the dense weights (no-op when nothing was pruned)."""
-        if self.pruned:
+    def restore(self, job: Job | None = None) -> None:
+        """Back to the dense weights, bit for bit. A lease is released; a private copy reads the shared
+        model through the gate (from a page, with no `job`: dropped instead when the shared model is
+        leased by another session right now, so the button never blocks)."""
+        if self.leased:
             self.dense.restore(self.model)
+            self.model = self.dense = None
+            self.leased, self.label, self.allocation = False, "dense", None
+            self.version += 1
+            self.gate.release(self.owner)
+        elif self.pruned:
+            if not self.gate.begin_read(self.owner, job, blocking=job is not None):
+                self.drop()
+                return
+            try:
+                self.dense.restore(self.model)
+            finally:
+                self.gate.end_read()
             self.label, self.allocation = "dense", None
             self.version += 1
 
     def drop(self) -> None:
-        """Free the copy's memory; the owner then reads the shared model again."""
+        """Free the copy's memory (restoring a lease first); the owner then reads the shared model."""
+        if self.leased:
+            self.restore()
         self.model = self.dense = self.allocation = None
         self.label = "dense"
         self.version += 1
+
+
+_reserved: dict[str, int] = {}  # device -> bytes of copies being made now (not yet seen as used)
+_reserved_lock = threading.Lock()
+
+
+def _room(device: torch.device, nbytes: int) -> bool:
+    return nbytes + _reserved.get(str(device), 0) <= available_memory_bytes(device)
+
+
+def _private_copy(shared_model: nn.Module, need: MemoryEstimate, gate: ModelGate, who: str,
+                  job: Job | None) -> nn.Module | None:
+    """A deep copy of `shared_model` (read through `gate`), or None when its device has no room for
+    the copy plus `need.working`. The room is reserved while copying, so two sessions never both
+    take the last of it."""
+    dev = str(module_device(shared_model))
+    nbytes = need.weights + need.working
+    with _reserved_lock:
+        if not _room(torch.device(dev), nbytes):
+            return None
+        _reserved[dev] = _reserved.get(dev, 0) + nbytes
+    try:
+        with gate.reading(who, job):
+            return copy.deepcopy(shared_model)
+    finally:
+        with _reserved_lock:
+            _reserved[dev] -= nbytes
+
+
+def prune_need(model: nn.Module, settings: RunSettings) -> MemoryEstimate:
+    """What pruning `model` with `settings` needs (analysis.loading.memory_estimate)."""
+    dev = module_device(model)
+    return memory_estimate(model, next(model.parameters()).dtype, settings.calibration.n_samples,
+                           settings.calibration.seqlen, default_batch_size(dev), settings.evaluation.seqlen)
+
+
+def prune_device(model: nn.Module) -> torch.device:
+    """Where each block is pruned: a GPU when the model sits in host memory and one is visible (only
+    the current block goes there: how a model larger than the GPU is pruned), else where it lives."""
+    dev = module_device(model)
+    return torch.device("cuda") if dev.type == "cpu" and torch.cuda.is_available() else dev
+
+
+def lease_problem(model: nn.Module, need: MemoryEstimate) -> str | None:
+    """Why even a prune in place does not fit (no room on the host for the original values of the
+    prunable matrices, or on the device for the working memory), or None."""
+    dev, gib = module_device(model), 2.0 ** 30
+    if any(p.device.type == "meta" for p in model.parameters()):
+        return ("This model's weights are partly offloaded (device_map=auto put some on disk): they "
+                "cannot be pruned in place. Load it on one device to prune it.")
+    host = need.prunable + (need.working if dev.type == "cpu" else 0)
+    if host <= available_memory_bytes("cpu") and (dev.type == "cpu" or need.working <= available_memory_bytes(dev)):
+        return None
+    return (f"Not enough memory to prune: there is no room for a private copy, and a prune in place "
+            f"needs {need.prunable / gib:.2f} GiB of host memory for the original values of the pruned "
+            f"matrices and {need.working / gib:.2f} GiB on {dev} for calibration activations and "
+            f"Hessians, but only {available_memory_bytes('cpu') / gib:.2f} GiB (host) / "
+            f"{available_memory_bytes(dev) / gib:.2f} GiB ({dev}) are free. Use fewer or shorter "
+            f"calibration samples, or free memory.")
 
 
 def evaluate_job(job: Job, model: nn.Module, windows, lo: float = 0.0, hi: float = 1.0,
@@ -94,16 +303,34 @@ def evaluate_job(job: Job, model: nn.Module, windows, lo: float = 0.0, hi: float
     return last
 
 
-def outlier_ratios_job(job: Job, shared_model: nn.Module, calib, threshold_m: float) -> dict[int, float]:
-    """OWL outlier ratios of a shared model, measured on a throw-away copy: collecting activations
-    registers forward hooks and intercepts the first block's inputs, which would disturb every other
-    session running the shared model at the same time."""
+def outlier_ratios_job(job: Job, shared_model: nn.Module, calib, threshold_m: float, gate: ModelGate,
+                       need: MemoryEstimate) -> dict[int, float]:
+    """OWL outlier ratios of a shared model. Collecting activations registers forward hooks and
+    intercepts the first block's inputs, which would disturb every other session running the shared
+    model at the same time: so it runs on a throw-away copy when one fits, else on the shared model
+    itself under an exclusive lease of `gate` (others wait meanwhile)."""
     job.report("copying the model for the activation walk", 0.0)
-    model = copy.deepcopy(shared_model)
+    model = _private_copy(shared_model, need, gate, "the OWL outlier measurement", job)
+    if model is not None:
+        try:
+            return collect_outlier_ratios(model, calib, threshold_m, progress=job.report)
+        finally:
+            del model
+    gate.lease("the OWL outlier measurement", "the OWL outlier measurement to finish", job)
     try:
-        return collect_outlier_ratios(model, calib, threshold_m, progress=job.report)
+        return collect_outlier_ratios(shared_model, calib, threshold_m, progress=job.report)
     finally:
-        del model
+        gate.release("the OWL outlier measurement")
+
+
+def evaluate_weights_job(job: Job, work: WorkingCopy, shared_model: nn.Module, windows) -> PplUpdate | None:
+    """`evaluate_job` on the session's weights: its pruned copy or lease, else the shared model read
+    through the gate (waiting while another session has it pruned in place)."""
+    with work.lock:
+        if work.model is not None:
+            return evaluate_job(job, work.model, windows)
+    with work.gate.reading(work.owner, job):
+        return evaluate_job(job, shared_model, windows)
 
 
 def _result_of(job: Job, what: str, owner: Job):
@@ -119,7 +346,8 @@ def _result_of(job: Job, what: str, owner: Job):
 def prune_and_evaluate(job: Job, work: WorkingCopy, shared_model: nn.Module, tokenizer, settings: RunSettings,
                        model_name: str = "", bos: bool = False, store=None, dense_job: Job | None = None,
                        metrics=None, owl_job: Job | None = None, custom: Allocation | None = None) -> dict:
-    """Prune `work`'s private copy block by block, then stream its perplexity window by window.
+    """Prune `work`'s weights block by block (a private copy, or the shared model leased when no
+    copy fits: see the module docstring), then stream their perplexity window by window.
 
     Inputs shared with the other pages: `metrics` (the spectra an alphapruning/farms allocation uses),
     `owl_job` (the shared OWL outlier-ratio job for these calibration settings: the Allocation page's
@@ -132,31 +360,45 @@ def prune_and_evaluate(job: Job, work: WorkingCopy, shared_model: nn.Module, tok
     """
     s = settings.check()
     timer = Timer()
+    with work.lock:  # first: the shared jobs waited for below may need this session's lease back
+        job.report("restoring dense weights", 0.0)
+        work.restore(job)
     outliers = None
     if s.allocation.method == "owl" and s.prune.nm is None and owl_job is not None:
         job.report("waiting for the OWL outlier ratios", 0.0)
         outliers = _result_of(owl_job, "OWL outlier ratios", job)
+    need = prune_need(shared_model, s)
     with work.lock:
-        job.report("copying the shared model (first prune of this session)" if work.model is None
-                   else "restoring dense weights", 0.0)
         with timer("copy"):
-            model = work.ensure(shared_model)
-            work.restore()
-        job.report("tokenizing calibration and evaluation text", 0.02)
-        with timer("data"):
-            data = prepare_data(tokenizer, s.calibration, s.evaluation, bos)
-        with timer("allocation"):
-            alloc = build_allocation(s.allocation, model, nm=s.prune.nm, calib=data.calib, metrics=metrics,
-                                     outlier_ratios=outliers, custom=custom, model_name=model_name,
-                                     progress=lambda m, f: job.report(f"allocation: {m}", 0.03 + 0.1 * f))
-        with timer("prune"):
-            report = prune(model, alloc.per_layer, method=s.prune.method, calib=data.calib, nm=s.prune.nm,
-                           progress=lambda m, f: job.report(m, 0.13 + 0.57 * f), stop=job.stop)
-        work.version += 1
-        if report.stopped or job.cancelled:
+            job.report("copying the shared model (first prune of this session)", 0.0)
+            if not work.make_copy(shared_model, need, job):
+                if problem := lease_problem(shared_model, need):
+                    raise ValueError(problem)
+                if dense_job is not None:  # it reads the dense shared weights: before they are pruned
+                    job.report("dense baseline first: the shared model is about to be pruned in place", 0.0)
+                    _result_of(dense_job, "the dense baseline", job)
+                job.report("no room for a private copy: waiting to prune the shared model in place", 0.0)
+                work.lease(shared_model, job)
+            model = work.model
+        try:  # until pruned: any failure or cancel puts the dense weights back (and ends a lease)
+            job.report("tokenizing calibration and evaluation text", 0.02)
+            with timer("data"):
+                data = prepare_data(tokenizer, s.calibration, s.evaluation, bos)
+            with timer("allocation"):
+                alloc = build_allocation(s.allocation, model, nm=s.prune.nm, calib=data.calib, metrics=metrics,
+                                         outlier_ratios=outliers, custom=custom, model_name=model_name,
+                                         progress=lambda m, f: job.report(f"allocation: {m}", 0.03 + 0.1 * f))
+            with timer("prune"):
+                report = prune(model, alloc.per_layer, method=s.prune.method, calib=data.calib, nm=s.prune.nm,
+                               progress=lambda m, f: job.report(m, 0.13 + 0.57 * f), stop=job.stop,
+                               device=prune_device(model))
+            work.version += 1
+            if report.stopped or job.cancelled:
+                raise JobCancelled()
+        except BaseException:
             work.label = "partly pruned"
             work.restore()
-            raise JobCancelled()
+            raise
         work.label = f"{s.prune.method} {report.overall:.0%} ({alloc.method}{', ' + s.prune.nm if s.prune.nm else ''})"
         work.allocation = alloc
         job.report(f"pruned to {report.overall:.1%} in {report.seconds:.1f} s; evaluating", 0.7)

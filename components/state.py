@@ -1,25 +1,26 @@
 """App state: the shared model cache, shared background jobs, and each session's private copy.
 
-Sharing rules
+Sharing rules (README, "Memory model")
 -------------
-- The loaded model lives in `st.cache_resource`, keyed by (source, device, dtype, trust_remote_code),
-  and is shared READ-ONLY by every browser session: spectra and dense perplexity only read it.
-  Nothing that mutates weights or registers hooks (pruning, calibration walks) ever touches it.
+- The loaded model lives in a process-wide registry keyed by (source, device, dtype,
+  trust_remote_code) and is shared by every browser session. Its weights are dense for everyone
+  who reads them: every reader (the shared jobs below, an evaluation of the dense weights, making a
+  private copy) reads through the model's `ModelGate` (analysis/session.py).
 - Results every session would compute identically (spectra per model+fit+FARMS, dense perplexity
   per model+eval settings, OWL outlier ratios) are shared background `Job`s in a process-wide
   registry, so the second session to ask gets the running or finished job instead of a new one.
-- Pruning happens on a per-session deep copy (`WorkingCopy.model`, analysis/session.py), made lazily on the
-  first prune.
-  Why a copy and not a lock plus restore on the shared model: a prune takes seconds to minutes, and
-  a lock would block every other session's reads (spectra, dense perplexity) for that whole time,
-  while restoring afterwards would still let them read half-pruned weights if they skipped the lock.
-  A copy costs one model's memory per pruning session (~0.5 GB for SmolLM2-135M in float32).
+- Pruning happens on a per-session deep copy (`WorkingCopy.model`) when the device has room for one
+  (made in the background when the session opens the Prune page, or by the first prune). When it
+  has not, the session leases the shared model exclusively, prunes it in place with the original
+  values kept on the host, and restores them bit for bit before releasing it; other sessions' reads
+  wait in the gate's queue meanwhile (shown on their pages) and never see pruned weights.
 """
 from __future__ import annotations
 
 import gc
 import os
 import threading
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -32,9 +33,9 @@ import streamlit as st
 from analysis.data import is_split
 from analysis.jobs import CANCELLED, ERROR, Job
 from analysis.layers import zero_fraction
-from analysis.loading import PACKAGED, LoadedModel, load_model, packaged_key
+from analysis.loading import PACKAGED, LoadedModel, load_model, memory_estimate, packaged_key
 from analysis.pipeline import calibration_batch, evaluation_windows
-from analysis.session import WorkingCopy, evaluate_job, outlier_ratios_job
+from analysis.session import ModelGate, WorkingCopy, evaluate_job, outlier_ratios_job
 from analysis.settings import QUICK_EVALUATION, CalibrationSettings, EvaluationSettings, SpectraSettings
 from analysis.spectra import analyze
 from analysis.store import RunStore
@@ -75,6 +76,7 @@ def load_shared_model(source: str, device: str, dtype: str, trust_remote_code: b
         loaded = load_model(source, device=None if device == "auto" else device,
                             dtype=None if dtype == "auto" else dtype, trust_remote_code=trust_remote_code,
                             progress=progress)
+        model_gate(key).dense_zero_fraction = zero_fraction(loaded.model)  # the shared weights stay dense
         with lock:
             models[key] = loaded
             if len(models) > MAX_MODELS:
@@ -88,6 +90,24 @@ def load_shared_model(source: str, device: str, dtype: str, trust_remote_code: b
             gc.collect()
             gc.freeze()
         return loaded
+
+
+def is_loaded(key: ModelKey) -> bool:
+    models, _, lock = _models()
+    with lock:
+        return key in models
+
+
+@st.cache_resource(show_spinner=False)
+def _gates() -> tuple[dict[ModelKey, ModelGate], threading.Lock]:
+    return {}, threading.Lock()
+
+
+def model_gate(key: ModelKey) -> ModelGate:
+    """The gate every reader and pruner of the shared model `key` goes through (one per key)."""
+    gates, lock = _gates()
+    with lock:
+        return gates.setdefault(key, ModelGate())
 
 
 def model_key() -> ModelKey | None:
@@ -124,18 +144,28 @@ def _registry() -> tuple[dict[tuple, Job], threading.Lock]:
     return {}, threading.Lock()
 
 
-def shared_job(key: tuple, fn: Callable[[Job], Any], name: str, start: bool = True) -> Job:
+def shared_job(key: tuple, fn: Callable[[Job], Any], name: str, start: bool = True, reads: bool = True) -> Job:
     """The job registered under `key`, made with `fn` if there is none yet (or it was cancelled),
     and started unless start=False (then whoever needs it calls `job.start_once()`).
 
-    A job that failed stays registered so every session sees the same error.
+    Every shared job computes something of the current model's dense weights, so `fn` runs inside a
+    read of its gate (reads=False: `fn` goes through the gate itself). A job that failed stays
+    registered so every session sees the same error.
     """
     jobs, lock = _registry()
     with lock:
         job = jobs.get(key)
         if job is None or job.status == CANCELLED:
-            job = jobs[key] = Job(fn, name=name)
+            gate = model_gate(model_key()) if reads else None
+            job = jobs[key] = Job(fn if gate is None else _reading(gate, fn), name=name)
     return job.start_once() if start else job
+
+
+def _reading(gate: ModelGate, fn: Callable[[Job], Any]) -> Callable[[Job], Any]:
+    def run(job: Job):
+        with gate.reading("a shared job", job):
+            return fn(job)
+    return run
 
 
 def peek_job(key: tuple) -> Job | None:
@@ -155,24 +185,48 @@ def spectra_job(loaded: LoadedModel, fit: str = SpectraSettings.fit, farms: bool
 # the session's private copy
 
 
-def session_work() -> WorkingCopy:
-    """This session's private working copy for the current model (a new one when the model changed).
+def session_label() -> str:
+    """How other sessions' queue messages name this browser session (a random name, kept for the
+    session: its id is not shown to others, and is the same for every AppTest session)."""
+    return st.session_state.setdefault("_session_label", f"session {uuid.uuid4().hex[:6]}")
 
-    The copy itself is made lazily by the first prune job (analysis.session.WorkingCopy.ensure)."""
+
+def session_work() -> WorkingCopy:
+    """This session's weights for the current model (a new WorkingCopy when the model changed: the
+    old one's job is cancelled, and a lease of the old model given back once no job holds it).
+
+    The private copy itself is made in the background or by the first prune job
+    (analysis.session.WorkingCopy.make_copy)."""
     key = model_key()
     work = st.session_state.get("work")
     if work is None or work.key != key:
-        if work is not None and work.job is not None:
-            work.job.cancel()
-        work = st.session_state["work"] = WorkingCopy(key)
+        if work is not None:
+            if work.job is not None:
+                work.job.cancel()
+            _drop_when_idle(work)
+        work = st.session_state["work"] = WorkingCopy(key, model_gate(key) if key else None, session_label())
     return work
+
+
+def _drop_when_idle(work: WorkingCopy) -> None:
+    """Free a session's old weights (giving a lease back) once its job, if any, has let go of them."""
+    def run() -> None:
+        with work.lock:
+            work.drop()
+
+    threading.Thread(target=run, name="drop-weights", daemon=True).start()
 
 
 def weights_zero_fraction(model, version: int = 0) -> float:
     """Fraction of exactly-zero weights over the prunable matrices (0.0 for a dense model).
 
-    Counting scans every weight (a few hundred ms on a CPU, competing with a running prune), so the
-    result is kept per (model, version): pass the WorkingCopy's version for a private copy."""
+    Version 0 is the shared dense model: measured once at load (it may be pruned in place by a
+    session holding its lease right now, so it is not counted again). Otherwise counting scans every
+    weight (a few hundred ms on a CPU, competing with a running prune), so the result is kept per
+    (model, version): pass the WorkingCopy's version for a session's weights."""
+    key = model_key()
+    if version == 0 and key is not None and model_gate(key).dense_zero_fraction is not None:
+        return model_gate(key).dense_zero_fraction
     cache = st.session_state.setdefault("_zero_fraction", {})
     key = (id(model), version)
     if key not in cache:
@@ -183,7 +237,7 @@ def weights_zero_fraction(model, version: int = 0) -> float:
 
 
 def session_weights(work: WorkingCopy, shared_model) -> tuple[Any, int]:
-    """(model, version) this session's pages show: its pruned copy, or the shared dense model."""
+    """(model, version) this session's pages show: its pruned weights, or the shared dense model."""
     return (work.model, work.version) if work.pruned else (shared_model, 0)
 
 
@@ -244,16 +298,18 @@ def peek_dense_ppl_job(calib_source: str, evaluation: EvaluationSettings) -> Job
 
 def owl_job(loaded: LoadedModel, calibration: CalibrationSettings, eval_source: str, threshold_m: float,
             start: bool = True) -> Job:
-    """OWL outlier ratios of the shared model (measured on a throw-away copy), once for everyone per
+    """OWL outlier ratios of the shared model (measured on a throw-away copy, or in place under the
+    model's lease when no copy fits), once for everyone per
     calibration batch and outlier threshold: the Allocation page's OWL preset and an OWL run on the
     Prune page with the same settings share this job, so they apply the same ratios."""
     def run(job: Job):
         calib = calibration_batch(loaded.tokenizer, calibration, eval_source, loaded.info.bos_per_window)
-        return outlier_ratios_job(job, loaded.model, calib, threshold_m)
+        need = memory_estimate(loaded.model, loaded.info.dtype, calibration.n_samples, calibration.seqlen)
+        return outlier_ratios_job(job, loaded.model, calib, threshold_m, model_gate(key[1]), need)
 
     key = ("owl", model_key(), calibration, eval_source if is_split(calibration.source, eval_source) else None,
            threshold_m)
-    return shared_job(key, run, name="owl-ratios", start=start)
+    return shared_job(key, run, name="owl-ratios", start=start, reads=False)
 
 
 def remember_prune_data(calibration: CalibrationSettings, eval_source: str) -> None:

@@ -3,12 +3,21 @@ import pandas as pd
 import streamlit as st
 
 from analysis.layers import find_layers
-from analysis.loading import DTYPES, ModelLoadError, estimate_memory_bytes
-from components.state import load_shared_model, model_key, session_work, spectra_job
+from analysis.loading import (
+    DEVICE_MAP_AUTO,
+    DTYPES,
+    ModelLoadError,
+    cached_checkpoints,
+    estimate_memory,
+    hf_cache_dir,
+    pick_device,
+)
+from components.state import is_loaded, load_shared_model, model_key, prune_data_settings, session_work, spectra_job
 
 SOURCES = {
     "SmolLM2-135M-Instruct (packaged default)": "default",
     "Gemma-3-270m base (packaged)": "gemma3",
+    "Already in the local Hugging Face cache": "cache",
     "Hugging Face model id": "hf",
     "Local checkpoint folder": "folder",
 }
@@ -25,6 +34,13 @@ kind = SOURCES[choice]
 if kind == "hf":
     source = st.text_input("Hugging Face id", placeholder="HuggingFaceTB/SmolLM2-135M", key="model_hf_id").strip()
     st.caption("Needs a reachable Hugging Face hub or the model in the local Hugging Face cache.")
+elif kind == "cache":
+    cached = {f"{c.repo_id} ({c.revision[:8]})": str(c.path) for c in cached_checkpoints()}
+    picked = st.selectbox("Checkpoint", list(cached), key="model_cached", index=None,
+                          placeholder="none found" if not cached else "choose one")
+    source = cached.get(picked, "") if picked else ""
+    st.caption(f"Models already downloaded to `{hf_cache_dir()}` (models--*/snapshots/*), loaded from that "
+               "folder without the network. Set HF_HUB_CACHE or HF_HOME to look elsewhere.")
 elif kind == "folder":
     source = st.text_input("Folder with config.json and weights", placeholder="/path/to/checkpoint",
                            key="model_folder").strip()
@@ -35,11 +51,13 @@ c1, c2, c3 = st.columns(3)
 try:
     import torch
 
-    devices = ["auto", "cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    devices = ["auto", "cpu"] + (["cuda"] if torch.cuda.is_available() else []) + [DEVICE_MAP_AUTO]
 except ImportError:  # pragma: no cover (torch is a hard requirement)
-    devices = ["auto", "cpu"]
+    devices = ["auto", "cpu", DEVICE_MAP_AUTO]
 device = c1.selectbox("Device", devices, key="model_device",
-                      help="auto: CUDA when a GPU is visible, else CPU.")
+                      help=f"auto: CUDA when a GPU is visible, else CPU. {DEVICE_MAP_AUTO}: accelerate spreads the "
+                           "weights over the visible GPUs, then the CPU, then disk, for models larger than one GPU "
+                           "(weights offloaded to disk can be evaluated, not pruned).")
 dtype = c2.selectbox("Weights dtype", ["auto", *DTYPES], key="model_dtype",
                      help="auto: float32 on CPU (bfloat16 matmuls are slow there), bfloat16 on CUDA.")
 trust = c3.checkbox("Trust remote code", value=False, key="model_trust",
@@ -47,9 +65,32 @@ trust = c3.checkbox("Trust remote code", value=False, key="model_trust",
 estimate_slot = st.empty()  # filled at the end of the script, so the Load button shows at once
 
 key = (source, device, dtype, bool(trust))
+on_gpu = device == "cuda" or (device in ("auto", DEVICE_MAP_AUTO) and "cuda" in devices)
+load_dtype = dtype if dtype != "auto" else ("bfloat16" if on_gpu else "float32")
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _estimate(source: str, dtype: str, n_samples: int, seqlen: int, eval_batch: int):
+    return estimate_memory(source, dtype, n_samples, seqlen, eval_batch)
+
+
+calibration = prune_data_settings()[0]  # what pruning will need depends on the Prune page's calibration
+
+
+def _memory_problem() -> str | None:
+    """Why the model plus one prune does not fit (None when it does, or for device_map=auto, which
+    spills to the CPU and disk)."""
+    est = _estimate(source, load_dtype, calibration.n_samples, calibration.seqlen, 8 if on_gpu else 1)
+    if est is None or device == DEVICE_MAP_AUTO or is_loaded(key):
+        return None
+    return est.problem(pick_device("cuda" if on_gpu else "cpu"), f"'{source}'")
+
+
 if st.button("Load model", type="primary", disabled=not source, key="model_load"):
     bar = st.progress(0.0, text="Starting…")
     try:
+        if problem := _memory_problem():
+            raise ModelLoadError(problem)
         loaded = load_shared_model(*key, progress=lambda msg, frac: bar.progress(min(max(frac, 0.0), 1.0), text=msg))
     except ModelLoadError as e:
         bar.empty()
@@ -66,6 +107,8 @@ if current is not None:
     info = loaded.info
     work = session_work()
     st.success(f"Loaded **{info.title}** on `{info.device}` as `{info.dtype}` in {info.load_seconds:.1f} s.")
+    st.caption("Weights live on: " + ", ".join(f"**{where}** {n / 2**30:.2f} GiB"
+                                               for where, n in info.placement.items()))
     refs = find_layers(loaded.model)
     prunable = [r for r in refs if r.prunable]
     m1, m2, m3, m4 = st.columns(4)
@@ -76,7 +119,7 @@ if current is not None:
     summary = {
         "source": info.source, "architecture": info.architecture, "weights folder": info.path,
         "quantization": info.quantization or "none (as stored)", "BOS per eval window": info.bos_per_window,
-        "your weights": "pruned copy: " + work.label if work.pruned else "dense (shared model)",
+        "your weights": work.describe(),
     }
     st.table(pd.DataFrame({"": list(summary), "value": [str(v) for v in summary.values()]}).set_index(""))
     shapes = (pd.DataFrame([{"kind": r.kind, "group": r.group, "shape (out x in)": f"{r.rows} x {r.cols}",
@@ -87,15 +130,13 @@ if current is not None:
         st.dataframe(shapes, hide_index=True)
 
 
-@st.cache_data(show_spinner=False, max_entries=64)
-def _estimate(source: str, dtype: str) -> int | None:
-    return estimate_memory_bytes(source, None if dtype == "auto" else dtype)
-
-
 if source:
-    on_gpu = device == "cuda" or (device == "auto" and "cuda" in devices)
-    est = _estimate(source, dtype if dtype != "auto" else ("bfloat16" if on_gpu else "float32"))
+    est = _estimate(source, load_dtype, calibration.n_samples, calibration.seqlen, 8 if on_gpu else 1)
     estimate_slot.caption(
-        f"Estimated memory for the weights: **{est / 2**30:.2f} GiB**" if est
+        f"Estimated memory: **{est.weights / 2**30:.2f} GiB** of weights as {load_dtype}; pruning adds up to "
+        f"{est.working / 2**30:.2f} GiB of calibration activations and SparseGPT Hessians on the device "
+        f"({calibration.n_samples} x {calibration.seqlen} tokens, the Prune page's setting), and "
+        f"{est.prunable / 2**30:.2f} GiB of host memory for the original values of the pruned matrices when "
+        "no private copy fits." if est
         else "Memory estimate unavailable (config not reachable); loading will report any problem."
     )

@@ -7,7 +7,7 @@ from analysis.export import DEFAULT_FORMAT, FORMATS, RECIPE_PRUNERS, export, mod
 from analysis.jobs import DONE, Job, JobCancelled
 from analysis.pipeline import evaluation_windows
 from analysis.pruners import PRUNERS, parse_nm
-from analysis.session import evaluate_job, prune_and_evaluate
+from analysis.session import evaluate_weights_job, prune_and_evaluate, prune_need
 from analysis.settings import (
     QUICK_EVALUATION,
     QUICK_ZEROSHOT,
@@ -63,8 +63,9 @@ work = session_work()
 job: Job | None = work.job
 busy = job is not None and not job.done
 
-st.caption("Pruning changes only your session's private copy of the model; other sessions keep reading "
-           "the shared dense weights.")
+st.caption("Pruning changes only your session's weights: a private copy of the model when memory allows, "
+           "else the shared model itself, held for you until you restore it (other sessions' work on the "
+           "dense weights waits meanwhile). Other sessions never see your pruned weights.")
 
 c1, c2, c3, c4 = st.columns(4)
 method = c1.selectbox("Method", list(PRUNERS), index=list(PRUNERS).index(PruneSettings.method), key="prune_method",
@@ -155,18 +156,22 @@ if b3.button("Restore dense", disabled=busy or not work.pruned, key="prune_resto
     st.rerun()
 if b4.button("Evaluate current weights", disabled=busy or bool(text_problems), key="prune_eval"):
     dense_ppl_job(loaded, calibration.source, evaluation)
-    model = work.model if work.model is not None else loaded.model
-    work.job = Job(lambda j: evaluate_job(j, model, evaluation_windows(loaded.tokenizer, evaluation, calibration.source,
-                                                                       loaded.info.bos_per_window)),
-                   name="eval").start()
+    work.job = Job(lambda j: evaluate_weights_job(j, work, loaded.model, evaluation_windows(
+        loaded.tokenizer, evaluation, calibration.source, loaded.info.bos_per_window)), name="eval").start()
     st.rerun()
 
 # the dense baseline on these exact windows: started with the first Run/Evaluate, then shared
 dense = peek_dense_ppl_job(calibration.source, evaluation)
 zero = weights_zero_fraction(*session_weights(work, loaded.model))
-st.markdown(f"**Your weights:** {'pruned copy — ' + work.label if work.pruned else 'dense (shared model)'} · "
-            f"{zero:.1%} of prunable weights are zero")
-work.prepare(loaded.model)  # make the private copy now, in the background: Run then starts pruning at once
+st.markdown(f"**Your weights:** {work.describe()} · {zero:.1%} of prunable weights are zero")
+waiting = work.gate.queue()
+if work.gate.holder == work.owner:
+    st.info(f"The shared model is pruned in place for you (no room for a private copy): {len(waiting)} job(s) "
+            "of other sessions that need the dense weights wait until you restore them (Restore dense).")
+elif work.gate.holder is not None:
+    st.warning(f"The shared model is held by {work.gate.holder} (pruned in place, no room for a private copy): "
+               f"work on the dense weights waits until it is restored; {len(waiting)} job(s) in the queue.")
+work.prepare(loaded.model, prune_need(loaded.model, settings))  # the private copy, in the background, if it fits
 
 
 @st.fragment(run_every=1.0 if (busy or (dense is not None and dense.running)) else None)
@@ -203,7 +208,7 @@ def live() -> None:
         elif j.status == "cancelled":
             st.warning("Cancelled; the dense weights were restored." if not work.pruned else "Cancelled.")
     m3.metric("Zeros in your weights", f"{weights_zero_fraction(*session_weights(work, loaded.model)):.1%}",
-              help=("pruned copy: " + work.label) if work.pruned else "dense shared model")
+              help=work.describe())
     st.plotly_chart(ppl_figure(updates, dense_updates), key="prune_ppl_chart")
     if j is not None and j.done and st.session_state.get("_prune_seen") is not j:
         st.session_state["_prune_seen"] = j

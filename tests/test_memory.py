@@ -1,0 +1,312 @@
+"""The memory model (README, "Memory model"): a private copy when it fits, else the shared model
+leased and pruned in place behind its gate; the memory estimate; device_map="auto"; the local
+Hugging Face cache picker. Tiny LLaMA checkpoints built from a config, real torch, real files; the
+memory limit is forced with $ALPHASCOPE_MEMORY_LIMIT_BYTES."""
+import math
+import time
+
+import pytest
+import torch
+
+from analysis.evaluation import perplexity
+from analysis.jobs import DONE, ERROR, Job
+from analysis.layers import zero_fraction
+from analysis.loading import MEMORY_LIMIT_ENV, cached_checkpoints, estimate_memory, load_model
+from analysis.session import (
+    ModelGate,
+    WorkingCopy,
+    evaluate_job,
+    lease_problem,
+    prune_and_evaluate,
+    prune_device,
+    prune_need,
+)
+from analysis.settings import AllocationSettings, CalibrationSettings, EvaluationSettings, PruneSettings, RunSettings
+from tests.conftest import save_tiny_llama
+
+SETTINGS = RunSettings(allocation=AllocationSettings(method="uniform", sparsity=0.5),
+                       prune=PruneSettings(method="wanda"), calibration=CalibrationSettings(n_samples=2, seqlen=16),
+                       evaluation=EvaluationSettings(source="default", seqlen=16, max_windows=3))
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+@pytest.fixture
+def tiny(tiny_dir):
+    return load_model(str(tiny_dir), device="cpu")
+
+
+def lease_only_limit(model) -> int:
+    """A memory limit with room for a prune in place but not for a private copy."""
+    need = prune_need(model, SETTINGS)
+    copy, lease = need.weights + need.working, need.prunable + need.working
+    assert lease < copy
+    return (copy + lease) // 2
+
+
+def wait_for_message(job: Job, text: str, timeout: float = 60.0) -> str:
+    t0 = time.time()
+    while text not in job.progress[0]:
+        assert not job.done, (job.status, job.error)
+        assert time.time() - t0 < timeout, job.progress
+        time.sleep(0.05)
+    return job.progress[0]
+
+
+def test_a_copy_when_it_fits_else_the_lease_and_a_bit_identical_restore(tiny, monkeypatch):
+    shared = tiny.model
+    dense = {k: v.clone() for k, v in shared.state_dict().items()}
+    windows = torch.randint(0, 119, (3, 16), generator=torch.Generator().manual_seed(1))
+    dense_ppl = perplexity(shared, windows)
+    gate = ModelGate()
+
+    roomy = WorkingCopy("k", gate, "session A")
+    job = Job(lambda j: prune_and_evaluate(j, roomy, shared, tiny.tokenizer, SETTINGS), name="prune").start()
+    assert job.wait(300) and job.status == DONE, job.traceback
+    assert roomy.model is not shared and not roomy.leased and gate.holder is None
+    assert roomy.describe().startswith("pruned copy — wanda 50%")
+    roomy.drop()
+
+    monkeypatch.setenv(MEMORY_LIMIT_ENV, str(lease_only_limit(shared)))
+    work = WorkingCopy("k", gate, "session A")
+    job = Job(lambda j: prune_and_evaluate(j, work, shared, tiny.tokenizer, SETTINGS), name="prune").start()
+    assert job.wait(300) and job.status == DONE, job.traceback
+    assert work.leased and work.model is shared and gate.holder == "session A"
+    assert zero_fraction(shared) == pytest.approx(0.5, abs=0.01)
+    assert work.describe().startswith("pruned in place — wanda 50%")
+
+    # another session's dense evaluation waits in the queue, named, instead of reading pruned weights
+    reader = Job(lambda j: _read_dense(j, gate, shared, windows), name="eval").start()
+    msg = wait_for_message(reader, "waiting for session A's pruned weights to be restored")
+    assert "position 1 in the queue" in msg and gate.queue() == ["session B"]
+    work.restore()
+    assert reader.wait(60) and reader.status == DONE
+    assert reader.result == dense_ppl  # the dense weights, exactly
+    assert gate.holder is None and not work.pruned and work.model is None
+    assert all(torch.equal(v, dense[k]) for k, v in shared.state_dict().items())  # bit-identical
+
+
+def _read_dense(job: Job, gate: ModelGate, model, windows) -> float:
+    with gate.reading("session B", job):
+        return evaluate_job(job, model, windows).ppl
+
+
+def test_cancel_while_leased_restores_and_releases(tiny, monkeypatch):
+    shared = tiny.model
+    dense = {k: v.clone() for k, v in shared.state_dict().items()}
+    monkeypatch.setenv(MEMORY_LIMIT_ENV, str(lease_only_limit(shared)))
+    work = WorkingCopy("k", ModelGate(), "session A")
+
+    def cancel_in_block_2(j):
+        report = j.report
+
+        def on_report(msg, frac=None):
+            report(msg, frac)
+            if "block 2/" in msg:
+                j.cancel()
+        j.report = on_report
+        return prune_and_evaluate(j, work, shared, tiny.tokenizer, SETTINGS)
+
+    job = Job(cancel_in_block_2, name="prune").start()
+    assert job.wait(300) and job.status == "cancelled"
+    assert work.gate.holder is None and not work.pruned
+    assert all(torch.equal(v, dense[k]) for k, v in shared.state_dict().items())
+
+
+def test_no_room_at_all_is_a_clear_error_not_a_crash(tiny, monkeypatch):
+    monkeypatch.setenv(MEMORY_LIMIT_ENV, "1000")
+    need = prune_need(tiny.model, SETTINGS)
+    assert "Not enough memory to prune" in lease_problem(tiny.model, need)
+    work = WorkingCopy("k", ModelGate(), "session A")
+    job = Job(lambda j: prune_and_evaluate(j, work, tiny.model, tiny.tokenizer, SETTINGS), name="prune").start()
+    assert job.wait(60) and job.status == ERROR and "Not enough memory to prune" in job.error
+    assert work.gate.holder is None and zero_fraction(tiny.model) == 0.0
+
+
+def test_estimate_before_load_includes_pruning_and_refuses_what_cannot_fit(tiny_dir, monkeypatch):
+    est = estimate_memory(str(tiny_dir), "float32", n_samples=2, seqlen=16)
+    loaded = load_model(str(tiny_dir), device="cpu")
+    assert est.weights == sum(p.numel() * 4 for p in loaded.model.parameters())
+    assert 0 < est.prunable < est.weights and est.hessians > 0 and est.activations > 0
+    assert estimate_memory(str(tiny_dir), "bfloat16", 2, 16).weights == est.weights // 2
+    assert est.problem(torch.device("cpu")) is None
+    monkeypatch.setenv(MEMORY_LIMIT_ENV, str(est.weights))
+    msg = est.problem(torch.device("cpu"), "tiny")
+    assert msg.startswith("tiny cannot be loaded and pruned here") and "GiB" in msg
+
+
+def test_device_map_auto_with_disk_offload_evaluates_like_a_resident_model(tiny_dir, monkeypatch):
+    resident = load_model(str(tiny_dir), device="cpu")
+    windows = torch.randint(0, 119, (3, 16), generator=torch.Generator().manual_seed(2))
+    expected = perplexity(resident.model, windows)
+    spread = load_model(str(tiny_dir), device_map="auto")
+    assert spread.info.device == "device_map=auto" and set(spread.info.placement) == {"cpu"}
+    monkeypatch.setenv(MEMORY_LIMIT_ENV, "250000")  # about half the weights: the rest goes to disk
+    offloaded = load_model(str(tiny_dir), device_map="auto")
+    assert offloaded.info.placement.get("disk", 0) > 0
+    assert sum(offloaded.info.placement.values()) == sum(resident.info.placement.values())
+    assert perplexity(spread.model, windows) == pytest.approx(expected, rel=1e-6)
+    assert perplexity(offloaded.model, windows) == pytest.approx(expected, rel=1e-6)
+    assert "offloaded" in lease_problem(offloaded.model, prune_need(offloaded.model, SETTINGS))
+
+
+def hf_cache_with_tiny(root, tiny_dir):
+    import shutil
+
+    snap = root / "models--someone--tiny-llama" / "snapshots" / "0123456789abcdef"
+    shutil.copytree(tiny_dir, snap)
+    (root / "models--broken--none" / "snapshots" / "x").mkdir(parents=True)  # no config.json: not listed
+    return snap
+
+
+def test_hf_cache_checkpoints_are_listed_and_load(tiny_dir, tmp_path):
+    snap = hf_cache_with_tiny(tmp_path, tiny_dir)
+    found = cached_checkpoints(tmp_path)
+    assert [(c.repo_id, c.revision, c.path) for c in found] == [("someone/tiny-llama", "0123456789abcdef", snap)]
+    loaded = load_model(str(found[0].path), device="cpu")
+    assert loaded.info.n_blocks == 3 and math.isfinite(perplexity(loaded.model, torch.tensor([[1, 2, 3, 4]])))
+
+
+# ---------------------------------------------------------------------------------------------
+# two dashboard sessions (Streamlit AppTest; the page scripts share the process's model registry)
+
+
+def _app():
+    from streamlit.testing.v1 import AppTest
+
+    from tests.test_app import APP
+
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    return at
+
+
+def _until(at, done, what: str, timeout: float = 300):
+    t0 = time.time()
+    while True:
+        at.run()
+        assert not at.exception, [e.value for e in at.exception]
+        if done(at):
+            return at
+        assert time.time() - t0 < timeout, f"{what}: {[p.proto.text for p in at.get('progress')]}"
+        time.sleep(0.5)
+
+
+def _small_prune_settings(at):
+    at.selectbox(key="prune_alloc").set_value("uniform")
+    at.number_input(key="prune_n_samples").set_value(2)
+    at.number_input(key="prune_calib_seqlen").set_value(16)
+    at.number_input(key="prune_eval_seqlen").set_value(16)
+    at.number_input(key="prune_windows").set_value(3)
+    return at.run()
+
+
+def _load_folder(at, folder: str):
+    at.radio(key="model_choice").set_value("Local checkpoint folder").run()
+    at.text_input(key="model_folder").set_value(folder).run()
+    at.button(key="model_load").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    return at
+
+
+def test_two_sessions_under_a_low_memory_limit(tiny_dir, monkeypatch, tmp_path):
+    monkeypatch.setenv("ALPHASCOPE_RUNS_DB", str(tmp_path / "runs.sqlite"))
+    from components.state import load_shared_model
+
+    a = _load_folder(_app(), str(tiny_dir))
+    shared = load_shared_model(*a.session_state["model_key"]).model
+    dense = {k: v.clone() for k, v in shared.state_dict().items()}
+    monkeypatch.setenv(MEMORY_LIMIT_ENV, str(lease_only_limit(shared)))
+    a.switch_page("pages/prune.py").run()
+    _small_prune_settings(a)
+    a.button(key="prune_run").click().run()
+    _small_prune_settings(a)
+    _until(a, lambda at: not at.get("progress"), "prune")
+    assert not a.error, [e.value for e in a.error]
+    work = a.session_state["work"]
+    assert work.leased and work.label.startswith("wanda 50%")
+    assert any("pruned in place — wanda 50%" in m.value for m in a.markdown)
+    assert any("pruned in place for you" in m.value for m in a.info)
+    baseline = float([m.value for m in a.metric if m.label == "Dense baseline perplexity"][0])
+
+    b = _load_folder(_app(), str(tiny_dir))  # the same shared model: no second load
+    b.switch_page("pages/prune.py").run()
+    _small_prune_settings(b)
+    assert any(f"held by {work.owner}" in w.value for w in b.warning), (
+        [w.value for w in b.warning], [i.value for i in b.info], work.owner, b.session_state["work"].owner)
+    assert any("dense (shared model) · 0.0%" in m.value for m in b.markdown)  # not the pruned zeros
+    b.button(key="prune_eval").click().run()
+    _small_prune_settings(b)
+    waiting = [p.proto.text for p in b.get("progress")]
+    assert any(f"waiting for {work.owner}'s pruned weights to be restored (position 1" in t for t in waiting), waiting
+
+    a.button(key="prune_restore").click().run()
+    assert any("dense (shared model)" in m.value for m in a.markdown)
+    assert all(torch.equal(v, dense[k]) for k, v in shared.state_dict().items())
+    _until(b, lambda at: not at.get("progress"), "evaluation")
+    b_ppl = float([m.value for m in b.metric if m.label == "Perplexity (eval)"][0])
+    assert b_ppl == baseline
+
+
+def test_model_page_picker_lists_the_hf_cache_and_loads_from_it(tiny_dir, tmp_path, monkeypatch):
+    snap = hf_cache_with_tiny(tmp_path, tiny_dir)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    at = _app()
+    at.radio(key="model_choice").set_value("Already in the local Hugging Face cache").run()
+    picker = at.selectbox(key="model_cached")
+    assert picker.options == ["someone/tiny-llama (01234567)"]
+    picker.set_value("someone/tiny-llama (01234567)").run()
+    at.button(key="model_load").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert at.session_state["model_key"][0] == str(snap)
+    assert any("Weights live on: **cpu**" in c.value for c in at.caption)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_lease_on_a_gpu_keeps_the_snapshot_on_the_host(tiny_dir, monkeypatch):
+    loaded = load_model(str(tiny_dir), device="cuda", dtype="bfloat16")
+    shared = loaded.model
+    dense = {k: v.clone() for k, v in shared.state_dict().items()}
+    monkeypatch.setenv(MEMORY_LIMIT_ENV, str(lease_only_limit(shared)))
+    work = WorkingCopy("k", ModelGate(), "session A")
+    job = Job(lambda j: prune_and_evaluate(j, work, shared, loaded.tokenizer, SETTINGS), name="prune").start()
+    assert job.wait(300) and job.status == DONE, job.traceback
+    assert work.leased and all(w.device.type == "cpu" for w in work.dense.weights.values())
+    assert zero_fraction(shared) == pytest.approx(0.5, abs=0.01)
+    work.restore()
+    assert all(torch.equal(v, dense[k]) for k, v in shared.state_dict().items())
+    spread = load_model(str(tiny_dir), device_map="auto", dtype="bfloat16")
+    assert set(spread.info.placement) == {"cuda:0"}
+    on_host = load_model(str(tiny_dir), device="cpu")
+    assert prune_device(on_host.model).type == "cuda"  # a host-resident model is pruned block by block there
+    job = Job(lambda j: prune_and_evaluate(j, WorkingCopy("h", ModelGate()), on_host.model, on_host.tokenizer,
+                                           SETTINGS), name="prune").start()
+    assert job.wait(300) and job.status == DONE, job.traceback
+
+
+def test_cli_device_map_auto_gives_the_resident_perplexity(tiny_dir, capsys):
+    from analysis.cli import main
+
+    args = ["eval", "--model", str(tiny_dir), "--eval-seqlen", "16", "--max-windows", "3"]
+    assert main([*args, "--device", "cpu"]) == 0
+    resident = capsys.readouterr().out.strip().splitlines()[-1]
+    assert main([*args, "--device-map", "auto"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == resident
+
+
+def test_model_page_refuses_a_model_that_cannot_fit(tiny_dir, tmp_path, monkeypatch):
+    import shutil
+
+    folder = shutil.copytree(tiny_dir, tmp_path / "tiny-copy")  # a key no other test loaded
+    monkeypatch.setenv(MEMORY_LIMIT_ENV, "100000")
+    at = _app()
+    at.radio(key="model_choice").set_value("Local checkpoint folder").run()
+    at.text_input(key="model_folder").set_value(str(folder)).run()
+    at.button(key="model_load").click().run()
+    assert not at.exception
+    assert any(e.value.startswith(f"'{folder}' cannot be loaded and pruned here") for e in at.error), \
+        [e.value for e in at.error]
+    assert "model_key" not in at.session_state
