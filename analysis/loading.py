@@ -25,6 +25,7 @@ from huggingface_hub import constants, try_to_load_from_cache
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from analysis.checkpoint import CheckpointError, has_safetensors, open_checkpoint
 from analysis.layers import find_blocks
 from analysis.runtime import ProgressFn, cache_dir
 
@@ -237,7 +238,8 @@ def load_model(
     """Load a causal LM and its tokenizer in eval mode.
 
     Raises ModelLoadError with a user-facing message for anything the user can fix
-    (unknown id, folder without config, no network to the hub, missing package).
+    (unknown id, folder without config, a missing/truncated/corrupt safetensors shard, no network to
+    the hub, missing package).
     """
     t0 = time.perf_counter()
     path, title, pm = resolve_source(source)
@@ -246,6 +248,11 @@ def load_model(
     if pm is not None:
         path = str(ensure_converted(pm.key, progress))
     hub = hub_access(path) if _is_hub_id(path, pm) else {}
+    if not hub and has_safetensors(path):
+        try:  # headers only: a missing, truncated or corrupt shard gets one line, not a loader traceback
+            open_checkpoint(path)
+        except CheckpointError as e:
+            raise ModelLoadError(f"Could not load '{source}': {e}") from e
     progress and progress(f"Loading {title}", 0.5)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **hub)
