@@ -17,7 +17,9 @@ since streaming holds one matrix per worker whatever the depth).
 
 Every measurement runs in its own Python process (`--step`), so its peak resident memory is its own
 (resource.getrusage ru_maxrss: the true peak, including the ~0.5 GB that importing torch and
-transformers costs; `rss_after_imports_mb` gives that baseline). Steps per full size:
+transformers costs; `rss_after_imports_mb` gives that baseline; `process_cpu_seconds` is the CPU
+time of all its threads, imports and loading included: less sensitive to a shared machine's load
+than wall time). Steps per full size:
   streamed     analysis.spectra.analyze_checkpoint (embedding and lm_head included, as the app does)
                into an empty disk cache (the time includes writing it), then a reopen read from it
   in_memory    load_model (float32 on CPU, bfloat16 on CUDA) then analysis.spectra.analyze; its
@@ -278,7 +280,9 @@ def run_step(args) -> int:
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     out = STEPS[args.step](Path(args.folder), args.device, args)
-    out |= {"peak_rss_mb": round(peak_rss_mb(), 1), "rss_after_imports_mb": round(base, 1)}
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    out |= {"peak_rss_mb": round(peak_rss_mb(), 1), "rss_after_imports_mb": round(base, 1),
+            "process_cpu_seconds": round(use.ru_utime + use.ru_stime, 1)}
     if args.device == "cuda":
         out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     print("RESULT " + json.dumps(out), flush=True)
