@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from analysis.allocation import METHODS as ALLOCATION_CHOICES
 from analysis.allocation import METRIC_DIRECTION, Allocation, block_table, parse_points
+from analysis.checkpoint import has_safetensors, local_folder, open_checkpoint
 from analysis.evaluation import perplexity
 from analysis.export import (
     DEFAULT_FORMAT,
@@ -30,7 +31,7 @@ from analysis.export import (
     recipe_yaml,
 )
 from analysis.layers import layer_table
-from analysis.loading import DEVICE_MAP_AUTO, PACKAGED, ModelLoadError, ensure_converted, load_model
+from analysis.loading import DEVICE_MAP_AUTO, PACKAGED, ModelLoadError, ensure_converted, load_model, resolve_source
 from analysis.pipeline import build_allocation, calibration_batch, dense_spectra, evaluation_windows, run, write_record
 from analysis.powerlaw import XMIN_RULES
 from analysis.pruners import PRUNERS, parse_nm
@@ -48,7 +49,7 @@ from analysis.settings import (
     SpectraSettings,
     ZeroShotSettings,
 )
-from analysis.spectra import analyze
+from analysis.spectra import analyze, analyze_checkpoint
 from analysis.store import RunStore, StoreError, now_iso
 from analysis.zeroshot import PAPER_TASKS, ZeroShotError, check_tasks
 from analysis.zeroshot import evaluate as zeroshot_evaluate
@@ -529,9 +530,16 @@ def cmd_spectra(args: argparse.Namespace) -> int:
     settings = SpectraSettings(args.fit, args.farms, args.normalize, args.include_outside).check()
     as_json = args.json or (args.out or "").lower().endswith(".json")
     _checked_output("--out", args.out)
-    loaded = _load(_model_settings(args))
-    result = analyze(loaded.model, fit=settings.fit, farms=settings.farms, normalize=settings.normalize,
-                     include_outside=settings.include_outside, progress=_tqdm_progress("spectra"))
+    model = _model_settings(args)
+    folder = _checkpoint_folder(model)  # checked (headers only) before the progress bar appears
+    kwargs = dict(fit=settings.fit, farms=settings.farms, normalize=settings.normalize,
+                  include_outside=settings.include_outside, progress=_tqdm_progress("spectra"))
+    if folder is not None:  # streamed from the shards, no model load; cached by the checkpoint's content
+        result = analyze_checkpoint(folder, device=None if model.device == "auto" else model.device, **kwargs)
+        title = resolve_source(model.source)[1]
+    else:
+        loaded = _load(model)
+        result, title = analyze(loaded.model, **kwargs), loaded.info.title
     metrics = result.metrics
     report = sys.stdout if args.out else sys.stderr  # keep stdout clean when the table goes there
     _write_metrics(metrics, args.out, as_json)
@@ -539,14 +547,32 @@ def cmd_spectra(args: argparse.Namespace) -> int:
         print(_block_summary(metrics).to_string(), file=report)
     for _, row in metrics[metrics["status"] != "ok"].iterrows():
         print(f"warning: {row['name']}: {row['status']}", file=sys.stderr)
-    print(f"{len(metrics)} matrices of {loaded.info.title}, fit={settings.fit}{', FARMS' if settings.farms else ''}: "
-          f"median alpha {metrics['alpha'].median():.3f}" + (f"; wrote {args.out}" if args.out else ""), file=report)
+    print(f"{len(metrics)} matrices of {title}, fit={settings.fit}{', FARMS' if settings.farms else ''}: "
+          f"median alpha {metrics['alpha'].median():.3f}" + (" (from the cache)" if result.cached else "")
+          + (f"; wrote {args.out}" if args.out else ""), file=report)
     return 0
+
+
+def _checkpoint_folder(model: ModelSettings) -> Path | None:
+    """The safetensors folder to stream the spectra from (a packaged model's converted folder, a local
+    folder, a Hugging Face id's snapshot in the local cache), or None: then the model is loaded.
+    Models that need their repository's code are always loaded."""
+    if model.trust_remote_code:
+        return None
+    path, _, pm = resolve_source(model.source)
+    if pm is not None:
+        path = str(ensure_converted(pm.key))
+    folder = local_folder(path)
+    if folder is None or not has_safetensors(folder):
+        return None
+    open_checkpoint(folder)  # a bad shard: one line (CheckpointError) before any work
+    return folder
 
 
 def _add_spectra_parser(sub) -> None:
     d = SpectraSettings()
-    p = _parser(sub, "spectra", "ESD heavy-tail metrics (alpha, ...) of every weight matrix to CSV/JSON")
+    p = _parser(sub, "spectra", "ESD heavy-tail metrics (alpha, ...) of every weight matrix to CSV/JSON; a safetensors "
+                "checkpoint is streamed matrix by matrix (no model load, --dtype unused) and cached")
     _add_model_args(p)
     p.add_argument("--out", default=None, help="output file (.csv, or .json); default: CSV on stdout")
     p.add_argument("--fit", default=d.fit, help=f"power-law xmin rule: {', '.join(XMIN_RULES)}")

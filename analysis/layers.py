@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 
 @dataclass
@@ -139,3 +140,10 @@ def zero_fraction(model: nn.Module) -> float:
     refs = prunable_layers(model)
     total = sum(r.params for r in refs)
     return sum(int((r.weight() == 0).sum()) for r in refs) / total if total else 0.0
+
+
+def skeleton(config, trust_remote_code: bool = False) -> nn.Module:
+    """The causal LM of a transformers `config` on the meta device: module names and shapes, no
+    weights, no memory (for checks and streamed spectra before, or without, loading the weights)."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)

@@ -28,7 +28,8 @@ from huggingface_hub import constants, try_to_load_from_cache
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from analysis.layers import find_blocks, layers_by_block, prunable_layers
+from analysis.checkpoint import CheckpointError, has_safetensors, open_checkpoint
+from analysis.layers import find_blocks, layers_by_block, prunable_layers, skeleton
 from analysis.runtime import ProgressFn, cache_dir
 
 
@@ -103,12 +104,6 @@ class ModelPreview:
 
     def skeleton(self) -> nn.Module:
         return skeleton(self.config, self.trust_remote_code)
-
-
-def skeleton(config, trust_remote_code: bool = False) -> nn.Module:
-    """The model of `config` on the meta device: module names and shapes, no weights, no memory."""
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
 def context_length(config) -> int | None:
@@ -303,9 +298,10 @@ def load_model(
     GPUs, then the CPU, then disk (a folder under the cache folder), each capped by
     `available_memory_bytes`; forward passes move activations between them.
     Raises ModelLoadError with a user-facing message for anything the user can fix
-    (unknown id, folder without config, no network to the hub, missing package, a tokenizer of
-    another model). `check(preview)` runs once the tokenizer and config are read, before the weights
-    load: what the caller will ask of the model (context length, text lengths) fails early there.
+    (unknown id, folder without config, a missing/truncated/corrupt safetensors shard, no network to
+    the hub, missing package, a tokenizer of another model). `check(preview)` runs once the tokenizer
+    and config are read, before the weights load: what the caller will ask of the model (context
+    length, text lengths) fails early there.
     """
     t0 = time.perf_counter()
     if device == DEVICE_MAP_AUTO:
@@ -318,6 +314,11 @@ def load_model(
     if pm is not None:
         path = str(ensure_converted(pm.key, progress))
     hub = hub_access(path) if _is_hub_id(path, pm) else {}
+    if not hub and has_safetensors(path):
+        try:  # headers only: a missing, truncated or corrupt shard gets one line, not a loader traceback
+            open_checkpoint(path)
+        except CheckpointError as e:
+            raise ModelLoadError(f"Could not load '{source}': {e}") from e
     placing = {"device_map": "auto", "max_memory": _max_memory(),
                "offload_folder": str(cache_dir() / "offload" / re.sub(r"[^\w.-]+", "_", path))} if device_map else {}
     progress and progress(f"Loading {title}", 0.5)

@@ -17,28 +17,40 @@ eigenvalues, which moves the log-histogram peak the default "peak" fit starts fr
 by up to 1.5 on the default model. In float64 the eigenvalues match the squared singular values of
 W in float64 (relative 3e-6, the tail 1e-14). Measurements: bench/results/spectra_*.json.
 
+Streamed (`analyze_checkpoint`): the same ESDs and fits read from a safetensors checkpoint folder
+matrix by matrix, the float64 Gram accumulated from slices in the stored dtype (bf16/fp32 values
+are exact in float64), so the model never sits in memory; results are cached on disk by the
+checkpoint's fingerprint. Measurements: bench/results/scale_*.json.
+
 Heavy-Tailed Self-Regularization (HT-SR) metrics after Martin & Mahoney (JMLR 2021); layerwise
 alpha for pruning after AlphaPruning (Lu et al., NeurIPS 2024); FARMS (Fixed-Aspect-Ratio Matrix
 Subsampling) after "Eigenspectrum analysis of neural networks without aspect ratio bias" (Hu et al., 2025).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import shutil
+import tempfile
 import threading
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 from threadpoolctl import ThreadpoolController
 from torch import nn
+from transformers import AutoConfig
 
-from analysis.layers import LayerRef, find_layers
+from analysis.checkpoint import Checkpoint, CheckpointError, open_checkpoint
+from analysis.layers import LayerRef, find_layers, skeleton
 from analysis.powerlaw import MIN_TAIL, XMIN_RULES, PowerLawFit, fit_power_law
-from analysis.runtime import ProgressFn
+from analysis.runtime import ProgressFn, cache_dir
 
 GRAM_DTYPE = torch.float64
 BATCH_ELEMENTS = 1 << 25  # matrix elements per batched Gram product (~256 MiB in float64)
@@ -61,6 +73,7 @@ class SpectraResult:
     farms: bool = False
     normalize: bool = False
     device: str = "cpu"
+    cached: bool = False  # read from the disk cache of streamed spectra (analyze_checkpoint), not computed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,7 +308,9 @@ def analyze(
     used = dev or (layers[0].weight().device if layers else torch.device("cpu"))
     with cpu_workers(used) as workers:
         if workers > 1:  # CPU: one task per matrix does its ESD and its fit
-            done = dict(_pooled(layers, dev, farms, normalize, fit, min_tail, workers, progress))
+            def spectrum(ref):
+                return (farms_esd if farms else esd)(_weight(ref, dev))
+            done = dict(_pooled(layers, spectrum, farms, normalize, fit, min_tail, workers, progress))
         else:  # GPU (or a single CPU thread): batched ESDs of equal shapes, then the fits
             done = _batched(layers, dev, farms, normalize, fit, min_tail, progress)
     rows = [_layer_row(ref) | done[ref.name][1] for ref in layers]
@@ -312,12 +327,13 @@ def _scaled(ev: np.ndarray, ref: LayerRef, farms: bool, normalize: bool) -> np.n
     return ev / ((min(ref.rows, ref.cols) if farms else ref.rows) if normalize else 1)
 
 
-def _pooled(layers, dev, farms, normalize, fit, min_tail, workers, progress):
+def _pooled(layers, spectrum, farms, normalize, fit, min_tail, workers, progress):
     """Yield (name, (esd, metrics)) from one single-threaded task per matrix over `workers` threads,
     the most expensive first, so a big matrix (an embedding: its Gram costs as much as dozens of
-    block matrices) never runs alone at the end while the other threads idle."""
+    block matrices) never runs alone at the end while the other threads idle.
+    spectrum(ref): the matrix's unnormalized ESD (in memory: `esd`/`farms_esd` of its weight)."""
     def task(ref):
-        ev = _scaled((farms_esd if farms else esd)(_weight(ref, dev)), ref, farms, normalize)
+        ev = _scaled(spectrum(ref), ref, farms, normalize)
         return ev, _fit_row(ev, fit, "non-finite weights" if np.isnan(ev).all() else None, min_tail)
 
     ordered = sorted(layers, key=lambda r: min(r.rows, r.cols) ** 2 * max(r.rows, r.cols), reverse=True)
@@ -354,6 +370,132 @@ def _fit_row(eigs: np.ndarray, fit: str, known_status: str | None, min_tail: int
     if known_status is not None:
         return spectrum_metrics(eigs, PowerLawFit.failed(known_status))
     return spectrum_metrics(eigs, fit_power_law(eigs, fit, min_tail=min_tail))
+
+
+# ---------------------------------------------------------------------------------------------
+# streamed from a checkpoint folder, with a disk cache
+
+CHUNK_ELEMENTS = 1 << 22  # entries per streamed slice: 32 MiB in float64
+CACHE_VERSION = 1  # bump when the cached files' layout or the metrics' meaning changes
+
+
+def checkpoint_layers(ckpt: Checkpoint, include_outside: bool = False) -> list[LayerRef]:
+    """The matrices `find_layers` would list for the loaded model (same names, blocks, kinds, order,
+    tied lm_head left out), found on a weightless meta-device instance built from config.json, each
+    checked to be in the checkpoint as "<name>.weight". The refs have no module."""
+    model = skeleton(AutoConfig.from_pretrained(ckpt.folder))
+    refs = [replace(r, module=None) for r in find_layers(model, include_outside=include_outside)]
+    missing = [r.name for r in refs if r.name + ".weight" not in ckpt.tensors]
+    if missing:
+        raise CheckpointError(f"{ckpt.folder}: no tensor {missing[0]}.weight for the model's module {missing[0]}"
+                              + (f" (and {len(missing) - 1} more)." if len(missing) > 1 else "."))
+    return refs
+
+
+def streamed_esd(ckpt: Checkpoint, key: str, farms: bool = False, device=None,
+                 elements: int = CHUNK_ELEMENTS) -> np.ndarray:
+    """Unnormalized ESD of the checkpoint's 2-D tensor `key`, ascending, float64, like `esd` (and
+    `farms_esd` with farms) of the loaded matrix, without holding it whole in float64.
+
+    The short-side Gram matrix is accumulated in `GRAM_DTYPE` over slices along the long side, read
+    in the stored dtype from the memory-mapped shard: G = Σ XᵢᵀXᵢ over row blocks of a tall matrix,
+    Σ XᵢXᵢᵀ over column blocks of a wide one (orientation does not change the ESD). FARMS reads the
+    whole tensor in its stored dtype. device: where the products run (None: CPU, via NumPy).
+    elements: entries per slice (in float64 a slice takes 8·elements bytes)."""
+    dev = torch.device(device) if device not in (None, "", "auto") else torch.device("cpu")
+    if farms:
+        return farms_esd(ckpt.tensor(key).to(dev))
+    rows, cols = ckpt.tensors[key].shape
+    tall = rows >= cols
+    gram = None
+    with torch.no_grad():
+        for chunk in ckpt.chunks(key, elements):
+            if not torch.isfinite(chunk).all():
+                return np.full(min(rows, cols), math.nan)
+            if dev.type == "cpu":
+                x = chunk.to(GRAM_DTYPE).numpy()
+                part = x.T @ x if tall else x @ x.T  # NumPy's symmetric rank-k update, as in batched_eigs
+            else:
+                x = chunk.to(dev, GRAM_DTYPE)
+                part = x.T @ x if tall else x @ x.T
+            gram = part if gram is None else gram + part
+        ev = np.linalg.eigvalsh(gram) if dev.type == "cpu" else torch.linalg.eigvalsh(gram).cpu().numpy()
+    return np.clip(ev, 0, None)
+
+
+def _cache_folder(ckpt: Checkpoint, settings: dict) -> Path:
+    key = json.dumps({"version": CACHE_VERSION, "weights": ckpt.fingerprint()} | settings, sort_keys=True)
+    return cache_dir() / "spectra" / hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def _read_cached(folder: Path, fit: str, farms: bool, normalize: bool) -> SpectraResult | None:
+    try:
+        metrics = pd.read_parquet(folder / "metrics.parquet")
+        with np.load(folder / "esds.npz") as z:
+            esds = {name: z[name] for name in metrics["name"]}
+        device = json.loads((folder / "meta.json").read_text())["device"]
+    except (OSError, KeyError, ValueError):  # absent, or unreadable: recompute (and rewrite)
+        return None
+    return SpectraResult(metrics, esds, fit, farms, normalize, device, cached=True)
+
+
+def _write_cached(folder: Path, result: SpectraResult) -> None:
+    """Written to a fresh folder, then renamed into place: a reader never sees half a result."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=folder.name + "."))
+    result.metrics.to_parquet(tmp / "metrics.parquet", index=False)
+    np.savez(tmp / "esds.npz", **result.esds)
+    (tmp / "meta.json").write_text(json.dumps({"device": result.device}))
+    shutil.rmtree(folder, ignore_errors=True)
+    try:
+        tmp.rename(folder)
+    except OSError:  # another process wrote the same result meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def analyze_checkpoint(
+    folder,
+    fit: str = "peak",
+    farms: bool = False,
+    normalize: bool = False,
+    include_outside: bool = False,
+    device=None,
+    progress: ProgressFn | None = None,
+    min_tail: int = MIN_TAIL,
+    cache: bool = True,
+) -> SpectraResult:
+    """`analyze` of the model in a safetensors checkpoint folder without loading it: the same rows,
+    one matrix at a time streamed from the shards (see `streamed_esd`), then the same fits.
+
+    device: where the Gram products and eigensolves run (None/"auto": CUDA when available, else CPU,
+    as many single-threaded workers as torch has threads). cache: read/write the result under
+    cache_dir()/spectra, keyed by the checkpoint's fingerprint (`Checkpoint.fingerprint`) and the
+    settings; a result read from there has `cached=True`. Raises CheckpointError for a bad folder.
+    """
+    if fit not in XMIN_RULES:
+        raise ValueError(f"Unknown fit '{fit}'; choose one of {', '.join(XMIN_RULES)}.")
+    ckpt = open_checkpoint(folder)
+    settings = {"fit": fit, "farms": bool(farms), "normalize": bool(normalize),
+                "include_outside": bool(include_outside), "min_tail": min_tail}
+    where = _cache_folder(ckpt, settings)
+    if cache and (hit := _read_cached(where, fit, farms, normalize)) is not None:
+        progress and progress("Spectra read from the cache", 1.0)
+        return hit
+    layers = checkpoint_layers(ckpt, include_outside)
+    used = (torch.device(device) if device not in (None, "", "auto")
+            else torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def spectrum(ref):
+        return streamed_esd(ckpt, ref.name + ".weight", farms, used)
+
+    with cpu_workers(used) as workers:
+        done = dict(_pooled(layers, spectrum, farms, normalize, fit, min_tail, workers, progress))
+    rows = [_layer_row(ref) | done[ref.name][1] for ref in layers]
+    result = SpectraResult(pd.DataFrame(rows, columns=COLUMNS), {ref.name: done[ref.name][0] for ref in layers},
+                           fit, farms, normalize, str(used))
+    if cache:
+        _write_cached(where, result)
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -411,5 +553,6 @@ def shuffled_esd(ref: LayerRef, farms: bool = False, normalize: bool = False, se
     return farms_esd(shuffled, normalize) if farms else esd(shuffled, normalize)
 
 
-__all__ = ["ALPHA_BANDS", "COLUMNS", "SpectraResult", "analyze", "esd", "farms_esd", "farms_windows", "mp_bounds",
-           "mp_curve", "mp_density", "shuffled_esd", "spectral_entropy"]
+__all__ = ["ALPHA_BANDS", "COLUMNS", "SpectraResult", "analyze", "analyze_checkpoint", "checkpoint_layers", "esd",
+           "farms_esd", "farms_windows", "mp_bounds", "mp_curve", "mp_density", "shuffled_esd", "spectral_entropy",
+           "streamed_esd"]

@@ -30,6 +30,7 @@ import streamlit as st
 # lazy attributes once, at the app's first run, in one thread. Resolved lazily, two script threads
 # (a rerun overlapping the previous run, or two sessions) could both trigger the lazy import and
 # one of them would see a half-initialized module ("cannot import name").
+from analysis.checkpoint import has_safetensors, local_folder
 from analysis.data import is_split
 from analysis.jobs import CANCELLED, ERROR, Job
 from analysis.layers import zero_fraction
@@ -37,7 +38,7 @@ from analysis.loading import PACKAGED, LoadedModel, load_model, memory_estimate,
 from analysis.pipeline import calibration_batch, evaluation_windows
 from analysis.session import ModelGate, WorkingCopy, evaluate_job, outlier_ratios_job
 from analysis.settings import QUICK_EVALUATION, CalibrationSettings, EvaluationSettings, SpectraSettings
-from analysis.spectra import analyze
+from analysis.spectra import analyze, analyze_checkpoint
 from analysis.store import RunStore
 
 ModelKey = tuple[str, str, str, bool]  # (source, device, dtype, trust_remote_code)
@@ -175,10 +176,21 @@ def peek_job(key: tuple) -> Job | None:
 
 
 def spectra_job(loaded: LoadedModel, fit: str = SpectraSettings.fit, farms: bool = False) -> Job:
-    """Spectra of the shared (dense) model, computed once per (model, fit rule, FARMS) for everyone."""
+    """Spectra of the shared (dense) model, computed once per (model, fit rule, FARMS) for everyone.
+
+    A model loaded from a safetensors folder (local, the HF cache, or a packaged model's converted
+    folder) is streamed from its shards and cached on disk by their content, so reopening it shows
+    the spectra at once; others (and trust-remote-code models) are analyzed in memory."""
     key = ("spectra", model_key(), fit, bool(farms))
-    return shared_job(key, lambda job: analyze(loaded.model, fit=fit, farms=farms, include_outside=True,
-                                               progress=job.report), name="spectra")
+    remote_code = key[1] is not None and key[1][3]  # its modules come from the repository's code: load them
+    folder = None if remote_code else local_folder(loaded.info.path)
+
+    def run(job: Job):
+        if folder is not None and has_safetensors(folder):
+            return analyze_checkpoint(folder, fit=fit, farms=farms, include_outside=True,
+                                      device=loaded.info.device, progress=job.report)
+        return analyze(loaded.model, fit=fit, farms=farms, include_outside=True, progress=job.report)
+    return shared_job(key, run, name="spectra")
 
 
 # --------------------------------------------------------------------------------------------

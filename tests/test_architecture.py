@@ -7,7 +7,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # lowest first; a module may import only from its own layer's lower neighbours (strictly lower layers)
 LAYERS = [
-    {"runtime", "layers", "powerlaw", "pruners", "allocation", "jobs", "export"},
+    {"runtime", "layers", "powerlaw", "pruners", "allocation", "jobs", "export", "checkpoint"},
     {"data", "store", "calibration", "evaluation", "loading", "spectra"},
     {"owl", "pruning", "settings", "zeroshot"},
     {"pipeline"},

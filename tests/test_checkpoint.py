@@ -1,0 +1,200 @@
+"""Checkpoint folders read without loading the model: validation, streamed spectra equal to the
+in-memory ones, the disk cache, and the CLI's streamed path. Real tiny models saved as safetensors
+shards; nothing mocked."""
+import json
+import struct
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from analysis.checkpoint import CheckpointError, open_checkpoint
+from analysis.cli import main
+from analysis.layers import find_layers
+from analysis.loading import ModelLoadError, load_model
+from analysis.spectra import analyze, analyze_checkpoint, checkpoint_layers, esd, streamed_esd
+from tests.conftest import save_tiny_llama
+
+
+def sharded_llama(path, tied=False, seed=0):
+    """A 3-block LLaMA with random weights saved as many small safetensors shards plus an index."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=176, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=tied)
+    model = LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(path, max_shard_size="60KB")
+    return model
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ALPHASCOPE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_sharded_checkpoint_lists_every_tensor_in_its_shard(tmp_path):
+    model = sharded_llama(tmp_path)
+    ckpt = open_checkpoint(tmp_path)
+    assert ckpt.index is not None and len(ckpt.shards) > 5
+    state = model.state_dict()
+    assert set(ckpt.tensors) == set(state)
+    key = "model.layers.1.mlp.down_proj.weight"
+    assert ckpt.tensors[key].shape == tuple(state[key].shape)
+    assert torch.equal(torch.cat(list(ckpt.chunks(key, elements=500)), dim=1), state[key])  # wide: column blocks
+    key = "model.layers.1.mlp.up_proj.weight"
+    assert torch.equal(torch.cat(list(ckpt.chunks(key, elements=500)), dim=0), state[key])  # tall: row blocks
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_streamed_spectra_equal_in_memory(tmp_path, cache, tied):
+    model = sharded_llama(tmp_path, tied=tied)
+    for farms, normalize in ((False, False), (True, False), (False, True)):
+        mem = analyze(model, farms=farms, normalize=normalize, include_outside=True)
+        streamed = analyze_checkpoint(tmp_path, farms=farms, normalize=normalize, include_outside=True, device="cpu")
+        assert not streamed.cached
+        pd.testing.assert_frame_equal(streamed.metrics, mem.metrics, rtol=1e-9)
+        assert ("lm_head" in set(streamed.metrics["kind"])) is not tied  # a tied head is the embedding
+        for name, ev in mem.esds.items():
+            np.testing.assert_allclose(streamed.esds[name], ev, rtol=1e-9, atol=1e-12 * ev.max())
+
+
+def test_names_blocks_kinds_match_the_loaded_model(tmp_path):
+    sharded_llama(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    want = [(r.name, r.block, r.kind, r.group, r.rows, r.cols, r.prunable) for r in find_layers(loaded)]
+    got = [(r.name, r.block, r.kind, r.group, r.rows, r.cols, r.prunable)
+           for r in checkpoint_layers(open_checkpoint(tmp_path), include_outside=True)]
+    assert got == want
+    assert ("model.layers.2.self_attn.q_proj", 2, "q_proj") in [g[:3] for g in got]
+
+
+def test_gram_accumulated_over_slices_equals_the_whole_matrix(tmp_path):
+    model = sharded_llama(tmp_path)
+    ckpt = open_checkpoint(tmp_path)
+    for key in ("model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.down_proj.weight",
+                "model.embed_tokens.weight"):
+        want = esd(model.state_dict()[key])
+        np.testing.assert_allclose(streamed_esd(ckpt, key, elements=300), want, rtol=1e-9, atol=1e-12 * want.max())
+
+
+def test_non_finite_weights_are_reported_not_fitted(tmp_path, cache):
+    model = sharded_llama(tmp_path)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.k_proj.weight[3, 5] = float("nan")
+    model.save_pretrained(tmp_path, max_shard_size="60KB")
+    row = analyze_checkpoint(tmp_path).metrics.set_index("name").loc["model.layers.1.self_attn.k_proj"]
+    assert row["status"] == "non-finite weights" and np.isnan(row["alpha"])
+
+
+def test_cache_hit_on_reopen_and_invalidated_when_a_shard_changes(tmp_path, cache):
+    sharded_llama(tmp_path, seed=0)
+    first = analyze_checkpoint(tmp_path, include_outside=True)
+    again = analyze_checkpoint(tmp_path, include_outside=True)
+    assert not first.cached and again.cached
+    pd.testing.assert_frame_equal(again.metrics, first.metrics)
+    assert all(np.array_equal(again.esds[k], v) for k, v in first.esds.items())
+    assert not analyze_checkpoint(tmp_path, fit="median", include_outside=True).cached  # other settings: own entry
+
+    other = sharded_llama(tmp_path / "other", seed=1)  # same shapes, other weights, written over one shard
+    shard = open_checkpoint(tmp_path).tensors["model.layers.2.mlp.up_proj.weight"].shard
+    shard.write_bytes((tmp_path / "other" / shard.name).read_bytes())
+    changed = analyze_checkpoint(tmp_path, include_outside=True)
+    assert not changed.cached
+    row = changed.metrics.set_index("name").loc["model.layers.2.mlp.up_proj"]
+    assert row["lambda_max"] == pytest.approx(esd(other.model.layers[2].mlp.up_proj.weight).max(), rel=1e-9)
+
+
+def _index(path):
+    return json.loads((path / "model.safetensors.index.json").read_text())
+
+
+def _one_line(e):
+    assert "\n" not in str(e)
+    return str(e)
+
+
+def test_folder_without_config(tmp_path):
+    sharded_llama(tmp_path)
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(CheckpointError) as e:
+        open_checkpoint(tmp_path)
+    assert "no config.json" in _one_line(e.value) and str(tmp_path) in str(e.value)
+
+
+def test_index_naming_an_absent_shard(tmp_path):
+    sharded_llama(tmp_path)
+    gone = _index(tmp_path)["weight_map"]["model.layers.0.mlp.up_proj.weight"]
+    (tmp_path / gone).unlink()
+    with pytest.raises(CheckpointError) as e:
+        open_checkpoint(tmp_path)
+    assert "absent shard" in _one_line(e.value) and gone in str(e.value)
+
+
+def test_index_naming_a_tensor_its_shard_lacks(tmp_path):
+    sharded_llama(tmp_path)
+    index = _index(tmp_path)
+    index["weight_map"]["model.layers.0.mlp.extra.weight"] = index["weight_map"]["model.norm.weight"]
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError) as e:
+        open_checkpoint(tmp_path)
+    assert "mlp.extra.weight" in _one_line(e.value) and "model.safetensors.index.json" in str(e.value)
+
+
+def test_truncated_shard(tmp_path):
+    sharded_llama(tmp_path)
+    shard = tmp_path / _index(tmp_path)["weight_map"]["model.layers.1.mlp.down_proj.weight"]
+    shard.write_bytes(shard.read_bytes()[:-1000])
+    with pytest.raises(CheckpointError) as e:
+        open_checkpoint(tmp_path)
+    assert "truncated" in _one_line(e.value) and shard.name in str(e.value)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "huge_length", "empty"])
+def test_corrupt_header(tmp_path, damage):
+    save_tiny_llama(tmp_path)
+    shard = tmp_path / "model.safetensors"
+    data = bytearray(shard.read_bytes())
+    if damage == "garbage":
+        data[8:40] = b"\xff" * 32
+    elif damage == "huge_length":
+        data[:8] = struct.pack("<Q", len(data) * 2)
+    else:
+        data = b""
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError) as e:
+        open_checkpoint(tmp_path)
+    assert shard.name in _one_line(e.value)
+    with pytest.raises(ModelLoadError) as e:  # checked before transformers reads the shard
+        load_model(str(tmp_path), device="cpu")
+    assert shard.name in _one_line(e.value)
+
+
+def test_cli_corrupt_checkpoint_one_line(tmp_path, capsys):
+    save_tiny_llama(tmp_path)
+    shard = tmp_path / "model.safetensors"
+    shard.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}" + shard.read_bytes()[24:])
+    capsys.readouterr()
+    for command in ("spectra", "eval"):
+        assert main([command, "--model", str(tmp_path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and "corrupt safetensors header" in err and "\n" not in err, err
+
+
+def test_cli_spectra_streams_and_caches(tmp_path, cache, capsys):
+    model = sharded_llama(tmp_path / "m")
+    out = tmp_path / "alpha.csv"
+    assert main(["spectra", "--model", str(tmp_path / "m"), "--out", str(out), "--include-outside"]) == 0
+    first = capsys.readouterr().out
+    assert "from the cache" not in first
+    pd.testing.assert_frame_equal(pd.read_csv(out), pd.read_csv(_csv(analyze(model, include_outside=True), tmp_path)))
+    assert main(["spectra", "--model", str(tmp_path / "m"), "--out", str(out), "--include-outside"]) == 0
+    assert "from the cache" in capsys.readouterr().out
+
+
+def _csv(result, tmp_path):
+    path = tmp_path / "mem.csv"
+    result.metrics.to_csv(path, index=False)
+    return path
