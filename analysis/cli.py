@@ -37,7 +37,7 @@ from analysis.settings import (
 )
 from analysis.spectra import analyze
 from analysis.store import RunStore
-from analysis.sweep import FAILED, SweepGrid, check_address, outcome_table, parse_values, run_sweep
+from analysis.sweep import FAILED, SweepGrid, check_address, grid_from_text, outcome_table, run_sweep
 
 
 class UsageError(ValueError):
@@ -57,6 +57,7 @@ FLAGS = {
     "sweep.methods": "--methods", "sweep.allocations": "--allocations", "sweep.sparsities": "--sparsities",
     "sweep.epsilons": "--epsilons", "sweep.owl_lambdas": "--owl-lambdas", "sweep.seeds": "--seeds",
     "sweep.workers": "--workers", "sweep.cpus_per_worker": "--cpus-per-worker", "sweep.address": "--address",
+    "sweep.curves": "--curve",
 }
 # a sweep sets some settings through its grid options instead
 SWEEP_FLAGS = {"allocation.points": "--curve", "allocation.method": "--allocations", "allocation.file": "--allocations",
@@ -343,25 +344,15 @@ def _add_prune_parsers(sub) -> None:
 # sweep
 
 
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(t.strip() for t in str(text).split(",") if t.strip())
-
-
 def _sweep_grid(args: argparse.Namespace) -> SweepGrid:
     base = RunSettings(model=_model_settings(args),
                        allocation=AllocationSettings(metric=args.metric, granularity=args.granularity, fit=args.fit,
                                                      owl_threshold=args.owl_threshold),
                        calibration=CalibrationSettings(args.calib, args.nsamples, args.seqlen),
                        evaluation=_evaluation(args))
-    try:
-        curves = tuple(tuple(parse_points(c)) for c in args.curve or ())
-    except ValueError as e:
-        raise SettingsError(str(e), "allocation.points") from None
-    return SweepGrid(base, methods=_names(args.methods), allocations=_names(args.allocations), curves=curves,
-                     sparsities=parse_values(args.sparsities, float, "sweep.sparsities"),
-                     epsilons=parse_values(args.epsilons, float, "sweep.epsilons"),
-                     owl_lambdas=parse_values(args.owl_lambdas, float, "sweep.owl_lambdas"),
-                     seeds=parse_values(args.seeds, int, "sweep.seeds")).check()
+    return grid_from_text(base, methods=args.methods, allocations=args.allocations, sparsities=args.sparsities,
+                          epsilons=args.epsilons, owl_lambdas=args.owl_lambdas, seeds=args.seeds,
+                          curves=tuple(args.curve or ()))
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:

@@ -30,7 +30,7 @@ from urllib.parse import urlparse
 
 import pandas as pd
 
-from analysis.allocation import MAX_RATIO, check_settings
+from analysis.allocation import MAX_RATIO, check_settings, parse_points
 from analysis.evaluation import perplexity
 from analysis.loading import LoadedModel, load_model, resolve_source
 from analysis.pipeline import dense_spectra, evaluation_windows, run
@@ -157,6 +157,22 @@ class SweepGrid:
         if alloc.method == "owl":
             return [replace(alloc, owl_lambda=lam) for lam in self.owl_lambdas]
         return [alloc]
+
+
+def grid_from_text(base: RunSettings, *, methods: str, allocations: str, sparsities: str, epsilons: str,
+                   owl_lambdas: str, seeds: str, curves: tuple[str, ...] = ()) -> SweepGrid:
+    """A checked grid from comma-separated lists (the CLI's options, the Compare page's fields); each
+    curve is 'depth:sparsity,...' control points."""
+    try:
+        points = tuple(tuple(parse_points(c)) for c in curves if c.strip())
+    except ValueError as e:
+        raise SettingsError(str(e), "sweep.curves") from None
+    names = {"methods": methods, "allocations": allocations}
+    return SweepGrid(base, **{k: tuple(t.strip() for t in v.split(",") if t.strip()) for k, v in names.items()},
+                     curves=points, sparsities=parse_values(sparsities, float, "sweep.sparsities"),
+                     epsilons=parse_values(epsilons, float, "sweep.epsilons"),
+                     owl_lambdas=parse_values(owl_lambdas, float, "sweep.owl_lambdas"),
+                     seeds=parse_values(seeds, int, "sweep.seeds")).check()
 
 
 def allocation_label(a: AllocationSettings) -> str:
@@ -502,5 +518,5 @@ class _Stopped(Exception):
 
 __all__ = ["CANCELLED", "DONE", "FAILED", "FAULT_FILE_ENV", "NAMED_ALLOCATIONS", "SKIPPED", "DenseReference",
            "Outcome", "SweepGrid", "allocation_label", "check_address", "config_key", "config_label",
-           "finished_keys", "measure_dense", "outcome_table", "parse_values", "ray_available", "run_config",
-           "run_sweep", "start_ray", "sweep_row", "worker_info", "worker_model"]
+           "finished_keys", "grid_from_text", "measure_dense", "outcome_table", "parse_values", "ray_available",
+           "run_config", "run_sweep", "start_ray", "sweep_row", "worker_info", "worker_model"]

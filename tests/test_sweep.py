@@ -244,3 +244,48 @@ def test_worker_model_is_loaded_once(tiny):
     again, _ = worker_model(tiny.model)
     assert again is first and worker_info()["loads"] == loads
     assert dense.weights and all(w.device.type == "cpu" for w in dense.weights.values())
+
+
+def test_compare_page_plots_sweeps_and_launches_one(tiny, in_process, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    _, store, _ = in_process
+    monkeypatch.setenv("ALPHASCOPE_RUNS_DB", str(store.path))
+    at = AppTest.from_file(str(ROOT / "pages" / "compare.py"), default_timeout=120).run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("Pareto front" in c.proto.spec for c in at.get("plotly_chart"))  # the sweep's figure
+    before = len(store)
+    at.text_input(key="sweep_model").set_value(tiny.model.source)
+    at.text_input(key="sweep_eval").set_value(tiny.evaluation.source)
+    at.number_input(key="sweep_max_windows").set_value(2)
+    at.text_input(key="sweep_sparsities").set_value("0.5,1.5")
+    at.button[0].click().run()  # the form's submit button
+    assert [e.value for e in at.error] == ["sparsities: sparsity 1.5 is outside (0, 0.99]"]
+    at.text_input(key="sweep_sparsities").set_value("0.4")
+    at.text_input(key="sweep_seeds").set_value("5")
+    at.multiselect(key="sweep_allocations").set_value(["uniform"])
+    at.button[0].click().run()
+    assert not at.error, [e.value for e in at.error]
+    job = at.session_state["sweep_job"]
+    assert job.wait(300) and job.status == "done", job.error
+    assert [o.status for o in job.result] == [DONE] and len(store) == before + 1
+
+
+def test_sweep_figure_means_spread_and_pareto_front():
+    import pandas as pd
+
+    from components.figures import pareto_front, sweep_figure
+
+    runs = pd.DataFrame({"method": ["wanda"] * 6 + ["sparsegpt"] * 2,
+                         "allocation": ["uniform"] * 3 + ["owl λ=0.08"] * 3 + ["uniform"] * 2,
+                         "sparsity": [0.5, 0.5, 0.6, 0.5, 0.5, 0.6, 0.5, 0.6],
+                         "pruned_ppl": [20.0, 22.0, 40.0, 19.0, 21.0, 45.0, 18.0, float("nan")]})
+    fig = sweep_figure(runs)
+    uniform = next(t for t in fig.data if t.name == "uniform" and t.xaxis == "x2")  # panels: sparsegpt, wanda
+    assert list(uniform.y) == [21.0, 40.0]  # mean over the two seeds at 0.5
+    assert list(uniform.error_y.array) == [1.0, 0.0] and list(uniform.error_y.arrayminus) == [1.0, 0.0]
+    front = next(t for t in fig.data if t.name == "Pareto front" and t.xaxis == "x2")
+    assert list(zip(front.x, front.y)) == [(0.5, 20.0), (0.6, 40.0)]  # owl's 0.5 mean (20) beats uniform's (21)
+    assert sum(t.showlegend is not False and t.name == "uniform" for t in fig.data) == 1
+    points = pd.DataFrame({"sparsity": [0.5, 0.5, 0.6, 0.7], "ppl": [20.0, 19.0, 40.0, 35.0]})
+    assert pareto_front(points).to_dict("list") == {"sparsity": [0.5, 0.7], "ppl": [19.0, 35.0]}
