@@ -183,20 +183,24 @@ def test_stop_before_start_cancels_everything_here(tiny, tmp_path):
 @pytest.fixture(scope="module")
 def local_ray(tmp_path_factory):
     """A local Ray with 2 CPUs for this module; its workers see FAULT_FILE_ENV (a file that does not
-    exist yet: a test creates it to kill one worker once)."""
+    exist yet: a test creates it to kill one worker once). Ray's memory monitor is off: on a shared
+    machine it killed workers of these tiny models for other processes' memory, and those extra
+    retries made the attempt counts below depend on the neighbours."""
     ray = pytest.importorskip("ray")
     from analysis.sweep import start_ray
 
     fault = tmp_path_factory.mktemp("fault") / "kill-one-worker"
-    old = os.environ.get(FAULT_FILE_ENV)
-    os.environ[FAULT_FILE_ENV] = str(fault)
+    env = {FAULT_FILE_ENV: str(fault), "RAY_memory_monitor_refresh_ms": "0"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     start_ray(workers=2)
     yield fault
     ray.shutdown()
-    if old is None:
-        os.environ.pop(FAULT_FILE_ENV, None)
-    else:
-        os.environ[FAULT_FILE_ENV] = old
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def test_ray_sweep_equals_in_process_retries_and_reports(tiny, in_process, local_ray, tmp_path):
