@@ -51,6 +51,7 @@ from analysis.settings import (
 )
 from analysis.spectra import analyze, analyze_checkpoint
 from analysis.store import RunStore, StoreError, now_iso
+from analysis.sweep import FAILED, SweepGrid, check_address, grid_from_text, outcome_table, run_sweep
 from analysis.zeroshot import PAPER_TASKS, ZeroShotError, check_tasks
 from analysis.zeroshot import evaluate as zeroshot_evaluate
 
@@ -71,7 +72,15 @@ FLAGS = {
     "evaluation.batch_size": "--batch-size", "calibration.encoding": "--encoding", "evaluation.encoding": "--encoding",
     "model.device": "--device", "model.dtype": "--dtype",
     "zeroshot.tasks": "--tasks", "zeroshot.limit": "--limit",
+    "sweep.methods": "--methods", "sweep.allocations": "--allocations", "sweep.sparsities": "--sparsities",
+    "sweep.epsilons": "--epsilons", "sweep.owl_lambdas": "--owl-lambdas", "sweep.seeds": "--seeds",
+    "sweep.workers": "--workers", "sweep.cpus_per_worker": "--cpus-per-worker", "sweep.address": "--address",
+    "sweep.curves": "--curve",
 }
+# a sweep sets some settings through its grid options instead
+SWEEP_FLAGS = {"allocation.points": "--curve", "allocation.method": "--allocations", "allocation.file": "--allocations",
+               "allocation.sparsity": "--sparsities", "allocation.epsilon": "--epsilons",
+               "allocation.owl_lambda": "--owl-lambdas", "prune.method": "--methods", "calibration.seed": "--seeds"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -119,14 +128,15 @@ def _load(m: ModelSettings, check=None):
                       check=check)
 
 
-def _add_calib_args(p: argparse.ArgumentParser, what: str = "calibration") -> None:
+def _add_calib_args(p: argparse.ArgumentParser, what: str = "calibration", seed: bool = True) -> None:
     d = CalibrationSettings()
     p.add_argument("--calib", default=d.source, help=f"{what} text: default (embedded corpus), wikitext2:valid, "
                    "hf:<dataset>[:<config>]:<split> or a .txt path (the embedded corpus, or a text named for both "
                    "calibration and evaluation, is split in disjoint halves)")
     p.add_argument("--nsamples", type=int, default=d.n_samples, help=f"{what} sequences")
     p.add_argument("--seqlen", type=int, default=d.seqlen, help=f"tokens per {what} sequence")
-    p.add_argument("--seed", type=int, default=d.seed, help=f"seed for {what} sampling")
+    if seed:
+        p.add_argument("--seed", type=int, default=d.seed, help=f"seed for {what} sampling")
     p.add_argument("--encoding", default=d.encoding, help="encoding of the text files named as text sources")
 
 
@@ -147,17 +157,24 @@ def _evaluation(args: argparse.Namespace) -> EvaluationSettings:
     return EvaluationSettings(args.eval, args.eval_seqlen, args.max_windows, args.batch_size, args.encoding)
 
 
-def _add_allocation_args(p: argparse.ArgumentParser) -> None:
+def _add_allocation_args(p: argparse.ArgumentParser, axes: bool = False) -> None:
+    """axes: a sweep's comma-separated --epsilons and --owl-lambdas instead of one value each."""
     d = AllocationSettings()
-    p.add_argument("--epsilon", type=float, default=d.epsilon,
-                   help="alphapruning/farms spread: ratios in [S(1-eps), S(1+eps)]")
+    if axes:
+        p.add_argument("--epsilons", default=f"{d.epsilon:g}", help="alphapruning/farms spreads, e.g. 0.1,0.3")
+    else:
+        p.add_argument("--epsilon", type=float, default=d.epsilon,
+                       help="alphapruning/farms spread: ratios in [S(1-eps), S(1+eps)]")
     p.add_argument("--metric", default=d.metric, choices=list(METRIC_DIRECTION),
                    help="per-matrix metric (alphapruning/farms)")
     p.add_argument("--granularity", default=d.granularity, choices=["block", "layer"],
                    help="one ratio per block or per matrix")
     p.add_argument("--fit", default=d.fit, help=f"power-law xmin rule: {', '.join(XMIN_RULES)}")
-    p.add_argument("--owl-lambda", type=float, default=d.owl_lambda,
-                   help="owl: half-range of the sparsities around the target")
+    if axes:
+        p.add_argument("--owl-lambdas", default=f"{d.owl_lambda:g}", help="owl half-ranges, e.g. 0.04,0.08")
+    else:
+        p.add_argument("--owl-lambda", type=float, default=d.owl_lambda,
+                       help="owl: half-range of the sparsities around the target")
     p.add_argument("--owl-threshold", type=float, default=d.owl_threshold,
                    help="owl: outlier = |activation x weight| > M x mean")
 
@@ -487,6 +504,62 @@ def _add_prune_parsers(sub) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# sweep
+
+
+def _sweep_grid(args: argparse.Namespace) -> SweepGrid:
+    base = RunSettings(model=_model_settings(args),
+                       allocation=AllocationSettings(metric=args.metric, granularity=args.granularity, fit=args.fit,
+                                                     owl_threshold=args.owl_threshold),
+                       calibration=CalibrationSettings(args.calib, args.nsamples, args.seqlen, encoding=args.encoding),
+                       evaluation=_evaluation(args))
+    return grid_from_text(base, methods=args.methods, allocations=args.allocations, sparsities=args.sparsities,
+                          epsilons=args.epsilons, owl_lambdas=args.owl_lambdas, seeds=args.seeds,
+                          curves=tuple(args.curve or ()))
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    grid = _sweep_grid(args)
+    check_address(args.address)
+    store = RunStore(args.db)
+    where = f"Ray at {args.address}" if args.address else (
+        f"local Ray, {args.workers} workers" if args.workers > 1 else "this process")
+    print(f"sweep: {len(grid.expand())} configuration(s) on {where}; runs go to {store.path}", file=sys.stderr)
+    outcomes = run_sweep(grid, store, workers=args.workers, address=args.address,
+                         cpus_per_worker=args.cpus_per_worker, progress=_print_progress)
+    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_colwidth", 60):
+        print(outcome_table(outcomes).to_string(index=False))
+    failed = sum(o.status == FAILED for o in outcomes)
+    if failed:
+        print(f"error: {failed} configuration(s) failed after a retry (see the error column); run the same "
+              "command again to retry only those", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_sweep_parser(sub) -> None:
+    p = _parser(sub, "sweep", "prune runs over a grid (pruners x allocations x sparsities x epsilons x seeds)")
+    _add_model_args(p)
+    p.add_argument("--methods", default=PruneSettings.method, help=f"pruners, comma-separated: {', '.join(PRUNERS)}")
+    p.add_argument("--allocations", default=AllocationSettings.method,
+                   help=f"comma-separated: {', '.join(ALLOCATION_METHODS[:4])} or allocation JSON files")
+    p.add_argument("--curve", action="append", default=None,
+                   help="a custom curve's control points, e.g. 0:0.5,0.5:0.7,1:0.8 (repeat for more curves)")
+    p.add_argument("--sparsities", default=f"{AllocationSettings.sparsity:g}",
+                   help="target sparsities in (0, 0.99], e.g. 0.5,0.6,0.7")
+    _add_allocation_args(p, axes=True)
+    p.add_argument("--seeds", default=str(CalibrationSettings.seed), help="calibration seeds, e.g. 0,1,2")
+    _add_calib_args(p, seed=False)
+    _add_eval_args(p, "--eval")
+    p.add_argument("--workers", type=int, default=1,
+                   help="parallel workers; more than 1 runs each configuration as a task on a local Ray")
+    p.add_argument("--cpus-per-worker", type=int, default=1, help="CPU cores of each Ray task (without a GPU)")
+    p.add_argument("--address", default=None, help="an existing Ray cluster (ray://host:port or host:port)")
+    p.add_argument("--db", default=None, help="SQLite run store (default: the cache folder's runs.sqlite)")
+    p.set_defaults(func=cmd_sweep)
+
+
+# --------------------------------------------------------------------------------------------
 # spectra
 
 
@@ -593,6 +666,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export_parser(sub)
     _add_prune_parsers(sub)
     _add_spectra_parser(sub)
+    _add_sweep_parser(sub)
     return parser
 
 
@@ -601,7 +675,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except SettingsError as e:
-        flag = FLAGS.get(e.field)
+        flag = (SWEEP_FLAGS if args.command == "sweep" else {}).get(e.field) or FLAGS.get(e.field)
         if flag == "--eval" and args.command == "eval":
             flag = "--text"
         print(f"error: {flag + ': ' if flag else ''}{e}", file=sys.stderr)

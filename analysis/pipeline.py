@@ -208,9 +208,12 @@ class RunResult:
 
 def run(loaded: LoadedModel, settings: RunSettings, *, progress: ProgressFn | None = None,
         on_ppl: Callable[[str, PplUpdate], None] | None = None, stop: StopFlag = None,
-        timer: Timer | None = None) -> RunResult:
+        timer: Timer | None = None, metrics: pd.DataFrame | None = None,
+        dense_ppl: float | None = None) -> RunResult:
     """Allocate, measure the dense perplexity, prune `loaded.model` in place and measure it again.
-    `on_ppl(label, update)` sees every running perplexity ("dense", then "pruned")."""
+    `on_ppl(label, update)` sees every running perplexity ("dense", then "pruned"). A sweep passes
+    what it measured once on the same dense model: `metrics` (spectra with settings.allocation.spectra)
+    and `dense_ppl` (on this run's evaluation windows); the dense evaluation is then skipped."""
     settings.check()
     timer = timer or Timer()
     model, info = loaded.model, loaded.info
@@ -218,14 +221,16 @@ def run(loaded: LoadedModel, settings: RunSettings, *, progress: ProgressFn | No
         data = prepare_data(loaded.tokenizer, settings.calibration, settings.evaluation, info.bos_per_window)
     with timer("allocation"):
         alloc = build_allocation(settings.allocation, model, nm=settings.prune.nm, calib=data.calib,
-                                 model_name=info.source, progress=progress)
+                                 metrics=metrics, model_name=info.source, progress=progress)
 
     def evaluate(label: str) -> float:
         show = (lambda u: on_ppl(label, u)) if on_ppl else None
         return perplexity(model, data.windows, progress=show, batch_size=settings.evaluation.batch_size)
 
-    with timer("dense_eval"):
-        dense = evaluate("dense")
+    dense = dense_ppl
+    if dense is None:
+        with timer("dense_eval"):
+            dense = evaluate("dense")
     with timer("prune"):
         report = prune(model, alloc.per_layer, method=settings.prune.method, calib=data.calib, nm=settings.prune.nm,
                        progress=progress, stop=stop)

@@ -11,6 +11,7 @@ import math
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 
 from analysis.allocation import block_depths
 
@@ -207,3 +208,54 @@ def curves_figure(curves: list[tuple[str, list[float]]]) -> go.Figure:
     fig.update_xaxes(title="relative depth")
     fig.update_yaxes(title="sparsity")
     return _layout(fig, 360)
+
+
+def pareto_front(points: pd.DataFrame, x: str = "sparsity", y: str = "ppl") -> pd.DataFrame:
+    """The points no other point beats on both counts (a higher or equal `x`, sparsity, with a lower
+    or equal `y`, perplexity), sorted by `x`."""
+    best = math.inf
+    keep = []
+    for i, row in points.sort_values([x, y], ascending=[False, True]).iterrows():
+        if row[y] < best:
+            best = row[y]
+            keep.append(i)
+    return points.loc[keep].sort_values(x)
+
+
+def sweep_figure(runs: pd.DataFrame) -> go.Figure:
+    """A sweep's perplexity vs target sparsity: one panel per pruner (`method`), one line per
+    `allocation` (label) through the mean over calibration seeds, bars from the lowest to the
+    highest seed, and the panel's Pareto front over those means as a dashed black line (log y).
+
+    runs: one row per run with method, allocation, sparsity (target), pruned_ppl (NaN dropped)."""
+    runs = runs.dropna(subset=["pruned_ppl"])
+    methods = sorted(runs["method"].astype(str).unique())
+    fig = make_subplots(rows=1, cols=max(1, len(methods)), shared_yaxes=True, subplot_titles=methods,
+                        horizontal_spacing=0.04)
+    palette = ["#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
+    colors: dict[str, str] = {}  # allocation label -> color, the same in every panel (one legend entry)
+    for col, method in enumerate(methods, start=1):
+        stats = (runs[runs["method"].astype(str) == method].groupby(["allocation", "sparsity"])["pruned_ppl"]
+                 .agg(["mean", "min", "max", "count"]).reset_index())
+        for label, d in stats.groupby("allocation", sort=True):
+            first = label not in colors
+            if first:  # the method's color for its first variant (e.g. one epsilon), the palette's after
+                own = METHOD_COLORS.get(str(label).split(" ")[0])
+                colors[label] = own if own and own not in colors.values() else palette[len(colors) % len(palette)]
+            color = colors[label]
+            fig.add_trace(go.Scatter(
+                x=d["sparsity"], y=d["mean"], mode="lines+markers", name=str(label), legendgroup=str(label),
+                showlegend=first, line=dict(color=color),
+                error_y=dict(type="data", symmetric=False, array=d["max"] - d["mean"],
+                             arrayminus=d["mean"] - d["min"], thickness=1),
+                customdata=d[["min", "max", "count"]],
+                hovertemplate="sparsity %{x}<br>mean %{y:.3f} (min %{customdata[0]:.3f}, max %{customdata[1]:.3f}, "
+                              "%{customdata[2]} seeds)"), row=1, col=col)
+        front = pareto_front(stats.rename(columns={"mean": "ppl"}), "sparsity", "ppl")
+        fig.add_trace(go.Scatter(x=front["sparsity"], y=front["ppl"], mode="lines", name="Pareto front",
+                                 legendgroup="pareto", showlegend=col == 1, hoverinfo="skip",
+                                 line=dict(color="black", dash="dash", width=1)), row=1, col=col)
+        fig.update_xaxes(title="target sparsity", row=1, col=col)
+    fig.update_yaxes(title="perplexity", type="log", row=1, col=1)
+    fig.update_yaxes(type="log")
+    return _layout(fig, 400)

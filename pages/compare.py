@@ -1,11 +1,26 @@
-"""Compare page: every finished prune run from the run store (SQLite), side by side."""
+"""Compare page: every finished prune run from the run store (SQLite), side by side, and sweeps
+(a grid of runs, launched here as a background job)."""
+from dataclasses import replace
+
 import pandas as pd
 import streamlit as st
 
+from analysis.jobs import ERROR, Job
+from analysis.pruners import PRUNERS
+from analysis.settings import QUICK_EVALUATION, ModelSettings, RunSettings, SettingsError
 from analysis.store import RunStore, StoreError, run_summary
+from analysis.sweep import (
+    NAMED_ALLOCATIONS,
+    SweepGrid,
+    check_address,
+    grid_from_text,
+    outcome_table,
+    run_sweep,
+    sweep_row,
+)
 from analysis.zeroshot import record_accuracy
-from components.figures import curves_figure, ppl_vs_sparsity_figure
-from components.state import runs_store
+from components.figures import curves_figure, ppl_vs_sparsity_figure, sweep_figure
+from components.state import model_key, runs_store
 
 st.title("Compare runs")
 try:
@@ -16,6 +31,73 @@ except StoreError as e:
     st.stop()
 st.caption(f"Runs are kept in {store.path}; every finished prune on the Prune "
            "page (from any session) is added there.")
+
+
+def _grid(f: dict) -> SweepGrid:
+    """The sweep the form describes (SettingsError on a bad field)."""
+    evaluation = replace(QUICK_EVALUATION, source=f["eval"].strip(), max_windows=int(f["max_windows"]))
+    base = RunSettings(model=ModelSettings(f["model"].strip()), evaluation=evaluation)
+    return grid_from_text(base, methods=",".join(f["methods"]), allocations=",".join([*f["allocations"], f["files"]]),
+                          sparsities=f["sparsities"], epsilons=f["epsilons"], owl_lambdas=f["owl_lambdas"],
+                          seeds=f["seeds"], curves=tuple(f["curves"].splitlines()))
+
+
+with st.expander("Run a sweep", expanded=False):
+    st.caption("Every combination of the values below is pruned and evaluated like a run on the Prune page "
+               "(calibration: the embedded corpus, 16 x 256 tokens) and stored here; configurations already "
+               "stored are skipped. More than one worker, or a Ray address, runs them as Ray tasks; the sweep "
+               "loads its own copy of the model.")
+    with st.form("sweep_form"):
+        c1, c2, c3 = st.columns(3)
+        form = {
+            "model": c1.text_input("Model", value=(model_key() or ("default",))[0], key="sweep_model"),
+            "methods": c1.multiselect("Pruners", list(PRUNERS), default=["wanda"], key="sweep_methods"),
+            "allocations": c1.multiselect("Allocations", list(NAMED_ALLOCATIONS), default=["uniform", "alphapruning"],
+                                          key="sweep_allocations"),
+            "files": c1.text_input("Allocation JSON files (comma-separated)", key="sweep_files"),
+            "curves": c2.text_area("Custom curves, one per line (depth:sparsity,...)", key="sweep_curves",
+                                   placeholder="0:0.4,0.5:0.6,1:0.8"),
+            "sparsities": c2.text_input("Sparsities", "0.5,0.6,0.7", key="sweep_sparsities"),
+            "epsilons": c2.text_input("Epsilons (alphapruning, farms)", "0.3", key="sweep_epsilons"),
+            "owl_lambdas": c2.text_input("OWL lambdas", "0.08", key="sweep_owl_lambdas"),
+            "seeds": c3.text_input("Calibration seeds", "0,1", key="sweep_seeds"),
+            "eval": c3.text_input("Evaluation text", QUICK_EVALUATION.source, key="sweep_eval"),
+            "max_windows": c3.number_input("Evaluation windows", 1, 10_000, QUICK_EVALUATION.max_windows,
+                                           key="sweep_max_windows"),
+            "workers": c3.number_input("Workers", 1, 64, 1, key="sweep_workers"),
+            "address": c3.text_input("Ray address (empty: this machine)", key="sweep_address").strip() or None,
+        }
+        start = st.form_submit_button("Start the sweep", disabled=bool(st.session_state.get("sweep_job")
+                                                                      and not st.session_state["sweep_job"].done))
+    if start:
+        try:
+            grid = _grid(form)
+            check_address(form["address"])
+        except (SettingsError, ValueError) as e:
+            st.error(f"{str(e.field).removeprefix('sweep.') + ': ' if getattr(e, 'field', None) else ''}{e}")
+        else:
+            path, workers, address = str(store.path), int(form["workers"]), form["address"]
+            st.session_state["sweep_job"] = Job(
+                lambda j: run_sweep(grid, RunStore(path), workers=workers, address=address, progress=j.report,
+                                    stop=j.stop, on_outcome=j.emit), name="sweep").start()
+    job = st.session_state.get("sweep_job")
+    if job is not None:
+        @st.fragment(run_every=1.0 if not job.done else None)
+        def _sweep_progress():
+            msg, frac = job.progress
+            st.progress(frac, text=f"Sweep ({job.status}): {msg} ({job.elapsed:.0f} s)")
+            if not job.done and st.button("Cancel the sweep", key="sweep_cancel"):
+                job.cancel()
+            if job.status == ERROR:
+                st.error(f"The sweep failed: {job.error}")
+            if job.updates():
+                st.dataframe(outcome_table(job.updates()), hide_index=True, key="sweep_outcomes")
+            if job.done and st.session_state.get("sweep_shown") is not job:
+                st.session_state["sweep_shown"] = job
+                st.rerun()  # the sweep just ended: redraw the page with its runs
+
+        _sweep_progress()
+
 if runs.empty:
     st.info("No runs yet. Prune a model on the Prune page; finished runs appear here.")
     st.stop()
@@ -23,10 +105,10 @@ if runs.empty:
 
 @st.cache_data(show_spinner=False, max_entries=1024)
 def _details(path: str, run_id: int) -> dict:
-    """Achieved sparsity, per-block allocation and zero-shot accuracies of a run (records never change
-    once stored)."""
+    """Achieved sparsity, per-block allocation and zero-shot accuracies of a run, and its sweep row if
+    a sweep made it (records never change once stored)."""
     record = RunStore(path).get(run_id)
-    return {**run_summary(record), "zeroshot": record_accuracy(record)}
+    return {**run_summary(record), "zeroshot": record_accuracy(record), "sweep": sweep_row(record)}
 
 
 details = [_details(str(store.path), int(i)) for i in runs["id"]]
@@ -55,6 +137,20 @@ if len(plot):
 dense = view["dense_ppl"].dropna()
 if len(dense):
     st.caption(f"Dense perplexity on this text: {dense.iloc[-1]:.2f}")
+
+st.subheader("Sweeps")
+sweep = pd.DataFrame([d["sweep"] for d in details if d["sweep"]])
+if len(sweep):
+    sweep = sweep[sweep["model"].astype(str).isin(chosen) & sweep["method"].astype(str).isin(pick)
+                  & (sweep["eval"].astype(str) == ev)]
+if len(sweep):
+    st.plotly_chart(sweep_figure(sweep), key="compare_sweep")
+    st.caption("Mean perplexity over calibration seeds against the target sparsity, one panel per pruner; bars "
+               "span the lowest to the highest seed; the dashed line is each panel's Pareto front (no other "
+               "point has both a higher sparsity and a lower perplexity).")
+else:
+    st.caption("No sweep runs for this selection yet: start one under 'Run a sweep' above, or with "
+               "`python -m analysis sweep`.")
 
 st.subheader("Allocation curves")
 labels = {int(r.id): f"#{r.id} {r.method} + {r.allocation_method} {float(r.achieved or 0):.0%}"

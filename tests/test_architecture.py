@@ -11,6 +11,7 @@ LAYERS = [
     {"data", "store", "calibration", "evaluation", "loading", "spectra"},
     {"owl", "pruning", "settings", "zeroshot"},
     {"pipeline"},
+    {"sweep"},
     {"session", "cli"},
     {"__main__"},
 ]

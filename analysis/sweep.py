@@ -1,0 +1,522 @@
+"""Sweeps: many prune runs over a grid of settings, in this process or as Ray tasks.
+
+A `SweepGrid` crosses pruners x allocations (named methods, custom curves given as points, allocation
+JSON files) x sparsities x epsilon (alphapruning, farms) or OWL lambda x calibration seeds; `expand()`
+turns it into RunSettings and each one runs through analysis.pipeline.run, so a sweep's run is the
+run `python -m analysis prune` makes with the same options. Every finished run goes into the run store
+with its config key (`config_key`: a hash of its settings and the model it loads); a sweep skips the
+keys already stored, so an interrupted sweep resumes where it stopped.
+
+What no configuration changes is measured once per sweep on the dense model (`measure_dense`): its
+spectra (alphapruning, farms) and its perplexity on the evaluation windows.
+
+Workers load the model themselves from its source, once per worker process (`worker_model`, a
+module-level cache that Ray keeps between the tasks a worker process runs), and restore the dense
+weights from a snapshot before each run: a model never travels between processes. On Ray, each
+configuration is one task (one GPU when the cluster has one, else `cpus_per_worker` cores), retried
+once when it fails or its worker dies; Ray does the scheduling.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pandas as pd
+
+from analysis.allocation import MAX_RATIO, check_settings, parse_points
+from analysis.evaluation import perplexity
+from analysis.loading import LoadedModel, load_model, resolve_source
+from analysis.pipeline import dense_spectra, evaluation_windows, run
+from analysis.pruners import PRUNERS
+from analysis.pruning import DenseSnapshot
+from analysis.runtime import ProgressFn, StopFlag, should_stop
+from analysis.settings import (
+    ALLOCATION_METHODS,
+    SPECTRA_METHODS,
+    AllocationSettings,
+    CalibrationSettings,
+    ModelSettings,
+    PruneSettings,
+    RunSettings,
+    SettingsError,
+    SpectraSettings,
+)
+from analysis.store import RunStore
+
+NAMED_ALLOCATIONS = ALLOCATION_METHODS[:4]  # uniform, alphapruning, farms, owl
+DONE, SKIPPED, FAILED, CANCELLED = "done", "skipped", "failed", "cancelled"
+ADDRESS_TIMEOUT_S = 3.0  # how long `check_address` waits for a cluster to answer
+# A file path: while that file exists, the next configuration to start deletes it and kills its own
+# worker process (the retry tests arm one crash this way).
+FAULT_FILE_ENV = "ALPHASCOPE_SWEEP_FAULT"
+PACKAGE_DIR = Path(__file__).resolve().parent  # shipped to Ray workers (runtime_env py_modules)
+
+
+# --------------------------------------------------------------------------------------------
+# the grid
+
+
+def parse_values(text: str, kind: type, field_name: str) -> tuple:
+    """'0.5, 0.6' -> (0.5, 0.6) with kind=float; a value that is not a `kind` is a SettingsError for
+    `field_name`. Empty items are ignored (an empty list is the grid's to refuse)."""
+    out = []
+    for item in (t.strip() for t in str(text).split(",")):
+        if not item:
+            continue
+        try:
+            out.append(kind(item))
+        except ValueError:
+            raise SettingsError(f"{item!r} is not {'an integer' if kind is int else 'a number'}", field_name) from None
+    return tuple(out)
+
+
+def _axis_check(field_name: str, check: Callable, *args) -> None:
+    try:
+        check(*args)
+    except ValueError as e:
+        raise SettingsError(str(e), field_name) from None
+
+
+@dataclass(frozen=True)
+class SweepGrid:
+    """The axes of a sweep, and `base`: every other setting (model, calibration source and size,
+    evaluation, metric, granularity, fit, OWL threshold), shared by all its runs.
+
+    allocations: named methods (uniform, alphapruning, farms, owl) or allocation JSON paths (a file
+    fixes its own sparsity, so the sparsity axis does not apply to it); curves: custom curves, each
+    (depth, sparsity) control points normalized to every sparsity of the grid; epsilons apply to
+    alphapruning/farms, owl_lambdas to owl; seeds: calibration sampling seeds."""
+
+    base: RunSettings = field(default_factory=RunSettings)
+    methods: tuple[str, ...] = (PruneSettings.method,)
+    allocations: tuple[str, ...] = (AllocationSettings.method,)
+    curves: tuple[tuple[tuple[float, float], ...], ...] = ()
+    sparsities: tuple[float, ...] = (AllocationSettings.sparsity,)
+    epsilons: tuple[float, ...] = (AllocationSettings.epsilon,)
+    owl_lambdas: tuple[float, ...] = (AllocationSettings.owl_lambda,)
+    seeds: tuple[int, ...] = (CalibrationSettings.seed,)
+
+    def check(self) -> SweepGrid:
+        """Every axis value, then every expanded configuration; raises SettingsError (field
+        "sweep.<axis>" for an axis) before anything is loaded."""
+        for name in ("methods", "sparsities", "epsilons", "owl_lambdas", "seeds"):
+            if not getattr(self, name):
+                raise SettingsError(f"no {name.replace('_', ' ')} given: the grid is empty", f"sweep.{name}")
+        if not self.allocations and not self.curves:
+            raise SettingsError("no allocations given: the grid is empty", "sweep.allocations")
+        for m in self.methods:
+            if m not in PRUNERS:
+                raise SettingsError(f"unknown pruner {m!r}; choose from {', '.join(PRUNERS)}", "sweep.methods")
+        for a in self.allocations:
+            if a == "custom":
+                raise SettingsError("give custom curves as control points (--curve 0:0.5,1:0.8)", "sweep.allocations")
+            if a not in NAMED_ALLOCATIONS and not Path(a).expanduser().is_file():
+                raise SettingsError(f"{a!r} is neither one of {', '.join(NAMED_ALLOCATIONS)} nor an allocation "
+                                    "JSON file", "sweep.allocations")
+        for s in self.sparsities:
+            if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 < s <= MAX_RATIO:
+                raise SettingsError(f"sparsity {s} is outside (0, {MAX_RATIO}]", "sweep.sparsities")
+        for e in self.epsilons:
+            _axis_check("sweep.epsilons", check_settings, "alphapruning", 0.5, e)
+        for lam in self.owl_lambdas:
+            _axis_check("sweep.owl_lambdas", check_settings, "owl", 0.5, 0.3, "alpha", "block", lam)
+        for seed in self.seeds:
+            if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+                raise SettingsError(f"seed must be an integer >= 0, got {seed!r}", "sweep.seeds")
+        for settings in self.expand():
+            settings.check()
+        return self
+
+    def expand(self) -> list[RunSettings]:
+        """One RunSettings per configuration, pruner-major, seeds innermost."""
+        base = self.base.allocation
+        allocations = [replace(base, method=a) if a in NAMED_ALLOCATIONS else replace(base, method="file", file=a)
+                       for a in self.allocations]
+        allocations += [replace(base, method="custom", points=tuple(map(tuple, c)), as_drawn=False)
+                        for c in self.curves]
+        out = []
+        for method in self.methods:
+            for alloc in allocations:
+                for sparsity in self.sparsities if alloc.method != "file" else (alloc.sparsity,):
+                    for variant in self._variants(replace(alloc, sparsity=sparsity)):
+                        out += [replace(self.base, allocation=variant, prune=replace(self.base.prune, method=method),
+                                        calibration=replace(self.base.calibration, seed=seed))
+                                for seed in self.seeds]
+        return out
+
+    def _variants(self, alloc: AllocationSettings) -> list[AllocationSettings]:
+        if alloc.method in SPECTRA_METHODS:
+            return [replace(alloc, epsilon=e) for e in self.epsilons]
+        if alloc.method == "owl":
+            return [replace(alloc, owl_lambda=lam) for lam in self.owl_lambdas]
+        return [alloc]
+
+
+def grid_from_text(base: RunSettings, *, methods: str, allocations: str, sparsities: str, epsilons: str,
+                   owl_lambdas: str, seeds: str, curves: tuple[str, ...] = ()) -> SweepGrid:
+    """A checked grid from comma-separated lists (the CLI's options, the Compare page's fields); each
+    curve is 'depth:sparsity,...' control points."""
+    try:
+        points = tuple(tuple(parse_points(c)) for c in curves if c.strip())
+    except ValueError as e:
+        raise SettingsError(str(e), "sweep.curves") from None
+    names = {"methods": methods, "allocations": allocations}
+    return SweepGrid(base, **{k: tuple(t.strip() for t in v.split(",") if t.strip()) for k, v in names.items()},
+                     curves=points, sparsities=parse_values(sparsities, float, "sweep.sparsities"),
+                     epsilons=parse_values(epsilons, float, "sweep.epsilons"),
+                     owl_lambdas=parse_values(owl_lambdas, float, "sweep.owl_lambdas"),
+                     seeds=parse_values(seeds, int, "sweep.seeds")).check()
+
+
+def allocation_label(a: AllocationSettings) -> str:
+    """How a sweep names an allocation: 'alphapruning ε=0.3', 'owl λ=0.08', 'custom 0:0.5,1:0.8',
+    the file's name; 'uniform'."""
+    if a.method in SPECTRA_METHODS:
+        return f"{a.method} ε={a.epsilon:g}"
+    if a.method == "owl":
+        return f"owl λ={a.owl_lambda:g}"
+    if a.method == "custom":
+        return "custom " + ",".join(f"{d:g}:{s:g}" for d, s in a.points or ())
+    if a.method == "file":
+        return Path(a.file or "").name
+    return a.method
+
+
+def config_label(s: RunSettings) -> str:
+    return (f"{s.prune.method} + {allocation_label(s.allocation)} at {s.allocation.sparsity:g}, "
+            f"seed {s.calibration.seed}")
+
+
+def config_key(settings: RunSettings) -> str:
+    """Stable id of a configuration: a hash of its settings, the folder (or hub id) its model loads
+    from and, for an allocation file, the file's bytes. Equal keys give equal runs."""
+    ident = {"settings": settings.to_dict(), "model": _model_identity(settings.model.source)}
+    if settings.allocation.method == "file":
+        ident["file_sha256"] = hashlib.sha256(Path(settings.allocation.file).expanduser().read_bytes()).hexdigest()
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _model_identity(source: str) -> str:
+    path = resolve_source(source)[0]
+    return str(Path(path).resolve()) if Path(path).expanduser().exists() else path
+
+
+def check_address(address: str | None, timeout: float = ADDRESS_TIMEOUT_S) -> None:
+    """Refuse a Ray address nothing answers at (host:port or ray://host:port) within `timeout`
+    seconds, before a sweep starts; None (a local Ray) and "auto" are not checked."""
+    if not address or address == "auto":
+        return
+    parsed = urlparse(address if "://" in address else f"ray://{address}")
+    try:
+        host, port = parsed.hostname, parsed.port
+    except ValueError:
+        host = port = None
+    if not host or not port:
+        raise SettingsError(f"{address!r} is not a Ray address (host:port or ray://host:port)", "sweep.address")
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        raise SettingsError(f"cannot reach a Ray cluster at {address} ({e.strerror or e})", "sweep.address") from None
+
+
+# --------------------------------------------------------------------------------------------
+# one worker process
+
+
+_WORKER: dict = {"loads": 0}  # this process's model: settings, loaded, dense snapshot; loads so far
+
+
+def worker_model(model: ModelSettings) -> tuple[LoadedModel, DenseSnapshot]:
+    """This process's copy of the model and a snapshot of its dense weights, loaded from the source
+    on first use and kept for the next configurations (one model at a time)."""
+    if _WORKER.get("settings") != model:
+        for k in ("settings", "loaded", "dense"):  # drop the previous model before loading another
+            _WORKER.pop(k, None)
+        loaded = load_model(model.source, device=model.device, dtype=model.dtype,
+                            trust_remote_code=model.trust_remote_code)
+        _WORKER.update(settings=model, loaded=loaded, dense=DenseSnapshot.take(loaded.model),
+                       loads=_WORKER["loads"] + 1)
+    return _WORKER["loaded"], _WORKER["dense"]
+
+
+def worker_info() -> dict:
+    """Which process ran a configuration and how many models it has loaded so far."""
+    return {"pid": os.getpid(), "loads": _WORKER["loads"]}
+
+
+@dataclass
+class DenseReference:
+    """What a sweep measures once on the dense model: metrics per SpectraSettings (for alphapruning
+    and farms) and the dense perplexity on the sweep's evaluation windows."""
+
+    metrics: dict[SpectraSettings, pd.DataFrame]
+    ppl: float
+
+
+def measure_dense(configs: list[RunSettings]) -> DenseReference:
+    """The dense reference of a sweep's configurations (they share model, calibration source and
+    evaluation settings, as every configuration of one grid does)."""
+    first = configs[0]
+    loaded, dense = worker_model(first.model)
+    dense.restore(loaded.model)
+    spectra = {c.allocation.spectra for c in configs if c.allocation.method in SPECTRA_METHODS and not c.prune.nm}
+    windows = evaluation_windows(loaded.tokenizer, first.evaluation, first.calibration.source,
+                                 loaded.info.bos_per_window)
+    return DenseReference({sp: dense_spectra(loaded.model, sp) for sp in spectra},
+                          perplexity(loaded.model, windows, batch_size=first.evaluation.batch_size))
+
+
+def run_config(settings: RunSettings, dense: DenseReference, *, progress: ProgressFn | None = None,
+               stop: StopFlag = None) -> dict:
+    """One configuration on this process's model: analysis.pipeline.run from the dense weights, with
+    the sweep's dense reference. Returns the run record (record["stopped"] when `stop` cut it short)."""
+    _fault_once()
+    loaded, snapshot = worker_model(settings.model)
+    snapshot.restore(loaded.model)
+    alloc = settings.allocation
+    metrics = dense.metrics.get(alloc.spectra) if alloc.method in SPECTRA_METHODS else None
+    return run(loaded, settings, progress=progress, stop=stop, metrics=metrics, dense_ppl=dense.ppl).record
+
+
+def _fault_once() -> None:
+    trigger = os.environ.get(FAULT_FILE_ENV)
+    if trigger:
+        try:
+            Path(trigger).unlink()
+        except FileNotFoundError:
+            return
+        os._exit(1)
+
+
+# --------------------------------------------------------------------------------------------
+# a whole sweep
+
+
+@dataclass
+class Outcome:
+    """What became of one configuration. status: done (stored as run `run_id`), skipped (already in
+    the store as `run_id`), failed (`error`, after `attempts` tries), cancelled. worker: pid and
+    model loads of the process that ran it."""
+
+    key: str
+    settings: RunSettings
+    status: str
+    run_id: int | None = None
+    dense_ppl: float | None = None
+    pruned_ppl: float | None = None
+    achieved: float | None = None
+    attempts: int = 0
+    error: str | None = None
+    worker: dict | None = None
+
+
+def finished_keys(store: RunStore) -> dict[str, int]:
+    """Config key -> run id of every sweep run in the store."""
+    out = {}
+    for run_id in store.all()["id"]:
+        key = (store.get(int(run_id)).get("sweep") or {}).get("key")
+        if key:
+            out[key] = int(run_id)
+    return out
+
+
+def sweep_row(record: dict) -> dict | None:
+    """A stored sweep run as one row of the Compare page's sweep plot (None for other runs)."""
+    if not record.get("sweep"):
+        return None
+    s = RunSettings.from_dict(record["config"]["settings"])
+    return {"id": record.get("id"), "model": record["config"].get("model"), "method": s.prune.method,
+            "allocation": allocation_label(s.allocation), "sparsity": s.allocation.sparsity,
+            "achieved": (record.get("achieved") or {}).get("overall"), "seed": s.calibration.seed,
+            "eval": record["config"].get("eval"), "dense_ppl": record.get("dense_ppl"),
+            "pruned_ppl": record.get("pruned_ppl")}
+
+
+def outcome_table(outcomes: list[Outcome]) -> pd.DataFrame:
+    """One row per configuration: what the CLI prints at the end of a sweep and the page shows."""
+    return pd.DataFrame([{
+        "method": o.settings.prune.method, "allocation": allocation_label(o.settings.allocation),
+        "sparsity": o.settings.allocation.sparsity, "seed": o.settings.calibration.seed, "status": o.status,
+        "run": o.run_id, "dense_ppl": o.dense_ppl, "pruned_ppl": o.pruned_ppl, "achieved": o.achieved,
+        "attempts": o.attempts, "error": o.error} for o in outcomes])
+
+
+def ray_available() -> bool:
+    return importlib.util.find_spec("ray") is not None
+
+
+def start_ray(workers: int, cpus_per_worker: int = 1, address: str | None = None) -> None:
+    """Connect to the cluster at `address`, or start a local Ray with workers x cpus_per_worker CPUs;
+    either way the workers import this package from here (runtime_env py_modules)."""
+    import ray  # noqa: PLC0415 (optional, and slow to import: only sweeps on Ray need it)
+
+    ray.init(address=address, num_cpus=None if address else workers * cpus_per_worker,
+             runtime_env={"py_modules": [str(PACKAGE_DIR)]}, include_dashboard=False, logging_level="warning")
+
+
+def run_sweep(grid: SweepGrid, store: RunStore, *, workers: int = 1, address: str | None = None,
+              cpus_per_worker: int = 1, progress: ProgressFn | None = None, stop: StopFlag = None,
+              on_outcome: Callable[[Outcome], None] | None = None) -> list[Outcome]:
+    """Run every configuration of `grid` not yet in `store` and store each finished run as it
+    arrives. In this process with workers=1 and no address (or without Ray), else as Ray tasks
+    (on the Ray already initialized, else one started here and shut down at the end).
+
+    Returns one Outcome per distinct configuration, in grid order. `stop` (or Ctrl-C) cancels what
+    has not finished: Ray tasks are cancelled, a run in progress here stops between blocks; runs
+    finished before stay stored. KeyboardInterrupt is re-raised after that."""
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise SettingsError(f"workers must be an integer >= 1, got {workers!r}", "sweep.workers")
+    if isinstance(cpus_per_worker, bool) or not isinstance(cpus_per_worker, int) or cpus_per_worker < 1:
+        raise SettingsError(f"cpus per worker must be an integer >= 1, got {cpus_per_worker!r}",
+                            "sweep.cpus_per_worker")
+    configs = grid.check().expand()
+    check_address(address)
+    use_ray = (workers > 1 or address is not None) and ray_available()
+    if address is not None and not use_ray:
+        raise SettingsError("a Ray address needs Ray installed (pip install ray)", "sweep.address")
+    by_key: dict[str, RunSettings] = {}
+    for s in configs:
+        by_key.setdefault(config_key(s), s)
+    stored = finished_keys(store)
+    outcomes = {k: Outcome(k, s, SKIPPED, run_id=stored[k]) for k, s in by_key.items() if k in stored}
+    pending = [(k, s) for k, s in by_key.items() if k not in stored]
+
+    def finish(key: str, settings: RunSettings, status: str, record: dict | None = None, attempts: int = 0,
+               error: str | None = None, worker: dict | None = None) -> None:
+        o = Outcome(key, settings, status, attempts=attempts, error=error, worker=worker)
+        if record is not None:
+            record["sweep"] = {"key": key, "attempts": attempts}
+            o.run_id = store.add(record)
+            o.dense_ppl, o.pruned_ppl = record.get("dense_ppl"), record.get("pruned_ppl")
+            o.achieved = (record.get("achieved") or {}).get("overall")
+        outcomes[key] = o
+        on_outcome and on_outcome(o)
+        if progress:
+            ended = sum(x.status != SKIPPED for x in outcomes.values())
+            ppl = f": perplexity {o.pruned_ppl:.3f} (run {o.run_id})" if o.pruned_ppl is not None else ""
+            retried = f", {attempts} attempts" if attempts > 1 else ""
+            progress(f"{ended}/{len(pending)} {config_label(settings)} {status}{ppl}{retried}"
+                     + (f": {error}" if error else ""), ended / len(pending))
+
+    if progress and stored:
+        progress(f"{len(outcomes)} of {len(by_key)} configurations already in the store: skipped", 0.0)
+    if pending:
+        if use_ray:
+            _run_on_ray(pending, finish, workers=workers, address=address, cpus_per_worker=cpus_per_worker,
+                        stop=stop)
+        else:
+            _run_here(pending, finish, stop=stop)
+    return [outcomes[k] for k in by_key]
+
+
+def _one_line(e: BaseException) -> str:
+    cause = getattr(e, "cause", None) or e  # a Ray task error wraps the task's own exception
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _run_here(pending: list, finish: Callable, *, stop: StopFlag) -> None:
+    """The sweep in this process: the same steps as a Ray task, one configuration after the other,
+    each tried twice at most."""
+    dense = None
+    for i, (key, settings) in enumerate(pending):
+        if should_stop(stop):
+            for k, s in pending[i:]:
+                finish(k, s, CANCELLED)
+            return
+        error = None
+        for attempt in (1, 2):
+            try:
+                dense = dense or measure_dense([s for _, s in pending])
+                record = run_config(settings, dense, stop=stop)
+            except Exception as e:  # noqa: BLE001 (reported in the outcome; the sweep goes on)
+                error = _one_line(e)
+                continue
+            if record.get("stopped"):
+                finish(key, settings, CANCELLED, attempts=attempt)
+            else:
+                finish(key, settings, DONE, record, attempts=attempt, worker=worker_info())
+            break
+        else:
+            finish(key, settings, FAILED, attempts=2, error=error)
+
+
+class _Attempts:
+    """A Ray actor counting the attempts at each configuration (Ray retries a task without telling
+    the caller)."""
+
+    def __init__(self):
+        self.counts: dict[str, int] = {}
+
+    def start(self, key: str) -> int:
+        self.counts[key] = self.counts.get(key, 0) + 1
+        return self.counts[key]
+
+    def get(self, key: str) -> int:
+        return self.counts.get(key, 0)
+
+
+def _ray_task(settings: RunSettings, key: str, dense: DenseReference, attempts) -> tuple[dict, dict]:
+    import ray  # noqa: PLC0415 (optional, and slow to import: only sweeps on Ray need it)
+
+    ray.get(attempts.start.remote(key))
+    return run_config(settings, dense), worker_info()
+
+
+def _run_on_ray(pending: list, finish: Callable, *, workers: int, address: str | None, cpus_per_worker: int,
+                stop: StopFlag) -> None:
+    import ray  # noqa: PLC0415 (optional, and slow to import: only sweeps on Ray need it)
+
+    own = not ray.is_initialized()
+    if own:
+        start_ray(workers, cpus_per_worker, address)
+    try:
+        # one GPU per task where there are GPUs; max_calls=0 keeps a GPU worker (and its model) alive
+        resources = ({"num_gpus": 1, "max_calls": 0} if ray.cluster_resources().get("GPU", 0) >= 1
+                     else {"num_cpus": cpus_per_worker})
+        retry = {"max_retries": 1, "retry_exceptions": True}
+        attempts = ray.remote(_Attempts).options(num_cpus=0).remote()
+        dense = ray.remote(measure_dense).options(**resources, **retry).remote([s for _, s in pending])
+        task = ray.remote(_ray_task).options(**resources, **retry)
+        refs = {task.remote(s, k, dense, attempts): (k, s) for k, s in pending}
+        try:
+            while refs:
+                if should_stop(stop):
+                    raise _Stopped
+                ready, _ = ray.wait(list(refs), num_returns=1, timeout=0.25)
+                for ref in ready:
+                    key, settings = refs.pop(ref)
+                    tries = ray.get(attempts.get.remote(key))
+                    try:
+                        record, worker = ray.get(ref)
+                    except ray.exceptions.RayError as e:
+                        finish(key, settings, FAILED, attempts=tries, error=_one_line(e))
+                    else:
+                        finish(key, settings, DONE, record, attempts=tries, worker=worker)
+        except (KeyboardInterrupt, _Stopped):
+            for ref in [*refs, dense]:
+                ray.cancel(ref, force=True)
+            for key, settings in refs.values():
+                finish(key, settings, CANCELLED)
+            if not should_stop(stop):
+                raise
+    finally:
+        if own:
+            ray.shutdown()
+
+
+class _Stopped(Exception):
+    """The stop flag was set while Ray tasks were running."""
+
+
+__all__ = ["CANCELLED", "DONE", "FAILED", "FAULT_FILE_ENV", "NAMED_ALLOCATIONS", "SKIPPED", "DenseReference",
+           "Outcome", "SweepGrid", "allocation_label", "check_address", "config_key", "config_label",
+           "finished_keys", "grid_from_text", "measure_dense", "outcome_table", "parse_values", "ray_available",
+           "run_config", "run_sweep", "start_ray", "sweep_row", "worker_info", "worker_model"]

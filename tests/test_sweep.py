@@ -1,0 +1,295 @@
+"""Sweeps (analysis.sweep): grid expansion, bad grids, resume from the run store, and the same sweep
+in this process and on a local Ray (2 CPUs) with a worker killed once and a configuration that
+always fails. Models are tiny LLaMAs saved to a temporary folder, so Ray workers load them by path."""
+import os
+import random
+import re
+import subprocess
+import sys
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from conftest import save_tiny_llama
+
+from analysis.allocation import allocate
+from analysis.layers import layer_table
+from analysis.loading import load_model
+from analysis.pipeline import run
+from analysis.settings import CalibrationSettings, EvaluationSettings, ModelSettings, RunSettings, SettingsError
+from analysis.store import RunStore
+from analysis.sweep import (
+    CANCELLED,
+    DONE,
+    FAILED,
+    FAULT_FILE_ENV,
+    SKIPPED,
+    SweepGrid,
+    config_key,
+    finished_keys,
+    measure_dense,
+    parse_values,
+    run_config,
+    run_sweep,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Base settings of a sweep on a saved 3-block LLaMA, calibrated and evaluated on a text of its
+    own words (disjoint halves of one file)."""
+    folder = tmp_path_factory.mktemp("sweep")
+    model = save_tiny_llama(folder / "tiny")
+    rng = random.Random(0)
+    text = folder / "text.txt"
+    text.write_text("\n".join(" ".join(f"w{rng.randrange(119)}" for _ in range(20)) for _ in range(200)))
+    return RunSettings(model=ModelSettings(str(model)), calibration=CalibrationSettings(str(text), 4, 32),
+                       evaluation=EvaluationSettings(str(text), 32, 6))
+
+
+def allocation_file(path: Path, blocks: int) -> str:
+    """A uniform allocation JSON for a tiny LLaMA with `blocks` blocks."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=blocks, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=120)
+    allocate(layer_table(LlamaForCausalLM(cfg)), 0.4, "uniform").save(path)
+    return str(path)
+
+
+def grid(base, **axes):
+    return SweepGrid(base, **{"methods": ("wanda",), "allocations": ("uniform", "alphapruning"), "sparsities": (0.5,),
+                              "seeds": (0, 1), **axes})
+
+
+def test_expansion_crosses_the_axes(tiny, tmp_path):
+    file = allocation_file(tmp_path / "alloc.json", 3)
+    g = SweepGrid(tiny, methods=("wanda", "magnitude"), allocations=("uniform", "alphapruning", "owl", file),
+                  curves=(((0.0, 0.4), (1.0, 0.8)),), sparsities=(0.5, 0.6), epsilons=(0.1, 0.3),
+                  owl_lambdas=(0.05,), seeds=(0, 1)).check()
+    configs = g.expand()
+    # per pruner: uniform 2 sparsities x 2 seeds, alphapruning x 2 epsilons, owl x 1 lambda, the file
+    # (its own sparsity) x 2 seeds, the curve 2 x 2
+    assert len(configs) == 2 * (4 + 8 + 4 + 2 + 4)
+    assert len({config_key(c) for c in configs}) == len(configs)
+    alpha = [c for c in configs if c.allocation.method == "alphapruning"]
+    assert {(c.allocation.sparsity, c.allocation.epsilon) for c in alpha} == {(0.5, 0.1), (0.5, 0.3), (0.6, 0.1),
+                                                                              (0.6, 0.3)}
+    assert {c.allocation.owl_lambda for c in configs if c.allocation.method == "owl"} == {0.05}
+    assert {c.calibration.seed for c in configs} == {0, 1}
+    assert all(c.calibration.n_samples == 4 and c.evaluation.max_windows == 6 for c in configs)
+    custom = [c for c in configs if c.allocation.method == "custom"]
+    assert len(custom) == 8 and custom[0].allocation.points == ((0.0, 0.4), (1.0, 0.8))
+    # a key follows the settings, not the object: equal settings rebuilt give the same key
+    assert config_key(RunSettings.from_dict(configs[0].to_dict())) == config_key(configs[0])
+
+
+@pytest.mark.parametrize("axes, field, message", [
+    ({"methods": ()}, "sweep.methods", "the grid is empty"),
+    ({"allocations": ()}, "sweep.allocations", "the grid is empty"),
+    ({"sparsities": (0.5, 1.2)}, "sweep.sparsities", "outside (0, 0.99]"),
+    ({"sparsities": (0.0,)}, "sweep.sparsities", "outside (0, 0.99]"),
+    ({"epsilons": (0.1, 1.5)}, "sweep.epsilons", "epsilon = 1.5 is outside [0, 1)"),
+    ({"owl_lambdas": (-0.1,)}, "sweep.owl_lambdas", "outside [0, 1)"),
+    ({"seeds": (-1,)}, "sweep.seeds", ">= 0"),
+    ({"allocations": ("uniform", "nowhere.json")}, "sweep.allocations", "neither"),
+    ({"methods": ("wanda", "lasso")}, "sweep.methods", "unknown pruner"),
+])
+def test_bad_grid_is_refused_before_anything_runs(tiny, tmp_path, axes, field, message):
+    store = RunStore(tmp_path / "runs.sqlite")
+    with pytest.raises(SettingsError, match=re.escape(message)) as e:
+        run_sweep(grid(tiny, **axes), store)
+    assert e.value.field == field and len(store) == 0
+
+
+def test_bad_lists_and_addresses(tiny, tmp_path):
+    assert parse_values("0.1, 0.3,", float, "sweep.epsilons") == (0.1, 0.3)
+    with pytest.raises(SettingsError, match="'abc' is not a number") as e:
+        parse_values("0.1,abc", float, "sweep.epsilons")
+    assert e.value.field == "sweep.epsilons"
+    with pytest.raises(SettingsError, match="not an integer"):
+        parse_values("0,1.5", int, "sweep.seeds")
+    store = RunStore(tmp_path / "runs.sqlite")
+    for address, message in [("127.0.0.1:1", "cannot reach a Ray cluster"), ("nonsense", "not a Ray address")]:
+        with pytest.raises(SettingsError, match=message) as e:
+            run_sweep(grid(tiny), store, address=address)
+        assert e.value.field == "sweep.address"
+    assert len(store) == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epsilons", "0.1,abc"], "error: --epsilons: 'abc' is not a number"),
+    (["--sparsities", "0.5,1.2", "--address", "127.0.0.1:1"], "error: --sparsities: sparsity 1.2 is outside"),
+])
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, message):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, "-m", "analysis", "sweep", "--model", str(tmp_path / "no-model"), *args,
+                        "--db", str(tmp_path / "runs.sqlite")], capture_output=True, text=True, cwd=ROOT, env=env,
+                       timeout=300)
+    assert p.returncode == 2 and p.stderr.strip() == p.stderr.strip().splitlines()[0]
+    assert p.stderr.startswith(message), p.stderr
+
+
+def test_a_sweep_run_is_the_pipeline_run(tiny):
+    """run_config on the worker's cached model, with the sweep's dense reference, records what
+    analysis.pipeline.run records on a freshly loaded model (what `python -m analysis prune` does)."""
+    settings = replace(tiny, allocation=replace(tiny.allocation, method="alphapruning", sparsity=0.6, epsilon=0.2))
+    dense = measure_dense([settings])
+    run_config(replace(settings, allocation=replace(settings.allocation, method="uniform")), dense)  # prunes it once
+    ours = run_config(settings, dense)
+    m = settings.model
+    theirs = run(load_model(m.source, device=m.device, dtype=m.dtype), settings).record
+    assert ours["dense_ppl"] == pytest.approx(theirs["dense_ppl"], rel=1e-6)
+    assert ours["pruned_ppl"] == pytest.approx(theirs["pruned_ppl"], rel=1e-6)
+    assert ours["allocation"]["per_layer"] == pytest.approx(theirs["allocation"]["per_layer"])
+    assert ours["achieved"]["overall"] == pytest.approx(theirs["achieved"]["overall"])
+
+
+@pytest.fixture(scope="module")
+def in_process(tiny, tmp_path_factory):
+    """A 4-configuration sweep run here; (grid, store, outcomes)."""
+    g = grid(tiny)
+    store = RunStore(tmp_path_factory.mktemp("in-process") / "runs.sqlite")
+    return g, store, run_sweep(g, store)
+
+
+def test_in_process_sweep_and_resume(tiny, in_process):
+    g, store, outcomes = in_process
+    assert [o.status for o in outcomes] == [DONE] * 4 and len(store) == 4
+    assert all(o.attempts == 1 and o.pruned_ppl > 0 for o in outcomes)
+    assert set(finished_keys(store)) == {o.key for o in outcomes}
+    assert len({o.dense_ppl for o in outcomes}) == 1  # measured once for the sweep
+    # the same sweep again: nothing runs
+    again = run_sweep(g, store)
+    assert [o.status for o in again] == [SKIPPED] * 4 and len(store) == 4
+    assert [o.run_id for o in again] == [o.run_id for o in outcomes]
+    # one more seed: only its two configurations run
+    more = run_sweep(replace(g, seeds=(0, 1, 2)), store)
+    assert [o.status for o in more].count(DONE) == 2 and len(store) == 6
+    assert {o.settings.calibration.seed for o in more if o.status == DONE} == {2}
+
+
+def test_stop_before_start_cancels_everything_here(tiny, tmp_path):
+    store = RunStore(tmp_path / "runs.sqlite")
+    stop = threading.Event()
+    stop.set()
+    outcomes = run_sweep(grid(tiny), store, stop=stop)
+    assert [o.status for o in outcomes] == [CANCELLED] * 4 and len(store) == 0
+
+
+@pytest.fixture(scope="module")
+def local_ray(tmp_path_factory):
+    """A local Ray with 2 CPUs for this module; its workers see FAULT_FILE_ENV (a file that does not
+    exist yet: a test creates it to kill one worker once). Ray's memory monitor is off: on a shared
+    machine it killed workers of these tiny models for other processes' memory, and those extra
+    retries made the attempt counts below depend on the neighbours."""
+    ray = pytest.importorskip("ray")
+    from analysis.sweep import start_ray
+
+    fault = tmp_path_factory.mktemp("fault") / "kill-one-worker"
+    env = {FAULT_FILE_ENV: str(fault), "RAY_memory_monitor_refresh_ms": "0"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    start_ray(workers=2)
+    yield fault
+    ray.shutdown()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def test_ray_sweep_equals_in_process_retries_and_reports(tiny, in_process, local_ray, tmp_path):
+    g, _, here = in_process
+    bad = allocation_file(tmp_path / "other-model.json", 4)  # names a block this model lacks: fails every time
+    local_ray.write_text("")  # the first configuration to start kills its worker process
+    store = RunStore(tmp_path / "runs.sqlite")
+    outcomes = run_sweep(replace(g, allocations=(*g.allocations, bad)), store, workers=2)
+    assert not local_ray.exists()
+    by_key = {o.key: o for o in outcomes}
+    for o in here:  # same seeds, same runs
+        ray_o = by_key[o.key]
+        assert ray_o.status == DONE
+        assert ray_o.pruned_ppl == pytest.approx(o.pruned_ppl, rel=1e-5)
+        assert ray_o.dense_ppl == pytest.approx(o.dense_ppl, rel=1e-5)
+        assert ray_o.achieved == pytest.approx(o.achieved)
+    # the killed attempt was retried and says so, in the outcome and in the stored record
+    retried = [o for o in outcomes if o.status == DONE and o.attempts == 2]
+    assert len(retried) == 1 and store.get(retried[0].run_id)["sweep"]["attempts"] == 2
+    # the configuration that always fails: tried twice, reported with its error, not stored
+    failed = [o for o in outcomes if o.status == FAILED]
+    assert len(failed) == 2 and all(o.attempts == 2 for o in failed)  # both seeds
+    assert all("not prunable matrices of this model" in o.error for o in failed)
+    assert len(store) == 4 and set(finished_keys(store)) == {o.key for o in here}
+    # each worker process loaded the model once, however many configurations it ran
+    workers = {o.worker["pid"]: o.worker["loads"] for o in outcomes if o.status == DONE}
+    assert set(workers.values()) == {1}
+
+
+def test_ray_sweep_stops_on_the_stop_flag(tiny, local_ray, tmp_path):
+    store = RunStore(tmp_path / "runs.sqlite")
+    stop = threading.Event()
+    g = grid(tiny, sparsities=(0.3, 0.5, 0.7), seeds=(0, 1, 2))  # 18 configurations
+    outcomes = run_sweep(g, store, workers=2, stop=stop, on_outcome=lambda o: stop.set())
+    statuses = [o.status for o in outcomes]
+    assert len(outcomes) == 18 and CANCELLED in statuses and set(statuses) <= {DONE, CANCELLED}
+    assert len(store) == statuses.count(DONE) >= 1
+
+
+def test_worker_model_is_loaded_once(tiny):
+    from analysis.sweep import worker_info, worker_model
+
+    first, dense = worker_model(tiny.model)
+    loads = worker_info()["loads"]
+    again, _ = worker_model(tiny.model)
+    assert again is first and worker_info()["loads"] == loads
+    assert dense.weights and all(w.device.type == "cpu" for w in dense.weights.values())
+
+
+def test_compare_page_plots_sweeps_and_launches_one(tiny, in_process, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    _, store, _ = in_process
+    monkeypatch.setenv("ALPHASCOPE_RUNS_DB", str(store.path))
+    at = AppTest.from_file(str(ROOT / "pages" / "compare.py"), default_timeout=120).run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("Pareto front" in c.proto.spec for c in at.get("plotly_chart"))  # the sweep's figure
+    before = len(store)
+    at.text_input(key="sweep_model").set_value(tiny.model.source)
+    at.text_input(key="sweep_eval").set_value(tiny.evaluation.source)
+    at.number_input(key="sweep_max_windows").set_value(2)
+    at.text_input(key="sweep_sparsities").set_value("0.5,1.5")
+    at.button[0].click().run()  # the form's submit button
+    assert [e.value for e in at.error] == ["sparsities: sparsity 1.5 is outside (0, 0.99]"]
+    at.text_input(key="sweep_sparsities").set_value("0.4")
+    at.text_input(key="sweep_seeds").set_value("5")
+    at.multiselect(key="sweep_allocations").set_value(["uniform"])
+    at.button[0].click().run()
+    assert not at.error, [e.value for e in at.error]
+    job = at.session_state["sweep_job"]
+    assert job.wait(300) and job.status == "done", job.error
+    assert [o.status for o in job.result] == [DONE] and len(store) == before + 1
+
+
+def test_sweep_figure_means_spread_and_pareto_front():
+    import pandas as pd
+
+    from components.figures import pareto_front, sweep_figure
+
+    runs = pd.DataFrame({"method": ["wanda"] * 6 + ["sparsegpt"] * 2,
+                         "allocation": ["uniform"] * 3 + ["owl λ=0.08"] * 3 + ["uniform"] * 2,
+                         "sparsity": [0.5, 0.5, 0.6, 0.5, 0.5, 0.6, 0.5, 0.6],
+                         "pruned_ppl": [20.0, 22.0, 40.0, 19.0, 21.0, 45.0, 18.0, float("nan")]})
+    fig = sweep_figure(runs)
+    uniform = next(t for t in fig.data if t.name == "uniform" and t.xaxis == "x2")  # panels: sparsegpt, wanda
+    assert list(uniform.y) == [21.0, 40.0]  # mean over the two seeds at 0.5
+    assert list(uniform.error_y.array) == [1.0, 0.0] and list(uniform.error_y.arrayminus) == [1.0, 0.0]
+    front = next(t for t in fig.data if t.name == "Pareto front" and t.xaxis == "x2")
+    assert list(zip(front.x, front.y)) == [(0.5, 20.0), (0.6, 40.0)]  # owl's 0.5 mean (20) beats uniform's (21)
+    assert sum(t.showlegend is not False and t.name == "uniform" for t in fig.data) == 1
+    points = pd.DataFrame({"sparsity": [0.5, 0.5, 0.6, 0.7], "ppl": [20.0, 19.0, 40.0, 35.0]})
+    assert pareto_front(points).to_dict("list") == {"sparsity": [0.5, 0.7], "ppl": [19.0, 35.0]}
