@@ -10,6 +10,7 @@ LAYERS = [
     {"runtime", "layers", "powerlaw", "pruners", "allocation", "jobs", "export"},
     {"data", "store", "calibration", "evaluation", "loading", "spectra"},
     {"owl", "pruning", "settings"},
+    {"search"},
     {"pipeline"},
     {"session", "cli"},
     {"__main__"},
