@@ -151,7 +151,8 @@ def prune_and_evaluate(job: Job, work: WorkingCopy, shared_model: nn.Module, tok
                                      progress=lambda m, f: job.report(f"allocation: {m}", 0.03 + 0.1 * f))
         with timer("prune"):
             report = prune(model, alloc.per_layer, method=s.prune.method, calib=data.calib, nm=s.prune.nm,
-                           progress=lambda m, f: job.report(m, 0.13 + 0.57 * f), stop=job.stop)
+                           progress=lambda m, f: job.report(m, 0.13 + 0.57 * f), stop=job.stop,
+                           rowwise=s.prune.rowwise)
         work.version += 1
         if report.stopped or job.cancelled:
             work.label = "partly pruned"
