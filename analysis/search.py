@@ -10,9 +10,9 @@ at every step (the offsets of each group add up to zero).
 
 Fitness. Mean next-token NLL (nats) of the pruned model on calibration text only: a few short
 windows (the first `screen_samples` calibration sequences cut to `screen_seqlen` tokens) to screen
-offspring, all the calibration sequences to confirm; the parent is replaced only when an offspring
-is better on the confirmation tokens, so the result is never worse (on that fitness) than the best
-start.
+offspring, every calibration sequence cut to `confirm_seqlen` tokens to confirm (the starts are scored
+there too); the parent is replaced only when an offspring is better on the confirmation tokens, so the
+result is never worse (on that fitness) than the best start.
 
 Cheap candidates. The dense model's input statistics are gathered once (one calibration walk), each
 block is pruned at a level the first time a candidate needs it, with those dense statistics, and the
@@ -187,7 +187,8 @@ def fitness(model: nn.Module, windows: torch.Tensor, batch: int = 4) -> float:
 
 def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, Allocation], method: str = "wanda",
                       steps: int = 40, seed: int = 0, step: float = STEP, offspring: int = 4,
-                      screen_samples: int = 4, screen_seqlen: int = 128, model_name: str = "",
+                      screen_samples: int = 4, screen_seqlen: int = 128, confirm_seqlen: int = 128,
+                      model_name: str = "",
                       progress: ProgressFn | None = None, stop: StopFlag = None,
                       on_best: OnBest | None = None) -> Allocation:
     """Search a per-block allocation at the budget of `starts` (name -> Allocation, all with the same
@@ -207,6 +208,7 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
     grid = Grid.for_blocks(params, sparsity, step)
     levels = BlockLevels(model, calib, method, grid, progress)
     screen = calib[:screen_samples, :screen_seqlen]
+    confirm = calib[:, :confirm_seqlen]
     cost = {"forward_passes": 0, "tokens": 0}
 
     def score(k: np.ndarray, windows: torch.Tensor) -> float:
@@ -220,7 +222,7 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
         start_scores = {}
         for name, alloc in starts.items():
             k = quantize(alloc.per_block, grid)
-            start_scores[name] = (score(k, calib), k)
+            start_scores[name] = (score(k, confirm), k)
         best_name = min(start_scores, key=lambda n: start_scores[n][0])
         parent_fit, parent = start_scores[best_name]
         parent_screen = score(parent, screen)
@@ -235,7 +237,7 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
             screened = [score(c, screen) for c in children]
             i = int(np.argmin(screened))
             if screened[i] < parent_screen:
-                confirmed = score(children[i], calib)
+                confirmed = score(children[i], confirm)
                 if confirmed < parent_fit:
                     parent, parent_fit, parent_screen = children[i], confirmed, screened[i]
                     history.append({"step": s, "fitness": parent_fit, "per_block": grid.ratios(parent)})
@@ -249,7 +251,7 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
     return _result(model_name, grid, parent, {
         "pruner": method, "fitness": "calibration NLL (nats/token)", "step": step, "steps": steps,
         "steps_done": done, "seed": seed, "offspring": offspring, "screen_tokens": int(screen.numel()),
-        "confirm_tokens": int(calib.numel()), "start": best_name,
+        "confirm_tokens": int(confirm.numel()), "start": best_name,
         "starts": {n: v[0] for n, v in start_scores.items()}, "best_fitness": parent_fit, "history": history,
         "seconds": round(time.perf_counter() - t0, 2), **cost}, refs)
 

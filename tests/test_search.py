@@ -163,7 +163,7 @@ def test_search_fitness_matches_the_cached_candidate(tiny_search):
     with torch.no_grad():
         for r in prunable_layers(model):
             r.weight().copy_(prune_wanda(r.weight().float(), stats[r.name].col_norms(), a.per_layer[r.name]))
-    assert fitness(model, calib) == pytest.approx(a.params["best_fitness"], rel=1e-5)
+    assert fitness(model, calib[:, :128]) == pytest.approx(a.params["best_fitness"], rel=1e-5)
     snap.restore(model)
 
 
