@@ -108,10 +108,11 @@ def searched_allocation(model, calib, sparsity: float, method: str, seed: int, s
     if key not in found:
         starts = search_starts(AllocationSettings(sparsity=sparsity, owl_threshold=5.0), model, calib, metrics,
                                outliers, model_name)
-        load_before = os.getloadavg()
+        load_before, cpu0 = os.getloadavg(), time.process_time()
         alloc = search_allocation(model, calib, starts, method=method, steps=steps, seed=seed, model_name=model_name,
                                   progress=lambda m, f: f >= 1 or int(f * steps) % 10 or log(m))
         alloc.params["loadavg_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
+        alloc.params["cpu_s"] = round(time.process_time() - cpu0, 1)  # all threads of this process
         found[key] = alloc.to_dict()
         save(results, out)
         p = alloc.params
@@ -209,12 +210,12 @@ def markdown(results: dict) -> str:
         lines.append(f"| {r.get('seed', 0)} | {r['sparsity']:.2f} | {r['method']} | {r['allocation']} | "
                      f"{r['prune_s']:.0f} | {r['eval_s']:.0f} | {r['peak_rss_mb']:.0f} |")
     if results.get("searches"):
-        lines += ["", "| search | start | start NLL | best NLL | seconds | forward passes | tokens | load avg |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| search | start | start NLL | best NLL | s | CPU s | forward passes | tokens | load avg |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for key, a in results["searches"].items():
             p = a["params"]
             lines.append(f"| {key} | {p['start']} | {min(p['starts'].values()):.4f} | {p['best_fitness']:.4f} | "
-                         f"{p['seconds']:.0f} | {p['forward_passes']} | {p['tokens']} | "
+                         f"{p['seconds']:.0f} | {p.get('cpu_s')} | {p['forward_passes']} | {p['tokens']} | "
                          f"{p.get('loadavg_before_after')} |")
     return "\n".join(lines)
 

@@ -188,3 +188,24 @@ def test_cli_prune_with_auto_allocation_and_trim(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "analysis", "prune", "--rowwise", "trim", "--nm", "2:4"],
                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert bad.returncode == 2 and "--rowwise" in bad.stderr
+
+
+def test_allocation_page_finds_an_allocation():
+    """The Allocation page's Find allocation on the real default model (one generation): progress,
+    the best loss, and "Use this curve" takes the search's per-block ratios as the control points."""
+    from test_app import fresh_app, metric, run_until_idle
+
+    at = fresh_app()
+    at.button(key="model_load").click().run()
+    at.switch_page("pages/allocation.py")
+    run_until_idle(at, "spectra")
+    at.number_input(key="alloc_search_steps").set_value(1).run()
+    at.button(key="alloc_search_run").click().run()
+    run_until_idle(at, "search")
+    assert "nats/token" in metric(at, "Best calibration loss so far")
+    job = at.session_state["alloc_search_job"]
+    assert job.status == "done" and job.result.method == "auto"
+    at.button(key="alloc_search_use").click().run()
+    assert not at.exception
+    assert len(at.session_state["alloc_points"]) == 30
+    assert at.session_state["alloc_custom"].achieved == pytest.approx(0.5, abs=1e-6)
