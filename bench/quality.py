@@ -51,7 +51,7 @@ from analysis.store import now_iso
 
 OUT = Path(__file__).resolve().parent / "results" / "quality.json"
 METHODS = ("magnitude", "wanda", "sparsegpt")
-ALLOCS = ("uniform", "owl", "alphapruning", "auto", "auto+trim")  # table columns
+ALLOCS = ("uniform", "owl", "alphapruning", "auto", "uniform+trim", "auto+trim")  # table columns
 RUN_ORDER = ("wanda", "magnitude", "sparsegpt")  # cheapest informative runs first
 
 
@@ -100,8 +100,8 @@ def make_allocation(name: str, sparsity: float, metrics, outliers: dict, epsilon
     return allocate(metrics, sparsity, method=name, epsilon=epsilon, model=model)
 
 
-def searched_allocation(model, calib, sparsity: float, method: str, seed: int, steps: int, metrics, outliers,
-                        model_name: str, results: dict, out: Path) -> Allocation:
+def searched_allocation(model, calib, sparsity: float, method: str, seed: int, steps: int, tokens: str, metrics,
+                        outliers, model_name: str, results: dict, out: Path) -> Allocation:
     """The "auto" allocation of this seed/sparsity/pruner, searched once (kept in results["searches"])."""
     key = run_key(sparsity, method, "auto", seed)
     found = results.setdefault("searches", {})
@@ -109,7 +109,10 @@ def searched_allocation(model, calib, sparsity: float, method: str, seed: int, s
         starts = search_starts(AllocationSettings(sparsity=sparsity, owl_threshold=5.0), model, calib, metrics,
                                outliers, model_name)
         load_before, cpu0 = os.getloadavg(), time.process_time()
+        screen, confirm = tokens.split(",")
+        n, length = (int(x) for x in screen.split("x"))
         alloc = search_allocation(model, calib, starts, method=method, steps=steps, seed=seed, model_name=model_name,
+                                  screen_samples=n, screen_seqlen=length, confirm_seqlen=int(confirm),
                                   progress=lambda m, f: f >= 1 or int(f * steps) % 10 or log(m))
         alloc.params["loadavg_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
         alloc.params["cpu_s"] = round(time.process_time() - cpu0, 1)  # all threads of this process
@@ -176,7 +179,7 @@ def markdown(results: dict) -> str:
     seeds = sorted({r.get("seed", cfg.get("seed", 0)) for r in runs.values()})
     allocs = [a for a in ALLOCS if any(r["allocation"] == a for r in runs.values())]
     names = {"uniform": "uniform", "owl": "OWL", "alphapruning": "AlphaPruning", "auto": "auto",
-             "auto+trim": "auto+TRIM"}
+             "uniform+trim": "uniform+TRIM", "auto+trim": "auto+TRIM"}
     lines = [f"{cfg.get('model', 'default')}: dense {results['dense']['ppl']:.2f}. WikiText-2 test perplexity, "
              f"first {n_windows} windows of {cfg['eval_seqlen']} tokens ({cfg['eval_tokens']} scored tokens); "
              f"calibration {cfg['nsamples']}x{cfg['seqlen']} tokens from the embedded corpus, seeds "
@@ -233,6 +236,8 @@ def parse_args(argv=None):
     p.add_argument("--allocations", default="uniform,alphapruning,owl",
                    help="any of uniform, alphapruning, owl, auto; NAME+trim adds TRIM row-wise sparsity")
     p.add_argument("--search-steps", type=int, default=40, help="auto: generations of the search")
+    p.add_argument("--search-tokens", default="4x128,128",
+                   help="auto: screening samples x tokens, and tokens of every calibration sample to confirm on")
     p.add_argument("--eps-grid", default="0.1,0.2,0.3")
     p.add_argument("--eps-sparsity", type=float, default=0.7)
     p.add_argument("--seeds", default="0", help="calibration seeds (and search seeds), e.g. 0,1,2")
@@ -255,6 +260,7 @@ def main(argv=None) -> int:
               "valid_windows": args.valid_windows, "calib": "default (embedded corpus)", "nsamples": args.nsamples,
               "seqlen": args.seqlen, "seeds": seeds, "eps_grid": args.eps_grid, "eps_sparsity": args.eps_sparsity,
               "owl": {"threshold_m": 5.0, "lambda": 0.08}, "search_steps": args.search_steps,
+              "search_tokens": args.search_tokens,
               "torch_threads": torch.get_num_threads(),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     results = json.loads(out.read_text()) if args.resume and out.exists() else {}
@@ -308,8 +314,8 @@ def main(argv=None) -> int:
         base, _, rowwise = a.partition("+")
         calib = calibs[seed]
         if base == "auto":
-            alloc = searched_allocation(model, calib, s, m, seed, args.search_steps, metrics, outliers[seed],
-                                        args.model, results, out)
+            alloc = searched_allocation(model, calib, s, m, seed, args.search_steps, args.search_tokens, metrics,
+                                        outliers[seed], args.model, results, out)
         else:
             alloc = make_allocation(base, s, metrics, outliers.get(seed, {}), eps, args.model)
         r = prune_and_eval(model, snap, alloc, m, calib, test, rowwise=rowwise or None)
