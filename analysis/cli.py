@@ -34,7 +34,7 @@ from analysis.layers import layer_table
 from analysis.loading import DEVICE_MAP_AUTO, PACKAGED, ModelLoadError, ensure_converted, load_model, resolve_source
 from analysis.pipeline import build_allocation, calibration_batch, dense_spectra, evaluation_windows, run, write_record
 from analysis.powerlaw import XMIN_RULES
-from analysis.pruners import PRUNERS, parse_nm
+from analysis.pruners import PRUNERS, ROWWISE, parse_nm
 from analysis.pruning import prune
 from analysis.settings import (
     ALLOCATION_METHODS,
@@ -66,7 +66,9 @@ FLAGS = {
     "allocation.file": "--allocation", "allocation.sparsity": "--sparsity", "allocation.epsilon": "--epsilon",
     "allocation.metric": "--metric", "allocation.granularity": "--granularity", "allocation.fit": "--fit",
     "allocation.owl_lambda": "--owl-lambda", "allocation.owl_threshold": "--owl-threshold",
-    "allocation.points": "--points", "prune.method": "--method", "prune.nm": "--nm", "calibration.source": "--calib",
+    "allocation.points": "--points", "allocation.search_steps": "--search-steps",
+    "allocation.search_seed": "--search-seed", "prune.method": "--method", "prune.nm": "--nm",
+    "prune.rowwise": "--rowwise", "calibration.source": "--calib",
     "calibration.n_samples": "--nsamples", "calibration.seqlen": "--seqlen", "calibration.seed": "--seed",
     "evaluation.source": "--eval", "evaluation.seqlen": "--eval-seqlen", "evaluation.max_windows": "--max-windows",
     "evaluation.batch_size": "--batch-size", "calibration.encoding": "--encoding", "evaluation.encoding": "--encoding",
@@ -177,13 +179,17 @@ def _add_allocation_args(p: argparse.ArgumentParser, axes: bool = False) -> None
                        help="owl: half-range of the sparsities around the target")
     p.add_argument("--owl-threshold", type=float, default=d.owl_threshold,
                    help="owl: outlier = |activation x weight| > M x mean")
+    p.add_argument("--search-steps", type=int, default=d.search_steps,
+                   help="auto: generations of the allocation search")
+    p.add_argument("--search-seed", type=int, default=d.search_seed, help="auto: seed of the allocation search")
 
 
 def _allocation(args: argparse.Namespace, method: str, sparsity: float | None, **extra) -> AllocationSettings:
     d = AllocationSettings()
     return AllocationSettings(method=method, sparsity=d.sparsity if sparsity is None else sparsity,
                               epsilon=args.epsilon, metric=args.metric, granularity=args.granularity, fit=args.fit,
-                              owl_lambda=args.owl_lambda, owl_threshold=args.owl_threshold, **extra)
+                              owl_lambda=args.owl_lambda, owl_threshold=args.owl_threshold,
+                              search_steps=args.search_steps, search_seed=args.search_seed, **extra)
 
 
 def _print_ppl(label: str, u) -> None:
@@ -293,11 +299,11 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     elif args.sparsity is None:
         raise UsageError("--sparsity is required")
     settings = _allocation(args, args.method, args.sparsity, points=points, as_drawn=args.as_drawn).check()
-    calibration = _calibration(args).check() if args.method == "owl" else None
+    calibration = _calibration(args).check() if args.method in ("owl", "auto") else None
     for flag, path in (("--out", args.out), ("--recipe", args.recipe), ("--npy", args.npy)):
         _checked_output(flag, path)
     loaded = _load(_model_settings(args), calibration and calibration.check_model)
-    if args.method in SPECTRA_METHODS:
+    if args.method in (*SPECTRA_METHODS, "auto"):  # the search starts from AlphaPruning too
         metrics = dense_spectra(loaded.model, settings.spectra, progress=_print_progress)
     else:
         metrics = layer_table(loaded.model)
@@ -318,13 +324,14 @@ def cmd_allocate(args: argparse.Namespace) -> int:
 def _add_allocate_parser(sub) -> None:
     p = _parser(sub, "allocate", "layerwise sparsity (uniform, alphapruning, farms, owl, custom) to JSON")
     _add_model_args(p)
-    p.add_argument("--method", default=AllocationSettings.method, choices=ALLOCATION_CHOICES)
+    p.add_argument("--method", default=AllocationSettings.method, choices=[*ALLOCATION_CHOICES, "auto"],
+                   help="auto: search (analysis.search) with Wanda on the calibration text")
     p.add_argument("--sparsity", type=float, default=None, help="target fraction of pruned weights, in [0, 0.99]")
     _add_allocation_args(p)
     p.add_argument("--points", default=None,
                    help="custom curve control points depth:sparsity, e.g. 0:0.5,0.5:0.7,1:0.8")
     p.add_argument("--as-drawn", action="store_true", help="custom: apply the curve as drawn, report its budget")
-    _add_calib_args(p, "owl calibration")
+    _add_calib_args(p, "owl / auto calibration")
     p.add_argument("--out", default=None, help="write the allocation JSON here")
     _add_allocation_file_args(p)
     p.set_defaults(func=cmd_allocate)
@@ -371,10 +378,10 @@ def _run_settings(args: argparse.Namespace) -> RunSettings:
         method, file = "file", args.allocation
     settings = RunSettings(model=_model_settings(args),
                            allocation=_allocation(args, method, args.sparsity, file=file),
-                           prune=PruneSettings(args.method, args.nm), calibration=_calibration(args),
+                           prune=PruneSettings(args.method, args.nm, args.rowwise), calibration=_calibration(args),
                            evaluation=_evaluation(args))
     if settings.prune.nm is None and method == "file" and not Path(file).expanduser().is_file():
-        raise UsageError(f"--allocation must be one of {', '.join(ALLOCATION_METHODS[:4])} or an allocation "
+        raise UsageError(f"--allocation must be one of {', '.join(ALLOCATION_METHODS[:5])} or an allocation "
                          f"JSON file; '{args.allocation}' is neither.")
     return settings.check()
 
@@ -468,12 +475,14 @@ def _add_prune_parsers(sub) -> None:
     _add_model_args(p)
     p.add_argument("--method", default=PruneSettings.method, choices=list(PRUNERS))
     p.add_argument("--allocation", default=AllocationSettings.method,
-                   help=f"{', '.join(ALLOCATION_METHODS[:4])}, or an allocation JSON file")
+                   help=f"{', '.join(ALLOCATION_METHODS[:5])}, or an allocation JSON file")
     p.add_argument("--sparsity", type=float, default=AllocationSettings.sparsity,
                    help="target fraction of pruned weights, in (0, 0.99]")
     _add_allocation_args(p)
     p.add_argument("--nm", default=PruneSettings.nm,
                    help="N:M semi-structured sparsity, e.g. 2:4 (overrides the allocation)")
+    p.add_argument("--rowwise", default=PruneSettings.rowwise, choices=list(ROWWISE),
+                   help="row-wise sparsity inside each matrix: trim (TRIM, Beck et al. 2025)")
     _add_calib_args(p)
     _add_eval_args(p, "--eval")
     p.add_argument("--save-model", default=None,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -30,6 +30,7 @@ from analysis.owl import collect_outlier_ratios
 from analysis.pruners import parse_nm
 from analysis.pruning import PruneReport, prune
 from analysis.runtime import ProgressFn, StopFlag
+from analysis.search import OnBest, search_allocation
 from analysis.settings import (
     SPECTRA_METHODS,
     AllocationSettings,
@@ -92,21 +93,49 @@ def dense_spectra(model: nn.Module, spectra: SpectraSettings, progress: Progress
                    include_outside=spectra.include_outside, progress=progress).metrics
 
 
+AUTO_EPSILONS = (0.1, 0.2, 0.3)  # AlphaPruning spreads the search starts from
+
+
+def search_starts(settings: AllocationSettings, model: nn.Module, calib: torch.Tensor,
+                  metrics: pd.DataFrame | None = None, outlier_ratios: dict[int, float] | None = None,
+                  model_name: str = "", progress: ProgressFn | None = None) -> dict[str, Allocation]:
+    """The allocations the "auto" search starts from, at settings.sparsity: uniform, AlphaPruning at
+    each of AUTO_EPSILONS (spectra with settings.spectra) and OWL (outliers on `calib`)."""
+    base = {"uniform": replace(settings, method="uniform"), "owl": replace(settings, method="owl")}
+    base |= {f"alphapruning eps={e:g}": replace(settings, method="alphapruning", epsilon=e) for e in AUTO_EPSILONS}
+    if metrics is None:
+        metrics = dense_spectra(model, settings.spectra, progress)
+    if outlier_ratios is None:
+        outlier_ratios = collect_outlier_ratios(model, calib, threshold_m=settings.owl_threshold, progress=progress)
+    return {name: build_allocation(s, model, calib=calib, metrics=metrics, outlier_ratios=outlier_ratios,
+                                   model_name=model_name) for name, s in base.items()}
+
+
 def build_allocation(settings: AllocationSettings, model: nn.Module, *, nm=None, calib: torch.Tensor | None = None,
                      metrics: pd.DataFrame | None = None, outlier_ratios: dict[int, float] | None = None,
-                     custom: Allocation | None = None, model_name: str = "",
-                     progress: ProgressFn | None = None) -> Allocation:
+                     custom: Allocation | None = None, model_name: str = "", prune_method: str = "wanda",
+                     progress: ProgressFn | None = None, stop: StopFlag = None,
+                     on_best: OnBest | None = None) -> Allocation:
     """The Allocation of a run. Inputs computed elsewhere may be passed in to reuse them (and must
-    come from the same dense model): `metrics` (spectra with settings.spectra, for alphapruning/farms),
-    `outlier_ratios` (OWL, measured on `calib`), `custom` (a curve drawn on the Allocation page).
-    Otherwise they are computed here from `model`, which must then be dense; OWL hooks its modules.
-    With an N:M pattern every matrix is (M-N)/M sparse, so the allocation is uniform at that value."""
+    come from the same dense model): `metrics` (spectra with settings.spectra, for alphapruning/farms
+    and the search's starts), `outlier_ratios` (OWL, measured on `calib`), `custom` (a curve drawn on
+    the Allocation page). Otherwise they are computed here from `model`, which must then be dense; OWL
+    hooks its modules. "auto" searches with `prune_method` on `calib` (analysis.search; `stop` ends it
+    early with the best so far, `on_best` sees every improvement). With an N:M pattern every matrix
+    is (M-N)/M sparse, so the allocation is uniform at that value."""
     pattern = parse_nm(nm)
     if pattern is not None:
         return allocate(layer_table(model), (pattern[1] - pattern[0]) / pattern[1], "uniform", model=model_name)
     method = settings.method
     if method == "file":
         return Allocation.load(settings.file)
+    if method == "auto":
+        if calib is None:
+            raise ValueError("auto needs calibration data: the search scores candidates on it.")
+        starts = search_starts(settings, model, calib, metrics, outlier_ratios, model_name, progress)
+        return search_allocation(model, calib, starts, method=prune_method, steps=settings.search_steps,
+                                 seed=settings.search_seed, model_name=model_name, progress=progress, stop=stop,
+                                 on_best=on_best)
     if method == "custom":
         if custom is not None:
             return custom
@@ -165,6 +194,7 @@ def record_config(settings: RunSettings, alloc: Allocation, data_info: dict, mod
     nm = parse_nm(settings.prune.nm)
     source = settings.allocation.file if settings.allocation.method == "file" else settings.allocation.method
     return {"model": model_name or settings.model.source, **model_info, "method": settings.prune.method,
+            "rowwise": settings.prune.rowwise,
             "allocation": alloc.method if nm is None else "n:m", "allocation_source": source,
             "sparsity": alloc.sparsity, "epsilon": settings.allocation.epsilon, "nm": list(nm) if nm else None,
             **data_info, "seed": settings.calibration.seed, "settings": settings.to_dict()}
@@ -221,7 +251,8 @@ def run(loaded: LoadedModel, settings: RunSettings, *, progress: ProgressFn | No
         data = prepare_data(loaded.tokenizer, settings.calibration, settings.evaluation, info.bos_per_window)
     with timer("allocation"):
         alloc = build_allocation(settings.allocation, model, nm=settings.prune.nm, calib=data.calib,
-                                 metrics=metrics, model_name=info.source, progress=progress)
+                                 metrics=metrics, model_name=info.source, prune_method=settings.prune.method,
+                                 progress=progress)
 
     def evaluate(label: str) -> float:
         show = (lambda u: on_ppl(label, u)) if on_ppl else None
@@ -233,7 +264,7 @@ def run(loaded: LoadedModel, settings: RunSettings, *, progress: ProgressFn | No
             dense = evaluate("dense")
     with timer("prune"):
         report = prune(model, alloc.per_layer, method=settings.prune.method, calib=data.calib, nm=settings.prune.nm,
-                       progress=progress, stop=stop)
+                       progress=progress, stop=stop, rowwise=settings.prune.rowwise)
     with timer("pruned_eval"):
         pruned = evaluate("pruned")
     config = record_config(settings, alloc, data.info, info.source, model_title=info.title, device=info.device,

@@ -16,6 +16,18 @@ no row loses far more than the others; SparseGPT spreads a row's k over its colu
 cumulative rounding, k_b = round(ratio * end_b) - round(ratio * start_b)). So every matrix's achieved
 sparsity equals its requested ratio to within half a weight per row.
 
+A ratio may also be a tensor of one ratio per output row (row-wise allocation, e.g. TRIM below);
+each row then loses round(ratio_r * in) weights.
+
+TRIM (Beck et al., 2025, "TRIM: Achieving Extreme Sparsity with Targeted Row-wise Iterative
+Metric-driven Pruning"): row sparsities start at the matrix's ratio and are moved for a few
+iterations by the per-row cosine similarity between the dense and the pruned outputs on the
+calibration tokens (rows that keep their output well are pruned more), clipped to [0, MAX] and
+re-centred so the matrix keeps its ratio; the iterate with the smallest relative output error is
+kept (the plain per-row pruning is iterate 0, so TRIM never reconstructs worse on the calibration
+tokens). Both measures need only the Gram matrix G = XᵀX of the layer's inputs:
+<Y_r, Y'_r> = w_r G w'_rᵀ, so no activations are kept.
+
 N:M (e.g. 2:4, 4:8): in every group of M consecutive input weights of a row, the M-N lowest-scoring
 are removed, so the sparsity is (M-N)/M whatever ratio was asked for.
 
@@ -52,23 +64,34 @@ def parse_nm(nm) -> NM | None:
 # masks (True = remove)
 
 
-def row_prune_count(ratio: float, cols: int) -> int:
-    """Weights removed per row: round(ratio * cols), halves rounded up."""
+Ratio = float | torch.Tensor  # one ratio for the whole matrix, or one per output row (shape (rows,))
+
+
+def row_prune_count(ratio: Ratio, cols: int):
+    """Weights removed per row: round(ratio * cols), halves rounded up (an int, or a long tensor of
+    one count per row when `ratio` is a per-row tensor)."""
+    if isinstance(ratio, torch.Tensor):
+        return torch.floor(ratio.double() * cols + 0.5).long()
     return int(math.floor(ratio * cols + 0.5))
 
 
-def unstructured_mask(scores: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Remove the round(ratio * cols) lowest scores of every row."""
+def unstructured_mask(scores: torch.Tensor, ratio: Ratio) -> torch.Tensor:
+    """Remove the round(ratio * cols) lowest scores of every row (ratio: a float or one per row)."""
     return lowest_k_mask(scores, row_prune_count(ratio, scores.shape[1]))
 
 
-def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Remove the k lowest scores along the last dimension.
+def lowest_k_mask(scores: torch.Tensor, k) -> torch.Tensor:
+    """Remove the k lowest scores along the last dimension; k: an int, or a long tensor of one count
+    per row (shape scores.shape[:-1]).
 
     Equal scores go to the lower index first (a stable sort, unlike topk), so CPU and GPU remove
     the same weights: dequantized 4-bit checkpoints have many exactly equal magnitudes."""
     mask = torch.zeros_like(scores, dtype=torch.bool)
-    if k > 0:
+    if isinstance(k, torch.Tensor):  # per-row counts: remove the entries whose rank is below k
+        order = torch.sort(scores, dim=-1, stable=True).indices
+        ranks = torch.arange(scores.shape[-1], device=scores.device).expand_as(order)
+        mask.scatter_(-1, order, ranks < k.to(scores.device).unsqueeze(-1))
+    elif k > 0:
         idx = torch.sort(scores, dim=-1, stable=True).indices[..., :k]
         mask.scatter_(-1, idx, True)
     return mask
@@ -82,7 +105,7 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return lowest_k_mask(scores.reshape(rows, cols // m, m), m - n).reshape(rows, cols)
 
 
-def select_mask(scores: torch.Tensor, ratio: float, nm: NM | None) -> torch.Tensor:
+def select_mask(scores: torch.Tensor, ratio: Ratio, nm: NM | None) -> torch.Tensor:
     return nm_mask(scores, *nm) if nm else unstructured_mask(scores, ratio)
 
 
@@ -90,7 +113,7 @@ def select_mask(scores: torch.Tensor, ratio: float, nm: NM | None) -> torch.Tens
 # pruners on one (out, in) float matrix; they return the pruned matrix
 
 
-def prune_magnitude(w: torch.Tensor, ratio: float, nm: NM | None = None) -> torch.Tensor:
+def prune_magnitude(w: torch.Tensor, ratio: Ratio, nm: NM | None = None) -> torch.Tensor:
     return w.masked_fill(select_mask(w.abs(), ratio, nm), 0.0)
 
 
@@ -99,7 +122,7 @@ def wanda_scores(w: torch.Tensor, col_norms: torch.Tensor) -> torch.Tensor:
     return w.abs() * col_norms.reshape(1, -1).to(w)
 
 
-def prune_wanda(w: torch.Tensor, col_norms: torch.Tensor, ratio: float,
+def prune_wanda(w: torch.Tensor, col_norms: torch.Tensor, ratio: Ratio,
                 nm: NM | None = None) -> torch.Tensor:
     return w.masked_fill(select_mask(wanda_scores(w, col_norms), ratio, nm), 0.0)
 
@@ -118,14 +141,15 @@ def _inverse_hessian_factor(h: torch.Tensor, w: torch.Tensor, percdamp: float) -
     return torch.linalg.cholesky(hinv, upper=True)
 
 
-def _block_prune_counts(ratio: float, cols: int, blocksize: int) -> list[int]:
-    """Per-row removals for each column block; they add up to round(ratio * cols) exactly."""
+def _block_prune_counts(ratio: Ratio, cols: int, blocksize: int) -> list:
+    """Per-row removals for each column block; they add up to round(ratio * cols) exactly (ints, or
+    per-row count tensors for per-row ratios)."""
     edges = list(range(0, cols, blocksize)) + [cols]
     cum = [row_prune_count(ratio, e) for e in edges]
     return [b - a for a, b in zip(cum[:-1], cum[1:])]
 
 
-def prune_sparsegpt(w: torch.Tensor, hessian: torch.Tensor, ratio: float, nm: NM | None = None,
+def prune_sparsegpt(w: torch.Tensor, hessian: torch.Tensor, ratio: Ratio, nm: NM | None = None,
                     blocksize: int = 128, percdamp: float = 0.01) -> torch.Tensor:
     """SparseGPT on one matrix (out, in) with the input Hessian (in, in); returns the pruned matrix.
 
@@ -161,6 +185,88 @@ def prune_sparsegpt(w: torch.Tensor, hessian: torch.Tensor, ratio: float, nm: NM
 
 
 # --------------------------------------------------------------------------------------------
+# TRIM: row-wise ratios refined from the layer's output reconstruction
+
+ROWWISE = ("trim",)  # row-wise refinements on top of any allocation (None: every row gets the matrix's ratio)
+
+
+def check_rowwise(rowwise: str | None, nm) -> None:
+    """ValueError unless `rowwise` is None or one of ROWWISE, and is not combined with N:M."""
+    if rowwise is None:
+        return
+    if rowwise not in ROWWISE:
+        raise ValueError(f"rowwise must be one of {', '.join(ROWWISE)} or none, got {rowwise!r}")
+    if parse_nm(nm):
+        raise ValueError("row-wise sparsity does not apply to N:M patterns (every row is (M-N)/M sparse)")
+
+
+def output_quality(w: torch.Tensor, pruned: torch.Tensor, gram: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Per-row cosine similarity between dense and pruned outputs (Y = X Wᵀ) over the tokens whose
+    Gram matrix is `gram` (in, in), and the relative output error ||Y - Y'||² / ||Y||²."""
+    g = gram.float()
+    w, pruned = w.float(), pruned.float()
+    wg, pg = w @ g, pruned @ g
+    dense_sq = (wg * w).sum(1)
+    pruned_sq = (pg * pruned).sum(1)
+    cross = (wg * pruned).sum(1)
+    cos = cross / (dense_sq * pruned_sq).clamp_min(1e-30).sqrt()
+    err = (dense_sq - 2 * cross + pruned_sq).sum() / dense_sq.sum().clamp_min(1e-30)
+    return cos, float(err)
+
+
+def recentre_counts(ratios: torch.Tensor, ratio: float, cols: int, max_ratio: float) -> torch.Tensor:
+    """Per-row removal counts near ratios * cols, each in [0, floor(max_ratio * cols)], adding up
+    to rows * round(ratio * cols): the matrix's sparsity is exactly the uniform rows' sparsity."""
+    rows = ratios.numel()
+    total = rows * row_prune_count(ratio, cols)
+    hi = int(math.floor(max_ratio * cols))
+    r = ratios.double()
+    for _ in range(50):  # clip, then shift the mean back; converges in a few rounds
+        r = r.clamp(0.0, hi / cols)
+        gap = total / cols - float(r.sum())
+        if abs(gap) < 1e-9:
+            break
+        r = r + gap / rows
+    exact = (r * cols).clamp(0, hi)
+    counts = exact.floor().long()
+    short = total - int(counts.sum())  # largest remainders get the missing weights
+    if short > 0:
+        room = counts < hi
+        frac = torch.where(room, exact - counts, torch.full_like(exact, -1.0))
+        counts[torch.sort(frac, descending=True, stable=True).indices[:short]] += 1
+    elif short < 0:
+        frac = torch.where(counts > 0, exact - counts, torch.full_like(exact, 2.0))
+        counts[torch.sort(frac, stable=True).indices[:-short]] -= 1
+    return counts
+
+
+def prune_trim(w: torch.Tensor, ratio: float, prune_rows: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+               gram: torch.Tensor, iterations: int = 4, step: float = 0.05,
+               max_ratio: float = 0.99) -> tuple[torch.Tensor, torch.Tensor]:
+    """TRIM on one (out, in) matrix: `prune_rows(w, row_ratios)` is the pruner with per-row ratios,
+    `gram` = XᵀX of the layer's calibration inputs. Each iteration moves every row's ratio by
+    step * (cos_r - mean cos) / max|cos - mean cos| (a row whose output is kept best gains up to
+    `step` sparsity); returns (pruned matrix, row ratios) of the iterate with the smallest relative
+    output error."""
+    rows, cols = w.shape
+    ratios = recentre_counts(torch.full((rows,), float(ratio)), ratio, cols, max_ratio).double() / cols
+    best = prune_rows(w, ratios)
+    cos, best_err = output_quality(w, best, gram)
+    best_ratios = ratios
+    for _ in range(iterations):
+        d = (cos - cos.mean()).double().cpu()
+        spread = float(d.abs().max())
+        if spread <= 0 or not math.isfinite(spread):
+            break
+        ratios = recentre_counts(ratios + step * d / spread, ratio, cols, max_ratio).double() / cols
+        pruned = prune_rows(w, ratios)
+        cos, err = output_quality(w, pruned, gram)
+        if err < best_err:
+            best, best_err, best_ratios = pruned, err, ratios
+    return best, best_ratios
+
+
+# --------------------------------------------------------------------------------------------
 # registry
 
 
@@ -168,7 +274,8 @@ def prune_sparsegpt(w: torch.Tensor, hessian: torch.Tensor, ratio: float, nm: NM
 class Pruner:
     """A pruning method. `statistic` names the calibration statistic it needs: None (weights only),
     "col_norms" (||X_j||_2 per input column) or "hessian" (2/T XᵀX); `apply(w, ratio, nm, stat)`
-    returns the pruned matrix; `summary` is one line for menus and help texts."""
+    returns the pruned matrix (ratio: a float, or a per-row tensor when nm is None); `summary` is one
+    line for menus and help texts."""
 
     name: str
     statistic: str | None

@@ -1,6 +1,11 @@
 """Pruning a model in place: each prunable matrix loses the fraction of weights its allocation asks
 for, with a registered pruner (analysis.pruners), block by block through the calibration walker
 (analysis.calibration). A `DenseSnapshot` undoes it without reloading.
+
+Row-wise refinement (`rowwise="trim"`, analysis.pruners.prune_trim) spreads each matrix's ratio
+unevenly over its output rows from the layer's output reconstruction; it needs the Gram matrix XᵀX of
+every layer's inputs, which the walker gathers like SparseGPT's Hessian (cols x cols float32 per
+distinct input of the current block), so memory stays bounded whatever the number of tokens.
 """
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ from torch import nn
 from analysis.allocation import MAX_RATIO
 from analysis.calibration import InputStats, walk_blocks
 from analysis.layers import LayerRef, find_blocks, prunable_layers
-from analysis.pruners import NM, PRUNERS, get_pruner, parse_nm
+from analysis.pruners import NM, PRUNERS, check_rowwise, get_pruner, parse_nm, prune_trim
 from analysis.runtime import ProgressFn, StopFlag
 
 METHODS = tuple(PRUNERS)
@@ -31,6 +36,7 @@ class PruneReport:
     requested: dict[str, float] = field(default_factory=dict)
     blocks_done: int = 0
     stopped: bool = False  # stopped early: the model is partly pruned, restore it from a DenseSnapshot
+    rowwise: str | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -50,11 +56,18 @@ def _check_ratios(per_layer: dict[str, float], refs: list[LayerRef]) -> None:
         raise ValueError(f"Sparsity ratios must be in [0, {MAX_RATIO}]; '{k}' has {v}")
 
 
-def prune_layer(ref: LayerRef, ratio: float, method: str, stats: InputStats | None, nm: NM | None = None) -> None:
-    """Prune one matrix in place with the registered pruner `method`."""
+def prune_layer(ref: LayerRef, ratio: float, method: str, stats: InputStats | None, nm: NM | None = None,
+                rowwise: str | None = None) -> None:
+    """Prune one matrix in place with the registered pruner `method`; rowwise="trim" refines the
+    per-row ratios (needs `stats` with the Gram matrix, i.e. gathered with hessian=True)."""
     pruner = get_pruner(method)
     stat = getattr(stats, pruner.statistic)() if pruner.statistic else None
-    new = pruner.apply(ref.weight().detach().float(), ratio, nm, stat)
+    w = ref.weight().detach().float()
+    if rowwise == "trim":
+        new, _ = prune_trim(w, ratio, lambda m, rows: pruner.apply(m, rows, None, stat), stats.xtx,
+                            max_ratio=MAX_RATIO)
+    else:
+        new = pruner.apply(w, ratio, nm, stat)
     with torch.no_grad():
         ref.weight().copy_(new.to(ref.weight().dtype))
 
@@ -66,10 +79,11 @@ def sparsity_of(w: torch.Tensor) -> float:
 
 def prune(model: nn.Module, per_layer: dict[str, float], method: str = "wanda", calib: torch.Tensor | None = None,
           nm=None, progress: ProgressFn | None = None, stop: StopFlag = None,
-          device: str | torch.device | None = None) -> PruneReport:
+          device: str | torch.device | None = None, rowwise: str | None = None) -> PruneReport:
     """Prune `model` in place: matrix `name` loses the fraction `per_layer[name]` of its weights
     (names not given are left dense). `calib`: (n, seqlen) token ids, needed by pruners that use a
-    calibration statistic. `nm`: "2:4", (2, 4) or None (unstructured). `device`: where each block is
+    calibration statistic and by row-wise refinement. `nm`: "2:4", (2, 4) or None (unstructured).
+    `rowwise`: None or "trim" (see the module docstring). `device`: where each block is
     pruned (default: where it lives). `stop` is checked between blocks; when it stops the run, the
     model is partly pruned (report.stopped): restore it with DenseSnapshot.restore.
     """
@@ -79,26 +93,27 @@ def prune(model: nn.Module, per_layer: dict[str, float], method: str = "wanda", 
     refs = prunable_layers(model)
     _check_ratios(per_layer, refs)
     todo = {k: float(v) for k, v in per_layer.items() if float(v) > 0}
-    if pruner.statistic and calib is None:
-        raise ValueError(f"{method} needs calibration data (calib = token ids, shape (n, seqlen)).")
+    check_rowwise(rowwise, nm)
+    if (pruner.statistic or rowwise) and calib is None:
+        raise ValueError(f"{rowwise or method} needs calibration data (calib = token ids, shape (n, seqlen)).")
 
     def on_block(b: int, block_refs: list[LayerRef], stats: dict[str, InputStats]) -> bool:
         changed = False
         for ref in block_refs:
             if ref.name in todo:
-                prune_layer(ref, todo[ref.name], method, stats.get(ref.name), nm)
+                prune_layer(ref, todo[ref.name], method, stats.get(ref.name), nm, rowwise)
                 changed = True
         return changed
 
-    done = walk_blocks(model, calib if pruner.statistic else None, on_block,
-                       hessian=pruner.statistic == "hessian", device=device, progress=progress, stop=stop,
-                       label=f"{method}: block")
+    done = walk_blocks(model, calib if pruner.statistic or rowwise else None, on_block,
+                       hessian=pruner.statistic == "hessian" or rowwise is not None, device=device,
+                       progress=progress, stop=stop, label=f"{method}{'+' + rowwise if rowwise else ''}: block")
     n_blocks = len(find_blocks(model)[1])
     achieved = {r.name: sparsity_of(r.weight()) for r in refs}
     total = sum(r.params for r in refs)
     overall = sum(achieved[r.name] * r.params for r in refs) / total if total else 0.0
     return PruneReport(method, nm, achieved, overall, time.perf_counter() - t0, dict(per_layer),
-                       blocks_done=done, stopped=done < n_blocks)
+                       blocks_done=done, stopped=done < n_blocks, rowwise=rowwise)
 
 
 @dataclass

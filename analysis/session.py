@@ -391,7 +391,7 @@ def prune_and_evaluate(job: Job, work: WorkingCopy, shared_model: nn.Module, tok
             with timer("prune"):
                 report = prune(model, alloc.per_layer, method=s.prune.method, calib=data.calib, nm=s.prune.nm,
                                progress=lambda m, f: job.report(m, 0.13 + 0.57 * f), stop=job.stop,
-                               device=prune_device(model))
+                               device=prune_device(model), rowwise=s.prune.rowwise)
             work.version += 1
             if report.stopped or job.cancelled:
                 raise JobCancelled()

@@ -30,10 +30,11 @@ from analysis.data import (
 from analysis.layers import prunable_layers
 from analysis.loading import DTYPES, ModelLoadError, ModelPreview, pick_device
 from analysis.powerlaw import XMIN_RULES
-from analysis.pruners import PRUNERS, parse_nm
+from analysis.pruners import PRUNERS, ROWWISE, check_rowwise, parse_nm
 
-# allocation methods a run can name; "custom" is a drawn curve, "file" an allocation JSON
-ALLOCATION_METHODS = ("uniform", "alphapruning", "farms", "owl", "custom", "file")
+# allocation methods a run can name; "auto" a search (analysis.search), "custom" a drawn curve, "file" an
+# allocation JSON
+ALLOCATION_METHODS = ("uniform", "alphapruning", "farms", "owl", "auto", "custom", "file")
 SPECTRA_METHODS = ("alphapruning", "farms")  # allocations computed from the dense model's spectra
 
 
@@ -169,7 +170,8 @@ class AllocationSettings:
     """method: one of ALLOCATION_METHODS; sparsity: the budget, fraction of prunable weights removed;
     epsilon: AlphaPruning's spread; metric / granularity / fit: how spectra become scores; owl_lambda
     and owl_threshold: OWL's half-range and outlier multiple M; points / as_drawn: a custom curve
-    ((depth, sparsity) pairs); file: an allocation JSON (method "file")."""
+    ((depth, sparsity) pairs); file: an allocation JSON (method "file"); search_steps / search_seed:
+    generations and seed of the "auto" search (analysis.search)."""
 
     method: str = "alphapruning"
     sparsity: float = 0.5
@@ -182,6 +184,8 @@ class AllocationSettings:
     points: tuple[tuple[float, float], ...] | None = None
     as_drawn: bool = False
     file: str | None = None
+    search_steps: int = 40
+    search_seed: int = 0
 
     def check(self) -> AllocationSettings:
         if self.method not in ALLOCATION_METHODS:
@@ -203,6 +207,8 @@ class AllocationSettings:
             raise SettingsError(f"fit must be one of {', '.join(XMIN_RULES)}, got {self.fit!r}", "allocation.fit")
         if not self.owl_threshold > 0:
             raise SettingsError(f"owl_threshold must be > 0, got {self.owl_threshold}", "allocation.owl_threshold")
+        _positive_int(self.search_steps, "allocation.search_steps", 0)
+        _positive_int(self.search_seed, "allocation.search_seed", 0)
         if self.method == "custom" and not self.points:
             raise SettingsError("a custom allocation needs control points, e.g. 0:0.5,0.5:0.7,1:0.8",
                                 "allocation.points")
@@ -222,15 +228,18 @@ class AllocationSettings:
 
 @dataclass(frozen=True)
 class PruneSettings:
-    """method: a key of analysis.pruners.PRUNERS; nm: "2:4"-style N:M pattern or None (unstructured)."""
+    """method: a key of analysis.pruners.PRUNERS; nm: "2:4"-style N:M pattern or None (unstructured);
+    rowwise: None or one of analysis.pruning.ROWWISE ("trim": per-row ratios, unstructured only)."""
 
     method: str = "wanda"
     nm: str | None = None
+    rowwise: str | None = None
 
     def check(self) -> PruneSettings:
         if self.method not in PRUNERS:
             raise SettingsError(f"method must be one of {', '.join(PRUNERS)}, got {self.method!r}", "prune.method")
         _checked("prune.nm", parse_nm, self.nm)
+        _checked("prune.rowwise", check_rowwise, self.rowwise, self.nm)
         return self
 
     def check_model(self, preview: ModelPreview) -> None:
@@ -318,6 +327,6 @@ class RunSettings:
         return cls(**parts)
 
 
-__all__ = ["ALLOCATION_METHODS", "QUICK_EVALUATION", "QUICK_ZEROSHOT", "SPECTRA_METHODS",
+__all__ = ["ALLOCATION_METHODS", "QUICK_EVALUATION", "QUICK_ZEROSHOT", "ROWWISE", "SPECTRA_METHODS",
            "AllocationSettings", "CalibrationSettings", "EvaluationSettings", "ModelSettings", "PruneSettings",
            "RunSettings", "SettingsError", "SpectraSettings", "ZeroShotSettings"]

@@ -1,9 +1,15 @@
-"""Pruning quality on the default model: WikiText-2 test perplexity after pruning.
+"""Pruning quality on a packaged model: WikiText-2 test perplexity after pruning.
 
-    python -m bench.quality [--windows 40] [--sparsities 0.5,0.6,0.7] [--device cuda] [--out FILE] [--resume]
+    python -m bench.quality [--model default] [--windows 40] [--sparsities 0.5,0.6,0.7] [--device cuda]
+                            [--allocations uniform,alphapruning,owl,auto,auto+trim] [--seeds 0,1,2]
+                            [--out FILE] [--resume]
 
-Grid: dense, then every sparsity x pruner {magnitude, wanda, sparsegpt} x allocation {uniform, owl,
-alphapruning}. Calibration: n random windows from the embedded corpus (gensim's Lee background
+Grid: dense, then every seed x sparsity x pruner {magnitude, wanda, sparsegpt} x allocation {uniform,
+owl, alphapruning, auto}; "NAME+trim" prunes with that allocation and TRIM row-wise sparsity. "auto"
+is the allocation search (analysis.search) on the calibration batch only, started from uniform,
+AlphaPruning (eps 0.1/0.2/0.3) and OWL, `--search-steps` generations with search seed = the
+calibration seed; its cost (seconds, forward passes, tokens, load average) is recorded under
+"searches". Calibration: n random windows from the embedded corpus (gensim's Lee background
 corpus, news text, disjoint from WikiText-2). Evaluation: the first `--windows` non-overlapping
 512-token windows of WikiText-2 test (a fixed prefix, identical for every run, so differences between
 runs are paired; `--windows 0` takes the whole test set). AlphaPruning's epsilon is chosen from `--eps-grid` on
@@ -22,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import resource
 import threading
@@ -31,19 +38,20 @@ from pathlib import Path
 import psutil
 import torch
 
-from analysis.allocation import allocate
+from analysis.allocation import Allocation, allocate
 from analysis.data import calibration_batches, eval_windows, load_text
 from analysis.evaluation import perplexity
 from analysis.loading import load_model
 from analysis.owl import collect_outlier_ratios
-from analysis.pipeline import dense_spectra, library_versions
+from analysis.pipeline import dense_spectra, library_versions, search_starts
 from analysis.pruning import DenseSnapshot, prune
-from analysis.settings import SpectraSettings
+from analysis.search import search_allocation
+from analysis.settings import AllocationSettings, SpectraSettings
 from analysis.store import now_iso
 
 OUT = Path(__file__).resolve().parent / "results" / "quality.json"
 METHODS = ("magnitude", "wanda", "sparsegpt")
-ALLOCS = ("uniform", "owl", "alphapruning")  # table columns
+ALLOCS = ("uniform", "owl", "alphapruning", "auto", "uniform+trim", "auto+trim")  # table columns
 RUN_ORDER = ("wanda", "magnitude", "sparsegpt")  # cheapest informative runs first
 
 
@@ -75,8 +83,8 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def run_key(sparsity: float, method: str, alloc: str) -> str:
-    return f"{sparsity:.2f}/{method}/{alloc}"
+def run_key(sparsity: float, method: str, alloc: str, seed: int = 0) -> str:
+    return f"{seed}/{sparsity:.2f}/{method}/{alloc}"
 
 
 def save(results: dict, out: Path) -> None:
@@ -86,20 +94,44 @@ def save(results: dict, out: Path) -> None:
     tmp.replace(out)
 
 
-def make_allocation(name: str, sparsity: float, metrics, outliers: dict, epsilon: float):
+def make_allocation(name: str, sparsity: float, metrics, outliers: dict, epsilon: float, model: str = "default"):
     if name == "owl":
-        return allocate(metrics, sparsity, method="owl", outlier_ratios=outliers, owl_lambda=0.08, model="default")
-    return allocate(metrics, sparsity, method=name, epsilon=epsilon, model="default")
+        return allocate(metrics, sparsity, method="owl", outlier_ratios=outliers, owl_lambda=0.08, model=model)
+    return allocate(metrics, sparsity, method=name, epsilon=epsilon, model=model)
 
 
-def prune_and_eval(model, snap, alloc, method: str, calib, windows) -> dict:
+def searched_allocation(model, calib, sparsity: float, method: str, seed: int, steps: int, tokens: str, metrics,
+                        outliers, model_name: str, results: dict, out: Path) -> Allocation:
+    """The "auto" allocation of this seed/sparsity/pruner, searched once (kept in results["searches"])."""
+    key = run_key(sparsity, method, "auto", seed)
+    found = results.setdefault("searches", {})
+    if key not in found:
+        starts = search_starts(AllocationSettings(sparsity=sparsity, owl_threshold=5.0), model, calib, metrics,
+                               outliers, model_name)
+        load_before, cpu0 = os.getloadavg(), time.process_time()
+        screen, confirm = tokens.split(",")
+        n, length = (int(x) for x in screen.split("x"))
+        alloc = search_allocation(model, calib, starts, method=method, steps=steps, seed=seed, model_name=model_name,
+                                  screen_samples=n, screen_seqlen=length, confirm_seqlen=int(confirm),
+                                  progress=lambda m, f: f >= 1 or int(f * steps) % 10 or log(m))
+        alloc.params["loadavg_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
+        alloc.params["cpu_s"] = round(time.process_time() - cpu0, 1)  # all threads of this process
+        found[key] = alloc.to_dict()
+        save(results, out)
+        p = alloc.params
+        log(f"search {key}: start {p['start']} {min(p['starts'].values()):.4f} -> {p['best_fitness']:.4f} nats, "
+            f"{p['seconds']:.0f} s, {p['forward_passes']} forward passes")
+    return Allocation.from_dict(found[key])
+
+
+def prune_and_eval(model, snap, alloc, method: str, calib, windows, rowwise: str | None = None) -> dict:
     """Prune with `alloc`, evaluate, restore the dense weights; returns the measurements."""
     gpu = next(model.parameters()).device.type == "cuda"
     if gpu:
         torch.cuda.reset_peak_memory_stats()
     with PeakRSS() as mem:
         t0 = time.perf_counter()
-        report = prune(model, alloc.per_layer, method=method, calib=calib)
+        report = prune(model, alloc.per_layer, method=method, calib=calib, rowwise=rowwise)
         t1 = time.perf_counter()
         ppl = perplexity(model, windows)
         t2 = time.perf_counter()
@@ -126,39 +158,74 @@ def choose_epsilon(model, snap, metrics, calib, valid, grid, sparsity: float, re
     return best
 
 
-def grid_order(sparsities, methods, allocs):
-    """Methods in the given order (SparseGPT, the slowest, last), highest sparsity first (where the
-    allocations differ most), so a benchmark cut short still answers the main question."""
-    return [(s, m, a) for m in methods for s in sorted(sparsities, reverse=True) for a in allocs]
+def grid_order(sparsities, methods, allocs, seeds=(0,)):
+    """Seeds in the given order, then methods (SparseGPT, the slowest, last), highest sparsity first
+    (where the allocations differ most), so a benchmark cut short still answers the main question."""
+    return [(seed, s, m, a) for seed in seeds for m in methods for s in sorted(sparsities, reverse=True)
+            for a in allocs]
+
+
+def _ppl_cell(values: list[float]) -> str:
+    """Mean of the seeds, and their range when there are several."""
+    if not values:
+        return "n/a"
+    mean = sum(values) / len(values)
+    return f"{mean:.2f}" if len(values) == 1 else f"{mean:.2f} ({min(values):.1f}–{max(values):.1f})"
 
 
 def markdown(results: dict) -> str:
     runs, cfg = results["runs"], results["config"]
     n_windows = cfg.get('eval_windows', cfg['windows'])
-    lines = [f"Dense: {results['dense']['ppl']:.2f}. WikiText-2 test perplexity, first {n_windows} windows of "
-             f"{cfg['eval_seqlen']} tokens ({cfg['eval_tokens']} scored tokens); calibration {cfg['nsamples']}x"
-             f"{cfg['seqlen']} tokens from the embedded corpus; AlphaPruning eps = {results.get('epsilon')} "
-             f"(chosen on WikiText-2 valid).", "",
-             "| sparsity | pruner | uniform | OWL | AlphaPruning | AlphaPruning vs uniform |",
-             "|---|---|---|---|---|---|"]
+    seeds = sorted({r.get("seed", cfg.get("seed", 0)) for r in runs.values()})
+    allocs = [a for a in ALLOCS if any(r["allocation"] == a for r in runs.values())]
+    names = {"uniform": "uniform", "owl": "OWL", "alphapruning": "AlphaPruning", "auto": "auto",
+             "uniform+trim": "uniform+TRIM", "auto+trim": "auto+TRIM"}
+    lines = [f"{cfg.get('model', 'default')}: dense {results['dense']['ppl']:.2f}. WikiText-2 test perplexity, "
+             f"first {n_windows} windows of {cfg['eval_seqlen']} tokens ({cfg['eval_tokens']} scored tokens); "
+             f"calibration {cfg['nsamples']}x{cfg['seqlen']} tokens from the embedded corpus, seeds "
+             f"{', '.join(map(str, seeds))} (mean, and range over seeds); AlphaPruning eps = "
+             f"{results.get('epsilon')} (chosen on WikiText-2 valid).", "",
+             f"| sparsity | pruner | {' | '.join(names.get(a, a) for a in allocs)} | best baseline vs uniform |"
+             + (" auto vs best baseline |" if "auto" in allocs else ""),
+             "|---|---|" + "---|" * (len(allocs) + 1 + ("auto" in allocs))]
+
+    def cell(s, m, a):
+        return [r["ppl"] for r in runs.values() if r["sparsity"] == s and r["method"] == m
+                and r["allocation"] == a and r.get("ppl")]
+
     for s in sorted({r["sparsity"] for r in runs.values()}):
         for m in METHODS:
-            cells = [runs.get(run_key(s, m, a), {}).get("ppl") for a in ALLOCS]
-            if all(c is None for c in cells):
+            cells = {a: cell(s, m, a) for a in allocs}
+            if not any(cells.values()):
                 continue
-            u, a = cells[0], cells[2]
-            delta = f"{100 * (a - u) / u:+.1f}%" if u and a else "n/a"
-            shown = " | ".join(f"{c:.2f}" if c else "n/a" for c in cells)
-            lines.append(f"| {s:.1f} | {m} | {shown} | {delta} |")
-    lines += ["", "| sparsity | pruner | allocation | prune s | eval s | peak RSS MB |", "|---|---|---|---|---|---|"]
-    for key, r in runs.items():
-        s, m, a = key.split("/")
-        lines.append(f"| {s} | {m} | {a} | {r['prune_s']:.0f} | {r['eval_s']:.0f} | {r['peak_rss_mb']:.0f} |")
+            mean = {a: sum(v) / len(v) for a, v in cells.items() if v}
+            base = [mean[a] for a in ("uniform", "owl", "alphapruning") if a in mean]
+            row = f"| {s:.1f} | {m} | " + " | ".join(_ppl_cell(cells[a]) for a in allocs)
+            row += f" | {100 * (min(base) - mean['uniform']) / mean['uniform']:+.1f}% |" if base and "uniform" in mean \
+                else " | n/a |"
+            if "auto" in allocs:
+                best = min(base) if base else None
+                row += f" {100 * (mean['auto'] - best) / best:+.1f}% |" if "auto" in mean and best else " n/a |"
+            lines.append(row)
+    lines += ["", "| seed | sparsity | pruner | allocation | prune s | eval s | peak RSS MB |",
+              "|---|---|---|---|---|---|---|"]
+    for r in runs.values():
+        lines.append(f"| {r.get('seed', 0)} | {r['sparsity']:.2f} | {r['method']} | {r['allocation']} | "
+                     f"{r['prune_s']:.0f} | {r['eval_s']:.0f} | {r['peak_rss_mb']:.0f} |")
+    if results.get("searches"):
+        lines += ["", "| search | start | start NLL | best NLL | s | CPU s | forward passes | tokens | load avg |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for key, a in results["searches"].items():
+            p = a["params"]
+            lines.append(f"| {key} | {p['start']} | {min(p['starts'].values()):.4f} | {p['best_fitness']:.4f} | "
+                         f"{p['seconds']:.0f} | {p.get('cpu_s')} | {p['forward_passes']} | {p['tokens']} | "
+                         f"{p.get('loadavg_before_after')} |")
     return "\n".join(lines)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="default", help="packaged model: default or gemma3")
     p.add_argument("--windows", type=int, default=40, help="WikiText-2 test windows of 512 tokens (0: all)")
     p.add_argument("--valid-windows", type=int, default=20,
                    help="WikiText-2 valid windows for choosing epsilon (0: all)")
@@ -166,10 +233,14 @@ def parse_args(argv=None):
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--sparsities", default="0.5,0.6,0.7")
     p.add_argument("--methods", default=",".join(RUN_ORDER))
-    p.add_argument("--allocations", default="uniform,alphapruning,owl")
+    p.add_argument("--allocations", default="uniform,alphapruning,owl",
+                   help="any of uniform, alphapruning, owl, auto; NAME+trim adds TRIM row-wise sparsity")
+    p.add_argument("--search-steps", type=int, default=40, help="auto: generations of the search")
+    p.add_argument("--search-tokens", default="4x128,128",
+                   help="auto: screening samples x tokens, and tokens of every calibration sample to confirm on")
     p.add_argument("--eps-grid", default="0.1,0.2,0.3")
     p.add_argument("--eps-sparsity", type=float, default=0.7)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default="0", help="calibration seeds (and search seeds), e.g. 0,1,2")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when visible)")
     p.add_argument("--out", default=None, help="result file (default: bench/results/quality.json, "
                                                 "quality_cuda.json on a GPU)")
@@ -179,26 +250,34 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    torch.manual_seed(args.seed)
-    lm = load_model("default", device=args.device, dtype="float32")
+    seeds = [int(x) for x in args.seeds.split(",")]
+    torch.manual_seed(seeds[0])
+    lm = load_model(args.model, device=args.device, dtype="float32")
     model, tok = lm.model, lm.tokenizer
     device = next(model.parameters()).device
     out = Path(args.out) if args.out else OUT.with_name("quality_cuda.json" if device.type == "cuda" else OUT.name)
-    config = {"model": "default", "eval": "wikitext2:test", "eval_seqlen": 512, "windows": args.windows,
+    config = {"model": args.model, "eval": "wikitext2:test", "eval_seqlen": 512, "windows": args.windows,
               "valid_windows": args.valid_windows, "calib": "default (embedded corpus)", "nsamples": args.nsamples,
-              "seqlen": args.seqlen, "seed": args.seed, "eps_grid": args.eps_grid, "eps_sparsity": args.eps_sparsity,
-              "owl": {"threshold_m": 5.0, "lambda": 0.08}, "torch_threads": torch.get_num_threads(),
+              "seqlen": args.seqlen, "seeds": seeds, "eps_grid": args.eps_grid, "eps_sparsity": args.eps_sparsity,
+              "owl": {"threshold_m": 5.0, "lambda": 0.08}, "search_steps": args.search_steps,
+              "search_tokens": args.search_tokens,
+              "torch_threads": torch.get_num_threads(),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     results = json.loads(out.read_text()) if args.resume and out.exists() else {}
-    if results.get("config", {}).get("windows") not in (None, args.windows):
-        results = {}  # different evaluation set: nothing to resume
+    if results.get("config", {}).get("windows") not in (None, args.windows) or \
+            results.get("config", {}).get("model", args.model) != args.model:
+        results = {}  # different evaluation set or model: nothing to resume
     results.update({"config": {**results.get("config", {}), **config}, "started": results.get("started", now_iso()),
                     "versions": library_versions(),
-                    "machine": {"cpus": psutil.cpu_count(), "platform": platform.platform()}})
+                    "machine": {"cpus": psutil.cpu_count(), "platform": platform.platform(),
+                                "shared": "2-core CPU shared with other jobs; see each search's load average"}})
     results.setdefault("runs", {})
-    calib = calibration_batches(tok, load_text("default"), args.nsamples, args.seqlen, seed=args.seed)
-    test = eval_windows(tok, load_text("wikitext2:test"), 512, max_windows=args.windows or None)
-    valid = eval_windows(tok, load_text("wikitext2:valid"), 512, max_windows=args.valid_windows or None)
+    calibs = {seed: calibration_batches(tok, load_text("default"), args.nsamples, args.seqlen, seed=seed,
+                                        bos=lm.info.bos_per_window) for seed in seeds}
+    test = eval_windows(tok, load_text("wikitext2:test"), 512, bos=lm.info.bos_per_window,
+                        max_windows=args.windows or None)
+    valid = eval_windows(tok, load_text("wikitext2:valid"), 512, bos=lm.info.bos_per_window,
+                         max_windows=args.valid_windows or None)
     results["config"]["eval_windows"] = int(test.shape[0])
     results["config"]["eval_tokens"] = int(test.shape[0] * (test.shape[1] - 1))
     snap = DenseSnapshot.take(model)
@@ -214,26 +293,33 @@ def main(argv=None) -> int:
         save(results, out)
     log(f"dense ppl {results['dense']['ppl']:.3f}")
     allocs = args.allocations.split(",")
-    outliers = {}
-    if "owl" in allocs:
-        t0 = time.perf_counter()
-        outliers = collect_outlier_ratios(model, calib, threshold_m=5.0)
-        results["owl_outliers_s"] = round(time.perf_counter() - t0, 2)
-        results["owl_outlier_ratios"] = {str(k): v for k, v in outliers.items()}
+    bases = {a.split("+")[0] for a in allocs}
+    outliers: dict[int, dict] = {}
+    if bases & {"owl", "auto"}:
+        for seed in seeds:
+            t0 = time.perf_counter()
+            outliers[seed] = collect_outlier_ratios(model, calibs[seed], threshold_m=5.0)
+            results["owl_outliers_s"] = round(time.perf_counter() - t0, 2)
     eps = 0.3
-    if "alphapruning" in allocs:
+    if "alphapruning" in bases:
         grid = [float(e) for e in args.eps_grid.split(",")]
-        eps = choose_epsilon(model, snap, metrics, calib, valid, grid, args.eps_sparsity, results, out)
+        eps = choose_epsilon(model, snap, metrics, calibs[seeds[0]], valid, grid, args.eps_sparsity, results, out)
         log(f"chosen epsilon {eps:g}")
 
     sparsities = [float(s) for s in args.sparsities.split(",")]
-    for s, m, a in grid_order(sparsities, args.methods.split(","), allocs):
-        key = run_key(s, m, a)
+    for seed, s, m, a in grid_order(sparsities, args.methods.split(","), allocs, seeds):
+        key = run_key(s, m, a, seed)
         if key in results["runs"]:
             continue
-        alloc = make_allocation(a, s, metrics, outliers, eps)
-        r = prune_and_eval(model, snap, alloc, m, calib, test)
-        results["runs"][key] = {"sparsity": s, "method": m, "allocation": a, **r}
+        base, _, rowwise = a.partition("+")
+        calib = calibs[seed]
+        if base == "auto":
+            alloc = searched_allocation(model, calib, s, m, seed, args.search_steps, args.search_tokens, metrics,
+                                        outliers[seed], args.model, results, out)
+        else:
+            alloc = make_allocation(base, s, metrics, outliers.get(seed, {}), eps, args.model)
+        r = prune_and_eval(model, snap, alloc, m, calib, test, rowwise=rowwise or None)
+        results["runs"][key] = {"seed": seed, "sparsity": s, "method": m, "allocation": a, **r}
         results["finished"] = now_iso()
         save(results, out)
         log(f"{key}: ppl {r['ppl']}, prune {r['prune_s']} s, eval {r['eval_s']} s, peak {r['peak_rss_mb']} MB")

@@ -1,4 +1,5 @@
 """Allocation page: draw the layerwise sparsity curve over depth, compare it with the presets."""
+import copy
 import hashlib
 import json
 
@@ -6,9 +7,12 @@ import pandas as pd
 import streamlit as st
 
 from analysis.allocation import Allocation, AllocationError, allocate, block_table, control_points, custom_allocation
+from analysis.jobs import Job
+from analysis.pipeline import build_allocation, calibration_batch
+from analysis.pruners import PRUNERS
 from analysis.settings import AllocationSettings, SpectraSettings
 from components.curve_editor import clamp_points, curve_editor, curve_points
-from components.figures import METHOD_COLORS, allocation_overlay, block_bars_figure
+from components.figures import METHOD_COLORS, allocation_overlay, block_bars_figure, curves_figure
 from components.state import owl_job, prune_data_settings, require_model, spectra_job, wait_for
 
 POINTS_KEY = "alloc_points"
@@ -68,6 +72,75 @@ with st.expander("Preset ratios per block (table)"):
                                **{name: a.per_block for name, a in presets.items()}}),
                  hide_index=True, key="alloc_preset_table")
 
+# ---- Find allocation: the search (analysis.search) on a private copy, in the background ----
+SEARCH_KEY = "alloc_search_job"
+
+
+def _search_work(job: Job, shared, tokenizer, bos: bool, settings: AllocationSettings, pruner: str,
+                 calibration, eval_source: str, model_name: str, dense_metrics) -> Allocation:
+    """The search writes candidate weights into its model: a throw-away copy, never the shared one."""
+    job.report("copying the model", 0.0)
+    model = copy.deepcopy(shared)
+    calib = calibration_batch(tokenizer, calibration, eval_source, bos)
+    return build_allocation(settings, model, calib=calib, metrics=dense_metrics, model_name=model_name,
+                            prune_method=pruner, progress=job.report, stop=job.stop,
+                            on_best=lambda per_block, fit, step: job.emit({"per_block": per_block, "fitness": fit,
+                                                                           "step": step}))
+
+
+with st.expander("Find allocation (search)", expanded=SEARCH_KEY in st.session_state):
+    st.caption("An evolutionary search over per-block sparsity at the target budget (in the spirit of EvoPress, "
+               "Sieberling et al. 2024): it starts from the best of uniform, AlphaPruning (ε 0.1/0.2/0.3) and OWL, "
+               "then moves sparsity between blocks, keeping the budget exact, scored by the pruned model's loss on "
+               "the calibration text of the Prune page only (never the evaluation text). It runs on a private "
+               "copy of the model; minutes on a CPU.")
+    f1, f2, f3 = st.columns(3)
+    search_pruner = f1.selectbox("Pruner", list(PRUNERS), key="alloc_search_pruner")
+    search_steps = f2.number_input("Generations", 1, 500, DEFAULT.search_steps, key="alloc_search_steps")
+    search_seed = f3.number_input("Seed", 0, 10_000, DEFAULT.search_seed, key="alloc_search_seed")
+    search: Job | None = st.session_state.get(SEARCH_KEY)
+    g1, g2 = st.columns(2)
+    if g1.button("Find allocation", key="alloc_search_run", disabled=search is not None and not search.done):
+        cal, ev = prune_data_settings()
+        cfg = AllocationSettings(method="auto", sparsity=float(target), search_steps=int(search_steps),
+                                 search_seed=int(search_seed), fit=fit)
+        shared, tok, info = loaded.model, loaded.tokenizer, loaded.info
+        st.session_state[SEARCH_KEY] = search = Job(
+            lambda j: _search_work(j, shared, tok, info.bos_per_window, cfg, search_pruner, cal, ev, info.source,
+                                   metrics), name="allocation-search").start()
+    if search is not None and not search.done and g2.button("Cancel the search", key="alloc_search_cancel"):
+        search.cancel()
+
+    @st.fragment(run_every=1.0)
+    def _search_status() -> None:
+        job: Job | None = st.session_state.get(SEARCH_KEY)
+        if job is None:
+            return
+        best = job.latest()
+        msg, frac = job.progress
+        if job.status == "error":
+            st.error(f"The search failed: {job.error}")
+        elif not job.done:
+            st.progress(frac, text=f"{msg} ({job.elapsed:.0f} s)")
+        else:
+            st.caption(f"Search {job.status} after {job.elapsed:.0f} s.")
+        if best:
+            st.metric("Best calibration loss so far", f"{best['fitness']:.4f} nats/token",
+                      help=f"found at generation {best['step']}")
+            mine = st.session_state.get("alloc_custom")
+            curves = [("search: best so far", best["per_block"])] + ([("your curve", mine.per_block)] if mine else [])
+            st.plotly_chart(curves_figure(curves), key="alloc_search_curves")
+        if job.done and st.session_state.get("_alloc_search_shown") is not job:
+            st.session_state["_alloc_search_shown"] = job
+            st.rerun()  # once, so the curve editor shows the final overlay
+
+    _search_status()
+    if search is not None and search.latest() and (search.done or search.cancelled):
+        if st.button("Use this curve", key="alloc_search_use",
+                     help="Take the search's per-block ratios as the control points (one per block)."):
+            st.session_state[POINTS_KEY] = clamp_points(control_points(search.latest()["per_block"]), Y_MAX)[0]
+            st.rerun()
+
 p1, p2, p3 = st.columns([2, 1, 1])
 preset = p1.selectbox("Preset", list(presets), index=list(presets).index("alphapruning"), key="alloc_preset")
 k = p2.number_input("Control points", 2, max(2, n_blocks), min(7, n_blocks), key="alloc_preset_points")
@@ -109,6 +182,8 @@ st.session_state["alloc_custom"] = applied  # the Prune page offers it as "custo
 
 with chart_box:
     overlays = [allocation_overlay(a.per_block, name, METHOD_COLORS.get(name)) for name, a in presets.items()]
+    if (found := st.session_state.get(SEARCH_KEY)) is not None and found.latest():
+        overlays.append(allocation_overlay(found.latest()["per_block"], "search best", "#2ca02c", "dash"))
     overlays.append({**allocation_overlay(applied.per_block, f"applied ({mode})", "#d62728", "solid"),
                      "mode": "markers", "opacity": 0.5})
     curve_editor(points, overlays, key=POINTS_KEY, y_max=Y_MAX, height=380)

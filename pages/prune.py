@@ -6,7 +6,7 @@ from analysis.data import DataError, save_text, text_source_problem
 from analysis.export import DEFAULT_FORMAT, FORMATS, RECIPE_PRUNERS, export, module_order, ratios_npy, recipe_yaml
 from analysis.jobs import DONE, Job, JobCancelled
 from analysis.pipeline import evaluation_windows
-from analysis.pruners import PRUNERS, parse_nm
+from analysis.pruners import PRUNERS, ROWWISE, parse_nm
 from analysis.session import evaluate_weights_job, prune_and_evaluate, prune_need
 from analysis.settings import (
     QUICK_EVALUATION,
@@ -76,6 +76,11 @@ alloc_label = c3.selectbox("Allocation", list(ALLOCATIONS), key="prune_alloc")
 allocation = ALLOCATIONS[alloc_label]
 sparsity = c4.slider("Target sparsity", 0.05, 0.9, ALLOC_DEFAULT.sparsity, 0.05, key="prune_sparsity",
                      disabled=nm != "unstructured" or allocation == "custom")
+rowwise = st.selectbox("Row-wise sparsity", ["none", *ROWWISE], key="prune_rowwise",
+                       disabled=nm != "unstructured",
+                       help="none: every row of a matrix loses the same fraction; trim (TRIM, Beck et al. 2025): "
+                            "rows whose output survives pruning well lose more, the others less, each matrix "
+                            "keeping its ratio (a few extra pruning passes per matrix).")
 epsilon = ALLOC_DEFAULT.epsilon
 if allocation in SPECTRA_METHODS:
     epsilon = st.slider("ε (spread of the α-guided ratios)", 0.0, 0.9, ALLOC_DEFAULT.epsilon, 0.05, key="prune_epsilon")
@@ -120,7 +125,9 @@ remember_prune_data(calibration, eval_source)
 evaluation = EvaluationSettings(eval_source, int(eval_seqlen), int(max_windows) or None)
 settings = RunSettings(
     allocation=AllocationSettings(method=allocation, sparsity=float(sparsity), epsilon=float(epsilon), fit=fit),
-    prune=PruneSettings(method, None if nm == "unstructured" else nm), calibration=calibration, evaluation=evaluation)
+    prune=PruneSettings(method, None if nm == "unstructured" else nm,
+                        None if rowwise == "none" or nm != "unstructured" else rowwise),
+    calibration=calibration, evaluation=evaluation)
 metrics = None
 if allocation in SPECTRA_METHODS and settings.prune.nm is None:
     spec = spectra_job(loaded, fit, farms=allocation == "farms")

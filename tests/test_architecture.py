@@ -10,6 +10,7 @@ LAYERS = [
     {"runtime", "layers", "powerlaw", "pruners", "allocation", "jobs", "export", "checkpoint"},
     {"data", "store", "calibration", "evaluation", "loading", "spectra"},
     {"owl", "pruning", "settings", "zeroshot"},
+    {"search"},
     {"pipeline"},
     {"sweep"},
     {"session", "cli"},

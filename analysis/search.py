@@ -1,0 +1,262 @@
+"""Allocation search ("auto"): an evolutionary search over per-block sparsity with the budget fixed,
+in the spirit of EvoPress (Sieberling et al., 2024, "EvoPress: Towards Optimal Dynamic Model
+Compression via Evolutionary Search").
+
+Search space. Block b gets the ratio S + k_b * step (S: the budget, k_b an integer offset); every
+matrix of a block gets its block's ratio. Blocks with the same number of prunable weights form a
+group (in the decoder-only models here: all blocks), and a move takes one step of sparsity from one
+block and gives it to another block of its group, so sum_b params_b * ratio_b stays S * total exactly
+at every step (the offsets of each group add up to zero).
+
+Fitness. Mean next-token NLL (nats) of the pruned model on calibration text only: a few short
+windows (the first `screen_samples` calibration sequences cut to `screen_seqlen` tokens) to screen
+offspring, every calibration sequence cut to `confirm_seqlen` tokens to confirm (the starts are scored
+there too); the parent is replaced only when an offspring is better on the confirmation tokens, so the
+result is never worse (on that fitness) than the best start.
+
+Cheap candidates. The dense model's input statistics are gathered once (one calibration walk), each
+block is pruned at a level the first time a candidate needs it, with those dense statistics, and the
+result is cached (a mask for pruners that only remove weights, the updated weights for SparseGPT);
+a candidate is then assembled by writing cached block weights into the model, only for the blocks
+that differ from the candidate before. As in EvoPress, blocks are pruned from dense inputs here,
+while the final pruning (analysis.pruning.prune) feeds each block the outputs of the pruned blocks
+before it, so the search ranks allocations on a close proxy of the final model.
+
+Starts: the given allocations (uniform, AlphaPruning, OWL, ... computed by the caller), each rounded
+to the grid (largest remainders, offsets of each group adding up to zero). Deterministic for a seed.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from analysis.allocation import MAX_RATIO, Allocation, budget
+from analysis.calibration import InputStats, walk_blocks
+from analysis.evaluation import window_nll
+from analysis.layers import LayerRef, layers_by_block, module_device
+from analysis.pruners import get_pruner
+from analysis.pruning import DenseSnapshot
+from analysis.runtime import ProgressFn, StopFlag, should_stop
+
+STEP = 0.025  # sparsity moved by one mutation step
+OnBest = Callable[[list[float], float, int], None]  # (per-block ratios, confirmed fitness, step)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The search space: block b's ratio is sparsity + k[b] * step; offsets within [lo, hi]."""
+
+    sparsity: float
+    step: float
+    groups: tuple[tuple[int, ...], ...]  # blocks with equal prunable weights
+    params: tuple[int, ...]  # prunable weights per block
+    lo: int
+    hi: int
+
+    @classmethod
+    def for_blocks(cls, params: list[int], sparsity: float, step: float = STEP) -> Grid:
+        by_size: dict[int, list[int]] = {}
+        for b, p in enumerate(params):
+            if p > 0:
+                by_size.setdefault(p, []).append(b)
+        lo = -int(math.floor(sparsity / step + 1e-9))
+        hi = int(math.floor((MAX_RATIO - sparsity) / step + 1e-9))
+        return cls(sparsity, step, tuple(tuple(g) for g in by_size.values()), tuple(params), lo, hi)
+
+    def ratio(self, offset: int) -> float:
+        return min(max(self.sparsity + int(offset) * self.step, 0.0), MAX_RATIO)
+
+    def ratios(self, k: np.ndarray) -> list[float]:
+        return [self.ratio(o) if self.params[b] else 0.0 for b, o in enumerate(k)]
+
+    def budget(self, k: np.ndarray) -> float:
+        return budget(self.ratios(k), self.params)
+
+
+def quantize(per_block: list[float], grid: Grid) -> np.ndarray:
+    """Offsets nearest to `per_block`, each group's adding up to zero (largest remainders), within
+    [grid.lo, grid.hi]: the start's shape on the grid, at the grid's budget exactly."""
+    k = np.zeros(len(grid.params), dtype=np.int64)
+    for g in grid.groups:
+        x = (np.asarray([per_block[b] for b in g], dtype=np.float64) - grid.sparsity) / grid.step
+        for _ in range(50):  # clip into the bounds, re-centre on zero
+            x = np.clip(x, grid.lo, grid.hi)
+            if abs(x.sum()) < 1e-9:
+                break
+            x -= x.mean()
+        base = np.floor(x).astype(np.int64)
+        short = int(round(-base.sum()))  # how many must round up for the sum to be zero
+        order = np.argsort(-(x - base), kind="stable")
+        base[order[:short]] += 1
+        k[list(g)] = base
+    return k
+
+
+def mutate(k: np.ndarray, grid: Grid, rng: np.random.Generator, max_moves: int = 3) -> np.ndarray:
+    """A copy of `k` with 1..max_moves moves, each taking one step from a block and giving it to
+    another block of the same group (within the bounds), so the budget does not change."""
+    k = k.copy()
+    groups = [g for g in grid.groups if len(g) > 1]
+    if not groups:
+        return k
+    sizes = np.asarray([len(g) for g in groups], dtype=np.float64)
+    for _ in range(int(rng.integers(1, max_moves + 1))):
+        g = groups[int(rng.choice(len(groups), p=sizes / sizes.sum()))]
+        up = [b for b in g if k[b] < grid.hi]
+        down = [b for b in g if k[b] > grid.lo]
+        if not up or not down:
+            continue
+        i = up[int(rng.integers(len(up)))]
+        rest = [b for b in down if b != i]
+        if not rest:
+            continue
+        j = rest[int(rng.integers(len(rest)))]
+        k[i] += 1
+        k[j] -= 1
+    return k
+
+
+class BlockLevels:
+    """Pruned weights of (block, offset) pairs, computed on first use from the dense weights and the
+    dense model's input statistics, and written into the model on demand."""
+
+    def __init__(self, model: nn.Module, calib: torch.Tensor, method: str, grid: Grid,
+                 progress: ProgressFn | None = None, device: str | torch.device | None = None):
+        self.model, self.grid, self.pruner = model, grid, get_pruner(method)
+        self.refs: dict[int, list[LayerRef]] = layers_by_block(model)
+        self.dense = DenseSnapshot.take(model)
+        self.stats: dict[str, InputStats] = {}
+        self.cache: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        self.applied: dict[int, int | None] = {b: None for b in self.refs}  # None: dense
+        if self.pruner.statistic:
+            def keep(_b: int, _refs, stats: dict[str, InputStats]) -> bool:
+                self.stats.update(stats)
+                return False
+            walk_blocks(model, calib, keep, hessian=self.pruner.statistic == "hessian", device=device,
+                        progress=progress, label="search statistics: block")
+
+    def _level(self, b: int, o: int) -> dict[str, torch.Tensor]:
+        key = (b, o)
+        if key not in self.cache:
+            ratio = self.grid.ratio(o)
+            out = {}
+            for ref in self.refs[b]:
+                w = self.dense.weights[ref.name].float()
+                stat = getattr(self.stats[ref.name], self.pruner.statistic)() if self.pruner.statistic else None
+                pruned = self.pruner.apply(w.to(stat.device) if stat is not None else w, ratio, None, stat)
+                # pruners that only remove weights are kept as masks (1 byte per weight)
+                out[ref.name] = (pruned == 0).cpu() if self.pruner.statistic != "hessian" else \
+                    pruned.to("cpu", self.dense.weights[ref.name].dtype)
+            self.cache[key] = out
+        return self.cache[key]
+
+    def apply(self, k: np.ndarray) -> None:
+        """Write the candidate `k` into the model (only blocks whose offset changed)."""
+        with torch.no_grad():
+            for b, refs in self.refs.items():
+                o = int(k[b])
+                if self.applied[b] == o:
+                    continue
+                level = self._level(b, o)
+                for ref in refs:
+                    new = level[ref.name]
+                    dense = self.dense.weights[ref.name]
+                    ref.weight().copy_(dense.masked_fill(new, 0.0) if new.dtype == torch.bool else new)
+                self.applied[b] = o
+
+    def restore(self) -> None:
+        self.dense.restore(self.model)
+        self.applied = {b: None for b in self.refs}
+
+
+def fitness(model: nn.Module, windows: torch.Tensor, batch: int = 4) -> float:
+    """Mean next-token NLL (nats per token) of `model` on `windows` (n, L)."""
+    dev = module_device(model)
+    total, tokens = 0.0, 0
+    for i in range(0, windows.shape[0], batch):
+        nll, n = window_nll(model, windows[i: i + batch].to(dev))
+        total, tokens = total + nll, tokens + n
+    return total / tokens
+
+
+def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, Allocation], method: str = "wanda",
+                      steps: int = 40, seed: int = 0, step: float = STEP, offspring: int = 4,
+                      screen_samples: int = 4, screen_seqlen: int = 128, confirm_seqlen: int = 128,
+                      model_name: str = "",
+                      progress: ProgressFn | None = None, stop: StopFlag = None,
+                      on_best: OnBest | None = None) -> Allocation:
+    """Search a per-block allocation at the budget of `starts` (name -> Allocation, all with the same
+    sparsity, for this model) with pruner `method`; `model` must be dense and is dense again on
+    return. `steps` generations of `offspring` mutants each; `stop` ends the search early (the best
+    so far is returned). The result's params hold the search's settings, the starts' fitness, the
+    history (one entry per improvement) and its cost (seconds, forward passes, tokens)."""
+    if not starts:
+        raise ValueError("the search needs at least one start allocation")
+    sparsity = next(iter(starts.values())).sparsity
+    if calib is None or calib.dim() != 2:
+        raise ValueError("the search needs calibration data (calib = token ids, shape (n, seqlen)).")
+    t0 = time.perf_counter()
+    refs = layers_by_block(model)
+    n_blocks = max(refs) + 1
+    params = [sum(r.params for r in refs.get(b, [])) for b in range(n_blocks)]
+    grid = Grid.for_blocks(params, sparsity, step)
+    levels = BlockLevels(model, calib, method, grid, progress)
+    screen = calib[:screen_samples, :screen_seqlen]
+    confirm = calib[:, :confirm_seqlen]
+    cost = {"forward_passes": 0, "tokens": 0}
+
+    def score(k: np.ndarray, windows: torch.Tensor) -> float:
+        levels.apply(k)
+        cost["forward_passes"] += math.ceil(windows.shape[0] / 4)
+        cost["tokens"] += int(windows.numel())
+        return fitness(model, windows)
+
+    rng = np.random.default_rng(seed)
+    try:
+        start_scores = {}
+        for name, alloc in starts.items():
+            k = quantize(alloc.per_block, grid)
+            start_scores[name] = (score(k, confirm), k)
+        best_name = min(start_scores, key=lambda n: start_scores[n][0])
+        parent_fit, parent = start_scores[best_name]
+        parent_screen = score(parent, screen)
+        history = [{"step": 0, "fitness": parent_fit, "per_block": grid.ratios(parent)}]
+        if on_best:
+            on_best(grid.ratios(parent), parent_fit, 0)
+        done = 0
+        for s in range(1, steps + 1):
+            if should_stop(stop):
+                break
+            children = [mutate(parent, grid, rng) for _ in range(offspring)]
+            screened = [score(c, screen) for c in children]
+            i = int(np.argmin(screened))
+            if screened[i] < parent_screen:
+                confirmed = score(children[i], confirm)
+                if confirmed < parent_fit:
+                    parent, parent_fit, parent_screen = children[i], confirmed, screened[i]
+                    history.append({"step": s, "fitness": parent_fit, "per_block": grid.ratios(parent)})
+                    if on_best:
+                        on_best(grid.ratios(parent), parent_fit, s)
+            done = s
+            if progress:
+                progress(f"search: step {s}/{steps}, best calibration NLL {parent_fit:.4f}", s / steps)
+    finally:
+        levels.restore()
+    return _result(model_name, grid, parent, {
+        "pruner": method, "fitness": "calibration NLL (nats/token)", "step": step, "steps": steps,
+        "steps_done": done, "seed": seed, "offspring": offspring, "screen_tokens": int(screen.numel()),
+        "confirm_tokens": int(confirm.numel()), "start": best_name,
+        "starts": {n: v[0] for n, v in start_scores.items()}, "best_fitness": parent_fit, "history": history,
+        "seconds": round(time.perf_counter() - t0, 2), **cost}, refs)
+
+
+def _result(model_name: str, grid: Grid, k: np.ndarray, params: dict, refs: dict[int, list[LayerRef]]) -> Allocation:
+    per_block = grid.ratios(k)
+    per_layer = {r.name: per_block[b] for b, rs in refs.items() for r in rs}
+    return Allocation(model_name, grid.sparsity, "auto", params, per_block, per_layer, grid.budget(k))

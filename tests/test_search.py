@@ -1,0 +1,211 @@
+"""Row-wise TRIM and the allocation search ("auto") on tiny models built from configs, and the
+`--allocation auto --rowwise trim` command line end to end on a tiny checkpoint folder."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import save_tiny_llama
+from test_pruning import calib_ids, correlated_inputs, tiny_llama
+
+from analysis.allocation import Allocation, allocate
+from analysis.calibration import walk_blocks
+from analysis.layers import layer_table, prunable_layers
+from analysis.pruners import (
+    output_quality,
+    prune_sparsegpt,
+    prune_trim,
+    prune_wanda,
+    recentre_counts,
+    row_prune_count,
+    unstructured_mask,
+)
+from analysis.pruning import DenseSnapshot, prune
+from analysis.search import Grid, fitness, mutate, quantize, search_allocation
+from analysis.settings import PruneSettings, SettingsError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# per-row ratios and TRIM on one matrix
+
+
+def test_per_row_ratios_remove_each_rows_count():
+    scores = torch.rand(5, 40, generator=torch.Generator().manual_seed(0))
+    ratios = torch.tensor([0.0, 0.1, 0.5, 0.62, 0.99])
+    mask = unstructured_mask(scores, ratios)
+    assert mask.sum(1).tolist() == row_prune_count(ratios, 40).tolist() == [0, 4, 20, 25, 40]
+    # the removed entries are each row's lowest scores
+    for r in range(5):
+        kept = scores[r][~mask[r]]
+        if mask[r].any() and kept.numel():
+            assert scores[r][mask[r]].max() <= kept.min()
+
+
+def test_recentred_counts_keep_the_matrix_ratio_exactly():
+    raw = torch.tensor([0.9, 0.95, 0.2, 0.0, 0.5, 0.7, 0.61, 0.33])
+    counts = recentre_counts(raw, 0.6, 128, 0.99)
+    assert int(counts.sum()) == 8 * row_prune_count(0.6, 128)
+    assert int(counts.max()) <= int(0.99 * 128) and int(counts.min()) >= 0
+
+
+@pytest.mark.parametrize("pruner", ["wanda", "sparsegpt"])
+def test_trim_keeps_ratio_and_reconstructs_better(pruner):
+    x = correlated_inputs(tokens=2048, cols=64) * torch.linspace(0.2, 3.0, 64)
+    g = torch.Generator().manual_seed(1)
+    # rows of very different scales and input preferences: some outputs survive pruning far better
+    w = torch.randn(48, 64, generator=g) * torch.linspace(0.1, 2.0, 48).reshape(-1, 1)
+    w[:16, :8] *= 8.0
+    gram = x.t() @ x
+    norms = (x * x).sum(0).sqrt()
+    hessian = gram * 2 / x.shape[0]
+    if pruner == "wanda":
+        rows_fn, plain = (lambda m, r: prune_wanda(m, norms, r)), prune_wanda(w, norms, 0.7)
+    else:
+        rows_fn, plain = (lambda m, r: prune_sparsegpt(m, hessian, r)), prune_sparsegpt(w, hessian, 0.7)
+    trimmed, ratios = prune_trim(w, 0.7, rows_fn, gram)
+    assert int((trimmed == 0).sum()) == int((plain == 0).sum())  # the matrix keeps its ratio exactly
+    assert ratios.max() > ratios.min()  # rows really differ
+    assert output_quality(w, trimmed, gram)[1] < output_quality(w, plain, gram)[1]
+
+
+def test_trim_on_a_model_keeps_every_matrix_ratio_and_improves_layer_outputs():
+    calib = calib_ids(8, 32)
+    errors = {}
+    for rowwise in (None, "trim"):
+        model = tiny_llama(layers=2)
+        report = prune(model, {r.name: 0.6 for r in prunable_layers(model)}, "wanda", calib, rowwise=rowwise)
+        assert report.rowwise == rowwise
+        cols = {r.name: r.cols for r in prunable_layers(model)}
+        for name, s in report.per_layer.items():  # exactly round(0.6 * cols) per row on average
+            assert s == pytest.approx(row_prune_count(0.6, cols[name]) / cols[name], abs=1e-12)
+        pruned = {r.name: r.weight().detach().clone() for r in prunable_layers(model)}
+        dense = tiny_llama(layers=2)
+        total = []
+
+        def measure(b, refs, stats, total=total, pruned=pruned):
+            for r in refs:
+                total.append(output_quality(r.weight().detach(), pruned[r.name], stats[r.name].xtx)[1])
+            return False
+        walk_blocks(dense, calib, measure, hessian=True)  # dense inputs, the reconstruction of each layer
+        errors[rowwise] = float(np.mean(total))
+    assert errors["trim"] < errors[None]
+
+
+def test_rowwise_setting_refuses_nm_and_unknown_names():
+    with pytest.raises(SettingsError, match="N:M"):
+        PruneSettings(nm="2:4", rowwise="trim").check()
+    with pytest.raises(SettingsError, match="rowwise must be one of trim"):
+        PruneSettings(rowwise="rows").check()
+
+
+# ---------------------------------------------------------------------------------------------
+# the search
+
+
+def test_mutations_keep_the_budget_exact_and_stay_on_the_grid():
+    params = [1000] * 6 + [400] * 3  # two groups of equally sized blocks
+    grid = Grid.for_blocks(params, 0.6)
+    start = quantize([0.45, 0.5, 0.55, 0.65, 0.7, 0.75, 0.9, 0.3, 0.6], grid)
+    assert grid.budget(start) == pytest.approx(0.6, abs=1e-12)
+    rng = np.random.default_rng(0)
+    k = start
+    for _ in range(500):
+        k = mutate(k, grid, rng)
+        assert grid.budget(k) == pytest.approx(0.6, abs=1e-12)
+        assert k.min() >= grid.lo and k.max() <= grid.hi
+        assert all(0.0 <= r <= 0.99 for r in grid.ratios(k))
+
+
+@pytest.fixture(scope="module")
+def tiny_search():
+    model = tiny_llama(layers=4)
+    calib = calib_ids(8, 32)
+    table = layer_table(model)
+    starts = {"uniform": allocate(table, 0.6, "uniform"),
+              "ramp": Allocation("", 0.6, "custom", {}, [0.5, 0.55, 0.65, 0.7],
+                                 {r.name: [0.5, 0.55, 0.65, 0.7][r.block] for r in prunable_layers(model)}, 0.6)}
+    return model, calib, starts
+
+
+def test_search_is_deterministic_exact_and_never_worse_than_its_best_start(tiny_search):
+    model, calib, starts = tiny_search
+    dense = DenseSnapshot.take(model)
+    a = search_allocation(model, calib, starts, steps=12, seed=3, screen_samples=2, screen_seqlen=16)
+    b = search_allocation(model, calib, starts, steps=12, seed=3, screen_samples=2, screen_seqlen=16)
+    assert a.per_block == b.per_block and a.params["history"] == b.params["history"]
+    assert a.method == "auto" and a.achieved == pytest.approx(0.6, abs=1e-12)
+    for step in a.params["history"]:  # every accepted candidate is exactly at the budget
+        assert np.average(step["per_block"], weights=[1] * 4) == pytest.approx(0.6, abs=1e-12)
+    assert a.params["best_fitness"] <= min(a.params["starts"].values())
+    fits = [h["fitness"] for h in a.params["history"]]
+    assert fits == sorted(fits, reverse=True)
+    # the model is dense again, and the allocation's fitness is what the search says it is
+    assert all(torch.equal(r.weight(), dense.weights[r.name]) for r in prunable_layers(model))
+    assert a.params["forward_passes"] > 0 and a.params["seconds"] > 0
+    back = Allocation.from_dict(json.loads(json.dumps(a.to_dict())))
+    assert back.per_layer == a.per_layer and back.params["start"] in starts
+
+
+def test_search_fitness_matches_the_cached_candidate(tiny_search):
+    """The search's confirmed fitness is the calibration NLL of the model pruned block by block from
+    dense statistics at the result's ratios (what the cache assembles)."""
+    model, calib, starts = tiny_search
+    a = search_allocation(model, calib, starts, steps=4, seed=0, screen_samples=2, screen_seqlen=16)
+    stats = {}
+    walk_blocks(model, calib, lambda b, refs, s: stats.update(s) or False)
+    snap = DenseSnapshot.take(model)
+    with torch.no_grad():
+        for r in prunable_layers(model):
+            r.weight().copy_(prune_wanda(r.weight().float(), stats[r.name].col_norms(), a.per_layer[r.name]))
+    assert fitness(model, calib[:, :128]) == pytest.approx(a.params["best_fitness"], rel=1e-5)
+    snap.restore(model)
+
+
+def test_cli_prune_with_auto_allocation_and_trim(tmp_path):
+    folder = save_tiny_llama(tmp_path / "tiny")
+    words = " ".join(f"w{i % 119}" for i in range(12000))
+    (tmp_path / "calib.txt").write_text(words)
+    (tmp_path / "eval.txt").write_text(" ".join(f"w{(7 * i) % 119}" for i in range(3000)))
+    out = tmp_path / "run.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "analysis", "prune", "--model", str(folder), "--device", "cpu",
+                        "--allocation", "auto", "--search-steps", "3", "--search-seed", "1", "--sparsity", "0.6",
+                        "--rowwise", "trim", "--calib", str(tmp_path / "calib.txt"), "--nsamples", "4",
+                        "--seqlen", "32", "--eval", str(tmp_path / "eval.txt"), "--eval-seqlen", "32",
+                        "--max-windows", "2", "--out", str(out), "--db", str(tmp_path / "runs.sqlite")],
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(out.read_text())
+    assert rec["allocation"]["method"] == "auto" and rec["config"]["rowwise"] == "trim"
+    assert rec["allocation"]["params"]["steps"] == 3 and rec["allocation"]["params"]["seed"] == 1
+    assert rec["achieved"]["overall"] == pytest.approx(0.6, abs=0.01)
+    bad = subprocess.run([sys.executable, "-m", "analysis", "prune", "--rowwise", "trim", "--nm", "2:4"],
+                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert bad.returncode == 2 and "--rowwise" in bad.stderr
+
+
+def test_allocation_page_finds_an_allocation():
+    """The Allocation page's Find allocation on the real default model (one generation): progress,
+    the best loss, and "Use this curve" takes the search's per-block ratios as the control points."""
+    from test_app import fresh_app, metric, run_until_idle
+
+    at = fresh_app()
+    at.button(key="model_load").click().run()
+    at.switch_page("pages/allocation.py")
+    run_until_idle(at, "spectra")
+    at.number_input(key="alloc_search_steps").set_value(1).run()
+    at.button(key="alloc_search_run").click().run()
+    run_until_idle(at, "search")
+    assert "nats/token" in metric(at, "Best calibration loss so far")
+    job = at.session_state["alloc_search_job"]
+    assert job.status == "done" and job.result.method == "auto"
+    at.button(key="alloc_search_use").click().run()
+    assert not at.exception
+    assert len(at.session_state["alloc_points"]) == 30
+    assert at.session_state["alloc_custom"].achieved == pytest.approx(0.5, abs=1e-6)
