@@ -612,7 +612,7 @@ def cmd_spectra(args: argparse.Namespace) -> int:
     settings = SpectraSettings(args.fit, args.farms, args.normalize, args.include_outside).check()
     as_json = args.json or (args.out or "").lower().endswith(".json")
     _checked_output("--out", args.out)
-    model = _model_settings(args)
+    model = _model_settings(args).check()
     folder = _checkpoint_folder(model)  # checked (headers only) before the progress bar appears
     kwargs = dict(fit=settings.fit, farms=settings.farms, normalize=settings.normalize,
                   include_outside=settings.include_outside, progress=_tqdm_progress("spectra"))

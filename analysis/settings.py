@@ -28,7 +28,7 @@ from analysis.data import (
     text_source_problem,
 )
 from analysis.layers import prunable_layers
-from analysis.loading import DTYPES, ModelLoadError, ModelPreview, pick_device
+from analysis.loading import DEVICE_MAP_AUTO, DTYPES, ModelLoadError, ModelPreview, pick_device
 from analysis.powerlaw import XMIN_RULES
 from analysis.pruners import PRUNERS, ROWWISE, check_rowwise, parse_nm
 
@@ -87,7 +87,7 @@ class ModelSettings:
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise SettingsError(f"dtype must be auto, {', '.join(DTYPES)}, got {self.dtype!r}", "model.dtype")
         try:
-            pick_device(self.device)
+            pick_device(None if self.device == DEVICE_MAP_AUTO else self.device)
         except ModelLoadError as e:
             raise SettingsError(str(e), "model.device") from None
         return self

@@ -75,7 +75,7 @@ CLI_CASES = [
     ("prune --sparsity -0.1", "--sparsity: sparsity = -0.1 is outside [0, 0.99]"),
     ("prune --epsilon 1.5", "--epsilon: epsilon = 1.5 is outside [0, 1)"),
     ("prune --epsilon -1", "--epsilon: epsilon = -1 is outside [0, 1)"),
-    ("prune --allocation foo", "--allocation must be one of uniform, alphapruning, farms, owl or an allocation "
+    ("prune --allocation foo", "--allocation must be one of uniform, alphapruning, farms, owl, auto or an allocation "
                                "JSON file; 'foo' is neither"),
     ("prune --allocation nowhere.json --method magnitude --max-windows 1", "neither"),
     ("prune --allocation {bad}/broken.json", "--allocation: {bad}/broken.json: not valid JSON"),
