@@ -431,12 +431,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     PruneSettings(args.method).check()
-    calibration, evaluation = _calibration(args).check(), _evaluation(args).check()
-    alloc = Allocation.load(args.allocation) if args.allocation else None
     zeroshot = _zeroshot_settings(args)
+    calibration, evaluation = _calibration(args).check(), _evaluation(args)
+    if zeroshot is None:  # zero-shot tasks bring their own text
+        evaluation.check()
+    alloc = Allocation.load(args.allocation) if args.allocation else None
 
     def check(preview) -> None:
-        evaluation.check_model(preview, calibration.source)
+        if zeroshot is None:
+            evaluation.check_model(preview, calibration.source)
         if alloc is not None:
             calibration.check_model(preview, evaluation.source)
             AllocationSettings(method="file", file=args.allocation).check_model(preview)

@@ -177,8 +177,8 @@ def test_cli_corrupt_checkpoint_one_line(tmp_path, capsys):
     shard = tmp_path / "model.safetensors"
     shard.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}" + shard.read_bytes()[24:])
     capsys.readouterr()
-    for command in ("spectra", "eval"):
-        assert main([command, "--model", str(tmp_path)]) == 2
+    for command in (["spectra"], ["eval", "--text", "default"]):
+        assert main([*command, "--model", str(tmp_path)]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and "corrupt safetensors header" in err and "\n" not in err, err
 

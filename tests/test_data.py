@@ -108,8 +108,11 @@ def test_bad_sources_raise_data_errors(tmp_path):
 def test_text_source_problems_are_found_without_reading(tmp_path):
     f = tmp_path / "mine.txt"
     f.write_text("hello world\n")
-    for ok in ("default", "wikitext2:test", str(f), "hf:wikitext:wikitext-2-raw-v1:test", "hf:ptb_text_only:test"):
+    for ok in ("default", str(f), "hf:wikitext:wikitext-2-raw-v1:test", "hf:ptb_text_only:test"):
         assert text_source_problem(ok) is None, ok
+    # WikiText-2 is a local file: fine where it is, a pointed message where it is not
+    problem = text_source_problem("wikitext2:test")
+    assert problem is None or ("not found" in problem and "ALPHASCOPE_WIKITEXT" in problem)
     assert "does not exist" in text_source_problem(str(tmp_path / "missing.txt"))
     assert "hf:<dataset>" in text_source_problem("hf:onlyname")
     assert "No text source" in text_source_problem("  ")

@@ -247,7 +247,8 @@ def test_cli_prune_refuses_bad_destinations_before_loading(tmp_path, capsys, cas
     (full / "keep.txt").write_text("mine")
     args = {"file": ["--save-model", f], "full": ["--save-model", full], "unwritable_out": ["--out", f / "run.json"]}
     # a model that does not exist: had the destination been checked after loading, this would be the error
-    code, _, err = run(capsys, "prune", "--model", tmp_path / "no-model", "--db", tmp_path / "r.sqlite", *args[case])
+    code, _, err = run(capsys, "prune", "--model", tmp_path / "no-model", "--eval", "default",
+                       "--db", tmp_path / "r.sqlite", *args[case])
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert err.startswith("error: ") and re.search(message, err), err
     assert (full / "keep.txt").read_text() == "mine"
@@ -257,7 +258,7 @@ def test_cli_prune_saves_compressed_model(tmp_path, capsys):
     model_dir = save_tiny_llama(tmp_path / "tiny")
     out = tmp_path / "saved"
     code, stdout, err = run(capsys, "prune", "--model", model_dir, "--device", "cpu", "--method", "magnitude",
-                            "--nm", "2:4", "--nsamples", 2, "--seqlen", 16, "--eval-seqlen", 32,
+                            "--nm", "2:4", "--nsamples", 2, "--seqlen", 16, "--eval", "default", "--eval-seqlen", 32,
                             "--max-windows", 1, "--db", tmp_path / "r.sqlite", "--save-model", out,
                             "--save-format", "compressed")
     assert code == 0, err
@@ -274,7 +275,8 @@ def test_cli_prune_full_disk_keeps_the_run_record(tmp_path, capsys, fill_disk):
     fill_disk()
     out, record = tmp_path / "saved", tmp_path / "run.json"
     code, _, err = run(capsys, "prune", "--model", model_dir, "--device", "cpu", "--method", "magnitude",
-                       "--sparsity", 0.5, "--allocation", "uniform", "--eval-seqlen", 32, "--max-windows", 1,
+                       "--sparsity", 0.5, "--allocation", "uniform", "--eval", "default", "--eval-seqlen", 32,
+                       "--max-windows", 1,
                        "--db", tmp_path / "r.sqlite", "--out", record, "--save-model", out,
                        "--save-format", "compressed")
     assert code == 2 and "error: --save-model: cannot write" in err and "No space left on device" in err

@@ -290,7 +290,7 @@ def test_lease_on_a_gpu_keeps_the_snapshot_on_the_host(tiny_dir, monkeypatch):
 def test_cli_device_map_auto_gives_the_resident_perplexity(tiny_dir, capsys):
     from analysis.cli import main
 
-    args = ["eval", "--model", str(tiny_dir), "--eval-seqlen", "16", "--max-windows", "3"]
+    args = ["eval", "--model", str(tiny_dir), "--text", "default", "--eval-seqlen", "16", "--max-windows", "3"]
     assert main([*args, "--device", "cpu"]) == 0
     resident = capsys.readouterr().out.strip().splitlines()[-1]
     assert main([*args, "--device-map", "auto"]) == 0
