@@ -37,20 +37,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import compressed_tensors
 import numpy as np
 import safetensors.torch
 import torch
 import yaml
-from compressed_tensors.base import (
-    COMPRESSION_VERSION_NAME,
-    QUANTIZATION_CONFIG_NAME,
-    QUANTIZATION_METHOD,
-    QUANTIZATION_METHOD_NAME,
-    SPARSITY_CONFIG_NAME,
-)
-from compressed_tensors.config import BitmaskConfig, Sparse24BitMaskConfig
-from compressed_tensors.utils import pack_bitmasks, unpack_bitmasks
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -138,6 +128,7 @@ def _mask_24(w: torch.Tensor) -> torch.Tensor:
 
 
 def _compress_matrix(prefix: str, w: torch.Tensor, two_four: bool) -> dict[str, torch.Tensor]:
+    from compressed_tensors.utils import pack_bitmasks  # noqa: PLC0415 (slow import; compressed format only)
     w = w.detach().cpu()
     if two_four:
         keep = _mask_24(w)
@@ -151,12 +142,14 @@ def _compress_matrix(prefix: str, w: torch.Tensor, two_four: bool) -> dict[str, 
 
 
 def _decompress_matrix(parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    from compressed_tensors.utils import unpack_bitmasks  # noqa: PLC0415 (slow import; compressed format only)
     shape = [int(x) for x in parts["shape"].flatten()]
     keep = unpack_bitmasks(parts["bitmask"], shape)
     return torch.zeros(shape, dtype=parts["compressed"].dtype).masked_scatter_(keep, parts["compressed"].flatten())
 
 
 def _sparsity_config(model: nn.Module, targets: list[str], two_four: bool, zeros: int, total: int) -> dict:
+    from compressed_tensors.config import BitmaskConfig, Sparse24BitMaskConfig  # noqa: PLC0415 (slow import; compressed format only)
     ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in targets)
     cls = Sparse24BitMaskConfig if two_four else BitmaskConfig
     # sparsity_structure "unstructured" also covers other N:M patterns: compressed-tensors names only 2:4
@@ -165,6 +158,15 @@ def _sparsity_config(model: nn.Module, targets: list[str], two_four: bool, zeros
 
 
 def _write_compressed(model: nn.Module, names: list[str], folder: Path) -> None:
+    import compressed_tensors  # noqa: PLC0415 (slow import; compressed format only)
+    from compressed_tensors.base import (  # noqa: PLC0415
+        COMPRESSION_VERSION_NAME,
+        QUANTIZATION_CONFIG_NAME,
+        QUANTIZATION_METHOD,
+        QUANTIZATION_METHOD_NAME,
+        SPARSITY_CONFIG_NAME,
+    )
+
     weights = {n: model.get_submodule(n).weight for n in names}
     two_four = all(_is_24(w) for w in weights.values())
     tensors, seen = {}, set()
