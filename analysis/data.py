@@ -138,8 +138,8 @@ def _decode(path: Path, data: bytes, encoding: str) -> str:
     try:
         return data.decode(encoding)
     except UnicodeDecodeError as e:
-        hint = "" if encoding != "utf-8" else ("; save it as UTF-8 or name its encoding (--encoding on the command "
-                                               "line, e.g. latin-1 or cp1252)")
+        hint = "" if encoding != "utf-8" else ("; save it as UTF-8 or name its encoding (--encoding, or Text "
+                                               "encoding on the Prune page; e.g. latin-1 or cp1252)")
         raise DataError(f"'{path}' is not valid {encoding} text (byte 0x{data[e.start]:02x} at offset {e.start})"
                         f"{hint}.") from None
 

@@ -148,6 +148,7 @@ class WorkingCopy:
         self.label = "dense"
         self.version = 0
         self.allocation = None  # the Allocation the copy was last pruned with
+        self.run_id: int | None = None  # the run store's record of that prune (zero-shot scores join it)
         self.job: Job | None = None  # the running or last prune/eval job of the owner
         self.lock = threading.Lock()  # one job at a time may change the weights
 
@@ -205,7 +206,7 @@ class WorkingCopy:
         if self.leased:
             self.dense.restore(self.model)
             self.model = self.dense = None
-            self.leased, self.label, self.allocation = False, "dense", None
+            self.leased, self.label, self.allocation, self.run_id = False, "dense", None, None
             self.version += 1
             self.gate.release(self.owner)
         elif self.pruned:
@@ -216,14 +217,14 @@ class WorkingCopy:
                 self.dense.restore(self.model)
             finally:
                 self.gate.end_read()
-            self.label, self.allocation = "dense", None
+            self.label, self.allocation, self.run_id = "dense", None, None
             self.version += 1
 
     def drop(self) -> None:
         """Free the copy's memory (restoring a lease first); the owner then reads the shared model."""
         if self.leased:
             self.restore()
-        self.model = self.dense = self.allocation = None
+        self.model = self.dense = self.allocation = self.run_id = None
         self.label = "dense"
         self.version += 1
 
@@ -415,5 +416,5 @@ def prune_and_evaluate(job: Job, work: WorkingCopy, shared_model: nn.Module, tok
     record = make_record(config, alloc.to_dict(), report, dense, None if last is None else last.ppl, timer.seconds,
                          complete=complete)
     if store is not None and complete:
-        record["id"] = store.add(record)
+        record["id"] = work.run_id = store.add(record)
     return record

@@ -92,6 +92,16 @@ class RunStore:
                 "pruned_ppl, record_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
             return int(cur.lastrowid)
 
+    def update(self, run_id: int, changes: dict) -> None:
+        """Set top-level keys of run `run_id`'s record (e.g. "zeroshot", measured after the run was
+        stored); KeyError if there is no such run. The table's columns are not among them."""
+        with self._connect() as conn, conn:
+            found = conn.execute("SELECT record_json FROM runs WHERE id = ?", (int(run_id),)).fetchone()
+            if found is None:
+                raise KeyError(f"no run with id {run_id} in {self.path}")
+            record = {**json.loads(found[0]), **changes}
+            conn.execute("UPDATE runs SET record_json = ? WHERE id = ?", (to_json(record), int(run_id)))
+
     def all(self) -> pd.DataFrame:
         """One row per run (without the full record), oldest first."""
         with self._connect() as conn:

@@ -300,7 +300,8 @@ def dense_ppl_job(loaded: LoadedModel, calib_source: str, evaluation: Evaluation
 
 
 def _dense_key(calib_source: str, evaluation: EvaluationSettings) -> tuple:
-    return ("dense_ppl", model_key(), calib_source, evaluation.source, evaluation.seqlen, evaluation.max_windows)
+    return ("dense_ppl", model_key(), calib_source, evaluation.source, evaluation.seqlen, evaluation.max_windows,
+            evaluation.encoding)
 
 
 def peek_dense_ppl_job(calib_source: str, evaluation: EvaluationSettings) -> Job | None:

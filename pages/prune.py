@@ -2,9 +2,10 @@
 import pandas as pd
 import streamlit as st
 
-from analysis.data import DataError, save_text, text_source_problem
+from analysis.data import DataError, check_encoding, save_text, text_source_problem
 from analysis.export import DEFAULT_FORMAT, FORMATS, RECIPE_PRUNERS, export, module_order, ratios_npy, recipe_yaml
 from analysis.jobs import DONE, Job, JobCancelled
+from analysis.loading import ModelPreview
 from analysis.pipeline import evaluation_windows
 from analysis.pruners import PRUNERS, ROWWISE, parse_nm
 from analysis.session import evaluate_weights_job, prune_and_evaluate, prune_need
@@ -17,6 +18,7 @@ from analysis.settings import (
     EvaluationSettings,
     PruneSettings,
     RunSettings,
+    SettingsError,
     SpectraSettings,
 )
 from analysis.store import StoreError
@@ -95,7 +97,7 @@ with st.expander("Calibration and evaluation data"):
                                 help="The papers use 128 x 2048 tokens; the default keeps a CPU prune interactive.")
     calib_seqlen = d3.number_input("Calibration length (tokens)", 16, 2048, CALIB_DEFAULT.seqlen, step=16,
                                    key="prune_calib_seqlen")
-    e1, e2, e3 = st.columns(3)
+    e1, e2, e3, e4 = st.columns(4)
     eval_source = e1.selectbox("Evaluation text", EVAL_SOURCES, key="prune_eval_source")
     if eval_source == OWN_TEXT:
         eval_source = e1.text_input("Evaluation text source", key="prune_eval_own",
@@ -105,14 +107,22 @@ with st.expander("Calibration and evaluation data"):
     eval_seqlen = e2.number_input("Window length (tokens)", 16, 4096, QUICK_EVALUATION.seqlen, step=16,
                                   key="prune_eval_seqlen")
     max_windows = e3.number_input("Windows (0 = all)", 0, 10_000, QUICK_EVALUATION.max_windows, key="prune_windows")
+    encoding = e4.text_input("Text encoding", CALIB_DEFAULT.encoding, key="prune_encoding",
+                             help="of your own text files, calibration and evaluation (utf-8, latin-1, cp1252, "
+                                  "utf-16, ...); the packaged texts are UTF-8 whatever this says.").strip() \
+        or CALIB_DEFAULT.encoding
     st.file_uploader("…or upload a text file: it becomes the evaluation text (put its path in Calibration "
                      "text to calibrate on it instead)", type=["txt"], key="prune_text_upload",
                      on_change=_use_uploaded_text)
     if upload_error := st.session_state.get("prune_upload_error"):
         st.error(f"Upload refused: {upload_error}")
-text_problems = [f"{what}: {problem}"
-                 for what, src in (("Calibration text", calib_source), ("Evaluation text", eval_source))
-                 if (problem := text_source_problem(src))]
+try:
+    check_encoding(encoding)
+    text_problems = [f"{what}: {problem}"
+                     for what, src in (("Calibration text", calib_source), ("Evaluation text", eval_source))
+                     if (problem := text_source_problem(src, encoding))]
+except DataError as e:
+    text_problems = [str(e)]
 for problem in text_problems:
     st.error(problem)
 
@@ -120,9 +130,10 @@ custom = st.session_state.get("alloc_custom")
 if allocation == "custom" and custom is None:
     st.warning("No custom curve yet: draw one on the Allocation page.")
 fit = st.session_state.get("spectra_fit", SpectraSettings.fit)
-calibration = CalibrationSettings(calib_source.strip() or CALIB_DEFAULT.source, int(n_samples), int(calib_seqlen))
+calibration = CalibrationSettings(calib_source.strip() or CALIB_DEFAULT.source, int(n_samples), int(calib_seqlen),
+                                  encoding=encoding)
 remember_prune_data(calibration, eval_source)
-evaluation = EvaluationSettings(eval_source, int(eval_seqlen), int(max_windows) or None)
+evaluation = EvaluationSettings(eval_source, int(eval_seqlen), int(max_windows) or None, encoding=encoding)
 settings = RunSettings(
     allocation=AllocationSettings(method=allocation, sparsity=float(sparsity), epsilon=float(epsilon), fit=fit),
     prune=PruneSettings(method, None if nm == "unstructured" else nm,
@@ -136,15 +147,30 @@ if allocation in SPECTRA_METHODS and settings.prune.nm is None:
     else:
         st.info(f"Spectra for {alloc_label} are still being computed ({spec.progress[1]:.0%}); Run waits for them.")
 
+def data_problem(calibrate: bool) -> str | None:
+    """Why these texts and lengths cannot make a run on this model (window longer than its context,
+    text shorter than one window), found before any job starts; None when they can."""
+    preview = ModelPreview(loaded.info.source, loaded.tokenizer, loaded.model.config, loaded.info.bos_per_window)
+    try:
+        if calibrate:
+            calibration.check_model(preview, evaluation.source)
+        evaluation.check_model(preview, calibration.source)
+    except (SettingsError, DataError) as e:
+        return f"{e} Nothing was started."
+    return None
+
+
 b1, b2, b3, b4 = st.columns(4)
 ready = not busy and not text_problems and (allocation != "custom" or custom is not None) and (
     allocation not in SPECTRA_METHODS or metrics is not None or settings.prune.nm is not None)
-if b1.button("Run", type="primary", disabled=not ready, key="prune_run"):
+def start_run() -> str | None:
+    """Start the prune job; the reason it was not started otherwise."""
+    if problem := data_problem(calibrate=True):
+        return problem
     try:
         store = runs_store()
     except StoreError as e:
-        st.error(f"{e} The run was not started.")
-        st.stop()
+        return f"{e} The run was not started."
     shared, tok, info = loaded.model, loaded.tokenizer, loaded.info
     # registered now, started by the prune job after its first live value (two CPU cores go far further
     # on one job at a time)
@@ -155,17 +181,31 @@ if b1.button("Run", type="primary", disabled=not ready, key="prune_run"):
                                                 bos=info.bos_per_window, store=store, dense_job=dense_job,
                                                 metrics=metrics, owl_job=owl, custom=custom),
                    name="prune").start()
-    st.rerun()
+    return None
+
+
+def start_evaluation() -> str | None:
+    """Start perplexity of the current weights (and the shared dense baseline); why not otherwise."""
+    if problem := data_problem(calibrate=False):
+        return problem
+    dense_ppl_job(loaded, calibration.source, evaluation)
+    work.job = Job(lambda j: evaluate_weights_job(j, work, loaded.model, evaluation_windows(
+        loaded.tokenizer, evaluation, calibration.source, loaded.info.bos_per_window)), name="eval").start()
+    return None
+
+
+refused = None
+if b1.button("Run", type="primary", disabled=not ready, key="prune_run"):
+    refused = start_run() or st.rerun()
 if b2.button("Cancel", disabled=not busy, key="prune_cancel"):
     job.cancel()
 if b3.button("Restore dense", disabled=busy or not work.pruned, key="prune_restore"):
     work.restore()
     st.rerun()
 if b4.button("Evaluate current weights", disabled=busy or bool(text_problems), key="prune_eval"):
-    dense_ppl_job(loaded, calibration.source, evaluation)
-    work.job = Job(lambda j: evaluate_weights_job(j, work, loaded.model, evaluation_windows(
-        loaded.tokenizer, evaluation, calibration.source, loaded.info.bos_per_window)), name="eval").start()
-    st.rerun()
+    refused = start_evaluation() or st.rerun()
+if refused:
+    st.error(refused)
 
 # the dense baseline on these exact windows: started with the first Run/Evaluate, then shared
 dense = peek_dense_ppl_job(calibration.source, evaluation)
@@ -267,13 +307,21 @@ zs_limit = z2.number_input("Documents per task (0 = all)", 0, 100_000, QUICK_ZER
 if z3.button("Zero-shot accuracy of current weights", disabled=busy or not zs_tasks, key="prune_zs_run"):
     zs_model = work.model if work.model is not None else loaded.model
     zs_label = work.label if work.pruned else "dense"
+    zs_run = work.run_id if work.pruned else None
 
     def zeroshot_body(j: Job) -> pd.DataFrame:
         result = zeroshot_evaluate(zs_model, loaded.tokenizer, zs_tasks, limit=int(zs_limit) or None,
                                    bos=loaded.info.bos_per_window, progress=j.report, stop=j.stop)
         if result.stopped:
             raise JobCancelled()
-        return result.table().assign(weights=zs_label)
+        stored = ""
+        if zs_run is not None:  # the pruned weights' run record gets the scores (Compare page columns)
+            try:
+                runs_store().update(zs_run, {"zeroshot": result.to_dict()})
+                stored = f"run {zs_run}"
+            except (StoreError, KeyError) as e:  # the scores are still shown
+                stored = f"not stored: {e}"
+        return result.table().assign(weights=zs_label, stored=stored)
 
     work.job = Job(zeroshot_body, name="zero-shot").start()
     # the last few zero-shot jobs, whose results are shown below (a job holds its model: keep few)
@@ -281,5 +329,7 @@ if z3.button("Zero-shot accuracy of current weights", disabled=busy or not zs_ta
     st.rerun()
 zs_done = [j.result for j in st.session_state.get("prune_zs_jobs", []) if j.status == DONE]
 if zs_done:
-    st.dataframe(pd.concat(zs_done, ignore_index=True)[["weights", "task", "metric", "value", "stderr", "n"]],
+    st.dataframe(pd.concat(zs_done, ignore_index=True)[["weights", "task", "metric", "value", "stderr", "n", "stored"]],
                  hide_index=True, key="prune_zs_table")
+st.caption("Scores of pruned weights are added to their run's record (Compare page); the dense model's are shown "
+           "here only.")

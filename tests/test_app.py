@@ -307,6 +307,34 @@ def test_prune_page_takes_your_own_evaluation_text(app, tmp_path):
     assert not app.error and not app.warning and not app.button(key="prune_run").disabled
 
 
+def test_prune_page_reads_other_encodings_and_refuses_short_texts_before_a_job(app, tmp_path):
+    app.switch_page("pages/prune.py").run()
+    own = tmp_path / "latin1.txt"
+    own.write_bytes("Le café était très animé ce matin-là, près de la fenêtre. ".encode("latin-1") * 40)
+    app.selectbox(key="prune_eval_source").set_value("your own text (file path or hf:...)").run()
+    app.text_input(key="prune_eval_own").input(str(own)).run()
+    assert any("is not valid utf-8 text" in e.value and "Text encoding" in e.value for e in app.error)
+    assert app.button(key="prune_eval").disabled
+    app.text_input(key="prune_encoding").input("klingon").run()
+    assert any("Unknown text encoding 'klingon'" in e.value for e in app.error)
+    app.text_input(key="prune_encoding").input("latin-1").run()
+    assert not app.error and not app.button(key="prune_eval").disabled
+    # a window longer than the whole text: refused on the click, before any job (the last one stays)
+    before = app.session_state["work"].job
+    app.number_input(key="prune_eval_seqlen").set_value(4096).run()
+    app.button(key="prune_eval").click().run()
+    refused = [e.value for e in app.error]
+    assert len(refused) == 1 and "Evaluation text has" in refused[0] and "Nothing was started" in refused[0]
+    assert app.session_state["work"].job is before
+    app.button(key="prune_run").click().run()
+    assert any("needs at least seqlen=4096" in e.value for e in app.error)
+    assert app.session_state["work"].job is before
+    app.number_input(key="prune_eval_seqlen").set_value(64).run()
+    app.text_input(key="prune_encoding").input("utf-8")
+    app.selectbox(key="prune_eval_source").set_value("default").run()
+    assert not app.error
+
+
 def test_compare_page_lists_the_run(app):
     app.switch_page("pages/compare.py").run()
     assert not app.exception

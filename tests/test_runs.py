@@ -37,6 +37,17 @@ def test_add_all_get(tmp_path):
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
+def test_update_adds_keys_to_one_record(tmp_path):
+    store = RunStore(tmp_path / "runs.sqlite")
+    a, b = store.add(record(0.5)), store.add(record(0.7))
+    scores = {"tasks": ["cloze"], "scores": [{"task": "cloze", "metric": "acc", "value": 0.5}]}
+    store.update(b, {"zeroshot": scores})
+    assert store.get(b)["zeroshot"] == scores and store.get(b)["config"]["sparsity"] == 0.7
+    assert "zeroshot" not in store.get(a) and list(store.all()["id"]) == [a, b]
+    with pytest.raises(KeyError):
+        store.update(999, {"zeroshot": scores})
+
+
 def test_failed_add_leaves_earlier_runs(tmp_path):
     store = RunStore(tmp_path / "runs.sqlite")
     store.add(record(0.5))

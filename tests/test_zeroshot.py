@@ -159,6 +159,41 @@ def test_prune_page_scores_the_current_weights_in_the_background(runs_db):
     assert (table["n"] == 8).all() and table["value"].between(0, 1).all()
 
 
+def test_prune_page_scores_of_pruned_weights_join_their_run(runs_db):
+    from test_app import fresh_app, run_until_idle
+
+    from analysis.store import RunStore
+
+    app = fresh_app()
+    app.button(key="model_load").click().run()
+    app.switch_page("pages/prune.py").run()
+
+    def small():  # (AppTest re-creates the widgets with their defaults)
+        app.selectbox(key="prune_alloc").set_value("uniform")
+        app.number_input(key="prune_n_samples").set_value(2)
+        app.number_input(key="prune_calib_seqlen").set_value(64)
+        app.number_input(key="prune_eval_seqlen").set_value(64)
+        app.number_input(key="prune_windows").set_value(1)
+        app.number_input(key="prune_zs_limit").set_value(8)
+        app.run()
+
+    small()
+    app.button(key="prune_run").click().run()
+    small()
+    run_until_idle(app, "prune")
+    run_id = app.session_state["work"].run_id
+    assert run_id == int(RunStore(runs_db).all()["id"].max())
+    app.button(key="prune_zs_run").click().run()
+    small()
+    run_until_idle(app, "zero-shot")
+    assert not app.error, [e.value for e in app.error]
+    assert set(_table_with(app, "stored")["stored"]) == {f"run {run_id}"}
+    scores = RunStore(runs_db).get(run_id)["zeroshot"]
+    assert scores["tasks"] == ["cloze"] and {s["n"] for s in scores["scores"]} == {8}
+    app.button(key="prune_restore").click().run()
+    assert app.session_state["work"].run_id is None
+
+
 def test_compare_page_shows_accuracy_columns_when_present(runs_db):
     from test_app import fresh_app
 
