@@ -99,15 +99,15 @@ def text_source_problem(source: str, encoding: str = ENCODING) -> str | None:
     return None
 
 
-def save_text(name: str, data: bytes, folder: Path | None = None) -> Path:
+def save_text(name: str, data: bytes, folder: Path | None = None, encoding: str = ENCODING) -> Path:
     """Keep an uploaded text as a file under `folder` (default: the cache folder's texts/) and return
     its path, named by content (the same upload gives the same path, so results keyed by the text
     source stay valid). DataError, and nothing kept, for more than MAX_UPLOAD_MB megabytes
-    (2**20 bytes) or data that is not UTF-8 text."""
+    (2**20 bytes) or data that is not text in `encoding`."""
     if len(data) > MAX_UPLOAD_MB * 2**20:
         raise DataError(f"'{name}' is {len(data) / 2**20:.1f} MB; uploads are limited to {MAX_UPLOAD_MB} MB "
                         "(name a larger file by its path instead).")
-    _decode(Path(name), data, ENCODING)
+    _decode(Path(name), data, encoding)
     folder = Path(folder) if folder is not None else cache_dir() / "texts"
     folder.mkdir(parents=True, exist_ok=True)
     stem = re.sub(r"[^\w.-]+", "_", Path(name).stem)[:60] or "text"

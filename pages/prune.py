@@ -51,7 +51,8 @@ def _use_uploaded_text() -> None:
     st.session_state.pop("prune_upload_error", None)
     if hasattr(up, "getvalue"):  # not None, nor a DeletedFile (an upload gone from Streamlit's storage)
         try:
-            path = save_text(up.name, up.getvalue())
+            encoding = st.session_state.get("prune_encoding") or CALIB_DEFAULT.encoding
+            path = save_text(up.name, up.getvalue(), encoding=encoding)
         except DataError as e:  # too large or not text: refused, the evaluation text stays as it was
             st.session_state["prune_upload_error"] = str(e)
             return

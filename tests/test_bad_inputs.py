@@ -210,6 +210,8 @@ def test_uploads_too_large_or_not_text_are_not_kept(tmp_path):
     with pytest.raises(DataError, match="not valid utf-8"):
         save_text("latin.txt", LATIN1, tmp_path)
     assert list(tmp_path.iterdir()) == []
+    kept = save_text("latin.txt", LATIN1, tmp_path, encoding="latin-1")  # the Prune page's Text encoding
+    assert kept.read_bytes() == LATIN1
 
 
 def test_locked_store_refuses_and_keeps_earlier_runs(tmp_path):
