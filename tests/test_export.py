@@ -149,6 +149,28 @@ def test_recipe_parses_with_llmcompressor_to_the_same_numbers(tmp_path, recipe_p
     assert matched == list(per_layer)
 
 
+@pytest.mark.parametrize("pruner", ["sparsegpt", "wanda"])
+def test_llmcompressor_oneshot_applies_the_recipe(tmp_path, recipe_parser, pruner):
+    """The recipe re-runs elsewhere: llm-compressor's own oneshot prunes every matrix to its ratio
+    (within one weight per row: its Wanda rounds per row)."""
+    import datasets
+    from llmcompressor import oneshot
+
+    model = AutoModelForCausalLM.from_pretrained(save_tiny_llama(tmp_path / "model"))  # oneshot reads its tokenizer
+    names = [r.name for r in prunable_layers(model)]
+    per_layer = {n: 0.3 + 0.4 * i / (len(names) - 1) for i, n in enumerate(names)}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(recipe_yaml(module_order(per_layer, model), pruner))
+    ids = calib_ids(n=8, seqlen=32, vocab=model.config.vocab_size - 1)
+    data = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+    oneshot(model=model, dataset=data, recipe=str(path), num_calibration_samples=len(ids),
+            max_seq_length=ids.shape[1], output_dir=None)
+    modules = dict(model.named_modules())
+    for name, ratio in per_layer.items():
+        w = modules[name].weight
+        assert float(w.eq(0).float().mean()) == pytest.approx(ratio, abs=1 / w.shape[1]), name
+
+
 def test_npy_round_trip_in_module_order(tmp_path):
     model, alloc = pruned()
     shuffled = dict(reversed(list(alloc["per_layer"].items())))
