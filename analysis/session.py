@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import threading
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -177,7 +178,9 @@ class WorkingCopy:
         return True
 
     def lease(self, shared_model: nn.Module, job: Job | None = None) -> nn.Module:
-        """Wait for the shared model's lease, then keep the original prunable weights on the host."""
+        """Wait for the shared model's lease, then keep the original prunable weights on the host.
+        A session that goes away while leasing (its tab closed: Streamlit drops its state) gives the
+        dense weights back when this object is collected, so the others do not wait forever."""
         self.gate.lease(self.owner, f"{self.owner}'s pruned weights to be restored", job)
         try:
             self.dense = DenseSnapshot.take(shared_model)
@@ -185,6 +188,8 @@ class WorkingCopy:
             self.gate.release(self.owner)
             raise
         self.model, self.leased = shared_model, True
+        self._abandoned = weakref.finalize(self, _give_back, self.dense, shared_model, self.gate, self.owner)
+        self._abandoned.atexit = False
         return shared_model
 
     def prepare(self, shared_model: nn.Module, need: MemoryEstimate) -> None:
@@ -204,6 +209,7 @@ class WorkingCopy:
         model through the gate (from a page, with no `job`: dropped instead when the shared model is
         leased by another session right now, so the button never blocks)."""
         if self.leased:
+            self._abandoned.detach()
             self.dense.restore(self.model)
             self.model = self.dense = None
             self.leased, self.label, self.allocation, self.run_id = False, "dense", None, None
@@ -227,6 +233,12 @@ class WorkingCopy:
         self.model = self.dense = self.allocation = self.run_id = None
         self.label = "dense"
         self.version += 1
+
+
+def _give_back(dense: DenseSnapshot, shared_model: nn.Module, gate: ModelGate, owner: str) -> None:
+    """Restore and release a lease whose WorkingCopy was collected without restoring it."""
+    dense.restore(shared_model)
+    gate.release(owner)
 
 
 _reserved: dict[str, int] = {}  # device -> bytes of copies being made now (not yet seen as used)

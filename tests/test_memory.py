@@ -2,6 +2,7 @@
 leased and pruned in place behind its gate; the memory estimate; device_map="auto"; the local
 Hugging Face cache picker. Tiny LLaMA checkpoints built from a config, real torch, real files; the
 memory limit is forced with $ALPHASCOPE_MEMORY_LIMIT_BYTES."""
+import gc
 import math
 import time
 
@@ -114,6 +115,31 @@ def test_cancel_while_leased_restores_and_releases(tiny, monkeypatch):
     assert job.wait(300) and job.status == "cancelled"
     assert work.gate.holder is None and not work.pruned
     assert all(torch.equal(v, dense[k]) for k, v in shared.state_dict().items())
+
+
+def test_a_session_gone_while_leasing_gives_the_dense_weights_back(tiny, monkeypatch):
+    """A closed tab's state is dropped by Streamlit: its lease must not keep the others waiting."""
+    shared = tiny.model
+    dense = {k: v.clone() for k, v in shared.state_dict().items()}
+    monkeypatch.setenv(MEMORY_LIMIT_ENV, str(lease_only_limit(shared)))
+    gate = ModelGate()
+
+    def session_that_leaves() -> None:
+        work = WorkingCopy("k", gate, "session A")  # (its job refers back to it: a cycle only the collector frees)
+        work.job = Job(lambda j: prune_and_evaluate(j, work, shared, tiny.tokenizer, SETTINGS), name="prune").start()
+        assert work.job.wait(300) and work.job.status == DONE, work.job.traceback
+        assert gate.holder == "session A" and zero_fraction(shared) == pytest.approx(0.5, abs=0.01)
+
+    session_that_leaves()
+    gc.collect()
+    assert gate.holder is None
+    assert all(torch.equal(v, dense[k]) for k, v in shared.state_dict().items())
+    again = WorkingCopy("k", gate, "session B")  # a restored lease is not given back twice
+    again.lease(shared)
+    again.restore()
+    del again
+    gc.collect()
+    assert gate.holder is None
 
 
 def test_no_room_at_all_is_a_clear_error_not_a_crash(tiny, monkeypatch):
