@@ -491,8 +491,9 @@ def _add_prune_parsers(sub) -> None:
     p.add_argument("--save-model", default=None,
                    help="save the pruned model (safetensors + tokenizer + allocation.json) in this folder")
     p.add_argument("--save-format", default=DEFAULT_FORMAT, choices=list(FORMATS),
-                   help="dense: save_pretrained, loads anywhere; compressed: compressed-tensors bitmask "
-                        "(smaller; read it back with analysis.export.load_pruned)")
+                   help="dense: save_pretrained, loads anywhere; dense-ct: the same plus compressed-tensors' "
+                        "sparsity metadata in config.json (as llm-compressor saves a sparse model); compressed: "
+                        "compressed-tensors bitmask (smaller; read it back with analysis.export.load_pruned)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save-model folder")
     p.add_argument("--out", default=None, help="write the run record JSON here")
     p.add_argument("--db", default=None, help="SQLite run store (default: the cache folder's runs.sqlite)")

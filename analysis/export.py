@@ -4,6 +4,11 @@ Model folders (`export`)
 ------------------------
 - ``"dense"`` (the default): ``save_pretrained`` (safetensors), zeros stored as zeros. Loads with
   transformers' ``from_pretrained`` and serves with vLLM like any checkpoint.
+- ``"dense-ct"``: the dense folder plus compressed-tensors' sparsity metadata in config.json
+  (``quantization_config.sparsity_config`` with format ``dense``: targets, ignore, sparsity_structure,
+  global_sparsity), the folder llm-compressor writes for a sparse model saved uncompressed. Loads
+  with transformers (compressed-tensors installed) to bit-identical weights; tools that read the
+  metadata learn which matrices are sparse and how.
 - ``"compressed"``: the compressed-tensors sparse layout, for disk and transfer. Every pruned matrix
   is stored as its non-zero values plus a bitmask (1 bit per weight, rows packed little-endian):
   all-2:4 models in the ``sparse-24-bitmask`` format (values as rows x cols/2, keys
@@ -44,7 +49,7 @@ import yaml
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-FORMATS = ("dense", "compressed")
+FORMATS = ("dense", "dense-ct", "compressed")
 DEFAULT_FORMAT = "dense"  # the one every current loader reads (see the module docstring)
 RECIPE_PRUNERS = {"sparsegpt": "SparseGPTModifier", "wanda": "WandaPruningModifier"}
 WEIGHTS_FILE = "model.safetensors"
@@ -148,26 +153,39 @@ def _decompress_matrix(parts: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.zeros(shape, dtype=parts["compressed"].dtype).masked_scatter_(keep, parts["compressed"].flatten())
 
 
-def _sparsity_config(model: nn.Module, targets: list[str], two_four: bool, zeros: int, total: int) -> dict:
-    from compressed_tensors.config import BitmaskConfig, Sparse24BitMaskConfig  # noqa: PLC0415 (slow import; compressed format only)
-    ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in targets)
-    cls = Sparse24BitMaskConfig if two_four else BitmaskConfig
-    # sparsity_structure "unstructured" also covers other N:M patterns: compressed-tensors names only 2:4
-    return cls(targets=["Linear"], ignore=ignore, global_sparsity=zeros / max(total, 1),
-               sparsity_structure="2:4" if two_four else "unstructured").model_dump()
-
-
-def _write_compressed(model: nn.Module, names: list[str], folder: Path) -> None:
-    import compressed_tensors  # noqa: PLC0415 (slow import; compressed format only)
+def _quantization_config(model: nn.Module, weights: dict[str, torch.Tensor], stored_dense: bool) -> dict:
+    """config.json's quantization_config for `weights` (name -> pruned matrix), made by
+    compressed-tensors' own config classes: format dense when the matrices are stored dense, else
+    the bitmask format (sparse-24-bitmask when every matrix is 2:4)."""
+    import compressed_tensors  # noqa: PLC0415 (slow import; compressed-tensors formats only)
     from compressed_tensors.base import (  # noqa: PLC0415
         COMPRESSION_VERSION_NAME,
-        QUANTIZATION_CONFIG_NAME,
         QUANTIZATION_METHOD,
         QUANTIZATION_METHOD_NAME,
         SPARSITY_CONFIG_NAME,
     )
+    from compressed_tensors.config import BitmaskConfig, DenseSparsityConfig, Sparse24BitMaskConfig  # noqa: PLC0415
 
-    weights = {n: model.get_submodule(n).weight for n in names}
+    two_four = bool(weights) and all(_is_24(w) for w in weights.values())
+    zeros = sum(w.numel() - int(torch.count_nonzero(w)) for w in weights.values())
+    total = sum(w.numel() for w in weights.values())
+    ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in weights)
+    cls = DenseSparsityConfig if stored_dense else Sparse24BitMaskConfig if two_four else BitmaskConfig
+    # sparsity_structure "unstructured" also covers other N:M patterns: compressed-tensors names only 2:4
+    sparsity = cls(targets=["Linear"], ignore=ignore, global_sparsity=zeros / max(total, 1),
+                   sparsity_structure="2:4" if two_four else "unstructured").model_dump()
+    return {QUANTIZATION_METHOD_NAME: QUANTIZATION_METHOD, COMPRESSION_VERSION_NAME: compressed_tensors.__version__,
+            SPARSITY_CONFIG_NAME: sparsity}
+
+
+def _add_quantization_config(folder: Path, quantization: dict) -> None:
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text())
+    config["quantization_config"] = quantization
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def _write_compressed(model: nn.Module, weights: dict[str, torch.Tensor], folder: Path) -> None:
     two_four = all(_is_24(w) for w in weights.values())
     tensors, seen = {}, set()
     for key, t in model.state_dict().items():
@@ -183,14 +201,7 @@ def _write_compressed(model: nn.Module, names: list[str], folder: Path) -> None:
     model.config.save_pretrained(folder)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(folder)
-    zeros = sum(w.numel() - int(torch.count_nonzero(w)) for w in weights.values())
-    total = sum(w.numel() for w in weights.values())
-    config_file = folder / "config.json"
-    config = json.loads(config_file.read_text())
-    config[QUANTIZATION_CONFIG_NAME] = {
-        QUANTIZATION_METHOD_NAME: QUANTIZATION_METHOD, COMPRESSION_VERSION_NAME: compressed_tensors.__version__,
-        SPARSITY_CONFIG_NAME: _sparsity_config(model, names, two_four, zeros, total)}
-    config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
+    _add_quantization_config(folder, _quantization_config(model, weights, stored_dense=False))
 
 
 def load_pruned(folder: str | Path, device: str | torch.device | None = None) -> nn.Module:
@@ -200,7 +211,7 @@ def load_pruned(folder: str | Path, device: str | torch.device | None = None) ->
     config = AutoConfig.from_pretrained(folder)
     quant = getattr(config, "quantization_config", None)
     quant = quant if isinstance(quant, dict) else {}
-    if not quant.get("sparsity_config"):
+    if (quant.get("sparsity_config") or {}).get("format", "dense") == "dense":  # stored dense: transformers reads it
         return AutoModelForCausalLM.from_pretrained(folder, device_map=device).eval()
     del config.quantization_config
     stored = safetensors.torch.load_file(folder / WEIGHTS_FILE)
@@ -235,7 +246,7 @@ def _allocation_dict(allocation) -> dict:
 
 def export(model: nn.Module, tokenizer, allocation, out_dir: str | Path, format: str = DEFAULT_FORMAT,
            overwrite: bool = False) -> Path:
-    """Save the (pruned) model in `format` ("compressed" or "dense", see the module docstring) with its
+    """Save the (pruned) model in `format` (one of FORMATS, see the module docstring) with its
     tokenizer (None: none) and the allocation as allocation.json. `allocation`: an Allocation (anything
     with to_dict()) or a dict; its per_layer names are the matrices the compressed format compresses.
     An existing non-empty `out_dir` is replaced only if `overwrite`. Raises ExportError (nothing is
@@ -244,7 +255,7 @@ def export(model: nn.Module, tokenizer, allocation, out_dir: str | Path, format:
         raise ExportError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     out = check_destination(out_dir, overwrite)
     alloc = _allocation_dict(allocation)
-    names = [n for n, _ in model.named_modules() if n in alloc.get("per_layer", {})]
+    weights = {n: m.weight for n, m in model.named_modules() if n in alloc.get("per_layer", {})}
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -252,9 +263,11 @@ def export(model: nn.Module, tokenizer, allocation, out_dir: str | Path, format:
         raise ExportError(f"cannot write {out}: {e.strerror or e}") from None
     try:
         if format == "compressed":
-            _write_compressed(model, names, stage)
+            _write_compressed(model, weights, stage)
         else:
             model.save_pretrained(stage)  # safetensors is the default format
+            if format == "dense-ct":
+                _add_quantization_config(stage, _quantization_config(model, weights, stored_dense=True))
         if tokenizer is not None:
             tokenizer.save_pretrained(stage)
         (stage / "allocation.json").write_text(json.dumps(alloc, indent=2))

@@ -269,7 +269,9 @@ st.subheader("Export")
 x1, x2, x3 = st.columns([3, 1, 1])
 out_dir = x1.text_input("Folder", "artifacts/pruned-model", key="prune_export_dir")
 save_format = x2.radio("Format", FORMATS, index=FORMATS.index(DEFAULT_FORMAT), key="prune_export_format",
-                       help="dense: save_pretrained, loads with transformers and serves with vLLM. compressed: "
+                       help="dense: save_pretrained, loads with transformers and serves with vLLM. dense-ct: "
+                            "the same plus compressed-tensors' sparsity metadata in config.json (loads with "
+                            "transformers when compressed-tensors is installed). compressed: "
                             "compressed-tensors bitmask (smaller on disk; transformers 5 and vLLM no longer "
                             "decompress it: read it back with analysis.export.load_pruned).")
 overwrite = x3.checkbox("Overwrite", key="prune_export_overwrite", help="replace a non-empty folder")

@@ -107,6 +107,25 @@ def test_dense_export_reloads_with_transformers(tmp_path):
     assert_same_weights(model, load_pruned(out))
 
 
+@pytest.mark.parametrize("nm", [None, "2:4"])
+def test_dense_ct_export_carries_the_sparsity_metadata_and_reloads_with_transformers(tmp_path, nm):
+    ratios = {r.name: 0.5 for r in prunable_layers(tiny_llama())} if nm else None
+    model, alloc = pruned(nm=nm, ratios=ratios)
+    out = export(model, None, alloc, tmp_path / "dct", format="dense-ct")
+    q = json.loads((out / "config.json").read_text())["quantization_config"]
+    sc = q["sparsity_config"]
+    assert q["quant_method"] == "compressed-tensors" and sc["format"] == "dense"
+    assert sc["sparsity_structure"] == ("2:4" if nm else "unstructured")
+    assert sc["targets"] == ["Linear"] and sc["ignore"] == ["lm_head"]
+    names = list(alloc["per_layer"])
+    zeros = sum(int((model.get_submodule(n).weight == 0).sum()) for n in names)
+    assert sc["global_sparsity"] == pytest.approx(zeros / sum(model.get_submodule(n).weight.numel() for n in names))
+    hf = AutoModelForCausalLM.from_pretrained(out)
+    assert type(hf.config.quantization_config).__name__ == "CompressedTensorsConfig"  # read, not ignored
+    assert_same_weights(model, hf)
+    assert_same_weights(model, load_pruned(out))
+
+
 def test_transformers_does_not_decompress_the_compressed_format(tmp_path):
     """Why "dense" is the default: with compressed-tensors 0.19 (no sparse compressors left) transformers
     loads the bitmask-compressed matrices as fresh random weights. If this starts failing, a current
