@@ -29,7 +29,8 @@ PERSIST = (
     "alloc_target", "alloc_epsilon", "alloc_mode", "alloc_more", "alloc_preset", "alloc_preset_points",
     "prune_method", "prune_nm", "prune_alloc", "prune_sparsity", "prune_epsilon", "prune_calib_source",
     "prune_n_samples", "prune_calib_seqlen", "prune_eval_source", "prune_eval_own", "prune_eval_seqlen",
-    "prune_windows", "prune_export_dir",
+    "prune_windows", "prune_encoding", "prune_rowwise", "prune_export_dir", "prune_export_format",
+    "prune_recipe_pruner", "prune_zs_tasks", "prune_zs_limit",
     "learn_kind", "learn_n", "learn_aspect", "learn_seed", "learn_log", "learn_fit", "learn_mu", "learn_family",
     "learn_strength", "learn_rank",
 )

@@ -3,7 +3,8 @@
 
 Flow (one server, two browser sessions):
   A: load the default model -> Spectra shows an ESD histogram -> drag a curve point with the mouse
-     and see the budget change -> start a 50% Wanda prune and see a perplexity value.
+     and see the budget change -> start a 50% Wanda prune and see a perplexity value -> another page
+     and back: the Prune page's settings are still those chosen.
   B (a second browser context, i.e. another user, while A's prune runs): its weights stay the dense
      shared model, its Spectra caption reports no pruned zeros, and evaluating its weights gives the
      dense baseline perplexity.
@@ -106,6 +107,12 @@ def test_spectra_drag_prune_and_isolation(server, browser):
     assert ppl_a > dense_a > 1
     assert "pruned copy" in weights_line(a, containing="50.0% of prunable weights are zero")
     shot(a, "05_prune_done")
+    # the settings chosen on a page are still there after visiting another page
+    nav(a, "Compare")
+    nav(a, "Prune")
+    a.get_by_text("Calibration and evaluation data").click()
+    for label, value in (("Calibration samples", SMALL["n_samples"]), ("Windows (0 = all)", SMALL["windows"])):
+        assert a.get_by_role("spinbutton", name=label, exact=True).input_value() == str(value)
 
     # B after A's prune: still dense, and its perplexity is the dense baseline
     set_small_eval(b, **SMALL)  # the same evaluation windows as A
