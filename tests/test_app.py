@@ -41,6 +41,16 @@ def run_until_idle(at: AppTest, what: str, timeout: float = WAIT_S) -> AppTest:
         time.sleep(1.0)
 
 
+def set_prune_inputs(at: AppTest, **values) -> AppTest:
+    """Set Prune page inputs named by their key without "prune_" (method, alloc: select boxes; the others
+    number inputs), then run. Tests call it again after a rerun: AppTest re-creates a page's widgets
+    with their defaults."""
+    for name, value in values.items():
+        widget = at.selectbox if name in ("method", "alloc") else at.number_input
+        widget(key=f"prune_{name}").set_value(value)
+    return at.run()
+
+
 def texts(at: AppTest) -> str:
     return "\n".join(m.value for m in at.markdown)
 
@@ -209,12 +219,7 @@ def test_prune_runs_in_the_background_and_restores(app, runs_db):
     assert not app.exception
     assert "dense (shared model) · 0.0% of prunable weights are zero" in texts(app)
     def small_settings():  # so the test stays quick on two cores
-        app.selectbox(key="prune_alloc").set_value("uniform")
-        app.number_input(key="prune_n_samples").set_value(4)
-        app.number_input(key="prune_calib_seqlen").set_value(64)
-        app.number_input(key="prune_eval_seqlen").set_value(128)
-        app.number_input(key="prune_windows").set_value(3)
-        app.run()
+        set_prune_inputs(app, alloc="uniform", n_samples=4, calib_seqlen=64, eval_seqlen=128, windows=3)
 
     small_settings()
     app.button(key="prune_run").click().run()

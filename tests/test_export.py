@@ -350,7 +350,7 @@ def test_cli_export_writes_recipe_and_npy(tmp_path, capsys, recipe_parser):
 def test_prune_page_export_section(tmp_path, monkeypatch):
     pytest.importorskip("streamlit")
     from streamlit.testing.v1 import AppTest
-    from test_app import APP, run_until_idle
+    from test_app import APP, run_until_idle, set_prune_inputs
 
     monkeypatch.setenv("ALPHASCOPE_RUNS_DB", str(tmp_path / "runs.sqlite"))
     at = AppTest.from_file(APP, default_timeout=300)
@@ -363,11 +363,7 @@ def test_prune_page_export_section(tmp_path, monkeypatch):
     assert at.button(key="prune_export").disabled
 
     def settings():  # magnitude (no calibration) on one short window: quick on two cores
-        at.selectbox(key="prune_method").set_value("magnitude")
-        at.selectbox(key="prune_alloc").set_value("uniform")
-        at.number_input(key="prune_eval_seqlen").set_value(64)
-        at.number_input(key="prune_windows").set_value(1)
-        at.run()
+        set_prune_inputs(at, method="magnitude", alloc="uniform", eval_seqlen=64, windows=1)
 
     settings()
     at.button(key="prune_run").click().run()

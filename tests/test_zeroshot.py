@@ -160,7 +160,7 @@ def test_prune_page_scores_the_current_weights_in_the_background(runs_db):
 
 
 def test_prune_page_scores_of_pruned_weights_join_their_run(runs_db):
-    from test_app import fresh_app, run_until_idle
+    from test_app import fresh_app, run_until_idle, set_prune_inputs
 
     from analysis.store import RunStore
 
@@ -168,14 +168,8 @@ def test_prune_page_scores_of_pruned_weights_join_their_run(runs_db):
     app.button(key="model_load").click().run()
     app.switch_page("pages/prune.py").run()
 
-    def small():  # (AppTest re-creates the widgets with their defaults)
-        app.selectbox(key="prune_alloc").set_value("uniform")
-        app.number_input(key="prune_n_samples").set_value(2)
-        app.number_input(key="prune_calib_seqlen").set_value(64)
-        app.number_input(key="prune_eval_seqlen").set_value(64)
-        app.number_input(key="prune_windows").set_value(1)
-        app.number_input(key="prune_zs_limit").set_value(8)
-        app.run()
+    def small():
+        set_prune_inputs(app, alloc="uniform", n_samples=2, calib_seqlen=64, eval_seqlen=64, windows=1, zs_limit=8)
 
     small()
     app.button(key="prune_run").click().run()
