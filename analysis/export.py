@@ -153,10 +153,11 @@ def _decompress_matrix(parts: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.zeros(shape, dtype=parts["compressed"].dtype).masked_scatter_(keep, parts["compressed"].flatten())
 
 
-def _quantization_config(model: nn.Module, weights: dict[str, torch.Tensor], stored_dense: bool) -> dict:
-    """config.json's quantization_config for `weights` (name -> pruned matrix), made by
-    compressed-tensors' own config classes: format dense when the matrices are stored dense, else
-    the bitmask format (sparse-24-bitmask when every matrix is 2:4)."""
+def _quantization_config(model: nn.Module, weights: dict[str, torch.Tensor], two_four: bool,
+                         stored_dense: bool) -> dict:
+    """config.json's quantization_config for `weights` (name -> pruned matrix; `two_four`: all of them
+    2:4), made by compressed-tensors' own config classes: format dense when the matrices are stored
+    dense, else the bitmask format (sparse-24-bitmask when two_four)."""
     import compressed_tensors  # noqa: PLC0415 (slow import; compressed-tensors formats only)
     from compressed_tensors.base import (  # noqa: PLC0415
         COMPRESSION_VERSION_NAME,
@@ -166,7 +167,6 @@ def _quantization_config(model: nn.Module, weights: dict[str, torch.Tensor], sto
     )
     from compressed_tensors.config import BitmaskConfig, DenseSparsityConfig, Sparse24BitMaskConfig  # noqa: PLC0415
 
-    two_four = bool(weights) and all(_is_24(w) for w in weights.values())
     zeros = sum(w.numel() - int(torch.count_nonzero(w)) for w in weights.values())
     total = sum(w.numel() for w in weights.values())
     ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in weights)
@@ -185,8 +185,7 @@ def _add_quantization_config(folder: Path, quantization: dict) -> None:
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
-def _write_compressed(model: nn.Module, weights: dict[str, torch.Tensor], folder: Path) -> None:
-    two_four = all(_is_24(w) for w in weights.values())
+def _write_compressed(model: nn.Module, weights: dict[str, torch.Tensor], two_four: bool, folder: Path) -> None:
     tensors, seen = {}, set()
     for key, t in model.state_dict().items():
         if t.data_ptr() in seen:  # a tied weight (lm_head = embeddings): stored once, re-tied on load
@@ -201,7 +200,7 @@ def _write_compressed(model: nn.Module, weights: dict[str, torch.Tensor], folder
     model.config.save_pretrained(folder)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(folder)
-    _add_quantization_config(folder, _quantization_config(model, weights, stored_dense=False))
+    _add_quantization_config(folder, _quantization_config(model, weights, two_four, stored_dense=False))
 
 
 def load_pruned(folder: str | Path, device: str | torch.device | None = None) -> nn.Module:
@@ -256,6 +255,8 @@ def export(model: nn.Module, tokenizer, allocation, out_dir: str | Path, format:
     out = check_destination(out_dir, overwrite)
     alloc = _allocation_dict(allocation)
     weights = {n: m.weight for n, m in model.named_modules() if n in alloc.get("per_layer", {})}
+    # all 2:4? (once, for both the layout and the config; plain dense needs neither)
+    two_four = format != "dense" and bool(weights) and all(_is_24(w) for w in weights.values())
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -263,11 +264,11 @@ def export(model: nn.Module, tokenizer, allocation, out_dir: str | Path, format:
         raise ExportError(f"cannot write {out}: {e.strerror or e}") from None
     try:
         if format == "compressed":
-            _write_compressed(model, weights, stage)
+            _write_compressed(model, weights, two_four, stage)
         else:
             model.save_pretrained(stage)  # safetensors is the default format
             if format == "dense-ct":
-                _add_quantization_config(stage, _quantization_config(model, weights, stored_dense=True))
+                _add_quantization_config(stage, _quantization_config(model, weights, two_four, stored_dense=True))
         if tokenizer is not None:
             tokenizer.save_pretrained(stage)
         (stage / "allocation.json").write_text(json.dumps(alloc, indent=2))
