@@ -21,6 +21,20 @@ def wikitext_dir():
     return WIKITEXT
 
 
+def cancel_when(job, text: str, then=None) -> None:
+    """Make a running `job` cancel itself at the first progress message containing `text` (calling
+    `then()` first, if given): a cancel at a known point of a prune."""
+    report = job.report
+
+    def on_report(msg, frac=None):
+        report(msg, frac)
+        if text in msg:
+            if then is not None:
+                then()
+            job.cancel()
+    job.report = on_report
+
+
 def save_tiny_llama(path: Path) -> Path:
     """A 3-block LLaMA with random weights and a word-level tokenizer, saved as a local checkpoint
     folder (what a user's own model directory looks like)."""

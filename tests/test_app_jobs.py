@@ -4,6 +4,7 @@ import threading
 import time
 
 import pytest
+from conftest import cancel_when
 
 from analysis.jobs import CANCELLED, DONE, ERROR, Job, JobCancelled
 from analysis.layers import zero_fraction
@@ -89,14 +90,7 @@ def test_cancel_restores_the_dense_copy(default_model):
     started = threading.Event()
 
     def report_then_cancel(j):
-        orig = j.report
-
-        def report(msg, frac=None):
-            orig(msg, frac)
-            if "block 3/" in msg:
-                started.set()
-                j.cancel()
-        j.report = report
+        cancel_when(j, "block 3/", then=started.set)
         return prune_and_evaluate(j, work, default_model.model, default_model.tokenizer,
                                   magnitude_50())
 

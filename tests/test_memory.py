@@ -23,7 +23,7 @@ from analysis.session import (
     prune_need,
 )
 from analysis.settings import AllocationSettings, CalibrationSettings, EvaluationSettings, PruneSettings, RunSettings
-from tests.conftest import save_tiny_llama
+from tests.conftest import cancel_when, save_tiny_llama
 
 SETTINGS = RunSettings(allocation=AllocationSettings(method="uniform", sparsity=0.5),
                        prune=PruneSettings(method="wanda"), calibration=CalibrationSettings(n_samples=2, seqlen=16),
@@ -102,13 +102,7 @@ def test_cancel_while_leased_restores_and_releases(tiny, monkeypatch):
     work = WorkingCopy("k", ModelGate(), "session A")
 
     def cancel_in_block_2(j):
-        report = j.report
-
-        def on_report(msg, frac=None):
-            report(msg, frac)
-            if "block 2/" in msg:
-                j.cancel()
-        j.report = on_report
+        cancel_when(j, "block 2/")
         return prune_and_evaluate(j, work, shared, tiny.tokenizer, SETTINGS)
 
     job = Job(cancel_in_block_2, name="prune").start()
