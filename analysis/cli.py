@@ -67,7 +67,8 @@ FLAGS = {
     "allocation.metric": "--metric", "allocation.granularity": "--granularity", "allocation.fit": "--fit",
     "allocation.owl_lambda": "--owl-lambda", "allocation.owl_threshold": "--owl-threshold",
     "allocation.points": "--points", "allocation.search_steps": "--search-steps",
-    "allocation.search_seed": "--search-seed", "prune.method": "--method", "prune.nm": "--nm",
+    "allocation.search_seed": "--search-seed", "allocation.search_objective": "--search-objective",
+    "prune.method": "--method", "prune.nm": "--nm",
     "prune.rowwise": "--rowwise", "calibration.source": "--calib",
     "calibration.n_samples": "--nsamples", "calibration.seqlen": "--seqlen", "calibration.seed": "--seed",
     "evaluation.source": "--eval", "evaluation.seqlen": "--eval-seqlen", "evaluation.max_windows": "--max-windows",
@@ -182,6 +183,9 @@ def _add_allocation_args(p: argparse.ArgumentParser, axes: bool = False) -> None
     p.add_argument("--search-steps", type=int, default=d.search_steps,
                    help="auto: generations of the allocation search")
     p.add_argument("--search-seed", type=int, default=d.search_seed, help="auto: seed of the allocation search")
+    p.add_argument("--search-objective", default=d.search_objective,
+                   help="auto: what the search minimises on the calibration text: nll (the pruned model's loss) "
+                        "or kl (its KL divergence from the dense model)")
 
 
 def _allocation(args: argparse.Namespace, method: str, sparsity: float | None, **extra) -> AllocationSettings:
@@ -189,7 +193,8 @@ def _allocation(args: argparse.Namespace, method: str, sparsity: float | None, *
     return AllocationSettings(method=method, sparsity=d.sparsity if sparsity is None else sparsity,
                               epsilon=args.epsilon, metric=args.metric, granularity=args.granularity, fit=args.fit,
                               owl_lambda=args.owl_lambda, owl_threshold=args.owl_threshold,
-                              search_steps=args.search_steps, search_seed=args.search_seed, **extra)
+                              search_steps=args.search_steps, search_seed=args.search_seed,
+                              search_objective=args.search_objective, **extra)
 
 
 def _print_ppl(label: str, u) -> None:

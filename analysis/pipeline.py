@@ -134,8 +134,8 @@ def build_allocation(settings: AllocationSettings, model: nn.Module, *, nm=None,
             raise ValueError("auto needs calibration data: the search scores candidates on it.")
         starts = search_starts(settings, model, calib, metrics, outlier_ratios, model_name, progress)
         return search_allocation(model, calib, starts, method=prune_method, steps=settings.search_steps,
-                                 seed=settings.search_seed, model_name=model_name, progress=progress, stop=stop,
-                                 on_best=on_best)
+                                 seed=settings.search_seed, objective=settings.search_objective,
+                                 model_name=model_name, progress=progress, stop=stop, on_best=on_best)
     if method == "custom":
         if custom is not None:
             return custom

@@ -8,8 +8,11 @@ group (in the decoder-only models here: all blocks), and a move takes one step o
 block and gives it to another block of its group, so sum_b params_b * ratio_b stays S * total exactly
 at every step (the offsets of each group add up to zero).
 
-Fitness. Mean next-token NLL (nats) of the pruned model on calibration text only: a few short
-windows (the first `screen_samples` calibration sequences cut to `screen_seqlen` tokens) to screen
+Fitness (`objective`). On calibration text only, per predicted token in nats: "nll", the pruned
+model's next-token NLL; or "kl", KL(dense || pruned) between the dense and the pruned model's next-token
+distributions (EvoPress's choice: it asks the pruned model to behave like the dense one, not to fit the
+calibration text; the dense log-probabilities are computed once and kept in float16 on the CPU). A few
+short windows (the first `screen_samples` calibration sequences cut to `screen_seqlen` tokens) to screen
 offspring, every calibration sequence cut to `confirm_seqlen` tokens to confirm (the starts are scored
 there too); the parent is replaced only when an offspring is better on the confirmation tokens, so the
 result is never worse (on that fitness) than the best start.
@@ -34,6 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from analysis.allocation import MAX_RATIO, Allocation, budget
@@ -43,6 +47,7 @@ from analysis.layers import LayerRef, layers_by_block, module_device
 from analysis.pruners import get_pruner
 from analysis.pruning import DenseSnapshot
 from analysis.runtime import ProgressFn, StopFlag, should_stop
+from analysis.settings import SEARCH_OBJECTIVES
 
 STEP = 0.025  # sparsity moved by one mutation step
 OnBest = Callable[[list[float], float, int], None]  # (per-block ratios, confirmed fitness, step)
@@ -175,20 +180,41 @@ class BlockLevels:
         self.applied = {b: None for b in self.refs}
 
 
-def fitness(model: nn.Module, windows: torch.Tensor, batch: int = 4) -> float:
-    """Mean next-token NLL (nats per token) of `model` on `windows` (n, L)."""
+def log_probs(model: nn.Module, windows: torch.Tensor, batch: int = 4) -> torch.Tensor:
+    """Next-token log-probabilities (n, L-1, vocab) of `model` on `windows` (n, L), float16 on the
+    CPU: the dense reference of the "kl" objective."""
+    dev = module_device(model)
+    parts = []
+    with torch.no_grad():
+        for i in range(0, windows.shape[0], batch):
+            logits = model(input_ids=windows[i: i + batch].to(dev), use_cache=False).logits[:, :-1].float()
+            parts.append(F.log_softmax(logits, dim=-1).to("cpu", torch.float16))
+    return torch.cat(parts)
+
+
+def fitness(model: nn.Module, windows: torch.Tensor, batch: int = 4, reference: torch.Tensor | None = None) -> float:
+    """Mean per predicted token (nats) of `model` on `windows` (n, L): the next-token NLL, or, given
+    `reference` (`log_probs` of the dense model on the same windows), KL(dense || model)."""
     dev = module_device(model)
     total, tokens = 0.0, 0
-    for i in range(0, windows.shape[0], batch):
-        nll, n = window_nll(model, windows[i: i + batch].to(dev))
-        total, tokens = total + nll, tokens + n
+    with torch.no_grad():
+        for i in range(0, windows.shape[0], batch):
+            w = windows[i: i + batch].to(dev)
+            if reference is None:
+                nll, n = window_nll(model, w)
+            else:
+                logits = model(input_ids=w, use_cache=False).logits[:, :-1].float()
+                ref = reference[i: i + batch].to(logits.device).float()
+                nll = float((ref.exp() * (ref - F.log_softmax(logits, dim=-1))).sum())
+                n = ref.shape[0] * ref.shape[1]
+            total, tokens = total + nll, tokens + n
     return total / tokens
 
 
 def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, Allocation], method: str = "wanda",
                       steps: int = 40, seed: int = 0, step: float = STEP, offspring: int = 4,
                       screen_samples: int = 4, screen_seqlen: int = 128, confirm_seqlen: int = 128,
-                      model_name: str = "",
+                      objective: str = "nll", model_name: str = "",
                       progress: ProgressFn | None = None, stop: StopFlag = None,
                       on_best: OnBest | None = None) -> Allocation:
     """Search a per-block allocation at the budget of `starts` (name -> Allocation, all with the same
@@ -201,6 +227,8 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
     sparsity = next(iter(starts.values())).sparsity
     if calib is None or calib.dim() != 2:
         raise ValueError("the search needs calibration data (calib = token ids, shape (n, seqlen)).")
+    if objective not in SEARCH_OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(SEARCH_OBJECTIVES)}, got {objective!r}")
     t0 = time.perf_counter()
     refs = layers_by_block(model)
     n_blocks = max(refs) + 1
@@ -210,12 +238,14 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
     screen = calib[:screen_samples, :screen_seqlen]
     confirm = calib[:, :confirm_seqlen]
     cost = {"forward_passes": 0, "tokens": 0}
+    # the model is still dense here: its log-probabilities are the KL objective's reference
+    reference = {id(w): log_probs(model, w) for w in (screen, confirm)} if objective == "kl" else {}
 
     def score(k: np.ndarray, windows: torch.Tensor) -> float:
         levels.apply(k)
         cost["forward_passes"] += math.ceil(windows.shape[0] / 4)
         cost["tokens"] += int(windows.numel())
-        return fitness(model, windows)
+        return fitness(model, windows, reference=reference.get(id(windows)))
 
     rng = np.random.default_rng(seed)
     try:
@@ -245,11 +275,12 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
                         on_best(grid.ratios(parent), parent_fit, s)
             done = s
             if progress:
-                progress(f"search: step {s}/{steps}, best calibration NLL {parent_fit:.4f}", s / steps)
+                progress(f"search: step {s}/{steps}, best calibration {objective.upper()} {parent_fit:.4f}", s / steps)
     finally:
         levels.restore()
     return _result(model_name, grid, parent, {
-        "pruner": method, "fitness": "calibration NLL (nats/token)", "step": step, "steps": steps,
+        "pruner": method, "objective": objective, "step": step, "steps": steps,
+        "fitness": f"calibration {'NLL' if objective == 'nll' else 'KL(dense || pruned)'} (nats/token)",
         "steps_done": done, "seed": seed, "offspring": offspring, "screen_tokens": int(screen.numel()),
         "confirm_tokens": int(confirm.numel()), "start": best_name,
         "starts": {n: v[0] for n, v in start_scores.items()}, "best_fitness": parent_fit, "history": history,

@@ -36,6 +36,8 @@ from analysis.pruners import PRUNERS, ROWWISE, check_rowwise, parse_nm
 # allocation JSON
 ALLOCATION_METHODS = ("uniform", "alphapruning", "farms", "owl", "auto", "custom", "file")
 SPECTRA_METHODS = ("alphapruning", "farms")  # allocations computed from the dense model's spectra
+# what the "auto" search minimises on calibration text: the pruned model's NLL, or its KL from the dense model
+SEARCH_OBJECTIVES = ("nll", "kl")
 
 
 class SettingsError(ValueError):
@@ -170,8 +172,8 @@ class AllocationSettings:
     """method: one of ALLOCATION_METHODS; sparsity: the budget, fraction of prunable weights removed;
     epsilon: AlphaPruning's spread; metric / granularity / fit: how spectra become scores; owl_lambda
     and owl_threshold: OWL's half-range and outlier multiple M; points / as_drawn: a custom curve
-    ((depth, sparsity) pairs); file: an allocation JSON (method "file"); search_steps / search_seed:
-    generations and seed of the "auto" search (analysis.search)."""
+    ((depth, sparsity) pairs); file: an allocation JSON (method "file"); search_steps / search_seed /
+    search_objective: generations, seed and fitness ("nll" or "kl") of the "auto" search (analysis.search)."""
 
     method: str = "alphapruning"
     sparsity: float = 0.5
@@ -186,6 +188,7 @@ class AllocationSettings:
     file: str | None = None
     search_steps: int = 40
     search_seed: int = 0
+    search_objective: str = "nll"
 
     def check(self) -> AllocationSettings:
         if self.method not in ALLOCATION_METHODS:
@@ -209,6 +212,9 @@ class AllocationSettings:
             raise SettingsError(f"owl_threshold must be > 0, got {self.owl_threshold}", "allocation.owl_threshold")
         _positive_int(self.search_steps, "allocation.search_steps", 0)
         _positive_int(self.search_seed, "allocation.search_seed", 0)
+        if self.search_objective not in SEARCH_OBJECTIVES:
+            raise SettingsError(f"search_objective must be one of {', '.join(SEARCH_OBJECTIVES)}, got "
+                                f"{self.search_objective!r}", "allocation.search_objective")
         if self.method == "custom" and not self.points:
             raise SettingsError("a custom allocation needs control points, e.g. 0:0.5,0.5:0.7,1:0.8",
                                 "allocation.points")

@@ -5,8 +5,9 @@
                             [--out FILE] [--resume]
 
 Grid: dense, then every seed x sparsity x pruner {magnitude, wanda, sparsegpt} x allocation {uniform,
-owl, alphapruning, auto}; "NAME+trim" prunes with that allocation and TRIM row-wise sparsity. "auto"
-is the allocation search (analysis.search) on the calibration batch only, started from uniform,
+owl, alphapruning, auto, auto-kl}; "NAME+trim" prunes with that allocation and TRIM row-wise sparsity.
+"auto" is the allocation search (analysis.search) on the calibration batch only ("auto-kl": with the
+KL-to-dense objective instead of the calibration NLL), started from uniform,
 AlphaPruning (eps 0.1/0.2/0.3) and OWL, `--search-steps` generations with search seed = the
 calibration seed; its cost (seconds, forward passes, tokens, load average) is recorded under
 "searches". Calibration: n random windows from the embedded corpus (gensim's Lee background
@@ -51,7 +52,7 @@ from analysis.store import now_iso
 
 OUT = Path(__file__).resolve().parent / "results" / "quality.json"
 METHODS = ("magnitude", "wanda", "sparsegpt")
-ALLOCS = ("uniform", "owl", "alphapruning", "auto", "uniform+trim", "auto+trim")  # table columns
+ALLOCS = ("uniform", "owl", "alphapruning", "auto", "auto-kl", "uniform+trim", "auto+trim")  # table columns
 RUN_ORDER = ("wanda", "magnitude", "sparsegpt")  # cheapest informative runs first
 
 
@@ -101,9 +102,10 @@ def make_allocation(name: str, sparsity: float, metrics, outliers: dict, epsilon
 
 
 def searched_allocation(model, calib, sparsity: float, method: str, seed: int, steps: int, tokens: str, metrics,
-                        outliers, model_name: str, results: dict, out: Path) -> Allocation:
-    """The "auto" allocation of this seed/sparsity/pruner, searched once (kept in results["searches"])."""
-    key = run_key(sparsity, method, "auto", seed)
+                        outliers, model_name: str, results: dict, out: Path, name: str = "auto") -> Allocation:
+    """The `name` ("auto" or "auto-kl") allocation of this seed/sparsity/pruner, searched once (kept in
+    results["searches"])."""
+    key = run_key(sparsity, method, name, seed)
     found = results.setdefault("searches", {})
     if key not in found:
         starts = search_starts(AllocationSettings(sparsity=sparsity, owl_threshold=5.0), model, calib, metrics,
@@ -113,6 +115,7 @@ def searched_allocation(model, calib, sparsity: float, method: str, seed: int, s
         n, length = (int(x) for x in screen.split("x"))
         alloc = search_allocation(model, calib, starts, method=method, steps=steps, seed=seed, model_name=model_name,
                                   screen_samples=n, screen_seqlen=length, confirm_seqlen=int(confirm),
+                                  objective="kl" if name == "auto-kl" else "nll",
                                   progress=lambda m, f: f >= 1 or int(f * steps) % 10 or log(m))
         alloc.params["loadavg_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
         alloc.params["cpu_s"] = round(time.process_time() - cpu0, 1)  # all threads of this process
@@ -179,7 +182,7 @@ def markdown(results: dict) -> str:
     seeds = sorted({r.get("seed", cfg.get("seed", 0)) for r in runs.values()})
     allocs = [a for a in ALLOCS if any(r["allocation"] == a for r in runs.values())]
     names = {"uniform": "uniform", "owl": "OWL", "alphapruning": "AlphaPruning", "auto": "auto",
-             "uniform+trim": "uniform+TRIM", "auto+trim": "auto+TRIM"}
+             "auto-kl": "auto (KL)", "uniform+trim": "uniform+TRIM", "auto+trim": "auto+TRIM"}
     lines = [f"{cfg.get('model', 'default')}: dense {results['dense']['ppl']:.2f}. WikiText-2 test perplexity, "
              f"first {n_windows} windows of {cfg['eval_seqlen']} tokens ({cfg['eval_tokens']} scored tokens); "
              f"calibration {cfg['nsamples']}x{cfg['seqlen']} tokens from the embedded corpus, seeds "
@@ -213,11 +216,12 @@ def markdown(results: dict) -> str:
         lines.append(f"| {r.get('seed', 0)} | {r['sparsity']:.2f} | {r['method']} | {r['allocation']} | "
                      f"{r['prune_s']:.0f} | {r['eval_s']:.0f} | {r['peak_rss_mb']:.0f} |")
     if results.get("searches"):
-        lines += ["", "| search | start | start NLL | best NLL | s | CPU s | forward passes | tokens | load avg |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| search | objective | start | start fitness | best fitness | s | CPU s | forward passes "
+                  "| tokens | load avg |", "|---|---|---|---|---|---|---|---|---|---|"]
         for key, a in results["searches"].items():
             p = a["params"]
-            lines.append(f"| {key} | {p['start']} | {min(p['starts'].values()):.4f} | {p['best_fitness']:.4f} | "
+            lines.append(f"| {key} | {p.get('objective', 'nll')} | {p['start']} | {min(p['starts'].values()):.4f} | "
+                         f"{p['best_fitness']:.4f} | "
                          f"{p['seconds']:.0f} | {p.get('cpu_s')} | {p['forward_passes']} | {p['tokens']} | "
                          f"{p.get('loadavg_before_after')} |")
     return "\n".join(lines)
@@ -234,7 +238,7 @@ def parse_args(argv=None):
     p.add_argument("--sparsities", default="0.5,0.6,0.7")
     p.add_argument("--methods", default=",".join(RUN_ORDER))
     p.add_argument("--allocations", default="uniform,alphapruning,owl",
-                   help="any of uniform, alphapruning, owl, auto; NAME+trim adds TRIM row-wise sparsity")
+                   help="any of uniform, alphapruning, owl, auto, auto-kl; NAME+trim adds TRIM row-wise sparsity")
     p.add_argument("--search-steps", type=int, default=40, help="auto: generations of the search")
     p.add_argument("--search-tokens", default="4x128,128",
                    help="auto: screening samples x tokens, and tokens of every calibration sample to confirm on")
@@ -295,7 +299,7 @@ def main(argv=None) -> int:
     allocs = args.allocations.split(",")
     bases = {a.split("+")[0] for a in allocs}
     outliers: dict[int, dict] = {}
-    if bases & {"owl", "auto"}:
+    if bases & {"owl", "auto", "auto-kl"}:
         for seed in seeds:
             t0 = time.perf_counter()
             outliers[seed] = collect_outlier_ratios(model, calibs[seed], threshold_m=5.0)
@@ -313,9 +317,9 @@ def main(argv=None) -> int:
             continue
         base, _, rowwise = a.partition("+")
         calib = calibs[seed]
-        if base == "auto":
+        if base in ("auto", "auto-kl"):
             alloc = searched_allocation(model, calib, s, m, seed, args.search_steps, args.search_tokens, metrics,
-                                        outliers[seed], args.model, results, out)
+                                        outliers[seed], args.model, results, out, name=base)
         else:
             alloc = make_allocation(base, s, metrics, outliers.get(seed, {}), eps, args.model)
         r = prune_and_eval(model, snap, alloc, m, calib, test, rowwise=rowwise or None)

@@ -10,7 +10,7 @@ from analysis.allocation import Allocation, AllocationError, allocate, block_tab
 from analysis.jobs import Job
 from analysis.pipeline import build_allocation, calibration_batch
 from analysis.pruners import PRUNERS
-from analysis.settings import AllocationSettings, SpectraSettings
+from analysis.settings import SEARCH_OBJECTIVES, AllocationSettings, SpectraSettings
 from components.curve_editor import clamp_points, curve_editor, curve_points
 from components.figures import METHOD_COLORS, allocation_overlay, block_bars_figure, curves_figure
 from components.state import owl_job, prune_data_settings, require_model, spectra_job, wait_for
@@ -85,25 +85,29 @@ def _search_work(job: Job, shared, tokenizer, bos: bool, settings: AllocationSet
     return build_allocation(settings, model, calib=calib, metrics=dense_metrics, model_name=model_name,
                             prune_method=pruner, progress=job.report, stop=job.stop,
                             on_best=lambda per_block, fit, step: job.emit({"per_block": per_block, "fitness": fit,
-                                                                           "step": step}))
+                                                                           "step": step,
+                                                                           "objective": settings.search_objective}))
 
 
 with st.expander("Find allocation (search)", expanded=SEARCH_KEY in st.session_state):
     st.caption("An evolutionary search over per-block sparsity at the target budget (in the spirit of EvoPress, "
                "Sieberling et al. 2024): it starts from the best of uniform, AlphaPruning (ε 0.1/0.2/0.3) and OWL, "
-               "then moves sparsity between blocks, keeping the budget exact, scored by the pruned model's loss on "
-               "the calibration text of the Prune page only (never the evaluation text). It runs on a private "
-               "copy of the model; minutes on a CPU.")
-    f1, f2, f3 = st.columns(3)
+               "then moves sparsity between blocks, keeping the budget exact, scored on the calibration text of "
+               "the Prune page only (never the evaluation text): by the pruned model's loss, or by its KL "
+               "divergence from the dense model. It runs on a private copy of the model; minutes on a CPU.")
+    f1, f2, f3, f4 = st.columns(4)
     search_pruner = f1.selectbox("Pruner", list(PRUNERS), key="alloc_search_pruner")
     search_steps = f2.number_input("Generations", 1, 500, DEFAULT.search_steps, key="alloc_search_steps")
     search_seed = f3.number_input("Seed", 0, 10_000, DEFAULT.search_seed, key="alloc_search_seed")
+    search_objective = f4.selectbox("Fitness", SEARCH_OBJECTIVES, key="alloc_search_objective",
+                                    index=SEARCH_OBJECTIVES.index(DEFAULT.search_objective),
+                                    format_func={"nll": "calibration loss", "kl": "KL to the dense model"}.get)
     search: Job | None = st.session_state.get(SEARCH_KEY)
     g1, g2 = st.columns(2)
     if g1.button("Find allocation", key="alloc_search_run", disabled=search is not None and not search.done):
         cal, ev = prune_data_settings()
         cfg = AllocationSettings(method="auto", sparsity=float(target), search_steps=int(search_steps),
-                                 search_seed=int(search_seed), fit=fit)
+                                 search_seed=int(search_seed), search_objective=search_objective, fit=fit)
         shared, tok, info = loaded.model, loaded.tokenizer, loaded.info
         st.session_state[SEARCH_KEY] = search = Job(
             lambda j: _search_work(j, shared, tok, info.bos_per_window, cfg, search_pruner, cal, ev, info.source,
@@ -125,7 +129,8 @@ with st.expander("Find allocation (search)", expanded=SEARCH_KEY in st.session_s
         else:
             st.caption(f"Search {job.status} after {job.elapsed:.0f} s.")
         if best:
-            st.metric("Best calibration loss so far", f"{best['fitness']:.4f} nats/token",
+            label = "KL to the dense model" if best.get("objective") == "kl" else "calibration loss"
+            st.metric(f"Best {label} so far", f"{best['fitness']:.4f} nats/token",
                       help=f"found at generation {best['step']}")
             mine = st.session_state.get("alloc_custom")
             curves = [("search: best so far", best["per_block"])] + ([("your curve", mine.per_block)] if mine else [])

@@ -25,8 +25,8 @@ from analysis.pruners import (
     unstructured_mask,
 )
 from analysis.pruning import DenseSnapshot, prune
-from analysis.search import Grid, fitness, mutate, quantize, search_allocation
-from analysis.settings import PruneSettings, SettingsError
+from analysis.search import Grid, fitness, log_probs, mutate, quantize, search_allocation
+from analysis.settings import AllocationSettings, PruneSettings, SettingsError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -167,6 +167,34 @@ def test_search_fitness_matches_the_cached_candidate(tiny_search):
     snap.restore(model)
 
 
+def test_search_on_kl_to_the_dense_model(tiny_search):
+    """objective="kl": the dense model is at KL 0 from itself; the search is deterministic, exact and
+    never worse than its best start on that objective, and its fitness is KL(dense || result)."""
+    model, calib, starts = tiny_search
+    confirm = calib[:, :128]
+    ref = log_probs(model, confirm)
+    assert ref.dtype == torch.float16 and ref.shape[:2] == (confirm.shape[0], confirm.shape[1] - 1)
+    assert abs(fitness(model, confirm, reference=ref)) < 1e-3
+    a = search_allocation(model, calib, starts, steps=8, seed=1, screen_samples=2, screen_seqlen=16, objective="kl")
+    b = search_allocation(model, calib, starts, steps=8, seed=1, screen_samples=2, screen_seqlen=16, objective="kl")
+    assert a.per_block == b.per_block and a.params["objective"] == "kl" and "KL" in a.params["fitness"]
+    assert a.achieved == pytest.approx(0.6, abs=1e-12)
+    assert 0 < a.params["best_fitness"] <= min(a.params["starts"].values())
+    stats = {}
+    walk_blocks(model, calib, lambda b, refs, s: stats.update(s) or False)
+    snap = DenseSnapshot.take(model)
+    with torch.no_grad():
+        for r in prunable_layers(model):
+            r.weight().copy_(prune_wanda(r.weight().float(), stats[r.name].col_norms(), a.per_layer[r.name]))
+    assert fitness(model, confirm, reference=ref) == pytest.approx(a.params["best_fitness"], rel=1e-3)
+    snap.restore(model)
+    with pytest.raises(ValueError, match="objective must be one of nll, kl"):
+        search_allocation(model, calib, starts, steps=1, objective="kld")
+    with pytest.raises(SettingsError, match="search_objective must be one of nll, kl") as e:
+        AllocationSettings(method="auto", search_objective="loss").check()
+    assert e.value.field == "allocation.search_objective"
+
+
 def test_cli_prune_with_auto_allocation_and_trim(tmp_path):
     folder = save_tiny_llama(tmp_path / "tiny")
     words = " ".join(f"w{i % 119}" for i in range(12000))
@@ -188,11 +216,16 @@ def test_cli_prune_with_auto_allocation_and_trim(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "analysis", "prune", "--rowwise", "trim", "--nm", "2:4"],
                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert bad.returncode == 2 and "--rowwise" in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "analysis", "prune", "--allocation", "auto",
+                          "--search-objective", "kld"],
+                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert bad.returncode == 2 and "--search-objective" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 
 def test_allocation_page_finds_an_allocation():
-    """The Allocation page's Find allocation on the real default model (one generation): progress,
-    the best loss, and "Use this curve" takes the search's per-block ratios as the control points."""
+    """The Allocation page's Find allocation on the real default model (one generation, KL objective):
+    progress, the best KL so far, and "Use this curve" takes the search's per-block ratios as the
+    control points."""
     from test_app import fresh_app, metric, run_until_idle
 
     at = fresh_app()
@@ -200,11 +233,12 @@ def test_allocation_page_finds_an_allocation():
     at.switch_page("pages/allocation.py")
     run_until_idle(at, "spectra")
     at.number_input(key="alloc_search_steps").set_value(1).run()
+    at.selectbox(key="alloc_search_objective").set_value("kl").run()
     at.button(key="alloc_search_run").click().run()
     run_until_idle(at, "search")
-    assert "nats/token" in metric(at, "Best calibration loss so far")
+    assert "nats/token" in metric(at, "Best KL to the dense model so far")
     job = at.session_state["alloc_search_job"]
-    assert job.status == "done" and job.result.method == "auto"
+    assert job.status == "done" and job.result.method == "auto" and job.result.params["objective"] == "kl"
     at.button(key="alloc_search_use").click().run()
     assert not at.exception
     assert len(at.session_state["alloc_points"]) == 30
