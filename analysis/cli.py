@@ -51,7 +51,15 @@ from analysis.settings import (
 )
 from analysis.spectra import analyze, analyze_checkpoint
 from analysis.store import RunStore, StoreError, now_iso
-from analysis.sweep import FAILED, SweepGrid, check_address, grid_from_text, outcome_table, run_sweep
+from analysis.sweep import (
+    FAILED,
+    NAMED_ALLOCATIONS,
+    SweepGrid,
+    check_address,
+    grid_from_text,
+    outcome_table,
+    run_sweep,
+)
 from analysis.zeroshot import PAPER_TASKS, ZeroShotError, check_tasks
 from analysis.zeroshot import evaluate as zeroshot_evaluate
 
@@ -182,7 +190,8 @@ def _add_allocation_args(p: argparse.ArgumentParser, axes: bool = False) -> None
                    help="owl: outlier = |activation x weight| > M x mean")
     p.add_argument("--search-steps", type=int, default=d.search_steps,
                    help="auto: generations of the allocation search")
-    p.add_argument("--search-seed", type=int, default=d.search_seed, help="auto: seed of the allocation search")
+    if not axes:  # a sweep's searches take the seed of their calibration sample
+        p.add_argument("--search-seed", type=int, default=d.search_seed, help="auto: seed of the allocation search")
     p.add_argument("--search-objective", default=d.search_objective,
                    help="auto: what the search minimises on the calibration text: nll (the pruned model's loss) "
                         "or kl (its KL divergence from the dense model)")
@@ -528,7 +537,8 @@ def _add_prune_parsers(sub) -> None:
 def _sweep_grid(args: argparse.Namespace) -> SweepGrid:
     base = RunSettings(model=_model_settings(args),
                        allocation=AllocationSettings(metric=args.metric, granularity=args.granularity, fit=args.fit,
-                                                     owl_threshold=args.owl_threshold),
+                                                     owl_threshold=args.owl_threshold, search_steps=args.search_steps,
+                                                     search_objective=args.search_objective),
                        calibration=CalibrationSettings(args.calib, args.nsamples, args.seqlen, encoding=args.encoding),
                        evaluation=_evaluation(args))
     return grid_from_text(base, methods=args.methods, allocations=args.allocations, sparsities=args.sparsities,
@@ -560,7 +570,8 @@ def _add_sweep_parser(sub) -> None:
     _add_model_args(p)
     p.add_argument("--methods", default=PruneSettings.method, help=f"pruners, comma-separated: {', '.join(PRUNERS)}")
     p.add_argument("--allocations", default=AllocationSettings.method,
-                   help=f"comma-separated: {', '.join(ALLOCATION_METHODS[:4])} or allocation JSON files")
+                   help=f"comma-separated: {', '.join(NAMED_ALLOCATIONS)} or allocation JSON files "
+                        "(auto: the allocation search, with the seed of each calibration sample)")
     p.add_argument("--curve", action="append", default=None,
                    help="a custom curve's control points, e.g. 0:0.5,0.5:0.7,1:0.8 (repeat for more curves)")
     p.add_argument("--sparsities", default=f"{AllocationSettings.sparsity:g}",

@@ -1,14 +1,17 @@
 """Sweeps: many prune runs over a grid of settings, in this process or as Ray tasks.
 
-A `SweepGrid` crosses pruners x allocations (named methods, custom curves given as points, allocation
-JSON files) x sparsities x epsilon (alphapruning, farms) or OWL lambda x calibration seeds; `expand()`
+A `SweepGrid` crosses pruners x allocations (named methods, "auto" the allocation search, custom curves
+given as points, allocation JSON files) x sparsities x epsilon (alphapruning, farms) or OWL lambda x
+calibration seeds (an "auto" configuration's search takes its calibration seed); `expand()`
 turns it into RunSettings and each one runs through analysis.pipeline.run, so a sweep's run is the
 run `python -m analysis prune` makes with the same options. Every finished run goes into the run store
 with its config key (`config_key`: a hash of its settings and the model it loads); a sweep skips the
 keys already stored, so an interrupted sweep resumes where it stopped.
 
 What no configuration changes is measured once per sweep on the dense model (`measure_dense`): its
-spectra (alphapruning, farms) and its perplexity on the evaluation windows.
+spectra (alphapruning, farms, and the AlphaPruning starts of "auto") and its perplexity on the
+evaluation windows. So a search runs where its configuration runs: in this process, or as a Ray task
+(on a cluster, one GPU per search).
 
 Workers load the model themselves from its source, once per worker process (`worker_model`, a
 module-level cache that Ray keeps between the tasks a worker process runs), and restore the dense
@@ -50,7 +53,8 @@ from analysis.settings import (
 )
 from analysis.store import RunStore
 
-NAMED_ALLOCATIONS = ALLOCATION_METHODS[:4]  # uniform, alphapruning, farms, owl
+NAMED_ALLOCATIONS = ALLOCATION_METHODS[:5]  # uniform, alphapruning, farms, owl, auto
+USES_SPECTRA = (*SPECTRA_METHODS, "auto")  # allocations computed from (or started from) the dense spectra
 DONE, SKIPPED, FAILED, CANCELLED = "done", "skipped", "failed", "cancelled"
 ADDRESS_TIMEOUT_S = 3.0  # how long `check_address` waits for a cluster to answer
 # A file path: while that file exists, the next configuration to start deletes it and kills its own
@@ -89,10 +93,11 @@ class SweepGrid:
     """The axes of a sweep, and `base`: every other setting (model, calibration source and size,
     evaluation, metric, granularity, fit, OWL threshold), shared by all its runs.
 
-    allocations: named methods (uniform, alphapruning, farms, owl) or allocation JSON paths (a file
+    allocations: named methods (uniform, alphapruning, farms, owl, auto) or allocation JSON paths (a file
     fixes its own sparsity, so the sparsity axis does not apply to it); curves: custom curves, each
     (depth, sparsity) control points normalized to every sparsity of the grid; epsilons apply to
-    alphapruning/farms, owl_lambdas to owl; seeds: calibration sampling seeds."""
+    alphapruning/farms, owl_lambdas to owl; seeds: calibration sampling seeds (and, for auto, search
+    seeds; its other settings, steps and objective, come from base.allocation)."""
 
     base: RunSettings = field(default_factory=RunSettings)
     methods: tuple[str, ...] = (PruneSettings.method,)
@@ -146,7 +151,9 @@ class SweepGrid:
             for alloc in allocations:
                 for sparsity in self.sparsities if alloc.method != "file" else (alloc.sparsity,):
                     for variant in self._variants(replace(alloc, sparsity=sparsity)):
-                        out += [replace(self.base, allocation=variant, prune=replace(self.base.prune, method=method),
+                        out += [replace(self.base, allocation=replace(variant, search_seed=seed)
+                                        if variant.method == "auto" else variant,
+                                        prune=replace(self.base.prune, method=method),
                                         calibration=replace(self.base.calibration, seed=seed))
                                 for seed in self.seeds]
         return out
@@ -177,7 +184,7 @@ def grid_from_text(base: RunSettings, *, methods: str, allocations: str, sparsit
 
 def allocation_label(a: AllocationSettings) -> str:
     """How a sweep names an allocation: 'alphapruning ε=0.3', 'owl λ=0.08', 'custom 0:0.5,1:0.8',
-    the file's name; 'uniform'."""
+    the file's name, 'auto' ('auto kl' with the KL objective); 'uniform'."""
     if a.method in SPECTRA_METHODS:
         return f"{a.method} ε={a.epsilon:g}"
     if a.method == "owl":
@@ -186,6 +193,8 @@ def allocation_label(a: AllocationSettings) -> str:
         return "custom " + ",".join(f"{d:g}:{s:g}" for d, s in a.points or ())
     if a.method == "file":
         return Path(a.file or "").name
+    if a.method == "auto" and a.search_objective != "nll":
+        return f"auto {a.search_objective}"
     return a.method
 
 
@@ -266,7 +275,7 @@ def measure_dense(configs: list[RunSettings]) -> DenseReference:
     first = configs[0]
     loaded, dense = worker_model(first.model)
     dense.restore(loaded.model)
-    spectra = {c.allocation.spectra for c in configs if c.allocation.method in SPECTRA_METHODS and not c.prune.nm}
+    spectra = {c.allocation.spectra for c in configs if c.allocation.method in USES_SPECTRA and not c.prune.nm}
     windows = evaluation_windows(loaded.tokenizer, first.evaluation, first.calibration.source,
                                  loaded.info.bos_per_window)
     return DenseReference({sp: dense_spectra(loaded.model, sp) for sp in spectra},
@@ -281,7 +290,7 @@ def run_config(settings: RunSettings, dense: DenseReference, *, progress: Progre
     loaded, snapshot = worker_model(settings.model)
     snapshot.restore(loaded.model)
     alloc = settings.allocation
-    metrics = dense.metrics.get(alloc.spectra) if alloc.method in SPECTRA_METHODS else None
+    metrics = dense.metrics.get(alloc.spectra) if alloc.method in USES_SPECTRA else None
     return run(loaded, settings, progress=progress, stop=stop, metrics=metrics, dense_ppl=dense.ppl).record
 
 

@@ -7,7 +7,7 @@ import streamlit as st
 
 from analysis.jobs import ERROR, Job
 from analysis.pruners import PRUNERS
-from analysis.settings import QUICK_EVALUATION, ModelSettings, RunSettings, SettingsError
+from analysis.settings import QUICK_EVALUATION, AllocationSettings, ModelSettings, RunSettings, SettingsError
 from analysis.store import RunStore, StoreError, run_summary
 from analysis.sweep import (
     NAMED_ALLOCATIONS,
@@ -36,7 +36,8 @@ st.caption(f"Runs are kept in {store.path}; every finished prune on the Prune "
 def _grid(f: dict) -> SweepGrid:
     """The sweep the form describes (SettingsError on a bad field)."""
     evaluation = replace(QUICK_EVALUATION, source=f["eval"].strip(), max_windows=int(f["max_windows"]))
-    base = RunSettings(model=ModelSettings(f["model"].strip()), evaluation=evaluation)
+    base = RunSettings(model=ModelSettings(f["model"].strip()), evaluation=evaluation,
+                       allocation=AllocationSettings(search_steps=int(f["search_steps"])))
     return grid_from_text(base, methods=",".join(f["methods"]), allocations=",".join([*f["allocations"], f["files"]]),
                           sparsities=f["sparsities"], epsilons=f["epsilons"], owl_lambdas=f["owl_lambdas"],
                           seeds=f["seeds"], curves=tuple(f["curves"].splitlines()))
@@ -46,7 +47,8 @@ with st.expander("Run a sweep", expanded=False):
     st.caption("Every combination of the values below is pruned and evaluated like a run on the Prune page "
                "(calibration: the embedded corpus, 16 x 256 tokens) and stored here; configurations already "
                "stored are skipped. More than one worker, or a Ray address, runs them as Ray tasks; the sweep "
-               "loads its own copy of the model.")
+               "loads its own copy of the model. `auto` runs the allocation search in each configuration, "
+               "seeded by its calibration seed.")
     with st.form("sweep_form"):
         c1, c2, c3 = st.columns(3)
         form = {
@@ -60,6 +62,8 @@ with st.expander("Run a sweep", expanded=False):
             "sparsities": c2.text_input("Sparsities", "0.5,0.6,0.7", key="sweep_sparsities"),
             "epsilons": c2.text_input("Epsilons (alphapruning, farms)", "0.3", key="sweep_epsilons"),
             "owl_lambdas": c2.text_input("OWL lambdas", "0.08", key="sweep_owl_lambdas"),
+            "search_steps": c2.number_input("Search generations (auto)", 1, 500, AllocationSettings.search_steps,
+                                            key="sweep_search_steps"),
             "seeds": c3.text_input("Calibration seeds", "0,1", key="sweep_seeds"),
             "eval": c3.text_input("Evaluation text", QUICK_EVALUATION.source, key="sweep_eval"),
             "max_windows": c3.number_input("Evaluation windows", 1, 10_000, QUICK_EVALUATION.max_windows,

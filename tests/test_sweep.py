@@ -230,6 +230,28 @@ def test_ray_sweep_equals_in_process_retries_and_reports(tiny, in_process, local
     assert set(workers.values()) == {1}
 
 
+def test_auto_searches_once_per_configuration_here_and_on_ray(tiny, local_ray, tmp_path):
+    """"auto" in a grid: each configuration runs its own search (seeded by its calibration seed, with
+    the base's steps and objective) where the configuration runs; on Ray the same searches give the
+    same allocations and perplexities as in this process."""
+    base = replace(tiny, allocation=replace(tiny.allocation, search_steps=3, search_objective="kl"))
+    g = SweepGrid(base, methods=("wanda",), allocations=("auto", "uniform"), sparsities=(0.6,), seeds=(0, 1))
+    autos = [c for c in g.check().expand() if c.allocation.method == "auto"]
+    assert [(c.allocation.search_seed, c.calibration.seed) for c in autos] == [(0, 0), (1, 1)]
+    here_store, ray_store = RunStore(tmp_path / "here.sqlite"), RunStore(tmp_path / "ray.sqlite")
+    here = run_sweep(g, here_store)
+    there = {o.key: o for o in run_sweep(g, ray_store, workers=2)}
+    assert all(o.status == DONE for o in here) and all(o.status == DONE for o in there.values())
+    for o in here:
+        mine, theirs = here_store.get(o.run_id), ray_store.get(there[o.key].run_id)
+        assert theirs["allocation"]["per_layer"] == mine["allocation"]["per_layer"]
+        assert there[o.key].pruned_ppl == pytest.approx(o.pruned_ppl, rel=1e-5)
+        if o.settings.allocation.method == "auto":
+            params = mine["allocation"]["params"]
+            assert params["seed"] == o.settings.calibration.seed and params["steps"] == 3
+            assert params["objective"] == "kl" and mine["achieved"]["overall"] == pytest.approx(0.6, abs=0.01)
+
+
 def test_ray_sweep_stops_on_the_stop_flag(tiny, local_ray, tmp_path):
     store = RunStore(tmp_path / "runs.sqlite")
     stop = threading.Event()
@@ -267,12 +289,15 @@ def test_compare_page_plots_sweeps_and_launches_one(tiny, in_process, monkeypatc
     assert [e.value for e in at.error] == ["sparsities: sparsity 1.5 is outside (0, 0.99]"]
     at.text_input(key="sweep_sparsities").set_value("0.4")
     at.text_input(key="sweep_seeds").set_value("5")
-    at.multiselect(key="sweep_allocations").set_value(["uniform"])
+    at.multiselect(key="sweep_allocations").set_value(["uniform", "auto"])
+    at.number_input(key="sweep_search_steps").set_value(2)
     at.button[0].click().run()
     assert not at.error, [e.value for e in at.error]
     job = at.session_state["sweep_job"]
     assert job.wait(300) and job.status == "done", job.error
-    assert [o.status for o in job.result] == [DONE] and len(store) == before + 1
+    assert [o.status for o in job.result] == [DONE, DONE] and len(store) == before + 2
+    searched = store.get(job.result[1].run_id)["allocation"]
+    assert searched["method"] == "auto" and searched["params"]["steps"] == 2 and searched["params"]["seed"] == 5
 
 
 def test_sweep_figure_means_spread_and_pareto_front():
