@@ -51,15 +51,7 @@ from analysis.settings import (
 )
 from analysis.spectra import analyze, analyze_checkpoint
 from analysis.store import RunStore, StoreError, now_iso
-from analysis.sweep import (
-    FAILED,
-    NAMED_ALLOCATIONS,
-    SweepGrid,
-    check_address,
-    grid_from_text,
-    outcome_table,
-    run_sweep,
-)
+from analysis.sweep import FAILED, SweepGrid, check_address, grid_from_text, outcome_table, run_sweep
 from analysis.zeroshot import PAPER_TASKS, ZeroShotError, check_tasks
 from analysis.zeroshot import evaluate as zeroshot_evaluate
 
@@ -570,7 +562,7 @@ def _add_sweep_parser(sub) -> None:
     _add_model_args(p)
     p.add_argument("--methods", default=PruneSettings.method, help=f"pruners, comma-separated: {', '.join(PRUNERS)}")
     p.add_argument("--allocations", default=AllocationSettings.method,
-                   help=f"comma-separated: {', '.join(NAMED_ALLOCATIONS)} or allocation JSON files "
+                   help=f"comma-separated: {', '.join(ALLOCATION_METHODS[:5])} or allocation JSON files "
                         "(auto: the allocation search, with the seed of each calibration sample)")
     p.add_argument("--curve", action="append", default=None,
                    help="a custom curve's control points, e.g. 0:0.5,0.5:0.7,1:0.8 (repeat for more curves)")

@@ -152,17 +152,24 @@ def test_search_is_deterministic_exact_and_never_worse_than_its_best_start(tiny_
     assert back.per_layer == a.per_layer and back.params["start"] in starts
 
 
-def test_search_fitness_matches_the_cached_candidate(tiny_search):
-    """The search's confirmed fitness is the calibration NLL of the model pruned block by block from
-    dense statistics at the result's ratios (what the cache assembles)."""
-    model, calib, starts = tiny_search
-    a = search_allocation(model, calib, starts, steps=4, seed=0, screen_samples=2, screen_seqlen=16)
+def prune_from_dense_statistics(model, calib, alloc) -> DenseSnapshot:
+    """Wanda at `alloc`'s ratios, every block from the dense model's input statistics (what the
+    search's cache assembles); returns the snapshot that restores the dense weights."""
     stats = {}
     walk_blocks(model, calib, lambda b, refs, s: stats.update(s) or False)
     snap = DenseSnapshot.take(model)
     with torch.no_grad():
         for r in prunable_layers(model):
-            r.weight().copy_(prune_wanda(r.weight().float(), stats[r.name].col_norms(), a.per_layer[r.name]))
+            r.weight().copy_(prune_wanda(r.weight().float(), stats[r.name].col_norms(), alloc.per_layer[r.name]))
+    return snap
+
+
+def test_search_fitness_matches_the_cached_candidate(tiny_search):
+    """The search's confirmed fitness is the calibration NLL of the model pruned block by block from
+    dense statistics at the result's ratios (what the cache assembles)."""
+    model, calib, starts = tiny_search
+    a = search_allocation(model, calib, starts, steps=4, seed=0, screen_samples=2, screen_seqlen=16)
+    snap = prune_from_dense_statistics(model, calib, a)
     assert fitness(model, calib[:, :128]) == pytest.approx(a.params["best_fitness"], rel=1e-5)
     snap.restore(model)
 
@@ -180,12 +187,7 @@ def test_search_on_kl_to_the_dense_model(tiny_search):
     assert a.per_block == b.per_block and a.params["objective"] == "kl" and "KL" in a.params["fitness"]
     assert a.achieved == pytest.approx(0.6, abs=1e-12)
     assert 0 < a.params["best_fitness"] <= min(a.params["starts"].values())
-    stats = {}
-    walk_blocks(model, calib, lambda b, refs, s: stats.update(s) or False)
-    snap = DenseSnapshot.take(model)
-    with torch.no_grad():
-        for r in prunable_layers(model):
-            r.weight().copy_(prune_wanda(r.weight().float(), stats[r.name].col_norms(), a.per_layer[r.name]))
+    snap = prune_from_dense_statistics(model, calib, a)
     assert fitness(model, confirm, reference=ref) == pytest.approx(a.params["best_fitness"], rel=1e-3)
     snap.restore(model)
     with pytest.raises(ValueError, match="objective must be one of nll, kl"):
