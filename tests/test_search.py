@@ -218,8 +218,8 @@ def test_cli_prune_with_auto_allocation_and_trim(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "analysis", "prune", "--rowwise", "trim", "--nm", "2:4"],
                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert bad.returncode == 2 and "--rowwise" in bad.stderr
-    bad = subprocess.run([sys.executable, "-m", "analysis", "prune", "--allocation", "auto",
-                          "--search-objective", "kld"],
+    bad = subprocess.run([sys.executable, "-m", "analysis", "prune", "--allocation", "auto", "--search-objective",
+                          "kld", "--calib", str(tmp_path / "calib.txt"), "--eval", str(tmp_path / "eval.txt")],
                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert bad.returncode == 2 and "--search-objective" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
