@@ -1,0 +1,71 @@
+"""Does the allocation search's proxy rank allocations as the final prune does?
+
+    python -m bench.search_proxy --model default --sparsity 0.6 --method sparsegpt [--seed 0]
+
+The search ("auto", analysis.search) scores a candidate on a stitched model: every block pruned from the
+dense model's inputs. The final prune (analysis.pruning.prune) feeds each block the pruned blocks'
+outputs. For each search start (uniform, AlphaPruning eps 0.1/0.2/0.3, OWL) and for the searched
+allocation of bench/results/quality_<model>.json (same seed, sparsity and pruner), this prunes the model
+for real and measures the calibration NLL the search optimises (the same 16 x 128 confirmation tokens),
+next to the stitched NLL the search recorded, and the WikiText-2 test perplexity the quality bench
+measured. Writes bench/results/search_proxy_<model>_<method>_<sparsity>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from analysis.allocation import Allocation
+from analysis.data import calibration_batches, load_text
+from analysis.loading import load_model
+from analysis.owl import collect_outlier_ratios
+from analysis.pipeline import dense_spectra, search_starts
+from analysis.pruning import DenseSnapshot, prune
+from analysis.search import fitness
+from analysis.settings import AllocationSettings, SpectraSettings
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.search_proxy", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="default", help="packaged model: default or gemma3")
+    p.add_argument("--sparsity", type=float, default=0.6)
+    p.add_argument("--method", default="sparsegpt")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    quality = json.loads((RESULTS / f"quality_{args.model}.json").read_text())
+    key = f"{args.seed}/{args.sparsity:.2f}/{args.method}"
+    lm = load_model(args.model, device="cpu", dtype="float32")
+    model = lm.model
+    cfg = quality["config"]
+    calib = calibration_batches(lm.tokenizer, load_text("default"), cfg["nsamples"], cfg["seqlen"], seed=args.seed,
+                                bos=lm.info.bos_per_window)
+    outliers = collect_outlier_ratios(model, calib, threshold_m=5.0)
+    starts = search_starts(AllocationSettings(sparsity=args.sparsity, owl_threshold=5.0), model, calib,
+                           dense_spectra(model, SpectraSettings()), outliers, args.model)
+    auto = Allocation.from_dict(quality["searches"][f"{key}/auto"])
+    stitched = {**auto.params["starts"], "auto": auto.params["best_fitness"]}
+    test_ppl = {name: (quality["runs"].get(f"{key}/{run}") or {}).get("ppl") for name, run in
+                {"uniform": "uniform", "owl": "owl", "auto": "auto",
+                 f"alphapruning eps={quality['epsilon']:g}": "alphapruning"}.items()}
+    snap = DenseSnapshot.take(model)
+    rows = {}
+    for name, alloc in {**starts, "auto": auto}.items():
+        t0 = time.perf_counter()
+        prune(model, alloc.per_layer, method=args.method, calib=calib)
+        rows[name] = {"stitched_calib_nll": stitched.get(name), "sequential_calib_nll": fitness(model, calib[:, :128]),
+                      "wikitext2_test_ppl": test_ppl.get(name), "prune_s": round(time.perf_counter() - t0, 1)}
+        snap.restore(model)
+        print(name, rows[name], flush=True)
+    out = RESULTS / f"search_proxy_{args.model}_{args.method}_{args.sparsity:g}.json"
+    out.write_text(json.dumps({"model": args.model, "sparsity": args.sparsity, "method": args.method,
+                               "seed": args.seed, "confirm_tokens": f"{calib.shape[0]}x128", "rows": rows}, indent=2)
+                   + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
