@@ -54,6 +54,7 @@ OUT = Path(__file__).resolve().parent / "results" / "quality.json"
 METHODS = ("magnitude", "wanda", "sparsegpt")
 ALLOCS = ("uniform", "owl", "alphapruning", "auto", "auto-kl", "uniform+trim", "auto+trim")  # table columns
 RUN_ORDER = ("wanda", "magnitude", "sparsegpt")  # cheapest informative runs first
+SEARCHES = {"auto": "nll", "auto-kl": "kl"}  # searched allocations, and the objective of each
 
 
 class PeakRSS:
@@ -103,7 +104,7 @@ def make_allocation(name: str, sparsity: float, metrics, outliers: dict, epsilon
 
 def searched_allocation(model, calib, sparsity: float, method: str, seed: int, steps: int, tokens: str, metrics,
                         outliers, model_name: str, results: dict, out: Path, name: str = "auto") -> Allocation:
-    """The `name` ("auto" or "auto-kl") allocation of this seed/sparsity/pruner, searched once (kept in
+    """The `name` (one of SEARCHES) allocation of this seed/sparsity/pruner, searched once (kept in
     results["searches"])."""
     key = run_key(sparsity, method, name, seed)
     found = results.setdefault("searches", {})
@@ -115,7 +116,7 @@ def searched_allocation(model, calib, sparsity: float, method: str, seed: int, s
         n, length = (int(x) for x in screen.split("x"))
         alloc = search_allocation(model, calib, starts, method=method, steps=steps, seed=seed, model_name=model_name,
                                   screen_samples=n, screen_seqlen=length, confirm_seqlen=int(confirm),
-                                  objective="kl" if name == "auto-kl" else "nll",
+                                  objective=SEARCHES[name],
                                   progress=lambda m, f: f >= 1 or int(f * steps) % 10 or log(m))
         alloc.params["loadavg_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
         alloc.params["cpu_s"] = round(time.process_time() - cpu0, 1)  # all threads of this process
@@ -299,7 +300,7 @@ def main(argv=None) -> int:
     allocs = args.allocations.split(",")
     bases = {a.split("+")[0] for a in allocs}
     outliers: dict[int, dict] = {}
-    if bases & {"owl", "auto", "auto-kl"}:
+    if bases & {"owl", *SEARCHES}:
         for seed in seeds:
             t0 = time.perf_counter()
             outliers[seed] = collect_outlier_ratios(model, calibs[seed], threshold_m=5.0)
@@ -317,7 +318,7 @@ def main(argv=None) -> int:
             continue
         base, _, rowwise = a.partition("+")
         calib = calibs[seed]
-        if base in ("auto", "auto-kl"):
+        if base in SEARCHES:
             alloc = searched_allocation(model, calib, s, m, seed, args.search_steps, args.search_tokens, metrics,
                                         outliers[seed], args.model, results, out, name=base)
         else:

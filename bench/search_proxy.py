@@ -6,7 +6,7 @@ The search ("auto", analysis.search) scores a candidate on a stitched model: eve
 dense model's inputs. The final prune (analysis.pruning.prune) feeds each block the pruned blocks'
 outputs. For each search start (uniform, AlphaPruning eps 0.1/0.2/0.3, OWL) and for the searched
 allocation of bench/results/quality_<model>.json (same seed, sparsity and pruner), this prunes the model
-for real and measures the calibration NLL the search optimises (the same 16 x 128 confirmation tokens),
+for real and measures the calibration NLL the search optimises (on the search's confirmation tokens),
 next to the stitched NLL the search recorded, and the WikiText-2 test perplexity the quality bench
 measured. Writes bench/results/search_proxy_<model>_<method>_<sparsity>.json.
 """
@@ -41,6 +41,7 @@ def main(argv=None) -> int:
     lm = load_model(args.model, device="cpu", dtype="float32")
     model = lm.model
     cfg = quality["config"]
+    confirm_seqlen = int(cfg["search_tokens"].split(",")[1])  # as bench.quality's search confirmed on
     calib = calibration_batches(lm.tokenizer, load_text("default"), cfg["nsamples"], cfg["seqlen"], seed=args.seed,
                                 bos=lm.info.bos_per_window)
     outliers = collect_outlier_ratios(model, calib, threshold_m=5.0)
@@ -56,14 +57,14 @@ def main(argv=None) -> int:
     for name, alloc in {**starts, "auto": auto}.items():
         t0 = time.perf_counter()
         prune(model, alloc.per_layer, method=args.method, calib=calib)
-        rows[name] = {"stitched_calib_nll": stitched.get(name), "sequential_calib_nll": fitness(model, calib[:, :128]),
+        rows[name] = {"stitched_calib_nll": stitched.get(name),
+                      "sequential_calib_nll": fitness(model, calib[:, :confirm_seqlen]),
                       "wikitext2_test_ppl": test_ppl.get(name), "prune_s": round(time.perf_counter() - t0, 1)}
         snap.restore(model)
         print(name, rows[name], flush=True)
     out = RESULTS / f"search_proxy_{args.model}_{args.method}_{args.sparsity:g}.json"
-    out.write_text(json.dumps({"model": args.model, "sparsity": args.sparsity, "method": args.method,
-                               "seed": args.seed, "confirm_tokens": f"{calib.shape[0]}x128", "rows": rows}, indent=2)
-                   + "\n")
+    out.write_text(json.dumps({"model": args.model, "sparsity": args.sparsity, "method": args.method, "seed": args.seed,
+                               "confirm_tokens": f"{calib.shape[0]}x{confirm_seqlen}", "rows": rows}, indent=2) + "\n")
     return 0
 
 

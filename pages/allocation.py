@@ -74,6 +74,7 @@ with st.expander("Preset ratios per block (table)"):
 
 # ---- Find allocation: the search (analysis.search) on a private copy, in the background ----
 SEARCH_KEY = "alloc_search_job"
+OBJECTIVE_LABELS = {"nll": "calibration loss", "kl": "KL to the dense model"}  # how the page names SEARCH_OBJECTIVES
 
 
 def _search_work(job: Job, shared, tokenizer, bos: bool, settings: AllocationSettings, pruner: str,
@@ -101,7 +102,7 @@ with st.expander("Find allocation (search)", expanded=SEARCH_KEY in st.session_s
     search_seed = f3.number_input("Seed", 0, 10_000, DEFAULT.search_seed, key="alloc_search_seed")
     search_objective = f4.selectbox("Fitness", SEARCH_OBJECTIVES, key="alloc_search_objective",
                                     index=SEARCH_OBJECTIVES.index(DEFAULT.search_objective),
-                                    format_func={"nll": "calibration loss", "kl": "KL to the dense model"}.get)
+                                    format_func=OBJECTIVE_LABELS.get)
     search: Job | None = st.session_state.get(SEARCH_KEY)
     g1, g2 = st.columns(2)
     if g1.button("Find allocation", key="alloc_search_run", disabled=search is not None and not search.done):
@@ -129,8 +130,7 @@ with st.expander("Find allocation (search)", expanded=SEARCH_KEY in st.session_s
         else:
             st.caption(f"Search {job.status} after {job.elapsed:.0f} s.")
         if best:
-            label = "KL to the dense model" if best.get("objective") == "kl" else "calibration loss"
-            st.metric(f"Best {label} so far", f"{best['fitness']:.4f} nats/token",
+            st.metric(f"Best {OBJECTIVE_LABELS[best['objective']]} so far", f"{best['fitness']:.4f} nats/token",
                       help=f"found at generation {best['step']}")
             mine = st.session_state.get("alloc_custom")
             curves = [("search: best so far", best["per_block"])] + ([("your curve", mine.per_block)] if mine else [])
