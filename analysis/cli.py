@@ -32,7 +32,15 @@ from analysis.export import (
 )
 from analysis.layers import layer_table
 from analysis.loading import DEVICE_MAP_AUTO, PACKAGED, ModelLoadError, ensure_converted, load_model, resolve_source
-from analysis.pipeline import build_allocation, calibration_batch, dense_spectra, evaluation_windows, run, write_record
+from analysis.pipeline import (
+    build_allocation,
+    calibration_batch,
+    dense_spectra,
+    evaluation_windows,
+    run,
+    search_windows,
+    write_record,
+)
 from analysis.powerlaw import XMIN_RULES
 from analysis.pruners import PRUNERS, ROWWISE, parse_nm
 from analysis.pruning import prune
@@ -68,6 +76,7 @@ FLAGS = {
     "allocation.owl_lambda": "--owl-lambda", "allocation.owl_threshold": "--owl-threshold",
     "allocation.points": "--points", "allocation.search_steps": "--search-steps",
     "allocation.search_seed": "--search-seed", "allocation.search_objective": "--search-objective",
+    "allocation.search_text": "--search-text",
     "prune.method": "--method", "prune.nm": "--nm",
     "prune.rowwise": "--rowwise", "calibration.source": "--calib",
     "calibration.n_samples": "--nsamples", "calibration.seqlen": "--seqlen", "calibration.seed": "--seed",
@@ -185,8 +194,11 @@ def _add_allocation_args(p: argparse.ArgumentParser, axes: bool = False) -> None
     if not axes:  # a sweep's searches take the seed of their calibration sample
         p.add_argument("--search-seed", type=int, default=d.search_seed, help="auto: seed of the allocation search")
     p.add_argument("--search-objective", default=d.search_objective,
-                   help="auto: what the search minimises on the calibration text: nll (the pruned model's loss) "
-                        "or kl (its KL divergence from the dense model)")
+                   help="auto: what the search minimises: nll (the pruned model's loss) or kl (its KL divergence "
+                        "from the dense model)")
+    p.add_argument("--search-text", default=d.search_text,
+                   help="auto: score the search on this held-out text (a text source as for --calib, e.g. "
+                        "wikitext2:valid; never the evaluation text) instead of the calibration text")
 
 
 def _allocation(args: argparse.Namespace, method: str, sparsity: float | None, **extra) -> AllocationSettings:
@@ -195,7 +207,7 @@ def _allocation(args: argparse.Namespace, method: str, sparsity: float | None, *
                               epsilon=args.epsilon, metric=args.metric, granularity=args.granularity, fit=args.fit,
                               owl_lambda=args.owl_lambda, owl_threshold=args.owl_threshold,
                               search_steps=args.search_steps, search_seed=args.search_seed,
-                              search_objective=args.search_objective, **extra)
+                              search_objective=args.search_objective, search_text=args.search_text, **extra)
 
 
 def _print_ppl(label: str, u) -> None:
@@ -308,7 +320,12 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     calibration = _calibration(args).check() if args.method in ("owl", "auto") else None
     for flag, path in (("--out", args.out), ("--recipe", args.recipe), ("--npy", args.npy)):
         _checked_output(flag, path)
-    loaded = _load(_model_settings(args), calibration and calibration.check_model)
+
+    def check(preview) -> None:
+        if calibration is not None:
+            calibration.check_model(preview)
+        settings.check_model(preview, *([calibration.seqlen] if calibration else []))
+    loaded = _load(_model_settings(args), check)
     if args.method in (*SPECTRA_METHODS, "auto"):  # the search starts from AlphaPruning too
         metrics = dense_spectra(loaded.model, settings.spectra, progress=_print_progress)
     else:
@@ -318,8 +335,9 @@ def cmd_allocate(args: argparse.Namespace) -> int:
         calib = calibration_batch(loaded.tokenizer, calibration, bos=loaded.info.bos_per_window)
     if args.method == "custom" and args.as_drawn and args.sparsity is None:
         settings = AllocationSettings(method="custom", points=points, as_drawn=True)
+    held_out = calibration and search_windows(loaded.tokenizer, settings, calibration, loaded.info.bos_per_window)
     alloc = build_allocation(settings, loaded.model, calib=calib, metrics=metrics, model_name=args.model,
-                             progress=_print_progress)
+                             prune_method=args.pruner, progress=_print_progress, fitness_windows=held_out)
     _print_allocation(alloc, metrics, args.metric if args.method in SPECTRA_METHODS else None)
     if args.out:
         print(f"wrote {alloc.save(args.out)}")
@@ -331,7 +349,9 @@ def _add_allocate_parser(sub) -> None:
     p = _parser(sub, "allocate", "layerwise sparsity (uniform, alphapruning, farms, owl, custom) to JSON")
     _add_model_args(p)
     p.add_argument("--method", default=AllocationSettings.method, choices=[*ALLOCATION_CHOICES, "auto"],
-                   help="auto: search (analysis.search) with Wanda on the calibration text")
+                   help="auto: search (analysis.search) with --pruner on the calibration text")
+    p.add_argument("--pruner", default=PruneSettings.method, choices=list(PRUNERS),
+                   help="auto: the pruner the search prunes with (the one the allocation will be used with)")
     p.add_argument("--sparsity", type=float, default=None, help="target fraction of pruned weights, in [0, 0.99]")
     _add_allocation_args(p)
     p.add_argument("--points", default=None,
@@ -530,7 +550,8 @@ def _sweep_grid(args: argparse.Namespace) -> SweepGrid:
     base = RunSettings(model=_model_settings(args),
                        allocation=AllocationSettings(metric=args.metric, granularity=args.granularity, fit=args.fit,
                                                      owl_threshold=args.owl_threshold, search_steps=args.search_steps,
-                                                     search_objective=args.search_objective),
+                                                     search_objective=args.search_objective,
+                                                     search_text=args.search_text),
                        calibration=CalibrationSettings(args.calib, args.nsamples, args.seqlen, encoding=args.encoding),
                        evaluation=_evaluation(args))
     return grid_from_text(base, methods=args.methods, allocations=args.allocations, sparsities=args.sparsities,

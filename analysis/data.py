@@ -282,7 +282,7 @@ def calibration_batches(tokenizer, text: str, n_samples: int = 16, seqlen: int =
 
 
 def eval_windows(tokenizer, text: str, seqlen: int = 512, bos: bool = False,
-                 max_windows: int | None = None) -> torch.Tensor:
+                 max_windows: int | None = None, label: str = "Evaluation text") -> torch.Tensor:
     """Consecutive non-overlapping windows of `text` as a (n, seqlen) LongTensor.
 
     The tail shorter than a window is dropped; `max_windows` keeps only the first windows
@@ -294,12 +294,19 @@ def eval_windows(tokenizer, text: str, seqlen: int = 512, bos: bool = False,
     ids = tokenize(tokenizer, text)
     n = len(ids) // span
     if n == 0:
-        raise DataError(f"Evaluation text has {len(ids)} tokens, needs at least seqlen={span} "
+        raise DataError(f"{label} has {len(ids)} tokens, needs at least seqlen={span} "
                         f"for one window; use a longer text or a smaller seqlen.")
     if max_windows is not None:
         n = min(n, int(max_windows))
     rows = ids[: n * span].view(n, span)
     return _with_bos(rows, tokenizer, bos)
+
+
+def spread_windows(tokenizer, text: str, seqlen: int, n: int, bos: bool = False) -> torch.Tensor:
+    """`n` of the consecutive `seqlen`-token windows of `text` (fewer if it has fewer), spread evenly from
+    its first to its last: a fixed sample of the whole text, not of its opening article."""
+    windows = eval_windows(tokenizer, text, seqlen, bos, label="The search text")
+    return windows[torch.linspace(0, windows.shape[0] - 1, min(int(n), windows.shape[0])).long()]
 
 
 def is_split(source: str, other: str | None) -> bool:

@@ -22,7 +22,14 @@ import transformers
 from torch import nn
 
 from analysis.allocation import Allocation, allocate, custom_allocation
-from analysis.data import calibration_batches, calibration_text, eval_windows, evaluation_text
+from analysis.data import (
+    calibration_batches,
+    calibration_text,
+    eval_windows,
+    evaluation_text,
+    load_text,
+    spread_windows,
+)
 from analysis.evaluation import PplUpdate, perplexity
 from analysis.layers import layer_table
 from analysis.loading import LoadedModel
@@ -32,6 +39,7 @@ from analysis.pruning import PruneReport, prune
 from analysis.runtime import ProgressFn, StopFlag
 from analysis.search import OnBest, search_allocation
 from analysis.settings import (
+    SEARCH_SEQLEN,
     SPECTRA_METHODS,
     AllocationSettings,
     CalibrationSettings,
@@ -70,6 +78,17 @@ def evaluation_windows(tokenizer, evaluation: EvaluationSettings, calibration_so
     """The evaluation windows of a run that calibrates on `calibration_source`."""
     text = evaluation_text(evaluation.source, calibration_source, evaluation.encoding)
     return eval_windows(tokenizer, text, seqlen=evaluation.seqlen, bos=bos, max_windows=evaluation.max_windows)
+
+
+def search_windows(tokenizer, allocation: AllocationSettings, calibration: CalibrationSettings,
+                   bos: bool = False) -> torch.Tensor | None:
+    """The held-out windows an "auto" search with a search text scores candidates on: calibration.n_samples
+    windows as long as the ones it confirms on (SEARCH_SEQLEN, at most calibration.seqlen), spread over the
+    whole text; None when it scores on the calibration text."""
+    if allocation.method != "auto" or allocation.search_text is None:
+        return None
+    return spread_windows(tokenizer, load_text(allocation.search_text), min(SEARCH_SEQLEN, calibration.seqlen),
+                          calibration.n_samples, bos)
 
 
 def prepare_data(tokenizer, calibration: CalibrationSettings, evaluation: EvaluationSettings,
@@ -115,13 +134,14 @@ def build_allocation(settings: AllocationSettings, model: nn.Module, *, nm=None,
                      metrics: pd.DataFrame | None = None, outlier_ratios: dict[int, float] | None = None,
                      custom: Allocation | None = None, model_name: str = "", prune_method: str = "wanda",
                      progress: ProgressFn | None = None, stop: StopFlag = None,
-                     on_best: OnBest | None = None) -> Allocation:
+                     on_best: OnBest | None = None, fitness_windows: torch.Tensor | None = None) -> Allocation:
     """The Allocation of a run. Inputs computed elsewhere may be passed in to reuse them (and must
     come from the same dense model): `metrics` (spectra with settings.spectra, for alphapruning/farms
     and the search's starts), `outlier_ratios` (OWL, measured on `calib`), `custom` (a curve drawn on
     the Allocation page). Otherwise they are computed here from `model`, which must then be dense; OWL
-    hooks its modules. "auto" searches with `prune_method` on `calib` (analysis.search; `stop` ends it
-    early with the best so far, `on_best` sees every improvement). With an N:M pattern every matrix
+    hooks its modules. "auto" searches with `prune_method` on `calib`, scored on `fitness_windows` when
+    given (`search_windows`; analysis.search; `stop` ends it early with the best so far, `on_best` sees
+    every improvement). With an N:M pattern every matrix
     is (M-N)/M sparse, so the allocation is uniform at that value."""
     pattern = parse_nm(nm)
     if pattern is not None:
@@ -135,6 +155,7 @@ def build_allocation(settings: AllocationSettings, model: nn.Module, *, nm=None,
         starts = search_starts(settings, model, calib, metrics, outlier_ratios, model_name, progress)
         return search_allocation(model, calib, starts, method=prune_method, steps=settings.search_steps,
                                  seed=settings.search_seed, objective=settings.search_objective,
+                                 fitness_windows=fitness_windows,
                                  model_name=model_name, progress=progress, stop=stop, on_best=on_best)
     if method == "custom":
         if custom is not None:
@@ -252,7 +273,9 @@ def run(loaded: LoadedModel, settings: RunSettings, *, progress: ProgressFn | No
     with timer("allocation"):
         alloc = build_allocation(settings.allocation, model, nm=settings.prune.nm, calib=data.calib,
                                  metrics=metrics, model_name=info.source, prune_method=settings.prune.method,
-                                 progress=progress)
+                                 progress=progress, fitness_windows=search_windows(
+                                     loaded.tokenizer, settings.allocation, settings.calibration,
+                                     info.bos_per_window))
 
     def evaluate(label: str) -> float:
         show = (lambda u: on_ppl(label, u)) if on_ppl else None

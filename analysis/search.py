@@ -8,14 +8,16 @@ group (in the decoder-only models here: all blocks), and a move takes one step o
 block and gives it to another block of its group, so sum_b params_b * ratio_b stays S * total exactly
 at every step (the offsets of each group add up to zero).
 
-Fitness (`objective`). On calibration text only, per predicted token in nats: "nll", the pruned
-model's next-token NLL; or "kl", KL(dense || pruned) between the dense and the pruned model's next-token
-distributions (EvoPress's choice: it asks the pruned model to behave like the dense one, not to fit the
-calibration text; the dense log-probabilities are computed once and kept in float16 on the CPU). A few
-short windows (the first `screen_samples` calibration sequences cut to `screen_seqlen` tokens) to screen
-offspring, every calibration sequence cut to `confirm_seqlen` tokens to confirm (the starts are scored
-there too); the parent is replaced only when an offspring is better on the confirmation tokens, so the
-result is never worse (on that fitness) than the best start.
+Fitness (`objective`). Per predicted token in nats: "nll", the pruned model's next-token NLL; or "kl",
+KL(dense || pruned) between the dense and the pruned model's next-token distributions (EvoPress's
+choice: it asks the pruned model to behave like the dense one, not to fit the text; the dense
+log-probabilities are computed once and kept in float16 on the CPU). Measured on the calibration text,
+or on a held-out text (`fitness_windows`, e.g. the valid split of the user's domain: the search then
+does not fit the calibration sample the pruner's statistics come from). A few short windows (the first
+`screen_samples` sequences cut to `screen_seqlen` tokens) to screen offspring, every sequence cut to
+`confirm_seqlen` tokens to confirm (the starts are scored there too); the parent is replaced only
+when an offspring is better on the confirmation tokens, so the result is never worse (on that
+fitness) than the best start.
 
 Cheap candidates. The dense model's input statistics are gathered once (one calibration walk), each
 block is pruned at a level the first time a candidate needs it, with those dense statistics, and the
@@ -47,7 +49,7 @@ from analysis.layers import LayerRef, layers_by_block, module_device
 from analysis.pruners import get_pruner
 from analysis.pruning import DenseSnapshot
 from analysis.runtime import ProgressFn, StopFlag, should_stop
-from analysis.settings import SEARCH_OBJECTIVES
+from analysis.settings import SEARCH_OBJECTIVES, SEARCH_SEQLEN
 
 STEP = 0.025  # sparsity moved by one mutation step
 OnBest = Callable[[list[float], float, int], None]  # (per-block ratios, confirmed fitness, step)
@@ -213,15 +215,17 @@ def fitness(model: nn.Module, windows: torch.Tensor, batch: int = 4, reference: 
 
 def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, Allocation], method: str = "wanda",
                       steps: int = 40, seed: int = 0, step: float = STEP, offspring: int = 4,
-                      screen_samples: int = 4, screen_seqlen: int = 128, confirm_seqlen: int = 128,
-                      objective: str = "nll", model_name: str = "",
+                      screen_samples: int = 4, screen_seqlen: int = 128, confirm_seqlen: int = SEARCH_SEQLEN,
+                      objective: str = "nll", fitness_windows: torch.Tensor | None = None, model_name: str = "",
                       progress: ProgressFn | None = None, stop: StopFlag = None,
                       on_best: OnBest | None = None) -> Allocation:
     """Search a per-block allocation at the budget of `starts` (name -> Allocation, all with the same
     sparsity, for this model) with pruner `method`; `model` must be dense and is dense again on
     return. `steps` generations of `offspring` mutants each; `stop` ends the search early (the best
-    so far is returned). The result's params hold the search's settings, the starts' fitness, the
-    history (one entry per improvement) and its cost (seconds, forward passes, tokens)."""
+    so far is returned). The fitness is measured on `fitness_windows` (token ids (n, L)) when given,
+    else on `calib`, which always gives the pruner's statistics. The result's params hold the
+    search's settings, the starts' fitness, the history (one entry per improvement) and its cost
+    (seconds, forward passes, tokens)."""
     if not starts:
         raise ValueError("the search needs at least one start allocation")
     sparsity = next(iter(starts.values())).sparsity
@@ -229,14 +233,18 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
         raise ValueError("the search needs calibration data (calib = token ids, shape (n, seqlen)).")
     if objective not in SEARCH_OBJECTIVES:
         raise ValueError(f"objective must be one of {', '.join(SEARCH_OBJECTIVES)}, got {objective!r}")
+    if fitness_windows is not None and (fitness_windows.dim() != 2 or fitness_windows.shape[1] < 2):
+        raise ValueError("fitness_windows must be token ids of shape (n, seqlen >= 2).")
     t0 = time.perf_counter()
     refs = layers_by_block(model)
     n_blocks = max(refs) + 1
     params = [sum(r.params for r in refs.get(b, [])) for b in range(n_blocks)]
     grid = Grid.for_blocks(params, sparsity, step)
     levels = BlockLevels(model, calib, method, grid, progress)
-    screen = calib[:screen_samples, :screen_seqlen]
-    confirm = calib[:, :confirm_seqlen]
+    scored = calib if fitness_windows is None else fitness_windows
+    where = "calibration" if fitness_windows is None else "held-out"
+    screen = scored[:screen_samples, :screen_seqlen]
+    confirm = scored[:, :confirm_seqlen]
     cost = {"forward_passes": 0, "tokens": 0}
     # the model is still dense here: its log-probabilities are the KL objective's reference
     reference = {id(w): log_probs(model, w) for w in (screen, confirm)} if objective == "kl" else {}
@@ -275,12 +283,12 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
                         on_best(grid.ratios(parent), parent_fit, s)
             done = s
             if progress:
-                progress(f"search: step {s}/{steps}, best calibration {objective.upper()} {parent_fit:.4f}", s / steps)
+                progress(f"search: step {s}/{steps}, best {where} {objective.upper()} {parent_fit:.4f}", s / steps)
     finally:
         levels.restore()
     return _result(model_name, grid, parent, {
         "pruner": method, "objective": objective, "step": step, "steps": steps,
-        "fitness": f"calibration {'NLL' if objective == 'nll' else 'KL(dense || pruned)'} (nats/token)",
+        "fitness": f"{where} {'NLL' if objective == 'nll' else 'KL(dense || pruned)'} (nats/token)",
         "steps_done": done, "seed": seed, "offspring": offspring, "screen_tokens": int(screen.numel()),
         "confirm_tokens": int(confirm.numel()), "start": best_name,
         "starts": {n: v[0] for n, v in start_scores.items()}, "best_fitness": parent_fit, "history": history,

@@ -25,6 +25,8 @@ from analysis.data import (
     check_encoding,
     eval_windows,
     evaluation_text,
+    load_text,
+    spread_windows,
     text_source_problem,
 )
 from analysis.layers import prunable_layers
@@ -38,6 +40,9 @@ ALLOCATION_METHODS = ("uniform", "alphapruning", "farms", "owl", "auto", "custom
 SPECTRA_METHODS = ("alphapruning", "farms")  # allocations computed from the dense model's spectra
 # what the "auto" search minimises on calibration text: the pruned model's NLL, or its KL from the dense model
 SEARCH_OBJECTIVES = ("nll", "kl")
+# tokens per sequence the search confirms candidates on (at most the calibration seqlen; also the
+# length of its held-out windows)
+SEARCH_SEQLEN = 128
 
 
 class SettingsError(ValueError):
@@ -173,7 +178,10 @@ class AllocationSettings:
     epsilon: AlphaPruning's spread; metric / granularity / fit: how spectra become scores; owl_lambda
     and owl_threshold: OWL's half-range and outlier multiple M; points / as_drawn: a custom curve
     ((depth, sparsity) pairs); file: an allocation JSON (method "file"); search_steps / search_seed /
-    search_objective: generations, seed and fitness ("nll" or "kl") of the "auto" search (analysis.search)."""
+    search_objective: generations, seed and fitness ("nll" or "kl") of the "auto" search (analysis.search);
+    search_text: a text source (as for calibration.source) the search's fitness is measured on, held out
+    from the calibration sample (e.g. the valid split of the user's domain; never the evaluation text);
+    None: the calibration text."""
 
     method: str = "alphapruning"
     sparsity: float = 0.5
@@ -189,6 +197,7 @@ class AllocationSettings:
     search_steps: int = 40
     search_seed: int = 0
     search_objective: str = "nll"
+    search_text: str | None = None
 
     def check(self) -> AllocationSettings:
         if self.method not in ALLOCATION_METHODS:
@@ -215,16 +224,31 @@ class AllocationSettings:
         if self.search_objective not in SEARCH_OBJECTIVES:
             raise SettingsError(f"search_objective must be one of {', '.join(SEARCH_OBJECTIVES)}, got "
                                 f"{self.search_objective!r}", "allocation.search_objective")
+        if self.search_text is not None:
+            _source(self.search_text, ENCODING, "allocation.search_text", "search text")
         if self.method == "custom" and not self.points:
             raise SettingsError("a custom allocation needs control points, e.g. 0:0.5,0.5:0.7,1:0.8",
                                 "allocation.points")
         return self
 
-    def check_model(self, preview: ModelPreview) -> None:
-        """An allocation file names exactly the model's prunable matrices."""
+    def check_search_text(self, evaluation_source: str) -> None:
+        """The search never scores candidates on the evaluation text."""
+        if self.method == "auto" and self.search_text is not None and \
+                self.search_text.strip() == str(evaluation_source).strip():
+            raise SettingsError(f"the search text must not be the evaluation text ({self.search_text}): the search "
+                                "would fit the text it is judged on; use a held-out text, e.g. a valid split",
+                                "allocation.search_text")
+
+    def check_model(self, preview: ModelPreview, calibration_seqlen: int = SEARCH_SEQLEN) -> None:
+        """An allocation file names exactly the model's prunable matrices; a search text gives a window
+        (of the search's length with this calibration seqlen)."""
         if self.method == "file":
             _checked("allocation.file", Allocation.load(Path(self.file).expanduser()).check_names,
                      [r.name for r in prunable_layers(preview.skeleton())])
+        if self.method == "auto" and self.search_text is not None:
+            _checked("allocation.search_text", lambda: spread_windows(
+                preview.tokenizer, load_text(self.search_text), min(SEARCH_SEQLEN, calibration_seqlen), 1,
+                preview.bos_per_window))
 
     @property
     def spectra(self) -> SpectraSettings:
@@ -304,13 +328,14 @@ class RunSettings:
             if self.allocation.method != "file" and not 0.0 < self.allocation.sparsity <= MAX_RATIO:
                 raise SettingsError(f"sparsity must be in (0, {MAX_RATIO}], got {self.allocation.sparsity}",
                                     "allocation.sparsity")
+            self.allocation.check_search_text(self.evaluation.source)
         return self
 
     def check_model(self, preview: ModelPreview) -> None:
         """The checks of `check_model` of each part (the allocation's only when no N:M pattern overrides it)."""
         self.prune.check_model(preview)
         if self.prune.nm is None:
-            self.allocation.check_model(preview)
+            self.allocation.check_model(preview, self.calibration.seqlen)
         self.calibration.check_model(preview, self.evaluation.source)
         self.evaluation.check_model(preview, self.calibration.source)
 

@@ -5,9 +5,11 @@
                             [--out FILE] [--resume]
 
 Grid: dense, then every seed x sparsity x pruner {magnitude, wanda, sparsegpt} x allocation {uniform,
-owl, alphapruning, auto, auto-kl}; "NAME+trim" prunes with that allocation and TRIM row-wise sparsity.
-"auto" is the allocation search (analysis.search) on the calibration batch only ("auto-kl": with the
-KL-to-dense objective instead of the calibration NLL), started from uniform,
+owl, alphapruning, auto, auto-kl, auto-valid}; "NAME+trim" prunes with that allocation and TRIM
+row-wise sparsity. "auto" is the allocation search (analysis.search) on the calibration batch only
+("auto-kl": with the KL-to-dense objective instead of the calibration NLL; "auto-valid": the NLL on
+WikiText-2 *valid*, `--nsamples` windows spread evenly over it, the text epsilon is chosen on, with
+the pruner's statistics still from the calibration batch), started from uniform,
 AlphaPruning (eps 0.1/0.2/0.3) and OWL, `--search-steps` generations with search seed = the
 calibration seed; its cost (seconds, forward passes, tokens, load average) is recorded under
 "searches". Calibration: n random windows from the embedded corpus (gensim's Lee background
@@ -40,7 +42,7 @@ import psutil
 import torch
 
 from analysis.allocation import Allocation, allocate
-from analysis.data import calibration_batches, eval_windows, load_text
+from analysis.data import calibration_batches, eval_windows, load_text, spread_windows
 from analysis.evaluation import perplexity
 from analysis.loading import load_model
 from analysis.owl import collect_outlier_ratios
@@ -52,9 +54,11 @@ from analysis.store import now_iso
 
 OUT = Path(__file__).resolve().parent / "results" / "quality.json"
 METHODS = ("magnitude", "wanda", "sparsegpt")
-ALLOCS = ("uniform", "owl", "alphapruning", "auto", "auto-kl", "uniform+trim", "auto+trim")  # table columns
+# table columns
+ALLOCS = ("uniform", "owl", "alphapruning", "auto", "auto-kl", "auto-valid", "uniform+trim", "auto+trim")
 RUN_ORDER = ("wanda", "magnitude", "sparsegpt")  # cheapest informative runs first
-SEARCHES = {"auto": "nll", "auto-kl": "kl"}  # searched allocations, and the objective of each
+# searched allocations: the objective of each, and whether it is measured on WikiText-2 valid
+SEARCHES = {"auto": ("nll", False), "auto-kl": ("kl", False), "auto-valid": ("nll", True)}
 
 
 class PeakRSS:
@@ -103,9 +107,10 @@ def make_allocation(name: str, sparsity: float, metrics, outliers: dict, epsilon
 
 
 def searched_allocation(model, calib, sparsity: float, method: str, seed: int, steps: int, tokens: str, metrics,
-                        outliers, model_name: str, results: dict, out: Path, name: str = "auto") -> Allocation:
+                        outliers, model_name: str, results: dict, out: Path, name: str = "auto",
+                        held_out=None) -> Allocation:
     """The `name` (one of SEARCHES) allocation of this seed/sparsity/pruner, searched once (kept in
-    results["searches"])."""
+    results["searches"]); `held_out`: the valid windows of a held-out search."""
     key = run_key(sparsity, method, name, seed)
     found = results.setdefault("searches", {})
     if key not in found:
@@ -116,7 +121,7 @@ def searched_allocation(model, calib, sparsity: float, method: str, seed: int, s
         n, length = (int(x) for x in screen.split("x"))
         alloc = search_allocation(model, calib, starts, method=method, steps=steps, seed=seed, model_name=model_name,
                                   screen_samples=n, screen_seqlen=length, confirm_seqlen=int(confirm),
-                                  objective=SEARCHES[name],
+                                  objective=SEARCHES[name][0], fitness_windows=held_out if SEARCHES[name][1] else None,
                                   progress=lambda m, f: f >= 1 or int(f * steps) % 10 or log(m))
         alloc.params["loadavg_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
         alloc.params["cpu_s"] = round(time.process_time() - cpu0, 1)  # all threads of this process
@@ -182,16 +187,18 @@ def markdown(results: dict) -> str:
     n_windows = cfg.get('eval_windows', cfg['windows'])
     seeds = sorted({r.get("seed", cfg.get("seed", 0)) for r in runs.values()})
     allocs = [a for a in ALLOCS if any(r["allocation"] == a for r in runs.values())]
+    searched = [a for a in SEARCHES if a in allocs]
     names = {"uniform": "uniform", "owl": "OWL", "alphapruning": "AlphaPruning", "auto": "auto",
-             "auto-kl": "auto (KL)", "uniform+trim": "uniform+TRIM", "auto+trim": "auto+TRIM"}
+             "auto-kl": "auto (KL)", "auto-valid": "auto (valid)", "uniform+trim": "uniform+TRIM",
+             "auto+trim": "auto+TRIM"}
     lines = [f"{cfg.get('model', 'default')}: dense {results['dense']['ppl']:.2f}. WikiText-2 test perplexity, "
              f"first {n_windows} windows of {cfg['eval_seqlen']} tokens ({cfg['eval_tokens']} scored tokens); "
              f"calibration {cfg['nsamples']}x{cfg['seqlen']} tokens from the embedded corpus, seeds "
              f"{', '.join(map(str, seeds))} (mean, and range over seeds); AlphaPruning eps = "
              f"{results.get('epsilon')} (chosen on WikiText-2 valid).", "",
              f"| sparsity | pruner | {' | '.join(names.get(a, a) for a in allocs)} | best baseline vs uniform |"
-             + (" auto vs best baseline |" if "auto" in allocs else ""),
-             "|---|---|" + "---|" * (len(allocs) + 1 + ("auto" in allocs))]
+             + "".join(f" {names[a]} vs best baseline |" for a in searched),
+             "|---|---|" + "---|" * (len(allocs) + 1 + len(searched))]
 
     def cell(s, m, a):
         return [r["ppl"] for r in runs.values() if r["sparsity"] == s and r["method"] == m
@@ -207,9 +214,9 @@ def markdown(results: dict) -> str:
             row = f"| {s:.1f} | {m} | " + " | ".join(_ppl_cell(cells[a]) for a in allocs)
             row += f" | {100 * (min(base) - mean['uniform']) / mean['uniform']:+.1f}% |" if base and "uniform" in mean \
                 else " | n/a |"
-            if "auto" in allocs:
-                best = min(base) if base else None
-                row += f" {100 * (mean['auto'] - best) / best:+.1f}% |" if "auto" in mean and best else " n/a |"
+            best = min(base) if base else None
+            for a in searched:
+                row += f" {100 * (mean[a] - best) / best:+.1f}% |" if a in mean and best else " n/a |"
             lines.append(row)
     lines += ["", "| seed | sparsity | pruner | allocation | prune s | eval s | peak RSS MB |",
               "|---|---|---|---|---|---|---|"]
@@ -239,7 +246,8 @@ def parse_args(argv=None):
     p.add_argument("--sparsities", default="0.5,0.6,0.7")
     p.add_argument("--methods", default=",".join(RUN_ORDER))
     p.add_argument("--allocations", default="uniform,alphapruning,owl",
-                   help="any of uniform, alphapruning, owl, auto, auto-kl; NAME+trim adds TRIM row-wise sparsity")
+                   help="any of uniform, alphapruning, owl, auto, auto-kl, auto-valid; "
+                        "NAME+trim adds TRIM row-wise sparsity")
     p.add_argument("--search-steps", type=int, default=40, help="auto: generations of the search")
     p.add_argument("--search-tokens", default="4x128,128",
                    help="auto: screening samples x tokens, and tokens of every calibration sample to confirm on")
@@ -283,6 +291,9 @@ def main(argv=None) -> int:
                         max_windows=args.windows or None)
     valid = eval_windows(tok, load_text("wikitext2:valid"), 512, bos=lm.info.bos_per_window,
                          max_windows=args.valid_windows or None)
+    # auto-valid's fitness text: --nsamples windows of the confirmation length, spread evenly over valid
+    length = int(args.search_tokens.split(",")[1])
+    held_out = spread_windows(tok, load_text("wikitext2:valid"), length, args.nsamples, lm.info.bos_per_window)
     results["config"]["eval_windows"] = int(test.shape[0])
     results["config"]["eval_tokens"] = int(test.shape[0] * (test.shape[1] - 1))
     snap = DenseSnapshot.take(model)
@@ -320,7 +331,7 @@ def main(argv=None) -> int:
         calib = calibs[seed]
         if base in SEARCHES:
             alloc = searched_allocation(model, calib, s, m, seed, args.search_steps, args.search_tokens, metrics,
-                                        outliers[seed], args.model, results, out, name=base)
+                                        outliers[seed], args.model, results, out, name=base, held_out=held_out)
         else:
             alloc = make_allocation(base, s, metrics, outliers.get(seed, {}), eps, args.model)
         r = prune_and_eval(model, snap, alloc, m, calib, test, rowwise=rowwise or None)

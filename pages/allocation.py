@@ -8,9 +8,9 @@ import streamlit as st
 
 from analysis.allocation import Allocation, AllocationError, allocate, block_table, control_points, custom_allocation
 from analysis.jobs import Job
-from analysis.pipeline import build_allocation, calibration_batch
+from analysis.pipeline import build_allocation, calibration_batch, search_windows
 from analysis.pruners import PRUNERS
-from analysis.settings import SEARCH_OBJECTIVES, AllocationSettings, SpectraSettings
+from analysis.settings import SEARCH_OBJECTIVES, AllocationSettings, SettingsError, SpectraSettings
 from components.curve_editor import clamp_points, curve_editor, curve_points
 from components.figures import METHOD_COLORS, allocation_overlay, block_bars_figure, curves_figure
 from components.state import owl_job, prune_data_settings, require_model, spectra_job, wait_for
@@ -85,6 +85,7 @@ def _search_work(job: Job, shared, tokenizer, bos: bool, settings: AllocationSet
     calib = calibration_batch(tokenizer, calibration, eval_source, bos)
     return build_allocation(settings, model, calib=calib, metrics=dense_metrics, model_name=model_name,
                             prune_method=pruner, progress=job.report, stop=job.stop,
+                            fitness_windows=search_windows(tokenizer, settings, calibration, bos),
                             on_best=lambda per_block, fit, step: job.emit({"per_block": per_block, "fitness": fit,
                                                                            "step": step,
                                                                            "objective": settings.search_objective}))
@@ -94,8 +95,9 @@ with st.expander("Find allocation (search)", expanded=SEARCH_KEY in st.session_s
     st.caption("An evolutionary search over per-block sparsity at the target budget (in the spirit of EvoPress, "
                "Sieberling et al. 2024): it starts from the best of uniform, AlphaPruning (ε 0.1/0.2/0.3) and OWL, "
                "then moves sparsity between blocks, keeping the budget exact, scored on the calibration text of "
-               "the Prune page only (never the evaluation text): by the pruned model's loss, or by its KL "
-               "divergence from the dense model. It runs on a private copy of the model; minutes on a CPU.")
+               "the Prune page (or on a held-out text you name, e.g. wikitext2:valid; never the evaluation text): "
+               "by the pruned model's loss, or by its KL divergence from the dense model. It runs on a private "
+               "copy of the model; minutes on a CPU.")
     f1, f2, f3, f4 = st.columns(4)
     search_pruner = f1.selectbox("Pruner", list(PRUNERS), key="alloc_search_pruner")
     search_steps = f2.number_input("Generations", 1, 500, DEFAULT.search_steps, key="alloc_search_steps")
@@ -103,16 +105,28 @@ with st.expander("Find allocation (search)", expanded=SEARCH_KEY in st.session_s
     search_objective = f4.selectbox("Fitness", SEARCH_OBJECTIVES, key="alloc_search_objective",
                                     index=SEARCH_OBJECTIVES.index(DEFAULT.search_objective),
                                     format_func=OBJECTIVE_LABELS.get)
+    search_text = st.text_input("Score on (held-out text)", key="alloc_search_text",
+                                placeholder="the calibration text",
+                                help="A text source as on the Prune page (wikitext2:valid, a .txt path, "
+                                     "hf:<dataset>[:<config>]:<split>): the search is scored on it instead of on the "
+                                     "calibration sample the pruner uses. Never the evaluation text.").strip()
     search: Job | None = st.session_state.get(SEARCH_KEY)
     g1, g2 = st.columns(2)
     if g1.button("Find allocation", key="alloc_search_run", disabled=search is not None and not search.done):
         cal, ev = prune_data_settings()
         cfg = AllocationSettings(method="auto", sparsity=float(target), search_steps=int(search_steps),
-                                 search_seed=int(search_seed), search_objective=search_objective, fit=fit)
+                                 search_seed=int(search_seed), search_objective=search_objective, fit=fit,
+                                 search_text=search_text or None)
         shared, tok, info = loaded.model, loaded.tokenizer, loaded.info
-        st.session_state[SEARCH_KEY] = search = Job(
-            lambda j: _search_work(j, shared, tok, info.bos_per_window, cfg, search_pruner, cal, ev, info.source,
-                                   metrics), name="allocation-search").start()
+        try:
+            cfg.check()
+            cfg.check_search_text(ev)
+        except SettingsError as e:
+            st.error(str(e))
+        else:
+            st.session_state[SEARCH_KEY] = search = Job(
+                lambda j: _search_work(j, shared, tok, info.bos_per_window, cfg, search_pruner, cal, ev,
+                                       info.source, metrics), name="allocation-search").start()
     if search is not None and not search.done and g2.button("Cancel the search", key="alloc_search_cancel"):
         search.cancel()
 

@@ -37,7 +37,8 @@ def _grid(f: dict) -> SweepGrid:
     """The sweep the form describes (SettingsError on a bad field)."""
     evaluation = replace(QUICK_EVALUATION, source=f["eval"].strip(), max_windows=int(f["max_windows"]))
     base = RunSettings(model=ModelSettings(f["model"].strip()), evaluation=evaluation,
-                       allocation=AllocationSettings(search_steps=int(f["search_steps"])))
+                       allocation=AllocationSettings(search_steps=int(f["search_steps"]),
+                                                     search_text=f["search_text"].strip() or None))
     return grid_from_text(base, methods=",".join(f["methods"]), allocations=",".join([*f["allocations"], f["files"]]),
                           sparsities=f["sparsities"], epsilons=f["epsilons"], owl_lambdas=f["owl_lambdas"],
                           seeds=f["seeds"], curves=tuple(f["curves"].splitlines()))
@@ -64,6 +65,9 @@ with st.expander("Run a sweep", expanded=False):
             "owl_lambdas": c2.text_input("OWL lambdas", "0.08", key="sweep_owl_lambdas"),
             "search_steps": c2.number_input("Search generations (auto)", 1, 500, AllocationSettings.search_steps,
                                             key="sweep_search_steps"),
+            "search_text": c2.text_input("Search scored on (auto; empty: the calibration text)",
+                                         key="sweep_search_text", help="A held-out text source, e.g. "
+                                         "wikitext2:valid; never the evaluation text."),
             "seeds": c3.text_input("Calibration seeds", "0,1", key="sweep_seeds"),
             "eval": c3.text_input("Evaluation text", QUICK_EVALUATION.source, key="sweep_eval"),
             "max_windows": c3.number_input("Evaluation windows", 1, 10_000, QUICK_EVALUATION.max_windows,

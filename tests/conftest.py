@@ -35,18 +35,25 @@ def cancel_when(job, text: str, then=None) -> None:
     job.report = on_report
 
 
+def word_tokenizer(words: int = 119):
+    """A word-level tokenizer: "w0" .. "w{words - 1}" are token ids 0 .. words - 1, then <unk>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    t = Tokenizer(models.WordLevel({f"w{i}": i for i in range(words)} | {"<unk>": words}, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>")
+
+
 def save_tiny_llama(path: Path) -> Path:
     """A 3-block LLaMA with random weights and a word-level tokenizer, saved as a local checkpoint
     folder (what a user's own model directory looks like)."""
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=120)
     LlamaForCausalLM(cfg).save_pretrained(path)
-    t = Tokenizer(models.WordLevel({f"w{i}": i for i in range(119)} | {"<unk>": 119}, unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>").save_pretrained(path)
+    word_tokenizer(119).save_pretrained(path)
     return path

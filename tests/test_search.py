@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import save_tiny_llama
+from conftest import save_tiny_llama, word_tokenizer
 from test_pruning import calib_ids, correlated_inputs, tiny_llama
 
 from analysis.allocation import Allocation, allocate
 from analysis.calibration import walk_blocks
+from analysis.data import DataError, spread_windows
 from analysis.layers import layer_table, prunable_layers
 from analysis.pruners import (
     output_quality,
@@ -197,16 +198,47 @@ def test_search_on_kl_to_the_dense_model(tiny_search):
     assert e.value.field == "allocation.search_objective"
 
 
+def test_search_scored_on_a_held_out_text(tiny_search):
+    """fitness_windows: the starts and the result are scored on the held-out windows (the pruner's
+    statistics still come from calib), and the result's fitness is the held-out NLL of the model
+    pruned from calib's dense statistics at its ratios."""
+    model, calib, starts = tiny_search
+    held = calib_ids(6, 24, seed=5)
+    a = search_allocation(model, calib, starts, steps=6, seed=2, screen_samples=2, screen_seqlen=16,
+                          fitness_windows=held)
+    mine = search_allocation(model, calib, starts, steps=6, seed=2, screen_samples=2, screen_seqlen=16)
+    assert a.params["fitness"].startswith("held-out") and mine.params["fitness"].startswith("calibration")
+    assert a.params["confirm_tokens"] == held.numel() and a.params["starts"] != mine.params["starts"]
+    assert a.achieved == pytest.approx(0.6, abs=1e-12) and a.params["best_fitness"] <= min(a.params["starts"].values())
+    snap = prune_from_dense_statistics(model, calib, a)
+    assert fitness(model, held) == pytest.approx(a.params["best_fitness"], rel=1e-5)
+    snap.restore(model)
+    with pytest.raises(ValueError, match="fitness_windows must be token ids"):
+        search_allocation(model, calib, starts, steps=1, fitness_windows=held[0])
+
+
+def test_spread_windows_sample_the_whole_text():
+    tokenizer = word_tokenizer(1000)
+    text = " ".join(f"w{i}" for i in range(1000))  # 100 windows of 10 tokens
+    w = spread_windows(tokenizer, text, 10, 4)
+    assert w.shape == (4, 10) and w[0, 0] == 0 and w[-1, 0] == 990  # the first and the last window
+    assert spread_windows(tokenizer, text, 10, 500).shape == (100, 10)  # no more windows than the text has
+    with pytest.raises(DataError, match="The search text has 1000 tokens"):
+        spread_windows(tokenizer, text, 2000, 4)
+
+
 def test_cli_prune_with_auto_allocation_and_trim(tmp_path):
     folder = save_tiny_llama(tmp_path / "tiny")
     words = " ".join(f"w{i % 119}" for i in range(12000))
     (tmp_path / "calib.txt").write_text(words)
     (tmp_path / "eval.txt").write_text(" ".join(f"w{(7 * i) % 119}" for i in range(3000)))
+    (tmp_path / "held.txt").write_text(" ".join(f"w{(5 * i) % 119}" for i in range(3000)))
     out = tmp_path / "run.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     r = subprocess.run([sys.executable, "-m", "analysis", "prune", "--model", str(folder), "--device", "cpu",
                         "--allocation", "auto", "--search-steps", "3", "--search-seed", "1", "--sparsity", "0.6",
                         "--rowwise", "trim", "--calib", str(tmp_path / "calib.txt"), "--nsamples", "4",
+                        "--search-text", str(tmp_path / "held.txt"),
                         "--seqlen", "32", "--eval", str(tmp_path / "eval.txt"), "--eval-seqlen", "32",
                         "--max-windows", "2", "--out", str(out), "--db", str(tmp_path / "runs.sqlite")],
                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
@@ -214,6 +246,10 @@ def test_cli_prune_with_auto_allocation_and_trim(tmp_path):
     rec = json.loads(out.read_text())
     assert rec["allocation"]["method"] == "auto" and rec["config"]["rowwise"] == "trim"
     assert rec["allocation"]["params"]["steps"] == 3 and rec["allocation"]["params"]["seed"] == 1
+    # scored on 4 held-out windows of 32 tokens (the calibration seqlen) spread over held.txt
+    assert rec["allocation"]["params"]["fitness"].startswith("held-out")
+    assert rec["allocation"]["params"]["confirm_tokens"] == 4 * 32
+    assert rec["config"]["settings"]["allocation"]["search_text"] == str(tmp_path / "held.txt")
     assert rec["achieved"]["overall"] == pytest.approx(0.6, abs=0.01)
     bad = subprocess.run([sys.executable, "-m", "analysis", "prune", "--rowwise", "trim", "--nm", "2:4"],
                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
@@ -222,12 +258,38 @@ def test_cli_prune_with_auto_allocation_and_trim(tmp_path):
                           "kld", "--calib", str(tmp_path / "calib.txt"), "--eval", str(tmp_path / "eval.txt")],
                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert bad.returncode == 2 and "--search-objective" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    (tmp_path / "short.txt").write_text("w1 w2 w3")
+    for held, message in (("eval.txt", "must not be the evaluation text"), ("short.txt", "The search text has")):
+        bad = subprocess.run([sys.executable, "-m", "analysis", "prune", "--model", str(folder), "--allocation", "auto",
+                              "--search-text", str(tmp_path / held), "--calib", str(tmp_path / "calib.txt"),
+                              "--seqlen", "32", "--eval", str(tmp_path / "eval.txt")],
+                             capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+        assert bad.returncode == 2 and "--search-text" in bad.stderr and message in bad.stderr, bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_cli_allocate_auto_with_the_pruner_and_a_held_out_text(tmp_path):
+    """`allocate --method auto` searches with --pruner and scores on --search-text; the JSON says so."""
+    folder = save_tiny_llama(tmp_path / "tiny")
+    (tmp_path / "calib.txt").write_text(" ".join(f"w{i % 119}" for i in range(6000)))
+    (tmp_path / "held.txt").write_text(" ".join(f"w{(5 * i) % 119}" for i in range(3000)))
+    out = tmp_path / "auto.json"
+    r = subprocess.run([sys.executable, "-m", "analysis", "allocate", "--model", str(folder), "--device", "cpu",
+                        "--method", "auto", "--pruner", "sparsegpt", "--sparsity", "0.5", "--search-steps", "2",
+                        "--search-text", str(tmp_path / "held.txt"), "--calib", str(tmp_path / "calib.txt"),
+                        "--nsamples", "4", "--seqlen", "32", "--out", str(out)],
+                       capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    a = Allocation.load(out)
+    assert a.method == "auto" and a.params["pruner"] == "sparsegpt" and a.params["fitness"].startswith("held-out")
+    assert a.achieved == pytest.approx(0.5, abs=1e-9)
 
 
 def test_allocation_page_finds_an_allocation():
-    """The Allocation page's Find allocation on the real default model (one generation, KL objective):
-    progress, the best KL so far, and "Use this curve" takes the search's per-block ratios as the
-    control points."""
+    """The Allocation page's Find allocation on the real default model (one generation, KL objective,
+    scored on a held-out text; the evaluation text is refused): progress, the best KL so far, and "Use
+    this curve" takes the search's per-block ratios as the control points."""
     from test_app import fresh_app, metric, run_until_idle
 
     at = fresh_app()
@@ -236,11 +298,17 @@ def test_allocation_page_finds_an_allocation():
     run_until_idle(at, "spectra")
     at.number_input(key="alloc_search_steps").set_value(1).run()
     at.selectbox(key="alloc_search_objective").set_value("kl").run()
+    at.text_input(key="alloc_search_text").set_value("default").run()  # the Prune page's evaluation text
+    at.button(key="alloc_search_run").click().run()
+    assert any("must not be the evaluation text" in e.value for e in at.error)
+    assert "alloc_search_job" not in at.session_state
+    at.text_input(key="alloc_search_text").set_value(str(ROOT / "README.md")).run()  # a held-out English text
     at.button(key="alloc_search_run").click().run()
     run_until_idle(at, "search")
     assert "nats/token" in metric(at, "Best KL to the dense model so far")
     job = at.session_state["alloc_search_job"]
     assert job.status == "done" and job.result.method == "auto" and job.result.params["objective"] == "kl"
+    assert job.result.params["fitness"].startswith("held-out")
     at.button(key="alloc_search_use").click().run()
     assert not at.exception
     assert len(at.session_state["alloc_points"]) == 30

@@ -272,7 +272,7 @@ def test_worker_model_is_loaded_once(tiny):
     assert dense.weights and all(w.device.type == "cpu" for w in dense.weights.values())
 
 
-def test_compare_page_plots_sweeps_and_launches_one(tiny, in_process, monkeypatch):
+def test_compare_page_plots_sweeps_and_launches_one(tiny, in_process, monkeypatch, tmp_path):
     from streamlit.testing.v1 import AppTest
 
     _, store, _ = in_process
@@ -291,6 +291,12 @@ def test_compare_page_plots_sweeps_and_launches_one(tiny, in_process, monkeypatc
     at.text_input(key="sweep_seeds").set_value("5")
     at.multiselect(key="sweep_allocations").set_value(["uniform", "auto"])
     at.number_input(key="sweep_search_steps").set_value(2)
+    at.text_input(key="sweep_search_text").set_value(tiny.evaluation.source)
+    at.button[0].click().run()
+    assert any("must not be the evaluation text" in e.value for e in at.error)
+    held = tmp_path / "held.txt"
+    held.write_text(" ".join(f"w{(3 * i) % 119}" for i in range(2000)))
+    at.text_input(key="sweep_search_text").set_value(str(held))
     at.button[0].click().run()
     assert not at.error, [e.value for e in at.error]
     job = at.session_state["sweep_job"]
@@ -298,6 +304,7 @@ def test_compare_page_plots_sweeps_and_launches_one(tiny, in_process, monkeypatc
     assert [o.status for o in job.result] == [DONE, DONE] and len(store) == before + 2
     searched = store.get(job.result[1].run_id)["allocation"]
     assert searched["method"] == "auto" and searched["params"]["steps"] == 2 and searched["params"]["seed"] == 5
+    assert searched["params"]["fitness"].startswith("held-out")
 
 
 def test_sweep_figure_means_spread_and_pareto_front():
