@@ -76,7 +76,7 @@ FLAGS = {
     "allocation.owl_lambda": "--owl-lambda", "allocation.owl_threshold": "--owl-threshold",
     "allocation.points": "--points", "allocation.search_steps": "--search-steps",
     "allocation.search_seed": "--search-seed", "allocation.search_objective": "--search-objective",
-    "allocation.search_text": "--search-text",
+    "allocation.search_text": "--search-text", "allocation.search_verify": "--search-verify",
     "prune.method": "--method", "prune.nm": "--nm",
     "prune.rowwise": "--rowwise", "calibration.source": "--calib",
     "calibration.n_samples": "--nsamples", "calibration.seqlen": "--seqlen", "calibration.seed": "--seed",
@@ -199,6 +199,9 @@ def _add_allocation_args(p: argparse.ArgumentParser, axes: bool = False) -> None
     p.add_argument("--search-text", default=d.search_text,
                    help="auto: score the search on this held-out text (a text source as for --calib, e.g. "
                         "wikitext2:valid; never the evaluation text) instead of the calibration text")
+    p.add_argument("--search-verify", action="store_true",
+                   help="auto: prune every start and the result for real (one full prune each) and keep the "
+                        "best; slower, but immune to the search's block-by-block proxy misranking them")
 
 
 def _allocation(args: argparse.Namespace, method: str, sparsity: float | None, **extra) -> AllocationSettings:
@@ -207,7 +210,8 @@ def _allocation(args: argparse.Namespace, method: str, sparsity: float | None, *
                               epsilon=args.epsilon, metric=args.metric, granularity=args.granularity, fit=args.fit,
                               owl_lambda=args.owl_lambda, owl_threshold=args.owl_threshold,
                               search_steps=args.search_steps, search_seed=args.search_seed,
-                              search_objective=args.search_objective, search_text=args.search_text, **extra)
+                              search_objective=args.search_objective, search_text=args.search_text,
+                              search_verify=args.search_verify, **extra)
 
 
 def _print_ppl(label: str, u) -> None:
@@ -551,7 +555,8 @@ def _sweep_grid(args: argparse.Namespace) -> SweepGrid:
                        allocation=AllocationSettings(metric=args.metric, granularity=args.granularity, fit=args.fit,
                                                      owl_threshold=args.owl_threshold, search_steps=args.search_steps,
                                                      search_objective=args.search_objective,
-                                                     search_text=args.search_text),
+                                                     search_text=args.search_text,
+                                                     search_verify=args.search_verify),
                        calibration=CalibrationSettings(args.calib, args.nsamples, args.seqlen, encoding=args.encoding),
                        evaluation=_evaluation(args))
     return grid_from_text(base, methods=args.methods, allocations=args.allocations, sparsities=args.sparsities,

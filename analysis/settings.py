@@ -181,7 +181,8 @@ class AllocationSettings:
     search_objective: generations, seed and fitness ("nll" or "kl") of the "auto" search (analysis.search);
     search_text: a text source (as for calibration.source) the search's fitness is measured on, held out
     from the calibration sample (e.g. the valid split of the user's domain; never the evaluation text);
-    None: the calibration text."""
+    None: the calibration text; search_verify: prune the starts and the result for real to choose
+    (analysis.search, `verify`)."""
 
     method: str = "alphapruning"
     sparsity: float = 0.5
@@ -198,6 +199,7 @@ class AllocationSettings:
     search_seed: int = 0
     search_objective: str = "nll"
     search_text: str | None = None
+    search_verify: bool = False
 
     def check(self) -> AllocationSettings:
         if self.method not in ALLOCATION_METHODS:
@@ -226,6 +228,9 @@ class AllocationSettings:
                                 f"{self.search_objective!r}", "allocation.search_objective")
         if self.search_text is not None:
             _source(self.search_text, ENCODING, "allocation.search_text", "search text")
+        if not isinstance(self.search_verify, bool):
+            raise SettingsError(f"search_verify must be true or false, got {self.search_verify!r}",
+                                "allocation.search_verify")
         if self.method == "custom" and not self.points:
             raise SettingsError("a custom allocation needs control points, e.g. 0:0.5,0.5:0.7,1:0.8",
                                 "allocation.points")

@@ -9,7 +9,8 @@ owl, alphapruning, auto, auto-kl, auto-valid}; "NAME+trim" prunes with that allo
 row-wise sparsity. "auto" is the allocation search (analysis.search) on the calibration batch only
 ("auto-kl": with the KL-to-dense objective instead of the calibration NLL; "auto-valid": the NLL on
 WikiText-2 *valid*, `--nsamples` windows spread evenly over it, the text epsilon is chosen on, with
-the pruner's statistics still from the calibration batch), started from uniform,
+the pruner's statistics still from the calibration batch; "auto-verify": auto-valid with the starts and
+the result pruned for real to choose), started from uniform,
 AlphaPruning (eps 0.1/0.2/0.3) and OWL, `--search-steps` generations with search seed = the
 calibration seed; its cost (seconds, forward passes, tokens, load average) is recorded under
 "searches". Calibration: n random windows from the embedded corpus (gensim's Lee background
@@ -55,10 +56,13 @@ from analysis.store import now_iso
 OUT = Path(__file__).resolve().parent / "results" / "quality.json"
 METHODS = ("magnitude", "wanda", "sparsegpt")
 # table columns
-ALLOCS = ("uniform", "owl", "alphapruning", "auto", "auto-kl", "auto-valid", "uniform+trim", "auto+trim")
+ALLOCS = ("uniform", "owl", "alphapruning", "auto", "auto-kl", "auto-valid", "auto-verify", "uniform+trim",
+          "auto+trim")
 RUN_ORDER = ("wanda", "magnitude", "sparsegpt")  # cheapest informative runs first
-# searched allocations: the objective of each, and whether it is measured on WikiText-2 valid
-SEARCHES = {"auto": ("nll", False), "auto-kl": ("kl", False), "auto-valid": ("nll", True)}
+# searched allocations: the objective of each, whether it is measured on WikiText-2 valid, and whether the
+# starts and the result are pruned for real to choose (analysis.search, verify)
+SEARCHES = {"auto": ("nll", False, False), "auto-kl": ("kl", False, False), "auto-valid": ("nll", True, False),
+            "auto-verify": ("nll", True, True)}
 
 
 class PeakRSS:
@@ -122,6 +126,7 @@ def searched_allocation(model, calib, sparsity: float, method: str, seed: int, s
         alloc = search_allocation(model, calib, starts, method=method, steps=steps, seed=seed, model_name=model_name,
                                   screen_samples=n, screen_seqlen=length, confirm_seqlen=int(confirm),
                                   objective=SEARCHES[name][0], fitness_windows=held_out if SEARCHES[name][1] else None,
+                                  verify=SEARCHES[name][2],
                                   progress=lambda m, f: f >= 1 or int(f * steps) % 10 or log(m))
         alloc.params["loadavg_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
         alloc.params["cpu_s"] = round(time.process_time() - cpu0, 1)  # all threads of this process
@@ -189,7 +194,8 @@ def markdown(results: dict) -> str:
     allocs = [a for a in ALLOCS if any(r["allocation"] == a for r in runs.values())]
     searched = [a for a in SEARCHES if a in allocs]
     names = {"uniform": "uniform", "owl": "OWL", "alphapruning": "AlphaPruning", "auto": "auto",
-             "auto-kl": "auto (KL)", "auto-valid": "auto (valid)", "uniform+trim": "uniform+TRIM",
+             "auto-kl": "auto (KL)", "auto-valid": "auto (valid)", "auto-verify": "auto (valid, verified)",
+             "uniform+trim": "uniform+TRIM",
              "auto+trim": "auto+TRIM"}
     lines = [f"{cfg.get('model', 'default')}: dense {results['dense']['ppl']:.2f}. WikiText-2 test perplexity, "
              f"first {n_windows} windows of {cfg['eval_seqlen']} tokens ({cfg['eval_tokens']} scored tokens); "
@@ -246,7 +252,7 @@ def parse_args(argv=None):
     p.add_argument("--sparsities", default="0.5,0.6,0.7")
     p.add_argument("--methods", default=",".join(RUN_ORDER))
     p.add_argument("--allocations", default="uniform,alphapruning,owl",
-                   help="any of uniform, alphapruning, owl, auto, auto-kl, auto-valid; "
+                   help="any of uniform, alphapruning, owl, auto, auto-kl, auto-valid, auto-verify; "
                         "NAME+trim adds TRIM row-wise sparsity")
     p.add_argument("--search-steps", type=int, default=40, help="auto: generations of the search")
     p.add_argument("--search-tokens", default="4x128,128",

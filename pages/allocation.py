@@ -110,13 +110,16 @@ with st.expander("Find allocation (search)", expanded=SEARCH_KEY in st.session_s
                                 help="A text source as on the Prune page (wikitext2:valid, a .txt path, "
                                      "hf:<dataset>[:<config>]:<split>): the search is scored on it instead of on the "
                                      "calibration sample the pruner uses. Never the evaluation text.").strip()
+    search_verify = st.checkbox("Verify by real prunes", key="alloc_search_verify",
+                                help="Prune every start and the result for real (one full prune each) and keep the "
+                                     "best: slower, but immune to the search's block-by-block proxy misranking them.")
     search: Job | None = st.session_state.get(SEARCH_KEY)
     g1, g2 = st.columns(2)
     if g1.button("Find allocation", key="alloc_search_run", disabled=search is not None and not search.done):
         cal, ev = prune_data_settings()
         cfg = AllocationSettings(method="auto", sparsity=float(target), search_steps=int(search_steps),
                                  search_seed=int(search_seed), search_objective=search_objective, fit=fit,
-                                 search_text=search_text or None)
+                                 search_text=search_text or None, search_verify=search_verify)
         shared, tok, info = loaded.model, loaded.tokenizer, loaded.info
         try:
             cfg.check()

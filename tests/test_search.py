@@ -217,6 +217,30 @@ def test_search_scored_on_a_held_out_text(tiny_search):
         search_allocation(model, calib, starts, steps=1, fitness_windows=held[0])
 
 
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_verified_search_is_never_worse_than_its_best_start_after_a_real_prune(tiny_search, method):
+    """verify=True: every start and the search's result are pruned for real (sequentially), and the
+    returned allocation is the best of them after that real prune; deterministic for a seed."""
+    model, calib, starts = tiny_search
+    dense = DenseSnapshot.take(model)
+    a = search_allocation(model, calib, starts, method=method, steps=8, seed=4, screen_samples=2, screen_seqlen=16,
+                          verify=True)
+    b = search_allocation(model, calib, starts, method=method, steps=8, seed=4, screen_samples=2, screen_seqlen=16,
+                          verify=True)
+    assert a.per_block == b.per_block and a.params["verified"] == b.params["verified"]
+    verified = a.params["verified"]
+    assert set(starts) <= set(verified) and a.params["real_prunes"] == len(verified)
+    assert a.params["start"] == min(starts, key=verified.get)  # the parent: the best start after a real prune
+    # wanda keeps the search's result here, sparsegpt's does not survive the real prune: both paths run
+    start = a.params["start"]
+    assert a.params["result"] == ("search" if verified.get("search", np.inf) < verified[start] else start)
+    assert a.achieved == pytest.approx(0.6, abs=1e-12)
+    assert all(torch.equal(r.weight(), dense.weights[r.name]) for r in prunable_layers(model))  # dense again
+    prune(model, a.per_layer, method=method, calib=calib)
+    assert fitness(model, calib[:, :128]) == pytest.approx(min(verified.values()), rel=1e-5)
+    dense.restore(model)
+
+
 def test_spread_windows_sample_the_whole_text():
     tokenizer = word_tokenizer(1000)
     text = " ".join(f"w{i}" for i in range(1000))  # 100 windows of 10 tokens
@@ -269,20 +293,22 @@ def test_cli_prune_with_auto_allocation_and_trim(tmp_path):
 
 
 def test_cli_allocate_auto_with_the_pruner_and_a_held_out_text(tmp_path):
-    """`allocate --method auto` searches with --pruner and scores on --search-text; the JSON says so."""
+    """`allocate --method auto` searches with --pruner, scores on --search-text and verifies by real
+    prunes with --search-verify; the JSON says so."""
     folder = save_tiny_llama(tmp_path / "tiny")
     (tmp_path / "calib.txt").write_text(" ".join(f"w{i % 119}" for i in range(6000)))
     (tmp_path / "held.txt").write_text(" ".join(f"w{(5 * i) % 119}" for i in range(3000)))
     out = tmp_path / "auto.json"
     r = subprocess.run([sys.executable, "-m", "analysis", "allocate", "--model", str(folder), "--device", "cpu",
                         "--method", "auto", "--pruner", "sparsegpt", "--sparsity", "0.5", "--search-steps", "2",
-                        "--search-text", str(tmp_path / "held.txt"), "--calib", str(tmp_path / "calib.txt"),
-                        "--nsamples", "4", "--seqlen", "32", "--out", str(out)],
+                        "--search-text", str(tmp_path / "held.txt"), "--search-verify",
+                        "--calib", str(tmp_path / "calib.txt"), "--nsamples", "4", "--seqlen", "32", "--out", str(out)],
                        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                        timeout=600)
     assert r.returncode == 0, r.stderr
     a = Allocation.load(out)
     assert a.method == "auto" and a.params["pruner"] == "sparsegpt" and a.params["fitness"].startswith("held-out")
+    assert a.params["verify"] and len(a.params["verified"]) >= 5  # uniform, AlphaPruning x 3, OWL
     assert a.achieved == pytest.approx(0.5, abs=1e-9)
 
 
