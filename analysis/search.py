@@ -232,10 +232,10 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
     so far is returned). The fitness is measured on `fitness_windows` (token ids (n, L)) when given,
     else on `calib`, which always gives the pruner's statistics. `verify`: the parent is the start
     that is best after a real prune, and the result is the search's best only if it is also better
-    than that start after a real prune (one full prune per distinct start, and one more). The result's
-    params hold the
-    search's settings, the starts' fitness, the history (one entry per improvement) and its cost
-    (seconds, forward passes, tokens)."""
+    than that start after a real prune (one full prune per distinct start, and one more; a stopped
+    search skips what is left of them). The result's params hold the search's settings, the starts'
+    fitness, the history (one entry per improvement), the real prunes' fitness (`verified`) and its
+    cost (seconds, forward passes, tokens, real prunes)."""
     if not starts:
         raise ValueError("the search needs at least one start allocation")
     sparsity = next(iter(starts.values())).sparsity
@@ -287,6 +287,8 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
         verified = {}
         if verify:
             for name, (_, k) in start_scores.items():
+                if should_stop(stop):
+                    break
                 if progress:
                     progress(f"search: pruning the start {name} for real", 0.0)
                 verified[name] = real(k)
@@ -314,7 +316,7 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
             done = s
             if progress:
                 progress(f"search: step {s}/{steps}, best {where} {objective.upper()} {parent_fit:.4f}", s / steps)
-        if verify and len(history) > 1:
+        if verify and verified and len(history) > 1 and not should_stop(stop):
             if progress:
                 progress("search: pruning its result for real", 1.0)
             verified["search"] = real(parent)

@@ -230,12 +230,14 @@ def markdown(results: dict) -> str:
         lines.append(f"| {r.get('seed', 0)} | {r['sparsity']:.2f} | {r['method']} | {r['allocation']} | "
                      f"{r['prune_s']:.0f} | {r['eval_s']:.0f} | {r['peak_rss_mb']:.0f} |")
     if results.get("searches"):
-        lines += ["", "| search | objective | start | start fitness | best fitness | s | CPU s | forward passes "
-                  "| tokens | load avg |", "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| search | fitness | start | start fitness | best fitness | kept (real prunes) | s | CPU s "
+                  "| forward passes | tokens | load avg |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for key, a in results["searches"].items():
             p = a["params"]
-            lines.append(f"| {key} | {p.get('objective', 'nll')} | {p['start']} | {min(p['starts'].values()):.4f} | "
-                         f"{p['best_fitness']:.4f} | "
+            kept = f"{p['result']} ({p['real_prunes']})" if p.get("verify") else "search"
+            scored = p.get("fitness", "calibration NLL").removesuffix(" (nats/token)").replace("||", "‖")
+            lines.append(f"| {key} | {scored} | "
+                         f"{p['start']} | {min(p['starts'].values()):.4f} | {p['best_fitness']:.4f} | {kept} | "
                          f"{p['seconds']:.0f} | {p.get('cpu_s')} | {p['forward_passes']} | {p['tokens']} | "
                          f"{p.get('loadavg_before_after')} |")
     return "\n".join(lines)
