@@ -237,7 +237,7 @@ def markdown(results: dict) -> str:
             kept = f"{p['result']} ({p['real_prunes']})" if p.get("verify") else "search"
             scored = p.get("fitness", "calibration NLL").removesuffix(" (nats/token)").replace("||", "‖")
             lines.append(f"| {key} | {scored} | "
-                         f"{p['start']} | {min(p['starts'].values()):.4f} | {p['best_fitness']:.4f} | {kept} | "
+                         f"{p['start']} | {p['starts'][p['start']]:.4f} | {p['best_fitness']:.4f} | {kept} | "
                          f"{p['seconds']:.0f} | {p.get('cpu_s')} | {p['forward_passes']} | {p['tokens']} | "
                          f"{p.get('loadavg_before_after')} |")
     return "\n".join(lines)
