@@ -195,8 +195,7 @@ def markdown(results: dict) -> str:
     searched = [a for a in SEARCHES if a in allocs]
     names = {"uniform": "uniform", "owl": "OWL", "alphapruning": "AlphaPruning", "auto": "auto",
              "auto-kl": "auto (KL)", "auto-valid": "auto (valid)", "auto-verify": "auto (valid, verified)",
-             "uniform+trim": "uniform+TRIM",
-             "auto+trim": "auto+TRIM"}
+             "uniform+trim": "uniform+TRIM", "auto+trim": "auto+TRIM"}
     lines = [f"{cfg.get('model', 'default')}: dense {results['dense']['ppl']:.2f}. WikiText-2 test perplexity, "
              f"first {n_windows} windows of {cfg['eval_seqlen']} tokens ({cfg['eval_tokens']} scored tokens); "
              f"calibration {cfg['nsamples']}x{cfg['seqlen']} tokens from the embedded corpus, seeds "
@@ -297,11 +296,11 @@ def main(argv=None) -> int:
                                         bos=lm.info.bos_per_window) for seed in seeds}
     test = eval_windows(tok, load_text("wikitext2:test"), 512, bos=lm.info.bos_per_window,
                         max_windows=args.windows or None)
-    valid = eval_windows(tok, load_text("wikitext2:valid"), 512, bos=lm.info.bos_per_window,
-                         max_windows=args.valid_windows or None)
-    # auto-valid's fitness text: --nsamples windows of the confirmation length, spread evenly over valid
+    valid_text = load_text("wikitext2:valid")
+    valid = eval_windows(tok, valid_text, 512, bos=lm.info.bos_per_window, max_windows=args.valid_windows or None)
+    # the held-out searches' fitness text: --nsamples windows of the confirmation length, spread over valid
     length = int(args.search_tokens.split(",")[1])
-    held_out = spread_windows(tok, load_text("wikitext2:valid"), length, args.nsamples, lm.info.bos_per_window)
+    held_out = spread_windows(tok, valid_text, length, args.nsamples, lm.info.bos_per_window)
     results["config"]["eval_windows"] = int(test.shape[0])
     results["config"]["eval_tokens"] = int(test.shape[0] * (test.shape[1] - 1))
     snap = DenseSnapshot.take(model)
