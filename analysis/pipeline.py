@@ -39,13 +39,13 @@ from analysis.pruning import PruneReport, prune
 from analysis.runtime import ProgressFn, StopFlag
 from analysis.search import OnBest, search_allocation
 from analysis.settings import (
-    SEARCH_SEQLEN,
     SPECTRA_METHODS,
     AllocationSettings,
     CalibrationSettings,
     EvaluationSettings,
     RunSettings,
     SpectraSettings,
+    search_seqlen,
 )
 from analysis.spectra import analyze
 from analysis.store import now_iso, to_json
@@ -83,11 +83,11 @@ def evaluation_windows(tokenizer, evaluation: EvaluationSettings, calibration_so
 def search_windows(tokenizer, allocation: AllocationSettings, calibration: CalibrationSettings,
                    bos: bool = False) -> torch.Tensor | None:
     """The held-out windows an "auto" search with a search text scores candidates on: calibration.n_samples
-    windows as long as the ones it confirms on (SEARCH_SEQLEN, at most calibration.seqlen), spread over the
+    windows as long as the ones it confirms on (settings.search_seqlen), spread over the
     whole text; None when it scores on the calibration text."""
     if allocation.method != "auto" or allocation.search_text is None:
         return None
-    return spread_windows(tokenizer, load_text(allocation.search_text), min(SEARCH_SEQLEN, calibration.seqlen),
+    return spread_windows(tokenizer, load_text(allocation.search_text), search_seqlen(calibration.seqlen),
                           calibration.n_samples, bos)
 
 

@@ -45,6 +45,11 @@ SEARCH_OBJECTIVES = ("nll", "kl")
 SEARCH_SEQLEN = 128
 
 
+def search_seqlen(calibration_seqlen: int) -> int:
+    """Tokens per held-out window of a search run with this calibration seqlen."""
+    return min(SEARCH_SEQLEN, calibration_seqlen)
+
+
 class SettingsError(ValueError):
     """A setting the user can fix; the message names it, and `field` ("calibration.seqlen", ...) says
     which one, so a front end can point at its own control (the CLI names the option)."""
@@ -181,8 +186,8 @@ class AllocationSettings:
     search_objective: generations, seed and fitness ("nll" or "kl") of the "auto" search (analysis.search);
     search_text: a text source (as for calibration.source) the search's fitness is measured on, held out
     from the calibration sample (e.g. the valid split of the user's domain; never the evaluation text);
-    None: the calibration text; search_verify: prune the starts and the result for real to choose
-    (analysis.search, `verify`)."""
+    None: the calibration text; search_verify: prune the starts and a few of the search's improvements
+    for real to choose (analysis.search, `verify`)."""
 
     method: str = "alphapruning"
     sparsity: float = 0.5
@@ -252,7 +257,7 @@ class AllocationSettings:
                      [r.name for r in prunable_layers(preview.skeleton())])
         if self.method == "auto" and self.search_text is not None:
             _checked("allocation.search_text", lambda: spread_windows(
-                preview.tokenizer, load_text(self.search_text), min(SEARCH_SEQLEN, calibration_seqlen), 1,
+                preview.tokenizer, load_text(self.search_text), search_seqlen(calibration_seqlen), 1,
                 preview.bos_per_window))
 
     @property
