@@ -29,9 +29,12 @@ before it, so the search ranks allocations on a close proxy of the final model.
 
 Verification (`verify`). The stitched proxy can misrank allocations where a block's pruning depends much
 on its inputs (SparseGPT's reconstruction at 70% on Gemma-3 ranks OWL last stitched, first after a real
-prune). With `verify`, every start is pruned for real (analysis.pruning.prune, sequential) and
-scored on the confirmation windows, the best of them is the parent, and the search's result is kept
-only if it is also better after a real prune; otherwise that start is returned.
+prune). With `verify`, every start is pruned for real (analysis.pruning.prune, sequential) at its own
+ratios and scored on the confirmation windows, and the best of them is the parent. After the search,
+up to VERIFY_CANDIDATES improvements along its path (the last one, and earlier ones spread over the
+path: a late improvement may fit the proxy's error more than the real model) are pruned for real too,
+and the best allocation after a real prune is returned: one of those, or the parent start unchanged
+(its own ratios, not their rounding to the grid).
 
 Starts: the given allocations (uniform, AlphaPruning, OWL, ... computed by the caller), each rounded
 to the grid (largest remainders, offsets of each group adding up to zero). Deterministic for a seed.
@@ -58,6 +61,7 @@ from analysis.runtime import ProgressFn, StopFlag, should_stop
 from analysis.settings import SEARCH_OBJECTIVES, SEARCH_SEQLEN
 
 STEP = 0.025  # sparsity moved by one mutation step
+VERIFY_CANDIDATES = 3  # improvements along the search's path pruned for real with `verify`
 OnBest = Callable[[list[float], float, int], None]  # (per-block ratios, confirmed fitness, step)
 
 
@@ -231,11 +235,12 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
     return. `steps` generations of `offspring` mutants each; `stop` ends the search early (the best
     so far is returned). The fitness is measured on `fitness_windows` (token ids (n, L)) when given,
     else on `calib`, which always gives the pruner's statistics. `verify`: the parent is the start
-    that is best after a real prune, and the result is the search's best only if it is also better
-    than that start after a real prune (one full prune per distinct start, and one more; a stopped
-    search skips what is left of them). The result's params hold the search's settings, the starts'
-    fitness, the history (one entry per improvement), the real prunes' fitness (`verified`) and its
-    cost (seconds, forward passes, tokens, real prunes)."""
+    that is best after a real prune, and the result is the best after a real prune of that start (at
+    its own ratios) and up to VERIFY_CANDIDATES improvements along the search's path (one full prune
+    per distinct start and candidate; a stopped search skips what is left of them). The result's
+    params hold the search's settings, the starts' fitness, the history (one entry per improvement),
+    the real prunes' fitness (`verified`: start name or "step N" -> fitness), what was kept (`result`,
+    `real_fitness`) and its cost (seconds, forward passes, tokens, real prunes)."""
     if not starts:
         raise ValueError("the search needs at least one start allocation")
     sparsity = next(iter(starts.values())).sparsity
@@ -265,18 +270,19 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
         cost["tokens"] += int(windows.numel())
         return fitness(model, windows, reference=reference.get(id(windows)))
 
-    real_fits: dict[bytes, float] = {}
+    real_fits: dict[tuple, float] = {}
 
-    def real(k: np.ndarray) -> float:
-        """Fitness on the confirmation windows after a real prune at k's ratios (every block fed by
+    def real(per_layer: dict[str, float]) -> float:
+        """Fitness on the confirmation windows after a real prune at these ratios (every block fed by
         the pruned blocks before it, as the final prune does)."""
-        if k.tobytes() not in real_fits:
+        key = tuple(per_layer.items())
+        if key not in real_fits:
             levels.restore()
-            prune(model, _per_layer(grid, k, refs), method=method, calib=calib)
+            prune(model, per_layer, method=method, calib=calib)
             cost["real_prunes"] += 1
-            real_fits[k.tobytes()] = fitness(model, confirm, reference=reference.get(id(confirm)))
+            real_fits[key] = fitness(model, confirm, reference=reference.get(id(confirm)))
             levels.restore()
-        return real_fits[k.tobytes()]
+        return real_fits[key]
 
     rng = np.random.default_rng(seed)
     try:
@@ -286,17 +292,17 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
             start_scores[name] = (score(k, confirm), k)
         verified = {}
         if verify:
-            for name, (_, k) in start_scores.items():
+            for name, alloc in starts.items():
                 if should_stop(stop):
                     break
                 if progress:
                     progress(f"search: pruning the start {name} for real", 0.0)
-                verified[name] = real(k)
+                verified[name] = real(alloc.per_layer)
         best_name = min(verified or start_scores, key=lambda n: verified.get(n, start_scores[n][0]))
         parent_fit, parent = start_scores[best_name]
-        chosen = "search"
         parent_screen = score(parent, screen)
         history = [{"step": 0, "fitness": parent_fit, "per_block": grid.ratios(parent)}]
+        path = [parent]  # the parent after each improvement (history's offsets)
         if on_best:
             on_best(grid.ratios(parent), parent_fit, 0)
         done = 0
@@ -311,29 +317,47 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
                 if confirmed < parent_fit:
                     parent, parent_fit, parent_screen = children[i], confirmed, screened[i]
                     history.append({"step": s, "fitness": parent_fit, "per_block": grid.ratios(parent)})
+                    path.append(parent)
                     if on_best:
                         on_best(grid.ratios(parent), parent_fit, s)
             done = s
             if progress:
                 progress(f"search: step {s}/{steps}, best {where} {objective.upper()} {parent_fit:.4f}", s / steps)
-        if verify and verified and len(history) > 1 and not should_stop(stop):
-            if progress:
-                progress("search: pruning its result for real", 1.0)
-            verified["search"] = real(parent)
-            if verified["search"] >= verified[best_name]:  # the stitched gain did not survive a real prune
-                chosen, (parent_fit, parent) = best_name, start_scores[best_name]
-                if on_best:
-                    on_best(grid.ratios(parent), parent_fit, done)
+        chosen = "search"
+        if verify and verified:
+            candidates = {f"step {history[i]['step']}": i for i in _along(len(path) - 1, VERIFY_CANDIDATES)}
+            for name, i in candidates.items():
+                if should_stop(stop):
+                    break
+                if progress:
+                    progress(f"search: pruning its {name} for real", 1.0)
+                verified[name] = real(_per_layer(grid, path[i], refs))
+            chosen = min(verified, key=verified.get)  # a tie goes to the start (it comes first)
+            if chosen in candidates:
+                parent, parent_fit = path[candidates[chosen]], history[candidates[chosen]]["fitness"]
+            else:
+                parent_fit = start_scores[chosen][0]
+            if on_best and chosen != f"step {history[-1]['step']}":
+                on_best(starts[chosen].per_block if chosen in starts else grid.ratios(parent), parent_fit, done)
     finally:
         levels.restore()
-    return _result(model_name, grid, parent, {
+    params = {
         "pruner": method, "objective": objective, "step": step, "steps": steps,
         "fitness": f"{where} {'NLL' if objective == 'nll' else 'KL(dense || pruned)'} (nats/token)",
         "steps_done": done, "seed": seed, "offspring": offspring, "screen_tokens": int(screen.numel()),
         "confirm_tokens": int(confirm.numel()), "start": best_name,
         "starts": {n: v[0] for n, v in start_scores.items()}, "best_fitness": parent_fit, "history": history,
-        "verify": verify, "verified": verified, "result": chosen,
-        "seconds": round(time.perf_counter() - t0, 2), **cost}, refs)
+        "verify": verify, "verified": verified, "result": chosen, "real_fitness": verified.get(chosen),
+        "seconds": round(time.perf_counter() - t0, 2), **cost}
+    if chosen in starts:  # the start itself, at its own ratios
+        a = starts[chosen]
+        return Allocation(model_name, sparsity, "auto", params, list(a.per_block), dict(a.per_layer), a.achieved)
+    return _result(model_name, grid, parent, params, refs)
+
+
+def _along(n: int, m: int) -> list[int]:
+    """Up to m of the indices 1..n spread along them, the last (n) first; [] for n = 0."""
+    return sorted({math.ceil(n * j / m) for j in range(1, m + 1)} - {0}, reverse=True)
 
 
 def _per_layer(grid: Grid, k: np.ndarray, refs: dict[int, list[LayerRef]]) -> dict[str, float]:

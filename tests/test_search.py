@@ -26,7 +26,7 @@ from analysis.pruners import (
     unstructured_mask,
 )
 from analysis.pruning import DenseSnapshot, prune
-from analysis.search import Grid, fitness, log_probs, mutate, quantize, search_allocation
+from analysis.search import VERIFY_CANDIDATES, Grid, fitness, log_probs, mutate, quantize, search_allocation
 from analysis.settings import AllocationSettings, PruneSettings, SettingsError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -217,28 +217,58 @@ def test_search_scored_on_a_held_out_text(tiny_search):
         search_allocation(model, calib, starts, steps=1, fitness_windows=held[0])
 
 
-@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
-def test_verified_search_is_never_worse_than_its_best_start_after_a_real_prune(tiny_search, method):
-    """verify=True: every start and the search's result are pruned for real (sequentially), and the
-    returned allocation is the best of them after that real prune; deterministic for a seed."""
+@pytest.fixture
+def off_grid_starts(tiny_search):
+    """uniform, and a ramp whose ratios are off the search's 0.025 grid (the best start for Wanda)."""
     model, calib, starts = tiny_search
+    ramp = [0.51, 0.56, 0.64, 0.69]
+    return model, calib, {"uniform": starts["uniform"], "ramp": Allocation(
+        "", 0.6, "custom", {}, ramp, {r.name: ramp[r.block] for r in prunable_layers(model)}, 0.6)}
+
+
+# On this tiny model: Wanda keeps an earlier improvement (step 4 of 8: the last one, step 8, is worse
+# after a real prune), SparseGPT keeps its best start (every step is worse after a real prune).
+@pytest.mark.parametrize("method, kept", [("wanda", "step 4"), ("sparsegpt", "uniform")])
+def test_verified_search_is_never_worse_than_its_best_start_after_a_real_prune(off_grid_starts, method, kept):
+    """verify=True: every start (at its own ratios) and up to VERIFY_CANDIDATES improvements along the
+    search's path are pruned for real (sequentially), and the returned allocation is the best of them
+    after that real prune; deterministic for a seed."""
+    model, calib, starts = off_grid_starts
     dense = DenseSnapshot.take(model)
-    a = search_allocation(model, calib, starts, method=method, steps=8, seed=4, screen_samples=2, screen_seqlen=16,
+    a = search_allocation(model, calib, starts, method=method, steps=8, seed=0, screen_samples=2, screen_seqlen=16,
                           verify=True)
-    b = search_allocation(model, calib, starts, method=method, steps=8, seed=4, screen_samples=2, screen_seqlen=16,
+    b = search_allocation(model, calib, starts, method=method, steps=8, seed=0, screen_samples=2, screen_seqlen=16,
                           verify=True)
     assert a.per_block == b.per_block and a.params["verified"] == b.params["verified"]
     verified = a.params["verified"]
     assert set(starts) <= set(verified) and a.params["real_prunes"] == len(verified)
     assert a.params["start"] == min(starts, key=verified.get)  # the parent: the best start after a real prune
-    # wanda keeps the search's result here, sparsegpt's does not survive the real prune: both paths run
-    start = a.params["start"]
-    assert a.params["result"] == ("search" if verified.get("search", np.inf) < verified[start] else start)
-    assert a.achieved == pytest.approx(0.6, abs=1e-12)
+    steps = [h["step"] for h in a.params["history"][1:]]
+    tried = [s for s in verified if s not in starts]
+    assert 1 <= len(tried) <= VERIFY_CANDIDATES and tried[0] == f"step {steps[-1]}"  # the last improvement first
+    assert {int(s.split()[1]) for s in tried} <= set(steps)
+    assert a.params["result"] == kept == min(verified, key=verified.get)
+    assert a.params["real_fitness"] == min(verified.values())
+    if kept in starts:
+        assert a.per_layer == starts[kept].per_layer
+    else:
+        assert a.per_block == next(h["per_block"] for h in a.params["history"] if f"step {h['step']}" == kept)
+    assert a.achieved == pytest.approx(0.6, abs=1e-9)
     assert all(torch.equal(r.weight(), dense.weights[r.name]) for r in prunable_layers(model))  # dense again
     prune(model, a.per_layer, method=method, calib=calib)
     assert fitness(model, calib[:, :128]) == pytest.approx(min(verified.values()), rel=1e-5)
     dense.restore(model)
+
+
+def test_verified_start_keeps_its_own_ratios(off_grid_starts):
+    """With no improvement to try, verify returns the best start after a real prune at its own ratios,
+    not their rounding to the search's grid."""
+    model, calib, starts = off_grid_starts
+    a = search_allocation(model, calib, starts, steps=0, verify=True)
+    assert a.params["result"] == "ramp" and a.params["verified"]["ramp"] < a.params["verified"]["uniform"]
+    assert a.method == "auto" and a.per_block == [0.51, 0.56, 0.64, 0.69] and a.per_layer == starts["ramp"].per_layer
+    # the search's parent was the grid's rounding of it
+    assert a.params["history"][0]["per_block"] == pytest.approx([0.5, 0.55, 0.65, 0.7])
 
 
 def test_spread_windows_sample_the_whole_text():
