@@ -5,12 +5,12 @@
                             [--out FILE] [--resume]
 
 Grid: dense, then every seed x sparsity x pruner {magnitude, wanda, sparsegpt} x allocation {uniform,
-owl, alphapruning, auto, auto-kl, auto-valid}; "NAME+trim" prunes with that allocation and TRIM
+owl, alphapruning, auto, auto-kl, auto-valid, auto-verify}; "NAME+trim" prunes with that allocation and TRIM
 row-wise sparsity. "auto" is the allocation search (analysis.search) on the calibration batch only
 ("auto-kl": with the KL-to-dense objective instead of the calibration NLL; "auto-valid": the NLL on
 WikiText-2 *valid*, `--nsamples` windows spread evenly over it, the text epsilon is chosen on, with
 the pruner's statistics still from the calibration batch; "auto-verify": auto-valid with the starts and
-the result pruned for real to choose), started from uniform,
+up to 3 of the search's improvements pruned for real to choose), started from uniform,
 AlphaPruning (eps 0.1/0.2/0.3) and OWL, `--search-steps` generations with search seed = the
 calibration seed; its cost (seconds, forward passes, tokens, load average) is recorded under
 "searches". Calibration: n random windows from the embedded corpus (gensim's Lee background
@@ -57,10 +57,10 @@ OUT = Path(__file__).resolve().parent / "results" / "quality.json"
 METHODS = ("magnitude", "wanda", "sparsegpt")
 # table columns
 ALLOCS = ("uniform", "owl", "alphapruning", "auto", "auto-kl", "auto-valid", "auto-verify", "uniform+trim",
-          "auto+trim")
+          "auto+trim", "auto-valid+trim", "auto-verify+trim")
 RUN_ORDER = ("wanda", "magnitude", "sparsegpt")  # cheapest informative runs first
 # searched allocations: the objective of each, whether it is measured on WikiText-2 valid, and whether the
-# starts and the result are pruned for real to choose (analysis.search, verify)
+# starts and a few improvements are pruned for real to choose (analysis.search, verify)
 SEARCHES = {"auto": ("nll", False, False), "auto-kl": ("kl", False, False), "auto-valid": ("nll", True, False),
             "auto-verify": ("nll", True, True)}
 
@@ -195,7 +195,8 @@ def markdown(results: dict) -> str:
     searched = [a for a in SEARCHES if a in allocs]
     names = {"uniform": "uniform", "owl": "OWL", "alphapruning": "AlphaPruning", "auto": "auto",
              "auto-kl": "auto (KL)", "auto-valid": "auto (valid)", "auto-verify": "auto (valid, verified)",
-             "uniform+trim": "uniform+TRIM", "auto+trim": "auto+TRIM"}
+             "uniform+trim": "uniform+TRIM", "auto+trim": "auto+TRIM", "auto-valid+trim": "auto (valid)+TRIM",
+             "auto-verify+trim": "auto (valid, verified)+TRIM"}
     lines = [f"{cfg.get('model', 'default')}: dense {results['dense']['ppl']:.2f}. WikiText-2 test perplexity, "
              f"first {n_windows} windows of {cfg['eval_seqlen']} tokens ({cfg['eval_tokens']} scored tokens); "
              f"calibration {cfg['nsamples']}x{cfg['seqlen']} tokens from the embedded corpus, seeds "
