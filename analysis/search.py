@@ -160,15 +160,15 @@ class BlockLevels:
         """Write the candidate with these per-block ratios into the model (only blocks whose ratio changed)."""
         with torch.no_grad():
             for b, refs in self.refs.items():
-                o = round(float(per_block[b]), 12)  # the same ratio reached by other moves hits the cache
-                if self.applied[b] == o:
+                r = round(float(per_block[b]), 12)  # the same ratio reached by other moves hits the cache
+                if self.applied[b] == r:
                     continue
-                level = self._level(b, o)
+                level = self._level(b, r)
                 for ref in refs:
                     new = level[ref.name]
                     dense = self.dense.weights[ref.name]
                     ref.weight().copy_(dense.masked_fill(new, 0.0) if new.dtype == torch.bool else new)
-                self.applied[b] = o
+                self.applied[b] = r
 
     def restore(self) -> None:
         self.dense.restore(self.model)
@@ -317,8 +317,9 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
                 parent, parent_fit = path[candidates[chosen]], history[candidates[chosen]]["fitness"]
             else:
                 parent_fit = start_scores[chosen]
-            if on_best and chosen != f"step {history[-1]['step']}" and len(path) > 1:
-                on_best(starts[chosen].per_block if chosen in starts else grid.ratios(parent), parent_fit, done)
+            kept = starts[chosen].per_block if chosen in starts else grid.ratios(parent)
+            if on_best and kept != history[-1]["per_block"]:  # not the curve reported last
+                on_best(kept, parent_fit, done)
     finally:
         levels.restore()
     info = {
