@@ -200,9 +200,9 @@ def _add_allocation_args(p: argparse.ArgumentParser, axes: bool = False) -> None
                    help="auto: score the search on this held-out text (a text source as for --calib, e.g. "
                         "wikitext2:valid; never the evaluation text) instead of the calibration text")
     p.add_argument("--search-verify", action="store_true",
-                   help="auto: prune every start and up to 3 of the search's improvements for real (one full "
-                        "prune each) and keep the best: slower, but never worse than the best start after a real "
-                        "prune")
+                   help="auto: prune every start and every candidate the search confirms for real (one full prune "
+                        "each) and keep only real improvements: slower, but every step is measured on the real pruned "
+                        "model")
 
 
 def _allocation(args: argparse.Namespace, method: str, sparsity: float | None, **extra) -> AllocationSettings:

@@ -32,11 +32,15 @@ before it, so the search ranks allocations on a close proxy of the final model.
 
 Verification (`verify`). The stitched proxy can misrank allocations where a block's pruning depends much
 on its inputs (SparseGPT's reconstruction at 70% on Gemma-3 ranks OWL last stitched, first after a real
-prune). With `verify`, every start is pruned for real (analysis.pruning.prune, sequential) at its own
-ratios and scored on the confirmation windows, and the best of them is the parent. After the search,
-up to VERIFY_CANDIDATES improvements along its path (the last one, and earlier ones spread over the
-path: a late improvement may fit the proxy's error more than the real model) are pruned for real too,
-and the best allocation after a real prune is returned: one of those, or the parent start unchanged.
+prune). With `verify`, every start is pruned for real (block by block, each block fed the outputs of the
+pruned blocks before it, as analysis.pruning.prune does) at its own ratios and scored on the
+confirmation windows; the best of them is the parent, and the cached levels are re-anchored on it
+(`BlockLevels.anchor`: each block pruned from the statistics of its inputs in that real prune), so the
+proxy is exact at the parent and close around it. An offspring the proxy confirms is then pruned for
+real too: it replaces the parent only if it is better after that real prune (and becomes the anchor),
+so every step of the history is a real improvement. Cost: one full prune per start and per confirmed
+offspring (a repeated candidate is not pruned again); the levels of the blocks before the first block
+that changed are kept.
 
 Starts: the given allocations (uniform, AlphaPruning, OWL, ... computed by the caller), each scored at
 its own per-block ratios; a start the search does not improve on is returned unchanged (its per-layer
@@ -57,14 +61,13 @@ from torch import nn
 from analysis.allocation import MAX_RATIO, Allocation, budget
 from analysis.calibration import InputStats, walk_blocks
 from analysis.evaluation import window_nll
-from analysis.layers import LayerRef, layers_by_block, module_device
+from analysis.layers import LayerRef, find_blocks, layers_by_block, module_device
 from analysis.pruners import get_pruner
-from analysis.pruning import DenseSnapshot, prune
+from analysis.pruning import DenseSnapshot
 from analysis.runtime import ProgressFn, StopFlag, should_stop
 from analysis.settings import SEARCH_OBJECTIVES, SEARCH_SEQLEN
 
 STEP = 0.025  # sparsity moved by one mutation step
-VERIFY_CANDIDATES = 3  # improvements along the search's path pruned for real with `verify`
 OnBest = Callable[[list[float], float, int], None]  # (per-block ratios, confirmed fitness, step)
 
 
@@ -124,17 +127,23 @@ def mutate(k: np.ndarray, grid: Grid, rng: np.random.Generator, max_moves: int =
 
 
 class BlockLevels:
-    """Pruned weights of (block, ratio) pairs, computed on first use from the dense weights and the
-    dense model's input statistics, and written into the model on demand."""
+    """Each block's matrices pruned at given ratios, from the dense weights and the input statistics
+    of an anchor allocation, computed on first use, cached and written into the model on demand.
+
+    The first anchor is the dense model (every block's statistics from dense inputs: EvoPress's
+    proxy). `anchor(per_layer)` re-gathers them with the model pruned at `per_layer`, block by block
+    as analysis.pruning.prune does, so the model is then exactly that real prune, and candidates near
+    it are assembled from blocks pruned with nearly the inputs a real prune would feed them."""
 
     def __init__(self, model: nn.Module, calib: torch.Tensor, method: str,
                  progress: ProgressFn | None = None, device: str | torch.device | None = None):
-        self.model, self.pruner = model, get_pruner(method)
+        self.model, self.calib, self.device, self.pruner = model, calib, device, get_pruner(method)
         self.refs: dict[int, list[LayerRef]] = layers_by_block(model)
         self.dense = DenseSnapshot.take(model)
         self.stats: dict[str, InputStats] = {}
-        self.cache: dict[tuple[int, float], dict[str, torch.Tensor]] = {}
-        self.applied: dict[int, float | None] = {b: None for b in self.refs}  # None: dense
+        self.cache: dict[tuple[int, tuple[float, ...]], dict[str, torch.Tensor]] = {}
+        self.applied: dict[int, tuple[float, ...] | None] = {b: None for b in self.refs}  # None: dense
+        self.anchored: dict[str, float] = {}  # the anchor's ratios ({}: dense)
         if self.pruner.statistic:
             def keep(_b: int, _refs, stats: dict[str, InputStats]) -> bool:
                 self.stats.update(stats)
@@ -142,33 +151,66 @@ class BlockLevels:
             walk_blocks(model, calib, keep, hessian=self.pruner.statistic == "hessian", device=device,
                         progress=progress, label="search statistics: block")
 
-    def _level(self, b: int, ratio: float) -> dict[str, torch.Tensor]:
-        key = (b, ratio)
-        if key not in self.cache:
+    def _key(self, b: int, per_layer: dict[str, float]) -> tuple[float, ...]:
+        # rounded: the same ratio reached by other moves hits the cache
+        return tuple(round(float(per_layer.get(r.name, 0.0)), 12) for r in self.refs[b])
+
+    def _level(self, b: int, key: tuple[float, ...]) -> dict[str, torch.Tensor]:
+        if (b, key) not in self.cache:
             out = {}
-            for ref in self.refs[b]:
+            for ref, ratio in zip(self.refs[b], key):
                 w = self.dense.weights[ref.name].float()
                 stat = getattr(self.stats[ref.name], self.pruner.statistic)() if self.pruner.statistic else None
                 pruned = self.pruner.apply(w.to(stat.device) if stat is not None else w, ratio, None, stat)
                 # pruners that only remove weights are kept as masks (1 byte per weight)
                 out[ref.name] = (pruned == 0).cpu() if self.pruner.statistic != "hessian" else \
                     pruned.to("cpu", self.dense.weights[ref.name].dtype)
-            self.cache[key] = out
-        return self.cache[key]
+            self.cache[(b, key)] = out
+        return self.cache[(b, key)]
 
-    def apply(self, per_block: list[float]) -> None:
-        """Write the candidate with these per-block ratios into the model (only blocks whose ratio changed)."""
+    def _write(self, b: int, key: tuple[float, ...]) -> None:
+        level = self._level(b, key)
         with torch.no_grad():
-            for b, refs in self.refs.items():
-                r = round(float(per_block[b]), 12)  # the same ratio reached by other moves hits the cache
-                if self.applied[b] == r:
-                    continue
-                level = self._level(b, r)
-                for ref in refs:
-                    new = level[ref.name]
-                    dense = self.dense.weights[ref.name]
-                    ref.weight().copy_(dense.masked_fill(new, 0.0) if new.dtype == torch.bool else new)
-                self.applied[b] = r
+            for ref in self.refs[b]:
+                new, dense = level[ref.name], self.dense.weights[ref.name]
+                ref.weight().copy_(dense.masked_fill(new, 0.0) if new.dtype == torch.bool else new)
+        self.applied[b] = key
+
+    def apply(self, per_layer: dict[str, float]) -> None:
+        """Write the candidate with these per-matrix ratios into the model (only blocks that changed)."""
+        for b in self.refs:
+            key = self._key(b, per_layer)
+            if self.applied[b] != key:
+                self._write(b, key)
+
+    def anchor(self, per_layer: dict[str, float], stop: StopFlag = None) -> bool:
+        """Prune the model for real at `per_layer` and make it the anchor: each block's statistics are
+        gathered from the outputs of the pruned blocks before it and its levels are pruned from them.
+        Levels of the blocks up to the first whose ratios change are kept (their inputs do not change).
+        False if `stop` ended it (the levels are then mixed: `load` a saved state)."""
+        changed = [b for b in self.refs if self._key(b, per_layer) != self._key(b, self.anchored)]
+        first = min(changed, default=max(self.refs) + 1)
+        self.cache = {k: v for k, v in self.cache.items() if k[0] <= first}
+        self.restore()
+
+        def on_block(b: int, _refs, stats: dict[str, InputStats]) -> bool:
+            self.stats.update(stats)
+            if b in self.refs:
+                self._write(b, self._key(b, per_layer))
+            return True
+        done = walk_blocks(self.model, self.calib if self.pruner.statistic else None, on_block,
+                           hessian=self.pruner.statistic == "hessian", device=self.device, stop=stop)
+        self.anchored = dict(per_layer)
+        return done == len(find_blocks(self.model)[1])
+
+    def save(self) -> tuple:
+        """The anchor, statistics and levels (references, not copies), for `load`."""
+        return self.anchored, dict(self.stats), dict(self.cache)
+
+    def load(self, state: tuple) -> None:
+        anchored, stats, cache = state
+        self.anchored, self.stats, self.cache = anchored, dict(stats), dict(cache)
+        self.applied = {b: None for b in self.refs}  # the model holds other weights now
 
     def restore(self) -> None:
         self.dense.restore(self.model)
@@ -217,13 +259,12 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
     sparsity, for this model) with pruner `method`; `model` must be dense and is dense again on
     return. `steps` generations of `offspring` mutants each; `stop` ends the search early (the best
     so far is returned). The fitness is measured on `fitness_windows` (token ids (n, L)) when given,
-    else on `calib`, which always gives the pruner's statistics. `verify`: the parent is the start
-    that is best after a real prune, and the result is the best after a real prune of that start (at
-    its own ratios) and up to VERIFY_CANDIDATES improvements along the search's path (one full prune
-    per distinct start and candidate; a stopped search skips what is left of them). The result's
-    params hold the search's settings, the starts' fitness, the history (one entry per improvement),
-    the real prunes' fitness (`verified`: start name or "step N" -> fitness), what was kept (`result`,
-    `real_fitness`) and its cost (seconds, forward passes, tokens, real prunes)."""
+    else on `calib`, which always gives the pruner's statistics. `verify`: the starts and every
+    offspring the proxy confirms are pruned for real, and only a real improvement replaces the parent
+    (see the module docstring). The result's params hold the search's settings, the starts' fitness,
+    the history (one entry per improvement), the real prunes' fitness (`verified`: start name or
+    "step N" -> fitness), what was kept (`result`, `real_fitness`) and its cost (seconds, forward
+    passes, tokens, real prunes)."""
     if not starts:
         raise ValueError("the search needs at least one start allocation")
     sparsity = next(iter(starts.values())).sparsity
@@ -246,43 +287,49 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
     # the model is still dense here: its log-probabilities are the KL objective's reference
     reference = {id(w): log_probs(model, w) for w in (screen, confirm)} if objective == "kl" else {}
 
-    def score(per_block: list[float], windows: torch.Tensor) -> float:
-        levels.apply(per_block)
+    def score(per_layer: dict[str, float], windows: torch.Tensor) -> float:
+        levels.apply(per_layer)
         cost["forward_passes"] += math.ceil(windows.shape[0] / 4)
         cost["tokens"] += int(windows.numel())
         return fitness(model, windows, reference=reference.get(id(windows)))
 
     real_fits: dict[tuple, float] = {}
 
-    def real(per_layer: dict[str, float]) -> float:
+    def real(per_layer: dict[str, float]) -> float | None:
         """Fitness on the confirmation windows after a real prune at these ratios (every block fed by
-        the pruned blocks before it, as the final prune does)."""
+        the pruned blocks before it, as the final prune does), which becomes the levels' anchor; the
+        known fitness (and no prune) for ratios pruned before; None if stopped."""
         key = tuple(per_layer.items())
         if key not in real_fits:
-            levels.restore()
-            prune(model, per_layer, method=method, calib=calib)
+            if not levels.anchor(per_layer, stop):
+                return None
             cost["real_prunes"] += 1
-            real_fits[key] = fitness(model, confirm, reference=reference.get(id(confirm)))
-            levels.restore()
+            real_fits[key] = score(per_layer, confirm)
         return real_fits[key]
 
     rng = np.random.default_rng(seed)
     try:
-        start_scores = {name: score(alloc.per_block, confirm) for name, alloc in starts.items()}
-        verified = {}
+        start_scores = {name: score(alloc.per_layer, confirm) for name, alloc in starts.items()}
+        verified: dict[str, float] = {}
+        best_state = None
         if verify:
             for name, alloc in starts.items():
-                if should_stop(stop):
-                    break
                 if progress:
                     progress(f"search: pruning the start {name} for real", 0.0)
-                verified[name] = real(alloc.per_layer)
+                fit = real(alloc.per_layer)
+                if fit is None:
+                    break
+                verified[name] = fit
+                if fit <= min(verified.values()):
+                    best_state = levels.save()  # the best start's anchor: the search starts there
         best_name = min(verified or start_scores, key=lambda n: verified.get(n, start_scores[n]))
+        if best_state is not None:
+            levels.load(best_state)
         grid = Grid.around(starts[best_name].per_block, params, step)
-        parent, parent_fit = np.zeros(n_blocks, dtype=np.int64), start_scores[best_name]
-        parent_screen = score(grid.ratios(parent), screen)
+        parent = np.zeros(n_blocks, dtype=np.int64)
+        parent_fit = verified.get(best_name, start_scores[best_name])
+        parent_screen = score(_per_layer(grid, parent, refs), screen)
         history = [{"step": 0, "fitness": parent_fit, "per_block": grid.ratios(parent)}]
-        path = [parent]  # the parent after each improvement (history's offsets)
         if on_best:
             on_best(grid.ratios(parent), parent_fit, 0)
         done = 0
@@ -290,36 +337,31 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
             if should_stop(stop):
                 break
             children = [mutate(parent, grid, rng) for _ in range(offspring)]
-            screened = [score(grid.ratios(c), screen) for c in children]
+            screened = [score(_per_layer(grid, c, refs), screen) for c in children]
             i = int(np.argmin(screened))
-            if screened[i] < parent_screen:
-                confirmed = score(grid.ratios(children[i]), confirm)
-                if confirmed < parent_fit:
-                    parent, parent_fit, parent_screen = children[i], confirmed, screened[i]
-                    history.append({"step": s, "fitness": parent_fit, "per_block": grid.ratios(parent)})
-                    path.append(parent)
-                    if on_best:
-                        on_best(grid.ratios(parent), parent_fit, s)
+            child = _per_layer(grid, children[i], refs)
+            confirmed = score(child, confirm) if screened[i] < parent_screen else math.inf
+            if verify and confirmed < parent_fit:  # a real prune decides, and re-anchors the levels
+                saved = levels.save()
+                if progress:
+                    progress(f"search: step {s}, pruning a candidate for real", s / steps)
+                confirmed = real(child)
+                if confirmed is not None:
+                    verified[f"step {s}"] = confirmed
+                if confirmed is None or confirmed >= parent_fit:
+                    levels.load(saved)
+                    confirmed = math.inf
+                else:
+                    screened[i] = score(child, screen)  # the parent's screen fitness on the new anchor
+            if confirmed < parent_fit:
+                parent, parent_fit, parent_screen = children[i], confirmed, screened[i]
+                history.append({"step": s, "fitness": parent_fit, "per_block": grid.ratios(parent)})
+                if on_best:
+                    on_best(grid.ratios(parent), parent_fit, s)
             done = s
             if progress:
                 progress(f"search: step {s}/{steps}, best {where} {objective.upper()} {parent_fit:.4f}", s / steps)
-        chosen = "search" if len(path) > 1 else best_name
-        if verify and verified:
-            candidates = {f"step {history[i]['step']}": i for i in _along(len(path) - 1, VERIFY_CANDIDATES)}
-            for name, i in candidates.items():
-                if should_stop(stop):
-                    break
-                if progress:
-                    progress(f"search: pruning its {name} for real", 1.0)
-                verified[name] = real(_per_layer(grid, path[i], refs))
-            chosen = min(verified, key=verified.get)  # a tie goes to the start (it comes first)
-            if chosen in candidates:
-                parent, parent_fit = path[candidates[chosen]], history[candidates[chosen]]["fitness"]
-            else:
-                parent_fit = start_scores[chosen]
-            kept = starts[chosen].per_block if chosen in starts else grid.ratios(parent)
-            if on_best and kept != history[-1]["per_block"]:  # not the curve reported last
-                on_best(kept, parent_fit, done)
+        chosen = "search" if len(history) > 1 else best_name
     finally:
         levels.restore()
     info = {
@@ -328,18 +370,13 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
         "steps_done": done, "seed": seed, "offspring": offspring, "screen_tokens": int(screen.numel()),
         "confirm_tokens": int(confirm.numel()), "start": best_name,
         "starts": start_scores, "best_fitness": parent_fit, "history": history,
-        "verify": verify, "verified": verified, "result": chosen, "real_fitness": verified.get(chosen),
+        "verify": verify, "verified": verified, "result": chosen, "real_fitness": parent_fit if verify else None,
         "seconds": round(time.perf_counter() - t0, 2), **cost}
     if chosen in starts:  # the start itself, at its own ratios
         a = starts[chosen]
         return Allocation(model_name, sparsity, "auto", info, list(a.per_block), dict(a.per_layer), a.achieved)
     return Allocation(model_name, sparsity, "auto", info, grid.ratios(parent), _per_layer(grid, parent, refs),
                       grid.budget(parent))
-
-
-def _along(n: int, m: int) -> list[int]:
-    """Up to m of the indices 1..n spread along them, the last (n) first; [] for n = 0."""
-    return sorted({math.ceil(n * j / m) for j in range(1, m + 1)} - {0}, reverse=True)
 
 
 def _per_layer(grid: Grid, k: np.ndarray, refs: dict[int, list[LayerRef]]) -> dict[str, float]:

@@ -186,8 +186,8 @@ class AllocationSettings:
     search_objective: generations, seed and fitness ("nll" or "kl") of the "auto" search (analysis.search);
     search_text: a text source (as for calibration.source) the search's fitness is measured on, held out
     from the calibration sample (e.g. the valid split of the user's domain; never the evaluation text);
-    None: the calibration text; search_verify: prune the starts and a few of the search's improvements
-    for real to choose (analysis.search, `verify`)."""
+    None: the calibration text; search_verify: prune the starts and every candidate the search confirms
+    for real, and keep only real improvements (analysis.search, `verify`)."""
 
     method: str = "alphapruning"
     sparsity: float = 0.5

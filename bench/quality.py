@@ -10,7 +10,7 @@ row-wise sparsity. "auto" is the allocation search (analysis.search) on the cali
 ("auto-kl": with the KL-to-dense objective instead of the calibration NLL; "auto-valid": the NLL on
 WikiText-2 *valid*, `--nsamples` windows spread evenly over it, the text epsilon is chosen on, with
 the pruner's statistics still from the calibration batch; "auto-verify": auto-valid with the starts and
-up to 3 of the search's improvements pruned for real to choose), started from uniform,
+every candidate it confirms pruned for real, keeping only real improvements), started from uniform,
 AlphaPruning (eps 0.1/0.2/0.3) and OWL, `--search-steps` generations with search seed = the
 calibration seed; its cost (seconds, forward passes, tokens, load average) is recorded under
 "searches". Calibration: n random windows from the embedded corpus (gensim's Lee background
@@ -60,7 +60,7 @@ ALLOCS = ("uniform", "owl", "alphapruning", "auto", "auto-kl", "auto-valid", "au
           "auto+trim", "auto-valid+trim", "auto-verify+trim")
 RUN_ORDER = ("wanda", "magnitude", "sparsegpt")  # cheapest informative runs first
 # searched allocations: the objective of each, whether it is measured on WikiText-2 valid, and whether the
-# starts and a few improvements are pruned for real to choose (analysis.search, verify)
+# starts and the confirmed candidates are pruned for real (analysis.search, verify)
 SEARCHES = {"auto": ("nll", False, False), "auto-kl": ("kl", False, False), "auto-valid": ("nll", True, False),
             "auto-verify": ("nll", True, True)}
 

@@ -111,9 +111,9 @@ with st.expander("Find allocation (search)", expanded=SEARCH_KEY in st.session_s
                                      "hf:<dataset>[:<config>]:<split>): the search is scored on it instead of on the "
                                      "calibration sample the pruner uses. Never the evaluation text.").strip()
     search_verify = st.checkbox("Verify by real prunes", key="alloc_search_verify",
-                                help="Prune every start and up to 3 of the search's improvements for real (one full "
-                                     "prune each) and keep the best: slower, but never worse than the best start after "
-                                     "a real prune.")
+                                help="Prune every start and every candidate the search confirms for real (one full "
+                                     "prune each) and keep only real improvements: slower, but every step is measured "
+                                     "on the real pruned model.")
     search: Job | None = st.session_state.get(SEARCH_KEY)
     g1, g2 = st.columns(2)
     if g1.button("Find allocation", key="alloc_search_run", disabled=search is not None and not search.done):
