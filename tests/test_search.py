@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -293,6 +294,28 @@ def test_verified_search_improves_only_after_a_real_prune(off_grid_starts, metho
     prune(model, a.per_layer, method=method, calib=calib)
     assert fitness(model, calib[:, :128]) == pytest.approx(a.params["real_fitness"], rel=1e-6)
     dense.restore(model)
+
+
+def test_verified_search_stopped_during_a_real_prune_keeps_the_best_so_far(off_grid_starts):
+    """A stop that arrives while a candidate is pruned for real ends the search with the parent it
+    had (measured by a real prune), that candidate unscored, and the model dense again."""
+    model, calib, starts = off_grid_starts
+    dense = DenseSnapshot.take(model)
+    stop = threading.Event()
+    seen = []
+
+    def progress(message: str, _fraction: float) -> None:
+        if "pruning a candidate for real" in message:
+            seen.append(message)
+            if len(seen) == 2:  # the second candidate (Wanda seed 4: after the improvement at step 1)
+                stop.set()
+    a = search_allocation(model, calib, starts, steps=8, seed=4, screen_samples=2, screen_seqlen=16, verify=True,
+                          progress=progress, stop=stop)
+    history, verified = a.params["history"], a.params["verified"]
+    assert [h["step"] for h in history] == [0, 1] and a.params["steps_done"] == 2
+    assert set(verified) == set(starts) | {"step 1"} and a.params["real_fitness"] == verified["step 1"]
+    assert a.per_block == history[-1]["per_block"] and a.achieved == pytest.approx(0.6, abs=1e-12)
+    assert all(torch.equal(r.weight(), dense.weights[r.name]) for r in prunable_layers(model))
 
 
 def test_verified_start_keeps_its_own_ratios(off_grid_starts):
