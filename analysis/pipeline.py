@@ -40,6 +40,7 @@ from analysis.runtime import ProgressFn, StopFlag
 from analysis.search import OnBest, search_allocation
 from analysis.settings import (
     SPECTRA_METHODS,
+    VERIFY_SAMPLES,
     AllocationSettings,
     CalibrationSettings,
     EvaluationSettings,
@@ -83,12 +84,20 @@ def evaluation_windows(tokenizer, evaluation: EvaluationSettings, calibration_so
 def search_windows(tokenizer, allocation: AllocationSettings, calibration: CalibrationSettings,
                    bos: bool = False) -> torch.Tensor | None:
     """The held-out windows an "auto" search with a search text scores candidates on: calibration.n_samples
-    windows as long as the ones it confirms on (settings.search_seqlen), spread over the
-    whole text; None when it scores on the calibration text."""
+    windows (VERIFY_SAMPLES times as many with search_verify: its real prunes are scored on all of them)
+    as long as the ones it confirms on (settings.search_seqlen), spread over the whole text; None when
+    it scores on the calibration text."""
     if allocation.method != "auto" or allocation.search_text is None:
         return None
-    return spread_windows(tokenizer, load_text(allocation.search_text), search_seqlen(calibration.seqlen),
-                          calibration.n_samples, bos)
+    n = calibration.n_samples * (VERIFY_SAMPLES if allocation.search_verify else 1)
+    return spread_windows(tokenizer, load_text(allocation.search_text), search_seqlen(calibration.seqlen), n, bos)
+
+
+def confirm_samples(allocation: AllocationSettings, fitness_windows: torch.Tensor | None) -> int | None:
+    """How many of a verified search's held-out windows (`search_windows`) its proxy confirms on."""
+    if fitness_windows is None or not allocation.search_verify:
+        return None
+    return max(1, fitness_windows.shape[0] // VERIFY_SAMPLES)
 
 
 def prepare_data(tokenizer, calibration: CalibrationSettings, evaluation: EvaluationSettings,
@@ -156,6 +165,7 @@ def build_allocation(settings: AllocationSettings, model: nn.Module, *, nm=None,
         return search_allocation(model, calib, starts, method=prune_method, steps=settings.search_steps,
                                  seed=settings.search_seed, objective=settings.search_objective,
                                  fitness_windows=fitness_windows, verify=settings.search_verify,
+                                 confirm_samples=confirm_samples(settings, fitness_windows),
                                  model_name=model_name, progress=progress, stop=stop, on_best=on_best)
     if method == "custom":
         if custom is not None:

@@ -18,7 +18,8 @@ log-probabilities are computed once and kept in float16 on the CPU). Measured on
 or on a held-out text (`fitness_windows`, e.g. the valid split of the user's domain: the search then
 does not fit the calibration sample the pruner's statistics come from). A few short windows (the first
 `screen_samples` sequences cut to `screen_seqlen` tokens) to screen offspring, every sequence cut to
-`confirm_seqlen` tokens to confirm (the starts are scored there too); the parent is replaced only
+`confirm_seqlen` tokens to confirm (or `confirm_samples` of them, spread over the set: with `verify`
+the real prunes are scored on every sequence; the starts are scored there too); the parent is replaced only
 when an offspring is better on the confirmation tokens, so the result is never worse (on that
 fitness) than the best start.
 
@@ -251,6 +252,7 @@ def fitness(model: nn.Module, windows: torch.Tensor, batch: int = 4, reference: 
 def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, Allocation], method: str = "wanda",
                       steps: int = 40, seed: int = 0, step: float = STEP, offspring: int = 4,
                       screen_samples: int = 4, screen_seqlen: int = 128, confirm_seqlen: int = SEARCH_SEQLEN,
+                      confirm_samples: int | None = None,
                       objective: str = "nll", fitness_windows: torch.Tensor | None = None, verify: bool = False,
                       model_name: str = "",
                       progress: ProgressFn | None = None, stop: StopFlag = None,
@@ -281,11 +283,13 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
     levels = BlockLevels(model, calib, method, progress)
     scored = calib if fitness_windows is None else fitness_windows
     where = "calibration" if fitness_windows is None else "held-out"
-    screen = scored[:screen_samples, :screen_seqlen]
-    confirm = scored[:, :confirm_seqlen]
+    checked = scored[:, :confirm_seqlen]  # where a real prune is scored (verify)
+    confirm = checked if confirm_samples is None else checked[_spread(checked.shape[0], confirm_samples)]
+    screen = confirm[:screen_samples, :screen_seqlen]
     cost = {"forward_passes": 0, "tokens": 0, "real_prunes": 0}
     # the model is still dense here: its log-probabilities are the KL objective's reference
-    reference = {id(w): log_probs(model, w) for w in (screen, confirm)} if objective == "kl" else {}
+    reference = {i: log_probs(model, w) for i, w in {id(w): w for w in (screen, confirm, checked)}.items()} \
+        if objective == "kl" else {}
 
     def score(per_layer: dict[str, float], windows: torch.Tensor) -> float:
         levels.apply(per_layer)
@@ -304,7 +308,7 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
             if not levels.anchor(per_layer, stop):
                 return None
             cost["real_prunes"] += 1
-            real_fits[key] = score(per_layer, confirm)
+            real_fits[key] = score(per_layer, checked)
         return real_fits[key]
 
     rng = np.random.default_rng(seed)
@@ -328,6 +332,7 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
         grid = Grid.around(starts[best_name].per_block, params, step)
         parent = np.zeros(n_blocks, dtype=np.int64)
         parent_fit = verified.get(best_name, start_scores[best_name])
+        parent_confirm = score(_per_layer(grid, parent, refs), confirm)  # the proxy's, on the anchor
         parent_screen = score(_per_layer(grid, parent, refs), screen)
         history = [{"step": 0, "fitness": parent_fit, "per_block": grid.ratios(parent)}]
         if on_best:
@@ -341,20 +346,21 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
             i = int(np.argmin(screened))
             child = _per_layer(grid, children[i], refs)
             confirmed = score(child, confirm) if screened[i] < parent_screen else math.inf
-            if verify and confirmed < parent_fit:  # a real prune decides, and re-anchors the levels
+            fit = confirmed
+            if verify and confirmed < parent_confirm:  # a real prune decides, and re-anchors the levels
                 saved = levels.save()
                 if progress:
                     progress(f"search: step {s}, pruning a candidate for real", s / steps)
-                confirmed = real(child)
-                if confirmed is not None:
-                    verified[f"step {s}"] = confirmed
-                if confirmed is None or confirmed >= parent_fit:
+                fit = real(child)
+                if fit is not None:
+                    verified[f"step {s}"] = fit
+                if fit is None or fit >= parent_fit:
                     levels.load(saved)
-                    confirmed = math.inf
-                else:
-                    screened[i] = score(child, screen)  # the parent's screen fitness on the new anchor
-            if confirmed < parent_fit:
-                parent, parent_fit, parent_screen = children[i], confirmed, screened[i]
+                    fit = math.inf
+                else:  # the proxy's fitness on the new anchor
+                    confirmed, screened[i] = score(child, confirm), score(child, screen)
+            if confirmed < parent_confirm and fit < parent_fit:
+                parent, parent_fit, parent_confirm, parent_screen = children[i], fit, confirmed, screened[i]
                 history.append({"step": s, "fitness": parent_fit, "per_block": grid.ratios(parent)})
                 if on_best:
                     on_best(grid.ratios(parent), parent_fit, s)
@@ -368,7 +374,8 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
         "pruner": method, "objective": objective, "step": step, "steps": steps,
         "fitness": f"{where} {'NLL' if objective == 'nll' else 'KL(dense || pruned)'} (nats/token)",
         "steps_done": done, "seed": seed, "offspring": offspring, "screen_tokens": int(screen.numel()),
-        "confirm_tokens": int(confirm.numel()), "start": best_name,
+        "confirm_tokens": int(confirm.numel()),
+        "real_prune_tokens": int(checked.numel()) if verify else 0, "start": best_name,
         "starts": start_scores, "best_fitness": parent_fit, "history": history,
         "verify": verify, "verified": verified, "result": chosen, "real_fitness": parent_fit if verify else None,
         "seconds": round(time.perf_counter() - t0, 2), **cost}
@@ -377,6 +384,11 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
         return Allocation(model_name, sparsity, "auto", info, list(a.per_block), dict(a.per_layer), a.achieved)
     return Allocation(model_name, sparsity, "auto", info, grid.ratios(parent), _per_layer(grid, parent, refs),
                       grid.budget(parent))
+
+
+def _spread(n: int, m: int) -> list[int]:
+    """m of the indices 0..n-1 spread evenly over them (all of them if m >= n)."""
+    return sorted({int(i) for i in np.linspace(0, n - 1, min(m, n)).round()})
 
 
 def _per_layer(grid: Grid, k: np.ndarray, refs: dict[int, list[LayerRef]]) -> dict[str, float]:

@@ -43,6 +43,9 @@ SEARCH_OBJECTIVES = ("nll", "kl")
 # tokens per sequence the search confirms candidates on (at most the calibration seqlen; also the
 # length of its held-out windows)
 SEARCH_SEQLEN = 128
+# a verified search (search_verify) on a search text scores its real prunes on this many times the
+# held-out windows its proxy confirms on: the real prunes decide, so they get the most tokens
+VERIFY_SAMPLES = 4
 
 
 def search_seqlen(calibration_seqlen: int) -> int:

@@ -10,7 +10,8 @@ row-wise sparsity. "auto" is the allocation search (analysis.search) on the cali
 ("auto-kl": with the KL-to-dense objective instead of the calibration NLL; "auto-valid": the NLL on
 WikiText-2 *valid*, `--nsamples` windows spread evenly over it, the text epsilon is chosen on, with
 the pruner's statistics still from the calibration batch; "auto-verify": auto-valid with the starts and
-every candidate it confirms pruned for real, keeping only real improvements), started from uniform,
+every candidate it confirms pruned for real, keeping only real improvements; the real prunes are scored
+on VERIFY_SAMPLES times as many valid windows as the proxy), started from uniform,
 AlphaPruning (eps 0.1/0.2/0.3) and OWL, `--search-steps` generations with search seed = the
 calibration seed; its cost (seconds, forward passes, tokens, load average) is recorded under
 "searches". Calibration: n random windows from the embedded corpus (gensim's Lee background
@@ -47,10 +48,10 @@ from analysis.data import calibration_batches, eval_windows, load_text, spread_w
 from analysis.evaluation import perplexity
 from analysis.loading import load_model
 from analysis.owl import collect_outlier_ratios
-from analysis.pipeline import dense_spectra, library_versions, search_starts
+from analysis.pipeline import confirm_samples, dense_spectra, library_versions, search_starts
 from analysis.pruning import DenseSnapshot, prune
 from analysis.search import search_allocation
-from analysis.settings import AllocationSettings, SpectraSettings
+from analysis.settings import VERIFY_SAMPLES, AllocationSettings, SpectraSettings
 from analysis.store import now_iso
 
 OUT = Path(__file__).resolve().parent / "results" / "quality.json"
@@ -114,7 +115,7 @@ def searched_allocation(model, calib, sparsity: float, method: str, seed: int, s
                         outliers, model_name: str, results: dict, out: Path, name: str = "auto",
                         held_out=None) -> Allocation:
     """The `name` (one of SEARCHES) allocation of this seed/sparsity/pruner, searched once (kept in
-    results["searches"]); `held_out`: the valid windows of a held-out search."""
+    results["searches"]); `held_out`: the valid windows of a held-out search, by whether it is verified."""
     key = run_key(sparsity, method, name, seed)
     found = results.setdefault("searches", {})
     if key not in found:
@@ -123,10 +124,12 @@ def searched_allocation(model, calib, sparsity: float, method: str, seed: int, s
         load_before, cpu0 = os.getloadavg(), time.process_time()
         screen, confirm = tokens.split(",")
         n, length = (int(x) for x in screen.split("x"))
+        objective, on_valid, verify = SEARCHES[name]
+        windows = held_out[verify] if on_valid else None
         alloc = search_allocation(model, calib, starts, method=method, steps=steps, seed=seed, model_name=model_name,
                                   screen_samples=n, screen_seqlen=length, confirm_seqlen=int(confirm),
-                                  objective=SEARCHES[name][0], fitness_windows=held_out if SEARCHES[name][1] else None,
-                                  verify=SEARCHES[name][2],
+                                  confirm_samples=confirm_samples(AllocationSettings(search_verify=verify), windows),
+                                  objective=objective, fitness_windows=windows, verify=verify,
                                   progress=lambda m, f: f >= 1 or int(f * steps) % 10 or log(m))
         alloc.params["loadavg_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
         alloc.params["cpu_s"] = round(time.process_time() - cpu0, 1)  # all threads of this process
@@ -301,7 +304,9 @@ def main(argv=None) -> int:
     valid = eval_windows(tok, valid_text, 512, bos=lm.info.bos_per_window, max_windows=args.valid_windows or None)
     # the held-out searches' fitness text: --nsamples windows of the confirmation length, spread over valid
     length = int(args.search_tokens.split(",")[1])
-    held_out = spread_windows(tok, valid_text, length, args.nsamples, lm.info.bos_per_window)
+    # (VERIFY_SAMPLES times as many for a verified search: its real prunes are scored on all of them)
+    held_out = {verify: spread_windows(tok, valid_text, length, args.nsamples * (VERIFY_SAMPLES if verify else 1),
+                                       lm.info.bos_per_window) for verify in (False, True)}
     results["config"]["eval_windows"] = int(test.shape[0])
     results["config"]["eval_tokens"] = int(test.shape[0] * (test.shape[1] - 1))
     snap = DenseSnapshot.take(model)

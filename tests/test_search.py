@@ -28,7 +28,7 @@ from analysis.pruners import (
 )
 from analysis.pruning import DenseSnapshot, prune
 from analysis.search import STEP, BlockLevels, Grid, fitness, log_probs, mutate, search_allocation
-from analysis.settings import AllocationSettings, PruneSettings, SettingsError
+from analysis.settings import VERIFY_SAMPLES, AllocationSettings, PruneSettings, SettingsError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -296,6 +296,21 @@ def test_verified_search_improves_only_after_a_real_prune(off_grid_starts, metho
     dense.restore(model)
 
 
+def test_verified_search_on_more_held_out_windows_than_its_proxy(off_grid_starts):
+    """confirm_samples: the proxy confirms on that many of the held-out windows, spread over them,
+    while every real prune (verify) is scored on all of them."""
+    model, calib, starts = off_grid_starts
+    held = calib_ids(8, 24, seed=5)
+    a = search_allocation(model, calib, starts, method="sparsegpt", steps=6, seed=0, screen_samples=1,
+                          screen_seqlen=16, fitness_windows=held, confirm_samples=2, verify=True)
+    assert a.params["confirm_tokens"] == 2 * 24 and a.params["real_prune_tokens"] == held.numel()
+    assert len(a.params["verified"]) > len(starts)
+    dense = DenseSnapshot.take(model)
+    prune(model, a.per_layer, method="sparsegpt", calib=calib)
+    assert fitness(model, held) == pytest.approx(a.params["real_fitness"], rel=1e-6)
+    dense.restore(model)
+
+
 def test_verified_search_stopped_during_a_real_prune_keeps_the_best_so_far(off_grid_starts):
     """A stop that arrives while a candidate is pruned for real ends the search with the parent it
     had (measured by a real prune), that candidate unscored, and the model dense again."""
@@ -395,6 +410,8 @@ def test_cli_allocate_auto_with_the_pruner_and_a_held_out_text(tmp_path):
     a = Allocation.load(out)
     assert a.method == "auto" and a.params["pruner"] == "sparsegpt" and a.params["fitness"].startswith("held-out")
     assert a.params["verify"] and len(a.params["verified"]) >= 5  # uniform, AlphaPruning x 3, OWL
+    # the proxy confirms on 4 windows of 32 tokens, the real prunes are scored on VERIFY_SAMPLES x 4
+    assert a.params["confirm_tokens"] == 4 * 32 and a.params["real_prune_tokens"] == VERIFY_SAMPLES * 4 * 32
     assert a.achieved == pytest.approx(0.5, abs=1e-9)
 
 
