@@ -300,7 +300,7 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
     real_fits: dict[tuple, float] = {}
 
     def real(per_layer: dict[str, float]) -> float | None:
-        """Fitness on the confirmation windows after a real prune at these ratios (every block fed by
+        """Fitness on all the scored windows after a real prune at these ratios (every block fed by
         the pruned blocks before it, as the final prune does), which becomes the levels' anchor; the
         known fitness (and no prune) for ratios pruned before; None if stopped."""
         key = tuple(per_layer.items())
@@ -346,20 +346,20 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
             i = int(np.argmin(screened))
             child = _per_layer(grid, children[i], refs)
             confirmed = score(child, confirm) if screened[i] < parent_screen else math.inf
-            fit = confirmed
-            if verify and confirmed < parent_confirm:  # a real prune decides, and re-anchors the levels
+            fit, better = confirmed, confirmed < parent_confirm
+            if verify and better:  # a real prune decides, and re-anchors the levels
                 saved = levels.save()
                 if progress:
                     progress(f"search: step {s}, pruning a candidate for real", s / steps)
                 fit = real(child)
                 if fit is not None:
                     verified[f"step {s}"] = fit
-                if fit is None or fit >= parent_fit:
-                    levels.load(saved)
-                    fit = math.inf
-                else:  # the proxy's fitness on the new anchor
+                better = fit is not None and fit < parent_fit
+                if better:  # the proxy's fitness on the new anchor
                     confirmed, screened[i] = score(child, confirm), score(child, screen)
-            if confirmed < parent_confirm and fit < parent_fit:
+                else:
+                    levels.load(saved)
+            if better:
                 parent, parent_fit, parent_confirm, parent_screen = children[i], fit, confirmed, screened[i]
                 history.append({"step": s, "fitness": parent_fit, "per_block": grid.ratios(parent)})
                 if on_best:
