@@ -41,7 +41,8 @@ proxy is exact at the parent and close around it. An offspring the proxy confirm
 real too: it replaces the parent only if it is better after that real prune (and becomes the anchor),
 so every step of the history is a real improvement. Cost: one full prune per start and per confirmed
 offspring (a repeated candidate is not pruned again); the levels of the blocks before the first block
-that changed are kept.
+that changed are kept. Memory: while a candidate is pruned for real, the parent's anchor (statistics
+and cached levels) is kept to go back to, so up to two sets of per-block statistics are held.
 
 Starts: the given allocations (uniform, AlphaPruning, OWL, ... computed by the caller), each scored at
 its own per-block ratios; a start the search does not improve on is returned unchanged (its per-layer
