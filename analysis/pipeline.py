@@ -46,6 +46,7 @@ from analysis.settings import (
     EvaluationSettings,
     RunSettings,
     SpectraSettings,
+    search_samples,
     search_seqlen,
 )
 from analysis.spectra import analyze
@@ -83,19 +84,18 @@ def evaluation_windows(tokenizer, evaluation: EvaluationSettings, calibration_so
 
 def search_windows(tokenizer, allocation: AllocationSettings, calibration: CalibrationSettings,
                    bos: bool = False) -> torch.Tensor | None:
-    """The held-out windows an "auto" search with a search text scores candidates on: calibration.n_samples
-    windows (VERIFY_SAMPLES times as many with search_verify: its real prunes are scored on all of them)
-    as long as the ones it confirms on (settings.search_seqlen), spread over the whole text; None when
-    it scores on the calibration text."""
+    """The held-out windows an "auto" search with a search text scores candidates on
+    (settings.search_samples of them, as long as the ones it confirms on: settings.search_seqlen),
+    spread over the whole text; None when it scores on the calibration text."""
     if allocation.method != "auto" or allocation.search_text is None:
         return None
-    n = calibration.n_samples * (VERIFY_SAMPLES if allocation.search_verify else 1)
-    return spread_windows(tokenizer, load_text(allocation.search_text), search_seqlen(calibration.seqlen), n, bos)
+    return spread_windows(tokenizer, load_text(allocation.search_text), search_seqlen(calibration.seqlen),
+                          search_samples(calibration.n_samples, allocation.search_verify), bos)
 
 
-def confirm_samples(allocation: AllocationSettings, fitness_windows: torch.Tensor | None) -> int | None:
+def confirm_samples(fitness_windows: torch.Tensor | None, verify: bool) -> int | None:
     """How many of a verified search's held-out windows (`search_windows`) its proxy confirms on."""
-    if fitness_windows is None or not allocation.search_verify:
+    if fitness_windows is None or not verify:
         return None
     return max(1, fitness_windows.shape[0] // VERIFY_SAMPLES)
 
@@ -165,7 +165,7 @@ def build_allocation(settings: AllocationSettings, model: nn.Module, *, nm=None,
         return search_allocation(model, calib, starts, method=prune_method, steps=settings.search_steps,
                                  seed=settings.search_seed, objective=settings.search_objective,
                                  fitness_windows=fitness_windows, verify=settings.search_verify,
-                                 confirm_samples=confirm_samples(settings, fitness_windows),
+                                 confirm_samples=confirm_samples(fitness_windows, settings.search_verify),
                                  model_name=model_name, progress=progress, stop=stop, on_best=on_best)
     if method == "custom":
         if custom is not None:

@@ -53,6 +53,12 @@ def search_seqlen(calibration_seqlen: int) -> int:
     return min(SEARCH_SEQLEN, calibration_seqlen)
 
 
+def search_samples(n_samples: int, verify: bool) -> int:
+    """Held-out windows of a search run with n_samples calibration sequences (VERIFY_SAMPLES times as
+    many when verified: its real prunes are scored on all of them)."""
+    return n_samples * (VERIFY_SAMPLES if verify else 1)
+
+
 class SettingsError(ValueError):
     """A setting the user can fix; the message names it, and `field` ("calibration.seqlen", ...) says
     which one, so a front end can point at its own control (the CLI names the option)."""

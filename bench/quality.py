@@ -11,7 +11,7 @@ row-wise sparsity. "auto" is the allocation search (analysis.search) on the cali
 WikiText-2 *valid*, `--nsamples` windows spread evenly over it, the text epsilon is chosen on, with
 the pruner's statistics still from the calibration batch; "auto-verify": auto-valid with the starts and
 every candidate it confirms pruned for real, keeping only real improvements; the real prunes are scored
-on VERIFY_SAMPLES times as many valid windows as the proxy), started from uniform,
+on settings.VERIFY_SAMPLES times as many valid windows as the proxy), started from uniform,
 AlphaPruning (eps 0.1/0.2/0.3) and OWL, `--search-steps` generations with search seed = the
 calibration seed; its cost (seconds, forward passes, tokens, load average) is recorded under
 "searches". Calibration: n random windows from the embedded corpus (gensim's Lee background
@@ -51,7 +51,7 @@ from analysis.owl import collect_outlier_ratios
 from analysis.pipeline import confirm_samples, dense_spectra, library_versions, search_starts
 from analysis.pruning import DenseSnapshot, prune
 from analysis.search import search_allocation
-from analysis.settings import VERIFY_SAMPLES, AllocationSettings, SpectraSettings
+from analysis.settings import AllocationSettings, SpectraSettings, search_samples
 from analysis.store import now_iso
 
 OUT = Path(__file__).resolve().parent / "results" / "quality.json"
@@ -128,7 +128,7 @@ def searched_allocation(model, calib, sparsity: float, method: str, seed: int, s
         windows = held_out[verify] if on_valid else None
         alloc = search_allocation(model, calib, starts, method=method, steps=steps, seed=seed, model_name=model_name,
                                   screen_samples=n, screen_seqlen=length, confirm_seqlen=int(confirm),
-                                  confirm_samples=confirm_samples(AllocationSettings(search_verify=verify), windows),
+                                  confirm_samples=confirm_samples(windows, verify),
                                   objective=objective, fitness_windows=windows, verify=verify,
                                   progress=lambda m, f: f >= 1 or int(f * steps) % 10 or log(m))
         alloc.params["loadavg_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
@@ -304,8 +304,8 @@ def main(argv=None) -> int:
     valid = eval_windows(tok, valid_text, 512, bos=lm.info.bos_per_window, max_windows=args.valid_windows or None)
     # the held-out searches' fitness text: --nsamples windows of the confirmation length, spread over valid
     length = int(args.search_tokens.split(",")[1])
-    # (VERIFY_SAMPLES times as many for a verified search: its real prunes are scored on all of them)
-    held_out = {verify: spread_windows(tok, valid_text, length, args.nsamples * (VERIFY_SAMPLES if verify else 1),
+    # (settings.search_samples: more for a verified search, whose real prunes are scored on all of them)
+    held_out = {verify: spread_windows(tok, valid_text, length, search_samples(args.nsamples, verify),
                                        lm.info.bos_per_window) for verify in (False, True)}
     results["config"]["eval_windows"] = int(test.shape[0])
     results["config"]["eval_tokens"] = int(test.shape[0] * (test.shape[1] - 1))
