@@ -289,8 +289,8 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
     screen = confirm[:screen_samples, :screen_seqlen]
     cost = {"forward_passes": 0, "tokens": 0, "real_prunes": 0}
     # the model is still dense here: its log-probabilities are the KL objective's reference
-    reference = {i: log_probs(model, w) for i, w in {id(w): w for w in (screen, confirm, checked)}.items()} \
-        if objective == "kl" else {}
+    used = (screen, confirm, checked) if verify else (screen, confirm)
+    reference = {i: log_probs(model, w) for i, w in {id(w): w for w in used}.items()} if objective == "kl" else {}
 
     def score(per_layer: dict[str, float], windows: torch.Tensor) -> float:
         levels.apply(per_layer)
@@ -316,7 +316,7 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
     try:
         start_scores = {name: score(alloc.per_layer, confirm) for name, alloc in starts.items()}
         verified: dict[str, float] = {}
-        best_state = None
+        best_state, best_fit = None, math.inf
         if verify:
             for name, alloc in starts.items():
                 if progress:
@@ -325,8 +325,8 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
                 if fit is None:
                     break
                 verified[name] = fit
-                if fit <= min(verified.values()):
-                    best_state = levels.save()  # the best start's anchor: the search starts there
+                if fit < best_fit:  # the first best start's anchor (a start seen before is not re-anchored)
+                    best_state, best_fit = levels.save(), fit
         best_name = min(verified or start_scores, key=lambda n: verified.get(n, start_scores[n]))
         if best_state is not None:
             levels.load(best_state)

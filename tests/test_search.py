@@ -296,6 +296,18 @@ def test_verified_search_improves_only_after_a_real_prune(off_grid_starts, metho
     dense.restore(model)
 
 
+def test_verified_search_with_a_repeated_start_anchors_on_the_first(off_grid_starts):
+    """A start with the same ratios as an earlier one is not pruned again, and the search goes on
+    from the first one's anchor: the same search as without the repeat."""
+    model, calib, starts = off_grid_starts
+    ordered = {"ramp": starts["ramp"], "uniform": starts["uniform"]}
+    kw = dict(method="wanda", steps=8, seed=4, screen_samples=2, screen_seqlen=16, verify=True)
+    a = search_allocation(model, calib, {**ordered, "ramp again": starts["ramp"]}, **kw)
+    b = search_allocation(model, calib, ordered, **kw)
+    assert a.params["real_prunes"] == b.params["real_prunes"] and a.params["start"] == "ramp"
+    assert a.params["history"] == b.params["history"] and a.per_layer == b.per_layer
+
+
 def test_verified_search_on_more_held_out_windows_than_its_proxy(off_grid_starts):
     """confirm_samples: the proxy confirms on that many of the held-out windows, spread over them,
     while every real prune (verify) is scored on all of them."""
