@@ -77,6 +77,7 @@ FLAGS = {
     "allocation.points": "--points", "allocation.search_steps": "--search-steps",
     "allocation.search_seed": "--search-seed", "allocation.search_objective": "--search-objective",
     "allocation.search_text": "--search-text", "allocation.search_verify": "--search-verify",
+    "allocation.search_from": "--search-from",
     "prune.method": "--method", "prune.nm": "--nm",
     "prune.rowwise": "--rowwise", "calibration.source": "--calib",
     "calibration.n_samples": "--nsamples", "calibration.seqlen": "--seqlen", "calibration.seed": "--seed",
@@ -203,6 +204,10 @@ def _add_allocation_args(p: argparse.ArgumentParser, axes: bool = False) -> None
                    help="auto: prune every start and every candidate the search confirms for real (one full prune "
                         "each) and keep only real improvements: slower, but every step is measured on the real pruned "
                         "model")
+    if not axes:
+        p.add_argument("--search-from", default=d.search_from, metavar="FILE",
+                       help="auto: start the search from this allocation JSON (e.g. a previous search's result, to go "
+                            "on from it) instead of uniform / AlphaPruning / OWL; give its sparsity")
 
 
 def _allocation(args: argparse.Namespace, method: str, sparsity: float | None, **extra) -> AllocationSettings:
@@ -212,7 +217,7 @@ def _allocation(args: argparse.Namespace, method: str, sparsity: float | None, *
                               owl_lambda=args.owl_lambda, owl_threshold=args.owl_threshold,
                               search_steps=args.search_steps, search_seed=args.search_seed,
                               search_objective=args.search_objective, search_text=args.search_text,
-                              search_verify=args.search_verify, **extra)
+                              search_verify=args.search_verify, search_from=args.search_from, **extra)
 
 
 def _print_ppl(label: str, u) -> None:
@@ -331,7 +336,8 @@ def cmd_allocate(args: argparse.Namespace) -> int:
             calibration.check_model(preview)
         settings.check_model(preview, *([calibration.seqlen] if calibration else []))
     loaded = _load(_model_settings(args), check)
-    if args.method in (*SPECTRA_METHODS, "auto"):  # the search starts from AlphaPruning too
+    if args.method in SPECTRA_METHODS or (args.method == "auto" and settings.search_from is None):
+        # the search starts from AlphaPruning too
         metrics = dense_spectra(loaded.model, settings.spectra, progress=_print_progress)
     else:
         metrics = layer_table(loaded.model)

@@ -126,9 +126,16 @@ AUTO_EPSILONS = (0.1, 0.2, 0.3)  # AlphaPruning spreads the search starts from
 
 def search_starts(settings: AllocationSettings, model: nn.Module, calib: torch.Tensor,
                   metrics: pd.DataFrame | None = None, outlier_ratios: dict[int, float] | None = None,
-                  model_name: str = "", progress: ProgressFn | None = None) -> dict[str, Allocation]:
+                  model_name: str = "", progress: ProgressFn | None = None,
+                  custom: Allocation | None = None) -> dict[str, Allocation]:
     """The allocations the "auto" search starts from, at settings.sparsity: uniform, AlphaPruning at
-    each of AUTO_EPSILONS (spectra with settings.spectra) and OWL (outliers on `calib`)."""
+    each of AUTO_EPSILONS (spectra with settings.spectra) and OWL (outliers on `calib`); instead, only
+    `custom` (a curve drawn on the Allocation page) or the file settings.search_from, when given."""
+    if custom is not None:
+        return {"your curve": custom}
+    if settings.search_from is not None:
+        path = Path(settings.search_from).expanduser()
+        return {path.name: Allocation.load(path)}
     base = {"uniform": replace(settings, method="uniform"), "owl": replace(settings, method="owl")}
     base |= {f"alphapruning eps={e:g}": replace(settings, method="alphapruning", epsilon=e) for e in AUTO_EPSILONS}
     if metrics is None:
@@ -147,11 +154,11 @@ def build_allocation(settings: AllocationSettings, model: nn.Module, *, nm=None,
     """The Allocation of a run. Inputs computed elsewhere may be passed in to reuse them (and must
     come from the same dense model): `metrics` (spectra with settings.spectra, for alphapruning/farms
     and the search's starts), `outlier_ratios` (OWL, measured on `calib`), `custom` (a curve drawn on
-    the Allocation page). Otherwise they are computed here from `model`, which must then be dense; OWL
-    hooks its modules. "auto" searches with `prune_method` on `calib`, scored on `fitness_windows` when
-    given (`search_windows`; analysis.search; `stop` ends it early with the best so far, `on_best` sees
-    every improvement). With an N:M pattern every matrix
-    is (M-N)/M sparse, so the allocation is uniform at that value."""
+    the Allocation page; with "auto", the search's only start). Otherwise they are computed here from
+    `model`, which must then be dense; OWL hooks its modules. "auto" searches with `prune_method` on
+    `calib`, scored on `fitness_windows` when given (`search_windows`; analysis.search; `stop` ends it
+    early with the best so far, `on_best` sees every improvement). With an N:M pattern every matrix is
+    (M-N)/M sparse, so the allocation is uniform at that value."""
     pattern = parse_nm(nm)
     if pattern is not None:
         return allocate(layer_table(model), (pattern[1] - pattern[0]) / pattern[1], "uniform", model=model_name)
@@ -161,7 +168,7 @@ def build_allocation(settings: AllocationSettings, model: nn.Module, *, nm=None,
     if method == "auto":
         if calib is None:
             raise ValueError("auto needs calibration data: the search scores candidates on it.")
-        starts = search_starts(settings, model, calib, metrics, outlier_ratios, model_name, progress)
+        starts = search_starts(settings, model, calib, metrics, outlier_ratios, model_name, progress, custom)
         return search_allocation(model, calib, starts, method=prune_method, steps=settings.search_steps,
                                  seed=settings.search_seed, objective=settings.search_objective,
                                  fitness_windows=fitness_windows, verify=settings.search_verify,

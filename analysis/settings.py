@@ -46,6 +46,8 @@ SEARCH_SEQLEN = 128
 # a verified search (search_verify) on a search text scores its real prunes on this many times the
 # held-out windows its proxy confirms on: the real prunes decide, so they get the most tokens
 VERIFY_SAMPLES = 4
+# how far the budget of a search's start file (search_from) may be from the target sparsity
+SEARCH_FROM_TOLERANCE = 0.005
 
 
 def search_seqlen(calibration_seqlen: int) -> int:
@@ -196,7 +198,10 @@ class AllocationSettings:
     search_text: a text source (as for calibration.source) the search's fitness is measured on, held out
     from the calibration sample (e.g. the valid split of the user's domain; never the evaluation text);
     None: the calibration text; search_verify: prune the starts and every candidate the search confirms
-    for real, and keep only real improvements (analysis.search, `verify`)."""
+    for real, and keep only real improvements (analysis.search, `verify`); search_from: an allocation JSON
+    the search starts from instead of uniform / AlphaPruning / OWL (a previous search's result, to go on
+    from it, or a saved curve to refine); it must prune `sparsity` (within SEARCH_FROM_TOLERANCE), the budget
+    the search keeps."""
 
     method: str = "alphapruning"
     sparsity: float = 0.5
@@ -214,6 +219,7 @@ class AllocationSettings:
     search_objective: str = "nll"
     search_text: str | None = None
     search_verify: bool = False
+    search_from: str | None = None
 
     def check(self) -> AllocationSettings:
         if self.method not in ALLOCATION_METHODS:
@@ -245,10 +251,28 @@ class AllocationSettings:
         if not isinstance(self.search_verify, bool):
             raise SettingsError(f"search_verify must be true or false, got {self.search_verify!r}",
                                 "allocation.search_verify")
+        if self.search_from is not None:
+            self._check_search_from()
         if self.method == "custom" and not self.points:
             raise SettingsError("a custom allocation needs control points, e.g. 0:0.5,0.5:0.7,1:0.8",
                                 "allocation.points")
         return self
+
+    def _check_search_from(self) -> None:
+        if self.method != "auto":
+            raise SettingsError("search_from is the start of an allocation search: it needs allocation auto",
+                                "allocation.search_from")
+        path = Path(self.search_from).expanduser()
+        if not path.is_file():
+            raise SettingsError(f"search start file '{self.search_from}' does not exist", "allocation.search_from")
+        try:
+            start = Allocation.load(path)
+        except ValueError as e:
+            raise SettingsError(str(e), "allocation.search_from") from None
+        if abs(start.achieved - self.sparsity) > SEARCH_FROM_TOLERANCE:
+            raise SettingsError(f"{path.name} prunes {start.achieved:.2%} of the weights, the target sparsity is "
+                                f"{self.sparsity:.2%}: the search keeps its start's budget, so give the start's "
+                                "sparsity", "allocation.search_from")
 
     def check_search_text(self, evaluation_source: str) -> None:
         """The search never scores candidates on the evaluation text."""
@@ -263,6 +287,9 @@ class AllocationSettings:
         (of the search's length with this calibration seqlen)."""
         if self.method == "file":
             _checked("allocation.file", Allocation.load(Path(self.file).expanduser()).check_names,
+                     [r.name for r in prunable_layers(preview.skeleton())])
+        if self.method == "auto" and self.search_from is not None:
+            _checked("allocation.search_from", Allocation.load(Path(self.search_from).expanduser()).check_names,
                      [r.name for r in prunable_layers(preview.skeleton())])
         if self.method == "auto" and self.search_text is not None:
             _checked("allocation.search_text", lambda: spread_windows(

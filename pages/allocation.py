@@ -78,12 +78,13 @@ OBJECTIVE_LABELS = {"nll": "calibration loss", "kl": "KL to the dense model"}  #
 
 
 def _search_work(job: Job, shared, tokenizer, bos: bool, settings: AllocationSettings, pruner: str,
-                 calibration, eval_source: str, model_name: str, dense_metrics) -> Allocation:
-    """The search writes candidate weights into its model: a throw-away copy, never the shared one."""
+                 calibration, eval_source: str, model_name: str, dense_metrics, start: Allocation | None) -> Allocation:
+    """The search writes candidate weights into its model: a throw-away copy, never the shared one.
+    `start`: the user's curve, the search's only start (None: uniform / AlphaPruning / OWL)."""
     job.report("copying the model", 0.0)
     model = copy.deepcopy(shared)
     calib = calibration_batch(tokenizer, calibration, eval_source, bos)
-    return build_allocation(settings, model, calib=calib, metrics=dense_metrics, model_name=model_name,
+    return build_allocation(settings, model, calib=calib, metrics=dense_metrics, model_name=model_name, custom=start,
                             prune_method=pruner, progress=job.report, stop=job.stop,
                             fitness_windows=search_windows(tokenizer, settings, calibration, bos),
                             on_best=lambda per_block, fit, step: job.emit({"per_block": per_block, "fitness": fit,
@@ -93,11 +94,11 @@ def _search_work(job: Job, shared, tokenizer, bos: bool, settings: AllocationSet
 
 with st.expander("Find allocation (search)", expanded=SEARCH_KEY in st.session_state):
     st.caption("An evolutionary search over per-block sparsity at the target budget (in the spirit of EvoPress, "
-               "Sieberling et al. 2024): it starts from the best of uniform, AlphaPruning (ε 0.1/0.2/0.3) and OWL, "
-               "then moves sparsity between blocks, keeping the budget exact, scored on the calibration text of "
-               "the Prune page (or on a held-out text you name, e.g. wikitext2:valid; never the evaluation text): "
-               "by the pruned model's loss, or by its KL divergence from the dense model. It runs on a private "
-               "copy of the model; minutes on a CPU.")
+               "Sieberling et al. 2024): it starts from the best of uniform, AlphaPruning (ε 0.1/0.2/0.3) and OWL "
+               "(or from your curve), then moves sparsity between blocks, keeping the budget exact, scored on the "
+               "calibration text of the Prune page (or on a held-out text you name, e.g. wikitext2:valid; never "
+               "the evaluation text): by the pruned model's loss, or by its KL divergence from the dense model. It "
+               "runs on a private copy of the model; minutes on a CPU.")
     f1, f2, f3, f4 = st.columns(4)
     search_pruner = f1.selectbox("Pruner", list(PRUNERS), key="alloc_search_pruner")
     search_steps = f2.number_input("Generations", 1, 500, DEFAULT.search_steps, key="alloc_search_steps")
@@ -114,6 +115,10 @@ with st.expander("Find allocation (search)", expanded=SEARCH_KEY in st.session_s
                                 help="Prune every start and every candidate the search confirms for real (one full "
                                      "prune each) and keep only real improvements: slower, but every step is measured "
                                      "on the real pruned model.")
+    mine = st.session_state.get("alloc_custom")  # the applied curve, as of the last run of this page
+    from_mine = st.checkbox("Start from your curve", key="alloc_search_from_mine", disabled=mine is None,
+                            help="Refine the curve below (as applied) instead of starting from the presets; the "
+                                 "search keeps its budget" + (f" ({mine.achieved:.1%})." if mine else "."))
     search: Job | None = st.session_state.get(SEARCH_KEY)
     g1, g2 = st.columns(2)
     if g1.button("Find allocation", key="alloc_search_run", disabled=search is not None and not search.done):
@@ -121,7 +126,7 @@ with st.expander("Find allocation (search)", expanded=SEARCH_KEY in st.session_s
         cfg = AllocationSettings(method="auto", sparsity=float(target), search_steps=int(search_steps),
                                  search_seed=int(search_seed), search_objective=search_objective, fit=fit,
                                  search_text=search_text or None, search_verify=search_verify)
-        shared, tok, info = loaded.model, loaded.tokenizer, loaded.info
+        shared, tok, info, start = loaded.model, loaded.tokenizer, loaded.info, mine if from_mine else None
         try:
             cfg.check()
             cfg.check_search_text(ev)
@@ -130,7 +135,8 @@ with st.expander("Find allocation (search)", expanded=SEARCH_KEY in st.session_s
         else:
             st.session_state[SEARCH_KEY] = search = Job(
                 lambda j: _search_work(j, shared, tok, info.bos_per_window, cfg, search_pruner, cal, ev,
-                                       info.source, metrics), name="allocation-search").start()
+                                       info.source, metrics, start),
+                name="allocation-search").start()
     if search is not None and not search.done and g2.button("Cancel the search", key="alloc_search_cancel"):
         search.cancel()
 

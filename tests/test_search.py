@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from analysis.allocation import Allocation, allocate
 from analysis.calibration import walk_blocks
 from analysis.data import DataError, spread_windows
 from analysis.layers import layer_table, prunable_layers
+from analysis.pipeline import build_allocation
 from analysis.pruners import (
     output_quality,
     prune_sparsegpt,
@@ -219,6 +221,44 @@ def test_search_scored_on_a_held_out_text(tiny_search):
     snap.restore(model)
     with pytest.raises(ValueError, match="fitness_windows must be token ids"):
         search_allocation(model, calib, starts, steps=1, fitness_windows=held[0])
+
+
+def test_search_goes_on_from_a_saved_result(tiny_search, tmp_path):
+    """settings.search_from: a saved search result is the only start, scored where the search left it,
+    and the search goes on from there at its budget; a drawn curve (`custom`) likewise."""
+    model, calib, starts = tiny_search
+    first = search_allocation(model, calib, starts, steps=6, seed=1, screen_samples=2, screen_seqlen=16)
+    assert first.params["result"] == "search"
+    path = first.save(tmp_path / "first.json")
+    settings = AllocationSettings(method="auto", sparsity=0.6, search_steps=6, search_seed=2,
+                                  search_from=str(path)).check()
+    more = build_allocation(settings, model, calib=calib)
+    assert list(more.params["starts"]) == ["first.json"] and more.params["start"] == "first.json"
+    # the full-length confirmation windows of both searches are calib's: the start scores what the first search found
+    assert more.params["starts"]["first.json"] == pytest.approx(first.params["best_fitness"], rel=1e-6)
+    assert more.params["history"][0]["per_block"] == first.per_block
+    assert more.params["best_fitness"] <= first.params["best_fitness"]
+    assert more.achieved == pytest.approx(0.6, abs=1e-12)
+    drawn = build_allocation(replace(settings, search_from=None, search_steps=0), model, calib=calib,
+                             custom=starts["ramp"])
+    assert drawn.params["start"] == "your curve" and drawn.per_block == starts["ramp"].per_block
+
+
+def test_search_from_refuses_a_file_it_cannot_start_from(tiny_search, tmp_path):
+    _, _, starts = tiny_search
+    path = starts["ramp"].save(tmp_path / "ramp.json")
+    (tmp_path / "bad.json").write_text("{")
+    for settings, message in ((AllocationSettings(method="auto", sparsity=0.7, search_from=str(path)),
+                               "ramp.json prunes 60.00% of the weights, the target sparsity is 70.00%"),
+                              (AllocationSettings(method="auto", search_from=str(tmp_path / "no.json")),
+                               "does not exist"),
+                              (AllocationSettings(method="auto", search_from=str(tmp_path / "bad.json")),
+                               "not valid JSON"),
+                              (AllocationSettings(method="owl", sparsity=0.6, search_from=str(path)),
+                               "needs allocation auto")):
+        with pytest.raises(SettingsError, match=message) as e:
+            settings.check()
+        assert e.value.field == "allocation.search_from"
 
 
 @pytest.fixture
@@ -425,12 +465,26 @@ def test_cli_allocate_auto_with_the_pruner_and_a_held_out_text(tmp_path):
     # the proxy confirms on 4 windows of 32 tokens, the real prunes are scored on VERIFY_SAMPLES x 4
     assert a.params["confirm_tokens"] == 4 * 32 and a.params["real_prune_tokens"] == VERIFY_SAMPLES * 4 * 32
     assert a.achieved == pytest.approx(0.5, abs=1e-9)
+    # --search-from goes on from that result (its budget: a different --sparsity is refused before loading)
+    base = [sys.executable, "-m", "analysis", "allocate", "--model", str(folder), "--device", "cpu", "--method", "auto",
+            "--search-steps", "1", "--search-from", str(out), "--calib", str(tmp_path / "calib.txt"),
+            "--nsamples", "4", "--seqlen", "32", "--out", str(tmp_path / "more.json")]
+    r = subprocess.run([*base, "--sparsity", "0.5"], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+    assert r.returncode == 0, r.stderr
+    more = Allocation.load(tmp_path / "more.json")
+    assert more.params["start"] == "auto.json" and more.params["history"][0]["per_block"] == a.per_block
+    bad = subprocess.run([*base, "--sparsity", "0.6"], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert bad.returncode == 2 and "--search-from" in bad.stderr and "prunes 50.00%" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1 and "loading" not in bad.stderr.lower()
 
 
 def test_allocation_page_finds_an_allocation():
     """The Allocation page's Find allocation on the real default model (one generation, KL objective,
-    scored on a held-out text; the evaluation text is refused): progress, the best KL so far, and "Use
-    this curve" takes the search's per-block ratios as the control points."""
+    scored on a held-out text; the evaluation text is refused): progress, the best KL so far, "Use
+    this curve" takes the search's per-block ratios as the control points, and "Start from your curve"
+    searches from them."""
     from test_app import fresh_app, metric, run_until_idle
 
     at = fresh_app()
@@ -454,3 +508,13 @@ def test_allocation_page_finds_an_allocation():
     assert not at.exception
     assert len(at.session_state["alloc_points"]) == 30
     assert at.session_state["alloc_custom"].achieved == pytest.approx(0.5, abs=1e-6)
+    # and a search that starts from that curve refines it, at its budget
+    curve = at.session_state["alloc_custom"]
+    at.checkbox(key="alloc_search_from_mine").check().run()
+    at.button(key="alloc_search_run").click().run()
+    run_until_idle(at, "search")
+    again = at.session_state["alloc_search_job"]
+    assert again is not job and again.status == "done", again.error
+    assert list(again.result.params["starts"]) == ["your curve"]
+    assert again.result.params["history"][0]["per_block"] == curve.per_block
+    assert again.result.achieved == pytest.approx(curve.achieved, abs=1e-9)
