@@ -478,6 +478,13 @@ def test_cli_allocate_auto_with_the_pruner_and_a_held_out_text(tmp_path):
                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
     assert bad.returncode == 2 and "--search-from" in bad.stderr and "prunes 50.00%" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1 and "loading" not in bad.stderr.lower()
+    other = a.to_dict()  # an allocation for another model's matrices
+    other["per_layer"] = {f"other.{name}": r for name, r in other["per_layer"].items()}
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    bad = subprocess.run([*base, "--sparsity", "0.5", "--search-from", str(tmp_path / "other.json")],  # the last wins
+                         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                         timeout=120)
+    assert bad.returncode == 2 and "--search-from" in bad.stderr and "another model" in bad.stderr, bad.stderr
 
 
 def test_allocation_page_finds_an_allocation():
