@@ -185,11 +185,13 @@ class BlockLevels:
             if self.applied[b] != key:
                 self._write(b, key)
 
-    def anchor(self, per_layer: dict[str, float], stop: StopFlag = None) -> bool:
+    def anchor(self, per_layer: dict[str, float], stop: StopFlag = None, progress: ProgressFn | None = None,
+               label: str = "block") -> bool:
         """Prune the model for real at `per_layer` and make it the anchor: each block's statistics are
         gathered from the outputs of the pruned blocks before it and its levels are pruned from them.
         Levels of the blocks up to the first whose ratios change are kept (their inputs do not change).
-        False if `stop` ended it (the levels are then mixed: `load` a saved state)."""
+        `progress` sees "{label} b/n" after each block. False if `stop` ended it (the levels are then
+        mixed: `load` a saved state)."""
         changed = [b for b in self.refs if self._key(b, per_layer) != self._key(b, self.anchored)]
         first = min(changed, default=max(self.refs) + 1)
         self.cache = {k: v for k, v in self.cache.items() if k[0] <= first}
@@ -201,7 +203,8 @@ class BlockLevels:
                 self._write(b, self._key(b, per_layer))
             return True
         done = walk_blocks(self.model, self.calib if self.pruner.statistic else None, on_block,
-                           hessian=self.pruner.statistic == "hessian", device=self.device, stop=stop)
+                           hessian=self.pruner.statistic == "hessian", device=self.device, stop=stop,
+                           progress=progress, label=label)
         self.anchored = dict(per_layer)
         return done == len(find_blocks(self.model)[1])
 
@@ -300,13 +303,15 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
 
     real_fits: dict[tuple, float] = {}
 
-    def real(per_layer: dict[str, float]) -> float | None:
+    def real(per_layer: dict[str, float], what: str, at: float) -> float | None:
         """Fitness on all the scored windows after a real prune at these ratios (every block fed by
         the pruned blocks before it, as the final prune does), which becomes the levels' anchor; the
-        known fitness (and no prune) for ratios pruned before; None if stopped."""
+        known fitness (and no prune) for ratios pruned before; None if stopped. Progress names `what`
+        is pruned, block by block, at fraction `at` of the search."""
         key = tuple(per_layer.items())
         if key not in real_fits:
-            if not levels.anchor(per_layer, stop):
+            show = progress and (lambda message, _f: progress(message, at))
+            if not levels.anchor(per_layer, stop, show, f"search: pruning {what} for real, block"):
                 return None
             cost["real_prunes"] += 1
             real_fits[key] = score(per_layer, checked)
@@ -319,9 +324,7 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
         best_state, best_fit = None, math.inf
         if verify:
             for name, alloc in starts.items():
-                if progress:
-                    progress(f"search: pruning the start {name} for real", 0.0)
-                fit = real(alloc.per_layer)
+                fit = real(alloc.per_layer, f"the start {name}", 0.0)
                 if fit is None:
                     break
                 verified[name] = fit
@@ -350,9 +353,7 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
             fit, better = confirmed, confirmed < parent_confirm
             if verify and better:  # a real prune decides, and re-anchors the levels
                 saved = levels.save()
-                if progress:
-                    progress(f"search: step {s}, pruning a candidate for real", s / steps)
-                fit = real(child)
+                fit = real(child, f"the step {s} candidate", s / steps)
                 if fit is not None:
                     verified[f"step {s}"] = fit
                 better = fit is not None and fit < parent_fit

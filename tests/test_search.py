@@ -2,6 +2,7 @@
 `--allocation auto --rowwise trim` command line end to end on a tiny checkpoint folder."""
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -364,20 +365,22 @@ def test_verified_search_on_more_held_out_windows_than_its_proxy(off_grid_starts
 
 
 def test_verified_search_stopped_during_a_real_prune_keeps_the_best_so_far(off_grid_starts):
-    """A stop that arrives while a candidate is pruned for real ends the search with the parent it
-    had (measured by a real prune), that candidate unscored, and the model dense again."""
+    """A stop that arrives while a candidate is pruned for real (after its second block) ends the
+    search with the parent it had (measured by a real prune), that candidate unscored, and the model
+    dense again. The progress shows each real prune block by block."""
     model, calib, starts = off_grid_starts
     dense = DenseSnapshot.take(model)
     stop = threading.Event()
-    seen = []
+    seen: dict[str, list[tuple[str, float]]] = {}
 
-    def progress(message: str, _fraction: float) -> None:
-        if "pruning a candidate for real" in message:
-            seen.append(message)
-            if len(seen) == 2:  # the second candidate (Wanda seed 4: after the improvement at step 1)
+    def progress(message: str, fraction: float) -> None:
+        if m := re.search(r"pruning the (step \d+) candidate for real, block (\d+)/4", message):
+            seen.setdefault(m[1], []).append((m[2], fraction))
+            if len(seen) == 2 and m[2] == "2":  # the second candidate (Wanda seed 4: after the improvement at step 1)
                 stop.set()
     a = search_allocation(model, calib, starts, steps=8, seed=4, screen_samples=2, screen_seqlen=16, verify=True,
                           progress=progress, stop=stop)
+    assert seen["step 1"] == [(str(b), 1 / 8) for b in range(1, 5)] and list(seen) == ["step 1", "step 2"]
     history, verified = a.params["history"], a.params["verified"]
     assert [h["step"] for h in history] == [0, 1] and a.params["steps_done"] == 2
     assert set(verified) == set(starts) | {"step 1"} and a.params["real_fitness"] == verified["step 1"]
