@@ -5,21 +5,23 @@
                             [--out FILE] [--resume]
 
 Grid: dense, then every seed x sparsity x pruner {magnitude, wanda, sparsegpt} x allocation {uniform,
-owl, alphapruning, auto, auto-kl, auto-valid, auto-verify}; "NAME+trim" prunes with that allocation and TRIM
-row-wise sparsity. "auto" is the allocation search (analysis.search) on the calibration batch only
-("auto-kl": with the KL-to-dense objective instead of the calibration NLL; "auto-valid": the NLL on
-WikiText-2 *valid*, `--nsamples` windows spread evenly over it, the text epsilon is chosen on, with
-the pruner's statistics still from the calibration batch; "auto-verify": auto-valid with the starts and
-every candidate it confirms pruned for real, keeping only real improvements; the real prunes are scored
-on settings.VERIFY_SAMPLES times as many valid windows as the proxy), started from uniform,
-AlphaPruning (eps 0.1/0.2/0.3) and OWL, `--search-steps` generations with search seed = the
-calibration seed; its cost (seconds, forward passes, tokens, load average) is recorded under
-"searches". Calibration: n random windows from the embedded corpus (gensim's Lee background
-corpus, news text, disjoint from WikiText-2). Evaluation: the first `--windows` non-overlapping
-512-token windows of WikiText-2 test (a fixed prefix, identical for every run, so differences between
-runs are paired; `--windows 0` takes the whole test set). AlphaPruning's epsilon is chosen from `--eps-grid` on
-WikiText-2 *valid* (first
-`--valid-windows` windows, wanda at `--eps-sparsity`), never on test. OWL uses M=5, lambda=0.08.
+owl, alphapruning, auto, auto-kl, auto-valid, auto-verify, auto-verify-more}; "NAME+trim" prunes with
+that allocation and TRIM row-wise sparsity. "auto" is the allocation search (analysis.search) on the
+calibration batch only ("auto-kl": with the KL-to-dense objective instead of the calibration NLL;
+"auto-valid": the NLL on WikiText-2 *valid*, `--nsamples` windows spread evenly over it, the text
+epsilon is chosen on, with the pruner's statistics still from the calibration batch; "auto-verify":
+auto-valid with the starts and every candidate it confirms pruned for real, keeping only real
+improvements; the real prunes are scored on settings.VERIFY_SAMPLES times as many valid windows as the
+proxy; "auto-verify-more": that search gone on from the auto-verify result of the same cell for
+`--search-steps` more generations, with search seed = calibration seed + MORE_SEED), started from
+uniform, AlphaPruning (eps 0.1/0.2/0.3) and OWL, `--search-steps` generations with search seed = the
+calibration seed; its cost (seconds, forward passes, tokens, load average) is recorded under "searches".
+Calibration: n random windows from the embedded corpus (gensim's Lee background corpus, news text,
+disjoint from WikiText-2). Evaluation: the first `--windows` non-overlapping 512-token windows of
+WikiText-2 test (a fixed prefix, identical for every run, so differences between runs are paired;
+`--windows 0` takes the whole test set). AlphaPruning's epsilon is chosen from `--eps-grid` on
+WikiText-2 *valid* (first `--valid-windows` windows, wanda at `--eps-sparsity`), never on test. OWL uses
+M=5, lambda=0.08.
 
 Per run it records pruning and evaluation seconds and the peak resident memory of the process
 during the run (sampled every 0.1 s with psutil; on a GPU also the peak GPU memory that torch
@@ -57,13 +59,17 @@ from analysis.store import now_iso
 OUT = Path(__file__).resolve().parent / "results" / "quality.json"
 METHODS = ("magnitude", "wanda", "sparsegpt")
 # table columns
-ALLOCS = ("uniform", "owl", "alphapruning", "auto", "auto-kl", "auto-valid", "auto-verify", "uniform+trim",
-          "auto+trim", "auto-valid+trim", "auto-verify+trim")
+ALLOCS = ("uniform", "owl", "alphapruning", "auto", "auto-kl", "auto-valid", "auto-verify", "auto-verify-more",
+          "uniform+trim", "auto+trim", "auto-valid+trim", "auto-verify+trim")
 RUN_ORDER = ("wanda", "magnitude", "sparsegpt")  # cheapest informative runs first
 # searched allocations: the objective of each, whether it is measured on WikiText-2 valid, and whether the
 # starts and the confirmed candidates are pruned for real (analysis.search, verify)
 SEARCHES = {"auto": ("nll", False, False), "auto-kl": ("kl", False, False), "auto-valid": ("nll", True, False),
-            "auto-verify": ("nll", True, True)}
+            "auto-verify": ("nll", True, True), "auto-verify-more": ("nll", True, True)}
+# searches that go on from another search's result of the same cell (settings.search_from), with their own
+# search seed (the calibration seed + MORE_SEED) so they do not replay the first search's moves
+GOES_ON_FROM = {"auto-verify-more": "auto-verify"}
+MORE_SEED = 100
 
 
 class PeakRSS:
@@ -119,8 +125,14 @@ def searched_allocation(model, calib, sparsity: float, method: str, seed: int, s
     key = run_key(sparsity, method, name, seed)
     found = results.setdefault("searches", {})
     if key not in found:
-        starts = search_starts(AllocationSettings(sparsity=sparsity, owl_threshold=5.0), model, calib, metrics,
-                               outliers, model_name)
+        if name in GOES_ON_FROM:
+            first = found.get(run_key(sparsity, method, GOES_ON_FROM[name], seed))
+            if first is None:
+                raise SystemExit(f"{name} goes on from the {GOES_ON_FROM[name]} search of {key}: run that first")
+            starts, seed = {GOES_ON_FROM[name]: Allocation.from_dict(first)}, seed + MORE_SEED
+        else:
+            starts = search_starts(AllocationSettings(sparsity=sparsity, owl_threshold=5.0), model, calib, metrics,
+                                   outliers, model_name)
         load_before, cpu0 = os.getloadavg(), time.process_time()
         screen, confirm = tokens.split(",")
         n, length = (int(x) for x in screen.split("x"))
@@ -198,6 +210,7 @@ def markdown(results: dict) -> str:
     searched = [a for a in SEARCHES if a in allocs]
     names = {"uniform": "uniform", "owl": "OWL", "alphapruning": "AlphaPruning", "auto": "auto",
              "auto-kl": "auto (KL)", "auto-valid": "auto (valid)", "auto-verify": "auto (valid, verified)",
+             "auto-verify-more": "auto (valid, verified, gone on)",
              "uniform+trim": "uniform+TRIM", "auto+trim": "auto+TRIM", "auto-valid+trim": "auto (valid)+TRIM",
              "auto-verify+trim": "auto (valid, verified)+TRIM"}
     lines = [f"{cfg.get('model', 'default')}: dense {results['dense']['ppl']:.2f}. WikiText-2 test perplexity, "
@@ -257,7 +270,7 @@ def parse_args(argv=None):
     p.add_argument("--sparsities", default="0.5,0.6,0.7")
     p.add_argument("--methods", default=",".join(RUN_ORDER))
     p.add_argument("--allocations", default="uniform,alphapruning,owl",
-                   help="any of uniform, alphapruning, owl, auto, auto-kl, auto-valid, auto-verify; "
+                   help="any of uniform, alphapruning, owl, auto, auto-kl, auto-valid, auto-verify, auto-verify-more; "
                         "NAME+trim adds TRIM row-wise sparsity")
     p.add_argument("--search-steps", type=int, default=40, help="auto: generations of the search")
     p.add_argument("--search-tokens", default="4x128,128",
