@@ -66,7 +66,7 @@ RUN_ORDER = ("wanda", "magnitude", "sparsegpt")  # cheapest informative runs fir
 # starts and the confirmed candidates are pruned for real (analysis.search, verify)
 SEARCHES = {"auto": ("nll", False, False), "auto-kl": ("kl", False, False), "auto-valid": ("nll", True, False),
             "auto-verify": ("nll", True, True), "auto-verify-more": ("nll", True, True)}
-# searches that go on from another search's result of the same cell (settings.search_from), with their own
+# searches that go on from another search's result of the same cell (its only start, as --search-from), with their own
 # search seed (the calibration seed + MORE_SEED) so they do not replay the first search's moves
 GOES_ON_FROM = {"auto-verify-more": "auto-verify"}
 MORE_SEED = 100

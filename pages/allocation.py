@@ -116,6 +116,7 @@ with st.expander("Find allocation (search)", expanded=SEARCH_KEY in st.session_s
                                      "prune each) and keep only real improvements: slower, but every step is measured "
                                      "on the real pruned model.")
     mine = st.session_state.get("alloc_custom")  # the applied curve, as of the last run of this page
+    mine = mine if mine is not None and mine.model == loaded.info.source else None  # not another model's
     from_mine = st.checkbox("Start from your curve", key="alloc_search_from_mine", disabled=mine is None,
                             help="Refine the curve below (as applied) instead of starting from the presets; the "
                                  "search keeps its budget" + (f" ({mine.achieved:.1%})." if mine else "."))
