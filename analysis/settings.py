@@ -78,6 +78,16 @@ def _checked(field_name: str, check, *args) -> None:
         raise SettingsError(str(e), field_name) from None
 
 
+def _allocation_file(path: str | None, field_name: str, what: str) -> Allocation:
+    """The allocation JSON a setting names; a SettingsError for `field_name` if it is missing or broken."""
+    if not path or not Path(path).expanduser().is_file():
+        raise SettingsError(f"{what} '{path}' does not exist", field_name)
+    try:
+        return Allocation.load(Path(path).expanduser())
+    except ValueError as e:
+        raise SettingsError(str(e), field_name) from None
+
+
 def _positive_int(value, name: str, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise SettingsError(f"{name.split('.')[-1]} must be an integer >= {minimum}, got {value!r}", name)
@@ -226,9 +236,7 @@ class AllocationSettings:
             raise SettingsError(f"allocation must be one of {', '.join(ALLOCATION_METHODS[:-1])} or an "
                                 f"allocation JSON file, got {self.method!r}", "allocation.method")
         if self.method == "file":
-            if not self.file or not Path(self.file).expanduser().is_file():
-                raise SettingsError(f"allocation file '{self.file}' does not exist", "allocation.file")
-            _checked("allocation.file", Allocation.load, Path(self.file).expanduser())
+            _allocation_file(self.file, "allocation.file", "allocation file")
             return self
         # one field at a time (the others at valid values), so the error says which field is wrong
         if not self.as_drawn:
@@ -262,17 +270,11 @@ class AllocationSettings:
         if self.method != "auto":
             raise SettingsError("search_from is the start of an allocation search: it needs allocation auto",
                                 "allocation.search_from")
-        path = Path(self.search_from).expanduser()
-        if not path.is_file():
-            raise SettingsError(f"search start file '{self.search_from}' does not exist", "allocation.search_from")
-        try:
-            start = Allocation.load(path)
-        except ValueError as e:
-            raise SettingsError(str(e), "allocation.search_from") from None
+        start = _allocation_file(self.search_from, "allocation.search_from", "search start file")
         if abs(start.achieved - self.sparsity) > SEARCH_FROM_TOLERANCE:
-            raise SettingsError(f"{path.name} prunes {start.achieved:.2%} of the weights, the target sparsity is "
-                                f"{self.sparsity:.2%}: the search keeps its start's budget, so give the start's "
-                                "sparsity", "allocation.search_from")
+            raise SettingsError(f"{Path(self.search_from).name} prunes {start.achieved:.2%} of the weights, the "
+                                f"target sparsity is {self.sparsity:.2%}: the search keeps its start's budget, so "
+                                "give the start's sparsity", "allocation.search_from")
 
     def check_search_text(self, evaluation_source: str) -> None:
         """The search never scores candidates on the evaluation text."""
@@ -285,12 +287,12 @@ class AllocationSettings:
     def check_model(self, preview: ModelPreview, calibration_seqlen: int = SEARCH_SEQLEN) -> None:
         """An allocation file names exactly the model's prunable matrices; a search text gives a window
         (of the search's length with this calibration seqlen)."""
-        if self.method == "file":
-            _checked("allocation.file", Allocation.load(Path(self.file).expanduser()).check_names,
-                     [r.name for r in prunable_layers(preview.skeleton())])
-        if self.method == "auto" and self.search_from is not None:
-            _checked("allocation.search_from", Allocation.load(Path(self.search_from).expanduser()).check_names,
-                     [r.name for r in prunable_layers(preview.skeleton())])
+        files = {"allocation.file": self.file if self.method == "file" else None,
+                 "allocation.search_from": self.search_from if self.method == "auto" else None}
+        for field_name, path in files.items():
+            if path is not None:
+                _checked(field_name, Allocation.load(Path(path).expanduser()).check_names,
+                         [r.name for r in prunable_layers(preview.skeleton())])
         if self.method == "auto" and self.search_text is not None:
             _checked("allocation.search_text", lambda: spread_windows(
                 preview.tokenizer, load_text(self.search_text), search_seqlen(calibration_seqlen), 1,
