@@ -207,7 +207,7 @@ def _add_allocation_args(p: argparse.ArgumentParser, axes: bool = False) -> None
     if not axes:
         p.add_argument("--search-from", default=d.search_from, metavar="FILE",
                        help="auto: start the search from this allocation JSON (e.g. a previous search's result, to go "
-                            "on from it) instead of uniform / AlphaPruning / OWL; give its sparsity")
+                            "on from it) instead of uniform / OWL / AlphaPruning / FARMS; give its sparsity")
 
 
 def _allocation(args: argparse.Namespace, method: str, sparsity: float | None, **extra) -> AllocationSettings:
@@ -337,7 +337,7 @@ def cmd_allocate(args: argparse.Namespace) -> int:
         settings.check_model(preview, *([calibration.seqlen] if calibration else []))
     loaded = _load(_model_settings(args), check)
     if args.method in SPECTRA_METHODS or (args.method == "auto" and settings.search_from is None):
-        # the search starts from AlphaPruning too
+        # the search starts from AlphaPruning too (FARMS's pooled spectra: search_starts)
         metrics = dense_spectra(loaded.model, settings.spectra, progress=_print_progress)
     else:
         metrics = layer_table(loaded.model)

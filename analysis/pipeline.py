@@ -121,28 +121,31 @@ def dense_spectra(model: nn.Module, spectra: SpectraSettings, progress: Progress
                    include_outside=spectra.include_outside, progress=progress).metrics
 
 
-AUTO_EPSILONS = (0.1, 0.2, 0.3)  # AlphaPruning spreads the search starts from
+AUTO_EPSILONS = (0.1, 0.2, 0.3)  # AlphaPruning and FARMS spread the search starts from
 
 
 def search_starts(settings: AllocationSettings, model: nn.Module, calib: torch.Tensor,
                   metrics: pd.DataFrame | None = None, outlier_ratios: dict[int, float] | None = None,
                   model_name: str = "", progress: ProgressFn | None = None,
                   custom: Allocation | None = None) -> dict[str, Allocation]:
-    """The allocations the "auto" search starts from, at settings.sparsity: uniform, AlphaPruning at
-    each of AUTO_EPSILONS (spectra with settings.spectra) and OWL (outliers on `calib`); instead, only
-    `custom` (a curve drawn on the Allocation page) or the file settings.search_from, when given."""
+    """The allocations the "auto" search starts from, at settings.sparsity: uniform, OWL (outliers on
+    `calib`), and AlphaPruning and FARMS at each of AUTO_EPSILONS (AlphaPruning from `metrics`, spectra
+    with settings.spectra; FARMS from its own pooled spectra, computed here); instead, only `custom` (a
+    curve drawn on the Allocation page) or the file settings.search_from, when given."""
     if custom is not None:
         return {"your curve": custom}
     if settings.search_from is not None:
         path = Path(settings.search_from).expanduser()
         return {path.name: Allocation.load(path)}
     base = {"uniform": replace(settings, method="uniform"), "owl": replace(settings, method="owl")}
-    base |= {f"alphapruning eps={e:g}": replace(settings, method="alphapruning", epsilon=e) for e in AUTO_EPSILONS}
+    base |= {f"{m} eps={e:g}": replace(settings, method=m, epsilon=e) for m in SPECTRA_METHODS for e in AUTO_EPSILONS}
     if metrics is None:
         metrics = dense_spectra(model, settings.spectra, progress)
+    spectra = {"alphapruning": metrics, "farms": dense_spectra(model, replace(settings, method="farms").spectra,
+                                                                progress)}
     if outlier_ratios is None:
         outlier_ratios = collect_outlier_ratios(model, calib, threshold_m=settings.owl_threshold, progress=progress)
-    return {name: build_allocation(s, model, calib=calib, metrics=metrics, outlier_ratios=outlier_ratios,
+    return {name: build_allocation(s, model, calib=calib, metrics=spectra.get(s.method), outlier_ratios=outlier_ratios,
                                    model_name=model_name) for name, s in base.items()}
 
 

@@ -44,7 +44,7 @@ offspring (a repeated candidate is not pruned again); the levels of the blocks b
 that changed are kept. Memory: while a candidate is pruned for real, the parent's anchor (statistics
 and cached levels) is kept to go back to, so up to two sets of per-block statistics are held.
 
-Starts: the given allocations (uniform, AlphaPruning, OWL, ... computed by the caller), each scored at
+Starts: the given allocations (uniform, OWL, AlphaPruning, FARMS, ... computed by the caller), each scored at
 its own per-block ratios; a start the search does not improve on is returned unchanged (its per-layer
 ratios too). Deterministic for a seed.
 """

@@ -209,7 +209,7 @@ class AllocationSettings:
     from the calibration sample (e.g. the valid split of the user's domain; never the evaluation text);
     None: the calibration text; search_verify: prune the starts and every candidate the search confirms
     for real, and keep only real improvements (analysis.search, `verify`); search_from: an allocation JSON
-    the search starts from instead of uniform / AlphaPruning / OWL (a previous search's result, to go on
+    the search starts from instead of uniform / OWL / AlphaPruning / FARMS (a previous search's result, to go on
     from it, or a saved curve to refine); it must prune `sparsity` (within SEARCH_FROM_TOLERANCE), the budget
     the search keeps."""
 

@@ -9,9 +9,9 @@ with its config key (`config_key`: a hash of its settings and the model it loads
 keys already stored, so an interrupted sweep resumes where it stopped.
 
 What no configuration changes is measured once per sweep on the dense model (`measure_dense`): its
-spectra (alphapruning, farms, and the AlphaPruning starts of "auto") and its perplexity on the
-evaluation windows. So a search runs where its configuration runs: in this process, or as a Ray task
-(on a cluster, one GPU per search).
+spectra (alphapruning, farms, and the AlphaPruning starts of "auto"; the pooled spectra of its FARMS starts
+are computed per search) and its perplexity on the evaluation windows. So a search runs where its
+configuration runs: in this process, or as a Ray task (on a cluster, one GPU per search).
 
 Workers load the model themselves from its source, once per worker process (`worker_model`, a
 module-level cache that Ray keeps between the tasks a worker process runs), and restore the dense

@@ -4,7 +4,8 @@
 
 The search ("auto", analysis.search) scores a candidate on a stitched model: every block pruned from the
 dense model's inputs. The final prune (analysis.pruning.prune) feeds each block the pruned blocks'
-outputs. For each search start (uniform, AlphaPruning eps 0.1/0.2/0.3, OWL) and for the searched
+outputs. For each search start (uniform, OWL, AlphaPruning and FARMS at eps 0.1/0.2/0.3; results before FARMS was
+a start have no FARMS rows) and for the searched
 allocations of bench/results/quality_<model>.json (same seed, sparsity and pruner: auto, and auto-valid
 when it was searched), this prunes the model for real and measures the calibration NLL the search
 optimises (on the search's confirmation tokens), next to the stitched NLL the search recorded, and the

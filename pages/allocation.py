@@ -80,7 +80,7 @@ OBJECTIVE_LABELS = {"nll": "calibration loss", "kl": "KL to the dense model"}  #
 def _search_work(job: Job, shared, tokenizer, bos: bool, settings: AllocationSettings, pruner: str,
                  calibration, eval_source: str, model_name: str, dense_metrics, start: Allocation | None) -> Allocation:
     """The search writes candidate weights into its model: a throw-away copy, never the shared one.
-    `start`: the user's curve, the search's only start (None: uniform / AlphaPruning / OWL)."""
+    `start`: the user's curve, the search's only start (None: uniform / OWL / AlphaPruning / FARMS)."""
     job.report("copying the model", 0.0)
     model = copy.deepcopy(shared)
     calib = calibration_batch(tokenizer, calibration, eval_source, bos)
@@ -94,11 +94,11 @@ def _search_work(job: Job, shared, tokenizer, bos: bool, settings: AllocationSet
 
 with st.expander("Find allocation (search)", expanded=SEARCH_KEY in st.session_state):
     st.caption("An evolutionary search over per-block sparsity at the target budget (in the spirit of EvoPress, "
-               "Sieberling et al. 2024): it starts from the best of uniform, AlphaPruning (ε 0.1/0.2/0.3) and OWL "
-               "(or from your curve), then moves sparsity between blocks, keeping the budget exact, scored on the "
-               "calibration text of the Prune page (or on a held-out text you name, e.g. wikitext2:valid; never "
-               "the evaluation text): by the pruned model's loss, or by its KL divergence from the dense model. It "
-               "runs on a private copy of the model; minutes on a CPU.")
+               "Sieberling et al. 2024): it starts from the best of uniform, OWL, AlphaPruning and FARMS "
+               "(ε 0.1/0.2/0.3) (or from your curve), then moves sparsity between blocks, keeping the budget "
+               "exact, scored on the calibration text of the Prune page (or on a held-out text you name, e.g. "
+               "wikitext2:valid; never the evaluation text): by the pruned model's loss, or by its KL divergence "
+               "from the dense model. It runs on a private copy of the model; minutes on a CPU.")
     f1, f2, f3, f4 = st.columns(4)
     search_pruner = f1.selectbox("Pruner", list(PRUNERS), key="alloc_search_pruner")
     search_steps = f2.number_input("Generations", 1, 500, DEFAULT.search_steps, key="alloc_search_steps")

@@ -19,7 +19,7 @@ from analysis.allocation import Allocation, allocate
 from analysis.calibration import walk_blocks
 from analysis.data import DataError, spread_windows
 from analysis.layers import layer_table, prunable_layers
-from analysis.pipeline import build_allocation
+from analysis.pipeline import AUTO_EPSILONS, build_allocation, search_starts
 from analysis.pruners import (
     output_quality,
     prune_sparsegpt,
@@ -139,6 +139,25 @@ def tiny_search():
               "ramp": Allocation("", 0.6, "custom", {}, [0.5, 0.55, 0.65, 0.7],
                                  {r.name: [0.5, 0.55, 0.65, 0.7][r.block] for r in prunable_layers(model)}, 0.6)}
     return model, calib, starts
+
+
+def test_search_starts_are_uniform_owl_alphapruning_and_farms_at_the_budget(tiny_search):
+    """The issue's starts: uniform, OWL, and AlphaPruning and FARMS at several ε, each at the target
+    budget; FARMS comes from its own (pooled) spectra, so its curves differ from AlphaPruning's."""
+    model, calib, _ = tiny_search
+    starts = search_starts(AllocationSettings(method="auto", sparsity=0.6), model, calib)
+    spread = [f"{m} eps={e:g}" for m in ("alphapruning", "farms") for e in AUTO_EPSILONS]
+    assert list(starts) == ["uniform", "owl", *spread]
+    for name, a in starts.items():
+        assert a.achieved == pytest.approx(0.6, abs=1e-3), name
+        assert a.method == name.split()[0]
+    assert starts["uniform"].per_block == pytest.approx([0.6] * 4)
+    for e in AUTO_EPSILONS:
+        assert starts[f"farms eps={e:g}"].per_block != pytest.approx(starts[f"alphapruning eps={e:g}"].per_block,
+                                                                     abs=1e-3)
+    # a larger ε spreads the ratios wider
+    widths = [np.ptp(starts[f"farms eps={e:g}"].per_block) for e in AUTO_EPSILONS]
+    assert widths == sorted(widths) and widths[0] > 0
 
 
 def test_search_is_deterministic_exact_and_never_worse_than_its_best_start(tiny_search):
