@@ -60,7 +60,7 @@ OUT = Path(__file__).resolve().parent / "results" / "quality.json"
 METHODS = ("magnitude", "wanda", "sparsegpt")
 # table columns
 ALLOCS = ("uniform", "owl", "alphapruning", "auto", "auto-kl", "auto-valid", "auto-verify", "auto-verify-more",
-          "uniform+trim", "auto+trim", "auto-valid+trim", "auto-verify+trim")
+          "uniform+trim", "owl+trim", "auto+trim", "auto-valid+trim", "auto-verify+trim")
 RUN_ORDER = ("wanda", "magnitude", "sparsegpt")  # cheapest informative runs first
 # searched allocations: the objective of each, whether it is measured on WikiText-2 valid, and whether the
 # starts and the confirmed candidates are pruned for real (analysis.search, verify)
@@ -211,7 +211,8 @@ def markdown(results: dict) -> str:
     names = {"uniform": "uniform", "owl": "OWL", "alphapruning": "AlphaPruning", "auto": "auto",
              "auto-kl": "auto (KL)", "auto-valid": "auto (valid)", "auto-verify": "auto (valid, verified)",
              "auto-verify-more": "auto (valid, verified, gone on)",
-             "uniform+trim": "uniform+TRIM", "auto+trim": "auto+TRIM", "auto-valid+trim": "auto (valid)+TRIM",
+             "uniform+trim": "uniform+TRIM", "owl+trim": "OWL+TRIM", "auto+trim": "auto+TRIM",
+             "auto-valid+trim": "auto (valid)+TRIM",
              "auto-verify+trim": "auto (valid, verified)+TRIM"}
     lines = [f"{cfg.get('model', 'default')}: dense {results['dense']['ppl']:.2f}. WikiText-2 test perplexity, "
              f"first {n_windows} windows of {cfg['eval_seqlen']} tokens ({cfg['eval_tokens']} scored tokens); "
