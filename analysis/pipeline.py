@@ -127,11 +127,12 @@ AUTO_EPSILONS = (0.1, 0.2, 0.3)  # AlphaPruning and FARMS spread the search star
 def search_starts(settings: AllocationSettings, model: nn.Module, calib: torch.Tensor,
                   metrics: pd.DataFrame | None = None, outlier_ratios: dict[int, float] | None = None,
                   model_name: str = "", progress: ProgressFn | None = None,
-                  custom: Allocation | None = None) -> dict[str, Allocation]:
+                  custom: Allocation | None = None, farms_metrics: pd.DataFrame | None = None) -> dict[str, Allocation]:
     """The allocations the "auto" search starts from, at settings.sparsity: uniform, OWL (outliers on
     `calib`), and AlphaPruning and FARMS at each of AUTO_EPSILONS (AlphaPruning from `metrics`, spectra
-    with settings.spectra; FARMS from its own pooled spectra, computed here); instead, only `custom` (a
-    curve drawn on the Allocation page) or the file settings.search_from, when given."""
+    with settings.spectra; FARMS from `farms_metrics`, its pooled spectra with settings.fit); instead, only
+    `custom` (a curve drawn on the Allocation page) or the file settings.search_from, when given. What is
+    not passed in is computed here from `model`, which must then be dense."""
     if custom is not None:
         return {"your curve": custom}
     if settings.search_from is not None:
@@ -141,8 +142,9 @@ def search_starts(settings: AllocationSettings, model: nn.Module, calib: torch.T
     base |= {f"{m} eps={e:g}": replace(settings, method=m, epsilon=e) for m in SPECTRA_METHODS for e in AUTO_EPSILONS}
     if metrics is None:
         metrics = dense_spectra(model, settings.spectra, progress)
-    spectra = {"alphapruning": metrics, "farms": dense_spectra(model, replace(settings, method="farms").spectra,
-                                                                progress)}
+    if farms_metrics is None:
+        farms_metrics = dense_spectra(model, replace(settings, method="farms").spectra, progress)
+    spectra = {"alphapruning": metrics, "farms": farms_metrics}
     if outlier_ratios is None:
         outlier_ratios = collect_outlier_ratios(model, calib, threshold_m=settings.owl_threshold, progress=progress)
     return {name: build_allocation(s, model, calib=calib, metrics=spectra.get(s.method), outlier_ratios=outlier_ratios,
@@ -153,10 +155,12 @@ def build_allocation(settings: AllocationSettings, model: nn.Module, *, nm=None,
                      metrics: pd.DataFrame | None = None, outlier_ratios: dict[int, float] | None = None,
                      custom: Allocation | None = None, model_name: str = "", prune_method: str = "wanda",
                      progress: ProgressFn | None = None, stop: StopFlag = None,
-                     on_best: OnBest | None = None, fitness_windows: torch.Tensor | None = None) -> Allocation:
+                     on_best: OnBest | None = None, fitness_windows: torch.Tensor | None = None,
+                     farms_metrics: pd.DataFrame | None = None) -> Allocation:
     """The Allocation of a run. Inputs computed elsewhere may be passed in to reuse them (and must
     come from the same dense model): `metrics` (spectra with settings.spectra, for alphapruning/farms
-    and the search's starts), `outlier_ratios` (OWL, measured on `calib`), `custom` (a curve drawn on
+    and the search's starts), `farms_metrics` (FARMS's pooled spectra with settings.fit, for the search's
+    FARMS starts), `outlier_ratios` (OWL, measured on `calib`), `custom` (a curve drawn on
     the Allocation page; with "auto", the search's only start). Otherwise they are computed here from
     `model`, which must then be dense; OWL hooks its modules. "auto" searches with `prune_method` on
     `calib`, scored on `fitness_windows` when given (`search_windows`; analysis.search; `stop` ends it
@@ -171,7 +175,8 @@ def build_allocation(settings: AllocationSettings, model: nn.Module, *, nm=None,
     if method == "auto":
         if calib is None:
             raise ValueError("auto needs calibration data: the search scores candidates on it.")
-        starts = search_starts(settings, model, calib, metrics, outlier_ratios, model_name, progress, custom)
+        starts = search_starts(settings, model, calib, metrics, outlier_ratios, model_name, progress, custom,
+                               farms_metrics)
         return search_allocation(model, calib, starts, method=prune_method, steps=settings.search_steps,
                                  seed=settings.search_seed, objective=settings.search_objective,
                                  fitness_windows=fitness_windows, verify=settings.search_verify,

@@ -78,13 +78,17 @@ OBJECTIVE_LABELS = {"nll": "calibration loss", "kl": "KL to the dense model"}  #
 
 
 def _search_work(job: Job, shared, tokenizer, bos: bool, settings: AllocationSettings, pruner: str,
-                 calibration, eval_source: str, model_name: str, dense_metrics, start: Allocation | None) -> Allocation:
+                 calibration, eval_source: str, model_name: str, dense_metrics, start: Allocation | None,
+                 farms_metrics, outlier_ratios) -> Allocation:
     """The search writes candidate weights into its model: a throw-away copy, never the shared one.
-    `start`: the user's curve, the search's only start (None: uniform / OWL / AlphaPruning / FARMS)."""
+    `start`: the user's curve, the search's only start (None: uniform / OWL / AlphaPruning / FARMS).
+    `farms_metrics`, `outlier_ratios`: the FARMS and OWL presets' inputs when they are ready (None: the
+    search measures them)."""
     job.report("copying the model", 0.0)
     model = copy.deepcopy(shared)
     calib = calibration_batch(tokenizer, calibration, eval_source, bos)
-    return build_allocation(settings, model, calib=calib, metrics=dense_metrics, model_name=model_name, custom=start,
+    return build_allocation(settings, model, calib=calib, metrics=dense_metrics, farms_metrics=farms_metrics,
+                            outlier_ratios=outlier_ratios, model_name=model_name, custom=start,
                             prune_method=pruner, progress=job.report, stop=job.stop,
                             fitness_windows=search_windows(tokenizer, settings, calibration, bos),
                             on_best=lambda per_block, fit, step: job.emit({"per_block": per_block, "fitness": fit,
@@ -128,6 +132,9 @@ with st.expander("Find allocation (search)", expanded=SEARCH_KEY in st.session_s
                                  search_seed=int(search_seed), search_objective=search_objective, fit=fit,
                                  search_text=search_text or None, search_verify=search_verify)
         shared, tok, info, start = loaded.model, loaded.tokenizer, loaded.info, mine if from_mine else None
+        # the presets' FARMS spectra and OWL ratios, measured with the same fit, calibration and threshold
+        known_farms = farms_job.result.metrics if more and farms_job.status == "done" else None
+        known_owl = owl.result if more and owl.status == "done" else None
         try:
             cfg.check()
             cfg.check_search_text(ev)
@@ -136,7 +143,7 @@ with st.expander("Find allocation (search)", expanded=SEARCH_KEY in st.session_s
         else:
             st.session_state[SEARCH_KEY] = search = Job(
                 lambda j: _search_work(j, shared, tok, info.bos_per_window, cfg, search_pruner, cal, ev,
-                                       info.source, metrics, start),
+                                       info.source, metrics, start, known_farms, known_owl),
                 name="allocation-search").start()
     if search is not None and not search.done and g2.button("Cancel the search", key="alloc_search_cancel"):
         search.cancel()

@@ -19,7 +19,7 @@ from analysis.allocation import Allocation, allocate
 from analysis.calibration import walk_blocks
 from analysis.data import DataError, spread_windows
 from analysis.layers import layer_table, prunable_layers
-from analysis.pipeline import AUTO_EPSILONS, build_allocation, search_starts
+from analysis.pipeline import AUTO_EPSILONS, build_allocation, dense_spectra, search_starts
 from analysis.pruners import (
     output_quality,
     prune_sparsegpt,
@@ -158,6 +158,12 @@ def test_search_starts_are_uniform_owl_alphapruning_and_farms_at_the_budget(tiny
     # a larger ε spreads the ratios wider
     widths = [np.ptp(starts[f"farms eps={e:g}"].per_block) for e in AUTO_EPSILONS]
     assert widths == sorted(widths) and widths[0] > 0
+    # FARMS spectra measured elsewhere (the Allocation page's FARMS preset) are used, not measured again
+    # (given AlphaPruning's spectra as FARMS's, the FARMS starts are AlphaPruning's curves)
+    settings = AllocationSettings(method="auto", sparsity=0.6)
+    given = search_starts(settings, model, calib, farms_metrics=dense_spectra(model, settings.spectra))
+    for e in AUTO_EPSILONS:
+        assert given[f"farms eps={e:g}"].per_block == pytest.approx(starts[f"alphapruning eps={e:g}"].per_block)
 
 
 def test_search_is_deterministic_exact_and_never_worse_than_its_best_start(tiny_search):
