@@ -285,11 +285,12 @@ class RunResult:
 def run(loaded: LoadedModel, settings: RunSettings, *, progress: ProgressFn | None = None,
         on_ppl: Callable[[str, PplUpdate], None] | None = None, stop: StopFlag = None,
         timer: Timer | None = None, metrics: pd.DataFrame | None = None,
-        dense_ppl: float | None = None) -> RunResult:
+        farms_metrics: pd.DataFrame | None = None, dense_ppl: float | None = None) -> RunResult:
     """Allocate, measure the dense perplexity, prune `loaded.model` in place and measure it again.
     `on_ppl(label, update)` sees every running perplexity ("dense", then "pruned"). A sweep passes
-    what it measured once on the same dense model: `metrics` (spectra with settings.allocation.spectra)
-    and `dense_ppl` (on this run's evaluation windows); the dense evaluation is then skipped."""
+    what it measured once on the same dense model: `metrics` and `farms_metrics` (spectra, as
+    build_allocation takes them) and `dense_ppl` (on this run's evaluation windows); the dense
+    evaluation is then skipped."""
     settings.check()
     timer = timer or Timer()
     model, info = loaded.model, loaded.info
@@ -297,7 +298,8 @@ def run(loaded: LoadedModel, settings: RunSettings, *, progress: ProgressFn | No
         data = prepare_data(loaded.tokenizer, settings.calibration, settings.evaluation, info.bos_per_window)
     with timer("allocation"):
         alloc = build_allocation(settings.allocation, model, nm=settings.prune.nm, calib=data.calib,
-                                 metrics=metrics, model_name=info.source, prune_method=settings.prune.method,
+                                 metrics=metrics, farms_metrics=farms_metrics, model_name=info.source,
+                                 prune_method=settings.prune.method,
                                  progress=progress, fitness_windows=search_windows(
                                      loaded.tokenizer, settings.allocation, settings.calibration,
                                      info.bos_per_window))

@@ -9,8 +9,8 @@ with its config key (`config_key`: a hash of its settings and the model it loads
 keys already stored, so an interrupted sweep resumes where it stopped.
 
 What no configuration changes is measured once per sweep on the dense model (`measure_dense`): its
-spectra (alphapruning, farms, and the AlphaPruning starts of "auto"; the pooled spectra of its FARMS starts
-are computed per search) and its perplexity on the evaluation windows. So a search runs where its
+spectra (alphapruning, farms, and the AlphaPruning and FARMS starts of "auto") and its perplexity on the
+evaluation windows. So a search runs where its
 configuration runs: in this process, or as a Ray task (on a cluster, one GPU per search).
 
 Workers load the model themselves from its source, once per worker process (`worker_model`, a
@@ -54,7 +54,6 @@ from analysis.settings import (
 from analysis.store import RunStore
 
 NAMED_ALLOCATIONS = ALLOCATION_METHODS[:5]  # uniform, alphapruning, farms, owl, auto
-USES_SPECTRA = (*SPECTRA_METHODS, "auto")  # allocations computed from (or started from) the dense spectra
 DONE, SKIPPED, FAILED, CANCELLED = "done", "skipped", "failed", "cancelled"
 ADDRESS_TIMEOUT_S = 3.0  # how long `check_address` waits for a cluster to answer
 # A file path: while that file exists, the next configuration to start deletes it and kills its own
@@ -269,13 +268,28 @@ class DenseReference:
     ppl: float
 
 
+def spectra_used(settings: RunSettings) -> dict[str, SpectraSettings]:
+    """The dense spectra a configuration's allocation is computed or started from, by the name of the
+    analysis.pipeline.run argument that takes them: an alphapruning/farms allocation its own; an "auto"
+    search the spectra of its AlphaPruning and FARMS starts (none with a start file, or with N:M,
+    whose allocation is uniform)."""
+    alloc = settings.allocation
+    if settings.prune.nm:
+        return {}
+    if alloc.method in SPECTRA_METHODS:
+        return {"metrics": alloc.spectra}
+    if alloc.method == "auto" and alloc.search_from is None:
+        return {"metrics": alloc.spectra, "farms_metrics": replace(alloc, method="farms").spectra}
+    return {}
+
+
 def measure_dense(configs: list[RunSettings]) -> DenseReference:
     """The dense reference of a sweep's configurations (they share model, calibration source and
     evaluation settings, as every configuration of one grid does)."""
     first = configs[0]
     loaded, dense = worker_model(first.model)
     dense.restore(loaded.model)
-    spectra = {c.allocation.spectra for c in configs if c.allocation.method in USES_SPECTRA and not c.prune.nm}
+    spectra = {sp for c in configs for sp in spectra_used(c).values()}
     windows = evaluation_windows(loaded.tokenizer, first.evaluation, first.calibration.source,
                                  loaded.info.bos_per_window)
     return DenseReference({sp: dense_spectra(loaded.model, sp) for sp in spectra},
@@ -289,9 +303,8 @@ def run_config(settings: RunSettings, dense: DenseReference, *, progress: Progre
     _fault_once()
     loaded, snapshot = worker_model(settings.model)
     snapshot.restore(loaded.model)
-    alloc = settings.allocation
-    metrics = dense.metrics.get(alloc.spectra) if alloc.method in USES_SPECTRA else None
-    return run(loaded, settings, progress=progress, stop=stop, metrics=metrics, dense_ppl=dense.ppl).record
+    given = {arg: dense.metrics[sp] for arg, sp in spectra_used(settings).items()}
+    return run(loaded, settings, progress=progress, stop=stop, dense_ppl=dense.ppl, **given).record
 
 
 def _fault_once() -> None:

@@ -32,6 +32,7 @@ from analysis.sweep import (
     parse_values,
     run_config,
     run_sweep,
+    spectra_used,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,6 +147,26 @@ def test_a_sweep_run_is_the_pipeline_run(tiny):
     assert ours["pruned_ppl"] == pytest.approx(theirs["pruned_ppl"], rel=1e-6)
     assert ours["allocation"]["per_layer"] == pytest.approx(theirs["allocation"]["per_layer"])
     assert ours["achieved"]["overall"] == pytest.approx(theirs["achieved"]["overall"])
+
+
+def test_auto_starts_come_from_the_sweeps_dense_spectra(tiny, monkeypatch):
+    """An "auto" configuration's AlphaPruning and FARMS starts use the spectra the sweep measured once
+    (measure_dense), not spectra measured again per search, and give the search the pipeline run makes."""
+    import analysis.pipeline
+
+    settings = replace(tiny, allocation=replace(tiny.allocation, method="auto", sparsity=0.6, search_steps=2))
+    farms = replace(settings.allocation, method="farms").spectra
+    assert spectra_used(settings) == {"metrics": settings.allocation.spectra, "farms_metrics": farms}
+    assert spectra_used(replace(settings, allocation=replace(settings.allocation, search_from="a.json"))) == {}
+    assert spectra_used(replace(settings, prune=replace(settings.prune, nm="2:4"))) == {}
+    dense = measure_dense([settings])
+    assert set(dense.metrics) == {settings.allocation.spectra, farms}
+    theirs = run(load_model(settings.model.source), settings).record
+    with monkeypatch.context() as m:
+        m.setattr(analysis.pipeline, "dense_spectra", lambda *a, **k: pytest.fail("spectra measured again"))
+        ours = run_config(settings, dense)
+    assert ours["allocation"]["per_layer"] == pytest.approx(theirs["allocation"]["per_layer"])
+    assert ours["allocation"]["params"]["start"] == theirs["allocation"]["params"]["start"]
 
 
 @pytest.fixture(scope="module")
