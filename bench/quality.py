@@ -14,8 +14,9 @@ auto-valid with the starts and every candidate it confirms pruned for real, keep
 improvements; the real prunes are scored on settings.VERIFY_SAMPLES times as many valid windows as the
 proxy; "auto-verify-more": that search gone on from the auto-verify result of the same cell for
 `--search-steps` more generations, with search seed = calibration seed + MORE_SEED), started from
-uniform, AlphaPruning (eps 0.1/0.2/0.3) and OWL, `--search-steps` generations with search seed = the
-calibration seed; its cost (seconds, forward passes, tokens, load average) is recorded under "searches".
+uniform, OWL, and AlphaPruning and FARMS at eps 0.1/0.2/0.3 (searches before commit e11dfdb: without
+FARMS), `--search-steps` generations with search seed = the calibration seed; its cost (seconds,
+forward passes, tokens, load average) is recorded under "searches".
 Calibration: n random windows from the embedded corpus (gensim's Lee background corpus, news text,
 disjoint from WikiText-2). Evaluation: the first `--windows` non-overlapping 512-token windows of
 WikiText-2 test (a fixed prefix, identical for every run, so differences between runs are paired;
@@ -218,27 +219,33 @@ def markdown(results: dict) -> str:
              f"first {n_windows} windows of {cfg['eval_seqlen']} tokens ({cfg['eval_tokens']} scored tokens); "
              f"calibration {cfg['nsamples']}x{cfg['seqlen']} tokens from the embedded corpus, seeds "
              f"{', '.join(map(str, seeds))} (mean, and range over seeds); AlphaPruning eps = "
-             f"{results.get('epsilon')} (chosen on WikiText-2 valid).", "",
+             f"{results.get('epsilon')} (chosen on WikiText-2 valid); each \"vs\" column compares means over the "
+             "seeds its column has.", "",
              f"| sparsity | pruner | {' | '.join(names.get(a, a) for a in allocs)} | best baseline vs uniform |"
              + "".join(f" {names[a]} vs best baseline |" for a in searched),
              "|---|---|" + "---|" * (len(allocs) + 1 + len(searched))]
 
-    def cell(s, m, a):
-        return [r["ppl"] for r in runs.values() if r["sparsity"] == s and r["method"] == m
-                and r["allocation"] == a and r.get("ppl")]
+    def cell(s, m, a):  # seed -> perplexity
+        return {r.get("seed", 0): r["ppl"] for r in runs.values() if r["sparsity"] == s and r["method"] == m
+                and r["allocation"] == a and r.get("ppl")}
+
+    def best_baseline(cells, seeds):  # the best baseline's mean over `seeds`, the seeds a column has
+        means = [sum(cells[b][k] for k in seeds) / len(seeds) for b in ("uniform", "owl", "alphapruning")
+                 if seeds and all(k in cells[b] for k in seeds)]
+        return min(means) if means else None
 
     for s in sorted({r["sparsity"] for r in runs.values()}):
         for m in METHODS:
             cells = {a: cell(s, m, a) for a in allocs}
             if not any(cells.values()):
                 continue
-            mean = {a: sum(v) / len(v) for a, v in cells.items() if v}
-            base = [mean[a] for a in ("uniform", "owl", "alphapruning") if a in mean]
-            row = f"| {s:.1f} | {m} | " + " | ".join(_ppl_cell(cells[a]) for a in allocs)
-            row += f" | {100 * (min(base) - mean['uniform']) / mean['uniform']:+.1f}% |" if base and "uniform" in mean \
-                else " | n/a |"
-            best = min(base) if base else None
+            mean = {a: sum(v.values()) / len(v) for a, v in cells.items() if v}
+            uniform_seeds = list(cells["uniform"])
+            best = best_baseline(cells, uniform_seeds)
+            row = f"| {s:.1f} | {m} | " + " | ".join(_ppl_cell(list(cells[a].values())) for a in allocs)
+            row += f" | {100 * (best - mean['uniform']) / mean['uniform']:+.1f}% |" if best else " | n/a |"
             for a in searched:
+                best = best_baseline(cells, list(cells[a]))
                 row += f" {100 * (mean[a] - best) / best:+.1f}% |" if a in mean and best else " n/a |"
             lines.append(row)
     lines += ["", "| seed | sparsity | pruner | allocation | prune s | eval s | peak RSS MB |",
