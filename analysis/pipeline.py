@@ -124,6 +124,19 @@ def dense_spectra(model: nn.Module, spectra: SpectraSettings, progress: Progress
 AUTO_EPSILONS = (0.1, 0.2, 0.3)  # AlphaPruning and FARMS spread the search starts from
 
 
+def spectra_used(settings: AllocationSettings, nm: str | None = None) -> dict[str, SpectraSettings]:
+    """The dense spectra build_allocation computes an allocation from, by the name of its argument that
+    takes them: an alphapruning/farms allocation its own; an "auto" search those of its AlphaPruning and
+    FARMS starts (none with a start file, or with an N:M pattern, whose allocation is uniform)."""
+    if nm:
+        return {}
+    if settings.method in SPECTRA_METHODS:
+        return {"metrics": settings.spectra}
+    if settings.method == "auto" and settings.search_from is None:
+        return {"metrics": settings.spectra, "farms_metrics": replace(settings, method="farms").spectra}
+    return {}
+
+
 def search_starts(settings: AllocationSettings, model: nn.Module, calib: torch.Tensor,
                   metrics: pd.DataFrame | None = None, outlier_ratios: dict[int, float] | None = None,
                   model_name: str = "", progress: ProgressFn | None = None,
@@ -140,10 +153,11 @@ def search_starts(settings: AllocationSettings, model: nn.Module, calib: torch.T
         return {path.name: Allocation.load(path)}
     base = {"uniform": replace(settings, method="uniform"), "owl": replace(settings, method="owl")}
     base |= {f"{m} eps={e:g}": replace(settings, method=m, epsilon=e) for m in SPECTRA_METHODS for e in AUTO_EPSILONS}
+    used = spectra_used(settings)
     if metrics is None:
-        metrics = dense_spectra(model, settings.spectra, progress)
+        metrics = dense_spectra(model, used["metrics"], progress)
     if farms_metrics is None:
-        farms_metrics = dense_spectra(model, replace(settings, method="farms").spectra, progress)
+        farms_metrics = dense_spectra(model, used["farms_metrics"], progress)
     spectra = {"alphapruning": metrics, "farms": farms_metrics}
     if outlier_ratios is None:
         outlier_ratios = collect_outlier_ratios(model, calib, threshold_m=settings.owl_threshold, progress=progress)

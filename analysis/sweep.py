@@ -36,7 +36,7 @@ import pandas as pd
 from analysis.allocation import MAX_RATIO, check_settings, parse_points
 from analysis.evaluation import perplexity
 from analysis.loading import LoadedModel, load_model, resolve_source
-from analysis.pipeline import dense_spectra, evaluation_windows, run
+from analysis.pipeline import dense_spectra, evaluation_windows, run, spectra_used
 from analysis.pruners import PRUNERS
 from analysis.pruning import DenseSnapshot
 from analysis.runtime import ProgressFn, StopFlag, should_stop
@@ -268,28 +268,13 @@ class DenseReference:
     ppl: float
 
 
-def spectra_used(settings: RunSettings) -> dict[str, SpectraSettings]:
-    """The dense spectra a configuration's allocation is computed or started from, by the name of the
-    analysis.pipeline.run argument that takes them: an alphapruning/farms allocation its own; an "auto"
-    search the spectra of its AlphaPruning and FARMS starts (none with a start file, or with N:M,
-    whose allocation is uniform)."""
-    alloc = settings.allocation
-    if settings.prune.nm:
-        return {}
-    if alloc.method in SPECTRA_METHODS:
-        return {"metrics": alloc.spectra}
-    if alloc.method == "auto" and alloc.search_from is None:
-        return {"metrics": alloc.spectra, "farms_metrics": replace(alloc, method="farms").spectra}
-    return {}
-
-
 def measure_dense(configs: list[RunSettings]) -> DenseReference:
     """The dense reference of a sweep's configurations (they share model, calibration source and
     evaluation settings, as every configuration of one grid does)."""
     first = configs[0]
     loaded, dense = worker_model(first.model)
     dense.restore(loaded.model)
-    spectra = {sp for c in configs for sp in spectra_used(c).values()}
+    spectra = {sp for c in configs for sp in spectra_used(c.allocation, c.prune.nm).values()}
     windows = evaluation_windows(loaded.tokenizer, first.evaluation, first.calibration.source,
                                  loaded.info.bos_per_window)
     return DenseReference({sp: dense_spectra(loaded.model, sp) for sp in spectra},
@@ -303,7 +288,7 @@ def run_config(settings: RunSettings, dense: DenseReference, *, progress: Progre
     _fault_once()
     loaded, snapshot = worker_model(settings.model)
     snapshot.restore(loaded.model)
-    given = {arg: dense.metrics[sp] for arg, sp in spectra_used(settings).items()}
+    given = {arg: dense.metrics[sp] for arg, sp in spectra_used(settings.allocation, settings.prune.nm).items()}
     return run(loaded, settings, progress=progress, stop=stop, dense_ppl=dense.ppl, **given).record
 
 

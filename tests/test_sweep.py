@@ -16,7 +16,7 @@ from conftest import save_tiny_llama
 from analysis.allocation import allocate
 from analysis.layers import layer_table
 from analysis.loading import load_model
-from analysis.pipeline import run
+from analysis.pipeline import run, spectra_used
 from analysis.settings import CalibrationSettings, EvaluationSettings, ModelSettings, RunSettings, SettingsError
 from analysis.store import RunStore
 from analysis.sweep import (
@@ -32,7 +32,6 @@ from analysis.sweep import (
     parse_values,
     run_config,
     run_sweep,
-    spectra_used,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,9 +155,9 @@ def test_auto_starts_come_from_the_sweeps_dense_spectra(tiny, monkeypatch):
 
     settings = replace(tiny, allocation=replace(tiny.allocation, method="auto", sparsity=0.6, search_steps=2))
     farms = replace(settings.allocation, method="farms").spectra
-    assert spectra_used(settings) == {"metrics": settings.allocation.spectra, "farms_metrics": farms}
-    assert spectra_used(replace(settings, allocation=replace(settings.allocation, search_from="a.json"))) == {}
-    assert spectra_used(replace(settings, prune=replace(settings.prune, nm="2:4"))) == {}
+    assert spectra_used(settings.allocation) == {"metrics": settings.allocation.spectra, "farms_metrics": farms}
+    assert spectra_used(replace(settings.allocation, search_from="a.json")) == {}
+    assert spectra_used(settings.allocation, nm="2:4") == {}
     dense = measure_dense([settings])
     assert set(dense.metrics) == {settings.allocation.spectra, farms}
     theirs = run(load_model(settings.model.source), settings).record
