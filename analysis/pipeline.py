@@ -145,7 +145,8 @@ def search_starts(settings: AllocationSettings, model: nn.Module, calib: torch.T
     `calib`), and AlphaPruning and FARMS at each of AUTO_EPSILONS (AlphaPruning from `metrics`, spectra
     with settings.spectra; FARMS from `farms_metrics`, its pooled spectra with settings.fit); instead, only
     `custom` (a curve drawn on the Allocation page) or the file settings.search_from, when given. What is
-    not passed in is computed here from `model`, which must then be dense."""
+    not passed in is computed here from `model`, which must then be dense. settings.method is not read:
+    these are the starts of an "auto" search whatever method the settings name."""
     if custom is not None:
         return {"your curve": custom}
     if settings.search_from is not None:
@@ -153,7 +154,7 @@ def search_starts(settings: AllocationSettings, model: nn.Module, calib: torch.T
         return {path.name: Allocation.load(path)}
     base = {"uniform": replace(settings, method="uniform"), "owl": replace(settings, method="owl")}
     base |= {f"{m} eps={e:g}": replace(settings, method=m, epsilon=e) for m in SPECTRA_METHODS for e in AUTO_EPSILONS}
-    used = spectra_used(settings)
+    used = spectra_used(replace(settings, method="auto"))
     if metrics is None:
         metrics = dense_spectra(model, used["metrics"], progress)
     if farms_metrics is None:

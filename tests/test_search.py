@@ -146,6 +146,9 @@ def test_search_starts_are_uniform_owl_alphapruning_and_farms_at_the_budget(tiny
     budget; FARMS comes from its own (pooled) spectra, so its curves differ from AlphaPruning's."""
     model, calib, _ = tiny_search
     starts = search_starts(AllocationSettings(method="auto", sparsity=0.6), model, calib)
+    # the starts do not depend on the method the settings name (bench.quality passes the defaults)
+    assert {n: a.per_block for n, a in search_starts(AllocationSettings(sparsity=0.6), model, calib).items()} == \
+        {n: a.per_block for n, a in starts.items()}
     spread = [f"{m} eps={e:g}" for m in ("alphapruning", "farms") for e in AUTO_EPSILONS]
     assert list(starts) == ["uniform", "owl", *spread]
     for name, a in starts.items():
