@@ -203,7 +203,7 @@ def _add_allocation_args(p: argparse.ArgumentParser, axes: bool = False) -> None
     p.add_argument("--search-verify", action="store_true",
                    help="auto: prune every start and every candidate the search confirms for real (one full prune "
                         "each) and keep only real improvements: slower, but every step is measured on the real pruned "
-                        "model")
+                        "model; worth it with SparseGPT at high sparsity")
     if not axes:
         p.add_argument("--search-from", default=d.search_from, metavar="FILE",
                        help="auto: start the search from this allocation JSON (e.g. a previous search's result, to go "

@@ -117,8 +117,9 @@ with st.expander("Find allocation (search)", expanded=SEARCH_KEY in st.session_s
                                      "calibration sample the pruner uses. Never the evaluation text.").strip()
     search_verify = st.checkbox("Verify by real prunes", key="alloc_search_verify",
                                 help="Prune every start and every candidate the search confirms for real (one full "
-                                     "prune each) and keep only real improvements: slower, but every step is measured "
-                                     "on the real pruned model.")
+                                     "prune each) and keep only real improvements: slower (4-6x), but every step is "
+                                     "measured on the real pruned model. Worth it with SparseGPT at high "
+                                     "sparsity, where the faster search can pick a worse curve.")
     mine = st.session_state.get("alloc_custom")  # the applied curve, as of the last run of this page
     mine = mine if mine is not None and mine.model == loaded.info.source else None  # not another model's
     from_mine = st.checkbox("Start from your curve", key="alloc_search_from_mine", disabled=mine is None,
