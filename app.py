@@ -27,7 +27,7 @@ PERSIST = (
     "spectra_fit", "spectra_farms", "spectra_weights", "spectra_layer", "spectra_depth_metric",
     "spectra_heat_metric", "spectra_log", "spectra_mp", "spectra_rand",
     "alloc_target", "alloc_epsilon", "alloc_mode", "alloc_more", "alloc_preset", "alloc_preset_points",
-    "alloc_search_pruner", "alloc_search_steps", "alloc_search_seed", "alloc_search_objective",
+    "alloc_search_pruner", "alloc_search_steps", "alloc_search_step", "alloc_search_seed", "alloc_search_objective",
     "alloc_search_text", "alloc_search_verify",
     "prune_method", "prune_nm", "prune_alloc", "prune_sparsity", "prune_epsilon", "prune_calib_source",
     "prune_n_samples", "prune_calib_seqlen", "prune_eval_source", "prune_eval_own", "prune_eval_seqlen",

@@ -75,6 +75,7 @@ FLAGS = {
     "allocation.metric": "--metric", "allocation.granularity": "--granularity", "allocation.fit": "--fit",
     "allocation.owl_lambda": "--owl-lambda", "allocation.owl_threshold": "--owl-threshold",
     "allocation.points": "--points", "allocation.search_steps": "--search-steps",
+    "allocation.search_step": "--search-step",
     "allocation.search_seed": "--search-seed", "allocation.search_objective": "--search-objective",
     "allocation.search_text": "--search-text", "allocation.search_verify": "--search-verify",
     "allocation.search_from": "--search-from",
@@ -192,6 +193,8 @@ def _add_allocation_args(p: argparse.ArgumentParser, axes: bool = False) -> None
                    help="owl: outlier = |activation x weight| > M x mean")
     p.add_argument("--search-steps", type=int, default=d.search_steps,
                    help="auto: generations of the allocation search")
+    p.add_argument("--search-step", type=float, default=d.search_step,
+                   help="auto: sparsity one mutation moves from a block to another (e.g. 0.05 for larger moves)")
     if not axes:  # a sweep's searches take the seed of their calibration sample
         p.add_argument("--search-seed", type=int, default=d.search_seed, help="auto: seed of the allocation search")
     p.add_argument("--search-objective", default=d.search_objective,
@@ -215,7 +218,8 @@ def _allocation(args: argparse.Namespace, method: str, sparsity: float | None, *
     return AllocationSettings(method=method, sparsity=d.sparsity if sparsity is None else sparsity,
                               epsilon=args.epsilon, metric=args.metric, granularity=args.granularity, fit=args.fit,
                               owl_lambda=args.owl_lambda, owl_threshold=args.owl_threshold,
-                              search_steps=args.search_steps, search_seed=args.search_seed,
+                              search_steps=args.search_steps, search_step=args.search_step,
+                              search_seed=args.search_seed,
                               search_objective=args.search_objective, search_text=args.search_text,
                               search_verify=args.search_verify, search_from=args.search_from, **extra)
 
@@ -561,6 +565,7 @@ def _sweep_grid(args: argparse.Namespace) -> SweepGrid:
     base = RunSettings(model=_model_settings(args),
                        allocation=AllocationSettings(metric=args.metric, granularity=args.granularity, fit=args.fit,
                                                      owl_threshold=args.owl_threshold, search_steps=args.search_steps,
+                                                     search_step=args.search_step,
                                                      search_objective=args.search_objective,
                                                      search_text=args.search_text,
                                                      search_verify=args.search_verify),

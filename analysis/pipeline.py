@@ -193,7 +193,8 @@ def build_allocation(settings: AllocationSettings, model: nn.Module, *, nm=None,
         starts = search_starts(settings, model, calib, metrics, outlier_ratios, model_name, progress, custom,
                                farms_metrics)
         return search_allocation(model, calib, starts, method=prune_method, steps=settings.search_steps,
-                                 seed=settings.search_seed, objective=settings.search_objective,
+                                 step=settings.search_step, seed=settings.search_seed,
+                                 objective=settings.search_objective,
                                  fitness_windows=fitness_windows, verify=settings.search_verify,
                                  confirm_samples=confirm_samples(fitness_windows, settings.search_verify),
                                  model_name=model_name, progress=progress, stop=stop, on_best=on_best)

@@ -67,9 +67,8 @@ from analysis.layers import LayerRef, find_blocks, layers_by_block, module_devic
 from analysis.pruners import get_pruner
 from analysis.pruning import DenseSnapshot
 from analysis.runtime import ProgressFn, StopFlag, should_stop
-from analysis.settings import SEARCH_OBJECTIVES, SEARCH_SEQLEN
+from analysis.settings import SEARCH_OBJECTIVES, SEARCH_SEQLEN, SEARCH_STEP
 
-STEP = 0.025  # sparsity moved by one mutation step
 OnBest = Callable[[list[float], float, int], None]  # (per-block ratios, confirmed fitness, step)
 
 
@@ -86,7 +85,7 @@ class Grid:
     hi: tuple[int, ...]
 
     @classmethod
-    def around(cls, per_block: list[float], params: list[int], step: float = STEP) -> Grid:
+    def around(cls, per_block: list[float], params: list[int], step: float = SEARCH_STEP) -> Grid:
         by_size: dict[int, list[int]] = {}
         for b, p in enumerate(params):
             if p > 0:
@@ -254,7 +253,7 @@ def fitness(model: nn.Module, windows: torch.Tensor, batch: int = 4, reference: 
 
 
 def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, Allocation], method: str = "wanda",
-                      steps: int = 40, seed: int = 0, step: float = STEP, offspring: int = 4,
+                      steps: int = 40, seed: int = 0, step: float = SEARCH_STEP, offspring: int = 4,
                       screen_samples: int = 4, screen_seqlen: int = 128, confirm_seqlen: int = SEARCH_SEQLEN,
                       confirm_samples: int | None = None,
                       objective: str = "nll", fitness_windows: torch.Tensor | None = None, verify: bool = False,

@@ -43,6 +43,10 @@ SEARCH_OBJECTIVES = ("nll", "kl")
 # tokens per sequence the search confirms candidates on (at most the calibration seqlen; also the
 # length of its held-out windows)
 SEARCH_SEQLEN = 128
+# sparsity one mutation of the search moves from a block to another (search_step's default), and the
+# largest step allowed: beyond it a single move reshapes the curve more than any preset differs from uniform
+SEARCH_STEP = 0.025
+SEARCH_STEP_MAX = 0.2
 # a verified search (search_verify) on a search text scores its real prunes on this many times the
 # held-out windows its proxy confirms on: the real prunes decide, so they get the most tokens
 VERIFY_SAMPLES = 4
@@ -205,6 +209,7 @@ class AllocationSettings:
     and owl_threshold: OWL's half-range and outlier multiple M; points / as_drawn: a custom curve
     ((depth, sparsity) pairs); file: an allocation JSON (method "file"); search_steps / search_seed /
     search_objective: generations, seed and fitness ("nll" or "kl") of the "auto" search (analysis.search);
+    search_step: the sparsity (a fraction, in (0, SEARCH_STEP_MAX]) one of its mutations moves between two blocks;
     search_text: a text source (as for calibration.source) the search's fitness is measured on, held out
     from the calibration sample (e.g. the valid split of the user's domain; never the evaluation text);
     None: the calibration text; search_verify: prune the starts and every candidate the search confirms
@@ -226,6 +231,7 @@ class AllocationSettings:
     file: str | None = None
     search_steps: int = 40
     search_seed: int = 0
+    search_step: float = SEARCH_STEP
     search_objective: str = "nll"
     search_text: str | None = None
     search_verify: bool = False
@@ -251,6 +257,9 @@ class AllocationSettings:
             raise SettingsError(f"owl_threshold must be > 0, got {self.owl_threshold}", "allocation.owl_threshold")
         _positive_int(self.search_steps, "allocation.search_steps", 0)
         _positive_int(self.search_seed, "allocation.search_seed", 0)
+        if not (isinstance(self.search_step, int | float) and 0 < self.search_step <= SEARCH_STEP_MAX):
+            raise SettingsError(f"search_step must be a sparsity in (0, {SEARCH_STEP_MAX}], got {self.search_step!r}",
+                                "allocation.search_step")
         if self.search_objective not in SEARCH_OBJECTIVES:
             raise SettingsError(f"search_objective must be one of {', '.join(SEARCH_OBJECTIVES)}, got "
                                 f"{self.search_objective!r}", "allocation.search_objective")

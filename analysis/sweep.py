@@ -325,12 +325,21 @@ class Outcome:
 
 
 def finished_keys(store: RunStore) -> dict[str, int]:
-    """Config key -> run id of every sweep run in the store."""
+    """Config key -> run id of every sweep run in the store. The key is recomputed from the run's stored
+    settings, read with today's defaults for any setting added since it ran, so a version that adds a
+    setting does not run a stored sweep again; the stored key where the settings no longer read (or an
+    allocation file is gone)."""
     out = {}
     for run_id in store.all()["id"]:
-        key = (store.get(int(run_id)).get("sweep") or {}).get("key")
-        if key:
-            out[key] = int(run_id)
+        record = store.get(int(run_id))
+        key = (record.get("sweep") or {}).get("key")
+        if not key:
+            continue
+        try:
+            key = config_key(RunSettings.from_dict(record["config"]["settings"]))
+        except (KeyError, TypeError, OSError, SettingsError):
+            pass
+        out[key] = int(run_id)
     return out
 
 

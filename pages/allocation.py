@@ -10,7 +10,7 @@ from analysis.allocation import Allocation, AllocationError, allocate, block_tab
 from analysis.jobs import Job
 from analysis.pipeline import build_allocation, calibration_batch, search_windows
 from analysis.pruners import PRUNERS
-from analysis.settings import SEARCH_OBJECTIVES, AllocationSettings, SettingsError, SpectraSettings
+from analysis.settings import SEARCH_OBJECTIVES, SEARCH_STEP_MAX, AllocationSettings, SettingsError, SpectraSettings
 from components.curve_editor import clamp_points, curve_editor, curve_points
 from components.figures import METHOD_COLORS, allocation_overlay, block_bars_figure, curves_figure
 from components.state import owl_job, prune_data_settings, require_model, spectra_job, wait_for
@@ -103,11 +103,15 @@ with st.expander("Find allocation (search)", expanded=SEARCH_KEY in st.session_s
                "exact, scored on the calibration text of the Prune page (or on a held-out text you name, e.g. "
                "wikitext2:valid; never the evaluation text): by the pruned model's loss, or by its KL divergence "
                "from the dense model. It runs on a private copy of the model; minutes on a CPU.")
-    f1, f2, f3, f4 = st.columns(4)
+    f1, f2, f3, f4, f5 = st.columns(5)
     search_pruner = f1.selectbox("Pruner", list(PRUNERS), key="alloc_search_pruner")
     search_steps = f2.number_input("Generations", 1, 500, DEFAULT.search_steps, key="alloc_search_steps")
-    search_seed = f3.number_input("Seed", 0, 10_000, DEFAULT.search_seed, key="alloc_search_seed")
-    search_objective = f4.selectbox("Fitness", SEARCH_OBJECTIVES, key="alloc_search_objective",
+    search_step = f3.number_input("Step", 0.005, SEARCH_STEP_MAX, DEFAULT.search_step, 0.005, format="%.3f",
+                                  key="alloc_search_step",
+                                  help="Sparsity one mutation moves from a block to another: larger steps "
+                                       "reshape the curve faster, smaller ones refine it.")
+    search_seed = f4.number_input("Seed", 0, 10_000, DEFAULT.search_seed, key="alloc_search_seed")
+    search_objective = f5.selectbox("Fitness", SEARCH_OBJECTIVES, key="alloc_search_objective",
                                     index=SEARCH_OBJECTIVES.index(DEFAULT.search_objective),
                                     format_func=OBJECTIVE_LABELS.get)
     search_text = st.text_input("Score on (held-out text)", key="alloc_search_text",
@@ -130,6 +134,7 @@ with st.expander("Find allocation (search)", expanded=SEARCH_KEY in st.session_s
     if g1.button("Find allocation", key="alloc_search_run", disabled=search is not None and not search.done):
         cal, ev = prune_data_settings()
         cfg = AllocationSettings(method="auto", sparsity=float(target), search_steps=int(search_steps),
+                                 search_step=float(search_step),
                                  search_seed=int(search_seed), search_objective=search_objective, fit=fit,
                                  search_text=search_text or None, search_verify=search_verify)
         shared, tok, info, start = loaded.model, loaded.tokenizer, loaded.info, mine if from_mine else None

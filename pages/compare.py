@@ -7,7 +7,14 @@ import streamlit as st
 
 from analysis.jobs import ERROR, Job
 from analysis.pruners import PRUNERS
-from analysis.settings import QUICK_EVALUATION, AllocationSettings, ModelSettings, RunSettings, SettingsError
+from analysis.settings import (
+    QUICK_EVALUATION,
+    SEARCH_STEP_MAX,
+    AllocationSettings,
+    ModelSettings,
+    RunSettings,
+    SettingsError,
+)
 from analysis.store import RunStore, StoreError, run_summary
 from analysis.sweep import (
     NAMED_ALLOCATIONS,
@@ -38,6 +45,7 @@ def _grid(f: dict) -> SweepGrid:
     evaluation = replace(QUICK_EVALUATION, source=f["eval"].strip(), max_windows=int(f["max_windows"]))
     base = RunSettings(model=ModelSettings(f["model"].strip()), evaluation=evaluation,
                        allocation=AllocationSettings(search_steps=int(f["search_steps"]),
+                                                     search_step=float(f["search_step"]),
                                                      search_text=f["search_text"].strip() or None))
     return grid_from_text(base, methods=",".join(f["methods"]), allocations=",".join([*f["allocations"], f["files"]]),
                           sparsities=f["sparsities"], epsilons=f["epsilons"], owl_lambdas=f["owl_lambdas"],
@@ -65,6 +73,8 @@ with st.expander("Run a sweep", expanded=False):
             "owl_lambdas": c2.text_input("OWL lambdas", "0.08", key="sweep_owl_lambdas"),
             "search_steps": c2.number_input("Search generations (auto)", 1, 500, AllocationSettings.search_steps,
                                             key="sweep_search_steps"),
+            "search_step": c2.number_input("Search step (auto)", 0.005, SEARCH_STEP_MAX, AllocationSettings.search_step,
+                                           0.005, format="%.3f", key="sweep_search_step"),
             "search_text": c2.text_input("Search scored on (auto; empty: the calibration text)",
                                          key="sweep_search_text", help="A held-out text source, e.g. "
                                          "wikitext2:valid; never the evaluation text."),

@@ -30,8 +30,8 @@ from analysis.pruners import (
     unstructured_mask,
 )
 from analysis.pruning import DenseSnapshot, prune
-from analysis.search import STEP, BlockLevels, Grid, fitness, log_probs, mutate, search_allocation
-from analysis.settings import VERIFY_SAMPLES, AllocationSettings, PruneSettings, SettingsError
+from analysis.search import BlockLevels, Grid, fitness, log_probs, mutate, search_allocation
+from analysis.settings import SEARCH_STEP, VERIFY_SAMPLES, AllocationSettings, PruneSettings, SettingsError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -127,7 +127,7 @@ def test_mutations_keep_the_budget_exact_and_stay_on_the_grid():
         assert grid.budget(k) == pytest.approx(0.6, abs=1e-12)
         assert all(lo <= o <= hi for o, lo, hi in zip(k, grid.lo, grid.hi))
         assert all(0.0 <= r <= 0.99 for r in grid.ratios(k))
-        assert np.allclose((np.asarray(grid.ratios(k)) - start) / STEP, k)
+        assert np.allclose((np.asarray(grid.ratios(k)) - start) / SEARCH_STEP, k)
 
 
 @pytest.fixture(scope="module")
@@ -231,6 +231,10 @@ def test_search_on_kl_to_the_dense_model(tiny_search):
     with pytest.raises(SettingsError, match="search_objective must be one of nll, kl") as e:
         AllocationSettings(method="auto", search_objective="loss").check()
     assert e.value.field == "allocation.search_objective"
+    for step in (0, -0.025, 0.3, float("nan"), "0.05"):
+        with pytest.raises(SettingsError, match="search_step must be a sparsity in") as e:
+            AllocationSettings(method="auto", search_step=step).check()
+        assert e.value.field == "allocation.search_step"
 
 
 def test_search_scored_on_a_held_out_text(tiny_search):
@@ -308,7 +312,7 @@ def test_anchored_levels_are_a_real_prune(off_grid_starts, method):
     dense = DenseSnapshot.take(model)
     ramp, child = starts["ramp"].per_layer, {n: r for n, r in starts["ramp"].per_layer.items()}
     for r in prunable_layers(model):  # one step from block 2 to block 3: blocks 0-2 keep their inputs
-        child[r.name] += {2: -STEP, 3: STEP}.get(r.block, 0.0)
+        child[r.name] += {2: -SEARCH_STEP, 3: SEARCH_STEP}.get(r.block, 0.0)
     levels = BlockLevels(model, calib, method)
     real = {}
     for name, per_layer in (("ramp", ramp), ("child", child)):
@@ -444,7 +448,8 @@ def test_cli_prune_with_auto_allocation_and_trim(tmp_path):
     out = tmp_path / "run.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     r = subprocess.run([sys.executable, "-m", "analysis", "prune", "--model", str(folder), "--device", "cpu",
-                        "--allocation", "auto", "--search-steps", "3", "--search-seed", "1", "--sparsity", "0.6",
+                        "--allocation", "auto", "--search-steps", "3", "--search-seed", "1", "--search-step", "0.05",
+                        "--sparsity", "0.6",
                         "--rowwise", "trim", "--calib", str(tmp_path / "calib.txt"), "--nsamples", "4",
                         "--search-text", str(tmp_path / "held.txt"),
                         "--seqlen", "32", "--eval", str(tmp_path / "eval.txt"), "--eval-seqlen", "32",
@@ -454,6 +459,7 @@ def test_cli_prune_with_auto_allocation_and_trim(tmp_path):
     rec = json.loads(out.read_text())
     assert rec["allocation"]["method"] == "auto" and rec["config"]["rowwise"] == "trim"
     assert rec["allocation"]["params"]["steps"] == 3 and rec["allocation"]["params"]["seed"] == 1
+    assert rec["allocation"]["params"]["step"] == 0.05
     # scored on 4 held-out windows of 32 tokens (the calibration seqlen) spread over held.txt
     assert rec["allocation"]["params"]["fitness"].startswith("held-out")
     assert rec["allocation"]["params"]["confirm_tokens"] == 4 * 32
@@ -466,6 +472,10 @@ def test_cli_prune_with_auto_allocation_and_trim(tmp_path):
                           "kld", "--calib", str(tmp_path / "calib.txt"), "--eval", str(tmp_path / "eval.txt")],
                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert bad.returncode == 2 and "--search-objective" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    bad = subprocess.run([sys.executable, "-m", "analysis", "prune", "--allocation", "auto", "--search-step", "0.5",
+                          "--calib", str(tmp_path / "calib.txt"), "--eval", str(tmp_path / "eval.txt")],
+                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert bad.returncode == 2 and "--search-step" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     (tmp_path / "short.txt").write_text("w1 w2 w3")
     for held, message in (("eval.txt", "must not be the evaluation text"), ("short.txt", "The search text has")):
         bad = subprocess.run([sys.executable, "-m", "analysis", "prune", "--model", str(folder), "--allocation", "auto",
@@ -536,6 +546,7 @@ def test_allocation_page_finds_an_allocation():
     at.run()
     assert not at.checkbox(key="alloc_search_from_mine").disabled
     at.number_input(key="alloc_search_steps").set_value(1).run()
+    at.number_input(key="alloc_search_step").set_value(0.05).run()
     at.selectbox(key="alloc_search_objective").set_value("kl").run()
     at.text_input(key="alloc_search_text").set_value("default").run()  # the Prune page's evaluation text
     at.button(key="alloc_search_run").click().run()
@@ -547,6 +558,7 @@ def test_allocation_page_finds_an_allocation():
     assert "nats/token" in metric(at, "Best KL to the dense model so far")
     job = at.session_state["alloc_search_job"]
     assert job.status == "done" and job.result.method == "auto" and job.result.params["objective"] == "kl"
+    assert job.result.params["step"] == 0.05
     assert job.result.params["fitness"].startswith("held-out")
     at.button(key="alloc_search_use").click().run()
     assert not at.exception

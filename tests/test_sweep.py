@@ -192,6 +192,18 @@ def test_in_process_sweep_and_resume(tiny, in_process):
     assert {o.settings.calibration.seed for o in more if o.status == DONE} == {2}
 
 
+def test_resume_finds_runs_stored_before_a_setting_was_added(in_process, tmp_path):
+    """A run stored by a version without a setting (here allocation.search_step) and under that version's
+    key is still found as finished: the key is recomputed with the setting's default."""
+    _, store, outcomes = in_process
+    record = store.get(outcomes[0].run_id)
+    del record["config"]["settings"]["allocation"]["search_step"]
+    record["sweep"]["key"] = "a key computed without search_step"
+    older = RunStore(tmp_path / "runs.sqlite")
+    run_id = older.add(record)
+    assert finished_keys(older) == {outcomes[0].key: run_id}
+
+
 def test_stop_before_start_cancels_everything_here(tiny, tmp_path):
     store = RunStore(tmp_path / "runs.sqlite")
     stop = threading.Event()
@@ -311,6 +323,7 @@ def test_compare_page_plots_sweeps_and_launches_one(tiny, in_process, monkeypatc
     at.text_input(key="sweep_seeds").set_value("5")
     at.multiselect(key="sweep_allocations").set_value(["uniform", "auto"])
     at.number_input(key="sweep_search_steps").set_value(2)
+    at.number_input(key="sweep_search_step").set_value(0.05)
     at.text_input(key="sweep_search_text").set_value(tiny.evaluation.source)
     at.button[0].click().run()
     assert any("must not be the evaluation text" in e.value for e in at.error)
@@ -324,6 +337,7 @@ def test_compare_page_plots_sweeps_and_launches_one(tiny, in_process, monkeypatc
     assert [o.status for o in job.result] == [DONE, DONE] and len(store) == before + 2
     searched = store.get(job.result[1].run_id)["allocation"]
     assert searched["method"] == "auto" and searched["params"]["steps"] == 2 and searched["params"]["seed"] == 5
+    assert searched["params"]["step"] == 0.05
     assert searched["params"]["fitness"].startswith("held-out")
 
 
