@@ -5,7 +5,7 @@
                             [--out FILE] [--resume]
 
 Grid: dense, then every seed x sparsity x pruner {magnitude, wanda, sparsegpt} x allocation {uniform,
-owl, alphapruning, auto, auto-kl, auto-valid, auto-verify, auto-verify-more}; "NAME+trim" prunes with
+owl, alphapruning, auto, auto-kl, auto-valid, auto-verify, auto-verify-more, auto-verify-wide}; "NAME+trim" prunes with
 that allocation and TRIM row-wise sparsity. "auto" is the allocation search (analysis.search) on the
 calibration batch only ("auto-kl": with the KL-to-dense objective instead of the calibration NLL;
 "auto-valid": the NLL on WikiText-2 *valid*, `--nsamples` windows spread evenly over it, the text
@@ -13,7 +13,8 @@ epsilon is chosen on, with the pruner's statistics still from the calibration ba
 auto-valid with the starts and every candidate it confirms pruned for real, keeping only real
 improvements; the real prunes are scored on settings.VERIFY_SAMPLES times as many valid windows as the
 proxy; "auto-verify-more": that search gone on from the auto-verify result of the same cell for
-`--search-steps` more generations, with search seed = calibration seed + MORE_SEED), started from
+`--search-steps` more generations, with search seed = calibration seed + MORE_SEED; "auto-verify-wide": the
+same with mutations of WIDE_STEP instead of settings.SEARCH_STEP), started from
 uniform, OWL, and AlphaPruning and FARMS at eps 0.1/0.2/0.3 (searches before commit e11dfdb: without
 FARMS), `--search-steps` generations with search seed = the calibration seed; its cost (seconds,
 forward passes, tokens, load average) is recorded under "searches".
@@ -54,23 +55,25 @@ from analysis.owl import collect_outlier_ratios
 from analysis.pipeline import confirm_samples, dense_spectra, library_versions, search_starts
 from analysis.pruning import DenseSnapshot, prune
 from analysis.search import search_allocation
-from analysis.settings import AllocationSettings, SpectraSettings, search_samples
+from analysis.settings import SEARCH_STEP, AllocationSettings, SpectraSettings, search_samples
 from analysis.store import now_iso
 
 OUT = Path(__file__).resolve().parent / "results" / "quality.json"
 METHODS = ("magnitude", "wanda", "sparsegpt")
 # table columns
 ALLOCS = ("uniform", "owl", "alphapruning", "auto", "auto-kl", "auto-valid", "auto-verify", "auto-verify-more",
-          "uniform+trim", "owl+trim", "auto+trim", "auto-valid+trim", "auto-verify+trim")
+          "auto-verify-wide", "uniform+trim", "owl+trim", "auto+trim", "auto-valid+trim", "auto-verify+trim")
 RUN_ORDER = ("wanda", "magnitude", "sparsegpt")  # cheapest informative runs first
 # searched allocations: the objective of each, whether it is measured on WikiText-2 valid, and whether the
 # starts and the confirmed candidates are pruned for real (analysis.search, verify)
 SEARCHES = {"auto": ("nll", False, False), "auto-kl": ("kl", False, False), "auto-valid": ("nll", True, False),
-            "auto-verify": ("nll", True, True), "auto-verify-more": ("nll", True, True)}
+            "auto-verify": ("nll", True, True), "auto-verify-more": ("nll", True, True),
+            "auto-verify-wide": ("nll", True, True)}
 # searches that go on from another search's result of the same cell (its only start, as --search-from), with their own
 # search seed (the calibration seed + MORE_SEED) so they do not replay the first search's moves
-GOES_ON_FROM = {"auto-verify-more": "auto-verify"}
+GOES_ON_FROM = {"auto-verify-more": "auto-verify", "auto-verify-wide": "auto-verify"}
 MORE_SEED = 100
+WIDE_STEP = 0.05  # sparsity one mutation of auto-verify-wide moves: twice the default step
 
 
 class PeakRSS:
@@ -139,7 +142,9 @@ def searched_allocation(model, calib, sparsity: float, method: str, seed: int, s
         n, length = (int(x) for x in screen.split("x"))
         objective, on_valid, verify = SEARCHES[name]
         windows = held_out[verify] if on_valid else None
-        alloc = search_allocation(model, calib, starts, method=method, steps=steps, seed=seed, model_name=model_name,
+        step = WIDE_STEP if name == "auto-verify-wide" else SEARCH_STEP
+        alloc = search_allocation(model, calib, starts, method=method, steps=steps, step=step, seed=seed,
+                                  model_name=model_name,
                                   screen_samples=n, screen_seqlen=length, confirm_seqlen=int(confirm),
                                   confirm_samples=confirm_samples(windows, verify),
                                   objective=objective, fitness_windows=windows, verify=verify,
@@ -212,6 +217,7 @@ def markdown(results: dict) -> str:
     names = {"uniform": "uniform", "owl": "OWL", "alphapruning": "AlphaPruning", "auto": "auto",
              "auto-kl": "auto (KL)", "auto-valid": "auto (valid)", "auto-verify": "auto (valid, verified)",
              "auto-verify-more": "auto (valid, verified, gone on)",
+             "auto-verify-wide": f"auto (valid, verified, gone on, step {WIDE_STEP:g})",
              "uniform+trim": "uniform+TRIM", "owl+trim": "OWL+TRIM", "auto+trim": "auto+TRIM",
              "auto-valid+trim": "auto (valid)+TRIM",
              "auto-verify+trim": "auto (valid, verified)+TRIM"}
@@ -278,8 +284,8 @@ def parse_args(argv=None):
     p.add_argument("--sparsities", default="0.5,0.6,0.7")
     p.add_argument("--methods", default=",".join(RUN_ORDER))
     p.add_argument("--allocations", default="uniform,alphapruning,owl",
-                   help="any of uniform, alphapruning, owl, auto, auto-kl, auto-valid, auto-verify, auto-verify-more; "
-                        "NAME+trim adds TRIM row-wise sparsity")
+                   help="any of uniform, alphapruning, owl, auto, auto-kl, auto-valid, auto-verify, auto-verify-more, "
+                        "auto-verify-wide; NAME+trim adds TRIM row-wise sparsity")
     p.add_argument("--search-steps", type=int, default=40, help="auto: generations of the search")
     p.add_argument("--search-tokens", default="4x128,128",
                    help="auto: screening samples x tokens, and tokens of every calibration sample to confirm on")
