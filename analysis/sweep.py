@@ -35,7 +35,7 @@ import pandas as pd
 
 from analysis.allocation import MAX_RATIO, check_settings, parse_points
 from analysis.evaluation import perplexity
-from analysis.loading import LoadedModel, load_model, resolve_source
+from analysis.loading import LoadedModel, ModelLoadError, load_model, resolve_source
 from analysis.pipeline import dense_spectra, evaluation_windows, run, spectra_used
 from analysis.pruners import PRUNERS
 from analysis.pruning import DenseSnapshot
@@ -327,8 +327,8 @@ class Outcome:
 def finished_keys(store: RunStore) -> dict[str, int]:
     """Config key -> run id of every sweep run in the store. The key is recomputed from the run's stored
     settings, read with today's defaults for any setting added since it ran, so a version that adds a
-    setting does not run a stored sweep again; the stored key where the settings no longer read (or an
-    allocation file is gone)."""
+    setting does not run a stored sweep again; the stored key where the settings no longer read (or the
+    model folder or allocation file is gone)."""
     out = {}
     for run_id in store.all()["id"]:
         record = store.get(int(run_id))
@@ -337,7 +337,7 @@ def finished_keys(store: RunStore) -> dict[str, int]:
             continue
         try:
             key = config_key(RunSettings.from_dict(record["config"]["settings"]))
-        except (KeyError, TypeError, OSError, SettingsError):
+        except (KeyError, TypeError, OSError, SettingsError, ModelLoadError):
             pass
         out[key] = int(run_id)
     return out

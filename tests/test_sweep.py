@@ -202,6 +202,10 @@ def test_resume_finds_runs_stored_before_a_setting_was_added(in_process, tmp_pat
     older = RunStore(tmp_path / "runs.sqlite")
     run_id = older.add(record)
     assert finished_keys(older) == {outcomes[0].key: run_id}
+    # a run whose model folder is gone since keeps its stored key, and does not stop the others being found
+    record["config"]["settings"]["model"]["source"] = str(tmp_path / "deleted-model")
+    gone = older.add(record)
+    assert finished_keys(older) == {outcomes[0].key: run_id, "a key computed without search_step": gone}
 
 
 def test_stop_before_start_cancels_everything_here(tiny, tmp_path):
