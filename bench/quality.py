@@ -64,16 +64,16 @@ METHODS = ("magnitude", "wanda", "sparsegpt")
 ALLOCS = ("uniform", "owl", "alphapruning", "auto", "auto-kl", "auto-valid", "auto-verify", "auto-verify-more",
           "auto-verify-wide", "uniform+trim", "owl+trim", "auto+trim", "auto-valid+trim", "auto-verify+trim")
 RUN_ORDER = ("wanda", "magnitude", "sparsegpt")  # cheapest informative runs first
-# searched allocations: the objective of each, whether it is measured on WikiText-2 valid, and whether the
-# starts and the confirmed candidates are pruned for real (analysis.search, verify)
-SEARCHES = {"auto": ("nll", False, False), "auto-kl": ("kl", False, False), "auto-valid": ("nll", True, False),
-            "auto-verify": ("nll", True, True), "auto-verify-more": ("nll", True, True),
-            "auto-verify-wide": ("nll", True, True)}
+WIDE_STEP = 0.05  # sparsity one mutation of auto-verify-wide moves: twice the default step
+# searched allocations: the objective of each, whether it is measured on WikiText-2 valid, whether the
+# starts and the confirmed candidates are pruned for real (analysis.search, verify), and its mutation step
+SEARCHES = {"auto": ("nll", False, False, SEARCH_STEP), "auto-kl": ("kl", False, False, SEARCH_STEP),
+            "auto-valid": ("nll", True, False, SEARCH_STEP), "auto-verify": ("nll", True, True, SEARCH_STEP),
+            "auto-verify-more": ("nll", True, True, SEARCH_STEP), "auto-verify-wide": ("nll", True, True, WIDE_STEP)}
 # searches that go on from another search's result of the same cell (its only start, as --search-from), with their own
 # search seed (the calibration seed + MORE_SEED) so they do not replay the first search's moves
 GOES_ON_FROM = {"auto-verify-more": "auto-verify", "auto-verify-wide": "auto-verify"}
 MORE_SEED = 100
-WIDE_STEP = 0.05  # sparsity one mutation of auto-verify-wide moves: twice the default step
 
 
 class PeakRSS:
@@ -140,9 +140,8 @@ def searched_allocation(model, calib, sparsity: float, method: str, seed: int, s
         load_before, cpu0 = os.getloadavg(), time.process_time()
         screen, confirm = tokens.split(",")
         n, length = (int(x) for x in screen.split("x"))
-        objective, on_valid, verify = SEARCHES[name]
+        objective, on_valid, verify, step = SEARCHES[name]
         windows = held_out[verify] if on_valid else None
-        step = WIDE_STEP if name == "auto-verify-wide" else SEARCH_STEP
         alloc = search_allocation(model, calib, starts, method=method, steps=steps, step=step, seed=seed,
                                   model_name=model_name,
                                   screen_samples=n, screen_seqlen=length, confirm_seqlen=int(confirm),
