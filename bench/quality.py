@@ -21,9 +21,11 @@ forward passes, tokens, load average) is recorded under "searches".
 Calibration: n random windows from the embedded corpus (gensim's Lee background corpus, news text,
 disjoint from WikiText-2). Evaluation: the first `--windows` non-overlapping 512-token windows of
 WikiText-2 test (a fixed prefix, identical for every run, so differences between runs are paired;
-`--windows 0` takes the whole test set). AlphaPruning's epsilon is chosen from `--eps-grid` on
-WikiText-2 *valid* (first `--valid-windows` windows, wanda at `--eps-sparsity`), never on test. OWL uses
-M=5, lambda=0.08.
+`--windows 0` takes the whole test set; `--searches-from FILE` takes the searched allocations and the epsilon
+selection of another result file of the same model and settings, so a longer evaluation of a finished
+benchmark prunes with the very allocations it found instead of searching again). AlphaPruning's epsilon
+is chosen from `--eps-grid` on WikiText-2 *valid* (first `--valid-windows` windows, wanda at
+`--eps-sparsity`), never on test. OWL uses M=5, lambda=0.08.
 
 Per run it records pruning and evaluation seconds and the peak resident memory of the process
 during the run (sampled every 0.1 s with psutil; on a GPU also the peak GPU memory that torch
@@ -158,6 +160,23 @@ def searched_allocation(model, calib, sparsity: float, method: str, seed: int, s
     return Allocation.from_dict(found[key])
 
 
+# the settings a search or the epsilon selection depends on: a result file whose searches are reused must match them
+SEARCH_CONFIG = ("model", "valid_windows", "nsamples", "seqlen", "eps_grid", "eps_sparsity", "owl", "search_steps",
+                 "search_tokens")
+
+
+def reuse_searches(results: dict, source: Path, config: dict) -> None:
+    """Copy `source`'s searches and epsilon selection into `results` (those `results` has win)."""
+    other = json.loads(source.read_text())
+    differ = [k for k in SEARCH_CONFIG if other["config"].get(k) != config[k]]
+    if differ:
+        raise SystemExit(f"--searches-from {source}: its {', '.join(differ)} differ from this run's; "
+                         "its searches would not be the ones this run makes")
+    results["searches"] = {**other.get("searches", {}), **results.get("searches", {})}
+    results["epsilon_selection"] = {**other.get("epsilon_selection", {}), **results.get("epsilon_selection", {})}
+    results["config"]["searches_from"] = source.name
+
+
 def prune_and_eval(model, snap, alloc, method: str, calib, windows, rowwise: str | None = None) -> dict:
     """Prune with `alloc`, evaluate, restore the dense weights; returns the measurements."""
     gpu = next(model.parameters()).device.type == "cuda"
@@ -220,8 +239,9 @@ def markdown(results: dict) -> str:
              "uniform+trim": "uniform+TRIM", "owl+trim": "OWL+TRIM", "auto+trim": "auto+TRIM",
              "auto-valid+trim": "auto (valid)+TRIM",
              "auto-verify+trim": "auto (valid, verified)+TRIM"}
+    span = "all" if cfg["windows"] == 0 else "first"
     lines = [f"{cfg.get('model', 'default')}: dense {results['dense']['ppl']:.2f}. WikiText-2 test perplexity, "
-             f"first {n_windows} windows of {cfg['eval_seqlen']} tokens ({cfg['eval_tokens']} scored tokens); "
+             f"{span} {n_windows} windows of {cfg['eval_seqlen']} tokens ({cfg['eval_tokens']} scored tokens); "
              f"calibration {cfg['nsamples']}x{cfg['seqlen']} tokens from the embedded corpus, seeds "
              f"{', '.join(map(str, seeds))} (mean, and range over seeds); AlphaPruning eps = "
              f"{results.get('epsilon')} (chosen on WikiText-2 valid); each \"vs\" column compares means over the "
@@ -295,6 +315,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="result file (default: bench/results/quality.json, "
                                                 "quality_cuda.json on a GPU)")
     p.add_argument("--resume", action="store_true", help="keep finished runs of the result file")
+    p.add_argument("--searches-from", type=Path, default=None,
+                   help="reuse the searches and epsilon selection of this result file (same model and settings)")
     return p.parse_args(argv)
 
 
@@ -322,6 +344,8 @@ def main(argv=None) -> int:
                     "machine": {"cpus": psutil.cpu_count(), "platform": platform.platform(),
                                 "shared": "2-core CPU shared with other jobs; see each search's load average"}})
     results.setdefault("runs", {})
+    if args.searches_from:
+        reuse_searches(results, args.searches_from, config)
     calibs = {seed: calibration_batches(tok, load_text("default"), args.nsamples, args.seqlen, seed=seed,
                                         bos=lm.info.bos_per_window) for seed in seeds}
     test = eval_windows(tok, load_text("wikitext2:test"), 512, bos=lm.info.bos_per_window,
