@@ -326,8 +326,3 @@ def evaluation_text(source: str, calib_source: str | None = None, encoding: str 
     """The text evaluation windows are cut from (see `is_split`)."""
     text = load_text(source, encoding)
     return split_text(text)[1] if is_split(source, calib_source) else text
-
-
-def calib_and_eval_texts(calib: str, eval_source: str) -> tuple[str, str]:
-    """Calibration and evaluation text, disjoint whatever the two sources are."""
-    return calibration_text(calib, eval_source), evaluation_text(eval_source, calib)

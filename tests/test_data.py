@@ -4,7 +4,6 @@ import torch
 
 from analysis.data import (
     DataError,
-    calib_and_eval_texts,
     calibration_batches,
     calibration_text,
     eval_windows,
@@ -37,8 +36,7 @@ def test_split_text_halves_are_disjoint():
     assert 0.45 < len(calib) / len(text) < 0.55 and len(ev) > 0.4 * len(text)
     assert split_text("one two three four", 0.4) == ("one two", "three four")
     # the same source for both roles is split, different sources are not
-    c2, e2 = calib_and_eval_texts("default", "default")
-    assert (c2, e2) == (calib, ev)
+    assert (calibration_text("default", "default"), evaluation_text("default", "default")) == (calib, ev)
 
 
 def test_embedded_corpus_is_always_split(wikitext_dir):
