@@ -178,7 +178,8 @@ def _add_allocation_args(p: argparse.ArgumentParser, axes: bool = False) -> None
         p.add_argument("--epsilons", default=f"{d.epsilon:g}", help="alphapruning/farms spreads, e.g. 0.1,0.3")
     else:
         p.add_argument("--epsilon", type=float, default=d.epsilon,
-                       help="alphapruning/farms spread: ratios in [S(1-eps), S(1+eps)]")
+                       help="alphapruning/farms spread: ratios in [S(1-eps), S(1+eps)]; with auto, the search also "
+                            "starts from alphapruning and farms at this eps")
     p.add_argument("--metric", default=d.metric, choices=list(METRIC_DIRECTION),
                    help="per-matrix metric (alphapruning/farms)")
     p.add_argument("--granularity", default=d.granularity, choices=["block", "layer"],

@@ -124,6 +124,12 @@ def dense_spectra(model: nn.Module, spectra: SpectraSettings, progress: Progress
 AUTO_EPSILONS = (0.1, 0.2, 0.3)  # AlphaPruning and FARMS spread the search starts from
 
 
+def start_epsilons(epsilon: float) -> tuple[float, ...]:
+    """The ε the AlphaPruning and FARMS starts of a search use: AUTO_EPSILONS and the settings' own ε
+    (e.g. one the user chose on a valid split), ascending; ε = 0 would repeat the uniform start."""
+    return tuple(sorted(set(AUTO_EPSILONS) | ({epsilon} if epsilon > 0 else set())))
+
+
 def spectra_used(settings: AllocationSettings, nm: str | None = None) -> dict[str, SpectraSettings]:
     """The dense spectra build_allocation computes an allocation from, by the name of its argument that
     takes them: an alphapruning/farms allocation its own; an "auto" search those of its AlphaPruning and
@@ -142,8 +148,9 @@ def search_starts(settings: AllocationSettings, model: nn.Module, calib: torch.T
                   model_name: str = "", progress: ProgressFn | None = None,
                   custom: Allocation | None = None, farms_metrics: pd.DataFrame | None = None) -> dict[str, Allocation]:
     """The allocations the "auto" search starts from, at settings.sparsity: uniform, OWL (outliers on
-    `calib`), and AlphaPruning and FARMS at each of AUTO_EPSILONS (AlphaPruning from `metrics`, spectra
-    with settings.spectra; FARMS from `farms_metrics`, its pooled spectra with settings.fit); instead, only
+    `calib`), and AlphaPruning and FARMS at each of start_epsilons(settings.epsilon) (AlphaPruning from
+    `metrics`, spectra with settings.spectra; FARMS from `farms_metrics`, its pooled spectra with
+    settings.fit); instead, only
     `custom` (a curve drawn on the Allocation page) or the file settings.search_from, when given. What is
     not passed in is computed here from `model`, which must then be dense. settings.method is not read:
     these are the starts of an "auto" search whatever method the settings name."""
@@ -153,7 +160,8 @@ def search_starts(settings: AllocationSettings, model: nn.Module, calib: torch.T
         path = Path(settings.search_from).expanduser()
         return {path.name: Allocation.load(path)}
     base = {"uniform": replace(settings, method="uniform"), "owl": replace(settings, method="owl")}
-    base |= {f"{m} eps={e:g}": replace(settings, method=m, epsilon=e) for m in SPECTRA_METHODS for e in AUTO_EPSILONS}
+    base |= {f"{m} eps={e:g}": replace(settings, method=m, epsilon=e) for m in SPECTRA_METHODS
+             for e in start_epsilons(settings.epsilon)}
     used = spectra_used(replace(settings, method="auto"))
     if metrics is None:
         metrics = dense_spectra(model, used["metrics"], progress)

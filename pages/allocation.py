@@ -33,7 +33,8 @@ params = block_table(metrics)["params"].tolist()
 c1, c2, c3 = st.columns(3)
 target = c1.slider("Target sparsity", 0.05, 0.9, DEFAULT.sparsity, 0.05, key="alloc_target")
 epsilon = c2.slider("ε (AlphaPruning / FARMS spread)", 0.0, 0.9, DEFAULT.epsilon, 0.05, key="alloc_epsilon",
-                    help="Ratios start in [S(1-ε), S(1+ε)] before rescaling to the budget.")
+                    help="Ratios start in [S(1-ε), S(1+ε)] before rescaling to the budget. Find allocation "
+                         "also starts from AlphaPruning and FARMS at this ε.")
 mode = c3.radio("Apply the curve", ["normalized to target", "as drawn"], key="alloc_mode",
                 help="normalized: the curve's shape, scaled so the budget equals the target; "
                      "as drawn: exactly the drawn values (the budget is whatever they imply).")
@@ -133,7 +134,8 @@ with st.expander("Find allocation (search)", expanded=SEARCH_KEY in st.session_s
     g1, g2 = st.columns(2)
     if g1.button("Find allocation", key="alloc_search_run", disabled=search is not None and not search.done):
         cal, ev = prune_data_settings()
-        cfg = AllocationSettings(method="auto", sparsity=float(target), search_steps=int(search_steps),
+        cfg = AllocationSettings(method="auto", sparsity=float(target), epsilon=float(epsilon),
+                                 search_steps=int(search_steps),
                                  search_step=float(search_step),
                                  search_seed=int(search_seed), search_objective=search_objective, fit=fit,
                                  search_text=search_text or None, search_verify=search_verify)

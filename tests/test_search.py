@@ -169,6 +169,21 @@ def test_search_starts_are_uniform_owl_alphapruning_and_farms_at_the_budget(tiny
         assert given[f"farms eps={e:g}"].per_block == pytest.approx(starts[f"alphapruning eps={e:g}"].per_block)
 
 
+def test_search_starts_include_the_settings_epsilon(tiny_search):
+    """A user's own ε (e.g. chosen on a valid split) joins the AlphaPruning and FARMS starts; one already
+    in AUTO_EPSILONS, or ε = 0 (uniform), adds none."""
+    model, calib, _ = tiny_search
+    starts = search_starts(AllocationSettings(method="auto", sparsity=0.6, epsilon=0.05), model, calib)
+    eps = (0.05, *AUTO_EPSILONS)
+    assert list(starts) == ["uniform", "owl", *[f"{m} eps={e:g}" for m in ("alphapruning", "farms") for e in eps]]
+    assert starts["alphapruning eps=0.05"].achieved == pytest.approx(0.6, abs=1e-3)
+    assert starts["alphapruning eps=0.05"].params["epsilon"] == 0.05
+    assert np.ptp(starts["alphapruning eps=0.05"].per_block) < np.ptp(starts["alphapruning eps=0.1"].per_block)
+    for e in (0.0, AUTO_EPSILONS[0]):
+        n = len(search_starts(AllocationSettings(sparsity=0.6, epsilon=e), model, calib))
+        assert n == 2 + 2 * len(AUTO_EPSILONS)
+
+
 def test_search_is_deterministic_exact_and_never_worse_than_its_best_start(tiny_search):
     model, calib, starts = tiny_search
     dense = DenseSnapshot.take(model)
