@@ -15,8 +15,10 @@ improvements; the real prunes are scored on settings.VERIFY_SAMPLES times as man
 proxy; "auto-verify-more": that search gone on from the auto-verify result of the same cell for
 `--search-steps` more generations, with search seed = calibration seed + MORE_SEED; "auto-verify-wide": the
 same with mutations of WIDE_STEP instead of settings.SEARCH_STEP), started from
-uniform, OWL, and AlphaPruning and FARMS at eps 0.1/0.2/0.3 (searches before commit e11dfdb: without
-FARMS), `--search-steps` generations with search seed = the calibration seed; its cost (seconds,
+uniform, OWL, and AlphaPruning and FARMS at eps 0.1/0.2/0.3 and at the chosen epsilon (searches before
+commit e11dfdb: without FARMS; a search whose recorded starts lack "alphapruning eps=<chosen>" predates
+that start, which matters on Gemma-3, whose chosen epsilon is 0.05, not on SmolLM2, whose 0.2 is one of
+the three), `--search-steps` generations with search seed = the calibration seed; its cost (seconds,
 forward passes, tokens, load average) is recorded under "searches".
 Calibration: n random windows from the embedded corpus (gensim's Lee background corpus, news text,
 disjoint from WikiText-2). Evaluation: the first `--windows` non-overlapping 512-token windows of
@@ -137,8 +139,9 @@ def searched_allocation(model, calib, sparsity: float, method: str, seed: int, s
                 raise SystemExit(f"{name} goes on from the {GOES_ON_FROM[name]} search of {key}: run that first")
             starts, seed = {GOES_ON_FROM[name]: Allocation.from_dict(first)}, seed + MORE_SEED
         else:
-            starts = search_starts(AllocationSettings(sparsity=sparsity, owl_threshold=5.0), model, calib, metrics,
-                                   outliers, model_name)
+            # the epsilon chosen on valid is a start too, as `--epsilon` makes it for a user's search
+            settings = AllocationSettings(sparsity=sparsity, owl_threshold=5.0, epsilon=results["epsilon"])
+            starts = search_starts(settings, model, calib, metrics, outliers, model_name)
         load_before, cpu0 = os.getloadavg(), time.process_time()
         screen, confirm = tokens.split(",")
         n, length = (int(x) for x in screen.split("x"))
