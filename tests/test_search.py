@@ -545,9 +545,9 @@ def test_cli_allocate_auto_with_the_pruner_and_a_held_out_text(tmp_path):
 
 def test_allocation_page_finds_an_allocation():
     """The Allocation page's Find allocation on the real default model (one generation, KL objective,
-    scored on a held-out text; the evaluation text is refused): progress, the best KL so far, "Use
-    this curve" takes the search's per-block ratios as the control points, and "Start from your curve"
-    searches from them."""
+    scored on a held-out text, the page's ε among the starts; the evaluation text is refused): progress,
+    the best KL so far, "Use this curve" takes the search's per-block ratios as the control points, and
+    "Start from your curve" searches from them."""
     from test_app import fresh_app, metric, run_until_idle
 
     at = fresh_app()
@@ -563,6 +563,7 @@ def test_allocation_page_finds_an_allocation():
     at.number_input(key="alloc_search_steps").set_value(1).run()
     at.number_input(key="alloc_search_step").set_value(0.05).run()
     at.selectbox(key="alloc_search_objective").set_value("kl").run()
+    at.slider(key="alloc_epsilon").set_value(0.05).run()  # the page's ε joins the AlphaPruning and FARMS starts
     at.text_input(key="alloc_search_text").set_value("default").run()  # the Prune page's evaluation text
     at.button(key="alloc_search_run").click().run()
     assert any("must not be the evaluation text" in e.value for e in at.error)
@@ -574,6 +575,7 @@ def test_allocation_page_finds_an_allocation():
     job = at.session_state["alloc_search_job"]
     assert job.status == "done" and job.result.method == "auto" and job.result.params["objective"] == "kl"
     assert job.result.params["step"] == 0.05
+    assert {"alphapruning eps=0.05", "farms eps=0.05", "alphapruning eps=0.3"} <= set(job.result.params["starts"])
     assert job.result.params["fitness"].startswith("held-out")
     at.button(key="alloc_search_use").click().run()
     assert not at.exception
