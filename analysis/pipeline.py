@@ -126,8 +126,9 @@ AUTO_EPSILONS = (0.1, 0.2, 0.3)  # AlphaPruning and FARMS spread the search star
 
 def start_epsilons(epsilon: float) -> tuple[float, ...]:
     """The ε the AlphaPruning and FARMS starts of a search use: AUTO_EPSILONS and the settings' own ε
-    (e.g. one the user chose on a valid split), ascending; ε = 0 would repeat the uniform start."""
-    return tuple(sorted(set(AUTO_EPSILONS) | ({epsilon} if epsilon > 0 else set())))
+    (e.g. one the user chose on a valid split), ascending; ε = 0 would repeat the uniform start. ε is
+    rounded to 6 decimals, so a slider's 0.30000000000000004 is the 0.3 start, not a second one."""
+    return tuple(sorted(set(AUTO_EPSILONS) | ({round(epsilon, 6)} if epsilon > 0 else set())))
 
 
 def spectra_used(settings: AllocationSettings, nm: str | None = None) -> dict[str, SpectraSettings]:
@@ -150,18 +151,18 @@ def search_starts(settings: AllocationSettings, model: nn.Module, calib: torch.T
     """The allocations the "auto" search starts from, at settings.sparsity: uniform, OWL (outliers on
     `calib`), and AlphaPruning and FARMS at each of start_epsilons(settings.epsilon) (AlphaPruning from
     `metrics`, spectra with settings.spectra; FARMS from `farms_metrics`, its pooled spectra with
-    settings.fit); instead, only
-    `custom` (a curve drawn on the Allocation page) or the file settings.search_from, when given. What is
-    not passed in is computed here from `model`, which must then be dense. settings.method is not read:
-    these are the starts of an "auto" search whatever method the settings name."""
+    settings.fit); instead, only `custom` (a curve drawn on the Allocation page) or the file
+    settings.search_from, when given. What is not passed in is computed here from `model`, which must
+    then be dense. settings.method is not read: these are the starts of an "auto" search whatever
+    method the settings name."""
     if custom is not None:
         return {"your curve": custom}
     if settings.search_from is not None:
         path = Path(settings.search_from).expanduser()
         return {path.name: Allocation.load(path)}
     base = {"uniform": replace(settings, method="uniform"), "owl": replace(settings, method="owl")}
-    base |= {f"{m} eps={e:g}": replace(settings, method=m, epsilon=e) for m in SPECTRA_METHODS
-             for e in start_epsilons(settings.epsilon)}
+    epsilons = start_epsilons(settings.epsilon)
+    base |= {f"{m} eps={e:g}": replace(settings, method=m, epsilon=e) for m in SPECTRA_METHODS for e in epsilons}
     used = spectra_used(replace(settings, method="auto"))
     if metrics is None:
         metrics = dense_spectra(model, used["metrics"], progress)
