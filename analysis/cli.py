@@ -44,6 +44,7 @@ from analysis.pipeline import (
 from analysis.powerlaw import XMIN_RULES
 from analysis.pruners import PRUNERS, ROWWISE, parse_nm
 from analysis.pruning import prune
+from analysis.search import describe
 from analysis.settings import (
     ALLOCATION_METHODS,
     SPECTRA_METHODS,
@@ -321,6 +322,11 @@ def _print_allocation(alloc: Allocation, metrics: pd.DataFrame, metric: str | No
           f"(parameter-weighted over {len(alloc.per_layer)} prunable matrices)")
 
 
+def _print_search(alloc: Allocation) -> None:
+    if alloc.method == "auto" and "history" in alloc.params:
+        print("\n".join(describe(alloc.params)))
+
+
 def cmd_allocate(args: argparse.Namespace) -> int:
     points = None
     if args.method == "custom":
@@ -355,6 +361,7 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     alloc = build_allocation(settings, loaded.model, calib=calib, metrics=metrics, model_name=args.model,
                              prune_method=args.pruner, progress=_print_progress, fitness_windows=held_out)
     _print_allocation(alloc, metrics, args.metric if args.method in SPECTRA_METHODS else None)
+    _print_search(alloc)
     if args.out:
         print(f"wrote {alloc.save(args.out)}")
     _write_allocation_files(args, alloc, module_order(alloc.per_layer, loaded.model))
@@ -443,6 +450,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
           f"{settings.calibration.source}; evaluation on {settings.evaluation.source}", file=sys.stderr)
     result = run(loaded, settings, progress=_print_progress, on_ppl=_print_ppl)
     record, report = result.record, result.report
+    _print_search(result.allocation)
     record["timings_s"]["load"] = round(loaded.info.load_seconds, 3)
     export_error = None
     if zeroshot is not None:

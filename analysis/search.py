@@ -62,7 +62,6 @@ from torch import nn
 
 from analysis.allocation import MAX_RATIO, Allocation, budget
 from analysis.calibration import InputStats, walk_blocks
-from analysis.evaluation import window_nll
 from analysis.layers import LayerRef, find_blocks, layers_by_block, module_device
 from analysis.pruners import get_pruner
 from analysis.pruning import DenseSnapshot
@@ -233,23 +232,38 @@ def log_probs(model: nn.Module, windows: torch.Tensor, batch: int = 4) -> torch.
     return torch.cat(parts)
 
 
-def fitness(model: nn.Module, windows: torch.Tensor, batch: int = 4, reference: torch.Tensor | None = None) -> float:
-    """Mean per predicted token (nats) of `model` on `windows` (n, L): the next-token NLL, or, given
-    `reference` (`log_probs` of the dense model on the same windows), KL(dense || model)."""
+def window_losses(model: nn.Module, windows: torch.Tensor, batch: int = 4,
+                  reference: torch.Tensor | None = None) -> np.ndarray:
+    """Per window of `windows` (n, L), the mean per predicted token (nats) of `model`: the next-token
+    NLL, or, given `reference` (`log_probs` of the dense model on the same windows), KL(dense || model)."""
     dev = module_device(model)
-    total, tokens = 0.0, 0
+    out = []
     with torch.no_grad():
         for i in range(0, windows.shape[0], batch):
             w = windows[i: i + batch].to(dev)
+            logits = model(input_ids=w, use_cache=False).logits[:, :-1].float()
             if reference is None:
-                nll, n = window_nll(model, w)
+                target = w[:, 1:].to(logits.device)
+                per_token = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")
             else:
-                logits = model(input_ids=w, use_cache=False).logits[:, :-1].float()
                 ref = reference[i: i + batch].to(logits.device).float()
-                nll = float((ref.exp() * (ref - F.log_softmax(logits, dim=-1))).sum())
-                n = ref.shape[0] * ref.shape[1]
-            total, tokens = total + nll, tokens + n
-    return total / tokens
+                per_token = (ref.exp() * (ref - F.log_softmax(logits, dim=-1))).sum(-1)
+            out.append(per_token.mean(1).double().cpu())
+    return torch.cat(out).numpy()
+
+
+def fitness(model: nn.Module, windows: torch.Tensor, batch: int = 4, reference: torch.Tensor | None = None) -> float:
+    """Mean per predicted token (nats) over `windows` (see `window_losses`; the windows have equal lengths)."""
+    return float(window_losses(model, windows, batch, reference).mean())
+
+
+def paired_gain(before: np.ndarray, after: np.ndarray) -> tuple[float, float]:
+    """(mean gain, its standard error) in nats/token from per-window losses of two allocations on the same
+    windows: gain = mean(before - after), SE = std(before - after) / sqrt(n) (paired over windows; nan
+    for a single window)."""
+    d = np.asarray(before, dtype=np.float64) - np.asarray(after, dtype=np.float64)
+    se = float(d.std(ddof=1) / math.sqrt(d.size)) if d.size > 1 else math.nan
+    return float(d.mean()), se
 
 
 def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, Allocation], method: str = "wanda",
@@ -268,8 +282,10 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
     offspring the proxy confirms are pruned for real, and only a real improvement replaces the parent
     (see the module docstring). The result's params hold the search's settings, the starts' fitness,
     the history (one entry per improvement), the real prunes' fitness (`verified`: start name or
-    "step N" -> fitness), what was kept (`result`, `real_fitness`) and its cost (seconds, forward
-    passes, tokens, real prunes)."""
+    "step N" -> fitness), what was kept (`result`, `real_fitness`), the result's `gain` over the start it
+    went on from (nats/token on the same windows: the confirmation windows, or the real prunes' with
+    `verify`; `gain_se` its standard error paired over the `gain_windows` windows) and its cost
+    (seconds, forward passes, tokens, real prunes)."""
     if not starts:
         raise ValueError("the search needs at least one start allocation")
     sparsity = next(iter(starts.values())).sparsity
@@ -294,39 +310,45 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
     used = (screen, confirm, checked) if verify else (screen, confirm)
     reference = {i: log_probs(model, w) for i, w in {id(w): w for w in used}.items()} if objective == "kl" else {}
 
-    def score(per_layer: dict[str, float], windows: torch.Tensor) -> float:
+    def losses(per_layer: dict[str, float], windows: torch.Tensor) -> np.ndarray:
         levels.apply(per_layer)
         cost["forward_passes"] += math.ceil(windows.shape[0] / 4)
         cost["tokens"] += int(windows.numel())
-        return fitness(model, windows, reference=reference.get(id(windows)))
+        return window_losses(model, windows, reference=reference.get(id(windows)))
 
-    real_fits: dict[tuple, float] = {}
+    def score(per_layer: dict[str, float], windows: torch.Tensor) -> float:
+        return float(losses(per_layer, windows).mean())
 
-    def real(per_layer: dict[str, float], what: str, at: float) -> float | None:
-        """Fitness on all the scored windows after a real prune at these ratios (every block fed by
-        the pruned blocks before it, as the final prune does), which becomes the levels' anchor; the
-        known fitness (and no prune) for ratios pruned before; None if stopped. Progress names `what`
-        is pruned, block by block, at fraction `at` of the search."""
+    real_fits: dict[tuple, np.ndarray] = {}
+
+    def real(per_layer: dict[str, float], what: str, at: float) -> np.ndarray | None:
+        """Per-window fitness on all the scored windows after a real prune at these ratios (every block
+        fed by the pruned blocks before it, as the final prune does), which becomes the levels' anchor;
+        the known fitness (and no prune) for ratios pruned before; None if stopped. Progress names
+        `what` is pruned, block by block, at fraction `at` of the search."""
         key = tuple(per_layer.items())
         if key not in real_fits:
             show = progress and (lambda message, _f: progress(message, at))
             if not levels.anchor(per_layer, stop, show, f"search: pruning {what} for real, block"):
                 return None
             cost["real_prunes"] += 1
-            real_fits[key] = score(per_layer, checked)
+            real_fits[key] = losses(per_layer, checked)
         return real_fits[key]
 
     rng = np.random.default_rng(seed)
     try:
-        start_scores = {name: score(alloc.per_layer, confirm) for name, alloc in starts.items()}
+        start_losses = {name: losses(alloc.per_layer, confirm) for name, alloc in starts.items()}
+        start_scores = {name: float(x.mean()) for name, x in start_losses.items()}
         verified: dict[str, float] = {}
+        real_losses: dict[str, np.ndarray] = {}
         best_state, best_fit = None, math.inf
         if verify:
             for name, alloc in starts.items():
-                fit = real(alloc.per_layer, f"the start {name}", 0.0)
-                if fit is None:
+                x = real(alloc.per_layer, f"the start {name}", 0.0)
+                if x is None:
                     break
-                verified[name] = fit
+                fit = float(x.mean())
+                real_losses[name], verified[name] = x, fit
                 if fit < best_fit:  # the first best start's anchor (a start seen before is not re-anchored)
                     best_state, best_fit = levels.save(), fit
         best_name = min(verified or start_scores, key=lambda n: verified.get(n, start_scores[n]))
@@ -335,6 +357,7 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
         grid = Grid.around(starts[best_name].per_block, params, step)
         parent = np.zeros(n_blocks, dtype=np.int64)
         parent_fit = verified.get(best_name, start_scores[best_name])
+        base_windows = parent_windows = (real_losses or start_losses)[best_name]  # what the gain is measured from
         parent_confirm = score(_per_layer(grid, parent, refs), confirm)  # the proxy's, on the anchor
         parent_screen = score(_per_layer(grid, parent, refs), screen)
         history = [{"step": 0, "fitness": parent_fit, "per_block": grid.ratios(parent)}]
@@ -348,11 +371,13 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
             screened = [score(_per_layer(grid, c, refs), screen) for c in children]
             i = int(np.argmin(screened))
             child = _per_layer(grid, children[i], refs)
-            confirmed = score(child, confirm) if screened[i] < parent_screen else math.inf
+            fit_windows = losses(child, confirm) if screened[i] < parent_screen else None
+            confirmed = math.inf if fit_windows is None else float(fit_windows.mean())
             fit, better = confirmed, confirmed < parent_confirm
             if verify and better:  # a real prune decides, and re-anchors the levels
                 saved = levels.save()
-                fit = real(child, f"the step {s} candidate", s / steps)
+                fit_windows = real(child, f"the step {s} candidate", s / steps)
+                fit = None if fit_windows is None else float(fit_windows.mean())
                 if fit is not None:
                     verified[f"step {s}"] = fit
                 better = fit is not None and fit < parent_fit
@@ -362,6 +387,7 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
                     levels.load(saved)
             if better:
                 parent, parent_fit, parent_confirm, parent_screen = children[i], fit, confirmed, screened[i]
+                parent_windows = fit_windows
                 history.append({"step": s, "fitness": parent_fit, "per_block": grid.ratios(parent)})
                 if on_best:
                     on_best(grid.ratios(parent), parent_fit, s)
@@ -371,6 +397,7 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
         chosen = "search" if len(history) > 1 else best_name
     finally:
         levels.restore()
+    gain, gain_se = paired_gain(base_windows, parent_windows)
     info = {
         "pruner": method, "objective": objective, "step": step, "steps": steps,
         "fitness": f"{where} {'NLL' if objective == 'nll' else 'KL(dense || pruned)'} (nats/token)",
@@ -379,12 +406,35 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
         "real_prune_tokens": int(checked.numel()) if verify else 0, "start": best_name,
         "starts": start_scores, "best_fitness": parent_fit, "history": history,
         "verify": verify, "verified": verified, "result": chosen, "real_fitness": parent_fit if verify else None,
+        "gain": gain, "gain_se": gain_se, "gain_windows": int(len(base_windows)),
         "seconds": round(time.perf_counter() - t0, 2), **cost}
     if chosen in starts:  # the start itself, at its own ratios
         a = starts[chosen]
         return Allocation(model_name, sparsity, "auto", info, list(a.per_block), dict(a.per_layer), a.achieved)
     return Allocation(model_name, sparsity, "auto", info, grid.ratios(parent), _per_layer(grid, parent, refs),
                       grid.budget(parent))
+
+
+def describe(info: dict) -> list[str]:
+    """A search's account for people, from its Allocation's params: the starts ranked, the one it went
+    on from, what it gained over that start (with the paired standard error over windows, and a word
+    when the gain is within two of them) and its cost."""
+    def ranked(fits: dict[str, float]) -> str:
+        return ", ".join(f"{n} {f:.4f}" for n, f in sorted(fits.items(), key=lambda kv: kv[1]))
+    lines = [f"search fitness: {info['fitness']}", f"starts (proxy): {ranked(info['starts'])}"]
+    real_starts = {n: f for n, f in info.get("verified", {}).items() if n in info["starts"]}
+    if real_starts:
+        lines.append(f"starts (real prunes): {ranked(real_starts)}")
+    improvements = len(info["history"]) - 1
+    lines.append(f"from {info['start']}: {info['history'][0]['fitness']:.4f} -> {info['best_fitness']:.4f} after "
+                 f"{info['steps_done']} generations ({improvements} improvements; kept: {info['result']})")
+    if info.get("gain") is not None and improvements:
+        gain, se, n = info["gain"], info["gain_se"], info["gain_windows"]
+        noise = "" if not gain < 2 * se else "; within 2 SE of zero: it may not carry over to other text"
+        lines.append(f"gain {gain:.4f} +/- {se:.4f} nats/token (paired SE over {n} windows){noise}")
+    real = f", {info['real_prunes']} real prunes" if info.get("verify") else ""
+    lines.append(f"cost: {info['seconds']:.0f} s, {info['forward_passes']} forward passes{real}")
+    return lines
 
 
 def _spread(n: int, m: int) -> list[int]:

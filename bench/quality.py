@@ -158,8 +158,8 @@ def searched_allocation(model, calib, sparsity: float, method: str, seed: int, s
         found[key] = alloc.to_dict()
         save(results, out)
         p = alloc.params
-        log(f"search {key}: start {p['start']} {min(p['starts'].values()):.4f} -> {p['best_fitness']:.4f} nats, "
-            f"{p['seconds']:.0f} s, {p['forward_passes']} forward passes")
+        log(f"search {key}: start {p['start']} {min(p['starts'].values()):.4f} -> {p['best_fitness']:.4f} nats "
+            f"(gain {p['gain']:.4f} +/- {p['gain_se']:.4f}), {p['seconds']:.0f} s, {p['forward_passes']} passes")
     return Allocation.from_dict(found[key])
 
 
@@ -282,14 +282,15 @@ def markdown(results: dict) -> str:
         lines.append(f"| {r.get('seed', 0)} | {r['sparsity']:.2f} | {r['method']} | {r['allocation']} | "
                      f"{r['prune_s']:.0f} | {r['eval_s']:.0f} | {r['peak_rss_mb']:.0f} |")
     if results.get("searches"):
-        lines += ["", "| search | fitness | start | start fitness | best fitness | kept (real prunes) | s | CPU s "
-                  "| forward passes | tokens | load avg |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| search | fitness | start | start fitness | best fitness | gain ± SE | kept (real prunes) | s "
+                  "| CPU s | forward passes | tokens | load avg |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for key, a in results["searches"].items():
             p = a["params"]
             kept = f"{p['result']} ({p['real_prunes']})" if p.get("verify") else "search"
             scored = p.get("fitness", "calibration NLL").removesuffix(" (nats/token)").replace("||", "‖")
+            gain = f"{p['gain']:.4f} ± {p['gain_se']:.4f}" if "gain_se" in p else "n/a"  # older searches: no SE
             lines.append(f"| {key} | {scored} | "
-                         f"{p['start']} | {p['starts'][p['start']]:.4f} | {p['best_fitness']:.4f} | {kept} | "
+                         f"{p['start']} | {p['starts'][p['start']]:.4f} | {p['best_fitness']:.4f} | {gain} | {kept} | "
                          f"{p['seconds']:.0f} | {p.get('cpu_s')} | {p['forward_passes']} | {p['tokens']} | "
                          f"{p.get('loadavg_before_after')} |")
     return "\n".join(lines)

@@ -10,6 +10,7 @@ from analysis.allocation import Allocation, AllocationError, allocate, block_tab
 from analysis.jobs import Job
 from analysis.pipeline import build_allocation, calibration_batch, search_windows
 from analysis.pruners import PRUNERS
+from analysis.search import describe
 from analysis.settings import SEARCH_OBJECTIVES, SEARCH_STEP_MAX, AllocationSettings, SettingsError, SpectraSettings
 from components.curve_editor import clamp_points, curve_editor, curve_points
 from components.figures import METHOD_COLORS, allocation_overlay, block_bars_figure, curves_figure
@@ -169,6 +170,8 @@ with st.expander("Find allocation (search)", expanded=SEARCH_KEY in st.session_s
             st.progress(frac, text=f"{msg} ({job.elapsed:.0f} s)")
         else:
             st.caption(f"Search {job.status} after {job.elapsed:.0f} s.")
+            if job.result is not None:  # also a cancelled search's best so far
+                st.code("\n".join(describe(job.result.params)), language=None)
         if best:
             st.metric(f"Best {OBJECTIVE_LABELS[best['objective']]} so far", f"{best['fitness']:.4f} nats/token",
                       help=f"found at generation {best['step']}")

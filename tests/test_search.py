@@ -1,6 +1,7 @@
 """Row-wise TRIM and the allocation search ("auto") on tiny models built from configs, and the
 `--allocation auto --rowwise trim` command line end to end on a tiny checkpoint folder."""
 import json
+import math
 import os
 import re
 import subprocess
@@ -18,6 +19,7 @@ from test_pruning import calib_ids, correlated_inputs, tiny_llama
 from analysis.allocation import Allocation, allocate
 from analysis.calibration import walk_blocks
 from analysis.data import DataError, spread_windows
+from analysis.evaluation import window_nll
 from analysis.layers import layer_table, prunable_layers
 from analysis.pipeline import AUTO_EPSILONS, build_allocation, dense_spectra, search_starts
 from analysis.pruners import (
@@ -30,7 +32,17 @@ from analysis.pruners import (
     unstructured_mask,
 )
 from analysis.pruning import DenseSnapshot, prune
-from analysis.search import BlockLevels, Grid, fitness, log_probs, mutate, search_allocation
+from analysis.search import (
+    BlockLevels,
+    Grid,
+    describe,
+    fitness,
+    log_probs,
+    mutate,
+    paired_gain,
+    search_allocation,
+    window_losses,
+)
 from analysis.settings import SEARCH_STEP, VERIFY_SAMPLES, AllocationSettings, PruneSettings, SettingsError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -199,8 +211,27 @@ def test_search_is_deterministic_exact_and_never_worse_than_its_best_start(tiny_
     # the model is dense again, and the allocation's fitness is what the search says it is
     assert all(torch.equal(r.weight(), dense.weights[r.name]) for r in prunable_layers(model))
     assert a.params["forward_passes"] > 0 and a.params["seconds"] > 0
+    # the gain over the start it went on from, on the confirmation windows, with its paired SE
+    assert a.params["result"] == "search" and a.params["gain_windows"] == calib.shape[0]
+    assert a.params["gain"] == pytest.approx(fits[0] - fits[-1], abs=1e-9) and a.params["gain"] > 0
+    assert 0 < a.params["gain_se"] < math.inf
+    text = "\n".join(describe(a.params))
+    assert f"from {a.params['start']}: {fits[0]:.4f} -> {fits[-1]:.4f}" in text and "paired SE over 8 windows" in text
     back = Allocation.from_dict(json.loads(json.dumps(a.to_dict())))
     assert back.per_layer == a.per_layer and back.params["start"] in starts
+
+
+def test_window_losses_and_their_paired_gain(tiny_search):
+    """Per-window losses average to the token-weighted NLL of analysis.evaluation (windows of equal
+    length); the paired gain's SE is that of the per-window differences."""
+    model, calib, _ = tiny_search
+    x = window_losses(model, calib[:, :40], batch=3)
+    nll, tokens = window_nll(model, calib[:, :40])
+    assert x.shape == (calib.shape[0],) and x.mean() == pytest.approx(nll / tokens, rel=1e-6)
+    assert fitness(model, calib[:, :40]) == pytest.approx(x.mean(), rel=1e-12)
+    gain, se = paired_gain([1.0, 2.0, 3.0], [0.5, 1.5, 3.5])  # differences 0.5, 0.5, -0.5
+    assert gain == pytest.approx(1 / 6) and se == pytest.approx(math.sqrt(1 / 3) / math.sqrt(3))
+    assert paired_gain([2.0], [1.0])[0] == 1.0 and math.isnan(paired_gain([2.0], [1.0])[1])
 
 
 def prune_from_dense_statistics(model, calib, alloc) -> DenseSnapshot:
@@ -373,6 +404,10 @@ def test_verified_search_improves_only_after_a_real_prune(off_grid_starts, metho
     rejected = [s for s in verified if s not in starts and int(s.split()[1]) not in {h["step"] for h in history}]
     assert rejected and all(verified[s] >= min(verified.values()) for s in rejected)
     assert a.params["real_fitness"] == history[-1]["fitness"] == min(verified.values())
+    # the gain is the real prunes', on all the scored windows
+    assert a.params["gain"] == pytest.approx(history[0]["fitness"] - history[-1]["fitness"], abs=1e-9)
+    assert a.params["gain_windows"] == calib.shape[0] and a.params["gain_se"] >= 0
+    assert "starts (real prunes): " + a.params["start"] in "\n".join(describe(a.params))
     if len(history) == 1:
         assert a.params["result"] == a.params["start"] and a.per_layer == starts[a.params["start"]].per_layer
     else:
@@ -521,6 +556,8 @@ def test_cli_allocate_auto_with_the_pruner_and_a_held_out_text(tmp_path):
     # the proxy confirms on 4 windows of 32 tokens, the real prunes are scored on VERIFY_SAMPLES x 4
     assert a.params["confirm_tokens"] == 4 * 32 and a.params["real_prune_tokens"] == VERIFY_SAMPLES * 4 * 32
     assert a.achieved == pytest.approx(0.5, abs=1e-9)
+    assert f"starts (real prunes): {a.params['start']}" in r.stdout
+    assert any(line.startswith("cost: ") and line.endswith(" real prunes") for line in r.stdout.splitlines())
     # --search-from goes on from that result (its budget: a different --sparsity is refused before loading)
     base = [sys.executable, "-m", "analysis", "allocate", "--model", str(folder), "--device", "cpu", "--method", "auto",
             "--search-steps", "1", "--search-from", str(out), "--calib", str(tmp_path / "calib.txt"),
@@ -577,6 +614,7 @@ def test_allocation_page_finds_an_allocation():
     assert job.result.params["step"] == 0.05
     assert {"alphapruning eps=0.05", "farms eps=0.05", "alphapruning eps=0.3"} <= set(job.result.params["starts"])
     assert job.result.params["fitness"].startswith("held-out")
+    assert any("starts (proxy): " in c.value and "cost: " in c.value for c in at.code)  # the search's account
     at.button(key="alloc_search_use").click().run()
     assert not at.exception
     assert len(at.session_state["alloc_points"]) == 30
