@@ -4,8 +4,8 @@
 
 The search ("auto", analysis.search) scores a candidate on a stitched model: every block pruned from the
 dense model's inputs. The final prune (analysis.pruning.prune) feeds each block the pruned blocks'
-outputs. For each search start (uniform, OWL, AlphaPruning and FARMS at eps 0.1/0.2/0.3; results before FARMS was
-a start have no FARMS rows) and for the searched
+outputs. For each search start (uniform, OWL, AlphaPruning and FARMS at eps 0.1/0.2/0.3 and at the eps
+bench.quality chose on valid; results before FARMS was a start have no FARMS rows) and for the searched
 allocations of bench/results/quality_<model>.json (same seed, sparsity and pruner: auto, and auto-valid
 when it was searched), this prunes the model for real and measures the calibration NLL the search
 optimises (on the search's confirmation tokens), next to the stitched NLL the search recorded, and the
@@ -69,8 +69,9 @@ def main(argv=None) -> int:
     calib = calibration_batches(lm.tokenizer, load_text("default"), cfg["nsamples"], cfg["seqlen"], seed=args.seed,
                                 bos=lm.info.bos_per_window)
     outliers = collect_outlier_ratios(model, calib, threshold_m=5.0)
-    starts = search_starts(AllocationSettings(sparsity=args.sparsity, owl_threshold=5.0), model, calib,
-                           dense_spectra(model, SpectraSettings()), outliers, args.model)
+    # the searches of bench.quality also start from the epsilon it chose on valid
+    starts = search_starts(AllocationSettings(sparsity=args.sparsity, epsilon=quality["epsilon"], owl_threshold=5.0),
+                           model, calib, dense_spectra(model, SpectraSettings()), outliers, args.model)
     searched = {n: Allocation.from_dict(quality["searches"][f"{key}/{n}"]) for n in ("auto", "auto-valid")
                 if f"{key}/{n}" in quality["searches"]}
     auto = searched["auto"]
