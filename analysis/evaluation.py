@@ -29,13 +29,18 @@ class PplUpdate:
 
 
 @torch.inference_mode()
-def window_nll(model: nn.Module, window: torch.Tensor) -> tuple[float, int]:
-    """(sum of next-token NLL in nats, number of predicted tokens) for a (B, L) batch of windows."""
+def token_nll(model: nn.Module, window: torch.Tensor) -> torch.Tensor:
+    """Next-token NLL (nats) of each predicted token of a (B, L) batch of windows: shape (B, L-1)."""
     logits = model(input_ids=window, use_cache=False).logits
     pred = logits[:, :-1, :].float()
     target = window[:, 1:].to(pred.device)  # (a model spread by device_map ends on its last device)
-    nll = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="sum")
-    return float(nll), int(target.numel())
+    return F.cross_entropy(pred.transpose(1, 2), target, reduction="none")
+
+
+def window_nll(model: nn.Module, window: torch.Tensor) -> tuple[float, int]:
+    """(sum of next-token NLL in nats, number of predicted tokens) for a (B, L) batch of windows."""
+    nll = token_nll(model, window)
+    return float(nll.sum()), int(nll.numel())
 
 
 def default_batch_size(device: torch.device) -> int:

@@ -62,6 +62,7 @@ from torch import nn
 
 from analysis.allocation import MAX_RATIO, Allocation, budget
 from analysis.calibration import InputStats, walk_blocks
+from analysis.evaluation import token_nll
 from analysis.layers import LayerRef, find_blocks, layers_by_block, module_device
 from analysis.pruners import get_pruner
 from analysis.pruning import DenseSnapshot
@@ -241,11 +242,10 @@ def window_losses(model: nn.Module, windows: torch.Tensor, batch: int = 4,
     with torch.no_grad():
         for i in range(0, windows.shape[0], batch):
             w = windows[i: i + batch].to(dev)
-            logits = model(input_ids=w, use_cache=False).logits[:, :-1].float()
             if reference is None:
-                target = w[:, 1:].to(logits.device)
-                per_token = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+                per_token = token_nll(model, w)
             else:
+                logits = model(input_ids=w, use_cache=False).logits[:, :-1].float()
                 ref = reference[i: i + batch].to(logits.device).float()
                 per_token = (ref.exp() * (ref - F.log_softmax(logits, dim=-1))).sum(-1)
             out.append(per_token.mean(1).double().cpu())
@@ -430,7 +430,7 @@ def describe(info: dict) -> list[str]:
                  f"{info['steps_done']} generations ({improvements} improvements; kept: {info['result']})")
     if info.get("gain") is not None and improvements:
         gain, se, n = info["gain"], info["gain_se"], info["gain_windows"]
-        noise = "" if not gain < 2 * se else "; within 2 SE of zero: it may not carry over to other text"
+        noise = "; within 2 SE of zero: it may not carry over to other text" if gain < 2 * se else ""
         lines.append(f"gain {gain:.4f} +/- {se:.4f} nats/token (paired SE over {n} windows){noise}")
     real = f", {info['real_prunes']} real prunes" if info.get("verify") else ""
     lines.append(f"cost: {info['seconds']:.0f} s, {info['forward_passes']} forward passes{real}")

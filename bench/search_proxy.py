@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from analysis.allocation import Allocation
 from analysis.data import calibration_batches, eval_windows, load_text
+from analysis.evaluation import token_nll
 from analysis.loading import load_model
 from analysis.owl import collect_outlier_ratios
 from analysis.pipeline import dense_spectra, search_starts
@@ -39,10 +39,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def nll_by_position(model, windows: torch.Tensor) -> torch.Tensor:
     """Mean next-token NLL (nats) at each position 1..L-1 over `windows` (n, L)."""
     total = torch.zeros(windows.shape[1] - 1, dtype=torch.float64)
-    with torch.no_grad():
-        for w in windows.split(1):
-            logits = model(input_ids=w, use_cache=False).logits[0, :-1].float()
-            total += F.cross_entropy(logits, w[0, 1:], reduction="none").double()
+    for w in windows.split(1):
+        total += token_nll(model, w)[0].double()
     return total / windows.shape[0]
 
 
