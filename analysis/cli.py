@@ -205,10 +205,13 @@ def _add_allocation_args(p: argparse.ArgumentParser, axes: bool = False) -> None
     p.add_argument("--search-text", default=d.search_text,
                    help="auto: score the search on this held-out text (a text source as for --calib, e.g. "
                         "wikitext2:valid; never the evaluation text) instead of the calibration text")
-    p.add_argument("--search-verify", action="store_true",
-                   help="auto: prune every start and every candidate the search confirms for real (one full prune "
-                        "each) and keep only real improvements: slower, but every step is measured on the real pruned "
-                        "model; worth it with SparseGPT at high sparsity")
+    p.add_argument("--search-verify", nargs="?", const="all", default=d.search_verify, metavar="WHAT",
+                   help="auto: what the search prunes for real (one full prune each): none (the default: its fast "
+                        "proxy decides), starts (the starts, so the best one after a real prune is the parent, and "
+                        "the result, kept only if a real prune confirms it beats that start: a few prunes more) or all "
+                        "(the flag alone: also every candidate the proxy confirms, keeping only real improvements; "
+                        "slowest, every step measured on the real pruned model; worth it with SparseGPT at high "
+                        "sparsity)")
     if not axes:
         p.add_argument("--search-from", default=d.search_from, metavar="FILE",
                        help="auto: start the search from this allocation JSON (e.g. a previous search's result, to go "

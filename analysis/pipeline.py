@@ -93,9 +93,10 @@ def search_windows(tokenizer, allocation: AllocationSettings, calibration: Calib
                           search_samples(calibration.n_samples, allocation.search_verify), bos)
 
 
-def confirm_samples(fitness_windows: torch.Tensor | None, verify: bool) -> int | None:
-    """How many of a verified search's held-out windows (`search_windows`) its proxy confirms on."""
-    if fitness_windows is None or not verify:
+def confirm_samples(fitness_windows: torch.Tensor | None, verify: str) -> int | None:
+    """How many of the held-out windows (`search_windows`) of a search that prunes for real (verify
+    "starts" or "all") its proxy confirms on."""
+    if fitness_windows is None or verify == "none":
         return None
     return max(1, fitness_windows.shape[0] // VERIFY_SAMPLES)
 

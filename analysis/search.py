@@ -19,7 +19,7 @@ or on a held-out text (`fitness_windows`, e.g. the valid split of the user's dom
 does not fit the calibration sample the pruner's statistics come from). A few short windows (the first
 `screen_samples` sequences cut to `screen_seqlen` tokens) to screen offspring, every sequence cut to
 `confirm_seqlen` tokens to confirm (or `confirm_samples` of them, spread over the set: with `verify`
-the real prunes are scored on every sequence; the starts are scored there too); the parent is replaced only
+"starts" or "all" the real prunes are scored on every sequence); the parent is replaced only
 when an offspring is better on the confirmation tokens, so the result is never worse (on that
 fitness) than the best start.
 
@@ -31,18 +31,22 @@ that differ from the candidate before. As in EvoPress, blocks are pruned from de
 while the final pruning (analysis.pruning.prune) feeds each block the outputs of the pruned blocks
 before it, so the search ranks allocations on a close proxy of the final model.
 
-Verification (`verify`). The stitched proxy can misrank allocations where a block's pruning depends much
-on its inputs (SparseGPT's reconstruction at 70% on Gemma-3 ranks OWL last stitched, first after a real
-prune). With `verify`, every start is pruned for real (block by block, each block fed the outputs of the
-pruned blocks before it, as analysis.pruning.prune does) at its own ratios and scored on the
-confirmation windows; the best of them is the parent, and the cached levels are re-anchored on it
-(`BlockLevels.anchor`: each block pruned from the statistics of its inputs in that real prune), so the
-proxy is exact at the parent and close around it. An offspring the proxy confirms is then pruned for
-real too: it replaces the parent only if it is better after that real prune (and becomes the anchor),
-so every step of the history is a real improvement. Cost: one full prune per start and per confirmed
-offspring (a repeated candidate is not pruned again); the levels of the blocks before the first block
-that changed are kept. Memory: while a candidate is pruned for real, the parent's anchor (statistics
-and cached levels) is kept to go back to, so up to two sets of per-block statistics are held.
+Verification (`verify`: "none", "starts" or "all"). The stitched proxy can misrank allocations where a
+block's pruning depends much on its inputs (SparseGPT's reconstruction at 70% on Gemma-3 ranks OWL last
+stitched, first after a real prune). With "starts" or "all", every start is pruned for real (block by
+block, each block fed the outputs of the pruned blocks before it, as analysis.pruning.prune does) at its
+own ratios and scored on every scored sequence; the best of them is the parent, and the cached levels
+are re-anchored on it (`BlockLevels.anchor`: each block pruned from the statistics of its inputs in that
+real prune), so the proxy is exact at the parent and close around it. With "starts" the proxy search
+then runs from there, and its result is pruned for real once at the end: it is kept only if it beats
+that start after the real prune (else the start is returned), so on the search's text the result is
+never worse than the best start after a real prune, for one prune per start plus one. With "all" every
+offspring the proxy confirms is pruned for real too: it replaces the parent only if it is better after
+that real prune (and becomes the anchor), so every step of the history is a real improvement. Cost: one
+full prune per start and per confirmed offspring (a repeated candidate is not pruned again); the levels
+of the blocks before the first block that changed are kept. Memory: while a candidate is pruned for
+real, the parent's anchor (statistics and cached levels) is kept to go back to, so up to two sets of
+per-block statistics are held.
 
 Starts: the given allocations (uniform, OWL, AlphaPruning, FARMS, ... computed by the caller), each scored at
 its own per-block ratios; a start the search does not improve on is returned unchanged (its per-layer
@@ -67,7 +71,7 @@ from analysis.layers import LayerRef, find_blocks, layers_by_block, module_devic
 from analysis.pruners import get_pruner
 from analysis.pruning import DenseSnapshot
 from analysis.runtime import ProgressFn, StopFlag, should_stop
-from analysis.settings import SEARCH_OBJECTIVES, SEARCH_SEQLEN, SEARCH_STEP
+from analysis.settings import SEARCH_OBJECTIVES, SEARCH_SEQLEN, SEARCH_STEP, VERIFY_MODES
 
 OnBest = Callable[[list[float], float, int], None]  # (per-block ratios, confirmed fitness, step)
 
@@ -270,7 +274,7 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
                       steps: int = 40, seed: int = 0, step: float = SEARCH_STEP, offspring: int = 4,
                       screen_samples: int = 4, screen_seqlen: int = 128, confirm_seqlen: int = SEARCH_SEQLEN,
                       confirm_samples: int | None = None,
-                      objective: str = "nll", fitness_windows: torch.Tensor | None = None, verify: bool = False,
+                      objective: str = "nll", fitness_windows: torch.Tensor | None = None, verify: str = "none",
                       model_name: str = "",
                       progress: ProgressFn | None = None, stop: StopFlag = None,
                       on_best: OnBest | None = None) -> Allocation:
@@ -278,14 +282,16 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
     sparsity, for this model) with pruner `method`; `model` must be dense and is dense again on
     return. `steps` generations of `offspring` mutants each; `stop` ends the search early (the best
     so far is returned). The fitness is measured on `fitness_windows` (token ids (n, L)) when given,
-    else on `calib`, which always gives the pruner's statistics. `verify`: the starts and every
-    offspring the proxy confirms are pruned for real, and only a real improvement replaces the parent
-    (see the module docstring). The result's params hold the search's settings, the starts' fitness,
-    the history (one entry per improvement), the real prunes' fitness (`verified`: start name or
-    "step N" -> fitness), what was kept (`result`, `real_fitness`), the result's `gain` over the start it
-    went on from (nats/token on the same windows: the confirmation windows, or the real prunes' with
-    `verify`; `gain_se` its standard error paired over the `gain_windows` windows) and its cost
-    (seconds, forward passes, tokens, real prunes)."""
+    else on `calib`, which always gives the pruner's statistics. `verify` (one of VERIFY_MODES): "none",
+    the proxy decides; "starts", the starts and the result are pruned for real, and the result is kept
+    only if it beats the best start after the real prunes; "all", also every offspring the proxy confirms,
+    and only a real improvement replaces the parent (see the module docstring). The result's params hold
+    the search's settings, the starts' fitness, the history (one entry per improvement, its fitness the
+    proxy's unless "all"), the real prunes' fitness (`verified`: start name, "step N" or "result" ->
+    fitness), what was kept (`result`, `real_fitness`), the result's `gain` over the start it went on from
+    (nats/token on the same windows: the confirmation windows, or the real prunes' when they decide;
+    `gain_se` its standard error paired over the `gain_windows` windows) and its cost (seconds, forward
+    passes, tokens, real prunes)."""
     if not starts:
         raise ValueError("the search needs at least one start allocation")
     sparsity = next(iter(starts.values())).sparsity
@@ -293,6 +299,8 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
         raise ValueError("the search needs calibration data (calib = token ids, shape (n, seqlen)).")
     if objective not in SEARCH_OBJECTIVES:
         raise ValueError(f"objective must be one of {', '.join(SEARCH_OBJECTIVES)}, got {objective!r}")
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"verify must be one of {', '.join(VERIFY_MODES)}, got {verify!r}")
     if fitness_windows is not None and (fitness_windows.dim() != 2 or fitness_windows.shape[1] < 2):
         raise ValueError("fitness_windows must be token ids of shape (n, seqlen >= 2).")
     t0 = time.perf_counter()
@@ -302,12 +310,13 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
     levels = BlockLevels(model, calib, method, progress)
     scored = calib if fitness_windows is None else fitness_windows
     where = "calibration" if fitness_windows is None else "held-out"
-    checked = scored[:, :confirm_seqlen]  # where a real prune is scored (verify)
+    checked = scored[:, :confirm_seqlen]  # where a real prune is scored
+    real_starts, real_steps = verify != "none", verify == "all"
     confirm = checked if confirm_samples is None else checked[_spread(checked.shape[0], confirm_samples)]
     screen = confirm[:screen_samples, :screen_seqlen]
     cost = {"forward_passes": 0, "tokens": 0, "real_prunes": 0}
     # the model is still dense here: its log-probabilities are the KL objective's reference
-    used = (screen, confirm, checked) if verify else (screen, confirm)
+    used = (screen, confirm, checked) if real_starts else (screen, confirm)
     reference = {i: log_probs(model, w) for i, w in {id(w): w for w in used}.items()} if objective == "kl" else {}
 
     def losses(per_layer: dict[str, float], windows: torch.Tensor) -> np.ndarray:
@@ -342,7 +351,7 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
         verified: dict[str, float] = {}
         real_losses: dict[str, np.ndarray] = {}
         best_state, best_fit = None, math.inf
-        if verify:
+        if real_starts:
             for name, alloc in starts.items():
                 x = real(alloc.per_layer, f"the start {name}", 0.0)
                 if x is None:
@@ -356,10 +365,12 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
             levels.load(best_state)
         grid = Grid.around(starts[best_name].per_block, params, step)
         parent = np.zeros(n_blocks, dtype=np.int64)
-        parent_fit = verified.get(best_name, start_scores[best_name])
-        base_windows = parent_windows = (real_losses or start_losses)[best_name]  # what the gain is measured from
-        parent_confirm = score(_per_layer(grid, parent, refs), confirm)  # the proxy's, on the anchor
+        anchor_windows = losses(_per_layer(grid, parent, refs), confirm)  # the proxy's, on the anchor
+        parent_confirm = float(anchor_windows.mean())
         parent_screen = score(_per_layer(grid, parent, refs), screen)
+        parent_fit = verified[best_name] if real_steps else parent_confirm
+        # what the gain is measured from: the real prunes' windows when they decide
+        base_windows = parent_windows = real_losses[best_name] if real_steps else anchor_windows
         history = [{"step": 0, "fitness": parent_fit, "per_block": grid.ratios(parent)}]
         if on_best:
             on_best(grid.ratios(parent), parent_fit, 0)
@@ -374,7 +385,7 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
             fit_windows = losses(child, confirm) if screened[i] < parent_screen else None
             confirmed = math.inf if fit_windows is None else float(fit_windows.mean())
             fit, better = confirmed, confirmed < parent_confirm
-            if verify and better:  # a real prune decides, and re-anchors the levels
+            if real_steps and better:  # a real prune decides, and re-anchors the levels
                 saved = levels.save()
                 fit_windows = real(child, f"the step {s} candidate", s / steps)
                 fit = None if fit_windows is None else float(fit_windows.mean())
@@ -395,6 +406,15 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
             if progress:
                 progress(f"search: step {s}/{steps}, best {where} {objective.upper()} {parent_fit:.4f}", s / steps)
         chosen = "search" if len(history) > 1 else best_name
+        if verify == "starts" and chosen == "search" and not should_stop(stop):
+            found = real(_per_layer(grid, parent, refs), "the search's result", 1.0)
+            if found is not None:  # kept only if the real prune confirms it beats the start it went on from
+                verified["result"] = float(found.mean())
+                base_windows = real_losses[best_name]
+                if verified["result"] < verified[best_name]:
+                    parent_windows = found
+                else:
+                    chosen, parent_windows = best_name, base_windows
     finally:
         levels.restore()
     gain, gain_se = paired_gain(base_windows, parent_windows)
@@ -403,9 +423,10 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
         "fitness": f"{where} {'NLL' if objective == 'nll' else 'KL(dense || pruned)'} (nats/token)",
         "steps_done": done, "seed": seed, "offspring": offspring, "screen_tokens": int(screen.numel()),
         "confirm_tokens": int(confirm.numel()),
-        "real_prune_tokens": int(checked.numel()) if verify else 0, "start": best_name,
+        "real_prune_tokens": int(checked.numel()) if real_starts else 0, "start": best_name,
         "starts": start_scores, "best_fitness": parent_fit, "history": history,
-        "verify": verify, "verified": verified, "result": chosen, "real_fitness": parent_fit if verify else None,
+        "verify": verify, "verified": verified, "result": chosen,
+        "real_fitness": parent_fit if real_steps else verified.get("result" if chosen == "search" else chosen),
         "gain": gain, "gain_se": gain_se, "gain_windows": int(len(base_windows)),
         "seconds": round(time.perf_counter() - t0, 2), **cost}
     if chosen in starts:  # the start itself, at its own ratios
@@ -428,11 +449,16 @@ def describe(info: dict) -> list[str]:
     improvements = len(info["history"]) - 1
     lines.append(f"from {info['start']}: {info['history'][0]['fitness']:.4f} -> {info['best_fitness']:.4f} after "
                  f"{info['steps_done']} generations ({improvements} improvements; kept: {info['result']})")
-    if info.get("gain") is not None and improvements:
+    checked = info.get("verified", {}).get("result")
+    if checked is not None:  # verify "starts": the result's real prune against the start's
+        start_fit = info["verified"][info["start"]]
+        verdict = "kept" if info["result"] == "search" else f"not better, so {info['start']} is kept"
+        lines.append(f"the search's result after a real prune: {checked:.4f} (the start {start_fit:.4f}): {verdict}")
+    if info.get("gain") is not None and info["result"] == "search":
         gain, se, n = info["gain"], info["gain_se"], info["gain_windows"]
         noise = "; within 2 SE of zero: it may not carry over to other text" if gain < 2 * se else ""
         lines.append(f"gain {gain:.4f} +/- {se:.4f} nats/token (paired SE over {n} windows){noise}")
-    real = f", {info['real_prunes']} real prunes" if info.get("verify") else ""
+    real = f", {info['real_prunes']} real prunes" if info.get("real_prunes") else ""
     lines.append(f"cost: {info['seconds']:.0f} s, {info['forward_passes']} forward passes{real}")
     return lines
 

@@ -47,7 +47,11 @@ SEARCH_SEQLEN = 128
 # largest step allowed: beyond it a single move reshapes the curve more than any preset differs from uniform
 SEARCH_STEP = 0.025
 SEARCH_STEP_MAX = 0.2
-# a verified search (search_verify) on a search text scores its real prunes on this many times the
+# what the search prunes for real (search_verify): nothing (it trusts its stitched proxy), its starts and
+# its result (the best start after a real prune is the parent, and a result that is worse after a real
+# prune than that start is dropped for it), or also every candidate its proxy confirms
+VERIFY_MODES = ("none", "starts", "all")
+# a search that prunes for real on a search text scores its real prunes on this many times the
 # held-out windows its proxy confirms on: the real prunes decide, so they get the most tokens
 VERIFY_SAMPLES = 4
 # how far the budget of a search's start file (search_from) may be from the target sparsity
@@ -59,10 +63,10 @@ def search_seqlen(calibration_seqlen: int) -> int:
     return min(SEARCH_SEQLEN, calibration_seqlen)
 
 
-def search_samples(n_samples: int, verify: bool) -> int:
+def search_samples(n_samples: int, verify: str) -> int:
     """Held-out windows of a search run with n_samples calibration sequences (VERIFY_SAMPLES times as
-    many when verified: its real prunes are scored on all of them)."""
-    return n_samples * (VERIFY_SAMPLES if verify else 1)
+    many when it prunes for real, verify "starts" or "all": its real prunes are scored on all of them)."""
+    return n_samples * (1 if verify == "none" else VERIFY_SAMPLES)
 
 
 class SettingsError(ValueError):
@@ -212,8 +216,9 @@ class AllocationSettings:
     search_step: the sparsity (a fraction, in (0, SEARCH_STEP_MAX]) one of its mutations moves between two blocks;
     search_text: a text source (as for calibration.source) the search's fitness is measured on, held out
     from the calibration sample (e.g. the valid split of the user's domain; never the evaluation text);
-    None: the calibration text; search_verify: prune the starts and every candidate the search confirms
-    for real, and keep only real improvements (analysis.search, `verify`); search_from: an allocation JSON
+    None: the calibration text; search_verify: one of VERIFY_MODES, what the search prunes for real
+    ("starts": the starts and the result; "all": also every candidate it confirms, keeping only real
+    improvements; analysis.search, `verify`); search_from: an allocation JSON
     the search starts from instead of uniform / OWL / AlphaPruning / FARMS (a previous search's result, to go on
     from it, or a saved curve to refine); it must prune `sparsity` (within SEARCH_FROM_TOLERANCE), the budget
     the search keeps."""
@@ -234,7 +239,7 @@ class AllocationSettings:
     search_step: float = SEARCH_STEP
     search_objective: str = "nll"
     search_text: str | None = None
-    search_verify: bool = False
+    search_verify: str = "none"
     search_from: str | None = None
 
     def check(self) -> AllocationSettings:
@@ -265,8 +270,8 @@ class AllocationSettings:
                                 f"{self.search_objective!r}", "allocation.search_objective")
         if self.search_text is not None:
             _source(self.search_text, ENCODING, "allocation.search_text", "search text")
-        if not isinstance(self.search_verify, bool):
-            raise SettingsError(f"search_verify must be true or false, got {self.search_verify!r}",
+        if self.search_verify not in VERIFY_MODES:
+            raise SettingsError(f"search_verify must be one of {', '.join(VERIFY_MODES)}, got {self.search_verify!r}",
                                 "allocation.search_verify")
         if self.search_from is not None:
             self._check_search_from()
@@ -411,6 +416,8 @@ class RunSettings:
                 raise SettingsError(f"unknown {f.name} setting(s): {', '.join(sorted(unknown))}", f.name)
             if f.name == "allocation" and sub.get("points") is not None:
                 sub["points"] = tuple(tuple(p) for p in sub["points"])
+            if f.name == "allocation" and isinstance(sub.get("search_verify"), bool):  # stored before VERIFY_MODES
+                sub["search_verify"] = "all" if sub["search_verify"] else "none"
             parts[f.name] = replace(default, **sub)
         return cls(**parts)
 

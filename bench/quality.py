@@ -5,11 +5,14 @@
                             [--out FILE] [--resume]
 
 Grid: dense, then every seed x sparsity x pruner {magnitude, wanda, sparsegpt} x allocation {uniform,
-owl, alphapruning, auto, auto-kl, auto-valid, auto-verify, auto-verify-more, auto-verify-wide}; "NAME+trim" prunes with
+owl, alphapruning, auto, auto-kl, auto-checked, auto-valid, auto-valid-checked, auto-verify, auto-verify-more,
+auto-verify-wide}; "NAME+trim" prunes with
 that allocation and TRIM row-wise sparsity. "auto" is the allocation search (analysis.search) on the
 calibration batch only ("auto-kl": with the KL-to-dense objective instead of the calibration NLL;
+"auto-checked": with the starts and the result pruned for real (analysis.search, verify "starts");
 "auto-valid": the NLL on WikiText-2 *valid*, `--nsamples` windows spread evenly over it, the text
-epsilon is chosen on, with the pruner's statistics still from the calibration batch; "auto-verify":
+epsilon is chosen on, with the pruner's statistics still from the calibration batch; "auto-valid-checked":
+auto-valid with the starts and the result pruned for real; "auto-verify":
 auto-valid with the starts and every candidate it confirms pruned for real, keeping only real
 improvements; the real prunes are scored on settings.VERIFY_SAMPLES times as many valid windows as the
 proxy; "auto-verify-more": that search gone on from the auto-verify result of the same cell for
@@ -65,15 +68,18 @@ from analysis.store import now_iso
 OUT = Path(__file__).resolve().parent / "results" / "quality.json"
 METHODS = ("magnitude", "wanda", "sparsegpt")
 # table columns
-ALLOCS = ("uniform", "owl", "alphapruning", "auto", "auto-kl", "auto-valid", "auto-verify", "auto-verify-more",
-          "auto-verify-wide", "uniform+trim", "owl+trim", "auto+trim", "auto-valid+trim", "auto-verify+trim")
+ALLOCS = ("uniform", "owl", "alphapruning", "auto", "auto-kl", "auto-checked", "auto-valid", "auto-valid-checked",
+          "auto-verify", "auto-verify-more", "auto-verify-wide", "uniform+trim", "owl+trim", "auto+trim",
+          "auto-valid+trim", "auto-verify+trim")
 RUN_ORDER = ("wanda", "magnitude", "sparsegpt")  # cheapest informative runs first
 WIDE_STEP = 0.05  # sparsity one mutation of auto-verify-wide moves: twice the default step
-# searched allocations: the objective of each, whether it is measured on WikiText-2 valid, whether the
-# starts and the confirmed candidates are pruned for real (analysis.search, verify), and its mutation step
-SEARCHES = {"auto": ("nll", False, False, SEARCH_STEP), "auto-kl": ("kl", False, False, SEARCH_STEP),
-            "auto-valid": ("nll", True, False, SEARCH_STEP), "auto-verify": ("nll", True, True, SEARCH_STEP),
-            "auto-verify-more": ("nll", True, True, SEARCH_STEP), "auto-verify-wide": ("nll", True, True, WIDE_STEP)}
+# searched allocations: the objective of each, whether it is measured on WikiText-2 valid, what it prunes for
+# real (analysis.search, verify: "none", "starts" or "all"), and its mutation step
+SEARCHES = {"auto": ("nll", False, "none", SEARCH_STEP), "auto-kl": ("kl", False, "none", SEARCH_STEP),
+            "auto-checked": ("nll", False, "starts", SEARCH_STEP), "auto-valid": ("nll", True, "none", SEARCH_STEP),
+            "auto-valid-checked": ("nll", True, "starts", SEARCH_STEP),
+            "auto-verify": ("nll", True, "all", SEARCH_STEP), "auto-verify-more": ("nll", True, "all", SEARCH_STEP),
+            "auto-verify-wide": ("nll", True, "all", WIDE_STEP)}
 # searches that go on from another search's result of the same cell (its only start, as --search-from), with their own
 # search seed (the calibration seed + MORE_SEED) so they do not replay the first search's moves
 GOES_ON_FROM = {"auto-verify-more": "auto-verify", "auto-verify-wide": "auto-verify"}
@@ -129,7 +135,7 @@ def searched_allocation(model, calib, sparsity: float, method: str, seed: int, s
                         outliers, model_name: str, results: dict, out: Path, name: str = "auto",
                         held_out=None) -> Allocation:
     """The `name` (one of SEARCHES) allocation of this seed/sparsity/pruner, searched once (kept in
-    results["searches"]); `held_out`: the valid windows of a held-out search, by whether it is verified."""
+    results["searches"]); `held_out`: the valid windows of a held-out search, by whether it prunes for real."""
     key = run_key(sparsity, method, name, seed)
     found = results.setdefault("searches", {})
     if key not in found:
@@ -146,7 +152,7 @@ def searched_allocation(model, calib, sparsity: float, method: str, seed: int, s
         screen, confirm = tokens.split(",")
         n, length = (int(x) for x in screen.split("x"))
         objective, on_valid, verify, step = SEARCHES[name]
-        windows = held_out[verify] if on_valid else None
+        windows = held_out[verify != "none"] if on_valid else None
         alloc = search_allocation(model, calib, starts, method=method, steps=steps, step=step, seed=seed,
                                   model_name=model_name,
                                   screen_samples=n, screen_seqlen=length, confirm_seqlen=int(confirm),
@@ -236,7 +242,8 @@ def markdown(results: dict) -> str:
     allocs = [a for a in ALLOCS if any(r["allocation"] == a for r in runs.values())]
     searched = [a for a in SEARCHES if a in allocs]
     names = {"uniform": "uniform", "owl": "OWL", "alphapruning": "AlphaPruning", "auto": "auto",
-             "auto-kl": "auto (KL)", "auto-valid": "auto (valid)", "auto-verify": "auto (valid, verified)",
+             "auto-kl": "auto (KL)", "auto-checked": "auto (checked)", "auto-valid": "auto (valid)",
+             "auto-valid-checked": "auto (valid, checked)", "auto-verify": "auto (valid, verified)",
              "auto-verify-more": "auto (valid, verified, gone on)",
              "auto-verify-wide": f"auto (valid, verified, gone on, step {WIDE_STEP:g})",
              "uniform+trim": "uniform+TRIM", "owl+trim": "OWL+TRIM", "auto+trim": "auto+TRIM",
@@ -286,7 +293,7 @@ def markdown(results: dict) -> str:
                   "| CPU s | forward passes | tokens | load avg |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for key, a in results["searches"].items():
             p = a["params"]
-            kept = f"{p['result']} ({p['real_prunes']})" if p.get("verify") else "search"
+            kept = f"{p['result']} ({p['real_prunes']})" if p.get("real_prunes") else "search"
             scored = p.get("fitness", "calibration NLL").removesuffix(" (nats/token)").replace("||", "‖")
             gain = f"{p['gain']:.4f} ± {p['gain_se']:.4f}" if "gain_se" in p else "n/a"  # older searches: no SE
             lines.append(f"| {key} | {scored} | "
@@ -307,8 +314,8 @@ def parse_args(argv=None):
     p.add_argument("--sparsities", default="0.5,0.6,0.7")
     p.add_argument("--methods", default=",".join(RUN_ORDER))
     p.add_argument("--allocations", default="uniform,alphapruning,owl",
-                   help="any of uniform, alphapruning, owl, auto, auto-kl, auto-valid, auto-verify, auto-verify-more, "
-                        "auto-verify-wide; NAME+trim adds TRIM row-wise sparsity")
+                   help="any of uniform, alphapruning, owl, " + ", ".join(SEARCHES) + "; NAME+trim adds TRIM "
+                        "row-wise sparsity")
     p.add_argument("--search-steps", type=int, default=40, help="auto: generations of the search")
     p.add_argument("--search-tokens", default="4x128,128",
                    help="auto: screening samples x tokens, and tokens of every calibration sample to confirm on")
@@ -359,8 +366,8 @@ def main(argv=None) -> int:
     # the held-out searches' fitness text: --nsamples windows of the confirmation length, spread over valid
     length = int(args.search_tokens.split(",")[1])
     # (settings.search_samples: more for a verified search, whose real prunes are scored on all of them)
-    held_out = {verify: spread_windows(tok, valid_text, length, search_samples(args.nsamples, verify),
-                                       lm.info.bos_per_window) for verify in (False, True)}
+    held_out = {real: spread_windows(tok, valid_text, length, search_samples(args.nsamples, mode),
+                                     lm.info.bos_per_window) for real, mode in ((False, "none"), (True, "all"))}
     results["config"]["eval_windows"] = int(test.shape[0])
     results["config"]["eval_tokens"] = int(test.shape[0] * (test.shape[1] - 1))
     snap = DenseSnapshot.take(model)

@@ -11,7 +11,14 @@ from analysis.jobs import Job
 from analysis.pipeline import build_allocation, calibration_batch, search_windows
 from analysis.pruners import PRUNERS
 from analysis.search import describe
-from analysis.settings import SEARCH_OBJECTIVES, SEARCH_STEP_MAX, AllocationSettings, SettingsError, SpectraSettings
+from analysis.settings import (
+    SEARCH_OBJECTIVES,
+    SEARCH_STEP_MAX,
+    VERIFY_MODES,
+    AllocationSettings,
+    SettingsError,
+    SpectraSettings,
+)
 from components.curve_editor import clamp_points, curve_editor, curve_points
 from components.figures import METHOD_COLORS, allocation_overlay, block_bars_figure, curves_figure
 from components.state import owl_job, prune_data_settings, require_model, spectra_job, wait_for
@@ -77,6 +84,7 @@ with st.expander("Preset ratios per block (table)"):
 # ---- Find allocation: the search (analysis.search) on a private copy, in the background ----
 SEARCH_KEY = "alloc_search_job"
 OBJECTIVE_LABELS = {"nll": "calibration loss", "kl": "KL to the dense model"}  # how the page names SEARCH_OBJECTIVES
+VERIFY_LABELS = {"none": "nothing (fastest)", "starts": "the starts and the result", "all": "every improvement"}
 
 
 def _search_work(job: Job, shared, tokenizer, bos: bool, settings: AllocationSettings, pruner: str,
@@ -121,11 +129,15 @@ with st.expander("Find allocation (search)", expanded=SEARCH_KEY in st.session_s
                                 help="A text source as on the Prune page (wikitext2:valid, a .txt path, "
                                      "hf:<dataset>[:<config>]:<split>): the search is scored on it instead of on the "
                                      "calibration sample the pruner uses. Never the evaluation text.").strip()
-    search_verify = st.checkbox("Verify by real prunes", key="alloc_search_verify",
-                                help="Prune every start and every candidate the search confirms for real (one full "
-                                     "prune each) and keep only real improvements: slower (4-6x), but every step is "
-                                     "measured on the real pruned model. Worth it with SparseGPT at high "
-                                     "sparsity, where the faster search can pick a worse curve.")
+    search_verify = st.selectbox("Prune for real", VERIFY_MODES, key="alloc_search_verify",
+                                 index=VERIFY_MODES.index(DEFAULT.search_verify), format_func=VERIFY_LABELS.get,
+                                 help="What the search prunes for real (one full prune each) instead of trusting its "
+                                      "fast proxy. The starts and the result: the best start after a real prune is "
+                                      "where the search goes on from, and its result is kept only if a real prune "
+                                      "confirms it beats that start (a few prunes more). Every improvement: also each "
+                                      "candidate the search confirms, keeping only real improvements: slower (4-6x), "
+                                      "every step measured on the real pruned model. Worth it with SparseGPT at high "
+                                      "sparsity, where the fast search can pick a worse curve.")
     mine = st.session_state.get("alloc_custom")  # the applied curve, as of the last run of this page
     mine = mine if mine is not None and mine.model == loaded.info.source else None  # not another model's
     from_mine = st.checkbox("Start from your curve", key="alloc_search_from_mine", disabled=mine is None,

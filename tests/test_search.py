@@ -43,7 +43,14 @@ from analysis.search import (
     search_allocation,
     window_losses,
 )
-from analysis.settings import SEARCH_STEP, VERIFY_SAMPLES, AllocationSettings, PruneSettings, SettingsError
+from analysis.settings import (
+    SEARCH_STEP,
+    VERIFY_SAMPLES,
+    AllocationSettings,
+    PruneSettings,
+    RunSettings,
+    SettingsError,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -385,15 +392,15 @@ def test_anchored_levels_are_a_real_prune(off_grid_starts, method):
 # a real prune) or improves and rejects (seed 0).
 @pytest.mark.parametrize("method, seed", [("wanda", 4), ("sparsegpt", 2), ("sparsegpt", 0)])
 def test_verified_search_improves_only_after_a_real_prune(off_grid_starts, method, seed):
-    """verify=True: every start (at its own ratios) and every offspring the proxy confirms is pruned for
+    """verify="all": every start (at its own ratios) and every offspring the proxy confirms is pruned for
     real; the parent is the best start after a real prune, every step of the history is a real
     improvement, and the result's fitness is that of a real prune at its ratios; deterministic."""
     model, calib, starts = off_grid_starts
     dense = DenseSnapshot.take(model)
     a = search_allocation(model, calib, starts, method=method, steps=8, seed=seed, screen_samples=2,
-                          screen_seqlen=16, verify=True)
+                          screen_seqlen=16, verify="all")
     b = search_allocation(model, calib, starts, method=method, steps=8, seed=seed, screen_samples=2,
-                          screen_seqlen=16, verify=True)
+                          screen_seqlen=16, verify="all")
     assert a.per_layer == b.per_layer and a.params["verified"] == b.params["verified"]
     verified, history = a.params["verified"], a.params["history"]
     assert set(starts) <= set(verified) and len(set(verified.values())) <= a.params["real_prunes"] <= len(verified)
@@ -419,12 +426,63 @@ def test_verified_search_improves_only_after_a_real_prune(off_grid_starts, metho
     dense.restore(model)
 
 
+# On this tiny model, with verify "starts": the result is confirmed by its real prune for Wanda seed 3 and
+# SparseGPT seed 3, and is worse than its start after the real prune for Wanda seed 4 and SparseGPT seed 0.
+@pytest.mark.parametrize("method, seed, kept", [("wanda", 3, True), ("wanda", 4, False), ("sparsegpt", 3, True),
+                                                ("sparsegpt", 0, False)])
+def test_search_checking_its_starts_and_result(off_grid_starts, method, seed, kept):
+    """verify="starts": every start is pruned for real and the best one after its real prune is the
+    parent; the proxy search goes on from it without further real prunes, and its result is pruned for
+    real once: kept only if it beats that start, else the start is returned at its own ratios. The kept
+    allocation's real fitness is a real prune's; deterministic; the model is dense again."""
+    model, calib, starts = off_grid_starts
+    dense = DenseSnapshot.take(model)
+    kw = dict(method=method, steps=8, seed=seed, screen_samples=2, screen_seqlen=16, verify="starts")
+    a, b = search_allocation(model, calib, starts, **kw), search_allocation(model, calib, starts, **kw)
+    assert a.per_layer == b.per_layer and a.params["verified"] == b.params["verified"]
+    p = a.params
+    verified, start = p["verified"], p["start"]
+    assert set(verified) == set(starts) | {"result"} and p["real_prunes"] == len(starts) + 1
+    assert start == min(starts, key=verified.get)
+    assert p["history"][0]["fitness"] == pytest.approx(verified[start], rel=1e-6)  # the proxy is exact at its anchor
+    assert len(p["history"]) > 1  # the proxy search improved, so its result was checked
+    assert (verified["result"] < verified[start]) == kept
+    account = "\n".join(describe(p))
+    assert "the search's result after a real prune" in account
+    if kept:
+        assert p["result"] == "search" and p["real_fitness"] == verified["result"]
+        assert p["gain"] == pytest.approx(verified[start] - verified["result"], abs=1e-9) and p["gain_se"] > 0
+        assert a.per_block == p["history"][-1]["per_block"] and "gain " in account
+    else:
+        assert p["result"] == start and a.per_layer == starts[start].per_layer and p["real_fitness"] == verified[start]
+        assert p["gain"] == 0 and f"not better, so {start} is kept" in account and "gain " not in account
+    assert a.achieved == pytest.approx(0.6, abs=1e-12)
+    assert all(torch.equal(r.weight(), dense.weights[r.name]) for r in prunable_layers(model))
+    prune(model, a.per_layer, method=method, calib=calib)
+    assert fitness(model, calib[:, :128]) == pytest.approx(p["real_fitness"], rel=1e-6)
+    dense.restore(model)
+
+
+def test_verify_modes_are_checked(off_grid_starts):
+    model, calib, starts = off_grid_starts
+    with pytest.raises(ValueError, match="verify must be one of none, starts, all"):
+        search_allocation(model, calib, starts, steps=1, verify=True)
+    with pytest.raises(SettingsError, match="search_verify must be one of none, starts, all") as e:
+        AllocationSettings(method="auto", search_verify="some").check()
+    assert e.value.field == "allocation.search_verify"
+    # a run stored before the modes (search_verify true/false) reads as "all"/"none"
+    old = RunSettings().to_dict()
+    for stored, mode in ((True, "all"), (False, "none")):
+        old["allocation"]["search_verify"] = stored
+        assert RunSettings.from_dict(old).allocation.search_verify == mode
+
+
 def test_verified_search_with_a_repeated_start_anchors_on_the_first(off_grid_starts):
     """A start with the same ratios as an earlier one is not pruned again, and the search goes on
     from the first one's anchor: the same search as without the repeat."""
     model, calib, starts = off_grid_starts
     ordered = {"ramp": starts["ramp"], "uniform": starts["uniform"]}
-    kw = dict(method="wanda", steps=8, seed=4, screen_samples=2, screen_seqlen=16, verify=True)
+    kw = dict(method="wanda", steps=8, seed=4, screen_samples=2, screen_seqlen=16, verify="all")
     a = search_allocation(model, calib, {**ordered, "ramp again": starts["ramp"]}, **kw)
     b = search_allocation(model, calib, ordered, **kw)
     assert a.params["real_prunes"] == b.params["real_prunes"] and a.params["start"] == "ramp"
@@ -437,7 +495,7 @@ def test_verified_search_on_more_held_out_windows_than_its_proxy(off_grid_starts
     model, calib, starts = off_grid_starts
     held = calib_ids(8, 24, seed=5)
     a = search_allocation(model, calib, starts, method="sparsegpt", steps=6, seed=0, screen_samples=1,
-                          screen_seqlen=16, fitness_windows=held, confirm_samples=2, verify=True)
+                          screen_seqlen=16, fitness_windows=held, confirm_samples=2, verify="all")
     assert a.params["confirm_tokens"] == 2 * 24 and a.params["real_prune_tokens"] == held.numel()
     assert len(a.params["verified"]) > len(starts)
     dense = DenseSnapshot.take(model)
@@ -460,7 +518,7 @@ def test_verified_search_stopped_during_a_real_prune_keeps_the_best_so_far(off_g
             seen.setdefault(m[1], []).append((m[2], fraction))
             if len(seen) == 2 and m[2] == "2":  # the second candidate (Wanda seed 4: after the improvement at step 1)
                 stop.set()
-    a = search_allocation(model, calib, starts, steps=8, seed=4, screen_samples=2, screen_seqlen=16, verify=True,
+    a = search_allocation(model, calib, starts, steps=8, seed=4, screen_samples=2, screen_seqlen=16, verify="all",
                           progress=progress, stop=stop)
     assert seen["step 1"] == [(str(b), 1 / 8) for b in range(1, 5)] and list(seen) == ["step 1", "step 2"]
     history, verified = a.params["history"], a.params["verified"]
@@ -473,7 +531,7 @@ def test_verified_search_stopped_during_a_real_prune_keeps_the_best_so_far(off_g
 def test_verified_start_keeps_its_own_ratios(off_grid_starts):
     """With no improvement to try, verify returns the best start after a real prune at its own ratios."""
     model, calib, starts = off_grid_starts
-    a = search_allocation(model, calib, starts, steps=0, verify=True)
+    a = search_allocation(model, calib, starts, steps=0, verify="all")
     assert a.params["result"] == "ramp" and a.params["verified"]["ramp"] < a.params["verified"]["uniform"]
     assert a.method == "auto" and a.per_block == [0.51, 0.56, 0.64, 0.69] and a.per_layer == starts["ramp"].per_layer
     assert a.params["history"][0]["per_block"] == [0.51, 0.56, 0.64, 0.69]  # the search's grid is anchored on it
@@ -552,12 +610,25 @@ def test_cli_allocate_auto_with_the_pruner_and_a_held_out_text(tmp_path):
     assert r.returncode == 0, r.stderr
     a = Allocation.load(out)
     assert a.method == "auto" and a.params["pruner"] == "sparsegpt" and a.params["fitness"].startswith("held-out")
-    assert a.params["verify"] and len(a.params["verified"]) >= 5  # uniform, AlphaPruning x 3, OWL
+    assert a.params["verify"] == "all" and len(a.params["verified"]) >= 5  # uniform, AlphaPruning x 3, OWL
     # the proxy confirms on 4 windows of 32 tokens, the real prunes are scored on VERIFY_SAMPLES x 4
     assert a.params["confirm_tokens"] == 4 * 32 and a.params["real_prune_tokens"] == VERIFY_SAMPLES * 4 * 32
     assert a.achieved == pytest.approx(0.5, abs=1e-9)
     assert f"starts (real prunes): {a.params['start']}" in r.stdout
     assert any(line.startswith("cost: ") and line.endswith(" real prunes") for line in r.stdout.splitlines())
+    # --search-verify starts: the starts and the result only; a mode it does not know is a one-line error
+    args = [sys.executable, "-m", "analysis", "allocate", "--model", str(folder), "--device", "cpu", "--method", "auto",
+            "--pruner", "wanda", "--sparsity", "0.5", "--search-steps", "3", "--calib", str(tmp_path / "calib.txt"),
+            "--nsamples", "4", "--seqlen", "32", "--out", str(out), "--search-verify"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([*args, "starts"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    a = Allocation.load(out)
+    assert a.params["verify"] == "starts" and a.params["real_prunes"] == len(a.params["verified"])
+    assert set(a.params["verified"]) - set(a.params["starts"]) <= {"result"}
+    bad = subprocess.run([*args, "some"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert bad.returncode == 2 and "--search-verify" in bad.stderr and "none, starts, all" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
     # --search-from goes on from that result (its budget: a different --sparsity is refused before loading)
     base = [sys.executable, "-m", "analysis", "allocate", "--model", str(folder), "--device", "cpu", "--method", "auto",
             "--search-steps", "1", "--search-from", str(out), "--calib", str(tmp_path / "calib.txt"),
