@@ -206,10 +206,10 @@ def _add_allocation_args(p: argparse.ArgumentParser, axes: bool = False) -> None
                    help="auto: score the search on this held-out text (a text source as for --calib, e.g. "
                         "wikitext2:valid; never the evaluation text) instead of the calibration text")
     p.add_argument("--search-verify", nargs="?", const="all", default=d.search_verify, metavar="WHAT",
-                   help="auto: what the search prunes for real (one full prune each): none (the default: its fast "
-                        "proxy decides), starts (the starts, so the best one after a real prune is the parent, and "
-                        "the result, kept only if a real prune confirms it beats that start: a few prunes more) or all "
-                        "(the flag alone: also every candidate the proxy confirms, keeping only real improvements; "
+                   help="auto: what the search prunes for real (one full prune each): none (its fast proxy "
+                        "decides), starts (the default: the starts, so the best one after a real prune is the parent, "
+                        "and the result, kept only if a real prune confirms it beats that start: a few prunes more) or "
+                        "all (the flag alone: also every candidate the proxy confirms, keeping only real improvements; "
                         "slowest, every step measured on the real pruned model; worth it with SparseGPT at high "
                         "sparsity)")
     if not axes:

@@ -285,7 +285,8 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
     else on `calib`, which always gives the pruner's statistics. `verify` (one of VERIFY_MODES): "none",
     the proxy decides; "starts", the starts and the result are pruned for real, and the result is kept
     only if it beats the best start after the real prunes; "all", also every offspring the proxy confirms,
-    and only a real improvement replaces the parent (see the module docstring). The result's params hold
+    and only a real improvement replaces the parent (see the module docstring; the front ends' default is
+    AllocationSettings.search_verify, "starts"). The result's params hold
     the search's settings, the starts' fitness, the history (one entry per improvement, its fitness the
     proxy's unless "all"), the real prunes' fitness (`verified`: start name, "step N" or "result" ->
     fitness), what was kept (`result`, `real_fitness`), the result's `gain` over the start it went on from

@@ -49,7 +49,9 @@ SEARCH_STEP = 0.025
 SEARCH_STEP_MAX = 0.2
 # what the search prunes for real (search_verify): nothing (it trusts its stitched proxy), its starts and
 # its result (the best start after a real prune is the parent, and a result that is worse after a real
-# prune than that start is dropped for it), or also every candidate its proxy confirms
+# prune than that start is dropped for it), or also every candidate its proxy confirms. "starts" is the
+# default: the proxy alone ended worse than uniform (Gemma-3, SparseGPT 50%) where "starts" did not, for a
+# few prunes more (bench/results/quality_*.json, README "Allocation search")
 VERIFY_MODES = ("none", "starts", "all")
 # a search that prunes for real on a search text scores its real prunes on this many times the
 # held-out windows its proxy confirms on: the real prunes decide, so they get the most tokens
@@ -239,7 +241,7 @@ class AllocationSettings:
     search_step: float = SEARCH_STEP
     search_objective: str = "nll"
     search_text: str | None = None
-    search_verify: str = "none"
+    search_verify: str = "starts"
     search_from: str | None = None
 
     def check(self) -> AllocationSettings:

@@ -316,7 +316,8 @@ def test_search_goes_on_from_a_saved_result(tiny_search, tmp_path):
     first = search_allocation(model, calib, starts, steps=6, seed=1, screen_samples=2, screen_seqlen=16)
     assert first.params["result"] == "search"
     path = first.save(tmp_path / "first.json")
-    settings = AllocationSettings(method="auto", sparsity=0.6, search_steps=6, search_seed=2,
+    # the proxy's fitness goes on from where the first (unverified) search left it
+    settings = AllocationSettings(method="auto", sparsity=0.6, search_steps=6, search_seed=2, search_verify="none",
                                   search_from=str(path)).check()
     more = build_allocation(settings, model, calib=calib)
     assert list(more.params["starts"]) == ["first.json"] and more.params["start"] == "first.json"
@@ -672,6 +673,8 @@ def test_allocation_page_finds_an_allocation():
     at.number_input(key="alloc_search_step").set_value(0.05).run()
     at.selectbox(key="alloc_search_objective").set_value("kl").run()
     at.slider(key="alloc_epsilon").set_value(0.05).run()  # the page's ε joins the AlphaPruning and FARMS starts
+    assert at.selectbox(key="alloc_search_verify").value == "starts"  # the default
+    at.selectbox(key="alloc_search_verify").set_value("none").run()  # 10 starts: no real prunes for them here
     at.text_input(key="alloc_search_text").set_value("default").run()  # the Prune page's evaluation text
     at.button(key="alloc_search_run").click().run()
     assert any("must not be the evaluation text" in e.value for e in at.error)
@@ -693,10 +696,12 @@ def test_allocation_page_finds_an_allocation():
     # and a search that starts from that curve refines it, at its budget
     curve = at.session_state["alloc_custom"]
     at.checkbox(key="alloc_search_from_mine").check().run()
+    at.selectbox(key="alloc_search_verify").set_value("starts").run()  # the default: its start pruned for real
     at.button(key="alloc_search_run").click().run()
     run_until_idle(at, "search")
     again = at.session_state["alloc_search_job"]
     assert again is not job and again.status == "done", again.error
-    assert list(again.result.params["starts"]) == ["your curve"]
+    assert list(again.result.params["starts"]) == ["your curve"] and again.result.params["verify"] == "starts"
+    assert any("starts (real prunes): your curve" in c.value for c in at.code)
     assert again.result.params["history"][0]["per_block"] == curve.per_block
     assert again.result.achieved == pytest.approx(curve.achieved, abs=1e-9)
