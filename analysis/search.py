@@ -369,9 +369,10 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
         anchor_windows = losses(_per_layer(grid, parent, refs), confirm)  # the proxy's, on the anchor
         parent_confirm = float(anchor_windows.mean())
         parent_screen = score(_per_layer(grid, parent, refs), screen)
-        parent_fit = verified[best_name] if real_steps else parent_confirm
+        real_parent = real_steps and best_name in real_losses  # not when stopped before any start's real prune
+        parent_fit = verified[best_name] if real_parent else parent_confirm
         # what the gain is measured from: the real prunes' windows when they decide
-        base_windows = parent_windows = real_losses[best_name] if real_steps else anchor_windows
+        base_windows = parent_windows = real_losses[best_name] if real_parent else anchor_windows
         history = [{"step": 0, "fitness": parent_fit, "per_block": grid.ratios(parent)}]
         if on_best:
             on_best(grid.ratios(parent), parent_fit, 0)
@@ -427,7 +428,7 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
         "real_prune_tokens": int(checked.numel()) if real_starts else 0, "start": best_name,
         "starts": start_scores, "best_fitness": parent_fit, "history": history,
         "verify": verify, "verified": verified, "result": chosen,
-        "real_fitness": parent_fit if real_steps else verified.get("result" if chosen == "search" else chosen),
+        "real_fitness": parent_fit if real_parent else verified.get("result" if chosen == "search" else chosen),
         "gain": gain, "gain_se": gain_se, "gain_windows": int(len(base_windows)),
         "seconds": round(time.perf_counter() - t0, 2), **cost}
     if chosen in starts:  # the start itself, at its own ratios

@@ -529,6 +529,25 @@ def test_verified_search_stopped_during_a_real_prune_keeps_the_best_so_far(off_g
     assert all(torch.equal(r.weight(), dense.weights[r.name]) for r in prunable_layers(model))
 
 
+@pytest.mark.parametrize("verify", ["starts", "all"])
+def test_search_stopped_during_its_first_real_prune_returns_a_start_unverified(off_grid_starts, verify):
+    """A stop while the first start is pruned for real: no start has a real score, so the search returns
+    the proxy's best start at its own ratios with no real fitness, and the model is dense again."""
+    model, calib, starts = off_grid_starts
+    dense = DenseSnapshot.take(model)
+    stop = threading.Event()
+
+    def progress(message: str, _fraction: float) -> None:
+        if "for real, block 2/" in message:
+            stop.set()
+    a = search_allocation(model, calib, starts, steps=4, seed=0, screen_samples=2, screen_seqlen=16, verify=verify,
+                          progress=progress, stop=stop)
+    assert a.params["verified"] == {} and a.params["real_fitness"] is None and a.params["steps_done"] == 0
+    assert a.params["result"] == min(starts, key=a.params["starts"].get)
+    assert a.per_layer == starts[a.params["result"]].per_layer
+    assert all(torch.equal(r.weight(), dense.weights[r.name]) for r in prunable_layers(model))
+
+
 def test_verified_start_keeps_its_own_ratios(off_grid_starts):
     """With no improvement to try, verify returns the best start after a real prune at its own ratios."""
     model, calib, starts = off_grid_starts
