@@ -275,10 +275,14 @@ def calibration_batches(tokenizer, text: str, n_samples: int = 16, seqlen: int =
     if len(ids) < span:
         raise DataError(f"Calibration text has {len(ids)} tokens, needs at least seqlen={span} "
                         f"for one window; use a longer text or a smaller seqlen.")
-    gen = torch.Generator().manual_seed(int(seed))
-    starts = torch.randint(0, len(ids) - span + 1, (int(n_samples),), generator=gen)
-    rows = torch.stack([ids[s: s + span] for s in starts.tolist()])
+    rows = torch.stack([ids[s: s + span] for s in _sample_starts(len(ids), span, n_samples, seed)])
     return _with_bos(rows, tokenizer, bos)
+
+
+def _sample_starts(n_tokens: int, span: int, n_samples: int, seed: int) -> list[int]:
+    """Where the `n_samples` calibration windows of `span` tokens start in a text of `n_tokens` tokens."""
+    gen = torch.Generator().manual_seed(int(seed))
+    return torch.randint(0, n_tokens - span + 1, (int(n_samples),), generator=gen).tolist()
 
 
 def eval_windows(tokenizer, text: str, seqlen: int = 512, bos: bool = False,
@@ -305,7 +309,28 @@ def eval_windows(tokenizer, text: str, seqlen: int = 512, bos: bool = False,
 def spread_windows(tokenizer, text: str, seqlen: int, n: int, bos: bool = False) -> torch.Tensor:
     """`n` of the consecutive `seqlen`-token windows of `text` (fewer if it has fewer), spread evenly from
     its first to its last: a fixed sample of the whole text, not of its opening article."""
-    windows = eval_windows(tokenizer, text, seqlen, bos, label="The search text")
+    return _spread(eval_windows(tokenizer, text, seqlen, bos, label="The search text"), n)
+
+
+def unsampled_windows(tokenizer, text: str, seqlen: int, n: int, n_samples: int, calib_seqlen: int, seed: int,
+                      bos: bool = False) -> torch.Tensor | None:
+    """`n` of the consecutive `seqlen`-token windows of `text` that share no token with the calibration
+    batch `calibration_batches(tokenizer, text, n_samples, calib_seqlen, seed, bos)`, spread evenly as in
+    `spread_windows` (fewer if fewer are left): text of the calibration source that the pruners'
+    statistics never saw. None when every window overlaps the batch."""
+    windows = eval_windows(tokenizer, text, seqlen, bos, label="The calibration text")
+    span, calib_span = _check_seqlen(seqlen, bos), _check_seqlen(calib_seqlen, bos)
+    ids = tokenize(tokenizer, text)
+    seen = torch.zeros(len(ids), dtype=torch.bool)
+    if len(ids) >= calib_span:
+        for start in _sample_starts(len(ids), calib_span, n_samples, seed):
+            seen[start: start + calib_span] = True
+    free = windows[~seen[: windows.shape[0] * span].view(-1, span).any(dim=1)]
+    return _spread(free, n) if free.shape[0] else None
+
+
+def _spread(windows: torch.Tensor, n: int) -> torch.Tensor:
+    """`n` of the rows of `windows` (all if it has fewer), evenly spaced from its first to its last."""
     return windows[torch.linspace(0, windows.shape[0] - 1, min(int(n), windows.shape[0])).long()]
 
 

@@ -5,11 +5,13 @@
                             [--out FILE] [--resume]
 
 Grid: dense, then every seed x sparsity x pruner {magnitude, wanda, sparsegpt} x allocation {uniform,
-owl, alphapruning, auto, auto-kl, auto-checked, auto-valid, auto-valid-checked, auto-verify, auto-verify-more,
-auto-verify-wide}; "NAME+trim" prunes with
+owl, alphapruning, auto, auto-kl, auto-checked, auto-unsampled-checked, auto-valid, auto-valid-checked, auto-verify,
+auto-verify-more, auto-verify-wide}; "NAME+trim" prunes with
 that allocation and TRIM row-wise sparsity. "auto" is the allocation search (analysis.search) on the
 calibration batch only ("auto-kl": with the KL-to-dense objective instead of the calibration NLL;
 "auto-checked": with the starts and the result pruned for real (analysis.search, verify "starts");
+"auto-unsampled-checked": auto-checked scored on windows of the embedded corpus that the calibration batch does not
+touch, what a search without a search text scores on (analysis.pipeline.search_windows);
 "auto-valid": the NLL on WikiText-2 *valid*, `--nsamples` windows spread evenly over it, the text
 epsilon is chosen on, with the pruner's statistics still from the calibration batch; "auto-valid-checked":
 auto-valid with the starts and the result pruned for real; "auto-verify":
@@ -49,13 +51,14 @@ import platform
 import resource
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
 import torch
 
 from analysis.allocation import Allocation, allocate
-from analysis.data import calibration_batches, eval_windows, load_text, spread_windows
+from analysis.data import calibration_batches, eval_windows, load_text, spread_windows, unsampled_windows
 from analysis.evaluation import perplexity
 from analysis.loading import load_model
 from analysis.owl import collect_outlier_ratios
@@ -68,18 +71,22 @@ from analysis.store import now_iso
 OUT = Path(__file__).resolve().parent / "results" / "quality.json"
 METHODS = ("magnitude", "wanda", "sparsegpt")
 # table columns
-ALLOCS = ("uniform", "owl", "alphapruning", "auto", "auto-kl", "auto-checked", "auto-valid", "auto-valid-checked",
-          "auto-verify", "auto-verify-more", "auto-verify-wide", "uniform+trim", "owl+trim", "auto+trim",
-          "auto-valid+trim", "auto-verify+trim")
+ALLOCS = ("uniform", "owl", "alphapruning", "auto", "auto-kl", "auto-checked", "auto-unsampled-checked", "auto-valid",
+          "auto-valid-checked", "auto-verify", "auto-verify-more", "auto-verify-wide", "uniform+trim", "owl+trim",
+          "auto+trim", "auto-valid+trim", "auto-verify+trim")
 RUN_ORDER = ("wanda", "magnitude", "sparsegpt")  # cheapest informative runs first
 WIDE_STEP = 0.05  # sparsity one mutation of auto-verify-wide moves: twice the default step
-# searched allocations: the objective of each, whether it is measured on WikiText-2 valid, what it prunes for
-# real (analysis.search, verify: "none", "starts" or "all"), and its mutation step
-SEARCHES = {"auto": ("nll", False, "none", SEARCH_STEP), "auto-kl": ("kl", False, "none", SEARCH_STEP),
-            "auto-checked": ("nll", False, "starts", SEARCH_STEP), "auto-valid": ("nll", True, "none", SEARCH_STEP),
-            "auto-valid-checked": ("nll", True, "starts", SEARCH_STEP),
-            "auto-verify": ("nll", True, "all", SEARCH_STEP), "auto-verify-more": ("nll", True, "all", SEARCH_STEP),
-            "auto-verify-wide": ("nll", True, "all", WIDE_STEP)}
+# searched allocations: the objective of each, the text it is measured on ("calib": the calibration batch;
+# "unsampled": windows of the embedded corpus the batch does not touch; "valid": WikiText-2 valid), what it prunes
+# for real (analysis.search, verify: "none", "starts" or "all"), and its mutation step
+SEARCHES = {"auto": ("nll", "calib", "none", SEARCH_STEP), "auto-kl": ("kl", "calib", "none", SEARCH_STEP),
+            "auto-checked": ("nll", "calib", "starts", SEARCH_STEP),
+            "auto-unsampled-checked": ("nll", "unsampled", "starts", SEARCH_STEP),
+            "auto-valid": ("nll", "valid", "none", SEARCH_STEP),
+            "auto-valid-checked": ("nll", "valid", "starts", SEARCH_STEP),
+            "auto-verify": ("nll", "valid", "all", SEARCH_STEP),
+            "auto-verify-more": ("nll", "valid", "all", SEARCH_STEP),
+            "auto-verify-wide": ("nll", "valid", "all", WIDE_STEP)}
 # searches that go on from another search's result of the same cell (its only start, as --search-from), with their own
 # search seed (the calibration seed + MORE_SEED) so they do not replay the first search's moves
 GOES_ON_FROM = {"auto-verify-more": "auto-verify", "auto-verify-wide": "auto-verify"}
@@ -133,10 +140,11 @@ def make_allocation(name: str, sparsity: float, metrics, outliers: dict, epsilon
 
 def searched_allocation(model, calib, sparsity: float, method: str, seed: int, steps: int, tokens: str, metrics,
                         outliers, model_name: str, results: dict, out: Path, name: str = "auto",
-                        held_out=None) -> Allocation:
+                        held_out: Callable | None = None) -> Allocation:
     """The `name` (one of SEARCHES) allocation of this seed/sparsity/pruner, searched once (kept in
-    results["searches"]); `held_out`: the valid windows of a held-out search, by whether it prunes for real."""
-    key = run_key(sparsity, method, name, seed)
+    results["searches"]); `held_out(text, seed, verify)`: the windows a search on `text` (a SEARCHES text) with
+    calibration `seed` and `verify` scores on (None: the calibration batch)."""
+    key, calib_seed = run_key(sparsity, method, name, seed), seed
     found = results.setdefault("searches", {})
     if key not in found:
         if name in GOES_ON_FROM:
@@ -151,8 +159,8 @@ def searched_allocation(model, calib, sparsity: float, method: str, seed: int, s
         load_before, cpu0 = os.getloadavg(), time.process_time()
         screen, confirm = tokens.split(",")
         n, length = (int(x) for x in screen.split("x"))
-        objective, on_valid, verify, step = SEARCHES[name]
-        windows = held_out[verify != "none"] if on_valid else None
+        objective, text, verify, step = SEARCHES[name]
+        windows = held_out(text, calib_seed, verify)
         alloc = search_allocation(model, calib, starts, method=method, steps=steps, step=step, seed=seed,
                                   model_name=model_name,
                                   screen_samples=n, screen_seqlen=length, confirm_seqlen=int(confirm),
@@ -242,7 +250,8 @@ def markdown(results: dict) -> str:
     allocs = [a for a in ALLOCS if any(r["allocation"] == a for r in runs.values())]
     searched = [a for a in SEARCHES if a in allocs]
     names = {"uniform": "uniform", "owl": "OWL", "alphapruning": "AlphaPruning", "auto": "auto",
-             "auto-kl": "auto (KL)", "auto-checked": "auto (checked)", "auto-valid": "auto (valid)",
+             "auto-kl": "auto (KL)", "auto-checked": "auto (checked)",
+             "auto-unsampled-checked": "auto (checked, unsampled)", "auto-valid": "auto (valid)",
              "auto-valid-checked": "auto (valid, checked)", "auto-verify": "auto (valid, verified)",
              "auto-verify-more": "auto (valid, verified, gone on)",
              "auto-verify-wide": f"auto (valid, verified, gone on, step {WIDE_STEP:g})",
@@ -357,7 +366,8 @@ def main(argv=None) -> int:
     results.setdefault("runs", {})
     if args.searches_from:
         reuse_searches(results, args.searches_from, config)
-    calibs = {seed: calibration_batches(tok, load_text("default"), args.nsamples, args.seqlen, seed=seed,
+    corpus = load_text("default")
+    calibs = {seed: calibration_batches(tok, corpus, args.nsamples, args.seqlen, seed=seed,
                                         bos=lm.info.bos_per_window) for seed in seeds}
     test = eval_windows(tok, load_text("wikitext2:test"), 512, bos=lm.info.bos_per_window,
                         max_windows=args.windows or None)
@@ -366,8 +376,15 @@ def main(argv=None) -> int:
     # the held-out searches' fitness text: --nsamples windows of the confirmation length, spread over valid
     length = int(args.search_tokens.split(",")[1])
     # (settings.search_samples: more for a verified search, whose real prunes are scored on all of them)
-    held_out = {real: spread_windows(tok, valid_text, length, search_samples(args.nsamples, mode),
-                                     lm.info.bos_per_window) for real, mode in ((False, "none"), (True, "all"))}
+
+    def held_out(text: str, seed: int, verify: str):
+        n, bos = search_samples(args.nsamples, verify), lm.info.bos_per_window
+        if text == "valid":
+            return spread_windows(tok, valid_text, length, n, bos)
+        if text == "unsampled":  # what analysis.pipeline.search_windows scores a search without a search text on
+            return unsampled_windows(tok, corpus, length, n, args.nsamples, args.seqlen, seed, bos)
+        return None
+
     results["config"]["eval_windows"] = int(test.shape[0])
     results["config"]["eval_tokens"] = int(test.shape[0] * (test.shape[1] - 1))
     snap = DenseSnapshot.take(model)
