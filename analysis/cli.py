@@ -205,7 +205,7 @@ def _add_allocation_args(p: argparse.ArgumentParser, axes: bool = False) -> None
     p.add_argument("--search-text", default=d.search_text,
                    help="auto: score the search on this held-out text (a text source as for --calib, e.g. "
                         "wikitext2:valid, best a sample of the text the model will serve; never the evaluation "
-                        "text) instead of the windows of the calibration text that calibration did not sample")
+                        "text) instead of the calibration text")
     p.add_argument("--search-verify", nargs="?", const="all", default=d.search_verify, metavar="WHAT",
                    help="auto: what the search prunes for real (one full prune each): none (its fast proxy "
                         "decides), starts (the default: the starts, so the best one after a real prune is the parent, "
@@ -361,8 +361,7 @@ def cmd_allocate(args: argparse.Namespace) -> int:
         calib = calibration_batch(loaded.tokenizer, calibration, bos=loaded.info.bos_per_window)
     if args.method == "custom" and args.as_drawn and args.sparsity is None:
         settings = AllocationSettings(method="custom", points=points, as_drawn=True)
-    held_out = calibration and search_windows(loaded.tokenizer, settings, calibration,
-                                                bos=loaded.info.bos_per_window)
+    held_out = calibration and search_windows(loaded.tokenizer, settings, calibration, loaded.info.bos_per_window)
     alloc = build_allocation(settings, loaded.model, calib=calib, metrics=metrics, model_name=args.model,
                              prune_method=args.pruner, progress=_print_progress, fitness_windows=held_out)
     _print_allocation(alloc, metrics, args.metric if args.method in SPECTRA_METHODS else None)

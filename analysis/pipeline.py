@@ -29,7 +29,6 @@ from analysis.data import (
     evaluation_text,
     load_text,
     spread_windows,
-    unsampled_windows,
 )
 from analysis.evaluation import PplUpdate, perplexity
 from analysis.layers import layer_table
@@ -84,22 +83,14 @@ def evaluation_windows(tokenizer, evaluation: EvaluationSettings, calibration_so
 
 
 def search_windows(tokenizer, allocation: AllocationSettings, calibration: CalibrationSettings,
-                   evaluation_source: str | None = None, bos: bool = False) -> torch.Tensor | None:
-    """The held-out windows an "auto" search scores candidates on (settings.search_samples of them, as long
-    as the ones it confirms on: settings.search_seqlen), spread over the search text when there is one,
-    else over the windows of the calibration text (`calibration_batch`'s, for this evaluation source) that
-    the calibration batch does not touch: the pruners fit their statistics to the calibration tokens, and a
-    search scored on those same tokens rewards fitting them. None (the search scores on the calibration
-    batch) for another method, or when the calibration text has no window the batch leaves untouched."""
-    if allocation.method != "auto":
+                   bos: bool = False) -> torch.Tensor | None:
+    """The held-out windows an "auto" search with a search text scores candidates on
+    (settings.search_samples of them, as long as the ones it confirms on: settings.search_seqlen),
+    spread over the whole text; None when it scores on the calibration text."""
+    if allocation.method != "auto" or allocation.search_text is None:
         return None
-    seqlen = search_seqlen(calibration.seqlen)
-    n = search_samples(calibration.n_samples, allocation.search_verify)
-    if allocation.search_text is not None:
-        return spread_windows(tokenizer, load_text(allocation.search_text), seqlen, n, bos)
-    text = calibration_text(calibration.source, evaluation_source, calibration.encoding)
-    return unsampled_windows(tokenizer, text, seqlen, n, calibration.n_samples, calibration.seqlen, calibration.seed,
-                             bos)
+    return spread_windows(tokenizer, load_text(allocation.search_text), search_seqlen(calibration.seqlen),
+                          search_samples(calibration.n_samples, allocation.search_verify), bos)
 
 
 def confirm_samples(fitness_windows: torch.Tensor | None, verify: str) -> int | None:
@@ -337,7 +328,7 @@ def run(loaded: LoadedModel, settings: RunSettings, *, progress: ProgressFn | No
                                  prune_method=settings.prune.method,
                                  progress=progress, fitness_windows=search_windows(
                                      loaded.tokenizer, settings.allocation, settings.calibration,
-                                     settings.evaluation.source, info.bos_per_window))
+                                     info.bos_per_window))
 
     def evaluate(label: str) -> float:
         show = (lambda u: on_ppl(label, u)) if on_ppl else None

@@ -14,9 +14,8 @@ held-out NLL after a real prune (Gemma-3, SparseGPT 70%), more than most of the 
 Fitness (`objective`). Per predicted token in nats: "nll", the pruned model's next-token NLL; or "kl",
 KL(dense || pruned) between the dense and the pruned model's next-token distributions (EvoPress's
 choice: it asks the pruned model to behave like the dense one, not to fit the text; the dense
-log-probabilities are computed once and kept in float16 on the CPU). Measured on the calibration batch,
-or on held-out windows (`fitness_windows`: the front ends pass windows of the calibration text that the
-batch does not touch, or of a text the user names, e.g. the valid split of their domain; the search then
+log-probabilities are computed once and kept in float16 on the CPU). Measured on the calibration text,
+or on a held-out text (`fitness_windows`, e.g. the valid split of the user's domain: the search then
 does not fit the calibration sample the pruner's statistics come from). A few short windows (the first
 `screen_samples` sequences cut to `screen_seqlen` tokens) to screen offspring, every sequence cut to
 `confirm_seqlen` tokens to confirm (or `confirm_samples` of them, spread over the set: with `verify`

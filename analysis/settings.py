@@ -218,8 +218,7 @@ class AllocationSettings:
     search_step: the sparsity (a fraction, in (0, SEARCH_STEP_MAX]) one of its mutations moves between two blocks;
     search_text: a text source (as for calibration.source) the search's fitness is measured on, held out
     from the calibration sample (e.g. the valid split of the user's domain; never the evaluation text);
-    None: windows of the calibration text that the calibration batch does not touch
-    (analysis.pipeline.search_windows); search_verify: one of VERIFY_MODES, what the search prunes for real
+    None: the calibration text; search_verify: one of VERIFY_MODES, what the search prunes for real
     ("starts": the starts and the result; "all": also every candidate it confirms, keeping only real
     improvements; analysis.search, `verify`); search_from: an allocation JSON
     the search starts from instead of uniform / OWL / AlphaPruning / FARMS (a previous search's result, to go on

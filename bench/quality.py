@@ -11,7 +11,7 @@ that allocation and TRIM row-wise sparsity. "auto" is the allocation search (ana
 calibration batch only ("auto-kl": with the KL-to-dense objective instead of the calibration NLL;
 "auto-checked": with the starts and the result pruned for real (analysis.search, verify "starts");
 "auto-unsampled-checked": auto-checked scored on windows of the embedded corpus that the calibration batch does not
-touch, what a search without a search text scores on (analysis.pipeline.search_windows);
+touch (analysis.data.unsampled_windows; measured as a default, not kept: README);
 "auto-valid": the NLL on WikiText-2 *valid*, `--nsamples` windows spread evenly over it, the text
 epsilon is chosen on, with the pruner's statistics still from the calibration batch; "auto-valid-checked":
 auto-valid with the starts and the result pruned for real; "auto-verify":
@@ -381,7 +381,7 @@ def main(argv=None) -> int:
         n, bos = search_samples(args.nsamples, verify), lm.info.bos_per_window
         if text == "valid":
             return spread_windows(tok, valid_text, length, n, bos)
-        if text == "unsampled":  # what analysis.pipeline.search_windows scores a search without a search text on
+        if text == "unsampled":
             return unsampled_windows(tok, corpus, length, n, args.nsamples, args.seqlen, seed, bos)
         return None
 

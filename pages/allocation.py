@@ -100,7 +100,7 @@ def _search_work(job: Job, shared, tokenizer, bos: bool, settings: AllocationSet
     return build_allocation(settings, model, calib=calib, metrics=dense_metrics, farms_metrics=farms_metrics,
                             outlier_ratios=outlier_ratios, model_name=model_name, custom=start,
                             prune_method=pruner, progress=job.report, stop=job.stop,
-                            fitness_windows=search_windows(tokenizer, settings, calibration, eval_source, bos),
+                            fitness_windows=search_windows(tokenizer, settings, calibration, bos),
                             on_best=lambda per_block, fit, step: job.emit({"per_block": per_block, "fitness": fit,
                                                                            "step": step,
                                                                            "objective": settings.search_objective}))
@@ -110,9 +110,8 @@ with st.expander("Find allocation (search)", expanded=SEARCH_KEY in st.session_s
     st.caption("An evolutionary search over per-block sparsity at the target budget (in the spirit of EvoPress, "
                "Sieberling et al. 2024): it starts from the best of uniform, OWL, AlphaPruning and FARMS "
                "(ε 0.1/0.2/0.3) (or from your curve), then moves sparsity between blocks, keeping the budget "
-               "exact, scored on held-out text: windows of the Prune page's calibration text that calibration did "
-               "not sample, or a text you name (best a sample of the text the model will serve, e.g. "
-               "wikitext2:valid; never the evaluation text), by the pruned model's loss or by its KL divergence "
+               "exact, scored on the calibration text of the Prune page (or on a held-out text you name, e.g. "
+               "wikitext2:valid; never the evaluation text): by the pruned model's loss, or by its KL divergence "
                "from the dense model. It runs on a private copy of the model; minutes on a CPU.")
     f1, f2, f3, f4, f5 = st.columns(5)
     search_pruner = f1.selectbox("Pruner", list(PRUNERS), key="alloc_search_pruner")
@@ -126,12 +125,10 @@ with st.expander("Find allocation (search)", expanded=SEARCH_KEY in st.session_s
                                     index=SEARCH_OBJECTIVES.index(DEFAULT.search_objective),
                                     format_func=OBJECTIVE_LABELS.get)
     search_text = st.text_input("Score on (held-out text)", key="alloc_search_text",
-                                placeholder="the calibration text, windows calibration did not sample",
+                                placeholder="the calibration text",
                                 help="A text source as on the Prune page (wikitext2:valid, a .txt path, "
-                                     "hf:<dataset>[:<config>]:<split>), best a sample of the text the model will "
-                                     "serve: the search is scored on it. Empty: on windows of the calibration text "
-                                     "that the calibration sample (which the pruners fit) does not touch. Never the "
-                                     "evaluation text.").strip()
+                                     "hf:<dataset>[:<config>]:<split>): the search is scored on it instead of on the "
+                                     "calibration sample the pruner uses. Never the evaluation text.").strip()
     search_verify = st.selectbox("Prune for real", VERIFY_MODES, key="alloc_search_verify",
                                  index=VERIFY_MODES.index(DEFAULT.search_verify), format_func=VERIFY_LABELS.get,
                                  help="What the search prunes for real (one full prune each) instead of trusting its "

@@ -18,17 +18,10 @@ from test_pruning import calib_ids, correlated_inputs, tiny_llama
 
 from analysis.allocation import Allocation, allocate
 from analysis.calibration import walk_blocks
-from analysis.data import DataError, calibration_batches, split_text, spread_windows, unsampled_windows
+from analysis.data import DataError, calibration_batches, spread_windows, unsampled_windows
 from analysis.evaluation import window_nll
 from analysis.layers import layer_table, prunable_layers
-from analysis.pipeline import (
-    AUTO_EPSILONS,
-    build_allocation,
-    calibration_batch,
-    dense_spectra,
-    search_starts,
-    search_windows,
-)
+from analysis.pipeline import AUTO_EPSILONS, build_allocation, dense_spectra, search_starts
 from analysis.pruners import (
     output_quality,
     prune_sparsegpt,
@@ -54,7 +47,6 @@ from analysis.settings import (
     SEARCH_STEP,
     VERIFY_SAMPLES,
     AllocationSettings,
-    CalibrationSettings,
     PruneSettings,
     RunSettings,
     SettingsError,
@@ -592,29 +584,6 @@ def test_unsampled_windows_avoid_every_calibration_token():
     assert unsampled_windows(tokenizer, short, 10, 4, n_samples=6, calib_seqlen=50, seed=3) is None
 
 
-def test_search_windows_hold_out_the_calibration_source_by_default(tmp_path):
-    """With no search text a search scores on windows of the calibration text that the calibration batch does
-    not touch (and of its first half, when the run evaluates on the same source); never on the evaluation text."""
-    tokenizer = word_tokenizer(3000)
-    text = "\n".join(" ".join(f"w{i}" for i in range(r * 10, r * 10 + 10)) for r in range(300))
-    (tmp_path / "calib.txt").write_text(text)
-    second_half = int(split_text(text)[1].split()[0][1:])  # the first token of the run's evaluation half
-    calibration = CalibrationSettings(str(tmp_path / "calib.txt"), n_samples=4, seqlen=40, seed=1)
-    auto = AllocationSettings(method="auto", sparsity=0.5, search_verify="none")
-    for evaluation_source, end in ((None, 3000), (calibration.source, second_half)):  # the same: cut in halves
-        calib = calibration_batch(tokenizer, calibration, evaluation_source)
-        held = search_windows(tokenizer, auto, calibration, evaluation_source)
-        assert held.shape == (4, 40)  # settings.search_samples of settings.search_seqlen tokens
-        assert not set(held.flatten().tolist()) & set(calib.flatten().tolist())
-        assert held.max() < end
-    checked = search_windows(tokenizer, replace(auto, search_verify="starts"), calibration)
-    assert checked.shape == (4 * VERIFY_SAMPLES, 40)
-    (tmp_path / "held.txt").write_text(" ".join(f"w{i}" for i in range(600, 700)))
-    named = search_windows(tokenizer, replace(auto, search_text=str(tmp_path / "held.txt")), calibration)
-    assert named.min() >= 600 and named.shape == (2, 40)  # all of the search text's windows: it has 2
-    assert search_windows(tokenizer, replace(auto, method="owl"), calibration) is None
-
-
 def test_cli_prune_with_auto_allocation_and_trim(tmp_path):
     folder = save_tiny_llama(tmp_path / "tiny")
     words = " ".join(f"w{i % 119}" for i in range(12000))
@@ -693,8 +662,6 @@ def test_cli_allocate_auto_with_the_pruner_and_a_held_out_text(tmp_path):
     assert r.returncode == 0, r.stderr
     a = Allocation.load(out)
     assert a.params["verify"] == "starts" and a.params["real_prunes"] == len(a.params["verified"])
-    # no --search-text: scored on windows of calib.txt the calibration batch does not touch, as many as with one
-    assert a.params["fitness"].startswith("held-out") and a.params["real_prune_tokens"] == VERIFY_SAMPLES * 4 * 32
     assert set(a.params["verified"]) - set(a.params["starts"]) <= {"result"}
     bad = subprocess.run([*args, "some"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert bad.returncode == 2 and "--search-verify" in bad.stderr and "none, starts, all" in bad.stderr
