@@ -373,11 +373,12 @@ def main(argv=None) -> int:
                         max_windows=args.windows or None)
     valid_text = load_text("wikitext2:valid")
     valid = eval_windows(tok, valid_text, 512, bos=lm.info.bos_per_window, max_windows=args.valid_windows or None)
-    # the held-out searches' fitness text: --nsamples windows of the confirmation length, spread over valid
     length = int(args.search_tokens.split(",")[1])
-    # (settings.search_samples: more for a verified search, whose real prunes are scored on all of them)
 
     def held_out(text: str, seed: int, verify: str):
+        """A held-out search's fitness windows: settings.search_samples of the confirmation length (more for a
+        search that prunes for real, whose real prunes are scored on all of them), spread over WikiText-2 valid
+        or over the windows of the embedded corpus that calibration seed `seed` leaves untouched."""
         n, bos = search_samples(args.nsamples, verify), lm.info.bos_per_window
         if text == "valid":
             return spread_windows(tok, valid_text, length, n, bos)
