@@ -326,6 +326,14 @@ def _print_allocation(alloc: Allocation, metrics: pd.DataFrame, metric: str | No
           f"(parameter-weighted over {len(alloc.per_layer)} prunable matrices)")
 
 
+def _hint_search_text(allocation: AllocationSettings, evaluation_source: str) -> None:
+    suggestion = allocation.suggested_search_text(evaluation_source)
+    if suggestion is not None:
+        print(f"hint: the search is scored on the calibration text; --search-text {suggestion} (held out from the "
+              f"evaluation text {evaluation_source}) scores it on the domain it is judged on: better in the README's "
+              "allocation quality tables", file=sys.stderr)
+
+
 def _print_search(alloc: Allocation) -> None:
     if alloc.method == "auto" and "history" in alloc.params:
         print("\n".join(describe(alloc.params)))
@@ -452,6 +460,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     loaded = _load(settings.model, settings.check_model)
     print(f"calibration {settings.calibration.n_samples} x {settings.calibration.seqlen} tokens from "
           f"{settings.calibration.source}; evaluation on {settings.evaluation.source}", file=sys.stderr)
+    _hint_search_text(settings.allocation, settings.evaluation.source)
     result = run(loaded, settings, progress=_print_progress, on_ppl=_print_ppl)
     record, report = result.record, result.report
     _print_search(result.allocation)
@@ -595,7 +604,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     store = RunStore(args.db)
     where = f"Ray at {args.address}" if args.address else (
         f"local Ray, {args.workers} workers" if args.workers > 1 else "this process")
-    print(f"sweep: {len(grid.expand())} configuration(s) on {where}; runs go to {store.path}", file=sys.stderr)
+    configs = grid.expand()
+    print(f"sweep: {len(configs)} configuration(s) on {where}; runs go to {store.path}", file=sys.stderr)
+    searched = next((c for c in configs if c.allocation.method == "auto"), None)
+    if searched is not None:
+        _hint_search_text(searched.allocation, searched.evaluation.source)
     outcomes = run_sweep(grid, store, workers=args.workers, address=args.address,
                          cpus_per_worker=args.cpus_per_worker, progress=_print_progress)
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_colwidth", 60):

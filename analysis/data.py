@@ -155,6 +155,36 @@ def _read(path: Path, encoding: str = ENCODING) -> str:
     return _decode(path, path.read_bytes(), encoding)
 
 
+_HELD_OUT_NAMES = ("valid", "validation", "val", "dev")
+
+
+def held_out_split(source: str) -> str | None:
+    """The validation split of an evaluation source that names a test split, or None: "wikitext2:test"
+    -> "wikitext2:valid" (when its file is there), "hf:<dataset>[:<config>]:test" -> the same with
+    ":validation" (the hub's usual name; not checked here, the hub may be out of reach), a file
+    ".../test.txt" (or "...-test.txt", "..._test.txt") -> the first of its siblings named valid,
+    validation, val or dev in its place that exists. What an allocation search can be scored on to
+    rank candidates on the served domain without seeing the evaluation text."""
+    src = str(source or "").strip()
+    if src.startswith("wikitext2:"):
+        split = src.split(":", 1)[1]
+        return "wikitext2:valid" if split == "test" and (wikitext_dir() / "valid.txt").is_file() else None
+    if src.startswith("hf:"):
+        parts = src.split(":")
+        return ":".join(parts[:-1] + ["validation"]) if len(parts) in (3, 4) and parts[-1] == "test" else None
+    if src == "default" or not src:
+        return None
+    path = Path(src).expanduser()
+    match = re.fullmatch(r"(.*?)(test)", path.stem, flags=re.IGNORECASE)
+    if match is None or match.group(1)[-1:] not in ("", "-", "_", "."):
+        return None
+    for name in _HELD_OUT_NAMES:
+        candidate = path.with_name(match.group(1) + name + path.suffix)
+        if candidate.is_file():
+            return str(candidate)
+    return None
+
+
 def _wikitext_path(split: str) -> Path:
     if split not in WIKITEXT_SPLITS:
         raise DataError(f"Unknown WikiText-2 split '{split}'; use one of {', '.join(WIKITEXT_SPLITS)}.")

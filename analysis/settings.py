@@ -25,6 +25,7 @@ from analysis.data import (
     check_encoding,
     eval_windows,
     evaluation_text,
+    held_out_split,
     load_text,
     spread_windows,
     text_source_problem,
@@ -299,6 +300,16 @@ class AllocationSettings:
             raise SettingsError(f"the search text must not be the evaluation text ({self.search_text}): the search "
                                 "would fit the text it is judged on; use a held-out text, e.g. a valid split",
                                 "allocation.search_text")
+
+    def suggested_search_text(self, evaluation_source: str) -> str | None:
+        """For an "auto" search scored on the calibration text: the validation split of the evaluation
+        source when it names a test split (analysis.data.held_out_split), else None. Scored on the served
+        domain's held-out text the search beat every baseline by more than on the calibration text
+        (README, Allocation quality); it stays a suggestion, so a run's result never depends on which
+        evaluation text was named."""
+        if self.method != "auto" or self.search_text is not None:
+            return None
+        return held_out_split(evaluation_source)
 
     def check_model(self, preview: ModelPreview, calibration_seqlen: int = SEARCH_SEQLEN) -> None:
         """An allocation file names exactly the model's prunable matrices; a search text gives a window

@@ -31,6 +31,7 @@ st.caption("How much to prune each block: drag the red curve, or load a preset a
            "The budget is the parameter-weighted mean sparsity over all prunable matrices.")
 loaded = require_model()
 DEFAULT = AllocationSettings()
+DEFAULT_SEARCH = AllocationSettings(method="auto")
 fit = st.session_state.get("spectra_fit", SpectraSettings.fit)
 job = spectra_job(loaded, fit)
 wait_for(job, "Computing spectra")
@@ -129,6 +130,13 @@ with st.expander("Find allocation (search)", expanded=SEARCH_KEY in st.session_s
                                 help="A text source as on the Prune page (wikitext2:valid, a .txt path, "
                                      "hf:<dataset>[:<config>]:<split>): the search is scored on it instead of on the "
                                      "calibration sample the pruner uses. Never the evaluation text.").strip()
+    suggested = None if search_text else DEFAULT_SEARCH.suggested_search_text(prune_data_settings()[1])
+    if suggested is not None:
+        st.button(f"Score on {suggested}", key="alloc_search_text_suggest", on_click=st.session_state.__setitem__,
+                  args=("alloc_search_text", suggested),
+                  help="The held-out split of the Prune page's evaluation text: scored on the domain it is judged "
+                       "on, the search beat the baselines by more than on the calibration text (README, allocation "
+                       "quality). It never sees the evaluation text itself.")
     search_verify = st.selectbox("Prune for real", VERIFY_MODES, key="alloc_search_verify",
                                  index=VERIFY_MODES.index(DEFAULT.search_verify), format_func=VERIFY_LABELS.get,
                                  help="What the search prunes for real (one full prune each) instead of trusting its "

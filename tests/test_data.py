@@ -8,6 +8,7 @@ from analysis.data import (
     calibration_text,
     eval_windows,
     evaluation_text,
+    held_out_split,
     load_text,
     save_text,
     split_text,
@@ -122,3 +123,32 @@ def test_saved_uploads_are_named_by_content(tmp_path):
     assert save_text("other.txt", b"some text", tmp_path).read_bytes() == b"some text"
     assert save_text("My notes?.txt", b"some text", tmp_path) == a
     assert save_text("My notes?.txt", b"new text", tmp_path) != a
+
+
+def test_held_out_split_names_the_validation_split_of_a_test_source(tmp_path, monkeypatch):
+    """What an allocation search is offered to score on: the valid split beside a test split, only when
+    one exists (WikiText-2, sibling files) or by the hub's convention (hf:); nothing for other sources."""
+    folder = tmp_path / "wikitext"
+    folder.mkdir()
+    monkeypatch.setenv("ALPHASCOPE_WIKITEXT", str(folder))
+    assert held_out_split("wikitext2:test") is None  # no valid.txt there
+    (folder / "valid.txt").write_text("held out")
+    assert held_out_split(" wikitext2:test ") == "wikitext2:valid"
+    assert held_out_split("wikitext2:valid") is None and held_out_split("wikitext2:train") is None
+    assert held_out_split("hf:wikitext:wikitext-2-raw-v1:test") == "hf:wikitext:wikitext-2-raw-v1:validation"
+    assert held_out_split("hf:ptb_text_only:test") == "hf:ptb_text_only:validation"
+    assert held_out_split("hf:c4:en:train") is None and held_out_split("hf:test") is None
+    for name in ("test.txt", "news-test.txt", "news_test.txt", "contest.txt"):
+        (tmp_path / name).write_text("x")
+    assert held_out_split(str(tmp_path / "test.txt")) is None  # no sibling yet
+    (tmp_path / "dev.txt").write_text("x")
+    (tmp_path / "news-validation.txt").write_text("x")
+    (tmp_path / "news_val.txt").write_text("x")
+    (tmp_path / "conval.txt").write_text("x")
+    assert held_out_split(str(tmp_path / "test.txt")) == str(tmp_path / "dev.txt")
+    (tmp_path / "valid.txt").write_text("x")  # valid comes before dev
+    assert held_out_split(str(tmp_path / "test.txt")) == str(tmp_path / "valid.txt")
+    assert held_out_split(str(tmp_path / "news-test.txt")) == str(tmp_path / "news-validation.txt")
+    assert held_out_split(str(tmp_path / "news_test.txt")) == str(tmp_path / "news_val.txt")
+    assert held_out_split(str(tmp_path / "contest.txt")) is None  # "test" inside a word is not a split
+    assert held_out_split("default") is None and held_out_split("") is None

@@ -44,9 +44,11 @@ from analysis.search import (
     window_losses,
 )
 from analysis.settings import (
+    QUICK_EVALUATION,
     SEARCH_STEP,
     VERIFY_SAMPLES,
     AllocationSettings,
+    CalibrationSettings,
     PruneSettings,
     RunSettings,
     SettingsError,
@@ -688,17 +690,28 @@ def test_cli_allocate_auto_with_the_pruner_and_a_held_out_text(tmp_path):
     assert bad.returncode == 2 and "--search-from" in bad.stderr and "another model" in bad.stderr, bad.stderr
 
 
-def test_allocation_page_finds_an_allocation():
+def test_allocation_page_finds_an_allocation(tmp_path, monkeypatch):
     """The Allocation page's Find allocation on the real default model (one generation, KL objective,
     scored on a held-out text, the page's ε among the starts; the evaluation text is refused): progress,
     the best KL so far, "Use this curve" takes the search's per-block ratios as the control points, and
-    "Start from your curve" searches from them."""
+    "Start from your curve" searches from them. With the Prune page evaluating on WikiText-2 test, the
+    page offers its valid split as the search text."""
     from test_app import fresh_app, metric, run_until_idle
 
+    (tmp_path / "valid.txt").write_text("held out")
+    monkeypatch.setenv("ALPHASCOPE_WIKITEXT", str(tmp_path))
     at = fresh_app()
     at.button(key="model_load").click().run()
     at.switch_page("pages/allocation.py")
     run_until_idle(at, "spectra")
+    assert "alloc_search_text_suggest" not in [b.key for b in at.button]  # the embedded corpus has no valid split
+    at.session_state["_prune_data"] = (CalibrationSettings(), "wikitext2:test")
+    at.run()
+    assert at.button(key="alloc_search_text_suggest").label == "Score on wikitext2:valid"
+    at.button(key="alloc_search_text_suggest").click().run()
+    assert at.text_input(key="alloc_search_text").value == "wikitext2:valid"
+    assert "alloc_search_text_suggest" not in [b.key for b in at.button]  # offered while the field is empty
+    at.session_state["_prune_data"] = (CalibrationSettings(), QUICK_EVALUATION.source)
     # a curve left from another model is not offered as a start; this model's curve is (next run)
     at.session_state["alloc_custom"] = replace(at.session_state["alloc_custom"], model="another/model")
     at.run()

@@ -133,6 +133,24 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, message):
     assert p.stderr.startswith(message), p.stderr
 
 
+def test_cli_offers_a_search_the_held_out_split_of_the_evaluation_text(tmp_path):
+    """A search scored on the calibration text is told of the valid split beside the evaluation text
+    (before anything loads: here the model is missing); not when it has a search text, nor without a search."""
+    words = " ".join(f"w{i % 100}" for i in range(3000))
+    for name in ("test.txt", "valid.txt", "calib.txt"):
+        (tmp_path / name).write_text(words)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    base = [sys.executable, "-m", "analysis", "sweep", "--model", str(tmp_path / "no-model"), "--sparsities", "0.5",
+            "--calib", str(tmp_path / "calib.txt"), "--eval", str(tmp_path / "test.txt"),
+            "--db", str(tmp_path / "runs.sqlite")]
+    hint = f"hint: the search is scored on the calibration text; --search-text {tmp_path / 'valid.txt'} (held out"
+    for extra, hinted in ((["--allocations", "uniform,auto"], True), (["--allocations", "uniform"], False),
+                          (["--allocations", "auto", "--search-text", str(tmp_path / "valid.txt")], False)):
+        p = subprocess.run([*base, *extra], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+        assert p.returncode == 2 and "does not exist" in p.stderr.splitlines()[-1], p.stderr
+        assert (hint in p.stderr) == hinted, p.stderr
+
+
 def test_a_sweep_run_is_the_pipeline_run(tiny):
     """run_config on the worker's cached model, with the sweep's dense reference, records what
     analysis.pipeline.run records on a freshly loaded model (what `python -m analysis prune` does)."""
