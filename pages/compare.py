@@ -76,8 +76,9 @@ with st.expander("Run a sweep", expanded=False):
             "search_step": c2.number_input("Search step (auto)", 0.005, SEARCH_STEP_MAX, AllocationSettings.search_step,
                                            0.005, format="%.3f", key="sweep_search_step"),
             "search_text": c2.text_input("Search scored on (auto; empty: the calibration text)",
-                                         key="sweep_search_text", help="A held-out text source, e.g. "
-                                         "wikitext2:valid; never the evaluation text."),
+                                         key="sweep_search_text", help="A held-out text source, best the valid "
+                                         "split of the evaluation text's domain (wikitext2:valid for "
+                                         "wikitext2:test); never the evaluation text."),
             "seeds": c3.text_input("Calibration seeds", "0,1", key="sweep_seeds"),
             "eval": c3.text_input("Evaluation text", QUICK_EVALUATION.source, key="sweep_eval"),
             "max_windows": c3.number_input("Evaluation windows", 1, 10_000, QUICK_EVALUATION.max_windows,
