@@ -330,8 +330,8 @@ def _hint_search_text(allocation: AllocationSettings, evaluation_source: str) ->
     suggestion = allocation.suggested_search_text(evaluation_source)
     if suggestion is not None:
         print(f"hint: the search is scored on the calibration text; --search-text {suggestion} (held out from the "
-              f"evaluation text {evaluation_source}) scores it on the domain it is judged on: better in the README's "
-              "allocation quality tables", file=sys.stderr)
+              f"evaluation text {evaluation_source}) scores it on the domain it is judged on: better in most "
+              "cells of the README's allocation quality tables", file=sys.stderr)
 
 
 def _print_search(alloc: Allocation) -> None:

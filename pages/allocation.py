@@ -135,8 +135,8 @@ with st.expander("Find allocation (search)", expanded=SEARCH_KEY in st.session_s
         st.button(f"Score on {suggested}", key="alloc_search_text_suggest", on_click=st.session_state.__setitem__,
                   args=("alloc_search_text", suggested),
                   help="The held-out split of the Prune page's evaluation text: scored on the domain it is judged "
-                       "on, the search beat the baselines by more than on the calibration text (README, allocation "
-                       "quality). It never sees the evaluation text itself.")
+                       "on, the search did better than on the calibration text in most measured cells (README, "
+                       "allocation quality). It never sees the evaluation text itself.")
     search_verify = st.selectbox("Prune for real", VERIFY_MODES, key="alloc_search_verify",
                                  index=VERIFY_MODES.index(DEFAULT.search_verify), format_func=VERIFY_LABELS.get,
                                  help="What the search prunes for real (one full prune each) instead of trusting its "
