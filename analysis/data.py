@@ -160,29 +160,27 @@ _HELD_OUT_NAMES = ("valid", "validation", "val", "dev")
 
 def held_out_split(source: str) -> str | None:
     """The validation split of an evaluation source that names a test split, or None: "wikitext2:test"
-    -> "wikitext2:valid" (when its file is there), "hf:<dataset>[:<config>]:test" -> the same with
-    ":validation" (the hub's usual name; not checked here, the hub may be out of reach), a file
-    ".../test.txt" (or "...-test.txt", "..._test.txt") -> the first of its siblings named valid,
-    validation, val or dev in its place that exists. What an allocation search can be scored on to
-    rank candidates on the served domain without seeing the evaluation text."""
-    src = str(source or "").strip()
-    if src.startswith("wikitext2:"):
-        split = src.split(":", 1)[1]
-        return "wikitext2:valid" if split == "test" and (wikitext_dir() / "valid.txt").is_file() else None
+    -> "wikitext2:valid", "hf:<dataset>[:<config>]:test" -> the same with ":validation" (the hub's usual
+    name; the hub itself is not asked, it may be out of reach), a file ".../test.txt" (or "...-test.txt",
+    "..._test.txt") -> its sibling named valid, validation, val or dev in its place, the first that
+    `text_source_problem` finds no problem with. What an allocation search can be scored on to rank
+    candidates on the served domain without seeing the evaluation text."""
+    return next((c for c in _held_out_candidates(str(source or "").strip()) if text_source_problem(c) is None), None)
+
+
+def _held_out_candidates(src: str) -> list[str]:
+    if src == "wikitext2:test":
+        return ["wikitext2:valid"]
     if src.startswith("hf:"):
         parts = src.split(":")
-        return ":".join(parts[:-1] + ["validation"]) if len(parts) in (3, 4) and parts[-1] == "test" else None
-    if src == "default" or not src:
-        return None
+        return [":".join(parts[:-1] + ["validation"])] if len(parts) in (3, 4) and parts[-1] == "test" else []
+    if src.startswith("wikitext2:") or src in ("", "default"):
+        return []
     path = Path(src).expanduser()
     match = re.fullmatch(r"(.*?)(test)", path.stem, flags=re.IGNORECASE)
     if match is None or match.group(1)[-1:] not in ("", "-", "_", "."):
-        return None
-    for name in _HELD_OUT_NAMES:
-        candidate = path.with_name(match.group(1) + name + path.suffix)
-        if candidate.is_file():
-            return str(candidate)
-    return None
+        return []
+    return [str(path.with_name(match.group(1) + name + path.suffix)) for name in _HELD_OUT_NAMES]
 
 
 def _wikitext_path(split: str) -> Path:
