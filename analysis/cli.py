@@ -331,7 +331,7 @@ def _hint_search_text(allocation: AllocationSettings, evaluation_source: str) ->
     if suggestion is not None:
         print(f"hint: the search is scored on the calibration text; --search-text {suggestion} (held out from the "
               f"evaluation text {evaluation_source}) scores it on the domain it is judged on: better in most "
-              "cells of the README's allocation quality tables", file=sys.stderr)
+              "cells measured (README, 'Allocation search')", file=sys.stderr)
 
 
 def _print_search(alloc: Allocation) -> None:

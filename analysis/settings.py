@@ -305,7 +305,7 @@ class AllocationSettings:
         """For an "auto" search scored on the calibration text: the validation split of the evaluation
         source when it names a test split (analysis.data.held_out_split), else None. Scored on the served
         domain's held-out text the search did better than on the calibration text in most measured cells
-        (README, allocation quality); it stays a suggestion, so a run's result never depends on which
+        (README, "Allocation search"); it stays a suggestion, so a run's result never depends on which
         evaluation text was named."""
         if self.method != "auto" or self.search_text is not None:
             return None

@@ -11,7 +11,7 @@ that allocation and TRIM row-wise sparsity. "auto" is the allocation search (ana
 calibration batch only ("auto-kl": with the KL-to-dense objective instead of the calibration NLL;
 "auto-checked": with the starts and the result pruned for real (analysis.search, verify "starts");
 "auto-unsampled-checked": auto-checked scored on windows of the embedded corpus that the calibration batch does not
-touch (analysis.data.unsampled_windows; measured as a default, not kept: README);
+touch (analysis.data.unsampled_windows; measured as a default, not kept: bench/SEARCH.md);
 "auto-valid": the NLL on WikiText-2 *valid*, `--nsamples` windows spread evenly over it, the text
 epsilon is chosen on, with the pruner's statistics still from the calibration batch; "auto-valid-checked":
 auto-valid with the starts and the result pruned for real; "auto-verify":
@@ -309,6 +309,74 @@ def markdown(results: dict) -> str:
                          f"{p['start']} | {p['starts'][p['start']]:.4f} | {p['best_fitness']:.4f} | {gain} | {kept} | "
                          f"{p['seconds']:.0f} | {p.get('cpu_s')} | {p['forward_passes']} | {p['tokens']} | "
                          f"{p.get('loadavg_before_after')} |")
+    return "\n".join(lines)
+
+
+# the columns of the summary table: today's default search, and the held-out verified one
+SUMMARY = {"auto-checked": "auto, the default (calibration text, `--search-verify starts`)",
+           "auto-verify": "auto, `--search-text wikitext2:valid --search-verify all`"}
+BASELINES = {"uniform": "uniform", "owl": "OWL", "alphapruning": "AlphaPruning"}
+
+
+def _seeds_cell(values: dict[int, float]) -> str:
+    """Mean over seeds, with the range and the number of seeds when there are several."""
+    if not values:
+        return "not run"
+    v = list(values.values())
+    mean = sum(v) / len(v)
+    return f"{mean:.1f}" if len(v) == 1 else f"{mean:.1f} ({min(v):.1f}–{max(v):.1f}, {len(v)} seeds)"
+
+
+def _span(values: list[float], unit: str = "") -> str:
+    lo, hi = min(values), max(values)
+    return f"{lo:.0f}{unit}" if lo == hi else f"{lo:.0f}–{hi:.0f}{unit}"
+
+
+def summary(results: dict) -> str:
+    """A short table for the README: per sparsity x pruner, uniform, the best of uniform / OWL / AlphaPruning,
+    and the SUMMARY searches, each compared with those baselines over the seeds the search has; the default
+    search's cost."""
+    runs, cfg = results["runs"], results["config"]
+    lines = [f"{cfg.get('model', 'default')}: dense {results['dense']['ppl']:.2f}; WikiText-2 test perplexity, first "
+             f"{cfg.get('eval_windows', cfg['windows'])} windows of {cfg['eval_seqlen']} tokens; calibration "
+             f"{cfg['nsamples']}x{cfg['seqlen']} tokens of the embedded corpus per seed; mean over seeds "
+             "(range, number of seeds); each \"vs\" compares means over the seeds the search has.", "",
+             "| sparsity | pruner | uniform | best baseline | "
+             + " | ".join(f"{name} | vs best | vs uniform" for name in SUMMARY.values())
+             + " | default search: s, forward passes |",
+             "|---|---|---|---|" + "---|---|---|" * len(SUMMARY) + "---|"]
+
+    def cell(s, m, a):  # seed -> perplexity
+        return {r.get("seed", 0): r["ppl"] for r in runs.values() if r["sparsity"] == s and r["method"] == m
+                and r["allocation"] == a and r.get("ppl")}
+
+    def mean(values: dict[int, float], seeds) -> float:
+        return sum(values[k] for k in seeds) / len(seeds)
+
+    for s in sorted({r["sparsity"] for r in runs.values()}):
+        for m in METHODS:
+            base = {a: cell(s, m, a) for a in BASELINES}
+            if not base["uniform"]:
+                continue
+            seeds = list(base["uniform"])
+            best = min((a for a in BASELINES if all(k in base[a] for k in seeds)), key=lambda a: mean(base[a], seeds))
+            row = f"| {s:.1f} | {m} | {_seeds_cell(base['uniform'])} | {BASELINES[best]} {_seeds_cell(base[best])} |"
+            for a in SUMMARY:
+                found = cell(s, m, a)
+                row += f" {_seeds_cell(found)} |"
+                ks = [k for k in found if all(k in base[b] for b in BASELINES)]  # seeds with every baseline
+                if not ks:
+                    row += " | |"
+                    continue
+                row += f" {100 * (mean(found, ks) / min(mean(base[b], ks) for b in BASELINES) - 1):+.1f}% |"
+                worse = [str(k) for k in ks if found[k] > base["uniform"][k]]  # the target: never worse than uniform
+                row += f" {100 * (mean(found, ks) / mean(base['uniform'], ks) - 1):+.1f}%" + \
+                    (f", worse on seed {', '.join(worse)} |" if worse else " |")
+            cost = [p["params"] for k, p in results.get("searches", {}).items()
+                    if k.split("/")[1:] == [f"{s:.2f}", m, "auto-checked"]]
+            row += f" {_span([p['seconds'] for p in cost], ' s')}, {_span([p['forward_passes'] for p in cost])} |" \
+                if cost else " |"
+            lines.append(row)
     return "\n".join(lines)
 
 

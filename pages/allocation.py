@@ -136,7 +136,7 @@ with st.expander("Find allocation (search)", expanded=SEARCH_KEY in st.session_s
                   args=("alloc_search_text", suggested),
                   help="The held-out split of the Prune page's evaluation text: scored on the domain it is judged "
                        "on, the search did better than on the calibration text in most measured cells (README, "
-                       "allocation quality). It never sees the evaluation text itself.")
+                       "\"Allocation search\"). It never sees the evaluation text itself.")
     search_verify = st.selectbox("Prune for real", VERIFY_MODES, key="alloc_search_verify",
                                  index=VERIFY_MODES.index(DEFAULT.search_verify), format_func=VERIFY_LABELS.get,
                                  help="What the search prunes for real (one full prune each) instead of trusting its "
