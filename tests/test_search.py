@@ -466,6 +466,60 @@ def test_search_checking_its_starts_and_result(off_grid_starts, method, seed, ke
     dense.restore(model)
 
 
+# On this tiny model, with windows of 32 tokens and 16 to confirm on: Wanda seed 1's result beats its start on both
+# halves of the windows; SparseGPT seed 3's beats it on the first 16 tokens (where the moves were chosen) but not on
+# the last 16, and SparseGPT seed 5's the other way round.
+@pytest.mark.parametrize("method, seed, kept", [("wanda", 1, True), ("sparsegpt", 3, False), ("sparsegpt", 5, True)])
+def test_checked_search_decides_on_the_tokens_it_did_not_select_on(off_grid_starts, method, seed, kept):
+    """verify="starts" with windows at least twice as long as the tokens it confirms on: whether the result beats
+    its start is decided after the two real prunes on the tokens after the first confirm_seqlen of each window
+    (predicted with the window before them), which no candidate was selected on; the gain is measured there."""
+    model, calib, starts = off_grid_starts
+    dense = DenseSnapshot.take(model)
+    a = search_allocation(model, calib, starts, method=method, steps=8, seed=seed, screen_samples=2, screen_seqlen=8,
+                          confirm_seqlen=16, verify="starts")
+    p = a.params
+    start, decided, verified = p["start"], p["decided"], p["verified"]
+    assert set(decided) == {start, "result"} and p["decision_tokens"] == calib.shape[0] * 16
+    for name, alloc in ((start, starts[start]), ("result", a if kept else None)):
+        if alloc is None:
+            continue
+        prune(model, alloc.per_layer, method=method, calib=calib)  # the decision's numbers are real prunes'
+        tail = window_losses(model, calib, from_token=16)
+        assert tail.mean() == pytest.approx(decided[name], rel=1e-6)
+        assert fitness(model, calib[:, :16]) == pytest.approx(verified[name], rel=1e-6)
+        # the 31 predictions of a window: the first 15 (16 tokens) and the last 16, each with its context
+        whole, first = window_losses(model, calib), window_losses(model, calib[:, :16])
+        assert np.allclose(31 * whole, 15 * first + 16 * tail, rtol=1e-5)
+        dense.restore(model)
+    assert (decided["result"] < decided[start]) == kept
+    assert (verified["result"] < verified[start]) == (kept if method == "wanda" else not kept)  # the first 16 tokens
+    if kept:
+        assert p["result"] == "search" and p["gain"] == pytest.approx(decided[start] - decided["result"], abs=1e-9)
+    else:
+        assert p["result"] == start and a.per_layer == starts[start].per_layer and p["gain"] == 0
+    assert "calibration tokens the search did not select on" in "\n".join(describe(p))
+    assert all(torch.equal(r.weight(), dense.weights[r.name]) for r in prunable_layers(model))
+
+
+def test_checked_search_decides_on_later_tokens_with_the_kl_objective(off_grid_starts):
+    """The same decision with the KL objective: KL(dense || pruned) on the tokens after the first 16, the dense
+    reference taken at those positions with the window before them."""
+    model, calib, starts = off_grid_starts
+    dense = DenseSnapshot.take(model)
+    reference = log_probs(model, calib, from_token=16)
+    assert reference.shape[:2] == (8, 16)
+    a = search_allocation(model, calib, starts, method="wanda", steps=8, seed=1, screen_samples=2, screen_seqlen=8,
+                          confirm_seqlen=16, verify="starts", objective="kl")
+    p = a.params
+    prune(model, starts[p["start"]].per_layer, method="wanda", calib=calib)
+    kl = window_losses(model, calib, reference=reference, from_token=16)
+    dense.restore(model)
+    assert (kl > 0).all() and kl.mean() == pytest.approx(p["decided"][p["start"]], rel=1e-5)
+    assert (p["result"] == "search") == (p["decided"]["result"] < p["decided"][p["start"]])
+    assert window_losses(model, calib, reference=reference, from_token=16) == pytest.approx(0, abs=1e-3)  # dense
+
+
 def test_verify_modes_are_checked(off_grid_starts):
     model, calib, starts = off_grid_starts
     with pytest.raises(ValueError, match="verify must be one of none, starts, all"):
