@@ -45,8 +45,7 @@ made on tokens no candidate was selected on when the windows have them: the toke
 `confirm_seqlen` of each window (each predicted with the window before it as context), when there are at
 least as many (the calibration windows, 256 tokens by default). The search's moves are chosen on the
 first `confirm_seqlen` tokens, so its result's gain there is the best of many tries and overstates the
-gain on other text (SmolLM2, SparseGPT 50%: a gain of 0.007 nats on the first 128 tokens of the
-calibration windows was a loss of 0.007 on the last 128, and 7% of WikiText-2 perplexity). With "all" every
+gain on other text (measured: bench/SEARCH.md, "Decided on tokens it did not select on"). With "all" every
 offspring the proxy confirms is pruned for real too: it replaces the parent only if it is better after
 that real prune (and becomes the anchor), so every step of the history is a real improvement. Cost: one
 full prune per start and per confirmed offspring (a repeated candidate is not pruned again); the levels
