@@ -478,14 +478,12 @@ def describe(info: dict) -> list[str]:
     if checked is not None:  # verify "starts": the result's real prune against the start's
         start_fit = info["verified"][info["start"]]
         verdict = "kept" if info["result"] == "search" else f"not better, so {info['start']} is kept"
+        line = f"the search's result after a real prune: {checked:.4f} (the start {start_fit:.4f})"
         decided = info.get("decided")
         if decided:  # decided on the tokens no candidate was selected on
-            lines.append(f"the search's result after a real prune: {checked:.4f} (the start {start_fit:.4f}); on the "
-                         f"{info['decision_tokens']} calibration tokens the search did not select on: "
-                         f"{decided['result']:.4f} (the start {decided[info['start']]:.4f}): {verdict}")
-        else:
-            lines.append(f"the search's result after a real prune: {checked:.4f} (the start {start_fit:.4f}): "
-                         f"{verdict}")
+            line += (f"; on the {info['decision_tokens']} calibration tokens the search did not select on: "
+                     f"{decided['result']:.4f} (the start {decided[info['start']]:.4f})")
+        lines.append(f"{line}: {verdict}")
     if info.get("gain") is not None and info["result"] == "search":
         gain, se, n = info["gain"], info["gain_se"], info["gain_windows"]
         noise = "; within 2 SE of zero: it may not carry over to other text" if gain < 2 * se else ""

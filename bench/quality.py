@@ -235,6 +235,12 @@ def grid_order(sparsities, methods, allocs, seeds=(0,)):
             for a in allocs]
 
 
+def _seed_ppl(runs: dict, sparsity: float, method: str, alloc: str) -> dict[int, float]:
+    """Seed -> WikiText-2 perplexity of the finished runs of one table cell."""
+    return {r.get("seed", 0): r["ppl"] for r in runs.values() if r["sparsity"] == sparsity and r["method"] == method
+            and r["allocation"] == alloc and r.get("ppl")}
+
+
 def _ppl_cell(values: list[float]) -> str:
     """Mean of the seeds, and their range when there are several."""
     if not values:
@@ -269,10 +275,6 @@ def markdown(results: dict) -> str:
              + "".join(f" {names[a]} vs best baseline |" for a in searched),
              "|---|---|" + "---|" * (len(allocs) + 1 + len(searched))]
 
-    def cell(s, m, a):  # seed -> perplexity
-        return {r.get("seed", 0): r["ppl"] for r in runs.values() if r["sparsity"] == s and r["method"] == m
-                and r["allocation"] == a and r.get("ppl")}
-
     def best_baseline(cells, seeds):  # the best baseline's mean over `seeds`, the seeds a column has
         means = [sum(cells[b][k] for k in seeds) / len(seeds) for b in ("uniform", "owl", "alphapruning")
                  if seeds and all(k in cells[b] for k in seeds)]
@@ -280,7 +282,7 @@ def markdown(results: dict) -> str:
 
     for s in sorted({r["sparsity"] for r in runs.values()}):
         for m in METHODS:
-            cells = {a: cell(s, m, a) for a in allocs}
+            cells = {a: _seed_ppl(runs, s, m, a) for a in allocs}
             if not any(cells.values()):
                 continue
             mean = {a: sum(v.values()) / len(v) for a, v in cells.items() if v}
@@ -346,23 +348,19 @@ def summary(results: dict) -> str:
              + " | default search: s, forward passes |",
              "|---|---|---|---|" + "---|---|---|" * len(SUMMARY) + "---|"]
 
-    def cell(s, m, a):  # seed -> perplexity
-        return {r.get("seed", 0): r["ppl"] for r in runs.values() if r["sparsity"] == s and r["method"] == m
-                and r["allocation"] == a and r.get("ppl")}
-
     def mean(values: dict[int, float], seeds) -> float:
         return sum(values[k] for k in seeds) / len(seeds)
 
     for s in sorted({r["sparsity"] for r in runs.values()}):
         for m in METHODS:
-            base = {a: cell(s, m, a) for a in BASELINES}
+            base = {a: _seed_ppl(runs, s, m, a) for a in BASELINES}
             if not base["uniform"]:
                 continue
             seeds = list(base["uniform"])
             best = min((a for a in BASELINES if all(k in base[a] for k in seeds)), key=lambda a: mean(base[a], seeds))
             row = f"| {s:.1f} | {m} | {_seeds_cell(base['uniform'])} | {BASELINES[best]} {_seeds_cell(base[best])} |"
             for a in SUMMARY:
-                found = cell(s, m, a)
+                found = _seed_ppl(runs, s, m, a)
                 row += f" {_seeds_cell(found)} |"
                 ks = [k for k in found if all(k in base[b] for b in BASELINES)]  # seeds with every baseline
                 if not ks:
