@@ -373,8 +373,19 @@ def start_ray(workers: int, cpus_per_worker: int = 1, address: str | None = None
     either way the workers import this package from here (runtime_env py_modules)."""
     import ray  # noqa: PLC0415 (optional, and slow to import: only sweeps on Ray need it)
 
-    ray.init(address=address, num_cpus=None if address else workers * cpus_per_worker,
-             runtime_env={"py_modules": [str(PACKAGE_DIR)]}, include_dashboard=False, logging_level="warning")
+    try:
+        ray.init(address=address, num_cpus=None if address else workers * cpus_per_worker,
+                 runtime_env={"py_modules": [str(PACKAGE_DIR)]}, include_dashboard=False, logging_level="warning")
+    except Exception as e:  # something answers at the address, but not a Ray that lets us in
+        if not address:
+            raise
+        # Ray turns token authentication on for clusters it starts, but a driver given an explicit
+        # address only sends a token when told to, and then fails with a generic timeout
+        hint = ("; a cluster with token authentication needs RAY_AUTH_MODE=token here and its token "
+                "(RAY_AUTH_TOKEN, or the file ~/.ray/auth_token)"
+                if os.environ.get("RAY_AUTH_MODE", "").lower() != "token" else "")
+        raise SettingsError(f"cannot connect to a Ray cluster at {address} ({_one_line(e)}){hint}",
+                            "sweep.address") from None
 
 
 def run_sweep(grid: SweepGrid, store: RunStore, *, workers: int = 1, address: str | None = None,

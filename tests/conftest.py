@@ -57,3 +57,18 @@ def save_tiny_llama(path: Path) -> Path:
     LlamaForCausalLM(cfg).save_pretrained(path)
     word_tokenizer(119).save_pretrained(path)
     return path
+
+
+def tiny_sweep_base(folder: Path):
+    """Base settings of a sweep on a tiny LLaMA saved in `folder`, calibrated and evaluated on a text
+    of its own words (disjoint halves of one file); by path, so Ray workers load it themselves."""
+    import random
+
+    from analysis.settings import CalibrationSettings, EvaluationSettings, ModelSettings, RunSettings
+
+    model = save_tiny_llama(folder / "tiny")
+    rng = random.Random(0)
+    text = folder / "text.txt"
+    text.write_text("\n".join(" ".join(f"w{rng.randrange(119)}" for _ in range(20)) for _ in range(200)))
+    return RunSettings(model=ModelSettings(str(model)), calibration=CalibrationSettings(str(text), 4, 32),
+                       evaluation=EvaluationSettings(str(text), 32, 6))

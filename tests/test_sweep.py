@@ -2,7 +2,6 @@
 in this process and on a local Ray (2 CPUs) with a worker killed once and a configuration that
 always fails. Models are tiny LLaMAs saved to a temporary folder, so Ray workers load them by path."""
 import os
-import random
 import re
 import subprocess
 import sys
@@ -11,13 +10,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import save_tiny_llama
+from conftest import tiny_sweep_base
 
 from analysis.allocation import allocate
 from analysis.layers import layer_table
 from analysis.loading import load_model
 from analysis.pipeline import run, spectra_used
-from analysis.settings import CalibrationSettings, EvaluationSettings, ModelSettings, RunSettings, SettingsError
+from analysis.settings import RunSettings, SettingsError
 from analysis.store import RunStore
 from analysis.sweep import (
     CANCELLED,
@@ -39,15 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """Base settings of a sweep on a saved 3-block LLaMA, calibrated and evaluated on a text of its
-    own words (disjoint halves of one file)."""
-    folder = tmp_path_factory.mktemp("sweep")
-    model = save_tiny_llama(folder / "tiny")
-    rng = random.Random(0)
-    text = folder / "text.txt"
-    text.write_text("\n".join(" ".join(f"w{rng.randrange(119)}" for _ in range(20)) for _ in range(200)))
-    return RunSettings(model=ModelSettings(str(model)), calibration=CalibrationSettings(str(text), 4, 32),
-                       evaluation=EvaluationSettings(str(text), 32, 6))
+    return tiny_sweep_base(tmp_path_factory.mktemp("sweep"))
 
 
 def allocation_file(path: Path, blocks: int) -> str:

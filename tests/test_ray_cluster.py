@@ -1,0 +1,121 @@
+"""`python -m analysis sweep --address` on an existing Ray cluster, as a user runs it: a head node
+started with `ray start` in its own processes, with token authentication (Ray's default for the
+clusters it starts), reached by its GCS address (host:port) and by a Ray Client address
+(ray://host:port). The runs equal the same sweep in one process; without the token the command
+stops with one line that says what to set."""
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import tiny_sweep_base
+
+from analysis.store import RunStore
+
+pytest.importorskip("ray")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 120.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if process.poll() is not None:
+            raise RuntimeError(f"ray start exited with {process.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"nothing answered at port {port} within {timeout} s")
+
+
+def without_ray_auth(env: dict) -> dict:
+    return {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A one-node cluster with 2 CPUs and token authentication, in its own process group; yields
+    (GCS port, Ray Client port, token)."""
+    gcs, client, token = free_port(), free_port(), secrets.token_hex(32)
+    log = (tmp_path_factory.mktemp("ray") / "head.log").open("w")
+    env = {**without_ray_auth(os.environ), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
+           "RAY_memory_monitor_refresh_ms": "0"}
+    head = subprocess.Popen(
+        [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--port", str(gcs),
+         "--ray-client-server-port", str(client), "--num-cpus", "2", "--include-dashboard", "false",
+         "--disable-usage-stats"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    try:
+        wait_for_port(client, head)
+        yield gcs, client, token
+    finally:
+        os.killpg(head.pid, signal.SIGKILL)  # SIGTERM would drain the node for 30 s first
+        head.wait(timeout=60)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def sweep_args(tmp_path_factory):
+    base = tiny_sweep_base(tmp_path_factory.mktemp("cluster-sweep"))
+    return ["--model", base.model.source, "--calib", base.calibration.source,
+            "--nsamples", str(base.calibration.n_samples), "--seqlen", str(base.calibration.seqlen),
+            "--eval", base.evaluation.source, "--eval-seqlen", str(base.evaluation.seqlen),
+            "--max-windows", str(base.evaluation.max_windows), "--methods", "wanda",
+            "--allocations", "uniform,alphapruning", "--sparsities", "0.5", "--seeds", "0"]
+
+
+def sweep(args: list, db: Path, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "analysis", "sweep", *args, "--db", str(db)], capture_output=True,
+                          text=True, cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)}, timeout=600)
+
+
+def perplexities(db: Path) -> dict:
+    store = RunStore(db)
+    return {r["sweep"]["key"]: r["pruned_ppl"] for r in map(store.get, store.all()["id"])}
+
+
+@pytest.fixture(scope="module")
+def in_process(sweep_args, tmp_path_factory):
+    db = tmp_path_factory.mktemp("here") / "runs.sqlite"
+    p = sweep(sweep_args, db, without_ray_auth(os.environ))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "on this process" in p.stderr
+    return perplexities(db)
+
+
+@pytest.mark.parametrize("scheme", ["gcs", "client"])
+def test_sweep_on_an_existing_cluster_equals_in_process(cluster, sweep_args, in_process, tmp_path, scheme):
+    gcs, client, token = cluster
+    address = f"127.0.0.1:{gcs}" if scheme == "gcs" else f"ray://127.0.0.1:{client}"
+    db = tmp_path / "runs.sqlite"
+    p = sweep([*sweep_args, "--address", address], db,
+              {**without_ray_auth(os.environ), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert f"on Ray at {address}" in p.stderr
+    there = perplexities(db)
+    assert len(there) == len(in_process) == 2
+    for key, ppl in in_process.items():
+        assert there[key] == pytest.approx(ppl, rel=1e-5)
+
+
+def test_without_the_token_the_sweep_stops_with_one_line(cluster, sweep_args, tmp_path):
+    gcs, _, _ = cluster
+    db = tmp_path / "runs.sqlite"
+    p = sweep([*sweep_args, "--address", f"127.0.0.1:{gcs}"], db, without_ray_auth(os.environ))
+    assert p.returncode == 2, p.stderr[-2000:]
+    error = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1
+    assert error[0].startswith(f"error: --address: cannot connect to a Ray cluster at 127.0.0.1:{gcs}")
+    assert "RAY_AUTH_MODE=token" in error[0]
+    assert not db.exists() or len(RunStore(db)) == 0
