@@ -84,7 +84,11 @@ with st.expander("Run a sweep", expanded=False):
             "max_windows": c3.number_input("Evaluation windows", 1, 10_000, QUICK_EVALUATION.max_windows,
                                            key="sweep_max_windows"),
             "workers": c3.number_input("Workers", 1, 64, 1, key="sweep_workers"),
-            "address": c3.text_input("Ray address (empty: this machine)", key="sweep_address").strip() or None,
+            "address": c3.text_input("Ray address (empty: this machine)", key="sweep_address",
+                                     help="An existing cluster: host:port (its GCS, from a node of the cluster) "
+                                     "or ray://host:10001 (Ray Client). A cluster with token authentication "
+                                     "needs the app started with RAY_AUTH_MODE=token and the token "
+                                     "(RAY_AUTH_TOKEN or ~/.ray/auth_token).").strip() or None,
         }
         start = st.form_submit_button("Start the sweep", disabled=bool(st.session_state.get("sweep_job")
                                                                       and not st.session_state["sweep_job"].done))
