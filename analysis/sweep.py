@@ -374,7 +374,8 @@ def start_ray(workers: int, cpus_per_worker: int = 1, address: str | None = None
     import ray  # noqa: PLC0415 (optional, and slow to import: only sweeps on Ray need it)
 
     try:
-        ray.init(address=address, num_cpus=None if address else workers * cpus_per_worker,
+        # "local": a new Ray of our own even where `ray start` left a cluster (or its address file) on this machine
+        ray.init(address=address or "local", num_cpus=None if address else workers * cpus_per_worker,
                  runtime_env={"py_modules": [str(PACKAGE_DIR)]}, include_dashboard=False, logging_level="warning")
     except Exception as e:  # something answers at the address, but not a Ray that lets us in
         if not address:

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -63,6 +64,9 @@ def cluster(tmp_path_factory):
         os.killpg(head.pid, signal.SIGKILL)  # SIGTERM would drain the node for 30 s first
         head.wait(timeout=60)
         log.close()
+        latest = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"  # where `ray start` names its cluster
+        if latest.exists() and latest.read_text().strip().endswith(f":{gcs}"):
+            latest.unlink()
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +109,19 @@ def test_sweep_on_an_existing_cluster_equals_in_process(cluster, sweep_args, in_
     assert f"on Ray at {address}" in p.stderr
     there = perplexities(db)
     assert len(there) == len(in_process) == 2
+    for key, ppl in in_process.items():
+        assert there[key] == pytest.approx(ppl, rel=1e-5)
+
+
+def test_a_local_ray_sweep_beside_a_running_cluster(cluster, sweep_args, in_process, tmp_path):
+    """`--workers 2` starts a Ray of its own, even where `ray start` runs a cluster on this machine (which
+    a bare ray.init() would join, refusing the CPU count)."""
+    db = tmp_path / "runs.sqlite"
+    p = sweep([*sweep_args, "--workers", "2"], db, without_ray_auth(os.environ))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "on local Ray, 2 workers" in p.stderr
+    there = perplexities(db)
+    assert there.keys() == in_process.keys()
     for key, ppl in in_process.items():
         assert there[key] == pytest.approx(ppl, rel=1e-5)
 
