@@ -89,6 +89,14 @@ def perplexities(db: Path) -> dict:
     return {r["sweep"]["key"]: r["pruned_ppl"] for r in map(store.get, store.all()["id"])}
 
 
+def assert_same_runs(db: Path, expected: dict) -> None:
+    """The sweep stored in `db` has the 2 configurations of `expected`, with the same perplexities."""
+    there = perplexities(db)
+    assert there.keys() == expected.keys() and len(there) == 2
+    for key, ppl in expected.items():
+        assert there[key] == pytest.approx(ppl, rel=1e-5)
+
+
 @pytest.fixture(scope="module")
 def in_process(sweep_args, tmp_path_factory):
     db = tmp_path_factory.mktemp("here") / "runs.sqlite"
@@ -107,10 +115,7 @@ def test_sweep_on_an_existing_cluster_equals_in_process(cluster, sweep_args, in_
               {**without_ray_auth(os.environ), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
     assert p.returncode == 0, p.stderr[-2000:]
     assert f"on Ray at {address}" in p.stderr
-    there = perplexities(db)
-    assert len(there) == len(in_process) == 2
-    for key, ppl in in_process.items():
-        assert there[key] == pytest.approx(ppl, rel=1e-5)
+    assert_same_runs(db, in_process)
 
 
 def test_a_local_ray_sweep_beside_a_running_cluster(cluster, sweep_args, in_process, tmp_path):
@@ -120,10 +125,7 @@ def test_a_local_ray_sweep_beside_a_running_cluster(cluster, sweep_args, in_proc
     p = sweep([*sweep_args, "--workers", "2"], db, without_ray_auth(os.environ))
     assert p.returncode == 0, p.stderr[-2000:]
     assert "on local Ray, 2 workers" in p.stderr
-    there = perplexities(db)
-    assert there.keys() == in_process.keys()
-    for key, ppl in in_process.items():
-        assert there[key] == pytest.approx(ppl, rel=1e-5)
+    assert_same_runs(db, in_process)
 
 
 def test_without_the_token_the_sweep_stops_with_one_line(cluster, sweep_args, tmp_path):
