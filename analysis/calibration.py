@@ -11,7 +11,8 @@ or a cols x cols float32 Hessian per distinct input of the block: q/k/v share on
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -81,6 +82,18 @@ def _split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor, BlockCall]:
     return kw.pop("hidden_states"), BlockCall((), kw, hidden_by_keyword=True)
 
 
+@contextmanager
+def _forwards(blocks: nn.ModuleList, make: Callable[[int], Callable]) -> Iterator[None]:
+    """Within it, block i's forward is make(i)."""
+    for i, blk in enumerate(blocks):
+        blk.forward = make(i)
+    try:
+        yield
+    finally:
+        for blk in blocks:
+            del blk.forward
+
+
 def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList,
                          calib: torch.Tensor) -> tuple[torch.Tensor, list[BlockCall]]:
     """Hidden states entering block 0 for the calibration batch, and each block's call arguments.
@@ -104,22 +117,34 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList,
             return hidden
         return forward
 
-    for i, blk in enumerate(blocks):
-        blk.forward = recorder(i)
     try:
-        with torch.no_grad():
+        with _forwards(blocks, recorder), torch.no_grad():
             model(input_ids=calib.to(module_device(model)), use_cache=False)
     except _Captured:
         pass
     except Exception:  # noqa: BLE001 (a model that cannot pass hidden states through: see docstring)
         if calls[0] is None:
             raise
-    finally:
-        for blk in blocks:
-            del blk.forward
     if "x" not in first:
         raise RuntimeError("The calibration forward never reached the first decoder block.")
     return first["x"], [c if c is not None else calls[0] for c in calls]
+
+
+@contextmanager
+def replaying(blocks: nn.ModuleList, final: torch.Tensor) -> Iterator[None]:
+    """Within it, a forward of the model does not run its decoder blocks: each passes its input through
+    and the last one returns `final`, the last block's outputs for the batch being run (e.g. a block
+    walk's, see `walk_blocks`' on_output), so the forward costs the embedding, the final norm and the head.
+    A model whose blocks cannot be passed through (see `capture_block_inputs`) raises or returns other logits:
+    check the result against a real forward once."""
+    def passing(i: int):
+        def forward(*args, **kwargs):
+            hidden, _ = _split_hidden(args, kwargs)
+            return final.to(hidden.device, hidden.dtype) if i == len(blocks) - 1 else hidden
+        return forward
+
+    with _forwards(blocks, passing):
+        yield
 
 
 def run_block(block: nn.Module, hidden: torch.Tensor, call: BlockCall) -> torch.Tensor:
@@ -149,11 +174,14 @@ BlockFn = Callable[[int, list[LayerRef], dict[str, InputStats]], bool]
 
 def walk_blocks(model: nn.Module, calib: torch.Tensor | None, on_block: BlockFn, hessian: bool = False,
                 device: str | torch.device | None = None, progress: ProgressFn | None = None,
-                stop: StopFlag = None, label: str = "block") -> int:
+                stop: StopFlag = None, label: str = "block",
+                on_output: Callable[[torch.Tensor], None] | None = None) -> int:
     """Run the calibration batch block by block, gathering input statistics of every prunable
     matrix; `on_block(b, refs, stats)` may change the block's weights and returns True if it did
     (then the block's outputs are recomputed before feeding the next block). Returns the number of
-    blocks done (fewer than all when `stop` was set).
+    blocks done (fewer than all when `stop` was set). `on_output`, when given and the whole batch went
+    through, is called with the last block's outputs (n, seqlen, hidden size), computed with the weights
+    on_block left: the model's final hidden states on `calib` before its norm and head.
 
     calib=None visits the blocks without running them (`stats` is empty): for pruners that need no data.
     `device`: where each block runs (default: where the model is). A block on another device is
@@ -195,7 +223,7 @@ def walk_blocks(model: nn.Module, calib: torch.Tensor | None, on_block: BlockFn,
             for h in handles:
                 h.remove()
             seen.clear()
-        if on_block(b, refs, stats) and b < n - 1:  # the last block's outputs feed nothing
+        if on_block(b, refs, stats) and (b < n - 1 or on_output):  # else the last block's outputs feed nothing
             with torch.no_grad():
                 out = run_block(block, hidden, call)
         hidden = out
@@ -203,4 +231,6 @@ def walk_blocks(model: nn.Module, calib: torch.Tensor | None, on_block: BlockFn,
         block.to(block_home)
         if progress:
             progress(f"{label} {b + 1}/{n}", (b + 1) / n)
+    if on_output:
+        on_output(hidden)
     return n

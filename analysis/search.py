@@ -49,9 +49,12 @@ gain on other text (measured: bench/SEARCH.md, "Decided on tokens it did not sel
 offspring the proxy confirms is pruned for real too: it replaces the parent only if it is better after
 that real prune (and becomes the anchor), so every step of the history is a real improvement. Cost: one
 full prune per start and per confirmed offspring (a repeated candidate is not pruned again); the levels
-of the blocks before the first block that changed are kept. Memory: while a candidate is pruned for
-real, the parent's anchor (statistics and cached levels) is kept to go back to, so up to two sets of
-per-block statistics are held.
+of the blocks before the first block that changed are kept. A real prune's block walk ends with the pruned
+model's final hidden states on the calibration windows: when the fitness is measured there, only the model's
+norm and head run to score it (`calibration.replaying`, checked against a forward on the first prune), and
+all its scored tokens (the first `confirm_seqlen` and the later ones) come from that one pass. Memory: while
+a candidate is pruned for real, the parent's anchor (statistics and cached levels) is kept to go back to,
+so up to two sets of per-block statistics are held.
 
 Starts: the given allocations (uniform, OWL, AlphaPruning, FARMS, ... computed by the caller), each scored at
 its own per-block ratios; a start the search does not improve on is returned unchanged (its per-layer
@@ -62,6 +65,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,7 +74,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from analysis.allocation import MAX_RATIO, Allocation, budget
-from analysis.calibration import InputStats, walk_blocks
+from analysis.calibration import InputStats, replaying, walk_blocks
 from analysis.evaluation import token_nll
 from analysis.layers import LayerRef, find_blocks, layers_by_block, module_device
 from analysis.pruners import get_pruner
@@ -194,12 +198,13 @@ class BlockLevels:
                 self._write(b, key)
 
     def anchor(self, per_layer: dict[str, float], stop: StopFlag = None, progress: ProgressFn | None = None,
-               label: str = "block") -> bool:
+               label: str = "block", on_output: Callable[[torch.Tensor], None] | None = None) -> bool:
         """Prune the model for real at `per_layer` and make it the anchor: each block's statistics are
         gathered from the outputs of the pruned blocks before it and its levels are pruned from them.
         Levels of the blocks up to the first whose ratios change are kept (their inputs do not change).
-        `progress` sees "{label} b/n" after each block. False if `stop` ended it (the levels are then
-        mixed: `load` a saved state)."""
+        `progress` sees "{label} b/n" after each block; `on_output` gets the pruned model's final hidden
+        states on the calibration batch (see walk_blocks; not for a pruner without statistics, whose walk
+        runs no data). False if `stop` ended it (the levels are then mixed: `load` a saved state)."""
         changed = [b for b in self.refs if self._key(b, per_layer) != self._key(b, self.anchored)]
         first = min(changed, default=max(self.refs) + 1)
         self.cache = {k: v for k, v in self.cache.items() if k[0] <= first}
@@ -212,7 +217,7 @@ class BlockLevels:
             return True
         done = walk_blocks(self.model, self.calib if self.pruner.statistic else None, on_block,
                            hessian=self.pruner.statistic == "hessian", device=self.device, stop=stop,
-                           progress=progress, label=label)
+                           progress=progress, label=label, on_output=on_output)
         self.anchored = dict(per_layer)
         return done == len(find_blocks(self.model)[1])
 
@@ -243,24 +248,35 @@ def log_probs(model: nn.Module, windows: torch.Tensor, batch: int = 4, from_toke
     return torch.cat(parts)
 
 
-def window_losses(model: nn.Module, windows: torch.Tensor, batch: int = 4,
-                  reference: torch.Tensor | None = None, from_token: int = 1) -> np.ndarray:
-    """Per window of `windows` (n, L), the mean per predicted token (nats) of `model` over the tokens at
-    positions from_token..L-1 (each predicted with all the window before it): the next-token NLL, or, given
-    `reference` (`log_probs` of the dense model on the same windows and positions), KL(dense || model)."""
+def token_losses(model: nn.Module, windows: torch.Tensor, batch: int = 4, reference: torch.Tensor | None = None,
+                 from_token: int = 1, final: torch.Tensor | None = None) -> torch.Tensor:
+    """Per window of `windows` (n, L) and predicted token at positions from_token..L-1 (each predicted with all
+    the window before it), shape (n, L-from_token), float64 nats of `model`: the next-token NLL, or, given
+    `reference` (`log_probs` of the dense model on the same windows and positions), KL(dense || model).
+    `final`: the last decoder block's outputs on `windows` (n, L, hidden size), e.g. a block walk's: only the
+    model's norm and head run (see calibration.replaying)."""
     dev = module_device(model)
+    blocks = find_blocks(model)[1] if final is not None else None
     out = []
     with torch.no_grad():
         for i in range(0, windows.shape[0], batch):
             w = windows[i: i + batch].to(dev)
-            if reference is None:
-                per_token = token_nll(model, w)[:, from_token - 1:]
-            else:
-                logits = model(input_ids=w, use_cache=False).logits[:, from_token - 1:-1].float()
-                ref = reference[i: i + batch].to(logits.device).float()
-                per_token = (ref.exp() * (ref - F.log_softmax(logits, dim=-1))).sum(-1)
-            out.append(per_token.mean(1).double().cpu())
-    return torch.cat(out).numpy()
+            with replaying(blocks, final[i: i + batch]) if final is not None else nullcontext():
+                if reference is None:
+                    per_token = token_nll(model, w)[:, from_token - 1:]
+                else:
+                    logits = model(input_ids=w, use_cache=False).logits[:, from_token - 1:-1].float()
+                    ref = reference[i: i + batch].to(logits.device).float()
+                    per_token = (ref.exp() * (ref - F.log_softmax(logits, dim=-1))).sum(-1)
+            out.append(per_token.double().cpu())
+    return torch.cat(out)
+
+
+def window_losses(model: nn.Module, windows: torch.Tensor, batch: int = 4,
+                  reference: torch.Tensor | None = None, from_token: int = 1,
+                  final: torch.Tensor | None = None) -> np.ndarray:
+    """Per window, the mean of `token_losses` (nats per predicted token)."""
+    return token_losses(model, windows, batch, reference, from_token, final).mean(1).numpy()
 
 
 def fitness(model: nn.Module, windows: torch.Tensor, batch: int = 4, reference: torch.Tensor | None = None) -> float:
@@ -326,18 +342,40 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
     # "starts" decides whether its result beats its start on the tokens after `checked` in each window, which no
     # candidate was selected on, when there are at least as many (calibration windows of 2 x confirm_seqlen tokens)
     tail = verify == "starts" and scored.shape[1] >= 2 * confirm_seqlen
+    whole = scored if tail else checked  # a real prune's windows, scored in one pass
+    # a real prune's block walk ends with the pruned model's final hidden states on the calibration windows: when
+    # those are the scored windows, only the norm and head run to score it (checked against a forward once)
+    walked = fitness_windows is None and levels.pruner.statistic is not None
+    replays: list[bool] = []
     cost = {"forward_passes": 0, "tokens": 0, "real_prunes": 0}
     # the model is still dense here: its log-probabilities are the KL objective's reference
-    used = (screen, confirm, checked) if real_starts else (screen, confirm)
-    reference = {i: log_probs(model, w) for i, w in {id(w): w for w in used}.items()} if objective == "kl" else {}
-    if tail and objective == "kl":
-        reference[id(scored)] = log_probs(model, scored, from_token=confirm_seqlen)
+    reference: dict[int, torch.Tensor] = {}
+    if objective == "kl":
+        if real_starts:
+            reference[id(whole)] = log_probs(model, whole)
+            reference[id(checked)] = reference[id(whole)][:, :confirm_seqlen - 1]  # the same positions
+        for w in (screen, confirm):
+            if id(w) not in reference:
+                reference[id(w)] = log_probs(model, w)
 
-    def losses(per_layer: dict[str, float], windows: torch.Tensor, from_token: int = 1) -> np.ndarray:
+    def losses(per_layer: dict[str, float], windows: torch.Tensor) -> np.ndarray:
         levels.apply(per_layer)
         cost["forward_passes"] += math.ceil(windows.shape[0] / 4)
         cost["tokens"] += int(windows.numel())
-        return window_losses(model, windows, reference=reference.get(id(windows)), from_token=from_token)
+        return window_losses(model, windows, reference=reference.get(id(windows)))
+
+    def real_token_losses(final: torch.Tensor | None) -> torch.Tensor:
+        """Per-token fitness of the model as a real prune left it on `whole`, from `final` (the last block's
+        outputs on the calibration windows) when replaying them through the head gives a forward's losses."""
+        ref = reference.get(id(whole))
+        if final is not None and not replays:
+            cost["forward_passes"] += 1
+            replays.append(_replays(model, whole[:4], final[:4, :whole.shape[1]], None if ref is None else ref[:4]))
+        if final is not None and replays[0]:
+            return token_losses(model, whole, reference=ref, final=final[:, :whole.shape[1]])
+        cost["forward_passes"] += math.ceil(whole.shape[0] / 4)
+        cost["tokens"] += int(whole.numel())
+        return token_losses(model, whole, reference=ref)
 
     def score(per_layer: dict[str, float], windows: torch.Tensor) -> float:
         return float(losses(per_layer, windows).mean())
@@ -353,12 +391,15 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
         key = tuple(per_layer.items())
         if key not in real_fits:
             show = progress and (lambda message, _f: progress(message, at))
-            if not levels.anchor(per_layer, stop, show, f"search: pruning {what} for real, block"):
+            final: list[torch.Tensor] = []
+            if not levels.anchor(per_layer, stop, show, f"search: pruning {what} for real, block",
+                                 on_output=final.append if walked else None):
                 return None
             cost["real_prunes"] += 1
-            real_fits[key] = losses(per_layer, checked)
+            x = real_token_losses(final[0] if final else None)
+            real_fits[key] = x[:, :confirm_seqlen - 1].mean(1).numpy()
             if tail:
-                real_tails[key] = losses(per_layer, scored, from_token=confirm_seqlen)
+                real_tails[key] = x[:, confirm_seqlen - 1:].mean(1).numpy()
         return real_fits[key]
 
     rng = np.random.default_rng(seed)
@@ -491,6 +532,16 @@ def describe(info: dict) -> list[str]:
     real = f", {info['real_prunes']} real prunes" if info.get("real_prunes") else ""
     lines.append(f"cost: {info['seconds']:.0f} s, {info['forward_passes']} forward passes{real}")
     return lines
+
+
+def _replays(model: nn.Module, windows: torch.Tensor, final: torch.Tensor, reference: torch.Tensor | None) -> bool:
+    """Whether `final` (the last block's outputs on `windows`) replayed through the model's head gives the losses
+    of the model's own forward (not for a model whose blocks cannot be passed through)."""
+    try:
+        head = token_losses(model, windows, reference=reference, final=final)
+    except Exception:  # noqa: BLE001 (any failure means: score with forwards)
+        return False
+    return bool(torch.allclose(head, token_losses(model, windows, reference=reference), rtol=1e-3, atol=1e-3))
 
 
 def _spread(n: int, m: int) -> list[int]:

@@ -35,6 +35,7 @@ from analysis.pruning import DenseSnapshot, prune
 from analysis.search import (
     BlockLevels,
     Grid,
+    _replays,
     describe,
     fitness,
     log_probs,
@@ -375,8 +376,13 @@ def test_anchored_levels_are_a_real_prune(off_grid_starts, method):
         prune(model, per_layer, method=method, calib=calib)
         real[name] = {r.name: r.weight().clone() for r in prunable_layers(model)}
         dense.restore(model)
-    assert levels.anchor(ramp)
+    final = []
+    assert levels.anchor(ramp, on_output=final.append)
     assert all(torch.equal(r.weight(), real["ramp"][r.name]) for r in prunable_layers(model))
+    # the walk ends with the pruned model's final hidden states: through the head alone, its own forward's losses
+    assert final[0].shape == (*calib.shape, model.config.hidden_size)
+    assert np.allclose(window_losses(model, calib, final=final[0]), window_losses(model, calib), rtol=1e-6)
+    assert _replays(model, calib[:4], final[0][:4], None) and not _replays(model, calib[4:8], final[0][:4], None)
     kept = {k: v for k, v in levels.cache.items() if k[0] <= 2}
     assert levels.anchor(child)
     assert all(torch.equal(r.weight(), real["child"][r.name]) for r in prunable_layers(model))
@@ -500,6 +506,23 @@ def test_checked_search_decides_on_the_tokens_it_did_not_select_on(off_grid_star
         assert p["result"] == start and a.per_layer == starts[start].per_layer and p["gain"] == 0
     assert "calibration tokens the search did not select on" in "\n".join(describe(p))
     assert all(torch.equal(r.weight(), dense.weights[r.name]) for r in prunable_layers(model))
+
+
+@pytest.mark.parametrize("objective", ["nll", "kl"])
+def test_real_prunes_scored_from_their_walk_match_forwards(off_grid_starts, objective):
+    """On the calibration windows a real prune is scored from its own block walk (the norm and head only): the
+    same numbers as forwards over the same windows given as a held-out text, for fewer forward passes."""
+    model, calib, starts = off_grid_starts
+    kw = dict(method="wanda", steps=8, seed=1, screen_samples=2, screen_seqlen=8, confirm_seqlen=16,
+              verify="starts", objective=objective)
+    walked = search_allocation(model, calib, starts, **kw).params
+    forwards = search_allocation(model, calib, starts, fitness_windows=calib.clone(), **kw).params
+    for key in ("verified", "decided"):
+        assert walked[key].keys() == forwards[key].keys()
+        assert all(walked[key][n] == pytest.approx(forwards[key][n], rel=1e-6, abs=1e-9) for n in walked[key])
+    assert walked["result"] == forwards["result"] and walked["real_prunes"] == forwards["real_prunes"] == 3
+    # each real prune: 2 forward passes over the 8 windows; replaying: 1 (4 windows) to check the replay once
+    assert forwards["forward_passes"] - walked["forward_passes"] == 3 * 2 - 1
 
 
 def test_checked_search_decides_on_later_tokens_with_the_kl_objective(off_grid_starts):
