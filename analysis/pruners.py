@@ -84,17 +84,23 @@ def lowest_k_mask(scores: torch.Tensor, k) -> torch.Tensor:
     """Remove the k lowest scores along the last dimension; k: an int, or a long tensor of one count
     per row (shape scores.shape[:-1]).
 
-    Equal scores go to the lower index first (a stable sort, unlike topk), so CPU and GPU remove
-    the same weights: dequantized 4-bit checkpoints have many exactly equal magnitudes."""
-    mask = torch.zeros_like(scores, dtype=torch.bool)
+    Equal scores go to the lower index first (as a stable sort orders them, unlike topk), so CPU and
+    GPU remove the same weights: dequantized 4-bit checkpoints have many exactly equal magnitudes.
+    NaN scores rank above all others, as in a sort."""
     if isinstance(k, torch.Tensor):  # per-row counts: remove the entries whose rank is below k
+        mask = torch.zeros_like(scores, dtype=torch.bool)
         order = torch.sort(scores, dim=-1, stable=True).indices
         ranks = torch.arange(scores.shape[-1], device=scores.device).expand_as(order)
-        mask.scatter_(-1, order, ranks < k.to(scores.device).unsqueeze(-1))
-    elif k > 0:
-        idx = torch.sort(scores, dim=-1, stable=True).indices[..., :k]
-        mask.scatter_(-1, idx, True)
-    return mask
+        return mask.scatter_(-1, order, ranks < k.to(scores.device).unsqueeze(-1))
+    if k <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    # a selection, not a sort (half the time): everything below the k-th lowest score goes, and of the
+    # scores equal to it, the lowest indices until k are gone
+    kth = torch.kthvalue(scores, k, dim=-1, keepdim=True).values
+    nan, nan_kth = scores.isnan(), kth.isnan()
+    below = (scores < kth) | (nan_kth & ~nan)
+    tied = (scores == kth) | (nan_kth & nan)
+    return below | (tied & (tied.cumsum(-1) <= k - below.sum(-1, keepdim=True)))
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:

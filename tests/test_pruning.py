@@ -10,7 +10,7 @@ from analysis.calibration import InputStats, walk_blocks
 from analysis.export import export
 from analysis.layers import prunable_layers
 from analysis.owl import collect_outlier_ratios
-from analysis.pruners import prune_magnitude, prune_sparsegpt, prune_wanda
+from analysis.pruners import lowest_k_mask, prune_magnitude, prune_sparsegpt, prune_wanda
 from analysis.pruning import DenseSnapshot, prune, prune_layer
 
 
@@ -97,6 +97,19 @@ def test_equal_scores_go_to_the_lower_column_first():
     assert torch.equal(prune_magnitude(w, 0.5, nm=(2, 4)), torch.tensor([[0.0, -1.0, 1.0, 0.0, 0.0, 0.0, -1.0, 1.0]]))
     big = torch.randint(0, 4, (64, 256)).float()  # many ties
     assert torch.equal(prune_magnitude(big, 0.6), prune_magnitude(big.clone(), 0.6))
+
+
+@pytest.mark.parametrize("shape", [(7, 32), (5, 8, 4)])
+def test_lowest_k_selection_removes_what_a_stable_sort_would(shape):
+    """lowest_k_mask selects (kthvalue) instead of sorting: the same entries as the k first of a stable sort,
+    with many ties and NaN scores (ranked last), for every k."""
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 5, shape, generator=g).float()
+    scores[torch.rand(shape, generator=g) < 0.15] = math.nan
+    for k in range(shape[-1] + 1):
+        expected = torch.zeros(shape, dtype=torch.bool)
+        expected.scatter_(-1, torch.sort(scores, dim=-1, stable=True).indices[..., :k], True)
+        assert torch.equal(lowest_k_mask(scores, k), expected), k
 
 
 def test_wanda_hand_checked_mask():
