@@ -119,8 +119,12 @@ def select_mask(scores: torch.Tensor, ratio: Ratio, nm: NM | None) -> torch.Tens
 # pruners on one (out, in) float matrix; they return the pruned matrix
 
 
+def magnitude_mask(w: torch.Tensor, ratio: Ratio, nm: NM | None = None) -> torch.Tensor:
+    return select_mask(w.abs(), ratio, nm)
+
+
 def prune_magnitude(w: torch.Tensor, ratio: Ratio, nm: NM | None = None) -> torch.Tensor:
-    return w.masked_fill(select_mask(w.abs(), ratio, nm), 0.0)
+    return w.masked_fill(magnitude_mask(w, ratio, nm), 0.0)
 
 
 def wanda_scores(w: torch.Tensor, col_norms: torch.Tensor) -> torch.Tensor:
@@ -128,9 +132,13 @@ def wanda_scores(w: torch.Tensor, col_norms: torch.Tensor) -> torch.Tensor:
     return w.abs() * col_norms.reshape(1, -1).to(w)
 
 
+def wanda_mask(w: torch.Tensor, col_norms: torch.Tensor, ratio: Ratio, nm: NM | None = None) -> torch.Tensor:
+    return select_mask(wanda_scores(w, col_norms), ratio, nm)
+
+
 def prune_wanda(w: torch.Tensor, col_norms: torch.Tensor, ratio: Ratio,
                 nm: NM | None = None) -> torch.Tensor:
-    return w.masked_fill(select_mask(wanda_scores(w, col_norms), ratio, nm), 0.0)
+    return w.masked_fill(wanda_mask(w, col_norms, ratio, nm), 0.0)
 
 
 def _inverse_hessian_factor(h: torch.Tensor, w: torch.Tensor, percdamp: float) -> torch.Tensor:
@@ -281,19 +289,21 @@ class Pruner:
     """A pruning method. `statistic` names the calibration statistic it needs: None (weights only),
     "col_norms" (||X_j||_2 per input column) or "hessian" (2/T XᵀX); `apply(w, ratio, nm, stat)`
     returns the pruned matrix (ratio: a float, or a per-row tensor when nm is None); `summary` is one
-    line for menus and help texts."""
+    line for menus and help texts; `mask(w, ratio, nm, stat)`, for a pruner that only removes weights,
+    the entries `apply` zeroes (None for one that updates the weights it keeps)."""
 
     name: str
     statistic: str | None
     apply: Callable[[torch.Tensor, float, NM | None, torch.Tensor | None], torch.Tensor]
     summary: str
+    mask: Callable[[torch.Tensor, float, NM | None, torch.Tensor | None], torch.Tensor] | None = None
 
 
 PRUNERS: dict[str, Pruner] = {p.name: p for p in (
     Pruner("wanda", "col_norms", lambda w, r, nm, stat: prune_wanda(w, stat, r, nm),
-           "|W|·‖X‖ per output row (Sun et al. 2023)"),
+           "|W|·‖X‖ per output row (Sun et al. 2023)", lambda w, r, nm, stat: wanda_mask(w, stat, r, nm)),
     Pruner("magnitude", None, lambda w, r, nm, stat: prune_magnitude(w, r, nm),
-           "|W| per output row, no calibration data"),
+           "|W| per output row, no calibration data", lambda w, r, nm, stat: magnitude_mask(w, r, nm)),
     Pruner("sparsegpt", "hessian", lambda w, r, nm, stat: prune_sparsegpt(w, stat, r, nm),
            "second-order reconstruction (Frantar & Alistarh 2023)"),
 )}

@@ -175,10 +175,10 @@ class BlockLevels:
             for ref, ratio in zip(self.refs[b], key):
                 w = self.dense.weights[ref.name].float()
                 stat = getattr(self.stats[ref.name], self.pruner.statistic)() if self.pruner.statistic else None
-                pruned = self.pruner.apply(w.to(stat.device) if stat is not None else w, ratio, None, stat)
+                w = w.to(stat.device) if stat is not None else w
                 # pruners that only remove weights are kept as masks (1 byte per weight)
-                out[ref.name] = (pruned == 0).cpu() if self.pruner.statistic != "hessian" else \
-                    pruned.to("cpu", self.dense.weights[ref.name].dtype)
+                out[ref.name] = self.pruner.mask(w, ratio, None, stat).cpu() if self.pruner.mask else \
+                    self.pruner.apply(w, ratio, None, stat).to("cpu", self.dense.weights[ref.name].dtype)
             self.cache[(b, key)] = out
         return self.cache[(b, key)]
 

@@ -10,7 +10,7 @@ from analysis.calibration import InputStats, walk_blocks
 from analysis.export import export
 from analysis.layers import prunable_layers
 from analysis.owl import collect_outlier_ratios
-from analysis.pruners import lowest_k_mask, prune_magnitude, prune_sparsegpt, prune_wanda
+from analysis.pruners import get_pruner, lowest_k_mask, prune_magnitude, prune_sparsegpt, prune_wanda
 from analysis.pruning import DenseSnapshot, prune, prune_layer
 
 
@@ -110,6 +110,17 @@ def test_lowest_k_selection_removes_what_a_stable_sort_would(shape):
         expected = torch.zeros(shape, dtype=torch.bool)
         expected.scatter_(-1, torch.sort(scores, dim=-1, stable=True).indices[..., :k], True)
         assert torch.equal(lowest_k_mask(scores, k), expected), k
+
+
+@pytest.mark.parametrize("name", ["wanda", "magnitude"])
+def test_a_mask_pruner_zeroes_its_mask(name):
+    """Pruners that only remove weights give their mask too: what apply zeroes, unstructured and N:M."""
+    pruner = get_pruner(name)
+    w, norms = torch.randn(16, 32, generator=torch.Generator().manual_seed(1)), torch.rand(32) + 0.1
+    for ratio, nm in ((0.6, None), (0.5, (2, 4))):
+        mask = pruner.mask(w, ratio, nm, norms)
+        assert mask.dtype == torch.bool and torch.equal(pruner.apply(w, ratio, nm, norms), w.masked_fill(mask, 0.0))
+    assert get_pruner("sparsegpt").mask is None  # it updates the weights it keeps
 
 
 def test_wanda_hand_checked_mask():
