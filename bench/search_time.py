@@ -50,6 +50,8 @@ def measure(model: str, sparsity: float) -> dict:
         "decided": params["decided"], "gain_nats": params["gain"], "gain_se": params["gain_se"],
         "account": account, "target_s": TARGET_S, "met": wall_s <= TARGET_S,
         "load_avg_before": [round(x, 2) for x in before], "load_avg_after": [round(x, 2) for x in after],
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                 check=False).stdout.strip(),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
     }
