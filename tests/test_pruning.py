@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from analysis.calibration import InputStats, walk_blocks
+from analysis.calibration import InputStats, replaying, walk_blocks
 from analysis.export import export
-from analysis.layers import prunable_layers
+from analysis.layers import find_blocks, prunable_layers
 from analysis.owl import collect_outlier_ratios
 from analysis.pruners import get_pruner, lowest_k_mask, prune_magnitude, prune_sparsegpt, prune_wanda
 from analysis.pruning import DenseSnapshot, prune, prune_layer
@@ -210,10 +210,11 @@ def test_prune_tiny_llama_all_methods():
 def test_inputs_propagate_through_pruned_blocks(make):
     """Statistics gathered for block 1 during the walk equal those of a plain forward of the model
     with block 0 already pruned: inputs went through the pruned block, with the right masks and
-    position embeddings (Gemma 3 mixes sliding-window and full-attention blocks)."""
+    position embeddings (Gemma 3 mixes sliding-window and full-attention blocks). The walk's output,
+    replayed through the norm and head, gives that forward's logits."""
     model = make()
     calib = calib_ids(3, 12)
-    seen = {}
+    seen, final = {}, []
 
     def on_block(b, refs, stats):
         if b == 0:
@@ -223,16 +224,19 @@ def test_inputs_propagate_through_pruned_blocks(make):
         seen.update({name: s.sq.clone() for name, s in stats.items()})
         return False
 
-    walk_blocks(model, calib, on_block)
+    walk_blocks(model, calib, on_block, on_output=final.append)
     refs = [r for r in prunable_layers(model) if r.block >= 1]
     direct = {r.name: InputStats(r.cols, False, torch.device("cpu")) for r in refs}
     hooks = [r.module.register_forward_hook(lambda m, i, o, s=direct[r.name]: s.add(i[0])) for r in refs]
     with torch.no_grad():
-        model(input_ids=calib, use_cache=False)
+        logits = model(input_ids=calib, use_cache=False).logits
     for h in hooks:
         h.remove()
     for name, s in direct.items():
         assert torch.allclose(seen[name], s.sq, rtol=1e-4, atol=1e-5), name
+    with replaying(find_blocks(model)[1], final[0]), torch.no_grad():
+        replayed = model(input_ids=calib, use_cache=False).logits
+    assert torch.allclose(replayed, logits, rtol=1e-4, atol=1e-5)
 
 
 def test_prune_stops_between_blocks():
