@@ -84,14 +84,19 @@ def _split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor, BlockCall]:
 
 @contextmanager
 def _forwards(blocks: nn.ModuleList, make: Callable[[int], Callable]) -> Iterator[None]:
-    """Within it, block i's forward is make(i)."""
+    """Within it, block i's forward is make(i). A forward set on the block itself (accelerate's hooks wrap
+    it so) is put back afterwards."""
+    own = [blk.__dict__.get("forward") for blk in blocks]
     for i, blk in enumerate(blocks):
         blk.forward = make(i)
     try:
         yield
     finally:
-        for blk in blocks:
-            del blk.forward
+        for blk, forward in zip(blocks, own):
+            if forward is None:
+                del blk.forward
+            else:
+                blk.forward = forward
 
 
 def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList,

@@ -239,6 +239,24 @@ def test_inputs_propagate_through_pruned_blocks(make):
     assert torch.allclose(replayed, logits, rtol=1e-4, atol=1e-5)
 
 
+def test_a_walk_keeps_the_hooks_accelerate_put_on_blocks():
+    """accelerate (device_map) wraps each block's forward on the block itself: swapping the forwards to capture
+    block inputs, or to replay a walk's output, puts its wrapper back."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    model, calib = tiny_llama(), calib_ids(3, 12)
+    blocks = find_blocks(model)[1]
+    for blk in blocks:
+        add_hook_to_module(blk, ModelHook())
+    wrapped = [blk.__dict__["forward"] for blk in blocks]
+    final = []
+    walk_blocks(model, calib, lambda b, refs, stats: False, on_output=final.append)
+    with replaying(blocks, final[0]):
+        pass
+    assert [blk.__dict__.get("forward") for blk in blocks] == wrapped
+    assert all(hasattr(blk, "_hf_hook") for blk in blocks)
+
+
 def test_prune_stops_between_blocks():
     model = tiny_llama(layers=3)
     calls = []
