@@ -368,15 +368,29 @@ def ray_available() -> bool:
     return importlib.util.find_spec("ray") is not None
 
 
+RAY_CLIENT_TRIES = 3
+
+
 def start_ray(workers: int, cpus_per_worker: int = 1, address: str | None = None) -> None:
     """Connect to the cluster at `address`, or start a local Ray with workers x cpus_per_worker CPUs;
     either way the workers import this package from here (runtime_env py_modules)."""
     import ray  # noqa: PLC0415 (optional, and slow to import: only sweeps on Ray need it)
 
+    # a Ray Client server forks a server for each driver, and that fork dies now and then (ray-project/ray
+    # issue 63202, about 7% of connections): a ray:// connection is tried again
+    tries = RAY_CLIENT_TRIES if address and address.startswith("ray://") else 1
     try:
-        # "local": a new Ray of our own even where `ray start` left a cluster (or its address file) on this machine
-        ray.init(address=address or "local", num_cpus=None if address else workers * cpus_per_worker,
-                 runtime_env={"py_modules": [str(PACKAGE_DIR)]}, include_dashboard=False, logging_level="warning")
+        for attempt in range(1, tries + 1):
+            try:
+                # "local": a new Ray of our own even where `ray start` left a cluster (or its address file) here
+                ray.init(address=address or "local", num_cpus=None if address else workers * cpus_per_worker,
+                         runtime_env={"py_modules": [str(PACKAGE_DIR)]}, include_dashboard=False,
+                         logging_level="warning")
+                break
+            except ConnectionAbortedError:  # Ray Client's "Initialization failure from server"
+                if attempt == tries:
+                    raise
+                ray.shutdown()
     except Exception as e:  # something answers at the address, but not a Ray that lets us in
         if not address:
             raise
