@@ -5,7 +5,7 @@
 Runs `/usr/bin/time -v python -m analysis allocate --method auto` (issue 11's target: a 60% search on the default
 model in at most 10 min on the 2-core CPU) and writes the wall time, the peak RSS, the search's own account (its
 `cost:` line: seconds inside the search, forward passes, real prunes; the result it kept) and the machine's load
-average before and after, so a run beside another job shows. Run it alone on the machine.
+average before and after (`machine`), so a run beside another job shows. Run it alone on the machine.
 """
 from __future__ import annotations
 
@@ -16,10 +16,11 @@ import re
 import subprocess
 import sys
 import tempfile
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
+
+from bench import machine_info, write_result
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_S = 600.0
@@ -32,7 +33,6 @@ def measure(model: str, sparsity: float) -> dict:
                    "--method", "auto", "--sparsity", str(sparsity), "--out", str(out)]
         before = os.getloadavg()
         run = subprocess.run(command, capture_output=True, text=True, check=False)
-        after = os.getloadavg()
         if run.returncode != 0:
             raise SystemExit(f"the search failed (exit {run.returncode}):\n{run.stderr[-2000:]}")
         params = json.loads(out.read_text())["params"]
@@ -49,11 +49,11 @@ def measure(model: str, sparsity: float) -> dict:
         "start": params["start"], "result": params["result"], "real_fitness": params["real_fitness"],
         "decided": params["decided"], "gain_nats": params["gain"], "gain_se": params["gain_se"],
         "account": account, "target_s": TARGET_S, "met": wall_s <= TARGET_S,
-        "load_avg_before": [round(x, 2) for x in before], "load_avg_after": [round(x, 2) for x in after],
+        "load_avg_before": [round(x, 2) for x in before],
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                  check=False).stdout.strip(),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
+        "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "machine": machine_info(),  # its load average is the one after the run
     }
 
 
@@ -63,9 +63,7 @@ def main(argv=None) -> int:
     p.add_argument("--sparsity", type=float, default=0.6)
     p.add_argument("--out", type=Path, default=RESULTS / "search_time_cpu_default.json")
     args = p.parse_args(argv)
-    row = measure(args.model, args.sparsity)
-    args.out.write_text(json.dumps(row, indent=1) + "\n")
-    print(json.dumps(row, indent=1))
+    write_result(measure(args.model, args.sparsity), args.out)
     return 0
 
 
