@@ -368,11 +368,12 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
         """Per-token fitness of the model as a real prune left it on `whole`, from `final` (the last block's
         outputs on the calibration windows) when replaying them through the head gives a forward's losses."""
         ref = reference.get(id(whole))
+        final = None if final is None else final[:, :whole.shape[1]]
         if final is not None and not replays:
             cost["forward_passes"] += 1
-            replays.append(_replays(model, whole[:4], final[:4, :whole.shape[1]], None if ref is None else ref[:4]))
+            replays.append(_replays(model, whole[:4], final[:4], None if ref is None else ref[:4]))
         if final is not None and replays[0]:
-            return token_losses(model, whole, reference=ref, final=final[:, :whole.shape[1]])
+            return token_losses(model, whole, reference=ref, final=final)
         cost["forward_passes"] += math.ceil(whole.shape[0] / 4)
         cost["tokens"] += int(whole.numel())
         return token_losses(model, whole, reference=ref)
