@@ -255,6 +255,9 @@ class AllocationSettings:
         # one field at a time (the others at valid values), so the error says which field is wrong
         if not self.as_drawn:
             _checked("allocation.sparsity", check_settings, "uniform", self.sparsity)
+        if self.method == "auto" and self.sparsity == 0:
+            raise SettingsError("an allocation search needs a sparsity above 0: at 0 every allocation is the "
+                                "dense model", "allocation.sparsity")
         _checked("allocation.epsilon", check_settings, "alphapruning", 0.5, self.epsilon)
         _checked("allocation.metric", check_settings, "alphapruning", 0.5, 0.3, self.metric)
         _checked("allocation.granularity", check_settings, "uniform", 0.5, 0.3, "alpha", self.granularity)

@@ -91,6 +91,8 @@ CLI_CASES = [
     ("eval --max-windows -3", "--max-windows: max_windows must be an integer >= 1, got -3"),
     ("prune --batch-size 0", "--batch-size: batch_size must be an integer >= 1"),
     ("allocate --method uniform", "--sparsity is required"),
+    ("allocate --method auto --sparsity 0", "--sparsity: an allocation search needs a sparsity above 0"),
+    ("prune --allocation auto --sparsity 0", "--sparsity: an allocation search needs a sparsity above 0"),
     ("allocate --method custom --sparsity 0.5", "--method custom needs --points"),
     ("allocate --method custom --points 0:0.5,1:1.0 --sparsity 0.5",
      "control point '1:1.0': sparsity 1 is outside [0, 0.99]"),
