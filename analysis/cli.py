@@ -76,7 +76,7 @@ FLAGS = {
     "allocation.metric": "--metric", "allocation.granularity": "--granularity", "allocation.fit": "--fit",
     "allocation.owl_lambda": "--owl-lambda", "allocation.owl_threshold": "--owl-threshold",
     "allocation.points": "--points", "allocation.search_steps": "--search-steps",
-    "allocation.search_step": "--search-step",
+    "allocation.search_step": "--search-step", "allocation.search_space": "--search-space",
     "allocation.search_seed": "--search-seed", "allocation.search_objective": "--search-objective",
     "allocation.search_text": "--search-text", "allocation.search_verify": "--search-verify",
     "allocation.search_from": "--search-from",
@@ -197,6 +197,10 @@ def _add_allocation_args(p: argparse.ArgumentParser, axes: bool = False) -> None
                    help="auto: generations of the allocation search")
     p.add_argument("--search-step", type=float, default=d.search_step,
                    help="auto: sparsity one mutation moves from a block to another (e.g. 0.05 for larger moves)")
+    p.add_argument("--search-space", default=d.search_space,
+                   help="auto: block (one sparsity per block) or block+kind (also one offset per matrix kind, e.g. "
+                        "k_proj or down_proj, shared by every block, each block keeping its sparsity: lets the search "
+                        "prune some kinds of matrix less everywhere)")
     if not axes:  # a sweep's searches take the seed of their calibration sample
         p.add_argument("--search-seed", type=int, default=d.search_seed, help="auto: seed of the allocation search")
     p.add_argument("--search-objective", default=d.search_objective,
@@ -225,7 +229,7 @@ def _allocation(args: argparse.Namespace, method: str, sparsity: float | None, *
                               epsilon=args.epsilon, metric=args.metric, granularity=args.granularity, fit=args.fit,
                               owl_lambda=args.owl_lambda, owl_threshold=args.owl_threshold,
                               search_steps=args.search_steps, search_step=args.search_step,
-                              search_seed=args.search_seed,
+                              search_space=args.search_space, search_seed=args.search_seed,
                               search_objective=args.search_objective, search_text=args.search_text,
                               search_verify=args.search_verify, search_from=args.search_from, **extra)
 
@@ -588,6 +592,7 @@ def _sweep_grid(args: argparse.Namespace) -> SweepGrid:
                        allocation=AllocationSettings(metric=args.metric, granularity=args.granularity, fit=args.fit,
                                                      owl_threshold=args.owl_threshold, search_steps=args.search_steps,
                                                      search_step=args.search_step,
+                                                     search_space=args.search_space,
                                                      search_objective=args.search_objective,
                                                      search_text=args.search_text,
                                                      search_verify=args.search_verify),

@@ -203,7 +203,7 @@ def build_allocation(settings: AllocationSettings, model: nn.Module, *, nm=None,
         starts = search_starts(settings, model, calib, metrics, outlier_ratios, model_name, progress, custom,
                                farms_metrics)
         return search_allocation(model, calib, starts, method=prune_method, steps=settings.search_steps,
-                                 step=settings.search_step, seed=settings.search_seed,
+                                 step=settings.search_step, space=settings.search_space, seed=settings.search_seed,
                                  objective=settings.search_objective,
                                  fitness_windows=fitness_windows, verify=settings.search_verify,
                                  confirm_samples=confirm_samples(fitness_windows, settings.search_verify),

@@ -80,7 +80,7 @@ from analysis.layers import LayerRef, find_blocks, layers_by_block, module_devic
 from analysis.pruners import get_pruner
 from analysis.pruning import DenseSnapshot
 from analysis.runtime import ProgressFn, StopFlag, should_stop
-from analysis.settings import SEARCH_OBJECTIVES, SEARCH_SEQLEN, SEARCH_STEP, VERIFY_MODES
+from analysis.settings import SEARCH_OBJECTIVES, SEARCH_SEQLEN, SEARCH_SPACES, SEARCH_STEP, VERIFY_MODES
 
 OnBest = Callable[[list[float], float, int], None]  # (per-block ratios, confirmed fitness, step)
 
@@ -88,7 +88,9 @@ OnBest = Callable[[list[float], float, int], None]  # (per-block ratios, confirm
 @dataclass(frozen=True)
 class Grid:
     """The search space around a start: block b's ratio is base[b] + k[b] * step, with the offset k[b]
-    within [lo[b], hi[b]] so that the ratio stays within [0, MAX_RATIO]."""
+    within [lo[b], hi[b]] so that the ratio stays within [0, MAX_RATIO]. With `kinds` (the "block+kind"
+    space), the state k has one more entry per kind, in steps: every matrix of that kind gets
+    k[n_blocks + i] * step added to its block's ratio (see `layer_ratios`)."""
 
     base: tuple[float, ...]  # the start's per-block ratios
     step: float
@@ -96,9 +98,15 @@ class Grid:
     params: tuple[int, ...]  # prunable weights per block
     lo: tuple[int, ...]
     hi: tuple[int, ...]
+    layers: tuple[tuple[int, int, int], ...] = ()  # per matrix: (block, index in kinds or -1, weights)
+    kinds: tuple[str, ...] = ()  # the matrix kinds with an offset
+    kind_params: tuple[int, ...] = ()  # weights of one matrix of each kind
 
     @classmethod
-    def around(cls, per_block: list[float], params: list[int], step: float = SEARCH_STEP) -> Grid:
+    def around(cls, per_block: list[float], params: list[int], step: float = SEARCH_STEP,
+               layers: list[tuple[int, str, int]] | None = None) -> Grid:
+        """`layers`: (block, kind, weights) of every matrix, in the order of `layer_ratios`; with them the
+        kinds found once in every block, with the same size everywhere, get offsets (at least two such)."""
         by_size: dict[int, list[int]] = {}
         for b, p in enumerate(params):
             if p > 0:
@@ -106,25 +114,56 @@ class Grid:
         base = tuple(float(r) if p else 0.0 for r, p in zip(per_block, params))
         lo = tuple(-int(math.floor(r / step + 1e-9)) for r in base)
         hi = tuple(int(math.floor((MAX_RATIO - r) / step + 1e-9)) for r in base)
-        return cls(base, step, tuple(tuple(g) for g in by_size.values()), tuple(params), lo, hi)
+        blocks = [b for b, p in enumerate(params) if p > 0]
+        kinds = [kind for kind in dict.fromkeys(kind for _, kind, _ in layers or ())
+                 if sorted(b for b, k, _ in layers if k == kind) == blocks
+                 and len({n for _, k, n in layers if k == kind}) == 1]
+        kinds = kinds if len(kinds) > 1 else []
+        index = {kind: i for i, kind in enumerate(kinds)}
+        rows = tuple((b, index.get(kind, -1), n) for b, kind, n in layers or ())
+        sizes = tuple(next(n for _, k, n in layers if k == kind) for kind in kinds)
+        return cls(base, step, tuple(tuple(g) for g in by_size.values()), tuple(params), lo, hi, rows,
+                   tuple(kinds), sizes)
 
     def ratios(self, k: np.ndarray) -> list[float]:
+        """Per block: its ratio (with kinds, the weighted mean of its matrices' ratios, which kinds do not move)."""
         return [min(max(r + int(o) * self.step, 0.0), MAX_RATIO) if p else 0.0
                 for r, o, p in zip(self.base, k, self.params)]
+
+    def layer_ratios(self, k: np.ndarray) -> list[float]:
+        """Per matrix of `layers`: its block's ratio plus its kind's offset (0 for a kind without one)."""
+        per_block, n = self.ratios(k), len(self.base)
+        return [per_block[b] + (float(k[n + i]) * self.step if i >= 0 else 0.0) for b, i, _ in self.layers]
+
+    def valid(self, k: np.ndarray) -> bool:
+        """Every matrix's ratio within [0, MAX_RATIO] (the block bounds alone ensure it without kinds)."""
+        return not self.kinds or all(-1e-9 <= r <= MAX_RATIO + 1e-9 for r in self.layer_ratios(k))
 
     def budget(self, k: np.ndarray) -> float:
         return budget(self.ratios(k), self.params)
 
+    def offsets(self, k: np.ndarray) -> dict[str, float]:
+        """Each kind's offset (a sparsity) in state k."""
+        n = len(self.base)
+        return {kind: float(k[n + i]) * self.step for i, kind in enumerate(self.kinds)}
+
 
 def mutate(k: np.ndarray, grid: Grid, rng: np.random.Generator, max_moves: int = 3) -> np.ndarray:
     """A copy of `k` with 1..max_moves moves, each taking one step from a block and giving it to
-    another block of the same group (within the bounds), so the budget does not change."""
+    another block of the same group (within the bounds), so the budget does not change. With kinds, a move
+    is a kind move with probability kinds / (kinds + blocks): one kind gives one step (a kind with bigger
+    matrices: as many weights) to another, so every block keeps its ratio; a move that would take a matrix
+    outside [0, MAX_RATIO] is not made."""
     k = k.copy()
     groups = [g for g in grid.groups if len(g) > 1]
-    if not groups:
+    if not groups and not grid.kinds:
         return k
     sizes = np.asarray([len(g) for g in groups], dtype=np.float64)
+    share = len(grid.kinds) / (len(grid.kinds) + sizes.sum())
     for _ in range(int(rng.integers(1, max_moves + 1))):
+        if grid.kinds and (not groups or rng.random() < share):
+            _kind_move(k, grid, rng)
+            continue
         g = groups[int(rng.choice(len(groups), p=sizes / sizes.sum()))]
         up = [b for b in g if k[b] < grid.hi[b]]
         down = [b for b in g if k[b] > grid.lo[b]]
@@ -137,7 +176,24 @@ def mutate(k: np.ndarray, grid: Grid, rng: np.random.Generator, max_moves: int =
         j = rest[int(rng.integers(len(rest)))]
         k[i] += 1
         k[j] -= 1
+        if not grid.valid(k):
+            k[i] -= 1
+            k[j] += 1
     return k
+
+
+def _kind_move(k: np.ndarray, grid: Grid, rng: np.random.Generator) -> None:
+    """Kind i up, kind j down, by the same number of weights in every block: the kind with the smaller
+    matrices moves one step, the other step * (its size ratio); undone if a matrix would leave the bounds."""
+    i, j = (int(x) for x in rng.choice(len(grid.kinds), size=2, replace=False))
+    small = min(grid.kind_params[i], grid.kind_params[j])
+    di, dj = small / grid.kind_params[i], small / grid.kind_params[j]
+    n = len(grid.base)
+    k[n + i] += di
+    k[n + j] -= dj
+    if not grid.valid(k):
+        k[n + i] -= di
+        k[n + j] += dj
 
 
 class BlockLevels:
@@ -155,8 +211,10 @@ class BlockLevels:
         self.refs: dict[int, list[LayerRef]] = layers_by_block(model)
         self.dense = DenseSnapshot.take(model)
         self.stats: dict[str, InputStats] = {}
-        self.cache: dict[tuple[int, tuple[float, ...]], dict[str, torch.Tensor]] = {}
-        self.applied: dict[int, tuple[float, ...] | None] = {b: None for b in self.refs}  # None: dense
+        # (block, matrix, ratio) -> that matrix pruned: per matrix, so a move that changes some matrices of a
+        # block (a kind move) prunes only those
+        self.cache: dict[tuple[int, str, float], torch.Tensor] = {}
+        self.applied: dict[str, float] = {}  # per matrix; absent: dense
         self.anchored: dict[str, float] = {}  # the anchor's ratios ({}: dense)
         if self.pruner.statistic:
             def keep(_b: int, _refs, stats: dict[str, InputStats]) -> bool:
@@ -169,33 +227,29 @@ class BlockLevels:
         # rounded: the same ratio reached by other moves hits the cache
         return tuple(round(float(per_layer.get(r.name, 0.0)), 12) for r in self.refs[b])
 
-    def _level(self, b: int, key: tuple[float, ...]) -> dict[str, torch.Tensor]:
-        if (b, key) not in self.cache:
-            out = {}
-            for ref, ratio in zip(self.refs[b], key):
-                w = self.dense.weights[ref.name].float()
-                stat = getattr(self.stats[ref.name], self.pruner.statistic)() if self.pruner.statistic else None
-                w = w.to(stat.device) if stat is not None else w
-                # pruners that only remove weights are kept as masks (1 byte per weight)
-                out[ref.name] = self.pruner.mask(w, ratio, None, stat).cpu() if self.pruner.mask else \
-                    self.pruner.apply(w, ratio, None, stat).to("cpu", self.dense.weights[ref.name].dtype)
-            self.cache[(b, key)] = out
-        return self.cache[(b, key)]
+    def _level(self, b: int, ref: LayerRef, ratio: float) -> torch.Tensor:
+        if (b, ref.name, ratio) not in self.cache:
+            w = self.dense.weights[ref.name].float()
+            stat = getattr(self.stats[ref.name], self.pruner.statistic)() if self.pruner.statistic else None
+            w = w.to(stat.device) if stat is not None else w
+            # pruners that only remove weights are kept as masks (1 byte per weight)
+            self.cache[(b, ref.name, ratio)] = self.pruner.mask(w, ratio, None, stat).cpu() if self.pruner.mask \
+                else self.pruner.apply(w, ratio, None, stat).to("cpu", self.dense.weights[ref.name].dtype)
+        return self.cache[(b, ref.name, ratio)]
 
     def _write(self, b: int, key: tuple[float, ...]) -> None:
-        level = self._level(b, key)
+        """Block b's matrices at these ratios (only those that differ from what the model holds)."""
         with torch.no_grad():
-            for ref in self.refs[b]:
-                new, dense = level[ref.name], self.dense.weights[ref.name]
-                ref.weight().copy_(dense.masked_fill(new, 0.0) if new.dtype == torch.bool else new)
-        self.applied[b] = key
+            for ref, ratio in zip(self.refs[b], key):
+                if self.applied.get(ref.name) != ratio:
+                    new, dense = self._level(b, ref, ratio), self.dense.weights[ref.name]
+                    ref.weight().copy_(dense.masked_fill(new, 0.0) if new.dtype == torch.bool else new)
+                    self.applied[ref.name] = ratio
 
     def apply(self, per_layer: dict[str, float]) -> None:
-        """Write the candidate with these per-matrix ratios into the model (only blocks that changed)."""
+        """Write the candidate with these per-matrix ratios into the model (only matrices that changed)."""
         for b in self.refs:
-            key = self._key(b, per_layer)
-            if self.applied[b] != key:
-                self._write(b, key)
+            self._write(b, self._key(b, per_layer))
 
     def anchor(self, per_layer: dict[str, float], stop: StopFlag = None, progress: ProgressFn | None = None,
                label: str = "block", on_output: Callable[[torch.Tensor], None] | None = None) -> bool:
@@ -228,11 +282,11 @@ class BlockLevels:
     def load(self, state: tuple) -> None:
         anchored, stats, cache = state
         self.anchored, self.stats, self.cache = anchored, dict(stats), dict(cache)
-        self.applied = {b: None for b in self.refs}  # the model holds other weights now
+        self.applied = {}  # the model holds other weights now
 
     def restore(self) -> None:
         self.dense.restore(self.model)
-        self.applied = {b: None for b in self.refs}
+        self.applied = {}
 
 
 def log_probs(model: nn.Module, windows: torch.Tensor, batch: int = 4, from_token: int = 1) -> torch.Tensor:
@@ -294,7 +348,8 @@ def paired_gain(before: np.ndarray, after: np.ndarray) -> tuple[float, float]:
 
 
 def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, Allocation], method: str = "wanda",
-                      steps: int = 40, seed: int = 0, step: float = SEARCH_STEP, offspring: int = 4,
+                      steps: int = 40, seed: int = 0, step: float = SEARCH_STEP, space: str = "block",
+                      offspring: int = 4,
                       screen_samples: int = 4, screen_seqlen: int = 128, confirm_seqlen: int = SEARCH_SEQLEN,
                       confirm_samples: int | None = None,
                       objective: str = "nll", fitness_windows: torch.Tensor | None = None, verify: str = "none",
@@ -326,6 +381,8 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
         raise ValueError(f"objective must be one of {', '.join(SEARCH_OBJECTIVES)}, got {objective!r}")
     if verify not in VERIFY_MODES:
         raise ValueError(f"verify must be one of {', '.join(VERIFY_MODES)}, got {verify!r}")
+    if space not in SEARCH_SPACES:
+        raise ValueError(f"space must be one of {', '.join(SEARCH_SPACES)}, got {space!r}")
     if fitness_windows is not None and (fitness_windows.dim() != 2 or fitness_windows.shape[1] < 2):
         raise ValueError("fitness_windows must be token ids of shape (n, seqlen >= 2).")
     t0 = time.perf_counter()
@@ -422,8 +479,10 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
         best_name = min(verified or start_scores, key=lambda n: verified.get(n, start_scores[n]))
         if best_state is not None:
             levels.load(best_state)
-        grid = Grid.around(starts[best_name].per_block, params, step)
-        parent = np.zeros(n_blocks, dtype=np.int64)
+        layers = [(b, r.kind, r.params) for b, rs in refs.items() for r in rs] if space == "block+kind" else None
+        grid = Grid.around(starts[best_name].per_block, params, step, layers)
+        # kind offsets are fractions of a step: the kind with the bigger matrices moves less
+        parent = np.zeros(n_blocks + len(grid.kinds), dtype=np.float64 if grid.kinds else np.int64)
         anchor_windows = losses(_per_layer(grid, parent, refs), confirm)  # the proxy's, on the anchor
         parent_confirm = float(anchor_windows.mean())
         parent_screen = score(_per_layer(grid, parent, refs), screen)
@@ -431,7 +490,7 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
         parent_fit = verified[best_name] if real_parent else parent_confirm
         # what the gain is measured from: the real prunes' windows when they decide
         base_windows = parent_windows = real_losses[best_name] if real_parent else anchor_windows
-        history = [{"step": 0, "fitness": parent_fit, "per_block": grid.ratios(parent)}]
+        history = [_entry(grid, parent, 0, parent_fit)]
         if on_best:
             on_best(grid.ratios(parent), parent_fit, 0)
         done = 0
@@ -459,7 +518,7 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
             if better:
                 parent, parent_fit, parent_confirm, parent_screen = children[i], fit, confirmed, screened[i]
                 parent_windows = fit_windows
-                history.append({"step": s, "fitness": parent_fit, "per_block": grid.ratios(parent)})
+                history.append(_entry(grid, parent, s, parent_fit))
                 if on_best:
                     on_best(grid.ratios(parent), parent_fit, s)
             done = s
@@ -485,7 +544,7 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
         levels.restore()
     gain, gain_se = paired_gain(base_windows, parent_windows)
     info = {
-        "pruner": method, "objective": objective, "step": step, "steps": steps,
+        "pruner": method, "objective": objective, "step": step, "space": space, "steps": steps,
         "fitness": f"{where} {'NLL' if objective == 'nll' else 'KL(dense || pruned)'} (nats/token)",
         "steps_done": done, "seed": seed, "offspring": offspring, "screen_tokens": int(screen.numel()),
         "confirm_tokens": int(confirm.numel()),
@@ -530,6 +589,9 @@ def describe(info: dict) -> list[str]:
         gain, se, n = info["gain"], info["gain_se"], info["gain_windows"]
         noise = "; within 2 SE of zero: it may not carry over to other text" if gain < 2 * se else ""
         lines.append(f"gain {gain:.4f} +/- {se:.4f} nats/token (paired SE over {n} windows){noise}")
+    kinds = info["history"][-1].get("kinds")
+    if kinds and info["result"] == "search":
+        lines.append("kind offsets: " + ", ".join(f"{k} {v:+.3f}" for k, v in kinds.items()))
     real = f", {info['real_prunes']} real prunes" if info.get("real_prunes") else ""
     lines.append(f"cost: {info['seconds']:.0f} s, {info['forward_passes']} forward passes{real}")
     return lines
@@ -551,5 +613,14 @@ def _spread(n: int, m: int) -> list[int]:
 
 
 def _per_layer(grid: Grid, k: np.ndarray, refs: dict[int, list[LayerRef]]) -> dict[str, float]:
+    names = [r.name for rs in refs.values() for r in rs]
+    if grid.kinds:  # grid.layers are in this order
+        return dict(zip(names, grid.layer_ratios(k)))
     per_block = grid.ratios(k)
     return {r.name: per_block[b] for b, rs in refs.items() for r in rs}
+
+
+def _entry(grid: Grid, k: np.ndarray, step: int, fit: float) -> dict:
+    """A history entry: the step, its fitness, the per-block ratios and (with kinds) each kind's offset."""
+    entry = {"step": step, "fitness": fit, "per_block": grid.ratios(k)}
+    return {**entry, "kinds": grid.offsets(k)} if grid.kinds else entry

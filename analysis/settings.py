@@ -48,6 +48,9 @@ SEARCH_SEQLEN = 128
 # largest step allowed: beyond it a single move reshapes the curve more than any preset differs from uniform
 SEARCH_STEP = 0.025
 SEARCH_STEP_MAX = 0.2
+# what the search varies (search_space): one ratio per block, or also one offset per matrix kind (k_proj,
+# down_proj, ...) shared by every block, each block keeping its ratio (analysis.search, "Search space")
+SEARCH_SPACES = ("block", "block+kind")
 # what the search prunes for real (search_verify): nothing (it trusts its stitched proxy), its starts and
 # its result (the best start after a real prune is the parent, and a result that is worse after a real
 # prune than that start is dropped for it), or also every candidate its proxy confirms. "starts" is the
@@ -217,6 +220,8 @@ class AllocationSettings:
     ((depth, sparsity) pairs); file: an allocation JSON (method "file"); search_steps / search_seed /
     search_objective: generations, seed and fitness ("nll" or "kl") of the "auto" search (analysis.search);
     search_step: the sparsity (a fraction, in (0, SEARCH_STEP_MAX]) one of its mutations moves between two blocks;
+    search_space: one of SEARCH_SPACES, "block" (one ratio per block) or "block+kind" (also one offset per matrix
+    kind, the same in every block, that moves sparsity between the kinds inside each block);
     search_text: a text source (as for calibration.source) the search's fitness is measured on, held out
     from the calibration sample (e.g. the valid split of the user's domain; never the evaluation text);
     None: the calibration text; search_verify: one of VERIFY_MODES, what the search prunes for real
@@ -240,6 +245,7 @@ class AllocationSettings:
     search_steps: int = 40
     search_seed: int = 0
     search_step: float = SEARCH_STEP
+    search_space: str = "block"
     search_objective: str = "nll"
     search_text: str | None = None
     search_verify: str = "starts"
@@ -271,6 +277,9 @@ class AllocationSettings:
         if not (isinstance(self.search_step, int | float) and 0 < self.search_step <= SEARCH_STEP_MAX):
             raise SettingsError(f"search_step must be a sparsity in (0, {SEARCH_STEP_MAX}], got {self.search_step!r}",
                                 "allocation.search_step")
+        if self.search_space not in SEARCH_SPACES:
+            raise SettingsError(f"search_space must be one of {', '.join(SEARCH_SPACES)}, got {self.search_space!r}",
+                                "allocation.search_space")
         if self.search_objective not in SEARCH_OBJECTIVES:
             raise SettingsError(f"search_objective must be one of {', '.join(SEARCH_OBJECTIVES)}, got "
                                 f"{self.search_objective!r}", "allocation.search_objective")

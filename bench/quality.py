@@ -6,7 +6,7 @@
 
 Grid: dense, then every seed x sparsity x pruner {magnitude, wanda, sparsegpt} x allocation {uniform,
 owl, alphapruning, auto, auto-kl, auto-checked, auto-unsampled-checked, auto-valid, auto-valid-checked, auto-verify,
-auto-verify-more, auto-verify-wide}; "NAME+trim" prunes with
+auto-verify-more, auto-verify-wide, auto-verify-kinds}; "NAME+trim" prunes with
 that allocation and TRIM row-wise sparsity. "auto" is the allocation search (analysis.search) on the
 calibration batch only ("auto-kl": with the KL-to-dense objective instead of the calibration NLL;
 "auto-checked": with the starts and the result pruned for real (analysis.search, verify "starts");
@@ -19,7 +19,8 @@ auto-valid with the starts and every candidate it confirms pruned for real, keep
 improvements; the real prunes are scored on settings.VERIFY_SAMPLES times as many valid windows as the
 proxy; "auto-verify-more": that search gone on from the auto-verify result of the same cell for
 `--search-steps` more generations, with search seed = calibration seed + MORE_SEED; "auto-verify-wide": the
-same with mutations of WIDE_STEP instead of settings.SEARCH_STEP), started from
+same with mutations of WIDE_STEP instead of settings.SEARCH_STEP; "auto-verify-kinds": the same in the "block+kind"
+search space, analysis.search, with an offset per matrix kind as well), started from
 uniform, OWL, and AlphaPruning and FARMS at eps 0.1/0.2/0.3 and at the chosen epsilon (searches before
 commit e11dfdb: without FARMS; a search whose recorded starts lack "alphapruning eps=<chosen>" predates
 that start, which matters on Gemma-3, whose chosen epsilon is 0.05, not on SmolLM2, whose 0.2 is one of
@@ -72,8 +73,8 @@ OUT = Path(__file__).resolve().parent / "results" / "quality.json"
 METHODS = ("magnitude", "wanda", "sparsegpt")
 # table columns
 ALLOCS = ("uniform", "owl", "alphapruning", "auto", "auto-kl", "auto-checked", "auto-unsampled-checked", "auto-valid",
-          "auto-valid-checked", "auto-verify", "auto-verify-more", "auto-verify-wide", "uniform+trim", "owl+trim",
-          "auto+trim", "auto-valid+trim", "auto-verify+trim")
+          "auto-valid-checked", "auto-verify", "auto-verify-more", "auto-verify-wide", "auto-verify-kinds",
+          "uniform+trim", "owl+trim", "auto+trim", "auto-valid+trim", "auto-verify+trim")
 RUN_ORDER = ("wanda", "magnitude", "sparsegpt")  # cheapest informative runs first
 WIDE_STEP = 0.05  # sparsity one mutation of auto-verify-wide moves: twice the default step
 # searched allocations: the objective of each, the text it is measured on ("calib": the calibration batch;
@@ -86,10 +87,13 @@ SEARCHES = {"auto": ("nll", "calib", "none", SEARCH_STEP), "auto-kl": ("kl", "ca
             "auto-valid-checked": ("nll", "valid", "starts", SEARCH_STEP),
             "auto-verify": ("nll", "valid", "all", SEARCH_STEP),
             "auto-verify-more": ("nll", "valid", "all", SEARCH_STEP),
-            "auto-verify-wide": ("nll", "valid", "all", WIDE_STEP)}
+            "auto-verify-wide": ("nll", "valid", "all", WIDE_STEP),
+            "auto-verify-kinds": ("nll", "valid", "all", SEARCH_STEP)}
+SPACES = {"auto-verify-kinds": "block+kind"}  # the search space of a search not over blocks alone
 # searches that go on from another search's result of the same cell (its only start, as --search-from), with their own
 # search seed (the calibration seed + MORE_SEED) so they do not replay the first search's moves
-GOES_ON_FROM = {"auto-verify-more": "auto-verify", "auto-verify-wide": "auto-verify"}
+GOES_ON_FROM = {"auto-verify-more": "auto-verify", "auto-verify-wide": "auto-verify",
+                "auto-verify-kinds": "auto-verify"}
 MORE_SEED = 100
 
 
@@ -161,7 +165,8 @@ def searched_allocation(model, calib, sparsity: float, method: str, seed: int, s
         n, length = (int(x) for x in screen.split("x"))
         objective, text, verify, step = SEARCHES[name]
         windows = held_out(text, calib_seed, verify)
-        alloc = search_allocation(model, calib, starts, method=method, steps=steps, step=step, seed=seed,
+        alloc = search_allocation(model, calib, starts, method=method, steps=steps, step=step,
+                                  space=SPACES.get(name, "block"), seed=seed,
                                   model_name=model_name,
                                   screen_samples=n, screen_seqlen=length, confirm_seqlen=int(confirm),
                                   confirm_samples=confirm_samples(windows, verify),
@@ -261,6 +266,7 @@ def markdown(results: dict) -> str:
              "auto-valid-checked": "auto (valid, checked)", "auto-verify": "auto (valid, verified)",
              "auto-verify-more": "auto (valid, verified, gone on)",
              "auto-verify-wide": f"auto (valid, verified, gone on, step {WIDE_STEP:g})",
+             "auto-verify-kinds": "auto (valid, verified, gone on, block+kind)",
              "uniform+trim": "uniform+TRIM", "owl+trim": "OWL+TRIM", "auto+trim": "auto+TRIM",
              "auto-valid+trim": "auto (valid)+TRIM",
              "auto-verify+trim": "auto (valid, verified)+TRIM"}

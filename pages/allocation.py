@@ -13,6 +13,7 @@ from analysis.pruners import PRUNERS
 from analysis.search import describe
 from analysis.settings import (
     SEARCH_OBJECTIVES,
+    SEARCH_SPACES,
     SEARCH_STEP_MAX,
     VERIFY_MODES,
     AllocationSettings,
@@ -85,6 +86,7 @@ with st.expander("Preset ratios per block (table)"):
 # ---- Find allocation: the search (analysis.search) on a private copy, in the background ----
 SEARCH_KEY = "alloc_search_job"
 OBJECTIVE_LABELS = {"nll": "calibration loss", "kl": "KL to the dense model"}  # how the page names SEARCH_OBJECTIVES
+SPACE_LABELS = {"block": "per block", "block+kind": "per block and matrix kind"}
 VERIFY_LABELS = {"none": "nothing (fastest)", "starts": "the starts and the result", "all": "every improvement"}
 
 
@@ -146,6 +148,13 @@ with st.expander("Find allocation (search)", expanded=SEARCH_KEY in st.session_s
                                       "candidate the search confirms, keeping only real improvements: slower (4-6x), "
                                       "every step measured on the real pruned model. Worth it with SparseGPT at high "
                                       "sparsity, where the fast search can pick a worse curve.")
+    search_space = st.selectbox("Search space", SEARCH_SPACES, key="alloc_search_space",
+                                index=SEARCH_SPACES.index(DEFAULT.search_space), format_func=SPACE_LABELS.get,
+                                help="Per block: every matrix of a block gets the block's sparsity. Per block and "
+                                     "matrix kind: also one offset per kind of matrix (k_proj, down_proj, ...), the "
+                                     "same in every block, each block keeping its sparsity, so the search can prune "
+                                     "e.g. the key/value projections less everywhere. The curve shows per-block "
+                                     "sparsities; the offsets are in the search's JSON.")
     mine = st.session_state.get("alloc_custom")  # the applied curve, as of the last run of this page
     mine = mine if mine is not None and mine.model == loaded.info.source else None  # not another model's
     from_mine = st.checkbox("Start from your curve", key="alloc_search_from_mine", disabled=mine is None,
@@ -157,7 +166,7 @@ with st.expander("Find allocation (search)", expanded=SEARCH_KEY in st.session_s
         cal, ev = prune_data_settings()
         cfg = AllocationSettings(method="auto", sparsity=float(target), epsilon=float(epsilon),
                                  search_steps=int(search_steps),
-                                 search_step=float(search_step),
+                                 search_step=float(search_step), search_space=search_space,
                                  search_seed=int(search_seed), search_objective=search_objective, fit=fit,
                                  search_text=search_text or None, search_verify=search_verify)
         shared, tok, info, start = loaded.model, loaded.tokenizer, loaded.info, mine if from_mine else None
@@ -192,6 +201,11 @@ with st.expander("Find allocation (search)", expanded=SEARCH_KEY in st.session_s
             st.caption(f"Search {job.status} after {job.elapsed:.0f} s.")
             if job.result is not None:  # also a cancelled search's best so far
                 st.code("\n".join(describe(job.result.params)), language=None)
+                st.download_button("Download the search's allocation (JSON)",
+                                   json.dumps(job.result.to_dict(), indent=2).encode(), file_name="search.json",
+                                   mime="application/json", key="alloc_search_download",
+                                   help="Every matrix's sparsity as found (with kind offsets too), for "
+                                        "`--allocation search.json` on the command line.")
         if best:
             st.metric(f"Best {OBJECTIVE_LABELS[best['objective']]} so far", f"{best['fitness']:.4f} nats/token",
                       help=f"found at generation {best['step']}")

@@ -16,7 +16,7 @@ import torch
 from conftest import save_tiny_llama, word_tokenizer
 from test_pruning import calib_ids, correlated_inputs, tiny_llama
 
-from analysis.allocation import Allocation, allocate
+from analysis.allocation import Allocation, allocate, budget
 from analysis.calibration import walk_blocks
 from analysis.data import DataError, calibration_batches, spread_windows, unsampled_windows
 from analysis.evaluation import window_nll
@@ -152,6 +152,34 @@ def test_mutations_keep_the_budget_exact_and_stay_on_the_grid():
         assert np.allclose((np.asarray(grid.ratios(k)) - start) / SEARCH_STEP, k)
 
 
+def test_kind_moves_keep_every_block_ratio_and_the_budget_exact():
+    """block+kind: kinds found once in every block with one size get offsets; a kind move gives one step
+    to the kind with the smaller matrices and as many weights from the other, so every block keeps its
+    ratio, the budget stays exact and every matrix stays within [0, 0.99]."""
+    params = [1000 + 400 + 2 * 100] * 4
+    start = [0.55, 0.6, 0.62, 0.63]
+    layers = [(b, kind, n) for b in range(4) for kind, n in (("wide", 1000), ("narrow", 400), ("k", 100),
+                                                               ("v", 100))]
+    grid = Grid.around(start, params, layers=layers)
+    assert grid.kinds == ("wide", "narrow", "k", "v") and grid.kind_params == (1000, 400, 100, 100)
+    k = np.zeros(len(params) + len(grid.kinds))
+    assert grid.layer_ratios(k) == [r for r in start for _ in range(4)]
+    rng, moved = np.random.default_rng(0), set()
+    for _ in range(500):
+        k = mutate(k, grid, rng)
+        per = np.asarray(grid.layer_ratios(k)).reshape(4, 4)
+        weights = [1000, 400, 100, 100]
+        assert np.allclose(np.average(per, axis=1, weights=weights), grid.ratios(k), atol=1e-12)
+        assert grid.budget(k) == pytest.approx(0.6, abs=1e-12)
+        assert per.min() >= 0.0 and per.max() <= 0.99 + 1e-12
+        moved |= {kind for kind, off in grid.offsets(k).items() if abs(off) > 1e-12}
+    assert moved == set(grid.kinds)
+    # a kind missing from a block, or of two sizes, gets no offset; a single eligible kind: none at all
+    uneven = [row for row in layers if row[:2] != (2, "v")] + [(2, "v", 50)]
+    assert Grid.around(start, params, layers=uneven).kinds == ("wide", "narrow", "k")
+    assert Grid.around(start, params, layers=[row for row in layers if row[1] == "k"]).kinds == ()
+
+
 @pytest.fixture(scope="module")
 def tiny_search():
     model = tiny_llama(layers=4)
@@ -229,6 +257,38 @@ def test_search_is_deterministic_exact_and_never_worse_than_its_best_start(tiny_
     assert f"from {a.params['start']}: {fits[0]:.4f} -> {fits[-1]:.4f}" in text and "paired SE over 8 windows" in text
     back = Allocation.from_dict(json.loads(json.dumps(a.to_dict())))
     assert back.per_layer == a.per_layer and back.params["start"] in starts
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_search_over_blocks_and_matrix_kinds(tiny_search, method):
+    """space="block+kind": deterministic, exact, never worse than its best start; the result's matrices
+    differ inside a block by their kind's offset, each block keeps the per-block ratio the history shows,
+    and its fitness is that of the model pruned from dense statistics at those per-matrix ratios."""
+    model, calib, starts = tiny_search
+    a = search_allocation(model, calib, starts, method=method, steps=12, seed=1, screen_samples=2,
+                          screen_seqlen=16, space="block+kind")
+    b = search_allocation(model, calib, starts, method=method, steps=12, seed=1, screen_samples=2,
+                          screen_seqlen=16, space="block+kind")
+    assert a.per_layer == b.per_layer and a.params["history"] == b.params["history"]
+    assert a.params["space"] == "block+kind" and a.achieved == pytest.approx(0.6, abs=1e-12)
+    kinds = a.params["history"][-1]["kinds"]
+    assert set(kinds) == {r.kind for r in prunable_layers(model)} and any(abs(v) > 0 for v in kinds.values())
+    layers = prunable_layers(model)
+    for r in layers:
+        assert a.per_layer[r.name] == pytest.approx(a.per_block[r.block] + kinds[r.kind], abs=1e-12)
+    for blk in range(4):
+        mine = [r for r in layers if r.block == blk]
+        mean = np.average([a.per_layer[r.name] for r in mine], weights=[r.params for r in mine])
+        assert mean == pytest.approx(a.per_block[blk], abs=1e-12)
+    assert budget([a.per_layer[r.name] for r in layers], [r.params for r in layers]) == pytest.approx(0.6, abs=1e-12)
+    assert a.params["best_fitness"] <= min(a.params["starts"].values())
+    assert "kind offsets: " in "\n".join(describe(a.params))
+    if method == "wanda":
+        snap = prune_from_dense_statistics(model, calib, a)
+        assert fitness(model, calib[:, :128]) == pytest.approx(a.params["best_fitness"], rel=1e-5)
+        snap.restore(model)
+    with pytest.raises(ValueError, match="space must be one of block, block\\+kind"):
+        search_allocation(model, calib, starts, steps=1, space="matrix")
 
 
 def test_window_losses_and_their_paired_gain(tiny_search):
@@ -550,6 +610,9 @@ def test_verify_modes_are_checked(off_grid_starts):
     with pytest.raises(SettingsError, match="search_verify must be one of none, starts, all") as e:
         AllocationSettings(method="auto", search_verify="some").check()
     assert e.value.field == "allocation.search_verify"
+    with pytest.raises(SettingsError, match="search_space must be one of block, block\\+kind") as e:
+        AllocationSettings(method="auto", search_space="matrix").check()
+    assert e.value.field == "allocation.search_space"
     # a run stored before the modes (search_verify true/false) reads as "all"/"none"
     old = RunSettings().to_dict()
     for stored, mode in ((True, "all"), (False, "none")):
@@ -737,13 +800,19 @@ def test_cli_allocate_auto_with_the_pruner_and_a_held_out_text(tmp_path):
             "--pruner", "wanda", "--sparsity", "0.5", "--search-steps", "3", "--calib", str(tmp_path / "calib.txt"),
             "--nsamples", "4", "--seqlen", "32", "--out", str(out), "--search-verify"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([*args, "starts"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    r = subprocess.run([*args, "starts", "--search-space", "block+kind"], capture_output=True, text=True, cwd=ROOT,
+                       env=env, timeout=600)
     assert r.returncode == 0, r.stderr
     a = Allocation.load(out)
     assert a.params["verify"] == "starts" and a.params["real_prunes"] == len(a.params["verified"])
+    assert a.params["space"] == "block+kind" and "kinds" in a.params["history"][0]
     assert set(a.params["verified"]) - set(a.params["starts"]) <= {"result"}
     bad = subprocess.run([*args, "some"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert bad.returncode == 2 and "--search-verify" in bad.stderr and "none, starts, all" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+    bad = subprocess.run([*args, "starts", "--search-space", "matrix"], capture_output=True, text=True, cwd=ROOT,
+                         env=env, timeout=120)
+    assert bad.returncode == 2 and "--search-space" in bad.stderr and "block, block+kind" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
     # --search-from goes on from that result (its budget: a different --sparsity is refused before loading)
     base = [sys.executable, "-m", "analysis", "allocate", "--model", str(folder), "--device", "cpu", "--method", "auto",
