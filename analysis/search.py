@@ -10,6 +10,11 @@ group, so sum_b params_b * ratio_b stays the start's budget exactly at every ste
 group add up to zero). The grid is anchored on the start's own ratios, not on multiples of the step:
 rounding a start to such a grid moves each block by up to step / 2, which cost OWL 0.09 nats of
 held-out NLL after a real prune (Gemma-3, SparseGPT 70%), more than most of the search's moves gain.
+With `space` "block+kind", every matrix kind found once in every block with one size (q_proj, ..., down_proj)
+also gets an offset, the same in every block, added to its block's ratio: a kind move takes one step from
+the kind with the smaller matrices and the same number of weights from (or to) another kind, so every block
+keeps its ratio and the budget stays exact (in a model with few key/value heads, such as Gemma-3 with one, the
+small k_proj and v_proj serve every head, and how much to prune them is not its block's question alone).
 
 Fitness (`objective`). Per predicted token in nats: "nll", the pruned model's next-token NLL; or "kl",
 KL(dense || pruned) between the dense and the pruned model's next-token distributions (EvoPress's
