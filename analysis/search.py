@@ -95,7 +95,7 @@ class Grid:
     """The search space around a start: block b's ratio is base[b] + k[b] * step, with the offset k[b]
     within [lo[b], hi[b]] so that the ratio stays within [0, MAX_RATIO]. With `kinds` (the "block+kind"
     space), the state k has one more entry per kind, in steps: every matrix of that kind gets
-    k[n_blocks + i] * step added to its block's ratio (see `layer_ratios`)."""
+    k[n_blocks + i] * step added to its block's ratio (see `per_layer`)."""
 
     base: tuple[float, ...]  # the start's per-block ratios
     step: float
@@ -103,15 +103,16 @@ class Grid:
     params: tuple[int, ...]  # prunable weights per block
     lo: tuple[int, ...]
     hi: tuple[int, ...]
-    layers: tuple[tuple[int, int, int], ...] = ()  # per matrix: (block, index in kinds or -1, weights)
+    layers: tuple[tuple[str, int, int], ...] = ()  # per matrix: (name, block, index in kinds or -1)
     kinds: tuple[str, ...] = ()  # the matrix kinds with an offset
     kind_params: tuple[int, ...] = ()  # weights of one matrix of each kind
 
     @classmethod
     def around(cls, per_block: list[float], params: list[int], step: float = SEARCH_STEP,
-               layers: list[tuple[int, str, int]] | None = None) -> Grid:
-        """`layers`: (block, kind, weights) of every matrix, in the order of `layer_ratios`; with them the
-        kinds found once in every block, with the same size everywhere, get offsets (at least two such)."""
+               layers: list[tuple[str, int, str, int]] | None = None, by_kind: bool = False) -> Grid:
+        """`layers`: (name, block, kind, weights) of every matrix, for `per_layer`; `by_kind` (the "block+kind"
+        space): the kinds found once in every block, with the same size everywhere, get offsets (at least two
+        such)."""
         by_size: dict[int, list[int]] = {}
         for b, p in enumerate(params):
             if p > 0:
@@ -120,13 +121,14 @@ class Grid:
         lo = tuple(-int(math.floor(r / step + 1e-9)) for r in base)
         hi = tuple(int(math.floor((MAX_RATIO - r) / step + 1e-9)) for r in base)
         blocks = [b for b, p in enumerate(params) if p > 0]
-        kinds = [kind for kind in dict.fromkeys(kind for _, kind, _ in layers or ())
-                 if sorted(b for b, k, _ in layers if k == kind) == blocks
-                 and len({n for _, k, n in layers if k == kind}) == 1]
+        layers = layers or []
+        kinds = [kind for kind in dict.fromkeys(kind for _, _, kind, _ in layers)
+                 if sorted(b for _, b, k, _ in layers if k == kind) == blocks
+                 and len({n for _, _, k, n in layers if k == kind}) == 1] if by_kind else []
         kinds = kinds if len(kinds) > 1 else []
         index = {kind: i for i, kind in enumerate(kinds)}
-        rows = tuple((b, index.get(kind, -1), n) for b, kind, n in layers or ())
-        sizes = tuple(next(n for _, k, n in layers if k == kind) for kind in kinds)
+        rows = tuple((name, b, index.get(kind, -1)) for name, b, kind, _ in layers)
+        sizes = tuple(next(n for _, _, k, n in layers if k == kind) for kind in kinds)
         return cls(base, step, tuple(tuple(g) for g in by_size.values()), tuple(params), lo, hi, rows,
                    tuple(kinds), sizes)
 
@@ -135,14 +137,14 @@ class Grid:
         return [min(max(r + int(o) * self.step, 0.0), MAX_RATIO) if p else 0.0
                 for r, o, p in zip(self.base, k, self.params)]
 
-    def layer_ratios(self, k: np.ndarray) -> list[float]:
-        """Per matrix of `layers`: its block's ratio plus its kind's offset (0 for a kind without one)."""
+    def per_layer(self, k: np.ndarray) -> dict[str, float]:
+        """Per matrix of `layers`, by name: its block's ratio plus its kind's offset (0 for a kind without one)."""
         per_block, n = self.ratios(k), len(self.base)
-        return [per_block[b] + (float(k[n + i]) * self.step if i >= 0 else 0.0) for b, i, _ in self.layers]
+        return {name: per_block[b] + (float(k[n + i]) * self.step if i >= 0 else 0.0) for name, b, i in self.layers}
 
     def valid(self, k: np.ndarray) -> bool:
         """Every matrix's ratio within [0, MAX_RATIO] (the block bounds alone ensure it without kinds)."""
-        return not self.kinds or all(-1e-9 <= r <= MAX_RATIO + 1e-9 for r in self.layer_ratios(k))
+        return not self.kinds or all(-1e-9 <= r <= MAX_RATIO + 1e-9 for r in self.per_layer(k).values())
 
     def budget(self, k: np.ndarray) -> float:
         return budget(self.ratios(k), self.params)
@@ -484,13 +486,13 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
         best_name = min(verified or start_scores, key=lambda n: verified.get(n, start_scores[n]))
         if best_state is not None:
             levels.load(best_state)
-        layers = [(b, r.kind, r.params) for b, rs in refs.items() for r in rs] if space == "block+kind" else None
-        grid = Grid.around(starts[best_name].per_block, params, step, layers)
+        layers = [(r.name, b, r.kind, r.params) for b, rs in refs.items() for r in rs]
+        grid = Grid.around(starts[best_name].per_block, params, step, layers, by_kind=space == "block+kind")
         # kind offsets are fractions of a step: the kind with the bigger matrices moves less
         parent = np.zeros(n_blocks + len(grid.kinds), dtype=np.float64 if grid.kinds else np.int64)
-        anchor_windows = losses(_per_layer(grid, parent, refs), confirm)  # the proxy's, on the anchor
+        anchor_windows = losses(grid.per_layer(parent), confirm)  # the proxy's, on the anchor
         parent_confirm = float(anchor_windows.mean())
-        parent_screen = score(_per_layer(grid, parent, refs), screen)
+        parent_screen = score(grid.per_layer(parent), screen)
         real_parent = real_steps and best_name in real_losses  # not when stopped before any start's real prune
         parent_fit = verified[best_name] if real_parent else parent_confirm
         # what the gain is measured from: the real prunes' windows when they decide
@@ -503,9 +505,9 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
             if should_stop(stop):
                 break
             children = [mutate(parent, grid, rng) for _ in range(offspring)]
-            screened = [score(_per_layer(grid, c, refs), screen) for c in children]
+            screened = [score(grid.per_layer(c), screen) for c in children]
             i = int(np.argmin(screened))
-            child = _per_layer(grid, children[i], refs)
+            child = grid.per_layer(children[i])
             fit_windows = losses(child, confirm) if screened[i] < parent_screen else None
             confirmed = math.inf if fit_windows is None else float(fit_windows.mean())
             fit, better = confirmed, confirmed < parent_confirm
@@ -532,7 +534,7 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
         chosen = "search" if len(history) > 1 else best_name
         decided: dict[str, float] = {}
         if verify == "starts" and chosen == "search" and not should_stop(stop):
-            result = _per_layer(grid, parent, refs)
+            result = grid.per_layer(parent)
             found = real(result, "the search's result", 1.0)
             if found is not None:  # kept only if the real prune confirms it beats the start it went on from
                 verified["result"] = float(found.mean())
@@ -563,7 +565,7 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
     if chosen in starts:  # the start itself, at its own ratios
         a = starts[chosen]
         return Allocation(model_name, sparsity, "auto", info, list(a.per_block), dict(a.per_layer), a.achieved)
-    return Allocation(model_name, sparsity, "auto", info, grid.ratios(parent), _per_layer(grid, parent, refs),
+    return Allocation(model_name, sparsity, "auto", info, grid.ratios(parent), grid.per_layer(parent),
                       grid.budget(parent))
 
 
@@ -616,13 +618,6 @@ def _spread(n: int, m: int) -> list[int]:
     """m of the indices 0..n-1 spread evenly over them (all of them if m >= n)."""
     return sorted({int(i) for i in np.linspace(0, n - 1, min(m, n)).round()})
 
-
-def _per_layer(grid: Grid, k: np.ndarray, refs: dict[int, list[LayerRef]]) -> dict[str, float]:
-    names = [r.name for rs in refs.values() for r in rs]
-    if grid.kinds:  # grid.layers are in this order
-        return dict(zip(names, grid.layer_ratios(k)))
-    per_block = grid.ratios(k)
-    return {r.name: per_block[b] for b, rs in refs.items() for r in rs}
 
 
 def _entry(grid: Grid, k: np.ndarray, step: int, fit: float) -> dict:

@@ -158,16 +158,16 @@ def test_kind_moves_keep_every_block_ratio_and_the_budget_exact():
     ratio, the budget stays exact and every matrix stays within [0, 0.99]."""
     params = [1000 + 400 + 2 * 100] * 4
     start = [0.55, 0.6, 0.62, 0.63]
-    layers = [(b, kind, n) for b in range(4) for kind, n in (("wide", 1000), ("narrow", 400), ("k", 100),
-                                                               ("v", 100))]
-    grid = Grid.around(start, params, layers=layers)
+    layers = [(f"{b}.{kind}", b, kind, n) for b in range(4) for kind, n in (("wide", 1000), ("narrow", 400),
+                                                                              ("k", 100), ("v", 100))]
+    grid = Grid.around(start, params, layers=layers, by_kind=True)
     assert grid.kinds == ("wide", "narrow", "k", "v") and grid.kind_params == (1000, 400, 100, 100)
     k = np.zeros(len(params) + len(grid.kinds))
-    assert grid.layer_ratios(k) == [r for r in start for _ in range(4)]
+    assert list(grid.per_layer(k).values()) == [r for r in start for _ in range(4)]
     rng, moved = np.random.default_rng(0), set()
     for _ in range(500):
         k = mutate(k, grid, rng)
-        per = np.asarray(grid.layer_ratios(k)).reshape(4, 4)
+        per = np.asarray(list(grid.per_layer(k).values())).reshape(4, 4)
         weights = [1000, 400, 100, 100]
         assert np.allclose(np.average(per, axis=1, weights=weights), grid.ratios(k), atol=1e-12)
         assert grid.budget(k) == pytest.approx(0.6, abs=1e-12)
@@ -175,9 +175,9 @@ def test_kind_moves_keep_every_block_ratio_and_the_budget_exact():
         moved |= {kind for kind, off in grid.offsets(k).items() if abs(off) > 1e-12}
     assert moved == set(grid.kinds)
     # a kind missing from a block, or of two sizes, gets no offset; a single eligible kind: none at all
-    uneven = [row for row in layers if row[:2] != (2, "v")] + [(2, "v", 50)]
-    assert Grid.around(start, params, layers=uneven).kinds == ("wide", "narrow", "k")
-    assert Grid.around(start, params, layers=[row for row in layers if row[1] == "k"]).kinds == ()
+    uneven = [row for row in layers if row[1:3] != (2, "v")] + [("2.v", 2, "v", 50)]
+    assert Grid.around(start, params, layers=uneven, by_kind=True).kinds == ("wide", "narrow", "k")
+    assert Grid.around(start, params, layers=[row for row in layers if row[2] == "k"], by_kind=True).kinds == ()
 
 
 @pytest.fixture(scope="module")
