@@ -22,6 +22,7 @@ from analysis.settings import (
 )
 from components.curve_editor import clamp_points, curve_editor, curve_points
 from components.figures import METHOD_COLORS, allocation_overlay, block_bars_figure, curves_figure
+from components.labels import OBJECTIVE_LABELS, SPACE_LABELS, VERIFY_LABELS
 from components.state import owl_job, prune_data_settings, require_model, spectra_job, wait_for
 
 POINTS_KEY = "alloc_points"
@@ -85,9 +86,6 @@ with st.expander("Preset ratios per block (table)"):
 
 # ---- Find allocation: the search (analysis.search) on a private copy, in the background ----
 SEARCH_KEY = "alloc_search_job"
-OBJECTIVE_LABELS = {"nll": "calibration loss", "kl": "KL to the dense model"}  # how the page names SEARCH_OBJECTIVES
-SPACE_LABELS = {"block": "per block", "block+kind": "per block and matrix kind"}
-VERIFY_LABELS = {"none": "nothing (fastest)", "starts": "the starts and the result", "all": "every improvement"}
 
 
 def _search_work(job: Job, shared, tokenizer, bos: bool, settings: AllocationSettings, pruner: str,

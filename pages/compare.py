@@ -9,7 +9,10 @@ from analysis.jobs import ERROR, Job
 from analysis.pruners import PRUNERS
 from analysis.settings import (
     QUICK_EVALUATION,
+    SEARCH_OBJECTIVES,
+    SEARCH_SPACES,
     SEARCH_STEP_MAX,
+    VERIFY_MODES,
     AllocationSettings,
     ModelSettings,
     RunSettings,
@@ -27,6 +30,7 @@ from analysis.sweep import (
 )
 from analysis.zeroshot import record_accuracy
 from components.figures import curves_figure, ppl_vs_sparsity_figure, sweep_figure
+from components.labels import OBJECTIVE_LABELS, SPACE_LABELS, VERIFY_LABELS
 from components.state import model_key, runs_store
 
 st.title("Compare runs")
@@ -46,6 +50,9 @@ def _grid(f: dict) -> SweepGrid:
     base = RunSettings(model=ModelSettings(f["model"].strip()), evaluation=evaluation,
                        allocation=AllocationSettings(search_steps=int(f["search_steps"]),
                                                      search_step=float(f["search_step"]),
+                                                     search_space=f["search_space"],
+                                                     search_objective=f["search_objective"],
+                                                     search_verify=f["search_verify"],
                                                      search_text=f["search_text"].strip() or None))
     return grid_from_text(base, methods=",".join(f["methods"]), allocations=",".join([*f["allocations"], f["files"]]),
                           sparsities=f["sparsities"], epsilons=f["epsilons"], owl_lambdas=f["owl_lambdas"],
@@ -79,6 +86,19 @@ with st.expander("Run a sweep", expanded=False):
                                          key="sweep_search_text", help="A held-out text source, best the valid "
                                          "split of the evaluation text's domain (wikitext2:valid for "
                                          "wikitext2:test); never the evaluation text."),
+            "search_space": c2.selectbox("Search space (auto)", SEARCH_SPACES, key="sweep_search_space",
+                                         index=SEARCH_SPACES.index(AllocationSettings.search_space),
+                                         format_func=SPACE_LABELS.get,
+                                         help="Per block, or also one offset per matrix kind shared by every block "
+                                              "(as on the Allocation page)."),
+            "search_objective": c2.selectbox("Search objective (auto)", SEARCH_OBJECTIVES, key="sweep_search_objective",
+                                             index=SEARCH_OBJECTIVES.index(AllocationSettings.search_objective),
+                                             format_func=OBJECTIVE_LABELS.get),
+            "search_verify": c2.selectbox("Prune for real (auto)", VERIFY_MODES, key="sweep_search_verify",
+                                          index=VERIFY_MODES.index(AllocationSettings.search_verify),
+                                          format_func=VERIFY_LABELS.get,
+                                          help="What the search confirms with a full prune instead of its fast proxy "
+                                               "(as on the Allocation page)."),
             "seeds": c3.text_input("Calibration seeds", "0,1", key="sweep_seeds"),
             "eval": c3.text_input("Evaluation text", QUICK_EVALUATION.source, key="sweep_eval"),
             "max_windows": c3.number_input("Evaluation windows", 1, 10_000, QUICK_EVALUATION.max_windows,

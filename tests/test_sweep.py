@@ -343,6 +343,8 @@ def test_compare_page_plots_sweeps_and_launches_one(tiny, in_process, monkeypatc
     held = tmp_path / "held.txt"
     held.write_text(" ".join(f"w{(3 * i) % 119}" for i in range(2000)))
     at.text_input(key="sweep_search_text").set_value(str(held))
+    at.selectbox(key="sweep_search_space").set_value("block+kind")
+    at.selectbox(key="sweep_search_verify").set_value("none")
     at.button[0].click().run()
     assert not at.error, [e.value for e in at.error]
     job = at.session_state["sweep_job"]
@@ -351,6 +353,7 @@ def test_compare_page_plots_sweeps_and_launches_one(tiny, in_process, monkeypatc
     searched = store.get(job.result[1].run_id)["allocation"]
     assert searched["method"] == "auto" and searched["params"]["steps"] == 2 and searched["params"]["seed"] == 5
     assert searched["params"]["step"] == 0.05
+    assert searched["params"]["space"] == "block+kind" and searched["params"]["verify"] == "none"
     assert searched["params"]["fitness"].startswith("held-out")
 
 
