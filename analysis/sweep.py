@@ -183,7 +183,9 @@ def grid_from_text(base: RunSettings, *, methods: str, allocations: str, sparsit
 
 def allocation_label(a: AllocationSettings) -> str:
     """How a sweep names an allocation: 'alphapruning ε=0.3', 'owl λ=0.08', 'custom 0:0.5,1:0.8',
-    the file's name, 'auto' ('auto kl' with the KL objective); 'uniform'."""
+    the file's name, 'uniform'; 'auto', followed by the search settings that differ from the defaults,
+    e.g. 'auto kl, block+kind, verify all, 16 generations, on valid.txt', so that different searches
+    are different lines of the sweep plot."""
     if a.method in SPECTRA_METHODS:
         return f"{a.method} ε={a.epsilon:g}"
     if a.method == "owl":
@@ -192,9 +194,21 @@ def allocation_label(a: AllocationSettings) -> str:
         return "custom " + ",".join(f"{d:g}:{s:g}" for d, s in a.points or ())
     if a.method == "file":
         return Path(a.file or "").name
-    if a.method == "auto" and a.search_objective != "nll":
-        return f"auto {a.search_objective}"
+    if a.method == "auto":
+        return " ".join(["auto", ", ".join(_search_differences(a))]).strip()
     return a.method
+
+
+def _search_differences(a: AllocationSettings) -> list[str]:
+    d = AllocationSettings()
+    return [text for differs, text in (
+        (a.search_objective != d.search_objective, a.search_objective),
+        (a.search_space != d.search_space, a.search_space),
+        (a.search_verify != d.search_verify, f"verify {a.search_verify}"),
+        (a.search_steps != d.search_steps, f"{a.search_steps} generations"),
+        (a.search_step != d.search_step, f"step {a.search_step:g}"),
+        (a.search_text is not None, f"on {Path(a.search_text or '').name or a.search_text}"),
+    ) if differs]
 
 
 def config_label(s: RunSettings) -> str:

@@ -25,6 +25,7 @@ from analysis.sweep import (
     FAULT_FILE_ENV,
     SKIPPED,
     SweepGrid,
+    allocation_label,
     config_key,
     finished_keys,
     measure_dense,
@@ -76,6 +77,18 @@ def test_expansion_crosses_the_axes(tiny, tmp_path):
     assert len(custom) == 8 and custom[0].allocation.points == ((0.0, 0.4), (1.0, 0.8))
     # a key follows the settings, not the object: equal settings rebuilt give the same key
     assert config_key(RunSettings.from_dict(configs[0].to_dict())) == config_key(configs[0])
+
+
+def test_searches_with_other_settings_are_other_lines_of_the_plot():
+    from analysis.settings import AllocationSettings
+
+    assert allocation_label(AllocationSettings(method="auto")) == "auto"
+    assert allocation_label(AllocationSettings(method="auto", search_objective="kl")) == "auto kl"
+    other = AllocationSettings(method="auto", search_space="block+kind", search_verify="all", search_steps=16,
+                               search_step=0.05, search_text="/data/valid.txt")
+    assert allocation_label(other) == "auto block+kind, verify all, 16 generations, step 0.05, on valid.txt"
+    assert allocation_label(AllocationSettings(method="auto", search_text="wikitext2:valid")) == \
+        "auto on wikitext2:valid"
 
 
 @pytest.mark.parametrize("axes, field, message", [
