@@ -619,7 +619,6 @@ def _spread(n: int, m: int) -> list[int]:
     return sorted({int(i) for i in np.linspace(0, n - 1, min(m, n)).round()})
 
 
-
 def _entry(grid: Grid, k: np.ndarray, step: int, fit: float) -> dict:
     """A history entry: the step, its fitness, the per-block ratios and (with kinds) each kind's offset."""
     entry = {"step": step, "fitness": fit, "per_block": grid.ratios(k)}
