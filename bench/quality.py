@@ -282,17 +282,17 @@ def markdown(results: dict) -> str:
              "|---|---|" + "---|" * (len(allocs) + 1 + len(searched))]
 
     def best_baseline(cells, seeds):  # the best baseline's mean over `seeds`, the seeds a column has
-        means = [sum(cells[b][k] for k in seeds) / len(seeds) for b in ("uniform", "owl", "alphapruning")
-                 if seeds and b in cells and all(k in cells[b] for k in seeds)]
+        means = [sum(cells[b][k] for k in seeds) / len(seeds) for b in BASELINES
+                 if seeds and all(k in cells[b] for k in seeds)]
         return min(means) if means else None
 
     for s in sorted({r["sparsity"] for r in runs.values()}):
         for m in METHODS:
-            cells = {a: _seed_ppl(runs, s, m, a) for a in allocs}
+            cells = {a: _seed_ppl(runs, s, m, a) for a in (*BASELINES, *allocs)}  # baselines not run: no seeds
             if not any(cells.values()):
                 continue
             mean = {a: sum(v.values()) / len(v) for a, v in cells.items() if v}
-            uniform_seeds = list(cells.get("uniform", {}))  # a run without uniform has no margin over it
+            uniform_seeds = list(cells["uniform"])
             best = best_baseline(cells, uniform_seeds)
             row = f"| {s:.1f} | {m} | " + " | ".join(_ppl_cell(list(cells[a].values())) for a in allocs)
             row += f" | {100 * (best - mean['uniform']) / mean['uniform']:+.1f}% |" if best else " | n/a |"
