@@ -246,12 +246,18 @@ def _seed_ppl(runs: dict, sparsity: float, method: str, alloc: str) -> dict[int,
             and r["allocation"] == alloc and r.get("ppl")}
 
 
-def _ppl_cell(values: list[float]) -> str:
+def _lone_seed(values: dict[int, float]) -> str:
+    """" (seed N)" for a cell of one seed other than 0 (a bare number is seed 0 alone), else ""."""
+    return f" (seed {next(iter(values))})" if len(values) == 1 and 0 not in values else ""
+
+
+def _ppl_cell(values: dict[int, float]) -> str:
     """Mean of the seeds, and their range when there are several."""
     if not values:
         return "n/a"
-    mean = sum(values) / len(values)
-    return f"{mean:.2f}" if len(values) == 1 else f"{mean:.2f} ({min(values):.1f}–{max(values):.1f})"
+    v = list(values.values())
+    mean = sum(v) / len(v)
+    return f"{mean:.2f}{_lone_seed(values)}" if len(v) == 1 else f"{mean:.2f} ({min(v):.1f}–{max(v):.1f})"
 
 
 def markdown(results: dict) -> str:
@@ -294,7 +300,7 @@ def markdown(results: dict) -> str:
             mean = {a: sum(v.values()) / len(v) for a, v in cells.items() if v}
             uniform_seeds = list(cells["uniform"])
             best = best_baseline(cells, uniform_seeds)
-            row = f"| {s:.1f} | {m} | " + " | ".join(_ppl_cell(list(cells[a].values())) for a in allocs)
+            row = f"| {s:.1f} | {m} | " + " | ".join(_ppl_cell(cells[a]) for a in allocs)
             row += f" | {100 * (best - mean['uniform']) / mean['uniform']:+.1f}% |" if best else " | n/a |"
             for a in searched:
                 best = best_baseline(cells, list(cells[a]))
@@ -332,7 +338,9 @@ def _seeds_cell(values: dict[int, float]) -> str:
         return "not run"
     v = list(values.values())
     mean = sum(v) / len(v)
-    return f"{mean:.1f}" if len(v) == 1 else f"{mean:.1f} ({min(v):.1f}–{max(v):.1f}, {len(v)} seeds)"
+    if len(v) == 1:
+        return f"{mean:.1f}{_lone_seed(values)}"
+    return f"{mean:.1f} ({min(v):.1f}–{max(v):.1f}, {len(v)} seeds)"
 
 
 def _span(values: list[float], unit: str = "") -> str:

@@ -2,7 +2,7 @@
 committed beside them."""
 import re
 
-from bench.quality import markdown
+from bench.quality import markdown, summary
 from bench.report import BLOCK, DOCS, ROOT, main, render
 
 
@@ -32,3 +32,18 @@ def test_the_benchmark_prints_its_table_for_a_run_without_uniform():
                "config": {"model": "default", "windows": 32, "eval_windows": 32, "eval_seqlen": 512,
                           "eval_tokens": 16352, "nsamples": 16, "seqlen": 256}}
     assert "| 0.7 | wanda | 438.50 | n/a |" in markdown(results)
+
+
+def test_a_cell_of_one_seed_other_than_0_names_its_seed():
+    # a bare number is read as seed 0 alone; a verified search run on seed 1 only must not be
+    def run(seed, alloc, ppl):
+        return {"seed": seed, "sparsity": 0.5, "method": "wanda", "allocation": alloc, "ppl": ppl, "achieved": 0.5,
+                "prune_s": 1.0, "eval_s": 1.0, "peak_rss_mb": 1.0}
+    runs = {f"{k}/0.50/wanda/{a}": run(k, a, ppl) for k, a, ppl in
+            [(0, "uniform", 176.1), (1, "uniform", 181.16), (1, "owl", 190.3), (1, "alphapruning", 188.6),
+             (1, "auto-verify", 164.63)]}
+    results = {"runs": runs, "dense": {"ppl": 61.7}, "epsilon": 0.05,
+               "config": {"model": "gemma3", "windows": 16, "eval_windows": 16, "eval_seqlen": 512,
+                          "eval_tokens": 8176, "nsamples": 16, "seqlen": 256}}
+    assert "| 178.63 (176.1–181.2) | 190.30 (seed 1) | 188.60 (seed 1) | 164.63 (seed 1) |" in markdown(results)
+    assert "| 164.6 (seed 1) | -9.1% | -9.1% |" in summary(results)
