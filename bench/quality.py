@@ -246,18 +246,16 @@ def _seed_ppl(runs: dict, sparsity: float, method: str, alloc: str) -> dict[int,
             and r["allocation"] == alloc and r.get("ppl")}
 
 
-def _lone_seed(values: dict[int, float]) -> str:
-    """" (seed N)" for a cell of one seed other than 0 (a bare number is seed 0 alone), else ""."""
-    return f" (seed {next(iter(values))})" if len(values) == 1 and 0 not in values else ""
-
-
-def _ppl_cell(values: dict[int, float]) -> str:
-    """Mean of the seeds, and their range when there are several."""
+def _ppl_cell(values: dict[int, float], empty: str = "n/a", digits: int = 2, count: bool = False) -> str:
+    """Mean of the seeds (`digits` decimals), with their range (and, with `count`, their number) when there are
+    several; one seed other than 0 is named, since a bare number is seed 0 alone; `empty` when none."""
     if not values:
-        return "n/a"
+        return empty
     v = list(values.values())
-    mean = sum(v) / len(v)
-    return f"{mean:.2f}{_lone_seed(values)}" if len(v) == 1 else f"{mean:.2f} ({min(v):.1f}–{max(v):.1f})"
+    mean = f"{sum(v) / len(v):.{digits}f}"
+    if len(v) == 1:
+        return mean if 0 in values else f"{mean} (seed {next(iter(values))})"
+    return f"{mean} ({min(v):.1f}–{max(v):.1f}{f', {len(v)} seeds' if count else ''})"
 
 
 def markdown(results: dict) -> str:
@@ -333,14 +331,8 @@ BASELINES = {"uniform": "uniform", "owl": "OWL", "alphapruning": "AlphaPruning"}
 
 
 def _seeds_cell(values: dict[int, float]) -> str:
-    """Mean over seeds, with the range and the number of seeds when there are several."""
-    if not values:
-        return "not run"
-    v = list(values.values())
-    mean = sum(v) / len(v)
-    if len(v) == 1:
-        return f"{mean:.1f}{_lone_seed(values)}"
-    return f"{mean:.1f} ({min(v):.1f}–{max(v):.1f}, {len(v)} seeds)"
+    """A summary cell: _ppl_cell to one decimal, with the number of seeds."""
+    return _ppl_cell(values, empty="not run", digits=1, count=True)
 
 
 def _span(values: list[float], unit: str = "") -> str:
