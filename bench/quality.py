@@ -6,7 +6,7 @@
 
 Grid: dense, then every seed x sparsity x pruner {magnitude, wanda, sparsegpt} x allocation {uniform,
 owl, alphapruning, auto, auto-kl, auto-checked, auto-unsampled-checked, auto-valid, auto-valid-checked, auto-verify,
-auto-verify-more, auto-verify-wide, auto-verify-kinds}; "NAME+trim" prunes with
+auto-verify-more, auto-verify-wide, auto-verify-kinds, auto-verify-long}; "NAME+trim" prunes with
 that allocation and TRIM row-wise sparsity. "auto" is the allocation search (analysis.search) on the
 calibration batch only ("auto-kl": with the KL-to-dense objective instead of the calibration NLL;
 "auto-checked": with the starts and the result pruned for real (analysis.search, verify "starts");
@@ -20,7 +20,9 @@ improvements; the real prunes are scored on settings.VERIFY_SAMPLES times as man
 proxy; "auto-verify-more": that search gone on from the auto-verify result of the same cell for
 `--search-steps` more generations, with search seed = calibration seed + MORE_SEED; "auto-verify-wide": the
 same with mutations of WIDE_STEP instead of settings.SEARCH_STEP; "auto-verify-kinds": the same in the "block+kind"
-search space, analysis.search, with an offset per matrix kind as well), started from
+search space, analysis.search, with an offset per matrix kind as well; "auto-verify-long": the same as
+auto-verify-more with its real prunes scored on LONG_FACTOR times as many valid windows, the proxy confirming on
+as many as before), started from
 uniform, OWL, and AlphaPruning and FARMS at eps 0.1/0.2/0.3 and at the chosen epsilon (searches before
 commit e11dfdb: without FARMS; a search whose recorded starts lack "alphapruning eps=<chosen>" predates
 that start, which matters on Gemma-3, whose chosen epsilon is 0.05, not on SmolLM2, whose 0.2 is one of
@@ -74,9 +76,11 @@ METHODS = ("magnitude", "wanda", "sparsegpt")
 # table columns
 ALLOCS = ("uniform", "owl", "alphapruning", "auto", "auto-kl", "auto-checked", "auto-unsampled-checked", "auto-valid",
           "auto-valid-checked", "auto-verify", "auto-verify-more", "auto-verify-wide", "auto-verify-kinds",
+          "auto-verify-long",
           "uniform+trim", "owl+trim", "auto+trim", "auto-valid+trim", "auto-verify+trim")
 RUN_ORDER = ("wanda", "magnitude", "sparsegpt")  # cheapest informative runs first
 WIDE_STEP = 0.05  # sparsity one mutation of auto-verify-wide moves: twice the default step
+LONG_FACTOR = 2  # auto-verify-long's real prunes are scored on this many times auto-verify's valid windows
 # searched allocations: the objective of each, the text it is measured on ("calib": the calibration batch;
 # "unsampled": windows of the embedded corpus the batch does not touch; "valid": WikiText-2 valid), what it prunes
 # for real (analysis.search, verify: "none", "starts" or "all"), and its mutation step
@@ -88,12 +92,13 @@ SEARCHES = {"auto": ("nll", "calib", "none", SEARCH_STEP), "auto-kl": ("kl", "ca
             "auto-verify": ("nll", "valid", "all", SEARCH_STEP),
             "auto-verify-more": ("nll", "valid", "all", SEARCH_STEP),
             "auto-verify-wide": ("nll", "valid", "all", WIDE_STEP),
-            "auto-verify-kinds": ("nll", "valid", "all", SEARCH_STEP)}
+            "auto-verify-kinds": ("nll", "valid", "all", SEARCH_STEP),
+            "auto-verify-long": ("nll", "valid", "all", SEARCH_STEP)}
 SPACES = {"auto-verify-kinds": "block+kind"}  # the search space of a search not over blocks alone
 # searches that go on from another search's result of the same cell (its only start, as --search-from), with their own
 # search seed (the calibration seed + MORE_SEED) so they do not replay the first search's moves
 GOES_ON_FROM = {"auto-verify-more": "auto-verify", "auto-verify-wide": "auto-verify",
-                "auto-verify-kinds": "auto-verify"}
+                "auto-verify-kinds": "auto-verify", "auto-verify-long": "auto-verify"}
 MORE_SEED = 100
 
 
@@ -146,8 +151,8 @@ def searched_allocation(model, calib, sparsity: float, method: str, seed: int, s
                         outliers, model_name: str, results: dict, out: Path, name: str = "auto",
                         held_out: Callable | None = None) -> Allocation:
     """The `name` (one of SEARCHES) allocation of this seed/sparsity/pruner, searched once (kept in
-    results["searches"]); `held_out(text, seed, verify)`: the windows a search on `text` (a SEARCHES text) with
-    calibration `seed` and `verify` scores on (None: the calibration batch)."""
+    results["searches"]); `held_out(text, seed, verify, scale)`: the windows a search on `text` (a SEARCHES text)
+    with calibration `seed` and `verify` scores on, `scale` times as many as usual (None: the calibration batch)."""
     key, calib_seed = run_key(sparsity, method, name, seed), seed
     found = results.setdefault("searches", {})
     if key not in found:
@@ -164,12 +169,14 @@ def searched_allocation(model, calib, sparsity: float, method: str, seed: int, s
         screen, confirm = tokens.split(",")
         n, length = (int(x) for x in screen.split("x"))
         objective, text, verify, step = SEARCHES[name]
-        windows = held_out(text, calib_seed, verify)
+        scale = LONG_FACTOR if name == "auto-verify-long" else 1
+        windows = held_out(text, calib_seed, verify, scale)
+        confirm = confirm_samples(windows, verify)
         alloc = search_allocation(model, calib, starts, method=method, steps=steps, step=step,
                                   space=SPACES.get(name, "block"), seed=seed,
                                   model_name=model_name,
                                   screen_samples=n, screen_seqlen=length, confirm_seqlen=int(confirm),
-                                  confirm_samples=confirm_samples(windows, verify),
+                                  confirm_samples=confirm and confirm // scale,
                                   objective=objective, fitness_windows=windows, verify=verify,
                                   progress=lambda m, f: f >= 1 or int(f * steps) % 10 or log(m))
         alloc.params["loadavg_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
@@ -271,6 +278,7 @@ def markdown(results: dict) -> str:
              "auto-verify-more": "auto (valid, verified, gone on)",
              "auto-verify-wide": f"auto (valid, verified, gone on, step {WIDE_STEP:g})",
              "auto-verify-kinds": "auto (valid, verified, gone on, block+kind)",
+             "auto-verify-long": f"auto (valid, verified, gone on, {LONG_FACTOR}x valid)",
              "uniform+trim": "uniform+TRIM", "owl+trim": "OWL+TRIM", "auto+trim": "auto+TRIM",
              "auto-valid+trim": "auto (valid)+TRIM",
              "auto-verify+trim": "auto (valid, verified)+TRIM"}
@@ -447,11 +455,12 @@ def main(argv=None) -> int:
     valid = eval_windows(tok, valid_text, 512, bos=lm.info.bos_per_window, max_windows=args.valid_windows or None)
     length = int(args.search_tokens.split(",")[1])
 
-    def held_out(text: str, seed: int, verify: str):
+    def held_out(text: str, seed: int, verify: str, scale: int = 1):
         """A held-out search's fitness windows: settings.search_samples of the confirmation length (more for a
         search that prunes for real, whose real prunes are scored on all of them), spread over WikiText-2 valid
-        or over the windows of the embedded corpus that calibration seed `seed` leaves untouched."""
-        n, bos = search_samples(args.nsamples, verify), lm.info.bos_per_window
+        or over the windows of the embedded corpus that calibration seed `seed` leaves untouched; `scale` times
+        as many for a search that scores its real prunes on more text."""
+        n, bos = search_samples(args.nsamples, verify) * scale, lm.info.bos_per_window
         if text == "valid":
             return spread_windows(tok, valid_text, length, n, bos)
         if text == "unsampled":
