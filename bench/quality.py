@@ -265,6 +265,16 @@ def _ppl_cell(values: dict[int, float], empty: str = "n/a", digits: int = 2, cou
     return f"{mean} ({min(v):.1f}–{max(v):.1f}{f', {len(v)} seeds' if count else ''})"
 
 
+def heading(cfg: dict) -> str:
+    """The model, and the device when it is not the CPU (SparseGPT's prunes differ with round-off: bench/SEARCH.md)."""
+    device = cfg.get("device", "cpu")
+    return cfg.get("model", "default") + ("" if device == "cpu" else f" on {device}")
+
+
+def span(cfg: dict) -> str:
+    return "all" if cfg["windows"] == 0 else "first"
+
+
 def markdown(results: dict) -> str:
     runs, cfg = results["runs"], results["config"]
     n_windows = cfg.get('eval_windows', cfg['windows'])
@@ -282,9 +292,8 @@ def markdown(results: dict) -> str:
              "uniform+trim": "uniform+TRIM", "owl+trim": "OWL+TRIM", "auto+trim": "auto+TRIM",
              "auto-valid+trim": "auto (valid)+TRIM",
              "auto-verify+trim": "auto (valid, verified)+TRIM"}
-    span = "all" if cfg["windows"] == 0 else "first"
-    lines = [f"{cfg.get('model', 'default')}: dense {results['dense']['ppl']:.2f}. WikiText-2 test perplexity, "
-             f"{span} {n_windows} windows of {cfg['eval_seqlen']} tokens ({cfg['eval_tokens']} scored tokens); "
+    lines = [f"{heading(cfg)}: dense {results['dense']['ppl']:.2f}. WikiText-2 test perplexity, "
+             f"{span(cfg)} {n_windows} windows of {cfg['eval_seqlen']} tokens ({cfg['eval_tokens']} scored tokens); "
              f"calibration {cfg['nsamples']}x{cfg['seqlen']} tokens from the embedded corpus, seeds "
              f"{', '.join(map(str, seeds))} (mean, and range over seeds); AlphaPruning eps = "
              f"{results.get('epsilon')} (chosen on WikiText-2 valid); each \"vs\" column compares means over the "
@@ -353,7 +362,7 @@ def summary(results: dict) -> str:
     and the SUMMARY searches, each compared with those baselines over the seeds the search has; the default
     search's cost."""
     runs, cfg = results["runs"], results["config"]
-    lines = [f"{cfg.get('model', 'default')}: dense {results['dense']['ppl']:.2f}; WikiText-2 test perplexity, first "
+    lines = [f"{heading(cfg)}: dense {results['dense']['ppl']:.2f}; WikiText-2 test perplexity, {span(cfg)} "
              f"{cfg.get('eval_windows', cfg['windows'])} windows of {cfg['eval_seqlen']} tokens; calibration "
              f"{cfg['nsamples']}x{cfg['seqlen']} tokens of the embedded corpus per seed; mean over seeds "
              "(range, number of seeds); each \"vs\" compares means over the seeds the search has.", "",
@@ -384,8 +393,8 @@ def summary(results: dict) -> str:
                 worse = [str(k) for k in ks if found[k] > base["uniform"][k]]  # the target: never worse than uniform
                 row += f" {100 * (mean(found, ks) / mean(base['uniform'], ks) - 1):+.1f}%" + \
                     (f", worse on seed {', '.join(worse)} |" if worse else " |")
-            cost = [p["params"] for k, p in results.get("searches", {}).items()
-                    if k.split("/")[1:] == [f"{s:.2f}", m, "auto-checked"]]
+            cost = [p["params"] for k, p in results.get("searches", {}).items()  # of the default searches run here
+                    if k.split("/")[1:] == [f"{s:.2f}", m, "auto-checked"] and _seed_ppl(runs, s, m, "auto-checked")]
             row += f" {_span([p['seconds'] for p in cost], ' s')}, {_span([p['forward_passes'] for p in cost])} |" \
                 if cost else " |"
             lines.append(row)
@@ -441,8 +450,9 @@ def main(argv=None) -> int:
         results = {}  # different evaluation set or model: nothing to resume
     results.update({"config": {**results.get("config", {}), **config}, "started": results.get("started", now_iso()),
                     "versions": library_versions(),
-                    "machine": {"cpus": psutil.cpu_count(), "platform": platform.platform(),
-                                "shared": "2-core CPU shared with other jobs; see each search's load average"}})
+                    "machine": {"cpus": psutil.cpu_count(), "platform": platform.platform()}})
+    if device.type == "cpu":
+        results["machine"]["shared"] = "2-core CPU shared with other jobs; see each search's load average"
     results.setdefault("runs", {})
     if args.searches_from:
         reuse_searches(results, args.searches_from, config)
