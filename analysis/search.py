@@ -378,7 +378,8 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
     (nats/token on the same windows: the confirmation windows, or the real prunes' when they decide, or with
     "starts" the tokens its decision was made on: `decided` holds both fitnesses there and `decision_tokens`
     their number, see the module docstring; `gain_se` its standard error paired over the `gain_windows`
-    windows) and its cost (seconds, forward passes, tokens, real prunes)."""
+    windows), its cost (seconds, forward passes, tokens, real prunes) and `device`, the type of device its real
+    prunes ran on."""
     if not starts:
         raise ValueError("the search needs at least one start allocation")
     sparsity = next(iter(starts.values())).sparsity
@@ -561,6 +562,7 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
         "decision_tokens": int(scored[:, confirm_seqlen:].numel()) if decided else 0,
         "real_fitness": parent_fit if real_parent else verified.get("result" if chosen == "search" else chosen),
         "gain": gain, "gain_se": gain_se, "gain_windows": int(len(base_windows)),
+        "device": module_device(model).type,  # where the real prunes ran: SparseGPT's masks depend on round-off
         "seconds": round(time.perf_counter() - t0, 2), **cost}
     if chosen in starts:  # the start itself, at its own ratios
         a = starts[chosen]
@@ -601,6 +603,9 @@ def describe(info: dict) -> list[str]:
         lines.append("kind offsets: " + ", ".join(f"{k} {v:+.3f}" for k, v in kinds.items()))
     real = f", {info['real_prunes']} real prunes" if info.get("real_prunes") else ""
     lines.append(f"cost: {info['seconds']:.0f} s, {info['forward_passes']} forward passes{real}")
+    if info.get("real_prunes") and info.get("device") and info["pruner"] == "sparsegpt":
+        lines.append(f"real prunes ran on {info['device']}: SparseGPT's masks change with round-off, so pruned on "
+                     "another device the gain may not carry over")
     return lines
 
 
