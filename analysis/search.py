@@ -603,9 +603,9 @@ def describe(info: dict) -> list[str]:
         lines.append("kind offsets: " + ", ".join(f"{k} {v:+.3f}" for k, v in kinds.items()))
     real = f", {info['real_prunes']} real prunes" if info.get("real_prunes") else ""
     lines.append(f"cost: {info['seconds']:.0f} s, {info['forward_passes']} forward passes{real}")
-    if info.get("real_prunes") and info.get("device") and info["pruner"] == "sparsegpt":
+    if info.get("real_prunes") and info.get("device") and info["pruner"] == "sparsegpt" and info["result"] == "search":
         lines.append(f"real prunes ran on {info['device']}: SparseGPT's masks change with round-off, so pruned on "
-                     "another device the gain may not carry over")
+                     "another device the improvement may not carry over")
     return lines
 
 
