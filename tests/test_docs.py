@@ -8,8 +8,10 @@ from bench.report import BLOCK, DOCS, ROOT, main, render
 
 def test_the_docs_result_tables_are_those_of_bench_results():
     blocks = {doc.name: [(m[2], m[3]) for m in BLOCK.finditer(doc.read_text())] for doc in DOCS}
-    assert blocks == {"README.md": [("summary", "default"), ("summary", "gemma3")],
+    assert blocks == {"README.md": [("summary", "default"), ("summary", "gemma3"), ("summary", "gemma3_cuda_full")],
                       "SEARCH.md": [("full", "default"), ("full", "gemma3")]}
+    gpu = [m[4] for m in BLOCK.finditer((ROOT / "README.md").read_text()) if m[3] == "gemma3_cuda_full"][0]
+    assert gpu.lstrip().startswith("gemma3 on NVIDIA H200: ") and "all 577 windows" in gpu  # the device, whole set
     for doc in DOCS:
         text = doc.read_text()
         assert render(text) == text, f"{doc.relative_to(ROOT)} is out of date: run python -m bench.report"
