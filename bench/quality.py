@@ -271,7 +271,8 @@ def heading(cfg: dict) -> str:
     return cfg.get("model", "default") + ("" if device == "cpu" else f" on {device}")
 
 
-def span(cfg: dict) -> str:
+def scored_span(cfg: dict) -> str:
+    """"all" for the whole test set, else "first" (a prefix of it)."""
     return "all" if cfg["windows"] == 0 else "first"
 
 
@@ -292,8 +293,8 @@ def markdown(results: dict) -> str:
              "uniform+trim": "uniform+TRIM", "owl+trim": "OWL+TRIM", "auto+trim": "auto+TRIM",
              "auto-valid+trim": "auto (valid)+TRIM",
              "auto-verify+trim": "auto (valid, verified)+TRIM"}
-    lines = [f"{heading(cfg)}: dense {results['dense']['ppl']:.2f}. WikiText-2 test perplexity, "
-             f"{span(cfg)} {n_windows} windows of {cfg['eval_seqlen']} tokens ({cfg['eval_tokens']} scored tokens); "
+    lines = [f"{heading(cfg)}: dense {results['dense']['ppl']:.2f}. WikiText-2 test perplexity, {scored_span(cfg)} "
+             f"{n_windows} windows of {cfg['eval_seqlen']} tokens ({cfg['eval_tokens']} scored tokens); "
              f"calibration {cfg['nsamples']}x{cfg['seqlen']} tokens from the embedded corpus, seeds "
              f"{', '.join(map(str, seeds))} (mean, and range over seeds); AlphaPruning eps = "
              f"{results.get('epsilon')} (chosen on WikiText-2 valid); each \"vs\" column compares means over the "
@@ -362,7 +363,7 @@ def summary(results: dict) -> str:
     and the SUMMARY searches, each compared with those baselines over the seeds the search has; the default
     search's cost."""
     runs, cfg = results["runs"], results["config"]
-    lines = [f"{heading(cfg)}: dense {results['dense']['ppl']:.2f}; WikiText-2 test perplexity, {span(cfg)} "
+    lines = [f"{heading(cfg)}: dense {results['dense']['ppl']:.2f}; WikiText-2 test perplexity, {scored_span(cfg)} "
              f"{cfg.get('eval_windows', cfg['windows'])} windows of {cfg['eval_seqlen']} tokens; calibration "
              f"{cfg['nsamples']}x{cfg['seqlen']} tokens of the embedded corpus per seed; mean over seeds "
              "(range, number of seeds); each \"vs\" compares means over the seeds the search has.", "",
