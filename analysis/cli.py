@@ -33,6 +33,7 @@ from analysis.export import (
 from analysis.layers import layer_table
 from analysis.loading import DEVICE_MAP_AUTO, PACKAGED, ModelLoadError, ensure_converted, load_model, resolve_source
 from analysis.pipeline import (
+    allocation_caveats,
     build_allocation,
     calibration_batch,
     dense_spectra,
@@ -44,7 +45,7 @@ from analysis.pipeline import (
 from analysis.powerlaw import XMIN_RULES
 from analysis.pruners import PRUNERS, ROWWISE, parse_nm
 from analysis.pruning import prune
-from analysis.search import describe
+from analysis.search import describe, reuse_caveats
 from analysis.settings import (
     ALLOCATION_METHODS,
     SPECTRA_METHODS,
@@ -465,6 +466,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     print(f"calibration {settings.calibration.n_samples} x {settings.calibration.seqlen} tokens from "
           f"{settings.calibration.source}; evaluation on {settings.evaluation.source}", file=sys.stderr)
     _hint_search_text(settings.allocation, settings.evaluation.source)
+    for caveat in allocation_caveats(settings, loaded.model):  # before the prune, which may take hours
+        print(f"warning: {caveat}", file=sys.stderr)
     result = run(loaded, settings, progress=_print_progress, on_ppl=_print_ppl)
     record, report = result.record, result.report
     _print_search(result.allocation)
@@ -514,6 +517,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     bos = loaded.info.bos_per_window
     windows = evaluation_windows(loaded.tokenizer, evaluation, calibration.source, bos) if zeroshot is None else None
     if alloc is not None:
+        for caveat in reuse_caveats(alloc.params, args.method, loaded.model):
+            print(f"warning: {caveat}", file=sys.stderr)
         calib = calibration_batch(loaded.tokenizer, calibration, evaluation.source, bos)
         report = prune(loaded.model, alloc.per_layer, method=args.method, calib=calib, progress=_print_progress)
         print(f"pruned with {args.method} + {alloc.method}: {report.overall:.4f} sparsity", file=sys.stderr)

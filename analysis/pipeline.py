@@ -37,7 +37,7 @@ from analysis.owl import collect_outlier_ratios
 from analysis.pruners import parse_nm
 from analysis.pruning import PruneReport, prune
 from analysis.runtime import ProgressFn, StopFlag
-from analysis.search import OnBest, search_allocation
+from analysis.search import OnBest, reuse_caveats, search_allocation
 from analysis.settings import (
     SPECTRA_METHODS,
     VERIFY_SAMPLES,
@@ -232,6 +232,15 @@ def build_allocation(settings: AllocationSettings, model: nn.Module, *, nm=None,
     return alloc
 
 
+def allocation_caveats(settings: RunSettings, model: nn.Module, alloc: Allocation | None = None) -> list[str]:
+    """Warnings for a run that prunes `model` with a search's saved allocation (allocation method "file"; `alloc`:
+    that file, loaded here when not given): analysis.search.reuse_caveats. Empty for every other run."""
+    if settings.allocation.method != "file" or parse_nm(settings.prune.nm) is not None:
+        return []
+    alloc = Allocation.load(settings.allocation.file) if alloc is None else alloc
+    return reuse_caveats(alloc.params, settings.prune.method, model)
+
+
 # --------------------------------------------------------------------------------------------
 # records
 
@@ -345,4 +354,7 @@ def run(loaded: LoadedModel, settings: RunSettings, *, progress: ProgressFn | No
         pruned = evaluate("pruned")
     config = record_config(settings, alloc, data.info, info.source, model_title=info.title, device=info.device,
                            dtype=info.dtype)
-    return RunResult(make_record(config, alloc.to_dict(), report, dense, pruned, timer.seconds), alloc, report)
+    caveats = allocation_caveats(settings, model, alloc)
+    record = make_record(config, alloc.to_dict(), report, dense, pruned, timer.seconds,
+                         **({"warnings": caveats} if caveats else {}))
+    return RunResult(record, alloc, report)

@@ -551,6 +551,7 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
     finally:
         levels.restore()
     gain, gain_se = paired_gain(base_windows, parent_windows)
+    ran_on = placement(model)
     info = {
         "pruner": method, "objective": objective, "step": step, "space": space, "steps": steps,
         "fitness": f"{where} {'NLL' if objective == 'nll' else 'KL(dense || pruned)'} (nats/token)",
@@ -562,7 +563,7 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
         "decision_tokens": int(scored[:, confirm_seqlen:].numel()) if decided else 0,
         "real_fitness": parent_fit if real_parent else verified.get("result" if chosen == "search" else chosen),
         "gain": gain, "gain_se": gain_se, "gain_windows": int(len(base_windows)),
-        "device": module_device(model).type,  # where the real prunes ran: SparseGPT's masks depend on round-off
+        "device": ran_on[0], "dtype": ran_on[1],  # where the real prunes ran (reuse_caveats)
         "seconds": round(time.perf_counter() - t0, 2), **cost}
     if chosen in starts:  # the start itself, at its own ratios
         a = starts[chosen]
@@ -601,12 +602,40 @@ def describe(info: dict) -> list[str]:
     kinds = info["history"][-1].get("kinds")
     if kinds and info["result"] == "search":
         lines.append("kind offsets: " + ", ".join(f"{k} {v:+.3f}" for k, v in kinds.items()))
-    real = f", {info['real_prunes']} real prunes" if info.get("real_prunes") else ""
+    real = ""
+    if info.get("real_prunes"):
+        ran_on = " ".join(info[k] for k in ("device", "dtype") if info.get(k))  # none in files saved before
+        real = f", {info['real_prunes']} real prunes" + (f" on {ran_on}" if ran_on else "")
     lines.append(f"cost: {info['seconds']:.0f} s, {info['forward_passes']} forward passes{real}")
-    if info.get("real_prunes") and info.get("device") and info["pruner"] == "sparsegpt" and info["result"] == "search":
-        lines.append(f"real prunes ran on {info['device']}: SparseGPT's masks change with round-off, so pruned on "
-                     "another device the improvement may not carry over")
     return lines
+
+
+def placement(model: nn.Module) -> tuple[str, str]:
+    """The device type (cpu, cuda) and dtype name (float32, bfloat16) of the model's first parameter."""
+    p = next(model.parameters())
+    return p.device.type, str(p.dtype).removeprefix("torch.")
+
+
+def reuse_caveats(info: dict, method: str, model: nn.Module) -> list[str]:
+    """Why a search's allocation (`info`: its Allocation's params), used to prune `model` with `method`, may not
+    keep the improvement the search measured: its candidates were scored after another pruner, or its real
+    SparseGPT prunes ran on another device or dtype (its masks change with round-off: README, the CPU vs GPU
+    table of "Allocation search"). Empty for an allocation that is not a search's, or a search that kept one
+    of its starts. Allocations saved before the search recorded its dtype are compared on the device alone."""
+    if "history" not in info or info.get("result") != "search":
+        return []
+    if info["pruner"] != method:
+        return [f"this allocation was searched with {info['pruner']}'s prunes; pruned with {method}, its "
+                "improvement over the search's start may not carry over"]
+    if method != "sparsegpt" or not info.get("real_prunes") or not info.get("device"):
+        return []
+    then = {k: info[k] for k in ("device", "dtype") if info.get(k)}
+    now = dict(zip(("device", "dtype"), placement(model)))
+    if all(now[k] == v for k, v in then.items()):
+        return []
+    return [f"this allocation's search kept the candidates whose real SparseGPT prunes did best on "
+            f"{' '.join(then.values())}; pruned on {' '.join(now[k] for k in then)}, SparseGPT's masks change with "
+            "round-off and the improvement may not carry over: search where you prune"]
 
 
 def _replays(model: nn.Module, windows: torch.Tensor, final: torch.Tensor, reference: torch.Tensor | None) -> bool:

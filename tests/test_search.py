@@ -41,6 +41,7 @@ from analysis.search import (
     log_probs,
     mutate,
     paired_gain,
+    reuse_caveats,
     search_allocation,
     window_losses,
 )
@@ -456,6 +457,29 @@ def test_anchored_levels_are_a_real_prune(off_grid_starts, method):
     assert all(torch.equal(r.weight(), dense.weights[r.name]) for r in prunable_layers(model))
 
 
+def test_reuse_caveats_name_another_pruner_device_or_dtype():
+    """A search's allocation pruned with another pruner, or (SparseGPT, after real prunes) on another device
+    or dtype, gets a warning; one pruned as it was searched, or a search that kept a start, gets none."""
+    model = tiny_llama(layers=2)
+    searched = {"history": [{}, {}], "result": "search", "pruner": "sparsegpt", "real_prunes": 3, "device": "cpu",
+                "dtype": "float32"}
+    assert reuse_caveats(searched, "sparsegpt", model) == []
+    assert reuse_caveats({**searched, "result": "uniform"}, "wanda", model) == []  # a start claims no gain
+    assert reuse_caveats({"method": "uniform"}, "wanda", model) == []  # not a search's
+    [other] = reuse_caveats(searched, "wanda", model)
+    assert "searched with sparsegpt's prunes; pruned with wanda" in other
+    [gpu] = reuse_caveats({**searched, "device": "cuda"}, "sparsegpt", model)
+    assert "did best on cuda float32; pruned on cpu float32" in gpu and "search where you prune" in gpu
+    assert reuse_caveats({**searched, "device": "cuda", "real_prunes": 0}, "sparsegpt", model) == []  # proxy only
+    wanda = {**searched, "pruner": "wanda", "device": "cuda"}
+    assert reuse_caveats(wanda, "wanda", model) == []  # Wanda's gain carried over to a GPU (README)
+    before = {k: v for k, v in searched.items() if k != "dtype"}  # saved before the search kept its dtype
+    model.to(torch.bfloat16)
+    assert reuse_caveats(before, "sparsegpt", model) == []
+    [half] = reuse_caveats(searched, "sparsegpt", model)
+    assert "did best on cpu float32; pruned on cpu bfloat16" in half
+
+
 # On this tiny model, with verify: Wanda (seed 4) improves twice and rejects 3 candidates after a real
 # prune (one of them met twice); SparseGPT keeps its best start (seed 2: every candidate is worse after
 # a real prune) or improves and rejects (seed 0).
@@ -484,9 +508,9 @@ def test_verified_search_improves_only_after_a_real_prune(off_grid_starts, metho
     assert a.params["gain"] == pytest.approx(history[0]["fitness"] - history[-1]["fitness"], abs=1e-9)
     assert a.params["gain_windows"] == calib.shape[0] and a.params["gain_se"] >= 0
     assert "starts (real prunes): " + a.params["start"] in "\n".join(describe(a.params))
-    assert a.params["device"] == "cpu"  # where the real prunes ran, named for SparseGPT (round-off moves its masks)
-    named = method == "sparsegpt" and a.params["result"] == "search"  # a kept start claims no improvement
-    assert ("real prunes ran on cpu" in "\n".join(describe(a.params))) == named
+    assert (a.params["device"], a.params["dtype"]) == ("cpu", "float32")  # where the real prunes ran
+    assert f"{a.params['real_prunes']} real prunes on cpu float32" in describe(a.params)[-1]
+    assert reuse_caveats(a.params, method, model) == []  # pruned as it was searched
     if len(history) == 1:
         assert a.params["result"] == a.params["start"] and a.per_layer == starts[a.params["start"]].per_layer
     else:
@@ -754,7 +778,28 @@ def test_cli_prune_with_auto_allocation_and_trim(tmp_path):
     assert rec["allocation"]["params"]["fitness"].startswith("held-out")
     assert rec["allocation"]["params"]["confirm_tokens"] == 4 * 32
     assert rec["config"]["settings"]["allocation"]["search_text"] == str(tmp_path / "held.txt")
-    assert rec["achieved"]["overall"] == pytest.approx(0.6, abs=0.01)
+    assert rec["achieved"]["overall"] == pytest.approx(0.6, abs=0.01) and "warnings" not in rec
+    # the allocation as a GPU's SparseGPT search would have saved it, pruned here: warned before the prune
+    gpu = {**rec["allocation"], "params": {**rec["allocation"]["params"], "pruner": "sparsegpt", "device": "cuda",
+                                           "result": "search", "real_prunes": 2}}
+    (tmp_path / "gpu.json").write_text(json.dumps(gpu))
+    r = subprocess.run([sys.executable, "-m", "analysis", "prune", "--model", str(folder), "--device", "cpu",
+                        "--allocation", str(tmp_path / "gpu.json"), "--method", "sparsegpt",
+                        "--calib", str(tmp_path / "calib.txt"), "--nsamples", "4", "--seqlen", "32",
+                        "--eval", str(tmp_path / "eval.txt"), "--eval-seqlen", "32", "--max-windows", "2",
+                        "--out", str(out), "--db", str(tmp_path / "runs.sqlite")],
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    warning = "warning: this allocation's search kept the candidates whose real SparseGPT prunes did best on cuda"
+    assert r.stderr.index(warning) < r.stderr.index("sparsegpt: block")
+    assert json.loads(out.read_text())["warnings"][0].startswith(warning.removeprefix("warning: "))
+    r = subprocess.run([sys.executable, "-m", "analysis", "eval", "--model", str(folder), "--device", "cpu",
+                        "--allocation", str(tmp_path / "gpu.json"), "--method", "wanda",
+                        "--calib", str(tmp_path / "calib.txt"), "--nsamples", "4", "--seqlen", "32",
+                        "--text", str(tmp_path / "eval.txt"), "--eval-seqlen", "32", "--max-windows", "2"],
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "warning: this allocation was searched with sparsegpt's prunes; pruned with wanda" in r.stderr
     bad = subprocess.run([sys.executable, "-m", "analysis", "prune", "--rowwise", "trim", "--nm", "2:4"],
                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert bad.returncode == 2 and "--rowwise" in bad.stderr
@@ -797,7 +842,8 @@ def test_cli_allocate_auto_with_the_pruner_and_a_held_out_text(tmp_path):
     assert a.params["confirm_tokens"] == 4 * 32 and a.params["real_prune_tokens"] == VERIFY_SAMPLES * 4 * 32
     assert a.achieved == pytest.approx(0.5, abs=1e-9)
     assert f"starts (real prunes): {a.params['start']}" in r.stdout
-    assert any(line.startswith("cost: ") and line.endswith(" real prunes") for line in r.stdout.splitlines())
+    assert any(line.startswith("cost: ") and line.endswith(" real prunes on cpu float32")
+               for line in r.stdout.splitlines())
     # --search-verify starts: the starts and the result only; a mode it does not know is a one-line error
     args = [sys.executable, "-m", "analysis", "allocate", "--model", str(folder), "--device", "cpu", "--method", "auto",
             "--pruner", "wanda", "--sparsity", "0.5", "--search-steps", "3", "--calib", str(tmp_path / "calib.txt"),
