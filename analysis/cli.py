@@ -160,9 +160,9 @@ def _calibration(args: argparse.Namespace) -> CalibrationSettings:
     return CalibrationSettings(args.calib, args.nsamples, args.seqlen, args.seed, args.encoding)
 
 
-def _add_eval_args(p: argparse.ArgumentParser, flag: str) -> None:
+def _add_eval_args(p: argparse.ArgumentParser, *flags: str) -> None:
     d = EvaluationSettings()
-    p.add_argument(flag, dest="eval", default=d.source, help="evaluation text (same sources as --calib)")
+    p.add_argument(*flags, dest="eval", default=d.source, help="evaluation text (same sources as --calib)")
     p.add_argument("--eval-seqlen", type=int, default=d.seqlen, help="tokens per evaluation window")
     p.add_argument("--max-windows", type=int, default=d.max_windows, help="evaluate only the first N windows")
     p.add_argument("--batch-size", type=int, default=d.batch_size,
@@ -578,7 +578,7 @@ def _add_prune_parsers(sub) -> None:
     p.add_argument("--method", default=PruneSettings.method, choices=list(PRUNERS),
                    help="pruner used with --allocation")
     _add_calib_args(p)
-    _add_eval_args(p, "--text")
+    _add_eval_args(p, "--text", "--eval")  # --eval as prune and sweep name it
     _add_zeroshot_args(p, "instead of perplexity")
     p.set_defaults(func=cmd_eval)
 

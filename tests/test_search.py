@@ -796,10 +796,11 @@ def test_cli_prune_with_auto_allocation_and_trim(tmp_path):
     r = subprocess.run([sys.executable, "-m", "analysis", "eval", "--model", str(folder), "--device", "cpu",
                         "--allocation", str(tmp_path / "gpu.json"), "--method", "wanda",
                         "--calib", str(tmp_path / "calib.txt"), "--nsamples", "4", "--seqlen", "32",
-                        "--text", str(tmp_path / "eval.txt"), "--eval-seqlen", "32", "--max-windows", "2"],
+                        "--eval", str(tmp_path / "eval.txt"), "--eval-seqlen", "32", "--max-windows", "2"],
                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert r.returncode == 0, r.stderr
     assert "warning: this allocation was searched with sparsegpt's prunes; pruned with wanda" in r.stderr
+    assert "eval.txt (2 windows of 32 tokens)" in r.stdout  # eval takes prune's --eval for its --text
     bad = subprocess.run([sys.executable, "-m", "analysis", "prune", "--rowwise", "trim", "--nm", "2:4"],
                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert bad.returncode == 2 and "--rowwise" in bad.stderr
