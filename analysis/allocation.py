@@ -562,6 +562,18 @@ def control_points(per_block, k: int | None = None) -> list[list[float]]:
     return [[float(d[i]), float(per_block[i])] for i in idx]
 
 
+def within_block_spread(per_layer: dict[str, float], table: pd.DataFrame) -> float:
+    """The largest difference between two matrices' ratios inside one block, over the matrices of `table`
+    (columns name, block) that `per_layer` names: 0 for an allocation with one ratio per block, which a
+    curve of per-block control points reproduces; more for per-matrix ratios (AlphaPruning per layer, a
+    search's kind offsets), which such a curve averages away."""
+    rows = table[table["name"].isin(per_layer.keys())]
+    if rows.empty:
+        return 0.0
+    ratios = rows["name"].map(per_layer).groupby(rows["block"])
+    return float((ratios.max() - ratios.min()).max())
+
+
 def custom_allocation(points, metrics: pd.DataFrame, sparsity: float | None = None, normalize: bool = True,
                       model: str = "") -> Allocation:
     """Ratios from a hand-drawn curve: control points (depth in [0, 1], sparsity in [0, 0.99]);

@@ -6,7 +6,15 @@ import json
 import pandas as pd
 import streamlit as st
 
-from analysis.allocation import Allocation, AllocationError, allocate, block_table, control_points, custom_allocation
+from analysis.allocation import (
+    Allocation,
+    AllocationError,
+    allocate,
+    block_table,
+    control_points,
+    custom_allocation,
+    within_block_spread,
+)
 from analysis.jobs import Job
 from analysis.pipeline import build_allocation, calibration_batch, search_windows
 from analysis.pruners import PRUNERS
@@ -26,6 +34,7 @@ from components.labels import OBJECTIVE_LABELS, SPACE_LABELS, VERIFY_LABELS
 from components.state import owl_job, prune_data_settings, require_model, spectra_job, wait_for
 
 POINTS_KEY = "alloc_points"
+UPLOAD_NOTE_KEY = "_alloc_upload_note"  # (the upload's file id, what its curve leaves out)
 Y_MAX = 0.95  # highest sparsity a control point may take on the chart
 
 st.title("Allocation")
@@ -296,5 +305,14 @@ if up is not None and st.session_state.get("_alloc_upload_id") != up.file_id:
         pts = loaded_alloc.params.get("points")
         if not pts:  # a preset allocation: take its per-block ratios as the control points
             pts = control_points(loaded_alloc.per_block)
+            spread = within_block_spread(loaded_alloc.per_layer, metrics)
+            if spread > 1e-6:
+                st.session_state[UPLOAD_NOTE_KEY] = up.file_id, (
+                    f"{up.name} gives the matrices of a block different sparsities (up to {spread:.1%} apart); the "
+                    "curve keeps one sparsity per block, its per-block mean. To prune with every matrix's ratio "
+                    f"as saved: `python -m analysis prune --allocation {up.name}`.")
         st.session_state[POINTS_KEY] = clamp_points(pts, Y_MAX)[0]
         st.rerun()
+note = st.session_state.get(UPLOAD_NOTE_KEY)
+if note is not None and up is not None and note[0] == up.file_id:  # while that file is the one loaded
+    st.info(note[1])

@@ -21,6 +21,7 @@ from analysis.allocation import (
     custom_allocation,
     exact_budget,
     parse_points,
+    within_block_spread,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -454,3 +455,11 @@ def test_cli_owl_uses_calibration_outliers(tmp_path):
     assert sorted(d) == list(range(30))
     # the block with the most outliers is pruned least
     assert int(np.argmin(a.per_block)) == max(d, key=d.get)
+
+
+def test_within_block_spread_is_the_largest_gap_inside_a_block():
+    table = pd.DataFrame({"name": ["b0.q", "b0.k", "b1.q", "b1.k", "other"], "block": [0, 0, 1, 1, 2]})
+    assert within_block_spread({"b0.q": 0.5, "b0.k": 0.5, "b1.q": 0.7, "b1.k": 0.7}, table) == 0.0
+    assert within_block_spread({"b0.q": 0.5, "b0.k": 0.4, "b1.q": 0.7, "b1.k": 0.9}, table) == pytest.approx(0.2)
+    assert within_block_spread({"b0.q": 0.5, "elsewhere.k": 0.9}, table) == 0.0  # names the table lacks: ignored
+    assert within_block_spread({"x": 0.5}, table) == 0.0

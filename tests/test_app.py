@@ -214,6 +214,17 @@ def test_allocation_presets_and_json(app):
     app.run()
     assert not app.exception
     assert _budget(app) == pytest.approx(30.0)
+    assert not [i for i in app.info if "different sparsities" in i.value]
+    # per-matrix ratios: the curve takes the per-block ratios, and the page says what it leaves out
+    per_matrix = alloc.to_dict()
+    per_matrix["per_layer"].update({f"model.layers.{b}.mlp.down_proj": 0.5 for b in range(n)})
+    app.file_uploader(key="alloc_upload").clear().upload("kinds.json", json.dumps(per_matrix).encode(),
+                                                         "application/json")
+    app.run()
+    app.run()
+    [note] = [i.value for i in app.info if "different sparsities" in i.value]
+    assert "kinds.json" in note and "20.0% apart" in note and "prune --allocation kinds.json" in note
+    assert _budget(app) == pytest.approx(30.0)
     bad = app.file_uploader(key="alloc_upload")
     bad.clear().upload("bad.json", b'{"format": "x"}', "application/json")
     app.run()
