@@ -135,6 +135,13 @@ def module_device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
+def module_device_dtype(module: nn.Module) -> tuple[str, str]:
+    """The device type (cpu, cuda) and dtype name (float32, bfloat16) of the module's first parameter: where
+    and in what precision it computes, as a search records for its real prunes."""
+    p = next(module.parameters())
+    return p.device.type, str(p.dtype).removeprefix("torch.")
+
+
 def zero_fraction(model: nn.Module) -> float:
     """Fraction of exactly-zero weights over the prunable matrices (0.0 for a dense model)."""
     refs = prunable_layers(model)

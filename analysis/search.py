@@ -81,7 +81,7 @@ from torch import nn
 from analysis.allocation import MAX_RATIO, Allocation, budget
 from analysis.calibration import InputStats, replaying, walk_blocks
 from analysis.evaluation import token_nll
-from analysis.layers import LayerRef, find_blocks, layers_by_block, module_device
+from analysis.layers import LayerRef, find_blocks, layers_by_block, module_device, module_device_dtype
 from analysis.pruners import get_pruner
 from analysis.pruning import DenseSnapshot
 from analysis.runtime import ProgressFn, StopFlag, should_stop
@@ -551,7 +551,7 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
     finally:
         levels.restore()
     gain, gain_se = paired_gain(base_windows, parent_windows)
-    ran_on = placement(model)
+    ran_on = module_device_dtype(model)
     info = {
         "pruner": method, "objective": objective, "step": step, "space": space, "steps": steps,
         "fitness": f"{where} {'NLL' if objective == 'nll' else 'KL(dense || pruned)'} (nats/token)",
@@ -610,12 +610,6 @@ def describe(info: dict) -> list[str]:
     return lines
 
 
-def placement(model: nn.Module) -> tuple[str, str]:
-    """The device type (cpu, cuda) and dtype name (float32, bfloat16) of the model's first parameter."""
-    p = next(model.parameters())
-    return p.device.type, str(p.dtype).removeprefix("torch.")
-
-
 def reuse_caveats(info: dict, method: str, model: nn.Module) -> list[str]:
     """Why a search's allocation (`info`: its Allocation's params), used to prune `model` with `method`, may not
     keep the improvement the search measured: its candidates were scored after another pruner, or its real
@@ -630,7 +624,7 @@ def reuse_caveats(info: dict, method: str, model: nn.Module) -> list[str]:
     if method != "sparsegpt" or not info.get("real_prunes") or not info.get("device"):
         return []
     then = {k: info[k] for k in ("device", "dtype") if info.get(k)}
-    now = dict(zip(("device", "dtype"), placement(model)))
+    now = dict(zip(("device", "dtype"), module_device_dtype(model)))
     if all(now[k] == v for k, v in then.items()):
         return []
     return [f"this allocation's search kept the candidates whose real SparseGPT prunes did best on "
