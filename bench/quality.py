@@ -31,10 +31,10 @@ forward passes, tokens, load average) is recorded under "searches".
 Calibration: n random windows from the embedded corpus (gensim's Lee background corpus, news text,
 disjoint from WikiText-2). Evaluation: the first `--windows` non-overlapping 512-token windows of
 WikiText-2 test (a fixed prefix, identical for every run, so differences between runs are paired;
-`--windows 0` takes the whole test set; `--searches-from FILE` takes the searched allocations and the epsilon
-selection of another result file of the same model and settings, so a longer evaluation of a finished
-benchmark prunes with the very allocations it found instead of searching again). AlphaPruning's epsilon
-is chosen from `--eps-grid` on WikiText-2 *valid* (first `--valid-windows` windows, wanda at
+`--windows 0` takes the whole test set; `--searches-from FILE` takes the searched allocations that the requested
+runs read, and the epsilon selection, from another result file of the same model and settings, so a longer
+evaluation of a finished benchmark prunes with the very allocations it found instead of searching again).
+AlphaPruning's epsilon is chosen from `--eps-grid` on WikiText-2 *valid* (first `--valid-windows` windows, wanda at
 `--eps-sparsity`), never on test. OWL uses M=5, lambda=0.08.
 
 Per run it records pruning and evaluation seconds and the peak resident memory of the process
@@ -194,14 +194,28 @@ SEARCH_CONFIG = ("model", "valid_windows", "nsamples", "seqlen", "eps_grid", "ep
                  "search_tokens")
 
 
-def reuse_searches(results: dict, source: Path, config: dict) -> None:
-    """Copy `source`'s searches and epsilon selection into `results` (those `results` has win)."""
+def search_keys(sparsities, methods, allocs, seeds) -> set[str]:
+    """The keys of results["searches"] that the runs of this grid read: each searched allocation's, and the search
+    each of them goes on from."""
+    keys = set()
+    for seed, s, m, a in grid_order(sparsities, methods, allocs, seeds):
+        name = a.partition("+")[0]
+        while name in SEARCHES:
+            keys.add(run_key(s, m, name, seed))
+            name = GOES_ON_FROM.get(name)
+    return keys
+
+
+def reuse_searches(results: dict, source: Path, config: dict, keys: set[str]) -> None:
+    """Copy the searches `keys` (those `source` has) and the epsilon selection of `source` into `results` (those
+    `results` has win), so a result file holds the searches its runs used, not every search of `source`."""
     other = json.loads(source.read_text())
     differ = [k for k in SEARCH_CONFIG if other["config"].get(k) != config[k]]
     if differ:
         raise SystemExit(f"--searches-from {source}: its {', '.join(differ)} differ from this run's; "
                          "its searches would not be the ones this run makes")
-    results["searches"] = {**other.get("searches", {}), **results.get("searches", {})}
+    wanted = {k: v for k, v in other.get("searches", {}).items() if k in keys}
+    results["searches"] = {**wanted, **results.get("searches", {})}
     results["epsilon_selection"] = {**other.get("epsilon_selection", {}), **results.get("epsilon_selection", {})}
     results["config"]["searches_from"] = source.name
 
@@ -455,8 +469,10 @@ def main(argv=None) -> int:
     if device.type == "cpu":
         results["machine"]["shared"] = "2-core CPU shared with other jobs; see each search's load average"
     results.setdefault("runs", {})
+    sparsities, allocs = [float(s) for s in args.sparsities.split(",")], args.allocations.split(",")
     if args.searches_from:
-        reuse_searches(results, args.searches_from, config)
+        keys = search_keys(sparsities, args.methods.split(","), allocs, seeds)
+        reuse_searches(results, args.searches_from, config, keys)
     corpus = load_text("default")
     calibs = {seed: calibration_batches(tok, corpus, args.nsamples, args.seqlen, seed=seed,
                                         bos=lm.info.bos_per_window) for seed in seeds}
@@ -492,7 +508,6 @@ def main(argv=None) -> int:
         results["dense"]["peak_rss_mb"] = round(mem.peak / 2**20, 1)
         save(results, out)
     log(f"dense ppl {results['dense']['ppl']:.3f}")
-    allocs = args.allocations.split(",")
     bases = {a.split("+")[0] for a in allocs}
     outliers: dict[int, dict] = {}
     if bases & {"owl", *SEARCHES}:
@@ -506,7 +521,6 @@ def main(argv=None) -> int:
         eps = choose_epsilon(model, snap, metrics, calibs[seeds[0]], valid, grid, args.eps_sparsity, results, out)
         log(f"chosen epsilon {eps:g}")
 
-    sparsities = [float(s) for s in args.sparsities.split(",")]
     for seed, s, m, a in grid_order(sparsities, args.methods.split(","), allocs, seeds):
         key = run_key(s, m, a, seed)
         if key in results["runs"]:

@@ -1,8 +1,11 @@
 """The result tables in the docs are generated from bench/results (bench.report): they must match the measurements
 committed beside them."""
+import json
 import re
 
-from bench.quality import markdown, summary
+import pytest
+
+from bench.quality import SEARCH_CONFIG, markdown, reuse_searches, search_keys, summary
 from bench.report import BLOCK, DOCS, ROOT, main, render
 
 
@@ -49,3 +52,20 @@ def test_a_cell_of_one_seed_other_than_0_names_its_seed():
                           "eval_tokens": 8176, "nsamples": 16, "seqlen": 256}}
     assert "| 178.63 (176.1–181.2) | 190.30 (seed 1) | 188.60 (seed 1) | 164.63 (seed 1) |" in markdown(results)
     assert "| 164.6 (seed 1) | -9.1% | -9.1% |" in summary(results)
+
+
+def test_a_result_file_reuses_only_the_searches_its_runs_read(tmp_path):
+    config = {k: 1 for k in SEARCH_CONFIG}
+    searches = {f"{seed}/{s}/{m}/{a}": {"kind": a} for seed in (0, 1) for s in ("0.60", "0.70")
+                for m in ("wanda", "sparsegpt") for a in ("auto", "auto-verify", "auto-verify-long")}
+    source = tmp_path / "quality_default.json"
+    source.write_text(json.dumps({"config": config, "searches": searches, "epsilon_selection": {"0.2": 5.0}}))
+    keys = search_keys([0.7], ["sparsegpt"], ["owl", "auto-verify-long+trim"], [1])
+    assert keys == {"1/0.70/sparsegpt/auto-verify-long", "1/0.70/sparsegpt/auto-verify"}  # and what it goes on from
+    own = {"1/0.70/sparsegpt/auto-verify": {"kind": "own"}}
+    results = {"config": dict(config), "searches": dict(own)}
+    reuse_searches(results, source, config, keys)
+    assert results["searches"] == {**own, "1/0.70/sparsegpt/auto-verify-long": {"kind": "auto-verify-long"}}
+    assert results["epsilon_selection"] == {"0.2": 5.0} and results["config"]["searches_from"] == source.name
+    with pytest.raises(SystemExit, match="valid_windows differ"):
+        reuse_searches(results, source, {**config, "valid_windows": 2}, keys)
