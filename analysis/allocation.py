@@ -562,29 +562,52 @@ def control_points(per_block, k: int | None = None) -> list[list[float]]:
     return [[float(d[i]), float(per_block[i])] for i in idx]
 
 
-def within_block_spread(per_layer: dict[str, float], table: pd.DataFrame) -> float:
-    """The largest difference between two matrices' ratios inside one block, over the matrices of `table`
-    (columns name, block) that `per_layer` names: 0 for an allocation with one ratio per block, which a
-    curve of per-block control points reproduces; more for per-matrix ratios (AlphaPruning per layer, a
-    search's kind offsets), which such a curve averages away."""
-    rows = table[table["name"].isin(per_layer.keys())]
+def block_offsets(alloc: Allocation, metrics: pd.DataFrame) -> dict[str, float]:
+    """Each prunable matrix's ratio in `alloc` minus its block's ratio (`alloc.per_block`, the parameter-weighted
+    mean), for the matrices of `metrics` that `alloc` names: the per-matrix detail (AlphaPruning per layer, a
+    search's kind offsets) that a curve of per-block control points averages away and `custom_allocation(...,
+    offsets=...)` puts back. Empty when every matrix has its block's ratio (or `alloc` names none of them)."""
+    df = prunable_rows(metrics)
+    df = df[df["name"].isin(alloc.per_layer.keys()) & (df["block"] < len(alloc.per_block))]
+    offsets = {str(n): alloc.per_layer[n] - alloc.per_block[int(b)] for n, b in zip(df["name"], df["block"])}
+    return offsets if any(abs(v) > 1e-9 for v in offsets.values()) else {}
+
+
+def within_block_spread(offsets: dict[str, float], metrics: pd.DataFrame) -> float:
+    """The largest difference between two matrices' `offsets` (block_offsets) inside one block: 0 for none."""
+    rows = metrics[metrics["name"].isin(offsets.keys())]
     if rows.empty:
         return 0.0
-    ratios = rows["name"].map(per_layer).groupby(rows["block"])
-    return float((ratios.max() - ratios.min()).max())
+    values = rows["name"].map(offsets).groupby(rows["block"])
+    return float((values.max() - values.min()).max())
 
 
 def custom_allocation(points, metrics: pd.DataFrame, sparsity: float | None = None, normalize: bool = True,
-                      model: str = "") -> Allocation:
+                      model: str = "", offsets: dict[str, float] | None = None) -> Allocation:
     """Ratios from a hand-drawn curve: control points (depth in [0, 1], sparsity in [0, 0.99]);
-    block b of n sits at depth b / (n - 1). normalize=True scales the curve so the budget equals
-    `sparsity` (required then); normalize=False applies it as drawn and `achieved` is the budget it
-    implies (`sparsity` then records the target if given, else the implied budget)."""
+    block b of n sits at depth b / (n - 1). `offsets` (matrix name -> ratio, from block_offsets) are added
+    to the curve's value at each matrix's block, clipped to [0, 0.99], so a curve taken from a per-matrix
+    allocation reproduces it. normalize=True scales the ratios so the budget equals `sparsity` (required
+    then); normalize=False applies them as drawn and `achieved` is the budget they imply (`sparsity` then
+    records the target if given, else the implied budget)."""
     warnings: list[str] = []
     x, y = _clean_points(points, warnings)
     df = prunable_rows(metrics)
     per_block = curve_values(list(zip(x, y)), block_depths(_n_blocks(df)))
     ratios = per_block[df["block"].to_numpy(int)]
+    if offsets:
+        if not isinstance(offsets, dict) or not all(isinstance(v, (int, float)) and math.isfinite(v)
+                                                    for v in offsets.values()):
+            raise AllocationError("offsets must map matrix names to finite numbers")
+        unknown = sorted(set(offsets) - set(df["name"]))
+        if unknown:
+            raise AllocationError(f"offsets for {len(unknown)} matrices this model does not prune (e.g. "
+                                  f"'{unknown[0]}'); were they made for another model?")
+        shifted = ratios + df["name"].map(offsets).fillna(0.0).to_numpy(float)
+        ratios = np.clip(shifted, 0.0, MAX_RATIO)
+        if (ratios != shifted).any():
+            warnings.append(f"{int((ratios != shifted).sum())} matrices' ratios with their offsets were clipped "
+                            f"to [0, {MAX_RATIO}]")
     p = df["params"].to_numpy(float)
     if normalize:
         if sparsity is None:
@@ -594,6 +617,8 @@ def custom_allocation(points, metrics: pd.DataFrame, sparsity: float | None = No
     else:
         s = budget(ratios, p) if sparsity is None else _check_sparsity(sparsity)
     params = {"points": [[float(a), float(b)] for a, b in zip(x, y)], "normalize": bool(normalize)}
+    if offsets:
+        params["offsets"] = {str(k): float(v) for k, v in offsets.items()}
     if warnings:
         params["warnings"] = warnings
     return _finish(df, ratios, s, "custom", params, model)

@@ -10,6 +10,7 @@ from analysis.allocation import (
     Allocation,
     AllocationError,
     allocate,
+    block_offsets,
     block_table,
     control_points,
     custom_allocation,
@@ -34,7 +35,7 @@ from components.labels import OBJECTIVE_LABELS, SPACE_LABELS, VERIFY_LABELS
 from components.state import owl_job, prune_data_settings, require_model, spectra_job, wait_for
 
 POINTS_KEY = "alloc_points"
-UPLOAD_NOTE_KEY = "_alloc_upload_note"  # (the upload's file id, what its curve leaves out)
+OFFSETS_KEY = "_alloc_offsets"  # per-matrix offsets the curve keeps: {"model", "origin", "offsets"} or None
 Y_MAX = 0.95  # highest sparsity a control point may take on the chart
 
 st.title("Allocation")
@@ -49,6 +50,13 @@ wait_for(job, "Computing spectra")
 metrics = job.result.metrics
 n_blocks = int(metrics.loc[metrics["prunable"], "block"].max()) + 1
 params = block_table(metrics)["params"].tolist()
+
+
+def keep_offsets(offsets: dict[str, float], origin: str) -> None:
+    """The curve now comes from `origin`: keep its matrices' offsets from their block's ratio (none: drop them)."""
+    st.session_state[OFFSETS_KEY] = {"model": loaded.info.source, "origin": origin, "offsets": offsets} \
+        if offsets else None
+
 
 c1, c2, c3 = st.columns(3)
 target = c1.slider("Target sparsity", 0.05, 0.9, DEFAULT.sparsity, 0.05, key="alloc_target")
@@ -226,8 +234,10 @@ with st.expander("Find allocation (search)", expanded=SEARCH_KEY in st.session_s
     _search_status()
     if search is not None and search.latest() and (search.done or search.cancelled):
         if st.button("Use this curve", key="alloc_search_use",
-                     help="Take the search's per-block ratios as the control points (one per block)."):
+                     help="Take the search's per-block ratios as the control points (one per block), and its kind "
+                          "offsets, if it searched them, as each matrix's offset from its block's ratio."):
             st.session_state[POINTS_KEY] = clamp_points(control_points(search.latest()["per_block"]), Y_MAX)[0]
+            keep_offsets(block_offsets(search.result, metrics) if search.result is not None else {}, "the search")
             st.rerun()
 
 p1, p2, p3 = st.columns([2, 1, 1])
@@ -235,6 +245,7 @@ preset = p1.selectbox("Preset", list(presets), index=list(presets).index("alphap
 k = p2.number_input("Control points", 2, max(2, n_blocks), min(7, n_blocks), key="alloc_preset_points")
 if p3.button("Load preset as the curve", key="alloc_load_preset"):
     st.session_state[POINTS_KEY] = clamp_points(control_points(presets[preset].per_block, int(k)), Y_MAX)[0]
+    keep_offsets(block_offsets(presets[preset], metrics), f"the {preset} preset")
 
 # ---- the curve: apply a pending drag first, then the numeric table, then draw ----
 points = curve_points(POINTS_KEY, [[0.0, target], [0.5, target], [1.0, target]], Y_MAX)
@@ -260,9 +271,22 @@ if new_points != points:
     else:
         st.warning("Keep at least two control points.")
 
+kept = st.session_state.get(OFFSETS_KEY)
+offsets = kept["offsets"] if kept and kept["model"] == loaded.info.source else None
+if offsets:
+    o1, o2 = st.columns([4, 1])
+    o1.info(f"The matrices of each block keep their offsets from {kept['origin']} (up to "
+            f"{within_block_spread(offsets, metrics):.1%} apart in a block): the curve sets each block's mean "
+            "sparsity, and each matrix keeps its difference from it.")
+    if o2.button("Drop the offsets", key="alloc_drop_offsets",
+                 help="One sparsity for every matrix of a block: the curve's."):
+        st.session_state[OFFSETS_KEY] = None
+        st.rerun()
 try:
-    drawn = custom_allocation(points, metrics, sparsity=None, normalize=False, model=loaded.info.source)
-    normalized = custom_allocation(points, metrics, sparsity=target, normalize=True, model=loaded.info.source)
+    drawn = custom_allocation(points, metrics, sparsity=None, normalize=False, model=loaded.info.source,
+                              offsets=offsets)
+    normalized = custom_allocation(points, metrics, sparsity=target, normalize=True, model=loaded.info.source,
+                                   offsets=offsets)
 except AllocationError as e:
     st.error(str(e))
     st.stop()
@@ -302,17 +326,16 @@ if up is not None and st.session_state.get("_alloc_upload_id") != up.file_id:
     except (AllocationError, ValueError) as e:
         st.error(f"Could not load {up.name}: {e}")
     else:
-        pts = loaded_alloc.params.get("points")
-        if not pts:  # a preset allocation: take its per-block ratios as the control points
-            pts = control_points(loaded_alloc.per_block)
-            spread = within_block_spread(loaded_alloc.per_layer, metrics)
-            if spread > 1e-6:
-                st.session_state[UPLOAD_NOTE_KEY] = up.file_id, (
-                    f"{up.name} gives the matrices of a block different sparsities (up to {spread:.1%} apart); the "
-                    "curve keeps one sparsity per block, its per-block mean. To prune with every matrix's ratio "
-                    f"as saved: `python -m analysis prune --allocation {up.name}`.")
-        st.session_state[POINTS_KEY] = clamp_points(pts, Y_MAX)[0]
-        st.rerun()
-note = st.session_state.get(UPLOAD_NOTE_KEY)
-if note is not None and up is not None and note[0] == up.file_id:  # while that file is the one loaded
-    st.info(note[1])
+        # a curve saved here comes back with its points and offsets; any other allocation gives one point per
+        # block, and its matrices' offsets from their block's ratio
+        pts, offsets = loaded_alloc.params.get("points"), loaded_alloc.params.get("offsets")
+        if not pts:
+            pts, offsets = control_points(loaded_alloc.per_block), block_offsets(loaded_alloc, metrics)
+        try:
+            custom_allocation(pts, metrics, normalize=False, offsets=offsets)  # they fit this model
+        except AllocationError as e:
+            st.error(f"Could not load {up.name}: {e}")
+        else:
+            st.session_state[POINTS_KEY] = clamp_points(pts, Y_MAX)[0]
+            keep_offsets(offsets or {}, up.name)
+            st.rerun()

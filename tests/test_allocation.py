@@ -14,9 +14,12 @@ from hypothesis import strategies as st
 from analysis.allocation import (
     MAX_RATIO,
     Allocation,
+    AllocationError,
     allocate,
+    block_offsets,
     block_table,
     budget,
+    control_points,
     curve_values,
     custom_allocation,
     exact_budget,
@@ -459,7 +462,39 @@ def test_cli_owl_uses_calibration_outliers(tmp_path):
 
 def test_within_block_spread_is_the_largest_gap_inside_a_block():
     table = pd.DataFrame({"name": ["b0.q", "b0.k", "b1.q", "b1.k", "other"], "block": [0, 0, 1, 1, 2]})
-    assert within_block_spread({"b0.q": 0.5, "b0.k": 0.5, "b1.q": 0.7, "b1.k": 0.7}, table) == 0.0
-    assert within_block_spread({"b0.q": 0.5, "b0.k": 0.4, "b1.q": 0.7, "b1.k": 0.9}, table) == pytest.approx(0.2)
-    assert within_block_spread({"b0.q": 0.5, "elsewhere.k": 0.9}, table) == 0.0  # names the table lacks: ignored
-    assert within_block_spread({"x": 0.5}, table) == 0.0
+    assert within_block_spread({"b0.q": 0.0, "b0.k": 0.0, "b1.q": 0.0, "b1.k": 0.0}, table) == 0.0
+    assert within_block_spread({"b0.q": 0.05, "b0.k": -0.05, "b1.q": -0.1, "b1.k": 0.1}, table) == pytest.approx(0.2)
+    assert within_block_spread({"b0.q": 0.1, "elsewhere.k": 0.9}, table) == 0.0  # names the table lacks: ignored
+    assert within_block_spread({}, table) == 0.0
+
+
+def test_a_curve_with_block_offsets_reproduces_a_per_matrix_allocation():
+    df = smol_like(3)
+    per_layer = allocate(df, 0.6, "alphapruning", epsilon=0.3, granularity="layer")  # every matrix its own ratio
+    per_block = allocate(df, 0.6, "alphapruning", epsilon=0.3)
+    assert block_offsets(per_block, df) == {}  # one ratio per block: nothing for a curve to leave out
+    offsets = block_offsets(per_layer, df)
+    assert set(offsets) == set(df["name"]) and within_block_spread(offsets, df) > 0.05
+    points = control_points(per_layer.per_block)
+    plain = custom_allocation(points, df, normalize=False)
+    assert plain.per_block == pytest.approx(per_layer.per_block) and plain.per_layer != pytest.approx(
+        per_layer.per_layer)  # the curve alone averages each block
+    for normalize in (False, True):
+        back = custom_allocation(points, df, sparsity=0.6, normalize=normalize, offsets=offsets)
+        assert back.per_layer == pytest.approx(per_layer.per_layer, abs=1e-9) and back.achieved == pytest.approx(0.6)
+        assert back.params["offsets"] == offsets
+    # a dragged curve moves each block; its matrices keep their differences, and the budget stays exact
+    lower = [[d, y - 0.1] for d, y in points]
+    moved = custom_allocation(lower, df, sparsity=0.6, normalize=True, offsets=offsets)
+    assert moved.achieved == pytest.approx(0.6, abs=1e-9)
+    q, k = "model.layers.4.q_proj", "model.layers.4.k_proj"
+    assert moved.per_layer[q] - moved.per_layer[k] != pytest.approx(0.0)
+    drawn = custom_allocation(lower, df, normalize=False, offsets=offsets)
+    assert drawn.per_layer[q] - drawn.per_layer[k] == pytest.approx(offsets[q] - offsets[k])
+    # offsets that push a matrix past [0, 0.99] are clipped there, with a warning
+    clipped = custom_allocation([[0, 0.02], [1, 0.02]], df, normalize=False, offsets={q: -0.5})
+    assert clipped.per_layer[q] == 0.0 and "clipped" in clipped.warnings[-1]
+    with pytest.raises(AllocationError, match="another model"):
+        custom_allocation(points, df, 0.6, offsets={"lm_head": 0.1})
+    with pytest.raises(AllocationError, match="finite numbers"):
+        custom_allocation(points, df, 0.6, offsets={q: float("nan")})

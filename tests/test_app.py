@@ -215,16 +215,26 @@ def test_allocation_presets_and_json(app):
     assert not app.exception
     assert _budget(app) == pytest.approx(30.0)
     assert not [i for i in app.info if "different sparsities" in i.value]
-    # per-matrix ratios: the curve takes the per-block ratios, and the page says what it leaves out
+    # per-matrix ratios: the curve takes the per-block ratios, and every matrix keeps its offset from them, so the
+    # curve applied as drawn is the file; dropping the offsets leaves one ratio per block
     per_matrix = alloc.to_dict()
     per_matrix["per_layer"].update({f"model.layers.{b}.mlp.down_proj": 0.5 for b in range(n)})
     app.file_uploader(key="alloc_upload").clear().upload("kinds.json", json.dumps(per_matrix).encode(),
                                                          "application/json")
     app.run()
     app.run()
-    [note] = [i.value for i in app.info if "different sparsities" in i.value]
-    assert "kinds.json" in note and "20.0% apart" in note and "prune --allocation kinds.json" in note
+    [note] = [i.value for i in app.info if "keep their offsets" in i.value]
+    assert "kinds.json" in note and "20.0% apart" in note
+    app.radio(key="alloc_mode").set_value("as drawn").run()
+    applied = app.session_state["alloc_custom"]
+    assert {name: applied.per_layer[name] for name in per_matrix["per_layer"]} == pytest.approx(per_matrix["per_layer"])
+    assert applied.per_layer["model.layers.0.self_attn.q_proj"] == pytest.approx(0.3)  # not in the file: its block's
+    assert _budget(app) > 30.0
+    app.button(key="alloc_drop_offsets").click().run()
+    assert not [i for i in app.info if "keep their offsets" in i.value]
+    assert all(r == pytest.approx(0.3) for r in app.session_state["alloc_custom"].per_layer.values())
     assert _budget(app) == pytest.approx(30.0)
+    app.radio(key="alloc_mode").set_value("normalized to target").run()
     bad = app.file_uploader(key="alloc_upload")
     bad.clear().upload("bad.json", b'{"format": "x"}', "application/json")
     app.run()

@@ -920,6 +920,7 @@ def test_allocation_page_finds_an_allocation(tmp_path, monkeypatch):
     at.slider(key="alloc_epsilon").set_value(0.05).run()  # the page's ε joins the AlphaPruning and FARMS starts
     assert at.selectbox(key="alloc_search_verify").value == "starts"  # the default
     at.selectbox(key="alloc_search_verify").set_value("none").run()  # 10 starts: no real prunes for them here
+    at.selectbox(key="alloc_search_space").set_value("block+kind").run()
     at.text_input(key="alloc_search_text").set_value("default").run()  # the Prune page's evaluation text
     at.button(key="alloc_search_run").click().run()
     assert any("must not be the evaluation text" in e.value for e in at.error)
@@ -938,6 +939,14 @@ def test_allocation_page_finds_an_allocation(tmp_path, monkeypatch):
     assert not at.exception
     assert len(at.session_state["alloc_points"]) == 30
     assert at.session_state["alloc_custom"].achieved == pytest.approx(0.5, abs=1e-6)
+    # the curve with the search's kind offsets (if it moved any) is the search's allocation, matrix by matrix (to
+    # the 4 decimals the control points keep)
+    assert at.session_state["alloc_custom"].per_layer == pytest.approx(job.result.per_layer, abs=1e-3)
+    blocks: dict[str, set] = {}
+    for name, r in job.result.per_layer.items():
+        blocks.setdefault(re.search(r"layers\.(\d+)\.", name)[1], set()).add(round(r, 9))
+    spread = any(len(ratios) > 1 for ratios in blocks.values())  # kind moves the search kept
+    assert any("offsets from the search" in i.value for i in at.info) == spread
     # and a search that starts from that curve refines it, at its budget
     curve = at.session_state["alloc_custom"]
     at.checkbox(key="alloc_search_from_mine").check().run()
