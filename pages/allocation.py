@@ -169,7 +169,8 @@ with st.expander("Find allocation (search)", expanded=SEARCH_KEY in st.session_s
                                      "matrix kind: also one offset per kind of matrix (k_proj, down_proj, ...), the "
                                      "same in every block, each block keeping its sparsity, so the search can prune "
                                      "e.g. the key/value projections less everywhere. The curve shows per-block "
-                                     "sparsities; the offsets are in the search's JSON.")
+                                     "sparsities; \"Use this curve\" keeps the offsets, and the search's JSON "
+                                     "has them.")
     mine = st.session_state.get("alloc_custom")  # the applied curve, as of the last run of this page
     mine = mine if mine is not None and mine.model == loaded.info.source else None  # not another model's
     from_mine = st.checkbox("Start from your curve", key="alloc_search_from_mine", disabled=mine is None,
