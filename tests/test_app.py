@@ -214,7 +214,7 @@ def test_allocation_presets_and_json(app):
     app.run()
     assert not app.exception
     assert _budget(app) == pytest.approx(30.0)
-    assert not [i for i in app.info if "different sparsities" in i.value]
+    assert not [i for i in app.info if "keep their offsets" in i.value]
     # per-matrix ratios: the curve takes the per-block ratios, and every matrix keeps its offset from them, so the
     # curve applied as drawn is the file; dropping the offsets leaves one ratio per block
     per_matrix = alloc.to_dict()
