@@ -469,9 +469,10 @@ def main(argv=None) -> int:
     if device.type == "cpu":
         results["machine"]["shared"] = "2-core CPU shared with other jobs; see each search's load average"
     results.setdefault("runs", {})
-    sparsities, allocs = [float(s) for s in args.sparsities.split(",")], args.allocations.split(",")
+    sparsities, methods, allocs = ([float(s) for s in args.sparsities.split(",")], args.methods.split(","),
+                                   args.allocations.split(","))
     if args.searches_from:
-        keys = search_keys(sparsities, args.methods.split(","), allocs, seeds)
+        keys = search_keys(sparsities, methods, allocs, seeds)
         reuse_searches(results, args.searches_from, config, keys)
     corpus = load_text("default")
     calibs = {seed: calibration_batches(tok, corpus, args.nsamples, args.seqlen, seed=seed,
@@ -521,7 +522,7 @@ def main(argv=None) -> int:
         eps = choose_epsilon(model, snap, metrics, calibs[seeds[0]], valid, grid, args.eps_sparsity, results, out)
         log(f"chosen epsilon {eps:g}")
 
-    for seed, s, m, a in grid_order(sparsities, args.methods.split(","), allocs, seeds):
+    for seed, s, m, a in grid_order(sparsities, methods, allocs, seeds):
         key = run_key(s, m, a, seed)
         if key in results["runs"]:
             continue
