@@ -574,12 +574,35 @@ def block_offsets(alloc: Allocation, metrics: pd.DataFrame) -> dict[str, float]:
 
 
 def within_block_spread(offsets: dict[str, float], metrics: pd.DataFrame) -> float:
-    """The largest difference between two matrices' `offsets` (block_offsets) inside one block: 0 for none."""
-    rows = metrics[metrics["name"].isin(offsets.keys())]
-    if rows.empty:
+    """The largest difference between two matrices' `offsets` (block_offsets; a matrix without one: 0) inside
+    one block: 0 for none."""
+    if not offsets:
         return 0.0
-    values = rows["name"].map(offsets).groupby(rows["block"])
+    df = prunable_rows(metrics)
+    values = df["name"].map(offsets).fillna(0.0).groupby(df["block"])
     return float((values.max() - values.min()).max())
+
+
+def kind_offsets(offsets: dict[str, float], metrics: pd.DataFrame) -> dict[str, float]:
+    """Each matrix kind's mean offset (block_offsets) over the prunable matrices of that kind, in order of first
+    appearance: 0 for a kind without offsets."""
+    df = prunable_rows(metrics, ("kind",))
+    values = df["name"].map(offsets).fillna(0.0)
+    return {str(k): float(v) for k, v in values.groupby(df["kind"], sort=False).mean().items()}
+
+
+def set_kind_offset(offsets: dict[str, float], metrics: pd.DataFrame, kind: str, value: float) -> dict[str, float]:
+    """`offsets` with every matrix of `kind` moved by the same amount so that the kind's mean offset is `value`:
+    the differences between its blocks are kept. Offsets that become 0 are left out."""
+    df = prunable_rows(metrics, ("kind",))
+    names = df.loc[df["kind"] == kind, "name"]
+    if names.empty:
+        raise AllocationError(f"this model prunes no matrix of kind '{kind}'")
+    if not math.isfinite(value):
+        raise AllocationError(f"an offset must be a finite number, got {value}")
+    shift = value - kind_offsets(offsets, metrics)[kind]
+    moved = {**offsets, **{str(n): offsets.get(n, 0.0) + shift for n in names}}
+    return {n: v for n, v in moved.items() if abs(v) > 1e-12}
 
 
 def custom_allocation(points, metrics: pd.DataFrame, sparsity: float | None = None, normalize: bool = True,

@@ -14,6 +14,8 @@ from analysis.allocation import (
     block_table,
     control_points,
     custom_allocation,
+    kind_offsets,
+    set_kind_offset,
     within_block_spread,
 )
 from analysis.jobs import Job
@@ -311,6 +313,42 @@ with chart_box:
                 f"**{applied.achieved:.1%}** · target {target:.0%}")
     for w in applied.warnings:
         st.warning(w)
+
+
+def _edit_offsets(edited: dict[str, float]) -> None:
+    """The user changed the per-matrix offsets: keep them, saying where the ones they edited came from."""
+    before = st.session_state.get(OFFSETS_KEY)
+    origin = before["origin"] if before and before["model"] == loaded.info.source else "your edits"
+    if origin != "your edits" and not origin.endswith(", edited"):
+        origin += ", edited"
+    keep_offsets({n: v for n, v in edited.items() if abs(v) > 1e-12}, origin)
+
+
+with st.expander("Per-matrix sparsity (offsets from the curve)", expanded=bool(offsets)):
+    st.caption("Each matrix's sparsity is its block's value on the curve plus its offset. Set the offset of every "
+               "matrix of a kind at once (e.g. prune the key/value projections less everywhere), or of one matrix "
+               "alone; the table shows the applied ratios (with \"normalized to target\", after rescaling).")
+    current = offsets or {}
+    tag = hashlib.sha1(json.dumps(current, sort_keys=True).encode()).hexdigest()[:10]  # fresh inputs on a change
+    means = kind_offsets(current, metrics)
+    cols = st.columns(max(1, min(len(means), 7)))
+    for i, (kind, mean) in enumerate(means.items()):
+        key = f"alloc_kind_{kind}_{tag}"
+        cols[i % len(cols)].number_input(
+            kind, -0.9, 0.9, round(mean, 4), 0.01, format="%.3f", key=key,
+            help=f"Mean offset of the {kind} matrices: a change moves every one of them by the same amount.",
+            on_change=lambda kind=kind, key=key: _edit_offsets(
+                set_kind_offset(current, metrics, kind, float(st.session_state[key]))))
+    rows = metrics.loc[metrics["prunable"]]
+    m1, m2 = st.columns([3, 1])
+    name = m1.selectbox("Matrix", rows["name"].tolist(), key="alloc_matrix_pick")
+    key = f"alloc_matrix_offset_{tag}_{name}"
+    m2.number_input("Its offset", -0.9, 0.9, round(current.get(name, 0.0), 4), 0.01, format="%.3f", key=key,
+                    on_change=lambda name=name, key=key: _edit_offsets({**current, name: float(st.session_state[key])}))
+    st.dataframe(pd.DataFrame({"block": rows["block"], "kind": rows["kind"], "matrix": rows["name"],
+                               "params": rows["params"], "offset": rows["name"].map(current).fillna(0.0),
+                               "applied": rows["name"].map(applied.per_layer)}),
+                 hide_index=True, key="alloc_matrix_table")
 
 st.subheader("Applied sparsity per block")
 st.plotly_chart(block_bars_figure(applied.per_block, params, target), key="alloc_bars")

@@ -23,7 +23,9 @@ from analysis.allocation import (
     curve_values,
     custom_allocation,
     exact_budget,
+    kind_offsets,
     parse_points,
+    set_kind_offset,
     within_block_spread,
 )
 
@@ -461,10 +463,11 @@ def test_cli_owl_uses_calibration_outliers(tmp_path):
 
 
 def test_within_block_spread_is_the_largest_gap_inside_a_block():
-    table = pd.DataFrame({"name": ["b0.q", "b0.k", "b1.q", "b1.k", "other"], "block": [0, 0, 1, 1, 2]})
+    table = pd.DataFrame({"name": ["b0.q", "b0.k", "b1.q", "b1.k", "other"], "block": [0, 0, 1, 1, 2], "params": 1})
     assert within_block_spread({"b0.q": 0.0, "b0.k": 0.0, "b1.q": 0.0, "b1.k": 0.0}, table) == 0.0
     assert within_block_spread({"b0.q": 0.05, "b0.k": -0.05, "b1.q": -0.1, "b1.k": 0.1}, table) == pytest.approx(0.2)
-    assert within_block_spread({"b0.q": 0.1, "elsewhere.k": 0.9}, table) == 0.0  # names the table lacks: ignored
+    # names the table lacks are ignored; a matrix without an offset has its block's ratio (offset 0)
+    assert within_block_spread({"b0.q": 0.1, "elsewhere.k": 0.9}, table) == pytest.approx(0.1)
     assert within_block_spread({}, table) == 0.0
 
 
@@ -498,3 +501,25 @@ def test_a_curve_with_block_offsets_reproduces_a_per_matrix_allocation():
         custom_allocation(points, df, 0.6, offsets={"lm_head": 0.1})
     with pytest.raises(AllocationError, match="finite numbers"):
         custom_allocation(points, df, 0.6, offsets={q: float("nan")})
+
+
+def test_a_kind_offset_moves_every_matrix_of_that_kind_alike():
+    df = smol_like(3)
+    offsets = block_offsets(allocate(df, 0.6, "alphapruning", epsilon=0.3, granularity="layer"), df)
+    means = kind_offsets(offsets, df)
+    assert list(means) == list(dict.fromkeys(df["kind"]))  # every kind, in model order
+    moved = set_kind_offset(offsets, df, "k_proj", -0.1)
+    assert kind_offsets(moved, df)["k_proj"] == pytest.approx(-0.1)
+    ks = df.loc[df["kind"] == "k_proj", "name"]
+    shifts = [moved[n] - offsets[n] for n in ks]
+    assert max(shifts) - min(shifts) < 1e-12  # the blocks' differences are kept
+    assert all(moved[n] == offsets[n] for n in df["name"] if n not in set(ks))
+    assert kind_offsets(moved, df) == pytest.approx({**means, "k_proj": -0.1})
+    # from no offsets: only that kind gets one; back to 0 leaves none
+    plain = set_kind_offset({}, df, "down_proj", 0.05)
+    assert set(plain) == set(df.loc[df["kind"] == "down_proj", "name"]) and set(plain.values()) == {0.05}
+    assert set_kind_offset(plain, df, "down_proj", 0.0) == {}
+    with pytest.raises(AllocationError, match="no matrix of kind 'c_attn'"):
+        set_kind_offset(offsets, df, "c_attn", 0.1)
+    with pytest.raises(AllocationError, match="finite"):
+        set_kind_offset(offsets, df, "k_proj", float("inf"))

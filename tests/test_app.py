@@ -241,6 +241,56 @@ def test_allocation_presets_and_json(app):
     assert any("Could not load bad.json" in e.value for e in app.error)
 
 
+def test_allocation_per_matrix_offsets(app):
+    app.switch_page("pages/allocation.py")
+    run_until_idle(app, "spectra")
+    app.radio(key="alloc_mode").set_value("as drawn").run()
+    app.selectbox(key="alloc_preset").set_value("uniform").run()
+    app.button(key="alloc_load_preset").click().run()
+
+    def offset_input(label):
+        [box] = [n for n in app.number_input if n.label == label]
+        return box
+
+    def note():
+        return " ".join(i.value for i in app.info if "keep their offsets" in i.value)
+
+    def ratios(kind):
+        return {round(r, 6) for n, r in app.session_state["alloc_custom"].per_layer.items() if n.endswith(kind)}
+
+    assert offset_input("k_proj").value == 0.0 and not note()
+    offset_input("k_proj").set_value(-0.1).run()  # every key projection 10 points below its block
+    assert not app.exception
+    assert ratios("k_proj") == {0.4} and ratios("q_proj") == {0.5}
+    assert "from your edits" in note() and offset_input("k_proj").value == pytest.approx(-0.1)
+    one = "model.layers.3.mlp.down_proj"
+    app.selectbox(key="alloc_matrix_pick").set_value(one).run()
+    offset_input("Its offset").set_value(0.2).run()  # one matrix alone
+    applied = app.session_state["alloc_custom"]
+    assert applied.per_layer[one] == pytest.approx(0.7) and applied.per_layer["model.layers.4.mlp.down_proj"] == 0.5
+    assert ratios("k_proj") == {0.4} and applied.params["offsets"][one] == pytest.approx(0.2)
+    assert offset_input("down_proj").value == pytest.approx(0.2 / len(applied.per_block), abs=1e-4)
+    offset_input("k_proj").set_value(0.0).run()
+    assert ratios("k_proj") == {0.5} and set(app.session_state["alloc_custom"].params["offsets"]) == {one}
+    assert "from your edits (up to 20.0% apart in a block)" in note()  # block 3: its down_proj and the rest
+    # offsets loaded from a file, then edited, say so
+    per_matrix = app.session_state["alloc_custom"].to_dict()
+    per_matrix["per_layer"].update({n: 0.6 for n in per_matrix["per_layer"] if n.endswith("up_proj")})
+    app.file_uploader(key="alloc_upload").upload("ups.json", json.dumps(per_matrix).encode(), "application/json")
+    app.run()
+    app.run()
+    assert "from ups.json" in note()
+    before = dict(app.session_state["alloc_custom"].per_layer)
+    offset_input("v_proj").set_value(offset_input("v_proj").value - 0.05).run()
+    assert "from ups.json, edited" in note()
+    after = app.session_state["alloc_custom"].per_layer
+    assert all(after[n] == pytest.approx(before[n] - 0.05 if n.endswith("v_proj") else before[n]) for n in before)
+    app.file_uploader(key="alloc_upload").clear()
+    app.button(key="alloc_drop_offsets").click().run()
+    assert not note() and offset_input("v_proj").value == 0.0
+    app.radio(key="alloc_mode").set_value("normalized to target").run()
+
+
 def test_prune_runs_in_the_background_and_restores(app, runs_db):
     app.switch_page("pages/prune.py").run()
     assert not app.exception
