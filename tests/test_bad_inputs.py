@@ -63,7 +63,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 TINY = "--model={bad}/tiny"
 CLI_CASES = [
     # options argparse refuses (one line too), and no prefix matching
-    ("eval --eval {bad}/short.txt", "unrecognized arguments: --eval"),
+    ("eval --tex {bad}/short.txt", "unrecognized arguments: --tex"),
+    ("eval --eval {bad}/short.txt", "--eval-seqlen: Evaluation text has 5 tokens"),  # eval's --text, as prune names it
     ("prune --eval-seq 64", "unrecognized arguments: --eval-seq"),
     ("prune --method foo", "argument --method: invalid choice: 'foo'"),
     ("allocate --method foo --sparsity 0.5", "argument --method: invalid choice: 'foo'"),
