@@ -79,7 +79,8 @@ FLAGS = {
     "allocation.points": "--points", "allocation.search_steps": "--search-steps",
     "allocation.search_step": "--search-step", "allocation.search_space": "--search-space",
     "allocation.search_seed": "--search-seed", "allocation.search_objective": "--search-objective",
-    "allocation.search_text": "--search-text", "allocation.search_verify": "--search-verify",
+    "allocation.search_text": "--search-text", "allocation.search_samples": "--search-samples",
+    "allocation.search_verify": "--search-verify",
     "allocation.search_from": "--search-from",
     "prune.method": "--method", "prune.nm": "--nm",
     "prune.rowwise": "--rowwise", "calibration.source": "--calib",
@@ -211,6 +212,10 @@ def _add_allocation_args(p: argparse.ArgumentParser, axes: bool = False) -> None
                    help="auto: score the search on this held-out text (a text source as for --calib, e.g. "
                         "wikitext2:valid, best a sample of the text the model will serve; never the evaluation "
                         "text) instead of the calibration text")
+    p.add_argument("--search-samples", type=int, default=d.search_samples, metavar="N",
+                   help="auto with --search-text: score on N windows of it (default 4 x --nsamples when the search "
+                        "prunes for real, else --nsamples); its real prunes are scored on all N, so more text tells a "
+                        "real improvement from noise better, at the cost of slower real prunes")
     p.add_argument("--search-verify", nargs="?", const="all", default=d.search_verify, metavar="WHAT",
                    help="auto: what the search prunes for real (one full prune each): none (its fast proxy "
                         "decides), starts (the default: the starts, so the best one after a real prune is the parent, "
@@ -232,7 +237,8 @@ def _allocation(args: argparse.Namespace, method: str, sparsity: float | None, *
                               search_steps=args.search_steps, search_step=args.search_step,
                               search_space=args.search_space, search_seed=args.search_seed,
                               search_objective=args.search_objective, search_text=args.search_text,
-                              search_verify=args.search_verify, search_from=args.search_from, **extra)
+                              search_samples=args.search_samples, search_verify=args.search_verify,
+                              search_from=args.search_from, **extra)
 
 
 def _print_ppl(label: str, u) -> None:
@@ -600,6 +606,7 @@ def _sweep_grid(args: argparse.Namespace) -> SweepGrid:
                                                      search_space=args.search_space,
                                                      search_objective=args.search_objective,
                                                      search_text=args.search_text,
+                                                     search_samples=args.search_samples,
                                                      search_verify=args.search_verify),
                        calibration=CalibrationSettings(args.calib, args.nsamples, args.seqlen, encoding=args.encoding),
                        evaluation=_evaluation(args))

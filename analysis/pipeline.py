@@ -89,16 +89,17 @@ def search_windows(tokenizer, allocation: AllocationSettings, calibration: Calib
     spread over the whole text; None when it scores on the calibration text."""
     if allocation.method != "auto" or allocation.search_text is None:
         return None
-    return spread_windows(tokenizer, load_text(allocation.search_text), search_seqlen(calibration.seqlen),
-                          search_samples(calibration.n_samples, allocation.search_verify), bos)
+    count = search_samples(calibration.n_samples, allocation.search_verify, allocation.search_samples)
+    return spread_windows(tokenizer, load_text(allocation.search_text), search_seqlen(calibration.seqlen), count, bos)
 
 
-def confirm_samples(fitness_windows: torch.Tensor | None, verify: str) -> int | None:
+def confirm_samples(fitness_windows: torch.Tensor | None, verify: str, n_samples: int) -> int | None:
     """How many of the held-out windows (`search_windows`) of a search that prunes for real (verify
-    "starts" or "all") its proxy confirms on."""
+    "starts" or "all") its proxy confirms on: a VERIFY_SAMPLES-th of them, at most the n_samples calibration
+    sequences (so more held-out windows make the real prunes' scores surer, not the proxy slower)."""
     if fitness_windows is None or verify == "none":
         return None
-    return max(1, fitness_windows.shape[0] // VERIFY_SAMPLES)
+    return min(n_samples, max(1, fitness_windows.shape[0] // VERIFY_SAMPLES))
 
 
 def prepare_data(tokenizer, calibration: CalibrationSettings, evaluation: EvaluationSettings,
@@ -206,7 +207,8 @@ def build_allocation(settings: AllocationSettings, model: nn.Module, *, nm=None,
                                  step=settings.search_step, space=settings.search_space, seed=settings.search_seed,
                                  objective=settings.search_objective,
                                  fitness_windows=fitness_windows, verify=settings.search_verify,
-                                 confirm_samples=confirm_samples(fitness_windows, settings.search_verify),
+                                 confirm_samples=confirm_samples(fitness_windows, settings.search_verify,
+                                                                 calib.shape[0]),
                                  model_name=model_name, progress=progress, stop=stop, on_best=on_best)
     if method == "custom":
         if custom is not None:

@@ -69,9 +69,12 @@ def search_seqlen(calibration_seqlen: int) -> int:
     return min(SEARCH_SEQLEN, calibration_seqlen)
 
 
-def search_samples(n_samples: int, verify: str) -> int:
-    """Held-out windows of a search run with n_samples calibration sequences (VERIFY_SAMPLES times as
-    many when it prunes for real, verify "starts" or "all": its real prunes are scored on all of them)."""
+def search_samples(n_samples: int, verify: str, requested: int | None = None) -> int:
+    """Held-out windows of a search run with n_samples calibration sequences: `requested`
+    (AllocationSettings.search_samples) when given, else n_samples, VERIFY_SAMPLES times as many when it
+    prunes for real (verify "starts" or "all": its real prunes are scored on all of them)."""
+    if requested is not None:
+        return requested
     return n_samples * (1 if verify == "none" else VERIFY_SAMPLES)
 
 
@@ -224,10 +227,12 @@ class AllocationSettings:
     kind, the same in every block, that moves sparsity between the kinds inside each block);
     search_text: a text source (as for calibration.source) the search's fitness is measured on, held out
     from the calibration sample (e.g. the valid split of the user's domain; never the evaluation text);
-    None: the calibration text; search_verify: one of VERIFY_MODES, what the search prunes for real
-    ("starts": the starts and the result; "all": also every candidate it confirms, keeping only real
-    improvements; analysis.search, `verify`); search_from: an allocation JSON
-    the search starts from instead of uniform / OWL / AlphaPruning / FARMS (a previous search's result, to go on
+    None: the calibration text; search_samples: how many windows of search_text the search scores on (its real
+    prunes on all of them: more text tells a real improvement from noise better, and scores each real prune
+    slower); None: the default of the function search_samples; search_verify: one of VERIFY_MODES, what the
+    search prunes for real ("starts": the starts and the result; "all": also every candidate it confirms,
+    keeping only real improvements; analysis.search, `verify`); search_from: an allocation JSON the search
+    starts from instead of uniform / OWL / AlphaPruning / FARMS (a previous search's result, to go on
     from it, or a saved curve to refine); it must prune `sparsity` (within SEARCH_FROM_TOLERANCE), the budget
     the search keeps."""
 
@@ -248,6 +253,7 @@ class AllocationSettings:
     search_space: str = "block"
     search_objective: str = "nll"
     search_text: str | None = None
+    search_samples: int | None = None
     search_verify: str = "starts"
     search_from: str | None = None
 
@@ -285,6 +291,11 @@ class AllocationSettings:
                                 f"{self.search_objective!r}", "allocation.search_objective")
         if self.search_text is not None:
             _source(self.search_text, ENCODING, "allocation.search_text", "search text")
+        if self.search_samples is not None:
+            _positive_int(self.search_samples, "allocation.search_samples")
+            if self.search_text is None:
+                raise SettingsError("search_samples counts windows of a held-out search text: give search_text too "
+                                    "(e.g. wikitext2:valid)", "allocation.search_samples")
         if self.search_verify not in VERIFY_MODES:
             raise SettingsError(f"search_verify must be one of {', '.join(VERIFY_MODES)}, got {self.search_verify!r}",
                                 "allocation.search_verify")

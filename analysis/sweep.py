@@ -208,6 +208,7 @@ def _search_differences(a: AllocationSettings) -> list[str]:
         (a.search_steps != d.search_steps, f"{a.search_steps} generations"),
         (a.search_step != d.search_step, f"step {a.search_step:g}"),
         (a.search_text is not None, f"on {Path(a.search_text or '').name or a.search_text}"),
+        (a.search_samples is not None, f"{a.search_samples} windows"),
     ) if differs]
 
 

@@ -171,12 +171,12 @@ def searched_allocation(model, calib, sparsity: float, method: str, seed: int, s
         objective, text, verify, step = SEARCHES[name]
         scale = LONG_FACTOR if name == "auto-verify-long" else 1
         windows = held_out(text, calib_seed, verify, scale)
-        confirmed = confirm_samples(windows, verify)  # not `confirm`: that is the confirmation length above
+        confirmed = confirm_samples(windows, verify, calib.shape[0])  # not `confirm`: the confirmation length above
         alloc = search_allocation(model, calib, starts, method=method, steps=steps, step=step,
                                   space=SPACES.get(name, "block"), seed=seed,
                                   model_name=model_name,
                                   screen_samples=n, screen_seqlen=length, confirm_seqlen=int(confirm),
-                                  confirm_samples=confirmed and confirmed // scale,
+                                  confirm_samples=confirmed,
                                   objective=objective, fitness_windows=windows, verify=verify,
                                   progress=lambda m, f: f >= 1 or int(f * steps) % 10 or log(m))
         alloc.params["loadavg_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]

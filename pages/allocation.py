@@ -149,6 +149,12 @@ with st.expander("Find allocation (search)", expanded=SEARCH_KEY in st.session_s
                                 help="A text source as on the Prune page (wikitext2:valid, a .txt path, "
                                      "hf:<dataset>[:<config>]:<split>): the search is scored on it instead of on the "
                                      "calibration sample the pruner uses. Never the evaluation text.").strip()
+    search_samples = st.number_input("Held-out windows", 1, 4096, DEFAULT.search_samples, key="alloc_search_samples",
+                                     placeholder="default", disabled=not search_text,
+                                     help="How many windows of the held-out text the search scores on (empty: 4x "
+                                          "the calibration samples when it prunes for real, else as many). Its real "
+                                          "prunes are scored on all of them: more text tells a real improvement from "
+                                          "noise better, and makes each real prune's scoring slower.")
     suggested = None if search_text else DEFAULT_SEARCH.suggested_search_text(prune_data_settings()[1])
     if suggested is not None:
         st.button(f"Score on {suggested}", key="alloc_search_text_suggest", on_click=st.session_state.__setitem__,
@@ -186,7 +192,8 @@ with st.expander("Find allocation (search)", expanded=SEARCH_KEY in st.session_s
                                  search_steps=int(search_steps),
                                  search_step=float(search_step), search_space=search_space,
                                  search_seed=int(search_seed), search_objective=search_objective, fit=fit,
-                                 search_text=search_text or None, search_verify=search_verify)
+                                 search_text=search_text or None, search_verify=search_verify,
+                                 search_samples=int(search_samples) if search_text and search_samples else None)
         shared, tok, info, start = loaded.model, loaded.tokenizer, loaded.info, mine if from_mine else None
         # the presets' FARMS spectra and OWL ratios, measured with the same fit, calibration and threshold
         known_farms = farms_job.result.metrics if more and farms_job.status == "done" else None

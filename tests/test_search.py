@@ -845,6 +845,23 @@ def test_cli_allocate_auto_with_the_pruner_and_a_held_out_text(tmp_path):
     assert f"starts (real prunes): {a.params['start']}" in r.stdout
     assert any(line.startswith("cost: ") and line.endswith(" real prunes on cpu float32")
                for line in r.stdout.splitlines())
+    # --search-samples: the real prunes are scored on that many held-out windows; the proxy still confirms on
+    # at most --nsamples of them
+    held = [sys.executable, "-m", "analysis", "allocate", "--model", str(folder), "--device", "cpu", "--method", "auto",
+            "--pruner", "wanda", "--sparsity", "0.5", "--search-steps", "1", "--search-verify", "--calib",
+            str(tmp_path / "calib.txt"), "--nsamples", "4", "--seqlen", "32", "--out", str(tmp_path / "long.json")]
+    r = subprocess.run([*held, "--search-text", str(tmp_path / "held.txt"), "--search-samples", "24"],
+                       capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    long = Allocation.load(tmp_path / "long.json")
+    assert long.params["real_prune_tokens"] == 24 * 32 and long.params["confirm_tokens"] == 4 * 32
+    for extra, message in ((["--search-samples", "8"], "give search_text too"),
+                           (["--search-text", str(tmp_path / "held.txt"), "--search-samples", "0"], ">= 1")):
+        bad = subprocess.run([*held, *extra], capture_output=True, text=True, cwd=ROOT,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+        assert bad.returncode == 2 and "--search-samples" in bad.stderr and message in bad.stderr, bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1
     # --search-verify starts: the starts and the result only; a mode it does not know is a one-line error
     args = [sys.executable, "-m", "analysis", "allocate", "--model", str(folder), "--device", "cpu", "--method", "auto",
             "--pruner", "wanda", "--sparsity", "0.5", "--search-steps", "3", "--calib", str(tmp_path / "calib.txt"),
