@@ -289,6 +289,12 @@ def test_allocation_per_matrix_offsets(app):
     app.button(key="alloc_drop_offsets").click().run()
     assert not note() and offset_input("v_proj").value == 0.0
     app.radio(key="alloc_mode").set_value("normalized to target").run()
+    # the search's held-out window count applies to a held-out text only
+    windows = app.number_input(key="alloc_search_samples")
+    assert windows.disabled and windows.value is None
+    app.text_input(key="alloc_search_text").input("wikitext2:valid").run()
+    assert not app.number_input(key="alloc_search_samples").disabled
+    app.text_input(key="alloc_search_text").input("").run()
 
 
 def test_prune_runs_in_the_background_and_restores(app, runs_db):
