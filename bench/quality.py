@@ -207,14 +207,16 @@ def search_keys(sparsities, methods, allocs, seeds) -> set[str]:
 
 
 def reuse_searches(results: dict, source: Path, config: dict, keys: set[str]) -> None:
-    """Copy the searches `keys` (those `source` has) and the epsilon selection of `source` into `results` (those
-    `results` has win), so a result file holds the searches its runs used, not every search of `source`."""
+    """Copy the searches `keys` (those `source` has, of this run's `--search-steps` generations: a file's runs can
+    differ in them) and the epsilon selection of `source` into `results` (those `results` has win), so a result
+    file holds the searches its runs used, not every search of `source`."""
     other = json.loads(source.read_text())
     differ = [k for k in SEARCH_CONFIG if other["config"].get(k) != config[k]]
     if differ:
         raise SystemExit(f"--searches-from {source}: its {', '.join(differ)} differ from this run's; "
                          "its searches would not be the ones this run makes")
-    wanted = {k: v for k, v in other.get("searches", {}).items() if k in keys}
+    wanted = {k: v for k, v in other.get("searches", {}).items()
+              if k in keys and v["params"]["steps"] == config["search_steps"]}
     results["searches"] = {**wanted, **results.get("searches", {})}
     results["epsilon_selection"] = {**other.get("epsilon_selection", {}), **results.get("epsilon_selection", {})}
     results["config"]["searches_from"] = source.name

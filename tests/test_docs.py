@@ -56,16 +56,20 @@ def test_a_cell_of_one_seed_other_than_0_names_its_seed():
 
 def test_a_result_file_reuses_only_the_searches_its_runs_read(tmp_path):
     config = {k: 1 for k in SEARCH_CONFIG}
-    searches = {f"{seed}/{s}/{m}/{a}": {"kind": a} for seed in (0, 1) for s in ("0.60", "0.70")
-                for m in ("wanda", "sparsegpt") for a in ("auto", "auto-verify", "auto-verify-long")}
+    searches = {f"{seed}/{s}/{m}/{a}": {"kind": a, "params": {"steps": 1}} for seed in (0, 1)
+                for s in ("0.60", "0.70") for m in ("wanda", "sparsegpt")
+                for a in ("auto", "auto-verify", "auto-verify-long", "auto-verify-more")}
+    searches["1/0.70/sparsegpt/auto-verify-more"]["params"]["steps"] = 20  # run with other --search-steps
     source = tmp_path / "quality_default.json"
     source.write_text(json.dumps({"config": config, "searches": searches, "epsilon_selection": {"0.2": 5.0}}))
     keys = search_keys([0.7], ["sparsegpt"], ["owl", "auto-verify-long+trim"], [1])
     assert keys == {"1/0.70/sparsegpt/auto-verify-long", "1/0.70/sparsegpt/auto-verify"}  # and what it goes on from
     own = {"1/0.70/sparsegpt/auto-verify": {"kind": "own"}}
     results = {"config": dict(config), "searches": dict(own)}
-    reuse_searches(results, source, config, keys)
-    assert results["searches"] == {**own, "1/0.70/sparsegpt/auto-verify-long": {"kind": "auto-verify-long"}}
+    reuse_searches(results, source, config, keys | {"1/0.70/sparsegpt/auto-verify-more"})
+    # the 20-generation search is not this run's: it is searched again
+    long = "1/0.70/sparsegpt/auto-verify-long"
+    assert results["searches"] == {**own, long: searches[long]}
     assert results["epsilon_selection"] == {"0.2": 5.0} and results["config"]["searches_from"] == source.name
     with pytest.raises(SystemExit, match="valid_windows differ"):
         reuse_searches(results, source, {**config, "valid_windows": 2}, keys)
