@@ -32,8 +32,9 @@ Calibration: n random windows from the embedded corpus (gensim's Lee background 
 disjoint from WikiText-2). Evaluation: the first `--windows` non-overlapping 512-token windows of
 WikiText-2 test (a fixed prefix, identical for every run, so differences between runs are paired;
 `--windows 0` takes the whole test set; `--searches-from FILE` takes the searched allocations that the requested
-runs read, and the epsilon selection, from another result file of the same model and settings, so a longer
-evaluation of a finished benchmark prunes with the very allocations it found instead of searching again).
+runs read (those of `--search-steps` generations), and the epsilon selection, from another result file of the same
+model and settings, so a longer evaluation of a finished benchmark prunes with the very allocations it found instead
+of searching again).
 AlphaPruning's epsilon is chosen from `--eps-grid` on WikiText-2 *valid* (first `--valid-windows` windows, wanda at
 `--eps-sparsity`), never on test. OWL uses M=5, lambda=0.08.
 
