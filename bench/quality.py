@@ -191,8 +191,8 @@ def searched_allocation(model, calib, sparsity: float, method: str, seed: int, s
 
 
 # the settings a search or the epsilon selection depends on: a result file whose searches are reused must match them
-SEARCH_CONFIG = ("model", "valid_windows", "nsamples", "seqlen", "eps_grid", "eps_sparsity", "owl", "search_steps",
-                 "search_tokens")
+# (its generations are checked search by search: a file's config holds its last invocation's `--search-steps`)
+SEARCH_CONFIG = ("model", "valid_windows", "nsamples", "seqlen", "eps_grid", "eps_sparsity", "owl", "search_tokens")
 
 
 def search_keys(sparsities, methods, allocs, seeds) -> set[str]:

@@ -55,13 +55,15 @@ def test_a_cell_of_one_seed_other_than_0_names_its_seed():
 
 
 def test_a_result_file_reuses_only_the_searches_its_runs_read(tmp_path):
-    config = {k: 1 for k in SEARCH_CONFIG}
+    config = {**{k: 1 for k in SEARCH_CONFIG}, "search_steps": 1}
     searches = {f"{seed}/{s}/{m}/{a}": {"kind": a, "params": {"steps": 1}} for seed in (0, 1)
                 for s in ("0.60", "0.70") for m in ("wanda", "sparsegpt")
                 for a in ("auto", "auto-verify", "auto-verify-long", "auto-verify-more")}
     searches["1/0.70/sparsegpt/auto-verify-more"]["params"]["steps"] = 20  # run with other --search-steps
     source = tmp_path / "quality_default.json"
-    source.write_text(json.dumps({"config": config, "searches": searches, "epsilon_selection": {"0.2": 5.0}}))
+    # its last invocation ran 20 generations: the searches of 1 are still this run's
+    source.write_text(json.dumps({"config": {**config, "search_steps": 20}, "searches": searches,
+                                  "epsilon_selection": {"0.2": 5.0}}))
     keys = search_keys([0.7], ["sparsegpt"], ["owl", "auto-verify-long+trim"], [1])
     assert keys == {"1/0.70/sparsegpt/auto-verify-long", "1/0.70/sparsegpt/auto-verify"}  # and what it goes on from
     own = {"1/0.70/sparsegpt/auto-verify": {"kind": "own"}}
