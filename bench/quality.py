@@ -216,8 +216,11 @@ def reuse_searches(results: dict, source: Path, config: dict, keys: set[str]) ->
     if differ:
         raise SystemExit(f"--searches-from {source}: its {', '.join(differ)} differ from this run's; "
                          "its searches would not be the ones this run makes")
-    wanted = {k: v for k, v in other.get("searches", {}).items()
-              if k in keys and v["params"]["steps"] == config["search_steps"]}
+    found = {k: v for k, v in other.get("searches", {}).items() if k in keys}
+    wanted = {k: v for k, v in found.items() if v["params"]["steps"] == config["search_steps"]}
+    for k in found.keys() - wanted.keys():  # else a search of an hour starts unannounced
+        log(f"--searches-from: {k} ran {found[k]['params']['steps']} generations, not {config['search_steps']}: "
+            "searched again")
     results["searches"] = {**wanted, **results.get("searches", {})}
     results["epsilon_selection"] = {**other.get("epsilon_selection", {}), **results.get("epsilon_selection", {})}
     results["config"]["searches_from"] = source.name

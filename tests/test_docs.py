@@ -54,7 +54,7 @@ def test_a_cell_of_one_seed_other_than_0_names_its_seed():
     assert "| 164.6 (seed 1) | -9.1% | -9.1% |" in summary(results)
 
 
-def test_a_result_file_reuses_only_the_searches_its_runs_read(tmp_path):
+def test_a_result_file_reuses_only_the_searches_its_runs_read(tmp_path, capsys):
     config = {**{k: 1 for k in SEARCH_CONFIG}, "search_steps": 1}
     searches = {f"{seed}/{s}/{m}/{a}": {"kind": a, "params": {"steps": 1}} for seed in (0, 1)
                 for s in ("0.60", "0.70") for m in ("wanda", "sparsegpt")
@@ -69,9 +69,10 @@ def test_a_result_file_reuses_only_the_searches_its_runs_read(tmp_path):
     own = {"1/0.70/sparsegpt/auto-verify": {"kind": "own"}}
     results = {"config": dict(config), "searches": dict(own)}
     reuse_searches(results, source, config, keys | {"1/0.70/sparsegpt/auto-verify-more"})
-    # the 20-generation search is not this run's: it is searched again
+    # the 20-generation search is not this run's: it is searched again, and the run says so
     long = "1/0.70/sparsegpt/auto-verify-long"
     assert results["searches"] == {**own, long: searches[long]}
+    assert "auto-verify-more ran 20 generations, not 1: searched again" in capsys.readouterr().out
     assert results["epsilon_selection"] == {"0.2": 5.0} and results["config"]["searches_from"] == source.name
     with pytest.raises(SystemExit, match="valid_windows differ"):
         reuse_searches(results, source, {**config, "valid_windows": 2}, keys)
