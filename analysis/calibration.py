@@ -8,6 +8,11 @@ the errors of earlier ones. Only the current block sits on the compute device. M
 calibration samples of L tokens and hidden size d: the block's weights + 2·n·L·d activations
 (inputs and outputs) + the block's forward intermediates + the statistics (one float per input column,
 or a cols x cols float32 Hessian per distinct input of the block: q/k/v share one, gate/up share one).
+
+Fused MoE experts (analysis.layers) are observed with one hook on their module: each expert's gate and
+up projections see the tokens the router sent it, its down projection act(gate)·up of those tokens.
+The hook recomputes the experts' output from what it gathered and refuses a module whose output differs
+(experts that compute something else), so the statistics are those of the real forward.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from analysis.layers import LayerRef, find_blocks, layers_by_block, module_device
@@ -59,6 +65,67 @@ def _stats_hook(stats: dict[str, InputStats], name: str, seen: dict):
         seen[key] = (name, x)
         stats[name].add(x)
     return hook
+
+
+class ExpertsError(ValueError):
+    """Fused experts whose forward this module cannot reproduce, so it cannot gather their inputs."""
+
+
+_EXPERT_ARGS = ("hidden_states", "top_k_index", "top_k_weights")
+_EXPERT_TOLERANCE = 1e-2  # relative error of the recomputed experts' output that still counts as the same
+
+
+def _block_stats(refs: list[LayerRef], hessian: bool, device: torch.device) -> dict[str, InputStats]:
+    """One InputStats per matrix; an expert's up projection shares its gate projection's (the same tokens)."""
+    stats: dict[str, InputStats] = {}
+    for r in refs:
+        if r.kind == "experts.up_proj":
+            stats[r.name] = stats[r.name.removesuffix("up_proj") + "gate_proj"]
+        else:
+            stats[r.name] = InputStats(r.cols, hessian, device)
+    return stats
+
+
+def _experts_hook(stats: dict[str, InputStats], names: dict[int, tuple[str, str]]):
+    """Forward hook of a fused-experts module: adds expert e's routed tokens to stats[names[e][0]] and
+    act(gate)·up of them to stats[names[e][1]], then checks that those rebuild the module's output."""
+    def hook(module, args, kwargs, output):
+        given = dict(zip(_EXPERT_ARGS, args)) | kwargs
+        x, index, weights = (given.get(k) for k in _EXPERT_ARGS)
+        if x is None or index is None or weights is None:
+            raise ExpertsError(f"{type(module).__name__} is not called with (hidden_states, top_k_index, "
+                               "top_k_weights): its experts' inputs cannot be gathered; use the magnitude pruner")
+        x = x.reshape(-1, x.shape[-1])
+        rebuilt = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        for e, (gate_name, down_name) in names.items():
+            tok, pos = torch.where(index.reshape(x.shape[0], -1) == e)
+            if len(tok) == 0:
+                continue
+            xe = x[tok]
+            gate, up = F.linear(xe, module.gate_up_proj[e]).chunk(2, dim=-1)
+            inner = module.act_fn(gate) * up
+            stats[gate_name].add(xe)
+            stats[down_name].add(inner)
+            y = F.linear(inner, module.down_proj[e]) * weights.reshape(x.shape[0], -1)[tok, pos, None]
+            rebuilt.index_add_(0, tok, y.float())
+        out = output.reshape(rebuilt.shape).float()
+        if float((rebuilt - out).norm()) > _EXPERT_TOLERANCE * max(float(out.norm()), 1e-12):
+            raise ExpertsError(f"{type(module).__name__}'s experts do not compute down(act(gate) * up) as this tool "
+                               "reads them, so their inputs cannot be gathered; use the magnitude pruner")
+    return hook
+
+
+def _add_hooks(refs: list[LayerRef], stats: dict[str, InputStats], seen: dict) -> list:
+    """Forward hooks filling `stats` while the block runs: one per linear layer, one per experts module."""
+    handles = [r.module.register_forward_hook(_stats_hook(stats, r.name, seen)) for r in refs if r.expert is None]
+    experts: dict[int, tuple[nn.Module, dict[int, tuple[str, str]]]] = {}
+    for r in refs:
+        if r.kind == "experts.gate_proj":  # named <experts>.<e>.gate_proj, beside <experts>.<e>.down_proj
+            down = r.name.removesuffix("gate_proj") + "down_proj"
+            experts.setdefault(id(r.module), (r.module, {}))[1][r.expert[1]] = (r.name, down)
+    for module, names in experts.values():
+        handles.append(module.register_forward_hook(_experts_hook(stats, names), with_kwargs=True))
+    return handles
 
 
 class _Captured(Exception):
@@ -218,9 +285,9 @@ def walk_blocks(model: nn.Module, calib: torch.Tensor | None, on_block: BlockFn,
         block.to(dev)
         call = _call_to(calls[b], dev)
         refs = refs_by_block.get(b, [])
-        stats = {r.name: InputStats(r.cols, hessian, dev) for r in refs}
+        stats = _block_stats(refs, hessian, dev)
         seen: dict = {}
-        handles = [r.module.register_forward_hook(_stats_hook(stats, r.name, seen)) for r in refs]
+        handles = _add_hooks(refs, stats, seen)
         try:
             with torch.no_grad():
                 out = run_block(block, hidden, call)

@@ -30,7 +30,7 @@ from analysis.export import (
     ratios_npy,
     recipe_yaml,
 )
-from analysis.layers import layer_table
+from analysis.layers import UNSUPPORTED, layer_table, unsupported_weights
 from analysis.loading import DEVICE_MAP_AUTO, PACKAGED, ModelLoadError, ensure_converted, load_model, resolve_source
 from analysis.pipeline import (
     allocation_caveats,
@@ -59,7 +59,7 @@ from analysis.settings import (
     SpectraSettings,
     ZeroShotSettings,
 )
-from analysis.spectra import analyze, analyze_checkpoint
+from analysis.spectra import NotStreamable, analyze, analyze_checkpoint
 from analysis.store import RunStore, StoreError, now_iso
 from analysis.sweep import FAILED, SweepGrid, check_address, grid_from_text, outcome_table, run_sweep
 from analysis.zeroshot import PAPER_TASKS, ZeroShotError, check_tasks
@@ -140,9 +140,12 @@ def _model_settings(args: argparse.Namespace) -> ModelSettings:
 def _load(m: ModelSettings, check=None):
     """Load the model; `check(preview)` runs on its tokenizer and config before the weights load."""
     m.check()
-    return load_model(m.source, device=None if m.device == "auto" else m.device,
-                      dtype=None if m.dtype == "auto" else m.dtype, trust_remote_code=m.trust_remote_code,
-                      check=check)
+    loaded = load_model(m.source, device=None if m.device == "auto" else m.device,
+                        dtype=None if m.dtype == "auto" else m.dtype, trust_remote_code=m.trust_remote_code,
+                        check=check)
+    if left := unsupported_weights(loaded.model):
+        print(f"warning: {UNSUPPORTED.format(n=left)}", file=sys.stderr)
+    return loaded
 
 
 def _add_calib_args(p: argparse.ArgumentParser, what: str = "calibration", seed: bool = True) -> None:
@@ -709,10 +712,14 @@ def cmd_spectra(args: argparse.Namespace) -> int:
     folder = _checkpoint_folder(model)  # checked (headers only) before the progress bar appears
     kwargs = dict(fit=settings.fit, farms=settings.farms, normalize=settings.normalize,
                   include_outside=settings.include_outside, progress=_tqdm_progress("spectra"))
+    result = None
     if folder is not None:  # streamed from the shards, no model load; cached by the checkpoint's content
-        result = analyze_checkpoint(folder, device=None if model.device == "auto" else model.device, **kwargs)
-        title = resolve_source(model.source)[1]
-    else:
+        try:
+            result = analyze_checkpoint(folder, device=None if model.device == "auto" else model.device, **kwargs)
+            title = resolve_source(model.source)[1]
+        except NotStreamable:
+            pass
+    if result is None:
         loaded = _load(model)
         result, title = analyze(loaded.model, **kwargs), loaded.info.title
     metrics = result.metrics

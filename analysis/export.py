@@ -294,11 +294,18 @@ def folder_bytes(folder: str | Path) -> int:
 
 
 def module_order(per_layer: dict[str, float], model: nn.Module | None = None) -> dict[str, float]:
-    """`per_layer` in the model's module order (named_modules); without a model, as given
-    (allocations are built walking the model, so their order already is module order)."""
+    """`per_layer` in the model's module order (named_modules; the matrices of fused MoE experts at their
+    experts module, in the given order); without a model, as given (allocations are built walking the
+    model, so their order already is module order)."""
     if model is None:
         return dict(per_layer)
-    return {n: per_layer[n] for n, _ in model.named_modules() if n in per_layer}
+    rank = {n: i for i, (n, _) in enumerate(model.named_modules())}
+
+    def position(name: str) -> int:  # a fused expert's matrix (<experts>.<e>.gate_proj) sits at its experts module
+        while name not in rank and "." in name:
+            name = name.rsplit(".", 1)[0]
+        return rank.get(name, len(rank))
+    return dict(sorted(per_layer.items(), key=lambda item: position(item[0])))  # stable: experts keep their order
 
 
 def recipe_yaml(per_layer: dict[str, float], pruner: str = "sparsegpt", nm: tuple[int, int] | None = None,

@@ -4,6 +4,13 @@ One walker for every architecture: the decoder blocks are the longest `nn.Module
 every `nn.Linear` (or GPT-2 style `Conv1D`) is a prunable matrix, listed in module order. The input
 embedding and an untied lm_head are listed too, as not prunable. A matrix is always described as
 (out_features, in_features), whatever its module stores.
+
+Mixture-of-experts blocks (Mixtral, Qwen-MoE, ... in transformers 5) keep their experts as two 3-D
+parameters of one module, `gate_up_proj` (experts, 2 x inner, hidden) and `down_proj` (experts, hidden,
+inner). Every expert's gate, up and down projection is a matrix of its own here, a slice of those
+parameters, named as in the checkpoints (`<experts>.<e>.gate_proj`, `.up_proj`, `.down_proj`), so
+spectra, allocations and pruners see them like any other matrix. Other 3-D layouts are left dense and
+counted by `unsupported_weights`.
 """
 from __future__ import annotations
 
@@ -32,6 +39,8 @@ class LayerRef:
     prunable: bool  # inside a decoder block; embeddings and lm_head are listed but excluded
     transposed: bool = False  # Conv1D: module.weight is (in, out)
     module: nn.Module | None = field(default=None, repr=False, compare=False)
+    # a matrix sliced from fused MoE experts: (parameter, expert, first row, end row) of module's 3-D parameter
+    expert: tuple[str, int, int, int] | None = None
 
     @property
     def params(self) -> int:
@@ -39,6 +48,9 @@ class LayerRef:
 
     def weight(self) -> torch.Tensor:
         """The matrix as (out, in); a view of the module's parameter, not a copy."""
+        if self.expert is not None:
+            param, e, a, b = self.expert
+            return getattr(self.module, param)[e, a:b]
         w = self.module.weight
         return w.t() if self.transposed else w
 
@@ -68,6 +80,53 @@ def _is_matrix_module(mod: nn.Module) -> bool:
     return type(mod).__name__ == "Conv1D" and getattr(mod, "weight", None) is not None and mod.weight.dim() == 2
 
 
+def fused_experts(mod: nn.Module) -> tuple[int, int, int] | None:
+    """(experts, hidden, inner) when `mod` holds MoE experts in the fused layout this module reads (see the
+    module docstring): 3-D gate_up_proj (E, 2I, H) and down_proj (E, H, I), no biases; else None."""
+    gate_up, down = getattr(mod, "gate_up_proj", None), getattr(mod, "down_proj", None)
+    if not all(isinstance(p, nn.Parameter) and p.dim() == 3 for p in (gate_up, down)):
+        return None
+    if any(isinstance(getattr(mod, f"{p}_bias", None), torch.Tensor) for p in ("gate_up_proj", "down_proj")):
+        return None  # biased experts (GPT-OSS) compute something else
+    e, two_inner, hidden = gate_up.shape
+    if tuple(down.shape) != (e, hidden, two_inner // 2) or two_inner % 2:
+        return None
+    return int(e), int(hidden), int(two_inner // 2)
+
+
+def _expert_refs(name: str, b: int, mod: nn.Module) -> list[LayerRef]:
+    e_count, hidden, inner = fused_experts(mod)
+    refs = []
+    for e in range(e_count):
+        for kind, param, a, z, rows, cols in (("gate_proj", "gate_up_proj", 0, inner, inner, hidden),
+                                              ("up_proj", "gate_up_proj", inner, 2 * inner, inner, hidden),
+                                              ("down_proj", "down_proj", 0, hidden, hidden, inner)):
+            refs.append(LayerRef(f"{name}.{e}.{kind}", b, f"experts.{kind}", "mlp", rows, cols, True, False, mod,
+                                 (param, e, a, z)))
+    return refs
+
+
+UNSUPPORTED = ("{n:,} weights of the decoder blocks sit in 3-D parameters of a layout this tool does not read (MoE "
+               "experts other than gate_up_proj (E, 2I, H) + down_proj (E, H, I)): they are neither analysed nor "
+               "pruned, and sparsities count the other matrices only")
+
+
+def unsupported_weights(model: nn.Module) -> int:
+    """Weights inside the decoder blocks held in parameters of 3 or more dimensions that are not fused
+    experts of the layout `fused_experts` reads (e.g. experts stored transposed or with biases): they
+    are neither analysed nor pruned."""
+    found = find_blocks(model)
+    if not found:
+        return 0
+    total = 0
+    for block in found[1]:
+        for _, mod in block.named_modules():
+            if fused_experts(mod) is not None:
+                continue
+            total += sum(p.numel() for p in mod.parameters(recurse=False) if p.dim() >= 3)
+    return total
+
+
 def _group(name: str, kind: str) -> str:
     parent = name.split(".")[-2] if "." in name else ""
     if "attn" in parent or "attention" in parent:
@@ -81,15 +140,17 @@ def _group(name: str, kind: str) -> str:
 
 
 def find_layers(model: nn.Module, include_outside: bool = True) -> list[LayerRef]:
-    """All weight matrices: every Linear/Conv1D inside the decoder blocks (prunable), in module order,
-    plus the input embedding and lm_head (listed, not prunable) when `include_outside`.
-    """
+    """All weight matrices: every Linear/Conv1D and fused expert matrix inside the decoder blocks
+    (prunable), in module order, plus the input embedding and lm_head (listed, not prunable) when
+    `include_outside`."""
     found = find_blocks(model)
     refs: list[LayerRef] = []
     if found:
         prefix, blocks = found
         for b, block in enumerate(blocks):
             for sub, mod in block.named_modules():
+                if fused_experts(mod) is not None:
+                    refs.extend(_expert_refs(f"{prefix}.{b}.{sub}", b, mod))
                 if not _is_matrix_module(mod):
                     continue
                 name = f"{prefix}.{b}.{sub}"

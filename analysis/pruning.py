@@ -18,7 +18,7 @@ from torch import nn
 from analysis.allocation import MAX_RATIO
 from analysis.calibration import InputStats, walk_blocks
 from analysis.layers import LayerRef, find_blocks, prunable_layers
-from analysis.pruners import NM, PRUNERS, check_rowwise, get_pruner, parse_nm, prune_trim
+from analysis.pruners import NM, PRUNERS, Pruner, check_rowwise, get_pruner, parse_nm, prune_trim
 from analysis.runtime import ProgressFn, StopFlag
 
 METHODS = tuple(PRUNERS)
@@ -56,14 +56,24 @@ def _check_ratios(per_layer: dict[str, float], refs: list[LayerRef]) -> None:
         raise ValueError(f"Sparsity ratios must be in [0, {MAX_RATIO}]; '{k}' has {v}")
 
 
+def layer_pruner(method: str, stats: InputStats | None) -> tuple[Pruner, torch.Tensor | None]:
+    """The registered pruner `method` and its statistic from `stats`. A matrix that saw no calibration
+    token (an expert the router never chose) has an all-zero statistic: it is pruned by magnitude."""
+    pruner = get_pruner(method)
+    if not pruner.statistic:
+        return pruner, None
+    if stats.tokens == 0:
+        return get_pruner("magnitude"), None
+    return pruner, getattr(stats, pruner.statistic)()
+
+
 def prune_layer(ref: LayerRef, ratio: float, method: str, stats: InputStats | None, nm: NM | None = None,
                 rowwise: str | None = None) -> None:
     """Prune one matrix in place with the registered pruner `method`; rowwise="trim" refines the
     per-row ratios (needs `stats` with the Gram matrix, i.e. gathered with hessian=True)."""
-    pruner = get_pruner(method)
-    stat = getattr(stats, pruner.statistic)() if pruner.statistic else None
+    pruner, stat = layer_pruner(method, stats)
     w = ref.weight().detach().float()
-    if rowwise == "trim":
+    if rowwise == "trim" and stats.tokens:
         new, _ = prune_trim(w, ratio, lambda m, rows: pruner.apply(m, rows, None, stat), stats.xtx,
                             max_ratio=MAX_RATIO)
     else:

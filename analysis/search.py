@@ -83,7 +83,7 @@ from analysis.calibration import InputStats, replaying, walk_blocks
 from analysis.evaluation import token_nll
 from analysis.layers import LayerRef, find_blocks, layers_by_block, module_device, module_device_dtype
 from analysis.pruners import get_pruner
-from analysis.pruning import DenseSnapshot
+from analysis.pruning import DenseSnapshot, layer_pruner
 from analysis.runtime import ProgressFn, StopFlag, should_stop
 from analysis.settings import SEARCH_OBJECTIVES, SEARCH_SEQLEN, SEARCH_SPACES, SEARCH_STEP, VERIFY_MODES
 
@@ -214,7 +214,8 @@ class BlockLevels:
 
     def __init__(self, model: nn.Module, calib: torch.Tensor, method: str,
                  progress: ProgressFn | None = None, device: str | torch.device | None = None):
-        self.model, self.calib, self.device, self.pruner = model, calib, device, get_pruner(method)
+        self.model, self.calib, self.device, self.method = model, calib, device, method
+        self.pruner = get_pruner(method)
         self.refs: dict[int, list[LayerRef]] = layers_by_block(model)
         self.dense = DenseSnapshot.take(model)
         self.stats: dict[str, InputStats] = {}
@@ -237,11 +238,11 @@ class BlockLevels:
     def _level(self, b: int, ref: LayerRef, ratio: float) -> torch.Tensor:
         if (b, ref.name, ratio) not in self.cache:
             w = self.dense.weights[ref.name].float()
-            stat = getattr(self.stats[ref.name], self.pruner.statistic)() if self.pruner.statistic else None
+            pruner, stat = layer_pruner(self.method, self.stats.get(ref.name))
             w = w.to(stat.device) if stat is not None else w
             # pruners that only remove weights are kept as masks (1 byte per weight)
-            self.cache[(b, ref.name, ratio)] = self.pruner.mask(w, ratio, None, stat).cpu() if self.pruner.mask \
-                else self.pruner.apply(w, ratio, None, stat).to("cpu", self.dense.weights[ref.name].dtype)
+            self.cache[(b, ref.name, ratio)] = pruner.mask(w, ratio, None, stat).cpu() if pruner.mask \
+                else pruner.apply(w, ratio, None, stat).to("cpu", self.dense.weights[ref.name].dtype)
         return self.cache[(b, ref.name, ratio)]
 
     def _write(self, b: int, key: tuple[float, ...]) -> None:

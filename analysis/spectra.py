@@ -376,7 +376,13 @@ def _fit_row(eigs: np.ndarray, fit: str, known_status: str | None, min_tail: int
 # streamed from a checkpoint folder, with a disk cache
 
 CHUNK_ELEMENTS = 1 << 22  # entries per streamed slice: 32 MiB in float64
-CACHE_VERSION = 1  # bump when the cached files' layout or the metrics' meaning changes
+CACHE_VERSION = 2  # bump when the cached files' layout or the metrics' meaning changes (2: fused MoE experts listed)
+
+
+class NotStreamable(CheckpointError):
+    """A checkpoint that stores some matrices under other names than the loaded model has (Mixtral keeps its
+    experts as `block_sparse_moe.experts.<e>.w1/w2/w3`, which transformers fuses when it loads them): its
+    spectra need the loaded model (`analyze`)."""
 
 
 def checkpoint_layers(ckpt: Checkpoint, include_outside: bool = False) -> list[LayerRef]:
@@ -386,6 +392,9 @@ def checkpoint_layers(ckpt: Checkpoint, include_outside: bool = False) -> list[L
     model = skeleton(AutoConfig.from_pretrained(ckpt.folder))
     refs = [replace(r, module=None) for r in find_layers(model, include_outside=include_outside)]
     missing = [r.name for r in refs if r.name + ".weight" not in ckpt.tensors]
+    if missing and all(r.expert is not None for r in refs if r.name + ".weight" not in ckpt.tensors):
+        raise NotStreamable(f"{ckpt.folder}: its experts are stored under other names than the loaded model's "
+                            f"(no tensor {missing[0]}.weight); load the model to analyse them.")
     if missing:
         raise CheckpointError(f"{ckpt.folder}: no tensor {missing[0]}.weight for the model's module {missing[0]}"
                               + (f" (and {len(missing) - 1} more)." if len(missing) > 1 else "."))
@@ -553,6 +562,6 @@ def shuffled_esd(ref: LayerRef, farms: bool = False, normalize: bool = False, se
     return farms_esd(shuffled, normalize) if farms else esd(shuffled, normalize)
 
 
-__all__ = ["ALPHA_BANDS", "COLUMNS", "SpectraResult", "analyze", "analyze_checkpoint", "checkpoint_layers", "esd",
-           "farms_esd", "farms_windows", "mp_bounds", "mp_curve", "mp_density", "shuffled_esd", "spectral_entropy",
-           "streamed_esd"]
+__all__ = ["ALPHA_BANDS", "COLUMNS", "NotStreamable", "SpectraResult", "analyze", "analyze_checkpoint",
+           "checkpoint_layers", "esd", "farms_esd", "farms_windows", "mp_bounds", "mp_curve", "mp_density",
+           "shuffled_esd", "spectral_entropy", "streamed_esd"]

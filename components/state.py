@@ -38,7 +38,7 @@ from analysis.loading import PACKAGED, LoadedModel, load_model, memory_estimate,
 from analysis.pipeline import calibration_batch, evaluation_windows
 from analysis.session import ModelGate, WorkingCopy, evaluate_job, outlier_ratios_job
 from analysis.settings import QUICK_EVALUATION, CalibrationSettings, EvaluationSettings, SpectraSettings
-from analysis.spectra import analyze, analyze_checkpoint
+from analysis.spectra import NotStreamable, analyze, analyze_checkpoint
 from analysis.store import RunStore
 
 ModelKey = tuple[str, str, str, bool]  # (source, device, dtype, trust_remote_code)
@@ -187,8 +187,11 @@ def spectra_job(loaded: LoadedModel, fit: str = SpectraSettings.fit, farms: bool
 
     def run(job: Job):
         if folder is not None and has_safetensors(folder):
-            return analyze_checkpoint(folder, fit=fit, farms=farms, include_outside=True,
-                                      device=loaded.info.device, progress=job.report)
+            try:
+                return analyze_checkpoint(folder, fit=fit, farms=farms, include_outside=True,
+                                          device=loaded.info.device, progress=job.report)
+            except NotStreamable:
+                pass
         return analyze(loaded.model, fit=fit, farms=farms, include_outside=True, progress=job.report)
     return shared_job(key, run, name="spectra")
 

@@ -2,7 +2,7 @@
 import pandas as pd
 import streamlit as st
 
-from analysis.layers import find_layers
+from analysis.layers import UNSUPPORTED, find_layers, unsupported_weights
 from analysis.loading import (
     DEVICE_MAP_AUTO,
     DTYPES,
@@ -128,6 +128,8 @@ if current is not None:
               .rename("count").reset_index())
     with st.expander("Weight matrices by kind"):
         st.dataframe(shapes, hide_index=True)
+    if left := unsupported_weights(loaded.model):
+        st.warning(UNSUPPORTED.format(n=left) + ".")
 
 
 if source:

@@ -1,0 +1,206 @@
+"""Mixture-of-experts models (transformers 5 keeps experts fused in 3-D parameters): every expert's gate,
+up and down projection is a matrix of its own for spectra, allocation and the pruners, fed the tokens
+the router sent it. Tiny Qwen2-MoE / Mixtral / GPT-OSS models built from configs."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers as tf
+
+from analysis.calibration import ExpertsError, walk_blocks
+from analysis.checkpoint import open_checkpoint
+from analysis.export import export, module_order
+from analysis.layers import find_layers, prunable_layers, unsupported_weights
+from analysis.pruners import prune_magnitude, prune_sparsegpt, prune_wanda
+from analysis.pruning import DenseSnapshot, prune
+from analysis.spectra import NotStreamable, analyze, analyze_checkpoint, checkpoint_layers
+from tests.conftest import word_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+MOE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=120)
+
+
+def qwen2_moe(experts=4, top_k=2, seed=0):
+    torch.manual_seed(seed)
+    cfg = tf.Qwen2MoeConfig(**MOE, intermediate_size=128, moe_intermediate_size=32, shared_expert_intermediate_size=64,
+                            num_experts=experts, num_experts_per_tok=top_k)
+    return tf.Qwen2MoeForCausalLM(cfg).eval()
+
+
+def mixtral(seed=0):
+    torch.manual_seed(seed)
+    return tf.MixtralForCausalLM(tf.MixtralConfig(**MOE, intermediate_size=48, num_local_experts=4,
+                                                  num_experts_per_tok=2)).eval()
+
+
+def calib(n=4, seqlen=16, seed=0):
+    return torch.randint(0, 120, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def routed_inputs(model, ids):
+    """Per block: the experts module's input and the router's chosen experts, read from the router itself."""
+    seen = {}
+    handles = [layer.mlp.gate.register_forward_hook(lambda m, i, o, b=b: seen.__setitem__(b, (i[0], o[2])))
+               for b, layer in enumerate(model.model.layers)]
+    with torch.no_grad():
+        model(input_ids=ids)
+    for h in handles:
+        h.remove()
+    return {b: (x.reshape(-1, x.shape[-1]), chosen) for b, (x, chosen) in seen.items()}
+
+
+def test_every_expert_projection_is_a_matrix_named_as_in_the_checkpoint(tmp_path):
+    model = qwen2_moe()
+    refs = [r for r in prunable_layers(model) if r.block == 0]
+    assert [r.kind for r in refs] == ["q_proj", "k_proj", "v_proj", "o_proj"] + \
+        ["experts.gate_proj", "experts.up_proj", "experts.down_proj"] * 4 + \
+        ["gate_proj", "up_proj", "down_proj", "shared_expert_gate"]
+    experts = model.model.layers[0].mlp.experts
+    up2 = next(r for r in refs if r.name == "model.layers.0.mlp.experts.2.up_proj")
+    assert (up2.rows, up2.cols, up2.group) == (32, 64, "mlp")
+    assert up2.weight().data_ptr() == experts.gate_up_proj[2, 32:].data_ptr()  # a view: pruning it edits the model
+    model.save_pretrained(tmp_path)  # transformers writes the experts one by one, as the Hub checkpoints are
+    ckpt = open_checkpoint(tmp_path)
+    for r in refs:
+        assert torch.equal(ckpt.tensor(r.name + ".weight"), r.weight()), r.name
+    assert unsupported_weights(model) == 0
+
+
+def test_experts_see_the_tokens_the_router_sent_them():
+    model, ids = qwen2_moe(), calib()
+    routed = routed_inputs(model, ids)
+    got = {}
+    walk_blocks(model, ids, lambda b, refs, stats: got.update(stats) or False, hessian=True)
+    for b, (x, chosen) in routed.items():
+        experts = model.model.layers[b].mlp.experts
+        for e in range(4):
+            xe = x[(chosen == e).any(-1)]
+            gate = got[f"model.layers.{b}.mlp.experts.{e}.gate_proj"]
+            assert got[f"model.layers.{b}.mlp.experts.{e}.up_proj"] is gate  # the same tokens: one statistic
+            assert gate.tokens == len(xe) > 0
+            torch.testing.assert_close(gate.xtx, xe.t() @ xe, rtol=1e-5, atol=1e-5)
+            g, u = F.linear(xe, experts.gate_up_proj[e]).chunk(2, dim=-1)
+            inner = F.silu(g) * u
+            torch.testing.assert_close(got[f"model.layers.{b}.mlp.experts.{e}.down_proj"].sq, (inner ** 2).sum(0),
+                                       rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_pruning_experts_is_each_pruner_on_each_expert(method):
+    model, ids = qwen2_moe(), calib()
+    dense = DenseSnapshot.take(model)
+    routed = routed_inputs(model, ids)  # dense inputs of block 0, which is pruned first
+    refs = prunable_layers(model)
+    report = prune(model, {r.name: 0.5 for r in refs}, method, ids)
+    assert report.overall == pytest.approx(0.5)
+    x, chosen = routed[0]
+    xe = x[(chosen == 1).any(-1)]
+    w = dense.weights["model.layers.0.mlp.experts.1.gate_proj"]
+    want = {"magnitude": lambda: prune_magnitude(w, 0.5),
+            "wanda": lambda: prune_wanda(w, (xe ** 2).sum(0).sqrt(), 0.5),
+            "sparsegpt": lambda: prune_sparsegpt(w, xe.t() @ xe * (2 / len(xe)), 0.5)}[method]()
+    got = model.model.layers[0].mlp.experts.gate_up_proj[1, :32]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids).logits).all()
+    dense.restore(model)
+    assert torch.equal(model.model.layers[0].mlp.experts.gate_up_proj[1, :32], w)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_an_expert_no_calibration_token_reached_is_pruned_by_magnitude(method):
+    """Eight experts, one chosen per token, four calibration tokens: at least four experts of every block see
+    nothing. Their statistic would be all zeros (SparseGPT would zero the whole expert), so they get magnitude."""
+    model, ids = qwen2_moe(experts=8, top_k=1), calib(n=1, seqlen=4)
+    routed = routed_inputs(model, ids)
+    dense = DenseSnapshot.take(model)
+    report = prune(model, {r.name: 0.5 for r in prunable_layers(model)}, method, ids)
+    unused = [e for e in range(8) if not (routed[0][1] == e).any()]
+    assert len(unused) >= 4
+    for e in unused:
+        for kind in ("gate_proj", "up_proj", "down_proj"):
+            name = f"model.layers.0.mlp.experts.{e}.{kind}"
+            assert report.per_layer[name] == pytest.approx(0.5)
+            w = next(r for r in prunable_layers(model) if r.name == name).weight()
+            assert torch.equal(w, prune_magnitude(dense.weights[name], 0.5))
+
+
+def test_experts_that_compute_otherwise_are_refused_not_misread():
+    model = qwen2_moe()
+    for layer in model.model.layers:  # experts whose output is not down(act(gate) * up) as stored
+        layer.mlp.experts.register_forward_hook(lambda m, i, o: o * 2)
+    with pytest.raises(ExpertsError, match="magnitude"):
+        prune(model, {r.name: 0.5 for r in prunable_layers(model)}, "wanda", calib())
+    assert prune(model, {r.name: 0.5 for r in prunable_layers(model)}, "magnitude").overall == pytest.approx(0.5)
+
+
+def test_other_expert_layouts_are_counted_not_misread():
+    cfg = tf.GptOssConfig(**MOE, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, head_dim=16,
+                          layer_types=["full_attention"] * 2)
+    model = tf.GptOssForCausalLM(cfg)  # experts stored (E, H, 2I), with biases
+    assert unsupported_weights(model) == 2 * 4 * (64 * 64 + 32 * 64)
+    assert not any("experts" in r.name for r in prunable_layers(model))
+
+
+def test_spectra_of_experts_streamed_or_loaded(tmp_path, monkeypatch):
+    monkeypatch.setenv("ALPHASCOPE_CACHE", str(tmp_path / "cache"))
+    qwen = qwen2_moe()
+    qwen.save_pretrained(tmp_path / "qwen")
+    streamed = analyze_checkpoint(tmp_path / "qwen", device="cpu")
+    pd.testing.assert_frame_equal(streamed.metrics, analyze(qwen).metrics, rtol=1e-9)
+    assert (streamed.metrics["kind"] == "experts.down_proj").sum() == 2 * 4
+    # Mixtral's checkpoint keeps experts as block_sparse_moe.experts.<e>.w1/w2/w3: the CLI loads the model instead
+    mix = mixtral()
+    mix.save_pretrained(tmp_path / "mix")
+    word_tokenizer(119).save_pretrained(tmp_path / "mix")
+    with pytest.raises(NotStreamable):
+        checkpoint_layers(open_checkpoint(tmp_path / "mix"))
+    out = subprocess.run([sys.executable, "-m", "analysis", "spectra", "--model", str(tmp_path / "mix"), "--out",
+                          str(tmp_path / "mix.csv")], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                         env={**os.environ, "ALPHASCOPE_CACHE": str(tmp_path / "cache")})
+    assert out.returncode == 0, out.stderr
+    table = pd.read_csv(tmp_path / "mix.csv")
+    assert len(table) == 2 * (4 + 3 * 4) and np.isfinite(table["alpha"]).any()
+
+
+def test_pruned_experts_export_and_reload(tmp_path):
+    model, ids = mixtral(), calib()
+    refs = prunable_layers(model)
+    per_layer = {r.name: 0.5 for r in refs}
+    prune(model, per_layer, "wanda", ids)
+    assert list(module_order(per_layer, model)) == list(per_layer)  # what recipes and .npy files list
+    shuffled = list(module_order(dict(reversed(per_layer.items())), model))
+    assert shuffled[:4] == [r.name for r in refs[:4]]  # the attention, then block 0's experts at their module
+    assert {n.rsplit(".", 2)[0] for n in shuffled[4:16]} == {"model.layers.0.mlp.experts"}
+    back = tf.AutoModelForCausalLM.from_pretrained(export(model, None, {"per_layer": per_layer}, tmp_path / "out"))
+    for a, b in zip(find_layers(model), find_layers(back)):
+        assert a.name == b.name and torch.equal(a.weight(), b.weight()), a.name
+
+
+def test_model_page_lists_the_experts_and_warns_of_weights_it_cannot_read(tmp_path):
+    from tests.test_app import fresh_app, metric, run_until_idle
+
+    mixtral().save_pretrained(tmp_path / "mix")
+    cfg = tf.GptOssConfig(**MOE, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, head_dim=16,
+                          layer_types=["full_attention"] * 2)
+    tf.GptOssForCausalLM(cfg).save_pretrained(tmp_path / "oss")
+    for name in ("mix", "oss"):
+        word_tokenizer(119).save_pretrained(tmp_path / name)
+    at = fresh_app()
+    at.radio(key="model_choice").set_value("Local checkpoint folder").run()
+    at.text_input(key="model_folder").input(str(tmp_path / "mix")).run()
+    at.button(key="model_load").click().run()
+    run_until_idle(at, "spectra of the tiny Mixtral")  # loaded, and its spectra job (on the loaded model) done
+    assert not at.error and not at.warning, [e.value for e in at.error] + [w.value for w in at.warning]
+    assert metric(at, "Prunable matrices") == str(2 * (4 + 3 * 4))
+    at.text_input(key="model_folder").input(str(tmp_path / "oss")).run()
+    at.button(key="model_load").click().run()
+    assert not at.error, [e.value for e in at.error]
+    assert metric(at, "Prunable matrices") == str(2 * 4)
+    assert any("49,152 weights" in w.value and "neither analysed nor pruned" in w.value for w in at.warning)
