@@ -268,6 +268,15 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     return ids
 
 
+def readable_tokens(tokenizer, text: str, label: str) -> torch.Tensor:
+    """`tokenize`, refusing a tokenizer that turns a non-empty text into nothing (it cannot read it)."""
+    ids = tokenize(tokenizer, text)
+    if len(ids) == 0 and text.strip():
+        raise DataError(f"The model's tokenizer turns {label.lower()} ({len(text):,} characters) into no tokens: it "
+                        "cannot read this text (is the tokenizer this model's?).")
+    return ids
+
+
 def _bos_id(tokenizer) -> int:
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is None:
@@ -299,7 +308,7 @@ def calibration_batches(tokenizer, text: str, n_samples: int = 16, seqlen: int =
     if int(n_samples) != n_samples or n_samples < 1:
         raise DataError(f"n_samples must be a positive integer, got {n_samples}")
     span = _check_seqlen(seqlen, bos)
-    ids = tokenize(tokenizer, text)
+    ids = readable_tokens(tokenizer, text, "The calibration text")
     if len(ids) < span:
         raise DataError(f"Calibration text has {len(ids)} tokens, needs at least seqlen={span} "
                         f"for one window; use a longer text or a smaller seqlen.")
@@ -323,7 +332,7 @@ def eval_windows(tokenizer, text: str, seqlen: int = 512, bos: bool = False,
     span = _check_seqlen(seqlen, bos)
     if max_windows is not None and (int(max_windows) != max_windows or max_windows < 1):
         raise DataError(f"max_windows must be a positive integer, got {max_windows}")
-    ids = tokenize(tokenizer, text)
+    ids = readable_tokens(tokenizer, text, label)
     n = len(ids) // span
     if n == 0:
         raise DataError(f"{label} has {len(ids)} tokens, needs at least seqlen={span} "

@@ -329,6 +329,9 @@ def load_model(
         raise ModelLoadError(_explain_load_error(source, e)) from e
     check_tokenizer(tok, config, source)
     bos = pm.bos_per_window if pm else _wants_bos(config)
+    if bos and getattr(tok, "bos_token_id", None) is None:
+        raise ModelLoadError(f"'{source}' is a {config.model_type} model, whose text windows must start with its BOS "
+                             "token, but its tokenizer defines none: set bos_token in its tokenizer_config.json.")
     if check is not None:
         check(ModelPreview(source, tok, config, bos, trust_remote_code))
     try:

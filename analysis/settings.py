@@ -27,6 +27,7 @@ from analysis.data import (
     evaluation_text,
     held_out_split,
     load_text,
+    readable_tokens,
     spread_windows,
     text_source_problem,
 )
@@ -182,6 +183,7 @@ class CalibrationSettings:
         `evaluation_source`) gives one window with its tokenizer (tokens are cached for the run)."""
         _fits_context(self.seqlen, preview, "calibration.seqlen")
         text = calibration_text(self.source, evaluation_source, self.encoding)
+        _checked("calibration.source", readable_tokens, preview.tokenizer, text, "The calibration text")
         _checked("calibration.seqlen", calibration_batches, preview.tokenizer, text, 1, self.seqlen, 0,
                  preview.bos_per_window)
 
@@ -209,6 +211,7 @@ class EvaluationSettings:
         """seqlen fits the model's context and the text gives at least one window."""
         _fits_context(self.seqlen, preview, "evaluation.seqlen")
         text = evaluation_text(self.source, calibration_source, self.encoding)
+        _checked("evaluation.source", readable_tokens, preview.tokenizer, text, "The evaluation text")
         _checked("evaluation.seqlen", eval_windows, preview.tokenizer, text, self.seqlen, preview.bos_per_window, 1)
 
 

@@ -152,3 +152,29 @@ def test_held_out_split_names_the_validation_split_of_a_test_source(tmp_path, mo
     assert held_out_split(str(tmp_path / "news_test.txt")) == str(tmp_path / "news_val.txt")
     assert held_out_split(str(tmp_path / "contest.txt")) is None  # "test" inside a word is not a split
     assert held_out_split("default") is None and held_out_split("") is None
+
+
+def test_a_tokenizer_that_reads_nothing_is_named_not_a_short_text():
+    """A tokenizer that turns a non-empty text into no tokens (not this model's, or one that drops what it
+    does not know) gets its own message, attributed to the text source, not "0 tokens, use a longer text"."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from analysis.loading import ModelPreview
+    from analysis.settings import CalibrationSettings, EvaluationSettings, SettingsError
+
+    t = Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>"))
+    t.normalizer = normalizers.Replace(Regex(r"[\s\S]"), "")  # everything dropped
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    blind = PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>")
+    text = "plenty of words here " * 100
+    for make in (lambda: calibration_batches(blind, text, 2, 8), lambda: eval_windows(blind, text, 8)):
+        with pytest.raises(DataError, match="into no tokens"):
+            make()
+    preview = ModelPreview("tiny", blind, None, False, False)
+    with pytest.raises(SettingsError, match="into no tokens") as e:
+        CalibrationSettings("default", 2, 8).check_model(preview)
+    assert e.value.field == "calibration.source"
+    with pytest.raises(SettingsError, match="into no tokens") as e:
+        EvaluationSettings("default", 8).check_model(preview)
+    assert e.value.field == "evaluation.source"

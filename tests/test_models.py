@@ -135,3 +135,17 @@ def test_hub_reachability_is_probed_once_a_minute(monkeypatch):
     assert models.hub_reachable()  # reused within HUB_CHECK_TTL
     monkeypatch.setattr(models, "HUB_CHECK_TTL", 0.0)
     assert not models.hub_reachable()  # asked again: nothing listens any more
+
+
+def test_a_gemma_model_whose_tokenizer_has_no_bos_is_refused_at_load(tmp_path):
+    """Gemma's windows start with BOS (its perplexity collapses without it): a tokenizer without one is named
+    when the model loads, not later as a calibration error."""
+    from conftest import word_tokenizer
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    Gemma3ForCausalLM(cfg).save_pretrained(tmp_path)
+    word_tokenizer(119).save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match="BOS token.*bos_token"):
+        load_model(str(tmp_path), device="cpu")
