@@ -13,7 +13,11 @@ shape) and "7b" (32 blocks, 4096 / 11008, 32 heads, vocab 32000; LLaMA-2-7B's sh
 only the first 2 blocks: then only the streamed spectra are measured, once with the embedding and
 lm_head and once without, and the 32-block time is extrapolated as t(all, 2 blocks) + 30/2 ·
 t(blocks only, 2 blocks) (the blocks are identical in shape; peak memory is that of the subset run,
-since streaming holds one matrix per worker whatever the depth).
+since streaming holds one matrix per worker whatever the depth). "qwen3-moe" is Qwen3-30B-A3B's
+mixture-of-experts shape (48 blocks, hidden 2048, 32 heads / 4 KV heads of 128, 128 experts of 768, 8
+chosen per token; vocab 32000 here), written with its experts one tensor each as the Hub checkpoints are;
+"qwen3-moe:2" (2 blocks, 1.3 B weights) runs every step but weightwatcher on those 2 blocks (prune and
+spectra time grow with the number of blocks; the pruners hold one block at a time).
 
 Every measurement runs in its own Python process (`--step`), so its peak resident memory is its own
 (resource.getrusage ru_maxrss: the true peak, including the ~0.5 GB that importing torch and
@@ -55,9 +59,13 @@ SIZES = {
                  num_key_value_heads=4, vocab_size=32000),
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=32, vocab_size=32000),
+    "qwen3-moe": dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
+                      num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+                      num_experts_per_tok=8, vocab_size=32000),
 }
 FULL_STEPS = ("streamed", "in_memory", "weightwatcher", "wanda", "sparsegpt", "ppl")
 SUBSET_STEPS = ("streamed", "streamed_blocks")
+MOE_STEPS = ("streamed", "streamed_blocks", "in_memory", "wanda", "sparsegpt", "ppl")  # on the blocks written
 STD = 0.02  # LLaMA's initializer_range
 BLOCK_MATRICES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -71,22 +79,37 @@ def log(msg: str) -> None:
 # writing a random checkpoint
 
 
-def llama_config(size: str, blocks: int | None = None):
-    from transformers import LlamaConfig  # noqa: PLC0415
+def is_moe(size: str) -> bool:
+    return "num_experts" in SIZES[size]
+
+
+def model_config(size: str, blocks: int | None = None):
+    from transformers import LlamaConfig, Qwen3MoeConfig  # noqa: PLC0415
 
     shape = dict(SIZES[size])
     if blocks is not None:
         shape["num_hidden_layers"] = blocks
-    return LlamaConfig(**shape, max_position_embeddings=4096, tie_word_embeddings=False, dtype="bfloat16")
+    return (Qwen3MoeConfig if is_moe(size) else LlamaConfig)(**shape, max_position_embeddings=4096,
+                                                             tie_word_embeddings=False, dtype="bfloat16")
 
 
 def block_shapes(cfg) -> dict[str, tuple[int, ...]]:
     h, f = cfg.hidden_size, cfg.intermediate_size
-    kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
-    shapes = {"self_attn.q_proj": (h, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
-              "self_attn.o_proj": (h, h), "mlp.gate_proj": (f, h), "mlp.up_proj": (f, h), "mlp.down_proj": (h, f)}
-    return {f"{k}.weight": v for k, v in shapes.items()} | {"input_layernorm.weight": (h,),
-                                                           "post_attention_layernorm.weight": (h,)}
+    d = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
+    q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
+    shapes = {"self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
+              "self_attn.o_proj": (h, q)}
+    if getattr(cfg, "num_experts", None):  # Qwen3-MoE: q/k norms, the router, experts one tensor each
+        e, m = cfg.num_experts, cfg.moe_intermediate_size
+        shapes |= {"mlp.gate": (e, h)} | {f"mlp.experts.{i}.{k}": s for i in range(e)
+                                          for k, s in (("gate_proj", (m, h)), ("up_proj", (m, h)),
+                                                       ("down_proj", (h, m)))}
+        norms = {"self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,)}
+    else:
+        shapes |= {"mlp.gate_proj": (f, h), "mlp.up_proj": (f, h), "mlp.down_proj": (h, f)}
+        norms = {}
+    return {f"{k}.weight": v for k, v in shapes.items()} | norms | {"input_layernorm.weight": (h,),
+                                                                   "post_attention_layernorm.weight": (h,)}
 
 
 def random_tensor(shape, gen: torch.Generator, device: str) -> torch.Tensor:
@@ -122,7 +145,7 @@ def write_checkpoint(folder: Path, size: str, blocks: int | None, device: str, t
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    cfg = llama_config(size, blocks)
+    cfg = model_config(size, blocks)
     gen = torch.Generator(device=device).manual_seed(0)
     n = cfg.num_hidden_layers
     shards = {"model-outside.safetensors": {
@@ -370,7 +393,7 @@ def main(argv=None) -> int:
             entry["write_seconds"] = round(made, 1)
         entry["checkpoint_gb"] = round(sum(p.stat().st_size for p in folder.glob("*.safetensors")) / 1e9, 2)
         steps = entry.setdefault("steps", {})
-        todo = SUBSET_STEPS if blocks else FULL_STEPS
+        todo = MOE_STEPS if is_moe(size) else SUBSET_STEPS if blocks else FULL_STEPS
         for step in todo:
             if (args.steps and step not in args.steps.split(",")) or "seconds" in steps.get(step, {}) \
                     or "seconds_measured" in steps.get(step, {}):
