@@ -1,9 +1,9 @@
 """The weight matrices of a causal LM: its decoder blocks and the linear layers inside them.
 
 One walker for every architecture: the decoder blocks are the longest `nn.ModuleList`; inside a block
-every `nn.Linear` (or GPT-2 style `Conv1D`) is a prunable matrix, listed in module order. The input
-embedding and an untied lm_head are listed too, as not prunable. A matrix is always described as
-(out_features, in_features), whatever its module stores.
+every `nn.Linear` (or GPT-2 style `Conv1D`) is a prunable matrix, listed in module order, but for MoE
+routers (`ROUTERS`). The input embedding and an untied lm_head are listed too, as not prunable. A
+matrix is always described as (out_features, in_features), whatever its module stores.
 
 Mixture-of-experts blocks (Mixtral, Qwen-MoE, ... in transformers 5) keep their experts as two 3-D
 parameters of one module, `gate_up_proj` (experts, 2 x inner, hidden) and `down_proj` (experts, hidden,
@@ -36,7 +36,7 @@ class LayerRef:
     group: str  # "attn", "mlp", "embed", "head", or "other"
     rows: int
     cols: int
-    prunable: bool  # inside a decoder block; embeddings and lm_head are listed but excluded
+    prunable: bool  # inside a decoder block; routers, embeddings and lm_head are listed but excluded
     transposed: bool = False  # Conv1D: module.weight is (in, out)
     module: nn.Module | None = field(default=None, repr=False, compare=False)
     # a matrix sliced from fused MoE experts: (parameter, expert, first row, end row) of module's 3-D parameter
@@ -55,6 +55,10 @@ class LayerRef:
         return w.t() if self.transposed else w
 
 
+
+# MoE routers and gating vectors (Linear in some models): they choose which experts run, so they are
+# listed, not pruned
+ROUTERS = ("gate", "router", "shared_expert_gate")
 
 _GROUPS = {
     "attn": ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "c_attn", "query_key_value", "out_proj",
@@ -141,8 +145,8 @@ def _group(name: str, kind: str) -> str:
 
 def find_layers(model: nn.Module, include_outside: bool = True) -> list[LayerRef]:
     """All weight matrices: every Linear/Conv1D and fused expert matrix inside the decoder blocks
-    (prunable), in module order, plus the input embedding and lm_head (listed, not prunable) when
-    `include_outside`."""
+    (prunable, but for MoE routers: ROUTERS), in module order, plus the input embedding and lm_head
+    (listed, not prunable) when `include_outside`."""
     found = find_blocks(model)
     refs: list[LayerRef] = []
     if found:
@@ -157,7 +161,8 @@ def find_layers(model: nn.Module, include_outside: bool = True) -> list[LayerRef
                 kind = sub.split(".")[-1]
                 transposed = not isinstance(mod, nn.Linear)
                 r, c = mod.weight.shape[::-1] if transposed else mod.weight.shape
-                refs.append(LayerRef(name, b, kind, _group(name, kind), int(r), int(c), True, transposed, mod))
+                refs.append(LayerRef(name, b, kind, _group(name, kind), int(r), int(c), kind not in ROUTERS,
+                                     transposed, mod))
     if include_outside:
         emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None

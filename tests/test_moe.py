@@ -60,7 +60,9 @@ def test_every_expert_projection_is_a_matrix_named_as_in_the_checkpoint(tmp_path
     refs = [r for r in prunable_layers(model) if r.block == 0]
     assert [r.kind for r in refs] == ["q_proj", "k_proj", "v_proj", "o_proj"] + \
         ["experts.gate_proj", "experts.up_proj", "experts.down_proj"] * 4 + \
-        ["gate_proj", "up_proj", "down_proj", "shared_expert_gate"]
+        ["gate_proj", "up_proj", "down_proj"]
+    gate = [r for r in find_layers(model) if r.kind == "shared_expert_gate"]
+    assert len(gate) == 2 and not any(r.prunable for r in gate)  # a gating vector: listed, not pruned
     experts = model.model.layers[0].mlp.experts
     up2 = next(r for r in refs if r.name == "model.layers.0.mlp.experts.2.up_proj")
     assert (up2.rows, up2.cols, up2.group) == (32, 64, "mlp")
