@@ -72,7 +72,8 @@ class ExpertsError(ValueError):
 
 
 _EXPERT_ARGS = ("hidden_states", "top_k_index", "top_k_weights")
-_EXPERT_TOLERANCE = 1e-2  # relative error of the recomputed experts' output that still counts as the same
+_EXPERT_TOLERANCE = 5e-2  # relative error of the rebuilt output that still counts as the same: bf16 sums round
+# (by about 2^-9 each), a misread layout (gate and up swapped, another activation) errs by O(1)
 
 
 def _block_stats(refs: list[LayerRef], hessian: bool, device: torch.device) -> dict[str, InputStats]:
