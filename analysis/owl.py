@@ -18,7 +18,9 @@ def collect_outlier_ratios(model: nn.Module, calib: torch.Tensor, threshold_m: f
 
     For every prunable matrix, A = |W_ij| * ||X_j||_2 (the Wanda score, on the dense model); an entry
     is an outlier when A_ij > threshold_m * mean(A). A block's ratio is the fraction (in [0, 1], not
-    percent) of outlier entries over all its matrices (so matrices weigh by their parameter count).
+    percent) of outlier entries over all its matrices (so matrices weigh by their parameter count),
+    but for matrices that saw no calibration token (MoE experts the router never chose): they have no
+    scores, and counting them as free of outliers would dilute their block's ratio.
     """
     if threshold_m <= 0:
         raise ValueError(f"threshold_m must be > 0, got {threshold_m}")
@@ -27,6 +29,8 @@ def collect_outlier_ratios(model: nn.Module, calib: torch.Tensor, threshold_m: f
     def on_block(b: int, refs: list[LayerRef], stats: dict[str, InputStats]) -> bool:
         count, total = 0, 0
         for ref in refs:
+            if stats[ref.name].tokens == 0:
+                continue
             a = wanda_scores(ref.weight().detach().float(), stats[ref.name].col_norms())
             count += int((a > threshold_m * a.mean()).sum())
             total += a.numel()

@@ -17,7 +17,8 @@ from analysis.calibration import ExpertsError, walk_blocks
 from analysis.checkpoint import open_checkpoint
 from analysis.export import export, module_order
 from analysis.layers import find_layers, prunable_layers, unsupported_weights
-from analysis.pruners import prune_magnitude, prune_sparsegpt, prune_wanda
+from analysis.owl import collect_outlier_ratios
+from analysis.pruners import prune_magnitude, prune_sparsegpt, prune_wanda, wanda_scores
 from analysis.pruning import DenseSnapshot, prune
 from analysis.spectra import NotStreamable, analyze, analyze_checkpoint, checkpoint_layers
 from tests.conftest import word_tokenizer
@@ -131,6 +132,19 @@ def test_an_expert_no_calibration_token_reached_is_pruned_by_magnitude(method):
             assert report.per_layer[name] == pytest.approx(0.5)
             w = next(r for r in prunable_layers(model) if r.name == name).weight()
             assert torch.equal(w, prune_magnitude(dense.weights[name], 0.5))
+
+
+def test_owl_counts_outliers_of_the_experts_that_saw_tokens():
+    model, ids = qwen2_moe(experts=8, top_k=1), calib(n=1, seqlen=4)
+    stats = {}
+    walk_blocks(model, ids, lambda b, refs, s: stats.update(s) or False)
+    ratios = collect_outlier_ratios(model, ids)
+    for b in range(2):
+        seen = [r for r in prunable_layers(model) if r.block == b and stats[r.name].tokens]
+        assert len(seen) < len([r for r in prunable_layers(model) if r.block == b])  # some experts saw nothing
+        scores = [wanda_scores(r.weight().float(), stats[r.name].col_norms()) for r in seen]
+        want = sum(int((a > 5 * a.mean()).sum()) for a in scores) / sum(a.numel() for a in scores)
+        assert ratios[b] == pytest.approx(want)
 
 
 def test_experts_that_compute_otherwise_are_refused_not_misread():
