@@ -74,6 +74,7 @@ class ExpertsError(ValueError):
 _EXPERT_ARGS = ("hidden_states", "top_k_index", "top_k_weights")
 _EXPERT_TOLERANCE = 5e-2  # relative error of the rebuilt output that still counts as the same: bf16 sums round
 # (by about 2^-9 each), a misread layout (gate and up swapped, another activation) errs by O(1)
+_EXPERT_CHECK_TOKENS = 1024  # tokens the check rebuilds (all would cost a float32 copy of the block's activations)
 
 
 def _block_stats(refs: list[LayerRef], hessian: bool, device: torch.device) -> dict[str, InputStats]:
@@ -97,9 +98,11 @@ def _experts_hook(stats: dict[str, InputStats], names: dict[int, tuple[str, str]
             raise ExpertsError(f"{type(module).__name__} is not called with (hidden_states, top_k_index, "
                                "top_k_weights): its experts' inputs cannot be gathered; use the magnitude pruner")
         x = x.reshape(-1, x.shape[-1])
-        rebuilt = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        index, weights = index.reshape(x.shape[0], -1), weights.reshape(x.shape[0], -1)
+        checked = min(x.shape[0], _EXPERT_CHECK_TOKENS)
+        rebuilt = torch.zeros(checked, x.shape[1], dtype=torch.float32, device=x.device)
         for e, (gate_name, down_name) in names.items():
-            tok, pos = torch.where(index.reshape(x.shape[0], -1) == e)
+            tok, pos = torch.where(index == e)
             if len(tok) == 0:
                 continue
             xe = x[tok]
@@ -107,9 +110,10 @@ def _experts_hook(stats: dict[str, InputStats], names: dict[int, tuple[str, str]
             inner = module.act_fn(gate) * up
             stats[gate_name].add(xe)
             stats[down_name].add(inner)
-            y = F.linear(inner, module.down_proj[e]) * weights.reshape(x.shape[0], -1)[tok, pos, None]
-            rebuilt.index_add_(0, tok, y.float())
-        out = output.reshape(rebuilt.shape).float()
+            first = tok < checked
+            y = F.linear(inner[first], module.down_proj[e]) * weights[tok[first], pos[first], None]
+            rebuilt.index_add_(0, tok[first], y.float())
+        out = output.reshape(x.shape)[:checked].float()
         if float((rebuilt - out).norm()) > _EXPERT_TOLERANCE * max(float(out.norm()), 1e-12):
             raise ExpertsError(f"{type(module).__name__}'s experts do not compute down(act(gate) * up) as this tool "
                                "reads them, so their inputs cannot be gathered; use the magnitude pruner")
