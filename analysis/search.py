@@ -10,9 +10,10 @@ group, so sum_b params_b * ratio_b stays the start's budget exactly at every ste
 group add up to zero). The grid is anchored on the start's own ratios, not on multiples of the step:
 rounding a start to such a grid moves each block by up to step / 2, which cost OWL 0.09 nats of
 held-out NLL after a real prune (Gemma-3, SparseGPT 70%), more than most of the search's moves gain.
-With `space` "block+kind", every matrix kind found once in every block with one size (q_proj, ..., down_proj)
-also gets an offset, the same in every block, added to its block's ratio: a kind move takes one step from
-the kind with the smaller matrices and the same number of weights from (or to) another kind, so every block
+With `space` "block+kind", every matrix kind found in every block the same number of times (once, or once per
+MoE expert) with one size (q_proj, ..., down_proj, experts.down_proj) also gets an offset, the same in every
+block, added to its block's ratio: a kind move takes one step from the kind with fewer weights per block and
+the same number of weights from (or to) another kind, so every block
 keeps its ratio and the budget stays exact (in a model with few key/value heads, such as Gemma-3 with one, the
 small k_proj and v_proj serve every head, and how much to prune them is not its block's question alone).
 
@@ -69,6 +70,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -105,14 +107,14 @@ class Grid:
     hi: tuple[int, ...]
     layers: tuple[tuple[str, int, int], ...] = ()  # per matrix: (name, block, index in kinds or -1)
     kinds: tuple[str, ...] = ()  # the matrix kinds with an offset
-    kind_params: tuple[int, ...] = ()  # weights of one matrix of each kind
+    kind_params: tuple[int, ...] = ()  # weights of each kind in one block
 
     @classmethod
     def around(cls, per_block: list[float], params: list[int], step: float = SEARCH_STEP,
                layers: list[tuple[str, int, str, int]] | None = None, by_kind: bool = False) -> Grid:
         """`layers`: (name, block, kind, weights) of every matrix, for `per_layer`; `by_kind` (the "block+kind"
-        space): the kinds found once in every block, with the same size everywhere, get offsets (at least two
-        such)."""
+        space): the kinds found in every block the same number of times (once, or once per MoE expert), with
+        the same size everywhere, get offsets (at least two such)."""
         by_size: dict[int, list[int]] = {}
         for b, p in enumerate(params):
             if p > 0:
@@ -122,13 +124,16 @@ class Grid:
         hi = tuple(int(math.floor((MAX_RATIO - r) / step + 1e-9)) for r in base)
         blocks = [b for b, p in enumerate(params) if p > 0]
         layers = layers or []
-        kinds = [kind for kind in dict.fromkeys(kind for _, _, kind, _ in layers)
-                 if sorted(b for _, b, k, _ in layers if k == kind) == blocks
-                 and len({n for _, _, k, n in layers if k == kind}) == 1] if by_kind else []
+        per_block = {kind: Counter(b for _, b, k, _ in layers if k == kind)
+                     for kind in dict.fromkeys(kind for _, _, kind, _ in layers)} if by_kind else {}
+        kinds = [kind for kind, count in per_block.items()
+                 if sorted(count) == blocks and len(set(count.values())) == 1
+                 and len({n for _, _, k, n in layers if k == kind}) == 1]
         kinds = kinds if len(kinds) > 1 else []
         index = {kind: i for i, kind in enumerate(kinds)}
         rows = tuple((name, b, index.get(kind, -1)) for name, b, kind, _ in layers)
-        sizes = tuple(next(n for _, _, k, n in layers if k == kind) for kind in kinds)
+        # a kind's weights in one block: its matrices there (MoE: one per expert) x their size
+        sizes = tuple(per_block[kind][blocks[0]] * next(n for _, _, k, n in layers if k == kind) for kind in kinds)
         return cls(base, step, tuple(tuple(g) for g in by_size.values()), tuple(params), lo, hi, rows,
                    tuple(kinds), sizes)
 
@@ -190,8 +195,8 @@ def mutate(k: np.ndarray, grid: Grid, rng: np.random.Generator, max_moves: int =
 
 
 def _kind_move(k: np.ndarray, grid: Grid, rng: np.random.Generator) -> None:
-    """Kind i up, kind j down, by the same number of weights in every block: the kind with the smaller
-    matrices moves one step, the other step * (its size ratio); undone if a matrix would leave the bounds."""
+    """Kind i up, kind j down, by the same number of weights in every block: the kind with fewer weights
+    per block moves one step, the other step * (their ratio); undone if a matrix would leave the bounds."""
     i, j = (int(x) for x in rng.choice(len(grid.kinds), size=2, replace=False))
     small = min(grid.kind_params[i], grid.kind_params[j])
     di, dj = small / grid.kind_params[i], small / grid.kind_params[j]

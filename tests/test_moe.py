@@ -220,3 +220,21 @@ def test_model_page_lists_the_experts_and_warns_of_weights_it_cannot_read(tmp_pa
     assert not at.error, [e.value for e in at.error]
     assert metric(at, "Prunable matrices") == str(2 * 4)
     assert any("49,152 weights" in w.value and "neither analysed nor pruned" in w.value for w in at.warning)
+
+
+def test_search_over_blocks_and_kinds_moves_the_experts_kinds_too():
+    """The allocation search in the block+kind space on an MoE model: the experts' kinds (found once per expert
+    in every block) get offsets like the attention's; the result keeps the budget and every block's ratio."""
+    from analysis.allocation import allocate
+    from analysis.layers import layer_table
+    from analysis.search import search_allocation
+
+    model, ids = qwen2_moe(), calib(n=8, seqlen=32)
+    starts = {"uniform": allocate(layer_table(model), 0.6, "uniform")}
+    a = search_allocation(model, ids, starts, method="wanda", steps=12, seed=0, screen_samples=2, screen_seqlen=16,
+                          space="block+kind")
+    kinds = a.params["history"][-1]["kinds"]
+    assert {"experts.gate_proj", "experts.up_proj", "experts.down_proj"} <= set(kinds)
+    assert a.achieved == pytest.approx(0.6, abs=1e-12)
+    for r in prunable_layers(model):
+        assert a.per_layer[r.name] == pytest.approx(a.per_block[r.block] + kinds[r.kind], abs=1e-12)

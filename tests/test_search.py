@@ -181,6 +181,29 @@ def test_kind_moves_keep_every_block_ratio_and_the_budget_exact():
     assert Grid.around(start, params, layers=[row for row in layers if row[2] == "k"], by_kind=True).kinds == ()
 
 
+def test_kinds_found_once_per_expert_get_one_offset_weighted_by_their_count():
+    """MoE: a kind found E times in every block (once per expert) gets one offset; its weights per block are E
+    matrices' worth, so a kind move against attention keeps every block's ratio and the budget exact."""
+    experts = [(f"{b}.experts.{e}.{kind}", b, f"experts.{kind}", 200) for b in range(3) for e in range(4)
+               for kind in ("up", "down")]
+    attn = [(f"{b}.{kind}", b, kind, 100) for b in range(3) for kind in ("q", "o")]
+    layers = sorted(attn + experts, key=lambda row: row[1])
+    params, start = [2 * 100 + 8 * 200] * 3, [0.5, 0.55, 0.6]
+    grid = Grid.around(start, params, layers=layers, by_kind=True)
+    assert grid.kinds == ("q", "o", "experts.up", "experts.down") and grid.kind_params == (100, 100, 800, 800)
+    rng, k = np.random.default_rng(0), np.zeros(3 + 4)
+    sizes = {name: n for name, _, _, n in layers}
+    for _ in range(300):
+        k = mutate(k, grid, rng)
+        per = grid.per_layer(k)
+        for b in range(3):
+            mine = [name for name, blk, _, _ in layers if blk == b]
+            assert np.average([per[n] for n in mine], weights=[sizes[n] for n in mine]) == \
+                pytest.approx(grid.ratios(k)[b], abs=1e-12)
+        assert grid.budget(k) == pytest.approx(np.average(start), abs=1e-12)
+    assert any(abs(off) > 1e-12 for off in grid.offsets(k).values())
+
+
 @pytest.fixture(scope="module")
 def tiny_search():
     model = tiny_llama(layers=4)
