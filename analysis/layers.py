@@ -117,15 +117,16 @@ UNSUPPORTED = ("{n:,} weights of the decoder blocks sit in 3-D parameters of a l
 
 def unsupported_weights(model: nn.Module) -> int:
     """Weights inside the decoder blocks held in parameters of 3 or more dimensions that are not fused
-    experts of the layout `fused_experts` reads (e.g. experts stored transposed or with biases): they
-    are neither analysed nor pruned."""
+    experts of the layout `fused_experts` reads (e.g. experts stored transposed or with biases, as in
+    GPT-OSS and Llama 4): they are neither analysed nor pruned. Convolutions (Mamba's, linear
+    attention's) are not matrices and are not counted."""
     found = find_blocks(model)
     if not found:
         return 0
     total = 0
     for block in found[1]:
         for _, mod in block.named_modules():
-            if fused_experts(mod) is not None:
+            if fused_experts(mod) is not None or isinstance(mod, nn.Conv1d | nn.Conv2d | nn.Conv3d):
                 continue
             total += sum(p.numel() for p in mod.parameters(recurse=False) if p.dim() >= 3)
     return total

@@ -156,6 +156,33 @@ def test_experts_that_compute_otherwise_are_refused_not_misread():
     assert prune(model, {r.name: 0.5 for r in prunable_layers(model)}, "magnitude").overall == pytest.approx(0.5)
 
 
+FAMILIES = {  # MoE families of transformers 5 with the fused layout, built tiny
+    "olmoe": lambda: tf.OlmoeForCausalLM(tf.OlmoeConfig(**MOE, intermediate_size=32, num_experts=8,
+                                                        num_experts_per_tok=2)),
+    "deepseek_v3": lambda: tf.DeepseekV3ForCausalLM(tf.DeepseekV3Config(
+        **MOE, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+        n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=16, n_group=2, topk_group=1)),
+    "phimoe": lambda: tf.PhimoeForCausalLM(tf.PhimoeConfig(**MOE, intermediate_size=32, num_local_experts=4,
+                                                           num_experts_per_tok=2)),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_other_moe_families_prune_their_experts(family):
+    """OLMoE, DeepSeek-V3 (its first block dense, shared experts as plain Linear) and PhiMoE (a Linear router):
+    every expert is found, the router is not pruned, and SparseGPT's gathered inputs pass the experts check."""
+    torch.manual_seed(0)
+    model = FAMILIES[family]().eval()
+    refs = prunable_layers(model)
+    assert sum(r.expert is not None for r in refs) == {"olmoe": 2, "deepseek_v3": 1, "phimoe": 2}[family] * 3 * \
+        {"olmoe": 8, "deepseek_v3": 8, "phimoe": 4}[family]
+    assert unsupported_weights(model) == 0
+    routers = [r for r in find_layers(model) if r.kind == "router"]  # PhiMoE's router is a Linear
+    assert len(routers) == (2 if family == "phimoe" else 0) and not any(r.prunable for r in routers)
+    assert prune(model, {r.name: 0.5 for r in refs}, "sparsegpt", calib()).overall == pytest.approx(0.5)
+
+
 def test_other_expert_layouts_are_counted_not_misread():
     cfg = tf.GptOssConfig(**MOE, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, head_dim=16,
                           layer_types=["full_attention"] * 2)
