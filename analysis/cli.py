@@ -44,7 +44,7 @@ from analysis.pipeline import (
 )
 from analysis.powerlaw import XMIN_RULES
 from analysis.pruners import PRUNERS, ROWWISE, parse_nm
-from analysis.pruning import prune
+from analysis.pruning import prune, prune_warnings
 from analysis.search import describe, reuse_caveats
 from analysis.settings import (
     ALLOCATION_METHODS,
@@ -479,6 +479,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print(f"warning: {caveat}", file=sys.stderr)
     result = run(loaded, settings, progress=_print_progress, on_ppl=_print_ppl)
     record, report = result.record, result.report
+    for warning in prune_warnings(report):
+        print(f"warning: {warning}", file=sys.stderr)
     _print_search(result.allocation)
     record["timings_s"]["load"] = round(loaded.info.load_seconds, 3)
     export_error = None

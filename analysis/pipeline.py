@@ -35,7 +35,7 @@ from analysis.layers import layer_table
 from analysis.loading import LoadedModel
 from analysis.owl import collect_outlier_ratios
 from analysis.pruners import parse_nm
-from analysis.pruning import PruneReport, prune
+from analysis.pruning import PruneReport, prune, prune_warnings
 from analysis.runtime import ProgressFn, StopFlag
 from analysis.search import OnBest, reuse_caveats, search_allocation
 from analysis.settings import (
@@ -287,6 +287,8 @@ def make_record(config: dict, allocation: dict | None, report, dense_ppl: float 
                 timings: dict[str, float], **extra) -> dict:
     """A run record. `report`: a PruneReport (or its dict); `timings`: seconds per phase."""
     rep = report.to_dict() if hasattr(report, "to_dict") else dict(report or {})
+    if warned := prune_warnings(rep):
+        extra["warnings"] = [*extra.get("warnings", []), *warned]
     return {
         "created": now_iso(),
         "config": dict(config),

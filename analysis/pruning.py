@@ -37,6 +37,8 @@ class PruneReport:
     blocks_done: int = 0
     stopped: bool = False  # stopped early: the model is partly pruned, restore it from a DenseSnapshot
     rowwise: str | None = None
+    # matrices that saw no calibration token (MoE experts the router never chose), pruned by magnitude instead
+    by_magnitude: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -107,11 +109,15 @@ def prune(model: nn.Module, per_layer: dict[str, float], method: str = "wanda", 
     if (pruner.statistic or rowwise) and calib is None:
         raise ValueError(f"{rowwise or method} needs calibration data (calib = token ids, shape (n, seqlen)).")
 
+    by_magnitude: list[str] = []
+
     def on_block(b: int, block_refs: list[LayerRef], stats: dict[str, InputStats]) -> bool:
         changed = False
         for ref in block_refs:
             if ref.name in todo:
                 prune_layer(ref, todo[ref.name], method, stats.get(ref.name), nm, rowwise)
+                if pruner.statistic and stats[ref.name].tokens == 0:
+                    by_magnitude.append(ref.name)
                 changed = True
         return changed
 
@@ -123,7 +129,16 @@ def prune(model: nn.Module, per_layer: dict[str, float], method: str = "wanda", 
     total = sum(r.params for r in refs)
     overall = sum(achieved[r.name] * r.params for r in refs) / total if total else 0.0
     return PruneReport(method, nm, achieved, overall, time.perf_counter() - t0, dict(per_layer),
-                       blocks_done=done, stopped=done < n_blocks, rowwise=rowwise)
+                       blocks_done=done, stopped=done < n_blocks, rowwise=rowwise, by_magnitude=by_magnitude)
+
+
+def prune_warnings(report: PruneReport | dict) -> list[str]:
+    """What a user should know about a finished prune (one line each)."""
+    rep = report.to_dict() if hasattr(report, "to_dict") else dict(report or {})
+    if not (names := rep.get("by_magnitude")):
+        return []
+    return [f"{len(names)} matrices saw no calibration token (MoE experts the router never chose, e.g. {names[0]}) "
+            f"and were pruned by magnitude instead of {rep.get('method')}: calibrate on more text"]
 
 
 @dataclass

@@ -255,6 +255,9 @@ def live() -> None:
             st.error(j.error)
         elif j.status == "cancelled":
             st.warning("Cancelled; the dense weights were restored." if not work.pruned else "Cancelled.")
+        elif j.status == DONE and isinstance(j.result, dict):
+            for warning in j.result.get("warnings", []):
+                st.warning(warning)
     m3.metric("Zeros in your weights", f"{weights_zero_fraction(*session_weights(work, loaded.model)):.1%}",
               help=work.describe())
     st.plotly_chart(ppl_figure(updates, dense_updates), key="prune_ppl_chart")

@@ -19,7 +19,7 @@ from analysis.export import export, module_order
 from analysis.layers import find_layers, prunable_layers, unsupported_weights
 from analysis.owl import collect_outlier_ratios
 from analysis.pruners import prune_magnitude, prune_sparsegpt, prune_wanda, wanda_scores
-from analysis.pruning import DenseSnapshot, prune
+from analysis.pruning import DenseSnapshot, prune, prune_warnings
 from analysis.spectra import NotStreamable, analyze, analyze_checkpoint, checkpoint_layers
 from tests.conftest import word_tokenizer
 
@@ -126,6 +126,10 @@ def test_an_expert_no_calibration_token_reached_is_pruned_by_magnitude(method):
     report = prune(model, {r.name: 0.5 for r in prunable_layers(model)}, method, ids)
     unused = [e for e in range(8) if not (routed[0][1] == e).any()]
     assert len(unused) >= 4
+    kinds = ("gate_proj", "up_proj", "down_proj")
+    assert {f"model.layers.0.mlp.experts.{e}.{kind}" for e in unused for kind in kinds} <= set(report.by_magnitude)
+    assert not any(".experts." not in n for n in report.by_magnitude)
+    assert prune_warnings(report)[0].startswith(f"{len(report.by_magnitude)} matrices saw no calibration token")
     for e in unused:
         for kind in ("gate_proj", "up_proj", "down_proj"):
             name = f"model.layers.0.mlp.experts.{e}.{kind}"
