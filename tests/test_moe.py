@@ -269,3 +269,24 @@ def test_search_over_blocks_and_kinds_moves_the_experts_kinds_too():
     assert a.achieved == pytest.approx(0.6, abs=1e-12)
     for r in prunable_layers(model):
         assert a.per_layer[r.name] == pytest.approx(a.per_block[r.block] + kinds[r.kind], abs=1e-12)
+
+
+def test_prune_page_warns_of_experts_pruned_by_magnitude(tmp_path, monkeypatch):
+    from tests.test_app import fresh_app, run_until_idle, set_prune_inputs
+
+    monkeypatch.setenv("ALPHASCOPE_RUNS_DB", str(tmp_path / "runs.sqlite"))
+    qwen2_moe(experts=16, top_k=1).save_pretrained(tmp_path / "moe")
+    word_tokenizer(119).save_pretrained(tmp_path / "moe")
+    at = fresh_app()
+    at.radio(key="model_choice").set_value("Local checkpoint folder").run()
+    at.text_input(key="model_folder").input(str(tmp_path / "moe")).run()
+    at.button(key="model_load").click().run()
+    at.switch_page("pages/prune.py").run()
+    small = dict(method="sparsegpt", alloc="uniform", n_samples=1, calib_seqlen=8, eval_seqlen=32, windows=2)
+    set_prune_inputs(at, **small)
+    at.button(key="prune_run").click().run()
+    set_prune_inputs(at, **small)
+    run_until_idle(at, "prune of a tiny MoE")
+    assert not at.error, [e.value for e in at.error]
+    assert any("saw no calibration token" in w.value and "pruned by magnitude instead of sparsegpt" in w.value
+               for w in at.warning), [w.value for w in at.warning]
