@@ -8,7 +8,7 @@ matrix is always described as (out_features, in_features), whatever its module s
 Mixture-of-experts blocks (Mixtral, Qwen-MoE, ... in transformers 5) keep their experts as two 3-D
 parameters of one module, `gate_up_proj` (experts, 2 x inner, hidden) and `down_proj` (experts, hidden,
 inner). Every expert's gate, up and down projection is a matrix of its own here, a slice of those
-parameters, named as in the checkpoints (`<experts>.<e>.gate_proj`, `.up_proj`, `.down_proj`), so
+parameters, named as Qwen-MoE's checkpoints name them (`<experts>.<e>.gate_proj`, `.up_proj`, `.down_proj`), so
 spectra, allocations and pruners see them like any other matrix. Other 3-D layouts are left dense and
 counted by `unsupported_weights`.
 """
