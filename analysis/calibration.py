@@ -78,19 +78,22 @@ _EXPERT_CHECK_TOKENS = 1024  # tokens the check rebuilds (all would cost a float
 
 
 def _block_stats(refs: list[LayerRef], hessian: bool, device: torch.device) -> dict[str, InputStats]:
-    """One InputStats per matrix; an expert's up projection shares its gate projection's (the same tokens)."""
+    """One InputStats per matrix; an expert's gate and up projections, slices of one parameter, share one
+    (the same tokens)."""
     stats: dict[str, InputStats] = {}
+    shared: dict[tuple, InputStats] = {}
     for r in refs:
-        if r.kind == "experts.up_proj":
-            stats[r.name] = stats[r.name.removesuffix("up_proj") + "gate_proj"]
-        else:
-            stats[r.name] = InputStats(r.cols, hessian, device)
+        key = (id(r.module), *r.expert[:2]) if r.expert is not None else (r.name,)
+        if key not in shared:
+            shared[key] = InputStats(r.cols, hessian, device)
+        stats[r.name] = shared[key]
     return stats
 
 
-def _experts_hook(stats: dict[str, InputStats], names: dict[int, tuple[str, str]]):
-    """Forward hook of a fused-experts module: adds expert e's routed tokens to stats[names[e][0]] and
-    act(gate)·up of them to stats[names[e][1]], then checks that those rebuild the module's output."""
+def _experts_hook(stats: dict[str, InputStats], names: dict[int, dict[str, str]]):
+    """Forward hook of a fused-experts module: adds expert e's routed tokens to the statistic of its
+    gate_up_proj slices (names[e]["gate_up_proj"]) and act(gate)·up of them to its down_proj's
+    (names[e]["down_proj"]), then checks that those rebuild the module's output."""
     def hook(module, args, kwargs, output):
         given = dict(zip(_EXPERT_ARGS, args)) | kwargs
         x, index, weights = (given.get(k) for k in _EXPERT_ARGS)
@@ -101,15 +104,15 @@ def _experts_hook(stats: dict[str, InputStats], names: dict[int, tuple[str, str]
         index, weights = index.reshape(x.shape[0], -1), weights.reshape(x.shape[0], -1)
         checked = min(x.shape[0], _EXPERT_CHECK_TOKENS)
         rebuilt = torch.zeros(checked, x.shape[1], dtype=torch.float32, device=x.device)
-        for e, (gate_name, down_name) in names.items():
+        for e, by_param in names.items():
             tok, pos = torch.where(index == e)
             if len(tok) == 0:
                 continue
             xe = x[tok]
             gate, up = F.linear(xe, module.gate_up_proj[e]).chunk(2, dim=-1)
             inner = module.act_fn(gate) * up
-            stats[gate_name].add(xe)
-            stats[down_name].add(inner)
+            stats[by_param["gate_up_proj"]].add(xe)
+            stats[by_param["down_proj"]].add(inner)
             first = tok < checked
             y = F.linear(inner[first], module.down_proj[e]) * weights[tok[first], pos[first], None]
             rebuilt.index_add_(0, tok[first], y.float())
@@ -123,11 +126,11 @@ def _experts_hook(stats: dict[str, InputStats], names: dict[int, tuple[str, str]
 def _add_hooks(refs: list[LayerRef], stats: dict[str, InputStats], seen: dict) -> list:
     """Forward hooks filling `stats` while the block runs: one per linear layer, one per experts module."""
     handles = [r.module.register_forward_hook(_stats_hook(stats, r.name, seen)) for r in refs if r.expert is None]
-    experts: dict[int, tuple[nn.Module, dict[int, tuple[str, str]]]] = {}
+    experts: dict[int, tuple[nn.Module, dict[int, dict[str, str]]]] = {}
     for r in refs:
-        if r.kind == "experts.gate_proj":  # named <experts>.<e>.gate_proj, beside <experts>.<e>.down_proj
-            down = r.name.removesuffix("gate_proj") + "down_proj"
-            experts.setdefault(id(r.module), (r.module, {}))[1][r.expert[1]] = (r.name, down)
+        if r.expert is not None:  # per expert, a matrix name for each parameter (gate and up share a statistic)
+            param, e = r.expert[:2]
+            experts.setdefault(id(r.module), (r.module, {}))[1].setdefault(e, {})[param] = r.name
     for module, names in experts.values():
         handles.append(module.register_forward_hook(_experts_hook(stats, names), with_kwargs=True))
     return handles

@@ -70,9 +70,10 @@ def layer_pruner(method: str, stats: InputStats | None) -> tuple[Pruner, torch.T
 
 
 def prune_layer(ref: LayerRef, ratio: float, method: str, stats: InputStats | None, nm: NM | None = None,
-                rowwise: str | None = None) -> None:
+                rowwise: str | None = None) -> str:
     """Prune one matrix in place with the registered pruner `method`; rowwise="trim" refines the
-    per-row ratios (needs `stats` with the Gram matrix, i.e. gathered with hessian=True)."""
+    per-row ratios (needs `stats` with the Gram matrix, i.e. gathered with hessian=True). Returns the
+    name of the pruner used: "magnitude" for a matrix that saw no calibration token (`layer_pruner`)."""
     pruner, stat = layer_pruner(method, stats)
     w = ref.weight().detach().float()
     if rowwise == "trim" and stats.tokens:
@@ -82,6 +83,7 @@ def prune_layer(ref: LayerRef, ratio: float, method: str, stats: InputStats | No
         new = pruner.apply(w, ratio, nm, stat)
     with torch.no_grad():
         ref.weight().copy_(new.to(ref.weight().dtype))
+    return pruner.name
 
 
 def sparsity_of(w: torch.Tensor) -> float:
@@ -115,8 +117,7 @@ def prune(model: nn.Module, per_layer: dict[str, float], method: str = "wanda", 
         changed = False
         for ref in block_refs:
             if ref.name in todo:
-                prune_layer(ref, todo[ref.name], method, stats.get(ref.name), nm, rowwise)
-                if pruner.statistic and stats[ref.name].tokens == 0:
+                if prune_layer(ref, todo[ref.name], method, stats.get(ref.name), nm, rowwise) != method:
                     by_magnitude.append(ref.name)
                 changed = True
         return changed

@@ -391,8 +391,9 @@ def checkpoint_layers(ckpt: Checkpoint, include_outside: bool = False) -> list[L
     checked to be in the checkpoint as "<name>.weight". The refs have no module."""
     model = skeleton(AutoConfig.from_pretrained(ckpt.folder))
     refs = [replace(r, module=None) for r in find_layers(model, include_outside=include_outside)]
-    missing = [r.name for r in refs if r.name + ".weight" not in ckpt.tensors]
-    if missing and all(r.expert is not None for r in refs if r.name + ".weight" not in ckpt.tensors):
+    absent = [r for r in refs if r.name + ".weight" not in ckpt.tensors]
+    missing = [r.name for r in absent]
+    if absent and all(r.expert is not None for r in absent):
         raise NotStreamable(f"{ckpt.folder}: its experts are stored under other names than the loaded model's "
                             f"(no tensor {missing[0]}.weight); load the model to analyse them.")
     if missing:
