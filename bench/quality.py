@@ -6,7 +6,7 @@
 
 Grid: dense, then every seed x sparsity x pruner {magnitude, wanda, sparsegpt} x allocation {uniform,
 owl, alphapruning, auto, auto-kl, auto-checked, auto-unsampled-checked, auto-valid, auto-valid-checked, auto-verify,
-auto-verify-more, auto-verify-wide, auto-verify-kinds, auto-verify-long}; "NAME+trim" prunes with
+auto-verify-more, auto-verify-wide, auto-verify-kinds, auto-verify-long, auto-verify-2x}; "NAME+trim" prunes with
 that allocation and TRIM row-wise sparsity. "auto" is the allocation search (analysis.search) on the
 calibration batch only ("auto-kl": with the KL-to-dense objective instead of the calibration NLL;
 "auto-checked": with the starts and the result pruned for real (analysis.search, verify "starts");
@@ -22,7 +22,8 @@ proxy; "auto-verify-more": that search gone on from the auto-verify result of th
 same with mutations of WIDE_STEP instead of settings.SEARCH_STEP; "auto-verify-kinds": the same in the "block+kind"
 search space, analysis.search, with an offset per matrix kind as well; "auto-verify-long": the same as
 auto-verify-more with its real prunes scored on LONG_FACTOR times as many valid windows, the proxy confirming on
-as many as before), started from
+as many as before; "auto-verify-2x": auto-verify with its real prunes scored on LONG_FACTOR times as many valid windows
+from its first step, what `--search-samples` at that many windows runs), started from
 uniform, OWL, and AlphaPruning and FARMS at eps 0.1/0.2/0.3 and at the chosen epsilon (searches before
 commit e11dfdb: without FARMS; a search whose recorded starts lack "alphapruning eps=<chosen>" predates
 that start, which matters on Gemma-3, whose chosen epsilon is 0.05, not on SmolLM2, whose 0.2 is one of
@@ -77,11 +78,11 @@ METHODS = ("magnitude", "wanda", "sparsegpt")
 # table columns
 ALLOCS = ("uniform", "owl", "alphapruning", "auto", "auto-kl", "auto-checked", "auto-unsampled-checked", "auto-valid",
           "auto-valid-checked", "auto-verify", "auto-verify-more", "auto-verify-wide", "auto-verify-kinds",
-          "auto-verify-long",
+          "auto-verify-long", "auto-verify-2x",
           "uniform+trim", "owl+trim", "auto+trim", "auto-valid+trim", "auto-verify+trim")
 RUN_ORDER = ("wanda", "magnitude", "sparsegpt")  # cheapest informative runs first
 WIDE_STEP = 0.05  # sparsity one mutation of auto-verify-wide moves: twice the default step
-LONG_FACTOR = 2  # auto-verify-long's real prunes are scored on this many times auto-verify's valid windows
+LONG_FACTOR = 2  # auto-verify-long's and -2x's real prunes are scored on this many times auto-verify's valid windows
 # searched allocations: the objective of each, the text it is measured on ("calib": the calibration batch;
 # "unsampled": windows of the embedded corpus the batch does not touch; "valid": WikiText-2 valid), what it prunes
 # for real (analysis.search, verify: "none", "starts" or "all"), and its mutation step
@@ -94,7 +95,9 @@ SEARCHES = {"auto": ("nll", "calib", "none", SEARCH_STEP), "auto-kl": ("kl", "ca
             "auto-verify-more": ("nll", "valid", "all", SEARCH_STEP),
             "auto-verify-wide": ("nll", "valid", "all", WIDE_STEP),
             "auto-verify-kinds": ("nll", "valid", "all", SEARCH_STEP),
-            "auto-verify-long": ("nll", "valid", "all", SEARCH_STEP)}
+            "auto-verify-long": ("nll", "valid", "all", SEARCH_STEP),
+            "auto-verify-2x": ("nll", "valid", "all", SEARCH_STEP)}
+SCALES = {"auto-verify-long": LONG_FACTOR, "auto-verify-2x": LONG_FACTOR}  # searches scored on more valid windows
 SPACES = {"auto-verify-kinds": "block+kind"}  # the search space of a search not over blocks alone
 # searches that go on from another search's result of the same cell (its only start, as --search-from), with their own
 # search seed (the calibration seed + MORE_SEED) so they do not replay the first search's moves
@@ -170,8 +173,7 @@ def searched_allocation(model, calib, sparsity: float, method: str, seed: int, s
         screen, confirm = tokens.split(",")
         n, length = (int(x) for x in screen.split("x"))
         objective, text, verify, step = SEARCHES[name]
-        scale = LONG_FACTOR if name == "auto-verify-long" else 1
-        windows = held_out(text, calib_seed, verify, scale)
+        windows = held_out(text, calib_seed, verify, SCALES.get(name, 1))
         confirmed = confirm_samples(windows, verify, calib.shape[0])  # not `confirm`: the confirmation length above
         alloc = search_allocation(model, calib, starts, method=method, steps=steps, step=step,
                                   space=SPACES.get(name, "block"), seed=seed,
@@ -310,6 +312,7 @@ def markdown(results: dict) -> str:
              "auto-verify-wide": f"auto (valid, verified, gone on, step {WIDE_STEP:g})",
              "auto-verify-kinds": "auto (valid, verified, gone on, block+kind)",
              "auto-verify-long": f"auto (valid, verified, gone on, {LONG_FACTOR}x valid)",
+             "auto-verify-2x": f"auto (valid, verified, {LONG_FACTOR}x valid)",
              "uniform+trim": "uniform+TRIM", "owl+trim": "OWL+TRIM", "auto+trim": "auto+TRIM",
              "auto-valid+trim": "auto (valid)+TRIM",
              "auto-verify+trim": "auto (valid, verified)+TRIM"}
