@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from analysis.layers import LayerRef, find_blocks, layers_by_block, module_device
+from analysis.layers import ExpertsLayout, LayerRef, find_blocks, fused_experts, layers_by_block, module_device
 from analysis.runtime import ProgressFn, StopFlag, should_stop
 
 
@@ -90,10 +90,28 @@ def _block_stats(refs: list[LayerRef], hessian: bool, device: torch.device) -> d
     return stats
 
 
-def _experts_hook(stats: dict[str, InputStats], names: dict[int, dict[str, str]]):
-    """Forward hook of a fused-experts module: adds expert e's routed tokens to the statistic of its
-    gate_up_proj slices (names[e]["gate_up_proj"]) and act(gate)·up of them to its down_proj's
-    (names[e]["down_proj"]), then checks that those rebuild the module's output."""
+def _expert_linear(module: nn.Module, layout: ExpertsLayout, param: str, e: int, x: torch.Tensor) -> torch.Tensor:
+    """x through expert e's whole matrix in `param` (all its rows, as stored), with its bias if it has one."""
+    w = getattr(module, param)[e]
+    bias = getattr(module, f"{param}_bias")[e] if layout.bias else None
+    return F.linear(x, w.t() if layout.transposed else w, bias)
+
+
+def _expert_inner(module: nn.Module, layout: ExpertsLayout, h: torch.Tensor) -> torch.Tensor:
+    """The input of an expert's down projection from the output of its first parameter: the module's own
+    gate (`_apply_gate`, GPT-OSS's clamped, interleaved one among them) or act(gate)·up, act(up) without a gate."""
+    if not layout.gated:
+        return module.act_fn(h)
+    if hasattr(module, "_apply_gate"):
+        return module._apply_gate(h)
+    gate, up = h.chunk(2, dim=-1)
+    return module.act_fn(gate) * up
+
+
+def _experts_hook(stats: dict[str, InputStats], names: dict[int, dict[str, str]], layout: ExpertsLayout):
+    """Forward hook of a fused-experts module: adds expert e's routed tokens to the statistic of its first
+    parameter's slices (names[e][layout.first]: gate and up, or up) and the inner activations of them to its
+    down_proj's (names[e]["down_proj"]), then checks that those rebuild the module's output."""
     def hook(module, args, kwargs, output):
         given = dict(zip(_EXPERT_ARGS, args)) | kwargs
         x, index, weights = (given.get(k) for k in _EXPERT_ARGS)
@@ -109,17 +127,17 @@ def _experts_hook(stats: dict[str, InputStats], names: dict[int, dict[str, str]]
             if len(tok) == 0:
                 continue
             xe = x[tok]
-            gate, up = F.linear(xe, module.gate_up_proj[e]).chunk(2, dim=-1)
-            inner = module.act_fn(gate) * up
-            stats[by_param["gate_up_proj"]].add(xe)
+            inner = _expert_inner(module, layout, _expert_linear(module, layout, layout.first, e, xe))
+            stats[by_param[layout.first]].add(xe)
             stats[by_param["down_proj"]].add(inner)
             first = tok < checked
-            y = F.linear(inner[first], module.down_proj[e]) * weights[tok[first], pos[first], None]
+            y = _expert_linear(module, layout, "down_proj", e, inner[first]) * weights[tok[first], pos[first], None]
             rebuilt.index_add_(0, tok[first], y.float())
         out = output.reshape(x.shape)[:checked].float()
         if float((rebuilt - out).norm()) > _EXPERT_TOLERANCE * max(float(out.norm()), 1e-12):
-            raise ExpertsError(f"{type(module).__name__}'s experts do not compute down(act(gate) * up) as this tool "
-                               "reads them, so their inputs cannot be gathered; use the magnitude pruner")
+            raise ExpertsError(f"{type(module).__name__}'s experts do not compute down(act(gate) * up) from their "
+                               "parameters as this tool reads them, so their inputs cannot be gathered; use the "
+                               "magnitude pruner")
     return hook
 
 
@@ -132,7 +150,8 @@ def _add_hooks(refs: list[LayerRef], stats: dict[str, InputStats], seen: dict) -
             param, e = r.expert[:2]
             experts.setdefault(id(r.module), (r.module, {}))[1].setdefault(e, {})[param] = r.name
     for module, names in experts.values():
-        handles.append(module.register_forward_hook(_experts_hook(stats, names), with_kwargs=True))
+        handles.append(module.register_forward_hook(_experts_hook(stats, names, fused_experts(module)),
+                                                    with_kwargs=True))
     return handles
 
 

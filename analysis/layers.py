@@ -5,12 +5,15 @@ every `nn.Linear` (or GPT-2 style `Conv1D`) is a prunable matrix, listed in modu
 routers (`ROUTERS`). The input embedding and an untied lm_head are listed too, as not prunable. A
 matrix is always described as (out_features, in_features), whatever its module stores.
 
-Mixture-of-experts blocks (Mixtral, Qwen-MoE, ... in transformers 5) keep their experts as two 3-D
-parameters of one module, `gate_up_proj` (experts, 2 x inner, hidden) and `down_proj` (experts, hidden,
-inner). Every expert's gate, up and down projection is a matrix of its own here, a slice of those
-parameters, named as Qwen-MoE's checkpoints name them (`<experts>.<e>.gate_proj`, `.up_proj`, `.down_proj`), so
-spectra, allocations and pruners see them like any other matrix. Other 3-D layouts are left dense and
-counted by `unsupported_weights`.
+Mixture-of-experts blocks (Mixtral, Qwen-MoE, GPT-OSS, ... in transformers 5) keep their experts in 3-D
+parameters of one module: `gate_up_proj` (every expert's gate and up projections) and `down_proj`, or
+`up_proj` and `down_proj` for experts without a gate (Nemotron-H). The module's layout flags, those of
+transformers' experts interface, say how they are stored: transposed or not, gate and up rows concatenated
+or interleaved, with biases or not (`ExpertsLayout`). Every expert's gate, up and down projection is a
+matrix of its own here, a view of those parameters, named as Qwen-MoE's checkpoints name them
+(`<experts>.<e>.gate_proj`, `.up_proj`, `.down_proj`), so spectra, allocations and pruners see them like
+any other matrix. Other 3-D layouts (Llama 4's experts, which take their tokens pre-routed) are left dense
+and counted by `unsupported_weights`.
 """
 from __future__ import annotations
 
@@ -37,10 +40,11 @@ class LayerRef:
     rows: int
     cols: int
     prunable: bool  # inside a decoder block; routers, embeddings and lm_head are listed but excluded
-    transposed: bool = False  # Conv1D: module.weight is (in, out)
+    transposed: bool = False  # Conv1D (and transposed experts): the stored matrix is (in, out)
     module: nn.Module | None = field(default=None, repr=False, compare=False)
-    # a matrix sliced from fused MoE experts: (parameter, expert, first row, end row) of module's 3-D parameter
-    expert: tuple[str, int, int, int] | None = None
+    # a matrix sliced from fused MoE experts: (parameter, expert, start, stop, step): rows start:stop:step of
+    # expert e's (out, in) matrix in module's 3-D parameter
+    expert: tuple[str, int, int, int, int] | None = None
 
     @property
     def params(self) -> int:
@@ -49,8 +53,9 @@ class LayerRef:
     def weight(self) -> torch.Tensor:
         """The matrix as (out, in); a view of the module's parameter, not a copy."""
         if self.expert is not None:
-            param, e, a, b = self.expert
-            return getattr(self.module, param)[e, a:b]
+            param, e, a, b, step = self.expert
+            w = getattr(self.module, param)[e]
+            return (w.t() if self.transposed else w)[a:b:step]
         w = self.module.weight
         return w.t() if self.transposed else w
 
@@ -84,41 +89,80 @@ def _is_matrix_module(mod: nn.Module) -> bool:
     return type(mod).__name__ == "Conv1D" and getattr(mod, "weight", None) is not None and mod.weight.dim() == 2
 
 
-def fused_experts(mod: nn.Module) -> tuple[int, int, int] | None:
-    """(experts, hidden, inner) when `mod` holds MoE experts in the fused layout this module reads (see the
-    module docstring): 3-D gate_up_proj (E, 2I, H) and down_proj (E, H, I), no biases; else None."""
-    gate_up, down = getattr(mod, "gate_up_proj", None), getattr(mod, "down_proj", None)
-    if not all(isinstance(p, nn.Parameter) and p.dim() == 3 for p in (gate_up, down)):
+@dataclass(frozen=True)
+class ExpertsLayout:
+    """How a fused-experts module stores its experts: the flags transformers' experts interface
+    (`use_experts_implementation`) sets on it, or the defaults of that interface where it sets none."""
+
+    experts: int
+    hidden: int  # width of the experts' input and output
+    inner: int  # width of one expert's intermediate layer
+    gated: bool  # `gate_up_proj` holds each expert's gate and up projections; else `up_proj` alone (no gate)
+    concatenated: bool  # gate rows, then up rows; else interleaved (gate, up, gate, up, ...)
+    transposed: bool  # parameters stored (experts, in, out) instead of (experts, out, in)
+    bias: bool  # `<parameter>_bias` (experts, out) beside each parameter
+
+    @property
+    def first(self) -> str:
+        """The parameter the experts' input goes through first."""
+        return "gate_up_proj" if self.gated else "up_proj"
+
+    def matrices(self) -> list[tuple[str, str, int, int, int, int, int]]:
+        """(kind, parameter, start, stop, step, rows, cols) of one expert's matrices: rows start:stop:step of its
+        (out, in) matrix in the parameter."""
+        i, h = self.inner, self.hidden
+        down = ("down_proj", "down_proj", 0, h, 1, h, i)
+        if not self.gated:
+            return [("up_proj", "up_proj", 0, i, 1, i, h), down]
+        gate, up = ((0, i, 1), (i, 2 * i, 1)) if self.concatenated else ((0, 2 * i, 2), (1, 2 * i, 2))
+        return [("gate_proj", "gate_up_proj", *gate, i, h), ("up_proj", "gate_up_proj", *up, i, h), down]
+
+
+def _param_3d(mod: nn.Module, name: str) -> torch.Tensor | None:
+    p = getattr(mod, name, None)
+    return p if isinstance(p, nn.Parameter) and p.dim() == 3 else None
+
+
+def fused_experts(mod: nn.Module) -> ExpertsLayout | None:
+    """The layout of `mod`'s experts when it holds MoE experts this module reads (see the module docstring):
+    3-D `gate_up_proj` (or `up_proj` where the module says it has no gate) and `down_proj` of matching
+    shapes, stored as its layout flags say; else None. A module without the flags must be the interface's
+    default: (E, 2I, H) and (E, H, I), concatenated, without biases."""
+    if getattr(mod, "has_post_expert_norm", False):
+        return None  # a norm after each expert: its output is not down(act(...)) alone
+    gated = bool(getattr(mod, "has_gate", True))
+    names = ("gate_up_proj" if gated else "up_proj", "down_proj")
+    first, down = (_param_3d(mod, n) for n in names)
+    if first is None or down is None:
         return None
-    if any(isinstance(getattr(mod, f"{p}_bias", None), torch.Tensor) for p in ("gate_up_proj", "down_proj")):
-        return None  # biased experts (GPT-OSS) compute something else
-    e, two_inner, hidden = gate_up.shape
-    if tuple(down.shape) != (e, hidden, two_inner // 2) or two_inner % 2:
+    transposed, bias = bool(getattr(mod, "is_transposed", False)), bool(getattr(mod, "has_bias", False))
+    if {isinstance(getattr(mod, f"{n}_bias", None), torch.Tensor) for n in names} != {bias}:
+        return None  # biases the flags do not announce (or lack): something else is computed
+    (e, out, hidden), (e_down, h_down, inner) = ((t.shape[0], *t.shape[1:][::-1]) if transposed else t.shape
+                                                 for t in (first, down))  # (experts, out, in)
+    if (gated and out % 2) or (e_down, h_down, inner) != (e, hidden, out // 2 if gated else out):
         return None
-    return int(e), int(hidden), int(two_inner // 2)
+    return ExpertsLayout(int(e), int(hidden), int(inner), gated, bool(getattr(mod, "is_concatenated", True)),
+                         transposed, bias)
 
 
 def _expert_refs(name: str, b: int, mod: nn.Module) -> list[LayerRef]:
-    e_count, hidden, inner = fused_experts(mod)
-    refs = []
-    for e in range(e_count):
-        for kind, param, a, z, rows, cols in (("gate_proj", "gate_up_proj", 0, inner, inner, hidden),
-                                              ("up_proj", "gate_up_proj", inner, 2 * inner, inner, hidden),
-                                              ("down_proj", "down_proj", 0, hidden, hidden, inner)):
-            refs.append(LayerRef(f"{name}.{e}.{kind}", b, f"experts.{kind}", "mlp", rows, cols, True, False, mod,
-                                 (param, e, a, z)))
-    return refs
+    layout = fused_experts(mod)
+    return [LayerRef(f"{name}.{e}.{kind}", b, f"experts.{kind}", "mlp", rows, cols, True, layout.transposed, mod,
+                     (param, e, start, stop, step))
+            for e in range(layout.experts) for kind, param, start, stop, step, rows, cols in layout.matrices()]
 
 
 UNSUPPORTED = ("{n:,} weights of the decoder blocks sit in 3-D parameters of a layout this tool does not read (MoE "
-               "experts other than gate_up_proj (E, 2I, H) + down_proj (E, H, I)): they are neither analysed nor "
-               "pruned, and sparsities count the other matrices only")
+               "experts other than gate_up_proj or up_proj + down_proj as transformers' experts interface stores "
+               "them, e.g. Llama 4's): they are neither analysed nor pruned, and sparsities count the other "
+               "matrices only")
 
 
 def unsupported_weights(model: nn.Module) -> int:
     """Weights inside the decoder blocks held in parameters of 3 or more dimensions that are not fused
-    experts of the layout `fused_experts` reads (e.g. experts stored transposed or with biases, as in
-    GPT-OSS and Llama 4): they are neither analysed nor pruned. Convolutions (Mamba's, linear
+    experts of a layout `fused_experts` reads (e.g. Llama 4's, whose experts take their tokens pre-routed):
+    they are neither analysed nor pruned. Convolutions (Mamba's, linear
     attention's) are not matrices and are not counted."""
     found = find_blocks(model)
     if not found:

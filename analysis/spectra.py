@@ -381,8 +381,8 @@ CACHE_VERSION = 2  # bump when the cached files' layout or the metrics' meaning 
 
 class NotStreamable(CheckpointError):
     """A checkpoint that stores some matrices under other names than the loaded model has (Mixtral keeps its
-    experts as `block_sparse_moe.experts.<e>.w1/w2/w3`, which transformers fuses when it loads them): its
-    spectra need the loaded model (`analyze`)."""
+    experts as `block_sparse_moe.experts.<e>.w1/w2/w3`, which transformers fuses when it loads them; GPT-OSS
+    stores them fused): its spectra need the loaded model (`analyze`)."""
 
 
 def checkpoint_layers(ckpt: Checkpoint, include_outside: bool = False) -> list[LayerRef]:

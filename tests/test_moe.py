@@ -1,6 +1,6 @@
 """Mixture-of-experts models (transformers 5 keeps experts fused in 3-D parameters): every expert's gate,
 up and down projection is a matrix of its own for spectra, allocation and the pruners, fed the tokens
-the router sent it. Tiny Qwen2-MoE / Mixtral / GPT-OSS models built from configs."""
+the router sent it. Tiny Qwen2-MoE / Mixtral / GPT-OSS / Nemotron-H / Llama 4 models built from configs."""
 import os
 import subprocess
 import sys
@@ -16,7 +16,7 @@ import transformers as tf
 from analysis.calibration import ExpertsError, walk_blocks
 from analysis.checkpoint import open_checkpoint
 from analysis.export import export, module_order
-from analysis.layers import find_layers, prunable_layers, unsupported_weights
+from analysis.layers import ExpertsLayout, find_layers, fused_experts, prunable_layers, unsupported_weights
 from analysis.owl import collect_outlier_ratios
 from analysis.pruners import prune_magnitude, prune_sparsegpt, prune_wanda, wanda_scores
 from analysis.pruning import DenseSnapshot, prune, prune_warnings
@@ -40,14 +40,35 @@ def mixtral(seed=0):
                                                   num_experts_per_tok=2)).eval()
 
 
+def gpt_oss(seed=0):
+    """Experts stored transposed, (E, H, 2I) and (E, I, H), gate and up interleaved, with biases."""
+    torch.manual_seed(seed)
+    cfg = tf.GptOssConfig(**MOE, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, head_dim=16,
+                          layer_types=["full_attention"] * 2)
+    model = tf.GptOssForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("_bias"):  # initialised to zero: give the biases a part in the experts' outputs
+                p.normal_(0, 0.1)
+    return model
+
+
+def llama4():
+    """Experts that take their tokens pre-routed (every expert's rows stacked, scaled by the router): unsupported."""
+    torch.manual_seed(0)
+    return tf.Llama4ForCausalLM(tf.Llama4TextConfig(**MOE, intermediate_size=32, intermediate_size_mlp=64,
+                                                    num_local_experts=4, num_experts_per_tok=1, head_dim=16))
+
+
 def calib(n=4, seqlen=16, seed=0):
     return torch.randint(0, 120, (n, seqlen), generator=torch.Generator().manual_seed(seed))
 
 
-def routed_inputs(model, ids):
-    """Per block: the experts module's input and the router's chosen experts, read from the router itself."""
+def routed_inputs(model, ids, router="gate"):
+    """Per block: the experts module's input and the router's chosen experts, read from the router itself
+    (`router`: the router's name in the block's mlp)."""
     seen = {}
-    handles = [layer.mlp.gate.register_forward_hook(lambda m, i, o, b=b: seen.__setitem__(b, (i[0], o[2])))
+    handles = [getattr(layer.mlp, router).register_forward_hook(lambda m, i, o, b=b: seen.__setitem__(b, (i[0], o[2])))
                for b, layer in enumerate(model.model.layers)]
     with torch.no_grad():
         model(input_ids=ids)
@@ -187,10 +208,70 @@ def test_other_moe_families_prune_their_experts(family):
     assert prune(model, {r.name: 0.5 for r in refs}, "sparsegpt", calib()).overall == pytest.approx(0.5)
 
 
+def test_gpt_oss_experts_stored_transposed_interleaved_and_biased():
+    """GPT-OSS's layout flags are read: each expert's gate is the even columns of its stored (H, 2I) matrix, its up
+    the odd ones; the down projection's statistic is GPT-OSS's own clamped gate of the routed tokens, biases in."""
+    model, ids = gpt_oss(), calib()
+    experts = model.model.layers[0].mlp.experts
+    assert fused_experts(experts) == ExpertsLayout(4, 64, 32, gated=True, concatenated=False, transposed=True,
+                                                   bias=True)
+    assert unsupported_weights(model) == 0
+    refs = {r.name: r for r in prunable_layers(model)}
+    assert len(refs) == 2 * (4 + 3 * 4)
+    stored = experts.gate_up_proj[2]  # (H, 2I)
+    gate, up, down = (refs[f"model.layers.0.mlp.experts.2.{k}"] for k in ("gate_proj", "up_proj", "down_proj"))
+    assert (gate.rows, gate.cols, down.rows, down.cols) == (32, 64, 64, 32)
+    assert torch.equal(gate.weight(), stored[:, 0::2].t()) and torch.equal(up.weight(), stored[:, 1::2].t())
+    assert gate.weight().data_ptr() == stored.data_ptr() and torch.equal(down.weight(), experts.down_proj[2].t())
+    x, index = routed_inputs(model, ids, router="router")[1]
+    got = {}
+    walk_blocks(model, ids, lambda b, refs, stats: got.update(stats) or False, hessian=True)
+    experts = model.model.layers[1].mlp.experts
+    for e in range(4):
+        xe = x[(index == e).any(-1)]
+        h = xe @ experts.gate_up_proj[e] + experts.gate_up_proj_bias[e]
+        g, u = h[:, 0::2].clamp(max=experts.limit), h[:, 1::2].clamp(-experts.limit, experts.limit)
+        inner = (u + 1) * g * torch.sigmoid(g * experts.alpha)  # GPT-OSS's gate, written out
+        assert got[f"model.layers.1.mlp.experts.{e}.gate_proj"].tokens == len(xe) > 0
+        torch.testing.assert_close(got[f"model.layers.1.mlp.experts.{e}.up_proj"].xtx, xe.t() @ xe, rtol=1e-5,
+                                   atol=1e-5)
+        torch.testing.assert_close(got[f"model.layers.1.mlp.experts.{e}.down_proj"].sq, (inner ** 2).sum(0),
+                                   rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_gpt_oss_experts_pruned_in_their_stored_layout(method):
+    model, ids = gpt_oss(), calib()
+    dense = DenseSnapshot.take(model)
+    report = prune(model, {r.name: 0.5 for r in prunable_layers(model)}, method, ids)
+    assert report.overall == pytest.approx(0.5) and not report.by_magnitude
+    stored = model.model.layers[0].mlp.experts.gate_up_proj[3]
+    for cols in (stored[:, 0::2], stored[:, 1::2]):  # every output row of gate and up keeps half its weights
+        assert ((cols == 0).sum(0) == 32).all()
+    dense.restore(model)
+    assert torch.equal(model.model.layers[0].mlp.experts.gate_up_proj[3, :, 1::2].t(),
+                       dense.weights["model.layers.0.mlp.experts.3.up_proj"])
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_experts_without_a_gate_prune_up_and_down(method):
+    """Nemotron-H's experts (up_proj and down_proj only, act(up) between them) in a hybrid Mamba model."""
+    torch.manual_seed(0)
+    model = tf.NemotronHForCausalLM(tf.NemotronHConfig(
+        **MOE, hybrid_override_pattern="MEM", n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        moe_shared_expert_intermediate_size=32, mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=16, n_groups=1,
+        head_dim=16)).eval()
+    layout = fused_experts(model.model.layers[1].mixer.experts)
+    assert (layout.gated, layout.transposed, layout.bias) == (False, False, False)
+    experts = [r for r in prunable_layers(model) if ".experts." in r.name]
+    assert sorted({r.kind for r in experts}) == ["experts.down_proj", "experts.up_proj"] and len(experts) == 2 * 4
+    assert unsupported_weights(model) == 0
+    report = prune(model, {r.name: 0.5 for r in prunable_layers(model)}, method, calib())
+    assert report.overall == pytest.approx(0.5) and not report.by_magnitude
+
+
 def test_other_expert_layouts_are_counted_not_misread():
-    cfg = tf.GptOssConfig(**MOE, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, head_dim=16,
-                          layer_types=["full_attention"] * 2)
-    model = tf.GptOssForCausalLM(cfg)  # experts stored (E, H, 2I), with biases
+    model = llama4()  # experts (E, H, 2I) without the interface's flags, fed pre-routed tokens
     assert unsupported_weights(model) == 2 * 4 * (64 * 64 + 32 * 64)
     assert not any("experts" in r.name for r in prunable_layers(model))
 
@@ -234,10 +315,8 @@ def test_model_page_lists_the_experts_and_warns_of_weights_it_cannot_read(tmp_pa
     from tests.test_app import fresh_app, metric, run_until_idle
 
     mixtral().save_pretrained(tmp_path / "mix")
-    cfg = tf.GptOssConfig(**MOE, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, head_dim=16,
-                          layer_types=["full_attention"] * 2)
-    tf.GptOssForCausalLM(cfg).save_pretrained(tmp_path / "oss")
-    for name in ("mix", "oss"):
+    llama4().save_pretrained(tmp_path / "l4")
+    for name in ("mix", "l4"):
         word_tokenizer(119).save_pretrained(tmp_path / name)
     at = fresh_app()
     at.radio(key="model_choice").set_value("Local checkpoint folder").run()
@@ -246,10 +325,10 @@ def test_model_page_lists_the_experts_and_warns_of_weights_it_cannot_read(tmp_pa
     run_until_idle(at, "spectra of the tiny Mixtral")  # loaded, and its spectra job (on the loaded model) done
     assert not at.error and not at.warning, [e.value for e in at.error] + [w.value for w in at.warning]
     assert metric(at, "Prunable matrices") == str(2 * (4 + 3 * 4))
-    at.text_input(key="model_folder").input(str(tmp_path / "oss")).run()
+    at.text_input(key="model_folder").input(str(tmp_path / "l4")).run()
     at.button(key="model_load").click().run()
     assert not at.error, [e.value for e in at.error]
-    assert metric(at, "Prunable matrices") == str(2 * 4)
+    assert metric(at, "Prunable matrices") == str(2 * (4 + 3))  # attention and the shared expert
     assert any("49,152 weights" in w.value and "neither analysed nor pruned" in w.value for w in at.warning)
 
 
