@@ -112,29 +112,53 @@ def _experts_hook(stats: dict[str, InputStats], names: dict[int, dict[str, str]]
     """Forward hook of a fused-experts module: adds expert e's routed tokens to the statistic of its first
     parameter's slices (names[e][layout.first]: gate and up, or up) and the inner activations of them to its
     down_proj's (names[e]["down_proj"]), then checks that those rebuild the module's output."""
-    def hook(module, args, kwargs, output):
-        given = dict(zip(_EXPERT_ARGS, args)) | kwargs
-        x, index, weights = (given.get(k) for k in _EXPERT_ARGS)
-        if x is None or index is None or weights is None:
-            raise ExpertsError(f"{type(module).__name__} is not called with (hidden_states, top_k_index, "
-                               "top_k_weights): its experts' inputs cannot be gathered; use the magnitude pruner")
+    def gather(module, e: int, xe: torch.Tensor) -> torch.Tensor:
+        inner = _expert_inner(module, layout, _expert_linear(module, layout, layout.first, e, xe))
+        stats[names[e][layout.first]].add(xe)
+        stats[names[e]["down_proj"]].add(inner)
+        return inner
+
+    def top_k(module, x, index, weights, output) -> tuple[float, float]:
+        """Tokens (T, H) with the experts each chose and their weights: the output is their weighted sum."""
         x = x.reshape(-1, x.shape[-1])
         index, weights = index.reshape(x.shape[0], -1), weights.reshape(x.shape[0], -1)
         checked = min(x.shape[0], _EXPERT_CHECK_TOKENS)
         rebuilt = torch.zeros(checked, x.shape[1], dtype=torch.float32, device=x.device)
-        for e, by_param in names.items():
+        for e in names:
             tok, pos = torch.where(index == e)
             if len(tok) == 0:
                 continue
-            xe = x[tok]
-            inner = _expert_inner(module, layout, _expert_linear(module, layout, layout.first, e, xe))
-            stats[by_param[layout.first]].add(xe)
-            stats[by_param["down_proj"]].add(inner)
+            inner = gather(module, e, x[tok])
             first = tok < checked
             y = _expert_linear(module, layout, "down_proj", e, inner[first]) * weights[tok[first], pos[first], None]
             rebuilt.index_add_(0, tok[first], y.float())
         out = output.reshape(x.shape)[:checked].float()
-        if float((rebuilt - out).norm()) > _EXPERT_TOLERANCE * max(float(out.norm()), 1e-12):
+        return float((rebuilt - out).norm()), float(out.norm())
+
+    def pre_routed(module, x, output) -> tuple[float, float]:
+        """(E·T, H): expert e's rows are the e-th T of them, each token scaled by its router score, zero where
+        the router did not choose e; the output has the same rows."""
+        rows = x.reshape(layout.experts, -1, x.shape[-1])
+        outs = output.reshape(rows.shape)
+        err = norm = 0.0
+        for e in names:
+            tok = rows[e].ne(0).any(-1).nonzero().squeeze(-1)
+            if len(tok) == 0:
+                continue
+            inner = gather(module, e, rows[e, tok])
+            first = slice(0, _EXPERT_CHECK_TOKENS // len(names) + 1)
+            y, out = _expert_linear(module, layout, "down_proj", e, inner[first]).float(), outs[e, tok[first]].float()
+            err, norm = err + float(((y - out) ** 2).sum()), norm + float((out ** 2).sum())
+        return err ** 0.5, norm ** 0.5
+
+    def hook(module, args, kwargs, output):
+        given = dict(zip(_EXPERT_ARGS, args)) | kwargs
+        x, index, weights = (given.get(k) for k in _EXPERT_ARGS)
+        if x is None or not layout.pre_routed and (index is None or weights is None):
+            raise ExpertsError(f"{type(module).__name__} is not called with (hidden_states, top_k_index, "
+                               "top_k_weights): its experts' inputs cannot be gathered; use the magnitude pruner")
+        err, norm = pre_routed(module, x, output) if layout.pre_routed else top_k(module, x, index, weights, output)
+        if err > _EXPERT_TOLERANCE * max(norm, 1e-12):
             raise ExpertsError(f"{type(module).__name__}'s experts do not compute down(act(gate) * up) from their "
                                "parameters as this tool reads them, so their inputs cannot be gathered; use the "
                                "magnitude pruner")

@@ -5,15 +5,15 @@ every `nn.Linear` (or GPT-2 style `Conv1D`) is a prunable matrix, listed in modu
 routers (`ROUTERS`). The input embedding and an untied lm_head are listed too, as not prunable. A
 matrix is always described as (out_features, in_features), whatever its module stores.
 
-Mixture-of-experts blocks (Mixtral, Qwen-MoE, GPT-OSS, ... in transformers 5) keep their experts in 3-D
-parameters of one module: `gate_up_proj` (every expert's gate and up projections) and `down_proj`, or
+Mixture-of-experts blocks (Mixtral, Qwen-MoE, GPT-OSS, Llama 4, ... in transformers 5) keep their experts in
+3-D parameters of one module: `gate_up_proj` (every expert's gate and up projections) and `down_proj`, or
 `up_proj` and `down_proj` for experts without a gate (Nemotron-H). The module's layout flags, those of
 transformers' experts interface, say how they are stored: transposed or not, gate and up rows concatenated
-or interleaved, with biases or not (`ExpertsLayout`). Every expert's gate, up and down projection is a
-matrix of its own here, a view of those parameters, named as Qwen-MoE's checkpoints name them
-(`<experts>.<e>.gate_proj`, `.up_proj`, `.down_proj`), so spectra, allocations and pruners see them like
-any other matrix. Other 3-D layouts (Llama 4's experts, which take their tokens pre-routed) are left dense
-and counted by `unsupported_weights`.
+or interleaved, with biases or not (`ExpertsLayout`; `_FLAGS` for Llama 4's module, which sets none). Every
+expert's gate, up and down projection is a matrix of its own here, a view of those parameters, named as
+Qwen-MoE's checkpoints name them (`<experts>.<e>.gate_proj`, `.up_proj`, `.down_proj`), so spectra,
+allocations and pruners see them like any other matrix. Other 3-D layouts are left dense and counted by
+`unsupported_weights`.
 """
 from __future__ import annotations
 
@@ -101,6 +101,9 @@ class ExpertsLayout:
     concatenated: bool  # gate rows, then up rows; else interleaved (gate, up, gate, up, ...)
     transposed: bool  # parameters stored (experts, in, out) instead of (experts, out, in)
     bias: bool  # `<parameter>_bias` (experts, out) beside each parameter
+    # called with every expert's rows stacked, (experts x tokens, hidden), each token scaled by its router score
+    # and zero where the router did not choose that expert; else with (tokens, the chosen experts, their weights)
+    pre_routed: bool = False
 
     @property
     def first(self) -> str:
@@ -118,6 +121,10 @@ class ExpertsLayout:
         return [("gate_proj", "gate_up_proj", *gate, i, h), ("up_proj", "gate_up_proj", *up, i, h), down]
 
 
+# experts modules outside transformers' experts interface, and the flags they would set
+_FLAGS = {"Llama4TextExperts": {"is_transposed": True, "pre_routed": True}}
+
+
 def _param_3d(mod: nn.Module, name: str) -> torch.Tensor | None:
     p = getattr(mod, name, None)
     return p if isinstance(p, nn.Parameter) and p.dim() == 3 else None
@@ -126,24 +133,29 @@ def _param_3d(mod: nn.Module, name: str) -> torch.Tensor | None:
 def fused_experts(mod: nn.Module) -> ExpertsLayout | None:
     """The layout of `mod`'s experts when it holds MoE experts this module reads (see the module docstring):
     3-D `gate_up_proj` (or `up_proj` where the module says it has no gate) and `down_proj` of matching
-    shapes, stored as its layout flags say; else None. A module without the flags must be the interface's
-    default: (E, 2I, H) and (E, H, I), concatenated, without biases."""
-    if getattr(mod, "has_post_expert_norm", False):
+    shapes, stored as its layout flags say (`_FLAGS` for modules that set none); else None. A module without
+    flags must be the interface's default: (E, 2I, H) and (E, H, I), concatenated, without biases."""
+    known = _FLAGS.get(type(mod).__name__, {})
+
+    def flag(name: str, default: bool) -> bool:
+        return bool(known.get(name, getattr(mod, name, default)))
+
+    if flag("has_post_expert_norm", False):
         return None  # a norm after each expert: its output is not down(act(...)) alone
-    gated = bool(getattr(mod, "has_gate", True))
+    gated = flag("has_gate", True)
     names = ("gate_up_proj" if gated else "up_proj", "down_proj")
     first, down = (_param_3d(mod, n) for n in names)
     if first is None or down is None:
         return None
-    transposed, bias = bool(getattr(mod, "is_transposed", False)), bool(getattr(mod, "has_bias", False))
+    transposed, bias = flag("is_transposed", False), flag("has_bias", False)
     if {isinstance(getattr(mod, f"{n}_bias", None), torch.Tensor) for n in names} != {bias}:
         return None  # biases the flags do not announce (or lack): something else is computed
     (e, out, hidden), (e_down, h_down, inner) = ((t.shape[0], *t.shape[1:][::-1]) if transposed else t.shape
                                                  for t in (first, down))  # (experts, out, in)
     if (gated and out % 2) or (e_down, h_down, inner) != (e, hidden, out // 2 if gated else out):
         return None
-    return ExpertsLayout(int(e), int(hidden), int(inner), gated, bool(getattr(mod, "is_concatenated", True)),
-                         transposed, bias)
+    return ExpertsLayout(int(e), int(hidden), int(inner), gated, flag("is_concatenated", True), transposed, bias,
+                         flag("pre_routed", False))
 
 
 def _expert_refs(name: str, b: int, mod: nn.Module) -> list[LayerRef]:
@@ -155,15 +167,15 @@ def _expert_refs(name: str, b: int, mod: nn.Module) -> list[LayerRef]:
 
 UNSUPPORTED = ("{n:,} weights of the decoder blocks sit in 3-D parameters of a layout this tool does not read (MoE "
                "experts other than gate_up_proj or up_proj + down_proj as transformers' experts interface stores "
-               "them, e.g. Llama 4's): they are neither analysed nor pruned, and sparsities count the other "
+               "them, or quantized experts): they are neither analysed nor pruned, and sparsities count the other "
                "matrices only")
 
 
 def unsupported_weights(model: nn.Module) -> int:
     """Weights inside the decoder blocks held in parameters of 3 or more dimensions that are not fused
-    experts of a layout `fused_experts` reads (e.g. Llama 4's, whose experts take their tokens pre-routed):
-    they are neither analysed nor pruned. Convolutions (Mamba's, linear
-    attention's) are not matrices and are not counted."""
+    experts of a layout `fused_experts` reads (e.g. experts with a norm after each, or quantized ones, such as
+    GPT-OSS's MXFP4 blocks where transformers keeps them): they are neither analysed nor pruned.
+    Convolutions (Mamba's, linear attention's) are not matrices and are not counted."""
     found = find_blocks(model)
     if not found:
         return 0

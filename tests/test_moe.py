@@ -1,9 +1,10 @@
 """Mixture-of-experts models (transformers 5 keeps experts fused in 3-D parameters): every expert's gate,
 up and down projection is a matrix of its own for spectra, allocation and the pruners, fed the tokens
-the router sent it. Tiny Qwen2-MoE / Mixtral / GPT-OSS / Nemotron-H / Llama 4 models built from configs."""
+the router sent it. Tiny Qwen2-MoE / Mixtral / GPT-OSS / Nemotron-H / Llama 4 / JetMoE models built from configs."""
 import os
 import subprocess
 import sys
+from operator import attrgetter
 from pathlib import Path
 
 import numpy as np
@@ -54,27 +55,37 @@ def gpt_oss(seed=0):
 
 
 def llama4():
-    """Experts that take their tokens pre-routed (every expert's rows stacked, scaled by the router): unsupported."""
+    """Experts stored transposed that take their tokens pre-routed: every expert's rows stacked, each token scaled
+    by its router score, zero where the router did not choose that expert."""
     torch.manual_seed(0)
     return tf.Llama4ForCausalLM(tf.Llama4TextConfig(**MOE, intermediate_size=32, intermediate_size_mlp=64,
-                                                    num_local_experts=4, num_experts_per_tok=1, head_dim=16))
+                                                    num_local_experts=4, num_experts_per_tok=1, head_dim=16)).eval()
+
+
+def jetmoe():
+    """Experts in 3-D `weight` parameters of modules of its own, in the MLP and the attention: unsupported."""
+    torch.manual_seed(0)
+    return tf.JetMoeForCausalLM(tf.JetMoeConfig(**MOE, intermediate_size=32, num_local_experts=4,
+                                                num_experts_per_tok=2, kv_channels=16))
 
 
 def calib(n=4, seqlen=16, seed=0):
     return torch.randint(0, 120, (n, seqlen), generator=torch.Generator().manual_seed(seed))
 
 
-def routed_inputs(model, ids, router="gate"):
-    """Per block: the experts module's input and the router's chosen experts, read from the router itself
-    (`router`: the router's name in the block's mlp)."""
+def routed_inputs(model, ids, router="mlp.gate", chosen=2):
+    """Per block: the experts module's input and the router's choice (its output number `chosen`: the experts
+    chosen, or the scores), read from the router itself (`router`: its path in the block)."""
     seen = {}
-    handles = [getattr(layer.mlp, router).register_forward_hook(lambda m, i, o, b=b: seen.__setitem__(b, (i[0], o[2])))
-               for b, layer in enumerate(model.model.layers)]
+    def keep(b):
+        return lambda module, inputs, output: seen.__setitem__(b, (inputs[0], output[chosen]))
+
+    handles = [attrgetter(router)(layer).register_forward_hook(keep(b)) for b, layer in enumerate(model.model.layers)]
     with torch.no_grad():
         model(input_ids=ids)
     for h in handles:
         h.remove()
-    return {b: (x.reshape(-1, x.shape[-1]), chosen) for b, (x, chosen) in seen.items()}
+    return {b: (x.reshape(-1, x.shape[-1]), choice) for b, (x, choice) in seen.items()}
 
 
 def test_every_expert_projection_is_a_matrix_named_as_in_the_checkpoint(tmp_path):
@@ -172,10 +183,12 @@ def test_owl_counts_outliers_of_the_experts_that_saw_tokens():
         assert ratios[b] == pytest.approx(want)
 
 
-def test_experts_that_compute_otherwise_are_refused_not_misread():
-    model = qwen2_moe()
+@pytest.mark.parametrize("family", ["qwen2_moe", "llama4"])
+def test_experts_that_compute_otherwise_are_refused_not_misread(family):
+    model = {"qwen2_moe": qwen2_moe, "llama4": llama4}[family]()
     for layer in model.model.layers:  # experts whose output is not down(act(gate) * up) as stored
-        layer.mlp.experts.register_forward_hook(lambda m, i, o: o * 2)
+        (layer.mlp if family == "qwen2_moe" else layer.feed_forward).experts.register_forward_hook(
+            lambda m, i, o: o * 2)
     with pytest.raises(ExpertsError, match="magnitude"):
         prune(model, {r.name: 0.5 for r in prunable_layers(model)}, "wanda", calib())
     assert prune(model, {r.name: 0.5 for r in prunable_layers(model)}, "magnitude").overall == pytest.approx(0.5)
@@ -223,7 +236,7 @@ def test_gpt_oss_experts_stored_transposed_interleaved_and_biased():
     assert (gate.rows, gate.cols, down.rows, down.cols) == (32, 64, 64, 32)
     assert torch.equal(gate.weight(), stored[:, 0::2].t()) and torch.equal(up.weight(), stored[:, 1::2].t())
     assert gate.weight().data_ptr() == stored.data_ptr() and torch.equal(down.weight(), experts.down_proj[2].t())
-    x, index = routed_inputs(model, ids, router="router")[1]
+    x, index = routed_inputs(model, ids, router="mlp.router")[1]
     got = {}
     walk_blocks(model, ids, lambda b, refs, stats: got.update(stats) or False, hessian=True)
     experts = model.model.layers[1].mlp.experts
@@ -270,10 +283,34 @@ def test_experts_without_a_gate_prune_up_and_down(method):
     assert report.overall == pytest.approx(0.5) and not report.by_magnitude
 
 
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_llama4_experts_see_their_pre_routed_tokens(method):
+    """Expert e's statistic is the tokens the router chose it for, scaled by their scores, as the expert sees them."""
+    model, ids = llama4(), calib()
+    experts = model.model.layers[1].feed_forward.experts
+    assert fused_experts(experts) == ExpertsLayout(4, 64, 32, gated=True, concatenated=True, transposed=True,
+                                                   bias=False, pre_routed=True)
+    refs = {r.name: r for r in prunable_layers(model)}
+    assert len(refs) == 2 * (4 + 3 + 3 * 4)  # attention, the shared expert, 4 routed experts
+    up = refs["model.layers.1.feed_forward.experts.3.up_proj"].weight()
+    assert torch.equal(up, experts.gate_up_proj[3, :, 32:].t())
+    x, scores = routed_inputs(model, ids, router="feed_forward.router", chosen=0)[1]  # it returns (scores, logits)
+    got = {}
+    walk_blocks(model, ids, lambda b, refs, stats: got.update(stats) or False, hessian=True)
+    for e in range(4):
+        chosen = scores[:, e] > 0
+        xe = x[chosen] * scores[chosen, e, None]
+        assert got[f"model.layers.1.feed_forward.experts.{e}.gate_proj"].tokens == int(chosen.sum())
+        torch.testing.assert_close(got[f"model.layers.1.feed_forward.experts.{e}.gate_proj"].xtx, xe.t() @ xe,
+                                   rtol=1e-5, atol=1e-5)
+    report = prune(model, {name: 0.5 for name in refs}, method, ids)
+    assert report.overall == pytest.approx(0.5) and unsupported_weights(model) == 0
+
+
 def test_other_expert_layouts_are_counted_not_misread():
-    model = llama4()  # experts (E, H, 2I) without the interface's flags, fed pre-routed tokens
-    assert unsupported_weights(model) == 2 * 4 * (64 * 64 + 32 * 64)
-    assert not any("experts" in r.name for r in prunable_layers(model))
+    model = jetmoe()  # experts in 3-D parameters of JetMoE's own modules, in its MLP and its attention
+    assert unsupported_weights(model) == 2 * 4 * (64 * 64 + 64 * 32 + 32 * 64 + 64 * 32)
+    assert not any(r.expert is not None for r in prunable_layers(model))
 
 
 def test_spectra_of_experts_streamed_or_loaded(tmp_path, monkeypatch):
@@ -315,8 +352,8 @@ def test_model_page_lists_the_experts_and_warns_of_weights_it_cannot_read(tmp_pa
     from tests.test_app import fresh_app, metric, run_until_idle
 
     mixtral().save_pretrained(tmp_path / "mix")
-    llama4().save_pretrained(tmp_path / "l4")
-    for name in ("mix", "l4"):
+    jetmoe().save_pretrained(tmp_path / "jet")
+    for name in ("mix", "jet"):
         word_tokenizer(119).save_pretrained(tmp_path / name)
     at = fresh_app()
     at.radio(key="model_choice").set_value("Local checkpoint folder").run()
@@ -325,11 +362,11 @@ def test_model_page_lists_the_experts_and_warns_of_weights_it_cannot_read(tmp_pa
     run_until_idle(at, "spectra of the tiny Mixtral")  # loaded, and its spectra job (on the loaded model) done
     assert not at.error and not at.warning, [e.value for e in at.error] + [w.value for w in at.warning]
     assert metric(at, "Prunable matrices") == str(2 * (4 + 3 * 4))
-    at.text_input(key="model_folder").input(str(tmp_path / "l4")).run()
+    at.text_input(key="model_folder").input(str(tmp_path / "jet")).run()
     at.button(key="model_load").click().run()
     assert not at.error, [e.value for e in at.error]
-    assert metric(at, "Prunable matrices") == str(2 * (4 + 3))  # attention and the shared expert
-    assert any("49,152 weights" in w.value and "neither analysed nor pruned" in w.value for w in at.warning)
+    assert metric(at, "Prunable matrices") == str(len(prunable_layers(jetmoe())))
+    assert any("81,920 weights" in w.value and "neither analysed nor pruned" in w.value for w in at.warning)
 
 
 def test_search_over_blocks_and_kinds_moves_the_experts_kinds_too():
