@@ -85,6 +85,11 @@ class Checkpoint:
         with safe_open(str(self.tensors[key].shard), framework="pt") as f:
             return f.get_tensor(key)
 
+    def entry(self, key: str, index: int) -> torch.Tensor:
+        """`tensor(key)[index]` in its stored dtype, read alone: one expert of a fused (experts, ...) tensor."""
+        with safe_open(str(self.tensors[key].shard), framework="pt") as f:
+            return f.get_slice(key)[index]
+
 
 def _read_header(path: Path) -> dict:
     """The JSON header of one safetensors file, checked against the file's size."""

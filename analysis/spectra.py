@@ -381,17 +381,31 @@ CACHE_VERSION = 2  # bump when the cached files' layout or the metrics' meaning 
 
 class NotStreamable(CheckpointError):
     """A checkpoint that stores some matrices under other names than the loaded model has (Mixtral keeps its
-    experts as `block_sparse_moe.experts.<e>.w1/w2/w3`, which transformers fuses when it loads them; GPT-OSS
-    stores them fused): its spectra need the loaded model (`analyze`)."""
+    experts as `block_sparse_moe.experts.<e>.w1/w2/w3`, which transformers fuses when it loads them): its
+    spectra need the loaded model (`analyze`)."""
+
+
+def _fused_key(ref: LayerRef) -> str | None:
+    """The name of the fused 3-D parameter an expert matrix is a slice of (None for any other matrix)."""
+    return None if ref.expert is None else f"{ref.name.rsplit('.', 2)[0]}.{ref.expert[0]}"
+
+
+def _stored(ckpt: Checkpoint, ref: LayerRef) -> bool:
+    """The checkpoint holds the matrix: as "<name>.weight", or, for an expert, inside its fused parameter stored
+    with the loaded model's shape (Llama 4, GPT-OSS in bf16)."""
+    if ref.name + ".weight" in ckpt.tensors:
+        return True
+    key = _fused_key(ref)
+    return key in ckpt.tensors and ckpt.tensors[key].shape == tuple(getattr(ref.module, ref.expert[0]).shape)
 
 
 def checkpoint_layers(ckpt: Checkpoint, include_outside: bool = False) -> list[LayerRef]:
     """The matrices `find_layers` would list for the loaded model (same names, blocks, kinds, order,
     tied lm_head left out), found on a weightless meta-device instance built from config.json, each
-    checked to be in the checkpoint as "<name>.weight". The refs have no module."""
+    checked to be in the checkpoint (`_stored`). The refs have no module."""
     model = skeleton(AutoConfig.from_pretrained(ckpt.folder))
-    refs = [replace(r, module=None) for r in find_layers(model, include_outside=include_outside)]
-    absent = [r for r in refs if r.name + ".weight" not in ckpt.tensors]
+    refs = find_layers(model, include_outside=include_outside)
+    absent = [r for r in refs if not _stored(ckpt, r)]
     missing = [r.name for r in absent]
     if absent and all(r.expert is not None for r in absent):
         raise NotStreamable(f"{ckpt.folder}: its experts are stored under other names than the loaded model's "
@@ -399,7 +413,16 @@ def checkpoint_layers(ckpt: Checkpoint, include_outside: bool = False) -> list[L
     if missing:
         raise CheckpointError(f"{ckpt.folder}: no tensor {missing[0]}.weight for the model's module {missing[0]}"
                               + (f" (and {len(missing) - 1} more)." if len(missing) > 1 else "."))
-    return refs
+    return [replace(r, module=None) for r in refs]
+
+
+def fused_expert_esd(ckpt: Checkpoint, ref: LayerRef, farms: bool = False, device=None) -> np.ndarray:
+    """Unnormalized ESD of an expert matrix that the checkpoint stores inside its fused 3-D parameter, like
+    `esd` (`farms_esd` with farms) of the loaded matrix: the expert's slice is read alone, in the stored dtype."""
+    _, e, start, stop, step = ref.expert
+    w = ckpt.entry(_fused_key(ref), e)
+    w = (w.t() if ref.transposed else w)[start:stop:step]
+    return (farms_esd if farms else esd)(w.to(device or "cpu"))
 
 
 def streamed_esd(ckpt: Checkpoint, key: str, farms: bool = False, device=None,
@@ -496,7 +519,9 @@ def analyze_checkpoint(
             else torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
     def spectrum(ref):
-        return streamed_esd(ckpt, ref.name + ".weight", farms, used)
+        if ref.name + ".weight" in ckpt.tensors:
+            return streamed_esd(ckpt, ref.name + ".weight", farms, used)
+        return fused_expert_esd(ckpt, ref, farms, used)
 
     with cpu_workers(used) as workers:
         done = dict(_pooled(layers, spectrum, farms, normalize, fit, min_tail, workers, progress))

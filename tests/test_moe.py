@@ -320,6 +320,12 @@ def test_spectra_of_experts_streamed_or_loaded(tmp_path, monkeypatch):
     streamed = analyze_checkpoint(tmp_path / "qwen", device="cpu")
     pd.testing.assert_frame_equal(streamed.metrics, analyze(qwen).metrics, rtol=1e-9)
     assert (streamed.metrics["kind"] == "experts.down_proj").sum() == 2 * 4
+    for name, model in (("oss", gpt_oss()), ("l4", llama4())):  # experts stored fused: each expert's slice read alone
+        model.save_pretrained(tmp_path / name)
+        assert any(k.endswith("experts.gate_up_proj") for k in open_checkpoint(tmp_path / name).tensors)
+        for farms in (False, True):
+            streamed = analyze_checkpoint(tmp_path / name, device="cpu", farms=farms)
+            pd.testing.assert_frame_equal(streamed.metrics, analyze(model, farms=farms).metrics, rtol=1e-9)
     # Mixtral's checkpoint keeps experts as block_sparse_moe.experts.<e>.w1/w2/w3: the CLI loads the model instead
     mix = mixtral()
     mix.save_pretrained(tmp_path / "mix")
