@@ -61,8 +61,8 @@ class LayerRef:
 
 
 
-# MoE routers and gating vectors (Linear in some models): they choose which experts run, so they are
-# listed, not pruned
+# MoE routers and gating vectors (Linear in some models, or a Linear inside a module of that name, as DBRX's
+# router.layer): they choose which experts run, so they are listed, not pruned
 ROUTERS = ("gate", "router", "shared_expert_gate")
 
 _GROUPS = {
@@ -165,26 +165,28 @@ def _expert_refs(name: str, b: int, mod: nn.Module) -> list[LayerRef]:
             for e in range(layout.experts) for kind, param, start, stop, step, rows, cols in layout.matrices()]
 
 
-UNSUPPORTED = ("{n:,} weights of the decoder blocks sit in 3-D parameters of a layout this tool does not read (MoE "
+UNSUPPORTED = ("{n:,} weights of the decoder blocks sit in parameters of a layout this tool does not read (MoE "
                "experts other than gate_up_proj or up_proj + down_proj as transformers' experts interface stores "
                "them, or quantized experts): they are neither analysed nor pruned, and sparsities count the other "
                "matrices only")
 
 
 def unsupported_weights(model: nn.Module) -> int:
-    """Weights inside the decoder blocks held in parameters of 3 or more dimensions that are not fused
-    experts of a layout `fused_experts` reads (e.g. experts with a norm after each, or quantized ones, such as
-    GPT-OSS's MXFP4 blocks where transformers keeps them): they are neither analysed nor pruned.
-    Convolutions (Mamba's, linear attention's) are not matrices and are not counted."""
+    """Weights inside the decoder blocks that are neither analysed nor pruned for being stored in a layout
+    this module does not read: parameters of 3 or more dimensions, and 2-D ones inside a module named
+    `experts` (DBRX stacks its experts in 2-D parameters), that are not of fused experts `fused_experts`
+    reads (e.g. experts with a norm after each, or quantized ones, such as GPT-OSS's MXFP4 blocks where
+    transformers keeps them). Convolutions (Mamba's, linear attention's) are not matrices and are not counted."""
     found = find_blocks(model)
     if not found:
         return 0
     total = 0
     for block in found[1]:
-        for _, mod in block.named_modules():
+        for sub, mod in block.named_modules():
             if fused_experts(mod) is not None or isinstance(mod, nn.Conv1d | nn.Conv2d | nn.Conv3d):
                 continue
-            total += sum(p.numel() for p in mod.parameters(recurse=False) if p.dim() >= 3)
+            least = 2 if "experts" in sub.split(".") and not _is_matrix_module(mod) else 3
+            total += sum(p.numel() for p in mod.parameters(recurse=False) if p.dim() >= least)
     return total
 
 
@@ -218,8 +220,8 @@ def find_layers(model: nn.Module, include_outside: bool = True) -> list[LayerRef
                 kind = sub.split(".")[-1]
                 transposed = not isinstance(mod, nn.Linear)
                 r, c = mod.weight.shape[::-1] if transposed else mod.weight.shape
-                refs.append(LayerRef(name, b, kind, _group(name, kind), int(r), int(c), kind not in ROUTERS,
-                                     transposed, mod))
+                router = any(part in ROUTERS for part in sub.split(".")[-2:])
+                refs.append(LayerRef(name, b, kind, _group(name, kind), int(r), int(c), not router, transposed, mod))
     if include_outside:
         emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None

@@ -311,6 +311,14 @@ def test_other_expert_layouts_are_counted_not_misread():
     model = jetmoe()  # experts in 3-D parameters of JetMoE's own modules, in its MLP and its attention
     assert unsupported_weights(model) == 2 * 4 * (64 * 64 + 64 * 32 + 32 * 64 + 64 * 32)
     assert not any(r.expert is not None for r in prunable_layers(model))
+    dbrx = tf.DbrxForCausalLM(tf.DbrxConfig(  # experts stacked in 2-D parameters w1, v1, w2 (experts x inner, hidden)
+        d_model=64, n_heads=4, n_layers=2, vocab_size=120, max_seq_len=64,
+        attn_config={"kv_n_heads": 2, "rope_theta": 1e4}, ffn_config={"ffn_hidden_size": 32, "moe_num_experts": 4,
+                                                                       "moe_top_k": 2}))
+    assert unsupported_weights(dbrx) == 2 * 3 * (4 * 32) * 64
+    layers = find_layers(dbrx)  # its router is a Linear named `layer` inside the module `router`: not pruned
+    assert [r.kind for r in layers if r.block == 0 and r.prunable] == ["Wqkv", "out_proj"]
+    assert [r.name for r in layers if r.block == 0 and not r.prunable] == ["transformer.blocks.0.ffn.router.layer"]
 
 
 def test_spectra_of_experts_streamed_or_loaded(tmp_path, monkeypatch):
