@@ -307,6 +307,19 @@ def test_llama4_experts_see_their_pre_routed_tokens(method):
     assert report.overall == pytest.approx(0.5) and unsupported_weights(model) == 0
 
 
+def test_gemma4_router_is_not_pruned_and_its_experts_are():
+    """Gemma 4's router keeps its Linear (`proj`) inside a module named `router`; its experts sit beside a dense MLP."""
+    torch.manual_seed(0)
+    model = tf.Gemma4ForCausalLM(tf.Gemma4TextConfig(
+        **MOE, intermediate_size=64, head_dim=16, enable_moe_block=True, num_experts=4, top_k_experts=2,
+        moe_intermediate_size=32, layer_types=["sliding_attention", "full_attention"])).eval()
+    routers = [r for r in find_layers(model) if r.name.endswith("router.proj")]
+    assert len(routers) == 2 and not any(r.prunable for r in routers)
+    assert sum(r.expert is not None for r in prunable_layers(model)) == 2 * 4 * 3
+    report = prune(model, {r.name: 0.5 for r in prunable_layers(model)}, "wanda", calib())
+    assert report.overall == pytest.approx(0.5) and not report.by_magnitude
+
+
 def test_other_expert_layouts_are_counted_not_misread():
     model = jetmoe()  # experts in 3-D parameters of JetMoE's own modules, in its MLP and its attention
     assert unsupported_weights(model) == 2 * 4 * (64 * 64 + 64 * 32 + 32 * 64 + 64 * 32)
