@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import shutil
 import tempfile
 import threading
@@ -380,47 +381,75 @@ CACHE_VERSION = 2  # bump when the cached files' layout or the metrics' meaning 
 
 
 class NotStreamable(CheckpointError):
-    """A checkpoint that stores some matrices under other names than the loaded model has (Mixtral keeps its
-    experts as `block_sparse_moe.experts.<e>.w1/w2/w3`, which transformers fuses when it loads them): its
-    spectra need the loaded model (`analyze`)."""
+    """A checkpoint that stores some expert matrices where this module does not find them (GPT-OSS's MXFP4
+    blocks, which transformers dequantizes when it loads them): its spectra need the loaded model (`analyze`)."""
 
 
-def _fused_key(ref: LayerRef) -> str | None:
-    """The name of the fused 3-D parameter an expert matrix is a slice of (None for any other matrix)."""
-    return None if ref.expert is None else f"{ref.name.rsplit('.', 2)[0]}.{ref.expert[0]}"
+# an expert matrix's checkpoint key: (the block's prefix, e.g. "model.layers.3"; expert; leaf name)
+_EXPERT_KEY = re.compile(r"^(.*?\.\d+)\..*\bexperts\.(\d+)\.(\w+)\.weight$")
+# the leaf names an expert matrix of each kind may have in a checkpoint: its own, or Mixtral's (and MiniMax's)
+# w1 / w3 / w2, stored under `block_sparse_moe`, which transformers renames and fuses when it loads them
+_EXPERT_LEAVES = {"gate_proj": ("gate_proj", "w1"), "up_proj": ("up_proj", "w3"), "down_proj": ("down_proj", "w2")}
 
 
-def _stored(ckpt: Checkpoint, ref: LayerRef) -> bool:
-    """The checkpoint holds the matrix: as "<name>.weight", or, for an expert, inside its fused parameter stored
-    with the loaded model's shape (Llama 4, GPT-OSS in bf16)."""
-    if ref.name + ".weight" in ckpt.tensors:
-        return True
-    key = _fused_key(ref)
-    return key in ckpt.tensors and ckpt.tensors[key].shape == tuple(getattr(ref.module, ref.expert[0]).shape)
+def _fused_key(ref: LayerRef) -> str:
+    """The name of the fused 3-D parameter an expert matrix is a slice of."""
+    return f"{ref.name.rsplit('.', 2)[0]}.{ref.expert[0]}"
+
+
+def _sources(ckpt: Checkpoint, refs: list[LayerRef]) -> dict[str, tuple[str, int | None]]:
+    """Where the checkpoint holds each matrix (refs with their modules): (key, None) for a whole tensor, (key, e)
+    for expert e of a fused tensor. A matrix is "<name>.weight"; an expert matrix may also be the same expert's
+    matrix of the same shape under another path in the same block (Mixtral's), or a slice of its fused parameter
+    stored with the loaded model's shape (Llama 4's, GPT-OSS's in bf16)."""
+    experts = defaultdict(list)
+    for key in ckpt.tensors:
+        if m := _EXPERT_KEY.match(key):
+            experts[m.groups()].append(key)
+    sources: dict[str, tuple[str, int | None]] = {}
+    for r in refs:
+        if r.name + ".weight" in ckpt.tensors:
+            sources[r.name] = (r.name + ".weight", None)
+        elif r.expert is not None:
+            block, e, kind = _EXPERT_KEY.match(r.name + ".weight").groups()
+            same = [k for leaf in _EXPERT_LEAVES.get(kind, (kind,)) for k in experts.get((block, e, leaf), [])
+                    if ckpt.tensors[k].shape == (r.rows, r.cols)]
+            fused = _fused_key(r)
+            if len(same) == 1:
+                sources[r.name] = (same[0], None)
+            elif fused in ckpt.tensors and ckpt.tensors[fused].shape == tuple(getattr(r.module, r.expert[0]).shape):
+                sources[r.name] = (fused, r.expert[1])
+    return sources
+
+
+def _checkpoint_matrices(ckpt: Checkpoint, include_outside: bool) -> tuple[list[LayerRef], dict]:
+    """`checkpoint_layers`, and where the checkpoint holds each (`_sources`)."""
+    model = skeleton(AutoConfig.from_pretrained(ckpt.folder))
+    refs = find_layers(model, include_outside=include_outside)
+    sources = _sources(ckpt, refs)
+    absent = [r for r in refs if r.name not in sources]
+    missing = [r.name for r in absent]
+    if absent and all(r.expert is not None for r in absent):
+        raise NotStreamable(f"{ckpt.folder}: its experts are stored in another form than the loaded model's "
+                            f"(no tensor {missing[0]}.weight); load the model to analyse them.")
+    if missing:
+        raise CheckpointError(f"{ckpt.folder}: no tensor {missing[0]}.weight for the model's module {missing[0]}"
+                              + (f" (and {len(missing) - 1} more)." if len(missing) > 1 else "."))
+    return [replace(r, module=None) for r in refs], sources
 
 
 def checkpoint_layers(ckpt: Checkpoint, include_outside: bool = False) -> list[LayerRef]:
     """The matrices `find_layers` would list for the loaded model (same names, blocks, kinds, order,
     tied lm_head left out), found on a weightless meta-device instance built from config.json, each
-    checked to be in the checkpoint (`_stored`). The refs have no module."""
-    model = skeleton(AutoConfig.from_pretrained(ckpt.folder))
-    refs = find_layers(model, include_outside=include_outside)
-    absent = [r for r in refs if not _stored(ckpt, r)]
-    missing = [r.name for r in absent]
-    if absent and all(r.expert is not None for r in absent):
-        raise NotStreamable(f"{ckpt.folder}: its experts are stored under other names than the loaded model's "
-                            f"(no tensor {missing[0]}.weight); load the model to analyse them.")
-    if missing:
-        raise CheckpointError(f"{ckpt.folder}: no tensor {missing[0]}.weight for the model's module {missing[0]}"
-                              + (f" (and {len(missing) - 1} more)." if len(missing) > 1 else "."))
-    return [replace(r, module=None) for r in refs]
+    checked to be in the checkpoint (`_sources`). The refs have no module."""
+    return _checkpoint_matrices(ckpt, include_outside)[0]
 
 
-def fused_expert_esd(ckpt: Checkpoint, ref: LayerRef, farms: bool = False, device=None) -> np.ndarray:
-    """Unnormalized ESD of an expert matrix that the checkpoint stores inside its fused 3-D parameter, like
+def fused_expert_esd(ckpt: Checkpoint, key: str, ref: LayerRef, farms: bool = False, device=None) -> np.ndarray:
+    """Unnormalized ESD of the expert matrix `ref` that the checkpoint stores in its fused 3-D tensor `key`, like
     `esd` (`farms_esd` with farms) of the loaded matrix: the expert's slice is read alone, in the stored dtype."""
     _, e, start, stop, step = ref.expert
-    w = ckpt.entry(_fused_key(ref), e)
+    w = ckpt.entry(key, e)
     w = (w.t() if ref.transposed else w)[start:stop:step]
     return (farms_esd if farms else esd)(w.to(device or "cpu"))
 
@@ -514,14 +543,13 @@ def analyze_checkpoint(
     if cache and (hit := _read_cached(where, fit, farms, normalize)) is not None:
         progress and progress("Spectra read from the cache", 1.0)
         return hit
-    layers = checkpoint_layers(ckpt, include_outside)
+    layers, sources = _checkpoint_matrices(ckpt, include_outside)
     used = (torch.device(device) if device not in (None, "", "auto")
             else torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
     def spectrum(ref):
-        if ref.name + ".weight" in ckpt.tensors:
-            return streamed_esd(ckpt, ref.name + ".weight", farms, used)
-        return fused_expert_esd(ckpt, ref, farms, used)
+        key, expert = sources[ref.name]
+        return streamed_esd(ckpt, key, farms, used) if expert is None else fused_expert_esd(ckpt, key, ref, farms, used)
 
     with cpu_workers(used) as workers:
         done = dict(_pooled(layers, spectrum, farms, normalize, fit, min_tail, workers, progress))
