@@ -83,10 +83,9 @@ def _block_stats(refs: list[LayerRef], hessian: bool, device: torch.device) -> d
     stats: dict[str, InputStats] = {}
     shared: dict[tuple, InputStats] = {}
     for r in refs:
-        key = (id(r.module), *r.expert[:2]) if r.expert is not None else (r.name,)
-        if key not in shared:
-            shared[key] = InputStats(r.cols, hessian, device)
-        stats[r.name] = shared[key]
+        if r.input_key not in shared:
+            shared[r.input_key] = InputStats(r.cols, hessian, device)
+        stats[r.name] = shared[r.input_key]
     return stats
 
 

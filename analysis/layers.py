@@ -50,6 +50,12 @@ class LayerRef:
     def params(self) -> int:
         return self.rows * self.cols
 
+    @property
+    def input_key(self) -> tuple:
+        """Equal for matrices that read the same inputs by construction: an expert's gate and up projections,
+        slices of one parameter (so they share one calibration statistic)."""
+        return (id(self.module), *self.expert[:2]) if self.expert is not None else (self.name,)
+
     def weight(self) -> torch.Tensor:
         """The matrix as (out, in); a view of the module's parameter, not a copy."""
         if self.expert is not None:

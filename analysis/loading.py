@@ -442,7 +442,7 @@ class MemoryEstimate:
     weights: int  # every parameter in the load dtype
     prunable: int  # the prunable matrices in the load dtype
     activations: int  # the larger of: one block's calibration pass, one evaluation batch's logits
-    hessians: int  # SparseGPT: a float32 cols x cols matrix per prunable matrix of one block
+    hessians: int  # SparseGPT: a float32 cols x cols matrix per input of the prunable matrices of the largest block
 
     @property
     def working(self) -> int:
@@ -482,8 +482,11 @@ def memory_estimate(model: nn.Module, dtype: str | torch.dtype | None, n_samples
     tokens = n_samples * seqlen
     calibration = tokens * (2 * hidden + 3 * wide) * b + n_samples * heads * seqlen * seqlen * b
     logits = eval_batch * eval_seqlen * vocab * (b + 4)
-    return MemoryEstimate(weights, sum(r.params for r in refs) * b, max(calibration, logits),
-                          sum(r.cols * r.cols * 4 for r in first))
+    # one Hessian per statistic (an expert's gate and up share one), in the block that needs the most (a model's
+    # first blocks may be dense and its later ones MoE)
+    hessians = max((sum(r.cols * r.cols * 4 for r in {r.input_key: r for r in block}.values())
+                    for block in layers_by_block(model).values()), default=0)
+    return MemoryEstimate(weights, sum(r.params for r in refs) * b, max(calibration, logits), hessians)
 
 
 def estimate_memory(source: str, dtype: str | torch.dtype | None = "float32", n_samples: int = 16,

@@ -316,6 +316,18 @@ def test_gemma4_router_is_not_pruned_and_its_experts_are():
     assert report.overall == pytest.approx(0.5) and not report.by_magnitude
 
 
+def test_memory_estimate_counts_one_hessian_per_expert_input_in_the_largest_block():
+    from analysis.layers import layers_by_block
+    from analysis.loading import memory_estimate
+
+    est = memory_estimate(qwen2_moe(), "float32", 4, 16)  # 4 experts: gate and up share a Hessian, H=64, I=32
+    attention, experts, shared = 4 * 64 * 64, 4 * (64 * 64 + 32 * 32), 2 * 64 * 64 + 64 * 64
+    assert est.hessians == 4 * (attention + experts + shared)
+    deepseek = FAMILIES["deepseek_v3"]()  # its first block is dense: the estimate is the MoE block's
+    blocks = layers_by_block(deepseek)
+    assert memory_estimate(deepseek, "float32", 4, 16).hessians > sum(r.cols ** 2 * 4 for r in blocks[0])
+
+
 def test_other_expert_layouts_are_counted_not_misread():
     model = jetmoe()  # experts in 3-D parameters of JetMoE's own modules, in its MLP and its attention
     assert unsupported_weights(model) == 2 * 4 * (64 * 64 + 64 * 32 + 32 * 64 + 64 * 32)
