@@ -127,7 +127,8 @@ class ExpertsLayout:
         return [("gate_proj", "gate_up_proj", *gate, i, h), ("up_proj", "gate_up_proj", *up, i, h), down]
 
 
-# experts modules outside transformers' experts interface, and the flags they would set
+# experts modules outside transformers' experts interface, and the flags they would set (read only while the
+# module sets none: a later transformers that moves the module into the interface is read by its own flags)
 _FLAGS = {"Llama4TextExperts": {"is_transposed": True, "pre_routed": True}}
 
 
@@ -141,7 +142,7 @@ def fused_experts(mod: nn.Module) -> ExpertsLayout | None:
     3-D `gate_up_proj` (or `up_proj` where the module says it has no gate) and `down_proj` of matching
     shapes, stored as its layout flags say (`_FLAGS` for modules that set none); else None. A module without
     flags must be the interface's default: (E, 2I, H) and (E, H, I), concatenated, without biases."""
-    known = _FLAGS.get(type(mod).__name__, {})
+    known = {} if hasattr(mod, "is_transposed") else _FLAGS.get(type(mod).__name__, {})  # the interface's own first
 
     def flag(name: str, default: bool) -> bool:
         return bool(known.get(name, getattr(mod, name, default)))
