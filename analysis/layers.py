@@ -56,12 +56,17 @@ class LayerRef:
         slices of one parameter (so they share one calibration statistic)."""
         return (id(self.module), *self.expert[:2]) if self.expert is not None else (self.name,)
 
+    def expert_view(self, stored: torch.Tensor) -> torch.Tensor:
+        """This expert matrix as (out, in), a view of `stored`: its expert's 2-D entry of the fused parameter (in
+        the module, or read from a checkpoint)."""
+        _, _, a, b, step = self.expert
+        return (stored.t() if self.transposed else stored)[a:b:step]
+
     def weight(self) -> torch.Tensor:
         """The matrix as (out, in); a view of the module's parameter, not a copy."""
         if self.expert is not None:
-            param, e, a, b, step = self.expert
-            w = getattr(self.module, param)[e]
-            return (w.t() if self.transposed else w)[a:b:step]
+            param, e = self.expert[:2]
+            return self.expert_view(getattr(self.module, param)[e])
         w = self.module.weight
         return w.t() if self.transposed else w
 

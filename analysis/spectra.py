@@ -448,9 +448,7 @@ def checkpoint_layers(ckpt: Checkpoint, include_outside: bool = False) -> list[L
 def fused_expert_esd(ckpt: Checkpoint, key: str, ref: LayerRef, farms: bool = False, device=None) -> np.ndarray:
     """Unnormalized ESD of the expert matrix `ref` that the checkpoint stores in its fused 3-D tensor `key`, like
     `esd` (`farms_esd` with farms) of the loaded matrix: the expert's slice is read alone, in the stored dtype."""
-    _, e, start, stop, step = ref.expert
-    w = ckpt.entry(key, e)
-    w = (w.t() if ref.transposed else w)[start:stop:step]
+    w = ref.expert_view(ckpt.entry(key, ref.expert[1]))
     return (farms_esd if farms else esd)(w.to(device or "cpu"))
 
 
