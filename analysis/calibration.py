@@ -140,12 +140,12 @@ def _experts_hook(stats: dict[str, InputStats], names: dict[int, dict[str, str]]
         rows = x.reshape(layout.experts, -1, x.shape[-1])
         outs = output.reshape(rows.shape)
         err = norm = 0.0
+        first = slice(0, _EXPERT_CHECK_TOKENS // len(names) + 1)  # the check's share of each expert's tokens
         for e in names:
             tok = rows[e].ne(0).any(-1).nonzero().squeeze(-1)
             if len(tok) == 0:
                 continue
             inner = gather(module, e, rows[e, tok])
-            first = slice(0, _EXPERT_CHECK_TOKENS // len(names) + 1)
             y, out = _expert_linear(module, layout, "down_proj", e, inner[first]).float(), outs[e, tok[first]].float()
             err, norm = err + float(((y - out) ** 2).sum()), norm + float((out ** 2).sum())
         return err ** 0.5, norm ** 0.5
