@@ -81,7 +81,8 @@ FLAGS = {
     "allocation.search_seed": "--search-seed", "allocation.search_objective": "--search-objective",
     "allocation.search_text": "--search-text", "allocation.search_samples": "--search-samples",
     "allocation.search_verify": "--search-verify",
-    "allocation.search_from": "--search-from",
+    "allocation.search_from": "--search-from", "allocation.search_then_steps": "--search-then-steps",
+    "allocation.search_then_samples": "--search-then-samples",
     "prune.method": "--method", "prune.nm": "--nm",
     "prune.rowwise": "--rowwise", "calibration.source": "--calib",
     "calibration.n_samples": "--nsamples", "calibration.seqlen": "--seqlen", "calibration.seed": "--seed",
@@ -226,6 +227,12 @@ def _add_allocation_args(p: argparse.ArgumentParser, axes: bool = False) -> None
                         "all (the flag alone: also every candidate the proxy confirms, keeping only real improvements; "
                         "slowest, every step measured on the real pruned model; worth it with SparseGPT at high "
                         "sparsity)")
+    p.add_argument("--search-then-steps", type=int, default=d.search_then_steps, metavar="N",
+                   help="auto: then go on from the search's result for N more generations (a second stage, search "
+                        "seed + 100), scored on more held-out text: --search-then-samples windows of --search-text")
+    p.add_argument("--search-then-samples", type=int, default=d.search_then_samples, metavar="N",
+                   help="auto with --search-text and --search-then-steps: the second stage scores on N windows of it "
+                        "(default: twice the first stage's)")
     if not axes:
         p.add_argument("--search-from", default=d.search_from, metavar="FILE",
                        help="auto: start the search from this allocation JSON (e.g. a previous search's result, to go "
@@ -241,7 +248,8 @@ def _allocation(args: argparse.Namespace, method: str, sparsity: float | None, *
                               search_space=args.search_space, search_seed=args.search_seed,
                               search_objective=args.search_objective, search_text=args.search_text,
                               search_samples=args.search_samples, search_verify=args.search_verify,
-                              search_from=args.search_from, **extra)
+                              search_from=args.search_from, search_then_steps=args.search_then_steps,
+                              search_then_samples=args.search_then_samples, **extra)
 
 
 def _print_ppl(label: str, u) -> None:
@@ -383,9 +391,12 @@ def cmd_allocate(args: argparse.Namespace) -> int:
         calib = calibration_batch(loaded.tokenizer, calibration, bos=loaded.info.bos_per_window)
     if args.method == "custom" and args.as_drawn and args.sparsity is None:
         settings = AllocationSettings(method="custom", points=points, as_drawn=True)
-    held_out = calibration and search_windows(loaded.tokenizer, settings, calibration, loaded.info.bos_per_window)
+    bos = loaded.info.bos_per_window
+    held_out, then = (calibration and search_windows(loaded.tokenizer, settings, calibration, bos, then=t)
+                      for t in (False, True))
     alloc = build_allocation(settings, loaded.model, calib=calib, metrics=metrics, model_name=args.model,
-                             prune_method=args.pruner, progress=_print_progress, fitness_windows=held_out)
+                             prune_method=args.pruner, progress=_print_progress, fitness_windows=held_out,
+                             then_windows=then)
     _print_allocation(alloc, metrics, args.metric if args.method in SPECTRA_METHODS else None)
     _print_search(alloc)
     if args.out:
@@ -612,7 +623,9 @@ def _sweep_grid(args: argparse.Namespace) -> SweepGrid:
                                                      search_objective=args.search_objective,
                                                      search_text=args.search_text,
                                                      search_samples=args.search_samples,
-                                                     search_verify=args.search_verify),
+                                                     search_verify=args.search_verify,
+                                                     search_then_steps=args.search_then_steps,
+                                                     search_then_samples=args.search_then_samples),
                        calibration=CalibrationSettings(args.calib, args.nsamples, args.seqlen, encoding=args.encoding),
                        evaluation=_evaluation(args))
     return grid_from_text(base, methods=args.methods, allocations=args.allocations, sparsities=args.sparsities,

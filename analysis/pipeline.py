@@ -36,10 +36,11 @@ from analysis.loading import LoadedModel
 from analysis.owl import collect_outlier_ratios
 from analysis.pruners import parse_nm
 from analysis.pruning import PruneReport, prune, prune_warnings
-from analysis.runtime import ProgressFn, StopFlag
-from analysis.search import OnBest, reuse_caveats, search_allocation
+from analysis.runtime import ProgressFn, StopFlag, should_stop
+from analysis.search import OnBest, gone_on, reuse_caveats, search_allocation
 from analysis.settings import (
     SPECTRA_METHODS,
+    THEN_SEED,
     VERIFY_SAMPLES,
     AllocationSettings,
     CalibrationSettings,
@@ -48,6 +49,7 @@ from analysis.settings import (
     SpectraSettings,
     search_samples,
     search_seqlen,
+    then_samples,
 )
 from analysis.spectra import analyze
 from analysis.store import now_iso, to_json
@@ -83,13 +85,16 @@ def evaluation_windows(tokenizer, evaluation: EvaluationSettings, calibration_so
 
 
 def search_windows(tokenizer, allocation: AllocationSettings, calibration: CalibrationSettings,
-                   bos: bool = False) -> torch.Tensor | None:
+                   bos: bool = False, then: bool = False) -> torch.Tensor | None:
     """The held-out windows an "auto" search with a search text scores candidates on
     (settings.search_samples of them, as long as the ones it confirms on: settings.search_seqlen),
-    spread over the whole text; None when it scores on the calibration text."""
-    if allocation.method != "auto" or allocation.search_text is None:
+    spread over the whole text; with `then`, those of its second stage (settings.then_samples); None when
+    it scores on the calibration text, or `then` and it has no second stage."""
+    if allocation.method != "auto" or allocation.search_text is None or (then and not allocation.search_then_steps):
         return None
     count = search_samples(calibration.n_samples, allocation.search_verify, allocation.search_samples)
+    if then:
+        count = then_samples(count, allocation.search_then_samples)
     return spread_windows(tokenizer, load_text(allocation.search_text), search_seqlen(calibration.seqlen), count, bos)
 
 
@@ -177,12 +182,44 @@ def search_starts(settings: AllocationSettings, model: nn.Module, calib: torch.T
                                    model_name=model_name) for name, s in base.items()}
 
 
+def search_in_stages(settings: AllocationSettings, model: nn.Module, calib: torch.Tensor,
+                     starts: dict[str, Allocation], prune_method: str, fitness_windows: torch.Tensor | None,
+                     then_windows: torch.Tensor | None = None, model_name: str = "",
+                     progress: ProgressFn | None = None, stop: StopFlag = None,
+                     on_best: OnBest | None = None) -> Allocation:
+    """The "auto" search of `settings` from `starts`, scored on `fitness_windows` (None: the calibration text);
+    with settings.search_then_steps, a second stage goes on from its result: that many more generations, with
+    search seed + THEN_SEED, scored on `then_windows` (more held-out text: smaller real improvements stand out
+    from the windows' noise), exactly as `--search-from` the first stage's JSON would. Progress and `on_best`
+    count the two stages' generations as one run; a stop ends the search with the best so far."""
+    total = settings.search_steps + settings.search_then_steps
+
+    def stage(stage_starts: dict[str, Allocation], steps: int, seed: int, windows: torch.Tensor | None,
+              done: int, label: str) -> Allocation:
+        show = progress and (lambda m, f: progress(m.replace("search:", label, 1), (done + f * steps) / total))
+        best = on_best and (lambda ratios, fit, step: on_best(ratios, fit, done + step))
+        return search_allocation(model, calib, stage_starts, method=prune_method, steps=steps,
+                                 step=settings.search_step, space=settings.search_space, seed=seed,
+                                 objective=settings.search_objective, fitness_windows=windows,
+                                 verify=settings.search_verify,
+                                 confirm_samples=confirm_samples(windows, settings.search_verify, calib.shape[0]),
+                                 model_name=model_name, progress=show, stop=stop, on_best=best)
+
+    first = stage(starts, settings.search_steps, settings.search_seed, fitness_windows, 0, "search:")
+    if not settings.search_then_steps or should_stop(stop):
+        return first
+    then = stage({"stage 1": first}, settings.search_then_steps, settings.search_seed + THEN_SEED,
+                 then_windows if then_windows is not None else fitness_windows, settings.search_steps,
+                 "search, stage 2:")
+    return gone_on(first, then)
+
+
 def build_allocation(settings: AllocationSettings, model: nn.Module, *, nm=None, calib: torch.Tensor | None = None,
                      metrics: pd.DataFrame | None = None, outlier_ratios: dict[int, float] | None = None,
                      custom: Allocation | None = None, model_name: str = "", prune_method: str = "wanda",
                      progress: ProgressFn | None = None, stop: StopFlag = None,
                      on_best: OnBest | None = None, fitness_windows: torch.Tensor | None = None,
-                     farms_metrics: pd.DataFrame | None = None) -> Allocation:
+                     farms_metrics: pd.DataFrame | None = None, then_windows: torch.Tensor | None = None) -> Allocation:
     """The Allocation of a run. Inputs computed elsewhere may be passed in to reuse them (and must
     come from the same dense model): `metrics` (spectra with settings.spectra, for alphapruning/farms
     and the search's starts), `farms_metrics` (FARMS's pooled spectra with settings.fit, for the search's
@@ -190,8 +227,9 @@ def build_allocation(settings: AllocationSettings, model: nn.Module, *, nm=None,
     the Allocation page; with "auto", the search's only start). Otherwise they are computed here from
     `model`, which must then be dense; OWL hooks its modules. "auto" searches with `prune_method` on
     `calib`, scored on `fitness_windows` when given (`search_windows`; analysis.search; `stop` ends it
-    early with the best so far, `on_best` sees every improvement). With an N:M pattern every matrix is
-    (M-N)/M sparse, so the allocation is uniform at that value."""
+    early with the best so far, `on_best` sees every improvement), and with settings.search_then_steps goes on
+    from its result on `then_windows` (`search_windows(..., then=True)`; see `search_in_stages`). With an N:M
+    pattern every matrix is (M-N)/M sparse, so the allocation is uniform at that value."""
     pattern = parse_nm(nm)
     if pattern is not None:
         return allocate(layer_table(model), (pattern[1] - pattern[0]) / pattern[1], "uniform", model=model_name)
@@ -203,13 +241,8 @@ def build_allocation(settings: AllocationSettings, model: nn.Module, *, nm=None,
             raise ValueError("auto needs calibration data: the search scores candidates on it.")
         starts = search_starts(settings, model, calib, metrics, outlier_ratios, model_name, progress, custom,
                                farms_metrics)
-        return search_allocation(model, calib, starts, method=prune_method, steps=settings.search_steps,
-                                 step=settings.search_step, space=settings.search_space, seed=settings.search_seed,
-                                 objective=settings.search_objective,
-                                 fitness_windows=fitness_windows, verify=settings.search_verify,
-                                 confirm_samples=confirm_samples(fitness_windows, settings.search_verify,
-                                                                 calib.shape[0]),
-                                 model_name=model_name, progress=progress, stop=stop, on_best=on_best)
+        return search_in_stages(settings, model, calib, starts, prune_method, fitness_windows, then_windows,
+                                model_name, progress, stop, on_best)
     if method == "custom":
         if custom is not None:
             return custom
@@ -341,7 +374,9 @@ def run(loaded: LoadedModel, settings: RunSettings, *, progress: ProgressFn | No
                                  prune_method=settings.prune.method,
                                  progress=progress, fitness_windows=search_windows(
                                      loaded.tokenizer, settings.allocation, settings.calibration,
-                                     info.bos_per_window))
+                                     info.bos_per_window),
+                                 then_windows=search_windows(loaded.tokenizer, settings.allocation,
+                                                             settings.calibration, info.bos_per_window, then=True))
 
     def evaluate(label: str) -> float:
         show = (lambda u: on_ppl(label, u)) if on_ppl else None

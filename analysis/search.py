@@ -578,19 +578,50 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
                       grid.budget(parent))
 
 
+COST = ("seconds", "forward_passes", "tokens", "real_prunes")  # a search's cost fields in its params
+
+
+def gone_on(first: Allocation, then: Allocation) -> Allocation:
+    """`then`, a search that went on from `first` (a search's result, its only start), with the account of both
+    stages: its params hold `first`'s as params["before"], and the cost of the two stages together."""
+    info = {**then.params, "before": first.params}
+    for k in COST:
+        info[k] = round(first.params[k] + then.params[k], 2)
+    return Allocation(then.model, then.sparsity, then.method, info, list(then.per_block), dict(then.per_layer),
+                      then.achieved)
+
+
 def describe(info: dict) -> list[str]:
     """A search's account for people, from its Allocation's params: the starts ranked, the one it went
     on from, what it gained over that start (with the paired standard error over windows, and a word
-    when the gain is within two of them) and its cost."""
+    when the gain is within two of them) and its cost; for a search in two stages (`gone_on`), each stage's."""
     def ranked(fits: dict[str, float]) -> str:
         return ", ".join(f"{n} {f:.4f}" for n, f in sorted(fits.items(), key=lambda kv: kv[1]))
-    lines = [f"search fitness: {info['fitness']}", f"starts (proxy): {ranked(info['starts'])}"]
-    real_starts = {n: f for n, f in info.get("verified", {}).items() if n in info["starts"]}
+    first = info.get("before", info)
+    lines = [f"search fitness: {first['fitness']}", f"starts (proxy): {ranked(first['starts'])}"]
+    real_starts = {n: f for n, f in first.get("verified", {}).items() if n in first["starts"]}
     if real_starts:
         lines.append(f"starts (real prunes): {ranked(real_starts)}")
+    lines += _outcome(first)
+    if first is not info:
+        tokens = info["real_prune_tokens"] or info["confirm_tokens"]
+        lines.append(f"then {info['steps']} more generations from that result, scored on {tokens} tokens "
+                     f"(search seed {info['seed']}):")
+        lines += _outcome(info)
+    real = ""
+    if info.get("real_prunes"):
+        ran_on = " ".join(info[k] for k in ("device", "dtype") if info.get(k))  # none in files saved before
+        real = f", {info['real_prunes']} real prunes" + (f" on {ran_on}" if ran_on else "")
+    lines.append(f"cost: {info['seconds']:.0f} s, {info['forward_passes']} forward passes{real}")
+    return lines
+
+
+def _outcome(info: dict) -> list[str]:
+    """What one search stage did from its start: its fitness before and after, the real prune that decided
+    whether its result was kept, its gain and kind offsets."""
     improvements = len(info["history"]) - 1
-    lines.append(f"from {info['start']}: {info['history'][0]['fitness']:.4f} -> {info['best_fitness']:.4f} after "
-                 f"{info['steps_done']} generations ({improvements} improvements; kept: {info['result']})")
+    lines = [f"from {info['start']}: {info['history'][0]['fitness']:.4f} -> {info['best_fitness']:.4f} after "
+             f"{info['steps_done']} generations ({improvements} improvements; kept: {info['result']})"]
     checked = info.get("verified", {}).get("result")
     if checked is not None:  # verify "starts": the result's real prune against the start's
         start_fit = info["verified"][info["start"]]
@@ -608,11 +639,6 @@ def describe(info: dict) -> list[str]:
     kinds = info["history"][-1].get("kinds")
     if kinds and info["result"] == "search":
         lines.append("kind offsets: " + ", ".join(f"{k} {v:+.3f}" for k, v in kinds.items()))
-    real = ""
-    if info.get("real_prunes"):
-        ran_on = " ".join(info[k] for k in ("device", "dtype") if info.get(k))  # none in files saved before
-        real = f", {info['real_prunes']} real prunes" + (f" on {ran_on}" if ran_on else "")
-    lines.append(f"cost: {info['seconds']:.0f} s, {info['forward_passes']} forward passes{real}")
     return lines
 
 
@@ -622,7 +648,7 @@ def reuse_caveats(info: dict, method: str, model: nn.Module) -> list[str]:
     SparseGPT prunes ran on another device or dtype (its masks change with round-off: README, the CPU vs GPU
     table of "Allocation search"). Empty for an allocation that is not a search's, or a search that kept one
     of its starts. Allocations saved before the search recorded its dtype are compared on the device alone."""
-    if "history" not in info or info.get("result") != "search":
+    if "history" not in info or "search" not in (info.get("result"), info.get("before", {}).get("result")):
         return []
     if info["pruner"] != method:
         return [f"this allocation was searched with {info['pruner']}'s prunes; pruned with {method}, its "

@@ -63,6 +63,10 @@ VERIFY_MODES = ("none", "starts", "all")
 VERIFY_SAMPLES = 4
 # how far the budget of a search's start file (search_from) may be from the target sparsity
 SEARCH_FROM_TOLERANCE = 0.005
+# a search's second stage (search_then_steps) scores on this many times its first stage's held-out windows, and
+# draws its moves with the search seed + THEN_SEED, so it does not replay the first stage's
+THEN_SAMPLES = 2
+THEN_SEED = 100
 
 
 def search_seqlen(calibration_seqlen: int) -> int:
@@ -77,6 +81,12 @@ def search_samples(n_samples: int, verify: str, requested: int | None = None) ->
     if requested is not None:
         return requested
     return n_samples * (1 if verify == "none" else VERIFY_SAMPLES)
+
+
+def then_samples(first: int, requested: int | None = None) -> int:
+    """Held-out windows of a search's second stage whose first stage scored on `first`: `requested`
+    (AllocationSettings.search_then_samples) when given, else THEN_SAMPLES times `first`."""
+    return first * THEN_SAMPLES if requested is None else requested
 
 
 class SettingsError(ValueError):
@@ -237,7 +247,11 @@ class AllocationSettings:
     keeping only real improvements; analysis.search, `verify`); search_from: an allocation JSON the search
     starts from instead of uniform / OWL / AlphaPruning / FARMS (a previous search's result, to go on
     from it, or a saved curve to refine); it must prune `sparsity` (within SEARCH_FROM_TOLERANCE), the budget
-    the search keeps."""
+    the search keeps; search_then_steps: generations of a second stage that goes on from the first stage's result
+    (0: none), scored on search_then_samples windows of search_text (None: the function then_samples' default,
+    twice the first stage's), with search seed + THEN_SEED: EvoPress's selection on more tokens as the search
+    narrows, in two stages (the first finds a good parent cheaply, the second tells smaller real improvements
+    from noise on more text)."""
 
     method: str = "alphapruning"
     sparsity: float = 0.5
@@ -259,6 +273,8 @@ class AllocationSettings:
     search_samples: int | None = None
     search_verify: str = "starts"
     search_from: str | None = None
+    search_then_steps: int = 0
+    search_then_samples: int | None = None
 
     def check(self) -> AllocationSettings:
         if self.method not in ALLOCATION_METHODS:
@@ -299,6 +315,15 @@ class AllocationSettings:
             if self.search_text is None:
                 raise SettingsError("search_samples counts windows of a held-out search text: give search_text too "
                                     "(e.g. wikitext2:valid)", "allocation.search_samples")
+        _positive_int(self.search_then_steps, "allocation.search_then_steps", 0)
+        if self.search_then_samples is not None:
+            _positive_int(self.search_then_samples, "allocation.search_then_samples")
+            if self.search_text is None:
+                raise SettingsError("search_then_samples counts windows of a held-out search text: give search_text "
+                                    "too (e.g. wikitext2:valid)", "allocation.search_then_samples")
+            if not self.search_then_steps:
+                raise SettingsError("search_then_samples sets the windows of the search's second stage: give its "
+                                    "generations too (search_then_steps)", "allocation.search_then_samples")
         if self.search_verify not in VERIFY_MODES:
             raise SettingsError(f"search_verify must be one of {', '.join(VERIFY_MODES)}, got {self.search_verify!r}",
                                 "allocation.search_verify")

@@ -209,6 +209,8 @@ def _search_differences(a: AllocationSettings) -> list[str]:
         (a.search_step != d.search_step, f"step {a.search_step:g}"),
         (a.search_text is not None, f"on {Path(a.search_text or '').name or a.search_text}"),
         (a.search_samples is not None, f"{a.search_samples} windows"),
+        (a.search_then_steps > 0, f"then {a.search_then_steps} generations"
+                                  + (f" on {a.search_then_samples} windows" if a.search_then_samples else "")),
     ) if differs]
 
 

@@ -70,7 +70,14 @@ from analysis.owl import collect_outlier_ratios
 from analysis.pipeline import confirm_samples, dense_spectra, library_versions, search_starts
 from analysis.pruning import DenseSnapshot, prune
 from analysis.search import search_allocation
-from analysis.settings import SEARCH_STEP, AllocationSettings, SpectraSettings, search_samples
+from analysis.settings import (
+    SEARCH_STEP,
+    THEN_SAMPLES,
+    THEN_SEED,
+    AllocationSettings,
+    SpectraSettings,
+    search_samples,
+)
 from analysis.store import now_iso
 
 OUT = Path(__file__).resolve().parent / "results" / "quality.json"
@@ -82,7 +89,9 @@ ALLOCS = ("uniform", "owl", "alphapruning", "auto", "auto-kl", "auto-checked", "
           "uniform+trim", "owl+trim", "auto+trim", "auto-valid+trim", "auto-verify+trim")
 RUN_ORDER = ("wanda", "magnitude", "sparsegpt")  # cheapest informative runs first
 WIDE_STEP = 0.05  # sparsity one mutation of auto-verify-wide moves: twice the default step
-LONG_FACTOR = 2  # auto-verify-long's and -2x's real prunes are scored on this many times auto-verify's valid windows
+# auto-verify-long's and -2x's real prunes are scored on this many times auto-verify's valid windows: auto-verify-long
+# is the library's two-stage search (`--search-then-steps`), run as two searches so its first is auto-verify's own
+LONG_FACTOR = THEN_SAMPLES
 # searched allocations: the objective of each, the text it is measured on ("calib": the calibration batch;
 # "unsampled": windows of the embedded corpus the batch does not touch; "valid": WikiText-2 valid), what it prunes
 # for real (analysis.search, verify: "none", "starts" or "all"), and its mutation step
@@ -103,7 +112,7 @@ SPACES = {"auto-verify-kinds": "block+kind"}  # the search space of a search not
 # search seed (the calibration seed + MORE_SEED) so they do not replay the first search's moves
 GOES_ON_FROM = {"auto-verify-more": "auto-verify", "auto-verify-wide": "auto-verify",
                 "auto-verify-kinds": "auto-verify", "auto-verify-long": "auto-verify"}
-MORE_SEED = 100
+MORE_SEED = THEN_SEED
 
 
 class PeakRSS:

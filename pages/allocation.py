@@ -121,6 +121,7 @@ def _search_work(job: Job, shared, tokenizer, bos: bool, settings: AllocationSet
                             outlier_ratios=outlier_ratios, model_name=model_name, custom=start,
                             prune_method=pruner, progress=job.report, stop=job.stop,
                             fitness_windows=search_windows(tokenizer, settings, calibration, bos),
+                            then_windows=search_windows(tokenizer, settings, calibration, bos, then=True),
                             on_best=lambda per_block, fit, step: job.emit({"per_block": per_block, "fitness": fit,
                                                                            "step": step,
                                                                            "objective": settings.search_objective}))
@@ -155,6 +156,20 @@ with st.expander("Find allocation (search)", expanded=SEARCH_KEY in st.session_s
                                           "the calibration samples when it prunes for real, else as many). Its real "
                                           "prunes are scored on all of them: more text tells a real improvement from "
                                           "noise better, and makes each real prune's scoring slower.")
+    h1, h2 = st.columns(2)
+    then_steps = h1.number_input("Then: more generations", 0, 500, DEFAULT.search_then_steps,
+                                 key="alloc_search_then_steps",
+                                 help="A second stage that goes on from the search's result for this many "
+                                      "generations, scored on more held-out text (EvoPress's selection on more "
+                                      "tokens as the search narrows): on both packaged models at SparseGPT 70%, 40 "
+                                      "more generations on twice the held-out windows, after the search with "
+                                      "\"Every improvement\", gave the best allocations measured (README, "
+                                      "\"Allocation search\").")
+    then_samples = h2.number_input("Then: held-out windows", 1, 8192, DEFAULT.search_then_samples,
+                                   key="alloc_search_then_samples", placeholder="default",
+                                   disabled=not (search_text and then_steps),
+                                   help="How many windows of the held-out text the second stage scores on (empty: "
+                                        "twice the first stage's).")
     suggested = None if search_text else DEFAULT_SEARCH.suggested_search_text(prune_data_settings()[1])
     if suggested is not None:
         st.button(f"Score on {suggested}", key="alloc_search_text_suggest", on_click=st.session_state.__setitem__,
@@ -193,7 +208,10 @@ with st.expander("Find allocation (search)", expanded=SEARCH_KEY in st.session_s
                                  search_step=float(search_step), search_space=search_space,
                                  search_seed=int(search_seed), search_objective=search_objective, fit=fit,
                                  search_text=search_text or None, search_verify=search_verify,
-                                 search_samples=int(search_samples) if search_text and search_samples else None)
+                                 search_samples=int(search_samples) if search_text and search_samples else None,
+                                 search_then_steps=int(then_steps),
+                                 search_then_samples=int(then_samples) if search_text and then_steps and then_samples
+                                 else None)
         shared, tok, info, start = loaded.model, loaded.tokenizer, loaded.info, mine if from_mine else None
         # the presets' FARMS spectra and OWL ratios, measured with the same fit, calibration and threshold
         known_farms = farms_job.result.metrics if more and farms_job.status == "done" else None

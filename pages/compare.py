@@ -53,7 +53,8 @@ def _grid(f: dict) -> SweepGrid:
                                                      search_space=f["search_space"],
                                                      search_objective=f["search_objective"],
                                                      search_verify=f["search_verify"],
-                                                     search_text=f["search_text"].strip() or None))
+                                                     search_text=f["search_text"].strip() or None,
+                                                     search_then_steps=int(f["search_then_steps"])))
     return grid_from_text(base, methods=",".join(f["methods"]), allocations=",".join([*f["allocations"], f["files"]]),
                           sparsities=f["sparsities"], epsilons=f["epsilons"], owl_lambdas=f["owl_lambdas"],
                           seeds=f["seeds"], curves=tuple(f["curves"].splitlines()))
@@ -80,6 +81,10 @@ with st.expander("Run a sweep", expanded=False):
             "owl_lambdas": c2.text_input("OWL lambdas", "0.08", key="sweep_owl_lambdas"),
             "search_steps": c2.number_input("Search generations (auto)", 1, 500, AllocationSettings.search_steps,
                                             key="sweep_search_steps"),
+            "search_then_steps": c2.number_input("Then: more generations (auto)", 0, 500,
+                                                 AllocationSettings.search_then_steps, key="sweep_search_then_steps",
+                                                 help="A second stage from the search's result, scored on twice the "
+                                                      "held-out windows (as on the Allocation page)."),
             "search_step": c2.number_input("Search step (auto)", 0.005, SEARCH_STEP_MAX, AllocationSettings.search_step,
                                            0.005, format="%.3f", key="sweep_search_step"),
             "search_text": c2.text_input("Search scored on (auto; empty: the calibration text)",

@@ -294,6 +294,10 @@ def test_allocation_per_matrix_offsets(app):
     assert windows.disabled and windows.value is None
     app.text_input(key="alloc_search_text").input("wikitext2:valid").run()
     assert not app.number_input(key="alloc_search_samples").disabled
+    assert app.number_input(key="alloc_search_then_samples").disabled  # until there is a second stage
+    app.number_input(key="alloc_search_then_steps").set_value(20).run()
+    assert not app.number_input(key="alloc_search_then_samples").disabled
+    app.number_input(key="alloc_search_then_steps").set_value(0).run()
     app.text_input(key="alloc_search_text").input("").run()
 
 

@@ -21,7 +21,7 @@ from analysis.calibration import walk_blocks
 from analysis.data import DataError, calibration_batches, spread_windows, unsampled_windows
 from analysis.evaluation import window_nll
 from analysis.layers import layer_table, prunable_layers
-from analysis.pipeline import AUTO_EPSILONS, build_allocation, dense_spectra, search_starts
+from analysis.pipeline import AUTO_EPSILONS, build_allocation, dense_spectra, search_in_stages, search_starts
 from analysis.pruners import (
     output_quality,
     prune_sparsegpt,
@@ -48,6 +48,7 @@ from analysis.search import (
 from analysis.settings import (
     QUICK_EVALUATION,
     SEARCH_STEP,
+    THEN_SEED,
     VERIFY_SAMPLES,
     AllocationSettings,
     CalibrationSettings,
@@ -697,6 +698,58 @@ def test_verified_search_on_more_held_out_windows_than_its_proxy(off_grid_starts
     dense.restore(model)
 
 
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_search_in_two_stages_is_the_search_then_the_search_from_its_result(off_grid_starts, method):
+    """settings.search_then_steps: the second stage is exactly a search from the first stage's result (its only
+    start) with seed + THEN_SEED on the second stage's windows, as `--search-from` its JSON would run; the result
+    holds both stages' accounts and their cost together, and progress and on_best count one run of 8 generations."""
+    model, calib, starts = off_grid_starts
+    held, more = calib_ids(4, 24, seed=5), calib_ids(8, 24, seed=6)
+    settings = AllocationSettings(method="auto", sparsity=0.6, search_steps=4, search_seed=3, search_verify="all",
+                                  search_then_steps=4)
+    seen, best = [], []
+    a = search_in_stages(settings, model, calib, starts, method, held, more,
+                         progress=lambda m, f: seen.append((m, f)), on_best=lambda r, f, s: best.append(s))
+    first = search_allocation(model, calib, starts, method=method, steps=4, seed=3, fitness_windows=held,
+                              verify="all", confirm_samples=1)
+    then = search_allocation(model, calib, {"stage 1": first}, method=method, steps=4, seed=3 + THEN_SEED,
+                             fitness_windows=more, verify="all", confirm_samples=2)
+    assert a.per_layer == then.per_layer and a.per_block == then.per_block
+    assert a.achieved == pytest.approx(0.6, abs=1e-12)
+    assert a.params["history"] == then.params["history"] and a.params["before"]["history"] == first.params["history"]
+    assert a.params["real_prune_tokens"] == more.numel() and a.params["before"]["real_prune_tokens"] == held.numel()
+    assert a.params["start"] == "stage 1" and a.params["seed"] == 3 + THEN_SEED
+    assert a.params["history"][0]["per_block"] == first.per_block  # the second stage starts where the first ended
+    for k in ("forward_passes", "tokens", "real_prunes"):
+        assert a.params[k] == a.params["before"][k] + then.params[k]
+    steps = [(m.split(":")[0], f) for m, f in seen if ": step " in m]
+    assert steps == [("search", s / 8) for s in range(1, 5)] + [("search, stage 2", s / 8) for s in range(5, 9)]
+    assert best[0] == 0 and best.count(4) >= 1 and all(s > 4 for s in best[best.index(4) + 1:])
+    text = describe(a.params)
+    assert text[0].startswith("search fitness: held-out") and text[-1].startswith("cost: ")
+    assert sum(line.startswith("from ") for line in text) == 2
+    assert f"then 4 more generations from that result, scored on {more.numel()} tokens (search seed 103):" in text
+    # a stop during the first stage ends the search there: no second stage
+    stop = threading.Event()
+    cut = search_in_stages(settings, model, calib, starts, method, held, more, stop=stop,
+                           progress=lambda m, f: m.startswith("search: step 2/") and stop.set())
+    assert "before" not in cut.params and cut.params["steps_done"] == 2
+
+
+def test_search_then_settings_are_checked():
+    for settings, field, message in (
+            (AllocationSettings(method="auto", search_then_steps=-1), "search_then_steps", ">= 0"),
+            (AllocationSettings(method="auto", search_then_steps=2, search_then_samples=64), "search_then_samples",
+             "give search_text too"),
+            (AllocationSettings(method="auto", search_text="wikitext2:valid", search_then_samples=64),
+             "search_then_samples", "give its generations too"),
+            (AllocationSettings(method="auto", search_text="wikitext2:valid", search_then_steps=2,
+                                search_then_samples=0), "search_then_samples", ">= 1")):
+        with pytest.raises(SettingsError, match=message) as e:
+            settings.check()
+        assert e.value.field == f"allocation.{field}"
+
+
 def test_verified_search_stopped_during_a_real_prune_keeps_the_best_so_far(off_grid_starts):
     """A stop that arrives while a candidate is pruned for real (after its second block) ends the
     search with the parent it had (measured by a real prune), that candidate unscored, and the model
@@ -926,6 +979,37 @@ def test_cli_allocate_auto_with_the_pruner_and_a_held_out_text(tmp_path):
     assert bad.returncode == 2 and "--search-from" in bad.stderr and "another model" in bad.stderr, bad.stderr
 
 
+def test_cli_allocate_auto_in_two_stages(tmp_path):
+    """`--search-then-steps N [--search-then-samples M]`: a second stage from the first stage's result on M
+    windows of the search text (default: twice the first stage's); its account names both stages. Settings it
+    cannot use are one-line errors before the model loads."""
+    folder = save_tiny_llama(tmp_path / "tiny")
+    (tmp_path / "calib.txt").write_text(" ".join(f"w{i % 119}" for i in range(6000)))
+    (tmp_path / "held.txt").write_text(" ".join(f"w{(5 * i) % 119}" for i in range(3000)))
+    args = [sys.executable, "-m", "analysis", "allocate", "--model", str(folder), "--device", "cpu", "--method", "auto",
+            "--pruner", "wanda", "--sparsity", "0.5", "--search-steps", "2", "--search-verify", "none",
+            "--calib", str(tmp_path / "calib.txt"), "--nsamples", "4", "--seqlen", "32",
+            "--out", str(tmp_path / "staged.json")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    held = ["--search-text", str(tmp_path / "held.txt")]
+    r = subprocess.run([*args, *held, "--search-then-steps", "2"], capture_output=True, text=True, cwd=ROOT, env=env,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    a = Allocation.load(tmp_path / "staged.json")
+    assert a.params["before"]["confirm_tokens"] == 4 * 32 and a.params["confirm_tokens"] == 2 * 4 * 32
+    assert a.params["before"]["steps"] == 2 and a.params["steps"] == 2 and a.params["seed"] == THEN_SEED
+    assert a.achieved == pytest.approx(0.5, abs=1e-9)
+    assert sum(line.startswith("from ") for line in r.stdout.splitlines()) == 2
+    assert f"then 2 more generations from that result, scored on {2 * 4 * 32} tokens" in r.stdout
+    for extra, message in ((["--search-then-samples", "8", "--search-then-steps", "2"], "give search_text too"),
+                           ([*held, "--search-then-samples", "8"], "give its generations too"),
+                           (["--search-then-steps", "-1"], ">= 0")):
+        bad = subprocess.run([*args, *extra], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+        flag = "--search-then-steps" if "-1" in extra else "--search-then-samples"
+        assert bad.returncode == 2 and flag in bad.stderr and message in bad.stderr, bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1
+
+
 def test_allocation_page_finds_an_allocation(tmp_path, monkeypatch):
     """The Allocation page's Find allocation on the real default model (one generation, KL objective,
     scored on a held-out text, the page's ε among the starts; the evaluation text is refused): progress,
@@ -966,15 +1050,19 @@ def test_allocation_page_finds_an_allocation(tmp_path, monkeypatch):
     assert any("must not be the evaluation text" in e.value for e in at.error)
     assert "alloc_search_job" not in at.session_state
     at.text_input(key="alloc_search_text").set_value(str(ROOT / "README.md")).run()  # a held-out English text
+    at.number_input(key="alloc_search_then_steps").set_value(1).run()  # a second stage on twice the windows
     at.button(key="alloc_search_run").click().run()
     run_until_idle(at, "search")
     assert "nats/token" in metric(at, "Best KL to the dense model so far")
     job = at.session_state["alloc_search_job"]
     assert job.status == "done" and job.result.method == "auto" and job.result.params["objective"] == "kl"
     assert job.result.params["step"] == 0.05
-    assert {"alphapruning eps=0.05", "farms eps=0.05", "alphapruning eps=0.3"} <= set(job.result.params["starts"])
-    assert job.result.params["fitness"].startswith("held-out")
-    assert any("starts (proxy): " in c.value and "cost: " in c.value for c in at.code)  # the search's account
+    first = job.result.params["before"]  # the first stage's account: the second went on from its result
+    assert {"alphapruning eps=0.05", "farms eps=0.05", "alphapruning eps=0.3"} <= set(first["starts"])
+    assert job.result.params["fitness"].startswith("held-out") and list(job.result.params["starts"]) == ["stage 1"]
+    assert job.result.params["confirm_tokens"] == 2 * first["confirm_tokens"] and job.result.params["steps"] == 1
+    assert any("starts (proxy): " in c.value and "cost: " in c.value and "then 1 more generations" in c.value
+               for c in at.code)  # the search's account
     at.button(key="alloc_search_use").click().run()
     assert not at.exception
     assert len(at.session_state["alloc_points"]) == 30
@@ -991,6 +1079,7 @@ def test_allocation_page_finds_an_allocation(tmp_path, monkeypatch):
     curve = at.session_state["alloc_custom"]
     at.checkbox(key="alloc_search_from_mine").check().run()
     at.selectbox(key="alloc_search_verify").set_value("starts").run()  # the default: its start pruned for real
+    at.number_input(key="alloc_search_then_steps").set_value(0).run()
     at.button(key="alloc_search_run").click().run()
     run_until_idle(at, "search")
     again = at.session_state["alloc_search_job"]

@@ -89,6 +89,9 @@ def test_searches_with_other_settings_are_other_lines_of_the_plot():
     assert allocation_label(other) == "auto block+kind, verify all, 16 generations, step 0.05, on valid.txt"
     assert allocation_label(AllocationSettings(method="auto", search_text="wikitext2:valid")) == \
         "auto on wikitext2:valid"
+    staged = AllocationSettings(method="auto", search_text="wikitext2:valid", search_then_steps=40,
+                                search_then_samples=256)
+    assert allocation_label(staged) == "auto on wikitext2:valid, then 40 generations on 256 windows"
 
 
 @pytest.mark.parametrize("axes, field, message", [
