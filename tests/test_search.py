@@ -489,6 +489,10 @@ def test_reuse_caveats_name_another_pruner_device_or_dtype():
                 "dtype": "float32"}
     assert reuse_caveats(searched, "sparsegpt", model) == []
     assert reuse_caveats({**searched, "result": "uniform"}, "wanda", model) == []  # a start claims no gain
+    # a second stage that kept its start, the first stage's result, still holds that stage's gain
+    staged = {**searched, "result": "stage 1", "before": searched}
+    assert len(reuse_caveats(staged, "wanda", model)) == 1
+    assert reuse_caveats({**staged, "before": {**searched, "result": "owl"}}, "wanda", model) == []
     assert reuse_caveats({"method": "uniform"}, "wanda", model) == []  # not a search's
     [other] = reuse_caveats(searched, "wanda", model)
     assert "searched with sparsegpt's prunes; pruned with wanda" in other
