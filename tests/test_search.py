@@ -741,13 +741,14 @@ def test_search_in_two_stages_is_the_search_then_the_search_from_its_result(off_
 
 
 def test_search_then_settings_are_checked():
+    text = str(ROOT / "README.md")  # a held-out text any checkout has
     for settings, field, message in (
             (AllocationSettings(method="auto", search_then_steps=-1), "search_then_steps", ">= 0"),
             (AllocationSettings(method="auto", search_then_steps=2, search_then_samples=64), "search_then_samples",
              "give search_text too"),
-            (AllocationSettings(method="auto", search_text="wikitext2:valid", search_then_samples=64),
+            (AllocationSettings(method="auto", search_text=text, search_then_samples=64),
              "search_then_samples", "give its generations too"),
-            (AllocationSettings(method="auto", search_text="wikitext2:valid", search_then_steps=2,
+            (AllocationSettings(method="auto", search_text=text, search_then_steps=2,
                                 search_then_samples=0), "search_then_samples", ">= 1")):
         with pytest.raises(SettingsError, match=message) as e:
             settings.check()
