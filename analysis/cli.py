@@ -392,8 +392,7 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     if args.method == "custom" and args.as_drawn and args.sparsity is None:
         settings = AllocationSettings(method="custom", points=points, as_drawn=True)
     bos = loaded.info.bos_per_window
-    held_out, then = (calibration and search_windows(loaded.tokenizer, settings, calibration, bos, then=t)
-                      for t in (False, True))
+    held_out, then = search_windows(loaded.tokenizer, settings, calibration, bos) if calibration else (None, None)
     alloc = build_allocation(settings, loaded.model, calib=calib, metrics=metrics, model_name=args.model,
                              prune_method=args.pruner, progress=_print_progress, fitness_windows=held_out,
                              then_windows=then)

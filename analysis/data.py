@@ -346,7 +346,7 @@ def eval_windows(tokenizer, text: str, seqlen: int = 512, bos: bool = False,
 def spread_windows(tokenizer, text: str, seqlen: int, n: int, bos: bool = False) -> torch.Tensor:
     """`n` of the consecutive `seqlen`-token windows of `text` (fewer if it has fewer), spread evenly from
     its first to its last: a fixed sample of the whole text, not of its opening article."""
-    return _spread(eval_windows(tokenizer, text, seqlen, bos, label="The search text"), n)
+    return spread(eval_windows(tokenizer, text, seqlen, bos, label="The search text"), n)
 
 
 def unsampled_windows(tokenizer, text: str, seqlen: int, n: int, n_samples: int, calib_seqlen: int, seed: int,
@@ -363,10 +363,10 @@ def unsampled_windows(tokenizer, text: str, seqlen: int, n: int, n_samples: int,
         for start in _sample_starts(len(ids), calib_span, n_samples, seed):
             seen[start: start + calib_span] = True
     free = windows[~seen[: windows.shape[0] * span].view(-1, span).any(dim=1)]
-    return _spread(free, n) if free.shape[0] else None
+    return spread(free, n) if free.shape[0] else None
 
 
-def _spread(windows: torch.Tensor, n: int) -> torch.Tensor:
+def spread(windows: torch.Tensor, n: int) -> torch.Tensor:
     """`n` of the rows of `windows` (all if it has fewer), evenly spaced from its first to its last."""
     return windows[torch.linspace(0, windows.shape[0] - 1, min(int(n), windows.shape[0])).long()]
 

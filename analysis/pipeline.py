@@ -28,7 +28,7 @@ from analysis.data import (
     eval_windows,
     evaluation_text,
     load_text,
-    spread_windows,
+    spread,
 )
 from analysis.evaluation import PplUpdate, perplexity
 from analysis.layers import layer_table
@@ -85,17 +85,19 @@ def evaluation_windows(tokenizer, evaluation: EvaluationSettings, calibration_so
 
 
 def search_windows(tokenizer, allocation: AllocationSettings, calibration: CalibrationSettings,
-                   bos: bool = False, then: bool = False) -> torch.Tensor | None:
-    """The held-out windows an "auto" search with a search text scores candidates on
-    (settings.search_samples of them, as long as the ones it confirms on: settings.search_seqlen),
-    spread over the whole text; with `then`, those of its second stage (settings.then_samples); None when
-    it scores on the calibration text, or `then` and it has no second stage."""
-    if allocation.method != "auto" or allocation.search_text is None or (then and not allocation.search_then_steps):
-        return None
+                   bos: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The held-out windows an "auto" search with a search text scores candidates on, as long as the
+    ones it confirms on (settings.search_seqlen) and spread over the whole text: (its first stage's,
+    settings.search_samples of them; its second stage's, settings.then_samples of them, None without a
+    second stage). (None, None) when it scores on the calibration text. The text is tokenized once."""
+    if allocation.method != "auto" or allocation.search_text is None:
+        return None, None
+    windows = eval_windows(tokenizer, load_text(allocation.search_text), search_seqlen(calibration.seqlen), bos,
+                           label="The search text")
     count = search_samples(calibration.n_samples, allocation.search_verify, allocation.search_samples)
-    if then:
-        count = then_samples(count, allocation.search_then_samples)
-    return spread_windows(tokenizer, load_text(allocation.search_text), search_seqlen(calibration.seqlen), count, bos)
+    then = spread(windows, then_samples(count, allocation.search_then_samples)) if allocation.search_then_steps \
+        else None
+    return spread(windows, count), then
 
 
 def confirm_samples(fitness_windows: torch.Tensor | None, verify: str, n_samples: int) -> int | None:
@@ -226,10 +228,10 @@ def build_allocation(settings: AllocationSettings, model: nn.Module, *, nm=None,
     FARMS starts), `outlier_ratios` (OWL, measured on `calib`), `custom` (a curve drawn on
     the Allocation page; with "auto", the search's only start). Otherwise they are computed here from
     `model`, which must then be dense; OWL hooks its modules. "auto" searches with `prune_method` on
-    `calib`, scored on `fitness_windows` when given (`search_windows`; analysis.search; `stop` ends it
-    early with the best so far, `on_best` sees every improvement), and with settings.search_then_steps goes on
-    from its result on `then_windows` (`search_windows(..., then=True)`; see `search_in_stages`). With an N:M
-    pattern every matrix is (M-N)/M sparse, so the allocation is uniform at that value."""
+    `calib`, scored on `fitness_windows` when given (the first of `search_windows`; analysis.search; `stop`
+    ends it early with the best so far, `on_best` sees every improvement), and with settings.search_then_steps
+    goes on from its result on `then_windows` (the second of `search_windows`; see `search_in_stages`). With
+    an N:M pattern every matrix is (M-N)/M sparse, so the allocation is uniform at that value."""
     pattern = parse_nm(nm)
     if pattern is not None:
         return allocate(layer_table(model), (pattern[1] - pattern[0]) / pattern[1], "uniform", model=model_name)
@@ -369,14 +371,12 @@ def run(loaded: LoadedModel, settings: RunSettings, *, progress: ProgressFn | No
     with timer("data"):
         data = prepare_data(loaded.tokenizer, settings.calibration, settings.evaluation, info.bos_per_window)
     with timer("allocation"):
+        held_out, then = search_windows(loaded.tokenizer, settings.allocation, settings.calibration,
+                                        info.bos_per_window)
         alloc = build_allocation(settings.allocation, model, nm=settings.prune.nm, calib=data.calib,
                                  metrics=metrics, farms_metrics=farms_metrics, model_name=info.source,
                                  prune_method=settings.prune.method,
-                                 progress=progress, fitness_windows=search_windows(
-                                     loaded.tokenizer, settings.allocation, settings.calibration,
-                                     info.bos_per_window),
-                                 then_windows=search_windows(loaded.tokenizer, settings.allocation,
-                                                             settings.calibration, info.bos_per_window, then=True))
+                                 progress=progress, fitness_windows=held_out, then_windows=then)
 
     def evaluate(label: str) -> float:
         show = (lambda u: on_ppl(label, u)) if on_ppl else None

@@ -117,11 +117,11 @@ def _search_work(job: Job, shared, tokenizer, bos: bool, settings: AllocationSet
     job.report("copying the model", 0.0)
     model = copy.deepcopy(shared)
     calib = calibration_batch(tokenizer, calibration, eval_source, bos)
+    held_out, then = search_windows(tokenizer, settings, calibration, bos)
     return build_allocation(settings, model, calib=calib, metrics=dense_metrics, farms_metrics=farms_metrics,
                             outlier_ratios=outlier_ratios, model_name=model_name, custom=start,
                             prune_method=pruner, progress=job.report, stop=job.stop,
-                            fitness_windows=search_windows(tokenizer, settings, calibration, bos),
-                            then_windows=search_windows(tokenizer, settings, calibration, bos, then=True),
+                            fitness_windows=held_out, then_windows=then,
                             on_best=lambda per_block, fit, step: job.emit({"per_block": per_block, "fitness": fit,
                                                                            "step": step,
                                                                            "objective": settings.search_objective}))

@@ -21,7 +21,14 @@ from analysis.calibration import walk_blocks
 from analysis.data import DataError, calibration_batches, spread_windows, unsampled_windows
 from analysis.evaluation import window_nll
 from analysis.layers import layer_table, prunable_layers
-from analysis.pipeline import AUTO_EPSILONS, build_allocation, dense_spectra, search_in_stages, search_starts
+from analysis.pipeline import (
+    AUTO_EPSILONS,
+    build_allocation,
+    dense_spectra,
+    search_in_stages,
+    search_starts,
+    search_windows,
+)
 from analysis.pruners import (
     output_quality,
     prune_sparsegpt,
@@ -48,6 +55,7 @@ from analysis.search import (
 from analysis.settings import (
     QUICK_EVALUATION,
     SEARCH_STEP,
+    THEN_SAMPLES,
     THEN_SEED,
     VERIFY_SAMPLES,
     AllocationSettings,
@@ -815,6 +823,26 @@ def test_spread_windows_sample_the_whole_text():
     assert spread_windows(tokenizer, text, 10, 500).shape == (100, 10)  # no more windows than the text has
     with pytest.raises(DataError, match="The search text has 1000 tokens"):
         spread_windows(tokenizer, text, 2000, 4)
+
+
+def test_search_windows_of_both_stages_come_from_one_text(tmp_path):
+    """Both stages score on windows of the search text, spread over all of it: the second stage on
+    THEN_SAMPLES times as many (or its own count); no second stage, no windows for it."""
+    tokenizer = word_tokenizer(1000)
+    path = tmp_path / "held_out.txt"
+    path.write_text(" ".join(f"w{i}" for i in range(1000)))  # 100 windows of 10 tokens
+    calibration = CalibrationSettings(n_samples=2, seqlen=10)
+    text = str(path)
+    first, then = search_windows(tokenizer, AllocationSettings(method="auto", search_text=text, search_verify="none",
+                                                               search_then_steps=3), calibration)
+    assert first.shape == (2, 10) and then.shape == (2 * THEN_SAMPLES, 10)
+    assert first[0, 0] == then[0, 0] == 0 and first[-1, 0] == then[-1, 0] == 990  # each spans the whole text
+    first, then = search_windows(tokenizer, AllocationSettings(method="auto", search_text=text, search_samples=5,
+                                                               search_then_steps=3, search_then_samples=7), calibration)
+    assert first.shape[0] == 5 and then.shape[0] == 7
+    assert search_windows(tokenizer, AllocationSettings(method="auto", search_text=text), calibration)[1] is None
+    assert search_windows(tokenizer, AllocationSettings(method="auto"), calibration) == (None, None)
+    assert search_windows(tokenizer, AllocationSettings(method="owl", search_text=text), calibration) == (None, None)
 
 
 def test_unsampled_windows_avoid_every_calibration_token():
