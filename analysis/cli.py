@@ -228,8 +228,9 @@ def _add_allocation_args(p: argparse.ArgumentParser, axes: bool = False) -> None
                         "slowest, every step measured on the real pruned model; worth it with SparseGPT at high "
                         "sparsity)")
     p.add_argument("--search-then-steps", type=int, default=d.search_then_steps, metavar="N",
-                   help="auto: then go on from the search's result for N more generations (a second stage, search "
-                        "seed + 100), scored on more held-out text: --search-then-samples windows of --search-text")
+                   help="auto with --search-text: then go on from the search's result for N more generations (a "
+                        "second stage, search seed + 100), its real prunes scored on more held-out text: "
+                        "--search-then-samples windows of the search text")
     p.add_argument("--search-then-samples", type=int, default=d.search_then_samples, metavar="N",
                    help="auto with --search-text and --search-then-steps: the second stage scores on N windows of it "
                         "(default: twice the first stage's)")

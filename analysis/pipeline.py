@@ -193,26 +193,30 @@ def search_in_stages(settings: AllocationSettings, model: nn.Module, calib: torc
     with settings.search_then_steps, a second stage goes on from its result: that many more generations, with
     search seed + THEN_SEED, scored on `then_windows` (more held-out text: smaller real improvements stand out
     from the windows' noise), exactly as `--search-from` the first stage's JSON would. Progress and `on_best`
-    count the two stages' generations as one run; a stop ends the search with the best so far."""
+    count the two stages' generations as one run (the statistics each stage gathers before its first generation
+    hold the bar where the stage starts); a stop ends the search with the best so far."""
     total = settings.search_steps + settings.search_then_steps
 
     def stage(stage_starts: dict[str, Allocation], steps: int, seed: int, windows: torch.Tensor | None,
               done: int, label: str) -> Allocation:
-        show = progress and (lambda m, f: progress(m.replace("search:", label, 1), (done + f * steps) / total))
+        def show(message: str, f: float) -> None:
+            at = done + (f * steps if message.startswith("search:") else 0)
+            progress(message.replace("search", label, 1), at / total if total else f)
+
         best = on_best and (lambda ratios, fit, step: on_best(ratios, fit, done + step))
         return search_allocation(model, calib, stage_starts, method=prune_method, steps=steps,
                                  step=settings.search_step, space=settings.search_space, seed=seed,
                                  objective=settings.search_objective, fitness_windows=windows,
                                  verify=settings.search_verify,
                                  confirm_samples=confirm_samples(windows, settings.search_verify, calib.shape[0]),
-                                 model_name=model_name, progress=show, stop=stop, on_best=best)
+                                 model_name=model_name, progress=progress and show, stop=stop, on_best=best)
 
-    first = stage(starts, settings.search_steps, settings.search_seed, fitness_windows, 0, "search:")
+    first = stage(starts, settings.search_steps, settings.search_seed, fitness_windows, 0, "search")
     if not settings.search_then_steps or should_stop(stop):
         return first
     then = stage({"stage 1": first}, settings.search_then_steps, settings.search_seed + THEN_SEED,
                  then_windows if then_windows is not None else fitness_windows, settings.search_steps,
-                 "search, stage 2:")
+                 "search, stage 2")
     return gone_on(first, then)
 
 

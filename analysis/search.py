@@ -647,7 +647,8 @@ def reuse_caveats(info: dict, method: str, model: nn.Module) -> list[str]:
     keep the improvement the search measured: its candidates were scored after another pruner, or its real
     SparseGPT prunes ran on another device or dtype (its masks change with round-off: README, the CPU vs GPU
     table of "Allocation search"). Empty for an allocation that is not a search's, or a search that kept one
-    of its starts. Allocations saved before the search recorded its dtype are compared on the device alone."""
+    of its starts (in each stage). Allocations saved before the search recorded its dtype are compared on the
+    device alone."""
     if "history" not in info or "search" not in (info.get("result"), info.get("before", {}).get("result")):
         return []
     if info["pruner"] != method:

@@ -316,6 +316,9 @@ class AllocationSettings:
                 raise SettingsError("search_samples counts windows of a held-out search text: give search_text too "
                                     "(e.g. wikitext2:valid)", "allocation.search_samples")
         _positive_int(self.search_then_steps, "allocation.search_then_steps", 0)
+        if self.search_then_steps and self.search_text is None:
+            raise SettingsError("the search's second stage scores on more of a held-out search text: give "
+                                "search_text too (e.g. wikitext2:valid)", "allocation.search_then_steps")
         if self.search_then_samples is not None:
             _positive_int(self.search_then_samples, "allocation.search_then_samples")
             if self.search_text is None:

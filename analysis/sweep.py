@@ -27,7 +27,7 @@ import json
 import os
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -139,11 +139,14 @@ class SweepGrid:
         return self
 
     def expand(self) -> list[RunSettings]:
-        """One RunSettings per configuration, pruner-major, seeds innermost."""
+        """One RunSettings per configuration, pruner-major, seeds innermost. Only `auto` keeps the base's
+        search settings: the others' have the defaults, so changing the search re-runs no other configuration."""
         base = self.base.allocation
-        allocations = [replace(base, method=a) if a in NAMED_ALLOCATIONS else replace(base, method="file", file=a)
-                       for a in self.allocations]
-        allocations += [replace(base, method="custom", points=tuple(map(tuple, c)), as_drawn=False)
+        no_search = {f.name: f.default for f in fields(AllocationSettings) if f.name.startswith("search_")}
+        allocations = [replace(base, method=a) if a == "auto" else
+                       replace(base, method=a, **no_search) if a in NAMED_ALLOCATIONS else
+                       replace(base, method="file", file=a, **no_search) for a in self.allocations]
+        allocations += [replace(base, method="custom", points=tuple(map(tuple, c)), as_drawn=False, **no_search)
                         for c in self.curves]
         out = []
         for method in self.methods:

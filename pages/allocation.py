@@ -158,9 +158,10 @@ with st.expander("Find allocation (search)", expanded=SEARCH_KEY in st.session_s
                                           "noise better, and makes each real prune's scoring slower.")
     h1, h2 = st.columns(2)
     then_steps = h1.number_input("Then: more generations", 0, 500, DEFAULT.search_then_steps,
-                                 key="alloc_search_then_steps",
+                                 key="alloc_search_then_steps", disabled=not search_text,
                                  help="A second stage that goes on from the search's result for this many "
-                                      "generations, scored on more held-out text (EvoPress's selection on more "
+                                      "generations, its real prunes scored on more of the held-out text (so it "
+                                      "needs one; EvoPress's selection on more "
                                       "tokens as the search narrows): on both packaged models at SparseGPT 70%, 40 "
                                       "more generations on twice the held-out windows, after the search with "
                                       "\"Every improvement\", gave the best allocations measured (README, "
@@ -209,7 +210,7 @@ with st.expander("Find allocation (search)", expanded=SEARCH_KEY in st.session_s
                                  search_seed=int(search_seed), search_objective=search_objective, fit=fit,
                                  search_text=search_text or None, search_verify=search_verify,
                                  search_samples=int(search_samples) if search_text and search_samples else None,
-                                 search_then_steps=int(then_steps),
+                                 search_then_steps=int(then_steps) if search_text else 0,
                                  search_then_samples=int(then_samples) if search_text and then_steps and then_samples
                                  else None)
         shared, tok, info, start = loaded.model, loaded.tokenizer, loaded.info, mine if from_mine else None
@@ -251,9 +252,13 @@ with st.expander("Find allocation (search)", expanded=SEARCH_KEY in st.session_s
                                         "`--allocation search.json` on the command line.")
         if best:
             st.metric(f"Best {OBJECTIVE_LABELS[best['objective']]} so far", f"{best['fitness']:.4f} nats/token",
-                      help=f"found at generation {best['step']}")
+                      help=f"found at generation {best['step']}. A second stage scores on its own, larger set of "
+                           "held-out windows, so the figure can rise when it begins.")
             mine = st.session_state.get("alloc_custom")
-            curves = [("search: best so far", best["per_block"])] + ([("your curve", mine.per_block)] if mine else [])
+            # the result, once there is one: a real prune can reject the last improvement the search reported
+            found = ("search: result", job.result.per_block) if job.result is not None else \
+                ("search: best so far", best["per_block"])
+            curves = [found] + ([("your curve", mine.per_block)] if mine else [])
             st.plotly_chart(curves_figure(curves), key="alloc_search_curves")
         if job.done and st.session_state.get("_alloc_search_shown") is not job:
             st.session_state["_alloc_search_shown"] = job
@@ -264,7 +269,8 @@ with st.expander("Find allocation (search)", expanded=SEARCH_KEY in st.session_s
         if st.button("Use this curve", key="alloc_search_use",
                      help="Take the search's per-block ratios as the control points (one per block), and its kind "
                           "offsets, if it searched them, as each matrix's offset from its block's ratio."):
-            st.session_state[POINTS_KEY] = clamp_points(control_points(search.latest()["per_block"]), Y_MAX)[0]
+            per_block = search.result.per_block if search.result is not None else search.latest()["per_block"]
+            st.session_state[POINTS_KEY] = clamp_points(control_points(per_block), Y_MAX)[0]
             keep_offsets(block_offsets(search.result, metrics) if search.result is not None else {}, "the search")
             st.rerun()
 

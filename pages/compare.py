@@ -83,8 +83,9 @@ with st.expander("Run a sweep", expanded=False):
                                             key="sweep_search_steps"),
             "search_then_steps": c2.number_input("Then: more generations (auto)", 0, 500,
                                                  AllocationSettings.search_then_steps, key="sweep_search_then_steps",
-                                                 help="A second stage from the search's result, scored on twice the "
-                                                      "held-out windows (as on the Allocation page)."),
+                                                 help="A second stage from the search's result, its real prunes "
+                                                      "scored on twice the windows of the search text, which it "
+                                                      "needs (as on the Allocation page)."),
             "search_step": c2.number_input("Search step (auto)", 0.005, SEARCH_STEP_MAX, AllocationSettings.search_step,
                                            0.005, format="%.3f", key="sweep_search_step"),
             "search_text": c2.text_input("Search scored on (auto; empty: the calibration text)",

@@ -736,6 +736,10 @@ def test_search_in_two_stages_is_the_search_then_the_search_from_its_result(off_
         assert a.params[k] == a.params["before"][k] + then.params[k]
     steps = [(m.split(":")[0], f) for m, f in seen if ": step " in m]
     assert steps == [("search", s / 8) for s in range(1, 5)] + [("search, stage 2", s / 8) for s in range(5, 9)]
+    # each stage's statistics, gathered before its first generation, hold the bar where the stage starts
+    stats = {(m.split(":")[0], f) for m, f in seen if "statistics: block" in m}
+    assert stats == {("search statistics", 0.0), ("search, stage 2 statistics", 0.5)}
+    assert all(0.0 <= f <= 1.0 for _, f in seen)
     assert best[0] == 0 and best.count(4) >= 1 and all(s > 4 for s in best[best.index(4) + 1:])
     text = describe(a.params)
     assert text[0].startswith("search fitness: held-out") and text[-1].startswith("cost: ")
@@ -746,14 +750,19 @@ def test_search_in_two_stages_is_the_search_then_the_search_from_its_result(off_
     cut = search_in_stages(settings, model, calib, starts, method, held, more, stop=stop,
                            progress=lambda m, f: m.startswith("search: step 2/") and stop.set())
     assert "before" not in cut.params and cut.params["steps_done"] == 2
+    # no generations at all: the starts alone, their progress shown as it comes
+    seen.clear()
+    starts_only = search_in_stages(replace(settings, search_steps=0, search_then_steps=0), model, calib, starts,
+                                   method, held, progress=lambda m, f: seen.append((m, f)))
+    assert starts_only.params["steps"] == 0 and seen and all(0.0 <= f <= 1.0 for _, f in seen)
 
 
 def test_search_then_settings_are_checked():
     text = str(ROOT / "README.md")  # a held-out text any checkout has
     for settings, field, message in (
             (AllocationSettings(method="auto", search_then_steps=-1), "search_then_steps", ">= 0"),
-            (AllocationSettings(method="auto", search_then_steps=2, search_then_samples=64), "search_then_samples",
-             "give search_text too"),
+            (AllocationSettings(method="auto", search_then_steps=2), "search_then_steps", "give search_text too"),
+            (AllocationSettings(method="auto", search_then_samples=64), "search_then_samples", "give search_text too"),
             (AllocationSettings(method="auto", search_text=text, search_then_samples=64),
              "search_then_samples", "give its generations too"),
             (AllocationSettings(method="auto", search_text=text, search_then_steps=2,
@@ -1034,11 +1043,12 @@ def test_cli_allocate_auto_in_two_stages(tmp_path):
     assert a.achieved == pytest.approx(0.5, abs=1e-9)
     assert sum(line.startswith("from ") for line in r.stdout.splitlines()) == 2
     assert f"then 2 more generations from that result, scored on {2 * 4 * 32} tokens" in r.stdout
-    for extra, message in ((["--search-then-samples", "8", "--search-then-steps", "2"], "give search_text too"),
-                           ([*held, "--search-then-samples", "8"], "give its generations too"),
-                           (["--search-then-steps", "-1"], ">= 0")):
+    for extra, flag, message in ((["--search-then-steps", "2"], "--search-then-steps", "give search_text too"),
+                                 (["--search-then-samples", "8"], "--search-then-samples", "give search_text too"),
+                                 ([*held, "--search-then-samples", "8"], "--search-then-samples",
+                                  "give its generations too"),
+                                 (["--search-then-steps", "-1"], "--search-then-steps", ">= 0")):
         bad = subprocess.run([*args, *extra], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
-        flag = "--search-then-steps" if "-1" in extra else "--search-then-samples"
         assert bad.returncode == 2 and flag in bad.stderr and message in bad.stderr, bad.stderr
         assert len(bad.stderr.strip().splitlines()) == 1
 

@@ -79,6 +79,21 @@ def test_expansion_crosses_the_axes(tiny, tmp_path):
     assert config_key(RunSettings.from_dict(configs[0].to_dict())) == config_key(configs[0])
 
 
+def test_the_search_settings_reach_auto_alone(tiny, tmp_path):
+    """Only auto configurations keep the sweep's search settings, so changing the search re-runs them and no
+    other configuration (their keys stay those of a sweep with the default search)."""
+    file = allocation_file(tmp_path / "alloc.json", 3)
+    axes = {"allocations": ("uniform", "owl", "auto", file), "curves": (((0.0, 0.4), (1.0, 0.8)),), "seeds": (0,)}
+    searched = replace(tiny, allocation=replace(tiny.allocation, search_steps=3, search_text=str(ROOT / "README.md"),
+                                                search_verify="all", search_then_steps=2))
+    plain, other = grid(tiny, **axes).check().expand(), grid(searched, **axes).check().expand()
+    for a, b in zip(plain, other):
+        same = a.allocation.method != "auto"
+        assert (config_key(a) == config_key(b)) == same, a.allocation.method
+    auto = next(c.allocation for c in other if c.allocation.method == "auto")
+    assert (auto.search_steps, auto.search_verify, auto.search_then_steps) == (3, "all", 2)
+
+
 def test_searches_with_other_settings_are_other_lines_of_the_plot():
     from analysis.settings import AllocationSettings
 
