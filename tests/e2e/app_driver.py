@@ -88,6 +88,15 @@ def load_default(page) -> float:
 def nav(page, title: str) -> None:
     page.locator("[data-testid=stSidebarNav]").get_by_role("link", name=title).click()
     page.locator("h1").filter(has_text=re.compile(f"^{title}")).wait_for(timeout=60_000)
+    wait_run(page)
+
+
+def wait_run(page, timeout_ms: int = 60_000) -> None:
+    """Wait until the script run the last action started has finished (the status widget's running icon
+    is gone), so that the next action is not sent to a run in progress."""
+    page.wait_for_timeout(200)
+    page.wait_for_function("() => !document.querySelector('[data-testid=stStatusWidgetRunningIcon]')",
+                           timeout=timeout_ms, polling=200)
 
 
 def wait_idle(page, timeout_ms: int = LONG_MS) -> None:
@@ -141,16 +150,21 @@ BUDGET_JS = "[...document.querySelectorAll('[data-testid=stMarkdownContainer] p'
 
 def set_small_eval(page, n_samples: int | None = None, calib_seqlen: int | None = None,
                    eval_seqlen: int | None = None, windows: int | None = None) -> None:
-    """Fill the Prune page's calibration/evaluation inputs (inside their expander)."""
+    """Fill the Prune page's calibration/evaluation inputs (inside their expander), one rerun at a time; a
+    value is typed again if a rerun re-drew its box with the old one before Enter reached it."""
     page.get_by_text("Calibration and evaluation data").click()
     for label, value in (("Calibration samples", n_samples), ("Calibration length (tokens)", calib_seqlen),
                          ("Window length (tokens)", eval_seqlen), ("Windows (0 = all)", windows)):
         if value is None:
             continue
         box = page.get_by_role("spinbutton", name=label, exact=True)
-        box.fill(str(value))
-        box.press("Enter")
-        page.wait_for_timeout(300)
+        for _ in range(5):
+            box.fill(str(value))
+            box.press("Enter")
+            wait_run(page)
+            if box.input_value() == str(value):
+                break
+        assert box.input_value() == str(value), f"{label} did not keep {value}"
 
 
 def weights_line(page, containing: str | None = None, timeout_ms: int = 60_000) -> str:
