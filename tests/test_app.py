@@ -4,6 +4,7 @@ AppTest runs the page scripts headless (no browser, no JavaScript); background j
 threads, so tests re-run the page until the job's progress bar is gone. The curve editor is set
 through st.session_state (see components/curve_editor), the rest through the widgets themselves.
 """
+import ast
 import json
 import math
 import re
@@ -65,6 +66,57 @@ def metric(at: AppTest, label: str) -> str:
     found = [m.value for m in at.metric if m.label == label]
     assert found, f"no metric {label!r}; have {[m.label for m in at.metric]}"
     return found[0]
+
+
+# Inputs whose value is not kept across a page change (app.py, PERSIST), and why.
+NOT_PERSISTED = {
+    "alloc_matrix_pick": "its options are the loaded model's matrices",
+    "compare_models": "a filter over the stored runs, whose options change as runs are added",
+    "compare_methods": "a filter over the stored runs",
+    "compare_eval": "a filter over the stored runs",
+    "compare_curves": "a filter over the stored runs",
+    "prune_export_overwrite": "replacing a folder is asked for at each export",
+    "sweep_model": "follows the loaded model",
+}
+INPUT_WIDGETS = {"checkbox", "toggle", "radio", "selectbox", "multiselect", "slider", "select_slider",
+                 "number_input", "text_input", "text_area", "segmented_control", "pills", "color_picker",
+                 "date_input", "time_input"}
+
+
+def page_inputs() -> dict[str, str]:
+    """Key -> page of every input widget on the pages whose key is a literal or a module-level constant
+    (the per-matrix offset inputs, keyed per matrix, keep their values in the allocation instead)."""
+    found = {}
+    for page in sorted((ROOT / "pages").glob("*.py")):
+        tree = ast.parse(page.read_text())
+        constants = {t.id: n.value.value for n in tree.body if isinstance(n, ast.Assign)
+                     and isinstance(n.value, ast.Constant) for t in n.targets if isinstance(t, ast.Name)}
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in INPUT_WIDGETS):
+                continue
+            for kw in node.keywords:
+                if kw.arg == "key" and isinstance(kw.value, ast.Constant):
+                    found[kw.value.value] = page.name
+                elif kw.arg == "key" and isinstance(kw.value, ast.Name) and kw.value.id in constants:
+                    found[constants[kw.value.id]] = page.name
+    return found
+
+
+def test_every_setting_is_kept_across_pages_or_named_as_not():
+    """A setting added to a page without adding it to app.py's PERSIST resets when the user visits
+    another page; this names it. (AppTest cannot show the reset: the browser test does, for the Prune page.)"""
+    app_tree = ast.parse(Path(APP).read_text())
+    persist = next(ast.literal_eval(n.value) for n in app_tree.body if isinstance(n, ast.Assign)
+                   and any(isinstance(t, ast.Name) and t.id == "PERSIST" for t in n.targets))
+    inputs = page_inputs()
+    assert len(inputs) > 80  # the walk found the pages' inputs
+    forgotten = sorted(k for k in inputs if k not in persist and k not in NOT_PERSISTED)
+    assert not forgotten, f"add these to PERSIST in app.py, or to NOT_PERSISTED here with a reason: {forgotten}"
+    assert not set(persist) & set(NOT_PERSISTED)
+    stale = sorted(set(persist) - set(inputs)) + sorted(set(NOT_PERSISTED) - set(inputs))
+    assert not stale, f"no input on the pages has these keys: {stale}"
+    assert len(set(persist)) == len(persist)
 
 
 @pytest.fixture(scope="module")

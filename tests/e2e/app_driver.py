@@ -148,16 +148,14 @@ BUDGET_JS = "[...document.querySelectorAll('[data-testid=stMarkdownContainer] p'
             ".find(p => p.innerText.startsWith('Budget as drawn:'))"
 
 
-def set_small_eval(page, n_samples: int | None = None, calib_seqlen: int | None = None,
-                   eval_seqlen: int | None = None, windows: int | None = None) -> None:
-    """Fill the Prune page's calibration/evaluation inputs (inside their expander), one rerun at a time; a
-    value is typed again if a rerun re-drew its box with the old one before Enter reached it."""
-    page.get_by_text("Calibration and evaluation data").click()
-    for label, value in (("Calibration samples", n_samples), ("Calibration length (tokens)", calib_seqlen),
-                         ("Window length (tokens)", eval_seqlen), ("Windows (0 = all)", windows)):
-        if value is None:
-            continue
-        box = page.get_by_role("spinbutton", name=label, exact=True)
+def set_inputs(page, expander: str, values: dict) -> None:
+    """Open the expander titled `expander` and fill its inputs, by label: int values into number boxes,
+    str values into text boxes, one rerun at a time; a value is typed again if a rerun re-drew its box
+    with the old one before Enter reached it."""
+    page.get_by_text(expander).click()
+    for label, value in values.items():
+        role = "spinbutton" if isinstance(value, int) else "textbox"
+        box = page.get_by_role(role, name=label, exact=True)
         for _ in range(5):
             box.fill(str(value))
             box.press("Enter")
@@ -165,6 +163,14 @@ def set_small_eval(page, n_samples: int | None = None, calib_seqlen: int | None 
             if box.input_value() == str(value):
                 break
         assert box.input_value() == str(value), f"{label} did not keep {value}"
+
+
+def set_small_eval(page, n_samples: int | None = None, calib_seqlen: int | None = None,
+                   eval_seqlen: int | None = None, windows: int | None = None) -> None:
+    """Fill the Prune page's calibration/evaluation inputs."""
+    labels = {"Calibration samples": n_samples, "Calibration length (tokens)": calib_seqlen,
+              "Window length (tokens)": eval_seqlen, "Windows (0 = all)": windows}
+    set_inputs(page, "Calibration and evaluation data", {k: v for k, v in labels.items() if v is not None})
 
 
 def weights_line(page, containing: str | None = None, timeout_ms: int = 60_000) -> str:
