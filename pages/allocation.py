@@ -107,6 +107,15 @@ with st.expander("Preset ratios per block (table)"):
 SEARCH_KEY = "alloc_search_job"
 
 
+def _search_curve(job: Job) -> tuple[str, list[float]] | None:
+    """(label, per-block ratios) of the search's curve: its result once there is one (a real prune can reject
+    the last improvement the search reported), else its best so far; None before its first."""
+    if job.result is not None:
+        return "search: result", job.result.per_block
+    best = job.latest()
+    return ("search: best so far", best["per_block"]) if best else None
+
+
 def _search_work(job: Job, shared, tokenizer, bos: bool, settings: AllocationSettings, pruner: str,
                  calibration, eval_source: str, model_name: str, dense_metrics, start: Allocation | None,
                  farms_metrics, outlier_ratios) -> Allocation:
@@ -255,22 +264,18 @@ with st.expander("Find allocation (search)", expanded=SEARCH_KEY in st.session_s
                       help=f"found at generation {best['step']}. A second stage scores on its own, larger set of "
                            "held-out windows, so the figure can rise when it begins.")
             mine = st.session_state.get("alloc_custom")
-            # the result, once there is one: a real prune can reject the last improvement the search reported
-            found = ("search: result", job.result.per_block) if job.result is not None else \
-                ("search: best so far", best["per_block"])
-            curves = [found] + ([("your curve", mine.per_block)] if mine else [])
+            curves = [_search_curve(job)] + ([("your curve", mine.per_block)] if mine else [])
             st.plotly_chart(curves_figure(curves), key="alloc_search_curves")
         if job.done and st.session_state.get("_alloc_search_shown") is not job:
             st.session_state["_alloc_search_shown"] = job
             st.rerun()  # once, so the curve editor shows the final overlay
 
     _search_status()
-    if search is not None and search.latest() and (search.done or search.cancelled):
+    if search is not None and _search_curve(search) and (search.done or search.cancelled):
         if st.button("Use this curve", key="alloc_search_use",
                      help="Take the search's per-block ratios as the control points (one per block), and its kind "
                           "offsets, if it searched them, as each matrix's offset from its block's ratio."):
-            per_block = search.result.per_block if search.result is not None else search.latest()["per_block"]
-            st.session_state[POINTS_KEY] = clamp_points(control_points(per_block), Y_MAX)[0]
+            st.session_state[POINTS_KEY] = clamp_points(control_points(_search_curve(search)[1]), Y_MAX)[0]
             keep_offsets(block_offsets(search.result, metrics) if search.result is not None else {}, "the search")
             st.rerun()
 
@@ -329,8 +334,8 @@ st.session_state["alloc_custom"] = applied  # the Prune page offers it as "custo
 
 with chart_box:
     overlays = [allocation_overlay(a.per_block, name, METHOD_COLORS.get(name)) for name, a in presets.items()]
-    if (found := st.session_state.get(SEARCH_KEY)) is not None and found.latest():
-        overlays.append(allocation_overlay(found.latest()["per_block"], "search best", "#2ca02c", "dash"))
+    if (found := st.session_state.get(SEARCH_KEY)) is not None and (curve := _search_curve(found)):
+        overlays.append(allocation_overlay(curve[1], curve[0], "#2ca02c", "dash"))
     overlays.append({**allocation_overlay(applied.per_block, f"applied ({mode})", "#d62728", "solid"),
                      "mode": "markers", "opacity": 0.5})
     curve_editor(points, overlays, key=POINTS_KEY, y_max=Y_MAX, height=380)
