@@ -29,9 +29,17 @@ from analysis.jobs import DONE, Job, JobCancelled
 from analysis.layers import module_device
 from analysis.loading import MemoryEstimate, available_memory_bytes, memory_estimate
 from analysis.owl import collect_outlier_ratios
-from analysis.pipeline import Timer, build_allocation, make_record, prepare_data, record_config
+from analysis.pipeline import (
+    Timer,
+    build_allocation,
+    calibration_batch,
+    make_record,
+    prepare_data,
+    record_config,
+    search_windows,
+)
 from analysis.pruning import DenseSnapshot, prune
-from analysis.settings import RunSettings
+from analysis.settings import AllocationSettings, CalibrationSettings, RunSettings
 
 WAIT_POLL_S = 0.25  # how often a waiting job re-checks its cancel flag and its queue position
 
@@ -334,6 +342,37 @@ def outlier_ratios_job(job: Job, shared_model: nn.Module, calib, threshold_m: fl
         return collect_outlier_ratios(shared_model, calib, threshold_m, progress=job.report)
     finally:
         gate.release("the OWL outlier measurement")
+
+
+def search_job(job: Job, shared_model: nn.Module, gate: ModelGate, who: str, tokenizer, bos: bool,
+               settings: AllocationSettings, pruner: str, calibration: CalibrationSettings, eval_source: str,
+               model_name: str = "", metrics=None, start: Allocation | None = None, farms_metrics=None,
+               outlier_ratios=None) -> Allocation:
+    """The allocation search (`settings.method == "auto"`) for a dashboard session. It writes candidate
+    weights into the model it searches, so it works on a throw-away copy of the shared model, read
+    through `gate` (waiting while a session has it pruned in place); with no room for that copy it is a
+    clear error. `start`: the user's curve, the search's only start (None: the presets). `metrics`,
+    `farms_metrics`, `outlier_ratios`: the dense spectra, FARMS spectra and OWL ratios when known (None:
+    the search measures what it needs). Each improvement is emitted as {"per_block", "fitness", "step",
+    "objective"}."""
+    job.report("copying the model", 0.0)
+    need = prune_need(shared_model, RunSettings(allocation=settings, calibration=calibration))
+    model = _private_copy(shared_model, need, gate, who, job)
+    if model is None:
+        gib = 2.0 ** 30
+        raise ValueError(f"The search needs a private copy of the model (it writes candidate weights into it): "
+                         f"{(need.weights + need.working) / gib:.2f} GiB on {module_device(shared_model)}, "
+                         f"where {available_memory_bytes(module_device(shared_model)) / gib:.2f} GiB are free. "
+                         "Free memory, or run it from the command line (python -m analysis allocate --method "
+                         "auto), which searches on the model it loads.")
+    calib = calibration_batch(tokenizer, calibration, eval_source, bos)
+    held_out, then = search_windows(tokenizer, settings, calibration, bos)
+    return build_allocation(settings, model, calib=calib, metrics=metrics, farms_metrics=farms_metrics,
+                            outlier_ratios=outlier_ratios, model_name=model_name, custom=start, prune_method=pruner,
+                            progress=job.report, stop=job.stop, fitness_windows=held_out, then_windows=then,
+                            on_best=lambda per_block, fit, step: job.emit({"per_block": per_block, "fitness": fit,
+                                                                           "step": step,
+                                                                           "objective": settings.search_objective}))
 
 
 def evaluate_weights_job(job: Job, work: WorkingCopy, shared_model: nn.Module, windows) -> PplUpdate | None:

@@ -1,5 +1,4 @@
 """Allocation page: draw the layerwise sparsity curve over depth, compare it with the presets."""
-import copy
 import hashlib
 import json
 
@@ -19,9 +18,9 @@ from analysis.allocation import (
     within_block_spread,
 )
 from analysis.jobs import Job
-from analysis.pipeline import build_allocation, calibration_batch, search_windows
 from analysis.pruners import PRUNERS
 from analysis.search import describe
+from analysis.session import search_job
 from analysis.settings import (
     SEARCH_OBJECTIVES,
     SEARCH_SPACES,
@@ -34,7 +33,7 @@ from analysis.settings import (
 from components.curve_editor import clamp_points, curve_editor, curve_points
 from components.figures import METHOD_COLORS, allocation_overlay, block_bars_figure, curves_figure
 from components.labels import OBJECTIVE_LABELS, SPACE_LABELS, VERIFY_LABELS
-from components.state import owl_job, prune_data_settings, require_model, spectra_job, wait_for
+from components.state import owl_job, prune_data_settings, require_model, session_work, spectra_job, wait_for
 
 POINTS_KEY = "alloc_points"
 OFFSETS_KEY = "_alloc_offsets"  # per-matrix offsets the curve keeps: {"model", "origin", "offsets"} or None
@@ -114,26 +113,6 @@ def _search_curve(job: Job) -> tuple[str, list[float]] | None:
         return "search: result", job.result.per_block
     best = job.latest()
     return ("search: best so far", best["per_block"]) if best else None
-
-
-def _search_work(job: Job, shared, tokenizer, bos: bool, settings: AllocationSettings, pruner: str,
-                 calibration, eval_source: str, model_name: str, dense_metrics, start: Allocation | None,
-                 farms_metrics, outlier_ratios) -> Allocation:
-    """The search writes candidate weights into its model: a throw-away copy, never the shared one.
-    `start`: the user's curve, the search's only start (None: uniform / OWL / AlphaPruning / FARMS).
-    `farms_metrics`, `outlier_ratios`: the FARMS and OWL presets' inputs when they are ready (None: the
-    search measures them)."""
-    job.report("copying the model", 0.0)
-    model = copy.deepcopy(shared)
-    calib = calibration_batch(tokenizer, calibration, eval_source, bos)
-    held_out, then = search_windows(tokenizer, settings, calibration, bos)
-    return build_allocation(settings, model, calib=calib, metrics=dense_metrics, farms_metrics=farms_metrics,
-                            outlier_ratios=outlier_ratios, model_name=model_name, custom=start,
-                            prune_method=pruner, progress=job.report, stop=job.stop,
-                            fitness_windows=held_out, then_windows=then,
-                            on_best=lambda per_block, fit, step: job.emit({"per_block": per_block, "fitness": fit,
-                                                                           "step": step,
-                                                                           "objective": settings.search_objective}))
 
 
 with st.expander("Find allocation (search)", expanded=SEARCH_KEY in st.session_state):
@@ -226,16 +205,22 @@ with st.expander("Find allocation (search)", expanded=SEARCH_KEY in st.session_s
         # the presets' FARMS spectra and OWL ratios, measured with the same fit, calibration and threshold
         known_farms = farms_job.result.metrics if more and farms_job.status == "done" else None
         known_owl = owl.result if more and owl.status == "done" else None
+        work = session_work()
         try:
             cfg.check()
             cfg.check_search_text(ev)
         except SettingsError as e:
             st.error(str(e))
         else:
-            st.session_state[SEARCH_KEY] = search = Job(
-                lambda j: _search_work(j, shared, tok, info.bos_per_window, cfg, search_pruner, cal, ev,
-                                       info.source, metrics, start, known_farms, known_owl),
-                name="allocation-search").start()
+            if work.leased:  # the search copies the dense shared model, which waits for this session's restore
+                st.error("Your weights are the shared model, pruned in place: the search starts from the dense "
+                         "model, so restore it first (Prune page, Restore dense).")
+            else:
+                st.session_state[SEARCH_KEY] = search = Job(
+                    lambda j: search_job(j, shared, work.gate, f"{work.owner}'s allocation search", tok,
+                                         info.bos_per_window, cfg, search_pruner, cal, ev, info.source, metrics,
+                                         start, known_farms, known_owl),
+                    name="allocation-search").start()
     if search is not None and not search.done and g2.button("Cancel the search", key="alloc_search_cancel"):
         search.cancel()
 

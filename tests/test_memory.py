@@ -21,6 +21,7 @@ from analysis.session import (
     prune_and_evaluate,
     prune_device,
     prune_need,
+    search_job,
 )
 from analysis.settings import AllocationSettings, CalibrationSettings, EvaluationSettings, PruneSettings, RunSettings
 from tests.conftest import cancel_when, save_tiny_llama
@@ -144,6 +145,41 @@ def test_no_room_at_all_is_a_clear_error_not_a_crash(tiny, monkeypatch):
     job = Job(lambda j: prune_and_evaluate(j, work, tiny.model, tiny.tokenizer, SETTINGS), name="prune").start()
     assert job.wait(60) and job.status == ERROR and "Not enough memory to prune" in job.error
     assert work.gate.holder is None and zero_fraction(tiny.model) == 0.0
+
+
+def test_the_search_copies_dense_weights_through_the_gate_and_needs_room(tiny, monkeypatch):
+    """The dashboard's allocation search writes into its model: it searches a copy of the shared model,
+    made after a session's prune in place is restored (never from pruned weights), or says why not."""
+    shared = tiny.model
+    dense = {k: v.clone() for k, v in shared.state_dict().items()}
+    gate = ModelGate()
+    monkeypatch.setenv(MEMORY_LIMIT_ENV, str(lease_only_limit(shared)))
+    work = WorkingCopy("k", gate, "session A")
+    job = Job(lambda j: prune_and_evaluate(j, work, shared, tiny.tokenizer, SETTINGS), name="prune").start()
+    assert job.wait(300) and job.status == DONE and work.leased, job.traceback
+    monkeypatch.delenv(MEMORY_LIMIT_ENV)  # room for the search's copy now
+
+    searched = []
+    settings = AllocationSettings(method="auto", sparsity=0.5, search_steps=2)
+
+    def run(j):
+        out = search_job(j, shared, gate, "session B's search", tiny.tokenizer, False, settings, "wanda",
+                         SETTINGS.calibration, "default")
+        searched.append(zero_fraction(shared))  # the shared weights while the search's copy was pruned
+        return out
+
+    search = Job(run, name="search").start()
+    wait_for_message(search, "waiting for session A's pruned weights to be restored")
+    work.restore()
+    assert search.wait(300) and search.status == DONE, search.traceback
+    assert search.result.achieved == pytest.approx(0.5, abs=1e-6) and search.updates()  # improvements emitted
+    assert searched == [0.0] and all(torch.equal(v, dense[k]) for k, v in shared.state_dict().items())
+
+    monkeypatch.setenv(MEMORY_LIMIT_ENV, "1000")
+    search = Job(lambda j: search_job(j, shared, gate, "session B's search", tiny.tokenizer, False, settings,
+                                      "wanda", SETTINGS.calibration, "default"), name="search").start()
+    assert search.wait(60) and search.status == ERROR
+    assert "needs a private copy of the model" in search.error and gate.holder is None
 
 
 def test_estimate_before_load_includes_pruning_and_refuses_what_cannot_fit(tiny_dir, monkeypatch):
