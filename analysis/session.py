@@ -40,6 +40,8 @@ from analysis.pipeline import (
 )
 from analysis.pruning import DenseSnapshot, prune
 from analysis.settings import AllocationSettings, CalibrationSettings, RunSettings
+from analysis.zeroshot import ZeroShotResult
+from analysis.zeroshot import evaluate as zeroshot_evaluate
 
 WAIT_POLL_S = 0.25  # how often a waiting job re-checks its cancel flag and its queue position
 
@@ -383,6 +385,23 @@ def evaluate_weights_job(job: Job, work: WorkingCopy, shared_model: nn.Module, w
             return evaluate_job(job, work.model, windows)
     with work.gate.reading(work.owner, job):
         return evaluate_job(job, shared_model, windows)
+
+
+def zeroshot_weights_job(job: Job, work: WorkingCopy, shared_model: nn.Module, tokenizer, tasks,
+                         limit: int | None = None, bos: bool = False) -> ZeroShotResult:
+    """Zero-shot scores (analysis.zeroshot.evaluate) of the session's weights, read as `evaluate_weights_job`
+    reads them; a cancelled run raises JobCancelled."""
+    def score(model: nn.Module) -> ZeroShotResult:
+        result = zeroshot_evaluate(model, tokenizer, tasks, limit=limit, bos=bos, progress=job.report, stop=job.stop)
+        if result.stopped:
+            raise JobCancelled()
+        return result
+
+    with work.lock:
+        if work.model is not None:
+            return score(work.model)
+    with work.gate.reading(work.owner, job):
+        return score(shared_model)
 
 
 def _result_of(job: Job, what: str, owner: Job):

@@ -4,11 +4,11 @@ import streamlit as st
 
 from analysis.data import DataError, check_encoding, save_text, text_source_problem
 from analysis.export import DEFAULT_FORMAT, FORMATS, RECIPE_PRUNERS, export, module_order, ratios_npy, recipe_yaml
-from analysis.jobs import DONE, Job, JobCancelled
+from analysis.jobs import DONE, Job
 from analysis.loading import ModelPreview
 from analysis.pipeline import evaluation_windows
 from analysis.pruners import PRUNERS, ROWWISE, parse_nm
-from analysis.session import evaluate_weights_job, prune_and_evaluate, prune_need
+from analysis.session import evaluate_weights_job, prune_and_evaluate, prune_need, zeroshot_weights_job
 from analysis.settings import (
     QUICK_EVALUATION,
     QUICK_ZEROSHOT,
@@ -23,7 +23,6 @@ from analysis.settings import (
 )
 from analysis.store import StoreError
 from analysis.zeroshot import PAPER_TASKS, local_tasks
-from analysis.zeroshot import evaluate as zeroshot_evaluate
 from components.figures import ppl_figure
 from components.state import (
     dense_ppl_job,
@@ -311,15 +310,12 @@ zs_tasks = z1.multiselect("Tasks", [*local_tasks(), *PAPER_TASKS], default=list(
                           key="prune_zs_tasks")
 zs_limit = z2.number_input("Documents per task (0 = all)", 0, 100_000, QUICK_ZEROSHOT.limit, key="prune_zs_limit")
 if z3.button("Zero-shot accuracy of current weights", disabled=busy or not zs_tasks, key="prune_zs_run"):
-    zs_model = work.model if work.model is not None else loaded.model
     zs_label = work.label if work.pruned else "dense"
     zs_run = work.run_id if work.pruned else None
 
     def zeroshot_body(j: Job) -> pd.DataFrame:
-        result = zeroshot_evaluate(zs_model, loaded.tokenizer, zs_tasks, limit=int(zs_limit) or None,
-                                   bos=loaded.info.bos_per_window, progress=j.report, stop=j.stop)
-        if result.stopped:
-            raise JobCancelled()
+        result = zeroshot_weights_job(j, work, loaded.model, loaded.tokenizer, zs_tasks, int(zs_limit) or None,
+                                      loaded.info.bos_per_window)
         stored = ""
         if zs_run is not None:  # the pruned weights' run record gets the scores (Compare page columns)
             try:

@@ -22,6 +22,7 @@ from analysis.session import (
     prune_device,
     prune_need,
     search_job,
+    zeroshot_weights_job,
 )
 from analysis.settings import AllocationSettings, CalibrationSettings, EvaluationSettings, PruneSettings, RunSettings
 from tests.conftest import cancel_when, save_tiny_llama
@@ -180,6 +181,25 @@ def test_the_search_copies_dense_weights_through_the_gate_and_needs_room(tiny, m
                                       "wanda", SETTINGS.calibration, "default"), name="search").start()
     assert search.wait(60) and search.status == ERROR
     assert "needs a private copy of the model" in search.error and gate.holder is None
+
+
+def test_zero_shot_of_dense_weights_waits_for_a_prune_in_place_to_be_restored(tiny, monkeypatch):
+    """Zero-shot accuracy of a session's dense weights reads the shared model through the gate: while
+    another session has it pruned in place it waits, and then scores the dense weights."""
+    shared, tok = tiny.model, tiny.tokenizer
+    tok.eos_token = "<unk>"  # lm-eval starts empty contexts with EOS; the word-level test tokenizer has none
+    reader = WorkingCopy("k", ModelGate(), "session B")
+    dense = zeroshot_weights_job(Job(lambda j: None), reader, shared, tok, "cloze", limit=8).accuracy()
+
+    monkeypatch.setenv(MEMORY_LIMIT_ENV, str(lease_only_limit(shared)))
+    work = WorkingCopy("k", reader.gate, "session A")
+    job = Job(lambda j: prune_and_evaluate(j, work, shared, tok, SETTINGS), name="prune").start()
+    assert job.wait(300) and job.status == DONE and work.leased, job.traceback
+    scores = Job(lambda j: zeroshot_weights_job(j, reader, shared, tok, "cloze", limit=8), name="zero-shot").start()
+    wait_for_message(scores, "waiting for session A's pruned weights to be restored")
+    work.restore()
+    assert scores.wait(300) and scores.status == DONE, scores.traceback
+    assert scores.result.accuracy() == dense
 
 
 def test_estimate_before_load_includes_pruning_and_refuses_what_cannot_fit(tiny_dir, monkeypatch):
