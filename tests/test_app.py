@@ -219,6 +219,16 @@ def test_spectra_page(app):
     app.toggle(key="spectra_log").set_value(False).run()
     assert not app.exception
     assert len(app.get("plotly_chart")) == 3  # depth, heatmap, ESD (drawn content: see the browser test)
+    # while another session has the shared model pruned in place, the randomized ESD does not read it
+    gate = app.session_state["work"].gate
+    gate.lease("session elsewhere", "session elsewhere's pruned weights to be restored")
+    try:
+        app.run()
+        assert any("session elsewhere has pruned in place" in c.value for c in app.caption)
+    finally:
+        gate.release("session elsewhere")
+    app.run()
+    assert not any("pruned in place right now" in c.value for c in app.caption) and not app.exception
 
 
 def _budget(at: AppTest) -> float:
