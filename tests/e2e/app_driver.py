@@ -148,14 +148,18 @@ BUDGET_JS = "[...document.querySelectorAll('[data-testid=stMarkdownContainer] p'
             ".find(p => p.innerText.startsWith('Budget as drawn:'))"
 
 
+def input_box(page, label: str, value: int | str):
+    """The input labelled `label` that takes `value`: a number box for an int, else a text box."""
+    return page.get_by_role("spinbutton" if isinstance(value, int) else "textbox", name=label, exact=True)
+
+
 def set_inputs(page, expander: str, values: dict) -> None:
     """Open the expander titled `expander` and fill its inputs, by label: int values into number boxes,
     str values into text boxes, one rerun at a time; a value is typed again if a rerun re-drew its box
     with the old one before Enter reached it."""
     page.get_by_text(expander).click()
     for label, value in values.items():
-        role = "spinbutton" if isinstance(value, int) else "textbox"
-        box = page.get_by_role(role, name=label, exact=True)
+        box = input_box(page, label, value)
         for _ in range(5):
             box.fill(str(value))
             box.press("Enter")

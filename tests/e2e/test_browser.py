@@ -23,6 +23,7 @@ from tests.e2e.app_driver import (
     budget_text,
     drag_point,
     esd_svg,
+    input_box,
     launch,
     load_default,
     metric_value,
@@ -121,8 +122,7 @@ def test_spectra_drag_prune_and_isolation(server, browser):
     nav(a, "Allocation")
     a.get_by_text("Find allocation (search)").click()
     for label, value in SEARCH.items():
-        role = "spinbutton" if isinstance(value, int) else "textbox"
-        assert a.get_by_role(role, name=label, exact=True).input_value() == str(value)
+        assert input_box(a, label, value).input_value() == str(value)
 
     # B after A's prune: still dense, and its perplexity is the dense baseline
     set_small_eval(b, **SMALL)  # the same evaluation windows as A
