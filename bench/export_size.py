@@ -55,11 +55,11 @@ def run_case(loaded, name: str, dtype: torch.dtype, tmp: Path) -> dict:
     return row
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench/results/export_size.json")
     ap.add_argument("--dtypes", default="float32,bfloat16")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     loaded = load_model("default", device="cpu")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

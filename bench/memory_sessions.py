@@ -15,6 +15,7 @@ Usage: .venv/bin/python -m bench.memory_sessions [SCENARIO ...]   -> bench/resul
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
@@ -68,13 +69,21 @@ def run_scenario(name: str) -> dict:
             "pruned_ppl": [round(j.result["pruned_ppl"], 3) for j in jobs]}
 
 
-def main() -> None:
-    if len(sys.argv) == 3 and sys.argv[1] == "--scenario":
-        print(json.dumps(run_scenario(sys.argv[2])))
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench.memory_sessions", description=__doc__.splitlines()[0])
+    ap.add_argument("scenarios", nargs="*", metavar="SCENARIO",
+                    help=f"scenarios to run and replace in the result file (default: all of {', '.join(SCENARIOS)})")
+    ap.add_argument("--scenario", choices=SCENARIOS, help="run one scenario in this process and print its row")
+    args = ap.parse_args(argv)
+    unknown = [n for n in args.scenarios if n not in SCENARIOS]
+    if unknown:
+        ap.error(f"unknown scenario {', '.join(unknown)} (choose from {', '.join(SCENARIOS)})")
+    if args.scenario:
+        print(json.dumps(run_scenario(args.scenario)))
         return
     result = ROOT / "bench" / "results" / "memory_sessions.json"
     rows = {r["scenario"]: r for r in json.loads(result.read_text())["scenarios"]} if result.exists() else {}
-    for name in sys.argv[1:] or SCENARIOS:
+    for name in args.scenarios or SCENARIOS:
         out = subprocess.run([sys.executable, "-m", "bench.memory_sessions", "--scenario", name], cwd=ROOT,
                              capture_output=True, text=True, check=True)
         rows[name] = json.loads(out.stdout.strip().splitlines()[-1]) | {"machine": machine_info()}

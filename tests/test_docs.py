@@ -1,5 +1,6 @@
 """The result tables in the docs are generated from bench/results (bench.report): they must match the measurements
 committed beside them."""
+import importlib
 import json
 import re
 
@@ -76,3 +77,31 @@ def test_a_result_file_reuses_only_the_searches_its_runs_read(tmp_path, capsys):
     assert results["epsilon_selection"] == {"0.2": 5.0} and results["config"]["searches_from"] == source.name
     with pytest.raises(SystemExit, match="valid_windows differ"):
         reuse_searches(results, source, {**config, "valid_windows": 2}, keys)
+
+
+def _options_in_help(main, argv, capsys) -> set[str]:
+    with pytest.raises(SystemExit) as stop:
+        main([*argv, "--help"])
+    assert stop.value.code == 0
+    return set(re.findall(r"--[a-z][a-z0-9-]*", capsys.readouterr().out))
+
+
+def test_every_option_a_command_in_the_docs_shows_exists(capsys):
+    # a command copied from the docs must not die on an option that was renamed or removed
+    from analysis.cli import main as cli_main
+    shown = {}  # (program, subcommand) -> options written after it in the docs
+    for doc in DOCS:
+        text = doc.read_text().replace("\\\n", " ")  # a command continued over lines is one command
+        for m in re.finditer(r"python -m (analysis|bench\.\w+)( [a-z][\w-]*)?([^\n`|]*)", text):
+            program, sub = m[1], (m[2] or "").strip()
+            if program != "analysis":  # the benchmarks have no subcommands: a bare word is an argument
+                sub = ""
+            shown.setdefault((program, sub), set()).update(re.findall(r"--[a-z][a-z0-9-]*", m[3]))
+    assert ("analysis", "prune") in shown and ("bench.quality", "") in shown
+    unknown = {}
+    for (program, sub), options in sorted(shown.items()):
+        main = cli_main if program == "analysis" else importlib.import_module(program).main
+        missing = options - _options_in_help(main, [sub] if sub else [], capsys)
+        if missing:
+            unknown[f"python -m {program} {sub}".strip()] = sorted(missing)
+    assert unknown == {}
