@@ -574,7 +574,7 @@ def _add_prune_parsers(sub) -> None:
     p.add_argument("--allocation", default=AllocationSettings.method,
                    help=f"{', '.join(ALLOCATION_METHODS[:5])}, or an allocation JSON file")
     p.add_argument("--sparsity", type=float, default=AllocationSettings.sparsity,
-                   help="target fraction of pruned weights, in [0, 0.99]")
+                   help="target fraction of pruned weights, in (0, 0.99]")
     _add_allocation_args(p)
     p.add_argument("--nm", default=PruneSettings.nm,
                    help="N:M semi-structured sparsity, e.g. 2:4 (overrides the allocation)")
