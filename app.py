@@ -37,7 +37,7 @@ PERSIST = (
     "sweep_methods", "sweep_allocations", "sweep_files", "sweep_curves", "sweep_sparsities",
     "sweep_epsilons", "sweep_owl_lambdas", "sweep_search_steps", "sweep_search_then_steps", "sweep_search_step",
     "sweep_search_text", "sweep_search_space", "sweep_search_objective", "sweep_search_verify", "sweep_seeds",
-    "sweep_eval", "sweep_max_windows", "sweep_workers", "sweep_address",
+    "sweep_rowwise", "sweep_eval", "sweep_max_windows", "sweep_workers", "sweep_address",
     "learn_kind", "learn_n", "learn_aspect", "learn_seed", "learn_log", "learn_fit", "learn_mu", "learn_family",
     "learn_strength", "learn_rank",
 )

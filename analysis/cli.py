@@ -93,7 +93,7 @@ FLAGS = {
     "sweep.methods": "--methods", "sweep.allocations": "--allocations", "sweep.sparsities": "--sparsities",
     "sweep.epsilons": "--epsilons", "sweep.owl_lambdas": "--owl-lambdas", "sweep.seeds": "--seeds",
     "sweep.workers": "--workers", "sweep.cpus_per_worker": "--cpus-per-worker", "sweep.address": "--address",
-    "sweep.curves": "--curve",
+    "sweep.curves": "--curve", "sweep.rowwise": "--rowwise",
 }
 # a sweep sets some settings through its grid options instead
 SWEEP_FLAGS = {"allocation.points": "--curve", "allocation.method": "--allocations", "allocation.file": "--allocations",
@@ -630,7 +630,7 @@ def _sweep_grid(args: argparse.Namespace) -> SweepGrid:
                        evaluation=_evaluation(args))
     return grid_from_text(base, methods=args.methods, allocations=args.allocations, sparsities=args.sparsities,
                           epsilons=args.epsilons, owl_lambdas=args.owl_lambdas, seeds=args.seeds,
-                          curves=tuple(args.curve or ()))
+                          curves=tuple(args.curve or ()), rowwise=args.rowwise)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -657,7 +657,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _add_sweep_parser(sub) -> None:
-    p = _parser(sub, "sweep", "prune runs over a grid (pruners x allocations x sparsities x epsilons x seeds)")
+    p = _parser(sub, "sweep", "prune runs over a grid (pruners x row-wise x allocations x sparsities x epsilons "
+                              "x seeds)")
     _add_model_args(p)
     p.add_argument("--methods", default=PruneSettings.method, help=f"pruners, comma-separated: {', '.join(PRUNERS)}")
     p.add_argument("--allocations", default=AllocationSettings.method,
@@ -668,6 +669,9 @@ def _add_sweep_parser(sub) -> None:
     p.add_argument("--sparsities", default=f"{AllocationSettings.sparsity:g}",
                    help="target sparsities in (0, 0.99], e.g. 0.5,0.6,0.7")
     _add_allocation_args(p, axes=True)
+    p.add_argument("--rowwise", default="none",
+                   help=f"row-wise sparsity inside each matrix, comma-separated: none, {', '.join(ROWWISE)} "
+                        "(none,trim runs every configuration both ways)")
     p.add_argument("--seeds", default=str(CalibrationSettings.seed), help="calibration seeds, e.g. 0,1,2")
     _add_calib_args(p, seed=False)
     _add_eval_args(p, "--eval")

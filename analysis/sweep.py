@@ -37,7 +37,7 @@ from analysis.allocation import MAX_RATIO, check_settings, parse_points
 from analysis.evaluation import perplexity
 from analysis.loading import LoadedModel, ModelLoadError, load_model, resolve_source
 from analysis.pipeline import dense_spectra, evaluation_windows, run, spectra_used
-from analysis.pruners import PRUNERS
+from analysis.pruners import PRUNERS, ROWWISE, check_rowwise
 from analysis.pruning import DenseSnapshot
 from analysis.runtime import ProgressFn, StopFlag, should_stop
 from analysis.settings import (
@@ -95,7 +95,8 @@ class SweepGrid:
     allocations: named methods (uniform, alphapruning, farms, owl, auto) or allocation JSON paths (a file
     fixes its own sparsity, so the sparsity axis does not apply to it); curves: custom curves, each
     (depth, sparsity) control points normalized to every sparsity of the grid; epsilons apply to
-    alphapruning/farms, owl_lambdas to owl; seeds: calibration sampling seeds (and, for auto, search
+    alphapruning/farms, owl_lambdas to owl; rowwise: None (per-matrix ratios) and/or row-wise refinements
+    (analysis.pruners.ROWWISE, e.g. "trim"); seeds: calibration sampling seeds (and, for auto, search
     seeds; its other settings, steps and objective, come from base.allocation)."""
 
     base: RunSettings = field(default_factory=RunSettings)
@@ -105,14 +106,17 @@ class SweepGrid:
     sparsities: tuple[float, ...] = (AllocationSettings.sparsity,)
     epsilons: tuple[float, ...] = (AllocationSettings.epsilon,)
     owl_lambdas: tuple[float, ...] = (AllocationSettings.owl_lambda,)
+    rowwise: tuple[str | None, ...] = (PruneSettings.rowwise,)
     seeds: tuple[int, ...] = (CalibrationSettings.seed,)
 
     def check(self) -> SweepGrid:
         """Every axis value, then every expanded configuration; raises SettingsError (field
         "sweep.<axis>" for an axis) before anything is loaded."""
-        for name in ("methods", "sparsities", "epsilons", "owl_lambdas", "seeds"):
+        for name, what in (("methods", "methods"), ("sparsities", "sparsities"), ("epsilons", "epsilons"),
+                           ("owl_lambdas", "owl lambdas"), ("rowwise", f"row-wise choice (none, {', '.join(ROWWISE)})"),
+                           ("seeds", "seeds")):
             if not getattr(self, name):
-                raise SettingsError(f"no {name.replace('_', ' ')} given: the grid is empty", f"sweep.{name}")
+                raise SettingsError(f"no {what} given: the grid is empty", f"sweep.{name}")
         if not self.allocations and not self.curves:
             raise SettingsError("no allocations given: the grid is empty", "sweep.allocations")
         for m in self.methods:
@@ -131,6 +135,8 @@ class SweepGrid:
             _axis_check("sweep.epsilons", check_settings, "alphapruning", 0.5, e)
         for lam in self.owl_lambdas:
             _axis_check("sweep.owl_lambdas", check_settings, "owl", 0.5, 0.3, "alpha", "block", lam)
+        for r in self.rowwise:
+            _axis_check("sweep.rowwise", check_rowwise, r, None)
         for seed in self.seeds:
             if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
                 raise SettingsError(f"seed must be an integer >= 0, got {seed!r}", "sweep.seeds")
@@ -149,13 +155,12 @@ class SweepGrid:
         allocations += [replace(base, method="custom", points=tuple(map(tuple, c)), as_drawn=False, **no_search)
                         for c in self.curves]
         out = []
-        for method in self.methods:
+        for prune in (replace(self.base.prune, method=m, rowwise=r) for m in self.methods for r in self.rowwise):
             for alloc in allocations:
                 for sparsity in self.sparsities if alloc.method != "file" else (alloc.sparsity,):
                     for variant in self._variants(replace(alloc, sparsity=sparsity)):
                         out += [replace(self.base, allocation=replace(variant, search_seed=seed)
-                                        if variant.method == "auto" else variant,
-                                        prune=replace(self.base.prune, method=method),
+                                        if variant.method == "auto" else variant, prune=prune,
                                         calibration=replace(self.base.calibration, seed=seed))
                                 for seed in self.seeds]
         return out
@@ -169,9 +174,9 @@ class SweepGrid:
 
 
 def grid_from_text(base: RunSettings, *, methods: str, allocations: str, sparsities: str, epsilons: str,
-                   owl_lambdas: str, seeds: str, curves: tuple[str, ...] = ()) -> SweepGrid:
+                   owl_lambdas: str, seeds: str, curves: tuple[str, ...] = (), rowwise: str = "none") -> SweepGrid:
     """A checked grid from comma-separated lists (the CLI's options, the Compare page's fields); each
-    curve is 'depth:sparsity,...' control points."""
+    curve is 'depth:sparsity,...' control points; rowwise: 'none' and/or row-wise refinements, e.g. 'none,trim'."""
     try:
         points = tuple(tuple(parse_points(c)) for c in curves if c.strip())
     except ValueError as e:
@@ -181,6 +186,7 @@ def grid_from_text(base: RunSettings, *, methods: str, allocations: str, sparsit
                      curves=points, sparsities=parse_values(sparsities, float, "sweep.sparsities"),
                      epsilons=parse_values(epsilons, float, "sweep.epsilons"),
                      owl_lambdas=parse_values(owl_lambdas, float, "sweep.owl_lambdas"),
+                     rowwise=tuple(None if t.strip() == "none" else t.strip() for t in rowwise.split(",") if t.strip()),
                      seeds=parse_values(seeds, int, "sweep.seeds")).check()
 
 
@@ -217,9 +223,13 @@ def _search_differences(a: AllocationSettings) -> list[str]:
     ) if differs]
 
 
+def line_label(s: RunSettings) -> str:
+    """How a sweep names a line of its plot: the allocation's label, then e.g. ' + trim' for row-wise ratios."""
+    return allocation_label(s.allocation) + (f" + {s.prune.rowwise}" if s.prune.rowwise else "")
+
+
 def config_label(s: RunSettings) -> str:
-    return (f"{s.prune.method} + {allocation_label(s.allocation)} at {s.allocation.sparsity:g}, "
-            f"seed {s.calibration.seed}")
+    return f"{s.prune.method} + {line_label(s)} at {s.allocation.sparsity:g}, seed {s.calibration.seed}"
 
 
 def config_key(settings: RunSettings) -> str:
@@ -369,7 +379,7 @@ def sweep_row(record: dict) -> dict | None:
         return None
     s = RunSettings.from_dict(record["config"]["settings"])
     return {"id": record.get("id"), "model": record["config"].get("model"), "method": s.prune.method,
-            "allocation": allocation_label(s.allocation), "sparsity": s.allocation.sparsity,
+            "allocation": line_label(s), "sparsity": s.allocation.sparsity,
             "achieved": (record.get("achieved") or {}).get("overall"), "seed": s.calibration.seed,
             "eval": record["config"].get("eval"), "dense_ppl": record.get("dense_ppl"),
             "pruned_ppl": record.get("pruned_ppl")}
@@ -378,7 +388,7 @@ def sweep_row(record: dict) -> dict | None:
 def outcome_table(outcomes: list[Outcome]) -> pd.DataFrame:
     """One row per configuration: what the CLI prints at the end of a sweep and the page shows."""
     return pd.DataFrame([{
-        "method": o.settings.prune.method, "allocation": allocation_label(o.settings.allocation),
+        "method": o.settings.prune.method, "allocation": line_label(o.settings),
         "sparsity": o.settings.allocation.sparsity, "seed": o.settings.calibration.seed, "status": o.status,
         "run": o.run_id, "dense_ppl": o.dense_ppl, "pruned_ppl": o.pruned_ppl, "achieved": o.achieved,
         "attempts": o.attempts, "error": o.error} for o in outcomes])

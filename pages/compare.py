@@ -6,7 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from analysis.jobs import ERROR, Job
-from analysis.pruners import PRUNERS
+from analysis.pruners import PRUNERS, ROWWISE
 from analysis.settings import (
     QUICK_EVALUATION,
     SEARCH_OBJECTIVES,
@@ -57,7 +57,7 @@ def _grid(f: dict) -> SweepGrid:
                                                      search_then_steps=int(f["search_then_steps"])))
     return grid_from_text(base, methods=",".join(f["methods"]), allocations=",".join([*f["allocations"], f["files"]]),
                           sparsities=f["sparsities"], epsilons=f["epsilons"], owl_lambdas=f["owl_lambdas"],
-                          seeds=f["seeds"], curves=tuple(f["curves"].splitlines()))
+                          seeds=f["seeds"], curves=tuple(f["curves"].splitlines()), rowwise=",".join(f["rowwise"]))
 
 
 with st.expander("Run a sweep", expanded=False):
@@ -71,6 +71,9 @@ with st.expander("Run a sweep", expanded=False):
         form = {
             "model": c1.text_input("Model", value=(model_key() or ("default",))[0], key="sweep_model"),
             "methods": c1.multiselect("Pruners", list(PRUNERS), default=["wanda"], key="sweep_methods"),
+            "rowwise": c1.multiselect("Row-wise sparsity", ["none", *ROWWISE], default=["none"], key="sweep_rowwise",
+                                      help="Per-row ratios inside each matrix (TRIM), as on the Prune page; both "
+                                           "runs every configuration both ways."),
             "allocations": c1.multiselect("Allocations", list(NAMED_ALLOCATIONS), default=["uniform", "alphapruning"],
                                           key="sweep_allocations"),
             "files": c1.text_input("Allocation JSON files (comma-separated)", key="sweep_files"),

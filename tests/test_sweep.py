@@ -119,6 +119,8 @@ def test_searches_with_other_settings_are_other_lines_of_the_plot():
     ({"seeds": (-1,)}, "sweep.seeds", ">= 0"),
     ({"allocations": ("uniform", "nowhere.json")}, "sweep.allocations", "neither"),
     ({"methods": ("wanda", "lasso")}, "sweep.methods", "unknown pruner"),
+    ({"rowwise": ()}, "sweep.rowwise", "the grid is empty"),
+    ({"rowwise": (None, "rows")}, "sweep.rowwise", "rowwise must be one of trim or none, got 'rows'"),
 ])
 def test_bad_grid_is_refused_before_anything_runs(tiny, tmp_path, axes, field, message):
     store = RunStore(tmp_path / "runs.sqlite")
@@ -145,6 +147,7 @@ def test_bad_lists_and_addresses(tiny, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--epsilons", "0.1,abc"], "error: --epsilons: 'abc' is not a number"),
     (["--sparsities", "0.5,1.2", "--address", "127.0.0.1:1"], "error: --sparsities: sparsity 1.2 is outside"),
+    (["--rowwise", "none,trm"], "error: --rowwise: rowwise must be one of trim or none, got 'trm'"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, message):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -246,6 +249,28 @@ def test_resume_finds_runs_stored_before_a_setting_was_added(in_process, tmp_pat
     record["config"]["settings"]["model"]["source"] = str(tmp_path / "deleted-model")
     gone = older.add(record)
     assert finished_keys(older) == {outcomes[0].key: run_id, "a key computed without search_step": gone}
+
+
+def test_row_wise_sparsity_is_an_axis_of_its_own_lines(tiny, tmp_path):
+    """--rowwise none,trim runs every configuration both ways, as lines of their own; the runs without
+    it keep the keys of a sweep without the axis, so an older sweep's runs are not run again."""
+    from analysis.sweep import line_label, sweep_row
+
+    store = RunStore(tmp_path / "runs.sqlite")
+    outcomes = run_sweep(grid(tiny, rowwise=(None, "trim"), seeds=(0,)), store)
+    assert [o.status for o in outcomes] == [DONE] * 4
+    plain = [o for o in outcomes if o.settings.prune.rowwise is None]
+    assert {o.key for o in plain} == {config_key(c) for c in grid(tiny, seeds=(0,)).expand()}
+    rows = [sweep_row(store.get(o.run_id)) for o in outcomes]
+    assert [r["allocation"] for r in rows] == ["uniform", "alphapruning ε=0.3", "uniform + trim",
+                                               "alphapruning ε=0.3 + trim"]
+    assert [line_label(o.settings) for o in outcomes] == [r["allocation"] for r in rows]
+    for o in outcomes:
+        record = store.get(o.run_id)
+        assert record["config"]["settings"]["prune"]["rowwise"] == o.settings.prune.rowwise
+        assert record["achieved"]["overall"] == pytest.approx(0.5, abs=1e-3)  # TRIM keeps each matrix's ratio
+    trimmed = {o.settings.allocation.method: o.pruned_ppl for o in outcomes if o.settings.prune.rowwise}
+    assert trimmed != {o.settings.allocation.method: o.pruned_ppl for o in plain}  # other weights were pruned
 
 
 def test_stop_before_start_cancels_everything_here(tiny, tmp_path):
@@ -376,6 +401,10 @@ def test_compare_page_plots_sweeps_and_launches_one(tiny, in_process, monkeypatc
     at.text_input(key="sweep_search_text").set_value(str(held))
     at.selectbox(key="sweep_search_space").set_value("block+kind")
     at.selectbox(key="sweep_search_verify").set_value("none")
+    at.multiselect(key="sweep_rowwise").set_value([])
+    at.button[0].click().run()
+    assert [e.value for e in at.error] == ["rowwise: no row-wise choice (none, trim) given: the grid is empty"]
+    at.multiselect(key="sweep_rowwise").set_value(["trim"])
     at.button[0].click().run()
     assert not at.error, [e.value for e in at.error]
     job = at.session_state["sweep_job"]
@@ -386,6 +415,7 @@ def test_compare_page_plots_sweeps_and_launches_one(tiny, in_process, monkeypatc
     assert searched["params"]["step"] == 0.05
     assert searched["params"]["space"] == "block+kind" and searched["params"]["verify"] == "none"
     assert searched["params"]["fitness"].startswith("held-out")
+    assert {store.get(o.run_id)["config"]["settings"]["prune"]["rowwise"] for o in job.result} == {"trim"}
 
 
 def test_sweep_figure_means_spread_and_pareto_front():
