@@ -60,7 +60,7 @@ from analysis.settings import (
     ZeroShotSettings,
 )
 from analysis.spectra import NotStreamable, analyze, analyze_checkpoint
-from analysis.store import RunStore, StoreError, now_iso
+from analysis.store import RunStore, StoreError, default_db_path, now_iso
 from analysis.sweep import FAILED, SweepGrid, check_address, grid_from_text, outcome_table, run_sweep
 from analysis.zeroshot import PAPER_TASKS, ZeroShotError, check_tasks
 from analysis.zeroshot import evaluate as zeroshot_evaluate
@@ -275,13 +275,54 @@ def cmd_models(args: argparse.Namespace) -> int:
 # allocation files (llm-compressor recipe, AlphaPruning .npy) and model folders
 
 
-def _checked_output(flag: str, path: str | None) -> None:
-    """UsageError naming `flag` unless the output file `path` (None: not asked for) can be written."""
-    if path:
+# options whose value may be a local file or folder the command reads (argparse dest -> flag)
+INPUTS = {"model": "--model", "allocation": "--allocation", "calib": "--calib", "eval": "--eval",
+          "search_text": "--search-text", "search_from": "--search-from", "db": "--db"}
+
+
+def _inputs(args: argparse.Namespace) -> dict[str, Path]:
+    """The local files and folders the command reads, by flag (a prune's default run store included)."""
+    found = {}
+    for dest, flag in INPUTS.items():
+        value = getattr(args, dest, None)
+        if dest == "db" and hasattr(args, "db"):  # created by the run if it does not exist yet
+            found[flag] = Path(value or default_db_path()).expanduser().resolve()
+        elif value and Path(value).expanduser().exists():
+            found[flag] = Path(value).expanduser().resolve()
+    return found
+
+
+def _checked_outputs(args: argparse.Namespace, outputs: dict[str, str | None]) -> None:
+    """UsageError naming the flag unless each output file (flag -> path; None: not asked for) can be
+    written, is no other output's file, and overwrites none of the command's inputs (nor goes into the
+    model's folder): a typo must not cost the user their run store, text or model."""
+    inputs, taken = _inputs(args), {}
+    for flag, path in outputs.items():
+        if not path:
+            continue
         try:
-            check_output_file(path)
+            target = check_output_file(path).resolve()
         except ExportError as e:
             raise UsageError(f"{flag}: {e}") from None
+        if target in taken:
+            raise UsageError(f"{flag}: {path} is also the {taken[target]} file; give each output its own")
+        for source_flag, source in inputs.items():
+            if source == target or (source.is_dir() and source in target.parents):
+                raise UsageError(f"{flag}: {path} would overwrite what {source_flag} reads ({source}); "
+                                 "write it elsewhere")
+        taken[target] = flag
+
+
+def _checked_model_folder(args: argparse.Namespace) -> None:
+    """UsageError unless --save-model's folder can be written and holds none of the command's inputs."""
+    try:
+        folder = check_destination(args.save_model, args.overwrite).resolve()
+    except ExportError as e:
+        raise UsageError(f"--save-model: {e}") from None
+    for flag, source in _inputs(args).items():
+        if source == folder or folder in source.parents:
+            raise UsageError(f"--save-model: {args.save_model} holds what {flag} reads ({source}), which saving "
+                             "would replace; save it elsewhere")
 
 
 def _add_allocation_file_args(p: argparse.ArgumentParser) -> None:
@@ -311,8 +352,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not (args.recipe or args.npy):
         raise UsageError("nothing to write: give --recipe and/or --npy")
     nm = parse_nm(args.nm)
-    _checked_output("--recipe", args.recipe)
-    _checked_output("--npy", args.npy)
+    _checked_outputs(args, {"--recipe": args.recipe, "--npy": args.npy})
     alloc = Allocation.load(args.allocation)
     _write_allocation_files(args, alloc, alloc.per_layer, nm)
     return 0
@@ -374,8 +414,7 @@ def cmd_allocate(args: argparse.Namespace) -> int:
         raise UsageError("--sparsity is required")
     settings = _allocation(args, args.method, args.sparsity, points=points, as_drawn=args.as_drawn).check()
     calibration = _calibration(args).check() if args.method in ("owl", "auto") else None
-    for flag, path in (("--out", args.out), ("--recipe", args.recipe), ("--npy", args.npy)):
-        _checked_output(flag, path)
+    _checked_outputs(args, {"--out": args.out, "--recipe": args.recipe, "--npy": args.npy})
 
     def check(preview) -> None:
         if calibration is not None:
@@ -475,12 +514,9 @@ def _run_settings(args: argparse.Namespace) -> RunSettings:
 def cmd_prune(args: argparse.Namespace) -> int:
     settings = _run_settings(args)
     if args.save_model:  # before the prune: a destination problem must not cost a run
-        try:
-            check_destination(args.save_model, args.overwrite)
-        except ExportError as e:
-            raise UsageError(f"--save-model: {e}") from None
+        _checked_model_folder(args)
     zeroshot = _zeroshot_settings(args)
-    _checked_output("--out", args.out)
+    _checked_outputs(args, {"--out": args.out})
     store = RunStore(args.db)  # a store that cannot be opened is refused now, not after the run
     loaded = _load(settings.model, settings.check_model)
     print(f"calibration {settings.calibration.n_samples} x {settings.calibration.seqlen} tokens from "
@@ -554,9 +590,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
+    if args.db is not None and not Path(args.db).expanduser().exists():  # a typo must not read as "no runs"
+        raise UsageError(f"--db: no run store at {args.db}")
     store = RunStore(args.db)
     if args.show is not None:
-        print(json.dumps(store.get(args.show), indent=2))
+        try:
+            print(json.dumps(store.get(args.show), indent=2))
+        except KeyError:
+            raise UsageError(f"--show: no run with id {args.show} in {store.path} (python -m analysis runs lists "
+                             "them)") from None
         return 0
     table = store.all()
     if table.empty:
@@ -587,7 +629,7 @@ def _add_prune_parsers(sub) -> None:
     p.add_argument("--save-format", default=DEFAULT_FORMAT, choices=list(FORMATS),
                    help="dense: save_pretrained, loads anywhere; dense-ct: the same plus compressed-tensors' "
                         "sparsity metadata in config.json (as llm-compressor saves a sparse model); compressed: "
-                        "compressed-tensors bitmask (smaller; read it back with analysis.export.load_pruned)")
+                        "compressed-tensors bitmask (smaller; --model DIR or analysis.export.load_pruned reads it)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save-model folder")
     p.add_argument("--out", default=None, help="write the run record JSON here")
     p.add_argument("--db", default=None, help="SQLite run store (default: the cache folder's runs.sqlite)")
@@ -688,10 +730,14 @@ def _add_sweep_parser(sub) -> None:
 
 
 def _tqdm_progress(total_label: str):
-    """A progress callback drawing one tqdm bar (on stderr) from (message, fraction) calls."""
-    bar = tqdm(total=100, desc=total_label, file=sys.stderr, bar_format="{percentage:3.0f}%|{bar:20}| {desc}")
+    """A progress callback drawing one tqdm bar (on stderr) from (message, fraction) calls; the bar
+    appears with the first call, so an error before it is a line of its own."""
+    bar = None
 
     def update(message: str, fraction: float) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=100, desc=total_label, file=sys.stderr, bar_format="{percentage:3.0f}%|{bar:20}| {desc}")
         bar.set_description_str(message, refresh=False)
         bar.update(round(100 * fraction) - bar.n)
         if fraction >= 1.0:
@@ -726,7 +772,7 @@ def _write_metrics(metrics: pd.DataFrame, out: str | None, as_json: bool) -> Non
 def cmd_spectra(args: argparse.Namespace) -> int:
     settings = SpectraSettings(args.fit, args.farms, args.normalize, args.include_outside).check()
     as_json = args.json or (args.out or "").lower().endswith(".json")
-    _checked_output("--out", args.out)
+    _checked_outputs(args, {"--out": args.out})
     model = _model_settings(args).check()
     folder = _checkpoint_folder(model)  # checked (headers only) before the progress bar appears
     kwargs = dict(fit=settings.fit, farms=settings.farms, normalize=settings.normalize,

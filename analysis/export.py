@@ -203,15 +203,25 @@ def _write_compressed(model: nn.Module, weights: dict[str, torch.Tensor], two_fo
     _add_quantization_config(folder, _quantization_config(model, weights, two_four, stored_dense=False))
 
 
+def stored_compressed(config) -> bool:
+    """Whether a model's config (transformers' or config.json's dict) says its matrices are stored in a
+    compressed sparse layout (compressed-tensors' sparsity_config with a format other than dense), which
+    transformers loads as random weights and `load_pruned` decompresses."""
+    quant = config.get("quantization_config") if isinstance(config, dict) else getattr(config, "quantization_config",
+                                                                                        None)
+    quant = quant if isinstance(quant, dict) else {}
+    return (quant.get("sparsity_config") or {}).get("format", "dense") != "dense"
+
+
 def load_pruned(folder: str | Path, device: str | torch.device | None = None) -> nn.Module:
     """A model saved by `export` (either format) as a transformers model in eval mode: compressed
     matrices are decompressed to bit-identical dense weights in the stored dtype."""
     folder = Path(folder).expanduser()
     config = AutoConfig.from_pretrained(folder)
-    quant = getattr(config, "quantization_config", None)
-    quant = quant if isinstance(quant, dict) else {}
-    if (quant.get("sparsity_config") or {}).get("format", "dense") == "dense":  # stored dense: transformers reads it
+    if not stored_compressed(config):  # stored dense: transformers reads it
         return AutoModelForCausalLM.from_pretrained(folder, device_map=device).eval()
+    if not (folder / WEIGHTS_FILE).is_file():
+        raise ExportError(f"{folder}: a compressed model folder without {WEIGHTS_FILE} (not one `export` wrote)")
     del config.quantization_config
     stored = safetensors.torch.load_file(folder / WEIGHTS_FILE)
     state, parts = {}, {}

@@ -28,7 +28,8 @@ from huggingface_hub import constants, try_to_load_from_cache
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from analysis.checkpoint import CheckpointError, has_safetensors, open_checkpoint
+from analysis.checkpoint import CheckpointError, has_safetensors, local_folder, open_checkpoint
+from analysis.export import ExportError, load_pruned, stored_compressed
 from analysis.layers import find_blocks, layers_by_block, prunable_layers, skeleton
 from analysis.runtime import ProgressFn, cache_dir
 
@@ -334,12 +335,15 @@ def load_model(
                              "token, but its tokenizer defines none: set bos_token in its tokenizer_config.json.")
     if check is not None:
         check(ModelPreview(source, tok, config, bos, trust_remote_code))
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dt, trust_remote_code=trust_remote_code, use_safetensors=None, **hub, **placing
-        )
-    except (OSError, ValueError, KeyError) as e:
-        raise ModelLoadError(_explain_load_error(source, e)) from e
+    if stored_compressed(config):  # transformers would leave its compressed matrices random
+        model = _load_compressed(source, path, dt, device_map)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dt, trust_remote_code=trust_remote_code, use_safetensors=None, **hub, **placing
+            )
+        except (OSError, ValueError, KeyError) as e:
+            raise ModelLoadError(_explain_load_error(source, e)) from e
     if not device_map:
         model.to(dev)
     model.eval()
@@ -363,6 +367,17 @@ def load_model(
         placement=weights_placement(model),
     )
     return LoadedModel(model, tok, info)
+
+
+def _load_compressed(source: str, path: str, dtype: torch.dtype, device_map: str | None) -> nn.Module:
+    """A model folder `export` wrote in the compressed format, decompressed (`load_pruned`) in `dtype`."""
+    if device_map:
+        raise ModelLoadError(f"'{source}' stores its matrices compressed, which loads on one device only: "
+                             "drop device_map='auto' (--device auto), or export it in the dense format.")
+    try:
+        return load_pruned(local_folder(path) or path).to(dtype=dtype)
+    except (OSError, ExportError) as e:
+        raise ModelLoadError(f"Could not load '{source}', whose matrices are stored compressed: {e}") from e
 
 
 def _max_memory() -> dict:

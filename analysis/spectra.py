@@ -49,6 +49,7 @@ from torch import nn
 from transformers import AutoConfig
 
 from analysis.checkpoint import Checkpoint, CheckpointError, open_checkpoint
+from analysis.export import stored_compressed
 from analysis.layers import LayerRef, find_layers, skeleton
 from analysis.powerlaw import MIN_TAIL, XMIN_RULES, PowerLawFit, fit_power_law
 from analysis.runtime import ProgressFn, cache_dir
@@ -381,8 +382,9 @@ CACHE_VERSION = 2  # bump when the cached files' layout or the metrics' meaning 
 
 
 class NotStreamable(CheckpointError):
-    """A checkpoint that stores some expert matrices where this module does not find them (GPT-OSS's MXFP4
-    blocks, which transformers dequantizes when it loads them): its spectra need the loaded model (`analyze`)."""
+    """A checkpoint whose spectra need the loaded model (`analyze`): some expert matrices are stored where this
+    module does not find them (GPT-OSS's MXFP4 blocks, which transformers dequantizes when it loads them), its
+    matrices are stored compressed, or its config.json is one the model load will explain."""
 
 
 # an expert matrix's checkpoint key: (the block's prefix, e.g. "model.layers.3"; expert; leaf name)
@@ -424,7 +426,13 @@ def _sources(ckpt: Checkpoint, refs: list[LayerRef]) -> dict[str, tuple[str, int
 
 def _checkpoint_matrices(ckpt: Checkpoint, include_outside: bool) -> tuple[list[LayerRef], dict]:
     """`checkpoint_layers`, and where the checkpoint holds each (`_sources`)."""
-    model = skeleton(AutoConfig.from_pretrained(ckpt.folder))
+    try:
+        config = AutoConfig.from_pretrained(ckpt.folder)
+    except (OSError, ValueError, KeyError) as e:  # the model load says what is wrong with it
+        raise NotStreamable(f"{ckpt.folder}: config.json cannot be read") from e
+    if stored_compressed(config):
+        raise NotStreamable(f"{ckpt.folder}: its matrices are stored compressed; load the model to analyse them.")
+    model = skeleton(config)
     refs = find_layers(model, include_outside=include_outside)
     sources = _sources(ckpt, refs)
     absent = [r for r in refs if r.name not in sources]

@@ -275,7 +275,7 @@ save_format = x2.radio("Format", FORMATS, index=FORMATS.index(DEFAULT_FORMAT), k
                             "the same plus compressed-tensors' sparsity metadata in config.json (loads with "
                             "transformers when compressed-tensors is installed). compressed: "
                             "compressed-tensors bitmask (smaller on disk; transformers 5 and vLLM no longer "
-                            "decompress it: read it back with analysis.export.load_pruned).")
+                            "decompress it: this tool loads it as a model, or analysis.export.load_pruned reads it).")
 overwrite = x3.checkbox("Overwrite", key="prune_export_overwrite", help="replace a non-empty folder")
 if x3.button("Export pruned model", disabled=busy or not work.pruned, key="prune_export"):
     try:

@@ -39,8 +39,11 @@ def bad(tmp_path_factory, wikitext_dir) -> Path:
     (d / "not-a-store.sqlite").write_bytes(b"this is not a SQLite file " * 100)
     (d / "file").write_text("a file, not a folder\n")
     (d / "folder").mkdir()
+    RunStore(d / "no-runs.sqlite")
     tiny = save_tiny_llama(d / "tiny")
     # the tokenizer of another model: the packaged SmolLM2's (49152 tokens) beside 120 embedding rows
+    broken = Path(shutil.copytree(tiny, d / "broken-config"))
+    (broken / "config.json").write_text('{"model_type": ')
     other = Path(shutil.copytree(tiny, d / "mismatch"))
     for f in converted_dir("smollm2").glob("tokenizer*"):
         shutil.copy(f, other)
@@ -132,6 +135,9 @@ CLI_CASES = [
     ("prune --model nobody/no-such-model", "Could not load 'nobody/no-such-model': it is not a packaged model or "
                                            "local folder, it is not in the local Hugging Face cache"),
     ("spectra --model ./no/such/folder", "Model folder './no/such/folder' does not exist"),
+    # streamed spectra fall back to the model load, which explains; no progress bar before the line
+    ("spectra --model={bad}/broken-config", "Could not load '{bad}/broken-config': It looks like the config file "
+                                            "at '{bad}/broken-config/config.json' is not a valid JSON file"),
     ("prune --model 'not an id!'", "is neither a packaged model, a local folder nor a Hugging Face id"),
     pytest.param("prune --device cuda", "--device: CUDA was requested but no CUDA device is available",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")),
@@ -146,7 +152,19 @@ CLI_CASES = [
     (f"prune {TINY} --db {{bad}}/not-a-store.sqlite", "{bad}/not-a-store.sqlite is not a run store (file is not a "
                                                       "database); move it aside or choose another file"),
     ("runs --db {bad}/not-a-store.sqlite", "{bad}/not-a-store.sqlite is not a run store"),
-    ("runs --db {bad}/file/runs.sqlite", "Run store {bad}/file/runs.sqlite: cannot create its folder"),
+    ("runs --db {bad}/file/runs.sqlite", "--db: no run store at {bad}/file/runs.sqlite"),
+    ("runs --db {bad}/no-such-store.sqlite", "--db: no run store at {bad}/no-such-store.sqlite"),  # not made empty
+    ("runs --db {bad}/no-runs.sqlite --show 999", "--show: no run with id 999 in {bad}/no-runs.sqlite"),
+    # an output over one of the command's own inputs, or two outputs in one file
+    ("prune --calib {bad}/short.txt --out {bad}/short.txt",
+     "--out: {bad}/short.txt would overwrite what --calib reads ({bad}/short.txt); write it elsewhere"),
+    ("prune --out {bad}/runs.sqlite", "--out: {bad}/runs.sqlite would overwrite what --db reads"),
+    (f"spectra {TINY} --out {{bad}}/tiny/config.json", "--out: {bad}/tiny/config.json would overwrite what --model "
+                                                       "reads ({bad}/tiny)"),
+    ("allocate --method uniform --sparsity 0.5 --out {bad}/a.json --npy {bad}/a.json",
+     "--npy: {bad}/a.json is also the --out file; give each output its own"),
+    (f"prune {TINY} --save-model {{bad}}/tiny --overwrite",
+     "--save-model: {bad}/tiny holds what --model reads ({bad}/tiny), which saving would replace"),
 ]
 
 
@@ -293,3 +311,14 @@ def test_app_with_a_corrupt_run_store_starts_and_says_so(corrupt_runs_db, bad):
 def test_every_case_is_listed_once():
     assert len(CASE_ARGS) == len(set(CASE_ARGS)) >= 30
     assert {a.split()[0] for a in CASE_ARGS} == {"prune", "eval", "allocate", "spectra", "runs"}
+
+
+def test_an_export_neither_overwrites_its_allocation_nor_writes_two_outputs_in_one_file(bad, tmp_path):
+    alloc = tmp_path / "alloc.json"
+    shutil.copy(bad / "other-model.json", alloc)
+    for args, message in ((["--recipe", str(alloc)], f"--recipe: {alloc} would overwrite what --allocation reads"),
+                          (["--recipe", str(tmp_path / "r"), "--npy", str(tmp_path / "r")],
+                           f"--npy: {tmp_path / 'r'} is also the --recipe file")):
+        r = run_cli("export", "--allocation", str(alloc), *args)
+        assert r.returncode == 2 and r.stderr.startswith(f"error: {message}"), r.stderr
+    assert alloc.read_bytes() == (bad / "other-model.json").read_bytes() and not (tmp_path / "r").exists()

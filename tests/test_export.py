@@ -383,3 +383,21 @@ def test_prune_page_export_section(tmp_path, monkeypatch):
     assert not at.error and any("Saved the pruned model (compressed)" in s.value for s in at.success)
     shared = at.session_state["work"].model
     assert_same_weights(shared, load_pruned(full))
+
+
+def test_a_compressed_export_loads_decompressed_and_its_spectra_load_it(tmp_path, capsys):
+    """A folder saved compressed is a model like any other: load_model decompresses it (transformers alone
+    leaves its matrices random, above), and the spectra, which cannot be streamed from it, load it."""
+    from analysis.loading import load_model
+    from analysis.spectra import NotStreamable, analyze_checkpoint
+
+    loaded = load_model(str(save_tiny_llama(tmp_path / "tiny")))
+    per_layer = {r.name: 0.5 for r in prunable_layers(loaded.model)}
+    prune(loaded.model, per_layer, method="magnitude")
+    out = export(loaded.model, loaded.tokenizer, {"method": "test", "sparsity": 0.5, "per_block": [],
+                                                  "per_layer": per_layer}, tmp_path / "c", format="compressed")
+    assert_same_weights(loaded.model, load_model(str(out)).model)
+    with pytest.raises(NotStreamable, match="stored compressed"):
+        analyze_checkpoint(out)
+    code, report, _ = run(capsys, "spectra", "--model", out, "--out", tmp_path / "s.csv")
+    assert code == 0 and "21 matrices of c" in report
