@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -15,7 +16,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from analysis.allocation import METHODS as ALLOCATION_CHOICES
-from analysis.allocation import METRIC_DIRECTION, Allocation, block_table, parse_points
+from analysis.allocation import METRIC_DIRECTION, Allocation, AllocationError, block_table, parse_points
 from analysis.checkpoint import has_safetensors, local_folder, open_checkpoint
 from analysis.evaluation import perplexity
 from analysis.export import (
@@ -412,6 +413,9 @@ def cmd_allocate(args: argparse.Namespace) -> int:
             raise UsageError("--sparsity is required unless --as-drawn")
     elif args.sparsity is None:
         raise UsageError("--sparsity is required")
+    if args.as_drawn and args.sparsity is not None:
+        raise UsageError(f"--sparsity: --as-drawn keeps the curve's own budget, so --sparsity {args.sparsity:g} "
+                         "would be ignored; drop one of them")
     settings = _allocation(args, args.method, args.sparsity, points=points, as_drawn=args.as_drawn).check()
     calibration = _calibration(args).check() if args.method in ("owl", "auto") else None
     _checked_outputs(args, {"--out": args.out, "--recipe": args.recipe, "--npy": args.npy})
@@ -429,7 +433,7 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     calib = None
     if calibration is not None:
         calib = calibration_batch(loaded.tokenizer, calibration, bos=loaded.info.bos_per_window)
-    if args.method == "custom" and args.as_drawn and args.sparsity is None:
+    if args.method == "custom" and args.as_drawn:
         settings = AllocationSettings(method="custom", points=points, as_drawn=True)
     bos = loaded.info.bos_per_window
     held_out, then = search_windows(loaded.tokenizer, settings, calibration, bos) if calibration else (None, None)
@@ -497,18 +501,38 @@ def _zeroshot(loaded, settings: ZeroShotSettings, label: str):
 # prune / eval / runs
 
 
+def _refuse_ignored(args: argparse.Namespace) -> None:
+    """UsageError for a --sparsity or --allocation that the run would ignore (both left out: None)."""
+    if args.nm:
+        for flag, given in (("--allocation", args.allocation), ("--sparsity", args.sparsity)):
+            if given is not None:
+                raise UsageError(f"{flag}: an N:M pattern ({args.nm}) prunes every matrix to N/M, so no allocation "
+                                 f"or sparsity applies; drop {flag} or --nm")
+    elif args.sparsity is not None and args.allocation and Path(args.allocation).expanduser().is_file():
+        try:
+            own = Allocation.load(args.allocation).sparsity
+        except (AllocationError, OSError):
+            return  # the allocation's own check says what is wrong with it
+        if not math.isclose(own, args.sparsity, abs_tol=1e-9):
+            raise UsageError(f"--sparsity: {args.allocation} is an allocation at sparsity {own:g}, which it keeps; "
+                             f"drop --sparsity {args.sparsity:g}")
+
+
 def _run_settings(args: argparse.Namespace) -> RunSettings:
-    method, file = args.allocation, None
+    method, file = args.allocation or AllocationSettings.method, None
     if method not in ALLOCATION_METHODS or method in ("custom", "file"):
         method, file = "file", args.allocation
+    sparsity = AllocationSettings.sparsity if args.sparsity is None else args.sparsity
     settings = RunSettings(model=_model_settings(args),
-                           allocation=_allocation(args, method, args.sparsity, file=file),
+                           allocation=_allocation(args, method, sparsity, file=file),
                            prune=PruneSettings(args.method, args.nm, args.rowwise), calibration=_calibration(args),
                            evaluation=_evaluation(args))
     if settings.prune.nm is None and method == "file" and not Path(file).expanduser().is_file():
         raise UsageError(f"--allocation must be one of {', '.join(ALLOCATION_METHODS[:5])} or an allocation "
                          f"JSON file; '{args.allocation}' is neither.")
-    return settings.check()
+    settings.check()
+    _refuse_ignored(args)
+    return settings
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -613,10 +637,12 @@ def _add_prune_parsers(sub) -> None:
     p = _parser(sub, "prune", "allocate, prune, evaluate; writes a run record")
     _add_model_args(p)
     p.add_argument("--method", default=PruneSettings.method, choices=list(PRUNERS))
-    p.add_argument("--allocation", default=AllocationSettings.method,
-                   help=f"{', '.join(ALLOCATION_METHODS[:5])}, or an allocation JSON file")
-    p.add_argument("--sparsity", type=float, default=AllocationSettings.sparsity,
-                   help="target fraction of pruned weights, in (0, 0.99]")
+    p.add_argument("--allocation", default=None,
+                   help=f"{', '.join(ALLOCATION_METHODS[:5])}, or an allocation JSON file (default: "
+                        f"{AllocationSettings.method}; none with --nm)")
+    p.add_argument("--sparsity", type=float, default=None,
+                   help=f"target fraction of pruned weights, in (0, 0.99] (default: {AllocationSettings.sparsity:g}; "
+                        "none with --nm or an allocation file, which keeps its own)")
     _add_allocation_args(p)
     p.add_argument("--nm", default=PruneSettings.nm,
                    help="N:M semi-structured sparsity, e.g. 2:4 (overrides the allocation)")
