@@ -284,6 +284,38 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.d
     return DTYPES[dtype]
 
 
+def _open(source: str, trust_remote_code: bool, progress: ProgressFn | None = None):
+    """Everything `load_model` reads before the weights: (the checked ModelPreview, the folder or hub id
+    the weights load from, the model's title, its PackagedModel or None, the hub access arguments)."""
+    path, title, pm = resolve_source(source)
+    if pm is not None:
+        path = str(ensure_converted(pm.key, progress))
+    hub = hub_access(path) if _is_hub_id(path, pm) else {}
+    if not hub and has_safetensors(path):
+        try:  # headers only: a missing, truncated or corrupt shard gets one line, not a loader traceback
+            open_checkpoint(path)
+        except CheckpointError as e:
+            raise ModelLoadError(f"Could not load '{source}': {e}") from e
+    progress and progress(f"Loading {title}", 0.5)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **hub)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **hub)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(_explain_load_error(source, e)) from e
+    check_tokenizer(tok, config, source)
+    bos = pm.bos_per_window if pm else _wants_bos(config)
+    if bos and getattr(tok, "bos_token_id", None) is None:
+        raise ModelLoadError(f"'{source}' is a {config.model_type} model, whose text windows must start with its BOS "
+                             "token, but its tokenizer defines none: set bos_token in its tokenizer_config.json.")
+    return ModelPreview(source, tok, config, bos, trust_remote_code), path, title, pm, hub
+
+
+def preview_model(source: str = "default", trust_remote_code: bool = False) -> ModelPreview:
+    """A model's tokenizer and config without its weights (ModelLoadError as `load_model`), for checks
+    of what a run will ask of the model before any weights load (e.g. a sweep's every configuration)."""
+    return _open(source, trust_remote_code)[0]
+
+
 def load_model(
     source: str = "default",
     device: str | None = None,
@@ -309,33 +341,14 @@ def load_model(
         device, device_map = None, "auto"
     if device_map not in (None, "auto"):
         raise ModelLoadError(f"Unknown device_map '{device_map}'; only 'auto' is supported.")
-    path, title, pm = resolve_source(source)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
-    if pm is not None:
-        path = str(ensure_converted(pm.key, progress))
-    hub = hub_access(path) if _is_hub_id(path, pm) else {}
-    if not hub and has_safetensors(path):
-        try:  # headers only: a missing, truncated or corrupt shard gets one line, not a loader traceback
-            open_checkpoint(path)
-        except CheckpointError as e:
-            raise ModelLoadError(f"Could not load '{source}': {e}") from e
+    preview, path, title, pm, hub = _open(source, trust_remote_code, progress)
     placing = {"device_map": "auto", "max_memory": _max_memory(),
                "offload_folder": str(cache_dir() / "offload" / re.sub(r"[^\w.-]+", "_", path))} if device_map else {}
-    progress and progress(f"Loading {title}", 0.5)
-    try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **hub)
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **hub)
-    except (OSError, ValueError, KeyError) as e:
-        raise ModelLoadError(_explain_load_error(source, e)) from e
-    check_tokenizer(tok, config, source)
-    bos = pm.bos_per_window if pm else _wants_bos(config)
-    if bos and getattr(tok, "bos_token_id", None) is None:
-        raise ModelLoadError(f"'{source}' is a {config.model_type} model, whose text windows must start with its BOS "
-                             "token, but its tokenizer defines none: set bos_token in its tokenizer_config.json.")
     if check is not None:
-        check(ModelPreview(source, tok, config, bos, trust_remote_code))
-    if stored_compressed(config):  # transformers would leave its compressed matrices random
+        check(preview)
+    if stored_compressed(preview.config):  # transformers would leave its compressed matrices random
         model = _load_compressed(source, path, dt, device_map)
     else:
         try:
@@ -361,12 +374,12 @@ def load_model(
         device=DEVICE_MAP_AUTO if device_map else str(dev),
         dtype=str(dt).replace("torch.", ""),
         quantization=pm.quantization if pm else None,
-        bos_per_window=bos,
+        bos_per_window=preview.bos_per_window,
         load_seconds=time.perf_counter() - t0,
         device_map=device_map,
         placement=weights_placement(model),
     )
-    return LoadedModel(model, tok, info)
+    return LoadedModel(model, preview.tokenizer, info)
 
 
 def _load_compressed(source: str, path: str, dtype: torch.dtype, device_map: str | None) -> nn.Module:

@@ -35,7 +35,7 @@ import pandas as pd
 
 from analysis.allocation import MAX_RATIO, check_settings, parse_points
 from analysis.evaluation import perplexity
-from analysis.loading import LoadedModel, ModelLoadError, load_model, resolve_source
+from analysis.loading import LoadedModel, ModelLoadError, load_model, preview_model, resolve_source
 from analysis.pipeline import dense_spectra, evaluation_windows, run, spectra_used
 from analysis.pruners import PRUNERS, ROWWISE, check_rowwise
 from analysis.pruning import DenseSnapshot
@@ -433,6 +433,20 @@ def start_ray(workers: int, cpus_per_worker: int = 1, address: str | None = None
                             "sweep.address") from None
 
 
+def check_models(configs: list[RunSettings]) -> None:
+    """What the configurations ask of their model (a loadable model, texts that give a window, an N:M pattern
+    that divides its widths, a search text), on its tokenizer and config: one SettingsError (or ModelLoadError)
+    before any weights load, instead of the same failure in every configuration. An allocation file that does
+    not fit fails its own configurations only (the others run)."""
+    previews = {}
+    for s in configs:
+        key = (s.model.source, s.model.trust_remote_code)
+        if key not in previews:
+            previews[key] = preview_model(*key)
+        checked = s if s.allocation.method != "file" else replace(s, allocation=AllocationSettings())
+        checked.check_model(previews[key])
+
+
 def run_sweep(grid: SweepGrid, store: RunStore, *, workers: int = 1, address: str | None = None,
               cpus_per_worker: int = 1, progress: ProgressFn | None = None, stop: StopFlag = None,
               on_outcome: Callable[[Outcome], None] | None = None) -> list[Outcome]:
@@ -459,6 +473,8 @@ def run_sweep(grid: SweepGrid, store: RunStore, *, workers: int = 1, address: st
     stored = finished_keys(store)
     outcomes = {k: Outcome(k, s, SKIPPED, run_id=stored[k]) for k, s in by_key.items() if k in stored}
     pending = [(k, s) for k, s in by_key.items() if k not in stored]
+    if address is None:  # a cluster's workers may read a model or texts this machine does not have
+        check_models([s for _, s in pending])
 
     def finish(key: str, settings: RunSettings, status: str, record: dict | None = None, attempts: int = 0,
                error: str | None = None, worker: dict | None = None) -> None:

@@ -273,6 +273,15 @@ def test_row_wise_sparsity_is_an_axis_of_its_own_lines(tiny, tmp_path):
     assert trimmed != {o.settings.allocation.method: o.pruned_ppl for o in plain}  # other weights were pruned
 
 
+def test_a_text_no_configuration_can_use_is_one_error_before_any_run(tiny, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("w1 w2 w3")
+    store = RunStore(tmp_path / "runs.sqlite")
+    with pytest.raises(SettingsError, match="Evaluation text has 3 tokens") as e:
+        run_sweep(grid(replace(tiny, evaluation=replace(tiny.evaluation, source=str(short)))), store)
+    assert e.value.field == "evaluation.seqlen" and len(store) == 0
+
+
 def test_stop_before_start_cancels_everything_here(tiny, tmp_path):
     store = RunStore(tmp_path / "runs.sqlite")
     stop = threading.Event()
