@@ -656,7 +656,8 @@ def _add_prune_parsers(sub) -> None:
                    help="dense: save_pretrained, loads anywhere; dense-ct: the same plus compressed-tensors' "
                         "sparsity metadata in config.json (as llm-compressor saves a sparse model); compressed: "
                         "compressed-tensors bitmask (smaller; --model DIR or analysis.export.load_pruned reads it)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save-model folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the model saved in a non-empty --save-model folder")
     p.add_argument("--out", default=None, help="write the run record JSON here")
     p.add_argument("--db", default=None, help="SQLite run store (default: the cache folder's runs.sqlite)")
     _add_zeroshot_args(p, "of the pruned model (kept in the run record)")

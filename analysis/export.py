@@ -85,12 +85,17 @@ def _check_writable_folder(folder: Path, what: Path) -> None:
 
 def check_destination(out_dir: str | Path, overwrite: bool = False) -> Path:
     """The model folder `out_dir` as a Path, after checking it can be written: not an existing file,
-    empty or absent unless `overwrite`, and creatable. Raises ExportError. Cheap: call it before pruning."""
+    empty or absent unless `overwrite`, and then a model folder (config.json) whose replacement loses
+    no other files; creatable. Raises ExportError. Cheap: call it before pruning."""
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} is an existing file, not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"{out} is not empty: choose another folder or allow overwriting it (--overwrite)")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ExportError(f"{out} is not empty: choose another folder or allow overwriting it (--overwrite)")
+        if not (out / "config.json").is_file():
+            raise ExportError(f"{out} holds files but no saved model (config.json): overwriting replaces only a "
+                              "model folder, so choose another folder")
     _check_writable_folder(out.parent, out)
     return out
 

@@ -276,7 +276,8 @@ save_format = x2.radio("Format", FORMATS, index=FORMATS.index(DEFAULT_FORMAT), k
                             "transformers when compressed-tensors is installed). compressed: "
                             "compressed-tensors bitmask (smaller on disk; transformers 5 and vLLM no longer "
                             "decompress it: this tool loads it as a model, or analysis.export.load_pruned reads it).")
-overwrite = x3.checkbox("Overwrite", key="prune_export_overwrite", help="replace a non-empty folder")
+overwrite = x3.checkbox("Overwrite", key="prune_export_overwrite",
+                        help="replace the model saved in a non-empty folder (a folder of other files is refused)")
 if x3.button("Export pruned model", disabled=busy or not work.pruned, key="prune_export"):
     try:
         path = export(work.model, loaded.tokenizer, work.allocation, out_dir, save_format, overwrite)

@@ -39,6 +39,8 @@ def bad(tmp_path_factory, wikitext_dir) -> Path:
     (d / "not-a-store.sqlite").write_bytes(b"this is not a SQLite file " * 100)
     (d / "file").write_text("a file, not a folder\n")
     (d / "folder").mkdir()
+    (d / "notes").mkdir()
+    (d / "notes" / "todo.txt").write_text("not a model\n")
     RunStore(d / "no-runs.sqlite")
     tiny = save_tiny_llama(d / "tiny")
     # the tokenizer of another model: the packaged SmolLM2's (49152 tokens) beside 120 embedding rows
@@ -171,6 +173,8 @@ CLI_CASES = [
                                                        "reads ({bad}/tiny)"),
     ("allocate --method uniform --sparsity 0.5 --out {bad}/a.json --npy {bad}/a.json",
      "--npy: {bad}/a.json is also the --out file; give each output its own"),
+    ("prune --save-model {bad}/notes --overwrite", "--save-model: {bad}/notes holds files but no saved model "
+                                                   "(config.json): overwriting replaces only a model folder"),
     (f"prune {TINY} --save-model {{bad}}/tiny --overwrite",
      "--save-model: {bad}/tiny holds what --model reads ({bad}/tiny), which saving would replace"),
 ]

@@ -214,6 +214,9 @@ def test_destination_checks(tmp_path):
     (full / "keep.txt").write_text("mine")
     with pytest.raises(ExportError, match="not empty.*--overwrite"):
         check_destination(full)
+    with pytest.raises(ExportError, match="holds files but no saved model"):  # e.g. a home folder, by mistake
+        check_destination(full, overwrite=True)
+    (full / "config.json").write_text("{}")  # an earlier export
     assert check_destination(full, overwrite=True) == full
     assert check_destination(tmp_path / "new" / "deeper") == tmp_path / "new" / "deeper"
     with pytest.raises(ExportError, match="is a file"):
@@ -234,6 +237,7 @@ def test_overwrite_replaces_the_old_export(tmp_path):
     out = tmp_path / "m"
     out.mkdir()
     (out / "old.txt").write_text("old")
+    (out / "config.json").write_text("{}")
     export(model, None, alloc, out, format="compressed", overwrite=True)
     assert not (out / "old.txt").exists() and (out / "model.safetensors").exists()
 
@@ -261,6 +265,7 @@ def test_full_disk_removes_the_partial_folder_and_keeps_the_old_one(tmp_path, fi
     old = tmp_path / "old"
     old.mkdir()
     (old / "keep.txt").write_text("previous export")
+    (old / "config.json").write_text("{}")
     with pytest.raises(ExportError):
         export(model, None, alloc, old, format=fmt, overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["old"] and (old / "keep.txt").read_text() == "previous export"
@@ -374,6 +379,7 @@ def test_prune_page_export_section(tmp_path, monkeypatch):
     full = tmp_path / "full"
     full.mkdir()
     (full / "keep.txt").write_text("mine")
+    (full / "config.json").write_text("{}")  # an earlier export, replaced when asked
     at.text_input(key="prune_export_dir").input(str(full))
     at.radio(key="prune_export_format").set_value("compressed")
     at.button(key="prune_export").click().run()
