@@ -118,8 +118,12 @@ def save_text(name: str, data: bytes, folder: Path | None = None, encoding: str 
 
 
 def _check_file(path: Path) -> None:
-    if not path.is_file():
+    if path.is_dir():
+        raise DataError(f"'{path}' is a folder, not a text file.")
+    if not path.exists():
         raise DataError(f"Text file '{path}' does not exist.")
+    if not path.is_file():
+        raise DataError(f"'{path}' is not a regular file (a device or a pipe); give a text file.")
 
 
 def check_encoding(encoding: str) -> str:

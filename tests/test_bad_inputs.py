@@ -117,6 +117,8 @@ CLI_CASES = [
     # text sources
     ("prune --eval nowhere.txt", "--eval: evaluation text: Text file 'nowhere.txt' does not exist"),
     ("eval --text nowhere.txt", "--text: evaluation text: Text file 'nowhere.txt' does not exist"),
+    ("prune --eval {bad}/folder", "--eval: evaluation text: '{bad}/folder' is a folder, not a text file"),
+    ("prune --calib /dev/null", "--calib: calibration text: '/dev/null' is not a regular file (a device or a pipe)"),
     ("prune --calib hf:x", "--calib: calibration text: Use 'hf:<dataset>[:<config>]:<split>'"),
     ("prune --calib wikitext2:training", "Unknown WikiText-2 split 'training'"),
     ("prune --eval {bad}/binary.txt", "--eval: evaluation text: '{bad}/binary.txt' is not a text file"),
