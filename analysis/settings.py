@@ -26,6 +26,7 @@ from analysis.data import (
     eval_windows,
     evaluation_text,
     held_out_split,
+    is_split,
     load_text,
     readable_tokens,
     spread_windows,
@@ -98,12 +99,18 @@ class SettingsError(ValueError):
         self.field = field
 
 
-def _checked(field_name: str, check, *args) -> None:
-    """Run a lower-level validator; its error becomes a SettingsError for `field_name`."""
+def _checked(field_name: str, check, *args, note: str = "") -> None:
+    """Run a lower-level validator; its error (followed by `note`) becomes a SettingsError for `field_name`."""
     try:
         check(*args)
     except ValueError as e:
-        raise SettingsError(str(e), field_name) from None
+        raise SettingsError(f"{e}{note}", field_name) from None
+
+
+def _halves_note(source: str, other: str | None) -> str:
+    """What a length error adds when one text both calibrates and evaluates (`is_split`)."""
+    return (" (The text is cut in two: its first half calibrates, its second half evaluates.)"
+            if is_split(source, other) else "")
 
 
 def _allocation_file(path: str | None, field_name: str, what: str) -> Allocation:
@@ -195,7 +202,7 @@ class CalibrationSettings:
         text = calibration_text(self.source, evaluation_source, self.encoding)
         _checked("calibration.source", readable_tokens, preview.tokenizer, text, "The calibration text")
         _checked("calibration.seqlen", calibration_batches, preview.tokenizer, text, 1, self.seqlen, 0,
-                 preview.bos_per_window)
+                 preview.bos_per_window, note=_halves_note(self.source, evaluation_source))
 
 
 @dataclass(frozen=True)
@@ -222,7 +229,8 @@ class EvaluationSettings:
         _fits_context(self.seqlen, preview, "evaluation.seqlen")
         text = evaluation_text(self.source, calibration_source, self.encoding)
         _checked("evaluation.source", readable_tokens, preview.tokenizer, text, "The evaluation text")
-        _checked("evaluation.seqlen", eval_windows, preview.tokenizer, text, self.seqlen, preview.bos_per_window, 1)
+        _checked("evaluation.seqlen", eval_windows, preview.tokenizer, text, self.seqlen, preview.bos_per_window, 1,
+                 note=_halves_note(self.source, calibration_source))
 
 
 QUICK_EVALUATION = EvaluationSettings(source="default", max_windows=16)

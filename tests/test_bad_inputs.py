@@ -130,6 +130,8 @@ CLI_CASES = [
     # the model's tokenizer and config, read before its weights
     (f"prune {TINY} --calib {{bad}}/short.txt", "--seqlen: Calibration text has 4 tokens, needs at least "
                                                 "seqlen=256 for one window"),
+    (f"prune {TINY} --calib {{bad}}/short.txt --eval {{bad}}/short.txt", "seqlen=256 for one window; use a longer "
+     "text or a smaller seqlen. (The text is cut in two: its first half calibrates, its second half evaluates.)"),
     (f"eval {TINY} --text {{bad}}/short.txt", "--eval-seqlen: Evaluation text has 4 tokens, needs at least "
                                               "seqlen=512 for one window"),
     (f"prune {TINY} --seqlen 4096", "--seqlen: seqlen = 4096 tokens is longer than the context of '{bad}/tiny' "
