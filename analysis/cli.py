@@ -349,12 +349,20 @@ def _write_allocation_files(args: argparse.Namespace, alloc: Allocation, per_lay
             print(f"wrote {path}")
 
 
+def _allocation_file(path: str) -> Allocation:
+    """The allocation JSON --allocation names; UsageError naming the option if it is missing or broken."""
+    try:
+        return Allocation.load(Path(path).expanduser())
+    except AllocationError as e:
+        raise UsageError(f"--allocation: {e}") from None
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     if not (args.recipe or args.npy):
         raise UsageError("nothing to write: give --recipe and/or --npy")
     nm = parse_nm(args.nm)
     _checked_outputs(args, {"--recipe": args.recipe, "--npy": args.npy})
-    alloc = Allocation.load(args.allocation)
+    alloc = _allocation_file(args.allocation)
     _write_allocation_files(args, alloc, alloc.per_layer, nm)
     return 0
 
@@ -587,7 +595,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     calibration, evaluation = _calibration(args).check(), _evaluation(args)
     if zeroshot is None:  # zero-shot tasks bring their own text
         evaluation.check()
-    alloc = Allocation.load(args.allocation) if args.allocation else None
+    alloc = _allocation_file(args.allocation) if args.allocation else None
 
     def check(preview) -> None:
         if zeroshot is None:

@@ -435,6 +435,9 @@ def _explain_load_error(source: str, e: Exception) -> str:
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if "trust_remote_code" in str(e):
         return f"'{source}' needs custom code from its repository; enable 'trust remote code' only if you trust it."
+    if "instantiate the backend tokenizer" in str(e):
+        return (f"Could not load '{source}': it has no tokenizer this installation can read (tokenizer.json, or "
+                "tokenizer.model with sentencepiece); copy the tokenizer files of its model beside config.json.")
     if any(s in str(e) for s in ("not a valid model identifier", "offline", "Connection", "resolve", "404")):
         return (
             f"Could not load '{source}': it is not a packaged model or local folder, and the Hugging Face "

@@ -44,6 +44,8 @@ def bad(tmp_path_factory, wikitext_dir) -> Path:
     RunStore(d / "no-runs.sqlite")
     tiny = save_tiny_llama(d / "tiny")
     # the tokenizer of another model: the packaged SmolLM2's (49152 tokens) beside 120 embedding rows
+    (d / "no-tokenizer").mkdir()
+    shutil.copy(tiny / "config.json", d / "no-tokenizer")
     broken = Path(shutil.copytree(tiny, d / "broken-config"))
     (broken / "config.json").write_text('{"model_type": ')
     other = Path(shutil.copytree(tiny, d / "mismatch"))
@@ -85,6 +87,8 @@ CLI_CASES = [
                                "JSON file; 'foo' is neither"),
     ("prune --allocation nowhere.json --method magnitude --max-windows 1", "neither"),
     ("prune --allocation {bad}/broken.json", "--allocation: {bad}/broken.json: not valid JSON"),
+    ("eval --allocation {bad}/broken.json", "--allocation: {bad}/broken.json: not valid JSON"),
+    ("export --allocation nowhere.json --npy {bad}/r.npy", "--allocation: nowhere.json: cannot read it (No such file"),
     ("prune --fit nonsense", "--fit: fit must be one of"),
     ("prune --owl-threshold 0", "--owl-threshold: owl_threshold must be > 0"),
     ("prune --nm 2x4", "--nm: N:M must look like '2:4', got '2x4'"),
@@ -153,6 +157,8 @@ CLI_CASES = [
     ("spectra --model={bad}/broken-config", "Could not load '{bad}/broken-config': It looks like the config file "
                                             "at '{bad}/broken-config/config.json' is not a valid JSON file"),
     ("prune --model 'not an id!'", "is neither a packaged model, a local folder nor a Hugging Face id"),
+    ("prune --model={bad}/no-tokenizer", "Could not load '{bad}/no-tokenizer': it has no tokenizer this installation "
+                                         "can read"),
     pytest.param("prune --device cuda", "--device: CUDA was requested but no CUDA device is available",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")),
     ("prune --device quantum", "--device: Unknown device 'quantum'; use auto, cpu, cuda or cuda:<index>"),
@@ -326,7 +332,7 @@ def test_app_with_a_corrupt_run_store_starts_and_says_so(corrupt_runs_db, bad):
 
 def test_every_case_is_listed_once():
     assert len(CASE_ARGS) == len(set(CASE_ARGS)) >= 30
-    assert {a.split()[0] for a in CASE_ARGS} == {"prune", "eval", "allocate", "spectra", "runs"}
+    assert {a.split()[0] for a in CASE_ARGS} == {"prune", "eval", "allocate", "spectra", "runs", "export"}
 
 
 def test_an_export_neither_overwrites_its_allocation_nor_writes_two_outputs_in_one_file(bad, tmp_path):
