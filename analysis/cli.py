@@ -421,6 +421,8 @@ def cmd_allocate(args: argparse.Namespace) -> int:
             raise UsageError("--sparsity is required unless --as-drawn")
     elif args.sparsity is None:
         raise UsageError("--sparsity is required")
+    if args.search_text is not None and args.method != "auto":
+        _refuse_search_text(args.search_text)
     if args.as_drawn and args.sparsity is not None:
         raise UsageError(f"--sparsity: --as-drawn keeps the curve's own budget, so --sparsity {args.sparsity:g} "
                          "would be ignored; drop one of them")
@@ -509,6 +511,11 @@ def _zeroshot(loaded, settings: ZeroShotSettings, label: str):
 # prune / eval / runs
 
 
+def _refuse_search_text(search_text: str) -> None:
+    raise UsageError(f"--search-text: only the allocation search (auto) scores on a held-out text, so {search_text} "
+                     "would be ignored; drop it or search")
+
+
 def _refuse_ignored(args: argparse.Namespace) -> None:
     """UsageError for a --sparsity or --allocation that the run would ignore (both left out: None)."""
     if args.nm:
@@ -516,6 +523,8 @@ def _refuse_ignored(args: argparse.Namespace) -> None:
             if given is not None:
                 raise UsageError(f"{flag}: an N:M pattern ({args.nm}) prunes every matrix to N/M, so no allocation "
                                  f"or sparsity applies; drop {flag} or --nm")
+    elif args.search_text is not None and args.allocation != "auto":
+        _refuse_search_text(args.search_text)
     elif args.sparsity is not None and args.allocation and Path(args.allocation).expanduser().is_file():
         try:
             own = Allocation.load(args.allocation).sparsity

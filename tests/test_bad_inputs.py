@@ -116,6 +116,10 @@ CLI_CASES = [
     ("prune --nm 2:4 --allocation owl", "--allocation: an N:M pattern (2:4) prunes every matrix to N/M"),
     ("prune --allocation {bad}/other-model.json --sparsity 0.6",
      "--sparsity: {bad}/other-model.json is an allocation at sparsity 0.3, which it keeps; drop --sparsity 0.6"),
+    ("prune --allocation owl --search-text {bad}/short.txt", "--search-text: only the allocation search (auto) "
+                                                             "scores on a held-out text"),
+    ("allocate --method uniform --sparsity 0.5 --search-text {bad}/short.txt", "--search-text: only the allocation "
+                                                                               "search (auto)"),
     ("allocate --method custom --points 0:0.4,1:0.8 --as-drawn --sparsity 0.5",
      "--sparsity: --as-drawn keeps the curve's own budget, so --sparsity 0.5 would be ignored"),
     # text sources
