@@ -62,7 +62,15 @@ from analysis.settings import (
 )
 from analysis.spectra import NotStreamable, analyze, analyze_checkpoint
 from analysis.store import RunStore, StoreError, default_db_path, now_iso
-from analysis.sweep import FAILED, SweepGrid, check_address, grid_from_text, outcome_table, run_sweep
+from analysis.sweep import (
+    FAILED,
+    SweepGrid,
+    check_address,
+    check_workers,
+    grid_from_text,
+    outcome_table,
+    run_sweep,
+)
 from analysis.zeroshot import PAPER_TASKS, ZeroShotError, check_tasks
 from analysis.zeroshot import evaluate as zeroshot_evaluate
 
@@ -721,6 +729,7 @@ def _sweep_grid(args: argparse.Namespace) -> SweepGrid:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     grid = _sweep_grid(args)
+    check_workers(args.workers, args.cpus_per_worker)
     check_address(args.address)
     store = RunStore(args.db)
     where = f"Ray at {args.address}" if args.address else (

@@ -433,6 +433,15 @@ def start_ray(workers: int, cpus_per_worker: int = 1, address: str | None = None
                             "sweep.address") from None
 
 
+def check_workers(workers: int, cpus_per_worker: int) -> None:
+    """SettingsError unless both are integers >= 1."""
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise SettingsError(f"workers must be an integer >= 1, got {workers!r}", "sweep.workers")
+    if isinstance(cpus_per_worker, bool) or not isinstance(cpus_per_worker, int) or cpus_per_worker < 1:
+        raise SettingsError(f"cpus per worker must be an integer >= 1, got {cpus_per_worker!r}",
+                            "sweep.cpus_per_worker")
+
+
 def check_models(configs: list[RunSettings]) -> None:
     """What the configurations ask of their model (a loadable model, texts that give a window, an N:M pattern
     that divides its widths, a search text), on its tokenizer and config: one SettingsError (or ModelLoadError)
@@ -457,11 +466,7 @@ def run_sweep(grid: SweepGrid, store: RunStore, *, workers: int = 1, address: st
     Returns one Outcome per distinct configuration, in grid order. `stop` (or Ctrl-C) cancels what
     has not finished: Ray tasks are cancelled, a run in progress here stops between blocks; runs
     finished before stay stored. KeyboardInterrupt is re-raised after that."""
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise SettingsError(f"workers must be an integer >= 1, got {workers!r}", "sweep.workers")
-    if isinstance(cpus_per_worker, bool) or not isinstance(cpus_per_worker, int) or cpus_per_worker < 1:
-        raise SettingsError(f"cpus per worker must be an integer >= 1, got {cpus_per_worker!r}",
-                            "sweep.cpus_per_worker")
+    check_workers(workers, cpus_per_worker)
     configs = grid.check().expand()
     check_address(address)
     use_ray = (workers > 1 or address is not None) and ray_available()
@@ -605,6 +610,7 @@ class _Stopped(Exception):
 
 
 __all__ = ["CANCELLED", "DONE", "FAILED", "FAULT_FILE_ENV", "NAMED_ALLOCATIONS", "SKIPPED", "DenseReference",
-           "Outcome", "SweepGrid", "allocation_label", "check_address", "config_key", "config_label",
+           "Outcome", "SweepGrid", "allocation_label", "check_address", "check_models", "check_workers", "config_key",
+           "config_label", "line_label",
            "finished_keys", "grid_from_text", "measure_dense", "outcome_table", "parse_values", "ray_available",
            "run_config", "run_sweep", "start_ray", "sweep_row", "worker_info", "worker_model"]
