@@ -525,7 +525,7 @@ def _refuse_search_text(search_text: str) -> None:
 
 
 def _refuse_ignored(args: argparse.Namespace) -> None:
-    """UsageError for a --sparsity or --allocation that the run would ignore (both left out: None)."""
+    """UsageError for a --sparsity, --allocation (both None when left out) or --search-text the run would ignore."""
     if args.nm:
         for flag, given in (("--allocation", args.allocation), ("--sparsity", args.sparsity)):
             if given is not None:

@@ -209,11 +209,10 @@ def _write_compressed(model: nn.Module, weights: dict[str, torch.Tensor], two_fo
 
 
 def stored_compressed(config) -> bool:
-    """Whether a model's config (transformers' or config.json's dict) says its matrices are stored in a
-    compressed sparse layout (compressed-tensors' sparsity_config with a format other than dense), which
-    transformers loads as random weights and `load_pruned` decompresses."""
-    quant = config.get("quantization_config") if isinstance(config, dict) else getattr(config, "quantization_config",
-                                                                                        None)
+    """Whether a model's transformers config says its matrices are stored in a compressed sparse layout
+    (compressed-tensors' sparsity_config with a format other than dense), which transformers loads as
+    random weights and `load_pruned` decompresses."""
+    quant = getattr(config, "quantization_config", None)
     quant = quant if isinstance(quant, dict) else {}
     return (quant.get("sparsity_config") or {}).get("format", "dense") != "dense"
 
