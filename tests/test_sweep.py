@@ -148,7 +148,7 @@ def test_bad_lists_and_addresses(tiny, tmp_path):
     (["--epsilons", "0.1,abc"], "error: --epsilons: 'abc' is not a number"),
     (["--sparsities", "0.5,1.2", "--address", "127.0.0.1:1"], "error: --sparsities: sparsity 1.2 is outside"),
     (["--rowwise", "none,trm"], "error: --rowwise: rowwise must be one of trim or none, got 'trm'"),
-    (["--workers", "0"], "error: --workers: workers must be an integer >= 1, got 0"),  # before the sweep's banner
+    (["--workers", "0", "--eval", "default"], "error: --workers: workers must be an integer >= 1, got 0"),  # no banner
 ])
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, message):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
