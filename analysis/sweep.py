@@ -112,11 +112,10 @@ class SweepGrid:
     def check(self) -> SweepGrid:
         """Every axis value, then every expanded configuration; raises SettingsError (field
         "sweep.<axis>" for an axis) before anything is loaded."""
-        for name, what in (("methods", "methods"), ("sparsities", "sparsities"), ("epsilons", "epsilons"),
-                           ("owl_lambdas", "owl lambdas"), ("rowwise", f"row-wise choice (none, {', '.join(ROWWISE)})"),
-                           ("seeds", "seeds")):
+        named = {"owl_lambdas": "owl lambdas", "rowwise": f"row-wise choice (none, {', '.join(ROWWISE)})"}
+        for name in ("methods", "sparsities", "epsilons", "owl_lambdas", "rowwise", "seeds"):
             if not getattr(self, name):
-                raise SettingsError(f"no {what} given: the grid is empty", f"sweep.{name}")
+                raise SettingsError(f"no {named.get(name, name)} given: the grid is empty", f"sweep.{name}")
         if not self.allocations and not self.curves:
             raise SettingsError("no allocations given: the grid is empty", "sweep.allocations")
         for m in self.methods:
@@ -181,12 +180,14 @@ def grid_from_text(base: RunSettings, *, methods: str, allocations: str, sparsit
         points = tuple(tuple(parse_points(c)) for c in curves if c.strip())
     except ValueError as e:
         raise SettingsError(str(e), "sweep.curves") from None
-    names = {"methods": methods, "allocations": allocations}
-    return SweepGrid(base, **{k: tuple(t.strip() for t in v.split(",") if t.strip()) for k, v in names.items()},
-                     curves=points, sparsities=parse_values(sparsities, float, "sweep.sparsities"),
+    def items(text: str) -> tuple[str, ...]:
+        return tuple(t.strip() for t in text.split(",") if t.strip())
+
+    return SweepGrid(base, methods=items(methods), allocations=items(allocations), curves=points,
+                     sparsities=parse_values(sparsities, float, "sweep.sparsities"),
                      epsilons=parse_values(epsilons, float, "sweep.epsilons"),
                      owl_lambdas=parse_values(owl_lambdas, float, "sweep.owl_lambdas"),
-                     rowwise=tuple(None if t.strip() == "none" else t.strip() for t in rowwise.split(",") if t.strip()),
+                     rowwise=tuple(None if t == "none" else t for t in items(rowwise)),
                      seeds=parse_values(seeds, int, "sweep.seeds")).check()
 
 
