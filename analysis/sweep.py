@@ -66,13 +66,23 @@ PACKAGE_DIR = Path(__file__).resolve().parent  # shipped to Ray workers (runtime
 # the grid
 
 
+def split_items(text: str, field_name: str) -> tuple[str, ...]:
+    """'a, b,' -> ('a', 'b'): one trailing comma is allowed, an empty item between commas ('0.5,,0.6',
+    a value deleted by mistake) is a SettingsError for `field_name`; an empty text is an empty tuple
+    (the grid's to refuse)."""
+    parts = [t.strip() for t in str(text).split(",")]
+    if parts[-1] == "":
+        parts.pop()
+    if "" in parts:
+        raise SettingsError(f"{text!r} has an empty item between two commas", field_name)
+    return tuple(parts)
+
+
 def parse_values(text: str, kind: type, field_name: str) -> tuple:
-    """'0.5, 0.6' -> (0.5, 0.6) with kind=float; a value that is not a `kind` is a SettingsError for
-    `field_name`. Empty items are ignored (an empty list is the grid's to refuse)."""
+    """'0.5, 0.6' -> (0.5, 0.6) with kind=float; a value that is not a `kind`, or an empty item, is a
+    SettingsError for `field_name`."""
     out = []
-    for item in (t.strip() for t in str(text).split(",")):
-        if not item:
-            continue
+    for item in split_items(text, field_name):
         try:
             out.append(kind(item))
         except ValueError:
@@ -180,14 +190,12 @@ def grid_from_text(base: RunSettings, *, methods: str, allocations: str, sparsit
         points = tuple(tuple(parse_points(c)) for c in curves if c.strip())
     except ValueError as e:
         raise SettingsError(str(e), "sweep.curves") from None
-    def items(text: str) -> tuple[str, ...]:
-        return tuple(t.strip() for t in text.split(",") if t.strip())
-
-    return SweepGrid(base, methods=items(methods), allocations=items(allocations), curves=points,
+    return SweepGrid(base, methods=split_items(methods, "sweep.methods"),
+                     allocations=split_items(allocations, "sweep.allocations"), curves=points,
                      sparsities=parse_values(sparsities, float, "sweep.sparsities"),
                      epsilons=parse_values(epsilons, float, "sweep.epsilons"),
                      owl_lambdas=parse_values(owl_lambdas, float, "sweep.owl_lambdas"),
-                     rowwise=tuple(None if t == "none" else t for t in items(rowwise)),
+                     rowwise=tuple(None if t == "none" else t for t in split_items(rowwise, "sweep.rowwise")),
                      seeds=parse_values(seeds, int, "sweep.seeds")).check()
 
 

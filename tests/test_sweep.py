@@ -131,6 +131,9 @@ def test_bad_grid_is_refused_before_anything_runs(tiny, tmp_path, axes, field, m
 
 def test_bad_lists_and_addresses(tiny, tmp_path):
     assert parse_values("0.1, 0.3,", float, "sweep.epsilons") == (0.1, 0.3)
+    with pytest.raises(SettingsError, match="empty item") as e:
+        parse_values("0.5,,0.6", float, "sweep.sparsities")
+    assert e.value.field == "sweep.sparsities"
     with pytest.raises(SettingsError, match="'abc' is not a number") as e:
         parse_values("0.1,abc", float, "sweep.epsilons")
     assert e.value.field == "sweep.epsilons"
