@@ -147,6 +147,17 @@ def _model_settings(args: argparse.Namespace) -> ModelSettings:
     return ModelSettings(args.model, device, args.dtype, args.trust_remote_code)
 
 
+def _both(check, then=None):
+    """One model check that runs `check(preview)`, then `then(preview)` when given."""
+    if then is None:
+        return check
+
+    def both(preview) -> None:
+        check(preview)
+        then(preview)
+    return both
+
+
 def _load(m: ModelSettings, check=None):
     """Load the model; `check(preview)` runs on its tokenizer and config before the weights load."""
     m.check()
@@ -567,7 +578,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     zeroshot = _zeroshot_settings(args)
     _checked_outputs(args, {"--out": args.out})
     store = RunStore(args.db)  # a store that cannot be opened is refused now, not after the run
-    loaded = _load(settings.model, settings.check_model)
+    loaded = _load(settings.model, _both(settings.check_model, zeroshot and zeroshot.check_model))
     print(f"calibration {settings.calibration.n_samples} x {settings.calibration.seqlen} tokens from "
           f"{settings.calibration.source}; evaluation on {settings.evaluation.source}", file=sys.stderr)
     _hint_search_text(settings.allocation, settings.evaluation.source)
@@ -617,6 +628,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     def check(preview) -> None:
         if zeroshot is None:
             evaluation.check_model(preview, calibration.source)
+        else:
+            zeroshot.check_model(preview)
         if alloc is not None:
             calibration.check_model(preview, evaluation.source)
             AllocationSettings(method="file", file=args.allocation).check_model(preview)

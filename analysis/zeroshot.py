@@ -285,6 +285,13 @@ def _scores(results: dict, n_samples: dict) -> list[Score]:
     return scores
 
 
+def check_tokenizer(tokenizer) -> None:
+    """ZeroShotError unless `tokenizer` has an EOS or a BOS token: lm-eval starts an empty context with one."""
+    if getattr(tokenizer, "eos_token_id", None) is None and getattr(tokenizer, "bos_token_id", None) is None:
+        raise ZeroShotError("lm-eval needs a tokenizer with an EOS or BOS token (it starts empty contexts with "
+                            "one); this tokenizer has neither.")
+
+
 def evaluate(model: nn.Module, tokenizer, tasks: str | Sequence[str], limit: int | None = None,
              batch_size: int | None = None, bos: bool = False, progress: ProgressFn | None = None,
              stop: StopFlag = None, seed: int = 0) -> ZeroShotResult:
@@ -299,9 +306,7 @@ def evaluate(model: nn.Module, tokenizer, tasks: str | Sequence[str], limit: int
     names = check_tasks(tasks)
     if limit is not None and (isinstance(limit, bool) or int(limit) != limit or limit < 1):
         raise ZeroShotError(f"limit must be a positive integer, got {limit!r}")
-    if getattr(tokenizer, "eos_token_id", None) is None and getattr(tokenizer, "bos_token_id", None) is None:
-        raise ZeroShotError("lm-eval needs a tokenizer with an EOS or BOS token (it starts empty contexts with "
-                            "one); this tokenizer has neither.")
+    check_tokenizer(tokenizer)
     device = next(model.parameters()).device
     batch_size = batch_size or (32 if device.type == "cuda" else 16)
     lm = _wrapped_model(model, tokenizer, batch_size, bos, progress, stop)

@@ -10,7 +10,7 @@ from conftest import save_tiny_llama
 from huggingface_hub import constants as hub_constants
 from transformers import PreTrainedTokenizerFast
 
-from analysis import zeroshot
+from analysis import loading, zeroshot
 from analysis.allocation import allocate
 from analysis.cli import main
 from analysis.data import calibration_text, evaluation_text
@@ -100,6 +100,20 @@ def test_bad_task_lists_and_limits():
     with pytest.raises(ZeroShotError, match="not a task name"):
         check_tasks("cloze;rm")
     assert main(["eval", "--tasks", "cloze", "--limit", "0"]) == 2
+
+
+@pytest.mark.parametrize("command", [["eval"], ["prune", "--method", "magnitude", "--eval", "default"]])
+def test_a_tokenizer_without_eos_or_bos_is_refused_before_the_weights_load(tmp_path, capsys, monkeypatch, command):
+    model = save_tiny_llama(tmp_path / "tiny")  # its word-level tokenizer has neither token
+    loads = []
+    real = loading.AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(loading.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: loads.append(a) or real(*a, **k))  # records, then loads for real
+    if command[0] == "prune":
+        command = [*command, "--db", str(tmp_path / "runs.sqlite")]
+    assert main([*command, "--model", str(model), "--tasks", "cloze"]) == 2
+    assert "--tasks: lm-eval needs a tokenizer with an EOS or BOS token" in capsys.readouterr().err
+    assert loads == []
 
 
 def test_cli_prune_with_tasks_keeps_scores_in_the_record(tmp_path, capsys):
