@@ -32,7 +32,15 @@ from analysis.export import (
     recipe_yaml,
 )
 from analysis.layers import UNSUPPORTED, layer_table, unsupported_weights
-from analysis.loading import DEVICE_MAP_AUTO, PACKAGED, ModelLoadError, ensure_converted, load_model, resolve_source
+from analysis.loading import (
+    DEVICE_MAP_AUTO,
+    PACKAGED,
+    ModelLoadError,
+    ensure_converted,
+    load_model,
+    preview_model,
+    resolve_source,
+)
 from analysis.pipeline import (
     allocation_caveats,
     build_allocation,
@@ -382,8 +390,23 @@ def cmd_export(args: argparse.Namespace) -> int:
     nm = parse_nm(args.nm)
     _checked_outputs(args, {"--recipe": args.recipe, "--npy": args.npy})
     alloc = _allocation_file(args.allocation)
+    if nm is not None:
+        _check_nm_widths(args.nm, alloc)
     _write_allocation_files(args, alloc, alloc.per_layer, nm)
     return 0
+
+
+def _check_nm_widths(nm: str, alloc: Allocation) -> None:
+    """An N:M recipe needs every matrix width divisible by M: checked on the allocation's model when its
+    config can be read here (a local folder, a packaged model, the hub when online), else a warning."""
+    try:
+        preview = preview_model(alloc.model)
+    except ModelLoadError as e:
+        reason = str(e).splitlines()[0]
+        print(f"warning: --nm: matrix widths not checked: {alloc.model or 'the allocation names no model'}: "
+              f"{reason}", file=sys.stderr)
+        return
+    PruneSettings(nm=nm).check_model(preview)
 
 
 def _add_export_parser(sub) -> None:

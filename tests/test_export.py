@@ -348,6 +348,23 @@ def test_cli_export_writes_recipe_and_npy(tmp_path, capsys, recipe_parser):
     assert code == 2 and err.startswith("error: --recipe:") and "is a folder" in err
 
 
+def test_cli_export_nm_checks_the_widths_of_the_allocations_model(tmp_path, capsys):
+    from analysis.allocation import allocate
+    from analysis.layers import layer_table
+
+    folder = save_tiny_llama(tmp_path / "tiny")  # matrix widths 64 and 128
+    table = layer_table(AutoModelForCausalLM.from_pretrained(folder))
+    path = allocate(table, 0.5, "uniform", model=str(folder)).save(tmp_path / "alloc.json")
+    recipe = tmp_path / "r.yaml"
+    code, _, err = run(capsys, "export", "--allocation", path, "--recipe", recipe, "--nm", "2:5")
+    assert code == 2 and "error: --nm: N:M 2:5 needs matrix widths divisible by 5" in err and not recipe.exists()
+    code, _, err = run(capsys, "export", "--allocation", path, "--recipe", recipe, "--nm", "2:4")
+    assert code == 0 and "mask_structure: '2:4'" in recipe.read_text() and "warning" not in err
+    other = allocate(table, 0.5, "uniform", model=str(tmp_path / "gone")).save(tmp_path / "other.json")
+    code, _, err = run(capsys, "export", "--allocation", other, "--recipe", recipe, "--nm", "2:4")
+    assert code == 0 and f"warning: --nm: matrix widths not checked: {tmp_path / 'gone'}:" in err
+
+
 # ---------------------------------------------------------------------------------------------
 # the Prune page's Export section (Streamlit AppTest, the real default model)
 
