@@ -101,28 +101,22 @@ class ModelGate:
                 self._queue = [q for q in self._queue if q[0] is not ticket]
                 self._cond.notify_all()
 
-    def begin_read(self, who: str = "a reader", job: Job | None = None, blocking: bool = True) -> bool:
-        """Start a read of the dense weights, waiting (and reporting the queue position to `job`, which
-        may be cancelled meanwhile) while a lease is held or queued; with blocking=False return False
-        instead of waiting. Every started read ends with `end_read`."""
-        return self._enter(False, who, job, blocking)
-
-    def end_read(self) -> None:
-        with self._cond:
-            self._readers -= 1
-            self._cond.notify_all()
-
     @contextlib.contextmanager
-    def reading(self, who: str = "a reader", job: Job | None = None) -> Iterator[None]:
-        """`begin_read` ... `end_read` around a `with` body."""
-        self.begin_read(who, job)
+    def reading(self, who: str = "a reader", job: Job | None = None, blocking: bool = True) -> Iterator[bool]:
+        """A read of the dense weights around a `with` body, which gets whether the read started: it
+        waits (reporting the queue position to `job`, which may be cancelled meanwhile) while a lease
+        is held or queued, or with blocking=False starts no read and gets False instead of waiting."""
+        started = self._enter(False, who, job, blocking)
         try:
-            yield
+            yield started
         finally:
-            self.end_read()
+            if started:
+                with self._cond:
+                    self._readers -= 1
+                    self._cond.notify_all()
 
     def lease(self, who: str, until: str, job: Job | None = None) -> None:
-        """Wait for exclusive use of the weights (see `begin_read` for the waiting), for `who`;
+        """Wait for exclusive use of the weights (see `reading` for the waiting), for `who`;
         `until` tells the waiters what they wait for."""
         self._enter(True, who, job, until=until)
 
@@ -226,13 +220,12 @@ class WorkingCopy:
             self.version += 1
             self.gate.release(self.owner)
         elif self.pruned:
-            if not self.gate.begin_read(self.owner, job, blocking=job is not None):
+            with self.gate.reading(self.owner, job, blocking=job is not None) as started:
+                if started:
+                    self.dense.restore(self.model)
+            if not started:
                 self.drop()
                 return
-            try:
-                self.dense.restore(self.model)
-            finally:
-                self.gate.end_read()
             self.label, self.allocation, self.run_id = "dense", None, None
             self.version += 1
 

@@ -1,5 +1,6 @@
 """Spectra page: ESD of every weight matrix, alpha across depth, block x kind heatmap, metrics table."""
 import math
+from contextlib import nullcontext
 
 import streamlit as st
 
@@ -106,17 +107,15 @@ with right:
         q = 1.0 if res.farms else max(row["rows"], row["cols"]) / min(row["rows"], row["cols"])
         mp = mp_curve(eigs, q, log=log)
     dense_read = which != "my pruned copy"  # the shared weights: read through the gate, never while pruned in place
-    if show_rand and dense_read and not work.gate.begin_read(work.owner, blocking=False):
-        who = f"{work.gate.holder} has" if work.gate.holder else "a session is about to have"
-        st.caption(f"The randomized ESD reads the shared dense weights, which {who} pruned in place right now: "
-                   "it is drawn once they are restored.")
-    elif show_rand:
-        try:
-            ref = next(r for r in find_layers(model, include_outside=True) if r.name == name)
-            rand = shuffled_esd(ref, res.farms, res.normalize)
-        finally:
-            if dense_read:
-                work.gate.end_read()
+    if show_rand:
+        with work.gate.reading(work.owner, blocking=False) if dense_read else nullcontext(True) as readable:
+            if readable:
+                ref = next(r for r in find_layers(model, include_outside=True) if r.name == name)
+                rand = shuffled_esd(ref, res.farms, res.normalize)
+        if not readable:
+            who = f"{work.gate.holder} has" if work.gate.holder else "a session is about to have"
+            st.caption(f"The randomized ESD reads the shared dense weights, which {who} pruned in place right now: "
+                       "it is drawn once they are restored.")
     alpha = float(row["alpha"]) if math.isfinite(row["alpha"]) else None
     st.plotly_chart(esd_figure(eigs, alpha, float(row["xmin"]), log=log, mp=mp, randomized=rand,
                                title=f"{name} ({row['rows']} x {row['cols']})"), key="spectra_esd")
