@@ -79,7 +79,7 @@ from analysis.sweep import (
     outcome_table,
     run_sweep,
 )
-from analysis.zeroshot import PAPER_TASKS, ZeroShotError, check_tasks
+from analysis.zeroshot import PAPER_TASKS, ZeroShotError, check_tasks, check_tokenizer
 from analysis.zeroshot import evaluate as zeroshot_evaluate
 
 
@@ -540,6 +540,14 @@ def _zeroshot_settings(args: argparse.Namespace) -> ZeroShotSettings | None:
         raise SettingsError(str(e), "zeroshot.tasks") from None
 
 
+def _check_zeroshot_tokenizer(preview) -> None:
+    """What zero-shot scoring asks of the model's tokenizer, checked before its weights load."""
+    try:
+        check_tokenizer(preview.tokenizer)
+    except ZeroShotError as e:
+        raise SettingsError(str(e), "zeroshot.tasks") from None
+
+
 def _zeroshot(loaded, settings: ZeroShotSettings, label: str):
     result = zeroshot_evaluate(loaded.model, loaded.tokenizer, settings.tasks, limit=settings.limit,
                                batch_size=settings.batch_size, bos=loaded.info.bos_per_window, progress=_print_progress)
@@ -601,7 +609,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     zeroshot = _zeroshot_settings(args)
     _checked_outputs(args, {"--out": args.out})
     store = RunStore(args.db)  # a store that cannot be opened is refused now, not after the run
-    loaded = _load(settings.model, _both(settings.check_model, zeroshot and zeroshot.check_model))
+    loaded = _load(settings.model, _both(settings.check_model, _check_zeroshot_tokenizer if zeroshot else None))
     print(f"calibration {settings.calibration.n_samples} x {settings.calibration.seqlen} tokens from "
           f"{settings.calibration.source}; evaluation on {settings.evaluation.source}", file=sys.stderr)
     _hint_search_text(settings.allocation, settings.evaluation.source)
@@ -652,7 +660,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if zeroshot is None:
             evaluation.check_model(preview, calibration.source)
         else:
-            zeroshot.check_model(preview)
+            _check_zeroshot_tokenizer(preview)
         if alloc is not None:
             calibration.check_model(preview, evaluation.source)
             AllocationSettings(method="file", file=args.allocation).check_model(preview)

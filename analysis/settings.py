@@ -36,7 +36,6 @@ from analysis.layers import prunable_layers
 from analysis.loading import DEVICE_MAP_AUTO, DTYPES, ModelLoadError, ModelPreview, pick_device
 from analysis.powerlaw import XMIN_RULES
 from analysis.pruners import PRUNERS, ROWWISE, check_rowwise, parse_nm
-from analysis.zeroshot import ZeroShotError, check_tokenizer
 
 # allocation methods a run can name; "auto" a search (analysis.search), "custom" a drawn curve, "file" an
 # allocation JSON
@@ -440,13 +439,6 @@ class ZeroShotSettings:
             if getattr(self, name) is not None:
                 _positive_int(getattr(self, name), f"zeroshot.{name}")
         return self
-
-    def check_model(self, preview: ModelPreview) -> None:
-        """What scoring asks of the model's tokenizer, checked before its weights load."""
-        try:
-            check_tokenizer(preview.tokenizer)
-        except ZeroShotError as e:
-            raise SettingsError(str(e), "zeroshot.tasks") from None
 
 
 # the dashboard's: the first 100 documents of each task, a quick check (the CLI scores them all)
