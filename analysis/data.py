@@ -26,6 +26,7 @@ import hashlib
 import importlib.util
 import os
 import re
+import weakref
 from pathlib import Path
 
 import torch
@@ -255,12 +256,29 @@ def split_text(text: str, fraction: float = 0.5) -> tuple[str, str]:
 
 _TOKEN_CACHE: dict[tuple, torch.Tensor] = {}
 _CACHE_MAX = 8
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _fingerprint(tokenizer) -> str:
+    """A hash of the whole tokenizer (vocabulary, merges, normalizer), computed once per object: two
+    tokenizers with the same name and size but other ids (in-memory ones, a folder saved again) differ."""
+    try:
+        return _FINGERPRINTS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    state = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    fingerprint = hashlib.sha1(f"{type(tokenizer).__name__}\n{state}".encode("utf-8", errors="replace")).hexdigest()
+    try:
+        _FINGERPRINTS[tokenizer] = fingerprint
+    except TypeError:  # not weakly referenceable: hashed again next time
+        pass
+    return fingerprint
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
     """All tokens of `text` as a 1-D LongTensor, no special tokens; cached per (tokenizer, text)."""
-    key = (getattr(tokenizer, "name_or_path", ""), type(tokenizer).__name__, len(tokenizer),
-           hashlib.sha1(text.encode("utf-8", errors="replace")).hexdigest())
+    key = (_fingerprint(tokenizer), len(tokenizer), hashlib.sha1(text.encode("utf-8", errors="replace")).hexdigest())
     ids = _TOKEN_CACHE.get(key)
     if ids is None:
         # verbose=False: the whole corpus is longer than model_max_length, which is fine here

@@ -64,6 +64,21 @@ def test_calibration_is_seeded_random_windows(tok):
     assert any(ids[i: i + 64] == row for i in range(len(ids) - 63))
 
 
+def test_token_cache_tells_tokenizers_with_the_same_name_and_size_apart():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    def words(order):  # in-memory, unnamed, 10 words + <unk>: only the ids differ
+        t = Tokenizer(models.WordLevel({f"w{i}": j for j, i in enumerate(order)} | {"<unk>": 10}, unk_token="<unk>"))
+        t.pre_tokenizer = pre_tokenizers.Whitespace()
+        return PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>")
+
+    forward, backward = words(range(10)), words(range(9, -1, -1))
+    assert tokenize(forward, "w0 w1 w2").tolist() == [0, 1, 2]
+    assert tokenize(backward, "w0 w1 w2").tolist() == [9, 8, 7]
+    assert tokenize(forward, "w0 w1 w2").tolist() == [0, 1, 2]
+
+
 def test_eval_windows_are_consecutive_and_non_overlapping(tok):
     text = load_text("default")
     ids = tokenize(tok, text)
