@@ -331,6 +331,8 @@ def recipe_yaml(per_layer: dict[str, float], pruner: str = "sparsegpt", nm: tupl
         raise ExportError(f"recipe pruner must be one of {', '.join(RECIPE_PRUNERS)}, got {pruner!r}")
     if not per_layer:
         raise ExportError("the allocation has no layers")
+    if nm is not None and not (isinstance(nm, (tuple, list)) and len(nm) == 2 and all(type(x) is int for x in nm)):
+        raise ExportError(f"nm must be (N, M), e.g. (2, 4), got {nm!r} (analysis.pruners.parse_nm reads '2:4')")
     modifier = {"targets": list(per_layer), "sparsity": [float(r) for r in per_layer.values()],
                 "mask_structure": f"{nm[0]}:{nm[1]}" if nm else "0:0"}
     recipe = {"sparsity_stage": {"pruning_modifiers": {RECIPE_PRUNERS[pruner]: modifier}}}

@@ -190,6 +190,12 @@ def test_llmcompressor_oneshot_applies_the_recipe(tmp_path, recipe_parser, prune
         assert float(w.eq(0).float().mean()) == pytest.approx(ratio, abs=1 / w.shape[1]), name
 
 
+@pytest.mark.parametrize("nm", ["2:4", (2,), (2.0, 4.0)])
+def test_recipe_refuses_an_nm_that_is_not_two_integers(nm):
+    with pytest.raises(ExportError, match=r"nm must be \(N, M\), e.g. \(2, 4\)"):
+        recipe_yaml({"model.layers.0.mlp.up_proj": 0.5}, "sparsegpt", nm)
+
+
 def test_npy_round_trip_in_module_order(tmp_path):
     model, alloc = pruned()
     shuffled = dict(reversed(list(alloc["per_layer"].items())))
