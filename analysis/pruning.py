@@ -9,6 +9,7 @@ distinct input of the current block), so memory stays bounded whatever the numbe
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -96,7 +97,8 @@ def prune(model: nn.Module, per_layer: dict[str, float], method: str = "wanda", 
           device: str | torch.device | None = None, rowwise: str | None = None) -> PruneReport:
     """Prune `model` in place: matrix `name` loses the fraction `per_layer[name]` of its weights
     (names not given are left dense). `calib`: (n, seqlen) token ids, needed by pruners that use a
-    calibration statistic and by row-wise refinement. `nm`: "2:4", (2, 4) or None (unstructured).
+    calibration statistic and by row-wise refinement. `nm`: "2:4", (2, 4) or None (unstructured); with
+    N:M every ratio is (M-N)/M or 0.
     `rowwise`: None or "trim" (see the module docstring). `device`: where each block is
     pruned (default: where it lives). `stop` is checked between blocks; when it stops the run, the
     model is partly pruned (report.stopped): restore it with DenseSnapshot.restore.
@@ -107,6 +109,9 @@ def prune(model: nn.Module, per_layer: dict[str, float], method: str = "wanda", 
     refs = prunable_layers(model)
     _check_ratios(per_layer, refs)
     todo = {k: float(v) for k, v in per_layer.items() if float(v) > 0}
+    if nm is not None and (odd := [k for k, v in todo.items() if not math.isclose(v, (nm[1] - nm[0]) / nm[1])]):
+        raise ValueError(f"an N:M pattern {nm[0]}:{nm[1]} prunes a matrix to {(nm[1] - nm[0]) / nm[1]:g} (or 0 to "
+                         f"keep it dense); {len(odd)} ratio(s) differ, e.g. '{odd[0]}' asks {todo[odd[0]]:g}")
     check_rowwise(rowwise, nm)
     if (pruner.statistic or rowwise) and calib is None:
         raise ValueError(f"{rowwise or method} needs calibration data (calib = token ids, shape (n, seqlen)).")
