@@ -77,6 +77,9 @@ def prune_layer(ref: LayerRef, ratio: float, method: str, stats: InputStats | No
     name of the pruner used: "magnitude" for a matrix that saw no calibration token (`layer_pruner`)."""
     pruner, stat = layer_pruner(method, stats)
     w = ref.weight().detach().float()
+    if not torch.isfinite(w).all():  # magnitude would keep NaNs, SparseGPT would fail in a Cholesky
+        raise ValueError(f"'{ref.name}' has non-finite weights (NaN or inf), which no pruner can rank; the matrices "
+                         "before it are pruned already (the Spectra page and `spectra` flag such matrices)")
     if rowwise == "trim" and stats.tokens:
         new, _ = prune_trim(w, ratio, lambda m, rows: pruner.apply(m, rows, None, stat), stats.xtx,
                             max_ratio=MAX_RATIO)

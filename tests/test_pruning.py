@@ -284,6 +284,11 @@ def test_bad_prune_requests_raise_value_errors():
         prune(model, {names[0]: 0.5}, method="wanda")
     with pytest.raises(ValueError, match="N:M"):
         prune(model, {names[0]: 0.5}, method="magnitude", nm="4:2")
+    with torch.no_grad():
+        model.get_submodule(names[1]).weight[0, 0] = float("nan")
+    for method in ("magnitude", "sparsegpt"):
+        with pytest.raises(ValueError, match=f"'{names[1]}' has non-finite weights"):
+            prune(model, {names[1]: 0.5}, method=method, calib=torch.zeros(1, 8, dtype=torch.long))
     odd = rf"2:4 prunes a matrix to 0.5 .*; 1 ratio\(s\) differ, e.g. '{names[1]}' asks 0.1"
     with pytest.raises(ValueError, match=odd):
         prune(model, {names[0]: 0.5, names[1]: 0.1, names[2]: 0.0}, method="magnitude", nm="2:4")
