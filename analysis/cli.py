@@ -42,12 +42,12 @@ from analysis.loading import (
     resolve_source,
 )
 from analysis.pipeline import (
-    allocation_caveats,
     build_allocation,
     calibration_batch,
     dense_spectra,
     evaluation_windows,
     run,
+    run_caveats,
     search_windows,
     write_record,
 )
@@ -613,7 +613,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     print(f"calibration {settings.calibration.n_samples} x {settings.calibration.seqlen} tokens from "
           f"{settings.calibration.source}; evaluation on {settings.evaluation.source}", file=sys.stderr)
     _hint_search_text(settings.allocation, settings.evaluation.source)
-    for caveat in allocation_caveats(settings, loaded.model):  # before the prune, which may take hours
+    for caveat in run_caveats(settings, loaded):  # before the prune, which may take hours
         print(f"warning: {caveat}", file=sys.stderr)
     result = run(loaded, settings, progress=_print_progress, on_ppl=_print_ppl)
     record, report = result.record, result.report

@@ -86,6 +86,11 @@ class LoadedModel:
     tokenizer: object
     info: ModelInfo
 
+    def preview(self) -> ModelPreview:
+        """The checks a preview allows (settings' check_model), on the loaded model."""
+        return ModelPreview(self.info.source, self.tokenizer, self.model.config, self.info.bos_per_window,
+                            model=self.model)
+
 
 @dataclass
 class ModelPreview:
@@ -97,6 +102,7 @@ class ModelPreview:
     config: object
     bos_per_window: bool
     trust_remote_code: bool = False
+    model: nn.Module | None = None  # the loaded model, when there is one: its own skeleton
 
     @property
     def context(self) -> int | None:
@@ -104,7 +110,7 @@ class ModelPreview:
         return context_length(self.config)
 
     def skeleton(self) -> nn.Module:
-        return skeleton(self.config, self.trust_remote_code)
+        return self.model if self.model is not None else skeleton(self.config, self.trust_remote_code)
 
 
 def context_length(config) -> int | None:

@@ -31,7 +31,7 @@ from analysis.data import (
     spread,
 )
 from analysis.evaluation import PplUpdate, perplexity
-from analysis.layers import layer_table
+from analysis.layers import layer_table, zero_fraction
 from analysis.loading import LoadedModel
 from analysis.owl import collect_outlier_ratios
 from analysis.pruners import parse_nm
@@ -273,13 +273,22 @@ def build_allocation(settings: AllocationSettings, model: nn.Module, *, nm=None,
     return alloc
 
 
-def allocation_caveats(settings: RunSettings, model: nn.Module, alloc: Allocation | None = None) -> list[str]:
-    """Warnings for a run that prunes `model` with a search's saved allocation (allocation method "file"; `alloc`:
-    that file, loaded here when not given): analysis.search.reuse_caveats. Empty for every other run."""
-    if settings.allocation.method != "file" or parse_nm(settings.prune.nm) is not None:
-        return []
-    alloc = Allocation.load(settings.allocation.file) if alloc is None else alloc
-    return reuse_caveats(alloc.params, settings.prune.method, model)
+PRIOR_ZEROS = 0.01  # of the prunable weights: above it a model was pruned before (the 4-bit packaged ones: 0.03%)
+
+
+def run_caveats(settings: RunSettings, loaded: LoadedModel, alloc: Allocation | None = None) -> list[str]:
+    """Warnings for a run, before it prunes `loaded.model`: weights that are sparse already (pruned before:
+    the run's "dense" perplexity and spectra are theirs), and a search's saved allocation reused (allocation
+    method "file"; `alloc`: that file, loaded here when not given): analysis.search.reuse_caveats. A model
+    placed by accelerate (device_map) is not read for its zeros."""
+    out = []
+    if not loaded.info.device_map and (zeros := zero_fraction(loaded.model)) > PRIOR_ZEROS:
+        out.append(f"{zeros:.1%} of the prunable weights are zero already (pruned before? restore it with "
+                   "DenseSnapshot, or load it again): the run's dense perplexity and spectra are of these weights")
+    if settings.allocation.method == "file" and parse_nm(settings.prune.nm) is None:
+        alloc = Allocation.load(settings.allocation.file) if alloc is None else alloc
+        out += reuse_caveats(alloc.params, settings.prune.method, loaded.model)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,8 +377,9 @@ def run(loaded: LoadedModel, settings: RunSettings, *, progress: ProgressFn | No
     `on_ppl(label, update)` sees every running perplexity ("dense", then "pruned"). A sweep passes
     what it measured once on the same dense model: `metrics` and `farms_metrics` (spectra, as
     build_allocation takes them) and `dense_ppl` (on this run's evaluation windows); the dense
-    evaluation is then skipped."""
+    evaluation is then skipped. The settings are checked against the model (settings.check_model) first."""
     settings.check()
+    settings.check_model(loaded.preview())
     timer = timer or Timer()
     model, info = loaded.model, loaded.info
     with timer("data"):
@@ -386,6 +396,7 @@ def run(loaded: LoadedModel, settings: RunSettings, *, progress: ProgressFn | No
         show = (lambda u: on_ppl(label, u)) if on_ppl else None
         return perplexity(model, data.windows, progress=show, batch_size=settings.evaluation.batch_size)
 
+    caveats = run_caveats(settings, loaded, alloc)
     dense = dense_ppl
     if dense is None:
         with timer("dense_eval"):
@@ -397,7 +408,6 @@ def run(loaded: LoadedModel, settings: RunSettings, *, progress: ProgressFn | No
         pruned = evaluate("pruned")
     config = record_config(settings, alloc, data.info, info.source, model_title=info.title, device=info.device,
                            dtype=info.dtype)
-    caveats = allocation_caveats(settings, model, alloc)
     record = make_record(config, alloc.to_dict(), report, dense, pruned, timer.seconds,
                          **({"warnings": caveats} if caveats else {}))
     return RunResult(record, alloc, report)

@@ -195,6 +195,20 @@ def test_a_sweep_run_is_the_pipeline_run(tiny):
     assert ours["achieved"]["overall"] == pytest.approx(theirs["achieved"]["overall"])
 
 
+def test_the_pipeline_run_checks_its_model_first_and_warns_of_weights_pruned_before(tiny, tmp_path):
+    loaded = load_model(tiny.model.source)
+    other = replace(tiny, allocation=replace(tiny.allocation, method="file",
+                                             file=allocation_file(tmp_path / "two-blocks.json", 2)))
+    with pytest.raises(SettingsError, match="the allocation does not fit this model") as e:
+        run(loaded, other, on_ppl=lambda *a: pytest.fail("evaluated before the check"))
+    assert e.value.field == "allocation.file"
+    first = run(loaded, tiny).record
+    assert "warnings" not in first
+    again = run(loaded, tiny).record  # on the weights the first run pruned, not restored
+    assert again["dense_ppl"] == pytest.approx(first["pruned_ppl"], rel=1e-5)
+    assert any(re.match(r"5\d\.\d% of the prunable weights are zero already", w) for w in again["warnings"])
+
+
 def test_auto_starts_come_from_the_sweeps_dense_spectra(tiny, monkeypatch):
     """An "auto" configuration's AlphaPruning and FARMS starts use the spectra the sweep measured once
     (measure_dense), not spectra measured again per search, and give the search the pipeline run makes."""
