@@ -921,7 +921,8 @@ def _add_spectra_parser(sub) -> None:
     p.add_argument("--out", default=None, help="output file (.csv, or .json); default: CSV on stdout")
     p.add_argument("--fit", default=d.fit, help=f"power-law xmin rule: {', '.join(XMIN_RULES)}")
     p.add_argument("--farms", action="store_true", help="fit the pooled ESD of square sliding windows (FARMS)")
-    p.add_argument("--normalize", action="store_true", help="divide eigenvalues by N (rows)")
+    p.add_argument("--normalize", action="store_true",
+                   help="divide eigenvalues by N = max(rows, cols), the long side (as weightwatcher)")
     p.add_argument("--include-outside", action="store_true", help="also the embedding and lm_head (not prunable)")
     p.add_argument("--json", action="store_true", help="write JSON records instead of CSV")
     p.set_defaults(func=cmd_spectra)

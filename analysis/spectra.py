@@ -2,7 +2,8 @@
 
 Convention (as in weightwatcher and AlphaPruning): the ESD of a matrix W (rows x cols) is the set of
 eigenvalues of WᵀW, i.e. the min(rows, cols) squared singular values of W, unnormalized unless
-`normalize=True` (then divided by N = rows, the number of output features). The zero eigenvalues
+`normalize=True` (then divided by N = max(rows, cols), the long side, as weightwatcher does and as
+the Marchenko–Pastur law's (1/N)·WᵀW assumes). The zero eigenvalues
 WᵀW has beyond min(rows, cols) are not listed.
 
 How: each matrix is oriented so the short side comes first (W or Wᵀ) and its Gram matrix
@@ -166,7 +167,7 @@ def _non_finite(w: torch.Tensor) -> np.ndarray:
 def esd(w: torch.Tensor, normalize: bool = False) -> np.ndarray:
     """Eigenvalues of WᵀW (the squared singular values of W), ascending, float64.
 
-    w: a 2-D tensor (rows x cols), on any device. normalize: divide by N = rows.
+    w: a 2-D tensor (rows x cols), on any device. normalize: divide by N = max(rows, cols).
     Non-finite weights give an array of NaNs (callers check `np.isfinite`).
     """
     if w.dim() != 2:
@@ -175,7 +176,7 @@ def esd(w: torch.Tensor, normalize: bool = False) -> np.ndarray:
         return _non_finite(w)
     with torch.no_grad():
         ev = batched_eigs(short_side_first(w.detach())[None])[0]
-    return ev / w.shape[0] if normalize else ev
+    return ev / max(w.shape) if normalize else ev
 
 
 def farms_windows(w: torch.Tensor) -> torch.Tensor:
@@ -296,7 +297,7 @@ def analyze(
     model_or_layers: an nn.Module (its matrices from `find_layers`) or a list of LayerRef.
     fit: xmin rule, "peak" | "median" | "scan" (see analysis.powerlaw).
     farms: fit the pooled ESD of fixed-aspect-ratio windows instead of the whole matrix.
-    normalize: divide eigenvalues by N (rows; for FARMS the window side).
+    normalize: divide eigenvalues by N (the long side; for FARMS the window side).
     include_outside: with a module, also the embedding and lm_head (listed as not prunable).
     device: where the eigenvalues are computed (default: where the weights live).
     progress: called as progress(message, fraction) as matrices (CPU) or shape groups (GPU) finish.
@@ -326,7 +327,7 @@ def _weight(ref: LayerRef, dev) -> torch.Tensor:
 
 
 def _scaled(ev: np.ndarray, ref: LayerRef, farms: bool, normalize: bool) -> np.ndarray:
-    return ev / ((min(ref.rows, ref.cols) if farms else ref.rows) if normalize else 1)
+    return ev / ((min(ref.rows, ref.cols) if farms else max(ref.rows, ref.cols)) if normalize else 1)
 
 
 def _pooled(layers, spectrum, farms, normalize, fit, min_tail, workers, progress):
@@ -378,7 +379,9 @@ def _fit_row(eigs: np.ndarray, fit: str, known_status: str | None, min_tail: int
 # streamed from a checkpoint folder, with a disk cache
 
 CHUNK_ELEMENTS = 1 << 22  # entries per streamed slice: 32 MiB in float64
-CACHE_VERSION = 2  # bump when the cached files' layout or the metrics' meaning changes (2: fused MoE experts listed)
+# bump when the cached files' layout or the metrics' meaning changes (2: fused MoE experts listed; 3: normalize
+# divides by the long side)
+CACHE_VERSION = 3
 
 
 class NotStreamable(CheckpointError):

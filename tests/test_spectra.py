@@ -15,7 +15,7 @@ from torch import nn
 
 from analysis.layers import LayerRef, find_layers, prunable_layers
 from analysis.powerlaw import fit_power_law
-from analysis.spectra import COLUMNS, analyze, esd, farms_esd, farms_windows, mp_density
+from analysis.spectra import COLUMNS, analyze, esd, farms_esd, farms_windows, mp_bounds, mp_density
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,7 +39,7 @@ def test_esd_equals_squared_singular_values(shape):
     assert ev.dtype == np.float64 and len(ev) == min(shape)
     assert np.all(np.diff(ev) >= 0)
     np.testing.assert_allclose(ev, sv2, rtol=1e-9, atol=1e-15)
-    np.testing.assert_allclose(esd(w, normalize=True), sv2 / shape[0], rtol=1e-9, atol=1e-15)
+    np.testing.assert_allclose(esd(w, normalize=True), sv2 / max(shape), rtol=1e-9, atol=1e-15)
 
 
 def test_norm_metrics_match_their_definitions():
@@ -117,6 +117,12 @@ def test_mp_density_is_a_density_that_matches_a_gaussian_esd():
     hist, edges = np.histogram(ev, bins=30, density=True)
     mid = (edges[1:] + edges[:-1]) / 2
     assert np.abs(hist - mp_density(mid, 1536 / 576, 1536 * s**2)).max() < 0.15 * hist.max()
+    # normalized (divided by the long side), wide or tall, it lives on the support for sigma2 = s²
+    lo, hi = mp_bounds(1536 / 576, s**2)
+    for m in (w, w.T):
+        scaled = esd(m, normalize=True)
+        assert scaled.min() > 0.9 * lo and scaled.max() < 1.1 * hi
+        assert np.allclose(scaled, ev / 1536)
 
 
 def test_progress_is_monotone_and_ends_at_one():
