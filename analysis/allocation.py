@@ -147,8 +147,8 @@ def _is_number(x) -> bool:
 def _check_ratio(x, where: str) -> float:
     if not _is_number(x):
         raise AllocationError(f"{where} must be a finite number, got {x!r}")
-    if not 0.0 <= x < 1.0:
-        raise AllocationError(f"{where} = {x} is outside [0, 1)")
+    if not 0.0 <= x <= MAX_RATIO:  # what every pruner accepts
+        raise AllocationError(f"{where} = {x} is outside [0, {MAX_RATIO}] (a matrix keeps at least 1% of its weights)")
     return float(x)
 
 

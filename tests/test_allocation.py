@@ -359,7 +359,9 @@ def test_json_round_trip(tmp_path):
 
 @pytest.mark.parametrize("patch, word", [
     (lambda d: d.pop("per_layer"), "missing key.*per_layer"),
-    (lambda d: d["per_block"].__setitem__(0, 1.2), r"per_block\[0\] = 1.2 is outside \[0, 1\)"),
+    (lambda d: d["per_block"].__setitem__(0, 1.2), r"per_block\[0\] = 1.2 is outside \[0, 0.99\]"),
+    (lambda d: d["per_layer"].__setitem__("x", 0.995), r"per_layer\['x'\] = 0.995 is outside \[0, 0.99\] \(a "
+                                                         r"matrix keeps at least 1% of its weights\)"),
     (lambda d: d["per_layer"].__setitem__("x", -0.1), r"per_layer\['x'\] = -0.1 is outside"),
     (lambda d: d.__setitem__("sparsity", "0.7"), "sparsity must be a finite number"),
     (lambda d: d.__setitem__("per_block", {"0": 0.5}), "per_block must be a list"),
