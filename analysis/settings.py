@@ -287,7 +287,8 @@ class AllocationSettings:
     def check(self) -> AllocationSettings:
         if self.method not in ALLOCATION_METHODS:
             raise SettingsError(f"allocation must be one of {', '.join(ALLOCATION_METHODS[:-1])} or an "
-                                f"allocation JSON file, got {self.method!r}", "allocation.method")
+                                f"allocation JSON file (method='file', file=path), got {self.method!r}",
+                                "allocation.method")
         if self.method == "file":
             _allocation_file(self.file, "allocation.file", "allocation file")
             return self
