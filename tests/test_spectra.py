@@ -276,3 +276,9 @@ def test_concurrent_analyses_restore_the_thread_setting():
     assert blas_threads() == blas_before
     assert all((r.metrics["status"] == "ok").all() for r in results)
     np.testing.assert_array_equal(results[0].metrics["alpha"], results[2].metrics["alpha"])
+
+
+def test_a_module_without_decoder_blocks_is_refused_by_name():
+    with pytest.raises(ValueError, match="found no decoder blocks in this Sequential"):
+        analyze(torch.nn.Sequential(torch.nn.Linear(256, 64), torch.nn.Linear(64, 256)))
+    assert len(analyze([]).metrics) == 0  # an empty list of matrices is an empty table
