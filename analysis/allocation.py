@@ -441,7 +441,8 @@ def allocate(
     METRIC_DIRECTION). granularity: "block" (one ratio per decoder block, from the block's mean
     metric, as in the paper) or "layer" (one ratio per matrix). outlier_ratios: for owl, block index ->
     fraction of outlier activations (any non-negative scale; only the relative values matter).
-    owl_lambda: OWL's half-range, in [0, 1). Raises AllocationError on bad input.
+    owl_lambda: OWL's half-range, in [0, 1). farms needs the metrics of FARMS spectra (analyze(..., farms=True)),
+    alphapruning those of whole matrices. Raises AllocationError on bad input.
     """
     if method not in METHODS or method == "custom":
         raise AllocationError(f"unknown method {method!r}; choose uniform, alphapruning, farms or owl "
@@ -454,6 +455,11 @@ def allocate(
         return _finish(df, np.full(len(df), s), s, method, {}, model)
     if method == "owl":
         return _owl(metrics, s, outlier_ratios, owl_lambda, model)
+    pooled = getattr(metrics, "attrs", {}).get("farms")  # set by analysis.spectra; unknown for a hand-built table
+    if pooled is not None and pooled != (method == "farms"):
+        raise AllocationError(f"{method} needs the metrics of {'FARMS' if method == 'farms' else 'whole-matrix'} "
+                              f"spectra (analyze(..., farms={method == 'farms'})); these are "
+                              f"{'FARMS' if pooled else 'whole-matrix'} spectra")
     return _alphapruning(metrics, s, method, epsilon, metric, granularity, model)
 
 

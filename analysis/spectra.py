@@ -78,6 +78,9 @@ class SpectraResult:
     device: str = "cpu"
     cached: bool = False  # read from the disk cache of streamed spectra (analyze_checkpoint), not computed
 
+    def __post_init__(self):
+        self.metrics.attrs["farms"] = self.farms  # allocate checks that farms/alphapruning get their own kind
+
 
 # ---------------------------------------------------------------------------------------------
 # eigenvalues

@@ -406,6 +406,18 @@ def test_alphapruning_on_default_model_spectra(default_model):
     # the block with the largest mean alpha is pruned most, the smallest least
     assert a.per_block[int(t["metric_mean"].idxmax())] == pytest.approx(max(a.per_block))
     assert a.per_block[int(t["metric_mean"].idxmin())] == pytest.approx(min(a.per_block))
+    with pytest.raises(AllocationError, match=r"farms needs the metrics of FARMS spectra \(analyze\(\.\.\., farms"):
+        allocate(res.metrics, 0.7, "farms")
+
+
+def test_farms_and_alphapruning_refuse_each_others_spectra():
+    from analysis.spectra import SpectraResult
+
+    pooled = SpectraResult(metrics_frame([2.0, 3.0]), {}, farms=True).metrics
+    assert allocate(pooled, 0.5, "farms").method == "farms"
+    with pytest.raises(AllocationError, match="alphapruning needs the metrics of whole-matrix spectra"):
+        allocate(pooled, 0.5, "alphapruning")
+    assert allocate(metrics_frame([2.0, 3.0]), 0.5, "farms").method == "farms"  # a table built by hand: trusted
 
 
 # ------------------------------------------------------------------ CLI
