@@ -158,8 +158,10 @@ def _allocation_from_dict(d) -> Allocation:
     if "format" in d and d["format"] != FORMAT:
         raise AllocationError(f"format is {d['format']!r}, expected {FORMAT!r}")
     version = d.get("version", FORMAT_VERSION)
-    if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION:
-        raise AllocationError(f"unsupported version {version!r} (this build reads up to {FORMAT_VERSION})")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise AllocationError(f"version must be an integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise AllocationError(f"unsupported version {version} (this build reads up to {FORMAT_VERSION})")
     missing = [k for k in _REQUIRED if k not in d]
     if missing:
         raise AllocationError(f"missing key(s): {', '.join(missing)}")
@@ -579,6 +581,30 @@ def block_offsets(alloc: Allocation, metrics: pd.DataFrame) -> dict[str, float]:
     return offsets if any(abs(v) > 1e-9 for v in offsets.values()) else {}
 
 
+def curve_of(alloc: Allocation, metrics: pd.DataFrame) -> tuple[list[list[float]], dict[str, float], list[str]]:
+    """The custom curve that redraws `alloc` on the model of `metrics`: (control points, offsets, notes). A
+    curve saved with its points comes back with them and its offsets; any other allocation gives one point
+    per block and each matrix's offset from its block's ratio (block_offsets). An allocation for another
+    model (other blocks, or matrices this one lacks) keeps only its curve (depth compares across models,
+    matrix names do not), with a note saying so; a file that gives some of the matrices their ratios leaves
+    the others at their block's. Points clipped to the chart are noted too."""
+    df = prunable_rows(metrics)
+    pts, offsets, notes = alloc.params.get("points"), alloc.params.get("offsets") or {}, []
+    unknown, blocks = sorted(set(alloc.per_layer) - set(df["name"])), _n_blocks(df)
+    if unknown or len(alloc.per_block) != blocks:
+        offsets, pts = {}, pts or control_points(alloc.per_block)
+        lacks = f", names {len(unknown)} matrices this one lacks (e.g. '{unknown[0]}')" if unknown else ""
+        notes.append(f"The allocation was made for another model ({len(alloc.per_block)} blocks{lacks}; this one "
+                     f"has {blocks}): its curve over depth is used, without its per-matrix ratios.")
+    if not pts:
+        pts, offsets = control_points(alloc.per_block), block_offsets(alloc, metrics)
+    check = custom_allocation(pts, metrics, normalize=False, offsets=offsets)  # they fit this model
+    if len(check.params["points"]) < 2:
+        raise AllocationError("a curve on the chart needs at least two control points (at different depths)")
+    notes += check.warnings
+    return check.params["points"], {str(k): float(v) for k, v in offsets.items()}, notes
+
+
 def within_block_spread(offsets: dict[str, float], metrics: pd.DataFrame) -> float:
     """The largest difference between two matrices' `offsets` (block_offsets; a matrix without one: 0) inside
     one block: 0 for none."""
@@ -628,6 +654,9 @@ def custom_allocation(points, metrics: pd.DataFrame, sparsity: float | None = No
         if not isinstance(offsets, dict) or not all(isinstance(v, (int, float)) and math.isfinite(v)
                                                     for v in offsets.values()):
             raise AllocationError("offsets must map matrix names to finite numbers")
+        if (far := [k for k, v in offsets.items() if abs(v) > MAX_RATIO]):
+            raise AllocationError(f"offset {offsets[far[0]]:g} of '{far[0]}' is outside ±{MAX_RATIO} (an offset is "
+                                  "the difference of two ratios)")
         unknown = sorted(set(offsets) - set(df["name"]))
         if unknown:
             raise AllocationError(f"offsets for {len(unknown)} matrices this model does not prune (e.g. "

@@ -6,12 +6,14 @@ import pandas as pd
 import streamlit as st
 
 from analysis.allocation import (
+    MAX_RATIO,
     Allocation,
     AllocationError,
     allocate,
     block_offsets,
     block_table,
     control_points,
+    curve_of,
     custom_allocation,
     kind_offsets,
     set_kind_offset,
@@ -356,7 +358,7 @@ with st.expander("Per-matrix sparsity (offsets from the curve)", expanded=bool(o
     for i, (kind, mean) in enumerate(means.items()):
         key = f"alloc_kind_{kind}_{tag}"
         cols[i % len(cols)].number_input(
-            kind, -0.9, 0.9, round(mean, 4), 0.01, format="%.3f", key=key,
+            kind, -MAX_RATIO, MAX_RATIO, round(mean, 4), 0.01, format="%.3f", key=key,
             help=f"Mean offset of the {kind} matrices: a change moves every one of them by the same amount.",
             on_change=lambda kind=kind, key=key: _edit_offsets(
                 set_kind_offset(current, metrics, kind, float(st.session_state[key]))))
@@ -364,7 +366,8 @@ with st.expander("Per-matrix sparsity (offsets from the curve)", expanded=bool(o
     m1, m2 = st.columns([3, 1])
     name = m1.selectbox("Matrix", rows["name"].tolist(), key="alloc_matrix_pick")
     key = f"alloc_matrix_offset_{tag}_{name}"
-    m2.number_input("Its offset", -0.9, 0.9, round(current.get(name, 0.0), 4), 0.01, format="%.3f", key=key,
+    m2.number_input("Its offset", -MAX_RATIO, MAX_RATIO, round(float(current.get(name, 0.0)), 4), 0.01, format="%.3f",
+                    key=key,
                     on_change=lambda name=name, key=key: _edit_offsets({**current, name: float(st.session_state[key])}))
     st.dataframe(pd.DataFrame({"block": rows["block"], "kind": rows["kind"], "matrix": rows["name"],
                                "params": rows["params"], "offset": rows["name"].map(current).fillna(0.0),
@@ -379,23 +382,21 @@ s1, s2 = st.columns(2)
 s1.download_button("Download allocation (JSON)", json.dumps(applied.to_dict(), indent=2).encode(),
                    file_name="allocation.json", mime="application/json", key="alloc_download")
 up = s2.file_uploader("Load an allocation JSON", type=["json"], key="alloc_upload")
+for note in st.session_state.pop("_alloc_upload_notes", []):  # from the upload before the rerun below
+    s2.info(note)
 if up is not None and st.session_state.get("_alloc_upload_id") != up.file_id:
     st.session_state["_alloc_upload_id"] = up.file_id
     try:
-        loaded_alloc = Allocation.from_dict(json.loads(up.getvalue()))
+        pts, offsets, notes = curve_of(Allocation.from_dict(json.loads(up.getvalue())), metrics)
+    except json.JSONDecodeError as e:
+        st.error(f"Could not load {up.name}: not valid JSON ({e.msg} at line {e.lineno})")
+    except UnicodeDecodeError:
+        st.error(f"Could not load {up.name}: not an allocation JSON (not UTF-8 text)")
     except (AllocationError, ValueError) as e:
         st.error(f"Could not load {up.name}: {e}")
     else:
-        # a curve saved here comes back with its points and offsets; any other allocation gives one point per
-        # block, and its matrices' offsets from their block's ratio
-        pts, offsets = loaded_alloc.params.get("points"), loaded_alloc.params.get("offsets")
-        if not pts:
-            pts, offsets = control_points(loaded_alloc.per_block), block_offsets(loaded_alloc, metrics)
-        try:
-            custom_allocation(pts, metrics, normalize=False, offsets=offsets)  # they fit this model
-        except AllocationError as e:
-            st.error(f"Could not load {up.name}: {e}")
-        else:
-            st.session_state[POINTS_KEY] = clamp_points(pts, Y_MAX)[0]
-            keep_offsets(offsets or {}, up.name)
-            st.rerun()
+        st.session_state[POINTS_KEY], clamped = clamp_points(pts, Y_MAX)
+        st.session_state["_alloc_upload_notes"] = notes + ([f"Sparsities above {Y_MAX:g} were lowered to the "
+                                                             "chart's top."] if clamped else [])
+        keep_offsets(offsets, up.name)
+        st.rerun()

@@ -20,6 +20,7 @@ from analysis.allocation import (
     block_table,
     budget,
     control_points,
+    curve_of,
     curve_values,
     custom_allocation,
     exact_budget,
@@ -376,6 +377,29 @@ def test_bad_json_is_rejected_with_message(tmp_path, patch, word):
     p.write_text(json.dumps(d))
     with pytest.raises(ValueError, match=word):
         Allocation.load(p)
+
+
+def test_an_allocation_comes_back_as_a_curve_on_this_model_or_says_why_not():
+    shapes = {"q_proj": (8, 8), "up_proj": (16, 8)}
+    here = metrics_frame([0] * 3, shapes, per_matrix=[[3.0, 6.0], [4.0, 5.0], [5.0, 4.0]])
+    per_matrix = allocate(here, 0.5, "alphapruning", granularity="layer")
+    pts, offsets, notes = curve_of(per_matrix, here)  # this model's own: every ratio comes back
+    assert notes == [] and len(pts) == 3 and offsets
+    back = custom_allocation(pts, here, normalize=False, offsets=offsets)
+    assert back.per_layer == pytest.approx(per_matrix.per_layer)
+    for other in (metrics_frame([3.0, 4.0], shapes), metrics_frame([3.0] * 3, {"c_attn": (8, 8)})):
+        pts, offsets, notes = curve_of(allocate(other, 0.4, "uniform"), here)
+        assert offsets == {} and all(y == pytest.approx(0.4) for _, y in pts)
+        [note] = notes
+        assert note.startswith("The allocation was made for another model") and "this one has 3" in note
+    drawn = custom_allocation([[0, 1.5], [1, 0.2]], here, normalize=False)
+    drawn.params["points"] = [[0, 1.5], [1, 0.2]]  # as a hand-edited file may hold them
+    assert "clipped to the chart" in curve_of(drawn, here)[2][0]
+    drawn.params["points"] = [[0.5, 0.3]]
+    with pytest.raises(AllocationError, match="at least two control points"):
+        curve_of(drawn, here)
+    with pytest.raises(AllocationError, match="offset 1.5 of 'model.layers.0.q_proj' is outside ±0.99"):
+        custom_allocation([[0, 0.2], [1, 0.2]], here, offsets={"model.layers.0.q_proj": 1.5})
 
 
 def test_not_json(tmp_path):

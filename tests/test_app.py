@@ -301,6 +301,20 @@ def test_allocation_presets_and_json(app):
     bad.clear().upload("bad.json", b'{"format": "x"}', "application/json")
     app.run()
     assert any("Could not load bad.json" in e.value for e in app.error)
+    # a curve whose offsets a hand edit left as integers; an allocation of a 2-block model: its curve, and a note
+    edited = {**alloc.to_dict(), "params": {"points": [[0, 0.3], [1, 0.3]], "offsets": {table["name"][0]: 0}}}
+    app.file_uploader(key="alloc_upload").clear().upload("edited.json", json.dumps(edited).encode(), "application/json")
+    app.run()
+    app.run()
+    assert not app.exception and any("keep their offsets from edited.json" in i.value for i in app.info)
+    other = allocate(table.head(14).assign(block=[b // 7 for b in range(14)]), 0.4, "uniform")
+    app.file_uploader(key="alloc_upload").clear().upload("other.json", json.dumps(other.to_dict()).encode(),
+                                                         "application/json")
+    app.run()  # the upload, then the rerun that draws its curve and shows the note once
+    assert not app.exception and app.session_state["alloc_points"] == [[0.0, 0.4], [1.0, 0.4]]
+    assert any(i.value.startswith("The allocation was made for another model (2 blocks") for i in app.info)
+    app.run()
+    assert not any("made for another model" in i.value for i in app.info)
 
 
 def test_allocation_per_matrix_offsets(app):
