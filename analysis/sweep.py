@@ -34,7 +34,7 @@ from urllib.parse import urlparse
 import pandas as pd
 
 from analysis.allocation import MAX_RATIO, check_settings, parse_points
-from analysis.evaluation import perplexity
+from analysis.evaluation import perplexity_stream
 from analysis.loading import LoadedModel, ModelLoadError, load_model, preview_model, resolve_source
 from analysis.pipeline import dense_spectra, evaluation_windows, run, spectra_used
 from analysis.pruners import PRUNERS, ROWWISE, check_rowwise
@@ -307,17 +307,30 @@ class DenseReference:
     ppl: float
 
 
-def measure_dense(configs: list[RunSettings]) -> DenseReference:
+def measure_dense(configs: list[RunSettings], progress: ProgressFn | None = None,
+                  stop: StopFlag = None) -> DenseReference | None:
     """The dense reference of a sweep's configurations (they share model, calibration source and
-    evaluation settings, as every configuration of one grid does)."""
+    evaluation settings, as every configuration of one grid does); None when `stop` ended it. `progress`
+    names each step, at fraction 0 of the sweep."""
+    say = progress or (lambda message, fraction: None)
     first = configs[0]
+    say("dense reference: loading the model", 0.0)
     loaded, dense = worker_model(first.model)
     dense.restore(loaded.model)
-    spectra = {sp for c in configs for sp in spectra_used(c.allocation, c.prune.nm).values()}
+    metrics = {}
+    for sp in {sp for c in configs for sp in spectra_used(c.allocation, c.prune.nm).values()}:
+        if should_stop(stop):
+            return None
+        say(f"dense reference: {'FARMS ' if sp.farms else ''}spectra", 0.0)
+        metrics[sp] = dense_spectra(loaded.model, sp)
     windows = evaluation_windows(loaded.tokenizer, first.evaluation, first.calibration.source,
                                  loaded.info.bos_per_window)
-    return DenseReference({sp: dense_spectra(loaded.model, sp) for sp in spectra},
-                          perplexity(loaded.model, windows, batch_size=first.evaluation.batch_size))
+    last = None
+    for last in perplexity_stream(loaded.model, windows, stop=stop, batch_size=first.evaluation.batch_size):
+        say(f"dense reference: perplexity, {last.windows_done}/{last.windows_total} windows", 0.0)
+    if last is None or last.windows_done < last.windows_total:
+        return None
+    return DenseReference(metrics, last.ppl)
 
 
 def run_config(settings: RunSettings, dense: DenseReference, *, progress: ProgressFn | None = None,
@@ -514,7 +527,7 @@ def run_sweep(grid: SweepGrid, store: RunStore, *, workers: int = 1, address: st
             _run_on_ray(pending, finish, workers=workers, address=address, cpus_per_worker=cpus_per_worker,
                         stop=stop)
         else:
-            _run_here(pending, finish, stop=stop)
+            _run_here(pending, finish, progress=progress, stop=stop)
     return [outcomes[k] for k in by_key]
 
 
@@ -524,19 +537,19 @@ def _one_line(e: BaseException) -> str:
     return f"{type(cause).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
-def _run_here(pending: list, finish: Callable, *, stop: StopFlag) -> None:
+def _run_here(pending: list, finish: Callable, *, progress: ProgressFn | None = None, stop: StopFlag) -> None:
     """The sweep in this process: the same steps as a Ray task, one configuration after the other,
     each tried twice at most."""
     dense = None
     for i, (key, settings) in enumerate(pending):
-        if should_stop(stop):
-            for k, s in pending[i:]:
-                finish(k, s, CANCELLED)
-            return
         error = None
         for attempt in (1, 2):
             try:
-                dense = dense or measure_dense([s for _, s in pending])
+                dense = dense or measure_dense([s for _, s in pending], progress, stop)
+                if dense is None or should_stop(stop):
+                    for k, s in pending[i:]:
+                        finish(k, s, CANCELLED)
+                    return
                 record = run_config(settings, dense, stop=stop)
             except Exception as e:  # noqa: BLE001 (reported in the outcome; the sweep goes on)
                 error = _one_line(e)

@@ -308,6 +308,20 @@ def test_stop_before_start_cancels_everything_here(tiny, tmp_path):
     assert [o.status for o in outcomes] == [CANCELLED] * 4 and len(store) == 0
 
 
+def test_a_stop_during_the_dense_reference_cancels_everything_there(tiny, tmp_path):
+    store, stop, seen = RunStore(tmp_path / "runs.sqlite"), threading.Event(), []
+
+    def progress(message, fraction):
+        seen.append(message)
+        if message.startswith("dense reference: perplexity"):
+            stop.set()
+    one_by_one = replace(tiny, evaluation=replace(tiny.evaluation, batch_size=1))  # 6 windows, 6 batches
+    outcomes = run_sweep(grid(one_by_one), store, stop=stop, progress=progress)
+    assert [o.status for o in outcomes] == [CANCELLED] * 4 and len(store) == 0
+    assert seen[:2] == ["dense reference: loading the model", "dense reference: spectra"]
+    assert sum(m.startswith("dense reference: perplexity") for m in seen) == 1  # it stopped after one batch
+
+
 @pytest.fixture(scope="module")
 def local_ray(tmp_path_factory):
     """A local Ray with 2 CPUs for this module; its workers see FAULT_FILE_ENV (a file that does not
