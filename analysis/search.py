@@ -476,7 +476,11 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
 
     rng = np.random.default_rng(seed)
     try:
-        start_losses = {name: losses(alloc.per_layer, confirm) for name, alloc in starts.items()}
+        start_losses = {}
+        for i, (name, alloc) in enumerate(starts.items()):
+            if progress:
+                progress(f"search: scoring the start {name} ({i + 1}/{len(starts)})", 0.0)
+            start_losses[name] = losses(alloc.per_layer, confirm)
         start_scores = {name: float(x.mean()) for name, x in start_losses.items()}
         verified: dict[str, float] = {}
         real_losses: dict[str, np.ndarray] = {}

@@ -362,12 +362,18 @@ def search_job(job: Job, shared_model: nn.Module, gate: ModelGate, who: str, tok
                          "auto), which searches on the model it loads.")
     calib = calibration_batch(tokenizer, calibration, eval_source, bos)
     held_out, then = search_windows(tokenizer, settings, calibration, bos)
+
+    def on_best(per_block, fit, step) -> None:
+        job.emit({"per_block": per_block, "fitness": fit, "step": step, "objective": settings.search_objective})
+
+    def progress(message: str, fraction: float) -> None:
+        if job.latest() is None:  # no best so far to return yet: a cancel ends the spectra, OWL or statistics at once
+            job.check()
+        job.report(message, fraction)
     return build_allocation(settings, model, calib=calib, metrics=metrics, farms_metrics=farms_metrics,
                             outlier_ratios=outlier_ratios, model_name=model_name, custom=start, prune_method=pruner,
-                            progress=job.report, stop=job.stop, fitness_windows=held_out, then_windows=then,
-                            on_best=lambda per_block, fit, step: job.emit({"per_block": per_block, "fitness": fit,
-                                                                           "step": step,
-                                                                           "objective": settings.search_objective}))
+                            progress=progress, stop=job.stop, fitness_windows=held_out, then_windows=then,
+                            on_best=on_best)
 
 
 def evaluate_weights_job(job: Job, work: WorkingCopy, shared_model: nn.Module, windows) -> PplUpdate | None:

@@ -348,10 +348,13 @@ def _pooled(layers, spectrum, farms, normalize, fit, min_tail, workers, progress
 
     ordered = sorted(layers, key=lambda r: min(r.rows, r.cols) ** 2 * max(r.rows, r.cols), reverse=True)
     progress and progress(f"Spectra: 0/{len(ordered)} matrices", 0.0)
-    with ThreadPoolExecutor(workers) as pool:
+    pool = ThreadPoolExecutor(workers)
+    try:
         for i, (ref, out) in enumerate(zip(ordered, pool.map(task, ordered))):
             progress and progress(f"Spectra: {i + 1}/{len(ordered)} matrices", (i + 1) / len(ordered))
             yield ref.name, out
+    finally:  # a progress callback that raises (a cancelled job) leaves the matrices not started undone
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _batched(layers, dev, farms, normalize, fit, min_tail, progress) -> dict:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from analysis.evaluation import perplexity
-from analysis.jobs import DONE, ERROR, Job
+from analysis.jobs import CANCELLED, DONE, ERROR, Job
 from analysis.layers import zero_fraction
 from analysis.loading import MEMORY_LIMIT_ENV, cached_checkpoints, estimate_memory, load_model
 from analysis.session import (
@@ -146,6 +146,20 @@ def test_no_room_at_all_is_a_clear_error_not_a_crash(tiny, monkeypatch):
     job = Job(lambda j: prune_and_evaluate(j, work, tiny.model, tiny.tokenizer, SETTINGS), name="prune").start()
     assert job.wait(60) and job.status == ERROR and "Not enough memory to prune" in job.error
     assert work.gate.holder is None and zero_fraction(tiny.model) == 0.0
+
+
+def test_a_cancel_before_the_search_has_a_best_so_far_ends_it_at_once(tiny):
+    """Until the search has scored its starts it has nothing to return: a cancel during its statistics (or
+    spectra, OWL) ends the job there instead of after them."""
+    settings = AllocationSettings(method="auto", sparsity=0.5, search_steps=2)
+    search = Job(lambda j: search_job(j, tiny.model, ModelGate(), "a search", tiny.tokenizer, False, settings,
+                                      "wanda", SETTINGS.calibration, "default"), name="search")
+    cancel_when(search, "search statistics: block 1/")
+    messages, report = [], search.report
+    search.report = lambda message, fraction=None: (messages.append(message), report(message, fraction))
+    assert search.start().wait(120) and search.status == CANCELLED, search.traceback
+    assert search.result is None and not search.updates()
+    assert messages[-1].startswith("search statistics: block 1/")  # no block after it, no start scored
 
 
 def test_the_search_copies_dense_weights_through_the_gate_and_needs_room(tiny, monkeypatch):
