@@ -315,8 +315,12 @@ def _inputs(args: argparse.Namespace) -> dict[str, Path]:
         value = getattr(args, dest, None)
         if dest == "db" and hasattr(args, "db"):  # created by the run if it does not exist yet
             found[flag] = Path(value or default_db_path()).expanduser().resolve()
-        elif value and Path(value).expanduser().exists():
-            found[flag] = Path(value).expanduser().resolve()
+        elif value:
+            try:
+                if Path(value).expanduser().exists():
+                    found[flag] = Path(value).expanduser().resolve()
+            except OSError:  # e.g. a name too long: no file, and its own check says so
+                pass
     return found
 
 
@@ -952,8 +956,8 @@ def main(argv: list[str] | None = None) -> int:
             flag = "--text"
         print(f"error: {flag + ': ' if flag else ''}{e}", file=sys.stderr)
         return 2
-    # SettingsError, AllocationError, DataError, UsageError are ValueErrors
-    except (ModelLoadError, StoreError, ValueError, FileNotFoundError) as e:
+    # SettingsError, AllocationError, DataError, UsageError are ValueErrors; OSError: e.g. a path too long
+    except (ModelLoadError, StoreError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -119,6 +119,12 @@ def save_text(name: str, data: bytes, folder: Path | None = None, encoding: str 
 
 
 def _check_file(path: Path) -> None:
+    try:
+        path.stat()
+    except FileNotFoundError:
+        pass  # said below
+    except OSError as e:  # e.g. a name longer than the file system allows
+        raise DataError(f"'{str(path)[:80]}...' cannot be read as a text file ({e.strerror}).") from None
     if path.is_dir():
         raise DataError(f"'{path}' is a folder, not a text file.")
     if not path.exists():

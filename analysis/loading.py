@@ -204,7 +204,12 @@ def resolve_source(source: str) -> tuple[str, str, PackagedModel | None]:
         return str(converted_dir(key)), pm.title, pm
     src = source.strip()
     p = Path(src).expanduser()
-    if p.exists():
+    try:
+        exists = p.exists()
+    except OSError as e:  # e.g. a name longer than the file system allows
+        raise ModelLoadError(f"'{src[:80]}...' is neither a model folder ({e.strerror}) nor a Hugging Face id.") \
+            from None
+    if exists:
         if not p.is_dir() or not (p / "config.json").exists():
             raise ModelLoadError(f"'{src}' is not a model folder: it has no config.json.")
         return str(p), p.name, None

@@ -114,6 +114,8 @@ def test_bad_sources_raise_data_errors(tmp_path):
         load_text("hf:onlyname")
     with pytest.raises(DataError, match="No text source"):
         load_text(" ")
+    with pytest.raises(DataError, match=r"cannot be read as a text file \(File name too long\)"):
+        load_text("/" + "c" * 300)
     f = tmp_path / "mine.txt"
     f.write_text("hello world\n")
     assert load_text(str(f)) == "hello world\n"

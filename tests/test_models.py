@@ -80,7 +80,7 @@ def test_discovery_on_small_models(build, n_blocks, kinds):
         assert (c_fc.rows, c_fc.cols) == (128, 32)
 
 
-@pytest.mark.parametrize("bad", ["", "./no/such/folder", "not a model id!", "/etc/passwd"])
+@pytest.mark.parametrize("bad", ["", "./no/such/folder", "not a model id!", "/etc/passwd", "a" * 300, "/" + "b" * 300])
 def test_bad_sources_give_clear_errors(bad):
     with pytest.raises(ModelLoadError):
         resolve_source(bad)
