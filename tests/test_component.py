@@ -69,3 +69,13 @@ def test_browser_value_is_applied_once_and_clamped(at):
     at.session_state["_c__component"] = {"points": [[0.2, 0.3]], "seq": "g2"}
     at.run()
     assert at.markdown[0].value == "points: [[0.0, 0.1], [1.0, 0.2]]"
+
+
+def test_a_missing_plotly_js_is_a_message_and_the_points_still_come_back(monkeypatch, tmp_path):
+    import components.curve_editor
+
+    monkeypatch.setattr(components.curve_editor, "PLOTLY_JS", tmp_path / "plotly.min.js")
+    at = AppTest.from_function(_script)
+    at.run()
+    assert not at.exception and "make setup" in at.error[0].value
+    assert at.markdown[0].value == "points: [[0.0, 0.5], [1.0, 0.5]]"

@@ -108,9 +108,11 @@ def curve_editor(
     y_max: highest sparsity a point may take; points released beyond the chart are clamped to it
       (and to depth 0..1), and a message says so.
     """
-    if not PLOTLY_JS.exists():
-        raise RuntimeError(f"{PLOTLY_JS} is missing: run `make setup` (or `python -m components.curve_editor`) once.")
     current = curve_points(key, points, y_max)
+    if not PLOTLY_JS.exists():  # the rest of the page (table, presets, budget) still works
+        st.error(f"The draggable curve needs {PLOTLY_JS}, which is missing: run `make setup` (or "
+                 "`python -m components.curve_editor`) once, then reload. Edit the points in the table meanwhile.")
+        return current
     widget_key, _ = _keys(key)
     _component(points=current, overlays=overlays or [], y_max=y_max, height=height, x_label=x_label,
                y_label=y_label, key=widget_key, default=None, disabled=disabled)
