@@ -92,7 +92,8 @@ def check_destination(out_dir: str | Path, overwrite: bool = False) -> Path:
         raise ExportError(f"{out} is an existing file, not a folder")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
-            raise ExportError(f"{out} is not empty: choose another folder or allow overwriting it (--overwrite)")
+            raise ExportError(f"{out} is not empty: choose another folder or allow overwriting it (--overwrite, or "
+                              "Overwrite on the Prune page)")
         if not (out / "config.json").is_file():
             raise ExportError(f"{out} holds files but no saved model (config.json): overwriting replaces only a "
                               "model folder, so choose another folder")
