@@ -195,9 +195,16 @@ def ppl_vs_sparsity_figure(runs: pd.DataFrame, x: str = "sparsity", y: str = "pp
         dash = dashes.setdefault(prune_method, ["solid", "dash", "dot", "dashdot"][len(dashes) % 4])
         fig.add_trace(go.Scatter(x=d[x], y=d[y], mode="lines+markers", name=str(label),
                                  line=dict(color=METHOD_COLORS.get(alloc or str(label)), dash=dash)))
-    fig.update_xaxes(title="sparsity")
+    fig.update_xaxes(title="sparsity", range=_one_value_range(runs[x]))
     fig.update_yaxes(title="perplexity", type="log")
     return _layout(fig, 360)
+
+
+def _one_value_range(values: pd.Series) -> list[float] | None:
+    """An axis range around the only value of `values` (Plotly's own spans ±0.5: sparsity -0.5 to 1.5); None
+    (automatic) for several values."""
+    distinct = pd.Series(values).dropna().unique()
+    return [float(distinct[0]) - 0.05, float(distinct[0]) + 0.05] if len(distinct) == 1 else None
 
 
 def curves_figure(curves: list[tuple[str, list[float]]]) -> go.Figure:
@@ -255,7 +262,7 @@ def sweep_figure(runs: pd.DataFrame) -> go.Figure:
         fig.add_trace(go.Scatter(x=front["sparsity"], y=front["ppl"], mode="lines", name="Pareto front",
                                  legendgroup="pareto", showlegend=col == 1, hoverinfo="skip",
                                  line=dict(color="black", dash="dash", width=1)), row=1, col=col)
-        fig.update_xaxes(title="target sparsity", row=1, col=col)
+        fig.update_xaxes(title="target sparsity", range=_one_value_range(stats["sparsity"]), row=1, col=col)
     fig.update_yaxes(title="perplexity", type="log", row=1, col=1)
     fig.update_yaxes(type="log")
     return _layout(fig, 400)

@@ -475,5 +475,7 @@ def test_sweep_figure_means_spread_and_pareto_front():
     front = next(t for t in fig.data if t.name == "Pareto front" and t.xaxis == "x2")
     assert list(zip(front.x, front.y)) == [(0.5, 20.0), (0.6, 40.0)]  # owl's 0.5 mean (20) beats uniform's (21)
     assert sum(t.showlegend is not False and t.name == "uniform" for t in fig.data) == 1
+    # the sparsegpt panel has one sparsity left (its 0.6 run has no perplexity): the axis stays near it
+    assert fig.layout.xaxis.range == (0.45, 0.55) and fig.layout.xaxis2.range is None
     points = pd.DataFrame({"sparsity": [0.5, 0.5, 0.6, 0.7], "ppl": [20.0, 19.0, 40.0, 35.0]})
     assert pareto_front(points).to_dict("list") == {"sparsity": [0.5, 0.7], "ppl": [19.0, 35.0]}
