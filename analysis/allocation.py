@@ -39,6 +39,8 @@ import numpy as np
 import pandas as pd
 from scipy.interpolate import PchipInterpolator
 
+from analysis.errors import AlphascopeError
+
 MAX_RATIO = 0.99  # never prune a whole matrix: keep at least 1% of its weights
 FORMAT = "alphascope-allocation"
 FORMAT_VERSION = 1
@@ -61,7 +63,7 @@ METRIC_DIRECTION: dict[str, int] = {
 }
 
 
-class AllocationError(ValueError):
+class AllocationError(AlphascopeError, ValueError):
     """Bad input to an allocation function or a malformed allocation JSON; the message names the problem."""
 
 

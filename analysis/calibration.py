@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from analysis.errors import AlphascopeError
 from analysis.layers import ExpertsLayout, LayerRef, find_blocks, fused_experts, layers_by_block, module_device
 from analysis.runtime import ProgressFn, StopFlag, should_stop
 
@@ -67,7 +68,7 @@ def _stats_hook(stats: dict[str, InputStats], name: str, seen: dict):
     return hook
 
 
-class ExpertsError(ValueError):
+class ExpertsError(AlphascopeError, ValueError):
     """Fused experts whose forward this module cannot reproduce, so it cannot gather their inputs."""
 
 

@@ -24,6 +24,8 @@ import torch
 from huggingface_hub import try_to_load_from_cache
 from safetensors import safe_open
 
+from analysis.errors import AlphascopeError
+
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 HEADER_LIMIT = 100 * 1024 * 1024  # the safetensors format caps its JSON header at 100 MB
@@ -31,7 +33,7 @@ DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16
                "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(AlphascopeError, ValueError):
     """A checkpoint folder a loader would fail on; the message is one line naming the file."""
 
 

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from analysis.allocation import METHODS as ALLOCATION_CHOICES
 from analysis.allocation import METRIC_DIRECTION, Allocation, AllocationError, block_table, parse_points
 from analysis.checkpoint import has_safetensors, local_folder, open_checkpoint
+from analysis.errors import AlphascopeError
 from analysis.evaluation import perplexity
 from analysis.export import (
     DEFAULT_FORMAT,
@@ -83,7 +84,7 @@ from analysis.zeroshot import PAPER_TASKS, ZeroShotError, check_tasks, check_tok
 from analysis.zeroshot import evaluate as zeroshot_evaluate
 
 
-class UsageError(ValueError):
+class UsageError(AlphascopeError, ValueError):
     """Bad option value; printed as one line."""
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from analysis.errors import AlphascopeError
 from analysis.runtime import cache_dir
 
 WIKITEXT_SPLITS = ("train", "valid", "test")
@@ -39,7 +40,7 @@ ENCODING = "utf-8"  # of text files, unless another is named
 MAX_UPLOAD_MB = 50  # largest text the dashboard keeps from an upload (WikiText-103's training text is ~540 MB)
 
 
-class DataError(ValueError):
+class DataError(AlphascopeError, ValueError):
     """A text source or window request the user can fix; the message says how."""
 
 

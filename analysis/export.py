@@ -49,13 +49,15 @@ import yaml
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from analysis.errors import AlphascopeError
+
 FORMATS = ("dense", "dense-ct", "compressed")
 DEFAULT_FORMAT = "dense"  # the one every current loader reads (see the module docstring)
 RECIPE_PRUNERS = {"sparsegpt": "SparseGPTModifier", "wanda": "WandaPruningModifier"}
 WEIGHTS_FILE = "model.safetensors"
 
 
-class ExportError(ValueError):
+class ExportError(AlphascopeError, ValueError):
     """A destination that cannot be written, or a write that failed; the message is one line."""
 
 

@@ -29,12 +29,13 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from analysis.checkpoint import CheckpointError, has_safetensors, local_folder, open_checkpoint
+from analysis.errors import AlphascopeError
 from analysis.export import ExportError, load_pruned, stored_compressed
 from analysis.layers import find_blocks, layers_by_block, prunable_layers, skeleton
 from analysis.runtime import ProgressFn, cache_dir
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(AlphascopeError, RuntimeError):
     """A model could not be resolved or loaded; the message is meant for the user as is."""
 
 

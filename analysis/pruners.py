@@ -41,6 +41,13 @@ from dataclasses import dataclass
 
 import torch
 
+from analysis.errors import AlphascopeError
+
+
+class PruneError(AlphascopeError, ValueError):
+    """A pruning request that cannot be carried out as given (a pattern, ratio or method); the message says why."""
+
+
 NM = tuple[int, int]
 
 
@@ -52,11 +59,11 @@ def parse_nm(nm) -> NM | None:
         try:
             n, m = (int(x) for x in nm.split(":"))
         except ValueError as e:
-            raise ValueError(f"N:M must look like '2:4', got '{nm}'") from e
+            raise PruneError(f"N:M must look like '2:4', got '{nm}'") from e
     else:
         n, m = (int(x) for x in nm)
     if not 0 < n < m:
-        raise ValueError(f"N:M needs 0 < N < M, got {n}:{m}")
+        raise PruneError(f"N:M needs 0 < N < M, got {n}:{m}")
     return n, m
 
 
@@ -107,7 +114,7 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Remove the m-n lowest scores in every group of m consecutive columns of each row."""
     rows, cols = scores.shape
     if cols % m:
-        raise ValueError(f"N:M sparsity needs the input size ({cols}) to be a multiple of M={m}")
+        raise PruneError(f"N:M sparsity needs the input size ({cols}) to be a multiple of M={m}")
     return lowest_k_mask(scores.reshape(rows, cols // m, m), m - n).reshape(rows, cols)
 
 
@@ -170,7 +177,7 @@ def prune_sparsegpt(w: torch.Tensor, hessian: torch.Tensor, ratio: Ratio, nm: NM
     Works on the transpose (in, out) so that each input column is a contiguous row (fast updates)."""
     rows, cols = w.shape
     if nm and blocksize % nm[1]:
-        raise ValueError(f"blocksize {blocksize} must be a multiple of M={nm[1]}")
+        raise PruneError(f"blocksize {blocksize} must be a multiple of M={nm[1]}")
     wt = w.detach().t().float().contiguous()  # (in, out): wt[j] is input column j of W
     u = _inverse_hessian_factor(hessian.float(), wt.t(), percdamp)
     counts = _block_prune_counts(ratio, cols, blocksize)
@@ -209,9 +216,9 @@ def check_rowwise(rowwise: str | None, nm) -> None:
     if rowwise is None:
         return
     if rowwise not in ROWWISE:
-        raise ValueError(f"rowwise must be one of {', '.join(ROWWISE)} or none, got {rowwise!r}")
+        raise PruneError(f"rowwise must be one of {', '.join(ROWWISE)} or none, got {rowwise!r}")
     if parse_nm(nm):
-        raise ValueError("row-wise sparsity does not apply to N:M patterns (every row is (M-N)/M sparse)")
+        raise PruneError("row-wise sparsity does not apply to N:M patterns (every row is (M-N)/M sparse)")
 
 
 def output_quality(w: torch.Tensor, pruned: torch.Tensor, gram: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -312,5 +319,5 @@ PRUNERS: dict[str, Pruner] = {p.name: p for p in (
 def get_pruner(method: str) -> Pruner:
     """The registered pruner named `method`; ValueError listing the choices otherwise."""
     if method not in PRUNERS:
-        raise ValueError(f"Unknown pruning method '{method}'; choose one of {', '.join(PRUNERS)}.")
+        raise PruneError(f"Unknown pruning method '{method}'; choose one of {', '.join(PRUNERS)}.")
     return PRUNERS[method]

@@ -19,7 +19,7 @@ from torch import nn
 from analysis.allocation import MAX_RATIO
 from analysis.calibration import InputStats, walk_blocks
 from analysis.layers import LayerRef, find_blocks, prunable_layers
-from analysis.pruners import NM, PRUNERS, Pruner, check_rowwise, get_pruner, parse_nm, prune_trim
+from analysis.pruners import NM, PRUNERS, PruneError, Pruner, check_rowwise, get_pruner, parse_nm, prune_trim
 from analysis.runtime import ProgressFn, StopFlag
 
 METHODS = tuple(PRUNERS)
@@ -51,12 +51,12 @@ def _check_ratios(per_layer: dict[str, float], refs: list[LayerRef]) -> None:
     names = {r.name for r in refs}
     unknown = [k for k in per_layer if k not in names]
     if unknown:
-        raise ValueError(f"{len(unknown)} names in the allocation are not prunable matrices of this model "
+        raise PruneError(f"{len(unknown)} names in the allocation are not prunable matrices of this model "
                          f"(e.g. '{unknown[0]}'); was the allocation made for another model?")
     bad = {k: v for k, v in per_layer.items() if not (0.0 <= float(v) <= MAX_RATIO)}
     if bad:
         k, v = next(iter(bad.items()))
-        raise ValueError(f"Sparsity ratios must be in [0, {MAX_RATIO}]; '{k}' has {v}")
+        raise PruneError(f"Sparsity ratios must be in [0, {MAX_RATIO}]; '{k}' has {v}")
 
 
 def layer_pruner(method: str, stats: InputStats | None) -> tuple[Pruner, torch.Tensor | None]:
@@ -78,7 +78,7 @@ def prune_layer(ref: LayerRef, ratio: float, method: str, stats: InputStats | No
     pruner, stat = layer_pruner(method, stats)
     w = ref.weight().detach().float()
     if not torch.isfinite(w).all():  # magnitude would keep NaNs, SparseGPT would fail in a Cholesky
-        raise ValueError(f"'{ref.name}' has non-finite weights (NaN or inf), which no pruner can rank; the matrices "
+        raise PruneError(f"'{ref.name}' has non-finite weights (NaN or inf), which no pruner can rank; the matrices "
                          "before it are pruned already (the Spectra page and `spectra` flag such matrices)")
     if rowwise == "trim" and stats.tokens:
         new, _ = prune_trim(w, ratio, lambda m, rows: pruner.apply(m, rows, None, stat), stats.xtx,
@@ -113,11 +113,11 @@ def prune(model: nn.Module, per_layer: dict[str, float], method: str = "wanda", 
     _check_ratios(per_layer, refs)
     todo = {k: float(v) for k, v in per_layer.items() if float(v) > 0}
     if nm is not None and (odd := [k for k, v in todo.items() if not math.isclose(v, (nm[1] - nm[0]) / nm[1])]):
-        raise ValueError(f"an N:M pattern {nm[0]}:{nm[1]} prunes a matrix to {(nm[1] - nm[0]) / nm[1]:g} (or 0 to "
+        raise PruneError(f"an N:M pattern {nm[0]}:{nm[1]} prunes a matrix to {(nm[1] - nm[0]) / nm[1]:g} (or 0 to "
                          f"keep it dense); {len(odd)} ratio(s) differ, e.g. '{odd[0]}' asks {todo[odd[0]]:g}")
     check_rowwise(rowwise, nm)
     if (pruner.statistic or rowwise) and calib is None:
-        raise ValueError(f"{rowwise or method} needs calibration data (calib = token ids, shape (n, seqlen)).")
+        raise PruneError(f"{rowwise or method} needs calibration data (calib = token ids, shape (n, seqlen)).")
 
     by_magnitude: list[str] = []
 
@@ -170,7 +170,7 @@ class DenseSnapshot:
         refs = prunable_layers(model)
         missing = [r.name for r in refs if r.name not in self.weights]
         if missing or len(refs) != len(self.weights):
-            raise ValueError("This snapshot was taken from a different model.")
+            raise PruneError("This snapshot was taken from a different model.")
         with torch.no_grad():
             for r in refs:
                 r.weight().copy_(self.weights[r.name])

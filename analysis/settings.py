@@ -32,6 +32,7 @@ from analysis.data import (
     spread_windows,
     text_source_problem,
 )
+from analysis.errors import AlphascopeError
 from analysis.layers import prunable_layers
 from analysis.loading import DEVICE_MAP_AUTO, DTYPES, ModelLoadError, ModelPreview, pick_device
 from analysis.powerlaw import XMIN_RULES
@@ -90,7 +91,7 @@ def then_samples(first: int, requested: int | None = None) -> int:
     return first * THEN_SAMPLES if requested is None else requested
 
 
-class SettingsError(ValueError):
+class SettingsError(AlphascopeError, ValueError):
     """A setting the user can fix; the message names it, and `field` ("calibration.seqlen", ...) says
     which one, so a front end can point at its own control (the CLI names the option)."""
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from analysis.errors import AlphascopeError
 from analysis.runtime import cache_dir
 
 SCHEMA = """
@@ -35,7 +36,7 @@ CREATE TABLE IF NOT EXISTS runs (
 COLUMNS = ("id", "created", "model", "method", "allocation_method", "sparsity", "nm", "dense_ppl", "pruned_ppl")
 
 
-class StoreError(RuntimeError):
+class StoreError(AlphascopeError, RuntimeError):
     """The run store cannot be opened or written (not a SQLite file, locked, unwritable folder)."""
 
 

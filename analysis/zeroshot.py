@@ -30,6 +30,7 @@ from huggingface_hub import constants as hub_constants
 from torch import nn
 
 from analysis.data import evaluation_text
+from analysis.errors import AlphascopeError
 from analysis.loading import hub_reachable
 from analysis.runtime import ProgressFn, StopFlag, should_stop
 
@@ -40,7 +41,7 @@ CHUNK = 64  # loglikelihood requests per progress report and stop check
 BOOTSTRAP_ITERS = 1000
 
 
-class ZeroShotError(ValueError):
+class ZeroShotError(AlphascopeError, ValueError):
     """A task the user named cannot run here (unknown, or its data is out of reach); one line."""
 
 

@@ -7,6 +7,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # lowest first; a module may import only from its own layer's lower neighbours (strictly lower layers)
 LAYERS = [
+    {"errors"},
     {"runtime", "layers", "powerlaw", "pruners", "allocation", "jobs", "export", "checkpoint"},
     {"data", "store", "calibration", "evaluation", "loading", "spectra"},
     {"owl", "pruning", "settings", "zeroshot"},
@@ -53,3 +54,19 @@ def test_engine_layers_only_import_downwards():
 def test_components_do_not_import_pages():
     for path in sorted((ROOT / "components").rglob("*.py")):
         assert not any(d.startswith("pages") for d in project_imports(path)), path
+
+
+def test_every_error_class_of_the_engine_is_an_alphascope_error():
+    """A script catches every user-facing error with `except AlphascopeError` (README, "Architecture")."""
+    import importlib
+
+    from analysis.errors import AlphascopeError
+
+    found = []
+    for path in sorted((ROOT / "analysis").glob("*.py")):
+        if path.stem in ("__init__", "__main__"):
+            continue
+        module = importlib.import_module(f"analysis.{path.stem}")
+        found += [c for c in vars(module).values() if isinstance(c, type) and issubclass(c, Exception)
+                  and c.__module__ == module.__name__ and c.__name__.endswith("Error")]  # not control flow
+    assert len(found) >= 12 and all(issubclass(c, AlphascopeError) for c in found), found
