@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from analysis.allocation import MAX_RATIO
+from analysis.allocation import MAX_RATIO, Allocation
 from analysis.calibration import InputStats, walk_blocks
 from analysis.layers import LayerRef, find_blocks, prunable_layers
 from analysis.pruners import NM, PRUNERS, PruneError, Pruner, check_rowwise, get_pruner, parse_nm, prune_trim
@@ -48,6 +48,9 @@ class PruneReport:
 
 
 def _check_ratios(per_layer: dict[str, float], refs: list[LayerRef]) -> None:
+    if not isinstance(per_layer, dict):
+        raise PruneError(f"per_layer must be {{matrix name: ratio}}, an Allocation or one ratio, got "
+                         f"{type(per_layer).__name__}")
     names = {r.name for r in refs}
     unknown = [k for k in per_layer if k not in names]
     if unknown:
@@ -95,11 +98,13 @@ def sparsity_of(w: torch.Tensor) -> float:
     return float((w == 0).sum()) / w.numel()
 
 
-def prune(model: nn.Module, per_layer: dict[str, float], method: str = "wanda", calib: torch.Tensor | None = None,
+def prune(model: nn.Module, per_layer: dict[str, float] | Allocation | float, method: str = "wanda",
+          calib: torch.Tensor | None = None,
           nm=None, progress: ProgressFn | None = None, stop: StopFlag = None,
           device: str | torch.device | None = None, rowwise: str | None = None) -> PruneReport:
     """Prune `model` in place: matrix `name` loses the fraction `per_layer[name]` of its weights
-    (names not given are left dense). `calib`: (n, seqlen) token ids, needed by pruners that use a
+    (names not given are left dense); `per_layer` may also be an Allocation (its per_layer) or one
+    number for every prunable matrix. `calib`: (n, seqlen) token ids, needed by pruners that use a
     calibration statistic and by row-wise refinement. `nm`: "2:4", (2, 4) or None (unstructured); with
     N:M every ratio is (M-N)/M or 0.
     `rowwise`: None or "trim" (see the module docstring). `device`: where each block is
@@ -110,6 +115,10 @@ def prune(model: nn.Module, per_layer: dict[str, float], method: str = "wanda", 
     pruner = get_pruner(method)
     nm = parse_nm(nm)
     refs = prunable_layers(model)
+    if isinstance(per_layer, Allocation):
+        per_layer = per_layer.per_layer
+    elif isinstance(per_layer, (int, float)) and not isinstance(per_layer, bool):
+        per_layer = {r.name: float(per_layer) for r in refs}
     _check_ratios(per_layer, refs)
     todo = {k: float(v) for k, v in per_layer.items() if float(v) > 0}
     if nm is not None and (odd := [k for k, v in todo.items() if not math.isclose(v, (nm[1] - nm[0]) / nm[1])]):

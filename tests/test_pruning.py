@@ -10,7 +10,7 @@ from analysis.calibration import InputStats, replaying, walk_blocks
 from analysis.export import export
 from analysis.layers import find_blocks, prunable_layers
 from analysis.owl import collect_outlier_ratios
-from analysis.pruners import get_pruner, lowest_k_mask, prune_magnitude, prune_sparsegpt, prune_wanda
+from analysis.pruners import PruneError, get_pruner, lowest_k_mask, prune_magnitude, prune_sparsegpt, prune_wanda
 from analysis.pruning import DenseSnapshot, prune, prune_layer
 
 
@@ -269,6 +269,19 @@ def test_prune_stops_between_blocks():
     assert report.stopped and report.blocks_done == 1
     assert report.per_layer["model.layers.0.mlp.up_proj"] == pytest.approx(0.5)
     assert report.per_layer["model.layers.2.mlp.up_proj"] == 0.0
+
+
+def test_one_ratio_or_an_allocation_prunes_like_its_per_layer_dict():
+    from analysis.allocation import allocate
+    from analysis.layers import layer_table
+
+    a, b, c = tiny_llama(), tiny_llama(), tiny_llama()
+    alloc = allocate(layer_table(a), 0.5, "uniform")
+    reports = [prune(m, given, method="magnitude") for m, given in ((a, 0.5), (b, alloc), (c, alloc.per_layer))]
+    assert reports[0].per_layer == reports[1].per_layer == reports[2].per_layer
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), c.state_dict().values()))
+    with pytest.raises(PruneError, match="per_layer must be {matrix name: ratio}, an Allocation or one ratio"):
+        prune(a, [0.5], method="magnitude")
 
 
 def test_bad_prune_requests_raise_value_errors():
