@@ -105,3 +105,18 @@ def test_every_option_a_command_in_the_docs_shows_exists(capsys):
         if missing:
             unknown[f"python -m {program} {sub}".strip()] = sorted(missing)
     assert unknown == {}
+
+
+def test_the_python_api_examples_of_the_readme_run_as_written(capsys):
+    """README "Python API": its two blocks, in one namespace, on the real default model."""
+    section = (ROOT / "README.md").read_text().split("## Python API", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(blocks) == 2
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 (the project's own docs)
+    first, second = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(r"0\.500 sparse, perplexity \d+\.\d\d", first)
+    dense_ppl, pruned_ppl, achieved = (float(x) for x in second.split())
+    assert pruned_ppl > dense_ppl and achieved == pytest.approx(0.6, abs=1e-3)
+    assert namespace["loaded"].model is namespace["model"]
