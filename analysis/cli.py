@@ -682,7 +682,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if zeroshot is not None:
         _zeroshot(loaded, zeroshot, label)
         return 0
-    ppl = perplexity(loaded.model, windows, progress=lambda u: _print_ppl(label, u), batch_size=evaluation.batch_size)
+    ppl = perplexity(loaded.model, windows, on_update=lambda u: _print_ppl(label, u), batch_size=evaluation.batch_size)
     print(f"perplexity {ppl:.4f} on {evaluation.source} ({windows.shape[0]} windows of {windows.shape[1]} tokens)")
     return 0
 

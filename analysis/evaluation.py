@@ -93,10 +93,11 @@ def _ppl(nll_sum: float, tokens: int) -> float:
 
 
 def perplexity(model: nn.Module, windows: torch.Tensor, device: str | torch.device | None = None,
-               progress: Callable[[PplUpdate], None] | None = None, batch_size: int | None = None) -> float:
-    """Perplexity over all `windows`; `progress` is called with every PplUpdate."""
+               on_update: Callable[[PplUpdate], None] | None = None, batch_size: int | None = None) -> float:
+    """Perplexity over all `windows`; `on_update` sees every PplUpdate (the running perplexity, not the
+    (message, fraction) of a `progress` callback)."""
     last = None
     for last in perplexity_stream(model, windows, device=device, batch_size=batch_size):
-        if progress is not None:
-            progress(last)
+        if on_update is not None:
+            on_update(last)
     return last.ppl

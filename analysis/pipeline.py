@@ -394,7 +394,7 @@ def run(loaded: LoadedModel, settings: RunSettings, *, progress: ProgressFn | No
 
     def evaluate(label: str) -> float:
         show = (lambda u: on_ppl(label, u)) if on_ppl else None
-        return perplexity(model, data.windows, progress=show, batch_size=settings.evaluation.batch_size)
+        return perplexity(model, data.windows, on_update=show, batch_size=settings.evaluation.batch_size)
 
     caveats = run_caveats(settings, loaded, alloc)
     dense = dense_ppl
