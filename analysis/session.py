@@ -164,6 +164,8 @@ class WorkingCopy:
     def describe(self) -> str:
         """The "Your weights" line."""
         if not self.pruned:
+            if self.job is not None and self.job.name == "prune" and not self.job.done:
+                return "being pruned (dense again if the prune fails or is cancelled)"
             return "dense (shared model)"
         if self.leased:
             return "pruned in place — " + self.label + " (the shared model is yours until you restore it)"

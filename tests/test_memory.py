@@ -59,6 +59,16 @@ def wait_for_message(job: Job, text: str, timeout: float = 60.0) -> str:
     return job.progress[0]
 
 
+def test_your_weights_line_says_a_prune_is_under_way():
+    import threading
+
+    work, release = WorkingCopy("k", ModelGate(), "session A"), threading.Event()
+    work.job = Job(lambda j: release.wait(30), name="prune").start()
+    assert work.describe().startswith("being pruned")
+    release.set()
+    assert work.job.wait(30) and work.describe() == "dense (shared model)"
+
+
 def test_a_copy_when_it_fits_else_the_lease_and_a_bit_identical_restore(tiny, monkeypatch):
     shared = tiny.model
     dense = {k: v.clone() for k, v in shared.state_dict().items()}
