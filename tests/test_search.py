@@ -245,9 +245,11 @@ def test_search_starts_are_uniform_owl_alphapruning_and_farms_at_the_budget(tiny
     widths = [np.ptp(starts[f"farms eps={e:g}"].per_block) for e in AUTO_EPSILONS]
     assert widths == sorted(widths) and widths[0] > 0
     # FARMS spectra measured elsewhere (the Allocation page's FARMS preset) are used, not measured again
-    # (given AlphaPruning's spectra as FARMS's, the FARMS starts are AlphaPruning's curves)
+    # (given AlphaPruning's numbers as FARMS's, marked as FARMS spectra, the FARMS starts are AlphaPruning's curves)
     settings = AllocationSettings(method="auto", sparsity=0.6)
-    given = search_starts(settings, model, calib, farms_metrics=dense_spectra(model, settings.spectra))
+    numbers = dense_spectra(model, settings.spectra).copy()
+    numbers.attrs["farms"] = True
+    given = search_starts(settings, model, calib, farms_metrics=numbers)
     for e in AUTO_EPSILONS:
         assert given[f"farms eps={e:g}"].per_block == pytest.approx(starts[f"alphapruning eps={e:g}"].per_block)
 

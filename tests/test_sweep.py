@@ -365,7 +365,7 @@ def test_ray_sweep_equals_in_process_retries_and_reports(tiny, in_process, local
     # the configuration that always fails: tried twice, reported with its error, not stored
     failed = [o for o in outcomes if o.status == FAILED]
     assert len(failed) == 2 and all(o.attempts == 2 for o in failed)  # both seeds
-    assert all("not prunable matrices of this model" in o.error for o in failed)
+    assert all("the allocation does not fit this model" in o.error for o in failed)
     assert len(store) == 4 and set(finished_keys(store)) == {o.key for o in here}
     # each worker process loaded the model once, however many configurations it ran
     workers = {o.worker["pid"]: o.worker["loads"] for o in outcomes if o.status == DONE}
