@@ -284,13 +284,19 @@ def worker_model(model: ModelSettings) -> tuple[LoadedModel, DenseSnapshot]:
     """This process's copy of the model and a snapshot of its dense weights, loaded from the source
     on first use and kept for the next configurations (one model at a time)."""
     if _WORKER.get("settings") != model:
-        for k in ("settings", "loaded", "dense"):  # drop the previous model before loading another
-            _WORKER.pop(k, None)
+        release_worker_model()  # the previous model goes before another loads
         loaded = load_model(model.source, device=model.device, dtype=model.dtype,
                             trust_remote_code=model.trust_remote_code)
         _WORKER.update(settings=model, loaded=loaded, dense=DenseSnapshot.take(loaded.model),
                        loads=_WORKER["loads"] + 1)
     return _WORKER["loaded"], _WORKER["dense"]
+
+
+def release_worker_model() -> None:
+    """Drop this process's model and its dense snapshot: an in-process sweep's, once it ends (the
+    dashboard's process lives on, and would hold them beside its own shared model)."""
+    for k in ("settings", "loaded", "dense"):
+        _WORKER.pop(k, None)
 
 
 def worker_info() -> dict:
@@ -527,7 +533,10 @@ def run_sweep(grid: SweepGrid, store: RunStore, *, workers: int = 1, address: st
             _run_on_ray(pending, finish, workers=workers, address=address, cpus_per_worker=cpus_per_worker,
                         stop=stop)
         else:
-            _run_here(pending, finish, progress=progress, stop=stop)
+            try:
+                _run_here(pending, finish, progress=progress, stop=stop)
+            finally:
+                release_worker_model()
     return [outcomes[k] for k in by_key]
 
 
@@ -635,4 +644,5 @@ __all__ = ["CANCELLED", "DONE", "FAILED", "FAULT_FILE_ENV", "NAMED_ALLOCATIONS",
            "Outcome", "SweepGrid", "allocation_label", "check_address", "check_models", "check_workers", "config_key",
            "config_label", "line_label",
            "finished_keys", "grid_from_text", "measure_dense", "outcome_table", "parse_values", "ray_available",
-           "run_config", "run_sweep", "start_ray", "sweep_row", "worker_info", "worker_model"]
+           "release_worker_model", "run_config", "run_sweep", "split_items", "start_ray", "sweep_row", "worker_info",
+           "worker_model"]

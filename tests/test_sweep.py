@@ -238,8 +238,11 @@ def in_process(tiny, tmp_path_factory):
 
 
 def test_in_process_sweep_and_resume(tiny, in_process):
+    from analysis import sweep
+
     g, store, outcomes = in_process
     assert [o.status for o in outcomes] == [DONE] * 4 and len(store) == 4
+    assert "loaded" not in sweep._WORKER and "dense" not in sweep._WORKER  # the sweep's own model is freed
     assert all(o.attempts == 1 and o.pruned_ppl > 0 for o in outcomes)
     assert set(finished_keys(store)) == {o.key for o in outcomes}
     assert len({o.dense_ppl for o in outcomes}) == 1  # measured once for the sweep
