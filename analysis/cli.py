@@ -48,7 +48,6 @@ from analysis.pipeline import (
     dense_spectra,
     evaluation_windows,
     run,
-    run_caveats,
     search_windows,
     write_record,
 )
@@ -154,17 +153,6 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _model_settings(args: argparse.Namespace) -> ModelSettings:
     device = DEVICE_MAP_AUTO if getattr(args, "device_map", None) == "auto" else args.device
     return ModelSettings(args.model, device, args.dtype, args.trust_remote_code)
-
-
-def _both(check, then=None):
-    """One model check that runs `check(preview)`, then `then(preview)` when given."""
-    if then is None:
-        return check
-
-    def both(preview) -> None:
-        check(preview)
-        then(preview)
-    return both
 
 
 def _load(m: ModelSettings, check=None):
@@ -614,13 +602,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
     zeroshot = _zeroshot_settings(args)
     _checked_outputs(args, {"--out": args.out})
     store = RunStore(args.db)  # a store that cannot be opened is refused now, not after the run
-    loaded = _load(settings.model, _both(settings.check_model, _check_zeroshot_tokenizer if zeroshot else None))
+    def check(preview) -> None:
+        settings.check_model(preview)
+        if zeroshot is not None:
+            _check_zeroshot_tokenizer(preview)
+    loaded = _load(settings.model, check)
     print(f"calibration {settings.calibration.n_samples} x {settings.calibration.seqlen} tokens from "
           f"{settings.calibration.source}; evaluation on {settings.evaluation.source}", file=sys.stderr)
     _hint_search_text(settings.allocation, settings.evaluation.source)
-    for caveat in run_caveats(settings, loaded):  # before the prune, which may take hours
-        print(f"warning: {caveat}", file=sys.stderr)
-    result = run(loaded, settings, progress=_print_progress, on_ppl=_print_ppl)
+    result = run(loaded, settings, progress=_print_progress, on_ppl=_print_ppl,
+                 on_caveat=lambda caveat: print(f"warning: {caveat}", file=sys.stderr))
     record, report = result.record, result.report
     for warning in prune_warnings(report):
         print(f"warning: {warning}", file=sys.stderr)

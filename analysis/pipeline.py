@@ -276,18 +276,17 @@ def build_allocation(settings: AllocationSettings, model: nn.Module, *, nm=None,
 PRIOR_ZEROS = 0.01  # of the prunable weights: above it a model was pruned before (the 4-bit packaged ones: 0.03%)
 
 
-def run_caveats(settings: RunSettings, loaded: LoadedModel, alloc: Allocation | None = None) -> list[str]:
+def run_caveats(settings: RunSettings, loaded: LoadedModel) -> list[str]:
     """Warnings for a run, before it prunes `loaded.model`: weights that are sparse already (pruned before:
     the run's "dense" perplexity and spectra are theirs), and a search's saved allocation reused (allocation
-    method "file"; `alloc`: that file, loaded here when not given): analysis.search.reuse_caveats. A model
-    placed by accelerate (device_map) is not read for its zeros."""
+    method "file"): analysis.search.reuse_caveats. A model placed by accelerate (device_map) is not read for
+    its zeros."""
     out = []
     if not loaded.info.device_map and (zeros := zero_fraction(loaded.model)) > PRIOR_ZEROS:
         out.append(f"{zeros:.1%} of the prunable weights are zero already (pruned before? restore it with "
                    "DenseSnapshot, or load it again): the run's dense perplexity and spectra are of these weights")
     if settings.allocation.method == "file" and parse_nm(settings.prune.nm) is None:
-        alloc = Allocation.load(settings.allocation.file) if alloc is None else alloc
-        out += reuse_caveats(alloc.params, settings.prune.method, loaded.model)
+        out += reuse_caveats(Allocation.load(settings.allocation.file).params, settings.prune.method, loaded.model)
     return out
 
 
@@ -370,16 +369,22 @@ class RunResult:
 
 
 def run(loaded: LoadedModel, settings: RunSettings, *, progress: ProgressFn | None = None,
-        on_ppl: Callable[[str, PplUpdate], None] | None = None, stop: StopFlag = None,
+        on_ppl: Callable[[str, PplUpdate], None] | None = None, on_caveat: Callable[[str], None] | None = None,
+        stop: StopFlag = None,
         timer: Timer | None = None, metrics: pd.DataFrame | None = None,
         farms_metrics: pd.DataFrame | None = None, dense_ppl: float | None = None) -> RunResult:
     """Allocate, measure the dense perplexity, prune `loaded.model` in place and measure it again.
-    `on_ppl(label, update)` sees every running perplexity ("dense", then "pruned"). A sweep passes
+    `on_ppl(label, update)` sees every running perplexity ("dense", then "pruned"); `on_caveat(text)` each of
+    the run's warnings (run_caveats, also kept in the record) as soon as they are known. A sweep passes
     what it measured once on the same dense model: `metrics` and `farms_metrics` (spectra, as
     build_allocation takes them) and `dense_ppl` (on this run's evaluation windows); the dense
     evaluation is then skipped. The settings are checked against the model (settings.check_model) first."""
     settings.check()
     settings.check_model(loaded.preview())
+    caveats = run_caveats(settings, loaded)  # before anything prunes, which may take hours
+    if on_caveat:
+        for caveat in caveats:
+            on_caveat(caveat)
     timer = timer or Timer()
     model, info = loaded.model, loaded.info
     with timer("data"):
@@ -396,7 +401,6 @@ def run(loaded: LoadedModel, settings: RunSettings, *, progress: ProgressFn | No
         show = (lambda u: on_ppl(label, u)) if on_ppl else None
         return perplexity(model, data.windows, on_update=show, batch_size=settings.evaluation.batch_size)
 
-    caveats = run_caveats(settings, loaded, alloc)
     dense = dense_ppl
     if dense is None:
         with timer("dense_eval"):
