@@ -124,7 +124,8 @@ def _allocation_file(path: str | None, field_name: str, what: str) -> Allocation
         raise SettingsError(str(e), field_name) from None
 
 
-def _positive_int(value, name: str, minimum: int = 1) -> None:
+def check_positive_int(value, name: str, minimum: int = 1) -> None:
+    """SettingsError for `name` (its last part in the message) unless `value` is an integer >= `minimum`."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise SettingsError(f"{name.split('.')[-1]} must be an integer >= {minimum}, got {value!r}", name)
 
@@ -190,9 +191,9 @@ class CalibrationSettings:
     encoding: str = ENCODING
 
     def check(self) -> CalibrationSettings:
-        _positive_int(self.n_samples, "calibration.n_samples")
-        _positive_int(self.seqlen, "calibration.seqlen", 2)
-        _positive_int(self.seed, "calibration.seed", 0)
+        check_positive_int(self.n_samples, "calibration.n_samples")
+        check_positive_int(self.seqlen, "calibration.seqlen", 2)
+        check_positive_int(self.seed, "calibration.seed", 0)
         _source(self.source, self.encoding, "calibration.source", "calibration text")
         return self
 
@@ -218,10 +219,10 @@ class EvaluationSettings:
     encoding: str = ENCODING
 
     def check(self) -> EvaluationSettings:
-        _positive_int(self.seqlen, "evaluation.seqlen", 2)
+        check_positive_int(self.seqlen, "evaluation.seqlen", 2)
         for name in ("max_windows", "batch_size"):
             if getattr(self, name) is not None:
-                _positive_int(getattr(self, name), f"evaluation.{name}")
+                check_positive_int(getattr(self, name), f"evaluation.{name}")
         _source(self.source, self.encoding, "evaluation.source", "evaluation text")
         return self
 
@@ -307,8 +308,8 @@ class AllocationSettings:
             raise SettingsError(f"fit must be one of {', '.join(XMIN_RULES)}, got {self.fit!r}", "allocation.fit")
         if not self.owl_threshold > 0:
             raise SettingsError(f"owl_threshold must be > 0, got {self.owl_threshold}", "allocation.owl_threshold")
-        _positive_int(self.search_steps, "allocation.search_steps", 0)
-        _positive_int(self.search_seed, "allocation.search_seed", 0)
+        check_positive_int(self.search_steps, "allocation.search_steps", 0)
+        check_positive_int(self.search_seed, "allocation.search_seed", 0)
         if not (isinstance(self.search_step, int | float) and 0 < self.search_step <= SEARCH_STEP_MAX):
             raise SettingsError(f"search_step must be a sparsity in (0, {SEARCH_STEP_MAX}], got {self.search_step!r}",
                                 "allocation.search_step")
@@ -321,16 +322,16 @@ class AllocationSettings:
         if self.search_text is not None:
             _source(self.search_text, ENCODING, "allocation.search_text", "search text")
         if self.search_samples is not None:
-            _positive_int(self.search_samples, "allocation.search_samples")
+            check_positive_int(self.search_samples, "allocation.search_samples")
             if self.search_text is None:
                 raise SettingsError("search_samples counts windows of a held-out search text: give search_text too "
                                     "(e.g. wikitext2:valid)", "allocation.search_samples")
-        _positive_int(self.search_then_steps, "allocation.search_then_steps", 0)
+        check_positive_int(self.search_then_steps, "allocation.search_then_steps", 0)
         if self.search_then_steps and self.search_text is None:
             raise SettingsError("the search's second stage scores on more of a held-out search text: give "
                                 "search_text too (e.g. wikitext2:valid)", "allocation.search_then_steps")
         if self.search_then_samples is not None:
-            _positive_int(self.search_then_samples, "allocation.search_then_samples")
+            check_positive_int(self.search_then_samples, "allocation.search_then_samples")
             if self.search_text is None:
                 raise SettingsError("search_then_samples counts windows of a held-out search text: give search_text "
                                     "too (e.g. wikitext2:valid)", "allocation.search_then_samples")
@@ -439,7 +440,7 @@ class ZeroShotSettings:
             raise SettingsError(f"tasks must be one or more task names, got {self.tasks!r}", "zeroshot.tasks")
         for name in ("limit", "batch_size"):
             if getattr(self, name) is not None:
-                _positive_int(getattr(self, name), f"zeroshot.{name}")
+                check_positive_int(getattr(self, name), f"zeroshot.{name}")
         return self
 
 

@@ -50,6 +50,7 @@ from analysis.settings import (
     RunSettings,
     SettingsError,
     SpectraSettings,
+    check_positive_int,
 )
 from analysis.store import RunStore
 
@@ -463,11 +464,8 @@ def start_ray(workers: int, cpus_per_worker: int = 1, address: str | None = None
 
 def check_workers(workers: int, cpus_per_worker: int) -> None:
     """SettingsError unless both are integers >= 1."""
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise SettingsError(f"workers must be an integer >= 1, got {workers!r}", "sweep.workers")
-    if isinstance(cpus_per_worker, bool) or not isinstance(cpus_per_worker, int) or cpus_per_worker < 1:
-        raise SettingsError(f"cpus per worker must be an integer >= 1, got {cpus_per_worker!r}",
-                            "sweep.cpus_per_worker")
+    check_positive_int(workers, "sweep.workers")
+    check_positive_int(cpus_per_worker, "sweep.cpus_per_worker")
 
 
 def check_models(configs: list[RunSettings]) -> None:
