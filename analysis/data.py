@@ -26,6 +26,7 @@ import hashlib
 import importlib.util
 import os
 import re
+import stat
 import weakref
 from pathlib import Path
 
@@ -93,9 +94,8 @@ def text_source_problem(source: str, encoding: str = ENCODING) -> str | None:
             _wikitext_path(src.split(":", 1)[1])
         elif src != "default":
             path = Path(src).expanduser()
-            _check_file(path)
-            stat = path.stat()
-            _check_decodes(path.resolve(), check_encoding(encoding), stat.st_size, stat.st_mtime_ns)
+            info = _check_file(path)
+            _check_decodes(path.resolve(), check_encoding(encoding), info.st_size, info.st_mtime_ns)
     except DataError as e:
         return str(e)
     return None
@@ -119,19 +119,19 @@ def save_text(name: str, data: bytes, folder: Path | None = None, encoding: str 
     return path
 
 
-def _check_file(path: Path) -> None:
+def _check_file(path: Path) -> os.stat_result:
+    """`path`'s stat, once it is known to be a regular file; DataError saying what it is otherwise."""
     try:
-        path.stat()
-    except FileNotFoundError:
-        pass  # said below
+        info = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        raise DataError(f"Text file '{path}' does not exist.") from None
     except OSError as e:  # e.g. a name longer than the file system allows
         raise DataError(f"'{str(path)[:80]}...' cannot be read as a text file ({e.strerror}).") from None
-    if path.is_dir():
+    if stat.S_ISDIR(info.st_mode):
         raise DataError(f"'{path}' is a folder, not a text file.")
-    if not path.exists():
-        raise DataError(f"Text file '{path}' does not exist.")
-    if not path.is_file():
+    if not stat.S_ISREG(info.st_mode):
         raise DataError(f"'{path}' is not a regular file (a device or a pipe); give a text file.")
+    return info
 
 
 def check_encoding(encoding: str) -> str:
