@@ -25,6 +25,8 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from analysis.errors import AlphascopeError
+
 PENDING, RUNNING, DONE, ERROR, CANCELLED = "pending", "running", "done", "error", "cancelled"
 
 
@@ -144,8 +146,8 @@ class Job:
         except JobCancelled:
             self.status = CANCELLED
         except Exception as e:  # noqa: BLE001 (the job's error is shown to the user, not raised)
-            # ValueError and ModelLoadError carry messages written for the user; others get their type
-            user_facing = isinstance(e, ValueError) or type(e).__name__ == "ModelLoadError"
+            # ValueError and alphascope's own errors carry messages written for the user; others get their type
+            user_facing = isinstance(e, (ValueError, AlphascopeError))
             self.error = str(e) if user_facing and str(e) else f"{type(e).__name__}: {e}"
             self.traceback = traceback.format_exc()
             self.status = ERROR

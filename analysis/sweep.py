@@ -26,6 +26,7 @@ import importlib.util
 import json
 import os
 import socket
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -34,6 +35,7 @@ from urllib.parse import urlparse
 import pandas as pd
 
 from analysis.allocation import MAX_RATIO, check_settings, parse_points
+from analysis.errors import AlphascopeError
 from analysis.evaluation import perplexity_stream
 from analysis.loading import LoadedModel, ModelLoadError, load_model, preview_model, resolve_source
 from analysis.pipeline import dense_spectra, evaluation_windows, run, spectra_used
@@ -52,7 +54,7 @@ from analysis.settings import (
     SpectraSettings,
     check_positive_int,
 )
-from analysis.store import RunStore
+from analysis.store import RunStore, eval_label
 
 NAMED_ALLOCATIONS = ALLOCATION_METHODS[:5]  # uniform, alphapruning, farms, owl, auto
 DONE, SKIPPED, FAILED, CANCELLED = "done", "skipped", "failed", "cancelled"
@@ -61,6 +63,13 @@ ADDRESS_TIMEOUT_S = 3.0  # how long `check_address` waits for a cluster to answe
 # worker process (the retry tests arm one crash this way).
 FAULT_FILE_ENV = "ALPHASCOPE_SWEEP_FAULT"
 PACKAGE_DIR = Path(__file__).resolve().parent  # shipped to Ray workers (runtime_env py_modules)
+# One sweep at a time in a process: in-process sweeps share `_WORKER`'s model (one restores the dense
+# weights while another prunes them), and a Ray sweep that started Ray shuts it down under the next one.
+_SWEEPING = threading.Lock()
+
+
+class SweepBusy(AlphascopeError, RuntimeError):
+    """Another sweep is running in this process (the dashboard: started by another session or tab)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -410,7 +419,7 @@ def sweep_row(record: dict) -> dict | None:
     return {"id": record.get("id"), "model": record["config"].get("model"), "method": s.prune.method,
             "allocation": line_label(s), "sparsity": s.allocation.sparsity,
             "achieved": (record.get("achieved") or {}).get("overall"), "seed": s.calibration.seed,
-            "eval": record["config"].get("eval"), "dense_ppl": record.get("dense_ppl"),
+            "eval": eval_label(record["config"]), "dense_ppl": record.get("dense_ppl"),
             "pruned_ppl": record.get("pruned_ppl")}
 
 
@@ -491,7 +500,8 @@ def run_sweep(grid: SweepGrid, store: RunStore, *, workers: int = 1, address: st
 
     Returns one Outcome per distinct configuration, in grid order. `stop` (or Ctrl-C) cancels what
     has not finished: Ray tasks are cancelled, a run in progress here stops between blocks; runs
-    finished before stay stored. KeyboardInterrupt is re-raised after that."""
+    finished before stay stored. KeyboardInterrupt is re-raised after that. SweepBusy when another
+    sweep runs in this process (they would share one model copy)."""
     check_workers(workers, cpus_per_worker)
     configs = grid.check().expand()
     check_address(address)
@@ -526,16 +536,26 @@ def run_sweep(grid: SweepGrid, store: RunStore, *, workers: int = 1, address: st
 
     if progress and stored:
         progress(f"{len(outcomes)} of {len(by_key)} configurations already in the store: skipped", 0.0)
+    if pending and not _SWEEPING.acquire(blocking=False):
+        raise SweepBusy("another sweep is running in this process; wait for it to end or cancel it")
     if pending:
-        if use_ray:
-            _run_on_ray(pending, finish, workers=workers, address=address, cpus_per_worker=cpus_per_worker,
-                        stop=stop)
-        else:
-            try:
-                _run_here(pending, finish, progress=progress, stop=stop)
-            finally:
-                release_worker_model()
+        try:
+            _run_pending(pending, finish, use_ray=use_ray, workers=workers, address=address,
+                         cpus_per_worker=cpus_per_worker, progress=progress, stop=stop)
+        finally:
+            _SWEEPING.release()
     return [outcomes[k] for k in by_key]
+
+
+def _run_pending(pending: list, finish: Callable, *, use_ray: bool, workers: int, address: str | None,
+                 cpus_per_worker: int, progress: ProgressFn | None, stop: StopFlag) -> None:
+    if use_ray:
+        _run_on_ray(pending, finish, workers=workers, address=address, cpus_per_worker=cpus_per_worker, stop=stop)
+    else:
+        try:
+            _run_here(pending, finish, progress=progress, stop=stop)
+        finally:
+            release_worker_model()
 
 
 def _one_line(e: BaseException) -> str:

@@ -169,6 +169,29 @@ def _reading(gate: ModelGate, fn: Callable[[Job], Any]) -> Callable[[Job], Any]:
     return run
 
 
+@st.cache_resource(show_spinner=False)
+def _sweep_slot() -> tuple[list[Job | None], threading.Lock]:
+    return [None], threading.Lock()
+
+
+def sweep_job() -> Job | None:
+    """The server's latest sweep, whichever session started it: a process runs one sweep at a time
+    (analysis.sweep), so every tab sees the running one and can cancel it."""
+    slot, lock = _sweep_slot()
+    with lock:
+        return slot[0]
+
+
+def start_sweep_job(fn: Callable[[Job], Any]) -> Job | None:
+    """Start `fn` as the server's sweep; None while another sweep is running."""
+    slot, lock = _sweep_slot()
+    with lock:
+        if slot[0] is not None and not slot[0].done:
+            return None
+        slot[0] = Job(fn, name="sweep").start()
+        return slot[0]
+
+
 def peek_job(key: tuple) -> Job | None:
     jobs, lock = _registry()
     with lock:

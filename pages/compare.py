@@ -5,7 +5,7 @@ from dataclasses import replace
 import pandas as pd
 import streamlit as st
 
-from analysis.jobs import ERROR, Job
+from analysis.jobs import ERROR
 from analysis.pruners import PRUNERS, ROWWISE
 from analysis.settings import (
     QUICK_EVALUATION,
@@ -31,7 +31,7 @@ from analysis.sweep import (
 from analysis.zeroshot import record_accuracy
 from components.figures import curves_figure, ppl_vs_sparsity_figure, sweep_figure
 from components.labels import OBJECTIVE_LABELS, SPACE_LABELS, VERIFY_LABELS
-from components.state import model_key, runs_store
+from components.state import model_key, runs_store, start_sweep_job, sweep_job
 
 st.title("Compare runs")
 try:
@@ -60,6 +60,8 @@ def _grid(f: dict) -> SweepGrid:
                           seeds=f["seeds"], curves=tuple(f["curves"].splitlines()), rowwise=",".join(f["rowwise"]))
 
 
+running = sweep_job()
+running = running if running is not None and not running.done else None
 with st.expander("Run a sweep", expanded=False):
     st.caption("Every combination of the values below is pruned and evaluated like a run on the Prune page "
                "(calibration: the embedded corpus, 16 x 256 tokens) and stored here; configurations already "
@@ -119,36 +121,46 @@ with st.expander("Run a sweep", expanded=False):
                                      "needs the app started with RAY_AUTH_MODE=token and the token "
                                      "(RAY_AUTH_TOKEN or ~/.ray/auth_token).").strip() or None,
         }
-        start = st.form_submit_button("Start the sweep", disabled=bool(st.session_state.get("sweep_job")
-                                                                      and not st.session_state["sweep_job"].done))
+        start = st.form_submit_button("Start the sweep", disabled=running is not None,
+                                      help="One sweep runs at a time in this server; the running one is shown "
+                                           "below this form, in every tab." if running is not None else None)
     if start:
         try:
             grid = _grid(form)
             check_address(form["address"])
         except (SettingsError, ValueError) as e:
             st.error(f"{str(e.field).removeprefix('sweep.') + ': ' if getattr(e, 'field', None) else ''}{e}")
+            st.session_state.pop("sweep_seen", None)  # an earlier sweep's outcome is not this form's
         else:
             path, workers, address = str(store.path), int(form["workers"]), form["address"]
-            st.session_state["sweep_job"] = Job(
-                lambda j: run_sweep(grid, RunStore(path), workers=workers, address=address, progress=j.report,
-                                    stop=j.stop, on_outcome=j.emit), name="sweep").start()
-    job = st.session_state.get("sweep_job")
-    if job is not None:
-        @st.fragment(run_every=1.0 if not job.done else None)
-        def _sweep_progress():
-            msg, frac = job.progress
-            st.progress(frac, text=f"Sweep ({job.status}): {msg} ({job.elapsed:.0f} s)")
-            if not job.done and st.button("Cancel the sweep", key="sweep_cancel"):
-                job.cancel()
-            if job.status == ERROR:
-                st.error(f"The sweep failed: {job.error}")
-            if job.updates():
-                st.dataframe(outcome_table(job.updates()), hide_index=True, key="sweep_outcomes")
-            if job.done and st.session_state.get("sweep_shown") is not job:
-                st.session_state["sweep_shown"] = job
-                st.rerun()  # the sweep just ended: redraw the page with its runs
+            job = start_sweep_job(lambda j: run_sweep(grid, RunStore(path), workers=workers, address=address,
+                                                      progress=j.report, stop=j.stop, on_outcome=j.emit))
+            if job is None:
+                st.error("Another sweep is running in this server (started in another tab); wait for it to end "
+                         "or cancel it below.")
+            else:
+                st.session_state["sweep_seen"] = job
+                st.rerun()  # the form redrawn with its button disabled while the sweep runs
 
-        _sweep_progress()
+job = sweep_job()
+if job is not None and (not job.done or st.session_state.get("sweep_seen") is job):
+    st.session_state["sweep_seen"] = job  # a tab that saw it running sees how it ended
+
+    @st.fragment(run_every=1.0 if not job.done else None)
+    def _sweep_progress():
+        msg, frac = job.progress
+        st.progress(frac, text=f"Sweep ({job.status}): {msg} ({job.elapsed:.0f} s)")
+        if not job.done and st.button("Cancel the sweep", key="sweep_cancel"):
+            job.cancel()
+        if job.status == ERROR:
+            st.error(f"The sweep failed: {job.error}")
+        if job.updates():
+            st.dataframe(outcome_table(job.updates()), hide_index=True, key="sweep_outcomes")
+        if job.done and st.session_state.get("sweep_shown") is not job:
+            st.session_state["sweep_shown"] = job
+            st.rerun()  # the sweep just ended: redraw the page with its runs (and the form's button)
+
+    _sweep_progress()
 
 if runs.empty:
     st.info("No runs yet. Prune a model on the Prune page; finished runs appear here.")
@@ -164,7 +176,8 @@ def _details(path: str, run_id: int) -> dict:
 
 
 details = [_details(str(store.path), int(i)) for i in runs["id"]]
-runs = runs.assign(achieved=[d["achieved"] for d in details], eval=[d["eval"] for d in details])
+runs = runs.assign(achieved=[d["achieved"] for d in details], seed=[d["seed"] for d in details],
+                   eval=[d["eval"] for d in details])
 # one "acc <task>" column per zero-shot task any run was scored on (runs pruned with --tasks)
 accuracy = pd.DataFrame([d["zeroshot"] for d in details], index=runs.index).add_prefix("acc ")
 runs = pd.concat([runs, accuracy], axis=1)
@@ -176,8 +189,8 @@ chosen = f1.multiselect("Models", models, default=models, key="compare_models")
 methods = sorted(runs["method"].astype(str).unique())
 pick = f2.multiselect("Pruning methods", methods, default=methods, key="compare_methods")
 evals = sorted(runs["eval"].astype(str).unique())
-ev = f3.selectbox("Evaluation text", evals, key="compare_eval",
-                  help="Perplexities are only comparable on the same evaluation text.")
+ev = f3.selectbox("Evaluation", evals, key="compare_eval",
+                  help="Perplexities are only comparable on the same evaluation text, windows and window length.")
 view = runs[runs["model"].astype(str).isin(chosen) & runs["method"].astype(str).isin(pick)
             & (runs["eval"].astype(str) == ev)]
 
@@ -186,9 +199,10 @@ plot = view.dropna(subset=["pruned_ppl"]).assign(
     label=lambda d: d["method"].astype(str) + " + " + d["allocation_method"].astype(str))
 if len(plot):
     st.plotly_chart(ppl_vs_sparsity_figure(plot, x="achieved", y="pruned_ppl", color="label"), key="compare_ppl")
-dense = view["dense_ppl"].dropna()
+dense = view.dropna(subset=["dense_ppl"]).groupby(view["model"].astype(str))["dense_ppl"].last()
 if len(dense):
-    st.caption(f"Dense perplexity on this text: {dense.iloc[-1]:.2f}")
+    st.caption("Dense perplexity on this evaluation: "
+               + "; ".join(f"{model} {ppl:.2f}" if len(dense) > 1 else f"{ppl:.2f}" for model, ppl in dense.items()))
 
 st.subheader("Sweeps")
 sweep = pd.DataFrame([d["sweep"] for d in details if d["sweep"]])

@@ -451,7 +451,7 @@ def test_compare_page_plots_sweeps_and_launches_one(tiny, in_process, monkeypatc
     at.multiselect(key="sweep_rowwise").set_value(["trim"])
     at.button[0].click().run()
     assert not at.error, [e.value for e in at.error]
-    job = at.session_state["sweep_job"]
+    job = at.session_state["sweep_seen"]
     assert job.wait(300) and job.status == "done", job.error
     assert [o.status for o in job.result] == [DONE, DONE] and len(store) == before + 2
     searched = store.get(job.result[1].run_id)["allocation"]
@@ -460,6 +460,58 @@ def test_compare_page_plots_sweeps_and_launches_one(tiny, in_process, monkeypatc
     assert searched["params"]["space"] == "block+kind" and searched["params"]["verify"] == "none"
     assert searched["params"]["fitness"].startswith("held-out")
     assert {store.get(o.run_id)["config"]["settings"]["prune"]["rowwise"] for o in job.result} == {"trim"}
+
+
+def test_one_sweep_at_a_time_in_a_process(tiny, tmp_path):
+    """Two in-process sweeps would share one model copy (one restoring the dense weights while the
+    other prunes them): the second is refused while the first runs, and runs once it ended."""
+    from analysis.sweep import SweepBusy
+
+    store = RunStore(tmp_path / "runs.sqlite")
+    started, go_on = threading.Event(), threading.Event()
+
+    def hold(message, fraction):  # the first sweep waits inside its pending work until told to go on
+        started.set()
+        go_on.wait(120)
+
+    first = threading.Thread(target=run_sweep, args=(grid(tiny, allocations=("uniform",), seeds=(0,)), store),
+                             kwargs={"progress": hold})
+    first.start()
+    try:
+        assert started.wait(120)
+        with pytest.raises(SweepBusy, match="another sweep is running in this process"):
+            run_sweep(grid(tiny, allocations=("uniform",), seeds=(1,)), store)
+    finally:
+        go_on.set()
+        first.join(300)
+    assert [o.status for o in run_sweep(grid(tiny, allocations=("uniform",), seeds=(1,)), store)] == [DONE]
+
+
+def test_compare_page_shows_the_servers_running_sweep_in_every_tab(tmp_path, monkeypatch):
+    """A sweep started in one tab (or before a reload) is shown, with its Cancel button, in another,
+    whose Start button is disabled meanwhile."""
+    from streamlit.testing.v1 import AppTest
+
+    from components.state import start_sweep_job
+
+    monkeypatch.setenv("ALPHASCOPE_RUNS_DB", str(tmp_path / "runs.sqlite"))
+
+    def sweep(job):
+        job.report("1/4 wanda uniform 0.5 done", 0.25)
+        job.stop.wait(120)
+
+    job = start_sweep_job(sweep)
+    try:
+        assert start_sweep_job(sweep) is None  # one at a time
+        at = AppTest.from_file(str(ROOT / "pages" / "compare.py"), default_timeout=60).run()
+        assert not at.exception, [e.value for e in at.exception]
+        assert at.button[0].disabled  # the form's Start
+        assert any("Sweep (running): 1/4 wanda uniform 0.5 done" in p.proto.text for p in at.get("progress"))
+        at.button(key="sweep_cancel").click().run()
+        assert job.wait(30) and job.status == "cancelled"
+    finally:
+        job.cancel()
+        job.wait(30)
 
 
 def test_sweep_figure_means_spread_and_pareto_front():
