@@ -152,12 +152,23 @@ def to_json(record: dict, indent: int | None = None) -> str:
     return json.dumps(record, default=_json_default, allow_nan=True, indent=indent)
 
 
+def eval_label(config: dict) -> str | None:
+    """What a run's perplexities were measured on: the evaluation text, how many windows of how many
+    tokens, and whether only the half not used for calibration. Perplexities compare only between runs
+    with the same label (a run recorded without the window counts is labelled by its text alone)."""
+    source = config.get("eval")
+    if source is None or config.get("eval_windows") is None:
+        return source
+    half = ", its half not used for calibration" if config.get("split") else ""
+    return f"{source} ({config['eval_windows']} windows of {config.get('eval_seqlen')} tokens{half})"
+
+
 def run_summary(record: dict) -> dict:
     """What the Compare page shows of a run beyond the table's columns: achieved overall sparsity,
-    the per-block allocation and the evaluation text."""
-    alloc = record.get("allocation") or {}
+    the per-block allocation, the evaluation (`eval_label`) and the calibration seed."""
+    alloc, config = record.get("allocation") or {}, record.get("config") or {}
     return {"achieved": (record.get("achieved") or {}).get("overall"), "per_block": alloc.get("per_block") or [],
-            "eval": (record.get("config") or {}).get("eval")}
+            "eval": eval_label(config), "seed": config.get("seed")}
 
 
 def _json_default(obj):

@@ -37,6 +37,32 @@ def test_add_all_get(tmp_path):
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
+def test_compare_page_keeps_runs_on_other_windows_apart(tmp_path, monkeypatch):
+    """Perplexities on 1 window and on 16 windows of one text are not comparable: the Compare page's
+    evaluation filter tells them apart, and the dense perplexity it quotes is the chosen one's."""
+    from streamlit.testing.v1 import AppTest
+
+    store = RunStore(tmp_path / "runs.sqlite")
+    for windows, dense in ((16, 26.81), (16, 26.81), (1, 40.25)):
+        r = record()
+        r["config"].update(eval="default", eval_windows=windows, eval_seqlen=512, split=True, seed=windows)
+        r["dense_ppl"] = dense
+        store.add(r)
+    old = record()
+    old["config"]["eval"] = "default"  # recorded before the window counts were
+    store.add(old)
+    monkeypatch.setenv("ALPHASCOPE_RUNS_DB", str(store.path))
+    at = AppTest.from_file(str(ROOT / "pages" / "compare.py"), default_timeout=60).run()
+    assert not at.exception, [e.value for e in at.exception]
+    label = "default (16 windows of 512 tokens, its half not used for calibration)"
+    assert sorted(at.selectbox(key="compare_eval").options) == [
+        "default", "default (1 windows of 512 tokens, its half not used for calibration)", label]
+    at.selectbox(key="compare_eval").set_value(label).run()
+    assert any(c.value == "Dense perplexity on this evaluation: 26.81" for c in at.caption)
+    table = at.dataframe[-1].value  # "All runs"
+    assert list(table["seed"].head(3)) == [16, 16, 1]
+
+
 def test_update_adds_keys_to_one_record(tmp_path):
     store = RunStore(tmp_path / "runs.sqlite")
     a, b = store.add(record(0.5)), store.add(record(0.7))
