@@ -207,6 +207,13 @@ def farms_esd(w: torch.Tensor, normalize: bool = False) -> np.ndarray:
     return ev / win.shape[-1] if normalize else ev
 
 
+def farms_spectrum(w: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(`farms_esd`, `esd`) of W, unnormalized: FARMS fits the pooled windows' spectrum, and the norm
+    metrics (lambda_max, stable rank, log norm, entropy) are the whole matrix's, as without FARMS (the
+    windows overlap, so the pooled spectrum counts most entries twice)."""
+    return farms_esd(w), esd(w)
+
+
 # ---------------------------------------------------------------------------------------------
 # metrics of one spectrum
 
@@ -224,7 +231,8 @@ def spectral_entropy(eigs: np.ndarray) -> float:
 
 
 def spectrum_metrics(eigs: np.ndarray, fit: PowerLawFit) -> dict:
-    """Norm-type metrics of a spectrum plus its power-law fit, as one metrics row's numbers.
+    """Norm-type metrics of a matrix's ESD `eigs` plus a power-law fit (of that ESD, or with FARMS of
+    its pooled windows'), as one metrics row's numbers.
 
     lambda_max: largest eigenvalue; alpha_hat = alpha·log10(lambda_max); stable_rank = Σλ/λmax;
     log_norm = log10 Σλ = log10 ||W||_F²; spectral_entropy: see `spectral_entropy`.
@@ -276,9 +284,10 @@ def _group_key(ref: LayerRef, farms: bool) -> tuple[int, int]:
 
 
 def _group_eigs(weights: list[torch.Tensor], farms: bool) -> list[np.ndarray]:
-    """Unnormalized ESDs of equal-shape matrices, computed in batches that bound memory."""
+    """Unnormalized ESDs of equal-shape matrices, computed in batches that bound memory (with FARMS,
+    `farms_spectrum` pairs)."""
     if farms:
-        return [farms_esd(w) for w in weights]
+        return [farms_spectrum(w) for w in weights]
     m, n = short_side_first(weights[0]).shape
     per_batch = max(1, BATCH_ELEMENTS // (m * n))
     out: list[np.ndarray] = []
@@ -319,7 +328,7 @@ def analyze(
     with cpu_workers(used) as workers:
         if workers > 1:  # CPU: one task per matrix does its ESD and its fit
             def spectrum(ref):
-                return (farms_esd if farms else esd)(_weight(ref, dev))
+                return (farms_spectrum if farms else esd)(_weight(ref, dev))
             done = dict(_pooled(layers, spectrum, farms, normalize, fit, min_tail, workers, progress))
         else:  # GPU (or a single CPU thread): batched ESDs of equal shapes, then the fits
             done = _batched(layers, dev, farms, normalize, fit, min_tail, progress)
@@ -341,10 +350,13 @@ def _pooled(layers, spectrum, farms, normalize, fit, min_tail, workers, progress
     """Yield (name, (esd, metrics)) from one single-threaded task per matrix over `workers` threads,
     the most expensive first, so a big matrix (an embedding: its Gram costs as much as dozens of
     block matrices) never runs alone at the end while the other threads idle.
-    spectrum(ref): the matrix's unnormalized ESD (in memory: `esd`/`farms_esd` of its weight)."""
+    spectrum(ref): the matrix's unnormalized ESD (in memory: `esd` of its weight), with FARMS the pair
+    (pooled windows' ESD, the matrix's ESD) of `farms_spectrum`."""
     def task(ref):
-        ev = _scaled(spectrum(ref), ref, farms, normalize)
-        return ev, _fit_row(ev, fit, "non-finite weights" if np.isnan(ev).all() else None, min_tail)
+        ev, whole = spectrum(ref) if farms else (spectrum(ref), None)
+        ev = _scaled(ev, ref, farms, normalize)
+        whole = ev if whole is None else _scaled(whole, ref, False, normalize)
+        return ev, _fit_row(ev, whole, fit, "non-finite weights" if np.isnan(ev).all() else None, min_tail)
 
     ordered = sorted(layers, key=lambda r: min(r.rows, r.cols) ** 2 * max(r.rows, r.cols), reverse=True)
     progress and progress(f"Spectra: 0/{len(ordered)} matrices", 0.0)
@@ -361,6 +373,7 @@ def _batched(layers, dev, farms, normalize, fit, min_tail, progress) -> dict:
     """{name: (esd, metrics)}: one batched eigvalsh per group of equal shapes (what a GPU wants),
     then the fits, spread over CPU threads (small vectorized torch/NumPy work per matrix)."""
     esds: dict[str, np.ndarray] = {}
+    wholes: dict[str, np.ndarray] = {}  # with FARMS, each matrix's own ESD (for its norm metrics)
     status: dict[str, str] = {}
     groups: dict[tuple[int, int], list] = defaultdict(list)
     for ref in layers:
@@ -372,17 +385,22 @@ def _batched(layers, dev, farms, normalize, fit, min_tail, progress) -> dict:
     for g, (key, items) in enumerate(groups.items()):
         progress and progress(f"Spectra of {len(items)} matrices of shape {key[0]}x{key[1]}", g / len(groups))
         for (ref, _), ev in zip(items, _group_eigs([w for _, w in items], farms)):
+            ev, whole = ev if farms else (ev, None)
             esds[ref.name] = _scaled(ev, ref, farms, normalize)
+            if whole is not None:
+                wholes[ref.name] = _scaled(whole, ref, False, normalize)
     progress and progress("Fitting power laws", 1.0)
     with cpu_workers(torch.device("cpu")) as workers, ThreadPoolExecutor(workers) as pool:
-        fits = pool.map(lambda ref: _fit_row(esds[ref.name], fit, status.get(ref.name), min_tail), layers)
+        fits = pool.map(lambda ref: _fit_row(esds[ref.name], wholes.get(ref.name, esds[ref.name]), fit,
+                                             status.get(ref.name), min_tail), layers)
         return {ref.name: (esds[ref.name], f) for ref, f in zip(layers, fits)}
 
 
-def _fit_row(eigs: np.ndarray, fit: str, known_status: str | None, min_tail: int) -> dict:
+def _fit_row(eigs: np.ndarray, whole: np.ndarray, fit: str, known_status: str | None, min_tail: int) -> dict:
+    """The metrics row of a matrix: `eigs` fitted (FARMS: the pooled windows'), `whole` its own ESD."""
     if known_status is not None:
-        return spectrum_metrics(eigs, PowerLawFit.failed(known_status))
-    return spectrum_metrics(eigs, fit_power_law(eigs, fit, min_tail=min_tail))
+        return spectrum_metrics(whole, PowerLawFit.failed(known_status))
+    return spectrum_metrics(whole, fit_power_law(eigs, fit, min_tail=min_tail))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,8 +408,8 @@ def _fit_row(eigs: np.ndarray, fit: str, known_status: str | None, min_tail: int
 
 CHUNK_ELEMENTS = 1 << 22  # entries per streamed slice: 32 MiB in float64
 # bump when the cached files' layout or the metrics' meaning changes (2: fused MoE experts listed; 3: normalize
-# divides by the long side)
-CACHE_VERSION = 3
+# divides by the long side; 4: FARMS's norm metrics are the whole matrix's)
+CACHE_VERSION = 4
 
 
 class NotStreamable(CheckpointError):
@@ -466,26 +484,23 @@ def checkpoint_layers(ckpt: Checkpoint, include_outside: bool = False) -> list[L
     return _checkpoint_matrices(ckpt, include_outside)[0]
 
 
-def fused_expert_esd(ckpt: Checkpoint, key: str, ref: LayerRef, farms: bool = False, device=None) -> np.ndarray:
-    """Unnormalized ESD of the expert matrix `ref` that the checkpoint stores in its fused 3-D tensor `key`, like
-    `esd` (`farms_esd` with farms) of the loaded matrix: the expert's slice is read alone, in the stored dtype."""
-    w = ref.expert_view(ckpt.entry(key, ref.expert[1]))
-    return (farms_esd if farms else esd)(w.to(device or "cpu"))
+def _stored_matrix(ckpt: Checkpoint, key: str, ref: LayerRef, expert: int | None, device=None) -> torch.Tensor:
+    """The matrix `ref` as the checkpoint stores it (tensor `key`, or expert `expert` of the fused 3-D tensor
+    `key`), whole, in its stored dtype: what FARMS's windows are cut from."""
+    w = ckpt.tensor(key) if expert is None else ref.expert_view(ckpt.entry(key, expert))
+    return w.to(device or "cpu")
 
 
-def streamed_esd(ckpt: Checkpoint, key: str, farms: bool = False, device=None,
-                 elements: int = CHUNK_ELEMENTS) -> np.ndarray:
-    """Unnormalized ESD of the checkpoint's 2-D tensor `key`, ascending, float64, like `esd` (and
-    `farms_esd` with farms) of the loaded matrix, without holding it whole in float64.
+def streamed_esd(ckpt: Checkpoint, key: str, device=None, elements: int = CHUNK_ELEMENTS) -> np.ndarray:
+    """Unnormalized ESD of the checkpoint's 2-D tensor `key`, ascending, float64, like `esd` of the
+    loaded matrix, without holding it whole in float64.
 
     The short-side Gram matrix is accumulated in `GRAM_DTYPE` over slices along the long side, read
     in the stored dtype from the memory-mapped shard: G = Σ XᵢᵀXᵢ over row blocks of a tall matrix,
-    Σ XᵢXᵢᵀ over column blocks of a wide one (orientation does not change the ESD). FARMS reads the
-    whole tensor in its stored dtype. device: where the products run (None: CPU, via NumPy).
-    elements: entries per slice (in float64 a slice takes 8·elements bytes)."""
+    Σ XᵢXᵢᵀ over column blocks of a wide one (orientation does not change the ESD). device: where the
+    products run (None: CPU, via NumPy). elements: entries per slice (in float64 a slice takes
+    8·elements bytes)."""
     dev = torch.device(device) if device not in (None, "", "auto") else torch.device("cpu")
-    if farms:
-        return farms_esd(ckpt.tensor(key).to(dev))
     rows, cols = ckpt.tensors[key].shape
     tall = rows >= cols
     gram = None
@@ -568,7 +583,9 @@ def analyze_checkpoint(
 
     def spectrum(ref):
         key, expert = sources[ref.name]
-        return streamed_esd(ckpt, key, farms, used) if expert is None else fused_expert_esd(ckpt, key, ref, farms, used)
+        if farms:  # the windows are cut from the whole matrix
+            return farms_spectrum(_stored_matrix(ckpt, key, ref, expert, used))
+        return streamed_esd(ckpt, key, used) if expert is None else esd(_stored_matrix(ckpt, key, ref, expert, used))
 
     with cpu_workers(used) as workers:
         done = dict(_pooled(layers, spectrum, farms, normalize, fit, min_tail, workers, progress))
@@ -636,5 +653,5 @@ def shuffled_esd(ref: LayerRef, farms: bool = False, normalize: bool = False, se
 
 
 __all__ = ["ALPHA_BANDS", "COLUMNS", "NotStreamable", "SpectraResult", "analyze", "analyze_checkpoint",
-           "checkpoint_layers", "esd", "farms_esd", "farms_windows", "mp_bounds", "mp_curve", "mp_density",
-           "shuffled_esd", "spectral_entropy", "streamed_esd"]
+           "checkpoint_layers", "esd", "farms_esd", "farms_spectrum", "farms_windows", "mp_bounds", "mp_curve",
+           "mp_density", "shuffled_esd", "spectral_entropy", "streamed_esd"]

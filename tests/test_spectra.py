@@ -136,6 +136,27 @@ def test_progress_is_monotone_and_ends_at_one():
     assert fracs == sorted(fracs) and fracs[-1] == 1.0 and all(0 <= f <= 1 for f in fracs)
 
 
+@pytest.mark.parametrize("threads", [1, 2])  # the batched path, then the pool of single-threaded tasks
+@pytest.mark.parametrize("normalize", [False, True])
+def test_farms_norm_metrics_are_the_whole_matrixs(threads, normalize):
+    """FARMS changes the fit (alpha of the pooled windows), not what the norm columns mean: a tall matrix's
+    pooled windows overlap, so their spectrum counts entries twice (stable rank above the rank, log norm
+    inflated) and its largest eigenvalue is a window's, not the matrix's."""
+    refs = [linear_ref(gaussian(96, 24, 1), "tall"), linear_ref(gaussian(24, 24, 2), "square")]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        plain, farms = analyze(refs, normalize=normalize), analyze(refs, farms=True, normalize=normalize)
+    finally:
+        torch.set_num_threads(before)
+    norms = ["lambda_max", "stable_rank", "log_norm", "spectral_entropy"]
+    pd.testing.assert_frame_equal(farms.metrics[norms], plain.metrics[norms], rtol=1e-9)
+    assert (farms.metrics["stable_rank"] <= 24).all()
+    assert farms.metrics["alpha"][0] != plain.metrics["alpha"][0] and len(farms.esds["tall"]) == 7 * 24
+    np.testing.assert_allclose(farms.metrics["alpha_hat"],
+                               farms.metrics["alpha"] * np.log10(plain.metrics["lambda_max"]))
+
+
 def test_cpu_pool_and_batched_paths_give_the_same_spectra():
     nan_w = gaussian(16, 48, 5)
     nan_w[0, 0] = float("nan")
