@@ -45,7 +45,8 @@ def esd_density(eigs: np.ndarray, log: bool = True, bins: int = 80) -> tuple[np.
 
 def esd_figure(eigs: np.ndarray, alpha: float | None = None, xmin: float | None = None, log: bool = True,
                mp: tuple[np.ndarray, np.ndarray] | None = None,
-               randomized: np.ndarray | None = None, title: str = "") -> go.Figure:
+               randomized: np.ndarray | None = None, title: str = "",
+               x_title: str = "eigenvalue λ of WᵀW") -> go.Figure:
     """ESD histogram with the fitted power law p(λ) ∝ λ^-alpha drawn over the tail λ >= xmin.
 
     The power-law line is scaled to the tail's share of the eigenvalues, so on the log-log plot it
@@ -55,10 +56,13 @@ def esd_figure(eigs: np.ndarray, alpha: float | None = None, xmin: float | None 
     """
     edges, dens = esd_density(eigs, log=log)
     fig = go.Figure()
-    keep = dens > 0 if log else np.ones_like(dens, dtype=bool)
+    keep = dens > 0
+    # a log axis has no zero: empty bins are drawn down at `floor`, below the axis range, so a gap in
+    # the spectrum (a lone outlier far out) shows as a gap instead of a line joining its neighbours
+    floor = dens[keep].min() / 10 if log and keep.any() else 0.0
     if log:  # bars have no sensible width on a log axis: draw the histogram as a filled step line
         fig.add_trace(go.Scatter(
-            x=np.repeat(edges, 2)[1:-1][np.repeat(keep, 2)], y=np.repeat(dens, 2)[np.repeat(keep, 2)],
+            x=np.repeat(edges, 2)[1:-1], y=np.repeat(np.where(keep, dens, floor), 2),
             mode="lines", fill="tozeroy", line=dict(color="#4c78a8", width=1), name="ESD (histogram)",
             hovertemplate="λ %{x:.3g}<br>density %{y:.3g}<extra></extra>",
         ))
@@ -72,11 +76,9 @@ def esd_figure(eigs: np.ndarray, alpha: float | None = None, xmin: float | None 
     x = x[np.isfinite(x) & (x > 0)]
     if randomized is not None:
         redges, rdens = esd_density(randomized, log=log)
-        rk = rdens > 0
         fig.add_trace(go.Scatter(
-            x=np.sqrt(redges[:-1] * redges[1:])[rk] if log else (0.5 * (redges[:-1] + redges[1:]))[rk],
-            y=rdens[rk], mode="lines", line=dict(color="#9467bd", width=1.5, shape="hvh"),
-            name="randomized weights",
+            x=np.repeat(redges, 2)[1:-1], y=np.repeat(np.where(rdens > 0, rdens, floor), 2), mode="lines",
+            line=dict(color="#9467bd", width=1.5), name="randomized weights",
         ))
     if mp is not None:
         mx, my = mp
@@ -90,9 +92,12 @@ def esd_figure(eigs: np.ndarray, alpha: float | None = None, xmin: float | None 
         ly = f * (alpha - 1) / xmin * (lx / xmin) ** (-alpha)
         fig.add_trace(go.Scatter(x=lx, y=ly, mode="lines", line=dict(color="#d62728", width=2.5, dash="dash"),
                                  name=f"power law fit, α = {alpha:.2f}"))
-        fig.add_vline(x=xmin, line=dict(color="#d62728", width=1, dash="dot"),
-                      annotation_text="xmin", annotation_position="top")
-    fig.update_xaxes(type="log" if log else "linear", title="eigenvalue λ of WᵀW")
+        fig.add_vline(x=xmin, line=dict(color="#d62728", width=1, dash="dot"))
+        # an annotation's x on a log axis is log10 of the value (add_vline's own label would put it at
+        # 10^xmin and stretch the axis that far)
+        fig.add_annotation(x=math.log10(xmin) if log else xmin, y=1, yref="paper", yanchor="bottom", text="xmin",
+                           showarrow=False, font=dict(size=10, color="#d62728"))
+    fig.update_xaxes(type="log" if log else "linear", title=x_title)
     fig.update_yaxes(type="log" if log else "linear", title="density")
     if log and keep.any():
         lo = dens[keep].min()
@@ -123,20 +128,26 @@ def alpha_depth_figure(metrics: pd.DataFrame, metric: str = "alpha") -> go.Figur
 
 
 def heatmap_figure(metrics: pd.DataFrame, metric: str = "alpha") -> go.Figure:
-    """Block × kind heatmap of `metric`; customdata = module name for click-to-select."""
+    """Block × kind heatmap of `metric`, with an invisible marker on every cell whose customdata is the
+    module name: Streamlit reports clicks on scatter points but not on heatmap cells, so the markers
+    take the hover and the click (the nearest cell's, wherever the pointer is)."""
     df = metrics[metrics["block"] >= 0]
     kinds = [k for k in KIND_ORDER if k in set(df["kind"])] + sorted(set(df["kind"]) - set(KIND_ORDER))
     blocks = sorted(df["block"].unique())
     z = df.pivot_table(index="kind", columns="block", values=metric, aggfunc="first").reindex(index=kinds,
                                                                                              columns=blocks)
-    names = df.pivot_table(index="kind", columns="block", values="name", aggfunc="first").reindex(
-        index=kinds, columns=blocks)
     fig = go.Figure(go.Heatmap(
-        z=z.to_numpy(dtype=float), x=blocks, y=kinds, customdata=names.fillna("").to_numpy(),
+        z=z.to_numpy(dtype=float), x=blocks, y=kinds, hoverinfo="skip",
         colorscale="RdYlGn_r" if metric in ("alpha", "alpha_hat") else "Viridis", colorbar=dict(title=metric),
-        hovertemplate="%{customdata}<br>" + metric + " %{z:.3f}<extra></extra>",
+    ))
+    cells = df.drop_duplicates(["kind", "block"]).dropna(subset=[metric])  # the cell's matrix, as pivot_table's first
+    fig.add_trace(go.Scatter(
+        x=cells["block"], y=cells["kind"], customdata=cells["name"], mode="markers", showlegend=False,
+        marker=dict(size=12, opacity=0), text=cells[metric].map("{:.3f}".format) if len(cells) else None,
+        hovertemplate="%{customdata}<br>" + metric + " %{text}<extra></extra>",
     ))
     fig.update_xaxes(title="block")
+    fig.update_layout(hoverdistance=-1)
     return _layout(fig, 300)
 
 

@@ -2,10 +2,10 @@
 `streamlit run app.py` on localhost. Screenshots go to artifacts/e2e/.
 
 Flow (one server, two browser sessions):
-  A: load the default model -> Spectra shows an ESD histogram -> drag a curve point with the mouse
-     and see the budget change, type allocation search settings -> start a 50% Wanda prune and see a
-     perplexity value -> another page and back: the Prune and Allocation pages' settings are still
-     those chosen.
+  A: load the default model -> Spectra shows an ESD histogram, and a heatmap click opens its layer ->
+     drag a curve point with the mouse and see the budget change, type allocation search settings ->
+     start a 50% Wanda prune and see a perplexity value -> another page and back: the Prune and
+     Allocation pages' settings are still those chosen.
   B (a second browser context, i.e. another user, while A's prune runs): its weights stay the dense
      shared model, its Spectra caption reports no pruned zeros, and evaluating its weights gives the
      dense baseline perplexity.
@@ -81,6 +81,16 @@ def test_spectra_drag_prune_and_isolation(server, browser):
     assert a.locator(".st-key-spectra_esd").get_by_text("ESD (histogram)").count() >= 1
     assert a.locator(".st-key-spectra_esd .scatterlayer .trace").count() >= 2  # histogram + power-law fit
     shot(a, "02_spectra")
+    # a click on a heatmap cell opens that cell's layer (the top right cell: the last block's down_proj)
+    title = a.locator(".st-key-spectra_esd .gtitle")  # SVG text: textContent, not innerText
+    before = title.text_content()
+    heat = a.locator(".st-key-spectra_heatmap .nsewdrag").first
+    heat.scroll_into_view_if_needed()
+    box = heat.bounding_box()
+    a.mouse.click(box["x"] + box["width"] - 3, box["y"] + 3)
+    a.wait_for_function("(old) => { const e = document.querySelector('.st-key-spectra_esd .gtitle'); "
+                        "return e && e.textContent !== old; }", arg=before, timeout=60_000)
+    assert title.text_content().startswith("model.layers.29.mlp.down_proj")
 
     # Allocation: drag the middle control point up with the mouse; the budget text follows
     nav(a, "Allocation")

@@ -1,0 +1,41 @@
+"""Figures that tell the truth about the data they draw (components/figures.py)."""
+import math
+
+import numpy as np
+import pandas as pd
+
+from components.figures import esd_density, esd_figure, heatmap_figure
+
+
+def test_esd_histogram_shows_empty_bins_as_gaps():
+    """A lone eigenvalue far out must not look like a tail: the bins between it and the bulk are drawn
+    below the axis range, not joined by a line across them."""
+    eigs = np.concatenate([np.random.default_rng(0).uniform(1, 10, 500), [1e5]])
+    edges, dens = esd_density(eigs)
+    fig = esd_figure(eigs, alpha=3.0, xmin=5.0)
+    hist = fig.data[0]
+    bottom = 10 ** fig.layout.yaxis.range[0]
+    y = np.asarray(hist.y)
+    assert len(y) == 2 * len(dens) and (dens == 0).sum() > 40
+    assert (y[np.repeat(dens == 0, 2)] < bottom).all() and (y[np.repeat(dens > 0, 2)] > bottom).all()
+    assert fig.layout.xaxis.title.text == "eigenvalue λ of WᵀW"
+    # the xmin label sits at xmin: on a log axis an annotation's x is log10 of the value
+    (label,) = fig.layout.annotations
+    assert label.text == "xmin" and label.x == math.log10(5.0)
+    assert esd_figure(eigs, alpha=3.0, xmin=5.0, log=False).layout.annotations[0].x == 5.0
+    assert esd_figure(eigs, x_title="λ of (1/N)·WᵀW").layout.xaxis.title.text == "λ of (1/N)·WᵀW"
+
+
+def test_heatmap_cells_carry_their_matrix_for_a_click():
+    """Streamlit reports clicks on scatter points, not on heatmap cells: every cell has a point whose
+    customdata is its matrix, and the heatmap itself takes no hover."""
+    metrics = pd.DataFrame({"name": [f"b{b}.{k}" for b in range(3) for k in ("q_proj", "up_proj")],
+                            "block": [b for b in range(3) for _ in range(2)],
+                            "kind": ["q_proj", "up_proj"] * 3, "alpha": [2.0, 3.0, 4.0, math.nan, 5.0, 6.0]})
+    fig = heatmap_figure(pd.concat([metrics, pd.DataFrame({"name": ["embed"], "block": [-1], "kind": ["embed"],
+                                                           "alpha": [1.0]})]))
+    heat, points = fig.data
+    assert heat.hoverinfo == "skip" and fig.layout.hoverdistance == -1
+    cells = set(zip(points.x, points.y, points.customdata))
+    want = {(b, k, f"b{b}.{k}") for b in range(3) for k in ("q_proj", "up_proj")} - {(1, "up_proj", "b1.up_proj")}
+    assert cells == want  # the NaN cell has no point
