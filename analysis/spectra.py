@@ -626,12 +626,16 @@ def mp_density(x, ratio: float, sigma2: float = 1.0) -> np.ndarray:
     return dens
 
 
-def mp_curve(eigs: np.ndarray, ratio: float, log: bool = True, points: int = 400) -> tuple[np.ndarray, np.ndarray]:
+def mp_curve(eigs: np.ndarray, ratio: float, log: bool = True, points: int = 400,
+             sigma2: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(x, density) of the Marchenko–Pastur law a random matrix of the same shape and the same mean
     eigenvalue would follow (the mean eigenvalue equals sigma2 for either scaling of the ESD): the
-    overlay that shows how far a spectrum is from noise. x spans the support, log-spaced if `log`."""
-    finite = np.asarray(eigs, dtype=np.float64)
-    sigma2 = float(finite[np.isfinite(finite)].mean())
+    overlay that shows how far a spectrum is from noise. x spans the support, log-spaced if `log`.
+    sigma2: the noise level where it is known (a synthetic matrix), instead of the mean eigenvalue,
+    which outliers inflate."""
+    if sigma2 is None:
+        finite = np.asarray(eigs, dtype=np.float64)
+        sigma2 = float(finite[np.isfinite(finite)].mean())
     lo, hi = mp_bounds(ratio, sigma2)
     x = np.geomspace(max(lo, hi * 1e-6), hi, points) if log else np.linspace(lo, hi, points)
     return x, mp_density(x, ratio, sigma2)

@@ -4,7 +4,8 @@ Each generator returns an (n x m) float64 matrix with n >= m (rows = the long si
 normalized ESD of (1/n) WᵀW is comparable with the Marchenko–Pastur law of aspect ratio Q = n/m).
 
 - gaussian: i.i.d. N(0, 1) entries. Its ESD fills the Marchenko–Pastur bulk
-  [(1 - 1/√Q)², (1 + 1/√Q)²] and has no power-law tail: a fitted alpha comes out large.
+  [(1 - 1/√Q)², (1 + 1/√Q)²] and has no power-law tail: an alpha fitted to the bulk's edge means little
+  (3–5 with the peak rule, 8–10 with scan, at N = 600 and Q = 2–8).
 - heavy_tailed: i.i.d. symmetric entries with tail index mu, P(|x| > t) ~ t^-mu (Student-t with mu
   degrees of freedom, or a Pareto magnitude with a random sign). The smaller mu, the heavier the ESD
   tail and the smaller the fitted alpha (Martin & Mahoney, "Implicit self-regularization in deep

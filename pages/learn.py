@@ -45,18 +45,25 @@ elif kind.startswith("Low"):
     rank = s2.slider("Rank (number of spikes)", 1, 10, 3, key="learn_rank")
     w = synthetic.make("spiked", n, aspect, seed, strength=strength, rank=rank)
     threshold = aspect ** -0.25
-    note = (f"Spikes leave the bulk once s > Q^(-1/4) = {threshold:.2f} (the BBP transition). A few "
-            "spikes are not a power law: α stays large, which is why HT-SR looks at the whole tail.")
+    note = (f"Spikes leave the bulk once s > Q^(-1/4) = {threshold:.2f} (the BBP transition), {rank} of them. "
+            "A few outliers are not a power law: the fit may take them and the bulk's edge as a short \"tail\" "
+            "and return almost any α (even below 2). Count the eigenvalues beyond the edge and look at the "
+            "histogram: HT-SR reads the shape of a whole tail, not single spikes.")
 else:
     w = synthetic.make("gaussian", n, aspect, seed)
-    note = ("Pure noise: the ESD fills the Marchenko–Pastur bulk and has no tail. A power law fits it "
-            "poorly (large KS distance) and α is typically large but unstable: it jumps with the seed and "
-            "the aspect ratio. An untrained layer looks like this.")
+    note = ("Pure noise: the ESD fills the Marchenko–Pastur bulk and ends at its edge; there is no tail. "
+            "A power law can still be fitted to the bulk's upper end, and its α depends on the xmin rule and "
+            "the aspect ratio: with the peak rule often 3–5, inside the \"well trained\" band, with scan 8–10 "
+            "(try both). So α alone does not tell noise from training: a real tail goes beyond the MP edge "
+            "(no eigenvalue does here). An untrained layer looks like this.")
 
 eigs = esd(torch.from_numpy(w), normalize=True)
 fit = fit_power_law(eigs, rule)
 q = w.shape[0] / w.shape[1]
-_, hi = mp_bounds(q, float(np.mean(eigs)))  # mean eigenvalue of (1/N)WᵀW = entry variance (sample estimate)
+# the Gaussian and spiked matrices' noise has unit variance; heavy-tailed entries: the sample estimate
+# (mean eigenvalue of (1/N)WᵀW = entry variance), as the Spectra page does for real layers
+sigma2 = float(np.mean(eigs)) if kind.startswith("Heavy") else 1.0
+_, hi = mp_bounds(q, sigma2)
 
 m1, m0, m2, m3, m4 = st.columns(5)
 m1.metric("Fitted α", f"{fit.alpha:.2f}" if math.isfinite(fit.alpha) else "n/a")
@@ -65,9 +72,11 @@ m0.metric("KS distance", f"{fit.ks_distance:.3f}" if math.isfinite(fit.ks_distan
 m2.metric("λmax", f"{eigs.max():.3g}")
 m3.metric("MP bulk edge", f"{hi:.3g}")
 m4.metric("Eigenvalues beyond the edge", int((eigs > hi * 1.05).sum()))
-st.plotly_chart(esd_figure(eigs, fit.alpha, fit.xmin, log=log, mp=mp_curve(eigs, q, log=log),
-                           title=f"{w.shape[0]} x {w.shape[1]} matrix"), key="learn_esd")
+st.plotly_chart(esd_figure(eigs, fit.alpha, fit.xmin, log=log, mp=mp_curve(eigs, q, log=log, sigma2=sigma2),
+                           title=f"{w.shape[0]} x {w.shape[1]} matrix", x_title="eigenvalue λ of (1/N)·WᵀW"),
+                key="learn_esd")
 st.info(note)
 low, high = ALPHA_BANDS
-st.caption(f"Reading α on real layers: ≈ {low:g}–{high:g} well trained; < {low:g} very heavy tail (over-fit / "
-           f"over-trained); > {high:g} close to random (under-trained). Fit status: " + fit.status)
+st.caption(f"Reading α on real layers, where the ESD has a tail beyond the bulk: ≈ {low:g}–{high:g} well trained; "
+           f"< {low:g} very heavy tail (over-fit / over-trained); > {high:g} close to random (under-trained). "
+           "Fit status: " + fit.status)
