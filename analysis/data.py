@@ -231,7 +231,10 @@ def _load_hf(spec: str) -> str:
         raise DataError(f"Could not load dataset '{spec}': {reason}") from e
     if "text" not in ds.column_names:
         raise DataError(f"Dataset '{spec}' has no 'text' column (columns: {', '.join(ds.column_names)}).")
-    return "\n\n".join(ds["text"])
+    texts = [t for t in ds["text"] if isinstance(t, str)]  # a missing row (None) is no text, not an error
+    if not texts:
+        raise DataError(f"Dataset '{spec}' has no text in its 'text' column.")
+    return "\n\n".join(texts)
 
 
 def split_text(text: str, fraction: float = 0.5) -> tuple[str, str]:
@@ -400,11 +403,27 @@ def spread(windows: torch.Tensor, n: int) -> torch.Tensor:
     return windows[torch.linspace(0, windows.shape[0] - 1, min(int(n), windows.shape[0])).long()]
 
 
+def source_identity(source: str) -> str:
+    """What `source` names, whatever its spelling: a file as its resolved absolute path (`my.txt`,
+    `./my.txt` and a link to it are one text), any other source as written (stripped)."""
+    src = str(source).strip()
+    if src == "default" or src.startswith(("wikitext2:", "hf:")):
+        return src
+    try:
+        return str(Path(src).expanduser().resolve())
+    except (OSError, RuntimeError):  # a name the file system refuses (too long, a link loop): as written
+        return src
+
+
+def same_source(a: str | None, b: str | None) -> bool:
+    """True when two text sources name the same text (`source_identity`)."""
+    return a is not None and b is not None and source_identity(a) == source_identity(b)
+
+
 def is_split(source: str, other: str | None) -> bool:
     """The embedded corpus is always cut in halves (its first half calibrates, its second evaluates);
-    any other source is cut only when it is named for both."""
-    src = str(source).strip()
-    return src == "default" or (other is not None and src == str(other).strip())
+    any other source is cut only when it names the same text for both (`same_source`)."""
+    return str(source).strip() == "default" or same_source(source, other)
 
 
 def calibration_text(source: str, eval_source: str | None = None, encoding: str = ENCODING) -> str:

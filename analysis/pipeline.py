@@ -27,6 +27,7 @@ from analysis.data import (
     calibration_text,
     eval_windows,
     evaluation_text,
+    is_split,
     load_text,
     spread,
 )
@@ -116,7 +117,7 @@ def prepare_data(tokenizer, calibration: CalibrationSettings, evaluation: Evalua
     info = {"calib": calibration.source, "n_samples": calibration.n_samples, "seqlen": calibration.seqlen,
             "eval": evaluation.source, "eval_seqlen": evaluation.seqlen, "eval_windows": int(windows.shape[0]),
             "eval_tokens": int(windows.shape[0] * (windows.shape[1] - 1)), "bos": bos,
-            "split": calibration.source.strip() == evaluation.source.strip()}
+            "split": is_split(evaluation.source, calibration.source)}  # evaluated on one half of its text
     return RunData(calib, windows, info)
 
 

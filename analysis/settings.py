@@ -29,6 +29,7 @@ from analysis.data import (
     is_split,
     load_text,
     readable_tokens,
+    same_source,
     spread_windows,
     text_source_problem,
 )
@@ -360,8 +361,7 @@ class AllocationSettings:
 
     def check_search_text(self, evaluation_source: str) -> None:
         """The search never scores candidates on the evaluation text."""
-        if self.method == "auto" and self.search_text is not None and \
-                self.search_text.strip() == str(evaluation_source).strip():
+        if self.method == "auto" and same_source(self.search_text, evaluation_source):
             raise SettingsError(f"the search text must not be the evaluation text ({self.search_text}): the search "
                                 "would fit the text it is judged on; use a held-out text, e.g. a valid split",
                                 "allocation.search_text")

@@ -10,6 +10,7 @@ from analysis.data import (
     evaluation_text,
     held_out_split,
     load_text,
+    same_source,
     save_text,
     split_text,
     text_source_problem,
@@ -119,6 +120,37 @@ def test_bad_sources_raise_data_errors(tmp_path):
     f = tmp_path / "mine.txt"
     f.write_text("hello world\n")
     assert load_text(str(f)) == "hello world\n"
+
+
+def test_a_file_is_one_text_however_its_path_is_spelled(tmp_path, monkeypatch):
+    """`my.txt`, `./my.txt`, its absolute path and a link to it name one text: named for calibration and
+    evaluation it is cut in halves, and the search may not score on it, whatever the spelling."""
+    from analysis.settings import AllocationSettings, SettingsError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my.txt").write_text("".join(f"line {i} of my text\n" for i in range(100)))
+    (tmp_path / "link.txt").symlink_to(tmp_path / "my.txt")
+    spellings = ["my.txt", "./my.txt", f" {tmp_path}/my.txt", "link.txt", "sub/../my.txt"]
+    (tmp_path / "sub").mkdir()
+    for other in spellings:
+        assert same_source("my.txt", other), other
+        assert calibration_text("my.txt", other) == split_text(load_text("my.txt"))[0], other
+        assert evaluation_text(other, "my.txt") == split_text(load_text("my.txt"))[1], other
+        with pytest.raises(SettingsError, match="must not be the evaluation text"):
+            AllocationSettings(method="auto", search_text=other).check_search_text("my.txt")
+    assert not same_source("my.txt", "default") and not same_source("wikitext2:test", "wikitext2:valid")
+    assert calibration_text("my.txt", "other.txt") == load_text("my.txt")
+
+
+def test_hf_rows_without_text_are_skipped(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    datasets.Dataset.from_dict({"text": ["a " * 5, None, "b " * 5]}).to_parquet(str(folder / "train.parquet"))
+    assert load_text(f"hf:{folder}:train") == "a a a a a \n\nb b b b b "
+    datasets.Dataset.from_dict({"text": [None, None]}).to_parquet(str(folder / "train.parquet"))
+    with pytest.raises(DataError, match="has no text in its 'text' column"):
+        load_text(f"hf:{folder}:train")
 
 
 def test_text_source_problems_are_found_without_reading(tmp_path):
