@@ -35,6 +35,7 @@ from urllib.parse import urlparse
 import pandas as pd
 
 from analysis.allocation import MAX_RATIO, check_settings, parse_points
+from analysis.data import source_identity
 from analysis.errors import AlphascopeError
 from analysis.evaluation import perplexity_stream
 from analysis.loading import LoadedModel, ModelLoadError, load_model, preview_model, resolve_source
@@ -253,8 +254,18 @@ def config_label(s: RunSettings) -> str:
 
 def config_key(settings: RunSettings) -> str:
     """Stable id of a configuration: a hash of its settings, the folder (or hub id) its model loads
-    from and, for an allocation file, the file's bytes. Equal keys give equal runs."""
-    ident = {"settings": settings.to_dict(), "model": _model_identity(settings.model.source)}
+    from and, for an allocation file, the file's bytes. Equal keys give equal runs. Paths count by what
+    they name: `my.txt`, `./my.txt` and `$PWD/my.txt` (or a model folder with and without its trailing
+    slash) are one configuration."""
+    d = settings.to_dict()
+    d["model"]["source"] = None  # the model counts by its `_model_identity` below
+    for section, name in (("calibration", "source"), ("evaluation", "source"), ("allocation", "search_text")):
+        if d[section][name] is not None:
+            d[section][name] = source_identity(d[section][name])
+    for name in ("file", "search_from"):  # a file counts by its path here, and "file" by its bytes too
+        if d["allocation"][name] is not None:
+            d["allocation"][name] = source_identity(d["allocation"][name])
+    ident = {"settings": d, "model": _model_identity(settings.model.source)}
     if settings.allocation.method == "file":
         ident["file_sha256"] = hashlib.sha256(Path(settings.allocation.file).expanduser().read_bytes()).hexdigest()
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]

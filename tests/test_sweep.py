@@ -79,6 +79,20 @@ def test_expansion_crosses_the_axes(tiny, tmp_path):
     assert config_key(RunSettings.from_dict(configs[0].to_dict())) == config_key(configs[0])
 
 
+def test_a_path_spelled_otherwise_is_the_same_configuration(tiny, tmp_path, monkeypatch):
+    """A resumed sweep skips what it ran whatever the spelling of its model folder or texts: relative or
+    absolute, with a trailing slash."""
+    folder = Path(tiny.model.source).resolve()
+    monkeypatch.chdir(folder.parent)
+    text = tmp_path / "calib.txt"
+    text.write_text("words " * 500)
+    base = replace(tiny, calibration=replace(tiny.calibration, source=str(text)))
+    again = replace(base, model=replace(tiny.model, source=f"{folder.name}/"),
+                    calibration=replace(tiny.calibration, source=f"{tmp_path}/../{tmp_path.name}/calib.txt"))
+    assert config_key(again) == config_key(base)
+    assert config_key(replace(base, calibration=replace(tiny.calibration, seed=9))) != config_key(base)
+
+
 def test_the_search_settings_reach_auto_alone(tiny, tmp_path):
     """Only auto configurations keep the sweep's search settings, so changing the search re-runs them and no
     other configuration (their keys stay those of a sweep with the default search)."""
