@@ -224,9 +224,9 @@ def load_pruned(folder: str | Path, device: str | torch.device | None = None) ->
     """A model saved by `export` (either format) as a transformers model in eval mode: compressed
     matrices are decompressed to bit-identical dense weights in the stored dtype."""
     folder = Path(folder).expanduser()
-    config = AutoConfig.from_pretrained(folder)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     if not stored_compressed(config):  # stored dense: transformers reads it
-        return AutoModelForCausalLM.from_pretrained(folder, device_map=device).eval()
+        return AutoModelForCausalLM.from_pretrained(folder, device_map=device, trust_remote_code=False).eval()
     if not (folder / WEIGHTS_FILE).is_file():
         raise ExportError(f"{folder}: a compressed model folder without {WEIGHTS_FILE} (not one `export` wrote)")
     del config.quantization_config

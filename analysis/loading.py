@@ -540,7 +540,9 @@ def estimate_memory(source: str, dtype: str | torch.dtype | None = "float32", n_
         if pm is not None and not (Path(path) / "config.json").exists():  # not converted yet: weights only
             weights = {"smollm2": 134_515_008, "gemma3": 268_098_176}[pm.key] * _bytes(dtype)
             return MemoryEstimate(weights, weights, 0, 0)
-        cfg = AutoConfig.from_pretrained(path, **(hub_access(path) if _is_hub_id(path, pm) else {}))
+        # trust_remote_code=False: an estimate never runs a repository's code (nor asks on stdin whether to)
+        cfg = AutoConfig.from_pretrained(path, trust_remote_code=False,
+                                         **(hub_access(path) if _is_hub_id(path, pm) else {}))
     except Exception:  # noqa: BLE001 (an estimate is optional; loading will report the real error)
         return None
     try:

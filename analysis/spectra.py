@@ -458,7 +458,8 @@ def _sources(ckpt: Checkpoint, refs: list[LayerRef]) -> dict[str, tuple[str, int
 def _checkpoint_matrices(ckpt: Checkpoint, include_outside: bool) -> tuple[list[LayerRef], dict]:
     """`checkpoint_layers`, and where the checkpoint holds each (`_sources`)."""
     try:
-        config = AutoConfig.from_pretrained(ckpt.folder)
+        # never the repository's own code (transformers would ask on stdin): the model load asks for the opt-in
+        config = AutoConfig.from_pretrained(ckpt.folder, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as e:  # the model load says what is wrong with it
         raise NotStreamable(f"{ckpt.folder}: config.json cannot be read") from e
     if stored_compressed(config):

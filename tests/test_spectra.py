@@ -254,6 +254,32 @@ def test_cli_bad_input_is_one_line_error(bad):
     assert len(lines) == 1 and lines[0].startswith("error: ")
 
 
+def test_cli_never_runs_or_offers_to_run_repository_code(tiny_llama, tmp_path):
+    """A checkpoint whose config is the repository's own code: without --trust-remote-code the code never
+    runs, even when stdin answers transformers' "run the custom code? [y/N]" with y, and the error is one
+    line; nor does the Model page's memory estimate run it."""
+    import json
+    import shutil
+
+    from analysis.loading import estimate_memory
+
+    remote = tmp_path / "remote"
+    shutil.copytree(tiny_llama, remote)
+    marker = tmp_path / "code-ran"
+    config = json.loads((remote / "config.json").read_text())
+    config.update(model_type="fancy", auto_map={"AutoConfig": "configuration_fancy.FancyConfig"})
+    (remote / "config.json").write_text(json.dumps(config))
+    (remote / "configuration_fancy.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
+        "from transformers import LlamaConfig\n\nclass FancyConfig(LlamaConfig):\n    model_type = 'fancy'\n")
+    r = subprocess.run([sys.executable, "-m", "analysis", "spectra", "--model", str(remote)], cwd=ROOT, input="y\n",
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and not marker.exists(), r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "needs custom code" in lines[-1] and "[y/N]" not in r.stdout
+    assert estimate_memory(str(remote)) is None and not marker.exists()
+
+
 def test_cli_writes_csv_and_summary(tiny_llama, tmp_path):
     import pandas as pd
 
