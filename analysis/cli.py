@@ -52,7 +52,7 @@ from analysis.pipeline import (
     write_record,
 )
 from analysis.powerlaw import XMIN_RULES
-from analysis.pruners import PRUNERS, ROWWISE, parse_nm
+from analysis.pruners import PRUNERS, ROWWISE, PruneError, check_nm_ratios, parse_nm
 from analysis.pruning import prune, prune_warnings
 from analysis.search import describe, reuse_caveats
 from analysis.settings import (
@@ -380,11 +380,20 @@ def _allocation_file(path: str) -> Allocation:
 def cmd_export(args: argparse.Namespace) -> int:
     if not (args.recipe or args.npy):
         raise UsageError("nothing to write: give --recipe and/or --npy")
-    nm = parse_nm(args.nm)
+    parse_nm(args.nm)
     _checked_outputs(args, {"--recipe": args.recipe, "--npy": args.npy})
     alloc = _allocation_file(args.allocation)
+    nm = parse_nm(args.nm or alloc.params.get("nm"))  # a prune --nm run's allocation names its pattern
     if nm is not None:
-        _check_nm_widths(args.nm, alloc)
+        if not args.nm:
+            print(f"note: the allocation was made for the N:M pattern {alloc.params['nm']}: the recipe's mask "
+                  "structure is that pattern", file=sys.stderr)
+        _check_nm_widths(f"{nm[0]}:{nm[1]}", alloc)
+        try:
+            check_nm_ratios(alloc.per_layer, nm)
+        except PruneError as e:
+            raise UsageError(f"--nm: {e} (an N:M recipe prunes every matrix it targets to that pattern, whatever "
+                             "its sparsity says)") from None
     _write_allocation_files(args, alloc, alloc.per_layer, nm)
     return 0
 
@@ -564,7 +573,7 @@ def _refuse_ignored(args: argparse.Namespace) -> None:
     if args.nm:
         for flag, given in (("--allocation", args.allocation), ("--sparsity", args.sparsity)):
             if given is not None:
-                raise UsageError(f"{flag}: an N:M pattern ({args.nm}) prunes every matrix to N/M, so no allocation "
+                raise UsageError(f"{flag}: an N:M pattern ({args.nm}) prunes every matrix to (M-N)/M, so no allocation "
                                  f"or sparsity applies; drop {flag} or --nm")
     elif args.search_text is not None and args.allocation != "auto":
         _refuse_search_text(args.search_text)

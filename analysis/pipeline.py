@@ -239,7 +239,9 @@ def build_allocation(settings: AllocationSettings, model: nn.Module, *, nm=None,
     an N:M pattern every matrix is (M-N)/M sparse, so the allocation is uniform at that value."""
     pattern = parse_nm(nm)
     if pattern is not None:
-        return allocate(layer_table(model), (pattern[1] - pattern[0]) / pattern[1], "uniform", model=model_name)
+        alloc = allocate(layer_table(model), (pattern[1] - pattern[0]) / pattern[1], "uniform", model=model_name)
+        alloc.params["nm"] = f"{pattern[0]}:{pattern[1]}"  # so an export of it is an N:M recipe
+        return alloc
     method = settings.method
     if method == "file":
         return Allocation.load(settings.file)

@@ -9,7 +9,6 @@ distinct input of the current block), so memory stays bounded whatever the numbe
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -19,7 +18,17 @@ from torch import nn
 from analysis.allocation import MAX_RATIO, Allocation
 from analysis.calibration import InputStats, walk_blocks
 from analysis.layers import LayerRef, find_blocks, prunable_layers
-from analysis.pruners import NM, PRUNERS, PruneError, Pruner, check_rowwise, get_pruner, parse_nm, prune_trim
+from analysis.pruners import (
+    NM,
+    PRUNERS,
+    PruneError,
+    Pruner,
+    check_nm_ratios,
+    check_rowwise,
+    get_pruner,
+    parse_nm,
+    prune_trim,
+)
 from analysis.runtime import ProgressFn, StopFlag
 
 METHODS = tuple(PRUNERS)
@@ -121,9 +130,8 @@ def prune(model: nn.Module, per_layer: dict[str, float] | Allocation | float, me
         per_layer = {r.name: float(per_layer) for r in refs}
     _check_ratios(per_layer, refs)
     todo = {k: float(v) for k, v in per_layer.items() if float(v) > 0}
-    if nm is not None and (odd := [k for k, v in todo.items() if not math.isclose(v, (nm[1] - nm[0]) / nm[1])]):
-        raise PruneError(f"an N:M pattern {nm[0]}:{nm[1]} prunes a matrix to {(nm[1] - nm[0]) / nm[1]:g} (or 0 to "
-                         f"keep it dense); {len(odd)} ratio(s) differ, e.g. '{odd[0]}' asks {todo[odd[0]]:g}")
+    if nm is not None:
+        check_nm_ratios(todo, nm)
     check_rowwise(rowwise, nm)
     if (pruner.statistic or rowwise) and calib is None:
         raise PruneError(f"{rowwise or method} needs calibration data (calib = token ids, shape (n, seqlen)).")

@@ -320,6 +320,11 @@ def test_cli_prune_saves_compressed_model(tmp_path, capsys):
     reloaded = load_pruned(out)
     assert zero_fraction(reloaded, "model.layers.0.mlp.up_proj") == 0.5
     assert (out / "tokenizer.json").exists() and (out / "allocation.json").exists()
+    # its allocation names the pattern, so its recipe is a 2:4 one (not unstructured 50%)
+    recipe = tmp_path / "r.yaml"
+    code, _, err = run(capsys, "export", "--allocation", out / "allocation.json", "--recipe", recipe)
+    assert code == 0 and "mask_structure: '2:4'" in recipe.read_text(), err
+    assert "note: the allocation was made for the N:M pattern 2:4" in err
 
 
 def test_cli_prune_full_disk_keeps_the_run_record(tmp_path, capsys, fill_disk):
@@ -355,7 +360,7 @@ def test_cli_export_writes_recipe_and_npy(tmp_path, capsys, recipe_parser):
 
 
 def test_cli_export_nm_checks_the_widths_of_the_allocations_model(tmp_path, capsys):
-    from analysis.allocation import allocate
+    from analysis.allocation import allocate, custom_allocation
     from analysis.layers import layer_table
 
     folder = save_tiny_llama(tmp_path / "tiny")  # matrix widths 64 and 128
@@ -366,6 +371,12 @@ def test_cli_export_nm_checks_the_widths_of_the_allocations_model(tmp_path, caps
     assert code == 2 and "error: --nm: N:M 2:5 needs matrix widths divisible by 5" in err and not recipe.exists()
     code, _, err = run(capsys, "export", "--allocation", path, "--recipe", recipe, "--nm", "2:4")
     assert code == 0 and "mask_structure: '2:4'" in recipe.read_text() and "warning" not in err
+    # an N:M recipe prunes every targeted matrix to the pattern: an allocation of other ratios is refused
+    spread = custom_allocation([(0.0, 0.3), (1.0, 0.7)], table, 0.5, model=str(folder))
+    code, _, err = run(capsys, "export", "--allocation", spread.save(tmp_path / "spread.json"), "--recipe",
+                       tmp_path / "s.yaml", "--nm", "2:4")
+    assert code == 2 and err.startswith("error: --nm: an N:M pattern 2:4 prunes a matrix to 0.5") and "differ" in err
+    assert not (tmp_path / "s.yaml").exists()
     other = allocate(table, 0.5, "uniform", model=str(tmp_path / "gone")).save(tmp_path / "other.json")
     code, _, err = run(capsys, "export", "--allocation", other, "--recipe", recipe, "--nm", "2:4")
     assert code == 0 and f"warning: --nm: matrix widths not checked: {tmp_path / 'gone'}:" in err
