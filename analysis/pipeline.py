@@ -36,7 +36,7 @@ from analysis.layers import layer_table, zero_fraction
 from analysis.loading import LoadedModel
 from analysis.owl import collect_outlier_ratios
 from analysis.pruners import parse_nm
-from analysis.pruning import PruneReport, prune, prune_warnings
+from analysis.pruning import PruneReport, check_finite, prune, prune_warnings
 from analysis.runtime import ProgressFn, StopFlag, should_stop
 from analysis.search import OnBest, gone_on, reuse_caveats, search_allocation
 from analysis.settings import (
@@ -384,6 +384,8 @@ def run(loaded: LoadedModel, settings: RunSettings, *, progress: ProgressFn | No
     evaluation is then skipped. The settings are checked against the model (settings.check_model) first."""
     settings.check()
     settings.check_model(loaded.preview())
+    if not loaded.info.device_map:  # (offloaded weights are not read twice: prune_layer checks each matrix)
+        check_finite(loaded.model)  # before the dense evaluation, which a NaN would spend in vain
     caveats = run_caveats(settings, loaded)  # before anything prunes, which may take hours
     if on_caveat:
         for caveat in caveats:

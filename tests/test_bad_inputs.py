@@ -222,6 +222,26 @@ def test_nothing_written_by_refused_runs(bad):
     assert (bad / "not-a-store.sqlite").read_bytes() == b"this is not a SQLite file " * 100  # left as it was
 
 
+def test_nan_weights_are_refused_before_the_dense_evaluation(bad, tmp_path):
+    """A NaN is found once the weights are read, before the dense perplexity (hours on a large model) and
+    before anything is pruned; the run store keeps nothing."""
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(shutil.copytree(bad / "tiny", tmp_path / "nan"))
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(folder)
+    db = tmp_path / "runs.sqlite"
+    r = run_cli("prune", f"--model={folder}", "--method", "magnitude", "--allocation", "uniform", "--sparsity", "0.5",
+                "--eval", "default", "--eval-seqlen", "32", "--max-windows", "1", "--db", str(db))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == (
+        "error: 'model.layers.1.mlp.down_proj' has non-finite weights (NaN or inf), which no pruner can rank; "
+        "nothing was pruned (the Spectra page and `spectra` flag such matrices)")
+    assert "perplexity" not in r.stderr and len(RunStore(db)) == 0
+
+
 def test_out_into_a_missing_folder_is_made(bad):
     """A missing output folder is not an error: it is made (for spectra as for allocate and prune)."""
     out = bad / "new" / "folder" / "metrics.csv"
