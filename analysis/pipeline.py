@@ -61,10 +61,10 @@ from analysis.store import now_iso, to_json
 
 @dataclass
 class RunData:
-    """calib: (n_samples, seqlen) token ids; windows: (n_windows, seqlen) token ids; info: what the
-    record says about them."""
+    """calib: (n_samples, seqlen) token ids (None for a run that reads no calibration text); windows:
+    (n_windows, seqlen) token ids; info: what the record says about them."""
 
-    calib: torch.Tensor
+    calib: torch.Tensor | None
     windows: torch.Tensor
     info: dict
 
@@ -111,8 +111,10 @@ def confirm_samples(fitness_windows: torch.Tensor | None, verify: str, n_samples
 
 
 def prepare_data(tokenizer, calibration: CalibrationSettings, evaluation: EvaluationSettings,
-                 bos: bool = False) -> RunData:
-    calib = calibration_batch(tokenizer, calibration, evaluation.source, bos)
+                 bos: bool = False, calibrate: bool = True) -> RunData:
+    """The run's token windows; calibrate=False (RunSettings.needs_calibration) leaves out the calibration
+    batch. The evaluation windows are the same either way (its text's half when both name one text)."""
+    calib = calibration_batch(tokenizer, calibration, evaluation.source, bos) if calibrate else None
     windows = evaluation_windows(tokenizer, evaluation, calibration.source, bos)
     info = {"calib": calibration.source, "n_samples": calibration.n_samples, "seqlen": calibration.seqlen,
             "eval": evaluation.source, "eval_seqlen": evaluation.seqlen, "eval_windows": int(windows.shape[0]),
@@ -393,7 +395,8 @@ def run(loaded: LoadedModel, settings: RunSettings, *, progress: ProgressFn | No
     timer = timer or Timer()
     model, info = loaded.model, loaded.info
     with timer("data"):
-        data = prepare_data(loaded.tokenizer, settings.calibration, settings.evaluation, info.bos_per_window)
+        data = prepare_data(loaded.tokenizer, settings.calibration, settings.evaluation, info.bos_per_window,
+                            settings.needs_calibration())
     with timer("allocation"):
         held_out, then = search_windows(loaded.tokenizer, settings.allocation, settings.calibration,
                                         info.bos_per_window)

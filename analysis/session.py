@@ -455,7 +455,7 @@ def prune_and_evaluate(job: Job, work: WorkingCopy, shared_model: nn.Module, tok
         try:  # until pruned: any failure or cancel puts the dense weights back (and ends a lease)
             job.report("tokenizing calibration and evaluation text", 0.02)
             with timer("data"):
-                data = prepare_data(tokenizer, s.calibration, s.evaluation, bos)
+                data = prepare_data(tokenizer, s.calibration, s.evaluation, bos, s.needs_calibration())
             with timer("allocation"):
                 alloc = build_allocation(s.allocation, model, nm=s.prune.nm, calib=data.calib, metrics=metrics,
                                          outlier_ratios=outliers, custom=custom, model_name=model_name,

@@ -471,12 +471,20 @@ class RunSettings:
             self.allocation.check_search_text(self.evaluation.source)
         return self
 
+    def needs_calibration(self) -> bool:
+        """Whether the run reads calibration text: a pruner with a calibration statistic (Wanda, SparseGPT),
+        row-wise TRIM, OWL's outlier ratios or the allocation search (magnitude with uniform does not)."""
+        return (PRUNERS[self.prune.method].statistic is not None or self.prune.rowwise is not None
+                or (self.prune.nm is None and self.allocation.method in ("owl", "auto")))
+
     def check_model(self, preview: ModelPreview) -> None:
-        """The checks of `check_model` of each part (the allocation's only when no N:M pattern overrides it)."""
+        """The checks of `check_model` of each part (the allocation's only when no N:M pattern overrides it,
+        the calibration's only when the run reads calibration text)."""
         self.prune.check_model(preview)
         if self.prune.nm is None:
             self.allocation.check_model(preview, self.calibration.seqlen)
-        self.calibration.check_model(preview, self.evaluation.source)
+        if self.needs_calibration():
+            self.calibration.check_model(preview, self.evaluation.source)
         self.evaluation.check_model(preview, self.calibration.source)
 
     def to_dict(self) -> dict:

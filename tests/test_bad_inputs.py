@@ -242,6 +242,16 @@ def test_nan_weights_are_refused_before_the_dense_evaluation(bad, tmp_path):
     assert "perplexity" not in r.stderr and len(RunStore(db)) == 0
 
 
+def test_a_run_that_reads_no_calibration_text_ignores_its_length(bad, tmp_path):
+    """Magnitude with a uniform allocation reads no calibration text: one too short is no reason to refuse
+    it (Wanda with the same text is refused: CLI_CASES)."""
+    r = run_cli("prune", f"--model={bad}/tiny", "--method", "magnitude", "--allocation", "uniform", "--sparsity", "0.5",
+                "--calib", str(bad / "short.txt"), "--eval", "default", "--eval-seqlen", "32", "--max-windows", "1",
+                "--db", str(tmp_path / "runs.sqlite"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(RunStore(tmp_path / "runs.sqlite")) == 1
+
+
 def test_out_into_a_missing_folder_is_made(bad):
     """A missing output folder is not an error: it is made (for spectra as for allocate and prune)."""
     out = bad / "new" / "folder" / "metrics.csv"
