@@ -660,6 +660,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if zeroshot is None:  # zero-shot tasks bring their own text
         evaluation.check()
     alloc = _allocation_file(args.allocation) if args.allocation else None
+    if alloc is None:  # (--calib is not among them: a text named for both is evaluated on its second half)
+        c = CalibrationSettings
+        ignored = [flag for flag, value, default in (
+            ("--method", args.method, PruneSettings.method), ("--nsamples", args.nsamples, c.n_samples),
+            ("--seqlen", args.seqlen, c.seqlen), ("--seed", args.seed, c.seed)) if value != default]
+        if ignored:
+            raise UsageError(f"{ignored[0]}: only eval --allocation prunes (and calibrates); without it the model is "
+                             f"evaluated dense and {', '.join(ignored)} would be ignored; drop it or give --allocation")
+    calibrates = alloc is not None and PRUNERS[args.method].statistic is not None
 
     def check(preview) -> None:
         if zeroshot is None:
@@ -667,7 +676,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         else:
             _check_zeroshot_tokenizer(preview)
         if alloc is not None:
-            calibration.check_model(preview, evaluation.source)
+            if calibrates:
+                calibration.check_model(preview, evaluation.source)
             AllocationSettings(method="file", file=args.allocation).check_model(preview)
     loaded = _load(_model_settings(args), check)
     bos = loaded.info.bos_per_window
@@ -675,7 +685,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if alloc is not None:
         for caveat in reuse_caveats(alloc.params, args.method, loaded.model):
             print(f"warning: {caveat}", file=sys.stderr)
-        calib = calibration_batch(loaded.tokenizer, calibration, evaluation.source, bos)
+        calib = calibration_batch(loaded.tokenizer, calibration, evaluation.source, bos) if calibrates else None
         report = prune(loaded.model, alloc.per_layer, method=args.method, calib=calib, progress=_print_progress)
         print(f"pruned with {args.method} + {alloc.method}: {report.overall:.4f} sparsity", file=sys.stderr)
     label = "pruned" if alloc else "dense"

@@ -222,12 +222,18 @@ def test_nothing_written_by_refused_runs(bad):
     assert (bad / "not-a-store.sqlite").read_bytes() == b"this is not a SQLite file " * 100  # left as it was
 
 
-def test_nan_weights_are_refused_before_the_dense_evaluation(bad, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    """The 3-block checkpoint alone, for the cases that need no WikiText-2 (the `bad` folder does)."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny")
+
+
+def test_nan_weights_are_refused_before_the_dense_evaluation(tiny_folder, tmp_path):
     """A NaN is found once the weights are read, before the dense perplexity (hours on a large model) and
     before anything is pruned; the run store keeps nothing."""
     from transformers import AutoModelForCausalLM
 
-    folder = Path(shutil.copytree(bad / "tiny", tmp_path / "nan"))
+    folder = Path(shutil.copytree(tiny_folder, tmp_path / "nan"))
     model = AutoModelForCausalLM.from_pretrained(folder)
     with torch.no_grad():
         model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
@@ -242,14 +248,27 @@ def test_nan_weights_are_refused_before_the_dense_evaluation(bad, tmp_path):
     assert "perplexity" not in r.stderr and len(RunStore(db)) == 0
 
 
-def test_a_run_that_reads_no_calibration_text_ignores_its_length(bad, tmp_path):
+def test_a_run_that_reads_no_calibration_text_ignores_its_length(tiny_folder, tmp_path):
     """Magnitude with a uniform allocation reads no calibration text: one too short is no reason to refuse
-    it (Wanda with the same text is refused: CLI_CASES)."""
-    r = run_cli("prune", f"--model={bad}/tiny", "--method", "magnitude", "--allocation", "uniform", "--sparsity", "0.5",
-                "--calib", str(bad / "short.txt"), "--eval", "default", "--eval-seqlen", "32", "--max-windows", "1",
-                "--db", str(tmp_path / "runs.sqlite"))
+    it; Wanda is refused with the same text."""
+    short = tmp_path / "short.txt"
+    short.write_text("just four words here\n")
+    common = ["--allocation", "uniform", "--sparsity", "0.5", "--calib", str(short), "--eval", "default",
+              "--eval-seqlen", "32", "--max-windows", "1", "--db", str(tmp_path / "runs.sqlite")]
+    r = run_cli("prune", f"--model={tiny_folder}", "--method", "magnitude", *common)
     assert r.returncode == 0, r.stderr[-2000:]
     assert len(RunStore(tmp_path / "runs.sqlite")) == 1
+    r = run_cli("prune", f"--model={tiny_folder}", "--method", "wanda", *common)
+    assert r.returncode == 2 and "--seqlen: Calibration text has" in r.stderr
+
+
+@pytest.mark.parametrize("args, ignored", [(["--method", "sparsegpt"], "--method"),
+                                           (["--nsamples", "4", "--seed", "3"], "--nsamples, --seed")])
+def test_eval_without_an_allocation_refuses_the_options_it_would_ignore(tiny_folder, args, ignored):
+    r = run_cli("eval", f"--model={tiny_folder}", "--eval", "default", *args)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith(f"error: {ignored.split(',')[0]}: only eval --allocation prunes (and calibrates); ")
+    assert f"{ignored} would be ignored" in r.stderr
 
 
 def test_out_into_a_missing_folder_is_made(bad):
