@@ -34,7 +34,7 @@ from urllib.parse import urlparse
 
 import pandas as pd
 
-from analysis.allocation import MAX_RATIO, check_settings, parse_points
+from analysis.allocation import MAX_RATIO, Allocation, AllocationError, check_settings, parse_points
 from analysis.data import source_identity
 from analysis.errors import AlphascopeError
 from analysis.evaluation import perplexity_stream
@@ -249,7 +249,7 @@ def line_label(s: RunSettings) -> str:
 
 
 def config_label(s: RunSettings) -> str:
-    return f"{s.prune.method} + {line_label(s)} at {s.allocation.sparsity:g}, seed {s.calibration.seed}"
+    return f"{s.prune.method} + {line_label(s)} at {_target(s):g}, seed {s.calibration.seed}"
 
 
 def config_key(settings: RunSettings) -> str:
@@ -428,17 +428,27 @@ def sweep_row(record: dict) -> dict | None:
         return None
     s = RunSettings.from_dict(record["config"]["settings"])
     return {"id": record.get("id"), "model": record["config"].get("model"), "method": s.prune.method,
-            "allocation": line_label(s), "sparsity": s.allocation.sparsity,
+            "allocation": line_label(s), "sparsity": record["config"].get("sparsity", s.allocation.sparsity),
             "achieved": (record.get("achieved") or {}).get("overall"), "seed": s.calibration.seed,
             "eval": eval_label(record["config"]), "dense_ppl": record.get("dense_ppl"),
             "pruned_ppl": record.get("pruned_ppl")}
+
+
+def _target(settings: RunSettings) -> float:
+    """A configuration's target sparsity: an allocation file's own (its settings keep the grid's default)."""
+    if settings.allocation.method != "file":
+        return settings.allocation.sparsity
+    try:
+        return Allocation.load(Path(settings.allocation.file).expanduser()).sparsity
+    except AllocationError:  # its configuration failed on it, and says why
+        return float("nan")
 
 
 def outcome_table(outcomes: list[Outcome]) -> pd.DataFrame:
     """One row per configuration: what the CLI prints at the end of a sweep and the page shows."""
     return pd.DataFrame([{
         "method": o.settings.prune.method, "allocation": line_label(o.settings),
-        "sparsity": o.settings.allocation.sparsity, "seed": o.settings.calibration.seed, "status": o.status,
+        "sparsity": _target(o.settings), "seed": o.settings.calibration.seed, "status": o.status,
         "run": o.run_id, "dense_ppl": o.dense_ppl, "pruned_ppl": o.pruned_ppl, "achieved": o.achieved,
         "attempts": o.attempts, "error": o.error} for o in outcomes])
 

@@ -75,6 +75,12 @@ def test_expansion_crosses_the_axes(tiny, tmp_path):
     assert all(c.calibration.n_samples == 4 and c.evaluation.max_windows == 6 for c in configs)
     custom = [c for c in configs if c.allocation.method == "custom"]
     assert len(custom) == 8 and custom[0].allocation.points == ((0.0, 0.4), (1.0, 0.8))
+    # the file's configurations are shown at its own sparsity (0.4), not the grid's
+    from analysis.sweep import Outcome, config_label, outcome_table
+
+    at_file = next(c for c in configs if c.allocation.method == "file")
+    assert outcome_table([Outcome("k", at_file, "skipped")])["sparsity"].tolist() == [0.4]
+    assert " at 0.4, seed" in config_label(at_file)
     # a key follows the settings, not the object: equal settings rebuilt give the same key
     assert config_key(RunSettings.from_dict(configs[0].to_dict())) == config_key(configs[0])
 
