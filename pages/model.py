@@ -11,6 +11,7 @@ from analysis.loading import (
     estimate_memory,
     hf_cache_dir,
     pick_device,
+    resolve_source,
 )
 from components.state import is_loaded, load_shared_model, model_key, prune_data_settings, session_work, spectra_job
 
@@ -132,7 +133,18 @@ if current is not None:
         st.warning(UNSUPPORTED.format(n=left) + ".")
 
 
-if source:
+def _source_problem(source: str) -> str | None:
+    """What Load would say at once about `source` (no folder, no config.json, not an id), else None."""
+    try:
+        resolve_source(source)
+    except ModelLoadError as e:
+        return str(e)
+    return None
+
+
+if source and (problem := _source_problem(source)):
+    estimate_slot.caption(f"Memory estimate unavailable: {problem}")
+elif source:
     est = _estimate(source, load_dtype, calibration.n_samples, calibration.seqlen, 8 if on_gpu else 1)
     estimate_slot.caption(
         f"Estimated memory: **{est.weights / 2**30:.2f} GiB** of weights as {load_dtype}; pruning adds up to "
