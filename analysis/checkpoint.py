@@ -145,6 +145,19 @@ def _check_index(index: Path) -> dict[str, str]:
     return weight_map
 
 
+def stored_dtype(folder: str | Path) -> str | None:
+    """The torch dtype name ("bfloat16", ...) a checkpoint folder stores its floating-point tensors in, or None
+    when they are of several dtypes or the folder is not a readable safetensors checkpoint."""
+    try:
+        kinds = {t.dtype for t in open_checkpoint(folder).tensors.values() if t.dtype in _FLOAT_NAMES}
+    except CheckpointError:
+        return None
+    return _FLOAT_NAMES[kinds.pop()] if len(kinds) == 1 else None
+
+
+_FLOAT_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
 def has_safetensors(folder: str | Path) -> bool:
     """Whether the folder keeps its weights as safetensors (a single file or an index)."""
     p = Path(folder)

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from analysis.allocation import METHODS as ALLOCATION_CHOICES
 from analysis.allocation import METRIC_DIRECTION, Allocation, AllocationError, block_table, parse_points
-from analysis.checkpoint import has_safetensors, local_folder, open_checkpoint
+from analysis.checkpoint import has_safetensors, local_folder, open_checkpoint, stored_dtype
 from analysis.errors import AlphascopeError
 from analysis.evaluation import perplexity
 from analysis.export import (
@@ -638,6 +638,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
         else:
             print(f"saved the pruned model ({args.save_format}) to {path}")
             record["saved_to"] = args.save_model
+            folder = local_folder(loaded.info.path)
+            stored = stored_dtype(folder) if folder is not None and has_safetensors(folder) else None
+            if stored is not None and stored != loaded.info.dtype:
+                print(f"note: --save-model: saved in {loaded.info.dtype}, the dtype it was pruned in; the checkpoint "
+                      f"stores {stored} (prune with --dtype {stored} to save in it)", file=sys.stderr)
     if args.out:
         print(f"wrote {write_record(record, args.out)}")
     try:

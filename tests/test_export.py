@@ -327,6 +327,25 @@ def test_cli_prune_saves_compressed_model(tmp_path, capsys):
     assert "note: the allocation was made for the N:M pattern 2:4" in err
 
 
+def test_cli_prune_says_when_it_saves_in_another_dtype_than_the_checkpoints(tmp_path, capsys):
+    """A bf16 checkpoint pruned in float32 (--dtype auto on a CPU) is saved in float32, twice its size: said,
+    with the way to keep bf16; pruned in bf16 it is saved in bf16, without a note."""
+    from analysis.checkpoint import stored_dtype
+
+    model_dir = save_tiny_llama(tmp_path / "tiny")
+    AutoModelForCausalLM.from_pretrained(model_dir).to(torch.bfloat16).save_pretrained(model_dir)
+    assert stored_dtype(model_dir) == "bfloat16"
+    for dtype, out in (("auto", tmp_path / "f32"), ("bfloat16", tmp_path / "bf16")):
+        code, _, err = run(capsys, "prune", "--model", model_dir, "--device", "cpu", "--dtype", dtype, "--method",
+                           "magnitude", "--sparsity", 0.5, "--allocation", "uniform", "--eval", "default",
+                           "--eval-seqlen", 32, "--max-windows", 1, "--db", tmp_path / "r.sqlite", "--save-model", out)
+        assert code == 0, err
+        assert stored_dtype(out) == ("float32" if dtype == "auto" else "bfloat16")
+        note = ("note: --save-model: saved in float32, the dtype it was pruned in; the checkpoint stores bfloat16 "
+                "(prune with --dtype bfloat16 to save in it)")
+        assert (note in err) == (dtype == "auto"), err
+
+
 def test_cli_prune_full_disk_keeps_the_run_record(tmp_path, capsys, fill_disk):
     model_dir = save_tiny_llama(tmp_path / "tiny")
     fill_disk()
