@@ -43,6 +43,7 @@ from analysis.loading import (
     resolve_source,
 )
 from analysis.pipeline import (
+    allocation_caveats,
     build_allocation,
     calibration_batch,
     dense_spectra,
@@ -54,7 +55,7 @@ from analysis.pipeline import (
 from analysis.powerlaw import XMIN_RULES
 from analysis.pruners import PRUNERS, ROWWISE, PruneError, check_nm_ratios, parse_nm
 from analysis.pruning import prune, prune_warnings
-from analysis.search import describe, reuse_caveats
+from analysis.search import describe
 from analysis.settings import (
     ALLOCATION_METHODS,
     SPECTRA_METHODS,
@@ -688,7 +689,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     bos = loaded.info.bos_per_window
     windows = evaluation_windows(loaded.tokenizer, evaluation, calibration.source, bos) if zeroshot is None else None
     if alloc is not None:
-        for caveat in reuse_caveats(alloc.params, args.method, loaded.model):
+        for caveat in allocation_caveats(alloc, args.method, loaded):
             print(f"warning: {caveat}", file=sys.stderr)
         calib = calibration_batch(loaded.tokenizer, calibration, evaluation.source, bos) if calibrates else None
         report = prune(loaded.model, alloc.per_layer, method=args.method, calib=calib, progress=_print_progress)

@@ -221,6 +221,13 @@ def resolve_source(source: str) -> tuple[str, str, PackagedModel | None]:
     return src, src, None
 
 
+def model_identity(source: str) -> str:
+    """What a model source names, whatever its spelling: a folder (a packaged model's converted one
+    included) as its resolved path, a hub id as written."""
+    path = resolve_source(source)[0]
+    return str(Path(path).resolve()) if Path(path).expanduser().exists() else path
+
+
 _HUB_CHECK: dict[str, tuple[float, bool]] = {}  # endpoint -> (time.monotonic() of the check, reachable)
 HUB_CHECK_TTL = 60.0  # seconds a reachability answer is reused (the Model page asks on every rerun)
 

@@ -33,7 +33,7 @@ from analysis.data import (
 )
 from analysis.evaluation import PplUpdate, perplexity
 from analysis.layers import layer_table, zero_fraction
-from analysis.loading import LoadedModel
+from analysis.loading import LoadedModel, ModelLoadError, model_identity
 from analysis.owl import collect_outlier_ratios
 from analysis.pruners import parse_nm
 from analysis.pruning import PruneReport, check_finite, prune, prune_warnings
@@ -291,8 +291,25 @@ def run_caveats(settings: RunSettings, loaded: LoadedModel) -> list[str]:
         out.append(f"{zeros:.1%} of the prunable weights are zero already (pruned before? restore it with "
                    "DenseSnapshot, or load it again): the run's dense perplexity and spectra are of these weights")
     if settings.allocation.method == "file" and parse_nm(settings.prune.nm) is None:
-        out += reuse_caveats(Allocation.load(settings.allocation.file).params, settings.prune.method, loaded.model)
+        out += allocation_caveats(Allocation.load(settings.allocation.file), settings.prune.method, loaded)
     return out
+
+
+def allocation_caveats(alloc: Allocation, method: str, loaded: LoadedModel) -> list[str]:
+    """Why a saved allocation, pruned onto `loaded` with `method`, may not do what it did where it was made:
+    it names another model (whose matrix names this one shares), or its search's caveats (reuse_caveats)."""
+    out = []
+    if alloc.model and _identity(alloc.model) != _identity(loaded.info.source):
+        out.append(f"this allocation was made for {alloc.model}, not {loaded.info.source}: its ratios were chosen "
+                   "for that model's layers (only its matrix names fit this one)")
+    return out + reuse_caveats(alloc.params, method, loaded.model)
+
+
+def _identity(source: str) -> str:
+    try:
+        return model_identity(source)
+    except ModelLoadError:  # a source no longer loadable here (a folder gone): as written
+        return source.strip()
 
 
 # --------------------------------------------------------------------------------------------

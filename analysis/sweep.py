@@ -38,7 +38,7 @@ from analysis.allocation import MAX_RATIO, Allocation, AllocationError, check_se
 from analysis.data import source_identity
 from analysis.errors import AlphascopeError
 from analysis.evaluation import perplexity_stream
-from analysis.loading import LoadedModel, ModelLoadError, load_model, preview_model, resolve_source
+from analysis.loading import LoadedModel, ModelLoadError, load_model, model_identity, preview_model
 from analysis.pipeline import dense_spectra, evaluation_windows, run, spectra_used
 from analysis.pruners import PRUNERS, ROWWISE, check_rowwise
 from analysis.pruning import DenseSnapshot
@@ -258,22 +258,17 @@ def config_key(settings: RunSettings) -> str:
     they name: `my.txt`, `./my.txt` and `$PWD/my.txt` (or a model folder with and without its trailing
     slash) are one configuration."""
     d = settings.to_dict()
-    d["model"]["source"] = None  # the model counts by its `_model_identity` below
+    d["model"]["source"] = None  # the model counts by its `model_identity` below
     for section, name in (("calibration", "source"), ("evaluation", "source"), ("allocation", "search_text")):
         if d[section][name] is not None:
             d[section][name] = source_identity(d[section][name])
     for name in ("file", "search_from"):  # a file counts by its path here, and "file" by its bytes too
         if d["allocation"][name] is not None:
             d["allocation"][name] = source_identity(d["allocation"][name])
-    ident = {"settings": d, "model": _model_identity(settings.model.source)}
+    ident = {"settings": d, "model": model_identity(settings.model.source)}
     if settings.allocation.method == "file":
         ident["file_sha256"] = hashlib.sha256(Path(settings.allocation.file).expanduser().read_bytes()).hexdigest()
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
-
-
-def _model_identity(source: str) -> str:
-    path = resolve_source(source)[0]
-    return str(Path(path).resolve()) if Path(path).expanduser().exists() else path
 
 
 def check_address(address: str | None, timeout: float = ADDRESS_TIMEOUT_S) -> None:

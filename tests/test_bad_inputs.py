@@ -271,6 +271,23 @@ def test_eval_without_an_allocation_refuses_the_options_it_would_ignore(tiny_fol
     assert f"{ignored} would be ignored" in r.stderr
 
 
+def test_an_allocation_made_for_another_model_of_the_same_names_is_a_warning(tiny_folder, tmp_path):
+    """The names fit, so it applies, but its ratios were chosen for another model's layers: said; the same
+    model spelled otherwise (a trailing slash) is no other model."""
+    from transformers import AutoModelForCausalLM
+
+    other = Path(shutil.copytree(tiny_folder, tmp_path / "other"))
+    alloc = allocate(layer_table(AutoModelForCausalLM.from_pretrained(tiny_folder)), 0.5, "uniform",
+                     model=str(tiny_folder)).save(tmp_path / "alloc.json")
+    common = ["--allocation", str(alloc), "--method", "magnitude", "--eval", "default", "--eval-seqlen", "32",
+              "--max-windows", "1"]
+    warned = f"warning: this allocation was made for {tiny_folder}, not {other}: its ratios were chosen"
+    r = run_cli("eval", f"--model={other}", *common)
+    assert r.returncode == 0 and warned in r.stderr, r.stderr[-2000:]
+    r = run_cli("eval", f"--model={tiny_folder}/", *common)
+    assert r.returncode == 0 and "was made for" not in r.stderr, r.stderr[-2000:]
+
+
 def test_out_into_a_missing_folder_is_made(bad):
     """A missing output folder is not an error: it is made (for spectra as for allocate and prune)."""
     out = bad / "new" / "folder" / "metrics.csv"
