@@ -910,8 +910,11 @@ def cmd_spectra(args: argparse.Namespace) -> int:
     _write_metrics(metrics, args.out, as_json)
     with pd.option_context("display.width", 200, "display.max_rows", 500):
         print(_block_summary(metrics).to_string(), file=report)
-    for _, row in metrics[metrics["status"] != "ok"].iterrows():
-        print(f"warning: {row['name']}: {row['status']}", file=sys.stderr)
+    for status, names in metrics[metrics["status"] != "ok"].groupby("status")["name"]:  # one line per status
+        names = names.tolist()
+        print(f"warning: {names[0]}: {status}" if len(names) == 1 else
+              f"warning: {len(names)} matrices: {status} (e.g. {names[0]}; the status column names them)",
+              file=sys.stderr)
     print(f"{len(metrics)} matrices of {title}, fit={settings.fit}{', FARMS' if settings.farms else ''}: "
           f"median alpha {metrics['alpha'].median():.3f}" + (" (from the cache)" if result.cached else "")
           + (f"; wrote {args.out}" if args.out else ""), file=report)

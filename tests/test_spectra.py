@@ -280,6 +280,26 @@ def test_cli_never_runs_or_offers_to_run_repository_code(tiny_llama, tmp_path):
     assert estimate_memory(str(remote)) is None and not marker.exists()
 
 
+def test_cli_warns_once_per_status(tiny_llama, tmp_path):
+    """Matrices that cannot be fitted are named in the table's status column; stderr gets one line per status,
+    not one per matrix (an MoE model's routers would fill the screen)."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(shutil.copytree(tiny_llama, tmp_path / "nan"))
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        for block in (0, 1):
+            model.model.layers[block].mlp.up_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(folder)
+    r = run_cli("--model", str(folder), "--device", "cpu", "--out", str(tmp_path / "m.csv"))
+    assert r.returncode == 0, r.stderr
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("warning: ")]
+    assert warnings == ["warning: 2 matrices: non-finite weights (e.g. model.layers.0.mlp.up_proj; the status column "
+                        "names them)"]
+
+
 def test_cli_writes_csv_and_summary(tiny_llama, tmp_path):
     import pandas as pd
 
