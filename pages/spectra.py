@@ -42,7 +42,9 @@ fit = c1.selectbox("xmin rule", XMIN_RULES, key="spectra_fit",
                    help="peak: the tail starts near the histogram peak (HT-SR / AlphaPruning default); "
                         "median: at the median eigenvalue; scan: smallest KS distance.")
 farms = c2.checkbox("FARMS", key="spectra_farms",
-                    help="Fit the pooled ESD of square sub-windows (removes the aspect-ratio bias).")
+                    help="Fit the pooled ESD of square sub-windows (removes the aspect-ratio bias). Slower: one "
+                         "eigensolve per window (about 2 x long/short side of a matrix) instead of one per matrix, "
+                         "e.g. minutes for Gemma-3-270m on a 2-core CPU; the norm metrics stay the whole matrix's.")
 sources = ["shared dense model"] + (["my pruned copy"] if work.pruned else [])
 which = c3.radio("Weights", sources, horizontal=True, key="spectra_weights")
 if which == "my pruned copy" and work.pruned:
