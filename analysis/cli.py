@@ -972,8 +972,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except SettingsError as e:
         flag = (SWEEP_FLAGS if args.command == "sweep" else {}).get(e.field) or FLAGS.get(e.field)
-        if flag == "--eval" and args.command == "eval":
-            flag = "--text"
+        typed = sys.argv[1:] if argv is None else [str(a) for a in argv]
+        if flag == "--eval" and args.command == "eval" and not any(a.split("=")[0] == "--eval" for a in typed):
+            flag = "--text"  # eval's own name for it, unless the user typed prune's
         print(f"error: {flag + ': ' if flag else ''}{e}", file=sys.stderr)
         return 2
     # SettingsError, AllocationError, DataError, UsageError are ValueErrors; OSError: e.g. a path too long

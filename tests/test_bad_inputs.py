@@ -125,6 +125,7 @@ CLI_CASES = [
     # text sources
     ("prune --eval nowhere.txt", "--eval: evaluation text: Text file 'nowhere.txt' does not exist"),
     ("eval --text nowhere.txt", "--text: evaluation text: Text file 'nowhere.txt' does not exist"),
+    ("eval --eval nowhere.txt", "--eval: evaluation text: Text file 'nowhere.txt' does not exist"),  # as typed
     ("prune --eval {bad}/folder", "--eval: evaluation text: '{bad}/folder' is a folder, not a text file"),
     ("prune --calib /dev/null", "--calib: calibration text: '/dev/null' is not a regular file (a device or a pipe)"),
     ("prune --calib hf:x", "--calib: calibration text: Use 'hf:<dataset>[:<config>]:<split>'"),
