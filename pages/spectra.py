@@ -98,8 +98,8 @@ with right:
     st.subheader("One layer")
     name = st.selectbox("Layer", names, key=LAYER_KEY)
     row = metrics.set_index("name").loc[name]
-    t1, t2, t3 = st.columns(3)
-    log = t1.toggle("Log-log", value=True, key="spectra_log")
+    log = st.toggle("Log-log", value=True, key="spectra_log")
+    t2, t3 = st.columns(2)  # two to a row: three truncated their labels in this column
     show_mp = t2.checkbox("Marchenko–Pastur", key="spectra_mp")
     show_rand = t3.checkbox("Randomized", key="spectra_rand",
                             help="ESD of the same matrix with its entries shuffled: no learned structure left.")
