@@ -600,8 +600,9 @@ def _run_settings(args: argparse.Namespace) -> RunSettings:
     if settings.prune.nm is None and method == "file" and not Path(file).expanduser().is_file():
         raise UsageError(f"--allocation must be one of {', '.join(ALLOCATION_METHODS[:5])} or an allocation "
                          f"JSON file; '{args.allocation}' is neither.")
+    settings.prune.check()  # a bad --nm first, then a conflict between options, which says more than a
+    _refuse_ignored(args)  # missing default text would
     settings.check()
-    _refuse_ignored(args)
     return settings
 
 

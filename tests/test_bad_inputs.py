@@ -111,9 +111,9 @@ CLI_CASES = [
     ("allocate --method custom --points 0:0.5,1.5:0.6 --as-drawn", "control point '1.5:0.6': depth 1.5 is outside"),
     ("allocate --method custom --points 0:0.5,half:0.6 --as-drawn", "bad control point 'half:0.6'"),
     # options the run would ignore
-    ("prune --nm 2:4 --sparsity 0.7", "--sparsity: an N:M pattern (2:4) prunes every matrix to N/M, so no "
+    ("prune --nm 2:4 --sparsity 0.7", "--sparsity: an N:M pattern (2:4) prunes every matrix to (M-N)/M, so no "
                                       "allocation or sparsity applies; drop --sparsity or --nm"),
-    ("prune --nm 2:4 --allocation owl", "--allocation: an N:M pattern (2:4) prunes every matrix to N/M"),
+    ("prune --nm 2:4 --allocation owl", "--allocation: an N:M pattern (2:4) prunes every matrix to (M-N)/M"),
     ("prune --allocation {bad}/other-model.json --sparsity 0.6",
      "--sparsity: {bad}/other-model.json is an allocation at sparsity 0.3, which it keeps; drop --sparsity 0.6"),
     ("prune --allocation owl --search-text {bad}/short.txt", "--search-text: only the allocation search (auto) "
