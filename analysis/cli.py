@@ -30,6 +30,7 @@ from analysis.export import (
     export,
     module_order,
     ratios_npy,
+    recipe_caveats,
     recipe_yaml,
 )
 from analysis.layers import UNSUPPORTED, layer_table, unsupported_weights
@@ -368,6 +369,9 @@ def _write_allocation_files(args: argparse.Namespace, alloc: Allocation, per_lay
             except OSError as e:
                 raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
             print(f"wrote {path}")
+    if args.recipe:
+        for caveat in recipe_caveats(per_layer):
+            print(f"warning: --recipe: {caveat}", file=sys.stderr)
 
 
 def _allocation_file(path: str) -> Allocation:

@@ -38,6 +38,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -341,6 +342,21 @@ def recipe_yaml(per_layer: dict[str, float], pruner: str = "sparsegpt", nm: tupl
     recipe = {"sparsity_stage": {"pruning_modifiers": {RECIPE_PRUNERS[pruner]: modifier}}}
     head = "".join(f"# {line}\n" for line in note.splitlines())
     return head + yaml.safe_dump(recipe, sort_keys=False, width=120)
+
+
+_EXPERT_MATRIX = re.compile(r"\.experts\.\d+\.")
+
+
+def recipe_caveats(per_layer: dict[str, float]) -> list[str]:
+    """Why llm-compressor may not apply a recipe of `per_layer` as written: expert matrices (named
+    `...experts.<e>.<proj>`) are modules only where the experts are separate Linear modules, not in a model
+    whose experts transformers 5 keeps fused in 3-D parameters (README, "Mixture-of-experts models")."""
+    experts = [name for name in per_layer if _EXPERT_MATRIX.search(name)]
+    if not experts:
+        return []
+    return [f"{len(experts)} of the recipe's {len(per_layer)} targets are expert matrices (e.g. {experts[0]}): "
+            "llm-compressor finds them only in a model whose experts are separate Linear modules, not where "
+            "transformers 5 fuses them into 3-D parameters"]
 
 
 def ratios_npy(per_layer: dict[str, float]) -> bytes:

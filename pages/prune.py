@@ -3,7 +3,16 @@ import pandas as pd
 import streamlit as st
 
 from analysis.data import DataError, check_encoding, save_text, text_source_problem
-from analysis.export import DEFAULT_FORMAT, FORMATS, RECIPE_PRUNERS, export, module_order, ratios_npy, recipe_yaml
+from analysis.export import (
+    DEFAULT_FORMAT,
+    FORMATS,
+    RECIPE_PRUNERS,
+    export,
+    module_order,
+    ratios_npy,
+    recipe_caveats,
+    recipe_yaml,
+)
 from analysis.jobs import DONE, Job
 from analysis.loading import ModelPreview
 from analysis.pipeline import evaluation_windows
@@ -290,16 +299,20 @@ r1, r2, r3 = st.columns([1, 1, 1])
 recipe_pruner = r1.selectbox("Recipe pruner", list(RECIPE_PRUNERS), key="prune_recipe_pruner",
                              help="the llm-compressor modifier that carries the per-matrix sparsities")
 per_layer = module_order(alloc.per_layer, work.model) if alloc is not None else {}
-recipe = recipe_yaml(per_layer, recipe_pruner, parse_nm(settings.prune.nm)) if alloc is not None else ""
+# the last prune's own pattern (an N:M run's allocation names it), not the one selected now: an N:M recipe
+# prunes every target to its pattern, whatever ratios an unstructured allocation gives
+recipe = recipe_yaml(per_layer, recipe_pruner, parse_nm(alloc.params.get("nm"))) if alloc is not None else ""
 r2.download_button("Download llm-compressor recipe", recipe, file_name="recipe.yaml", mime="application/x-yaml",
                    disabled=alloc is None, key="prune_recipe_download",
-                   help="the allocation of your last prune, with the Pattern selected above as its mask "
+                   help="the allocation of your last prune, with its pattern (N:M or unstructured) as the mask "
                         "structure; run it elsewhere with llm-compressor's oneshot(model=..., recipe=...)")
 r3.download_button("Download ratios (.npy)", ratios_npy(per_layer) if alloc is not None else b"",
                    file_name="ratios.npy", mime="application/octet-stream", disabled=alloc is None,
                    key="prune_npy_download", help="AlphaPruning's layout: one ratio per matrix, in module order")
 if alloc is None:
     st.caption("The recipe and ratio downloads describe the allocation of your last prune: run one first.")
+for caveat in recipe_caveats(per_layer):
+    st.caption(f"Recipe: {caveat}.")
 
 
 st.subheader("Zero-shot accuracy")

@@ -190,6 +190,15 @@ def test_llmcompressor_oneshot_applies_the_recipe(tmp_path, recipe_parser, prune
         assert float(w.eq(0).float().mean()) == pytest.approx(ratio, abs=1 / w.shape[1]), name
 
 
+def test_recipe_caveats_name_expert_matrices():
+    from analysis.export import recipe_caveats
+
+    dense = {"model.layers.0.self_attn.q_proj": 0.5, "model.layers.0.mlp.down_proj": 0.5}
+    assert recipe_caveats(dense) == []
+    (caveat,) = recipe_caveats({**dense, "model.layers.0.mlp.experts.3.gate_proj": 0.5})
+    assert caveat.startswith("1 of the recipe's 3 targets are expert matrices (e.g. model.layers.0.mlp.experts.3.")
+
+
 @pytest.mark.parametrize("nm", ["2:4", (2,), (2.0, 4.0)])
 def test_recipe_refuses_an_nm_that_is_not_two_integers(nm):
     with pytest.raises(ExportError, match=r"nm must be \(N, M\), e.g. \(2, 4\)"):
