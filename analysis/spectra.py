@@ -211,6 +211,9 @@ def farms_spectrum(w: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """(`farms_esd`, `esd`) of W, unnormalized: FARMS fits the pooled windows' spectrum, and the norm
     metrics (lambda_max, stable rank, log norm, entropy) are the whole matrix's, as without FARMS (the
     windows overlap, so the pooled spectrum counts most entries twice)."""
+    if w.shape[0] == w.shape[1]:  # a square matrix is its own single window: one eigensolve
+        ev = esd(w)
+        return ev, ev
     return farms_esd(w), esd(w)
 
 
