@@ -21,7 +21,7 @@ import torch
 import transformers
 from torch import nn
 
-from analysis.allocation import Allocation, allocate, custom_allocation
+from analysis.allocation import Allocation, allocate, budget, custom_allocation
 from analysis.data import (
     calibration_batches,
     calibration_text,
@@ -32,7 +32,7 @@ from analysis.data import (
     spread,
 )
 from analysis.evaluation import PplUpdate, perplexity
-from analysis.layers import layer_table, zero_fraction
+from analysis.layers import layer_table, prunable_layers, zero_fraction
 from analysis.loading import LoadedModel, ModelLoadError, model_identity
 from analysis.owl import collect_outlier_ratios
 from analysis.pruners import parse_nm
@@ -296,9 +296,17 @@ def run_caveats(settings: RunSettings, loaded: LoadedModel) -> list[str]:
 
 
 def allocation_caveats(alloc: Allocation, method: str, loaded: LoadedModel) -> list[str]:
-    """Why a saved allocation, pruned onto `loaded` with `method`, may not do what it did where it was made:
-    it names another model (whose matrix names this one shares), or its search's caveats (reuse_caveats)."""
+    """Why a saved allocation, pruned onto `loaded` with `method`, may not do what it says or did where it was
+    made: its ratios prune another share of this model's weights than both its `sparsity` and its `achieved`
+    say (a file edited by hand), it names another model (whose matrix names this one shares), or its search's
+    caveats (reuse_caveats). Call it once the allocation's names are checked against the model (check_names)."""
     out = []
+    refs = [r for r in prunable_layers(loaded.model) if r.name in alloc.per_layer]
+    implied = budget([alloc.per_layer[r.name] for r in refs], [r.params for r in refs])
+    if min(abs(implied - alloc.sparsity), abs(implied - alloc.achieved)) > 5e-4:
+        out.append(f"the allocation says sparsity {alloc.sparsity:.2%} (achieved {alloc.achieved:.2%}), but on this "
+                   f"model its ratios prune {implied:.2%} of the weights (edited by hand?); the run reports what it "
+                   "prunes")
     if alloc.model and _identity(alloc.model) != _identity(loaded.info.source):
         out.append(f"this allocation was made for {alloc.model}, not {loaded.info.source}: its ratios were chosen "
                    "for that model's layers (only its matrix names fit this one)")

@@ -274,7 +274,8 @@ def test_eval_without_an_allocation_refuses_the_options_it_would_ignore(tiny_fol
 
 def test_an_allocation_made_for_another_model_of_the_same_names_is_a_warning(tiny_folder, tmp_path):
     """The names fit, so it applies, but its ratios were chosen for another model's layers: said; the same
-    model spelled otherwise (a trailing slash) is no other model."""
+    model spelled otherwise (a trailing slash) is no other model. A file whose ratios were edited by hand
+    without its sparsity is applied as its ratios say, with a warning."""
     from transformers import AutoModelForCausalLM
 
     other = Path(shutil.copytree(tiny_folder, tmp_path / "other"))
@@ -287,6 +288,17 @@ def test_an_allocation_made_for_another_model_of_the_same_names_is_a_warning(tin
     assert r.returncode == 0 and warned in r.stderr, r.stderr[-2000:]
     r = run_cli("eval", f"--model={tiny_folder}/", *common)
     assert r.returncode == 0 and "was made for" not in r.stderr, r.stderr[-2000:]
+    # a file edited by hand: its ratios prune more than both numbers it states
+    import json
+
+    d = json.loads(alloc.read_text())
+    d["per_layer"] = {name: 0.7 for name in d["per_layer"]}
+    alloc.write_text(json.dumps(d))
+    r = run_cli("eval", f"--model={tiny_folder}", *common)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert ("warning: the allocation says sparsity 50.00% (achieved 50.00%), but on this model its ratios prune "
+            "70.00% of the weights (edited by hand?)") in r.stderr
+    assert "pruned with magnitude + uniform: 0.7" in r.stderr
 
 
 def test_out_into_a_missing_folder_is_made(bad):
