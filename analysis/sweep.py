@@ -259,12 +259,10 @@ def config_key(settings: RunSettings) -> str:
     slash) are one configuration."""
     d = settings.to_dict()
     d["model"]["source"] = None  # the model counts by its `model_identity` below
-    for section, name in (("calibration", "source"), ("evaluation", "source"), ("allocation", "search_text")):
+    for section, name in (("calibration", "source"), ("evaluation", "source"), ("allocation", "search_text"),
+                          ("allocation", "file"), ("allocation", "search_from")):  # "file" counts by its bytes too
         if d[section][name] is not None:
             d[section][name] = source_identity(d[section][name])
-    for name in ("file", "search_from"):  # a file counts by its path here, and "file" by its bytes too
-        if d["allocation"][name] is not None:
-            d["allocation"][name] = source_identity(d["allocation"][name])
     ident = {"settings": d, "model": model_identity(settings.model.source)}
     if settings.allocation.method == "file":
         ident["file_sha256"] = hashlib.sha256(Path(settings.allocation.file).expanduser().read_bytes()).hexdigest()
@@ -552,26 +550,19 @@ def run_sweep(grid: SweepGrid, store: RunStore, *, workers: int = 1, address: st
 
     if progress and stored:
         progress(f"{len(outcomes)} of {len(by_key)} configurations already in the store: skipped", 0.0)
-    if pending and not _SWEEPING.acquire(blocking=False):
-        raise SweepBusy("another sweep is running in this process; wait for it to end or cancel it")
     if pending:
+        if not _SWEEPING.acquire(blocking=False):
+            raise SweepBusy("another sweep is running in this process; wait for it to end or cancel it")
         try:
-            _run_pending(pending, finish, use_ray=use_ray, workers=workers, address=address,
-                         cpus_per_worker=cpus_per_worker, progress=progress, stop=stop)
+            if use_ray:
+                _run_on_ray(pending, finish, workers=workers, address=address, cpus_per_worker=cpus_per_worker,
+                            stop=stop)
+            else:
+                _run_here(pending, finish, progress=progress, stop=stop)
         finally:
+            release_worker_model()  # an in-process sweep's model (the driver of a Ray sweep loaded none)
             _SWEEPING.release()
     return [outcomes[k] for k in by_key]
-
-
-def _run_pending(pending: list, finish: Callable, *, use_ray: bool, workers: int, address: str | None,
-                 cpus_per_worker: int, progress: ProgressFn | None, stop: StopFlag) -> None:
-    if use_ray:
-        _run_on_ray(pending, finish, workers=workers, address=address, cpus_per_worker=cpus_per_worker, stop=stop)
-    else:
-        try:
-            _run_here(pending, finish, progress=progress, stop=stop)
-        finally:
-            release_worker_model()
 
 
 def _one_line(e: BaseException) -> str:
