@@ -43,6 +43,11 @@ def esd_density(eigs: np.ndarray, log: bool = True, bins: int = 80) -> tuple[np.
     return edges, counts / (x.size * np.diff(edges))
 
 
+def _steps(edges: np.ndarray, dens: np.ndarray, floor: float) -> dict:
+    """x, y of a histogram drawn as a step line over its bin edges, empty bins at `floor`."""
+    return {"x": np.repeat(edges, 2)[1:-1], "y": np.repeat(np.where(dens > 0, dens, floor), 2)}
+
+
 def esd_figure(eigs: np.ndarray, alpha: float | None = None, xmin: float | None = None, log: bool = True,
                mp: tuple[np.ndarray, np.ndarray] | None = None,
                randomized: np.ndarray | None = None, title: str = "",
@@ -62,8 +67,8 @@ def esd_figure(eigs: np.ndarray, alpha: float | None = None, xmin: float | None 
     floor = dens[keep].min() / 10 if log and keep.any() else 0.0
     if log:  # bars have no sensible width on a log axis: draw the histogram as a filled step line
         fig.add_trace(go.Scatter(
-            x=np.repeat(edges, 2)[1:-1], y=np.repeat(np.where(keep, dens, floor), 2),
-            mode="lines", fill="tozeroy", line=dict(color="#4c78a8", width=1), name="ESD (histogram)",
+            **_steps(edges, dens, floor), mode="lines", fill="tozeroy", line=dict(color="#4c78a8", width=1),
+            name="ESD (histogram)",
             hovertemplate="λ %{x:.3g}<br>density %{y:.3g}<extra></extra>",
         ))
     else:
@@ -76,10 +81,8 @@ def esd_figure(eigs: np.ndarray, alpha: float | None = None, xmin: float | None 
     x = x[np.isfinite(x) & (x > 0)]
     if randomized is not None:
         redges, rdens = esd_density(randomized, log=log)
-        fig.add_trace(go.Scatter(
-            x=np.repeat(redges, 2)[1:-1], y=np.repeat(np.where(rdens > 0, rdens, floor), 2), mode="lines",
-            line=dict(color="#9467bd", width=1.5), name="randomized weights",
-        ))
+        fig.add_trace(go.Scatter(**_steps(redges, rdens, floor), mode="lines", line=dict(color="#9467bd", width=1.5),
+                                 name="randomized weights"))
     if mp is not None:
         mx, my = mp
         mk = my > 0
@@ -143,7 +146,7 @@ def heatmap_figure(metrics: pd.DataFrame, metric: str = "alpha") -> go.Figure:
     cells = df.drop_duplicates(["kind", "block"]).dropna(subset=[metric])  # the cell's matrix, as pivot_table's first
     fig.add_trace(go.Scatter(
         x=cells["block"], y=cells["kind"], customdata=cells["name"], mode="markers", showlegend=False,
-        marker=dict(size=12, opacity=0), text=cells[metric].map("{:.3f}".format) if len(cells) else None,
+        marker=dict(size=12, opacity=0), text=cells[metric].map("{:.3f}".format),
         hovertemplate="%{customdata}<br>" + metric + " %{text}<extra></extra>",
     ))
     fig.update_xaxes(title="block")
