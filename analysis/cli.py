@@ -645,7 +645,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
             print(f"saved the pruned model ({args.save_format}) to {path}")
             record["saved_to"] = args.save_model
             folder = local_folder(loaded.info.path)
-            stored = stored_dtype(folder) if folder is not None and has_safetensors(folder) else None
+            stored = stored_dtype(folder) if folder is not None else None
             if stored is not None and stored != loaded.info.dtype:
                 print(f"note: --save-model: saved in {loaded.info.dtype}, the dtype it was pruned in; the checkpoint "
                       f"stores {stored} (prune with --dtype {stored} to save in it)", file=sys.stderr)
