@@ -673,6 +673,9 @@ def custom_allocation(points, metrics: pd.DataFrame, sparsity: float | None = No
         if sparsity is None:
             raise AllocationError("normalize=True needs a target sparsity")
         s = _check_sparsity(sparsity)
+        if s > 0 and not (ratios > 0).any():  # exact_budget then shifts: every matrix gets the target
+            warnings.append(f"the curve prunes nothing, so it has no shape to scale to the target: every matrix "
+                            f"gets {s:.1%}")
         ratios = exact_budget(ratios, p, s, mode="scale")
     else:
         s = budget(ratios, p) if sparsity is None else _check_sparsity(sparsity)

@@ -33,7 +33,7 @@ from analysis.export import (
     recipe_caveats,
     recipe_yaml,
 )
-from analysis.layers import UNSUPPORTED, layer_table, unsupported_weights
+from analysis.layers import UNSUPPORTED, layer_table, skeleton, unsupported_weights
 from analysis.loading import (
     DEVICE_MAP_AUTO,
     PACKAGED,
@@ -389,31 +389,31 @@ def cmd_export(args: argparse.Namespace) -> int:
     _checked_outputs(args, {"--recipe": args.recipe, "--npy": args.npy})
     alloc = _allocation_file(args.allocation)
     nm = parse_nm(args.nm or alloc.params.get("nm"))  # a prune --nm run's allocation names its pattern
+    try:  # the allocation's model, for the order of the recipe's targets and the N:M widths
+        preview, unread = preview_model(alloc.model), None
+    except ModelLoadError as e:
+        preview, unread = None, f"{alloc.model or 'the allocation names no model'}: {str(e).splitlines()[0]}"
     if nm is not None:
         if not args.nm:
             print(f"note: the allocation was made for the N:M pattern {alloc.params['nm']}: the recipe's mask "
                   "structure is that pattern", file=sys.stderr)
-        _check_nm_widths(f"{nm[0]}:{nm[1]}", alloc)
+        if preview is None:
+            print(f"warning: --nm: matrix widths not checked: {unread}", file=sys.stderr)
+        else:
+            PruneSettings(nm=f"{nm[0]}:{nm[1]}").check_model(preview)
         try:
             check_nm_ratios(alloc.per_layer, nm)
         except PruneError as e:
             raise UsageError(f"--nm: {e} (an N:M recipe prunes every matrix it targets to that pattern, whatever "
                              "its sparsity says)") from None
-    _write_allocation_files(args, alloc, alloc.per_layer, nm)
+    if preview is not None:  # llm-compressor pairs the i-th sparsity with the i-th target in module order
+        per_layer = module_order(alloc.per_layer, skeleton(preview.config))
+    else:
+        per_layer = alloc.per_layer
+        print(f"warning: the targets keep the file's order (llm-compressor pairs the i-th sparsity with the i-th "
+              f"matched module in the model's order), as the model was not read: {unread}", file=sys.stderr)
+    _write_allocation_files(args, alloc, per_layer, nm)
     return 0
-
-
-def _check_nm_widths(nm: str, alloc: Allocation) -> None:
-    """An N:M recipe needs every matrix width divisible by M: checked on the allocation's model when its
-    config can be read here (a local folder, a packaged model, the hub when online), else a warning."""
-    try:
-        preview = preview_model(alloc.model)
-    except ModelLoadError as e:
-        reason = str(e).splitlines()[0]
-        print(f"warning: --nm: matrix widths not checked: {alloc.model or 'the allocation names no model'}: "
-              f"{reason}", file=sys.stderr)
-        return
-    PruneSettings(nm=nm).check_model(preview)
 
 
 def _add_export_parser(sub) -> None:

@@ -39,7 +39,7 @@ from components.state import owl_job, prune_data_settings, require_model, sessio
 
 POINTS_KEY = "alloc_points"
 OFFSETS_KEY = "_alloc_offsets"  # per-matrix offsets the curve keeps: {"model", "origin", "offsets"} or None
-Y_MAX = 0.95  # highest sparsity a control point may take on the chart
+Y_MAX = MAX_RATIO  # highest sparsity a control point may take on the chart: any ratio an allocation may have
 
 st.title("Allocation")
 st.caption("How much to prune each block: drag the red curve, or load a preset and adjust it. "
@@ -66,6 +66,8 @@ target = c1.slider("Target sparsity", 0.05, 0.9, DEFAULT.sparsity, 0.05, key="al
 epsilon = c2.slider("ε (AlphaPruning / FARMS spread)", 0.0, 0.9, DEFAULT.epsilon, 0.05, key="alloc_epsilon",
                     help="Ratios start in [S(1-ε), S(1+ε)] before rescaling to the budget. Find allocation "
                          "also starts from AlphaPruning and FARMS at this ε.")
+if (next_mode := st.session_state.pop("_alloc_mode_next", None)) is not None:  # set by an upload
+    st.session_state["alloc_mode"] = next_mode
 mode = c3.radio("Apply the curve", ["normalized to target", "as drawn"], key="alloc_mode",
                 help="normalized: the curve's shape, scaled so the budget equals the target; "
                      "as drawn: exactly the drawn values (the budget is whatever they imply).")
@@ -387,7 +389,8 @@ for note in st.session_state.pop("_alloc_upload_notes", []):  # from the upload 
 if up is not None and st.session_state.get("_alloc_upload_id") != up.file_id:
     st.session_state["_alloc_upload_id"] = up.file_id
     try:
-        pts, offsets, notes = curve_of(Allocation.from_dict(json.loads(up.getvalue())), metrics)
+        loaded_alloc = Allocation.from_dict(json.loads(up.getvalue()))
+        pts, offsets, notes = curve_of(loaded_alloc, metrics)
     except json.JSONDecodeError as e:
         st.error(f"Could not load {up.name}: not valid JSON ({e.msg} at line {e.lineno})")
     except UnicodeDecodeError:
@@ -396,6 +399,12 @@ if up is not None and st.session_state.get("_alloc_upload_id") != up.file_id:
         st.error(f"Could not load {up.name}: {e}")
     else:
         st.session_state[POINTS_KEY], clamped = clamp_points(pts, Y_MAX)
+        as_loaded = custom_allocation(st.session_state[POINTS_KEY], metrics, normalize=False, offsets=offsets).achieved
+        if mode != "as drawn" and abs(as_loaded - target) > 0.0005:
+            st.session_state["_alloc_mode_next"] = "as drawn"  # as loaded, not rescaled to the target
+            notes = notes + [f"{up.name} prunes {as_loaded:.1%} of this model's weights and the target here is "
+                             f"{target:.0%}: the curve is now applied as drawn, as loaded (choose \"normalized to "
+                             "target\" to rescale it to the target)."]
         st.session_state["_alloc_upload_notes"] = notes + ([f"Sparsities above {Y_MAX:g} were lowered to the "
                                                              "chart's top."] if clamped else [])
         keep_offsets(offsets, up.name)

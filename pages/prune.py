@@ -83,8 +83,9 @@ method = c1.selectbox("Method", list(PRUNERS), index=list(PRUNERS).index(PruneSe
                       help="; ".join(f"{p.name}: {p.summary}" for p in PRUNERS.values()))
 nm = c2.selectbox("Pattern", ["unstructured", "2:4", "4:8"], key="prune_nm",
                   help="N:M keeps N of every M consecutive weights of a row: the sparsity is fixed at (M-N)/M.")
-alloc_label = c3.selectbox("Allocation", list(ALLOCATIONS), key="prune_alloc")
-allocation = ALLOCATIONS[alloc_label]
+alloc_label = c3.selectbox("Allocation", list(ALLOCATIONS), key="prune_alloc", disabled=nm != "unstructured",
+                           help="With an N:M pattern every matrix is (M-N)/M sparse: no allocation applies.")
+allocation = ALLOCATIONS[alloc_label] if nm == "unstructured" else "uniform"
 sparsity = c4.slider("Target sparsity", 0.05, 0.9, ALLOC_DEFAULT.sparsity, 0.05, key="prune_sparsity",
                      disabled=nm != "unstructured" or allocation == "custom")
 rowwise = st.selectbox("Row-wise sparsity", ["none", *ROWWISE], key="prune_rowwise",
@@ -136,15 +137,26 @@ for problem in text_problems:
     st.error(problem)
 
 custom = st.session_state.get("alloc_custom")
+custom = custom if custom is not None and custom.model == loaded.info.source else None  # not another model's
 if allocation == "custom" and custom is None:
     st.warning("No custom curve yet: draw one on the Allocation page.")
+elif allocation == "custom":
+    st.caption(f"Your curve from the Allocation page prunes {custom.achieved:.1%} of the prunable weights ("
+               + ("normalized to its target)." if custom.params["normalize"] else "as drawn).")
+               + " The target sparsity here does not apply to it.")
 fit = st.session_state.get("spectra_fit", SpectraSettings.fit)
 calibration = CalibrationSettings(calib_source.strip() or CALIB_DEFAULT.source, int(n_samples), int(calib_seqlen),
                                   encoding=encoding)
 remember_prune_data(calibration, eval_source)
 evaluation = EvaluationSettings(eval_source, int(eval_seqlen), int(max_windows) or None, encoding=encoding)
+if allocation == "custom" and custom is not None:  # the curve's own settings, so the run record can redo it
+    alloc_settings = AllocationSettings(method="custom", sparsity=custom.sparsity, fit=fit,
+                                        points=tuple(tuple(p) for p in custom.params["points"]),
+                                        as_drawn=not custom.params["normalize"])
+else:
+    alloc_settings = AllocationSettings(method=allocation, sparsity=float(sparsity), epsilon=float(epsilon), fit=fit)
 settings = RunSettings(
-    allocation=AllocationSettings(method=allocation, sparsity=float(sparsity), epsilon=float(epsilon), fit=fit),
+    allocation=alloc_settings,
     prune=PruneSettings(method, None if nm == "unstructured" else nm,
                         None if rowwise == "none" or nm != "unstructured" else rowwise),
     calibration=calibration, evaluation=evaluation)
@@ -156,6 +168,10 @@ if allocation in SPECTRA_METHODS and settings.prune.nm is None:
     else:
         st.info(f"Spectra for {alloc_label} are still being computed ({spec.progress[1]:.0%}); Run waits for them.")
 
+# the inputs above that set each checked setting (SettingsError.field), so an error names what to change
+FIELD_LABELS = {"calibration.seqlen": "Calibration length (tokens)", "evaluation.seqlen": "Window length (tokens)"}
+
+
 def data_problem(calibrate: bool) -> str | None:
     """Why these texts and lengths cannot make a run on this model (window longer than its context,
     text shorter than one window), found before any job starts; None when they can."""
@@ -165,7 +181,8 @@ def data_problem(calibrate: bool) -> str | None:
             calibration.check_model(preview, evaluation.source)
         evaluation.check_model(preview, calibration.source)
     except (SettingsError, DataError) as e:
-        return f"{e} Nothing was started."
+        where = FIELD_LABELS.get(getattr(e, "field", None))
+        return f"{where + ': ' if where else ''}{e} Nothing was started."
     return None
 
 
@@ -210,6 +227,7 @@ if b2.button("Cancel", disabled=not busy, key="prune_cancel"):
     job.cancel()
 if b3.button("Restore dense", disabled=busy or not work.pruned, key="prune_restore"):
     work.restore()
+    st.session_state["_prune_restored_after"] = job  # its perplexity is of the weights before the restore
     st.rerun()
 if b4.button("Evaluate current weights", disabled=busy or bool(text_problems), key="prune_eval"):
     refused = start_evaluation() or st.rerun()
@@ -255,7 +273,8 @@ def live() -> None:
             st.progress(frac, text=f"{j.name}: {msg} · {j.elapsed:.0f} s")
         if updates:
             u = updates[-1]
-            m1.metric(f"Perplexity ({j.name})", f"{u.ppl:.2f}",
+            before = st.session_state.get("_prune_restored_after") is j
+            m1.metric(f"Perplexity ({j.name}{', before Restore dense' if before else ''})", f"{u.ppl:.2f}",
                       delta=f"{u.ppl - dense_updates[min(len(dense_updates), u.windows_done) - 1].ppl:+.2f} vs dense"
                       if dense_updates else None, delta_color="inverse",
                       help=f"running value after {u.windows_done}/{u.windows_total} windows")

@@ -306,6 +306,16 @@ def test_custom_normalized_hits_target_and_keeps_shape():
     assert max(norm.per_block) <= MAX_RATIO
 
 
+def test_a_flat_zero_curve_normalized_says_it_has_no_shape():
+    """A curve dragged to 0 everywhere has nothing to scale: the target is spread evenly, and the user is told."""
+    df = smol_like(5)
+    a = custom_allocation([(0, 0.0), (1, 0.0)], df, sparsity=0.5, normalize=True)
+    assert a.achieved == pytest.approx(0.5, abs=1e-9) and a.per_block == pytest.approx([0.5] * len(a.per_block))
+    assert any("prunes nothing" in w for w in a.warnings)
+    assert not custom_allocation([(0, 0.0), (1, 0.2)], df, sparsity=0.5, normalize=True).warnings
+    assert not custom_allocation([(0, 0.0), (1, 0.0)], df, normalize=False).warnings
+
+
 def test_custom_curve_is_monotone_between_points_and_clamped():
     pts = [(0.2, 0.1), (0.5, 0.6), (0.8, 0.6), (1.0, 0.7)]
     d = np.linspace(0, 1, 501)

@@ -413,6 +413,37 @@ def test_prune_runs_in_the_background_and_restores(app, runs_db):
     assert "dense (shared model) · 0.0% of prunable weights are zero" in texts(app)
 
 
+def test_prune_page_prunes_with_your_curve(app, runs_db):
+    """The curve drawn on the Allocation page is what a "custom curve" run prunes, and the run record keeps its
+    control points (so the CLI's --allocation custom --curve redoes it); after Restore dense, the perplexity
+    shown says it was of the weights before."""
+    from analysis.store import RunStore
+
+    app.switch_page("pages/allocation.py")
+    run_until_idle(app, "spectra")
+    app.session_state["alloc_points"] = [[0.0, 0.2], [1.0, 0.6]]
+    app.radio(key="alloc_mode").set_value("as drawn").run()
+    curve = app.session_state["alloc_custom"]
+    app.switch_page("pages/prune.py").run()
+    set_prune_inputs(app, alloc="custom curve (Allocation page)", n_samples=4, calib_seqlen=64, eval_seqlen=64,
+                     windows=1)
+    assert any(f"prunes {curve.achieved:.1%}" in c.value for c in app.caption)
+    app.button(key="prune_run").click().run()
+    run_until_idle(app, "custom prune")
+    assert not app.error, [e.value for e in app.error]
+    store = RunStore(runs_db)
+    record = store.get(int(store.all()["id"].max()))
+    assert record["config"]["allocation"] == "custom"
+    assert record["allocation"]["per_layer"] == pytest.approx(curve.per_layer)
+    assert record["config"]["settings"]["allocation"]["points"] == [[0.0, 0.2], [1.0, 0.6]]
+    assert record["config"]["settings"]["allocation"]["as_drawn"] is True
+    assert any(m.label == "Perplexity (prune)" for m in app.metric)
+    app.button(key="prune_restore").click().run()
+    assert any(m.label == "Perplexity (prune, before Restore dense)" for m in app.metric)
+    app.switch_page("pages/allocation.py").run()
+    app.radio(key="alloc_mode").set_value("normalized to target").run()
+
+
 def test_owl_preset_is_the_allocation_an_owl_run_applies(app, runs_db):
     """The Allocation page's OWL preset and an OWL run on the Prune page, with the same calibration
     settings (chosen on the Prune page), give the same per-block ratios."""
@@ -497,7 +528,8 @@ def test_prune_page_reads_other_encodings_and_refuses_short_texts_before_a_job(a
     assert len(refused) == 1 and "Evaluation text has" in refused[0] and "Nothing was started" in refused[0]
     assert app.session_state["work"].job is before
     app.button(key="prune_run").click().run()
-    assert any("needs at least seqlen=4096" in e.value for e in app.error)
+    assert any("Window length (tokens): Evaluation text has" in e.value and "one window of 4096" in e.value
+               for e in app.error)
     assert app.session_state["work"].job is before
     app.number_input(key="prune_eval_seqlen").set_value(64).run()
     app.text_input(key="prune_encoding").input("utf-8")

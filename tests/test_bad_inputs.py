@@ -137,12 +137,12 @@ CLI_CASES = [
                                        "(byte 0xe9 at offset 3); save it as UTF-8 or name its encoding (--encoding"),
     ("prune --eval {bad}/latin1.txt --encoding klingon", "--encoding: Unknown text encoding 'klingon'"),
     # the model's tokenizer and config, read before its weights
-    (f"prune {TINY} --calib {{bad}}/short.txt", "--seqlen: Calibration text has 4 tokens, needs at least "
-                                                "seqlen=256 for one window"),
-    (f"prune {TINY} --calib {{bad}}/short.txt --eval {{bad}}/short.txt", "seqlen=256 for one window; use a longer "
-     "text or a smaller seqlen. (The text is cut in two: its first half calibrates, its second half evaluates.)"),
-    (f"eval {TINY} --text {{bad}}/short.txt", "--eval-seqlen: Evaluation text has 4 tokens, needs at least "
-                                              "seqlen=512 for one window"),
+    (f"prune {TINY} --calib {{bad}}/short.txt", "--seqlen: Calibration text has 4 tokens, fewer than one "
+                                                "window of 256"),
+    (f"prune {TINY} --calib {{bad}}/short.txt --eval {{bad}}/short.txt", "fewer than one window of 256; use a "
+     "longer text or shorter windows. (The text is cut in two: its first half calibrates, its second half evaluates.)"),
+    (f"eval {TINY} --text {{bad}}/short.txt", "--eval-seqlen: Evaluation text has 4 tokens, fewer than one "
+                                              "window of 512"),
     (f"prune {TINY} --seqlen 4096", "--seqlen: seqlen = 4096 tokens is longer than the context of '{bad}/tiny' "
                                     "(max_position_embeddings = 2048)"),
     (f"eval {TINY} --eval-seqlen 2049", "--eval-seqlen: seqlen = 2049 tokens is longer than the context"),

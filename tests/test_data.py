@@ -100,9 +100,9 @@ def test_bos_per_window(tok):
 
 
 def test_text_too_short_is_a_clear_error(tok):
-    with pytest.raises(ValueError, match=r"has \d+ tokens, needs at least seqlen=512"):
+    with pytest.raises(ValueError, match=r"has \d+ tokens, fewer than one window of 512"):
         eval_windows(tok, "Only a few words here.", seqlen=512)
-    with pytest.raises(ValueError, match=r"has \d+ tokens, needs at least seqlen=256"):
+    with pytest.raises(ValueError, match=r"has \d+ tokens, fewer than one window of 256"):
         calibration_batches(tok, "Too short.", seqlen=256)
 
 

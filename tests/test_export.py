@@ -410,6 +410,27 @@ def test_cli_export_nm_checks_the_widths_of_the_allocations_model(tmp_path, caps
     assert code == 0 and f"warning: --nm: matrix widths not checked: {tmp_path / 'gone'}:" in err
 
 
+def test_cli_export_writes_the_targets_in_the_models_module_order(tmp_path, capsys):
+    """llm-compressor gives the i-th sparsity to the i-th matched module in module order: a file whose matrices
+    are in another order (here sorted by name, as a JSON tool may leave them) still pairs each with its ratio."""
+    from analysis.allocation import Allocation, custom_allocation
+    from analysis.layers import layer_table
+
+    folder = save_tiny_llama(tmp_path / "tiny")
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    table = layer_table(model)
+    offsets = {name: 0.01 * i for i, name in enumerate(table["name"])}  # every matrix its own ratio
+    alloc = custom_allocation([(0.0, 0.3), (1.0, 0.6)], table, 0.5, model=str(folder), offsets=offsets)
+    shuffled = alloc.to_dict()
+    shuffled["per_layer"] = dict(sorted(shuffled["per_layer"].items(), key=lambda item: item[0][::-1]))
+    assert list(shuffled["per_layer"]) != list(alloc.per_layer)
+    path = Allocation.from_dict(shuffled).save(tmp_path / "shuffled.json")
+    code, _, err = run(capsys, "export", "--allocation", path, "--npy", tmp_path / "r.npy")
+    assert code == 0 and "warning" not in err, err
+    in_module_order = [n for n, _ in model.named_modules() if n in alloc.per_layer]
+    assert np.load(tmp_path / "r.npy").tolist() == [alloc.per_layer[n] for n in in_module_order]
+
+
 # ---------------------------------------------------------------------------------------------
 # the Prune page's Export section (Streamlit AppTest, the real default model)
 
