@@ -33,7 +33,7 @@ from analysis.export import (
     recipe_caveats,
     recipe_yaml,
 )
-from analysis.layers import UNSUPPORTED, layer_table, skeleton, unsupported_weights
+from analysis.layers import UNSUPPORTED, layer_table, prunable_layers, skeleton, unsupported_weights
 from analysis.loading import (
     DEVICE_MAP_AUTO,
     PACKAGED,
@@ -573,8 +573,13 @@ def _refuse_search_text(search_text: str) -> None:
                      "would be ignored; drop it or search")
 
 
+# the options that make an allocation, which an allocation file has already made
+FILE_IGNORES = ("--epsilon", "--metric", "--granularity", "--fit", "--owl-lambda", "--owl-threshold")
+
+
 def _refuse_ignored(args: argparse.Namespace) -> None:
-    """UsageError for a --sparsity, --allocation (both None when left out) or --search-text the run would ignore."""
+    """UsageError for a --sparsity, --allocation (both None when left out), --search-text or, with an allocation
+    file, an option of FILE_IGNORES (when typed: args.typed) the run would ignore."""
     if args.nm:
         for flag, given in (("--allocation", args.allocation), ("--sparsity", args.sparsity)):
             if given is not None:
@@ -582,7 +587,12 @@ def _refuse_ignored(args: argparse.Namespace) -> None:
                                  f"or sparsity applies; drop {flag} or --nm")
     elif args.search_text is not None and args.allocation != "auto":
         _refuse_search_text(args.search_text)
-    elif args.sparsity is not None and args.allocation and Path(args.allocation).expanduser().is_file():
+    elif args.allocation and Path(args.allocation).expanduser().is_file():
+        if typed := [f for f in FILE_IGNORES if f in getattr(args, "typed", ())]:
+            raise UsageError(f"{typed[0]}: {args.allocation} is an allocation with its own ratios, so "
+                             f"{', '.join(typed)} would be ignored; drop {'it' if len(typed) == 1 else 'them'}")
+        if args.sparsity is None:
+            return
         try:
             own = Allocation.load(args.allocation).sparsity
         except (AllocationError, OSError):
@@ -592,14 +602,24 @@ def _refuse_ignored(args: argparse.Namespace) -> None:
                              f"drop --sparsity {args.sparsity:g}")
 
 
+def _file_pattern(path: str) -> str | None:
+    """The N:M pattern an allocation file was made for (a prune --nm run's allocation names it): replaying that
+    allocation without it would prune the same shares unstructured, another model."""
+    try:
+        return Allocation.load(Path(path).expanduser()).params.get("nm")
+    except (AllocationError, OSError):
+        return None  # the allocation's own check says what is wrong with it
+
+
 def _run_settings(args: argparse.Namespace) -> RunSettings:
     method, file = args.allocation or AllocationSettings.method, None
     if method not in ALLOCATION_METHODS or method in ("custom", "file"):
         method, file = "file", args.allocation
     sparsity = AllocationSettings.sparsity if args.sparsity is None else args.sparsity
+    nm = args.nm or (_file_pattern(file) if method == "file" else None)
     settings = RunSettings(model=_model_settings(args),
                            allocation=_allocation(args, method, sparsity, file=file),
-                           prune=PruneSettings(args.method, args.nm, args.rowwise), calibration=_calibration(args),
+                           prune=PruneSettings(args.method, nm, args.rowwise), calibration=_calibration(args),
                            evaluation=_evaluation(args))
     if settings.prune.nm is None and method == "file" and not Path(file).expanduser().is_file():
         raise UsageError(f"--allocation must be one of {', '.join(ALLOCATION_METHODS[:5])} or an allocation "
@@ -607,6 +627,9 @@ def _run_settings(args: argparse.Namespace) -> RunSettings:
     settings.prune.check()  # a bad --nm first, then a conflict between options, which says more than a
     _refuse_ignored(args)  # missing default text would
     settings.check()
+    if nm and not args.nm:
+        print(f"note: {file} was made for the N:M pattern {nm}: the run prunes with that pattern, as --nm {nm} "
+              "would", file=sys.stderr)
     return settings
 
 
@@ -621,6 +644,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
         settings.check_model(preview)
         if zeroshot is not None:
             _check_zeroshot_tokenizer(preview)
+        if args.save_model and args.save_format == "dense-ct" and any(
+                r.expert is not None for r in prunable_layers(preview.skeleton())):
+            raise UsageError("--save-format: dense-ct cannot carry fused MoE experts (transformers does not load them "
+                             "under compressed-tensors metadata); save as dense or compressed")
     loaded = _load(settings.model, check)
     print(f"calibration {settings.calibration.n_samples} x {settings.calibration.seqlen} tokens from "
           f"{settings.calibration.source}; evaluation on {settings.evaluation.source}", file=sys.stderr)
@@ -697,8 +724,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         for caveat in allocation_caveats(alloc, args.method, loaded):
             print(f"warning: {caveat}", file=sys.stderr)
         calib = calibration_batch(loaded.tokenizer, calibration, evaluation.source, bos) if calibrates else None
-        report = prune(loaded.model, alloc.per_layer, method=args.method, calib=calib, progress=_print_progress)
-        print(f"pruned with {args.method} + {alloc.method}: {report.overall:.4f} sparsity", file=sys.stderr)
+        if nm := alloc.params.get("nm"):
+            print(f"note: {args.allocation} was made for the N:M pattern {nm}: the model is pruned with that pattern",
+                  file=sys.stderr)
+        report = prune(loaded.model, alloc.per_layer, method=args.method, calib=calib, nm=nm,
+                       progress=_print_progress)
+        print(f"pruned with {args.method} + {alloc.method}{', ' + nm if nm else ''}: {report.overall:.4f} sparsity",
+              file=sys.stderr)
     label = "pruned" if alloc else "dense"
     if zeroshot is not None:
         _zeroshot(loaded, zeroshot, label)
@@ -973,12 +1005,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    typed = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    args.typed = {a.split("=")[0] for a in typed if a.startswith("--")}  # the options given, not defaulted
     try:
         return args.func(args)
     except SettingsError as e:
         flag = (SWEEP_FLAGS if args.command == "sweep" else {}).get(e.field) or FLAGS.get(e.field)
-        typed = sys.argv[1:] if argv is None else [str(a) for a in argv]
-        if flag == "--eval" and args.command == "eval" and not any(a.split("=")[0] == "--eval" for a in typed):
+        if flag == "--eval" and args.command == "eval" and "--eval" not in args.typed:
             flag = "--text"  # eval's own name for it, unless the user typed prune's
         print(f"error: {flag + ': ' if flag else ''}{e}", file=sys.stderr)
         return 2

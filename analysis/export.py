@@ -41,6 +41,7 @@ import os
 import re
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -273,11 +274,16 @@ def export(model: nn.Module, tokenizer, allocation, out_dir: str | Path, format:
     out = check_destination(out_dir, overwrite)
     alloc = _allocation_dict(allocation)
     weights = {n: m.weight for n, m in model.named_modules() if n in alloc.get("per_layer", {})}
+    if format == "dense-ct" and (fused := sorted(set(alloc.get("per_layer", {})) - set(weights))):
+        raise ExportError(f"dense-ct: {len(fused)} pruned matrices (e.g. '{fused[0]}') are slices of fused MoE "
+                          "experts, which transformers does not load under compressed-tensors metadata; save as "
+                          "dense or compressed")
     # all 2:4? (once, for both the layout and the config; plain dense needs neither)
     two_four = format != "dense" and bool(weights) and all(_is_24(w) for w in weights.values())
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        stage = out.parent / f".{out.name}.partial-{uuid.uuid4().hex}"
+        stage.mkdir()  # not tempfile.mkdtemp: its mode 0700 would keep a serving account out of the export
     except OSError as e:
         raise ExportError(f"cannot write {out}: {e.strerror or e}") from None
     try:

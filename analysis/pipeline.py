@@ -352,11 +352,14 @@ def record_config(settings: RunSettings, alloc: Allocation, data_info: dict, mod
                   **model_info) -> dict:
     """The record's config: the flat summary the run store and the Compare page read, and `settings`."""
     nm = parse_nm(settings.prune.nm)
-    source = settings.allocation.file if settings.allocation.method == "file" else settings.allocation.method
+    from_file = settings.allocation.method == "file"
+    source = settings.allocation.file if from_file else settings.allocation.method
     return {"model": model_name or settings.model.source, **model_info, "method": settings.prune.method,
             "rowwise": settings.prune.rowwise,
             "allocation": alloc.method if nm is None else "n:m", "allocation_source": source,
-            "sparsity": alloc.sparsity, "epsilon": settings.allocation.epsilon, "nm": list(nm) if nm else None,
+            "sparsity": alloc.sparsity, "nm": list(nm) if nm else None,
+            # a file's allocation has its own ε (or none): the settings' default would misreport it
+            "epsilon": alloc.params.get("epsilon") if from_file else settings.allocation.epsilon,
             **data_info, "seed": settings.calibration.seed, "settings": settings.to_dict()}
 
 

@@ -5,6 +5,7 @@ The CLI cases run `python -m analysis ...` in a subprocess, offline ($HF_HUB_OFF
 files: a small local checkpoint (3-block LLaMA, word-level tokenizer, context 2048), the same with the
 packaged SmolLM2 tokenizer (a tokenizer of another model), binary and Latin-1 texts, a corrupt run store.
 """
+import json
 import os
 import shutil
 import sqlite3
@@ -261,6 +262,34 @@ def test_a_run_that_reads_no_calibration_text_ignores_its_length(tiny_folder, tm
     assert len(RunStore(tmp_path / "runs.sqlite")) == 1
     r = run_cli("prune", f"--model={tiny_folder}", "--method", "wanda", *common)
     assert r.returncode == 2 and "--seqlen: Calibration text has" in r.stderr
+
+
+def test_an_nm_runs_allocation_replays_with_its_pattern(tiny_folder, tmp_path):
+    """A 2:4 run's allocation (every ratio 0.5, params.nm "2:4") given back to prune or eval prunes 2:4 again, with a
+    note: unstructured 50% would be another model."""
+    from transformers import AutoModelForCausalLM
+
+    from analysis.layers import layer_table
+
+    alloc = allocate(layer_table(AutoModelForCausalLM.from_pretrained(tiny_folder)), 0.5, "uniform",
+                     model=str(tiny_folder))
+    alloc.params["nm"] = "2:4"
+    path = alloc.save(tmp_path / "nm.json")
+    common = ["--method", "magnitude", "--allocation", str(path), "--eval", "default", "--eval-seqlen", "32",
+              "--max-windows", "1"]
+    r = run_cli("prune", f"--model={tiny_folder}", *common, "--db", str(tmp_path / "runs.sqlite"),
+                "--out", str(tmp_path / "r.json"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"note: {path} was made for the N:M pattern 2:4: the run prunes with that pattern" in r.stderr
+    record = json.loads((tmp_path / "r.json").read_text())
+    assert record["config"]["nm"] == [2, 4] and record["config"]["allocation"] == "n:m"
+    assert record["config"]["epsilon"] is None  # the file's (a uniform allocation has none), not --epsilon's default
+    r = run_cli("prune", f"--model={tiny_folder}", *common, "--epsilon", "0.1", "--fit=scan")
+    assert r.returncode == 2 and r.stderr == (f"error: --epsilon: {path} is an allocation with its own ratios, so "
+                                              "--epsilon, --fit would be ignored; drop them\n")
+    r = run_cli("eval", f"--model={tiny_folder}", *common)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "pruned with magnitude + uniform, 2:4: 0.5000 sparsity" in r.stderr
 
 
 @pytest.mark.parametrize("args, ignored", [(["--method", "sparsegpt"], "--method"),

@@ -3,6 +3,7 @@ llm-compressor recipe parses with llm-compressor's own parser to the same per-ma
 AlphaPruning .npy round-trips, and bad destinations are refused before any work, losing nothing."""
 import errno
 import json
+import os
 import re
 
 import numpy as np
@@ -103,6 +104,9 @@ def test_dense_export_reloads_with_transformers(tmp_path):
     model, alloc = pruned()
     out = export(model, None, alloc, tmp_path / "d")  # dense is the default
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # as mkdir makes it: readable by a serving account
     assert_same_weights(model, AutoModelForCausalLM.from_pretrained(out))
     assert_same_weights(model, load_pruned(out))
 

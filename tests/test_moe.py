@@ -13,12 +13,13 @@ import transformers as tf
 from analysis.calibration import ExpertsError, walk_blocks
 from analysis.checkpoint import open_checkpoint
 from analysis.cli import main as cli_main
-from analysis.export import export, module_order
+from analysis.export import ExportError, export, module_order
 from analysis.layers import ExpertsLayout, find_layers, fused_experts, prunable_layers, unsupported_weights
 from analysis.owl import collect_outlier_ratios
 from analysis.pruners import prune_magnitude, prune_sparsegpt, prune_wanda, wanda_scores
 from analysis.pruning import DenseSnapshot, prune, prune_warnings
 from analysis.spectra import NotStreamable, analyze, analyze_checkpoint, checkpoint_layers
+from analysis.store import RunStore
 from tests.conftest import word_tokenizer
 
 MOE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=120)
@@ -384,6 +385,17 @@ def test_pruned_experts_export_and_reload(tmp_path):
     back = tf.AutoModelForCausalLM.from_pretrained(export(model, None, {"per_layer": per_layer}, tmp_path / "out"))
     for a, b in zip(find_layers(model), find_layers(back)):
         assert a.name == b.name and torch.equal(a.weight(), b.weight()), a.name
+    # transformers does not load fused experts under compressed-tensors metadata: refused, nothing written
+    with pytest.raises(ExportError, match="dense-ct: 24 pruned matrices .* are slices of fused MoE experts"):
+        export(model, None, {"per_layer": per_layer}, tmp_path / "ct", format="dense-ct")
+    assert not list(tmp_path.glob("*ct*"))
+    # the CLI refuses it before the run
+    model.save_pretrained(tmp_path / "mix")
+    word_tokenizer(119).save_pretrained(tmp_path / "mix")
+    code = cli_main(["prune", "--model", str(tmp_path / "mix"), "--method", "magnitude", "--allocation", "uniform",
+                     "--eval", "default", "--eval-seqlen", "32", "--max-windows", "1", "--save-model",
+                     str(tmp_path / "ct"), "--save-format", "dense-ct", "--db", str(tmp_path / "runs.sqlite")])
+    assert code == 2 and len(RunStore(tmp_path / "runs.sqlite")) == 0 and not (tmp_path / "ct").exists()
 
 
 def test_model_page_lists_the_experts_and_warns_of_weights_it_cannot_read(tmp_path):

@@ -446,6 +446,25 @@ def test_search_from_refuses_a_file_it_cannot_start_from(tiny_search, tmp_path):
         assert e.value.field == "allocation.search_from"
 
 
+def test_search_from_refuses_a_file_whose_per_block_is_not_what_it_prunes(tiny_search, tmp_path):
+    """The search starts from a file's per_block: a hand-edited one that is short (it crashed the search) or that
+    disagrees with the file's per_layer is refused before anything loads."""
+    from analysis.loading import ModelPreview
+
+    model, _, starts = tiny_search
+    preview = ModelPreview("tiny", None, model.config, False, model=model)
+    good = starts["ramp"].to_dict()
+    AllocationSettings(method="auto", sparsity=0.6,
+                       search_from=str(Allocation.from_dict(good).save(tmp_path / "ok.json"))).check_model(preview)
+    for per_block, message in (([0.6], "per_block has 1 ratios, the model has 4 blocks"),
+                               ([0.5, 0.55, 0.7, 0.65], r"per_block\[2\] is 0.700000 but its matrices' ratios in "
+                                                        r"per_layer average 0.650000 \(edited by hand\?\)")):
+        path = Allocation.from_dict({**good, "per_block": per_block}).save(tmp_path / "edited.json")
+        with pytest.raises(SettingsError, match=message) as e:
+            AllocationSettings(method="auto", sparsity=0.6, search_from=str(path)).check_model(preview)
+        assert e.value.field == "allocation.search_from"
+
+
 @pytest.fixture
 def off_grid_starts(tiny_search):
     """uniform, and a ramp whose ratios are not multiples of the search's step (the best start for Wanda)."""
