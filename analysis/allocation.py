@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -171,11 +172,15 @@ def _check_ratio(x, where: str) -> float:
 def _allocation_from_dict(d) -> Allocation:
     if not isinstance(d, dict):
         raise AllocationError(f"allocation must be a JSON object, got {type(d).__name__}")
+    if "per_layer" not in d and isinstance(d.get("config"), dict) and isinstance(d.get("allocation"), dict):
+        d = d["allocation"]  # a run record (prune --out, runs --show): the allocation its run pruned with
     if "format" in d and d["format"] != FORMAT:
         raise AllocationError(f"format is {d['format']!r}, expected {FORMAT!r}")
     version = d.get("version", FORMAT_VERSION)
     if not isinstance(version, int) or isinstance(version, bool):
         raise AllocationError(f"version must be an integer, got {version!r}")
+    if version < 1:
+        raise AllocationError(f"version must be 1 or more, got {version}")
     if version > FORMAT_VERSION:
         raise AllocationError(f"unsupported version {version} (this build reads up to {FORMAT_VERSION})")
     missing = [k for k in _REQUIRED if k not in d]
@@ -190,6 +195,8 @@ def _allocation_from_dict(d) -> Allocation:
     params = d.get("params", {})
     if not isinstance(params, dict):
         raise AllocationError(f"params must be an object, got {type(params).__name__}")
+    if params.get("nm") is not None and not (isinstance(params["nm"], str) and re.fullmatch(r"\d+:\d+", params["nm"])):
+        raise AllocationError(f"params.nm must be an N:M pattern such as '2:4', got {params['nm']!r}")
     sparsity = _check_ratio(d["sparsity"], "sparsity")
     per_block = d["per_block"]
     if not isinstance(per_block, list):

@@ -33,7 +33,7 @@ from analysis.export import (
     recipe_caveats,
     recipe_yaml,
 )
-from analysis.layers import UNSUPPORTED, layer_table, prunable_layers, skeleton, unsupported_weights
+from analysis.layers import UNSUPPORTED, layer_table, prunable_layers, skeleton, unsupported_weights, zero_fraction
 from analysis.loading import (
     DEVICE_MAP_AUTO,
     PACKAGED,
@@ -44,6 +44,7 @@ from analysis.loading import (
     resolve_source,
 )
 from analysis.pipeline import (
+    PRIOR_ZEROS,
     allocation_caveats,
     build_allocation,
     calibration_batch,
@@ -536,9 +537,21 @@ def _add_zeroshot_args(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--limit", type=int, default=d.limit, help="zero-shot: only the first N documents of each task")
 
 
+def _typed(args: argparse.Namespace, *flags: str) -> list[str]:
+    """Those of `flags` the user gave (main records them in args.typed), not left at their defaults."""
+    return [f for f in flags if f in getattr(args, "typed", ())]
+
+
+def _refuse_unused(typed: list[str], reason: str) -> None:
+    if typed:
+        raise UsageError(f"{typed[0]}: {reason}, so {', '.join(typed)} would be ignored; drop "
+                         f"{'it' if len(typed) == 1 else 'them'}")
+
+
 def _zeroshot_settings(args: argparse.Namespace) -> ZeroShotSettings | None:
     """The zero-shot settings when --tasks is given, checked (task names and data) before any model loads."""
     if args.tasks is None:
+        _refuse_unused(_typed(args, "--limit"), "no --tasks are given")
         return None
     settings = ZeroShotSettings(tuple(args.tasks.split(",")), args.limit).check()
     try:
@@ -588,9 +601,7 @@ def _refuse_ignored(args: argparse.Namespace) -> None:
     elif args.search_text is not None and args.allocation != "auto":
         _refuse_search_text(args.search_text)
     elif args.allocation and Path(args.allocation).expanduser().is_file():
-        if typed := [f for f in FILE_IGNORES if f in getattr(args, "typed", ())]:
-            raise UsageError(f"{typed[0]}: {args.allocation} is an allocation with its own ratios, so "
-                             f"{', '.join(typed)} would be ignored; drop {'it' if len(typed) == 1 else 'them'}")
+        _refuse_unused(_typed(args, *FILE_IGNORES), f"{args.allocation} is an allocation with its own ratios")
         if args.sparsity is None:
             return
         try:
@@ -637,6 +648,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     settings = _run_settings(args)
     if args.save_model:  # before the prune: a destination problem must not cost a run
         _checked_model_folder(args)
+    else:
+        _refuse_unused(_typed(args, "--save-format", "--overwrite"), "--save-model is not given")
     zeroshot = _zeroshot_settings(args)
     _checked_outputs(args, {"--out": args.out})
     store = RunStore(args.db)  # a store that cannot be opened is refused now, not after the run
@@ -697,6 +710,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     calibration, evaluation = _calibration(args).check(), _evaluation(args)
     if zeroshot is None:  # zero-shot tasks bring their own text
         evaluation.check()
+    else:
+        _refuse_unused(_typed(args, "--eval-seqlen", "--max-windows", "--batch-size"),
+                       "eval --tasks scores the zero-shot tasks instead of perplexity (measure it in a run of its own)")
     alloc = _allocation_file(args.allocation) if args.allocation else None
     if alloc is None:  # (--calib is not among them: a text named for both is evaluated on its second half)
         c = CalibrationSettings
@@ -731,7 +747,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                        progress=_print_progress)
         print(f"pruned with {args.method} + {alloc.method}{', ' + nm if nm else ''}: {report.overall:.4f} sparsity",
               file=sys.stderr)
-    label = "pruned" if alloc else "dense"
+    # a model saved pruned (--save-model) is not "dense"; weights placed by accelerate are not read for zeros
+    label = "pruned" if alloc else "dense" if loaded.info.device_map or zero_fraction(loaded.model) <= PRIOR_ZEROS \
+        else "sparse"
     if zeroshot is not None:
         _zeroshot(loaded, zeroshot, label)
         return 0

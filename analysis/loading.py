@@ -405,7 +405,7 @@ def _load_compressed(source: str, path: str, dtype: torch.dtype, device_map: str
     """A model folder `export` wrote in the compressed format, decompressed (`load_pruned`) in `dtype`."""
     if device_map:
         raise ModelLoadError(f"'{source}' stores its matrices compressed, which loads on one device only: "
-                             "drop device_map='auto' (--device auto), or export it in the dense format.")
+                             "load it without device_map='auto' (--device-map auto), or export it in the dense format.")
     try:
         return load_pruned(local_folder(path) or path).to(dtype=dtype)
     except (OSError, ExportError) as e:

@@ -101,10 +101,11 @@ class SettingsError(AlphascopeError, ValueError):
         self.field = field
 
 
-def _checked(field_name: str, check, *args, note: str = "") -> None:
-    """Run a lower-level validator; its error (followed by `note`) becomes a SettingsError for `field_name`."""
+def _checked(field_name: str, check, *args, note: str = ""):
+    """Run a lower-level validator (or loader) and return what it returns; its error (followed by `note`) becomes
+    a SettingsError for `field_name`."""
     try:
-        check(*args)
+        return check(*args)
     except ValueError as e:
         raise SettingsError(f"{e}{note}", field_name) from None
 
@@ -202,7 +203,7 @@ class CalibrationSettings:
         """seqlen fits the model's context and the text (as cut for a run evaluating on
         `evaluation_source`) gives one window with its tokenizer (tokens are cached for the run)."""
         _fits_context(self.seqlen, preview, "calibration.seqlen")
-        text = calibration_text(self.source, evaluation_source, self.encoding)
+        text = _checked("calibration.source", calibration_text, self.source, evaluation_source, self.encoding)
         _checked("calibration.source", readable_tokens, preview.tokenizer, text, "The calibration text")
         _checked("calibration.seqlen", calibration_batches, preview.tokenizer, text, 1, self.seqlen, 0,
                  preview.bos_per_window, note=_halves_note(self.source, evaluation_source))
@@ -230,7 +231,7 @@ class EvaluationSettings:
     def check_model(self, preview: ModelPreview, calibration_source: str | None = None) -> None:
         """seqlen fits the model's context and the text gives at least one window."""
         _fits_context(self.seqlen, preview, "evaluation.seqlen")
-        text = evaluation_text(self.source, calibration_source, self.encoding)
+        text = _checked("evaluation.source", evaluation_text, self.source, calibration_source, self.encoding)
         _checked("evaluation.source", readable_tokens, preview.tokenizer, text, "The evaluation text")
         _checked("evaluation.seqlen", eval_windows, preview.tokenizer, text, self.seqlen, preview.bos_per_window, 1,
                  note=_halves_note(self.source, calibration_source))

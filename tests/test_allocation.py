@@ -366,6 +366,10 @@ def test_json_round_trip(tmp_path):
     assert set(raw) >= {"model", "sparsity", "method", "params", "per_block", "per_layer", "achieved", "version"}
     b = Allocation.load(path)
     assert b == a
+    # a run record (prune --out) names the allocation its run pruned with: that is the one it loads as
+    record = tmp_path / "run.json"
+    record.write_text(json.dumps({"config": {"method": "wanda"}, "allocation": raw, "pruned_ppl": 12.0}))
+    assert Allocation.load(record) == a
 
 
 @pytest.mark.parametrize("patch, word", [
@@ -378,6 +382,9 @@ def test_json_round_trip(tmp_path):
     (lambda d: d.__setitem__("per_block", {"0": 0.5}), "per_block must be a list"),
     (lambda d: d.__setitem__("params", []), "params must be an object"),
     (lambda d: d.__setitem__("version", 99), "unsupported version"),
+    (lambda d: d.__setitem__("version", 0), "version must be 1 or more, got 0"),
+    (lambda d: d["params"].__setitem__("nm", "garbage"),
+     "params.nm must be an N:M pattern such as '2:4', got 'garbage'"),
     (lambda d: d.__setitem__("per_layer", {"x": True}), "finite number"),
 ])
 def test_bad_json_is_rejected_with_message(tmp_path, patch, word):

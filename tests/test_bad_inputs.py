@@ -278,7 +278,7 @@ def test_an_nm_runs_allocation_replays_with_its_pattern(tiny_folder, tmp_path):
     common = ["--method", "magnitude", "--allocation", str(path), "--eval", "default", "--eval-seqlen", "32",
               "--max-windows", "1"]
     r = run_cli("prune", f"--model={tiny_folder}", *common, "--db", str(tmp_path / "runs.sqlite"),
-                "--out", str(tmp_path / "r.json"))
+                "--out", str(tmp_path / "r.json"), "--save-model", str(tmp_path / "saved"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"note: {path} was made for the N:M pattern 2:4: the run prunes with that pattern" in r.stderr
     record = json.loads((tmp_path / "r.json").read_text())
@@ -290,6 +290,31 @@ def test_an_nm_runs_allocation_replays_with_its_pattern(tiny_folder, tmp_path):
     r = run_cli("eval", f"--model={tiny_folder}", *common)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "pruned with magnitude + uniform, 2:4: 0.5000 sparsity" in r.stderr
+    # the model it saved, evaluated as it is, is not called dense
+    r = run_cli("eval", f"--model={tmp_path / 'saved'}", *common[4:])
+    assert r.returncode == 0 and "sparse perplexity" in r.stderr and "dense" not in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["prune", "--limit", "3"], "--limit: no --tasks are given, so --limit would be ignored; drop it"),
+    (["prune", "--save-format", "compressed", "--overwrite"],
+     "--save-format: --save-model is not given, so --save-format, --overwrite would be ignored; drop them"),
+    (["eval", "--tasks", "cloze", "--max-windows", "2"],
+     "--max-windows: eval --tasks scores the zero-shot tasks instead of perplexity (measure it in a run of its own), "
+     "so --max-windows would be ignored; drop it"),
+])
+def test_options_a_command_would_ignore_are_refused(tiny_folder, tmp_path, capsys, args, message):
+    from analysis.cli import main
+
+    assert main([args[0], f"--model={tiny_folder}", "--eval", "default", "--db", str(tmp_path / "r.sqlite"),
+                 *args[1:]] if args[0] == "prune" else [args[0], f"--model={tiny_folder}", *args[1:]]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+
+
+def test_a_dataset_that_cannot_be_read_names_the_option(tiny_folder):
+    r = run_cli("eval", f"--model={tiny_folder}", "--text", "hf:nosuch_dataset_xyz:test", "--max-windows", "1")
+    assert r.returncode == 2 and r.stderr.startswith("error: --text: "), r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
 
 
 @pytest.mark.parametrize("args, ignored", [(["--method", "sparsegpt"], "--method"),
