@@ -40,6 +40,9 @@ from analysis.loading import (
     ModelLoadError,
     ensure_converted,
     load_model,
+    memory_estimate,
+    pick_device,
+    pick_dtype,
     preview_model,
     resolve_source,
 )
@@ -644,6 +647,19 @@ def _run_settings(args: argparse.Namespace) -> RunSettings:
     return settings
 
 
+def _warn_memory(settings: RunSettings, preview) -> None:
+    """Say before the weights load when the run's estimated memory (loading.memory_estimate) exceeds what is free:
+    a warning, not a refusal, as the estimate is an upper bound (placed by accelerate: not estimated)."""
+    if settings.model.device == DEVICE_MAP_AUTO:
+        return
+    device = pick_device(settings.model.device)
+    eval_batch = settings.evaluation.batch_size or (8 if device.type == "cuda" else 1)
+    est = memory_estimate(preview.skeleton(), pick_dtype(settings.model.dtype, device), settings.calibration.n_samples,
+                          settings.calibration.seqlen, eval_batch, settings.evaluation.seqlen)
+    if problem := est.problem(device, f"'{settings.model.source}'"):
+        print(f"warning: {problem}", file=sys.stderr)
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     settings = _run_settings(args)
     if args.save_model:  # before the prune: a destination problem must not cost a run
@@ -657,6 +673,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         settings.check_model(preview)
         if zeroshot is not None:
             _check_zeroshot_tokenizer(preview)
+        _warn_memory(settings, preview)
         if args.save_model and args.save_format == "dense-ct" and any(
                 r.expert is not None for r in prunable_layers(preview.skeleton())):
             raise UsageError("--save-format: dense-ct cannot carry fused MoE experts (transformers does not load them "

@@ -311,6 +311,22 @@ def test_options_a_command_would_ignore_are_refused(tiny_folder, tmp_path, capsy
     assert capsys.readouterr().err == f"error: {message}\n"
 
 
+def test_a_run_says_before_loading_when_it_may_not_fit_in_memory(tiny_folder, tmp_path, capsys, monkeypatch):
+    """An estimate above the free memory is a warning before the weights load (the estimate is an upper bound)."""
+    from analysis.cli import main
+
+    monkeypatch.setenv("ALPHASCOPE_MEMORY_LIMIT_BYTES", "100000")
+    assert main(["prune", f"--model={tiny_folder}", "--method", "magnitude", "--allocation", "uniform", "--eval",
+                 "default", "--eval-seqlen", "32", "--max-windows", "1", "--db", str(tmp_path / "r.sqlite")]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: '{tiny_folder}' cannot be loaded and pruned here: it needs" in err
+    assert err.index("cannot be loaded and pruned") < err.index("perplexity")
+    monkeypatch.delenv("ALPHASCOPE_MEMORY_LIMIT_BYTES")
+    assert main(["prune", f"--model={tiny_folder}", "--method", "magnitude", "--allocation", "uniform", "--eval",
+                 "default", "--eval-seqlen", "32", "--max-windows", "1", "--db", str(tmp_path / "r.sqlite")]) == 0
+    assert "cannot be loaded and pruned" not in capsys.readouterr().err
+
+
 def test_a_dataset_that_cannot_be_read_names_the_option(tiny_folder):
     r = run_cli("eval", f"--model={tiny_folder}", "--text", "hf:nosuch_dataset_xyz:test", "--max-windows", "1")
     assert r.returncode == 2 and r.stderr.startswith("error: --text: "), r.stderr[-2000:]
