@@ -437,6 +437,9 @@ def test_prune_page_prunes_with_your_curve(app, runs_db):
     assert record["allocation"]["per_layer"] == pytest.approx(curve.per_layer)
     assert record["config"]["settings"]["allocation"]["points"] == [[0.0, 0.2], [1.0, 0.6]]
     assert record["config"]["settings"]["allocation"]["as_drawn"] is True
+    from analysis.allocation import Allocation
+
+    assert Allocation.from_dict(record).per_layer == pytest.approx(curve.per_layer)  # prune --allocation RUN.json
     assert any(m.label == "Perplexity (prune)" for m in app.metric)
     app.button(key="prune_restore").click().run()
     assert any(m.label == "Perplexity (prune, before Restore dense)" for m in app.metric)
