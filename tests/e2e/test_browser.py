@@ -4,7 +4,7 @@
 Flow (one server, two browser sessions):
   A: load the default model -> Spectra shows an ESD histogram, and a heatmap click opens its layer ->
      drag a curve point with the mouse and see the budget change, type allocation search settings ->
-     start a 50% Wanda prune and see a perplexity value -> another page and back: the Prune and
+     start a 50% Wanda prune with that curve and see a perplexity value -> another page and back: the Prune and
      Allocation pages' settings are still those chosen.
   B (a second browser context, i.e. another user, while A's prune runs): its weights stay the dense
      shared model, its Spectra caption reports no pruned zeros, and evaluating its weights gives the
@@ -35,6 +35,7 @@ from tests.e2e.app_driver import (
     start_server,
     stop_server,
     wait_idle,
+    wait_run,
     wait_text_change,
     weights_line,
 )
@@ -104,8 +105,13 @@ def test_spectra_drag_prune_and_isolation(server, browser):
     shot(a, "03_allocation_dragged")
     set_inputs(a, "Find allocation (search)", SEARCH)  # (not run: kept for the page-change check below)
 
-    # Prune: 50% Wanda (AlphaPruning, the default allocation), small calibration/eval; a live perplexity value appears
+    # Prune: 50% Wanda with the curve just dragged (normalized to the 50% target), small calibration/eval; a live
+    # perplexity value appears
     nav(a, "Prune")
+    a.locator(".st-key-prune_alloc").click()
+    a.get_by_role("option", name="custom curve (Allocation page)").click()
+    wait_run(a)
+    a.get_by_text(re.compile(r"^Your curve from the Allocation page prunes 50\.0%")).wait_for(timeout=60_000)
     set_small_eval(a, **SMALL)
     a.get_by_role("button", name="Run", exact=True).click()
 
