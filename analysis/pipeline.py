@@ -30,6 +30,7 @@ from analysis.data import (
     is_split,
     load_text,
     spread,
+    tokenize,
 )
 from analysis.evaluation import PplUpdate, perplexity
 from analysis.layers import layer_table, prunable_layers, zero_fraction
@@ -283,15 +284,22 @@ PRIOR_ZEROS = 0.01  # of the prunable weights: above it a model was pruned befor
 
 def run_caveats(settings: RunSettings, loaded: LoadedModel) -> list[str]:
     """Warnings for a run, before it prunes `loaded.model`: weights that are sparse already (pruned before:
-    the run's "dense" perplexity and spectra are theirs), and a search's saved allocation reused (allocation
-    method "file"): analysis.search.reuse_caveats. A model placed by accelerate (device_map) is not read for
-    its zeros."""
+    the run's "dense" perplexity and spectra are theirs), a search's saved allocation reused (allocation
+    method "file"): analysis.search.reuse_caveats, and a calibration batch of more tokens than its text has. A
+    model placed by accelerate (device_map) is not read for its zeros."""
     out = []
     if not loaded.info.device_map and (zeros := zero_fraction(loaded.model)) > PRIOR_ZEROS:
         out.append(f"{zeros:.1%} of the prunable weights are zero already (pruned before? restore it with "
                    "DenseSnapshot, or load it again): the run's dense perplexity and spectra are of these weights")
     if settings.allocation.method == "file" and parse_nm(settings.prune.nm) is None:
         out += allocation_caveats(Allocation.load(settings.allocation.file), settings.prune.method, loaded)
+    if settings.needs_calibration():
+        c = settings.calibration
+        have = len(tokenize(loaded.tokenizer, calibration_text(c.source, settings.evaluation.source, c.encoding)))
+        if c.n_samples * c.seqlen > have:  # (tokenized once: the run's calibration batch reuses the tokens)
+            out.append(f"calibration asks for {c.n_samples} x {c.seqlen} = {c.n_samples * c.seqlen} tokens of a text "
+                       f"of {have}: its windows overlap, so fewer distinct tokens calibrate than asked for (give a "
+                       "longer text, or fewer samples)")
     return out
 
 

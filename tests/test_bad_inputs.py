@@ -7,6 +7,7 @@ packaged SmolLM2 tokenizer (a tokenizer of another model), binary and Latin-1 te
 """
 import json
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -325,6 +326,22 @@ def test_a_run_says_before_loading_when_it_may_not_fit_in_memory(tiny_folder, tm
     assert main(["prune", f"--model={tiny_folder}", "--method", "magnitude", "--allocation", "uniform", "--eval",
                  "default", "--eval-seqlen", "32", "--max-windows", "1", "--db", str(tmp_path / "r.sqlite")]) == 0
     assert "cannot be loaded and pruned" not in capsys.readouterr().err
+
+
+def test_a_calibration_batch_longer_than_its_text_is_a_warning(tiny_folder, tmp_path, capsys):
+    from analysis.cli import main
+
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog near the river bank today. " * 20)
+    args = ["prune", f"--model={tiny_folder}", "--method", "wanda", "--allocation", "uniform", "--calib", str(text),
+            "--seqlen", "32", "--eval", "default", "--eval-seqlen", "32", "--max-windows", "1", "--db",
+            str(tmp_path / "r.sqlite"), "--out", str(tmp_path / "r.json")]
+    assert main([*args, "--nsamples", "64"]) == 0
+    assert re.search(r"warning: calibration asks for 64 x 32 = 2048 tokens of a text of \d+: its windows overlap",
+                     capsys.readouterr().err)
+    assert any("its windows overlap" in w for w in json.loads((tmp_path / "r.json").read_text())["warnings"])
+    assert main([*args, "--nsamples", "2"]) == 0
+    assert "windows overlap" not in capsys.readouterr().err
 
 
 def test_a_dataset_that_cannot_be_read_names_the_option(tiny_folder):
