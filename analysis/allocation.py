@@ -123,19 +123,18 @@ class Allocation:
                                   f"{len(names)} prunable matrices are missing (e.g. {example}); was it made for "
                                   "another model?")
 
-    def check_blocks(self, blocks: dict[int, list[tuple[str, int]]]) -> None:
-        """Raise AllocationError unless per_block holds, for each block of the model (`blocks`: block -> its
-        matrices' (name, weights)), the weighted mean of its matrices' per_layer ratios, as every allocation made
-        here does (a search anchors on per_block: a hand-edited file may disagree with what it prunes)."""
-        n = max(blocks) + 1 if blocks else 0
-        if len(self.per_block) != n:
-            raise AllocationError(f"per_block has {len(self.per_block)} ratios, the model has {n} blocks")
-        for b, rows in sorted(blocks.items()):
-            weights = sum(p for _, p in rows)
-            mean = sum(self.per_layer.get(name, 0.0) * p for name, p in rows) / weights if weights else 0.0
-            if abs(mean - self.per_block[b]) > 1e-6:
-                raise AllocationError(f"per_block[{b}] is {self.per_block[b]:.6f} but its matrices' ratios in "
-                                      f"per_layer average {mean:.6f} (edited by hand?)")
+    def check_blocks(self, metrics: pd.DataFrame) -> None:
+        """Raise AllocationError unless per_block holds, for each block of the model of `metrics` (a layer table),
+        the weighted mean of its matrices' per_layer ratios, as every allocation made here does (a search anchors
+        on per_block: a hand-edited file may disagree with what it prunes)."""
+        df = prunable_rows(metrics)
+        means = _per_block_from_layers(df, df["name"].map(self.per_layer).fillna(0.0).to_numpy(float))
+        if len(self.per_block) != len(means):
+            raise AllocationError(f"per_block has {len(self.per_block)} ratios, the model has {len(means)} blocks")
+        for b, (stated, mean) in enumerate(zip(self.per_block, means)):
+            if abs(mean - stated) > 1e-6:
+                raise AllocationError(f"per_block[{b}] is {stated:.6f} but its matrices' ratios in per_layer "
+                                      f"average {mean:.6f} (edited by hand?)")
 
     @classmethod
     def load(cls, path: str | Path) -> Allocation:

@@ -104,6 +104,7 @@ class ModelPreview:
     bos_per_window: bool
     trust_remote_code: bool = False
     model: nn.Module | None = None  # the loaded model, when there is one: its own skeleton
+    _skeleton: nn.Module | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def context(self) -> int | None:
@@ -111,7 +112,12 @@ class ModelPreview:
         return context_length(self.config)
 
     def skeleton(self) -> nn.Module:
-        return self.model if self.model is not None else skeleton(self.config, self.trust_remote_code)
+        """The model, or one built from the config on the meta device, once: every pre-load check reads it."""
+        if self.model is not None:
+            return self.model
+        if self._skeleton is None:
+            self._skeleton = skeleton(self.config, self.trust_remote_code)
+        return self._skeleton
 
 
 def context_length(config) -> int | None:

@@ -34,7 +34,7 @@ from analysis.data import (
     text_source_problem,
 )
 from analysis.errors import AlphascopeError
-from analysis.layers import layers_by_block, prunable_layers
+from analysis.layers import layer_table, prunable_layers
 from analysis.loading import DEVICE_MAP_AUTO, DTYPES, ModelLoadError, ModelPreview, pick_device
 from analysis.powerlaw import XMIN_RULES
 from analysis.pruners import PRUNERS, ROWWISE, check_rowwise, parse_nm
@@ -388,8 +388,7 @@ class AllocationSettings:
                 alloc = Allocation.load(Path(path).expanduser())
                 _checked(field_name, alloc.check_names, [r.name for r in prunable_layers(model)])
                 if field_name == "allocation.search_from":  # the search starts from its per_block
-                    _checked(field_name, alloc.check_blocks, {b: [(r.name, r.params) for r in refs] for b, refs
-                                                              in layers_by_block(model).items()})
+                    _checked(field_name, alloc.check_blocks, layer_table(model))
         if self.method == "auto" and self.search_text is not None:
             _checked("allocation.search_text", lambda: spread_windows(
                 preview.tokenizer, load_text(self.search_text), search_seqlen(calibration_seqlen), 1,

@@ -389,8 +389,7 @@ for note in st.session_state.pop("_alloc_upload_notes", []):  # from the upload 
 if up is not None and st.session_state.get("_alloc_upload_id") != up.file_id:
     st.session_state["_alloc_upload_id"] = up.file_id
     try:
-        loaded_alloc = Allocation.from_dict(json.loads(up.getvalue()))
-        pts, offsets, notes = curve_of(loaded_alloc, metrics)
+        pts, offsets, notes = curve_of(Allocation.from_dict(json.loads(up.getvalue())), metrics)
     except json.JSONDecodeError as e:
         st.error(f"Could not load {up.name}: not valid JSON ({e.msg} at line {e.lineno})")
     except UnicodeDecodeError:
