@@ -38,6 +38,7 @@ from analysis.loading import (
     DEVICE_MAP_AUTO,
     PACKAGED,
     ModelLoadError,
+    checkpoint_path,
     ensure_converted,
     load_model,
     memory_estimate,
@@ -999,10 +1000,7 @@ def _checkpoint_folder(model: ModelSettings) -> Path | None:
     Models that need their repository's code are always loaded."""
     if model.trust_remote_code:
         return None
-    path, _, pm = resolve_source(model.source)
-    if pm is not None:
-        path = str(ensure_converted(pm.key))
-    folder = local_folder(path)
+    folder = checkpoint_path(model.source)
     if folder is None or not has_safetensors(folder):
         return None
     open_checkpoint(folder)  # a bad shard: one line (CheckpointError) before any work

@@ -227,6 +227,14 @@ def resolve_source(source: str) -> tuple[str, str, PackagedModel | None]:
     return src, src, None
 
 
+def checkpoint_path(source: str) -> Path | None:
+    """The local folder holding a model source's weights, without loading them: a packaged model's
+    converted folder (converted once first), a local folder, or a Hugging Face id's snapshot in the
+    local HF cache; None when the weights are not on this machine. Raises ModelLoadError for a bad source."""
+    path, _, pm = resolve_source(source)
+    return ensure_converted(pm.key) if pm is not None else local_folder(path)
+
+
 def model_identity(source: str) -> str:
     """What a model source names, whatever its spelling: a folder (a packaged model's converted one
     included) as its resolved path, a hub id as written."""

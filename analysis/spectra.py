@@ -52,6 +52,7 @@ from transformers import AutoConfig
 from analysis.checkpoint import Checkpoint, CheckpointError, open_checkpoint
 from analysis.export import stored_compressed
 from analysis.layers import LayerRef, find_blocks, find_layers, skeleton
+from analysis.loading import checkpoint_path
 from analysis.powerlaw import MIN_TAIL, XMIN_RULES, PowerLawFit, fit_power_law
 from analysis.runtime import ProgressFn, cache_dir
 
@@ -553,6 +554,16 @@ def _write_cached(folder: Path, result: SpectraResult) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _checkpoint_folder(source) -> Path:
+    if Path(source).expanduser().exists():
+        return Path(source).expanduser()
+    found = checkpoint_path(str(source))
+    if found is None:
+        raise CheckpointError(f"{source}: not on this machine (no folder, and not in the local Hugging Face cache); "
+                              "load it with loading.load_model and use analyze(loaded.model).")
+    return found
+
+
 def analyze_checkpoint(
     folder,
     fit: str = "peak",
@@ -564,8 +575,11 @@ def analyze_checkpoint(
     min_tail: int = MIN_TAIL,
     cache: bool = True,
 ) -> SpectraResult:
-    """`analyze` of the model in a safetensors checkpoint folder without loading it: the same rows,
-    one matrix at a time streamed from the shards (see `streamed_esd`), then the same fits.
+    """`analyze` of the model in a safetensors checkpoint without loading it: the same rows, one matrix
+    at a time streamed from the shards (see `streamed_esd`), then the same fits.
+
+    folder: a checkpoint folder, or a model source whose weights are on this machine ("default",
+    "gemma3", a Hugging Face id in the local HF cache; see `loading.checkpoint_path`).
 
     device: where the Gram products and eigensolves run (None/"auto": CUDA when available, else CPU,
     as many single-threaded workers as torch has threads). cache: read/write the result under
@@ -574,7 +588,7 @@ def analyze_checkpoint(
     """
     if fit not in XMIN_RULES:
         raise ValueError(f"Unknown fit '{fit}'; choose one of {', '.join(XMIN_RULES)}.")
-    ckpt = open_checkpoint(folder)
+    ckpt = open_checkpoint(_checkpoint_folder(folder))
     settings = {"fit": fit, "farms": bool(farms), "normalize": bool(normalize),
                 "include_outside": bool(include_outside), "min_tail": min_tail}
     where = _cache_folder(ckpt, settings)

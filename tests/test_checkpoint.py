@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from analysis.checkpoint import CheckpointError, open_checkpoint
 from analysis.cli import main
 from analysis.layers import find_layers
-from analysis.loading import ModelLoadError, load_model
+from analysis.loading import ModelLoadError, converted_dir, load_model, packaged_key
 from analysis.spectra import analyze, analyze_checkpoint, checkpoint_layers, esd, streamed_esd
 from tests.conftest import save_tiny_llama
 
@@ -87,6 +87,17 @@ def test_non_finite_weights_are_reported_not_fitted(tmp_path, cache):
     model.save_pretrained(tmp_path, max_shard_size="60KB")
     row = analyze_checkpoint(tmp_path).metrics.set_index("name").loc["model.layers.1.self_attn.k_proj"]
     assert row["status"] == "non-finite weights" and np.isnan(row["alpha"])
+
+
+def test_a_packaged_model_is_streamed_by_its_name_and_an_absent_one_says_how_to_load_it():
+    by_name = analyze_checkpoint("default")  # its converted folder under the cache, as the CLI streams it
+    by_folder = analyze_checkpoint(converted_dir(packaged_key("default")))
+    pd.testing.assert_frame_equal(by_name.metrics, by_folder.metrics)
+    assert len(by_name.metrics) == 210
+    with pytest.raises(CheckpointError, match="not on this machine.*load_model"):
+        analyze_checkpoint("nobody-here/no-such-model")
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        analyze_checkpoint("/no/such/folder")
 
 
 def test_cache_hit_on_reopen_and_invalidated_when_a_shard_changes(tmp_path, cache):
