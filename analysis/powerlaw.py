@@ -10,7 +10,7 @@ k/n for the k-th smallest tail value (k = 0..n-1), and the fitted CDF 1 - (λ/xm
 (Clauset, Shalizi & Newman, "Power-law distributions in empirical data", 2009). A candidate with
 alpha <= 1 is no valid power law and gets KS distance 1.
 
-How xmin is chosen (`xmin_rule`):
+How xmin is chosen (`fit`, the name every front end uses: `analyze(fit=...)`, `--fit`):
   - "peak": HT-SR's guard against "fingers" (a few outlying top eigenvalues that give a huge alpha).
     Histogram log10 of the positive eigenvalues into 100 equal bins over their range; the peak is
     the left edge of the fullest bin. Candidates are the eigenvalues in [0.95·peak, 1.5·peak); the
@@ -164,23 +164,23 @@ def best_of(x: np.ndarray, cand: np.ndarray, device=None) -> PowerLawFit:
     return PowerLawFit(alpha, float(x[cand[i]]), d, len(x) - int(cand[i]))
 
 
-def fit_power_law(eigs, xmin_rule: str = "peak", min_tail: int = MIN_TAIL, device=None) -> PowerLawFit:
+def fit_power_law(eigs, fit: str = "peak", min_tail: int = MIN_TAIL, device=None) -> PowerLawFit:
     """Fit a power law to the tail of an eigenvalue spectrum.
 
     eigs: eigenvalues (any order; zeros and round-off below `positive_threshold` are dropped).
-    xmin_rule: "peak" | "median" | "scan" (see the module docstring).
+    fit: the xmin rule, "peak" | "median" | "scan" (see the module docstring).
     min_tail: smallest tail the "scan" rule may pick.
     Never raises on degenerate spectra: returns NaN alpha with a status such as "all zero".
     """
-    if xmin_rule not in XMIN_RULES:
-        raise ValueError(f"Unknown xmin rule '{xmin_rule}'; choose one of {', '.join(XMIN_RULES)}.")
+    if fit not in XMIN_RULES:
+        raise ValueError(f"Unknown fit '{fit}'; choose one of {', '.join(XMIN_RULES)}.")
     status = check_eigs(eigs)
     if status != "ok":
         return PowerLawFit.failed(status)
     x = positive_eigs(eigs)
-    if xmin_rule == "median":
+    if fit == "median":
         cand = np.array([len(x) // 2])
-    elif xmin_rule == "peak":
+    elif fit == "peak":
         cand = peak_candidates(x)
     else:
         cand = scan_candidates(x, min_tail)

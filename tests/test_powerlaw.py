@@ -101,7 +101,7 @@ def test_degenerate_spectra_give_a_status_not_an_exception(eigs, status):
 
 
 def test_unknown_rule_is_a_value_error():
-    with pytest.raises(ValueError, match="xmin rule"):
+    with pytest.raises(ValueError, match="Unknown fit"):
         fit_power_law([1.0, 2.0, 3.0], "best")
 
 
