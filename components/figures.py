@@ -28,8 +28,10 @@ def _layout(fig: go.Figure, height: int = 360, **kw) -> go.Figure:
 def esd_density(eigs: np.ndarray, log: bool = True, bins: int = 80) -> tuple[np.ndarray, np.ndarray]:
     """Histogram of the positive eigenvalues as a density: (bin edges, density per bin).
 
-    log=True uses logarithmically spaced bins (what a log-log plot needs); the density is
-    count / (n * bin width) either way, so it integrates to 1 over the positive eigenvalues.
+    log=True uses logarithmically spaced bins (what a log-log plot needs). log=False spends `bins` equal
+    bins on the bulk (up to the 99th percentile) and a quarter as many log-spaced ones on the tail: equal
+    bins over the whole range would put a heavy-tailed bulk into a spike at the first bin or two. The
+    density is count / (n * bin width) either way, so it integrates to 1 over the positive eigenvalues.
     """
     x = np.asarray(eigs, dtype=np.float64)
     x = x[np.isfinite(x) & (x > 0)]
@@ -38,7 +40,13 @@ def esd_density(eigs: np.ndarray, log: bool = True, bins: int = 80) -> tuple[np.
     lo, hi = x.min(), x.max()
     if hi <= lo:
         hi = lo * 1.01 + 1e-12
-    edges = np.geomspace(lo, hi, bins + 1) if log else np.linspace(lo, hi, bins + 1)
+    bulk = float(np.quantile(x, 0.99))
+    if log:
+        edges = np.geomspace(lo, hi, bins + 1)
+    elif lo < bulk < hi:
+        edges = np.concatenate([np.linspace(lo, bulk, bins + 1), np.geomspace(bulk, hi, bins // 4 + 1)[1:]])
+    else:
+        edges = np.linspace(lo, hi, bins + 1)
     counts, edges = np.histogram(x, bins=edges)
     return edges, counts / (x.size * np.diff(edges))
 

@@ -3,6 +3,7 @@ import math
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from components.figures import esd_density, esd_figure, heatmap_figure
 
@@ -24,6 +25,18 @@ def test_esd_histogram_shows_empty_bins_as_gaps():
     assert label.text == "xmin" and label.x == math.log10(5.0)
     assert esd_figure(eigs, alpha=3.0, xmin=5.0, log=False).layout.annotations[0].x == 5.0
     assert esd_figure(eigs, x_title="λ of (1/N)·WᵀW").layout.xaxis.title.text == "λ of (1/N)·WᵀW"
+
+
+def test_linear_esd_histogram_resolves_a_heavy_tailed_bulk():
+    """On a linear axis, equal bins over the whole range put a heavy-tailed bulk into one spike; the
+    bulk gets its own bins, and the density still integrates to 1."""
+    rng = np.random.default_rng(0)
+    eigs = np.concatenate([rng.uniform(0.5, 2.0, 990), 2.0 + rng.pareto(1.5, 10) * 50])
+    edges, dens = esd_density(eigs, log=False)
+    in_bulk = (edges[1:] <= 2.0) & (dens > 0)
+    assert in_bulk.sum() >= 60  # equal bins over [0.5, max] would leave the bulk one or two
+    assert np.sum(dens * np.diff(edges)) == pytest.approx(1.0)
+    assert edges[-1] == pytest.approx(eigs.max()) and np.all(np.diff(edges) > 0)
 
 
 def test_heatmap_cells_carry_their_matrix_for_a_click():
