@@ -63,6 +63,8 @@ METRIC_DIRECTION: dict[str, int] = {
     "lambda_max": +1,
 }
 
+FIT_METRICS = ("alpha", "alpha_hat")  # the metrics a power-law fit (and so FARMS) changes
+
 
 class AllocationError(AlphascopeError, ValueError):
     """Bad input to an allocation function or a malformed allocation JSON; the message names the problem."""
@@ -441,6 +443,9 @@ def check_settings(method: str = "alphapruning", sparsity: float | None = 0.5, e
     if method in ("alphapruning", "farms"):
         _check_spread(epsilon, "epsilon")
         _check_metric(metric)
+    if method == "farms" and metric not in FIT_METRICS:
+        raise AllocationError(f"farms changes only the power-law fit, which metric {metric!r} does not use: it would "
+                              f"be alphapruning's allocation; use alphapruning, or metric {' or '.join(FIT_METRICS)}")
     if granularity not in GRANULARITIES:
         raise AllocationError(f"granularity must be 'block' or 'layer', got {granularity!r}")
     if method == "owl":

@@ -191,6 +191,18 @@ def open_checkpoint(folder: str | Path) -> Checkpoint:
     raise CheckpointError(f"{p}: has no {SINGLE} or {INDEX} (only safetensors checkpoints can be streamed).")
 
 
+def folder_fingerprint(folder: str | Path) -> str:
+    """Hex digest of what a model folder holds, without reading the weights: every file's name, size and
+    modification time (ns), links followed (the HF cache's snapshots link to blobs). Weights written over
+    in place change it."""
+    h = hashlib.sha256()
+    for p in sorted(Path(folder).expanduser().iterdir()):
+        if p.is_file():
+            st = p.stat()
+            h.update(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
 def local_folder(path_or_id: str) -> Path | None:
     """The local folder holding a checkpoint: the path itself when it is a folder with config.json,
     else, for a Hugging Face id, its snapshot in the local HF cache; None when neither exists."""
@@ -204,4 +216,5 @@ def local_folder(path_or_id: str) -> Path | None:
     return Path(config).parent if isinstance(config, str) and os.path.isfile(config) else None
 
 
-__all__ = ["Checkpoint", "CheckpointError", "TensorInfo", "has_safetensors", "local_folder", "open_checkpoint"]
+__all__ = ["Checkpoint", "CheckpointError", "TensorInfo", "folder_fingerprint", "has_safetensors", "local_folder",
+           "open_checkpoint"]

@@ -79,6 +79,7 @@ from analysis.spectra import NotStreamable, analyze, analyze_checkpoint
 from analysis.store import RunStore, StoreError, default_db_path, now_iso
 from analysis.sweep import (
     FAILED,
+    NAMED_ALLOCATIONS,
     SweepGrid,
     check_address,
     check_workers,
@@ -592,16 +593,32 @@ def _refuse_search_text(search_text: str) -> None:
 
 # the options that make an allocation, which an allocation file has already made
 FILE_IGNORES = ("--epsilon", "--metric", "--granularity", "--fit", "--owl-lambda", "--owl-threshold")
+_SPECTRAL = ("alphapruning", "farms", "auto")  # auto starts from AlphaPruning, FARMS and OWL
+READ_BY = {"--epsilon": _SPECTRAL, "--epsilons": _SPECTRAL, "--metric": _SPECTRAL, "--granularity": _SPECTRAL,
+           "--fit": _SPECTRAL, "--owl-lambda": ("owl", "auto"), "--owl-lambdas": ("owl", "auto"),
+           "--owl-threshold": ("owl", "auto")} | {
+    flag: ("auto",) for field, flag in FLAGS.items() if field.startswith("allocation.search_")}
+
+
+def _refuse_unread(args: argparse.Namespace, allocations: list[str]) -> None:
+    """UsageError for an allocation option (when typed: args.typed) that none of `allocations` reads."""
+    for flag, readers in READ_BY.items():
+        if _typed(args, flag) and not set(readers) & set(allocations):
+            who = readers[0] if len(readers) == 1 else f"{', '.join(readers[:-1])} and {readers[-1]}"
+            uses = "uses" if len(readers) == 1 else "use"
+            _refuse_unused([flag], f"only {who} {uses} it, and the allocation is {' or '.join(allocations)}")
 
 
 def _refuse_ignored(args: argparse.Namespace) -> None:
-    """UsageError for a --sparsity, --allocation (both None when left out), --search-text or, with an allocation
-    file, an option of FILE_IGNORES (when typed: args.typed) the run would ignore."""
+    """UsageError for a --sparsity, --allocation (both None when left out), --search-text, an option of
+    FILE_IGNORES with an allocation file, or one the allocation does not read (READ_BY; when typed:
+    args.typed) that the run would ignore."""
     if args.nm:
         for flag, given in (("--allocation", args.allocation), ("--sparsity", args.sparsity)):
             if given is not None:
                 raise UsageError(f"{flag}: an N:M pattern ({args.nm}) prunes every matrix to (M-N)/M, so no allocation "
                                  f"or sparsity applies; drop {flag} or --nm")
+        _refuse_unused(_typed(args, *READ_BY), f"an N:M pattern ({args.nm}) makes no allocation")
     elif args.search_text is not None and args.allocation != "auto":
         _refuse_search_text(args.search_text)
     elif args.allocation and Path(args.allocation).expanduser().is_file():
@@ -615,6 +632,8 @@ def _refuse_ignored(args: argparse.Namespace) -> None:
         if not math.isclose(own, args.sparsity, abs_tol=1e-9):
             raise UsageError(f"--sparsity: {args.allocation} is an allocation at sparsity {own:g}, which it keeps; "
                              f"drop --sparsity {args.sparsity:g}")
+    else:
+        _refuse_unread(args, [args.allocation or AllocationSettings.method])
 
 
 def _file_pattern(path: str) -> str | None:
@@ -867,6 +886,9 @@ def _sweep_grid(args: argparse.Namespace) -> SweepGrid:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     grid = _sweep_grid(args)
+    _refuse_unread(args, [a if a in NAMED_ALLOCATIONS else "a file" for a in grid.allocations]
+                   + (["custom"] if grid.curves else []))
+    grid.check()  # before the first line below
     check_workers(args.workers, args.cpus_per_worker)
     check_address(args.address)
     store = RunStore(args.db)
@@ -953,7 +975,7 @@ def _write_metrics(metrics: pd.DataFrame, out: str | None, as_json: bool) -> Non
         if out is not None:
             target.parent.mkdir(parents=True, exist_ok=True)
         if as_json:
-            metrics.to_json(target, orient="records", indent=1)
+            metrics.to_json(target, orient="records", indent=1, double_precision=15)  # pandas' default: 10
         else:
             metrics.to_csv(target, index=False)
     except OSError as e:
@@ -963,6 +985,8 @@ def _write_metrics(metrics: pd.DataFrame, out: str | None, as_json: bool) -> Non
 def cmd_spectra(args: argparse.Namespace) -> int:
     settings = SpectraSettings(args.fit, args.farms, args.normalize, args.include_outside).check()
     as_json = args.json or (args.out or "").lower().endswith(".json")
+    if args.out and Path(args.out).suffix.lower() not in (".csv", ".json", ".txt", ""):
+        raise UsageError(f"--out: {args.out}: spectra writes CSV or JSON; name the file .csv or .json")
     _checked_outputs(args, {"--out": args.out})
     model = _model_settings(args).check()
     folder = _checkpoint_folder(model)  # checked (headers only) before the progress bar appears

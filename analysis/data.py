@@ -403,14 +403,20 @@ def spread(windows: torch.Tensor, n: int) -> torch.Tensor:
     return windows[torch.linspace(0, windows.shape[0] - 1, min(int(n), windows.shape[0])).long()]
 
 
+def text_file(source: str) -> Path | None:
+    """The file a text source reads, or None for the named sources (default, wikitext2:..., hf:...)."""
+    src = str(source).strip()
+    return None if src == "default" or src.startswith(("wikitext2:", "hf:")) else Path(src).expanduser()
+
+
 def source_identity(source: str) -> str:
     """What `source` names, whatever its spelling: a file as its resolved absolute path (`my.txt`,
     `./my.txt` and a link to it are one text), any other source as written (stripped)."""
     src = str(source).strip()
-    if src == "default" or src.startswith(("wikitext2:", "hf:")):
+    if (path := text_file(src)) is None:
         return src
     try:
-        return str(Path(src).expanduser().resolve())
+        return str(path.resolve())
     except (OSError, RuntimeError):  # a name the file system refuses (too long, a link loop): as written
         return src
 

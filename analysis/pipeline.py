@@ -368,7 +368,9 @@ def record_config(settings: RunSettings, alloc: Allocation, data_info: dict, mod
             "sparsity": alloc.sparsity, "nm": list(nm) if nm else None,
             # a file's allocation has its own ε (or none): the settings' default would misreport it
             "epsilon": alloc.params.get("epsilon") if from_file else settings.allocation.epsilon,
-            **data_info, "seed": settings.calibration.seed, "settings": settings.to_dict()}
+            **data_info, "seed": settings.calibration.seed,
+            # SparseGPT's CPU linear algebra rounds differently on another thread count (~1e-6 relative)
+            "torch_threads": torch.get_num_threads(), "settings": settings.to_dict()}
 
 
 def make_record(config: dict, allocation: dict | None, report, dense_ppl: float | None, pruned_ppl: float | None,

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from analysis.errors import AlphascopeError
+
 XMIN_RULES = ("peak", "median", "scan")
 MIN_POSITIVE = 5  # fewer positive eigenvalues than this: no meaningful tail fit
 MIN_TAIL = 10  # "scan": smallest tail it may choose (tiny tails give huge, noisy alphas)
@@ -164,6 +166,18 @@ def best_of(x: np.ndarray, cand: np.ndarray, device=None) -> PowerLawFit:
     return PowerLawFit(alpha, float(x[cand[i]]), d, len(x) - int(cand[i]))
 
 
+class FitError(AlphascopeError, ValueError):
+    """An unknown fit rule or a bad min_tail."""
+
+
+def check_fit(fit: str, min_tail: int = MIN_TAIL) -> None:
+    """FitError unless `fit` is one of XMIN_RULES and `min_tail` an integer >= 2."""
+    if fit not in XMIN_RULES:
+        raise FitError(f"Unknown fit '{fit}'; choose one of {', '.join(XMIN_RULES)}.")
+    if isinstance(min_tail, bool) or not isinstance(min_tail, int) or min_tail < 2:
+        raise FitError(f"min_tail must be an integer >= 2 (a tail of fewer eigenvalues has no slope), got {min_tail!r}")
+
+
 def fit_power_law(eigs, fit: str = "peak", min_tail: int = MIN_TAIL, device=None) -> PowerLawFit:
     """Fit a power law to the tail of an eigenvalue spectrum.
 
@@ -172,8 +186,7 @@ def fit_power_law(eigs, fit: str = "peak", min_tail: int = MIN_TAIL, device=None
     min_tail: smallest tail the "scan" rule may pick.
     Never raises on degenerate spectra: returns NaN alpha with a status such as "all zero".
     """
-    if fit not in XMIN_RULES:
-        raise ValueError(f"Unknown fit '{fit}'; choose one of {', '.join(XMIN_RULES)}.")
+    check_fit(fit, min_tail)
     status = check_eigs(eigs)
     if status != "ok":
         return PowerLawFit.failed(status)

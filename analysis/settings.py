@@ -303,7 +303,8 @@ class AllocationSettings:
             raise SettingsError("an allocation search needs a sparsity above 0: at 0 every allocation is the "
                                 "dense model", "allocation.sparsity")
         _checked("allocation.epsilon", check_settings, "alphapruning", 0.5, self.epsilon)
-        _checked("allocation.metric", check_settings, "alphapruning", 0.5, 0.3, self.metric)
+        _checked("allocation.metric", check_settings, "farms" if self.method == "farms" else "alphapruning", 0.5, 0.3,
+                 self.metric)
         _checked("allocation.granularity", check_settings, "uniform", 0.5, 0.3, "alpha", self.granularity)
         _checked("allocation.owl_lambda", check_settings, "owl", 0.5, 0.3, "alpha", "block", self.owl_lambda)
         if self.fit not in XMIN_RULES:

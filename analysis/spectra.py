@@ -52,8 +52,8 @@ from transformers import AutoConfig
 from analysis.checkpoint import Checkpoint, CheckpointError, open_checkpoint
 from analysis.export import stored_compressed
 from analysis.layers import LayerRef, find_blocks, find_layers, skeleton
-from analysis.loading import checkpoint_path
-from analysis.powerlaw import MIN_TAIL, XMIN_RULES, PowerLawFit, fit_power_law
+from analysis.loading import checkpoint_path, pick_device
+from analysis.powerlaw import MIN_TAIL, PowerLawFit, check_eigs, check_fit, fit_power_law
 from analysis.runtime import ProgressFn, cache_dir
 
 GRAM_DTYPE = torch.float64
@@ -324,10 +324,9 @@ def analyze(
     min_tail: smallest tail the "scan" rule may choose (2 reproduces weightwatcher's default fit).
     Matrices with NaN/inf weights get status "non-finite weights" and NaN metrics.
     """
-    if fit not in XMIN_RULES:
-        raise ValueError(f"Unknown fit '{fit}'; choose one of {', '.join(XMIN_RULES)}.")
+    check_fit(fit, min_tail)
     layers = _resolve_layers(model_or_layers, include_outside)
-    dev = torch.device(device) if device not in (None, "", "auto") else None
+    dev = pick_device(device) if device not in (None, "", "auto") else None
     used = dev or (layers[0].weight().device if layers else torch.device("cpu"))
     with cpu_workers(used) as workers:
         if workers > 1:  # CPU: one task per matrix does its ESD and its fit
@@ -401,7 +400,10 @@ def _batched(layers, dev, farms, normalize, fit, min_tail, progress) -> dict:
 
 
 def _fit_row(eigs: np.ndarray, whole: np.ndarray, fit: str, known_status: str | None, min_tail: int) -> dict:
-    """The metrics row of a matrix: `eigs` fitted (FARMS: the pooled windows'), `whole` its own ESD."""
+    """The metrics row of a matrix: `eigs` fitted (FARMS: the pooled windows'), `whole` its own ESD. A matrix
+    too small to fit gets no FARMS fit either (its many 1x1 windows would pool to enough eigenvalues)."""
+    if known_status is None and whole is not eigs and (own := check_eigs(whole)) != "ok":
+        known_status = own
     if known_status is not None:
         return spectrum_metrics(whole, PowerLawFit.failed(known_status))
     return spectrum_metrics(whole, fit_power_law(eigs, fit, min_tail=min_tail))
@@ -586,8 +588,7 @@ def analyze_checkpoint(
     cache_dir()/spectra, keyed by the checkpoint's fingerprint (`Checkpoint.fingerprint`) and the
     settings; a result read from there has `cached=True`. Raises CheckpointError for a bad folder.
     """
-    if fit not in XMIN_RULES:
-        raise ValueError(f"Unknown fit '{fit}'; choose one of {', '.join(XMIN_RULES)}.")
+    check_fit(fit, min_tail)
     ckpt = open_checkpoint(_checkpoint_folder(folder))
     settings = {"fit": fit, "farms": bool(farms), "normalize": bool(normalize),
                 "include_outside": bool(include_outside), "min_tail": min_tail}
@@ -596,8 +597,7 @@ def analyze_checkpoint(
         progress and progress("Spectra read from the cache", 1.0)
         return hit
     layers, sources = _checkpoint_matrices(ckpt, include_outside)
-    used = (torch.device(device) if device not in (None, "", "auto")
-            else torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    used = pick_device(device)
 
     def spectrum(ref):
         key, expert = sources[ref.name]

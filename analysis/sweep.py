@@ -35,10 +35,18 @@ from urllib.parse import urlparse
 import pandas as pd
 
 from analysis.allocation import MAX_RATIO, Allocation, AllocationError, check_settings, parse_points
-from analysis.data import source_identity
+from analysis.checkpoint import folder_fingerprint
+from analysis.data import source_identity, text_file
 from analysis.errors import AlphascopeError
 from analysis.evaluation import perplexity_stream
-from analysis.loading import LoadedModel, ModelLoadError, load_model, model_identity, preview_model
+from analysis.loading import (
+    LoadedModel,
+    ModelLoadError,
+    load_model,
+    model_identity,
+    preview_model,
+    resolve_source,
+)
 from analysis.pipeline import dense_spectra, evaluation_windows, run, spectra_used
 from analysis.pruners import PRUNERS, ROWWISE, check_rowwise
 from analysis.pruning import DenseSnapshot
@@ -165,7 +173,7 @@ class SweepGrid:
         return self
 
     def expand(self) -> list[RunSettings]:
-        """One RunSettings per configuration, pruner-major, seeds innermost. Only `auto` keeps the base's
+        """One RunSettings per distinct configuration, pruner-major, seeds innermost. Only `auto` keeps the base's
         search settings: the others' have the defaults, so changing the search re-runs no other configuration."""
         base = self.base.allocation
         no_search = {f.name: f.default for f in fields(AllocationSettings) if f.name.startswith("search_")}
@@ -183,7 +191,7 @@ class SweepGrid:
                                         if variant.method == "auto" else variant, prune=prune,
                                         calibration=replace(self.base.calibration, seed=seed))
                                 for seed in self.seeds]
-        return out
+        return list(dict.fromkeys(out))  # a value listed twice is one configuration
 
     def _variants(self, alloc: AllocationSettings) -> list[AllocationSettings]:
         if alloc.method in SPECTRA_METHODS:
@@ -252,20 +260,38 @@ def config_label(s: RunSettings) -> str:
     return f"{s.prune.method} + {line_label(s)} at {_target(s):g}, seed {s.calibration.seed}"
 
 
-def config_key(settings: RunSettings) -> str:
+def content_identity(settings: RunSettings) -> dict:
+    """What the files a configuration reads hold now: its model folder's `folder_fingerprint` (None for a
+    packaged model or a hub id) and the sha256 of each text or allocation file it names. A sweep stores
+    it with every run, so that a run made before the weights, a text or a file were written over is not
+    taken for the same configuration now."""
+    path, _, packaged = resolve_source(settings.model.source)
+    a = settings.allocation
+    named = {"calibration.source": text_file(settings.calibration.source),
+             "evaluation.source": text_file(settings.evaluation.source),
+             "allocation.search_text": a.search_text and text_file(a.search_text),
+             "allocation.file": a.file and Path(a.file).expanduser(),
+             "allocation.search_from": a.search_from and Path(a.search_from).expanduser()}
+    files = {role: hashlib.sha256(p.read_bytes()).hexdigest() for role, p in named.items() if p and p.is_file()}
+    # a packaged model's weights are its package's, a hub id's its revision's (and may not be here yet)
+    mine = packaged is None and Path(path).expanduser().is_dir()
+    return {"weights": folder_fingerprint(path) if mine else None, "files": files}
+
+
+def config_key(settings: RunSettings, content: dict | None = None) -> str:
     """Stable id of a configuration: a hash of its settings, the folder (or hub id) its model loads
-    from and, for an allocation file, the file's bytes. Equal keys give equal runs. Paths count by what
-    they name: `my.txt`, `./my.txt` and `$PWD/my.txt` (or a model folder with and without its trailing
-    slash) are one configuration."""
+    from, and what its files hold (`content`, by default `content_identity` now). Equal keys give equal
+    runs. Paths count by what they name: `my.txt`, `./my.txt` and `$PWD/my.txt` (or a model folder with
+    and without its trailing slash) are one configuration. Device, dtype and batch size count as given:
+    "auto" is one setting whatever it resolves to on the machine that runs it."""
     d = settings.to_dict()
     d["model"]["source"] = None  # the model counts by its `model_identity` below
     for section, name in (("calibration", "source"), ("evaluation", "source"), ("allocation", "search_text"),
                           ("allocation", "file"), ("allocation", "search_from")):  # "file" counts by its bytes too
         if d[section][name] is not None:
             d[section][name] = source_identity(d[section][name])
-    ident = {"settings": d, "model": model_identity(settings.model.source)}
-    if settings.allocation.method == "file":
-        ident["file_sha256"] = hashlib.sha256(Path(settings.allocation.file).expanduser().read_bytes()).hexdigest()
+    ident = {"settings": d, "model": model_identity(settings.model.source),
+             "content": content_identity(settings) if content is None else content}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -399,8 +425,9 @@ class Outcome:
 def finished_keys(store: RunStore) -> dict[str, int]:
     """Config key -> run id of every sweep run in the store. The key is recomputed from the run's stored
     settings, read with today's defaults for any setting added since it ran, so a version that adds a
-    setting does not run a stored sweep again; the stored key where the settings no longer read (or the
-    model folder or allocation file is gone)."""
+    setting does not run a stored sweep again, and from the content it ran on (stored with it; a run
+    stored before that was kept counts as made on today's files); the stored key where the settings no
+    longer read (or the model folder is gone)."""
     out = {}
     for run_id in store.all()["id"]:
         record = store.get(int(run_id))
@@ -408,7 +435,7 @@ def finished_keys(store: RunStore) -> dict[str, int]:
         if not key:
             continue
         try:
-            key = config_key(RunSettings.from_dict(record["config"]["settings"]))
+            key = config_key(RunSettings.from_dict(record["config"]["settings"]), record["sweep"].get("content"))
         except (KeyError, TypeError, OSError, SettingsError, ModelLoadError):
             pass
         out[key] = int(run_id)
@@ -505,6 +532,13 @@ def check_models(configs: list[RunSettings]) -> None:
         checked.check_model(previews[key])
 
 
+def _stored_outcome(key: str, settings: RunSettings, store: RunStore, run_id: int) -> Outcome:
+    record = store.get(run_id)
+    return Outcome(key, settings, SKIPPED, run_id=run_id, dense_ppl=record.get("dense_ppl"),
+                   pruned_ppl=record.get("pruned_ppl"), achieved=(record.get("achieved") or {}).get("overall"),
+                   attempts=(record.get("sweep") or {}).get("attempts", 0))
+
+
 def run_sweep(grid: SweepGrid, store: RunStore, *, workers: int = 1, address: str | None = None,
               cpus_per_worker: int = 1, progress: ProgressFn | None = None, stop: StopFlag = None,
               on_outcome: Callable[[Outcome], None] | None = None) -> list[Outcome]:
@@ -523,10 +557,14 @@ def run_sweep(grid: SweepGrid, store: RunStore, *, workers: int = 1, address: st
     if address is not None and not use_ray:
         raise SettingsError("a Ray address needs Ray installed (pip install ray)", "sweep.address")
     by_key: dict[str, RunSettings] = {}
+    contents: dict[str, dict] = {}
     for s in configs:
-        by_key.setdefault(config_key(s), s)
+        content = content_identity(s)
+        key = config_key(s, content)
+        by_key.setdefault(key, s)
+        contents.setdefault(key, content)
     stored = finished_keys(store)
-    outcomes = {k: Outcome(k, s, SKIPPED, run_id=stored[k]) for k, s in by_key.items() if k in stored}
+    outcomes = {k: _stored_outcome(k, s, store, stored[k]) for k, s in by_key.items() if k in stored}
     pending = [(k, s) for k, s in by_key.items() if k not in stored]
     if address is None:  # a cluster's workers may read a model or texts this machine does not have
         check_models([s for _, s in pending])
@@ -535,7 +573,7 @@ def run_sweep(grid: SweepGrid, store: RunStore, *, workers: int = 1, address: st
                error: str | None = None, worker: dict | None = None) -> None:
         o = Outcome(key, settings, status, attempts=attempts, error=error, worker=worker)
         if record is not None:
-            record["sweep"] = {"key": key, "attempts": attempts}
+            record["sweep"] = {"key": key, "attempts": attempts, "content": contents[key]}
             o.run_id = store.add(record)
             o.dense_ppl, o.pruned_ppl = record.get("dense_ppl"), record.get("pruned_ppl")
             o.achieved = (record.get("achieved") or {}).get("overall")

@@ -45,13 +45,13 @@ def word_tokenizer(words: int = 119):
     return PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>")
 
 
-def save_tiny_llama(path: Path) -> Path:
-    """A 3-block LLaMA with random weights and a word-level tokenizer, saved as a local checkpoint
-    folder (what a user's own model directory looks like)."""
+def save_tiny_llama(path: Path, seed: int = 0) -> Path:
+    """A 3-block LLaMA with random weights (drawn with `seed`) and a word-level tokenizer, saved as a local
+    checkpoint folder (what a user's own model directory looks like)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=120)
     LlamaForCausalLM(cfg).save_pretrained(path)

@@ -92,7 +92,7 @@ CLI_CASES = [
     ("eval --allocation {bad}/broken.json", "--allocation: {bad}/broken.json: not valid JSON"),
     ("export --allocation nowhere.json --npy {bad}/r.npy", "--allocation: nowhere.json: cannot read it (No such file"),
     ("prune --fit nonsense", "--fit: fit must be one of"),
-    ("prune --owl-threshold 0", "--owl-threshold: owl_threshold must be > 0"),
+    ("prune --allocation owl --owl-threshold 0", "--owl-threshold: owl_threshold must be > 0"),
     ("prune --nm 2x4", "--nm: N:M must look like '2:4', got '2x4'"),
     ("prune --nm 2:4:8", "--nm: N:M must look like '2:4', got '2:4:8'"),
     ("prune --sparsity 0.5 --nm 4:2", "--nm: N:M needs 0 < N < M, got 4:2"),
@@ -124,6 +124,20 @@ CLI_CASES = [
                                                                                "search (auto)"),
     ("allocate --method custom --points 0:0.4,1:0.8 --as-drawn --sparsity 0.5",
      "--sparsity: --as-drawn keeps the curve's own budget, so --sparsity 0.5 would be ignored"),
+    ("prune --allocation uniform --epsilon 0.2", "--epsilon: only alphapruning, farms and auto use it, and the "
+                                                 "allocation is uniform, so --epsilon would be ignored; drop it"),
+    ("prune --allocation owl --metric stable_rank", "--metric: only alphapruning, farms and auto use it, and the "
+                                                    "allocation is owl"),
+    ("prune --owl-lambda 0.1", "--owl-lambda: only owl and auto use it, and the allocation is alphapruning"),
+    ("prune --search-steps 3", "--search-steps: only auto uses it, and the allocation is alphapruning"),
+    ("prune --nm 2:4 --fit scan", "--fit: an N:M pattern (2:4) makes no allocation, so --fit would be ignored"),
+    ("sweep --allocations uniform,owl --epsilons 0.1,0.2", "--epsilons: only alphapruning, farms and auto use it, "
+                                                           "and the allocation is uniform or owl"),
+    ("sweep --allocations alphapruning --owl-lambdas 0.1", "--owl-lambdas: only owl and auto use it"),
+    ("sweep --allocations uniform --search-steps 4", "--search-steps: only auto uses it"),
+    ("prune --allocation farms --metric stable_rank", "--metric: farms changes only the power-law fit, which metric "
+                                                      "'stable_rank' does not use: it would be alphapruning's"),
+    ("sweep --allocations alphapruning,farms --metric log_norm", "--metric: farms changes only the power-law fit"),
     # text sources
     ("prune --eval nowhere.txt", "--eval: evaluation text: Text file 'nowhere.txt' does not exist"),
     ("eval --text nowhere.txt", "--text: evaluation text: Text file 'nowhere.txt' does not exist"),
@@ -205,7 +219,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(args, message, bad):
     import shlex
 
     argv = shlex.split(args.format(bad=bad))
-    if argv[0] == "prune" and "--db" not in argv:
+    if argv[0] in ("prune", "sweep") and "--db" not in argv:
         argv += ["--db", str(bad / "runs.sqlite")]  # not the user's run store
     r = run_cli(*argv)
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])

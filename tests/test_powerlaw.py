@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from analysis.powerlaw import PowerLawFit, fit_power_law, histogram_peak, positive_eigs
+from analysis.errors import AlphascopeError
+from analysis.powerlaw import FitError, PowerLawFit, fit_power_law, histogram_peak, positive_eigs
 
 
 def pareto(alpha, n, seed, xmin=1.0):
@@ -100,9 +101,13 @@ def test_degenerate_spectra_give_a_status_not_an_exception(eigs, status):
     assert math.isnan(fit.alpha)
 
 
-def test_unknown_rule_is_a_value_error():
-    with pytest.raises(ValueError, match="Unknown fit"):
+def test_unknown_rule_or_bad_min_tail_is_a_typed_error():
+    with pytest.raises(FitError, match="Unknown fit"):
         fit_power_law([1.0, 2.0, 3.0], "best")
+    for bad in (1, -5, 2.5, True):
+        with pytest.raises(FitError, match="min_tail must be an integer >= 2"):
+            fit_power_law(np.arange(1.0, 50.0), "scan", min_tail=bad)
+    assert issubclass(FitError, AlphascopeError) and issubclass(FitError, ValueError)
 
 
 def test_tiny_eigenvalues_count_as_zero_relative_to_the_largest():

@@ -100,6 +100,20 @@ def test_degenerate_matrices_get_a_status_not_a_crash():
     assert m.loc["m4", "status"] == "too few eigenvalues"
     assert m.loc["m5", "status"] == "ok" and np.isfinite(m.loc["m5", "alpha"])
     assert m.loc[["m0", "m1", "m2", "m3", "m4"], "alpha"].isna().all()
+    # FARMS: a 1x64 matrix's 64 1x1 windows pool to enough eigenvalues, but the matrix itself has one
+    farms = analyze([linear_ref(gaussian(1, 64, seed=3), "thin", 0), refs[5]], farms=True).metrics.set_index("name")
+    assert farms.loc["thin", "status"] == "too few eigenvalues" and np.isnan(farms.loc["thin", "alpha"])
+    assert farms.loc["m5", "status"] == "ok"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asks for a device this machine lacks")
+def test_a_device_this_machine_lacks_is_a_typed_error():
+    from analysis.loading import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="no CUDA device"):
+        analyze([linear_ref(gaussian(8, 16, seed=0), "m", 0)], device="cuda")
+    with pytest.raises(ModelLoadError, match="Unknown device 'gpu0'"):
+        analyze([linear_ref(gaussian(8, 16, seed=0), "m", 0)], device="gpu0")
 
 
 def test_unknown_fit_is_a_value_error():

@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import tiny_sweep_base
+from conftest import save_tiny_llama, tiny_sweep_base
 
 from analysis.allocation import allocate
 from analysis.layers import layer_table
@@ -270,10 +270,29 @@ def test_in_process_sweep_and_resume(tiny, in_process):
     again = run_sweep(g, store)
     assert [o.status for o in again] == [SKIPPED] * 4 and len(store) == 4
     assert [o.run_id for o in again] == [o.run_id for o in outcomes]
+    assert [(o.pruned_ppl, o.achieved) for o in again] == [(o.pruned_ppl, o.achieved) for o in outcomes]
     # one more seed: only its two configurations run
     more = run_sweep(replace(g, seeds=(0, 1, 2)), store)
     assert [o.status for o in more].count(DONE) == 2 and len(store) == 6
     assert {o.settings.calibration.seed for o in more if o.status == DONE} == {2}
+
+
+def test_resume_runs_again_on_weights_or_texts_written_over_since(tmp_path):
+    """A run stored on other weights or another text under the same paths is not this configuration's."""
+    base = tiny_sweep_base(tmp_path)
+    g = SweepGrid(base, methods=("magnitude",), allocations=("uniform",), sparsities=(0.5,), seeds=(0, 0))
+    assert len(g.check().expand()) == 1  # a value listed twice is one configuration
+    store = RunStore(tmp_path / "runs.sqlite")
+    (first,) = run_sweep(g, store)
+    assert first.status == DONE and store.get(first.run_id)["sweep"]["content"]["weights"]
+    assert run_sweep(g, store)[0].status == SKIPPED
+    save_tiny_llama(Path(base.model.source), seed=1)  # other weights, same folder
+    (other,) = run_sweep(g, store)
+    assert other.status == DONE and other.key != first.key and other.pruned_ppl != first.pruned_ppl
+    text = Path(base.evaluation.source)
+    text.write_text(text.read_text() + "\nw1 w2 w3")
+    assert run_sweep(g, store)[0].status == DONE and len(store) == 3
+    assert run_sweep(g, store)[0].status == SKIPPED
 
 
 def test_resume_finds_runs_stored_before_a_setting_was_added(in_process, tmp_path):
