@@ -889,6 +889,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     _refuse_unread(args, [a if a in NAMED_ALLOCATIONS else "a file" for a in grid.allocations]
                    + (["custom"] if grid.curves else []))
     grid.check()  # before the first line below
+    as_json = _checked_table_out(args)
     check_workers(args.workers, args.cpus_per_worker)
     check_address(args.address)
     store = RunStore(args.db)
@@ -902,7 +903,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     outcomes = run_sweep(grid, store, workers=args.workers, address=args.address,
                          cpus_per_worker=args.cpus_per_worker, progress=_print_progress)
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_colwidth", 60):
-        print(outcome_table(outcomes).to_string(index=False))
+        print((table := outcome_table(outcomes)).to_string(index=False))
+    if args.out:
+        _write_table(table, args.out, as_json)
+        print(f"wrote {args.out}", file=sys.stderr)
     failed = sum(o.status == FAILED for o in outcomes)
     if failed:
         print(f"error: {failed} configuration(s) failed after a retry (see the error column); run the same "
@@ -935,6 +939,7 @@ def _add_sweep_parser(sub) -> None:
     p.add_argument("--cpus-per-worker", type=int, default=1, help="CPU cores of each Ray task (without a GPU)")
     p.add_argument("--address", default=None, help="an existing Ray cluster (ray://host:port or host:port)")
     p.add_argument("--db", default=None, help="SQLite run store (default: the cache folder's runs.sqlite)")
+    p.add_argument("--out", default=None, help="also write the final table here (.csv, or .json)")
     p.set_defaults(func=cmd_sweep)
 
 
@@ -969,25 +974,30 @@ def _block_summary(metrics: pd.DataFrame) -> pd.DataFrame:
     return table.round(3)
 
 
-def _write_metrics(metrics: pd.DataFrame, out: str | None, as_json: bool) -> None:
+def _checked_table_out(args: argparse.Namespace) -> bool:
+    """Check --out (a table: CSV, or JSON records); whether it names a JSON file."""
+    if args.out and Path(args.out).suffix.lower() not in (".csv", ".json", ".txt", ""):
+        raise UsageError(f"--out: {args.out}: {args.command} writes CSV or JSON; name the file .csv or .json")
+    _checked_outputs(args, {"--out": args.out})
+    return (args.out or "").lower().endswith(".json")
+
+
+def _write_table(table: pd.DataFrame, out: str | None, as_json: bool) -> None:
     target = sys.stdout if out is None else Path(out).expanduser()
     try:
         if out is not None:
             target.parent.mkdir(parents=True, exist_ok=True)
         if as_json:
-            metrics.to_json(target, orient="records", indent=1, double_precision=15)  # pandas' default: 10
+            table.to_json(target, orient="records", indent=1, double_precision=15)  # pandas' default: 10
         else:
-            metrics.to_csv(target, index=False)
+            table.to_csv(target, index=False)
     except OSError as e:
         raise UsageError(f"cannot write {out}: {e.strerror or e}") from e
 
 
 def cmd_spectra(args: argparse.Namespace) -> int:
     settings = SpectraSettings(args.fit, args.farms, args.normalize, args.include_outside).check()
-    as_json = args.json or (args.out or "").lower().endswith(".json")
-    if args.out and Path(args.out).suffix.lower() not in (".csv", ".json", ".txt", ""):
-        raise UsageError(f"--out: {args.out}: spectra writes CSV or JSON; name the file .csv or .json")
-    _checked_outputs(args, {"--out": args.out})
+    as_json = args.json or _checked_table_out(args)
     model = _model_settings(args).check()
     folder = _checkpoint_folder(model)  # checked (headers only) before the progress bar appears
     kwargs = dict(fit=settings.fit, farms=settings.farms, normalize=settings.normalize,
@@ -1004,7 +1014,7 @@ def cmd_spectra(args: argparse.Namespace) -> int:
         result, title = analyze(loaded.model, **kwargs), loaded.info.title
     metrics = result.metrics
     report = sys.stdout if args.out else sys.stderr  # keep stdout clean when the table goes there
-    _write_metrics(metrics, args.out, as_json)
+    _write_table(metrics, args.out, as_json)
     with pd.option_context("display.width", 200, "display.max_rows", 500):
         print(_block_summary(metrics).to_string(), file=report)
     for status, names in metrics[metrics["status"] != "ok"].groupby("status")["name"]:  # one line per status

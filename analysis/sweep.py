@@ -470,7 +470,7 @@ def outcome_table(outcomes: list[Outcome]) -> pd.DataFrame:
         "method": o.settings.prune.method, "allocation": line_label(o.settings),
         "sparsity": _target(o.settings), "seed": o.settings.calibration.seed, "status": o.status,
         "run": o.run_id, "dense_ppl": o.dense_ppl, "pruned_ppl": o.pruned_ppl, "achieved": o.achieved,
-        "attempts": o.attempts, "error": o.error} for o in outcomes])
+        "attempts": o.attempts, "error": o.error} for o in outcomes]).astype({"run": "Int64"})  # ids, None if failed
 
 
 def ray_available() -> bool:

@@ -9,6 +9,7 @@ import threading
 from dataclasses import replace
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from conftest import save_tiny_llama, tiny_sweep_base
 
@@ -293,6 +294,24 @@ def test_resume_runs_again_on_weights_or_texts_written_over_since(tmp_path):
     text.write_text(text.read_text() + "\nw1 w2 w3")
     assert run_sweep(g, store)[0].status == DONE and len(store) == 3
     assert run_sweep(g, store)[0].status == SKIPPED
+
+
+def test_cli_sweep_writes_its_table_and_a_resumed_one_shows_the_stored_results(tiny, tmp_path, capsys):
+    from analysis.cli import main
+
+    args = ["sweep", "--model", tiny.model.source, "--methods", "magnitude", "--allocations", "uniform,owl",
+            "--sparsities", "0.5", "--seeds", "0", "--calib", tiny.calibration.source, "--nsamples", "4",
+            "--seqlen", "32", "--eval", tiny.evaluation.source, "--eval-seqlen", "32", "--max-windows", "6",
+            "--db", str(tmp_path / "runs.sqlite")]
+    assert main([*args, "--out", str(tmp_path / "first.json")]) == 0
+    first = pd.read_json(tmp_path / "first.json")
+    assert list(first["status"]) == [DONE, DONE] and first["pruned_ppl"].notna().all() and first["run"].min() >= 1
+    assert main([*args, "--out", str(tmp_path / "again.csv")]) == 0
+    again = pd.read_csv(tmp_path / "again.csv")
+    assert list(again["status"]) == [SKIPPED, SKIPPED]
+    assert list(again["run"]) == list(first["run"]) and list(again["pruned_ppl"]) == list(first["pruned_ppl"])
+    assert main([*args, "--out", str(tmp_path / "table.parquet")]) == 2
+    assert "--out: " in capsys.readouterr().err
 
 
 def test_resume_finds_runs_stored_before_a_setting_was_added(in_process, tmp_path):
