@@ -24,8 +24,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from analysis.data import DataError
 from analysis.errors import AlphascopeError
-from analysis.layers import ExpertsLayout, LayerRef, find_blocks, fused_experts, layers_by_block, module_device
+from analysis.layers import (
+    ExpertsLayout,
+    LayerRef,
+    NoBlocksError,
+    find_blocks,
+    fused_experts,
+    layers_by_block,
+    module_device,
+)
 from analysis.runtime import ProgressFn, StopFlag, should_stop
 
 
@@ -312,10 +321,11 @@ def walk_blocks(model: nn.Module, calib: torch.Tensor | None, on_block: BlockFn,
     """
     found = find_blocks(model)
     if found is None:
-        raise ValueError("The model has no decoder blocks (no nn.ModuleList) to walk through.")
+        raise NoBlocksError("The model has no decoder blocks (no nn.ModuleList) to walk through.")
     blocks = found[1]
     if calib is not None and (calib.dim() != 2 or calib.shape[0] == 0):
-        raise ValueError("Calibration data must be a non-empty (n_samples, seqlen) tensor of token ids.")
+        raise DataError("Calibration data must be a non-empty (n_samples, seqlen) tensor of token ids "
+                        f"(data.calibration_batches makes one), got shape {tuple(calib.shape)}.")
     dev = torch.device(device) if device is not None else module_device(model)
     refs_by_block = layers_by_block(model)
     n = len(blocks)

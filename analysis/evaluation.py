@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from analysis.data import DataError
 from analysis.layers import module_device
 from analysis.runtime import StopFlag, should_stop
 
@@ -63,13 +64,14 @@ def perplexity_stream(model: nn.Module, windows: torch.Tensor, device: str | tor
     and accelerate's hooks move them on. batch_size: windows per forward pass (default: `default_batch_size`).
     """
     if windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
-        raise ValueError(f"windows must be a non-empty (n, L>=2) tensor of token ids, got shape {tuple(windows.shape)}")
+        raise DataError(f"windows must be a non-empty (n, L>=2) tensor of token ids (data.eval_windows makes one), "
+                        f"got shape {tuple(windows.shape)}")
     dev = torch.device(device) if device is not None else module_device(model)
     if dev.type == "meta":  # offloaded by accelerate: its hooks load the weights for each forward
         dev = torch.device("cpu")
     step = default_batch_size(dev) if batch_size is None else int(batch_size)
     if step < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+        raise DataError(f"batch_size must be a positive integer, got {batch_size}")
     was_training = model.training
     model.eval()
     nll_sum, tokens, total = 0.0, 0, int(windows.shape[0])
@@ -94,8 +96,10 @@ def _ppl(nll_sum: float, tokens: int) -> float:
 
 def perplexity(model: nn.Module, windows: torch.Tensor, device: str | torch.device | None = None,
                on_update: Callable[[PplUpdate], None] | None = None, batch_size: int | None = None) -> float:
-    """Perplexity over all `windows`; `on_update` sees every PplUpdate (the running perplexity, not the
-    (message, fraction) of a `progress` callback)."""
+    """Perplexity over all `windows` (n, L) of token ids: exp(total next-token NLL in nats / number of
+    predicted tokens), each window scored on its own (L-1 predictions; its first token is context only).
+    `on_update` sees every PplUpdate (the running perplexity, not the (message, fraction) of a `progress`
+    callback). Raises DataError for windows that are not a non-empty (n, L>=2) tensor."""
     last = None
     for last in perplexity_stream(model, windows, device=device, batch_size=batch_size):
         if on_update is not None:

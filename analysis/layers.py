@@ -24,6 +24,12 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
+from analysis.errors import AlphascopeError
+
+
+class NoBlocksError(AlphascopeError, ValueError):
+    """A module with no decoder blocks (no non-empty nn.ModuleList) where a causal LM's are needed."""
+
 
 @dataclass
 class LayerRef:

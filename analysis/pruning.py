@@ -184,6 +184,7 @@ class DenseSnapshot:
 
     @classmethod
     def take(cls, model: nn.Module) -> DenseSnapshot:
+        """A CPU copy of every prunable weight of `model`, in its dtype, to restore later (`restore`)."""
         return cls({r.name: r.weight().detach().to("cpu", copy=True).contiguous() for r in prunable_layers(model)})
 
     @classmethod

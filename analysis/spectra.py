@@ -51,7 +51,7 @@ from transformers import AutoConfig
 
 from analysis.checkpoint import Checkpoint, CheckpointError, open_checkpoint
 from analysis.export import stored_compressed
-from analysis.layers import LayerRef, find_blocks, find_layers, skeleton
+from analysis.layers import LayerRef, NoBlocksError, find_blocks, find_layers, skeleton
 from analysis.loading import checkpoint_path, pick_device
 from analysis.powerlaw import MIN_TAIL, PowerLawFit, check_eigs, check_fit, fit_power_law
 from analysis.runtime import ProgressFn, cache_dir
@@ -271,7 +271,7 @@ def _layer_row(ref: LayerRef) -> dict:
 def _resolve_layers(model_or_layers, include_outside: bool) -> list[LayerRef]:
     if isinstance(model_or_layers, nn.Module):
         if find_blocks(model_or_layers) is None:
-            raise ValueError(f"found no decoder blocks in this {type(model_or_layers).__name__} (analyze reads a "
+            raise NoBlocksError(f"found no decoder blocks in this {type(model_or_layers).__name__} (analyze reads a "
                              "causal LM's blocks; for other matrices pass a list of LayerRef, or use esd and "
                              "analysis.powerlaw.fit_power_law on one)")
         return find_layers(model_or_layers, include_outside=include_outside)

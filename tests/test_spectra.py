@@ -13,7 +13,7 @@ import torch
 from conftest import save_tiny_llama
 from torch import nn
 
-from analysis.layers import LayerRef, find_layers, prunable_layers
+from analysis.layers import LayerRef, NoBlocksError, find_layers, prunable_layers
 from analysis.powerlaw import fit_power_law
 from analysis.spectra import COLUMNS, analyze, esd, farms_esd, farms_windows, mp_bounds, mp_density
 
@@ -360,6 +360,6 @@ def test_concurrent_analyses_restore_the_thread_setting():
 
 
 def test_a_module_without_decoder_blocks_is_refused_by_name():
-    with pytest.raises(ValueError, match="found no decoder blocks in this Sequential"):
+    with pytest.raises(NoBlocksError, match="found no decoder blocks in this Sequential"):
         analyze(torch.nn.Sequential(torch.nn.Linear(256, 64), torch.nn.Linear(64, 256)))
     assert len(analyze([]).metrics) == 0  # an empty list of matrices is an empty table
