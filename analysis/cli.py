@@ -58,7 +58,7 @@ from analysis.pipeline import (
     search_windows,
     write_record,
 )
-from analysis.powerlaw import XMIN_RULES
+from analysis.powerlaw import MIN_TAIL, XMIN_RULES, FitError, check_fit
 from analysis.pruners import PRUNERS, ROWWISE, PruneError, check_nm_ratios, parse_nm
 from analysis.pruning import prune, prune_warnings
 from analysis.search import describe
@@ -1000,13 +1000,20 @@ def cmd_spectra(args: argparse.Namespace) -> int:
     as_json = args.json or _checked_table_out(args)
     model = _model_settings(args).check()
     folder = _checkpoint_folder(model)  # checked (headers only) before the progress bar appears
+    try:
+        check_fit(settings.fit, args.min_tail)
+    except FitError as e:
+        raise UsageError(f"--min-tail: {e}") from None
     kwargs = dict(fit=settings.fit, farms=settings.farms, normalize=settings.normalize,
-                  include_outside=settings.include_outside, progress=_tqdm_progress("spectra"))
+                  include_outside=settings.include_outside, min_tail=args.min_tail, progress=_tqdm_progress("spectra"))
     result = None
     if folder is not None:  # streamed from the shards, no model load; cached by the checkpoint's content
         try:
             result = analyze_checkpoint(folder, device=None if model.device == "auto" else model.device, **kwargs)
             title = resolve_source(model.source)[1]
+            if unused := _typed(args, "--dtype", "--device-map"):
+                print(f"note: {', '.join(unused)} unused: the checkpoint was streamed from its shards in their stored "
+                      "dtype, not loaded", file=sys.stderr)
         except NotStreamable:
             pass
     if result is None:
@@ -1050,7 +1057,10 @@ def _add_spectra_parser(sub) -> None:
     p.add_argument("--fit", default=d.fit, help=f"power-law xmin rule: {', '.join(XMIN_RULES)}")
     p.add_argument("--farms", action="store_true", help="fit the pooled ESD of square sliding windows (FARMS)")
     p.add_argument("--normalize", action="store_true",
-                   help="divide eigenvalues by N = max(rows, cols), the long side (as weightwatcher)")
+                   help="divide eigenvalues by N = max(rows, cols), the long side (as weightwatcher; with --farms "
+                        "the pooled ESD by its windows' side)")
+    p.add_argument("--min-tail", type=int, default=MIN_TAIL,
+                   help=f"smallest tail the scan fit may choose (default {MIN_TAIL}; 2 is weightwatcher's)")
     p.add_argument("--include-outside", action="store_true", help="also the embedding and lm_head (not prunable)")
     p.add_argument("--json", action="store_true", help="write JSON records instead of CSV")
     p.set_defaults(func=cmd_spectra)

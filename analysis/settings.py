@@ -168,7 +168,8 @@ class ModelSettings:
 @dataclass(frozen=True)
 class SpectraSettings:
     """fit: xmin rule of the power-law fit (analysis.powerlaw); farms: pooled fixed-aspect-ratio
-    windows; normalize: eigenvalues divided by N (rows); include_outside: embedding and lm_head too."""
+    windows; normalize: eigenvalues divided by N, the long side of the matrix (of a window with FARMS);
+    include_outside: embedding and lm_head too."""
 
     fit: str = "peak"
     farms: bool = False

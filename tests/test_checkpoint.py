@@ -203,6 +203,16 @@ def test_cli_spectra_streams_and_caches(tmp_path, cache, capsys):
     pd.testing.assert_frame_equal(pd.read_csv(out), pd.read_csv(_csv(analyze(model, include_outside=True), tmp_path)))
     assert main(["spectra", "--model", str(tmp_path / "m"), "--out", str(out), "--include-outside"]) == 0
     assert "from the cache" in capsys.readouterr().out
+    # weightwatcher's tail rule, all digits in JSON, and what streaming does not use is said
+    js = tmp_path / "alpha.json"
+    assert main(["spectra", "--model", str(tmp_path / "m"), "--out", str(js), "--fit", "scan", "--min-tail", "2",
+                 "--dtype", "bfloat16"]) == 0
+    assert "note: --dtype unused" in capsys.readouterr().err
+    want = analyze(model, fit="scan", min_tail=2).metrics
+    np.testing.assert_allclose(pd.read_json(js)["alpha"].to_numpy(), want["alpha"].to_numpy(), rtol=1e-13)
+    for bad in (["--min-tail", "1"], ["--out", str(tmp_path / "a.parquet")]):
+        assert main(["spectra", "--model", str(tmp_path / "m"), *bad]) == 2
+        assert capsys.readouterr().err.startswith(f"error: {bad[0]}: ")
 
 
 def _csv(result, tmp_path):
