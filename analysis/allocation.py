@@ -477,8 +477,7 @@ def allocate(
         raise AllocationError(f"unknown method {method!r}; choose uniform, alphapruning, farms or owl "
                               "(custom curves: custom_allocation)")
     s = _check_sparsity(sparsity)
-    if granularity not in GRANULARITIES:
-        raise AllocationError(f"granularity must be 'block' or 'layer', got {granularity!r}")
+    check_settings(method, None, epsilon, metric, granularity, owl_lambda)
     if method == "uniform":
         df = prunable_rows(metrics)
         return _finish(df, np.full(len(df), s), s, method, {}, model)

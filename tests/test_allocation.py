@@ -459,6 +459,9 @@ def test_farms_and_alphapruning_refuse_each_others_spectra():
     with pytest.raises(AllocationError, match="alphapruning needs the metrics of whole-matrix spectra"):
         allocate(pooled, 0.5, "alphapruning")
     assert allocate(metrics_frame([2.0, 3.0]), 0.5, "farms").method == "farms"  # a table built by hand: trusted
+    # FARMS refits alpha: with a metric no fit changes it would be alphapruning's allocation under another name
+    with pytest.raises(AllocationError, match="farms changes only the power-law fit"):
+        allocate(pooled, 0.5, "farms", metric="stable_rank")
 
 
 # ------------------------------------------------------------------ CLI
