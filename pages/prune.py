@@ -25,6 +25,7 @@ from analysis.settings import (
     AllocationSettings,
     CalibrationSettings,
     EvaluationSettings,
+    ModelSettings,
     PruneSettings,
     RunSettings,
     SettingsError,
@@ -35,6 +36,7 @@ from analysis.zeroshot import PAPER_TASKS, local_tasks
 from components.figures import ppl_figure
 from components.state import (
     dense_ppl_job,
+    model_key,
     owl_job,
     peek_dense_ppl_job,
     remember_prune_data,
@@ -156,6 +158,7 @@ if allocation == "custom" and custom is not None:  # the curve's own settings, s
 else:
     alloc_settings = AllocationSettings(method=allocation, sparsity=float(sparsity), epsilon=float(epsilon), fit=fit)
 settings = RunSettings(
+    model=ModelSettings(*model_key()),  # the loaded model, so its record can be run again
     allocation=alloc_settings,
     prune=PruneSettings(method, None if nm == "unstructured" else nm,
                         None if rowwise == "none" or nm != "unstructured" else rowwise),

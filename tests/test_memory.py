@@ -328,6 +328,10 @@ def test_two_sessions_under_a_low_memory_limit(tiny_dir, monkeypatch, tmp_path):
     assert not a.error, [e.value for e in a.error]
     work = a.session_state["work"]
     assert work.leased and work.label.startswith("wanda 50%")
+    from analysis.store import RunStore  # the record names the model it pruned, so it can be run again
+
+    record = RunStore(tmp_path / "runs.sqlite").get(1)
+    assert record["config"]["settings"]["model"]["source"] == str(tiny_dir)
     assert any("pruned in place — wanda 50%" in m.value for m in a.markdown)
     assert any("pruned in place for you" in m.value for m in a.info)
     baseline = float([m.value for m in a.metric if m.label == "Dense baseline perplexity"][0])
