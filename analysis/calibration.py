@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from analysis.data import DataError
 from analysis.errors import AlphascopeError
 from analysis.layers import (
     ExpertsLayout,
@@ -75,6 +74,10 @@ def _stats_hook(stats: dict[str, InputStats], name: str, seen: dict):
         seen[key] = (name, x)
         stats[name].add(x)
     return hook
+
+
+class CalibrationError(AlphascopeError, ValueError):
+    """Calibration data that is not a non-empty (n_samples, seqlen) tensor of token ids."""
 
 
 class ExpertsError(AlphascopeError, ValueError):
@@ -324,8 +327,8 @@ def walk_blocks(model: nn.Module, calib: torch.Tensor | None, on_block: BlockFn,
         raise NoBlocksError("The model has no decoder blocks (no nn.ModuleList) to walk through.")
     blocks = found[1]
     if calib is not None and (calib.dim() != 2 or calib.shape[0] == 0):
-        raise DataError("Calibration data must be a non-empty (n_samples, seqlen) tensor of token ids "
-                        f"(data.calibration_batches makes one), got shape {tuple(calib.shape)}.")
+        raise CalibrationError("Calibration data must be a non-empty (n_samples, seqlen) tensor of token ids "
+                               f"(data.calibration_batches makes one), got shape {tuple(calib.shape)}.")
     dev = torch.device(device) if device is not None else module_device(model)
     refs_by_block = layers_by_block(model)
     n = len(blocks)

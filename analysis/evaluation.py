@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from analysis.data import DataError
+from analysis.errors import AlphascopeError
 from analysis.layers import module_device
 from analysis.runtime import StopFlag, should_stop
 
@@ -38,6 +38,10 @@ def token_nll(model: nn.Module, window: torch.Tensor) -> torch.Tensor:
     # rows of (token, vocab): the classes contiguous, 5x faster on a CPU than the (B, vocab, L) layout
     nll = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="none")
     return nll.view(target.shape)
+
+
+class EvaluationError(AlphascopeError, ValueError):
+    """Windows that are not a non-empty (n, L>=2) tensor of token ids, or a batch size below 1."""
 
 
 def window_nll(model: nn.Module, window: torch.Tensor) -> tuple[float, int]:
@@ -64,14 +68,14 @@ def perplexity_stream(model: nn.Module, windows: torch.Tensor, device: str | tor
     and accelerate's hooks move them on. batch_size: windows per forward pass (default: `default_batch_size`).
     """
     if windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
-        raise DataError(f"windows must be a non-empty (n, L>=2) tensor of token ids (data.eval_windows makes one), "
-                        f"got shape {tuple(windows.shape)}")
+        raise EvaluationError(f"windows must be a non-empty (n, L>=2) tensor of token ids (data.eval_windows makes "
+                              f"one), got shape {tuple(windows.shape)}")
     dev = torch.device(device) if device is not None else module_device(model)
     if dev.type == "meta":  # offloaded by accelerate: its hooks load the weights for each forward
         dev = torch.device("cpu")
     step = default_batch_size(dev) if batch_size is None else int(batch_size)
     if step < 1:
-        raise DataError(f"batch_size must be a positive integer, got {batch_size}")
+        raise EvaluationError(f"batch_size must be a positive integer, got {batch_size}")
     was_training = model.training
     model.eval()
     nll_sum, tokens, total = 0.0, 0, int(windows.shape[0])
@@ -99,7 +103,7 @@ def perplexity(model: nn.Module, windows: torch.Tensor, device: str | torch.devi
     """Perplexity over all `windows` (n, L) of token ids: exp(total next-token NLL in nats / number of
     predicted tokens), each window scored on its own (L-1 predictions; its first token is context only).
     `on_update` sees every PplUpdate (the running perplexity, not the (message, fraction) of a `progress`
-    callback). Raises DataError for windows that are not a non-empty (n, L>=2) tensor."""
+    callback). Raises EvaluationError for windows that are not a non-empty (n, L>=2) tensor."""
     last = None
     for last in perplexity_stream(model, windows, device=device, batch_size=batch_size):
         if on_update is not None:

@@ -442,13 +442,27 @@ def finished_keys(store: RunStore) -> dict[str, int]:
     return out
 
 
+def setup_label(s: RunSettings) -> str:
+    """What a sweep's runs share besides the grid's axes: the calibration text and batch, and the spectra, OWL
+    and dtype settings where they are not the defaults. Runs of another setup are another line of the plot,
+    not more seeds of the same one."""
+    c, a, d = s.calibration, s.allocation, AllocationSettings()
+    text = Path(c.source).name if text_file(c.source) else c.source
+    return ", ".join([f"calib {text} {c.n_samples}×{c.seqlen}"] + [
+        f"{name} {value}" for name, value, default in (
+            ("metric", a.metric, d.metric), ("fit", a.fit, d.fit), ("granularity", a.granularity, d.granularity),
+            ("OWL M", a.owl_threshold, d.owl_threshold), ("dtype", s.model.dtype, ModelSettings.dtype))
+        if value != default])
+
+
 def sweep_row(record: dict) -> dict | None:
     """A stored sweep run as one row of the Compare page's sweep plot (None for other runs)."""
     if not record.get("sweep"):
         return None
     s = RunSettings.from_dict(record["config"]["settings"])
     return {"id": record.get("id"), "model": record["config"].get("model"), "method": s.prune.method,
-            "allocation": line_label(s), "sparsity": record["config"].get("sparsity", s.allocation.sparsity),
+            "allocation": line_label(s), "setup": setup_label(s),
+            "sparsity": record["config"].get("sparsity", s.allocation.sparsity),
             "achieved": (record.get("achieved") or {}).get("overall"), "seed": s.calibration.seed,
             "eval": eval_label(record["config"]), "dense_ppl": record.get("dense_ppl"),
             "pruned_ppl": record.get("pruned_ppl")}

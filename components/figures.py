@@ -7,6 +7,7 @@ fraction of weights set to zero.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -256,8 +257,14 @@ def sweep_figure(runs: pd.DataFrame) -> go.Figure:
     `allocation` (label) through the mean over calibration seeds, bars from the lowest to the
     highest seed, and the panel's Pareto front over those means as a dashed black line (log y).
 
-    runs: one row per run with method, allocation, sparsity (target), pruned_ppl (NaN dropped)."""
+    runs: one row per run with method, allocation, sparsity (target), pruned_ppl (NaN dropped), and optionally
+    model and setup (analysis.sweep.setup_label): runs of several models get a panel per model and pruner,
+    runs of several setups a line per allocation and setup, so only seeds are ever averaged."""
     runs = runs.dropna(subset=["pruned_ppl"])
+    if "model" in runs and runs["model"].nunique() > 1:
+        runs = runs.assign(method=runs["model"].map(lambda m: Path(str(m)).name) + " · " + runs["method"].astype(str))
+    if "setup" in runs and runs["setup"].nunique() > 1:
+        runs = runs.assign(allocation=runs["allocation"].astype(str) + " (" + runs["setup"].astype(str) + ")")
     methods = sorted(runs["method"].astype(str).unique())
     fig = make_subplots(rows=1, cols=max(1, len(methods)), shared_yaxes=True, subplot_titles=methods,
                         horizontal_spacing=0.04)
@@ -281,7 +288,8 @@ def sweep_figure(runs: pd.DataFrame) -> go.Figure:
                 hovertemplate="sparsity %{x}<br>mean %{y:.3f} (min %{customdata[0]:.3f}, max %{customdata[1]:.3f}, "
                               "%{customdata[2]} seeds)"), row=1, col=col)
         front = pareto_front(stats.rename(columns={"mean": "ppl"}), "sparsity", "ppl")
-        fig.add_trace(go.Scatter(x=front["sparsity"], y=front["ppl"], mode="lines", name="Pareto front",
+        fig.add_trace(go.Scatter(x=front["sparsity"], y=front["ppl"], mode="lines+markers", name="Pareto front",
+                                 marker=dict(symbol="circle-open", size=12, color="black"),
                                  legendgroup="pareto", showlegend=col == 1, hoverinfo="skip",
                                  line=dict(color="black", dash="dash", width=1)), row=1, col=col)
         fig.update_xaxes(title="target sparsity", range=_one_value_range(stats["sparsity"]), row=1, col=col)

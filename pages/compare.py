@@ -1,6 +1,7 @@
 """Compare page: every finished prune run from the run store (SQLite), side by side, and sweeps
 (a grid of runs, launched here as a background job)."""
 from dataclasses import replace
+from pathlib import Path
 
 import pandas as pd
 import streamlit as st
@@ -158,6 +159,8 @@ if job is not None and (not job.done or st.session_state.get("sweep_seen") is jo
             st.dataframe(outcome_table(job.updates()), hide_index=True, key="sweep_outcomes")
         if job.done and st.session_state.get("sweep_shown") is not job:
             st.session_state["sweep_shown"] = job
+            for key in ("compare_models", "compare_methods", "compare_eval"):  # filters set before the sweep:
+                st.session_state.pop(key, None)  # start again from all models and pruners, the newest evaluation
             st.rerun()  # the sweep just ended: redraw the page with its runs (and the form's button)
 
     _sweep_progress()
@@ -189,7 +192,8 @@ chosen = f1.multiselect("Models", models, default=models, key="compare_models")
 methods = sorted(runs["method"].astype(str).unique())
 pick = f2.multiselect("Pruning methods", methods, default=methods, key="compare_methods")
 evals = sorted(runs["eval"].astype(str).unique())
-ev = f3.selectbox("Evaluation", evals, key="compare_eval",
+latest = str(runs.loc[runs["id"].idxmax(), "eval"])  # the newest run's (a sweep just finished shows at once)
+ev = f3.selectbox("Evaluation", evals, index=evals.index(latest), key="compare_eval",
                   help="Perplexities are only comparable on the same evaluation text, windows and window length.")
 view = runs[runs["model"].astype(str).isin(chosen) & runs["method"].astype(str).isin(pick)
             & (runs["eval"].astype(str) == ev)]
@@ -197,6 +201,8 @@ view = runs[runs["model"].astype(str).isin(chosen) & runs["method"].astype(str).
 st.subheader("Perplexity vs sparsity, per allocation method")
 plot = view.dropna(subset=["pruned_ppl"]).assign(
     label=lambda d: d["method"].astype(str) + " + " + d["allocation_method"].astype(str))
+if plot["model"].nunique() > 1:  # a line joins runs of one model only
+    plot = plot.assign(label=plot["model"].map(lambda m: Path(str(m)).name) + " · " + plot["label"])
 if len(plot):
     st.plotly_chart(ppl_vs_sparsity_figure(plot, x="achieved", y="pruned_ppl", color="label"), key="compare_ppl")
 dense = view.dropna(subset=["dense_ppl"]).groupby(view["model"].astype(str))["dense_ppl"].last()
@@ -219,8 +225,9 @@ else:
                "`python -m analysis sweep`.")
 
 st.subheader("Allocation curves")
-labels = {int(r.id): f"#{r.id} {r.method} + {r.allocation_method} {float(r.achieved or 0):.0%}"
-          for r in view.itertuples()}
+several = view["model"].nunique() > 1
+labels = {int(r.id): f"#{r.id} {Path(str(r.model)).name + ' · ' if several else ''}{r.method} + {r.allocation_method} "
+                     f"{float(r.achieved or 0):.0%}" for r in view.itertuples()}
 chosen_runs = st.multiselect("Runs to overlay", list(labels), default=list(labels)[-5:], format_func=labels.get,
                              key="compare_curves")
 curves = [(labels[i], per_block[i]) for i in chosen_runs if per_block.get(i)]

@@ -9,8 +9,8 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [
     {"errors"},
     {"runtime", "layers", "powerlaw", "pruners", "allocation", "jobs", "export", "checkpoint"},
-    {"data", "store", "calibration", "evaluation", "loading", "spectra"},
-    {"owl", "pruning", "settings", "zeroshot"},
+    {"data", "store", "calibration", "evaluation", "loading"},
+    {"owl", "pruning", "settings", "spectra", "zeroshot"},
     {"search"},
     {"pipeline"},
     {"sweep"},

@@ -516,7 +516,7 @@ def test_app_with_a_corrupt_run_store_starts_and_says_so(corrupt_runs_db, bad):
 
 def test_every_case_is_listed_once():
     assert len(CASE_ARGS) == len(set(CASE_ARGS)) >= 30
-    assert {a.split()[0] for a in CASE_ARGS} == {"prune", "eval", "allocate", "spectra", "runs", "export"}
+    assert {a.split()[0] for a in CASE_ARGS} == {"prune", "eval", "allocate", "spectra", "runs", "export", "sweep"}
 
 
 def test_an_export_neither_overwrites_its_allocation_nor_writes_two_outputs_in_one_file(bad, tmp_path):

@@ -6,8 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from analysis.data import DataError
-from analysis.evaluation import perplexity, perplexity_stream
+from analysis.evaluation import EvaluationError, perplexity, perplexity_stream
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +40,9 @@ def test_batched_windows_give_the_same_perplexity(tiny):
     assert [u.windows_done for u in ups] == [2, 4, 5]
     assert [u.tokens for u in ups] == [30, 60, 75]
     assert ups[-1].ppl == pytest.approx(perplexity(tiny, w, batch_size=1), rel=1e-5)
-    with pytest.raises(DataError, match="batch_size"):
+    with pytest.raises(EvaluationError, match="batch_size"):
         list(perplexity_stream(tiny, w, batch_size=0))
-    with pytest.raises(DataError, match=r"got shape \(16,\)"):
+    with pytest.raises(EvaluationError, match=r"got shape \(16,\)"):
         perplexity(tiny, w[0])
 
 

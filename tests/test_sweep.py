@@ -592,3 +592,13 @@ def test_sweep_figure_means_spread_and_pareto_front():
     assert fig.layout.xaxis.range == (0.45, 0.55) and fig.layout.xaxis2.range is None
     points = pd.DataFrame({"sparsity": [0.5, 0.5, 0.6, 0.7], "ppl": [20.0, 19.0, 40.0, 35.0]})
     assert pareto_front(points).to_dict("list") == {"sparsity": [0.5, 0.7], "ppl": [19.0, 35.0]}
+    # runs of two models, or of two calibration setups, are never averaged as if they were seeds
+    mixed = pd.DataFrame({"method": ["wanda"] * 4, "allocation": ["uniform"] * 4, "sparsity": [0.6] * 4,
+                          "model": ["/m/smol", "/m/smol", "/m/tiny", "/m/smol"],
+                          "setup": ["calib default 16×256"] * 3 + ["calib default 2×64"],
+                          "pruned_ppl": [240.0, 250.0, 50000.0, 300.0]})
+    fig = sweep_figure(mixed)
+    lines = {(t.xaxis, t.name): list(t.y) for t in fig.data if t.name != "Pareto front"}
+    assert lines == {("x", "uniform (calib default 16×256)"): [245.0], ("x", "uniform (calib default 2×64)"): [300.0],
+                     ("x2", "uniform (calib default 16×256)"): [50000.0]}
+    assert [a.text for a in fig.layout.annotations] == ["smol · wanda", "tiny · wanda"]
