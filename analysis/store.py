@@ -160,7 +160,8 @@ def eval_label(config: dict) -> str | None:
     if source is None or config.get("eval_windows") is None:
         return source
     half = ", its half not used for calibration" if config.get("split") else ""
-    return f"{source} ({config['eval_windows']} windows of {config.get('eval_seqlen')} tokens{half})"
+    n = config["eval_windows"]
+    return f"{source} ({n} window{'' if n == 1 else 's'} of {config.get('eval_seqlen')} tokens{half})"
 
 
 def run_summary(record: dict) -> dict:

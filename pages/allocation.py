@@ -333,7 +333,7 @@ with chart_box:
               help="Parameter-weighted mean sparsity of the curve as drawn.")
     b2.metric("Applied budget", f"{applied.achieved:.1%}", delta=f"{applied.achieved - target:+.1%} vs target",
               delta_color="off")
-    b3.metric("Weights removed", f"{applied.achieved * sum(params) / 1e6:.1f} M of {sum(params) / 1e6:.1f} M")
+    b3.metric("Weights removed", f"{applied.achieved * sum(params) / 1e6:.3g} M of {sum(params) / 1e6:.3g} M")
     st.markdown(f"Budget as drawn: **{drawn.achieved:.1%}** of prunable weights · applied ({mode}): "
                 f"**{applied.achieved:.1%}** · target {target:.0%}")
     for w in applied.warnings:

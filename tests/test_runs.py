@@ -56,7 +56,7 @@ def test_compare_page_keeps_runs_on_other_windows_apart(tmp_path, monkeypatch):
     assert not at.exception, [e.value for e in at.exception]
     label = "default (16 windows of 512 tokens, its half not used for calibration)"
     assert sorted(at.selectbox(key="compare_eval").options) == [
-        "default", "default (1 windows of 512 tokens, its half not used for calibration)", label]
+        "default", "default (1 window of 512 tokens, its half not used for calibration)", label]
     at.selectbox(key="compare_eval").set_value(label).run()
     assert any(c.value == "Dense perplexity on this evaluation: 26.81" for c in at.caption)
     table = at.dataframe[-1].value  # "All runs"
