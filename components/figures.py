@@ -142,20 +142,30 @@ def alpha_depth_figure(metrics: pd.DataFrame, metric: str = "alpha") -> go.Figur
 def heatmap_figure(metrics: pd.DataFrame, metric: str = "alpha") -> go.Figure:
     """Block × kind heatmap of `metric`, with an invisible marker on every cell whose customdata is the
     module name: Streamlit reports clicks on scatter points but not on heatmap cells, so the markers
-    take the hover and the click (the nearest cell's, wherever the pointer is)."""
+    take the hover and the click (the nearest cell's, wherever the pointer is). A cell of several
+    matrices (a block's experts) shows their median, its hover their count and range, and its click opens
+    the matrix nearest the median."""
     df = metrics[metrics["block"] >= 0]
     kinds = [k for k in KIND_ORDER if k in set(df["kind"])] + sorted(set(df["kind"]) - set(KIND_ORDER))
     blocks = sorted(df["block"].unique())
-    z = df.pivot_table(index="kind", columns="block", values=metric, aggfunc="first").reindex(index=kinds,
-                                                                                             columns=blocks)
+    z = df.pivot_table(index="kind", columns="block", values=metric, aggfunc="median").reindex(index=kinds,
+                                                                                              columns=blocks)
     fig = go.Figure(go.Heatmap(
         z=z.to_numpy(dtype=float), x=blocks, y=kinds, hoverinfo="skip",
         colorscale="RdYlGn_r" if metric in ("alpha", "alpha_hat") else "Viridis", colorbar=dict(title=metric),
     ))
-    cells = df.drop_duplicates(["kind", "block"]).dropna(subset=[metric])  # the cell's matrix, as pivot_table's first
+    known = df.dropna(subset=[metric])
+    cell = known.groupby(["kind", "block"])[metric]
+    known = known.assign(cell_median=cell.transform("median"), cell_n=cell.transform("count"),
+                         cell_lo=cell.transform("min"), cell_hi=cell.transform("max"))
+    cells = (known.assign(cell_off=(known[metric] - known["cell_median"]).abs())
+             .sort_values("cell_off", kind="stable").drop_duplicates(["kind", "block"]))
+    text = [f"{r.cell_median:.3f}" if r.cell_n == 1 else
+            f"{r.cell_median:.3f}, the median of {r.cell_n} (from {r.cell_lo:.3f} to {r.cell_hi:.3f})"
+            for r in cells.itertuples()]
     fig.add_trace(go.Scatter(
         x=cells["block"], y=cells["kind"], customdata=cells["name"], mode="markers", showlegend=False,
-        marker=dict(size=12, opacity=0), text=cells[metric].map("{:.3f}".format),
+        marker=dict(size=12, opacity=0), text=text,
         hovertemplate="%{customdata}<br>" + metric + " %{text}<extra></extra>",
     ))
     fig.update_xaxes(title="block")

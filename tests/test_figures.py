@@ -52,3 +52,9 @@ def test_heatmap_cells_carry_their_matrix_for_a_click():
     cells = set(zip(points.x, points.y, points.customdata))
     want = {(b, k, f"b{b}.{k}") for b in range(3) for k in ("q_proj", "up_proj")} - {(1, "up_proj", "b1.up_proj")}
     assert cells == want  # the NaN cell has no point
+    # a block's experts: the cell shows their median and opens the expert nearest it
+    experts = pd.DataFrame({"name": [f"b0.experts.{e}.up_proj" for e in range(4)], "block": [0] * 4,
+                            "kind": ["experts.up_proj"] * 4, "alpha": [1.5, 3.0, 4.0, 147.0]})
+    heat, points = heatmap_figure(experts).data
+    assert heat.z[0][0] == 3.5 and list(points.customdata) == ["b0.experts.1.up_proj"]
+    assert points.text[0].startswith("3.500, the median of 4 (from 1.500 to 147.000)")
