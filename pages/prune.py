@@ -13,7 +13,7 @@ from analysis.export import (
     recipe_caveats,
     recipe_yaml,
 )
-from analysis.jobs import DONE, Job
+from analysis.jobs import DONE, PENDING, Job
 from analysis.loading import ModelPreview
 from analysis.pipeline import evaluation_windows
 from analysis.pruners import PRUNERS, ROWWISE, parse_nm
@@ -258,7 +258,7 @@ def live() -> None:
     j = work.job
     m1, m2, m3 = st.columns(3)
     dense_updates = dense.updates() if dense is not None else []
-    if dense is None:
+    if dense is None or (dense.status == PENDING and (j is None or j.done)):  # (a Run cancelled before it began)
         m2.metric("Dense baseline perplexity", "–", help="computed with the first Run or Evaluate for these settings")
     elif dense.status == "error":
         m2.error(f"Dense baseline failed: {dense.error}")
