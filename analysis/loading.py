@@ -201,6 +201,13 @@ def ensure_converted(key: str, progress: ProgressFn | None = None) -> Path:
     return out
 
 
+def model_label(source: str) -> str:
+    """One name per packaged model whatever its spelling ("default", "smollm2", "SmolLM2-135M-Instruct" are all
+    "default"; "gemma" is "gemma3"), any other source as written: how run lists group the runs of a model."""
+    key = packaged_key(str(source))
+    return str(source) if key is None else "default" if key == ALIASES["default"] else key
+
+
 def resolve_source(source: str) -> tuple[str, str, PackagedModel | None]:
     """Return (path or hub id to load, title, packaged model or None) without loading weights."""
     if not source or not source.strip():

@@ -164,3 +164,11 @@ def test_cli_defaults_are_the_settings_defaults(wikitext_dir):  # the default ev
     assert s.calibration.seqlen == RunSettings().calibration.seqlen
     with pytest.raises(SystemExit):  # no prefix matching: --eval is not --eval-seqlen
         parser.parse_args(["prune", "--eval-seq", "64"])
+
+
+def test_every_spelling_of_a_packaged_model_is_one_model_in_run_lists():
+    from analysis.loading import model_label
+
+    assert {model_label(m) for m in ("default", "smollm2", "SmolLM2-135M-Instruct", " Default ")} == {"default"}
+    assert {model_label(m) for m in ("gemma", "gemma3", "gemma3-270m")} == {"gemma3"}
+    assert model_label("/models/llama-7b") == "/models/llama-7b" and model_label("org/name") == "org/name"
