@@ -625,6 +625,18 @@ def mp_bounds(ratio: float, sigma2: float = 1.0) -> tuple[float, float]:
     return sigma2 * (1 - q ** -0.5) ** 2, sigma2 * (1 + q ** -0.5) ** 2
 
 
+def beyond_mp_edge(eigs: np.ndarray, ratio: float, sigma2: float | None = None) -> int:
+    """How many eigenvalues lie beyond 1.05x the Marchenko–Pastur edge of a random matrix of the same aspect
+    `ratio` and noise level `sigma2` (default: the mean eigenvalue, which a tail inflates, so the count is
+    conservative): a tail HT-SR can read. A random matrix has none, whatever α a fit gives its bulk."""
+    x = np.asarray(eigs, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return 0
+    _, hi = mp_bounds(ratio, float(x.mean()) if sigma2 is None else sigma2)
+    return int((x > 1.05 * hi).sum())
+
+
 def mp_density(x, ratio: float, sigma2: float = 1.0) -> np.ndarray:
     """Marchenko–Pastur density of the min(N, M) nonzero eigenvalues of (1/N)·WᵀW for W (N x M) with
     i.i.d. entries of variance sigma2.

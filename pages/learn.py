@@ -6,7 +6,7 @@ import streamlit as st
 import torch
 
 from analysis.powerlaw import XMIN_RULES, fit_power_law
-from analysis.spectra import ALPHA_BANDS, esd, mp_bounds, mp_curve
+from analysis.spectra import ALPHA_BANDS, beyond_mp_edge, esd, mp_bounds, mp_curve
 from components import synthetic
 from components.figures import esd_figure
 
@@ -74,7 +74,7 @@ m0.metric("KS distance", f"{fit.ks_distance:.3f}" if math.isfinite(fit.ks_distan
           help="Kolmogorov–Smirnov distance between the tail and the fitted power law: smaller is a better fit.")
 m2.metric("λmax", f"{eigs.max():.3g}")
 m3.metric("MP bulk edge", f"{hi:.3g}")
-m4.metric("Eigenvalues beyond the edge", int((eigs > hi * 1.05).sum()))
+m4.metric("Eigenvalues beyond the edge", beyond_mp_edge(eigs, q, sigma2))
 st.plotly_chart(esd_figure(eigs, fit.alpha, fit.xmin, log=log, mp=mp_curve(eigs, q, log=log, sigma2=sigma2),
                            title=f"{w.shape[0]} x {w.shape[1]} matrix", x_title="eigenvalue λ of (1/N)·WᵀW"),
                 key="learn_esd")

@@ -6,7 +6,7 @@ import streamlit as st
 
 from analysis.layers import find_layers
 from analysis.powerlaw import XMIN_RULES
-from analysis.spectra import ALPHA_BANDS, mp_curve, shuffled_esd
+from analysis.spectra import ALPHA_BANDS, beyond_mp_edge, mp_curve, shuffled_esd
 from components.figures import alpha_depth_figure, esd_figure, heatmap_figure
 from components.state import (
     require_model,
@@ -60,11 +60,17 @@ st.caption(f"{len(metrics)} matrices · {zero:.2%} of the prunable weights analy
            f"fit '{res.fit}'{' · FARMS' if res.farms else ''}")
 
 ok = metrics[(metrics["status"] == "ok") & metrics["prunable"]]
-m1, m2, m3, m4 = st.columns(4)
+m1, m2, m3, m4, m5 = st.columns(5)
 m1.metric("Mean α (prunable)", f"{ok['alpha'].mean():.2f}" if len(ok) else "n/a")
 m2.metric(f"α < {LOW:g} (over-trained)", int((ok["alpha"] < LOW).sum()))
 m3.metric(f"{LOW:g} ≤ α ≤ {HIGH:g}", int(((ok["alpha"] >= LOW) & (ok["alpha"] <= HIGH)).sum()))
 m4.metric(f"α > {HIGH:g} (under-trained)", int((ok["alpha"] > HIGH).sum()))
+tails = sum(beyond_mp_edge(res.esds[r.name], 1.0 if res.farms else max(r.rows, r.cols) / min(r.rows, r.cols)) > 0
+            for r in ok.itertuples())
+m5.metric("With a tail beyond MP", f"{tails} of {len(ok)}",
+          help="Matrices with eigenvalues beyond the Marchenko–Pastur edge of a random matrix of the same shape and "
+               "mean eigenvalue. Only there does α read a learned tail: a randomly initialised layer has none, "
+               "yet a fit to its bulk can still land in the 'well trained' band (see the Learn page).")
 
 names = metrics["name"].tolist()
 if st.session_state.get(LAYER_KEY) not in names:

@@ -211,6 +211,7 @@ def test_spectra_page(app):
     assert len(app.dataframe) == 1
     table = app.dataframe[0].value
     assert len(table) == 211  # 210 block matrices + the (tied) embedding
+    assert metric(app, "With a tail beyond MP") == "201 of 210"  # trained weights: nearly all have a real tail
     assert app.get("download_button")
     layer = "model.layers.7.mlp.down_proj"
     app.selectbox(key="spectra_layer").set_value(layer).run()

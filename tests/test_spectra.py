@@ -15,7 +15,7 @@ from torch import nn
 
 from analysis.layers import LayerRef, NoBlocksError, find_layers, prunable_layers
 from analysis.powerlaw import fit_power_law
-from analysis.spectra import COLUMNS, analyze, esd, farms_esd, farms_windows, mp_bounds, mp_density
+from analysis.spectra import COLUMNS, analyze, beyond_mp_edge, esd, farms_esd, farms_windows, mp_bounds, mp_density
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -114,6 +114,16 @@ def test_a_device_this_machine_lacks_is_a_typed_error():
         analyze([linear_ref(gaussian(8, 16, seed=0), "m", 0)], device="cuda")
     with pytest.raises(ModelLoadError, match="Unknown device 'gpu0'"):
         analyze([linear_ref(gaussian(8, 16, seed=0), "m", 0)], device="gpu0")
+
+
+def test_only_a_tail_beyond_the_marchenko_pastur_edge_counts():
+    noise = esd(gaussian(200, 400, seed=0))
+    assert beyond_mp_edge(noise, 2.0) == 0  # a random matrix: nothing beyond the edge, whatever its fitted alpha
+    gen = torch.Generator().manual_seed(1)
+    spike = torch.outer(torch.randn(200, generator=gen), torch.randn(400, generator=gen))
+    spiked = esd(gaussian(200, 400, seed=0) + 3 * spike / 20)
+    assert beyond_mp_edge(spiked, 2.0) == 1
+    assert beyond_mp_edge(np.array([np.nan]), 2.0) == 0
 
 
 def test_unknown_fit_is_a_value_error():
