@@ -99,6 +99,13 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
     return best
 
 
+def _is_router_module(sub: str, mod: nn.Module) -> bool:
+    """A router that is no Linear but keeps its (experts, hidden) matrix as `weight`, as transformers 5's
+    top-k routers (Qwen-MoE's, Mixtral's `gate`) do: listed like the Linear routers of older versions."""
+    w = getattr(mod, "weight", None)
+    return sub.split(".")[-1] in ROUTERS and isinstance(w, nn.Parameter) and w.dim() == 2
+
+
 def _is_matrix_module(mod: nn.Module) -> bool:
     if isinstance(mod, nn.Linear):
         return True
@@ -232,11 +239,11 @@ def find_layers(model: nn.Module, include_outside: bool = True) -> list[LayerRef
             for sub, mod in block.named_modules():
                 if fused_experts(mod) is not None:
                     refs.extend(_expert_refs(f"{prefix}.{b}.{sub}", b, mod))
-                if not _is_matrix_module(mod):
+                if not (_is_matrix_module(mod) or _is_router_module(sub, mod)):
                     continue
                 name = f"{prefix}.{b}.{sub}"
                 kind = sub.split(".")[-1]
-                transposed = not isinstance(mod, nn.Linear)
+                transposed = type(mod).__name__ == "Conv1D"
                 r, c = mod.weight.shape[::-1] if transposed else mod.weight.shape
                 router = any(part in ROUTERS for part in sub.split(".")[-2:])
                 refs.append(LayerRef(name, b, kind, _group(name, kind), int(r), int(c), not router, transposed, mod))

@@ -440,7 +440,7 @@ def _sources(ckpt: Checkpoint, refs: list[LayerRef]) -> dict[str, tuple[str, int
     """Where the checkpoint holds each matrix (refs with their modules): (key, None) for a whole tensor, (key, e)
     for expert e of a fused tensor. A matrix is "<name>.weight"; an expert matrix may also be the same expert's
     matrix of the same shape under another path in the same block (Mixtral's), or a slice of its fused parameter
-    stored with the loaded model's shape (Llama 4's, GPT-OSS's in bf16)."""
+    stored with the loaded model's shape (Llama 4's, GPT-OSS's in bf16); a router may be too (Mixtral's)."""
     experts = defaultdict(list)
     for key in ckpt.tensors:
         if m := _EXPERT_KEY.match(key):
@@ -458,6 +458,12 @@ def _sources(ckpt: Checkpoint, refs: list[LayerRef]) -> dict[str, tuple[str, int
                 sources[r.name] = (same[0], None)
             elif fused in ckpt.tensors and ckpt.tensors[fused].shape == tuple(getattr(r.module, r.expert[0]).shape):
                 sources[r.name] = (fused, r.expert[1])
+        elif not r.prunable and (block := re.match(rf"(.*\.{r.block})\.", r.name)):
+            # a router under the family's own path in the same block (Mixtral's block_sparse_moe.gate)
+            same = [k for k, t in ckpt.tensors.items() if k.startswith(block.group(0)) and
+                    k.endswith(f".{r.kind}.weight") and t.shape == (r.rows, r.cols)]
+            if len(same) == 1:
+                sources[r.name] = (same[0], None)
     return sources
 
 

@@ -93,6 +93,10 @@ def test_every_expert_projection_is_a_matrix_named_as_in_the_checkpoint(tmp_path
         ["gate_proj", "up_proj", "down_proj"]
     gate = [r for r in find_layers(model) if r.kind == "shared_expert_gate"]
     assert len(gate) == 2 and not any(r.prunable for r in gate)  # a gating vector: listed, not pruned
+    routers = [r for r in find_layers(model) if r.kind == "gate"]  # transformers 5's top-k router: not a Linear
+    assert [(r.name, r.rows, r.cols, r.prunable) for r in routers] == [
+        (f"model.layers.{b}.mlp.gate", 4, 64, False) for b in range(2)]  # (experts, hidden)
+    assert routers[0].weight() is model.model.layers[0].mlp.gate.weight
     experts = model.model.layers[0].mlp.experts
     up2 = next(r for r in refs if r.name == "model.layers.0.mlp.experts.2.up_proj")
     assert (up2.rows, up2.cols, up2.group) == (32, 64, "mlp")
@@ -370,7 +374,7 @@ def test_spectra_of_experts_streamed_or_loaded(tmp_path, monkeypatch):
         checkpoint_layers(open_checkpoint(tmp_path / "mix"))
     assert cli_main(["spectra", "--model", str(tmp_path / "mix"), "--out", str(tmp_path / "mix.csv")]) == 0
     table = pd.read_csv(tmp_path / "mix.csv")
-    assert len(table) == 2 * (4 + 3 * 4) and np.isfinite(table["alpha"]).any()
+    assert len(table) == 2 * (4 + 1 + 3 * 4) and np.isfinite(table["alpha"]).any()  # attention, router, experts
 
 
 def test_pruned_experts_export_and_reload(tmp_path):
