@@ -1,4 +1,6 @@
 """Model page: choose a model, see its estimated memory, load it (shared by all sessions), summary."""
+from pathlib import Path
+
 import pandas as pd
 import streamlit as st
 
@@ -43,8 +45,10 @@ elif kind == "cache":
     st.caption(f"Models already downloaded to `{hf_cache_dir()}` (models--*/snapshots/*), loaded from that "
                "folder without the network. Set HF_HUB_CACHE or HF_HOME to look elsewhere.")
 elif kind == "folder":
-    source = st.text_input("Folder with config.json and weights", placeholder="/path/to/checkpoint",
-                           key="model_folder").strip()
+    typed = st.text_input("Folder with config.json and weights", placeholder="/path/to/checkpoint",
+                          key="model_folder").strip()
+    # a path, even one like org/name: relative to the app's working folder, which the messages then name
+    source = str(Path(typed).expanduser().absolute()) if typed else ""
 else:
     source = kind
 

@@ -159,6 +159,7 @@ def test_model_page_loads_the_default_model(app):
 
 @pytest.mark.parametrize("kind, key, value, message", [
     ("Local checkpoint folder", "model_folder", "/nonexistent/model/folder", "does not exist"),
+    ("Local checkpoint folder", "model_folder", "models/tiny-llama", f"'{Path.cwd()}/models/tiny-llama' does not"),
     ("Hugging Face model id", "model_hf_id", "not a valid id!!", "neither a packaged model"),
 ])
 def test_bad_model_source_shows_an_error(kind, key, value, message):
