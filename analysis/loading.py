@@ -201,7 +201,7 @@ def ensure_converted(key: str, progress: ProgressFn | None = None) -> Path:
     return out
 
 
-def model_label(source: str) -> str:
+def model_group(source: str) -> str:
     """One name per packaged model whatever its spelling ("default", "smollm2", "SmolLM2-135M-Instruct" are all
     "default"; "gemma" is "gemma3"), any other source as written: how run lists group the runs of a model."""
     key = packaged_key(str(source))

@@ -7,7 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from analysis.jobs import ERROR
-from analysis.loading import model_label
+from analysis.loading import model_group
 from analysis.pruners import PRUNERS, ROWWISE
 from analysis.settings import (
     QUICK_EVALUATION,
@@ -181,7 +181,7 @@ def _details(path: str, run_id: int) -> dict:
 
 details = [_details(str(store.path), int(i)) for i in runs["id"]]
 runs = runs.assign(achieved=[d["achieved"] for d in details], seed=[d["seed"] for d in details],
-                   eval=[d["eval"] for d in details], model=runs["model"].map(model_label))
+                   eval=[d["eval"] for d in details], model=runs["model"].map(model_group))
 # one "acc <task>" column per zero-shot task any run was scored on (runs pruned with --tasks)
 accuracy = pd.DataFrame([d["zeroshot"] for d in details], index=runs.index).add_prefix("acc ")
 runs = pd.concat([runs, accuracy], axis=1)
@@ -214,7 +214,7 @@ if len(dense):
 st.subheader("Sweeps")
 sweep = pd.DataFrame([d["sweep"] for d in details if d["sweep"]])
 if len(sweep):
-    sweep = sweep.assign(model=sweep["model"].map(model_label))
+    sweep = sweep.assign(model=sweep["model"].map(model_group))
     sweep = sweep[sweep["model"].astype(str).isin(chosen) & sweep["method"].astype(str).isin(pick)
                   & (sweep["eval"].astype(str) == ev)]
 if len(sweep):

@@ -167,8 +167,8 @@ def test_cli_defaults_are_the_settings_defaults(wikitext_dir):  # the default ev
 
 
 def test_every_spelling_of_a_packaged_model_is_one_model_in_run_lists():
-    from analysis.loading import model_label
+    from analysis.loading import model_group
 
-    assert {model_label(m) for m in ("default", "smollm2", "SmolLM2-135M-Instruct", " Default ")} == {"default"}
-    assert {model_label(m) for m in ("gemma", "gemma3", "gemma3-270m")} == {"gemma3"}
-    assert model_label("/models/llama-7b") == "/models/llama-7b" and model_label("org/name") == "org/name"
+    assert {model_group(m) for m in ("default", "smollm2", "SmolLM2-135M-Instruct", " Default ")} == {"default"}
+    assert {model_group(m) for m in ("gemma", "gemma3", "gemma3-270m")} == {"gemma3"}
+    assert model_group("/models/llama-7b") == "/models/llama-7b" and model_group("org/name") == "org/name"
