@@ -5,7 +5,7 @@ shared state (model cache, background jobs, per-session copies) in components/st
 """
 import streamlit as st
 
-from components.state import current_model, model_key, model_label, session_work
+from components.state import current_model, follow_url_model, model_key, model_label, session_work
 
 st.set_page_config(page_title="alphascope", page_icon=":material/troubleshoot:", layout="wide")
 
@@ -47,6 +47,8 @@ for _key in PERSIST:
         _shadow[_key] = st.session_state[_key]
     if _key in _shadow:  # assigning marks the value as the app's, which survives the page change
         st.session_state[_key] = _shadow[_key]
+
+follow_url_model()  # a reload finds the model it had
 
 with st.sidebar:
     st.markdown("### alphascope")

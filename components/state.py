@@ -93,6 +93,22 @@ def load_shared_model(source: str, device: str, dtype: str, trust_remote_code: b
         return loaded
 
 
+def follow_url_model() -> None:
+    """Keep the model in the page's URL (?model=...) and take it back after a reload (a new session),
+    when the server still holds it: a reload does not lose the model. Nothing is loaded from a URL."""
+    key = model_key()
+    if key is not None:
+        if st.query_params.get("model") != key[0]:
+            st.query_params["model"] = key[0]
+        return
+    wanted = st.query_params.get("model")
+    models, _, lock = _models()
+    with lock:
+        held = next((k for k in models if k[0] == wanted), None)
+    if held is not None:
+        st.session_state["model_key"] = held
+
+
 def is_loaded(key: ModelKey) -> bool:
     models, _, lock = _models()
     with lock:

@@ -147,6 +147,19 @@ def app(runs_db) -> AppTest:
 # ---------------------------------------------------------------------------------------------
 
 
+def test_a_reload_keeps_the_model_the_server_holds(app):
+    """The URL names the loaded model (?model=...); a new session opened on that URL (a reload, a second tab)
+    has it at once, and a URL naming a model the server does not hold loads nothing."""
+    again = AppTest.from_file(APP, default_timeout=300)
+    again.query_params["model"] = "default"
+    again.run()
+    assert not again.exception and again.session_state["model_key"] == app.session_state["model_key"]
+    other = AppTest.from_file(APP, default_timeout=300)
+    other.query_params["model"] = "/not/loaded/anywhere"
+    other.run()
+    assert not other.exception and "model_key" not in other.session_state
+
+
 def test_model_page_loads_the_default_model(app):
     assert metric(app, "Decoder blocks") == "30"
     assert metric(app, "Prunable matrices") == "210"

@@ -73,6 +73,10 @@ def test_spectra_drag_prune_and_isolation(server, browser):
     a = open_app(ctx_a, server)
     load_default(a)
     assert "SmolLM2-135M-Instruct" in a.locator("[data-testid=stSidebar]").inner_text()
+    # the URL names the model, and a reload (a new session) has it back without a Load
+    a.wait_for_url(re.compile(r"[?&]model=default"), timeout=60_000)
+    a.reload()
+    a.get_by_text(re.compile(r"^Loaded SmolLM2-135M-Instruct")).wait_for(timeout=60_000)
     shot(a, "01_model_loaded")
 
     # Spectra: the ESD histogram of a layer is drawn (plotly SVG with the histogram trace)
