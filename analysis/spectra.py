@@ -53,7 +53,7 @@ from analysis.checkpoint import Checkpoint, CheckpointError, open_checkpoint
 from analysis.export import stored_compressed
 from analysis.layers import LayerRef, NoBlocksError, find_blocks, find_layers, skeleton
 from analysis.loading import checkpoint_path, pick_device
-from analysis.powerlaw import MIN_TAIL, PowerLawFit, check_eigs, check_fit, fit_power_law
+from analysis.powerlaw import MIN_TAIL, XMIN_RULES, PowerLawFit, check_eigs, check_fit, fit_power_law
 from analysis.runtime import ProgressFn, cache_dir
 
 GRAM_DTYPE = torch.float64
@@ -548,6 +548,33 @@ def _read_cached(folder: Path, fit: str, farms: bool, normalize: bool) -> Spectr
     return SpectraResult(metrics, esds, fit, farms, normalize, device, cached=True)
 
 
+def _cached_spectra(ckpt: Checkpoint, settings: dict) -> SpectraResult | None:
+    """A cached result of the same spectra (ESDs) under another fit rule or tail length, if any."""
+    for fit in XMIN_RULES:
+        for min_tail in dict.fromkeys((settings["min_tail"], MIN_TAIL)):
+            other = settings | {"fit": fit, "min_tail": min_tail}
+            if other != settings and (hit := _read_cached(_cache_folder(ckpt, other), fit, settings["farms"],
+                                                          settings["normalize"])) is not None:
+                return hit
+    return None
+
+
+def refit(result: SpectraResult, fit: str, min_tail: int = MIN_TAIL) -> SpectraResult:
+    """`result` with its power laws fitted again by another xmin rule: the same ESDs, so only the fit columns
+    (alpha, xmin, ks_distance, n_tail, alpha_hat) and a fit's status change; a status that no rule can
+    change (non-finite weights, too few eigenvalues, ...) stays."""
+    check_fit(fit, min_tail)
+    metrics = result.metrics.copy()
+    for i, row in metrics.iterrows():
+        if row["status"] not in ("ok", "fit failed"):
+            continue
+        f = fit_power_law(result.esds[row["name"]], fit, min_tail=min_tail)
+        lam = row["lambda_max"]
+        metrics.loc[i, ["alpha", "xmin", "ks_distance", "n_tail", "alpha_hat", "status"]] = [
+            f.alpha, f.xmin, f.ks_distance, f.n_tail, f.alpha * math.log10(lam) if lam > 0 else math.nan, f.status]
+    return replace(result, metrics=metrics, fit=fit, cached=False)
+
+
 def _write_cached(folder: Path, result: SpectraResult) -> None:
     """Written to a fresh folder, then renamed into place: a reader never sees half a result."""
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -602,6 +629,11 @@ def analyze_checkpoint(
     if cache and (hit := _read_cached(where, fit, farms, normalize)) is not None:
         progress and progress("Spectra read from the cache", 1.0)
         return hit
+    if cache and (other := _cached_spectra(ckpt, settings)) is not None:
+        progress and progress(f"Spectra read from the cache, fitted with '{fit}'", 1.0)
+        result = refit(other, fit, min_tail)
+        _write_cached(where, result)
+        return result
     layers, sources = _checkpoint_matrices(ckpt, include_outside)
     used = pick_device(device)
 

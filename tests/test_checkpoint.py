@@ -100,6 +100,24 @@ def test_a_packaged_model_is_streamed_by_its_name_and_an_absent_one_says_how_to_
         analyze_checkpoint("/no/such/folder")
 
 
+def test_another_fit_rule_refits_the_cached_spectra(tmp_path, cache, monkeypatch):
+    """Switching the xmin rule (or the tail length) reuses the cached ESDs: only the fits run again, and the
+    table is the one computed from scratch."""
+    import analysis.spectra
+
+    model = sharded_llama(tmp_path)
+    for farms in (False, True):
+        analyze_checkpoint(tmp_path, farms=farms, include_outside=True)
+        with monkeypatch.context() as m:  # a spy: no matrix is read again
+            m.setattr(analysis.spectra, "_checkpoint_matrices", lambda *a: pytest.fail("spectra computed again"))
+            for fit, min_tail in (("scan", 10), ("median", 10), ("scan", 2)):
+                got = analyze_checkpoint(tmp_path, fit=fit, farms=farms, include_outside=True, min_tail=min_tail)
+                want = analyze(model, fit=fit, farms=farms, include_outside=True, min_tail=min_tail)
+                pd.testing.assert_frame_equal(got.metrics, want.metrics, rtol=1e-9)
+                assert got.fit == fit and not got.cached
+        assert analyze_checkpoint(tmp_path, fit="scan", farms=farms, include_outside=True).cached  # stored too
+
+
 def test_cache_hit_on_reopen_and_invalidated_when_a_shard_changes(tmp_path, cache):
     sharded_llama(tmp_path, seed=0)
     first = analyze_checkpoint(tmp_path, include_outside=True)
