@@ -20,7 +20,9 @@ How xmin is chosen (`fit`, the name every front end uses: `analyze(fit=...)`, `-
     (on SmolLM2-135M the two agree within 0.05 for 97% of matrices).
   - "median": xmin is the median positive eigenvalue (AlphaPruning's "xmin_mid"); no search.
   - "scan": the smallest KS distance over all candidates whose tail keeps >= `min_tail` values
-    (Clauset et al.). With min_tail=2 this is weightwatcher's default fit, to round-off.
+    (Clauset et al.). With min_tail=2 this is weightwatcher's default fit, to round-off. A spectrum of more
+    than SCAN_MAX candidates (FARMS's pooled windows: 500K eigenvalues for Gemma-3's embedding) is scanned
+    at SCAN_MAX evenly spaced ranks: the KS scan costs candidates x eigenvalues.
 
 Eigenvalues at or below `positive_threshold(eigs)` count as zero (rank deficiency, round-off).
 Degenerate input never raises: the result's `status` says what went wrong and alpha is NaN.
@@ -38,6 +40,7 @@ from analysis.errors import AlphascopeError
 XMIN_RULES = ("peak", "median", "scan")
 MIN_POSITIVE = 5  # fewer positive eigenvalues than this: no meaningful tail fit
 MIN_TAIL = 10  # "scan": smallest tail it may choose (tiny tails give huge, noisy alphas)
+SCAN_MAX = 4096  # "scan": most candidates it tries (a 4096-wide matrix's ESD is scanned in full)
 PEAK_BINS = 100
 PEAK_WINDOW = (0.95, 1.5)  # xmin candidates for "peak", as multiples of the histogram peak
 ABS_ZERO = 1e-5  # weightwatcher/AlphaPruning count eigenvalues <= 1e-5 as zero ...
@@ -148,9 +151,12 @@ def peak_candidates(x: np.ndarray) -> np.ndarray:
 
 
 def scan_candidates(x: np.ndarray, min_tail: int = MIN_TAIL) -> np.ndarray:
-    """Every eigenvalue that leaves at least `min_tail` values in the tail (at least 2)."""
+    """Every eigenvalue that leaves at least `min_tail` values in the tail (at least 2); SCAN_MAX evenly
+    spaced ones of a longer spectrum."""
     last = len(x) - max(2, min(min_tail, len(x) // 2))
-    return np.arange(0, last + 1)
+    if last + 1 <= SCAN_MAX:
+        return np.arange(0, last + 1)
+    return np.unique(np.linspace(0, last, SCAN_MAX).round().astype(np.int64))
 
 
 def best_of(x: np.ndarray, cand: np.ndarray, device=None) -> PowerLawFit:

@@ -6,7 +6,16 @@ import numpy as np
 import pytest
 
 from analysis.errors import AlphascopeError
-from analysis.powerlaw import FitError, PowerLawFit, fit_power_law, histogram_peak, positive_eigs
+from analysis.powerlaw import (
+    MIN_TAIL,
+    SCAN_MAX,
+    FitError,
+    PowerLawFit,
+    fit_power_law,
+    histogram_peak,
+    positive_eigs,
+    scan_candidates,
+)
 
 
 def pareto(alpha, n, seed, xmin=1.0):
@@ -114,3 +123,13 @@ def test_tiny_eigenvalues_count_as_zero_relative_to_the_largest():
     x = np.array([1e-12, 1e-11] + list(np.linspace(1e-3, 1e-2, 30)))
     assert len(positive_eigs(x)) == 30
     assert fit_power_law(x * 1e-6, "scan").status == "ok"  # a tiny-norm matrix still gets a fit
+
+
+def test_a_long_spectrum_is_scanned_at_evenly_spaced_ranks():
+    """FARMS pools hundreds of thousands of eigenvalues: the scan tries SCAN_MAX candidates, not all of them,
+    and still finds the tail's exponent."""
+    x = np.sort(1.0 + np.random.default_rng(0).pareto(2.0, 200_000))  # density exponent alpha = 3
+    cand = scan_candidates(x)
+    assert len(cand) == SCAN_MAX and cand[0] == 0 and cand[-1] == len(x) - MIN_TAIL
+    assert fit_power_law(x, "scan").alpha == pytest.approx(3.0, abs=0.15)
+    assert len(scan_candidates(x[:SCAN_MAX])) == SCAN_MAX - MIN_TAIL + 1  # a shorter one: every rank
