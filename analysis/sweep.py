@@ -21,6 +21,7 @@ once when it fails or its worker dies; Ray does the scheduling.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -272,10 +273,22 @@ def content_identity(settings: RunSettings) -> dict:
              "allocation.search_text": a.search_text and text_file(a.search_text),
              "allocation.file": a.file and Path(a.file).expanduser(),
              "allocation.search_from": a.search_from and Path(a.search_from).expanduser()}
-    files = {role: hashlib.sha256(p.read_bytes()).hexdigest() for role, p in named.items() if p and p.is_file()}
+    files = {role: _file_sha256(str(p.resolve()), *_stamp(p)) for role, p in named.items() if p and p.is_file()}
     # a packaged model's weights are its package's, a hub id's its revision's (and may not be here yet)
     mine = packaged is None and Path(path).expanduser().is_dir()
     return {"weights": folder_fingerprint(path) if mine else None, "files": files}
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=256)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of a file, read once per (path, size, mtime): a sweep keys every configuration, and every run of
+    its store, by the same few texts."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def config_key(settings: RunSettings, content: dict | None = None) -> str:
@@ -480,11 +493,12 @@ def _target(settings: RunSettings) -> float:
 
 def outcome_table(outcomes: list[Outcome]) -> pd.DataFrame:
     """One row per configuration: what the CLI prints at the end of a sweep and the page shows."""
-    return pd.DataFrame([{
-        "method": o.settings.prune.method, "allocation": line_label(o.settings),
-        "sparsity": _target(o.settings), "seed": o.settings.calibration.seed, "status": o.status,
-        "run": o.run_id, "dense_ppl": o.dense_ppl, "pruned_ppl": o.pruned_ppl, "achieved": o.achieved,
-        "attempts": o.attempts, "error": o.error} for o in outcomes]).astype({"run": "Int64"})  # ids, None if failed
+    columns = ["method", "allocation", "sparsity", "seed", "status", "run", "dense_ppl", "pruned_ppl", "achieved",
+               "attempts", "error"]
+    return pd.DataFrame([[o.settings.prune.method, line_label(o.settings), _target(o.settings),
+                          o.settings.calibration.seed, o.status, o.run_id, o.dense_ppl, o.pruned_ppl, o.achieved,
+                          o.attempts, o.error] for o in outcomes],
+                        columns=columns).astype({"run": "Int64"})  # run ids, None where a configuration failed
 
 
 def ray_available() -> bool:
