@@ -997,13 +997,13 @@ def _write_table(table: pd.DataFrame, out: str | None, as_json: bool) -> None:
 
 def cmd_spectra(args: argparse.Namespace) -> int:
     settings = SpectraSettings(args.fit, args.farms, args.normalize, args.include_outside).check()
-    as_json = args.json or _checked_table_out(args)
-    model = _model_settings(args).check()
-    folder = _checkpoint_folder(model)  # checked (headers only) before the progress bar appears
     try:
         check_fit(settings.fit, args.min_tail)
     except FitError as e:
         raise UsageError(f"--min-tail: {e}") from None
+    as_json = args.json or _checked_table_out(args)
+    model = _model_settings(args).check()
+    folder = _checkpoint_folder(model)  # checked (headers only) before the progress bar appears
     kwargs = dict(fit=settings.fit, farms=settings.farms, normalize=settings.normalize,
                   include_outside=settings.include_outside, min_tail=args.min_tail, progress=_tqdm_progress("spectra"))
     result = None
