@@ -126,14 +126,15 @@ def alpha_depth_figure(metrics: pd.DataFrame, metric: str = "alpha") -> go.Figur
     fig = go.Figure()
     for kind in kinds:
         d = df[df["kind"] == kind].sort_values("block")
+        several = d["block"].duplicated().any()  # a block's experts: points, not a line zigzagging through them
         fig.add_trace(go.Scatter(
-            x=d["block"], y=d[metric], mode="lines+markers", name=kind, customdata=d["name"],
+            x=d["block"], y=d[metric], mode="markers" if several else "lines+markers", name=kind, customdata=d["name"],
             marker=dict(size=7), hovertemplate="%{customdata}<br>" + metric + " %{y:.3f}<extra></extra>",
         ))
     if metric == "alpha":
         fig.add_hrect(y0=2, y1=6, fillcolor="green", opacity=0.06, line_width=0,
                       annotation_text="2 ≤ α ≤ 6", annotation_position="top left")
-    fig.update_xaxes(title="block (depth)")
+    fig.update_xaxes(title="block (depth)", dtick=1 if df["block"].nunique() <= 16 else None)  # no block 0.5
     fig.update_yaxes(title=metric)
     fig.update_layout(clickmode="event+select", legend=dict(orientation="h", y=1.02, yanchor="bottom", x=0))
     return _layout(fig, 380)
@@ -168,7 +169,7 @@ def heatmap_figure(metrics: pd.DataFrame, metric: str = "alpha") -> go.Figure:
         marker=dict(size=12, opacity=0), text=text,
         hovertemplate="%{customdata}<br>" + metric + " %{text}<extra></extra>",
     ))
-    fig.update_xaxes(title="block")
+    fig.update_xaxes(title="block", dtick=1 if len(blocks) <= 16 else None)
     fig.update_layout(hoverdistance=-1)
     return _layout(fig, 300)
 

@@ -48,6 +48,8 @@ loaded = require_model()
 DEFAULT = AllocationSettings()
 DEFAULT_SEARCH = AllocationSettings(method="auto")
 fit = st.session_state.get("spectra_fit", SpectraSettings.fit)
+st.caption(f"The α-guided presets and the search use the spectra fitted with the xmin rule **{fit}** (chosen on the "
+           "Spectra page).")
 job = spectra_job(loaded, fit)
 wait_for(job, "Computing spectra")
 metrics = job.result.metrics

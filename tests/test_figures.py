@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from components.figures import esd_density, esd_figure, heatmap_figure
+from components.figures import alpha_depth_figure, esd_density, esd_figure, heatmap_figure
 
 
 def test_esd_histogram_shows_empty_bins_as_gaps():
@@ -58,3 +58,13 @@ def test_heatmap_cells_carry_their_matrix_for_a_click():
     heat, points = heatmap_figure(experts).data
     assert heat.z[0][0] == 3.5 and list(points.customdata) == ["b0.experts.1.up_proj"]
     assert points.text[0].startswith("3.500, the median of 4 (from 1.500 to 147.000)")
+
+
+def test_depth_chart_draws_experts_as_points_and_few_blocks_as_whole_numbers():
+    rows = [dict(name=f"b{b}.q_proj", block=b, kind="q_proj", alpha=3.0 + b) for b in range(3)]
+    rows += [dict(name=f"b{b}.experts.{e}.up_proj", block=b, kind="experts.up_proj", alpha=2.0 + e)
+             for b in range(3) for e in range(4)]
+    fig = alpha_depth_figure(pd.DataFrame(rows))
+    modes = {t.name: t.mode for t in fig.data}
+    assert modes == {"q_proj": "lines+markers", "experts.up_proj": "markers"}  # no zigzag through the experts
+    assert fig.layout.xaxis.dtick == 1 and heatmap_figure(pd.DataFrame(rows)).layout.xaxis.dtick == 1
