@@ -263,6 +263,15 @@ def pareto_front(points: pd.DataFrame, x: str = "sparsity", y: str = "ppl") -> p
     return points.loc[keep].sort_values(x)
 
 
+def model_names(models) -> dict[str, str]:
+    """How charts name each model source: its folder's (or hub id's) last part, or the whole source where two
+    sources share that last part (two folders named `checkpoint` must not become one model)."""
+    models = [str(m) for m in dict.fromkeys(models)]
+    short = {m: Path(m).name or m for m in models}
+    taken = pd.Series(list(short.values())).value_counts()
+    return {m: name if taken[name] == 1 else m for m, name in short.items()}
+
+
 def sweep_figure(runs: pd.DataFrame) -> go.Figure:
     """A sweep's perplexity vs target sparsity: one panel per pruner (`method`), one line per
     `allocation` (label) through the mean over calibration seeds, bars from the lowest to the
@@ -273,7 +282,8 @@ def sweep_figure(runs: pd.DataFrame) -> go.Figure:
     runs of several setups a line per allocation and setup, so only seeds are ever averaged."""
     runs = runs.dropna(subset=["pruned_ppl"])
     if "model" in runs and runs["model"].nunique() > 1:
-        runs = runs.assign(method=runs["model"].map(lambda m: Path(str(m)).name) + " · " + runs["method"].astype(str))
+        names = model_names(runs["model"])
+        runs = runs.assign(method=runs["model"].astype(str).map(names) + " · " + runs["method"].astype(str))
     if "setup" in runs and runs["setup"].nunique() > 1:
         runs = runs.assign(allocation=runs["allocation"].astype(str) + " (" + runs["setup"].astype(str) + ")")
     methods = sorted(runs["method"].astype(str).unique())

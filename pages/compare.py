@@ -1,7 +1,6 @@
 """Compare page: every finished prune run from the run store (SQLite), side by side, and sweeps
 (a grid of runs, launched here as a background job)."""
 from dataclasses import replace
-from pathlib import Path
 
 import pandas as pd
 import streamlit as st
@@ -31,7 +30,7 @@ from analysis.sweep import (
     sweep_row,
 )
 from analysis.zeroshot import record_accuracy
-from components.figures import curves_figure, ppl_vs_sparsity_figure, sweep_figure
+from components.figures import curves_figure, model_names, ppl_vs_sparsity_figure, sweep_figure
 from components.labels import OBJECTIVE_LABELS, SPACE_LABELS, VERIFY_LABELS
 from components.state import model_key, runs_store, start_sweep_job, sweep_job
 
@@ -203,7 +202,7 @@ st.subheader("Perplexity vs sparsity, per allocation method")
 plot = view.dropna(subset=["pruned_ppl"]).assign(
     label=lambda d: d["method"].astype(str) + " + " + d["allocation_method"].astype(str))
 if plot["model"].nunique() > 1:  # a line joins runs of one model only
-    plot = plot.assign(label=plot["model"].map(lambda m: Path(str(m)).name) + " · " + plot["label"])
+    plot = plot.assign(label=plot["model"].astype(str).map(model_names(plot["model"])) + " · " + plot["label"])
 if len(plot):
     st.plotly_chart(ppl_vs_sparsity_figure(plot, x="achieved", y="pruned_ppl", color="label"), key="compare_ppl")
 dense = view.dropna(subset=["dense_ppl"]).groupby(view["model"].astype(str))["dense_ppl"].last()
@@ -227,8 +226,8 @@ else:
                "`python -m analysis sweep`.")
 
 st.subheader("Allocation curves")
-several = view["model"].nunique() > 1
-labels = {int(r.id): f"#{r.id} {Path(str(r.model)).name + ' · ' if several else ''}{r.method} + {r.allocation_method} "
+names = model_names(view["model"]) if view["model"].nunique() > 1 else {}
+labels = {int(r.id): f"#{r.id} {names[str(r.model)] + ' · ' if names else ''}{r.method} + {r.allocation_method} "
                      f"{float(r.achieved or 0):.0%}" for r in view.itertuples()}
 chosen_runs = st.multiselect("Runs to overlay", list(labels), default=list(labels)[-5:], format_func=labels.get,
                              key="compare_curves")

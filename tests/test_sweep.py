@@ -602,3 +602,7 @@ def test_sweep_figure_means_spread_and_pareto_front():
     assert lines == {("x", "uniform (calib default 16×256)"): [245.0], ("x", "uniform (calib default 2×64)"): [300.0],
                      ("x2", "uniform (calib default 16×256)"): [50000.0]}
     assert [a.text for a in fig.layout.annotations] == ["smol · wanda", "tiny · wanda"]
+    # two folders of one name are two models, named in full
+    same_name = mixed.assign(model=["/a/checkpoint", "/a/checkpoint", "/b/checkpoint", "/a/checkpoint"])
+    assert [a.text for a in sweep_figure(same_name).layout.annotations] == ["/a/checkpoint · wanda",
+                                                                            "/b/checkpoint · wanda"]
