@@ -65,8 +65,12 @@ m1.metric("Mean α (prunable)", f"{ok['alpha'].mean():.2f}" if len(ok) else "n/a
 m2.metric(f"α < {LOW:g} (over-trained)", int((ok["alpha"] < LOW).sum()))
 m3.metric(f"{LOW:g} ≤ α ≤ {HIGH:g}", int(((ok["alpha"] >= LOW) & (ok["alpha"] <= HIGH)).sum()))
 m4.metric(f"α > {HIGH:g} (under-trained)", int((ok["alpha"] > HIGH).sum()))
-tails = sum(beyond_mp_edge(res.esds[r.name], 1.0 if res.farms else max(r.rows, r.cols) / min(r.rows, r.cols)) > 0
-            for r in ok.itertuples())
+def mp_ratio(rows: int, cols: int) -> float:
+    """The aspect ratio of the random matrix a spectrum is compared with: FARMS pools square windows."""
+    return 1.0 if res.farms else max(rows, cols) / min(rows, cols)
+
+
+tails = sum(beyond_mp_edge(res.esds[r.name], mp_ratio(r.rows, r.cols)) > 0 for r in ok.itertuples())
 m5.metric("With a tail beyond MP", f"{tails} of {len(ok)}",
           help="Matrices with eigenvalues beyond the Marchenko–Pastur edge of a random matrix of the same shape and "
                "mean eigenvalue. Only there does α read a learned tail: a randomly initialised layer has none, "
@@ -112,8 +116,7 @@ with right:
     eigs = res.esds[name]
     mp = rand = None
     if show_mp:
-        q = 1.0 if res.farms else max(row["rows"], row["cols"]) / min(row["rows"], row["cols"])
-        mp = mp_curve(eigs, q, log=log)
+        mp = mp_curve(eigs, mp_ratio(row["rows"], row["cols"]), log=log)
     dense_read = which != "my pruned copy"  # the shared weights: read through the gate, never while pruned in place
     if show_rand:
         with work.gate.reading(work.owner, blocking=False) if dense_read else nullcontext(True) as readable:
