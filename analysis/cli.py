@@ -886,8 +886,8 @@ def _sweep_grid(args: argparse.Namespace) -> SweepGrid:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     grid = _sweep_grid(args)
-    _refuse_unread(args, [a if a in NAMED_ALLOCATIONS else "a file" for a in grid.allocations]
-                   + (["custom"] if grid.curves else []))
+    _refuse_unread(args, list(dict.fromkeys([a if a in NAMED_ALLOCATIONS else "a file" for a in grid.allocations]
+                                            + (["custom"] if grid.curves else []))))
     grid.check()  # before the first line below
     as_json = _checked_table_out(args)
     check_workers(args.workers, args.cpus_per_worker)

@@ -135,6 +135,8 @@ CLI_CASES = [
                                                            "and the allocation is uniform or owl"),
     ("sweep --allocations alphapruning --owl-lambdas 0.1", "--owl-lambdas: only owl and auto use it"),
     ("sweep --allocations uniform --search-steps 4", "--search-steps: only auto uses it"),
+    ("sweep --allocations {bad}/other-model.json,{bad}/./other-model.json --epsilons 0.1",
+     "--epsilons: only alphapruning, farms and auto use it, and the allocation is a file, so --epsilons would be"),
     ("prune --allocation farms --metric stable_rank", "--metric: farms changes only the power-law fit, which metric "
                                                       "'stable_rank' does not use: it would be alphapruning's"),
     ("sweep --allocations alphapruning,farms --metric log_norm", "--metric: farms changes only the power-law fit"),
