@@ -36,7 +36,7 @@ from analysis.data import (
 from analysis.errors import AlphascopeError
 from analysis.layers import layer_table, prunable_layers
 from analysis.loading import DEVICE_MAP_AUTO, DTYPES, ModelLoadError, ModelPreview, pick_device
-from analysis.powerlaw import XMIN_RULES
+from analysis.powerlaw import check_fit
 from analysis.pruners import PRUNERS, ROWWISE, check_rowwise, parse_nm
 
 # allocation methods a run can name; "auto" a search (analysis.search), "custom" a drawn curve, "file" an
@@ -177,8 +177,7 @@ class SpectraSettings:
     include_outside: bool = False
 
     def check(self) -> SpectraSettings:
-        if self.fit not in XMIN_RULES:
-            raise SettingsError(f"fit must be one of {', '.join(XMIN_RULES)}, got {self.fit!r}", "spectra.fit")
+        _checked("spectra.fit", check_fit, self.fit)
         return self
 
 
@@ -308,8 +307,7 @@ class AllocationSettings:
                  self.metric)
         _checked("allocation.granularity", check_settings, "uniform", 0.5, 0.3, "alpha", self.granularity)
         _checked("allocation.owl_lambda", check_settings, "owl", 0.5, 0.3, "alpha", "block", self.owl_lambda)
-        if self.fit not in XMIN_RULES:
-            raise SettingsError(f"fit must be one of {', '.join(XMIN_RULES)}, got {self.fit!r}", "allocation.fit")
+        _checked("allocation.fit", check_fit, self.fit)
         if not self.owl_threshold > 0:
             raise SettingsError(f"owl_threshold must be > 0, got {self.owl_threshold}", "allocation.owl_threshold")
         check_positive_int(self.search_steps, "allocation.search_steps", 0)

@@ -91,7 +91,7 @@ CLI_CASES = [
     ("prune --allocation {bad}/broken.json", "--allocation: {bad}/broken.json: not valid JSON"),
     ("eval --allocation {bad}/broken.json", "--allocation: {bad}/broken.json: not valid JSON"),
     ("export --allocation nowhere.json --npy {bad}/r.npy", "--allocation: nowhere.json: cannot read it (No such file"),
-    ("prune --fit nonsense", "--fit: fit must be one of"),
+    ("prune --fit nonsense", "--fit: Unknown fit 'nonsense'; choose one of peak"),
     ("prune --allocation owl --owl-threshold 0", "--owl-threshold: owl_threshold must be > 0"),
     ("prune --nm 2x4", "--nm: N:M must look like '2:4', got '2x4'"),
     ("prune --nm 2:4:8", "--nm: N:M must look like '2:4', got '2:4:8'"),
