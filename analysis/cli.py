@@ -21,7 +21,9 @@ from analysis.checkpoint import has_safetensors, local_folder, open_checkpoint, 
 from analysis.errors import AlphascopeError
 from analysis.evaluation import perplexity
 from analysis.export import (
+    COMPRESSED_NOTE,
     DEFAULT_FORMAT,
+    DEFAULT_RECIPE_PRUNER,
     FORMATS,
     RECIPE_PRUNERS,
     ExportError,
@@ -356,25 +358,43 @@ def _checked_model_folder(args: argparse.Namespace) -> None:
 
 def _add_allocation_file_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", default=None, help="write the allocation as an llm-compressor recipe (YAML) here")
-    p.add_argument("--recipe-pruner", default="sparsegpt", choices=list(RECIPE_PRUNERS),
-                   help="the recipe's pruning modifier: SparseGPTModifier or WandaPruningModifier")
-    p.add_argument("--npy", default=None, help="write the ratios here as AlphaPruning's .npy (one per matrix, "
-                   "module order)")
+    p.add_argument("--recipe-pruner", default=None, choices=list(RECIPE_PRUNERS),
+                   help="the recipe's pruning modifier: SparseGPTModifier (sparsegpt) or WandaPruningModifier "
+                   f"(wanda); default {DEFAULT_RECIPE_PRUNER}")
+    p.add_argument("--npy", default=None, help="write the ratios here as a .npy vector (one per matrix, module "
+                   "order: the ratios list AlphaPruning's prune functions take)")
+
+
+def _check_recipe_options(args: argparse.Namespace) -> None:
+    """UsageError for an option that only shapes the recipe when no --recipe is written."""
+    if args.recipe:
+        return
+    for flag, value in (("--recipe-pruner", args.recipe_pruner), ("--nm", getattr(args, "nm", None))):
+        if value is not None:
+            raise UsageError(f"{flag}: it sets the llm-compressor recipe, and no --recipe is written")
 
 
 def _write_allocation_files(args: argparse.Namespace, alloc: Allocation, per_layer: dict[str, float],
                             nm=None) -> None:
     note = (f"alphascope allocation '{alloc.method}' for {alloc.model or 'an unnamed model'}: target "
             f"{alloc.sparsity:.4f}, achieved {alloc.achieved:.6f}\none sparsity per target, in module order")
-    outputs = [(args.recipe, lambda p: p.write_text(recipe_yaml(per_layer, args.recipe_pruner, nm, note))),
-               (args.npy, lambda p: p.write_bytes(ratios_npy(per_layer)))]
-    for path, write in outputs:
-        if path:
-            try:
-                write(Path(path).expanduser())
-            except OSError as e:
-                raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
-            print(f"wrote {path}")
+    contents = {}  # made before anything is written, so a refused recipe leaves no .npy behind
+    if args.recipe:
+        try:
+            recipe = recipe_yaml(per_layer, args.recipe_pruner or DEFAULT_RECIPE_PRUNER, nm, note)
+        except ExportError as e:
+            raise UsageError(f"--recipe: {e}") from None
+        contents["--recipe"] = (args.recipe, recipe.encode())
+    if args.npy:
+        contents["--npy"] = (args.npy, ratios_npy(per_layer))
+    for flag, (path, data) in contents.items():
+        try:
+            target = Path(path).expanduser()
+            target.parent.mkdir(parents=True, exist_ok=True)  # as --out and --save-model do
+            target.write_bytes(data)
+        except OSError as e:
+            raise UsageError(f"{flag}: cannot write {path}: {e.strerror or e}") from None
+        print(f"wrote {path}")
     if args.recipe:
         for caveat in recipe_caveats(per_layer):
             print(f"warning: --recipe: {caveat}", file=sys.stderr)
@@ -391,10 +411,14 @@ def _allocation_file(path: str) -> Allocation:
 def cmd_export(args: argparse.Namespace) -> int:
     if not (args.recipe or args.npy):
         raise UsageError("nothing to write: give --recipe and/or --npy")
+    _check_recipe_options(args)
     parse_nm(args.nm)
     _checked_outputs(args, {"--recipe": args.recipe, "--npy": args.npy})
     alloc = _allocation_file(args.allocation)
     nm = parse_nm(args.nm or alloc.params.get("nm"))  # a prune --nm run's allocation names its pattern
+    if args.nm and alloc.params.get("nm") and parse_nm(alloc.params["nm"]) != nm:
+        print(f"note: --nm {args.nm} replaces the pattern {alloc.params['nm']} the allocation was pruned with",
+              file=sys.stderr)
     try:  # the allocation's model, for the order of the recipe's targets and the N:M widths
         preview, unread = preview_model(alloc.model), None
     except ModelLoadError as e:
@@ -483,6 +507,7 @@ def cmd_allocate(args: argparse.Namespace) -> int:
                          "would be ignored; drop one of them")
     settings = _allocation(args, args.method, args.sparsity, points=points, as_drawn=args.as_drawn).check()
     calibration = _calibration(args).check() if args.method in ("owl", "auto") else None
+    _check_recipe_options(args)
     _checked_outputs(args, {"--out": args.out, "--recipe": args.recipe, "--npy": args.npy})
 
     def check(preview) -> None:
@@ -720,6 +745,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
             export_error = e
         else:
             print(f"saved the pruned model ({args.save_format}) to {path}")
+            if args.save_format == "compressed":
+                print(f"note: --save-format compressed: {COMPRESSED_NOTE}", file=sys.stderr)
             record["saved_to"] = args.save_model
             folder = local_folder(loaded.info.path)
             stored = stored_dtype(folder) if folder is not None else None

@@ -30,8 +30,9 @@ Allocation files
   carries one sparsity per target matrix (``sparsity`` list aligned with ``targets``, in module
   order, which is the order llm-compressor matches targets in), and ``mask_structure`` ("0:0" for
   unstructured, "2:4", ...).
-- `ratios_npy`: AlphaPruning's layout: a float64 .npy vector, one ratio per prunable linear layer
-  in module order.
+- `ratios_npy`: a float64 .npy vector, one ratio per prunable linear layer in module order: the
+  ``ratios`` list AlphaPruning's pruning functions take (what its ``ww_sparsity`` returns), not the
+  metric file ``ww_sparsity`` reads and maps itself.
 """
 from __future__ import annotations
 
@@ -56,7 +57,11 @@ from analysis.errors import AlphascopeError
 FORMATS = ("dense", "dense-ct", "compressed")
 DEFAULT_FORMAT = "dense"  # the one every current loader reads (see the module docstring)
 RECIPE_PRUNERS = {"sparsegpt": "SparseGPTModifier", "wanda": "WandaPruningModifier"}
+DEFAULT_RECIPE_PRUNER = "sparsegpt"
 WEIGHTS_FILE = "model.safetensors"
+COMPRESSED_NOTE = ("transformers' from_pretrained does not decompress this layout: it loads the pruned matrices as "
+                   "random weights. Load the folder with analysis.export.load_pruned, or as --model (any command) "
+                   "or on the Model page")
 
 
 class ExportError(AlphascopeError, ValueError):
@@ -332,21 +337,28 @@ def module_order(per_layer: dict[str, float], model: nn.Module | None = None) ->
     return dict(sorted(per_layer.items(), key=lambda item: position(item[0])))  # stable: experts keep their order
 
 
-def recipe_yaml(per_layer: dict[str, float], pruner: str = "sparsegpt", nm: tuple[int, int] | None = None,
+def recipe_yaml(per_layer: dict[str, float], pruner: str = DEFAULT_RECIPE_PRUNER, nm: tuple[int, int] | None = None,
                 note: str = "") -> str:
     """An llm-compressor recipe pruning each matrix of `per_layer` (module name -> sparsity, in module
     order) with `pruner` ("sparsegpt" or "wanda"); `nm` (N, M) sets the mask structure (default
-    unstructured). `note` becomes a comment line on top."""
+    unstructured). Matrices of ratio 0 are left out of the targets. `note` becomes comment lines on top."""
     if pruner not in RECIPE_PRUNERS:
         raise ExportError(f"recipe pruner must be one of {', '.join(RECIPE_PRUNERS)}, got {pruner!r}")
     if not per_layer:
         raise ExportError("the allocation has no layers")
     if nm is not None and not (isinstance(nm, (tuple, list)) and len(nm) == 2 and all(type(x) is int for x in nm)):
         raise ExportError(f"nm must be (N, M), e.g. (2, 4), got {nm!r} (analysis.pruners.parse_nm reads '2:4')")
-    modifier = {"targets": list(per_layer), "sparsity": [float(r) for r in per_layer.values()],
+    # a matrix kept dense is no target: llm-compressor prunes every N:M target to the pattern whatever its sparsity
+    pruned = {name: float(r) for name, r in per_layer.items() if r > 0}
+    if not pruned:
+        raise ExportError("the allocation prunes no matrix (every ratio is 0): a recipe would have no targets")
+    modifier = {"targets": list(pruned), "sparsity": list(pruned.values()),
                 "mask_structure": f"{nm[0]}:{nm[1]}" if nm else "0:0"}
     recipe = {"sparsity_stage": {"pruning_modifiers": {RECIPE_PRUNERS[pruner]: modifier}}}
-    head = "".join(f"# {line}\n" for line in note.splitlines())
+    lines = note.splitlines()
+    if len(pruned) < len(per_layer):
+        lines.append(f"{len(per_layer) - len(pruned)} matrices with ratio 0 are not targets: they stay dense")
+    head = "".join(f"# {line}\n" for line in lines)
     return head + yaml.safe_dump(recipe, sort_keys=False, width=120)
 
 

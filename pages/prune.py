@@ -4,6 +4,7 @@ import streamlit as st
 
 from analysis.data import DataError, check_encoding, save_text, text_source_problem
 from analysis.export import (
+    COMPRESSED_NOTE,
     DEFAULT_FORMAT,
     FORMATS,
     RECIPE_PRUNERS,
@@ -316,6 +317,8 @@ if x3.button("Export pruned model", disabled=busy or not work.pruned, key="prune
         st.error(f"Export failed: {e}")
     else:
         st.success(f"Saved the pruned model ({save_format}), its tokenizer and allocation.json to {path}")
+        if save_format == "compressed":
+            st.info(f"{COMPRESSED_NOTE}.")
 alloc = work.allocation if work.pruned else None
 r1, r2, r3 = st.columns([1, 1, 1])
 recipe_pruner = r1.selectbox("Recipe pruner", list(RECIPE_PRUNERS), key="prune_recipe_pruner",
@@ -323,14 +326,16 @@ recipe_pruner = r1.selectbox("Recipe pruner", list(RECIPE_PRUNERS), key="prune_r
 per_layer = module_order(alloc.per_layer, work.model) if alloc is not None else {}
 # the last prune's own pattern (an N:M run's allocation names it), not the one selected now: an N:M recipe
 # prunes every target to its pattern, whatever ratios an unstructured allocation gives
-recipe = recipe_yaml(per_layer, recipe_pruner, parse_nm(alloc.params.get("nm"))) if alloc is not None else ""
+has_targets = any(r > 0 for r in per_layer.values())  # a recipe names the pruned matrices only
+recipe = recipe_yaml(per_layer, recipe_pruner, parse_nm(alloc.params.get("nm"))) if has_targets else ""
 r2.download_button("Download llm-compressor recipe", recipe, file_name="recipe.yaml", mime="application/x-yaml",
-                   disabled=alloc is None, key="prune_recipe_download",
+                   disabled=not has_targets, key="prune_recipe_download",
                    help="the allocation of your last prune, with its pattern (N:M or unstructured) as the mask "
                         "structure; run it elsewhere with llm-compressor's oneshot(model=..., recipe=...)")
 r3.download_button("Download ratios (.npy)", ratios_npy(per_layer) if alloc is not None else b"",
                    file_name="ratios.npy", mime="application/octet-stream", disabled=alloc is None,
-                   key="prune_npy_download", help="AlphaPruning's layout: one ratio per matrix, in module order")
+                   key="prune_npy_download",
+                   help="one ratio per matrix, in module order: the ratios list AlphaPruning's prune functions take")
 if alloc is None:
     st.caption("The recipe and ratio downloads describe the allocation of your last prune: run one first.")
 for caveat in recipe_caveats(per_layer):

@@ -172,18 +172,23 @@ def test_recipe_parses_with_llmcompressor_to_the_same_numbers(tmp_path, recipe_p
     assert matched == list(per_layer)
 
 
-@pytest.mark.parametrize("pruner", ["sparsegpt", "wanda"])
-def test_llmcompressor_oneshot_applies_the_recipe(tmp_path, recipe_parser, pruner):
+@pytest.mark.parametrize("pruner, nm", [("sparsegpt", None), ("wanda", None), ("wanda", (2, 4))])
+def test_llmcompressor_oneshot_applies_the_recipe(tmp_path, recipe_parser, pruner, nm):
     """The recipe re-runs elsewhere: llm-compressor's own oneshot prunes every matrix to its ratio
-    (within one weight per row: its Wanda rounds per row)."""
+    (within one weight per row: its Wanda rounds per row). With 2:4, the first block's matrices, at
+    ratio 0, stay dense: llm-compressor would give any N:M target the pattern whatever its sparsity."""
     import datasets
     from llmcompressor import oneshot
 
     model = AutoModelForCausalLM.from_pretrained(save_tiny_llama(tmp_path / "model"))  # oneshot reads its tokenizer
     names = [r.name for r in prunable_layers(model)]
-    per_layer = {n: 0.3 + 0.4 * i / (len(names) - 1) for i, n in enumerate(names)}
+    if nm:
+        per_layer = {n: 0.0 if n.startswith("model.layers.0.") else 0.5 for n in names}
+    else:
+        per_layer = {n: 0.3 + 0.4 * i / (len(names) - 1) for i, n in enumerate(names)}
     path = tmp_path / "recipe.yaml"
-    path.write_text(recipe_yaml(module_order(per_layer, model), pruner))
+    path.write_text(recipe_yaml(module_order(per_layer, model), pruner, nm))
+    assert ("stay dense" in path.read_text().splitlines()[0]) == bool(nm)
     ids = calib_ids(n=8, seqlen=32, vocab=model.config.vocab_size - 1)
     data = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     oneshot(model=model, dataset=data, recipe=str(path), num_calibration_samples=len(ids),
@@ -328,6 +333,7 @@ def test_cli_prune_saves_compressed_model(tmp_path, capsys):
                             "--save-format", "compressed")
     assert code == 0, err
     assert "saved the pruned model (compressed)" in stdout
+    assert "note: --save-format compressed: transformers' from_pretrained does not decompress this layout" in err
     sc = json.loads((out / "config.json").read_text())["quantization_config"]["sparsity_config"]
     assert sc["format"] == "sparse-24-bitmask"
     reloaded = load_pruned(out)
@@ -389,10 +395,16 @@ def test_cli_export_writes_recipe_and_npy(tmp_path, capsys, recipe_parser):
     assert code == 2 and "nothing to write" in err
     code, _, err = run(capsys, "export", "--allocation", path, "--recipe", tmp_path)
     assert code == 2 and err.startswith("error: --recipe:") and "is a folder" in err
+    for option in (["--recipe-pruner", "wanda"], ["--nm", "2:4"]):  # recipe options without a recipe
+        code, _, err = run(capsys, "export", "--allocation", path, "--npy", tmp_path / "x.npy", *option)
+        assert code == 2 and err.startswith(f"error: {option[0]}: it sets the llm-compressor recipe"), err
+    assert not (tmp_path / "x.npy").exists()
+    nested = tmp_path / "new" / "folder" / "r.npy"  # missing folders are made, as for --out
+    assert run(capsys, "export", "--allocation", path, "--npy", nested)[0] == 0 and nested.is_file()
 
 
 def test_cli_export_nm_checks_the_widths_of_the_allocations_model(tmp_path, capsys):
-    from analysis.allocation import allocate, custom_allocation
+    from analysis.allocation import Allocation, allocate, custom_allocation
     from analysis.layers import layer_table
 
     folder = save_tiny_llama(tmp_path / "tiny")  # matrix widths 64 and 128
@@ -403,6 +415,12 @@ def test_cli_export_nm_checks_the_widths_of_the_allocations_model(tmp_path, caps
     assert code == 2 and "error: --nm: N:M 2:5 needs matrix widths divisible by 5" in err and not recipe.exists()
     code, _, err = run(capsys, "export", "--allocation", path, "--recipe", recipe, "--nm", "2:4")
     assert code == 0 and "mask_structure: '2:4'" in recipe.read_text() and "warning" not in err
+    two_four = Allocation.load(path)
+    two_four.params["nm"] = "2:4"  # as a prune --nm 2:4 run saves it
+    code, _, err = run(capsys, "export", "--allocation", two_four.save(tmp_path / "24.json"), "--recipe", recipe,
+                       "--nm", "4:8")
+    assert code == 0 and "note: --nm 4:8 replaces the pattern 2:4 the allocation was pruned with" in err
+    assert "mask_structure: '4:8'" in recipe.read_text()
     # an N:M recipe prunes every targeted matrix to the pattern: an allocation of other ratios is refused
     spread = custom_allocation([(0.0, 0.3), (1.0, 0.7)], table, 0.5, model=str(folder))
     code, _, err = run(capsys, "export", "--allocation", spread.save(tmp_path / "spread.json"), "--recipe",
@@ -474,6 +492,7 @@ def test_prune_page_export_section(tmp_path, monkeypatch):
     at.checkbox(key="prune_export_overwrite").check()
     at.button(key="prune_export").click().run()
     assert not at.error and any("Saved the pruned model (compressed)" in s.value for s in at.success)
+    assert any("load_pruned" in i.value for i in at.info)
     shared = at.session_state["work"].model
     assert_same_weights(shared, load_pruned(full))
 
