@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -156,6 +156,7 @@ class Allocation:
 
 
 _REQUIRED = ("sparsity", "method", "per_block", "per_layer")
+_KEYS = ("format", "version", *(f.name for f in fields(Allocation)))
 
 
 def _is_number(x) -> bool:
@@ -187,6 +188,9 @@ def _allocation_from_dict(d) -> Allocation:
     missing = [k for k in _REQUIRED if k not in d]
     if missing:
         raise AllocationError(f"missing key(s): {', '.join(missing)}")
+    unknown = [str(k) for k in d if k not in _KEYS]  # a misspelt key would otherwise be dropped unread
+    if unknown:
+        raise AllocationError(f"unknown key(s): {', '.join(unknown)} (an allocation has {', '.join(_KEYS)})")
     model = d.get("model", "")
     if not isinstance(model, str):
         raise AllocationError(f"model must be a string, got {model!r}")

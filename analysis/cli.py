@@ -692,6 +692,43 @@ def _run_settings(args: argparse.Namespace) -> RunSettings:
     return settings
 
 
+RERUN_KEEPS = ("--device", "--dtype", "--device-map", "--trust-remote-code")  # how it runs, not what it computes
+
+
+def _rerun_settings(args: argparse.Namespace) -> tuple[RunSettings, dict]:
+    """The settings of the run record --rerun names (prune --out, runs --show), and the record. The run prunes
+    with the record's own allocation when it came from a file (the file may have changed since); a method
+    computes it again, deterministically. Only RERUN_KEEPS may be given beside it (trust_remote_code is never
+    taken from a file)."""
+    path = Path(args.rerun).expanduser()
+    try:
+        record = json.loads(path.read_text())
+        stored = record["config"]["settings"]
+    except OSError as e:
+        raise UsageError(f"--rerun: {args.rerun}: cannot read it ({e.strerror or e})") from None
+    except (ValueError, KeyError, TypeError):
+        raise UsageError(f"--rerun: {args.rerun} is not a run record with its settings (write one with prune "
+                         "--out, or runs --show ID > run.json)") from None
+    settings_flags = {flag for field, flag in FLAGS.items() if field.split(".")[0] != "sweep"}
+    settings_flags -= {"--tasks", "--limit", *RERUN_KEEPS}
+    _refuse_unused(sorted(_typed(args, *settings_flags)), "--rerun takes the run's settings from its record")
+    try:  # a setting of the record, not an option, is what is wrong: no flag names it
+        settings = RunSettings.from_dict(stored)
+        given = _model_settings(args)
+        model = replace(settings.model, trust_remote_code=given.trust_remote_code)
+        if _typed(args, "--device", "--device-map"):
+            model = replace(model, device=given.device)
+        if _typed(args, "--dtype"):
+            model = replace(model, dtype=given.dtype)
+        settings = replace(settings, model=model)
+        if settings.allocation.method == "file":
+            settings = replace(settings, allocation=replace(settings.allocation, file=str(path)))
+        settings.check()
+    except SettingsError as e:
+        raise UsageError(f"--rerun: {args.rerun}: {e.field or 'a setting'}: {e}") from None
+    return settings, record
+
+
 def _warn_memory(settings: RunSettings, preview) -> None:
     """Say before the weights load when the run's estimated memory (loading.memory_estimate) exceeds what is free:
     a warning, not a refusal, as the estimate is an upper bound (placed by accelerate: not estimated)."""
@@ -706,7 +743,7 @@ def _warn_memory(settings: RunSettings, preview) -> None:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    settings = _run_settings(args)
+    settings, recorded = _rerun_settings(args) if args.rerun else (_run_settings(args), None)
     if args.save_model:  # before the prune: a destination problem must not cost a run
         _checked_model_folder(args)
     else:
@@ -760,8 +797,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
     except StoreError as e:  # nothing lost: the record goes to a file beside the store
         saved = args.out or write_record(record, store.path.with_name(f"unsaved-run-{now_iso()}.json"))
         raise StoreError(f"{e} The run's record is in {saved}.") from None
-    print(f"{args.method} + {record['config']['allocation']} at {report.overall:.4f} sparsity: perplexity "
+    print(f"{settings.prune.method} + {record['config']['allocation']} at {report.overall:.4f} sparsity: perplexity "
           f"{record['dense_ppl']:.3f} -> {record['pruned_ppl']:.3f} (run {run_id}, prune {report.seconds:.1f} s)")
+    if recorded is not None:
+        print(f"the record: perplexity {recorded.get('dense_ppl', float('nan')):.3f} -> "
+              f"{recorded.get('pruned_ppl', float('nan')):.3f}")
     if export_error is not None:
         print(f"error: --save-model: {export_error}", file=sys.stderr)
         return 2
@@ -869,6 +909,9 @@ def _add_prune_parsers(sub) -> None:
                    help="replace the model saved in a non-empty --save-model folder")
     p.add_argument("--out", default=None, help="write the run record JSON here")
     p.add_argument("--db", default=None, help="SQLite run store (default: the cache folder's runs.sqlite)")
+    p.add_argument("--rerun", default=None, metavar="RECORD",
+                   help="run again with every setting of this run record (prune --out, or runs --show ID > run.json); "
+                        f"only {', '.join(RERUN_KEEPS)} may change how it runs")
     _add_zeroshot_args(p, "of the pruned model (kept in the run record)")
     p.set_defaults(func=cmd_prune)
 

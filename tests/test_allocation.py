@@ -374,6 +374,7 @@ def test_json_round_trip(tmp_path):
 
 @pytest.mark.parametrize("patch, word", [
     (lambda d: d.pop("per_layer"), "missing key.*per_layer"),
+    (lambda d: d.__setitem__("per_layer_typo", {}), r"unknown key\(s\): per_layer_typo \(an allocation has format, "),
     (lambda d: d["per_block"].__setitem__(0, 1.2), r"per_block\[0\] = 1.2 is outside \[0, 0.99\]"),
     (lambda d: d["per_layer"].__setitem__("x", 0.995), r"per_layer\['x'\] = 0.995 is outside \[0, 0.99\] \(a "
                                                          r"matrix keeps at least 1% of its weights\)"),

@@ -172,3 +172,40 @@ def test_every_spelling_of_a_packaged_model_is_one_model_in_run_lists():
     assert {model_group(m) for m in ("default", "smollm2", "SmolLM2-135M-Instruct", " Default ")} == {"default"}
     assert {model_group(m) for m in ("gemma", "gemma3", "gemma3-270m")} == {"gemma3"}
     assert model_group("/models/llama-7b") == "/models/llama-7b" and model_group("org/name") == "org/name"
+
+
+def test_cli_prune_reruns_a_record_with_its_settings_and_its_own_allocation(tmp_path, capsys):
+    """prune --rerun takes every setting from the record (runs --show / prune --out). An allocation file
+    written over since does not change the rerun: the record holds the allocation its run pruned with."""
+    from conftest import save_tiny_llama
+    from transformers import AutoModelForCausalLM
+
+    from analysis import cli
+    from analysis.allocation import custom_allocation
+    from analysis.layers import layer_table
+
+    folder = save_tiny_llama(tmp_path / "tiny")
+    table = layer_table(AutoModelForCausalLM.from_pretrained(folder))
+    alloc = tmp_path / "alloc.json"
+    custom_allocation([(0.0, 0.3), (1.0, 0.7)], table, 0.5, model=str(folder)).save(alloc)
+    first, db = tmp_path / "first.json", tmp_path / "runs.sqlite"
+    small = ["--nsamples", "2", "--seqlen", "32", "--eval", "default", "--eval-seqlen", "64", "--max-windows", "2"]
+    argv = ["prune", "--model", folder, "--method", "wanda", "--allocation", alloc, *small, "--device", "cpu",
+            "--db", db, "--out", first]
+    assert cli.main([str(a) for a in argv]) == 0, capsys.readouterr().err
+    custom_allocation([(0.0, 0.7), (1.0, 0.3)], table, 0.5, model=str(folder)).save(alloc)  # written over
+    capsys.readouterr()
+    again = tmp_path / "again.json"
+    assert cli.main(["prune", "--rerun", str(first), "--db", str(db), "--out", str(again)]) == 0
+    out = capsys.readouterr().out
+    rec, rerun = json.loads(first.read_text()), json.loads(again.read_text())
+    assert rerun["pruned_ppl"] == rec["pruned_ppl"] and rerun["dense_ppl"] == rec["dense_ppl"]
+    assert rerun["achieved"]["per_layer"] == rec["achieved"]["per_layer"]
+    assert f"the record: perplexity {rec['dense_ppl']:.3f} -> {rec['pruned_ppl']:.3f}" in out
+    # a setting typed beside it would be ignored: refused; how it runs may change
+    assert cli.main(["prune", "--rerun", str(first), "--sparsity", "0.3", "--method", "magnitude"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --method: --rerun takes the run's settings from its record, so --method, "
+                          "--sparsity would be ignored"), err
+    assert cli.main(["prune", "--rerun", str(tmp_path / "alloc.json")]) == 2
+    assert "is not a run record with its settings" in capsys.readouterr().err
