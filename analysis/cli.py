@@ -648,34 +648,35 @@ def _refuse_ignored(args: argparse.Namespace) -> None:
         _refuse_search_text(args.search_text)
     elif args.allocation and Path(args.allocation).expanduser().is_file():
         _refuse_unused(_typed(args, *FILE_IGNORES), f"{args.allocation} is an allocation with its own ratios")
-        if args.sparsity is None:
+        alloc = _readable_allocation(args.allocation)
+        if args.sparsity is None or alloc is None:
             return
-        try:
-            own = Allocation.load(args.allocation).sparsity
-        except (AllocationError, OSError):
-            return  # the allocation's own check says what is wrong with it
-        if not math.isclose(own, args.sparsity, abs_tol=1e-9):
+        if not math.isclose(own := alloc.sparsity, args.sparsity, abs_tol=1e-9):
             raise UsageError(f"--sparsity: {args.allocation} is an allocation at sparsity {own:g}, which it keeps; "
                              f"drop --sparsity {args.sparsity:g}")
     else:
         _refuse_unread(args, [args.allocation or AllocationSettings.method])
 
 
-def _file_pattern(path: str) -> str | None:
-    """The N:M pattern an allocation file was made for (a prune --nm run's allocation names it): replaying that
-    allocation without it would prune the same shares unstructured, another model."""
+def _readable_allocation(path: str) -> Allocation | None:
+    """The allocation file `path`, or None where it cannot be read (the allocation's own check says why)."""
     try:
-        return Allocation.load(Path(path).expanduser()).params.get("nm")
+        return Allocation.load(Path(path).expanduser())
     except (AllocationError, OSError):
-        return None  # the allocation's own check says what is wrong with it
+        return None
 
 
 def _run_settings(args: argparse.Namespace) -> RunSettings:
     method, file = args.allocation or AllocationSettings.method, None
     if method not in ALLOCATION_METHODS or method in ("custom", "file"):
         method, file = "file", args.allocation
+    own = _readable_allocation(file) if method == "file" else None
     sparsity = AllocationSettings.sparsity if args.sparsity is None else args.sparsity
-    nm = args.nm or (_file_pattern(file) if method == "file" else None)
+    if own is not None:  # its own budget, so the record's settings say what was pruned (another is refused)
+        sparsity = own.sparsity
+    # the N:M pattern a file was made for (a prune --nm run's allocation names it): replaying that allocation
+    # without it would prune the same shares unstructured, another model
+    nm = args.nm or (own.params.get("nm") if own is not None else None)
     settings = RunSettings(model=_model_settings(args),
                            allocation=_allocation(args, method, sparsity, file=file),
                            prune=PruneSettings(args.method, nm, args.rowwise), calibration=_calibration(args),

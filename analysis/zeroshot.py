@@ -187,8 +187,9 @@ def check_tasks(tasks: str | Sequence[str]) -> tuple[str, ...]:
         return names
     online = hub_reachable()
     if not online and not any(_datasets_cached(p) for p in _cached_dataset_names()):
-        raise _hub_message(remote[0], "is not a local task, and lm-eval's own tasks read their data (none of it "
-                                      "in the local datasets cache)")
+        raise _hub_message(remote[0], "is not a local task (nor checked against lm-eval's task list, which is of "
+                                      "no use here): lm-eval's own tasks read their data (none of it in the local "
+                                      "datasets cache)")
     index = _task_manager(True).task_index
     for name in remote:
         entry = index.get(name)

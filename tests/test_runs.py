@@ -187,7 +187,7 @@ def test_cli_prune_reruns_a_record_with_its_settings_and_its_own_allocation(tmp_
     folder = save_tiny_llama(tmp_path / "tiny")
     table = layer_table(AutoModelForCausalLM.from_pretrained(folder))
     alloc = tmp_path / "alloc.json"
-    custom_allocation([(0.0, 0.3), (1.0, 0.7)], table, 0.5, model=str(folder)).save(alloc)
+    custom_allocation([(0.0, 0.3), (1.0, 0.7)], table, 0.6, model=str(folder)).save(alloc)
     first, db = tmp_path / "first.json", tmp_path / "runs.sqlite"
     small = ["--nsamples", "2", "--seqlen", "32", "--eval", "default", "--eval-seqlen", "64", "--max-windows", "2"]
     argv = ["prune", "--model", folder, "--method", "wanda", "--allocation", alloc, *small, "--device", "cpu",
@@ -199,6 +199,7 @@ def test_cli_prune_reruns_a_record_with_its_settings_and_its_own_allocation(tmp_
     assert cli.main(["prune", "--rerun", str(first), "--db", str(db), "--out", str(again)]) == 0
     out = capsys.readouterr().out
     rec, rerun = json.loads(first.read_text()), json.loads(again.read_text())
+    assert rec["config"]["settings"]["allocation"]["sparsity"] == 0.6  # the file's budget, not the default
     assert rerun["pruned_ppl"] == rec["pruned_ppl"] and rerun["dense_ppl"] == rec["dense_ppl"]
     assert rerun["achieved"]["per_layer"] == rec["achieved"]["per_layer"]
     assert f"the record: perplexity {rec['dense_ppl']:.3f} -> {rec['pruned_ppl']:.3f}" in out
