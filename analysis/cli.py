@@ -1165,7 +1165,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # SettingsError, AllocationError, DataError, UsageError are ValueErrors; OSError: e.g. a path too long
     except (ModelLoadError, StoreError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        flag = "--db: " if isinstance(e, StoreError) and hasattr(args, "db") else ""  # the option that picks it
+        print(f"error: {flag}{e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

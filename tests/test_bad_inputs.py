@@ -192,9 +192,9 @@ CLI_CASES = [
     ("spectra --out {bad}/folder", "--out: {bad}/folder is a folder, not a file"),
     ("allocate --method uniform --sparsity 0.5 --out {bad}/file/a.json", "--out: cannot write {bad}/file/a.json"),
     ("prune --out {bad}/file/run.json", "--out: cannot write {bad}/file/run.json"),
-    (f"prune {TINY} --db {{bad}}/not-a-store.sqlite", "{bad}/not-a-store.sqlite is not a run store (file is not a "
-                                                      "database); move it aside or choose another file"),
-    ("runs --db {bad}/not-a-store.sqlite", "{bad}/not-a-store.sqlite is not a run store"),
+    (f"prune {TINY} --db {{bad}}/not-a-store.sqlite", "--db: {bad}/not-a-store.sqlite is not a run store (file is "
+                                                      "not a database); move it aside or choose another file"),
+    ("runs --db {bad}/not-a-store.sqlite", "--db: {bad}/not-a-store.sqlite is not a run store"),
     ("runs --db {bad}/file/runs.sqlite", "--db: no run store at {bad}/file/runs.sqlite"),
     ("runs --db {bad}/no-such-store.sqlite", "--db: no run store at {bad}/no-such-store.sqlite"),  # not made empty
     ("runs --db {bad}/no-runs.sqlite --show 999", "--show: no run with id 999 in {bad}/no-runs.sqlite"),
