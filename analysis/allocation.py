@@ -611,28 +611,48 @@ def block_offsets(alloc: Allocation, metrics: pd.DataFrame) -> dict[str, float]:
     return offsets if any(abs(v) > 1e-9 for v in offsets.values()) else {}
 
 
-def curve_of(alloc: Allocation, metrics: pd.DataFrame) -> tuple[list[list[float]], dict[str, float], list[str]]:
-    """The custom curve that redraws `alloc` on the model of `metrics`: (control points, offsets, notes). A
-    curve saved with its points comes back with them and its offsets; any other allocation gives one point
-    per block and each matrix's offset from its block's ratio (block_offsets). An allocation for another
-    model (other blocks, or matrices this one lacks) keeps only its curve (depth compares across models,
-    matrix names do not), with a note saying so; a file that gives some of the matrices their ratios leaves
-    the others at their block's. Points clipped to the chart are noted too."""
+def curve_of(alloc: Allocation, metrics: pd.DataFrame, targets=None
+             ) -> tuple[list[list[float]], dict[str, float], list[str], float | None]:
+    """The custom curve that redraws `alloc` on the model of `metrics`: (control points, offsets, notes, target).
+    A curve saved with its points comes back with them and its offsets; any other allocation gives one point
+    per block and each matrix's offset from its block's ratio (block_offsets). target: the budget to normalize
+    the curve to, for a curve saved "normalized to target" (its points are as drawn, its ratios rescaled);
+    None: apply the curve as drawn. `targets` (the budgets a front end can set; None: any) that lack the file's
+    own budget make such a file come back as its ratios, drawn. An allocation for another model (other blocks,
+    or matrices this one lacks) keeps only its curve (depth compares across models, matrix names do not), with
+    a note saying so. Notes also say when the file gives only some matrices their ratios (the others take
+    their block's), when its ratios are not those of its own curve, and when points were clipped to the chart."""
     df = prunable_rows(metrics)
     pts, offsets, notes = alloc.params.get("points"), alloc.params.get("offsets") or {}, []
     unknown, blocks = sorted(set(alloc.per_layer) - set(df["name"])), _n_blocks(df)
-    if unknown or len(alloc.per_block) != blocks:
+    same_model = not unknown and len(alloc.per_block) == blocks
+    target = alloc.sparsity if pts and alloc.params.get("normalize") else None
+    if not same_model:
         offsets, pts = {}, pts or control_points(alloc.per_block)
         lacks = f", names {len(unknown)} matrices this one lacks (e.g. '{unknown[0]}')" if unknown else ""
         notes.append(f"The allocation was made for another model ({len(alloc.per_block)} blocks{lacks}; this one "
                      f"has {blocks}): its curve over depth is used, without its per-matrix ratios.")
+    if target is not None and targets is not None and not any(math.isclose(target, t) for t in targets):
+        target, pts = None, pts if not same_model else None
+        loaded_as = "its ratios, drawn" if same_model else "drawn"
+        notes.append(f"The curve was saved normalized to {alloc.sparsity:.2%}, which is not a target here: it is "
+                     f"loaded as {loaded_as}.")
     if not pts:
         pts, offsets = control_points(alloc.per_block), block_offsets(alloc, metrics)
-    check = custom_allocation(pts, metrics, normalize=False, offsets=offsets)  # they fit this model
+    check = custom_allocation(pts, metrics, sparsity=target, normalize=target is not None, offsets=offsets)
     if len(check.params["points"]) < 2:
         raise AllocationError("a curve on the chart needs at least two control points (at different depths)")
+    if same_model:
+        given = df["name"][df["name"].isin(alloc.per_layer.keys())]
+        if 0 < len(given) < len(df):
+            notes.append(f"The file gives {len(given)} of this model's {len(df)} matrices their ratios: the others "
+                         "take their block's.")
+        gap = max(abs(check.per_layer[n] - alloc.per_layer[n]) for n in given)
+        if gap > 5e-4:
+            notes.append(f"The file's ratios are not those of its own curve (up to {gap:.3f} apart): the curve is "
+                         "what is loaded (its ratios as they are: --allocation FILE on the command line).")
     notes += check.warnings
-    return check.params["points"], {str(k): float(v) for k, v in offsets.items()}, notes
+    return check.params["points"], {str(k): float(v) for k, v in offsets.items()}, notes, target
 
 
 def within_block_spread(offsets: dict[str, float], metrics: pd.DataFrame) -> float:

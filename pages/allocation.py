@@ -64,7 +64,10 @@ def keep_offsets(offsets: dict[str, float], origin: str) -> None:
 
 
 c1, c2, c3 = st.columns(3)
-target = c1.slider("Target sparsity", 0.05, 0.9, DEFAULT.sparsity, 0.05, key="alloc_target")
+TARGETS = [round(0.05 * i, 2) for i in range(1, 19)]  # the slider's values
+if (next_target := st.session_state.pop("_alloc_target_next", None)) is not None:  # set by an upload
+    st.session_state["alloc_target"] = next_target
+target = c1.slider("Target sparsity", TARGETS[0], TARGETS[-1], DEFAULT.sparsity, 0.05, key="alloc_target")
 epsilon = c2.slider("ε (AlphaPruning / FARMS spread)", 0.0, 0.9, DEFAULT.epsilon, 0.05, key="alloc_epsilon",
                     help="Ratios start in [S(1-ε), S(1+ε)] before rescaling to the budget. Find allocation "
                          "also starts from AlphaPruning and FARMS at this ε.")
@@ -391,7 +394,8 @@ for note in st.session_state.pop("_alloc_upload_notes", []):  # from the upload 
 if up is not None and st.session_state.get("_alloc_upload_id") != up.file_id:
     st.session_state["_alloc_upload_id"] = up.file_id
     try:
-        pts, offsets, notes = curve_of(Allocation.from_dict(json.loads(up.getvalue())), metrics)
+        pts, offsets, notes, saved_target = curve_of(Allocation.from_dict(json.loads(up.getvalue())), metrics,
+                                                     TARGETS)
     except json.JSONDecodeError as e:
         st.error(f"Could not load {up.name}: not valid JSON ({e.msg} at line {e.lineno})")
     except UnicodeDecodeError:
@@ -401,7 +405,12 @@ if up is not None and st.session_state.get("_alloc_upload_id") != up.file_id:
     else:
         st.session_state[POINTS_KEY], clamped = clamp_points(pts, Y_MAX)
         as_loaded = custom_allocation(st.session_state[POINTS_KEY], metrics, normalize=False, offsets=offsets).achieved
-        if mode != "as drawn" and abs(as_loaded - target) > 0.0005:
+        if saved_target is not None:  # saved normalized: it comes back normalized to its own target
+            st.session_state["_alloc_mode_next"], st.session_state["_alloc_target_next"] = \
+                "normalized to target", saved_target
+            if abs(saved_target - target) > 1e-9:
+                notes = notes + [f"The target is now {saved_target:.0%}, the one {up.name} was normalized to."]
+        elif mode != "as drawn" and abs(as_loaded - target) > 0.0005:
             st.session_state["_alloc_mode_next"] = "as drawn"  # as loaded, not rescaled to the target
             notes = notes + [f"{up.name} prunes {as_loaded:.1%} of this model's weights and the target here is "
                              f"{target:.0%}: the curve is now applied as drawn, as loaded (choose \"normalized to "

@@ -401,15 +401,26 @@ def test_an_allocation_comes_back_as_a_curve_on_this_model_or_says_why_not():
     shapes = {"q_proj": (8, 8), "up_proj": (16, 8)}
     here = metrics_frame([0] * 3, shapes, per_matrix=[[3.0, 6.0], [4.0, 5.0], [5.0, 4.0]])
     per_matrix = allocate(here, 0.5, "alphapruning", granularity="layer")
-    pts, offsets, notes = curve_of(per_matrix, here)  # this model's own: every ratio comes back
-    assert notes == [] and len(pts) == 3 and offsets
+    pts, offsets, notes, target = curve_of(per_matrix, here)  # this model's own: every ratio comes back
+    assert notes == [] and len(pts) == 3 and offsets and target is None
     back = custom_allocation(pts, here, normalize=False, offsets=offsets)
     assert back.per_layer == pytest.approx(per_matrix.per_layer)
     for other in (metrics_frame([3.0, 4.0], shapes), metrics_frame([3.0] * 3, {"c_attn": (8, 8)})):
-        pts, offsets, notes = curve_of(allocate(other, 0.4, "uniform"), here)
+        pts, offsets, notes, _ = curve_of(allocate(other, 0.4, "uniform"), here)
         assert offsets == {} and all(y == pytest.approx(0.4) for _, y in pts)
         [note] = notes
         assert note.startswith("The allocation was made for another model") and "this one has 3" in note
+    # a curve saved normalized comes back normalized to its own target, where that is a target here
+    curve = custom_allocation([[0, 0.3], [1, 0.8]], here, sparsity=0.5, normalize=True)
+    assert curve_of(curve, here, [0.45, 0.5])[2:] == ([], 0.5)
+    pts, offsets, notes, target = curve_of(curve, here, [0.45, 0.55])  # else as its ratios, drawn
+    assert target is None and notes[0].startswith("The curve was saved normalized to 50.00%")
+    assert custom_allocation(pts, here, normalize=False, offsets=offsets).per_layer == pytest.approx(curve.per_layer)
+    lying = Allocation.from_dict({**curve.to_dict(), "per_layer": {n: 0.9 for n in curve.per_layer}})
+    assert any("not those of its own curve (up to" in n for n in curve_of(lying, here)[2])
+    partial = allocate(here, 0.5, "uniform")
+    partial.per_layer = dict(list(partial.per_layer.items())[:2])
+    assert "The file gives 2 of this model's 6 matrices their ratios" in curve_of(partial, here)[2][0]
     drawn = custom_allocation([[0, 1.5], [1, 0.2]], here, normalize=False)
     drawn.params["points"] = [[0, 1.5], [1, 0.2]]  # as a hand-edited file may hold them
     assert "clipped to the chart" in curve_of(drawn, here)[2][0]

@@ -332,6 +332,22 @@ def test_allocation_presets_and_json(app):
     assert any(i.value.startswith("The allocation was made for another model (2 blocks") for i in app.info)
     app.run()
     assert not any("made for another model" in i.value for i in app.info)
+    # a curve downloaded "normalized to target" loads back as it was saved: normalized, at its own target
+    app.slider(key="alloc_target").set_value(0.6)
+    app.radio(key="alloc_mode").set_value("normalized to target")
+    app.session_state["alloc_points"] = [[0.0, 0.5], [1.0, 0.9]]  # drawn at 70%
+    app.run()
+    saved = app.session_state["alloc_custom"]
+    assert saved.achieved == pytest.approx(0.6) and saved.params["normalize"]
+    app.slider(key="alloc_target").set_value(0.4)
+    app.radio(key="alloc_mode").set_value("as drawn").run()
+    app.file_uploader(key="alloc_upload").clear().upload("saved.json", json.dumps(saved.to_dict()).encode(),
+                                                         "application/json")
+    app.run()
+    assert not app.exception and app.slider(key="alloc_target").value == pytest.approx(0.6)
+    assert app.radio(key="alloc_mode").value == "normalized to target"
+    assert app.session_state["alloc_custom"].per_layer == pytest.approx(saved.per_layer)
+    assert any(i.value == "The target is now 60%, the one saved.json was normalized to." for i in app.info)
 
 
 def test_allocation_per_matrix_offsets(app):
