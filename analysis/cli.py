@@ -347,13 +347,9 @@ def _checked_outputs(args: argparse.Namespace, outputs: dict[str, str | None]) -
 def _checked_model_folder(args: argparse.Namespace) -> None:
     """UsageError unless --save-model's folder can be written and holds none of the command's inputs."""
     try:
-        folder = check_destination(args.save_model, args.overwrite).resolve()
+        check_destination(args.save_model, args.overwrite, _inputs(args))
     except ExportError as e:
         raise UsageError(f"--save-model: {e}") from None
-    for flag, source in _inputs(args).items():
-        if source == folder or folder in source.parents:
-            raise UsageError(f"--save-model: {args.save_model} holds what {flag} reads ({source}), which saving "
-                             "would replace; save it elsewhere")
 
 
 def _add_allocation_file_args(p: argparse.ArgumentParser) -> None:

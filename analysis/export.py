@@ -92,11 +92,17 @@ def _check_writable_folder(folder: Path, what: Path) -> None:
     os.unlink(probe)
 
 
-def check_destination(out_dir: str | Path, overwrite: bool = False) -> Path:
+def check_destination(out_dir: str | Path, overwrite: bool = False, inputs: dict[str, Path] | None = None) -> Path:
     """The model folder `out_dir` as a Path, after checking it can be written: not an existing file,
     empty or absent unless `overwrite`, and then a model folder (config.json) whose replacement loses
-    no other files; creatable. Raises ExportError. Cheap: call it before pruning."""
+    no other files; creatable; and holding none of `inputs` (what -> a file or folder the run reads, e.g.
+    the loaded model's own folder). Raises ExportError. Cheap: call it before pruning."""
     out = Path(out_dir).expanduser()
+    for what, source in (inputs or {}).items():
+        source, folder = Path(source).expanduser().resolve(), out.resolve()
+        if source == folder or folder in source.parents:
+            raise ExportError(f"{out_dir} holds what {what} reads ({source}), which saving would replace; save it "
+                              "elsewhere")
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} is an existing file, not a folder")
     if out.is_dir() and any(out.iterdir()):
@@ -268,15 +274,16 @@ def _allocation_dict(allocation) -> dict:
 
 
 def export(model: nn.Module, tokenizer, allocation, out_dir: str | Path, format: str = DEFAULT_FORMAT,
-           overwrite: bool = False) -> Path:
+           overwrite: bool = False, inputs: dict[str, Path] | None = None) -> Path:
     """Save the (pruned) model in `format` (one of FORMATS, see the module docstring) with its
     tokenizer (None: none) and the allocation as allocation.json. `allocation`: an Allocation (anything
     with to_dict()) or a dict; its per_layer names are the matrices the compressed format compresses.
-    An existing non-empty `out_dir` is replaced only if `overwrite`. Raises ExportError (nothing is
-    left behind, an older export in `out_dir` is kept) when the folder cannot be written."""
+    An existing non-empty `out_dir` is replaced only if `overwrite`, and never when it holds one of `inputs`
+    (check_destination). Raises ExportError (nothing is left behind, an older export in `out_dir` is kept) when
+    the folder cannot be written."""
     if format not in FORMATS:
         raise ExportError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
-    out = check_destination(out_dir, overwrite)
+    out = check_destination(out_dir, overwrite, inputs)
     alloc = _allocation_dict(allocation)
     weights = {n: m.weight for n, m in model.named_modules() if n in alloc.get("per_layer", {})}
     if format == "dense-ct" and (fused := sorted(set(alloc.get("per_layer", {})) - set(weights))):

@@ -2,6 +2,7 @@
 import pandas as pd
 import streamlit as st
 
+from analysis.checkpoint import local_folder
 from analysis.data import DataError, check_encoding, save_text, text_source_problem
 from analysis.export import (
     COMPRESSED_NOTE,
@@ -312,7 +313,9 @@ overwrite = x3.checkbox("Overwrite", key="prune_export_overwrite",
                         help="replace the model saved in a non-empty folder (a folder of other files is refused)")
 if x3.button("Export pruned model", disabled=busy or not work.pruned, key="prune_export"):
     try:
-        path = export(work.model, loaded.tokenizer, work.allocation, out_dir, save_format, overwrite)
+        source = local_folder(loaded.info.path)  # the model's own checkpoint: never saved over
+        path = export(work.model, loaded.tokenizer, work.allocation, out_dir, save_format, overwrite,
+                      {"the loaded model": source} if source is not None else None)
     except (OSError, ValueError) as e:
         st.error(f"Export failed: {e}")
     else:

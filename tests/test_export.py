@@ -490,6 +490,15 @@ def test_prune_page_export_section(tmp_path, monkeypatch):
     at.button(key="prune_export").click().run()
     assert any("not empty" in e.value for e in at.error) and (full / "keep.txt").exists()
     at.checkbox(key="prune_export_overwrite").check()
+    from analysis.loading import converted_dir
+
+    own = converted_dir("smollm2")  # the loaded model's own folder: never saved over, even when overwriting
+    weights = {f.name: f.stat().st_mtime_ns for f in own.iterdir()}
+    at.text_input(key="prune_export_dir").input(str(own))
+    at.button(key="prune_export").click().run()
+    assert any(f"holds what the loaded model reads ({own.resolve()})" in e.value for e in at.error)
+    assert {f.name: f.stat().st_mtime_ns for f in own.iterdir()} == weights
+    at.text_input(key="prune_export_dir").input(str(full))
     at.button(key="prune_export").click().run()
     assert not at.error and any("Saved the pruned model (compressed)" in s.value for s in at.success)
     assert any("load_pruned" in i.value for i in at.info)
