@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import threading
+import time
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -44,6 +46,7 @@ from analysis.zeroshot import ZeroShotResult
 from analysis.zeroshot import evaluate as zeroshot_evaluate
 
 WAIT_POLL_S = 0.25  # how often a waiting job re-checks its cancel flag and its queue position
+RECLAIM_S = 5.0  # how often a held lease may cost a cycle collection (ModelGate.reclaim)
 
 
 class ModelGate:
@@ -61,6 +64,17 @@ class ModelGate:
         self.holder: str | None = None  # who leased the model, or None
         self.until = ""  # what the waiters wait for, e.g. "session 3f2a9c's pruned weights to be restored"
         self.dense_zero_fraction: float | None = None  # of the dense weights, set by whoever loaded them
+        self._reclaimed = 0.0  # time.monotonic() of the last reclaim
+
+    def reclaim(self) -> None:
+        """Give back a lease whose session is gone. Its WorkingCopy gives the weights back when collected
+        (WorkingCopy.lease), but a closed tab's state sits in reference cycles, which only the cycle collector
+        frees, and the frozen model makes its full passes rare: minutes went by with others waiting. So while
+        a lease is held, collect now, at most every RECLAIM_S."""
+        now = time.monotonic()
+        if self.holder is not None and now - self._reclaimed >= RECLAIM_S:
+            self._reclaimed = now
+            gc.collect()
 
     def _may_go(self, ticket: object, exclusive: bool) -> bool:
         if self.holder is not None:
@@ -91,6 +105,7 @@ class ModelGate:
                         position = next(i for i, q in enumerate(self._queue) if q[0] is ticket) + 1
                         job.report(self.waiting_message(position))
                         job.check()  # a cancelled waiter leaves the queue (JobCancelled)
+                    self.reclaim()
                     self._cond.wait(WAIT_POLL_S)
                 if exclusive:
                     self.holder, self.until = who, until
