@@ -486,7 +486,8 @@ def prune_and_evaluate(job: Job, work: WorkingCopy, shared_model: nn.Module, tok
             work.label = "partly pruned"
             work.restore()
             raise
-        work.label = f"{s.prune.method} {report.overall:.0%} ({s.prune.nm or alloc.method})"  # N:M: no allocation
+        rowwise = f" + {s.prune.rowwise}" if s.prune.rowwise else ""  # e.g. "wanda + trim 70% (owl)"
+        work.label = f"{s.prune.method}{rowwise} {report.overall:.0%} ({s.prune.nm or alloc.method})"  # N:M: none
         work.allocation = alloc
         job.report(f"pruned to {report.overall:.1%} in {report.seconds:.1f} s; evaluating", 0.7)
         with timer("pruned_eval"):

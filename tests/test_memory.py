@@ -5,6 +5,7 @@ memory limit is forced with $ALPHASCOPE_MEMORY_LIMIT_BYTES."""
 import gc
 import math
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -422,3 +423,11 @@ def test_model_page_refuses_a_model_that_cannot_fit(tiny_dir, tmp_path, monkeypa
     assert any(e.value.startswith(f"'{folder}' cannot be loaded and pruned here") for e in at.error), \
         [e.value for e in at.error]
     assert "model_key" not in at.session_state
+
+
+def test_the_weights_label_names_a_rowwise_refinement(tiny):
+    work = WorkingCopy("k", ModelGate(), "session A")
+    settings = replace(SETTINGS, prune=PruneSettings(method="wanda", rowwise="trim"))
+    job = Job(lambda j: prune_and_evaluate(j, work, tiny.model, tiny.tokenizer, settings), name="prune").start()
+    assert job.wait(300) and job.status == DONE, job.traceback
+    assert work.label == "wanda + trim 50% (uniform)"
