@@ -522,19 +522,25 @@ class MemoryEstimate:
     def problem(self, device: torch.device, title: str = "The model") -> str | None:
         """Why the weights plus one prune in place do not fit in what `available_memory_bytes`
         allows on `device` (and on the host, for the original values), or None when they fit."""
-        gib = 2.0 ** 30
         free, host = available_memory_bytes(device), available_memory_bytes("cpu")
         need = self.weights + self.working + (self.prunable if device.type == "cpu" else 0)
         if need <= free and (device.type == "cpu" or self.prunable <= host):
             return None
-        where = f"{need / gib:.2f} GiB on {device} ({self.weights / gib:.2f} weights + "
-        where += f"{self.working / gib:.2f} calibration activations and SparseGPT Hessians"
-        where += f" + {self.prunable / gib:.2f} original values of the pruned matrices)" if device.type == "cpu" else \
-            f") and {self.prunable / gib:.2f} GiB of host memory for the original values of the pruned matrices"
-        return (f"{title} cannot be loaded and pruned here: it needs {where}, but only {free / gib:.2f} GiB "
-                f"{'' if device.type == 'cpu' else f'on {device} and {host / gib:.2f} GiB on the host '}"
-                f"are free. Choose bfloat16, fewer or shorter calibration samples, {DEVICE_MAP_AUTO} "
+        where = f"{_size(need)} on {device} ({_size(self.weights)} weights + "
+        where += f"{_size(self.working)} calibration activations and SparseGPT Hessians"
+        where += f" + {_size(self.prunable)} original values of the pruned matrices)" if device.type == "cpu" else \
+            f") and {_size(self.prunable)} of host memory for the original values of the pruned matrices"
+        short = f"{_size(need - free)} short" if need > free else f"{_size(self.prunable - host)} short on the host"
+        return (f"{title} cannot be loaded and pruned here: it needs {where}, but only {_size(free)} "
+                f"{'' if device.type == 'cpu' else f'on {device} and {_size(host)} on the host '}"
+                f"are free ({short}). Choose bfloat16, fewer or shorter calibration samples, {DEVICE_MAP_AUTO} "
                 f"(no pruning of offloaded weights), or free memory.")
+
+
+def _size(n_bytes: float) -> str:
+    """Bytes for a message: GiB with two decimals, MiB below 1 GiB (a 0.12 GiB need beside 0.12 GiB free
+    said nothing)."""
+    return f"{n_bytes / 2**30:.2f} GiB" if abs(n_bytes) >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
 
 
 def memory_estimate(model: nn.Module, dtype: str | torch.dtype | None, n_samples: int, seqlen: int,
