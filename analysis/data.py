@@ -342,10 +342,16 @@ def calibration_batches(tokenizer, text: str, n_samples: int = 16, seqlen: int =
     span = _check_seqlen(seqlen, bos)
     ids = readable_tokens(tokenizer, text, "The calibration text")
     if len(ids) < span:
-        raise DataError(f"Calibration text has {len(ids)} tokens, fewer than one window of {span}; use a longer "
-                        "text or shorter windows.")
+        raise DataError(f"Calibration text has {len(ids)} tokens, fewer than one window of {span}{_bos_note(bos)}; "
+                        "use a longer text or shorter windows.")
     rows = torch.stack([ids[s: s + span] for s in _sample_starts(len(ids), span, n_samples, seed)])
     return _with_bos(rows, tokenizer, bos)
+
+
+def _bos_note(bos: bool) -> str:
+    """What a window-length message adds when each window starts with a BOS token (Gemma): the text fills one
+    token less than the length asked for."""
+    return " (plus the BOS token each window starts with)" if bos else ""
 
 
 def _sample_starts(n_tokens: int, span: int, n_samples: int, seed: int) -> list[int]:
@@ -367,8 +373,8 @@ def eval_windows(tokenizer, text: str, seqlen: int = 512, bos: bool = False,
     ids = readable_tokens(tokenizer, text, label)
     n = len(ids) // span
     if n == 0:
-        raise DataError(f"{label} has {len(ids)} tokens, fewer than one window of {span}; use a longer text or "
-                        "shorter windows.")
+        raise DataError(f"{label} has {len(ids)} tokens, fewer than one window of {span}{_bos_note(bos)}; use a "
+                        "longer text or shorter windows.")
     if max_windows is not None:
         n = min(n, int(max_windows))
     rows = ids[: n * span].view(n, span)

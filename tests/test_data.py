@@ -104,6 +104,8 @@ def test_text_too_short_is_a_clear_error(tok):
         eval_windows(tok, "Only a few words here.", seqlen=512)
     with pytest.raises(ValueError, match=r"has \d+ tokens, fewer than one window of 256"):
         calibration_batches(tok, "Too short.", seqlen=256)
+    with pytest.raises(ValueError, match=r"fewer than one window of 63 \(plus the BOS token each window starts with"):
+        eval_windows(tok, "Only a few words here.", seqlen=64, bos=True)
 
 
 def test_bad_sources_raise_data_errors(tmp_path):
