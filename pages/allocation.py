@@ -288,11 +288,11 @@ table = pd.DataFrame(points, columns=["depth", "sparsity"])
 editor_key = "alloc_table_" + hashlib.sha1(json.dumps(points).encode()).hexdigest()[:10]
 edited = st.data_editor(
     table, key=editor_key, num_rows="dynamic", hide_index=True,
+    # no min/max in the columns: the grid would drop a value typed outside them (1.3) or its minus sign (-0.5 as
+    # 0.5) without a word; clamp_points below clamps such values and says so
     column_config={
-        "depth": st.column_config.NumberColumn("depth (0 = first block, 1 = last)", min_value=0.0, max_value=1.0,
-                                               step=0.01, format="%.3f"),
-        "sparsity": st.column_config.NumberColumn("sparsity", min_value=0.0, max_value=Y_MAX, step=0.01,
-                                                  format="%.3f"),
+        "depth": st.column_config.NumberColumn("depth (0 = first block, 1 = last)", step=0.01, format="%.3f"),
+        "sparsity": st.column_config.NumberColumn("sparsity", step=0.01, format="%.3f"),
     },
 )
 new_points, clamped = clamp_points(edited.to_numpy().tolist(), Y_MAX)
