@@ -242,11 +242,15 @@ def find_layers(model: nn.Module, include_outside: bool = True) -> list[LayerRef
                 if not (_is_matrix_module(mod) or _is_router_module(sub, mod)):
                     continue
                 name = f"{prefix}.{b}.{sub}"
-                kind = sub.split(".")[-1]
+                parts = sub.split(".")
+                kind = parts[-1]
+                if len(parts) > 1 and parts[-2].startswith("shared_expert"):  # Qwen-MoE's, DeepSeek's: not the
+                    kind = f"{parts[-2]}.{kind}"  # routed experts' (experts.*) nor a dense MLP's gate_proj
                 transposed = type(mod).__name__ == "Conv1D"
                 r, c = mod.weight.shape[::-1] if transposed else mod.weight.shape
-                router = any(part in ROUTERS for part in sub.split(".")[-2:])
-                refs.append(LayerRef(name, b, kind, _group(name, kind), int(r), int(c), not router, transposed, mod))
+                router = any(part in ROUTERS for part in parts[-2:])
+                refs.append(LayerRef(name, b, kind, _group(name, parts[-1]), int(r), int(c), not router, transposed,
+                                     mod))
     if include_outside:
         emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None

@@ -414,8 +414,8 @@ def _fit_row(eigs: np.ndarray, whole: np.ndarray, fit: str, known_status: str | 
 
 CHUNK_ELEMENTS = 1 << 22  # entries per streamed slice: 32 MiB in float64
 # bump when the cached files' layout or the metrics' meaning changes (2: fused MoE experts listed; 3: normalize
-# divides by the long side; 4: FARMS's norm metrics are the whole matrix's)
-CACHE_VERSION = 4
+# divides by the long side; 4: FARMS's norm metrics are the whole matrix's; 5: shared experts' kinds)
+CACHE_VERSION = 5
 
 
 class NotStreamable(CheckpointError):

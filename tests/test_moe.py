@@ -90,7 +90,8 @@ def test_every_expert_projection_is_a_matrix_named_as_in_the_checkpoint(tmp_path
     refs = [r for r in prunable_layers(model) if r.block == 0]
     assert [r.kind for r in refs] == ["q_proj", "k_proj", "v_proj", "o_proj"] + \
         ["experts.gate_proj", "experts.up_proj", "experts.down_proj"] * 4 + \
-        ["gate_proj", "up_proj", "down_proj"]
+        ["shared_expert.gate_proj", "shared_expert.up_proj", "shared_expert.down_proj"]  # a kind of their own
+    assert {r.group for r in refs[4:]} == {"mlp"}
     gate = [r for r in find_layers(model) if r.kind == "shared_expert_gate"]
     assert len(gate) == 2 and not any(r.prunable for r in gate)  # a gating vector: listed, not pruned
     routers = [r for r in find_layers(model) if r.kind == "gate"]  # transformers 5's top-k router: not a Linear
