@@ -96,7 +96,8 @@ rowwise = st.selectbox("Row-wise sparsity", ["none", *ROWWISE], key="prune_rowwi
                        disabled=nm != "unstructured",
                        help="none: every row of a matrix loses the same fraction; trim (TRIM, Beck et al. 2025): "
                             "rows whose output survives pruning well lose more, the others less, each matrix "
-                            "keeping its ratio (a few extra pruning passes per matrix).")
+                            "keeping its ratio. It costs a few extra pruning passes per matrix: with SparseGPT, "
+                            "each is a reconstruction, so the prune takes several times longer.")
 epsilon = ALLOC_DEFAULT.epsilon
 if allocation in SPECTRA_METHODS:
     epsilon = st.slider("ε (spread of the α-guided ratios)", 0.0, 0.9, ALLOC_DEFAULT.epsilon, 0.05, key="prune_epsilon")
