@@ -690,13 +690,16 @@ def _run_settings(args: argparse.Namespace) -> RunSettings:
 
 
 RERUN_KEEPS = ("--device", "--dtype", "--device-map", "--trust-remote-code")  # how it runs, not what it computes
+# allocations a rerun takes from the record: a file may have changed since, a drawn curve's per-matrix offsets are
+# not among the settings, and a search (deterministic for its seed) costs minutes
+RERUN_OWN_COPY = ("file", "custom", "auto")
 
 
 def _rerun_settings(args: argparse.Namespace) -> tuple[RunSettings, dict]:
     """The settings of the run record --rerun names (prune --out, runs --show), and the record. The run prunes
-    with the record's own allocation when it came from a file (the file may have changed since); a method
-    computes it again, deterministically. Only RERUN_KEEPS may be given beside it (trust_remote_code is never
-    taken from a file)."""
+    with the record's own allocation where RERUN_OWN_COPY says so; uniform, AlphaPruning, FARMS and OWL are
+    computed again (deterministic). Only RERUN_KEEPS may be given beside it (trust_remote_code is never taken
+    from a file)."""
     path = Path(args.rerun).expanduser()
     try:
         record = json.loads(path.read_text())
@@ -718,8 +721,9 @@ def _rerun_settings(args: argparse.Namespace) -> tuple[RunSettings, dict]:
         if _typed(args, "--dtype"):
             model = replace(model, dtype=given.dtype)
         settings = replace(settings, model=model)
-        if settings.allocation.method == "file":
-            settings = replace(settings, allocation=replace(settings.allocation, file=str(path)))
+        if settings.allocation.method in RERUN_OWN_COPY:
+            settings = replace(settings, allocation=AllocationSettings(method="file", file=str(path),
+                                                                       sparsity=settings.allocation.sparsity))
         settings.check()
     except SettingsError as e:
         raise UsageError(f"--rerun: {args.rerun}: {e.field or 'a setting'}: {e}") from None

@@ -203,6 +203,15 @@ def test_cli_prune_reruns_a_record_with_its_settings_and_its_own_allocation(tmp_
     assert rerun["pruned_ppl"] == rec["pruned_ppl"] and rerun["dense_ppl"] == rec["dense_ppl"]
     assert rerun["achieved"]["per_layer"] == rec["achieved"]["per_layer"]
     assert f"the record: perplexity {rec['dense_ppl']:.3f} -> {rec['pruned_ppl']:.3f}" in out
+    # a curve drawn on the Allocation page: its per-matrix offsets are not among the settings, so the rerun takes
+    # the record's own ratios, not a curve computed from the points alone
+    page = json.loads(first.read_text())
+    page["config"]["settings"]["allocation"].update(method="custom", file=None, points=[[0, 0.9], [1, 0.9]])
+    drawn = tmp_path / "page.json"
+    drawn.write_text(json.dumps(page))
+    assert cli.main(["prune", "--rerun", str(drawn), "--db", str(db), "--out", str(again)]) == 0
+    assert json.loads(again.read_text())["pruned_ppl"] == rec["pruned_ppl"]
+    capsys.readouterr()
     # a setting typed beside it would be ignored: refused; how it runs may change
     assert cli.main(["prune", "--rerun", str(first), "--sparsity", "0.3", "--method", "magnitude"]) == 2
     err = capsys.readouterr().err
