@@ -244,8 +244,8 @@ if refused:
 dense = peek_dense_ppl_job(calibration.source, evaluation)
 zero = weights_zero_fraction(*session_weights(work, loaded.model))
 st.markdown(f"**Your weights:** {work.describe()} · {zero:.1%} of prunable weights are zero")
-waiting = work.gate.queue()
 work.gate.reclaim()  # a lease of a closed tab is given back before it is shown as held
+waiting = work.gate.queue()
 if work.gate.holder == work.owner:
     st.info(f"The shared model is pruned in place for you (no room for a private copy): {len(waiting)} job(s) "
             "of other sessions that need the dense weights wait until you restore them (Restore dense).")
