@@ -161,6 +161,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _model_settings(args: argparse.Namespace) -> ModelSettings:
+    if getattr(args, "device_map", None) == "auto" and _typed(args, "--device"):
+        raise UsageError("--device: --device-map auto places the weights itself (GPUs, then the CPU), so --device "
+                         "would be ignored; drop one of them")
     device = DEVICE_MAP_AUTO if getattr(args, "device_map", None) == "auto" else args.device
     return ModelSettings(args.model, device, args.dtype, args.trust_remote_code)
 
@@ -1050,6 +1053,8 @@ def _checked_table_out(args: argparse.Namespace) -> bool:
     if args.out and Path(args.out).suffix.lower() not in (".csv", ".json", ".txt", ""):
         raise UsageError(f"--out: {args.out}: {args.command} writes CSV or JSON; name the file .csv or .json")
     _checked_outputs(args, {"--out": args.out})
+    if getattr(args, "json", False) and (args.out or "").lower().endswith(".csv"):
+        raise UsageError(f"--json: --out {args.out} names a CSV file; name it .json, or drop --json")
     return (args.out or "").lower().endswith(".json")
 
 
@@ -1072,7 +1077,7 @@ def cmd_spectra(args: argparse.Namespace) -> int:
         check_fit(settings.fit, args.min_tail)
     except FitError as e:
         raise UsageError(f"--min-tail: {e}") from None
-    as_json = args.json or _checked_table_out(args)
+    as_json = _checked_table_out(args) or args.json  # (checked with --json too)
     model = _model_settings(args).check()
     folder = _checkpoint_folder(model)  # checked (headers only) before the progress bar appears
     kwargs = dict(fit=settings.fit, farms=settings.farms, normalize=settings.normalize,

@@ -527,14 +527,26 @@ class MemoryEstimate:
         if need <= free and (device.type == "cpu" or self.prunable <= host):
             return None
         where = f"{_size(need)} on {device} ({_size(self.weights)} weights + "
-        where += f"{_size(self.working)} calibration activations and SparseGPT Hessians"
+        where += f"{_size(self.activations)} activations (a calibration pass or an evaluation batch's logits, the "
+        where += f"larger) + {_size(self.hessians)} SparseGPT Hessians"
         where += f" + {_size(self.prunable)} original values of the pruned matrices)" if device.type == "cpu" else \
             f") and {_size(self.prunable)} of host memory for the original values of the pruned matrices"
         short = f"{_size(need - free)} short" if need > free else f"{_size(self.prunable - host)} short on the host"
         return (f"{title} cannot be loaded and pruned here: it needs {where}, but only {_size(free)} "
                 f"{'' if device.type == 'cpu' else f'on {device} and {_size(host)} on the host '}"
-                f"are free ({short}). Choose bfloat16, fewer or shorter calibration samples, {DEVICE_MAP_AUTO} "
-                f"(no pruning of offloaded weights), or free memory.")
+                f"are free ({short}). Choose a 16-bit dtype (bfloat16) if it is not one, fewer or shorter calibration "
+                f"samples, shorter evaluation windows or batches, or {DEVICE_MAP_AUTO} (--device-map auto: the "
+                "weights spread over the GPUs and the CPU; those it puts on disk can be evaluated, not pruned), or "
+                "free memory.")
+
+
+OFFLOADED = (f"This model's weights are partly offloaded ({DEVICE_MAP_AUTO} put some on disk): they can be "
+             "evaluated, not pruned. Load it on one device, or with more memory free, to prune it.")
+
+
+def offloaded(model: nn.Module) -> bool:
+    """Whether accelerate offloaded some weights to disk (they sit on the meta device between forwards)."""
+    return any(p.device.type == "meta" for p in model.parameters())
 
 
 def _size(n_bytes: float) -> str:

@@ -34,9 +34,9 @@ from analysis.data import (
 )
 from analysis.evaluation import PplUpdate, perplexity
 from analysis.layers import layer_table, prunable_layers, zero_fraction
-from analysis.loading import LoadedModel, ModelLoadError, model_identity
+from analysis.loading import OFFLOADED, LoadedModel, ModelLoadError, model_identity, offloaded
 from analysis.owl import collect_outlier_ratios
-from analysis.pruners import parse_nm
+from analysis.pruners import PruneError, parse_nm
 from analysis.pruning import PruneReport, check_finite, prune, prune_warnings
 from analysis.runtime import ProgressFn, StopFlag, should_stop
 from analysis.search import OnBest, gone_on, reuse_caveats, search_allocation
@@ -426,7 +426,9 @@ def run(loaded: LoadedModel, settings: RunSettings, *, progress: ProgressFn | No
     evaluation is then skipped. The settings are checked against the model (settings.check_model) first."""
     settings.check()
     settings.check_model(loaded.preview())
-    if not loaded.info.device_map:  # (offloaded weights are not read twice: prune_layer checks each matrix)
+    if offloaded(loaded.model):  # the walker reads every weight it prunes, and those sit on disk
+        raise PruneError(OFFLOADED)
+    if not loaded.info.device_map:  # (weights accelerate placed: prune_layer checks each matrix)
         check_finite(loaded.model)  # before the dense evaluation, which a NaN would spend in vain
     caveats = run_caveats(settings, loaded)  # before anything prunes, which may take hours
     if on_caveat:

@@ -29,7 +29,7 @@ from analysis.allocation import Allocation
 from analysis.evaluation import PplUpdate, default_batch_size, perplexity_stream
 from analysis.jobs import DONE, Job, JobCancelled
 from analysis.layers import module_device
-from analysis.loading import MemoryEstimate, available_memory_bytes, memory_estimate
+from analysis.loading import OFFLOADED, MemoryEstimate, available_memory_bytes, memory_estimate, offloaded
 from analysis.owl import collect_outlier_ratios
 from analysis.pipeline import (
     Timer,
@@ -306,9 +306,8 @@ def lease_problem(model: nn.Module, need: MemoryEstimate) -> str | None:
     """Why even a prune in place does not fit (no room on the host for the original values of the
     prunable matrices, or on the device for the working memory), or None."""
     dev, gib = module_device(model), 2.0 ** 30
-    if any(p.device.type == "meta" for p in model.parameters()):
-        return ("This model's weights are partly offloaded (device_map=auto put some on disk): they "
-                "cannot be pruned in place. Load it on one device to prune it.")
+    if offloaded(model):
+        return OFFLOADED
     host = need.prunable + (need.working if dev.type == "cpu" else 0)
     if host <= available_memory_bytes("cpu") and (dev.type == "cpu" or need.working <= available_memory_bytes(dev)):
         return None

@@ -190,6 +190,8 @@ CLI_CASES = [
     ("spectra --out {bad}/file/metrics.json", "--out: cannot write {bad}/file/metrics.json: {bad}/file is a file, "
                                               "not a folder"),
     ("spectra --out {bad}/folder", "--out: {bad}/folder is a folder, not a file"),
+    ("spectra --out {bad}/m.csv --json", "--json: --out {bad}/m.csv names a CSV file; name it .json, or drop --json"),
+    (f"prune {TINY} --device cpu --device-map auto", "--device: --device-map auto places the weights itself"),
     ("allocate --method uniform --sparsity 0.5 --out {bad}/file/a.json", "--out: cannot write {bad}/file/a.json"),
     ("prune --out {bad}/file/run.json", "--out: cannot write {bad}/file/run.json"),
     (f"prune {TINY} --db {{bad}}/not-a-store.sqlite", "--db: {bad}/not-a-store.sqlite is not a run store (file is "

@@ -14,6 +14,8 @@ from analysis.evaluation import perplexity
 from analysis.jobs import CANCELLED, DONE, ERROR, Job
 from analysis.layers import zero_fraction
 from analysis.loading import MEMORY_LIMIT_ENV, cached_checkpoints, estimate_memory, load_model
+from analysis.pipeline import run
+from analysis.pruners import PruneError
 from analysis.session import (
     ModelGate,
     WorkingCopy,
@@ -262,6 +264,8 @@ def test_device_map_auto_with_disk_offload_evaluates_like_a_resident_model(tiny_
     assert perplexity(spread.model, windows) == pytest.approx(expected, rel=1e-6)
     assert perplexity(offloaded.model, windows) == pytest.approx(expected, rel=1e-6)
     assert "offloaded" in lease_problem(offloaded.model, prune_need(offloaded.model, SETTINGS))
+    with pytest.raises(PruneError, match="partly offloaded .* they can be evaluated, not pruned"):
+        run(offloaded, SETTINGS)  # a one-line error, not a meta-tensor traceback from the block walker
 
 
 def hf_cache_with_tiny(root, tiny_dir):
