@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
+import torch
 from tqdm import tqdm
 
 from analysis.allocation import METHODS as ALLOCATION_CHOICES
@@ -730,6 +731,12 @@ def _rerun_settings(args: argparse.Namespace) -> tuple[RunSettings, dict]:
         settings.check()
     except SettingsError as e:
         raise UsageError(f"--rerun: {args.rerun}: {e.field or 'a setting'}: {e}") from None
+    threads = record["config"].get("torch_threads")
+    if isinstance(threads, int) and threads > 0 and threads != torch.get_num_threads():
+        # SparseGPT's masks change with the BLAS's rounding, which changes with the thread count (README, Sweeps)
+        print(f"note: --rerun: torch on {threads} thread(s), as the record ran (not {torch.get_num_threads()})",
+              file=sys.stderr)
+        torch.set_num_threads(threads)
     return settings, record
 
 

@@ -69,9 +69,10 @@ trust = c3.checkbox("Trust remote code", value=False, key="model_trust",
                     help="Run Python code shipped with the model repository. Only for repositories you trust.")
 estimate_slot = st.empty()  # filled at the end of the script, so the Load button shows at once
 
-key = (source, device, dtype, bool(trust))
 on_gpu = device == "cuda" or (device in ("auto", DEVICE_MAP_AUTO) and "cuda" in devices)
 load_dtype = dtype if dtype != "auto" else ("bfloat16" if on_gpu else "float32")
+# "auto" resolved, so that auto and the choice it stands for are one shared model (and one lease), not two loads
+key = (source, ("cuda" if on_gpu else "cpu") if device == "auto" else device, load_dtype, bool(trust))
 
 
 @st.cache_data(show_spinner=False, max_entries=64)

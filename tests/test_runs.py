@@ -212,6 +212,19 @@ def test_cli_prune_reruns_a_record_with_its_settings_and_its_own_allocation(tmp_
     assert cli.main(["prune", "--rerun", str(drawn), "--db", str(db), "--out", str(again)]) == 0
     assert json.loads(again.read_text())["pruned_ppl"] == rec["pruned_ppl"]
     capsys.readouterr()
+    # SparseGPT's result changes with the thread count: a rerun uses the record's
+    import torch
+
+    threads = torch.get_num_threads()
+    page["config"]["torch_threads"] = threads + 1
+    drawn.write_text(json.dumps(page))
+    try:
+        assert cli.main(["prune", "--rerun", str(drawn), "--db", str(db)]) == 0
+        assert torch.get_num_threads() == threads + 1
+    finally:
+        torch.set_num_threads(threads)
+    assert f"note: --rerun: torch on {threads + 1} thread(s), as the record ran (not {threads})" in \
+        capsys.readouterr().err
     # a setting typed beside it would be ignored: refused; how it runs may change
     assert cli.main(["prune", "--rerun", str(first), "--sparsity", "0.3", "--method", "magnitude"]) == 2
     err = capsys.readouterr().err
