@@ -296,13 +296,16 @@ edited = st.data_editor(
     },
 )
 new_points, clamped = clamp_points(edited.to_numpy().tolist(), Y_MAX)
-if new_points != points:
-    if len(new_points) >= 2:
-        st.session_state[POINTS_KEY] = points = new_points
-        if clamped:
-            st.info(f"Values outside depth 0–1 or sparsity 0–{Y_MAX:g} were clamped.")
-    else:
-        st.warning("Keep at least two control points.")
+if new_points != points and len(new_points) >= 2:
+    st.session_state[POINTS_KEY] = points = new_points
+    edits = st.session_state.get(editor_key) or {}
+    if any(edits.get(k) for k in ("edited_rows", "added_rows", "deleted_rows")):
+        st.session_state["_alloc_table_clamped"] = clamped
+        st.rerun()  # the table under its new key now: the next edit, made on this one, would be dropped
+elif new_points != points:
+    st.warning("Keep at least two control points.")
+if st.session_state.pop("_alloc_table_clamped", False) or clamped:
+    st.info(f"Values outside depth 0–1 or sparsity 0–{Y_MAX:g} were clamped.")
 
 kept = st.session_state.get(OFFSETS_KEY)
 offsets = kept["offsets"] if kept and kept["model"] == loaded.info.source else None

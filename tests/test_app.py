@@ -348,6 +348,7 @@ def test_allocation_presets_and_json(app):
     assert app.radio(key="alloc_mode").value == "normalized to target"
     assert app.session_state["alloc_custom"].per_layer == pytest.approx(saved.per_layer)
     assert any(i.value == "The target is now 60%, the one saved.json was normalized to." for i in app.info)
+    app.slider(key="alloc_target").set_value(0.5).run()  # the default again, for the tests that share the app
 
 
 def test_allocation_per_matrix_offsets(app):
