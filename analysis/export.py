@@ -98,8 +98,9 @@ def check_destination(out_dir: str | Path, overwrite: bool = False, inputs: dict
     no other files; creatable; and holding none of `inputs` (what -> a file or folder the run reads, e.g.
     the loaded model's own folder). Raises ExportError. Cheap: call it before pruning."""
     out = Path(out_dir).expanduser()
+    folder = out.resolve()
     for what, source in (inputs or {}).items():
-        source, folder = Path(source).expanduser().resolve(), out.resolve()
+        source = Path(source).expanduser().resolve()
         if source == folder or folder in source.parents:
             raise ExportError(f"{out_dir} holds what {what} reads ({source}), which saving would replace; save it "
                               "elsewhere")

@@ -526,14 +526,15 @@ class MemoryEstimate:
         need = self.weights + self.working + (self.prunable if device.type == "cpu" else 0)
         if need <= free and (device.type == "cpu" or self.prunable <= host):
             return None
-        where = f"{_size(need)} on {device} ({_size(self.weights)} weights + "
-        where += f"{_size(self.activations)} activations (a calibration pass or an evaluation batch's logits, the "
-        where += f"larger) + {_size(self.hessians)} SparseGPT Hessians"
-        where += f" + {_size(self.prunable)} original values of the pruned matrices)" if device.type == "cpu" else \
-            f") and {_size(self.prunable)} of host memory for the original values of the pruned matrices"
-        short = f"{_size(need - free)} short" if need > free else f"{_size(self.prunable - host)} short on the host"
-        return (f"{title} cannot be loaded and pruned here: it needs {where}, but only {_size(free)} "
-                f"{'' if device.type == 'cpu' else f'on {device} and {_size(host)} on the host '}"
+        size = format_bytes
+        where = f"{size(need)} on {device} ({size(self.weights)} weights + {size(self.activations)} activations (a "
+        where += f"calibration pass or an evaluation batch's logits, the larger) + {size(self.hessians)} SparseGPT "
+        where += "Hessians"
+        where += f" + {size(self.prunable)} original values of the pruned matrices)" if device.type == "cpu" else \
+            f") and {size(self.prunable)} of host memory for the original values of the pruned matrices"
+        short = f"{size(need - free)} short" if need > free else f"{size(self.prunable - host)} short on the host"
+        return (f"{title} cannot be loaded and pruned here: it needs {where}, but only {size(free)} "
+                f"{'' if device.type == 'cpu' else f'on {device} and {size(host)} on the host '}"
                 f"are free ({short}). Choose a 16-bit dtype (bfloat16) if it is not one, fewer or shorter calibration "
                 f"samples, shorter evaluation windows or batches, or {DEVICE_MAP_AUTO} (--device-map auto: the "
                 "weights spread over the GPUs and the CPU; those it puts on disk can be evaluated, not pruned), or "
@@ -549,7 +550,7 @@ def offloaded(model: nn.Module) -> bool:
     return any(p.device.type == "meta" for p in model.parameters())
 
 
-def _size(n_bytes: float) -> str:
+def format_bytes(n_bytes: float) -> str:
     """Bytes for a message: GiB with two decimals, MiB below 1 GiB (a 0.12 GiB need beside 0.12 GiB free
     said nothing)."""
     return f"{n_bytes / 2**30:.2f} GiB" if abs(n_bytes) >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"

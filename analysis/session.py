@@ -29,7 +29,14 @@ from analysis.allocation import Allocation
 from analysis.evaluation import PplUpdate, default_batch_size, perplexity_stream
 from analysis.jobs import DONE, Job, JobCancelled
 from analysis.layers import module_device
-from analysis.loading import OFFLOADED, MemoryEstimate, available_memory_bytes, memory_estimate, offloaded
+from analysis.loading import (
+    OFFLOADED,
+    MemoryEstimate,
+    available_memory_bytes,
+    format_bytes,
+    memory_estimate,
+    offloaded,
+)
 from analysis.owl import collect_outlier_ratios
 from analysis.pipeline import (
     Timer,
@@ -305,17 +312,17 @@ def prune_device(model: nn.Module) -> torch.device:
 def lease_problem(model: nn.Module, need: MemoryEstimate) -> str | None:
     """Why even a prune in place does not fit (no room on the host for the original values of the
     prunable matrices, or on the device for the working memory), or None."""
-    dev, gib = module_device(model), 2.0 ** 30
+    dev = module_device(model)
     if offloaded(model):
         return OFFLOADED
     host = need.prunable + (need.working if dev.type == "cpu" else 0)
     if host <= available_memory_bytes("cpu") and (dev.type == "cpu" or need.working <= available_memory_bytes(dev)):
         return None
     return (f"Not enough memory to prune: there is no room for a private copy, and a prune in place "
-            f"needs {need.prunable / gib:.2f} GiB of host memory for the original values of the pruned "
-            f"matrices and {need.working / gib:.2f} GiB on {dev} for calibration activations and "
-            f"Hessians, but only {available_memory_bytes('cpu') / gib:.2f} GiB (host) / "
-            f"{available_memory_bytes(dev) / gib:.2f} GiB ({dev}) are free. Use fewer or shorter "
+            f"needs {format_bytes(need.prunable)} of host memory for the original values of the pruned "
+            f"matrices and {format_bytes(need.working)} on {dev} for calibration activations and "
+            f"Hessians, but only {format_bytes(available_memory_bytes('cpu'))} (host) / "
+            f"{format_bytes(available_memory_bytes(dev))} ({dev}) are free. Use fewer or shorter "
             f"calibration samples, or free memory.")
 
 

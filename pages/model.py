@@ -11,6 +11,7 @@ from analysis.loading import (
     ModelLoadError,
     cached_checkpoints,
     estimate_memory,
+    format_bytes,
     hf_cache_dir,
     pick_device,
     resolve_source,
@@ -152,10 +153,10 @@ if source and (problem := _source_problem(source)):
 elif source:
     est = _estimate(source, load_dtype, calibration.n_samples, calibration.seqlen, 8 if on_gpu else 1)
     estimate_slot.caption(
-        f"Estimated memory: **{est.weights / 2**30:.2f} GiB** of weights as {load_dtype}; pruning adds up to "
-        f"{est.working / 2**30:.2f} GiB of calibration activations and SparseGPT Hessians on the device "
+        f"Estimated memory: **{format_bytes(est.weights)}** of weights as {load_dtype}; pruning adds up to "
+        f"{format_bytes(est.working)} of calibration activations and SparseGPT Hessians on the device "
         f"({calibration.n_samples} x {calibration.seqlen} tokens, the Prune page's setting), and "
-        f"{est.prunable / 2**30:.2f} GiB of host memory for the original values of the pruned matrices when "
+        f"{format_bytes(est.prunable)} of host memory for the original values of the pruned matrices when "
         "no private copy fits." if est
         else "Memory estimate unavailable (config not reachable); loading will report any problem."
     )
