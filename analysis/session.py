@@ -19,7 +19,7 @@ import gc
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -54,6 +54,8 @@ from analysis.zeroshot import evaluate as zeroshot_evaluate
 
 WAIT_POLL_S = 0.25  # how often a waiting job re-checks its cancel flag and its queue position
 RECLAIM_S = 5.0  # how often a held lease may cost a cycle collection (ModelGate.reclaim)
+ABANDON_S = 30.0  # how long a lease holder's session may be disconnected before waiters take the lease back
+# (a dropped connection comes back within seconds; a closed tab or a reload never does)
 
 
 class ModelGate:
@@ -72,16 +74,37 @@ class ModelGate:
         self.until = ""  # what the waiters wait for, e.g. "session 3f2a9c's pruned weights to be restored"
         self.dense_zero_fraction: float | None = None  # of the dense weights, set by whoever loaded them
         self._reclaimed = 0.0  # time.monotonic() of the last reclaim
+        self._holder_copy: weakref.ref | None = None  # the WorkingCopy holding the lease, when a session holds it
+        self._gone_since: float | None = None  # since when the holder's session has been seen disconnected
 
     def reclaim(self) -> None:
-        """Give back a lease whose session is gone. Its WorkingCopy gives the weights back when collected
-        (WorkingCopy.lease), but a closed tab's state sits in reference cycles, which only the cycle collector
-        frees, and the frozen model makes its full passes rare: minutes went by with others waiting. So while
-        a lease is held, collect now, at most every RECLAIM_S."""
+        """Give back a lease whose session is gone (called by waiters, at most every RECLAIM_S).
+
+        Two ways a session goes: Streamlit keeps a closed or reloaded tab's session for a reconnection
+        that never comes, so its state is never garbage; the holder's `connected` check says so, and
+        after ABANDON_S disconnected its job is cancelled and its weights restored (WorkingCopy.abandon).
+        A session Streamlit did drop gives the weights back when its WorkingCopy is collected, but its
+        state sits in reference cycles and the frozen model makes full collections rare: so collect."""
         now = time.monotonic()
-        if self.holder is not None and now - self._reclaimed >= RECLAIM_S:
-            self._reclaimed = now
-            gc.collect()
+        if self.holder is None or now - self._reclaimed < RECLAIM_S:
+            return
+        self._reclaimed = now
+        self._check_holder(now)
+        gc.collect()
+
+    def _check_holder(self, now: float) -> None:
+        """Abandon the holder's WorkingCopy once it has been disconnected for ABANDON_S (its own
+        function: a reference to it held while collecting would keep a dropped session alive)."""
+        work = self._holder_copy() if self._holder_copy is not None else None
+        if work is None or work.owner != self.holder or work.abandoned:
+            return
+        if work.connected():
+            self._gone_since = None
+        elif self._gone_since is None:
+            self._gone_since = now
+        elif now - self._gone_since >= ABANDON_S:
+            work.abandon(f"{work.owner} was disconnected for {now - self._gone_since:.0f} s while it held the "
+                         "shared model, pruned in place: its weights were restored for the others")
 
     def _may_go(self, ticket: object, exclusive: bool) -> bool:
         if self.holder is not None:
@@ -137,16 +160,18 @@ class ModelGate:
                     self._readers -= 1
                     self._cond.notify_all()
 
-    def lease(self, who: str, until: str, job: Job | None = None) -> None:
+    def lease(self, who: str, until: str, job: Job | None = None, copy: WorkingCopy | None = None) -> None:
         """Wait for exclusive use of the weights (see `reading` for the waiting), for `who`;
-        `until` tells the waiters what they wait for."""
+        `until` tells the waiters what they wait for; `copy`: the session's WorkingCopy that leases
+        them, which `reclaim` asks whether its session is still there."""
         self._enter(True, who, job, until=until)
+        self._holder_copy, self._gone_since = (weakref.ref(copy) if copy is not None else None), None
 
     def release(self, who: str) -> None:
         with self._cond:
             if self.holder != who:
                 raise RuntimeError(f"{who} does not hold the model (held by {self.holder})")
-            self.holder = None
+            self.holder, self._holder_copy = None, None
             self._cond.notify_all()
 
     def queue(self) -> list[str]:
@@ -162,13 +187,17 @@ class WorkingCopy:
     `restore()` undoes a prune: a private copy gets the prunable weights back from the shared model;
     a lease copies the host snapshot of the original values back and releases the lease. `version`
     is bumped on every change of the weights (caches key on it); `label` says what the weights are
-    ("dense" or a short description of the last prune).
+    ("dense" or a short description of the last prune). `connected`: whether the owner's session is
+    still there (ModelGate.reclaim; None: always).
     """
 
-    def __init__(self, key: Any = None, gate: ModelGate | None = None, owner: str = "a session"):
+    def __init__(self, key: Any = None, gate: ModelGate | None = None, owner: str = "a session",
+                 connected: Callable[[], bool] | None = None):
         self.key = key
         self.gate = gate if gate is not None else ModelGate()
         self.owner = owner  # how other sessions' queue messages name this session
+        self.connected = connected if connected is not None else lambda: True
+        self.abandoned = ""  # why the weights were given back while the owner was away (see abandon), or ""
         self.model = None  # the private copy, or the shared model while leased
         self.dense = None  # where restore() copies from: a view of the shared model, or the host snapshot
         self.leased = False
@@ -209,7 +238,8 @@ class WorkingCopy:
         """Wait for the shared model's lease, then keep the original prunable weights on the host.
         A session that goes away while leasing (its tab closed: Streamlit drops its state) gives the
         dense weights back when this object is collected, so the others do not wait forever."""
-        self.gate.lease(self.owner, f"{self.owner}'s pruned weights to be restored", job)
+        self.gate.lease(self.owner, f"{self.owner}'s pruned weights to be restored", job, copy=self)
+        self.abandoned = ""
         try:
             self.dense = DenseSnapshot.take(shared_model)
         except BaseException:
@@ -252,6 +282,20 @@ class WorkingCopy:
                 return
             self.label, self.allocation, self.run_id = "dense", None, None
             self.version += 1
+
+    def abandon(self, why: str = "") -> None:
+        """Cancel the owner's job, then free its weights (restoring a lease) once the job has let go of
+        them: in a thread, as the caller may be a waiter inside the gate. `why` is kept in `abandoned`
+        for the owner to read should it come back."""
+        self.abandoned = why or "abandoned"
+        if self.job is not None:
+            self.job.cancel()
+
+        def run() -> None:
+            with self.lock:
+                self.drop()
+
+        threading.Thread(target=run, name="drop-weights", daemon=True).start()
 
     def drop(self) -> None:
         """Free the copy's memory (restoring a lease first); the owner then reads the shared model."""
@@ -377,10 +421,10 @@ def search_job(job: Job, shared_model: nn.Module, gate: ModelGate, who: str, tok
     need = prune_need(shared_model, RunSettings(allocation=settings, calibration=calibration))
     model = _private_copy(shared_model, need, gate, who, job)
     if model is None:
-        gib = 2.0 ** 30
+        dev = module_device(shared_model)
         raise ValueError(f"The search needs a private copy of the model (it writes candidate weights into it): "
-                         f"{(need.weights + need.working) / gib:.2f} GiB on {module_device(shared_model)}, "
-                         f"where {available_memory_bytes(module_device(shared_model)) / gib:.2f} GiB are free. "
+                         f"{format_bytes(need.weights + need.working)} on {dev}, "
+                         f"where {format_bytes(available_memory_bytes(dev))} are free. "
                          "Free memory, or run it from the command line (python -m analysis allocate --method "
                          "auto), which searches on the model it loads.")
     calib = calibration_batch(tokenizer, calibration, eval_source, bos)

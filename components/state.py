@@ -25,6 +25,9 @@ from collections.abc import Callable
 from typing import Any
 
 import streamlit as st
+from streamlit.runtime import Runtime
+from streamlit.runtime import exists as runtime_exists
+from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 # analysis.loading imports transformers' Auto classes at module level: that resolves transformers'
 # lazy attributes once, at the app's first run, in one thread. Resolved lazily, two script threads
@@ -255,20 +258,21 @@ def session_work() -> WorkingCopy:
     work = st.session_state.get("work")
     if work is None or work.key != key:
         if work is not None:
-            if work.job is not None:
-                work.job.cancel()
-            _drop_when_idle(work)
-        work = st.session_state["work"] = WorkingCopy(key, model_gate(key) if key else None, session_label())
+            work.abandon()
+        work = st.session_state["work"] = WorkingCopy(key, model_gate(key) if key else None, session_label(),
+                                                      session_connected())
     return work
 
 
-def _drop_when_idle(work: WorkingCopy) -> None:
-    """Free a session's old weights (giving a lease back) once its job, if any, has let go of them."""
-    def run() -> None:
-        with work.lock:
-            work.drop()
-
-    threading.Thread(target=run, name="drop-weights", daemon=True).start()
+def session_connected() -> Callable[[], bool]:
+    """Whether this browser session is still connected: Streamlit keeps a closed or reloaded tab's
+    session (and its lease) for a reconnection that never comes (analysis.session.ModelGate.reclaim).
+    Always True without a server (AppTest)."""
+    runtime, ctx = Runtime.instance() if runtime_exists() else None, get_script_run_ctx()
+    if not isinstance(runtime, Runtime) or ctx is None:
+        return lambda: True
+    session_id = ctx.session_id
+    return lambda: runtime.is_active_session(session_id)
 
 
 def weights_zero_fraction(model, version: int = 0) -> float:

@@ -14,6 +14,7 @@ from analysis.loading import (
     format_bytes,
     hf_cache_dir,
     pick_device,
+    pick_dtype,
     resolve_source,
 )
 from components.state import is_loaded, load_shared_model, model_key, prune_data_settings, session_work, spectra_job
@@ -54,12 +55,7 @@ else:
     source = kind
 
 c1, c2, c3 = st.columns(3)
-try:
-    import torch
-
-    devices = ["auto", "cpu"] + (["cuda"] if torch.cuda.is_available() else []) + [DEVICE_MAP_AUTO]
-except ImportError:  # pragma: no cover (torch is a hard requirement)
-    devices = ["auto", "cpu", DEVICE_MAP_AUTO]
+devices = ["auto", "cpu"] + (["cuda"] if pick_device().type == "cuda" else []) + [DEVICE_MAP_AUTO]
 device = c1.selectbox("Device", devices, key="model_device",
                       help=f"auto: CUDA when a GPU is visible, else CPU. {DEVICE_MAP_AUTO}: accelerate spreads the "
                            "weights over the visible GPUs, then the CPU, then disk, for models larger than one GPU "
@@ -70,10 +66,11 @@ trust = c3.checkbox("Trust remote code", value=False, key="model_trust",
                     help="Run Python code shipped with the model repository. Only for repositories you trust.")
 estimate_slot = st.empty()  # filled at the end of the script, so the Load button shows at once
 
-on_gpu = device == "cuda" or (device in ("auto", DEVICE_MAP_AUTO) and "cuda" in devices)
-load_dtype = dtype if dtype != "auto" else ("bfloat16" if on_gpu else "float32")
+resolved = pick_device(None if device in ("auto", DEVICE_MAP_AUTO) else device)
+on_gpu = resolved.type == "cuda"
+load_dtype = str(pick_dtype(dtype, resolved)).removeprefix("torch.")
 # "auto" resolved, so that auto and the choice it stands for are one shared model (and one lease), not two loads
-key = (source, ("cuda" if on_gpu else "cpu") if device == "auto" else device, load_dtype, bool(trust))
+key = (source, resolved.type if device == "auto" else device, load_dtype, bool(trust))
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -90,7 +87,7 @@ def _memory_problem() -> str | None:
     est = _estimate(source, load_dtype, calibration.n_samples, calibration.seqlen, 8 if on_gpu else 1)
     if est is None or device == DEVICE_MAP_AUTO or is_loaded(key):
         return None
-    return est.problem(pick_device("cuda" if on_gpu else "cpu"), f"'{source}'")
+    return est.problem(resolved, f"'{source}'")
 
 
 if st.button("Load model", type="primary", disabled=not source, key="model_load"):
@@ -114,7 +111,7 @@ if current is not None:
     info = loaded.info
     work = session_work()
     st.success(f"Loaded **{info.title}** on `{info.device}` as `{info.dtype}` in {info.load_seconds:.1f} s.")
-    st.caption("Weights live on: " + ", ".join(f"**{where}** {n / 2**30:.2f} GiB"
+    st.caption("Weights live on: " + ", ".join(f"**{where}** {format_bytes(n)}"
                                                for where, n in info.placement.items()))
     refs = find_layers(loaded.model)
     prunable = [r for r in refs if r.prunable]

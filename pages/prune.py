@@ -244,6 +244,8 @@ if refused:
 dense = peek_dense_ppl_job(calibration.source, evaluation)
 zero = weights_zero_fraction(*session_weights(work, loaded.model))
 st.markdown(f"**Your weights:** {work.describe()} · {zero:.1%} of prunable weights are zero")
+if work.abandoned and not work.leased:  # this session came back after the waiters took its lease
+    st.warning(f"While you were away: {work.abandoned}.")
 work.gate.reclaim()  # a lease of a closed tab is given back before it is shown as held
 waiting = work.gate.queue()
 if work.gate.holder == work.owner:

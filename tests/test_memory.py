@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from analysis import session
 from analysis.evaluation import perplexity
 from analysis.jobs import CANCELLED, DONE, ERROR, Job
 from analysis.layers import zero_fraction
@@ -156,6 +157,65 @@ def test_a_session_gone_while_leasing_gives_the_dense_weights_back(tiny, monkeyp
     again.restore()
     del again
     gc.collect()
+    assert gate.holder is None
+
+
+def test_a_disconnected_session_loses_its_lease_to_the_waiters(tiny, monkeypatch):
+    """Streamlit keeps a closed or reloaded tab's session for a reconnection (so its state is never
+    garbage): the waiters ask whether the holder is connected, and take the lease back after
+    ABANDON_S, cancelling its prune if one runs. A connected holder keeps it however long others wait."""
+    shared = tiny.model
+    dense = {k: v.clone() for k, v in shared.state_dict().items()}
+    monkeypatch.setenv(MEMORY_LIMIT_ENV, str(lease_only_limit(shared)))
+    monkeypatch.setattr(session, "RECLAIM_S", 0.0)
+    monkeypatch.setattr(session, "ABANDON_S", 0.3)
+    gate, here = ModelGate(), {"A": True}
+    a = WorkingCopy("k", gate, "session A", connected=lambda: here["A"])
+    a.job = Job(lambda j: prune_and_evaluate(j, a, shared, tiny.tokenizer, SETTINGS), name="prune").start()
+    assert a.job.wait(300) and a.job.status == DONE, a.job.traceback
+    assert a.leased and gate.holder == "session A"
+
+    c = WorkingCopy("k", gate, "session C")
+    waiting = Job(lambda j: c.lease(shared, j), name="lease").start()
+    time.sleep(1.0)  # many reclaims, each past ABANDON_S: a connected holder is never disconnected
+    assert gate.holder == "session A" and a.pruned and not a.abandoned
+    waiting.cancel()
+    assert waiting.wait(10) and waiting.status == CANCELLED
+
+    here["A"] = False  # the tab is closed: idle, pruned in place
+    c.job = Job(lambda j: c.lease(shared, j), name="lease").start()
+    assert c.job.wait(30) and c.job.status == DONE, c.job.traceback
+    assert gate.holder == "session C" and not a.pruned and not a.leased
+    assert "session A was disconnected for" in a.abandoned
+    assert all(torch.equal(v, dense[k]) for k, v in shared.state_dict().items())
+    c.restore()
+
+    here["A"] = True  # A comes back and prunes again; then its tab is reloaded in the middle of a prune
+    def prune_until_reloaded(j):
+        report = j.report
+
+        def on_report(msg, frac=None):
+            report(msg, frac)
+            if "block 2/" in msg:
+                here["A"] = False
+                t0 = time.time()
+                while not j.cancelled:  # the prune goes on until the waiters cancel it
+                    assert time.time() - t0 < 30
+                    time.sleep(0.05)
+        j.report = on_report
+        return prune_and_evaluate(j, a, shared, tiny.tokenizer, SETTINGS)
+
+    a.job = Job(prune_until_reloaded, name="prune").start()
+    while not a.leased:
+        assert not a.job.done, a.job.traceback
+        time.sleep(0.05)
+    assert a.abandoned == ""  # a new lease forgets the old notice
+    c.job = Job(lambda j: c.lease(shared, j), name="lease").start()
+    assert c.job.wait(60) and c.job.status == DONE, c.job.traceback
+    assert a.job.wait(10) and a.job.status == CANCELLED
+    assert gate.holder == "session C" and not a.pruned
+    assert all(torch.equal(v, dense[k]) for k, v in shared.state_dict().items())
+    c.restore()
     assert gate.holder is None
 
 
