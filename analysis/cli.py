@@ -111,14 +111,14 @@ FLAGS = {
     "allocation.search_verify": "--search-verify",
     "allocation.search_from": "--search-from", "allocation.search_then_steps": "--search-then-steps",
     "allocation.search_then_samples": "--search-then-samples",
-    "prune.method": "--method", "prune.nm": "--nm",
+    "prune.method": "--pruner", "prune.nm": "--nm",
     "prune.rowwise": "--rowwise", "calibration.source": "--calib",
     "calibration.n_samples": "--nsamples", "calibration.seqlen": "--seqlen", "calibration.seed": "--seed",
     "evaluation.source": "--eval", "evaluation.seqlen": "--eval-seqlen", "evaluation.max_windows": "--max-windows",
     "evaluation.batch_size": "--batch-size", "calibration.encoding": "--encoding", "evaluation.encoding": "--encoding",
     "model.device": "--device", "model.dtype": "--dtype",
     "zeroshot.tasks": "--tasks", "zeroshot.limit": "--limit",
-    "sweep.methods": "--methods", "sweep.allocations": "--allocations", "sweep.sparsities": "--sparsities",
+    "sweep.methods": "--pruners", "sweep.allocations": "--allocations", "sweep.sparsities": "--sparsities",
     "sweep.epsilons": "--epsilons", "sweep.owl_lambdas": "--owl-lambdas", "sweep.seeds": "--seeds",
     "sweep.workers": "--workers", "sweep.cpus_per_worker": "--cpus-per-worker", "sweep.address": "--address",
     "sweep.curves": "--curve", "sweep.rowwise": "--rowwise",
@@ -126,7 +126,10 @@ FLAGS = {
 # a sweep sets some settings through its grid options instead
 SWEEP_FLAGS = {"allocation.points": "--curve", "allocation.method": "--allocations", "allocation.file": "--allocations",
                "allocation.sparsity": "--sparsities", "allocation.epsilon": "--epsilons",
-               "allocation.owl_lambda": "--owl-lambdas", "prune.method": "--methods", "calibration.seed": "--seeds"}
+               "allocation.owl_lambda": "--owl-lambdas", "prune.method": "--pruners", "calibration.seed": "--seeds"}
+# each command's older name of an option -> the name every command now shares (both are accepted)
+OLD_NAMES = {"prune": {"--method": "--pruner"}, "eval": {"--method": "--pruner"}, "sweep": {"--methods": "--pruners"},
+             "allocate": {"--method": "--allocation"}}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -494,7 +497,7 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     points = None
     if args.method == "custom":
         if not args.points:
-            raise UsageError("--method custom needs --points, e.g. --points 0:0.5,0.5:0.7,1:0.8")
+            raise UsageError("--allocation custom needs --points, e.g. --points 0:0.5,0.5:0.7,1:0.8")
         points = tuple(parse_points(args.points))
         if args.sparsity is None and not args.as_drawn:
             raise UsageError("--sparsity is required unless --as-drawn")
@@ -541,7 +544,8 @@ def cmd_allocate(args: argparse.Namespace) -> int:
 def _add_allocate_parser(sub) -> None:
     p = _parser(sub, "allocate", "layerwise sparsity (uniform, alphapruning, farms, owl, custom) to JSON")
     _add_model_args(p)
-    p.add_argument("--method", default=AllocationSettings.method, choices=[*ALLOCATION_CHOICES, "auto"],
+    p.add_argument("--allocation", "--method", dest="method", default=AllocationSettings.method,
+                   choices=[*ALLOCATION_CHOICES, "auto"],
                    help="auto: search (analysis.search) with --pruner on the calibration text")
     p.add_argument("--pruner", default=PruneSettings.method, choices=list(PRUNERS),
                    help="auto: the pruner the search prunes with (the one the allocation will be used with)")
@@ -832,7 +836,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if alloc is None:  # (--calib is not among them: a text named for both is evaluated on its second half)
         c = CalibrationSettings
         ignored = [flag for flag, value, default in (
-            ("--method", args.method, PruneSettings.method), ("--nsamples", args.nsamples, c.n_samples),
+            ("--pruner", args.method, PruneSettings.method), ("--nsamples", args.nsamples, c.n_samples),
             ("--seqlen", args.seqlen, c.seqlen), ("--seed", args.seed, c.seed)) if value != default]
         if ignored:
             raise UsageError(f"{ignored[0]}: only eval --allocation prunes (and calibrates); without it the model is "
@@ -896,7 +900,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 def _add_prune_parsers(sub) -> None:
     p = _parser(sub, "prune", "allocate, prune, evaluate; writes a run record")
     _add_model_args(p)
-    p.add_argument("--method", default=PruneSettings.method, choices=list(PRUNERS))
+    p.add_argument("--pruner", "--method", dest="method", default=PruneSettings.method, choices=list(PRUNERS))
     p.add_argument("--allocation", default=None,
                    help=f"{', '.join(ALLOCATION_METHODS[:5])}, or an allocation JSON file (default: "
                         f"{AllocationSettings.method}; none with --nm)")
@@ -929,7 +933,7 @@ def _add_prune_parsers(sub) -> None:
     p = _parser(sub, "eval", "perplexity of a model, optionally pruned with an allocation JSON")
     _add_model_args(p)
     p.add_argument("--allocation", default=None, help="allocation JSON file to prune with first")
-    p.add_argument("--method", default=PruneSettings.method, choices=list(PRUNERS),
+    p.add_argument("--pruner", "--method", dest="method", default=PruneSettings.method, choices=list(PRUNERS),
                    help="pruner used with --allocation")
     _add_calib_args(p)
     _add_eval_args(p, "--text", "--eval")  # --eval as prune and sweep name it
@@ -1000,7 +1004,8 @@ def _add_sweep_parser(sub) -> None:
     p = _parser(sub, "sweep", "prune runs over a grid (pruners x row-wise x allocations x sparsities x epsilons "
                               "x seeds)")
     _add_model_args(p)
-    p.add_argument("--methods", default=PruneSettings.method, help=f"pruners, comma-separated: {', '.join(PRUNERS)}")
+    p.add_argument("--pruners", "--methods", dest="methods", default=PruneSettings.method,
+                   help=f"comma-separated: {', '.join(PRUNERS)}")
     p.add_argument("--allocations", default=AllocationSettings.method,
                    help=f"comma-separated: {', '.join(ALLOCATION_METHODS[:5])} or allocation JSON files "
                         "(auto: the allocation search, with the seed of each calibration sample)")
@@ -1166,7 +1171,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     typed = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    args.typed = {a.split("=")[0] for a in typed if a.startswith("--")}  # the options given, not defaulted
+    old = OLD_NAMES.get(args.command, {})
+    args.typed = {old.get(f, f) for a in typed if a.startswith("--") for f in [a.split("=")[0]]}  # given, not defaulted
     try:
         return args.func(args)
     except SettingsError as e:

@@ -425,7 +425,7 @@ def search_job(job: Job, shared_model: nn.Module, gate: ModelGate, who: str, tok
         raise ValueError(f"The search needs a private copy of the model (it writes candidate weights into it): "
                          f"{format_bytes(need.weights + need.working)} on {dev}, "
                          f"where {format_bytes(available_memory_bytes(dev))} are free. "
-                         "Free memory, or run it from the command line (python -m analysis allocate --method "
+                         "Free memory, or run it from the command line (python -m analysis allocate --allocation "
                          "auto), which searches on the model it loads.")
     calib = calibration_batch(tokenizer, calibration, eval_source, bos)
     held_out, then = search_windows(tokenizer, settings, calibration, bos)

@@ -443,7 +443,7 @@ def parse_args(argv=None):
     p.add_argument("--nsamples", type=int, default=16)
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--sparsities", default="0.5,0.6,0.7")
-    p.add_argument("--methods", default=",".join(RUN_ORDER))
+    p.add_argument("--pruners", "--methods", dest="methods", default=",".join(RUN_ORDER))
     p.add_argument("--allocations", default="uniform,alphapruning,owl",
                    help="any of uniform, alphapruning, owl, " + ", ".join(SEARCHES) + "; NAME+trim adds TRIM "
                         "row-wise sparsity")

@@ -2,7 +2,7 @@
 
     python -m bench.search_time [--sparsity 0.6] [--model default] [--out FILE]
 
-Runs `/usr/bin/time -v python -m analysis allocate --method auto` (issue 11's target: a 60% search on the default
+Runs `/usr/bin/time -v python -m analysis allocate --allocation auto` (issue 11's target: a 60% search on the default
 model in at most 10 min on the 2-core CPU) and writes the wall time, the peak RSS, the search's own account (its
 `cost:` line: seconds inside the search, forward passes, real prunes; the result it kept) and the machine's load
 average before and after (`machine`), so a run beside another job shows. Run it alone on the machine.
@@ -30,7 +30,7 @@ def measure(model: str, sparsity: float) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "auto.json"
         command = ["/usr/bin/time", "-v", sys.executable, "-m", "analysis", "allocate", "--model", model,
-                   "--method", "auto", "--sparsity", str(sparsity), "--out", str(out)]
+                   "--allocation", "auto", "--sparsity", str(sparsity), "--out", str(out)]
         before = os.getloadavg()
         run = subprocess.run(command, capture_output=True, text=True, check=False)
         if run.returncode != 0:
@@ -41,7 +41,7 @@ def measure(model: str, sparsity: float) -> dict:
     wall_s = sum(float(x) * 60 ** i for i, x in enumerate(reversed(wall.split(":"))))
     account = [line for line in run.stdout.splitlines() if line.startswith(("starts (real", "the search's", "cost:"))]
     return {
-        "benchmark": f"time of the allocation search (--method auto) at {sparsity:.0%} on the {model} model, "
+        "benchmark": f"time of the allocation search (--allocation auto) at {sparsity:.0%} on the {model} model, "
                      "CLI defaults",
         "command": " ".join(["/usr/bin/time", "-v", "python"] + command[3:-2]),
         "wall_s": round(wall_s, 2), "search_s": params["seconds"], "max_rss_mb": rss_kb // 1024,

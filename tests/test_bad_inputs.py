@@ -75,8 +75,8 @@ CLI_CASES = [
     ("eval --tex {bad}/short.txt", "unrecognized arguments: --tex"),
     ("eval --eval {bad}/short.txt", "--eval-seqlen: Evaluation text has 5 tokens"),  # eval's --text, as prune names it
     ("prune --eval-seq 64", "unrecognized arguments: --eval-seq"),
-    ("prune --method foo", "argument --method: invalid choice: 'foo'"),
-    ("allocate --method foo --sparsity 0.5", "argument --method: invalid choice: 'foo'"),
+    ("prune --pruner foo", "argument --pruner/--method: invalid choice: 'foo'"),
+    ("allocate --allocation foo --sparsity 0.5", "argument --allocation/--method: invalid choice: 'foo'"),
     ("prune --sparsity half", "argument --sparsity: invalid float value"),
     # settings
     ("prune --sparsity 1.3", "--sparsity: sparsity = 1.3 is outside [0, 0.99]"),
@@ -105,7 +105,7 @@ CLI_CASES = [
     ("allocate --method uniform", "--sparsity is required"),
     ("allocate --method auto --sparsity 0", "--sparsity: an allocation search needs a sparsity above 0"),
     ("prune --allocation auto --sparsity 0", "--sparsity: an allocation search needs a sparsity above 0"),
-    ("allocate --method custom --sparsity 0.5", "--method custom needs --points"),
+    ("allocate --method custom --sparsity 0.5", "--allocation custom needs --points"),
     ("allocate --method custom --points 0:0.5,1:1.0 --sparsity 0.5",
      "control point '1:1.0': sparsity 1 is outside [0, 0.99]"),
     ("allocate --method custom --points 0:-0.2,1:0.5 --sparsity 0.5",
@@ -368,13 +368,28 @@ def test_a_dataset_that_cannot_be_read_names_the_option(tiny_folder):
     assert "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("args, ignored", [(["--method", "sparsegpt"], "--method"),
+@pytest.mark.parametrize("args, ignored", [(["--pruner", "sparsegpt"], "--pruner"),
+                                           (["--method", "sparsegpt"], "--pruner"),  # its older name
                                            (["--nsamples", "4", "--seed", "3"], "--nsamples, --seed")])
 def test_eval_without_an_allocation_refuses_the_options_it_would_ignore(tiny_folder, args, ignored):
     r = run_cli("eval", f"--model={tiny_folder}", "--eval", "default", *args)
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert r.stderr.startswith(f"error: {ignored.split(',')[0]}: only eval --allocation prunes (and calibrates); ")
     assert f"{ignored} would be ignored" in r.stderr
+
+
+def test_every_command_names_the_pruner_and_the_allocation_alike_and_takes_the_older_names():
+    from analysis.cli import build_parser
+
+    parse = build_parser().parse_args
+    for command, new, old, value in [("prune", "--pruner", "--method", "sparsegpt"),
+                                     ("eval", "--pruner", "--method", "sparsegpt"),
+                                     ("sweep", "--pruners", "--methods", "wanda,sparsegpt"),
+                                     ("allocate", "--allocation", "--method", "owl")]:
+        a, b = parse([command, new, value]), parse([command, old, value])
+        assert (a.methods if command == "sweep" else a.method) == value
+        assert vars(a) == vars(b)
+    assert parse(["allocate", "--allocation", "auto", "--pruner", "wanda"]).pruner == "wanda"
 
 
 def test_an_allocation_made_for_another_model_of_the_same_names_is_a_warning(tiny_folder, tmp_path):

@@ -228,7 +228,7 @@ def test_cli_prune_reruns_a_record_with_its_settings_and_its_own_allocation(tmp_
     # a setting typed beside it would be ignored: refused; how it runs may change
     assert cli.main(["prune", "--rerun", str(first), "--sparsity", "0.3", "--method", "magnitude"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: --method: --rerun takes the run's settings from its record, so --method, "
-                          "--sparsity would be ignored"), err
+    assert err.startswith("error: --pruner: --rerun takes the run's settings from its record, so --pruner, "
+                          "--sparsity would be ignored"), err  # (--method: the older name of --pruner)
     assert cli.main(["prune", "--rerun", str(tmp_path / "alloc.json")]) == 2
     assert "is not a run record with its settings" in capsys.readouterr().err
