@@ -54,7 +54,7 @@ from analysis.zeroshot import evaluate as zeroshot_evaluate
 
 WAIT_POLL_S = 0.25  # how often a waiting job re-checks its cancel flag and its queue position
 RECLAIM_S = 5.0  # how often a held lease may cost a cycle collection (ModelGate.reclaim)
-ABANDON_S = 30.0  # how long a lease holder's session may be disconnected before waiters take the lease back
+ABANDON_S = 30.0  # how long an idle lease holder's session may be disconnected before waiters take the lease back
 # (a dropped connection comes back within seconds; a closed tab or a reload never does)
 
 
@@ -82,7 +82,9 @@ class ModelGate:
 
         Two ways a session goes: Streamlit keeps a closed or reloaded tab's session for a reconnection
         that never comes, so its state is never garbage; the holder's `connected` check says so, and
-        after ABANDON_S disconnected its job is cancelled and its weights restored (WorkingCopy.abandon).
+        once it has been away for ABANDON_S with no job running, its weights are restored
+        (WorkingCopy.abandon). A running job is left to finish, as for a private copy: a laptop that
+        sleeps through a long prune must not lose it to a waiter.
         A session Streamlit did drop gives the weights back when its WorkingCopy is collected, but its
         state sits in reference cycles and the frozen model makes full collections rare: so collect."""
         now = time.monotonic()
@@ -102,7 +104,7 @@ class ModelGate:
             self._gone_since = None
         elif self._gone_since is None:
             self._gone_since = now
-        elif now - self._gone_since >= ABANDON_S:
+        elif now - self._gone_since >= ABANDON_S and (work.job is None or work.job.done):
             work.abandon(f"{work.owner} was disconnected for {now - self._gone_since:.0f} s while it held the "
                          "shared model, pruned in place: its weights were restored for the others")
 

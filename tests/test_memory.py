@@ -162,8 +162,9 @@ def test_a_session_gone_while_leasing_gives_the_dense_weights_back(tiny, monkeyp
 
 def test_a_disconnected_session_loses_its_lease_to_the_waiters(tiny, monkeypatch):
     """Streamlit keeps a closed or reloaded tab's session for a reconnection (so its state is never
-    garbage): the waiters ask whether the holder is connected, and take the lease back after
-    ABANDON_S, cancelling its prune if one runs. A connected holder keeps it however long others wait."""
+    garbage): the waiters ask whether the holder is connected, and take the lease back once it has been
+    away for ABANDON_S with no job running (a running prune finishes first). A connected holder keeps
+    it however long others wait."""
     shared = tiny.model
     dense = {k: v.clone() for k, v in shared.state_dict().items()}
     monkeypatch.setenv(MEMORY_LIMIT_ENV, str(lease_only_limit(shared)))
@@ -196,12 +197,9 @@ def test_a_disconnected_session_loses_its_lease_to_the_waiters(tiny, monkeypatch
 
         def on_report(msg, frac=None):
             report(msg, frac)
-            if "block 2/" in msg:
+            if "block 2/" in msg and here["A"]:
                 here["A"] = False
-                t0 = time.time()
-                while not j.cancelled:  # the prune goes on until the waiters cancel it
-                    assert time.time() - t0 < 30
-                    time.sleep(0.05)
+                time.sleep(1.0)  # many reclaims past ABANDON_S while the prune still runs
         j.report = on_report
         return prune_and_evaluate(j, a, shared, tiny.tokenizer, SETTINGS)
 
@@ -212,7 +210,8 @@ def test_a_disconnected_session_loses_its_lease_to_the_waiters(tiny, monkeypatch
     assert a.abandoned == ""  # a new lease forgets the old notice
     c.job = Job(lambda j: c.lease(shared, j), name="lease").start()
     assert c.job.wait(60) and c.job.status == DONE, c.job.traceback
-    assert a.job.wait(10) and a.job.status == CANCELLED
+    assert a.job.status == DONE, a.job.traceback  # finished, not cancelled: its record was made
+    assert a.job.result["pruned_ppl"] is not None
     assert gate.holder == "session C" and not a.pruned
     assert all(torch.equal(v, dense[k]) for k, v in shared.state_dict().items())
     c.restore()
