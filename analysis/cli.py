@@ -517,6 +517,10 @@ def cmd_allocate(args: argparse.Namespace) -> int:
         if calibration is not None:
             calibration.check_model(preview)
         settings.check_model(preview, *([calibration.seqlen] if calibration else []))
+        # the search scores candidates on calibration windows: their logits are within a calibration pass's size
+        _warn_memory(RunSettings(model=_model_settings(args), calibration=calibration or CalibrationSettings()),
+                     preview, "allocated", calibrates=calibration is not None, evaluates=False,
+                     hessians=args.method == "auto")
     loaded = _load(_model_settings(args), check)
     if args.method in SPECTRA_METHODS or (args.method == "auto" and settings.search_from is None):
         # the search starts from AlphaPruning too (FARMS's pooled spectra: search_starts)
@@ -744,16 +748,21 @@ def _rerun_settings(args: argparse.Namespace) -> tuple[RunSettings, dict]:
     return settings, record
 
 
-def _warn_memory(settings: RunSettings, preview) -> None:
+def _warn_memory(settings: RunSettings, preview, task: str = "pruned", calibrates: bool = True,
+                 evaluates: bool = True, hessians: bool = True) -> None:
     """Say before the weights load when the run's estimated memory (loading.memory_estimate) exceeds what is free:
-    a warning, not a refusal, as the estimate is an upper bound (placed by accelerate: not estimated)."""
+    a warning, not a refusal, as the estimate is an upper bound (placed by accelerate: not estimated). A command
+    prunes the model it loaded, so it keeps no original values; what it does not do (calibrate, evaluate, gather
+    Hessians) is left out."""
     if settings.model.device == DEVICE_MAP_AUTO:
         return
     device = pick_device(settings.model.device)
-    eval_batch = settings.evaluation.batch_size or (8 if device.type == "cuda" else 1)
-    est = memory_estimate(preview.skeleton(), pick_dtype(settings.model.dtype, device), settings.calibration.n_samples,
-                          settings.calibration.seqlen, eval_batch, settings.evaluation.seqlen)
-    if problem := est.problem(device, f"'{settings.model.source}'"):
+    eval_batch = (settings.evaluation.batch_size or (8 if device.type == "cuda" else 1)) if evaluates else 0
+    est = memory_estimate(preview.skeleton(), pick_dtype(settings.model.dtype, device),
+                          settings.calibration.n_samples if calibrates else 0, settings.calibration.seqlen, eval_batch,
+                          settings.evaluation.seqlen)
+    est = replace(est, prunable=0, hessians=est.hessians if hessians else 0)
+    if problem := est.problem(device, f"'{settings.model.source}'", task):
         print(f"warning: {problem}", file=sys.stderr)
 
 
@@ -852,6 +861,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             if calibrates:
                 calibration.check_model(preview, evaluation.source)
             AllocationSettings(method="file", file=args.allocation).check_model(preview)
+        _warn_memory(RunSettings(model=_model_settings(args), calibration=calibration, evaluation=evaluation), preview,
+                     "pruned and evaluated" if alloc is not None else "evaluated", calibrates=calibrates,
+                     hessians=calibrates)
     loaded = _load(_model_settings(args), check)
     bos = loaded.info.bos_per_window
     windows = evaluation_windows(loaded.tokenizer, evaluation, calibration.source, bos) if zeroshot is None else None

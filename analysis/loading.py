@@ -519,9 +519,11 @@ class MemoryEstimate:
     def working(self) -> int:
         return self.activations + self.hessians
 
-    def problem(self, device: torch.device, title: str = "The model") -> str | None:
+    def problem(self, device: torch.device, title: str = "The model", task: str = "pruned") -> str | None:
         """Why the weights plus one prune in place do not fit in what `available_memory_bytes`
-        allows on `device` (and on the host, for the original values), or None when they fit."""
+        allows on `device` (and on the host, for the original values), or None when they fit.
+        `task` ends "cannot be loaded and ... here". A run that keeps no original values (the command
+        line prunes the model it loaded) or no Hessians passes an estimate with those set to 0."""
         free, host = available_memory_bytes(device), available_memory_bytes("cpu")
         need = self.weights + self.working + (self.prunable if device.type == "cpu" else 0)
         if need <= free and (device.type == "cpu" or self.prunable <= host):
@@ -530,10 +532,14 @@ class MemoryEstimate:
         where = f"{size(need)} on {device} ({size(self.weights)} weights + {size(self.activations)} activations (a "
         where += f"calibration pass or an evaluation batch's logits, the larger) + {size(self.hessians)} SparseGPT "
         where += "Hessians"
-        where += f" + {size(self.prunable)} original values of the pruned matrices)" if device.type == "cpu" else \
-            f") and {size(self.prunable)} of host memory for the original values of the pruned matrices"
+        if not self.prunable:
+            where += ")"
+        elif device.type == "cpu":
+            where += f" + {size(self.prunable)} original values of the pruned matrices)"
+        else:
+            where += f") and {size(self.prunable)} of host memory for the original values of the pruned matrices"
         short = f"{size(need - free)} short" if need > free else f"{size(self.prunable - host)} short on the host"
-        return (f"{title} cannot be loaded and pruned here: it needs {where}, but only {size(free)} "
+        return (f"{title} cannot be loaded and {task} here: it needs {where}, but only {size(free)} "
                 f"{'' if device.type == 'cpu' else f'on {device} and {size(host)} on the host '}"
                 f"are free ({short}). Choose a 16-bit dtype (bfloat16) if it is not one, fewer or shorter calibration "
                 f"samples, shorter evaluation windows or batches, or {DEVICE_MAP_AUTO} (--device-map auto: the "

@@ -22,7 +22,7 @@ from conftest import save_tiny_llama
 from analysis.allocation import allocate
 from analysis.data import MAX_UPLOAD_MB, DataError, load_text, save_text, text_source_problem
 from analysis.layers import layer_table
-from analysis.loading import converted_dir
+from analysis.loading import converted_dir, estimate_memory
 from analysis.store import RunStore, StoreError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -340,8 +340,16 @@ def test_a_run_says_before_loading_when_it_may_not_fit_in_memory(tiny_folder, tm
     err = capsys.readouterr().err
     assert f"warning: '{tiny_folder}' cannot be loaded and pruned here: it needs" in err
     assert err.index("cannot be loaded and pruned") < err.index("perplexity")
-    monkeypatch.delenv("ALPHASCOPE_MEMORY_LIMIT_BYTES")
-    assert main(["prune", f"--model={tiny_folder}", "--method", "magnitude", "--allocation", "uniform", "--eval",
+    assert "original values" not in err  # the command line prunes the model it loaded: no copy of them is kept
+    assert main(["eval", f"--model={tiny_folder}", "--text", "default", "--eval-seqlen", "32",
+                 "--max-windows", "1"]) == 0
+    assert f"warning: '{tiny_folder}' cannot be loaded and evaluated here" in capsys.readouterr().err
+    assert main(["allocate", f"--model={tiny_folder}", "--allocation", "uniform", "--sparsity", "0.5"]) == 0
+    assert f"warning: '{tiny_folder}' cannot be loaded and allocated here" in capsys.readouterr().err
+    # room for the weights and the run's working memory, not for a copy of the pruned matrices: no warning
+    est = estimate_memory(str(tiny_folder), "float32", 16, 256, 1, 32)
+    monkeypatch.setenv("ALPHASCOPE_MEMORY_LIMIT_BYTES", str(est.weights + est.working + est.prunable // 2))
+    assert main(["prune", f"--model={tiny_folder}", "--pruner", "magnitude", "--allocation", "uniform", "--eval",
                  "default", "--eval-seqlen", "32", "--max-windows", "1", "--db", str(tmp_path / "r.sqlite")]) == 0
     assert "cannot be loaded and pruned" not in capsys.readouterr().err
 
