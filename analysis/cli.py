@@ -1183,8 +1183,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     typed = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    given = {a.split("=")[0] for a in typed if a.startswith("--")}
     old = OLD_NAMES.get(args.command, {})
-    args.typed = {old.get(f, f) for a in typed if a.startswith("--") for f in [a.split("=")[0]]}  # given, not defaulted
+    if both := [f"{new} and {name}" for name, new in old.items() if {name, new} <= given]:
+        print(f"error: {both[0]} name the same option: give one of them", file=sys.stderr)
+        return 2
+    args.typed = {old.get(f, f) for f in given}  # the options given (by their new names), not defaulted
     try:
         return args.func(args)
     except SettingsError as e:

@@ -224,13 +224,14 @@ class WorkingCopy:
             return "pruned in place — " + self.label + " (the shared model is yours until you restore it)"
         return "pruned copy — " + self.label
 
-    def make_copy(self, shared_model: nn.Module, need: MemoryEstimate, job: Job | None = None) -> bool:
+    def make_copy(self, shared_model: nn.Module, need: MemoryEstimate, job: Job | None = None,
+                  blocking: bool = True) -> bool:
         """Make the private copy (reading the shared model through the gate) when the model's device
-        has room for it plus the prune's working memory; False when it has not. True at once when
-        the copy exists."""
+        has room for it plus the prune's working memory; False when it has not (or, with
+        blocking=False, when the gate would make it wait). True at once when the copy exists."""
         if self.model is not None and not self.leased:
             return True
-        copied = _private_copy(shared_model, need, self.gate, self.owner, job)
+        copied = _private_copy(shared_model, need, self.gate, self.owner, job, blocking)
         if copied is None:
             return False
         self.model, self.dense, self.leased = copied, DenseSnapshot.view(shared_model), False
@@ -254,11 +255,12 @@ class WorkingCopy:
 
     def prepare(self, shared_model: nn.Module, need: MemoryEstimate) -> None:
         """Make the private copy in a background thread now, when it fits, so a later prune does not
-        wait for it (a copy takes seconds on a CPU)."""
+        wait for it (a copy takes seconds on a CPU). Not while another session leases the shared
+        model: it would wait in the gate holding `lock`, where no Cancel of this session's jobs reaches."""
         def run() -> None:
             with self.lock:
                 if self.model is None:
-                    self.make_copy(shared_model, need)
+                    self.make_copy(shared_model, need, blocking=False)
 
         room = _room(module_device(shared_model), need.weights + need.working)
         if self.model is None and not self.lock.locked() and room:
@@ -323,10 +325,10 @@ def _room(device: torch.device, nbytes: int) -> bool:
 
 
 def _private_copy(shared_model: nn.Module, need: MemoryEstimate, gate: ModelGate, who: str,
-                  job: Job | None) -> nn.Module | None:
+                  job: Job | None, blocking: bool = True) -> nn.Module | None:
     """A deep copy of `shared_model` (read through `gate`), or None when its device has no room for
-    the copy plus `need.working`. The room is reserved while copying, so two sessions never both
-    take the last of it."""
+    the copy plus `need.working` (or, with blocking=False, when the gate would make it wait). The room
+    is reserved while copying, so two sessions never both take the last of it."""
     dev = str(module_device(shared_model))
     nbytes = need.weights + need.working
     with _reserved_lock:
@@ -334,8 +336,8 @@ def _private_copy(shared_model: nn.Module, need: MemoryEstimate, gate: ModelGate
             return None
         _reserved[dev] = _reserved.get(dev, 0) + nbytes
     try:
-        with gate.reading(who, job):
-            return copy.deepcopy(shared_model)
+        with gate.reading(who, job, blocking) as started:
+            return copy.deepcopy(shared_model) if started else None
     finally:
         with _reserved_lock:
             _reserved[dev] -= nbytes

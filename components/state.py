@@ -96,20 +96,25 @@ def load_shared_model(source: str, device: str, dtype: str, trust_remote_code: b
         return loaded
 
 
+URL_KEYS = ("model", "device", "dtype")  # the query parameters naming a model key's source, device and dtype
+
+
 def follow_url_model() -> None:
-    """Keep the model in the page's URL (?model=...) and take it back after a reload (a new session),
-    when the server still holds it: a reload does not lose the model. Nothing is loaded from a URL."""
+    """Keep the model in the page's URL (?model=...&device=...&dtype=...) and take it back after a reload
+    (a new session), when the server still holds it: a reload does not lose the model, nor pick up another
+    dtype of it. Nothing is loaded from a URL, and remote code is never chosen over a model without it."""
     key = model_key()
     if key is not None:
-        if st.query_params.get("model") != key[0]:
-            st.query_params["model"] = key[0]
+        for name, value in zip(URL_KEYS, key):
+            if st.query_params.get(name) != value:
+                st.query_params[name] = value
         return
-    wanted = st.query_params.get("model")
+    wanted = [st.query_params.get(name) for name in URL_KEYS]
     models, _, lock = _models()
     with lock:
-        held = next((k for k in models if k[0] == wanted), None)
-    if held is not None:
-        st.session_state["model_key"] = held
+        held = [k for k in models if all(w is None or w == v for w, v in zip(wanted[1:], k[1:3])) and k[0] == wanted[0]]
+    if held:
+        st.session_state["model_key"] = min(held, key=lambda k: k[3])  # trust_remote_code False first
 
 
 def is_loaded(key: ModelKey) -> bool:
@@ -371,16 +376,17 @@ def owl_job(loaded: LoadedModel, calibration: CalibrationSettings, eval_source: 
     return shared_job(key, run, name="owl-ratios", start=start, reads=False)
 
 
-def remember_prune_data(calibration: CalibrationSettings, eval_source: str) -> None:
-    """The Prune page records its calibration settings and evaluation source on every run (a plain
-    session key, which outlives the page's widgets), so the Allocation page's OWL preset uses them."""
-    st.session_state["_prune_data"] = (calibration, eval_source)
+def remember_prune_data(calibration: CalibrationSettings, evaluation: EvaluationSettings) -> None:
+    """The Prune page records its calibration and evaluation settings on every run (a plain session
+    key, which outlives the page's widgets), so the Allocation page's OWL preset uses them and the
+    Model page's memory estimate counts them."""
+    st.session_state["_prune_data"] = (calibration, evaluation)
 
 
-def prune_data_settings() -> tuple[CalibrationSettings, str]:
-    """The calibration settings and evaluation source last chosen on the Prune page (defaults where it
-    was never opened): the OWL preset is then the allocation an OWL run there applies."""
-    return st.session_state.get("_prune_data", (CalibrationSettings(), QUICK_EVALUATION.source))
+def prune_data_settings() -> tuple[CalibrationSettings, EvaluationSettings]:
+    """The calibration and evaluation settings last chosen on the Prune page (defaults where it was
+    never opened): the OWL preset is then the allocation an OWL run there applies."""
+    return st.session_state.get("_prune_data", (CalibrationSettings(), QUICK_EVALUATION))
 
 
 def runs_store() -> RunStore:

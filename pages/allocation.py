@@ -88,9 +88,9 @@ more = st.checkbox("Also FARMS and OWL presets", key="alloc_more",
                         "calibration settings of the Prune page. Both run in the background (shared by all "
                         "sessions) and appear here when ready.")
 if more:
-    calibration, eval_source = prune_data_settings()  # the OWL preset is what an OWL run there applies
+    calibration, evaluation = prune_data_settings()  # the OWL preset is what an OWL run there applies
     farms_job = spectra_job(loaded, fit, farms=True)
-    owl = owl_job(loaded, calibration, eval_source, DEFAULT.owl_threshold)
+    owl = owl_job(loaded, calibration, evaluation.source, DEFAULT.owl_threshold)
     pending = []
     if farms_job.status == "done":
         presets["farms"] = allocate(farms_job.result.metrics, target, "farms", epsilon=epsilon, metric=DEFAULT.metric,
@@ -168,7 +168,7 @@ with st.expander("Find allocation (search)", expanded=SEARCH_KEY in st.session_s
                                    disabled=not (search_text and then_steps),
                                    help="How many windows of the held-out text the second stage scores on (empty: "
                                         "twice the first stage's).")
-    suggested = None if search_text else DEFAULT_SEARCH.suggested_search_text(prune_data_settings()[1])
+    suggested = None if search_text else DEFAULT_SEARCH.suggested_search_text(prune_data_settings()[1].source)
     if suggested is not None:
         st.button(f"Score on {suggested}", key="alloc_search_text_suggest", on_click=st.session_state.__setitem__,
                   args=("alloc_search_text", suggested),
@@ -200,7 +200,8 @@ with st.expander("Find allocation (search)", expanded=SEARCH_KEY in st.session_s
     search: Job | None = st.session_state.get(SEARCH_KEY)
     g1, g2 = st.columns(2)
     if g1.button("Find allocation", key="alloc_search_run", disabled=search is not None and not search.done):
-        cal, ev = prune_data_settings()
+        cal, evaluation = prune_data_settings()
+        ev = evaluation.source
         cfg = AllocationSettings(method="auto", sparsity=float(target), epsilon=float(epsilon),
                                  search_steps=int(search_steps),
                                  search_step=float(search_step), search_space=search_space,

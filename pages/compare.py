@@ -229,7 +229,10 @@ st.subheader("Allocation curves")
 names = model_names(view["model"]) if view["model"].nunique() > 1 else {}
 labels = {int(r.id): f"#{r.id} {names[str(r.model)] + ' · ' if names else ''}{r.method} + {r.allocation_method} "
                      f"{float(r.achieved or 0):.0%}" for r in view.itertuples()}
-chosen_runs = st.multiselect("Runs to overlay", list(labels), default=list(labels)[-5:], format_func=labels.get,
+default = list(labels)[-5:]
+if any(i not in labels for i in st.session_state.get("compare_curves", [])):  # runs the filters (or a sweep's
+    default = [i for i in st.session_state.pop("compare_curves") if i in labels] or default  # end) took away
+chosen_runs = st.multiselect("Runs to overlay", list(labels), default=default, format_func=labels.get,
                              key="compare_curves")
 curves = [(labels[i], per_block[i]) for i in chosen_runs if per_block.get(i)]
 if curves:

@@ -4,6 +4,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+from analysis.evaluation import default_batch_size
 from analysis.layers import UNSUPPORTED, find_layers, unsupported_weights
 from analysis.loading import (
     DEVICE_MAP_AUTO,
@@ -67,24 +68,24 @@ trust = c3.checkbox("Trust remote code", value=False, key="model_trust",
 estimate_slot = st.empty()  # filled at the end of the script, so the Load button shows at once
 
 resolved = pick_device(None if device in ("auto", DEVICE_MAP_AUTO) else device)
-on_gpu = resolved.type == "cuda"
 load_dtype = str(pick_dtype(dtype, resolved)).removeprefix("torch.")
 # "auto" resolved, so that auto and the choice it stands for are one shared model (and one lease), not two loads
 key = (source, resolved.type if device == "auto" else device, load_dtype, bool(trust))
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def _estimate(source: str, dtype: str, n_samples: int, seqlen: int, eval_batch: int):
-    return estimate_memory(source, dtype, n_samples, seqlen, eval_batch)
+def _estimate(source: str, dtype: str, n_samples: int, seqlen: int, eval_batch: int, eval_seqlen: int):
+    return estimate_memory(source, dtype, n_samples, seqlen, eval_batch, eval_seqlen)
 
 
-calibration = prune_data_settings()[0]  # what pruning will need depends on the Prune page's calibration
+calibration, evaluation = prune_data_settings()  # what pruning will need depends on the Prune page's settings
+eval_batch = evaluation.batch_size or default_batch_size(resolved)
 
 
 def _memory_problem() -> str | None:
     """Why the model plus one prune does not fit (None when it does, or for device_map=auto, which
     spills to the CPU and disk)."""
-    est = _estimate(source, load_dtype, calibration.n_samples, calibration.seqlen, 8 if on_gpu else 1)
+    est = _estimate(source, load_dtype, calibration.n_samples, calibration.seqlen, eval_batch, evaluation.seqlen)
     if est is None or device == DEVICE_MAP_AUTO or is_loaded(key):
         return None
     return est.problem(resolved, f"'{source}'")
@@ -148,11 +149,12 @@ def _source_problem(source: str) -> str | None:
 if source and (problem := _source_problem(source)):
     estimate_slot.caption(f"Memory estimate unavailable: {problem}")
 elif source:
-    est = _estimate(source, load_dtype, calibration.n_samples, calibration.seqlen, 8 if on_gpu else 1)
+    est = _estimate(source, load_dtype, calibration.n_samples, calibration.seqlen, eval_batch, evaluation.seqlen)
     estimate_slot.caption(
         f"Estimated memory: **{format_bytes(est.weights)}** of weights as {load_dtype}; pruning adds up to "
-        f"{format_bytes(est.working)} of calibration activations and SparseGPT Hessians on the device "
-        f"({calibration.n_samples} x {calibration.seqlen} tokens, the Prune page's setting), and "
+        f"{format_bytes(est.working)} of activations and SparseGPT Hessians on the device (a calibration pass of "
+        f"{calibration.n_samples} x {calibration.seqlen} tokens or an evaluation batch of {eval_batch} x "
+        f"{evaluation.seqlen}, the larger; the Prune page's settings), and "
         f"{format_bytes(est.prunable)} of host memory for the original values of the pruned matrices when "
         "no private copy fits." if est
         else "Memory estimate unavailable (config not reachable); loading will report any problem."

@@ -19,7 +19,13 @@ from analysis.jobs import DONE, PENDING, Job
 from analysis.loading import ModelPreview
 from analysis.pipeline import evaluation_windows
 from analysis.pruners import PRUNERS, ROWWISE, parse_nm
-from analysis.session import evaluate_weights_job, prune_and_evaluate, prune_need, zeroshot_weights_job
+from analysis.session import (
+    ABANDON_S,
+    evaluate_weights_job,
+    prune_and_evaluate,
+    prune_need,
+    zeroshot_weights_job,
+)
 from analysis.settings import (
     QUICK_EVALUATION,
     QUICK_ZEROSHOT,
@@ -152,8 +158,8 @@ elif allocation == "custom":
 fit = st.session_state.get("spectra_fit", SpectraSettings.fit)
 calibration = CalibrationSettings(calib_source.strip() or CALIB_DEFAULT.source, int(n_samples), int(calib_seqlen),
                                   encoding=encoding)
-remember_prune_data(calibration, eval_source)
 evaluation = EvaluationSettings(eval_source, int(eval_seqlen), int(max_windows) or None, encoding=encoding)
+remember_prune_data(calibration, evaluation)
 if allocation == "custom" and custom is not None:  # the curve's own settings, so the run record can redo it
     alloc_settings = AllocationSettings(method="custom", sparsity=custom.sparsity, fit=fit,
                                         points=tuple(tuple(p) for p in custom.params["points"]),
@@ -253,7 +259,9 @@ if work.gate.holder == work.owner:
             "of other sessions that need the dense weights wait until you restore them (Restore dense).")
 elif work.gate.holder is not None:
     st.warning(f"The shared model is held by {work.gate.holder} (pruned in place, no room for a private copy): "
-               f"work on the dense weights waits until it is restored; {len(waiting)} job(s) in the queue.")
+               f"work on the dense weights waits until it is restored; {len(waiting)} job(s) in the queue. "
+               f"(A tab closed or reloaded gives its lease back once it has been gone {ABANDON_S:.0f} s with no job "
+               "running.)")
 work.prepare(loaded.model, prune_need(loaded.model, settings))  # the private copy, in the background, if it fits
 
 
@@ -290,7 +298,8 @@ def live() -> None:
         if j.status == "error":
             st.error(j.error)
         elif j.status == "cancelled":
-            st.warning("Cancelled; the dense weights were restored." if not work.pruned else "Cancelled.")
+            st.warning("Cancelled; the dense weights were restored." if j.name == "prune" and not work.pruned
+                       else "Cancelled.")
         elif j.status == DONE and isinstance(j.result, dict):
             for warning in j.result.get("warnings", []):
                 st.warning(warning)

@@ -400,6 +400,15 @@ def test_every_command_names_the_pruner_and_the_allocation_alike_and_takes_the_o
     assert parse(["allocate", "--allocation", "auto", "--pruner", "wanda"]).pruner == "wanda"
 
 
+def test_an_option_given_by_both_its_names_is_refused(capsys):
+    from analysis.cli import main
+
+    assert main(["sweep", "--pruners", "wanda", "--methods", "magnitude", "--sparsities", "0.5"]) == 2
+    assert capsys.readouterr().err == "error: --pruners and --methods name the same option: give one of them\n"
+    assert main(["allocate", "--allocation=owl", "--method", "uniform", "--sparsity", "0.5"]) == 2
+    assert "--allocation and --method name the same option" in capsys.readouterr().err
+
+
 def test_an_allocation_made_for_another_model_of_the_same_names_is_a_warning(tiny_folder, tmp_path):
     """The names fit, so it applies, but its ratios were chosen for another model's layers: said; the same
     model spelled otherwise (a trailing slash) is no other model. A file whose ratios were edited by hand

@@ -21,6 +21,7 @@ from analysis.session import (
     ModelGate,
     WorkingCopy,
     evaluate_job,
+    evaluate_weights_job,
     lease_problem,
     prune_and_evaluate,
     prune_device,
@@ -216,6 +217,52 @@ def test_a_disconnected_session_loses_its_lease_to_the_waiters(tiny, monkeypatch
     assert all(torch.equal(v, dense[k]) for k, v in shared.state_dict().items())
     c.restore()
     assert gate.holder is None
+
+
+def test_the_background_copy_never_waits_for_a_lease_so_a_waiting_evaluation_can_be_cancelled(tiny, monkeypatch):
+    """The Prune page makes a private copy in the background when one fits. While another session leases
+    the shared model, that copy must not wait in the gate holding the session's lock: an Evaluate would
+    wait behind it, silent and deaf to Cancel (seen in a browser)."""
+    shared = tiny.model
+    gate = ModelGate()
+    a = WorkingCopy("k", gate, "session A")
+    a.lease(shared)
+    b = WorkingCopy("k", gate, "session B")
+    b.prepare(shared, prune_need(shared, SETTINGS))  # room for a copy: no memory limit here
+    time.sleep(0.5)
+    assert not b.lock.locked() and b.model is None and gate.queue() == []
+    windows = torch.randint(0, 100, (2, 16))
+    b.job = Job(lambda j: evaluate_weights_job(j, b, shared, windows), name="eval").start()
+    assert "(position 1 in the queue)" in wait_for_message(b.job, "session A's pruned weights to be restored")
+    b.job.cancel()
+    assert b.job.wait(5) and b.job.status == CANCELLED
+    a.restore()
+    assert gate.holder is None and gate.queue() == []
+
+
+def test_a_reload_takes_back_the_model_of_its_dtype(tiny_dir):
+    """The URL names the model's source, device and dtype: a reload of a session on the float32 copy
+    does not come back on the bfloat16 one the server also holds."""
+    from streamlit.testing.v1 import AppTest
+
+    from tests.test_app import APP
+
+    keys = {}
+    for dtype in ("bfloat16", "float32"):
+        at = _app()
+        at.selectbox(key="model_dtype").set_value(dtype).run()
+        keys[dtype] = _load_folder(at, str(tiny_dir)).session_state["model_key"]
+    # (the app writes the URL: seen in a browser; AppTest does not carry the app's writes back to at.query_params)
+    for dtype in ("float32", "bfloat16"):
+        again = AppTest.from_file(APP, default_timeout=120)
+        again.query_params.update(model=str(tiny_dir), device="cpu", dtype=dtype)
+        again.run()
+        assert not again.exception and again.session_state["model_key"] == keys[dtype]
+    # the Model page's estimate counts the Prune page's evaluation windows, not only its calibration
+    at.switch_page("pages/prune.py").run()
+    at.number_input(key="prune_eval_seqlen").set_value(64).run()
+    at.switch_page("pages/model.py").run()
+    assert any("an evaluation batch of 1 x 64" in c.value for c in at.caption), [c.value for c in at.caption]
 
 
 def test_no_room_at_all_is_a_clear_error_not_a_crash(tiny, monkeypatch):

@@ -61,6 +61,17 @@ def test_compare_page_keeps_runs_on_other_windows_apart(tmp_path, monkeypatch):
     assert any(c.value == "Dense perplexity on this evaluation: 26.81" for c in at.caption)
     table = at.dataframe[-1].value  # "All runs"
     assert list(table["seed"].head(3)) == [16, 16, 1]
+    # the curves to overlay follow the filter: runs it took away leave, and none left starts again from the newest
+    assert at.multiselect(key="compare_curves").value == [1, 2]
+    at.selectbox(key="compare_eval").set_value("default (1 window of 512 tokens, its half not used for "
+                                                "calibration)").run()
+    assert not at.exception and at.multiselect(key="compare_curves").value == [3]
+    at.selectbox(key="compare_eval").set_value(label).run()
+    assert at.multiselect(key="compare_curves").value == [1, 2]
+    at.multiselect(key="compare_curves").unselect(2).run()
+    at.selectbox(key="compare_eval").set_value("default").run()  # the old run's filter: its own run only
+    at.selectbox(key="compare_eval").set_value(label).run()
+    assert at.multiselect(key="compare_curves").value == [1, 2] and not at.warning, [w.value for w in at.warning]
 
 
 def test_update_adds_keys_to_one_record(tmp_path):
