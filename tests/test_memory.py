@@ -467,6 +467,11 @@ def test_two_sessions_under_a_low_memory_limit(tiny_dir, monkeypatch, tmp_path):
     _small_prune_settings(b)
     waiting = [p.proto.text for p in b.get("progress")]
     assert any(f"waiting for {work.owner}'s pruned weights to be restored (position 1" in t for t in waiting), waiting
+    b.button(key="prune_cancel").click().run()  # a waiting evaluation ends at once, and nothing was restored
+    _until(b, lambda at: not at.get("progress"), "cancel", timeout=10)
+    assert [w.value for w in b.warning if w.value.startswith("Cancelled")] == ["Cancelled."]
+    b.button(key="prune_eval").click().run()
+    _small_prune_settings(b)
 
     a.button(key="prune_restore").click().run()
     assert any("dense (shared model)" in m.value for m in a.markdown)
