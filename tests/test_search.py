@@ -1089,13 +1089,13 @@ def test_allocation_page_finds_an_allocation(tmp_path, monkeypatch):
     at.switch_page("pages/allocation.py")
     run_until_idle(at, "spectra")
     assert "alloc_search_text_suggest" not in [b.key for b in at.button]  # the embedded corpus has no valid split
-    at.session_state["_prune_data"] = (CalibrationSettings(), "wikitext2:test")
+    at.session_state["_prune_data"] = (CalibrationSettings(), replace(QUICK_EVALUATION, source="wikitext2:test"))
     at.run()
     assert at.button(key="alloc_search_text_suggest").label == "Score on wikitext2:valid"
     at.button(key="alloc_search_text_suggest").click().run()
     assert at.text_input(key="alloc_search_text").value == "wikitext2:valid"
     assert "alloc_search_text_suggest" not in [b.key for b in at.button]  # offered while the field is empty
-    at.session_state["_prune_data"] = (CalibrationSettings(), QUICK_EVALUATION.source)
+    at.session_state["_prune_data"] = (CalibrationSettings(), QUICK_EVALUATION)
     # a curve left from another model is not offered as a start; this model's curve is (next run)
     at.session_state["alloc_custom"] = replace(at.session_state["alloc_custom"], model="another/model")
     at.run()
