@@ -127,6 +127,7 @@ FLAGS = {
 SWEEP_FLAGS = {"allocation.points": "--curve", "allocation.method": "--allocations", "allocation.file": "--allocations",
                "allocation.sparsity": "--sparsities", "allocation.epsilon": "--epsilons",
                "allocation.owl_lambda": "--owl-lambdas", "prune.method": "--pruners", "calibration.seed": "--seeds"}
+PRUNER_HELP = f"{', '.join(PRUNERS)} (default: {PruneSettings.method}; --method: its older name)"
 # each command's older name of an option -> the name every command now shares (both are accepted)
 OLD_NAMES = {"prune": {"--method": "--pruner"}, "eval": {"--method": "--pruner"}, "sweep": {"--methods": "--pruners"},
              "allocate": {"--method": "--allocation"}}
@@ -476,7 +477,7 @@ def _print_allocation(alloc: Allocation, metrics: pd.DataFrame, metric: str | No
     print(table.to_string(index=False))
     for w in alloc.warnings:
         print(f"warning: {w}", file=sys.stderr)
-    print(f"method {alloc.method}: target {alloc.sparsity:.4f}, achieved {alloc.achieved:.6f} "
+    print(f"allocation {alloc.method}: target {alloc.sparsity:.4f}, achieved {alloc.achieved:.6f} "
           f"(parameter-weighted over {len(alloc.per_layer)} prunable matrices)")
 
 
@@ -549,8 +550,9 @@ def _add_allocate_parser(sub) -> None:
     p = _parser(sub, "allocate", "layerwise sparsity (uniform, alphapruning, farms, owl, custom) to JSON")
     _add_model_args(p)
     p.add_argument("--allocation", "--method", dest="method", default=AllocationSettings.method,
-                   choices=[*ALLOCATION_CHOICES, "auto"],
-                   help="auto: search (analysis.search) with --pruner on the calibration text")
+                   choices=[*ALLOCATION_CHOICES, "auto"], metavar="ALLOCATION",
+                   help=f"{', '.join([*ALLOCATION_CHOICES, 'auto'])} (default: {AllocationSettings.method}); auto: "
+                        "search (analysis.search) with --pruner on the calibration text. --method: its older name")
     p.add_argument("--pruner", default=PruneSettings.method, choices=list(PRUNERS),
                    help="auto: the pruner the search prunes with (the one the allocation will be used with)")
     p.add_argument("--sparsity", type=float, default=None, help="target fraction of pruned weights, in [0, 0.99]")
@@ -779,7 +781,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         settings.check_model(preview)
         if zeroshot is not None:
             _check_zeroshot_tokenizer(preview)
-        _warn_memory(settings, preview)
+        gram = PRUNERS[settings.prune.method].statistic == "hessian" or settings.prune.rowwise is not None
+        _warn_memory(settings, preview, calibrates=settings.needs_calibration(), hessians=gram)
         if args.save_model and args.save_format == "dense-ct" and any(
                 r.expert is not None for r in prunable_layers(preview.skeleton())):
             raise UsageError("--save-format: dense-ct cannot carry fused MoE experts (transformers does not load them "
@@ -912,7 +915,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
 def _add_prune_parsers(sub) -> None:
     p = _parser(sub, "prune", "allocate, prune, evaluate; writes a run record")
     _add_model_args(p)
-    p.add_argument("--pruner", "--method", dest="method", default=PruneSettings.method, choices=list(PRUNERS))
+    p.add_argument("--pruner", "--method", dest="method", default=PruneSettings.method, choices=list(PRUNERS),
+                   metavar="PRUNER", help=PRUNER_HELP)
     p.add_argument("--allocation", default=None,
                    help=f"{', '.join(ALLOCATION_METHODS[:5])}, or an allocation JSON file (default: "
                         f"{AllocationSettings.method}; none with --nm)")
@@ -946,7 +950,7 @@ def _add_prune_parsers(sub) -> None:
     _add_model_args(p)
     p.add_argument("--allocation", default=None, help="allocation JSON file to prune with first")
     p.add_argument("--pruner", "--method", dest="method", default=PruneSettings.method, choices=list(PRUNERS),
-                   help="pruner used with --allocation")
+                   metavar="PRUNER", help=PRUNER_HELP + "; used with --allocation")
     _add_calib_args(p)
     _add_eval_args(p, "--text", "--eval")  # --eval as prune and sweep name it
     _add_zeroshot_args(p, "instead of perplexity")
@@ -1016,8 +1020,8 @@ def _add_sweep_parser(sub) -> None:
     p = _parser(sub, "sweep", "prune runs over a grid (pruners x row-wise x allocations x sparsities x epsilons "
                               "x seeds)")
     _add_model_args(p)
-    p.add_argument("--pruners", "--methods", dest="methods", default=PruneSettings.method,
-                   help=f"comma-separated: {', '.join(PRUNERS)}")
+    p.add_argument("--pruners", "--methods", dest="methods", default=PruneSettings.method, metavar="PRUNERS",
+                   help=f"comma-separated: {', '.join(PRUNERS)} (--methods: its older name)")
     p.add_argument("--allocations", default=AllocationSettings.method,
                    help=f"comma-separated: {', '.join(ALLOCATION_METHODS[:5])} or allocation JSON files "
                         "(auto: the allocation search, with the seed of each calibration sample)")

@@ -159,9 +159,9 @@ if job is not None and (not job.done or st.session_state.get("sweep_seen") is jo
             st.dataframe(outcome_table(job.updates()), hide_index=True, key="sweep_outcomes")
         if job.done and st.session_state.get("sweep_shown") is not job:
             st.session_state["sweep_shown"] = job
-            for key in ("compare_models", "compare_methods", "compare_eval"):  # filters set before the sweep:
-                st.session_state.pop(key, None)  # start again from all models and pruners, the newest evaluation
-            st.rerun()  # the sweep just ended: redraw the page with its runs (and the form's button)
+            # the sweep just ended: redraw the page with its runs (and the form's button), the filters started
+            st.session_state["_compare_reset"] = True  # again (all models and pruners, the newest evaluation)
+            st.rerun()
 
     _sweep_progress()
 
@@ -186,14 +186,35 @@ accuracy = pd.DataFrame([d["zeroshot"] for d in details], index=runs.index).add_
 runs = pd.concat([runs, accuracy], axis=1)
 per_block = {int(i): d["per_block"] for i, d in zip(runs["id"], details)}
 
+reset = st.session_state.pop("_compare_reset", False)
+
+
+def _filter(key: str, options: list, default):
+    """Set the filter widget `key`'s value before it is drawn: `default` at first or after a sweep (`reset`);
+    else the user's choice less what is no longer an option (nothing left: `default`; an emptied multiselect stays
+    empty). Set through the session state, which the browser's widget follows: a widget's own default does not
+    replace a value the browser already shows."""
+    current = st.session_state.get(key)
+    if reset or current is None:
+        value = default
+    elif isinstance(current, list):
+        value = [v for v in current if v in options] or (default if current else [])
+    else:
+        value = current if current in options else default
+    if value != current:
+        st.session_state[key] = value
+
+
 f1, f2, f3 = st.columns(3)
 models = sorted(runs["model"].astype(str).unique())
-chosen = f1.multiselect("Models", models, default=models, key="compare_models")
+_filter("compare_models", models, models)
+chosen = f1.multiselect("Models", models, key="compare_models")
 methods = sorted(runs["method"].astype(str).unique())
-pick = f2.multiselect("Pruning methods", methods, default=methods, key="compare_methods")
+_filter("compare_methods", methods, methods)
+pick = f2.multiselect("Pruning methods", methods, key="compare_methods")
 evals = sorted(runs["eval"].astype(str).unique())
-latest = str(runs.loc[runs["id"].idxmax(), "eval"])  # the newest run's (a sweep just finished shows at once)
-ev = f3.selectbox("Evaluation", evals, index=evals.index(latest), key="compare_eval",
+_filter("compare_eval", evals, str(runs.loc[runs["id"].idxmax(), "eval"]))  # the newest run's
+ev = f3.selectbox("Evaluation", evals, key="compare_eval",
                   help="Perplexities are only comparable on the same evaluation text, windows and window length.")
 view = runs[runs["model"].astype(str).isin(chosen) & runs["method"].astype(str).isin(pick)
             & (runs["eval"].astype(str) == ev)]
@@ -229,11 +250,8 @@ st.subheader("Allocation curves")
 names = model_names(view["model"]) if view["model"].nunique() > 1 else {}
 labels = {int(r.id): f"#{r.id} {names[str(r.model)] + ' · ' if names else ''}{r.method} + {r.allocation_method} "
                      f"{float(r.achieved or 0):.0%}" for r in view.itertuples()}
-default = list(labels)[-5:]
-if any(i not in labels for i in st.session_state.get("compare_curves", [])):  # runs the filters (or a sweep's
-    default = [i for i in st.session_state.pop("compare_curves") if i in labels] or default  # end) took away
-chosen_runs = st.multiselect("Runs to overlay", list(labels), default=default, format_func=labels.get,
-                             key="compare_curves")
+_filter("compare_curves", list(labels), list(labels)[-5:])
+chosen_runs = st.multiselect("Runs to overlay", list(labels), format_func=labels.get, key="compare_curves")
 curves = [(labels[i], per_block[i]) for i in chosen_runs if per_block.get(i)]
 if curves:
     st.plotly_chart(curves_figure(curves), key="compare_curves_chart")
