@@ -20,7 +20,7 @@ from analysis.allocation import METHODS as ALLOCATION_CHOICES
 from analysis.allocation import METRIC_DIRECTION, Allocation, AllocationError, block_table, parse_points
 from analysis.checkpoint import has_safetensors, local_folder, open_checkpoint, stored_dtype
 from analysis.errors import AlphascopeError
-from analysis.evaluation import perplexity
+from analysis.evaluation import default_batch_size, perplexity
 from analysis.export import (
     COMPRESSED_NOTE,
     DEFAULT_FORMAT,
@@ -63,7 +63,7 @@ from analysis.pipeline import (
 )
 from analysis.powerlaw import MIN_TAIL, XMIN_RULES, FitError, check_fit
 from analysis.pruners import PRUNERS, ROWWISE, PruneError, check_nm_ratios, parse_nm
-from analysis.pruning import prune, prune_warnings
+from analysis.pruning import gathers_gram, prune, prune_warnings
 from analysis.search import describe
 from analysis.settings import (
     ALLOCATION_METHODS,
@@ -521,7 +521,7 @@ def cmd_allocate(args: argparse.Namespace) -> int:
         # the search scores candidates on calibration windows: their logits are within a calibration pass's size
         _warn_memory(RunSettings(model=_model_settings(args), calibration=calibration or CalibrationSettings()),
                      preview, "allocated", calibrates=calibration is not None, evaluates=False,
-                     hessians=args.method == "auto")
+                     hessians=args.method == "auto" and gathers_gram(args.pruner))
     loaded = _load(_model_settings(args), check)
     if args.method in SPECTRA_METHODS or (args.method == "auto" and settings.search_from is None):
         # the search starts from AlphaPruning too (FARMS's pooled spectra: search_starts)
@@ -759,7 +759,7 @@ def _warn_memory(settings: RunSettings, preview, task: str = "pruned", calibrate
     if settings.model.device == DEVICE_MAP_AUTO:
         return
     device = pick_device(settings.model.device)
-    eval_batch = (settings.evaluation.batch_size or (8 if device.type == "cuda" else 1)) if evaluates else 0
+    eval_batch = (settings.evaluation.batch_size or default_batch_size(device)) if evaluates else 0
     est = memory_estimate(preview.skeleton(), pick_dtype(settings.model.dtype, device),
                           settings.calibration.n_samples if calibrates else 0, settings.calibration.seqlen, eval_batch,
                           settings.evaluation.seqlen)
@@ -781,8 +781,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         settings.check_model(preview)
         if zeroshot is not None:
             _check_zeroshot_tokenizer(preview)
-        gram = PRUNERS[settings.prune.method].statistic == "hessian" or settings.prune.rowwise is not None
-        _warn_memory(settings, preview, calibrates=settings.needs_calibration(), hessians=gram)
+        _warn_memory(settings, preview, calibrates=settings.needs_calibration(),
+                     hessians=gathers_gram(settings.prune.method, settings.prune.rowwise))
         if args.save_model and args.save_format == "dense-ct" and any(
                 r.expert is not None for r in prunable_layers(preview.skeleton())):
             raise UsageError("--save-format: dense-ct cannot carry fused MoE experts (transformers does not load them "

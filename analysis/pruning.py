@@ -116,6 +116,12 @@ def sparsity_of(w: torch.Tensor) -> float:
     return float((w == 0).sum()) / w.numel()
 
 
+def gathers_gram(method: str, rowwise: str | None = None) -> bool:
+    """Whether pruning with `method` (and `rowwise`) gathers each input's Gram matrix XᵀX, cols x cols
+    (SparseGPT's Hessian, TRIM's output measures) rather than column norms or nothing."""
+    return get_pruner(method).statistic == "hessian" or rowwise is not None
+
+
 def prune(model: nn.Module, per_layer: dict[str, float] | Allocation | float, method: str = "wanda",
           calib: torch.Tensor | None = None,
           nm=None, progress: ProgressFn | None = None, stop: StopFlag = None,
@@ -157,7 +163,7 @@ def prune(model: nn.Module, per_layer: dict[str, float] | Allocation | float, me
         return changed
 
     done = walk_blocks(model, calib if pruner.statistic or rowwise else None, on_block,
-                       hessian=pruner.statistic == "hessian" or rowwise is not None, device=device,
+                       hessian=gathers_gram(method, rowwise), device=device,
                        progress=progress, stop=stop, label=f"{method}{'+' + rowwise if rowwise else ''}: block")
     n_blocks = len(find_blocks(model)[1])
     achieved = {r.name: sparsity_of(r.weight()) for r in refs}

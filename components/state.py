@@ -102,17 +102,18 @@ URL_KEYS = ("model", "device", "dtype")  # the query parameters naming a model k
 def follow_url_model() -> None:
     """Keep the model in the page's URL (?model=...&device=...&dtype=...) and take it back after a reload
     (a new session), when the server still holds it: a reload does not lose the model, nor pick up another
-    dtype of it. Nothing is loaded from a URL, and remote code is never chosen over a model without it."""
+    dtype of it. Nothing is loaded from a URL; a copy loaded with remote code is taken only where no copy
+    without it is held."""
     key = model_key()
     if key is not None:
         for name, value in zip(URL_KEYS, key):
             if st.query_params.get(name) != value:
                 st.query_params[name] = value
         return
-    wanted = [st.query_params.get(name) for name in URL_KEYS]
+    source, device, dtype = (st.query_params.get(name) for name in URL_KEYS)  # (older URLs name the source only)
     models, _, lock = _models()
     with lock:
-        held = [k for k in models if all(w is None or w == v for w, v in zip(wanted[1:], k[1:3])) and k[0] == wanted[0]]
+        held = [k for k in models if k[0] == source and device in (None, k[1]) and dtype in (None, k[2])]
     if held:
         st.session_state["model_key"] = min(held, key=lambda k: k[3])  # trust_remote_code False first
 
