@@ -751,11 +751,12 @@ def _rerun_settings(args: argparse.Namespace) -> tuple[RunSettings, dict]:
 
 
 def _warn_memory(settings: RunSettings, preview, task: str = "pruned", calibrates: bool = True,
-                 evaluates: bool = True, hessians: bool = True) -> None:
+                 evaluates: bool = True, hessians: bool = True, snapshot: bool = False, copies: int = 1) -> None:
     """Say before the weights load when the run's estimated memory (loading.memory_estimate) exceeds what is free:
     a warning, not a refusal, as the estimate is an upper bound (placed by accelerate: not estimated). A command
-    prunes the model it loaded, so it keeps no original values; what it does not do (calibrate, evaluate, gather
-    Hessians) is left out."""
+    prunes the model it loaded, so it keeps no original values unless `snapshot` (a sweep restores its dense
+    weights before each run); what it does not do (calibrate, evaluate, gather Hessians) is left out. `copies`:
+    processes on this machine that each load the model (a sweep's local Ray workers on the CPU)."""
     if settings.model.device == DEVICE_MAP_AUTO:
         return
     device = pick_device(settings.model.device)
@@ -763,8 +764,13 @@ def _warn_memory(settings: RunSettings, preview, task: str = "pruned", calibrate
     est = memory_estimate(preview.skeleton(), pick_dtype(settings.model.dtype, device),
                           settings.calibration.n_samples if calibrates else 0, settings.calibration.seqlen, eval_batch,
                           settings.evaluation.seqlen)
-    est = replace(est, prunable=0, hessians=est.hessians if hessians else 0)
-    if problem := est.problem(device, f"'{settings.model.source}'", task):
+    est = replace(est, prunable=est.prunable if snapshot else 0, hessians=est.hessians if hessians else 0)
+    title = f"'{settings.model.source}'"
+    if copies > 1:
+        est = replace(est, **{f: getattr(est, f) * copies
+                              for f in ("weights", "prunable", "calibration", "logits", "hessians")})
+        title += f" ({copies} workers, each with its own copy)"
+    if problem := est.problem(device, title, task):
         print(f"warning: {problem}", file=sys.stderr)
 
 
@@ -998,6 +1004,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         f"local Ray, {args.workers} workers" if args.workers > 1 else "this process")
     configs = grid.expand()
     print(f"sweep: {len(configs)} configuration(s) on {where}; runs go to {store.path}", file=sys.stderr)
+    if args.address is None:  # a cluster's machines are not this one
+        first = configs[0]
+        _warn_memory(first, preview_model(first.model.source, first.model.trust_remote_code), snapshot=True,
+                     calibrates=any(c.needs_calibration() for c in configs),
+                     hessians=any(gathers_gram(c.prune.method, c.prune.rowwise) for c in configs),
+                     copies=args.workers if args.workers > 1 and pick_device(first.model.device).type == "cpu" else 1)
     searched = next((c for c in configs if c.allocation.method == "auto"), None)
     if searched is not None:
         _hint_search_text(searched.allocation, searched.evaluation.source)

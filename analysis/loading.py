@@ -512,8 +512,15 @@ class MemoryEstimate:
 
     weights: int  # every parameter in the load dtype
     prunable: int  # the prunable matrices in the load dtype
-    activations: int  # the larger of: one block's calibration pass, one evaluation batch's logits
+    calibration: int  # one block's calibration pass
+    logits: int  # one evaluation batch's logits (in the load dtype and in float32)
     hessians: int  # SparseGPT: a float32 cols x cols matrix per input of the prunable matrices of the largest block
+    param_bytes: int = 4  # bytes per weight in the load dtype
+
+    @property
+    def activations(self) -> int:
+        """The calibration pass and the evaluation never run at once: the larger of the two."""
+        return max(self.calibration, self.logits)
 
     @property
     def working(self) -> int:
@@ -523,28 +530,38 @@ class MemoryEstimate:
         """Why the weights plus one prune in place do not fit in what `available_memory_bytes`
         allows on `device` (and on the host, for the original values), or None when they fit.
         `task` ends "cannot be loaded and ... here". A run that keeps no original values (the command
-        line prunes the model it loaded) or no Hessians passes an estimate with those set to 0."""
+        line prunes the model it loaded), calibrates, evaluates or gathers no Hessians passes an estimate
+        with those set to 0; the message names only the parts there are, and advice only for those."""
         free, host = available_memory_bytes(device), available_memory_bytes("cpu")
-        need = self.weights + self.working + (self.prunable if device.type == "cpu" else 0)
-        if need <= free and (device.type == "cpu" or self.prunable <= host):
+        on_cpu = device.type == "cpu"
+        need = self.weights + self.working + (self.prunable if on_cpu else 0)
+        if need <= free and (on_cpu or self.prunable <= host):
             return None
         size = format_bytes
-        where = f"{size(need)} on {device} ({size(self.weights)} weights + {size(self.activations)} activations (a "
-        where += f"calibration pass or an evaluation batch's logits, the larger) + {size(self.hessians)} SparseGPT "
-        where += "Hessians"
-        if not self.prunable:
-            where += ")"
-        elif device.type == "cpu":
-            where += f" + {size(self.prunable)} original values of the pruned matrices)"
-        else:
-            where += f") and {size(self.prunable)} of host memory for the original values of the pruned matrices"
+        activations = ("a calibration pass" if self.calibration >= self.logits else "an evaluation batch's logits")
+        parts = [(self.weights, "weights"), (self.activations, f"activations ({activations})"),
+                 (self.hessians, "SparseGPT Hessians"),
+                 (self.prunable if on_cpu else 0, "original values of the pruned matrices")]
+        where = f"{size(need)} on {device}"
+        if len(named := [f"{size(n)} {what}" for n, what in parts if n]) > 1:
+            where += f" ({' + '.join(named)})"
+        if self.prunable and not on_cpu:
+            where += f" and {size(self.prunable)} of host memory for the original values of the pruned matrices"
         short = f"{size(need - free)} short" if need > free else f"{size(self.prunable - host)} short on the host"
+        advice = ["a 16-bit dtype (bfloat16)"] if self.param_bytes > 2 else []
+        if self.activations and self.calibration >= self.logits:
+            advice.append("fewer or shorter calibration samples")
+        elif self.activations:
+            advice.append("shorter evaluation windows or smaller batches")
+        if self.hessians > need // 4:
+            advice.append("a pruner without Hessians (Wanda or magnitude)")
+        if not on_cpu:
+            advice.append(f"{DEVICE_MAP_AUTO} (--device-map auto: the weights spread over the GPUs and the CPU; those "
+                          "it puts on disk can be evaluated, not pruned)")
+        advice.append("free memory")
         return (f"{title} cannot be loaded and {task} here: it needs {where}, but only {size(free)} "
-                f"{'' if device.type == 'cpu' else f'on {device} and {size(host)} on the host '}"
-                f"are free ({short}). Choose a 16-bit dtype (bfloat16) if it is not one, fewer or shorter calibration "
-                f"samples, shorter evaluation windows or batches, or {DEVICE_MAP_AUTO} (--device-map auto: the "
-                "weights spread over the GPUs and the CPU; those it puts on disk can be evaluated, not pruned), or "
-                "free memory.")
+                f"{'' if on_cpu else f'on {device} and {size(host)} on the host '}"
+                f"are free ({short}). Try {', '.join(advice[:-1])}{',' if len(advice) > 2 else ''} or {advice[-1]}.")
 
 
 OFFLOADED = (f"This model's weights are partly offloaded ({DEVICE_MAP_AUTO} put some on disk): they can be "
@@ -557,9 +574,12 @@ def offloaded(model: nn.Module) -> bool:
 
 
 def format_bytes(n_bytes: float) -> str:
-    """Bytes for a message: GiB with two decimals, MiB below 1 GiB (a 0.12 GiB need beside 0.12 GiB free
-    said nothing)."""
-    return f"{n_bytes / 2**30:.2f} GiB" if abs(n_bytes) >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
+    """Bytes for a message: GiB with two decimals, MiB below 1 GiB, KiB below 1 MiB (a 0.12 GiB need beside
+    0.12 GiB free said nothing)."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if abs(n_bytes) >= scale:
+            return f"{n_bytes / scale:.{2 if unit == 'GiB' else 1}f} {unit}"
+    return f"{n_bytes / 2**10:.1f} KiB"
 
 
 def memory_estimate(model: nn.Module, dtype: str | torch.dtype | None, n_samples: int, seqlen: int,
@@ -582,7 +602,7 @@ def memory_estimate(model: nn.Module, dtype: str | torch.dtype | None, n_samples
     # first blocks may be dense and its later ones MoE)
     hessians = max((sum(r.cols * r.cols * 4 for r in {r.input_key: r for r in block}.values())
                     for block in layers_by_block(model).values()), default=0)
-    return MemoryEstimate(weights, sum(r.params for r in refs) * b, max(calibration, logits), hessians)
+    return MemoryEstimate(weights, sum(r.params for r in refs) * b, calibration, logits, hessians, b)
 
 
 def estimate_memory(source: str, dtype: str | torch.dtype | None = "float32", n_samples: int = 16,
@@ -592,7 +612,7 @@ def estimate_memory(source: str, dtype: str | torch.dtype | None = "float32", n_
         path, _, pm = resolve_source(source)
         if pm is not None and not (Path(path) / "config.json").exists():  # not converted yet: weights only
             weights = {"smollm2": 134_515_008, "gemma3": 268_098_176}[pm.key] * _bytes(dtype)
-            return MemoryEstimate(weights, weights, 0, 0)
+            return MemoryEstimate(weights, weights, 0, 0, 0, _bytes(dtype))
         # trust_remote_code=False: an estimate never runs a repository's code (nor asks on stdin whether to)
         cfg = AutoConfig.from_pretrained(path, trust_remote_code=False,
                                          **(hub_access(path) if _is_hub_id(path, pm) else {}))

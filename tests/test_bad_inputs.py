@@ -352,6 +352,14 @@ def test_a_run_says_before_loading_when_it_may_not_fit_in_memory(tiny_folder, tm
     assert main(["prune", f"--model={tiny_folder}", "--pruner", "magnitude", "--allocation", "uniform", "--eval",
                  "default", "--eval-seqlen", "32", "--max-windows", "1", "--db", str(tmp_path / "r.sqlite")]) == 0
     assert "cannot be loaded and pruned" not in capsys.readouterr().err
+    # a sweep restores its dense weights before each run: it keeps their copy, and says so before it starts
+    monkeypatch.setenv("ALPHASCOPE_MEMORY_LIMIT_BYTES", "100000")
+    assert main(["sweep", f"--model={tiny_folder}", "--pruners", "magnitude", "--allocations", "uniform",
+                 "--sparsities", "0.5", "--eval", "default", "--eval-seqlen", "32", "--max-windows", "1",
+                 "--db", str(tmp_path / "s.sqlite")]) == 0
+    err = capsys.readouterr().err
+    assert "original values of the pruned matrices" in err and "Hessians" not in err
+    assert err.index("cannot be loaded and pruned") < err.index("dense reference")
 
 
 def test_a_calibration_batch_longer_than_its_text_is_a_warning(tiny_folder, tmp_path, capsys):

@@ -353,8 +353,17 @@ def test_estimate_before_load_includes_pruning_and_refuses_what_cannot_fit(tiny_
     monkeypatch.setenv(MEMORY_LIMIT_ENV, str(est.weights))
     msg = est.problem(torch.device("cpu"), "tiny")
     assert msg.startswith("tiny cannot be loaded and pruned here")
-    short = (est.weights + est.working + est.prunable - est.weights) / 2**20
-    assert f"are free ({short:.1f} MiB short)" in msg  # small sizes in MiB: two equal "0.00 GiB" said nothing
+    short = (est.weights + est.working + est.prunable - est.weights) / 2**10
+    assert f"are free ({short:.1f} KiB short)" in msg  # small sizes in KiB: two equal "0.00 GiB" said nothing
+    assert "SparseGPT Hessians" in msg and "original values" in msg and "a 16-bit dtype" in msg
+    # what a run does not do is neither counted nor advised on
+    half = replace(estimate_memory(str(tiny_dir), "bfloat16", 0, 16, eval_batch=1, eval_seqlen=16), prunable=0,
+                   hessians=0)
+    monkeypatch.setenv(MEMORY_LIMIT_ENV, str(half.weights // 2))
+    msg = half.problem(torch.device("cpu"), "tiny", "evaluated")
+    assert msg.startswith("tiny cannot be loaded and evaluated here")
+    assert "an evaluation batch's logits" in msg and "Hessians" not in msg and "original values" not in msg
+    assert "16-bit" not in msg and "calibration" not in msg and "shorter evaluation windows" in msg
 
 
 def test_device_map_auto_with_disk_offload_evaluates_like_a_resident_model(tiny_dir, monkeypatch):
