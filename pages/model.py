@@ -35,6 +35,27 @@ st.caption(
     "are those of the quantized checkpoints."
 )
 
+
+
+def _show_held_model() -> None:
+    """A session that took its model back from the URL (a reload: follow_url_model) shows that model's choices,
+    not the defaults, so that Load and the memory estimate are about the model it has."""
+    source, device, dtype, trust = model_key()
+    label = {kind: choice for choice, kind in SOURCES.items()}
+    cached = {str(c.path): f"{c.repo_id} ({c.revision[:8]})" for c in cached_checkpoints()}
+    if source in label:  # a packaged model
+        st.session_state["model_choice"] = label[source]
+    elif source in cached:
+        st.session_state.update(model_choice=label["cache"], model_cached=cached[source])
+    elif Path(source).is_absolute():
+        st.session_state.update(model_choice=label["folder"], model_folder=source)
+    else:
+        st.session_state.update(model_choice=label["hf"], model_hf_id=source)
+    st.session_state.update(model_device=device, model_dtype=dtype, model_trust=trust)
+
+
+if model_key() is not None and "model_choice" not in st.session_state:
+    _show_held_model()
 choice = st.radio("Model", list(SOURCES), key="model_choice")
 kind = SOURCES[choice]
 if kind == "hf":

@@ -154,6 +154,11 @@ def test_a_reload_keeps_the_model_the_server_holds(app):
     again.query_params["model"] = "default"
     again.run()
     assert not again.exception and again.session_state["model_key"] == app.session_state["model_key"]
+    # the Model page (the default page) shows that model's choices, so Load is about the model the session has
+    source, device, dtype, _ = app.session_state["model_key"]
+    assert again.radio(key="model_choice").value.startswith("SmolLM2")
+    assert (again.selectbox(key="model_device").value, again.selectbox(key="model_dtype").value) == (device, dtype)
+    assert dtype == "float32"  # "auto" would not tell the two apart
     other = AppTest.from_file(APP, default_timeout=300)
     other.query_params["model"] = "/not/loaded/anywhere"
     other.run()
