@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,10 +58,7 @@ class Checkpoint:
         """Hex digest of what identifies the weights without reading them: every shard's name, size
         and modification time (ns), and the index's and config.json's bytes. A rewritten shard
         changes its mtime, so results keyed by this go stale when the weights do."""
-        h = hashlib.sha256()
-        for p in self.shards:
-            st = p.stat()  # follows the HF cache's symlinks to the blob
-            h.update(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        h = _stamps(self.shards)
         for p in (self.index, self.folder / "config.json"):
             if p is not None:
                 h.update(p.read_bytes())
@@ -195,12 +192,17 @@ def folder_fingerprint(folder: str | Path) -> str:
     """Hex digest of what a model folder holds, without reading the weights: every file's name, size and
     modification time (ns), links followed (the HF cache's snapshots link to blobs). Weights written over
     in place change it."""
+    return _stamps(p for p in sorted(Path(folder).expanduser().iterdir()) if p.is_file()).hexdigest()
+
+
+def _stamps(files: Iterable[Path]):
+    """A sha256 of each file's name, size and modification time (ns), links followed (the HF cache's
+    snapshots link to blobs)."""
     h = hashlib.sha256()
-    for p in sorted(Path(folder).expanduser().iterdir()):
-        if p.is_file():
-            st = p.stat()
-            h.update(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
+    for p in files:
+        st = p.stat()
+        h.update(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h
 
 
 def local_folder(path_or_id: str) -> Path | None:
