@@ -902,6 +902,16 @@ def cmd_runs(args: argparse.Namespace) -> int:
     if args.db is not None and not Path(args.db).expanduser().exists():  # a typo must not read as "no runs"
         raise UsageError(f"--db: no run store at {args.db}")
     store = RunStore(args.db)
+    if args.show is not None and args.delete is not None:
+        raise UsageError("give --show or --delete, not both")
+    if args.delete is not None:
+        ids = _run_ids(args.delete)
+        try:
+            store.delete(ids)
+        except KeyError as e:
+            raise UsageError(f"--delete: {e.args[0]} (python -m analysis runs lists them); nothing deleted") from None
+        print(f"deleted run(s) {', '.join(map(str, ids))} from {store.path}")
+        return 0
     if args.show is not None:
         try:
             print(json.dumps(store.get(args.show), indent=2))
@@ -916,6 +926,17 @@ def cmd_runs(args: argparse.Namespace) -> int:
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(table.to_string(index=False))
     return 0
+
+
+def _run_ids(text: str) -> list[int]:
+    """Run ids from "3,5-7" (UsageError naming --delete on anything else)."""
+    ids = []
+    for part in (p.strip() for p in text.split(",")):
+        first, dash, last = part.partition("-")
+        if not (first.isdigit() and (not dash or last.isdigit())) or (dash and int(last) < int(first)):
+            raise UsageError(f"--delete: expected run ids such as 3,5-7, got {text!r}")
+        ids += range(int(first), int(last if dash else first) + 1)
+    return ids
 
 
 def _add_prune_parsers(sub) -> None:
@@ -965,6 +986,8 @@ def _add_prune_parsers(sub) -> None:
     p = _parser(sub, "runs", "list recorded pruning runs")
     p.add_argument("--db", default=None, help="SQLite run store (default: the cache folder's runs.sqlite)")
     p.add_argument("--show", type=int, default=None, help="print the full record of this run id")
+    p.add_argument("--delete", default=None, metavar="IDS",
+                   help="delete these runs, e.g. 3,5-7 (all or none; a resumed sweep runs a deleted one again)")
     p.set_defaults(func=cmd_runs)
 
 

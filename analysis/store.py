@@ -95,13 +95,35 @@ class RunStore:
 
     def update(self, run_id: int, changes: dict) -> None:
         """Set top-level keys of run `run_id`'s record (e.g. "zeroshot", measured after the run was
-        stored); KeyError if there is no such run. The table's columns are not among them."""
+        stored) and count the change in its "revision"; KeyError if there is no such run. The table's
+        columns are not among them."""
         with self._connect() as conn, conn:
             found = conn.execute("SELECT record_json FROM runs WHERE id = ?", (int(run_id),)).fetchone()
             if found is None:
                 raise KeyError(f"no run with id {run_id} in {self.path}")
-            record = {**json.loads(found[0]), **changes}
+            old = json.loads(found[0])
+            record = {**old, **changes, "revision": old.get("revision", 0) + 1}
             conn.execute("UPDATE runs SET record_json = ? WHERE id = ?", (to_json(record), int(run_id)))
+
+    def revisions(self) -> dict[int, int]:
+        """Each run's revision (0 until `update` changes it): a reader that keeps records by id knows which went
+        stale, without reading them."""
+        with self._connect() as conn:
+            rows = conn.execute("SELECT id, COALESCE(json_extract(record_json, '$.revision'), 0) FROM runs")
+            return {int(i): int(r) for i, r in rows}
+
+    def delete(self, run_ids) -> list[int]:
+        """Delete the runs `run_ids`, all or none: KeyError naming those not in the store, and nothing deleted.
+        Returns the ids deleted. Ids are never given to another run (a sweep that resumes runs a deleted
+        configuration again)."""
+        ids = sorted({int(i) for i in run_ids})
+        with self._connect() as conn, conn:
+            held = {int(i) for (i,) in conn.execute(
+                f"SELECT id FROM runs WHERE id IN ({', '.join('?' * len(ids))})", ids)}
+            if missing := [i for i in ids if i not in held]:
+                raise KeyError(f"no run with id {', '.join(map(str, missing))} in {self.path}")
+            conn.executemany("DELETE FROM runs WHERE id = ?", [(i,) for i in ids])
+        return ids
 
     def all(self) -> pd.DataFrame:
         """One row per run (without the full record), oldest first."""

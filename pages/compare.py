@@ -171,14 +171,15 @@ if runs.empty:
 
 
 @st.cache_data(show_spinner=False, max_entries=1024)
-def _details(path: str, run_id: int) -> dict:
+def _details(path: str, run_id: int, revision: int) -> dict:
     """Achieved sparsity, per-block allocation and zero-shot accuracies of a run, and its sweep row if
-    a sweep made it (records never change once stored)."""
+    a sweep made it (a record changes only by RunStore.update, which counts its revision)."""
     record = RunStore(path).get(run_id)
     return {**run_summary(record), "zeroshot": record_accuracy(record), "sweep": sweep_row(record)}
 
 
-details = [_details(str(store.path), int(i)) for i in runs["id"]]
+revisions = store.revisions()
+details = [_details(str(store.path), int(i), revisions.get(int(i), 0)) for i in runs["id"]]
 runs = runs.assign(achieved=[d["achieved"] for d in details], seed=[d["seed"] for d in details],
                    eval=[d["eval"] for d in details], model=runs["model"].map(model_group))
 # one "acc <task>" column per zero-shot task any run was scored on (runs pruned with --tasks)
@@ -260,3 +261,14 @@ st.subheader("All runs")
 st.dataframe(runs, hide_index=True, key="compare_table")
 st.download_button("Download runs (CSV)", runs.to_csv(index=False).encode(), file_name="runs.csv",
                    mime="text/csv", key="compare_csv")
+with st.expander("Delete runs"):
+    every = {int(r.id): f"#{r.id} {r.model} · {r.method} + {r.allocation_method} {float(r.achieved or 0):.0%}"
+             for r in runs.itertuples()}
+    _filter("compare_delete", list(every), [])  # less what another tab deleted
+    doomed = st.multiselect("Runs to delete", list(every), format_func=every.get, key="compare_delete")
+    if st.button("Delete for good", key="compare_delete_go", disabled=not doomed,
+                 help="From the run store, for every tab; a sweep that resumes runs a deleted configuration again."):
+        held = store.revisions()  # another tab may have deleted some of them already
+        store.delete([i for i in doomed if i in held])
+        st.session_state.pop("compare_delete")
+        st.rerun()

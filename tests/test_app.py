@@ -75,6 +75,7 @@ NOT_PERSISTED = {
     "compare_methods": "a filter over the stored runs",
     "compare_eval": "a filter over the stored runs",
     "compare_curves": "a filter over the stored runs",
+    "compare_delete": "runs to delete are chosen for one click of Delete",
     "prune_export_overwrite": "replacing a folder is asked for at each export",
     "sweep_model": "follows the loaded model",
 }

@@ -200,6 +200,11 @@ CLI_CASES = [
     ("runs --db {bad}/file/runs.sqlite", "--db: no run store at {bad}/file/runs.sqlite"),
     ("runs --db {bad}/no-such-store.sqlite", "--db: no run store at {bad}/no-such-store.sqlite"),  # not made empty
     ("runs --db {bad}/no-runs.sqlite --show 999", "--show: no run with id 999 in {bad}/no-runs.sqlite"),
+    ("runs --db {bad}/no-runs.sqlite --delete 3-1", "--delete: expected run ids such as 3,5-7, got '3-1'"),
+    ("runs --db {bad}/no-runs.sqlite --delete 2,x", "--delete: expected run ids such as 3,5-7"),
+    ("runs --db {bad}/no-runs.sqlite --delete 4,9", "--delete: no run with id 4, 9 in {bad}/no-runs.sqlite (python -m "
+                                                    "analysis runs lists them); nothing deleted"),
+    ("runs --db {bad}/no-runs.sqlite --delete 1 --show 1", "give --show or --delete, not both"),
     # an output over one of the command's own inputs, or two outputs in one file
     ("prune --calib {bad}/short.txt --out {bad}/short.txt",
      "--out: {bad}/short.txt would overwrite what --calib reads ({bad}/short.txt); write it elsewhere"),

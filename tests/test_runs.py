@@ -74,6 +74,32 @@ def test_compare_page_keeps_runs_on_other_windows_apart(tmp_path, monkeypatch):
     assert at.multiselect(key="compare_curves").value == [1, 2] and not at.warning, [w.value for w in at.warning]
 
 
+def test_compare_page_shows_a_record_updated_after_it_was_read_and_deletes_runs(tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    store = RunStore(tmp_path / "runs.sqlite")
+    a, b, c, d = (store.add(record(s)) for s in (0.5, 0.6, 0.7, 0.8))
+    monkeypatch.setenv("ALPHASCOPE_RUNS_DB", str(store.path))
+    at = AppTest.from_file(str(ROOT / "pages" / "compare.py"), default_timeout=60).run()
+    assert "acc cloze" not in at.dataframe[-1].value.columns
+    # zero-shot scores measured after the run was stored (the Prune page's zero-shot button)
+    store.update(b, {"zeroshot": {"tasks": ["cloze"], "scores": [{"task": "cloze", "metric": "acc", "value": 0.42}]}})
+    at.run()
+    table = at.dataframe[-1].value
+    assert table.set_index("id")["acc cloze"].get(b) == 0.42, table
+    at.multiselect(key="compare_delete").set_value([a, c]).run()
+    at.button(key="compare_delete_go").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert list(at.dataframe[-1].value["id"]) == [b, d] and list(store.all()["id"]) == [b, d]
+    assert at.multiselect(key="compare_delete").value == []
+    at.multiselect(key="compare_delete").set_value([b, d]).run()
+    store.delete([b])  # from another tab, while this one had it chosen: the choice goes with the run
+    at.run()
+    assert not at.exception and at.multiselect(key="compare_delete").value == [d]
+    at.button(key="compare_delete_go").click().run()
+    assert not at.exception and any("No runs yet" in i.value for i in at.info)
+
+
 def test_update_adds_keys_to_one_record(tmp_path):
     store = RunStore(tmp_path / "runs.sqlite")
     a, b = store.add(record(0.5)), store.add(record(0.7))
@@ -83,6 +109,33 @@ def test_update_adds_keys_to_one_record(tmp_path):
     assert "zeroshot" not in store.get(a) and list(store.all()["id"]) == [a, b]
     with pytest.raises(KeyError):
         store.update(999, {"zeroshot": scores})
+
+
+def test_delete_is_all_or_none_and_ids_are_not_reused(tmp_path):
+    store = RunStore(tmp_path / "runs.sqlite")
+    a, b, c = (store.add(record(s)) for s in (0.5, 0.6, 0.7))
+    with pytest.raises(KeyError, match="no run with id 99"):
+        store.delete([a, 99])
+    assert list(store.all()["id"]) == [a, b, c]  # nothing deleted
+    assert store.delete([c, a]) == [a, c] and list(store.all()["id"]) == [b]
+    assert store.add(record(0.8)) == c + 1  # a reader that keeps records by id never sees another run under c
+
+
+def test_cli_runs_delete(tmp_path):
+    store = RunStore(tmp_path / "runs.sqlite")
+    ids = [store.add(record(s)) for s in (0.5, 0.6, 0.7, 0.8)]
+    r = subprocess.run([sys.executable, "-m", "analysis", "runs", "--db", str(store.path), "--delete",
+                        f"{ids[0]},{ids[2]}-{ids[3]}"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and f"deleted run(s) {ids[0]}, {ids[2]}, {ids[3]}" in r.stdout, r.stderr
+    assert list(store.all()["id"]) == [ids[1]]
+
+
+def test_an_updated_record_counts_its_revisions(tmp_path):
+    store = RunStore(tmp_path / "runs.sqlite")
+    a, b = store.add(record(0.5)), store.add(record(0.7))
+    store.update(b, {"zeroshot": {}})
+    store.update(b, {"zeroshot": {"tasks": []}})
+    assert store.revisions() == {a: 0, b: 2} and store.get(b)["zeroshot"] == {"tasks": []}
 
 
 def test_failed_add_leaves_earlier_runs(tmp_path):
