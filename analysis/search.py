@@ -95,9 +95,10 @@ OnBest = Callable[[list[float], float, int], None]  # (per-block ratios, confirm
 @dataclass(frozen=True)
 class Grid:
     """The search space around a start: block b's ratio is base[b] + k[b] * step, with the offset k[b]
-    within [lo[b], hi[b]] so that the ratio stays within [0, MAX_RATIO]. With `kinds` (the "block+kind"
-    space), the state k has one more entry per kind, in steps: every matrix of that kind gets
-    k[n_blocks + i] * step added to its block's ratio (see `per_layer`)."""
+    within [lo[b], hi[b]] so that the ratio stays within [0, MAX_RATIO]. Each matrix keeps the start's
+    difference from its block's ratio (`within`: a curve's per-matrix offsets, a per-matrix allocation).
+    With `kinds` (the "block+kind" space), the state k has one more entry per kind, in steps: every matrix
+    of that kind gets k[n_blocks + i] * step added to its block's ratio (see `per_layer`)."""
 
     base: tuple[float, ...]  # the start's per-block ratios
     step: float
@@ -108,13 +109,16 @@ class Grid:
     layers: tuple[tuple[str, int, int], ...] = ()  # per matrix: (name, block, index in kinds or -1)
     kinds: tuple[str, ...] = ()  # the matrix kinds with an offset
     kind_params: tuple[int, ...] = ()  # weights of each kind in one block
+    within: tuple[float, ...] = ()  # per matrix of `layers`: the start's ratio minus its block's (0 when not given)
 
     @classmethod
     def around(cls, per_block: list[float], params: list[int], step: float = SEARCH_STEP,
-               layers: list[tuple[str, int, str, int]] | None = None, by_kind: bool = False) -> Grid:
+               layers: list[tuple[str, int, str, int]] | None = None, by_kind: bool = False,
+               per_layer: dict[str, float] | None = None) -> Grid:
         """`layers`: (name, block, kind, weights) of every matrix, for `per_layer`; `by_kind` (the "block+kind"
         space): the kinds found in every block the same number of times (once, or once per MoE expert), with
-        the same size everywhere, get offsets (at least two such)."""
+        the same size everywhere, get offsets (at least two such). `per_layer`: the start's ratio of each matrix,
+        when they differ within a block (`per_block` is then their parameter-weighted mean, as an Allocation's)."""
         by_size: dict[int, list[int]] = {}
         for b, p in enumerate(params):
             if p > 0:
@@ -134,8 +138,9 @@ class Grid:
         rows = tuple((name, b, index.get(kind, -1)) for name, b, kind, _ in layers)
         # a kind's weights in one block: its matrices there (MoE: one per expert) x their size
         sizes = tuple(per_block[kind][blocks[0]] * next(n for _, _, k, n in layers if k == kind) for kind in kinds)
+        within = tuple(per_layer[name] - base[b] for name, b, _, _ in layers) if per_layer else ()
         return cls(base, step, tuple(tuple(g) for g in by_size.values()), tuple(params), lo, hi, rows,
-                   tuple(kinds), sizes)
+                   tuple(kinds), sizes, within if any(abs(d) > 1e-12 for d in within) else ())
 
     def ratios(self, k: np.ndarray) -> list[float]:
         """Per block: its ratio (with kinds, the weighted mean of its matrices' ratios, which kinds do not move)."""
@@ -143,13 +148,18 @@ class Grid:
                 for r, o, p in zip(self.base, k, self.params)]
 
     def per_layer(self, k: np.ndarray) -> dict[str, float]:
-        """Per matrix of `layers`, by name: its block's ratio plus its kind's offset (0 for a kind without one)."""
+        """Per matrix of `layers`, by name: its block's ratio plus its difference from it in the start and its
+        kind's offset (0 for a kind without one)."""
         per_block, n = self.ratios(k), len(self.base)
-        return {name: per_block[b] + (float(k[n + i]) * self.step if i >= 0 else 0.0) for name, b, i in self.layers}
+        within = self.within or (0.0,) * len(self.layers)
+        return {name: per_block[b] + d + (float(k[n + i]) * self.step if i >= 0 else 0.0)
+                for (name, b, i), d in zip(self.layers, within)}
 
     def valid(self, k: np.ndarray) -> bool:
-        """Every matrix's ratio within [0, MAX_RATIO] (the block bounds alone ensure it without kinds)."""
-        return not self.kinds or all(-1e-9 <= r <= MAX_RATIO + 1e-9 for r in self.per_layer(k).values())
+        """Every matrix's ratio within [0, MAX_RATIO] (the block bounds alone ensure it when all the matrices of a
+        block share its ratio)."""
+        return not (self.kinds or self.within) or all(-1e-9 <= r <= MAX_RATIO + 1e-9
+                                                      for r in self.per_layer(k).values())
 
     def budget(self, k: np.ndarray) -> float:
         return budget(self.ratios(k), self.params)
@@ -498,7 +508,8 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
         if best_state is not None:
             levels.load(best_state)
         layers = [(r.name, b, r.kind, r.params) for b, rs in refs.items() for r in rs]
-        grid = Grid.around(starts[best_name].per_block, params, step, layers, by_kind=space == "block+kind")
+        grid = Grid.around(starts[best_name].per_block, params, step, layers, by_kind=space == "block+kind",
+                           per_layer=starts[best_name].per_layer)
         # kind offsets are fractions of a step: the kind with the bigger matrices moves less
         parent = np.zeros(n_blocks + len(grid.kinds), dtype=np.float64 if grid.kinds else np.int64)
         anchor_windows = losses(grid.per_layer(parent), confirm)  # the proxy's, on the anchor
@@ -638,8 +649,12 @@ def _outcome(info: dict) -> list[str]:
         lines.append(f"{line}: {verdict}")
     if info.get("gain") is not None and info["result"] == "search":
         gain, se, n = info["gain"], info["gain_se"], info["gain_windows"]
-        noise = "; within 2 SE of zero: it may not carry over to other text" if gain < 2 * se else ""
-        lines.append(f"gain {gain:.4f} +/- {se:.4f} nats/token (paired SE over {n} windows){noise}")
+        if se is None or not math.isfinite(se):  # one window has no spread to measure
+            lines.append(f"gain {gain:.4f} nats/token on {n} window (no standard error: it may not carry over to "
+                         "other text)")
+        else:
+            noise = "; within 2 SE of zero: it may not carry over to other text" if gain < 2 * se else ""
+            lines.append(f"gain {gain:.4f} +/- {se:.4f} nats/token (paired SE over {n} windows){noise}")
     kinds = info["history"][-1].get("kinds")
     if kinds and info["result"] == "search":
         lines.append("kind offsets: " + ", ".join(f"{k} {v:+.3f}" for k, v in kinds.items()))

@@ -190,6 +190,34 @@ def test_kind_moves_keep_every_block_ratio_and_the_budget_exact():
     assert Grid.around(start, params, layers=[row for row in layers if row[2] == "k"], by_kind=True).kinds == ()
 
 
+def test_a_start_with_per_matrix_ratios_keeps_them_as_the_search_moves_its_blocks():
+    """A start whose matrices differ inside a block (a curve with per-matrix offsets): the grid starts at its own
+    ratios, every matrix keeps its difference from its block's ratio, the budget stays exact, no matrix leaves
+    [0, 0.99], and a move that would take one out is not made."""
+    params = [1000 + 400] * 4
+    layers = [(f"{b}.{kind}", b, kind, n) for b in range(4) for kind, n in (("wide", 1000), ("narrow", 400))]
+    mine = {f"{b}.{kind}": r + d for b, r in enumerate([0.5, 0.55, 0.6, 0.65]) for kind, d in (("wide", -0.04),
+                                                                                                ("narrow", 0.1))}
+    start = [np.average([mine[f"{b}.wide"], mine[f"{b}.narrow"]], weights=[1000, 400]) for b in range(4)]
+    grid = Grid.around(start, params, layers=layers, per_layer=mine)
+    k = np.zeros(4, dtype=np.int64)
+    assert grid.per_layer(k) == pytest.approx(mine, abs=1e-12)
+    rng, spread = np.random.default_rng(0), set()
+    for _ in range(500):
+        k = mutate(k, grid, rng)
+        per = grid.per_layer(k)
+        for b, r in enumerate(grid.ratios(k)):
+            assert per[f"{b}.narrow"] - per[f"{b}.wide"] == pytest.approx(0.14, abs=1e-12)
+            assert np.average([per[f"{b}.wide"], per[f"{b}.narrow"]], weights=[1000, 400]) == pytest.approx(r)
+        assert grid.budget(k) == pytest.approx(np.mean(start), abs=1e-12)
+        assert min(per.values()) >= 0.0 and max(per.values()) <= 0.99 + 1e-12
+        spread.add(max(per.values()))
+    assert max(spread) > 0.9  # the bound was reached, not avoided
+    # without per-matrix ratios the grid is the per-block one
+    assert Grid.around(start, params, layers=layers).per_layer(np.zeros(4)) == {
+        name: start[b] for name, b, _, _ in layers}
+
+
 def test_kinds_found_once_per_expert_get_one_offset_weighted_by_their_count():
     """MoE: a kind found E times in every block (once per expert) gets one offset; its weights per block are E
     matrices' worth, so a kind move against attention keeps every block's ratio and the budget exact."""
@@ -290,6 +318,8 @@ def test_search_is_deterministic_exact_and_never_worse_than_its_best_start(tiny_
     assert 0 < a.params["gain_se"] < math.inf
     text = "\n".join(describe(a.params))
     assert f"from {a.params['start']}: {fits[0]:.4f} -> {fits[-1]:.4f}" in text and "paired SE over 8 windows" in text
+    one = "\n".join(describe({**a.params, "gain_se": math.nan, "gain_windows": 1}))  # one window: no spread
+    assert "nan" not in one and "on 1 window (no standard error" in one
     back = Allocation.from_dict(json.loads(json.dumps(a.to_dict())))
     assert back.per_layer == a.per_layer and back.params["start"] in starts
 
@@ -349,6 +379,24 @@ def prune_from_dense_statistics(model, calib, alloc) -> DenseSnapshot:
         for r in prunable_layers(model):
             r.weight().copy_(prune_wanda(r.weight().float(), stats[r.name].col_norms(), alloc.per_layer[r.name]))
     return snap
+
+
+def test_a_search_from_a_start_with_per_matrix_ratios_goes_on_from_those_ratios(tiny_search):
+    """The Allocation page's "Start from your curve" with per-matrix offsets: the search's first entry is that
+    start as scored (not the start with its offsets dropped), and its result keeps them."""
+    model, calib, starts = tiny_search
+    layers = prunable_layers(model)
+    ramp = starts["ramp"]
+    mine = {r.name: ramp.per_block[r.block] + (0.1 if r.kind == "down_proj" else 0.0) for r in layers}
+    weights = {r.name: r.params for r in layers}
+    per_block = [float(np.average([mine[r.name] for r in layers if r.block == b],
+                                  weights=[weights[r.name] for r in layers if r.block == b])) for b in range(4)]
+    curve = Allocation("", 0.62, "custom", {}, per_block, mine, float(np.average(per_block)))
+    a = search_allocation(model, calib, {"your curve": curve}, steps=6, seed=1, screen_samples=2, screen_seqlen=16)
+    assert a.params["history"][0]["fitness"] == pytest.approx(a.params["starts"]["your curve"], rel=1e-6)
+    downs = [r for r in layers if r.kind == "down_proj"]
+    others = {r.block: r for r in layers if r.kind == "up_proj"}
+    assert all(a.per_layer[r.name] - a.per_layer[others[r.block].name] == pytest.approx(0.1) for r in downs)
 
 
 def test_search_fitness_matches_the_cached_candidate(tiny_search):
