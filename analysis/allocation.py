@@ -175,7 +175,12 @@ def _allocation_from_dict(d) -> Allocation:
     if not isinstance(d, dict):
         raise AllocationError(f"allocation must be a JSON object, got {type(d).__name__}")
     if "per_layer" not in d and isinstance(d.get("config"), dict) and isinstance(d.get("allocation"), dict):
+        config = d["config"]
         d = d["allocation"]  # a run record (prune --out, runs --show): the allocation its run pruned with
+        if isinstance(d.get("params", {}), dict) and isinstance(config.get("method"), str):
+            # how that run pruned with it, which the allocation alone does not say (allocation_caveats)
+            d = {**d, "params": {**d.get("params", {}), "run": {"pruner": config["method"],
+                                                               "rowwise": config.get("rowwise")}}}
     if "format" in d and d["format"] != FORMAT:
         raise AllocationError(f"format is {d['format']!r}, expected {FORMAT!r}")
     version = d.get("version", FORMAT_VERSION)
@@ -691,10 +696,11 @@ def custom_allocation(points, metrics: pd.DataFrame, sparsity: float | None = No
                       model: str = "", offsets: dict[str, float] | None = None) -> Allocation:
     """Ratios from a hand-drawn curve: control points (depth in [0, 1], sparsity in [0, 0.99]);
     block b of n sits at depth b / (n - 1). `offsets` (matrix name -> ratio, from block_offsets) are added
-    to the curve's value at each matrix's block, clipped to [0, 0.99], so a curve taken from a per-matrix
-    allocation reproduces it. normalize=True scales the ratios so the budget equals `sparsity` (required
-    then); normalize=False applies them as drawn and `achieved` is the budget they imply (`sparsity` then
-    records the target if given, else the implied budget)."""
+    to the curve's value at each matrix's block, less their parameter-weighted mean in that block (so the curve
+    sets each block's mean ratio, and a kind's offset sets its matrices apart from the others), clipped to
+    [0, 0.99]: a curve taken from a per-matrix allocation reproduces it. normalize=True scales the ratios so the
+    budget equals `sparsity` (required then); normalize=False applies them as drawn and `achieved` is the
+    budget they imply (`sparsity` then records the target if given, else the implied budget)."""
     warnings: list[str] = []
     x, y = _clean_points(points, warnings)
     df = prunable_rows(metrics)
@@ -711,7 +717,9 @@ def custom_allocation(points, metrics: pd.DataFrame, sparsity: float | None = No
         if unknown:
             raise AllocationError(f"offsets for {len(unknown)} matrices this model does not prune (e.g. "
                                   f"'{unknown[0]}'); were they made for another model?")
-        shifted = ratios + df["name"].map(offsets).fillna(0.0).to_numpy(float)
+        raw = df["name"].map(offsets).fillna(0.0)
+        centre = (raw * df["params"]).groupby(df["block"]).sum() / df["params"].groupby(df["block"]).sum()
+        shifted = ratios + (raw - df["block"].map(centre)).to_numpy(float)
         ratios = np.clip(shifted, 0.0, MAX_RATIO)
         if (ratios != shifted).any():
             warnings.append(f"{int((ratios != shifted).sum())} matrices' ratios with their offsets were clipped "

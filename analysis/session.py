@@ -413,14 +413,16 @@ def outlier_ratios_job(job: Job, shared_model: nn.Module, calib, threshold_m: fl
 def search_job(job: Job, shared_model: nn.Module, gate: ModelGate, who: str, tokenizer, bos: bool,
                settings: AllocationSettings, pruner: str, calibration: CalibrationSettings, eval_source: str,
                model_name: str = "", metrics=None, start: Allocation | None = None, farms_metrics=None,
-               outlier_ratios=None) -> Allocation:
+               outlier_ratios=None, connected: Callable[[], bool] | None = None) -> Allocation:
     """The allocation search (`settings.method == "auto"`) for a dashboard session. It writes candidate
     weights into the model it searches, so it works on a throw-away copy of the shared model, read
     through `gate` (waiting while a session has it pruned in place); with no room for that copy it is a
     clear error. `start`: the user's curve, the search's only start (None: the presets). `metrics`,
     `farms_metrics`, `outlier_ratios`: the dense spectra, FARMS spectra and OWL ratios when known (None:
     the search measures what it needs). Each improvement is emitted as {"per_block", "fitness", "step",
-    "objective"}."""
+    "objective"}. `connected`: whether the session that started it is still there; once it has been away for
+    ABANDON_S (a closed or reloaded tab) the search is cancelled, as its result lives only in that session."""
+    stop = job.stop if connected is None else _cancel_when_gone(job, connected)
     job.report("copying the model", 0.0)
     need = prune_need(shared_model, RunSettings(allocation=settings, calibration=calibration))
     model = _private_copy(shared_model, need, gate, who, job)
@@ -443,8 +445,24 @@ def search_job(job: Job, shared_model: nn.Module, gate: ModelGate, who: str, tok
         job.report(message, fraction)
     return build_allocation(settings, model, calib=calib, metrics=metrics, farms_metrics=farms_metrics,
                             outlier_ratios=outlier_ratios, model_name=model_name, custom=start, prune_method=pruner,
-                            progress=progress, stop=job.stop, fitness_windows=held_out, then_windows=then,
+                            progress=progress, stop=stop, fitness_windows=held_out, then_windows=then,
                             on_best=on_best)
+
+
+def _cancel_when_gone(job: Job, connected: Callable[[], bool]) -> Callable[[], bool]:
+    """A stop flag: `job.stop`, which it sets (cancelling the job) once `connected()` has said False for
+    ABANDON_S without a break."""
+    gone_since: list[float] = []
+
+    def stop() -> bool:
+        if connected():
+            gone_since.clear()
+        elif not gone_since:
+            gone_since.append(time.monotonic())
+        elif time.monotonic() - gone_since[0] >= ABANDON_S:
+            job.cancel()
+        return job.stop.is_set()
+    return stop
 
 
 def evaluate_weights_job(job: Job, work: WorkingCopy, shared_model: nn.Module, windows) -> PplUpdate | None:

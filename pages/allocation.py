@@ -229,9 +229,10 @@ with st.expander("Find allocation (search)", expanded=SEARCH_KEY in st.session_s
                 st.session_state[SEARCH_KEY] = search = Job(
                     lambda j: search_job(j, shared, work.gate, f"{work.owner}'s allocation search", tok,
                                          info.bos_per_window, cfg, search_pruner, cal, ev, info.source, metrics,
-                                         start, known_farms, known_owl),
+                                         start, known_farms, known_owl, work.connected),
                     name="allocation-search").start()
-    if search is not None and not search.done and g2.button("Cancel the search", key="alloc_search_cancel"):
+    if search is not None and not search.done and not search.cancelled and g2.button("Cancel the search",
+                                                                                     key="alloc_search_cancel"):
         search.cancel()
 
     @st.fragment(run_every=1.0)
@@ -244,7 +245,9 @@ with st.expander("Find allocation (search)", expanded=SEARCH_KEY in st.session_s
         if job.status == "error":
             st.error(f"The search failed: {job.error}")
         elif not job.done:
-            st.progress(frac, text=f"{msg} ({job.elapsed:.0f} s)")
+            # a cancel is seen between the search's steps, and a step (a real prune) can take a while
+            pending = "Cancelling at the end of this step (the best so far stays): " if job.cancelled else ""
+            st.progress(frac, text=f"{pending}{msg} ({job.elapsed:.0f} s)")
         else:
             st.caption(f"Search {job.status} after {job.elapsed:.0f} s.")
             if job.result is not None:  # also a cancelled search's best so far
@@ -291,9 +294,10 @@ edited = st.data_editor(
     table, key=editor_key, num_rows="dynamic", hide_index=True,
     # no min/max in the columns: the grid would drop a value typed outside them (1.3) or its minus sign (-0.5 as
     # 0.5) without a word; clamp_points below clamps such values and says so
+    # step sets the precision the grid keeps (0.01 cut 0.6789 to 0.67) and shows: a block sits at depth b / (n - 1)
     column_config={
-        "depth": st.column_config.NumberColumn("depth (0 = first block, 1 = last)", step=0.01, format="%.3f"),
-        "sparsity": st.column_config.NumberColumn("sparsity", step=0.01, format="%.3f"),
+        "depth": st.column_config.NumberColumn("depth (0 = first block, 1 = last)", step=0.0001, format="%.4f"),
+        "sparsity": st.column_config.NumberColumn("sparsity", step=0.0001, format="%.4f"),
     },
 )
 new_points, clamped = clamp_points(edited.to_numpy().tolist(), Y_MAX)
@@ -314,7 +318,7 @@ if offsets:
     o1, o2 = st.columns([4, 1])
     o1.info(f"The matrices of each block keep their offsets from {kept['origin']} (up to "
             f"{within_block_spread(offsets, metrics):.1%} apart in a block): the curve sets each block's mean "
-            "sparsity, and each matrix keeps its difference from it.")
+            "sparsity (parameter-weighted), and the offsets set its matrices apart from one another.")
     if o2.button("Drop the offsets", key="alloc_drop_offsets",
                  help="One sparsity for every matrix of a block: the curve's."):
         st.session_state[OFFSETS_KEY] = None
@@ -359,9 +363,11 @@ def _edit_offsets(edited: dict[str, float]) -> None:
 
 
 with st.expander("Per-matrix sparsity (offsets from the curve)", expanded=bool(offsets)):
-    st.caption("Each matrix's sparsity is its block's value on the curve plus its offset. Set the offset of every "
-               "matrix of a kind at once (e.g. prune the key/value projections less everywhere), or of one matrix "
-               "alone; the table shows the applied ratios (with \"normalized to target\", after rescaling).")
+    st.caption("Each matrix's sparsity is its block's value on the curve plus its offset, less the mean offset of "
+               "its block (parameter-weighted): offsets set matrices apart, the curve keeps setting each block's "
+               "mean. Set the offset of every matrix of a kind at once (e.g. prune the key/value projections less "
+               "everywhere), or of one matrix alone; the table shows the applied ratios (with \"normalized to "
+               "target\", after rescaling).")
     current = offsets or {}
     tag = hashlib.sha1(json.dumps(current, sort_keys=True).encode()).hexdigest()[:10]  # fresh inputs on a change
     means = kind_offsets(current, metrics)

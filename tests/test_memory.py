@@ -289,6 +289,23 @@ def test_a_cancel_before_the_search_has_a_best_so_far_ends_it_at_once(tiny):
     assert messages[-1].startswith("search statistics: block 1/")  # no block after it, no start scored
 
 
+def test_a_search_whose_session_went_away_is_cancelled(tiny, monkeypatch):
+    """A reloaded or closed tab cannot see, cancel or use its search: once its session has been disconnected for
+    ABANDON_S without a break the search is cancelled; a connection back within that time restarts the count."""
+    monkeypatch.setattr(session, "ABANDON_S", 0.5)
+    settings = AllocationSettings(method="auto", sparsity=0.5, search_steps=100_000)
+    t0 = time.monotonic()
+
+    def connected() -> bool:  # away at first, back before 0.5 s, away for good from 1 s on
+        return 0.3 <= time.monotonic() - t0 < 1.0
+
+    search = Job(lambda j: search_job(j, tiny.model, ModelGate(), "a search", tiny.tokenizer, False, settings,
+                                      "wanda", SETTINGS.calibration, "default", connected=connected),
+                 name="search").start()
+    assert search.wait(120) and search.status == CANCELLED, (search.status, search.traceback)
+    assert search.finished_at - search.started_at >= 1.0  # not while it was back
+
+
 def test_the_search_copies_dense_weights_through_the_gate_and_needs_room(tiny, monkeypatch):
     """The dashboard's allocation search writes into its model: it searches a copy of the shared model,
     made after a session's prune in place is restored (never from pruned weights), or says why not."""
@@ -355,7 +372,7 @@ def test_estimate_before_load_includes_pruning_and_refuses_what_cannot_fit(tiny_
     assert msg.startswith("tiny cannot be loaded and pruned here")
     short = (est.weights + est.working + est.prunable - est.weights) / 2**10
     assert f"are free ({short:.1f} KiB short)" in msg  # small sizes in KiB: two equal "0.00 GiB" said nothing
-    assert "SparseGPT Hessians" in msg and "original values" in msg and "a 16-bit dtype" in msg
+    assert "Hessians (SparseGPT; TRIM's Gram matrices)" in msg and "original values" in msg and "a 16-bit dtype" in msg
     # what a run does not do is neither counted nor advised on
     half = replace(estimate_memory(str(tiny_dir), "bfloat16", 0, 16, eval_batch=1, eval_seqlen=16), prunable=0,
                    hessians=0)
