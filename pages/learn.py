@@ -55,10 +55,10 @@ elif kind.startswith("Low"):
 else:
     w = synthetic.make("gaussian", n, aspect, seed)
     note = ("Pure noise: the ESD fills the Marchenko–Pastur bulk and ends at its edge; there is no tail. "
-            "A power law can still be fitted to the bulk's upper end, and its α depends on the xmin rule and "
-            "the aspect ratio: with the peak rule often 3–5, inside the \"well trained\" band, with scan 8–10 "
-            "(try both). So α alone does not tell noise from training: a real tail goes beyond the MP edge "
-            "(no eigenvalue does here). An untrained layer looks like this.")
+            "A power law can still be fitted to the bulk's upper end, and its α swings with the xmin rule, the "
+            "matrix size and the aspect ratio, from below 2 to above 20 (change N, Q and the rule to see it), "
+            "and often lands inside the \"well trained\" band. So α alone does not tell noise from training: a "
+            "real tail goes beyond the MP edge (no eigenvalue does here). An untrained layer looks like this.")
 
 eigs = esd(torch.from_numpy(w), normalize=True)
 fit = fit_power_law(eigs, rule)

@@ -1,4 +1,5 @@
 """Spectra page: ESD of every weight matrix, alpha across depth, block x kind heatmap, metrics table."""
+import hashlib
 import math
 from contextlib import nullcontext
 
@@ -94,16 +95,22 @@ def _pick_layer(chart_key: str) -> None:
             return
 
 
+# the charts are new widgets for each chosen layer: a chart keeps its clicked point selected, and a click on it
+# after another layer was picked from the list would only unselect it (a second click was needed)
+tag = hashlib.sha1(st.session_state[LAYER_KEY].encode()).hexdigest()[:8]
+depth_key, heat_key = f"spectra_depth_chart_{tag}", f"spectra_heatmap_{tag}"
 left, right = st.columns([3, 2])
 with left:
     st.subheader("Across depth")
     depth_metric = st.selectbox("Metric", METRICS, key="spectra_depth_metric")
-    st.plotly_chart(alpha_depth_figure(metrics, depth_metric), key="spectra_depth_chart", on_select=lambda: _pick_layer(
-        "spectra_depth_chart"), selection_mode="points")
+    with st.container(key="spectra_depth_chart"):
+        st.plotly_chart(alpha_depth_figure(metrics, depth_metric), key=depth_key,
+                        on_select=lambda: _pick_layer(depth_key), selection_mode="points")
     st.caption("Click a point to open that layer's ESD.")
     heat_metric = st.selectbox("Heatmap metric", METRICS, key="spectra_heat_metric")
-    st.plotly_chart(heatmap_figure(metrics, heat_metric), key="spectra_heatmap",
-                    on_select=lambda: _pick_layer("spectra_heatmap"), selection_mode="points")
+    with st.container(key="spectra_heatmap"):
+        st.plotly_chart(heatmap_figure(metrics, heat_metric), key=heat_key,
+                        on_select=lambda: _pick_layer(heat_key), selection_mode="points")
 with right:
     st.subheader("One layer")
     name = st.selectbox("Layer", names, key=LAYER_KEY)
@@ -138,5 +145,10 @@ with right:
 
 st.subheader("Metrics table")
 st.dataframe(metrics, hide_index=True, key="spectra_table")
-st.download_button("Download metrics (CSV)", metrics.to_csv(index=False).encode(), file_name="spectra_metrics.csv",
-                   mime="text/csv", key="spectra_csv")
+# what produced the numbers, in each row and in the file's name: downloads of several settings stay apart
+setting = {"model": loaded.info.source, "weights": "pruned copy" if model is work.model else "dense", "fit": res.fit,
+           "farms": bool(res.farms)}
+stem = "_".join(["spectra", loaded.info.source.rstrip("/").rsplit("/", 1)[-1], res.fit]
+                + (["farms"] if res.farms else []) + (["pruned"] if model is work.model else []))
+st.download_button("Download metrics (CSV)", metrics.assign(**setting).to_csv(index=False).encode(),
+                   file_name=f"{stem}.csv", mime="text/csv", key="spectra_csv")
