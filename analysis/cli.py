@@ -19,6 +19,7 @@ from tqdm import tqdm
 from analysis.allocation import METHODS as ALLOCATION_CHOICES
 from analysis.allocation import METRIC_DIRECTION, Allocation, AllocationError, block_table, parse_points
 from analysis.checkpoint import has_safetensors, local_folder, open_checkpoint, stored_dtype
+from analysis.data import held_out_split, names_test_split
 from analysis.errors import AlphascopeError
 from analysis.evaluation import default_batch_size, perplexity
 from analysis.export import (
@@ -45,6 +46,7 @@ from analysis.loading import (
     ensure_converted,
     load_model,
     memory_estimate,
+    offloaded,
     pick_device,
     pick_dtype,
     preview_model,
@@ -63,7 +65,7 @@ from analysis.pipeline import (
 )
 from analysis.powerlaw import MIN_TAIL, XMIN_RULES, FitError, check_fit
 from analysis.pruners import PRUNERS, ROWWISE, PruneError, check_nm_ratios, parse_nm
-from analysis.pruning import gathers_gram, prune, prune_warnings
+from analysis.pruning import gathers_gram, non_finite, prune, prune_warnings
 from analysis.search import describe
 from analysis.settings import (
     ALLOCATION_METHODS,
@@ -131,6 +133,7 @@ PRUNER_HELP = f"{', '.join(PRUNERS)} (default: {PruneSettings.method}; --method:
 # each command's older name of an option -> the name every command now shares (both are accepted)
 OLD_NAMES = {"prune": {"--method": "--pruner"}, "eval": {"--method": "--pruner"}, "sweep": {"--methods": "--pruners"},
              "allocate": {"--method": "--allocation"}}
+OTHER_NAMES = {"eval": {"--eval": "--text"}}  # two current names of one option (kept as typed: messages use it)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -220,8 +223,8 @@ def _add_allocation_args(p: argparse.ArgumentParser, axes: bool = False) -> None
         p.add_argument("--epsilons", default=f"{d.epsilon:g}", help="alphapruning/farms spreads, e.g. 0.1,0.3")
     else:
         p.add_argument("--epsilon", type=float, default=d.epsilon,
-                       help="alphapruning/farms spread: ratios in [S(1-eps), S(1+eps)]; with auto, the search also "
-                            "starts from alphapruning and farms at this eps")
+                       help="alphapruning/farms spread: ratios in [S(1-eps), S(1+eps)] before the rescaling to the "
+                            "budget S; with auto, the search also starts from alphapruning and farms at this eps")
     p.add_argument("--metric", default=d.metric, choices=list(METRIC_DIRECTION),
                    help="per-matrix metric (alphapruning/farms)")
     p.add_argument("--granularity", default=d.granularity, choices=["block", "layer"],
@@ -441,6 +444,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             raise UsageError(f"--nm: {e} (an N:M recipe prunes every matrix it targets to that pattern, whatever "
                              "its sparsity says)") from None
     if preview is not None:  # llm-compressor pairs the i-th sparsity with the i-th target in module order
+        AllocationSettings(method="file", file=args.allocation).check_model(preview)  # every matrix, once: as prune
         per_layer = module_order(alloc.per_layer, skeleton(preview.config))
     else:
         per_layer = alloc.per_layer
@@ -506,10 +510,21 @@ def cmd_allocate(args: argparse.Namespace) -> int:
         raise UsageError("--sparsity is required")
     if args.search_text is not None and args.method != "auto":
         _refuse_search_text(args.search_text)
+    _refuse_unread(args, [args.method])
+    for flag_readers, flags in ((("custom",), ("--points", "--as-drawn")), (("auto",), ("--pruner",)),
+                                (("owl", "auto"), ("--calib", "--nsamples", "--seqlen", "--seed", "--encoding"))):
+        if args.method not in flag_readers:
+            _refuse_unused(_typed(args, *flags), f"only {' and '.join(flag_readers)} "
+                           f"{'uses' if len(flag_readers) == 1 else 'use'} it, and the allocation is {args.method}")
     if args.as_drawn and args.sparsity is not None:
         raise UsageError(f"--sparsity: --as-drawn keeps the curve's own budget, so --sparsity {args.sparsity:g} "
                          "would be ignored; drop one of them")
     settings = _allocation(args, args.method, args.sparsity, points=points, as_drawn=args.as_drawn).check()
+    if args.search_text is not None and names_test_split(args.search_text):
+        valid = held_out_split(args.search_text) or "its validation split"
+        print(f"warning: --search-text {args.search_text} names a test split: a run evaluated on it would judge the "
+              f"allocation on the text it was chosen on (the JSON records it, and prune and eval say so); score on "
+              f"{valid} instead", file=sys.stderr)
     calibration = _calibration(args).check() if args.method in ("owl", "auto") else None
     _check_recipe_options(args)
     _checked_outputs(args, {"--out": args.out, "--recipe": args.recipe, "--npy": args.npy})
@@ -523,6 +538,7 @@ def cmd_allocate(args: argparse.Namespace) -> int:
                      preview, "allocated", calibrates=calibration is not None, evaluates=False,
                      hessians=args.method == "auto" and gathers_gram(args.pruner))
     loaded = _load(_model_settings(args), check)
+    _warn_non_finite(loaded.model, "an allocation measured on it")
     if args.method in SPECTRA_METHODS or (args.method == "auto" and settings.search_from is None):
         # the search starts from AlphaPruning too (FARMS's pooled spectra: search_starts)
         metrics = dense_spectra(loaded.model, settings.spectra, progress=_print_progress)
@@ -547,7 +563,7 @@ def cmd_allocate(args: argparse.Namespace) -> int:
 
 
 def _add_allocate_parser(sub) -> None:
-    p = _parser(sub, "allocate", "layerwise sparsity (uniform, alphapruning, farms, owl, custom) to JSON")
+    p = _parser(sub, "allocate", "layerwise sparsity (uniform, alphapruning, farms, owl, custom, auto) to JSON")
     _add_model_args(p)
     p.add_argument("--allocation", "--method", dest="method", default=AllocationSettings.method,
                    choices=[*ALLOCATION_CHOICES, "auto"], metavar="ALLOCATION",
@@ -750,6 +766,12 @@ def _rerun_settings(args: argparse.Namespace) -> tuple[RunSettings, dict]:
     return settings, record
 
 
+def _warn_non_finite(model, what: str) -> None:
+    if not offloaded(model) and (name := non_finite(model)) is not None:  # (weights on disk are not read for it)
+        print(f"warning: '{name}' has non-finite weights (NaN or inf): {what} will mean nothing (the spectra command "
+              "lists such matrices)", file=sys.stderr)
+
+
 def _warn_memory(settings: RunSettings, preview, task: str = "pruned", calibrates: bool = True,
                  evaluates: bool = True, hessians: bool = True, snapshot: bool = False, copies: int = 1) -> None:
     """Say before the weights load when the run's estimated memory (loading.memory_estimate) exceeds what is free:
@@ -874,10 +896,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
                      "pruned and evaluated" if alloc is not None else "evaluated", calibrates=calibrates,
                      hessians=calibrates)
     loaded = _load(_model_settings(args), check)
+    if alloc is None:  # (a prune refuses them)
+        _warn_non_finite(loaded.model, "its perplexity or scores")
     bos = loaded.info.bos_per_window
     windows = evaluation_windows(loaded.tokenizer, evaluation, calibration.source, bos) if zeroshot is None else None
     if alloc is not None:
-        for caveat in allocation_caveats(alloc, args.method, loaded):
+        for caveat in allocation_caveats(alloc, args.method, loaded, eval_source=evaluation.source):
             print(f"warning: {caveat}", file=sys.stderr)
         calib = calibration_batch(loaded.tokenizer, calibration, evaluation.source, bos) if calibrates else None
         if nm := alloc.params.get("nm"):
@@ -1224,7 +1248,8 @@ def main(argv: list[str] | None = None) -> int:
     typed = sys.argv[1:] if argv is None else [str(a) for a in argv]
     given = {a.split("=")[0] for a in typed if a.startswith("--")}
     old = OLD_NAMES.get(args.command, {})
-    if both := [f"{new} and {name}" for name, new in old.items() if {name, new} <= given]:
+    if both := [f"{new} and {name}" for name, new in (old | OTHER_NAMES.get(args.command, {})).items()
+                if {name, new} <= given]:
         print(f"error: {both[0]} name the same option: give one of them", file=sys.stderr)
         return 2
     args.typed = {old.get(f, f) for f in given}  # the options given (by their new names), not defaulted

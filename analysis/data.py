@@ -180,6 +180,11 @@ def held_out_split(source: str) -> str | None:
     return next((c for c in _held_out_candidates(str(source or "").strip()) if text_source_problem(c) is None), None)
 
 
+def names_test_split(source: str) -> bool:
+    """Whether `source` names a test split (wikitext2:test, hf:...:test, a file named test.txt or ...-test.txt)."""
+    return bool(_held_out_candidates(str(source or "").strip()))
+
+
 def _held_out_candidates(src: str) -> list[str]:
     if src == "wikitext2:test":
         return ["wikitext2:valid"]
@@ -430,6 +435,24 @@ def source_identity(source: str) -> str:
 def same_source(a: str | None, b: str | None) -> bool:
     """True when two text sources name the same text (`source_identity`)."""
     return a is not None and b is not None and source_identity(a) == source_identity(b)
+
+
+def text_digest(source: str | None) -> str | None:
+    """sha256 of the file a local text source reads (the embedded corpus, WikiText-2, a .txt path), None for
+    another source (hf:, whose reading may need the network) or a file not there."""
+    src = str(source or "").strip()
+    try:
+        path = default_corpus_path() if src == "default" else _wikitext_path(src.split(":", 1)[1]) \
+            if src.startswith("wikitext2:") else text_file(src)
+        return None if path is None or not path.is_file() else hashlib.sha256(path.read_bytes()).hexdigest()
+    except (DataError, OSError):
+        return None
+
+
+def same_text(a: str | None, b: str | None) -> bool:
+    """`same_source`, or two local files with the same bytes (a copy of the test split under another name)."""
+    return same_source(a, b) or (a is not None and b is not None and (d := text_digest(a)) is not None
+                                 and d == text_digest(b))
 
 
 def is_split(source: str, other: str | None) -> bool:

@@ -540,7 +540,7 @@ class MemoryEstimate:
         size = format_bytes
         activations = ("a calibration pass" if self.calibration >= self.logits else "an evaluation batch's logits")
         parts = [(self.weights, "weights"), (self.activations, f"activations ({activations})"),
-                 (self.hessians, "SparseGPT Hessians"),
+                 (self.hessians, "Hessians (SparseGPT; TRIM's Gram matrices)"),
                  (self.prunable if on_cpu else 0, "original values of the pruned matrices")]
         where = f"{size(need)} on {device}"
         if len(named := [f"{size(n)} {what}" for n, what in parts if n]) > 1:
@@ -554,7 +554,7 @@ class MemoryEstimate:
         elif self.activations:
             advice.append("shorter evaluation windows or smaller batches")
         if self.hessians > need // 4:
-            advice.append("a pruner without Hessians (Wanda or magnitude)")
+            advice.append("Wanda or magnitude without row-wise TRIM (no Hessians)")
         if not on_cpu:
             advice.append(f"{DEVICE_MAP_AUTO} (--device-map auto: the weights spread over the GPUs and the CPU; those "
                           "it puts on disk can be evaluated, not pruned)")

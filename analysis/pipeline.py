@@ -29,7 +29,9 @@ from analysis.data import (
     evaluation_text,
     is_split,
     load_text,
+    same_text,
     spread,
+    text_digest,
     tokenize,
 )
 from analysis.evaluation import PplUpdate, perplexity
@@ -216,12 +218,15 @@ def search_in_stages(settings: AllocationSettings, model: nn.Module, calib: torc
                                  model_name=model_name, progress=progress and show, stop=stop, on_best=best)
 
     first = stage(starts, settings.search_steps, settings.search_seed, fitness_windows, 0, "search")
-    if not settings.search_then_steps or should_stop(stop):
-        return first
-    then = stage({"stage 1": first}, settings.search_then_steps, settings.search_seed + THEN_SEED,
-                 then_windows if then_windows is not None else fitness_windows, settings.search_steps,
-                 "search, stage 2")
-    return gone_on(first, then)
+    if settings.search_then_steps and not should_stop(stop):
+        then = stage({"stage 1": first}, settings.search_then_steps, settings.search_seed + THEN_SEED,
+                     then_windows if then_windows is not None else fitness_windows, settings.search_steps,
+                     "search, stage 2")
+        first = gone_on(first, then)
+    # what the search was scored on, so that a run evaluated on that very text is told (allocation_caveats)
+    first.params["search_text"] = {"source": settings.search_text, "sha256": text_digest(settings.search_text)} \
+        if settings.search_text else None
+    return first
 
 
 def build_allocation(settings: AllocationSettings, model: nn.Module, *, nm=None, calib: torch.Tensor | None = None,
@@ -294,7 +299,8 @@ def run_caveats(settings: RunSettings, loaded: LoadedModel) -> list[str]:
         out.append(f"{zeros:.1%} of the prunable weights are zero already (pruned before? restore it with "
                    "DenseSnapshot, or load it again): the run's dense perplexity and spectra are of these weights")
     if settings.allocation.method == "file" and parse_nm(settings.prune.nm) is None:
-        out += allocation_caveats(Allocation.load(settings.allocation.file), settings.prune.method, loaded)
+        out += allocation_caveats(Allocation.load(settings.allocation.file), settings.prune.method, loaded,
+                                  settings.prune.rowwise, settings.evaluation.source)
     if settings.needs_calibration():
         c = settings.calibration
         have = len(tokenize(loaded.tokenizer, calibration_text(c.source, settings.evaluation.source, c.encoding)))
@@ -305,12 +311,27 @@ def run_caveats(settings: RunSettings, loaded: LoadedModel) -> list[str]:
     return out
 
 
-def allocation_caveats(alloc: Allocation, method: str, loaded: LoadedModel) -> list[str]:
-    """Why a saved allocation, pruned onto `loaded` with `method`, may not do what it says or did where it was
-    made: its ratios prune another share of this model's weights than both its `sparsity` and its `achieved`
-    say (a file edited by hand), it names another model (whose matrix names this one shares), or its search's
-    caveats (reuse_caveats). Call it once the allocation's names are checked against the model (check_names)."""
+def allocation_caveats(alloc: Allocation, method: str, loaded: LoadedModel, rowwise: str | None = None,
+                       eval_source: str | None = None) -> list[str]:
+    """Why a saved allocation, pruned onto `loaded` with `method` (and `rowwise`) and evaluated on `eval_source`,
+    may not do what it says or did where it was made: its ratios prune another share of this model's weights than
+    both its `sparsity` and its `achieved` say (a file edited by hand), it names another model (whose matrix names
+    this one shares), it is a run record's whose run pruned otherwise, its search was scored on the evaluation
+    text, or its search's caveats (reuse_caveats). Call it once the allocation's names are checked against the
+    model (check_names)."""
     out = []
+    scored = alloc.params.get("search_text") or {}
+    digest = text_digest(eval_source) if scored and eval_source else None  # the bytes it was scored on, as then
+    if scored and eval_source and (same_text(scored.get("source"), eval_source)
+                                   or (digest is not None and scored.get("sha256") == digest)):
+        out.append(f"this allocation's search was scored on {scored.get('source')}, the text this run is evaluated "
+                   "on: its perplexity here is not a held-out measure (evaluate on another text)")
+    run = alloc.params.get("run") or {}
+    if run and (run.get("pruner") != method or run.get("rowwise") != rowwise):
+        how = " with row-wise TRIM" if run.get("rowwise") else ""
+        now = " with row-wise TRIM" if rowwise else ""
+        out.append(f"this allocation is a run record's, whose run pruned with {run['pruner']}{how}; pruned here with "
+                   f"{method}{now}, the result is not that run's (prune --rerun FILE repeats the run)")
     refs = [r for r in prunable_layers(loaded.model) if r.name in alloc.per_layer]
     implied = budget([alloc.per_layer[r.name] for r in refs], [r.params for r in refs])
     if min(abs(implied - alloc.sparsity), abs(implied - alloc.achieved)) > 5e-4:

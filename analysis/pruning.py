@@ -82,13 +82,17 @@ def layer_pruner(method: str, stats: InputStats | None) -> tuple[Pruner, torch.T
     return pruner, getattr(stats, pruner.statistic)()
 
 
+def non_finite(model: nn.Module) -> str | None:
+    """The name of the first prunable matrix with NaN or inf weights, or None."""
+    return next((ref.name for ref in prunable_layers(model) if not torch.isfinite(ref.weight()).all()), None)
+
+
 def check_finite(model: nn.Module) -> None:
     """PruneError naming the first prunable matrix with NaN or inf weights, which no pruner can rank:
     a run checks before it evaluates or prunes anything (`prune_layer` checks each matrix again)."""
-    for ref in prunable_layers(model):
-        if not torch.isfinite(ref.weight()).all():
-            raise PruneError(f"'{ref.name}' has non-finite weights (NaN or inf), which no pruner can rank; nothing "
-                             "was pruned (the Spectra page and `spectra` flag such matrices)")
+    if (name := non_finite(model)) is not None:
+        raise PruneError(f"'{name}' has non-finite weights (NaN or inf), which no pruner can rank; nothing "
+                         "was pruned (the Spectra page and `spectra` flag such matrices)")
 
 
 def prune_layer(ref: LayerRef, ratio: float, method: str, stats: InputStats | None, nm: NM | None = None,

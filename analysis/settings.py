@@ -14,6 +14,7 @@ finishes in seconds on a CPU and needs no data outside the packages.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from analysis.data import (
     is_split,
     load_text,
     readable_tokens,
-    same_source,
+    same_text,
     spread_windows,
     text_source_problem,
 )
@@ -362,7 +363,7 @@ class AllocationSettings:
 
     def check_search_text(self, evaluation_source: str) -> None:
         """The search never scores candidates on the evaluation text."""
-        if self.method == "auto" and same_source(self.search_text, evaluation_source):
+        if self.method == "auto" and same_text(self.search_text, evaluation_source):
             raise SettingsError(f"the search text must not be the evaluation text ({self.search_text}): the search "
                                 "would fit the text it is judged on; use a held-out text, e.g. a valid split",
                                 "allocation.search_text")
@@ -468,10 +469,11 @@ class RunSettings:
         self.calibration.check()
         self.evaluation.check()
         if self.prune.nm is None:
+            s = self.allocation.sparsity  # a run prunes: 0 is no run (an allocation alone may be at 0)
+            if (self.allocation.method != "file" and isinstance(s, (int, float)) and not isinstance(s, bool)
+                    and math.isfinite(s) and not 0.0 < s <= MAX_RATIO):
+                raise SettingsError(f"sparsity must be in (0, {MAX_RATIO}], got {s:g}", "allocation.sparsity")
             self.allocation.check()
-            if self.allocation.method != "file" and not 0.0 < self.allocation.sparsity <= MAX_RATIO:
-                raise SettingsError(f"sparsity must be in (0, {MAX_RATIO}], got {self.allocation.sparsity}",
-                                    "allocation.sparsity")
             self.allocation.check_search_text(self.evaluation.source)
         return self
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sqlite3
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -40,8 +41,13 @@ class StoreError(AlphascopeError, RuntimeError):
     """The run store cannot be opened or written (not a SQLite file, locked, unwritable folder)."""
 
 
+RUNS_DB_ENV = "ALPHASCOPE_RUNS_DB"
+
+
 def default_db_path() -> Path:
-    return cache_dir() / "runs.sqlite"
+    """$ALPHASCOPE_RUNS_DB if set (for the command line and the dashboard alike), else runs.sqlite in the
+    cache folder."""
+    return Path(os.environ[RUNS_DB_ENV]).expanduser() if os.environ.get(RUNS_DB_ENV) else cache_dir() / "runs.sqlite"
 
 
 def _finite_or_none(x):
@@ -149,7 +155,7 @@ def _store_problem(path: Path, e: sqlite3.DatabaseError, timeout: float) -> str:
         return f"Run store {path} is locked by another process (waited {timeout:g} s); try again when it is done."
     if "not a database" in msg or "malformed" in msg or "no such" in msg or "no column" in msg:
         return (f"{path} is not a run store ({msg}); move it aside or choose another file "
-                "(--db, or $ALPHASCOPE_RUNS_DB for the dashboard).")
+                "(--db, or $ALPHASCOPE_RUNS_DB).")
     return f"Run store {path}: {msg}."
 
 

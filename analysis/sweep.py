@@ -142,7 +142,8 @@ class SweepGrid:
     def check(self) -> SweepGrid:
         """Every axis value, then every expanded configuration; raises SettingsError (field
         "sweep.<axis>" for an axis) before anything is loaded."""
-        named = {"owl_lambdas": "owl lambdas", "rowwise": f"row-wise choice (none, {', '.join(ROWWISE)})"}
+        named = {"methods": "pruners", "owl_lambdas": "owl lambdas",
+                 "rowwise": f"row-wise choice (none, {', '.join(ROWWISE)})"}
         for name in ("methods", "sparsities", "epsilons", "owl_lambdas", "rowwise", "seeds"):
             if not getattr(self, name):
                 raise SettingsError(f"no {named.get(name, name)} given: the grid is empty", f"sweep.{name}")

@@ -18,7 +18,6 @@ Sharing rules (README, "Memory model")
 from __future__ import annotations
 
 import gc
-import os
 import threading
 import uuid
 from collections.abc import Callable
@@ -391,6 +390,5 @@ def prune_data_settings() -> tuple[CalibrationSettings, EvaluationSettings]:
 
 
 def runs_store() -> RunStore:
-    """The run store (SQLite): $ALPHASCOPE_RUNS_DB if set (tests point it at a temporary file), else
-    analysis.store's default under the cache folder."""
-    return RunStore(os.environ.get("ALPHASCOPE_RUNS_DB") or None)
+    """The run store (SQLite): analysis.store's default ($ALPHASCOPE_RUNS_DB if set, else under the cache folder)."""
+    return RunStore()

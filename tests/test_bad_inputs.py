@@ -79,10 +79,10 @@ CLI_CASES = [
     ("allocate --allocation foo --sparsity 0.5", "argument --allocation/--method: invalid choice: 'foo'"),
     ("prune --sparsity half", "argument --sparsity: invalid float value"),
     # settings
-    ("prune --sparsity 1.3", "--sparsity: sparsity = 1.3 is outside [0, 0.99]"),
+    ("prune --sparsity 1.3", "--sparsity: sparsity must be in (0, 0.99], got 1.3"),
     ("prune --sparsity 1.2", "--sparsity: sparsity = 1.2 is outside"),
     ("prune --sparsity nan", "--sparsity: sparsity must be a finite number, got nan"),
-    ("prune --sparsity -0.1", "--sparsity: sparsity = -0.1 is outside [0, 0.99]"),
+    ("prune --sparsity -0.1", "--sparsity: sparsity must be in (0, 0.99], got -0.1"),
     ("prune --epsilon 1.5", "--epsilon: epsilon = 1.5 is outside [0, 1)"),
     ("prune --epsilon -1", "--epsilon: epsilon = -1 is outside [0, 1)"),
     ("prune --allocation foo", "--allocation must be one of uniform, alphapruning, farms, owl, auto or an allocation "
@@ -103,6 +103,15 @@ CLI_CASES = [
     ("eval --max-windows -3", "--max-windows: max_windows must be an integer >= 1, got -3"),
     ("prune --batch-size 0", "--batch-size: batch_size must be an integer >= 1"),
     ("allocate --method uniform", "--sparsity is required"),
+    # options the chosen allocation does not read, refused as prune and sweep refuse them
+    ("allocate --allocation uniform --sparsity 0.5 --epsilon 0.2", "--epsilon: only alphapruning, farms and auto use "
+                                                                   "it, and the allocation is uniform"),
+    ("allocate --allocation uniform --sparsity 0.5 --points 0:0.3,1:0.9", "--points: only custom uses it"),
+    ("allocate --allocation alphapruning --sparsity 0.5 --pruner sparsegpt", "--pruner: only auto uses it"),
+    ("allocate --allocation farms --sparsity 0.5 --nsamples 4 --seed 1", "--nsamples: only owl and auto use it, and "
+                                                                         "the allocation is farms, so --nsamples, "
+                                                                         "--seed would be ignored"),
+    ("eval --text default --eval default", "--text and --eval name the same option: give one of them"),
     ("allocate --method auto --sparsity 0", "--sparsity: an allocation search needs a sparsity above 0"),
     ("prune --allocation auto --sparsity 0", "--sparsity: an allocation search needs a sparsity above 0"),
     ("allocate --method custom --sparsity 0.5", "--allocation custom needs --points"),
@@ -272,6 +281,68 @@ def test_nan_weights_are_refused_before_the_dense_evaluation(tiny_folder, tmp_pa
         "error: 'model.layers.1.mlp.down_proj' has non-finite weights (NaN or inf), which no pruner can rank; "
         "nothing was pruned (the Spectra page and `spectra` flag such matrices)")
     assert "perplexity" not in r.stderr and len(RunStore(db)) == 0
+    # evaluating it or allocating from it works, with a word that the numbers mean nothing
+    for args in (["eval", "--text", "default", "--eval-seqlen", "32", "--max-windows", "1"],
+                 ["allocate", "--allocation", "uniform", "--sparsity", "0.5"]):
+        r = run_cli(*args, f"--model={folder}")
+        assert r.returncode == 0 and "warning: 'model.layers.1.mlp.down_proj' has non-finite weights" in r.stderr
+
+
+def test_a_search_scored_on_the_evaluation_text_is_refused_or_named(tiny_folder, tmp_path):
+    """The search text is compared with the evaluation text by name and by bytes (a copy under another name is
+    the same text): prune refuses it; a searched allocation records it, and evaluating on it is named."""
+    from analysis.data import default_corpus_path
+
+    copy = tmp_path / "copy.txt"
+    shutil.copyfile(default_corpus_path(), copy)
+    r = run_cli("prune", f"--model={tiny_folder}", "--allocation", "auto", "--search-text", str(copy), "--eval",
+                "default", "--db", str(tmp_path / "runs.sqlite"))
+    assert r.returncode == 2 and "the search text must not be the evaluation text" in r.stderr, r.stderr[-2000:]
+    out = tmp_path / "auto.json"
+    r = run_cli("allocate", f"--model={tiny_folder}", "--allocation", "auto", "--sparsity", "0.5", "--search-text",
+                str(copy), "--search-steps", "1", "--nsamples", "2", "--seqlen", "32", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(out.read_text())["params"]["search_text"]["source"] == str(copy)
+    r = run_cli("eval", f"--model={tiny_folder}", "--allocation", str(out), "--text", "default", "--eval-seqlen", "32",
+                "--max-windows", "1", "--nsamples", "2", "--seqlen", "32")
+    assert r.returncode == 0 and f"warning: this allocation's search was scored on {copy}, the text this run is " \
+        "evaluated on" in r.stderr, r.stderr[-2000:]
+    shutil.copyfile(copy, tmp_path / "test.txt")
+    r = run_cli("allocate", f"--model={tiny_folder}", "--allocation", "auto", "--sparsity", "0.5", "--search-text",
+                str(tmp_path / "test.txt"), "--search-steps", "1", "--nsamples", "2", "--seqlen", "32")
+    assert r.returncode == 0 and f"warning: --search-text {tmp_path / 'test.txt'} names a test split" in r.stderr
+
+
+def test_export_refuses_an_allocation_that_misses_a_matrix(tiny_folder, tmp_path):
+    """AlphaPruning's .npy is a list in module order: a matrix missing from the file would shift every ratio after
+    it onto the wrong matrix. Export checks the file against its model as prune does."""
+    r = run_cli("allocate", f"--model={tiny_folder}", "--allocation", "uniform", "--sparsity", "0.5", "--out",
+                str(tmp_path / "a.json"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    d = json.loads((tmp_path / "a.json").read_text())
+    del d["per_layer"]["model.layers.0.mlp.down_proj"]
+    (tmp_path / "missing.json").write_text(json.dumps(d))
+    r = run_cli("export", "--allocation", str(tmp_path / "missing.json"), "--npy", str(tmp_path / "a.npy"))
+    assert r.returncode == 2 and "no ratio for 'model.layers.0.mlp.down_proj'" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "a.npy").exists()
+
+
+def test_a_run_records_allocation_says_how_that_run_pruned(tiny_folder, tmp_path):
+    """A run record given as --allocation brings its ratios, not its pruner or row-wise refinement: pruned otherwise
+    the result is not that run's, and the run says so (an N:M pattern, which is part of the ratios, is replayed)."""
+    r = run_cli("prune", f"--model={tiny_folder}", "--pruner", "wanda", "--allocation", "uniform", "--sparsity", "0.5",
+                "--rowwise", "trim", "--nsamples", "2", "--seqlen", "32", "--eval", "default", "--eval-seqlen", "32",
+                "--max-windows", "1", "--db", str(tmp_path / "runs.sqlite"), "--out", str(tmp_path / "run.json"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    common = ["--allocation", str(tmp_path / "run.json"), "--nsamples", "2", "--seqlen", "32", "--eval", "default",
+              "--eval-seqlen", "32", "--max-windows", "1", "--db", str(tmp_path / "runs.sqlite")]
+    caveat = "warning: this allocation is a run record's, whose run pruned with wanda with row-wise TRIM"
+    r = run_cli("prune", f"--model={tiny_folder}", "--pruner", "wanda", *common)
+    assert r.returncode == 0 and f"{caveat}; pruned here with wanda, the result" in r.stderr, r.stderr[-2000:]
+    r = run_cli("prune", f"--model={tiny_folder}", "--pruner", "wanda", "--rowwise", "trim", *common)
+    assert r.returncode == 0 and "run record's" not in r.stderr, r.stderr[-2000:]
+    r = run_cli("eval", f"--model={tiny_folder}", "--pruner", "magnitude", *common[:-2])
+    assert r.returncode == 0 and f"{caveat}; pruned here with magnitude, the result" in r.stderr, r.stderr[-2000:]
 
 
 def test_a_run_that_reads_no_calibration_text_ignores_its_length(tiny_folder, tmp_path):
@@ -539,8 +610,7 @@ def test_app_with_a_corrupt_run_store_starts_and_says_so(corrupt_runs_db, bad):
     at.switch_page("pages/compare.py").run()
     assert not at.exception
     assert [e.value for e in at.error] == [f"{corrupt_runs_db} is not a run store (file is not a database); move it "
-                                           "aside or choose another file (--db, or $ALPHASCOPE_RUNS_DB for the "
-                                           "dashboard)."]
+                                           "aside or choose another file (--db, or $ALPHASCOPE_RUNS_DB)."]
     at.switch_page("pages/model.py").run()
     at.radio(key="model_choice").set_value("Local checkpoint folder").run()
     at.text_input(key="model_folder").input(str(bad / "tiny")).run()
