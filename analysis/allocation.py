@@ -696,9 +696,9 @@ def custom_allocation(points, metrics: pd.DataFrame, sparsity: float | None = No
                       model: str = "", offsets: dict[str, float] | None = None) -> Allocation:
     """Ratios from a hand-drawn curve: control points (depth in [0, 1], sparsity in [0, 0.99]);
     block b of n sits at depth b / (n - 1). `offsets` (matrix name -> ratio, from block_offsets) are added
-    to the curve's value at each matrix's block, less their parameter-weighted mean in that block (so the curve
-    sets each block's mean ratio, and a kind's offset sets its matrices apart from the others), clipped to
-    [0, 0.99]: a curve taken from a per-matrix allocation reproduces it. normalize=True scales the ratios so the
+    to the curve's value at each matrix's block, clipped to [0, 0.99], so a curve taken from a per-matrix
+    allocation reproduces it (its offsets average to zero in each block, which keeps the curve's value as the
+    block's mean; offsets edited by hand need not, and then move it). normalize=True scales the ratios so the
     budget equals `sparsity` (required then); normalize=False applies them as drawn and `achieved` is the
     budget they imply (`sparsity` then records the target if given, else the implied budget)."""
     warnings: list[str] = []
@@ -717,9 +717,7 @@ def custom_allocation(points, metrics: pd.DataFrame, sparsity: float | None = No
         if unknown:
             raise AllocationError(f"offsets for {len(unknown)} matrices this model does not prune (e.g. "
                                   f"'{unknown[0]}'); were they made for another model?")
-        raw = df["name"].map(offsets).fillna(0.0)
-        centre = (raw * df["params"]).groupby(df["block"]).sum() / df["params"].groupby(df["block"]).sum()
-        shifted = ratios + (raw - df["block"].map(centre)).to_numpy(float)
+        shifted = ratios + df["name"].map(offsets).fillna(0.0).to_numpy(float)
         ratios = np.clip(shifted, 0.0, MAX_RATIO)
         if (ratios != shifted).any():
             warnings.append(f"{int((ratios != shifted).sum())} matrices' ratios with their offsets were clipped "

@@ -317,8 +317,10 @@ offsets = kept["offsets"] if kept and kept["model"] == loaded.info.source else N
 if offsets:
     o1, o2 = st.columns([4, 1])
     o1.info(f"The matrices of each block keep their offsets from {kept['origin']} (up to "
-            f"{within_block_spread(offsets, metrics):.1%} apart in a block): the curve sets each block's mean "
-            "sparsity (parameter-weighted), and the offsets set its matrices apart from one another.")
+            f"{within_block_spread(offsets, metrics):.1%} apart in a block): each matrix is its block's value on the "
+            "curve plus its offset. Offsets from a preset, a file or the search average to zero in each block, so the "
+            "curve stays each block's mean; offsets you edit need not, and then move the block (the budget "
+            "follows: see \"Budget as drawn\").")
     if o2.button("Drop the offsets", key="alloc_drop_offsets",
                  help="One sparsity for every matrix of a block: the curve's."):
         st.session_state[OFFSETS_KEY] = None
@@ -363,11 +365,11 @@ def _edit_offsets(edited: dict[str, float]) -> None:
 
 
 with st.expander("Per-matrix sparsity (offsets from the curve)", expanded=bool(offsets)):
-    st.caption("Each matrix's sparsity is its block's value on the curve plus its offset, less the mean offset of "
-               "its block (parameter-weighted): offsets set matrices apart, the curve keeps setting each block's "
-               "mean. Set the offset of every matrix of a kind at once (e.g. prune the key/value projections less "
-               "everywhere), or of one matrix alone; the table shows the applied ratios (with \"normalized to "
-               "target\", after rescaling).")
+    st.caption("Each matrix's sparsity is its block's value on the curve plus its offset. Set the offset of every "
+               "matrix of a kind at once (e.g. prune the key/value projections less everywhere), or of one matrix "
+               "alone; an offset that does not average out in its block moves the block's mean and the budget "
+               "(\"normalized to target\" rescales back to the target). The table shows the applied ratios (with "
+               "\"normalized to target\", after rescaling).")
     current = offsets or {}
     tag = hashlib.sha1(json.dumps(current, sort_keys=True).encode()).hexdigest()[:10]  # fresh inputs on a change
     means = kind_offsets(current, metrics)

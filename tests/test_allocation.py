@@ -589,11 +589,11 @@ def test_a_kind_offset_moves_every_matrix_of_that_kind_alike():
     plain = set_kind_offset({}, df, "down_proj", 0.05)
     assert set(plain) == set(df.loc[df["kind"] == "down_proj", "name"]) and set(plain.values()) == {0.05}
     assert set_kind_offset(plain, df, "down_proj", 0.0) == {}
-    # the curve still sets each block's mean: down_proj pruned 0.05 more than the other matrices, not the block more
+    # an offset edited by hand is applied as it is: down_proj 0.05 above the curve, its blocks' means above it too
     drawn = custom_allocation([[0, 0.5], [1, 0.5]], df, normalize=False, offsets=plain)
-    assert drawn.per_block == pytest.approx([0.5] * 30, abs=1e-12) and drawn.achieved == pytest.approx(0.5)
     down, up = (df.loc[(df["kind"] == kind) & (df["block"] == 1), "name"].item() for kind in ("down_proj", "up_proj"))
-    assert drawn.per_layer[down] - drawn.per_layer[up] == pytest.approx(0.05)
+    assert (drawn.per_layer[down], drawn.per_layer[up]) == pytest.approx((0.55, 0.5))
+    assert all(r > 0.5 for r in drawn.per_block) and drawn.achieved > 0.5
     with pytest.raises(AllocationError, match="no matrix of kind 'c_attn'"):
         set_kind_offset(offsets, df, "c_attn", 0.1)
     with pytest.raises(AllocationError, match="finite"):
