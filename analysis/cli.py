@@ -1051,15 +1051,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         f"local Ray, {args.workers} workers" if args.workers > 1 else "this process")
     configs = grid.expand()
     print(f"sweep: {len(configs)} configuration(s) on {where}; runs go to {store.path}", file=sys.stderr)
+    searched = next((c for c in configs if c.allocation.method == "auto"), None)
+    if searched is not None:
+        _hint_search_text(searched.allocation, searched.evaluation.source)
     if args.address is None:  # a cluster's machines are not this one
         first = configs[0]
         _warn_memory(first, preview_model(first.model.source, first.model.trust_remote_code), snapshot=True,
                      calibrates=any(c.needs_calibration() for c in configs),
                      hessians=any(gathers_gram(c.prune.method, c.prune.rowwise) for c in configs),
                      copies=args.workers if args.workers > 1 and pick_device(first.model.device).type == "cpu" else 1)
-    searched = next((c for c in configs if c.allocation.method == "auto"), None)
-    if searched is not None:
-        _hint_search_text(searched.allocation, searched.evaluation.source)
     outcomes = run_sweep(grid, store, workers=args.workers, address=args.address,
                          cpus_per_worker=args.cpus_per_worker, progress=_print_progress)
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_colwidth", 60):

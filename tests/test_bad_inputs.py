@@ -80,7 +80,7 @@ CLI_CASES = [
     ("prune --sparsity half", "argument --sparsity: invalid float value"),
     # settings
     ("prune --sparsity 1.3", "--sparsity: sparsity must be in (0, 0.99], got 1.3"),
-    ("prune --sparsity 1.2", "--sparsity: sparsity = 1.2 is outside"),
+    ("prune --sparsity 1.2", "--sparsity: sparsity must be in (0, 0.99], got 1.2"),
     ("prune --sparsity nan", "--sparsity: sparsity must be a finite number, got nan"),
     ("prune --sparsity -0.1", "--sparsity: sparsity must be in (0, 0.99], got -0.1"),
     ("prune --epsilon 1.5", "--epsilon: epsilon = 1.5 is outside [0, 1)"),
@@ -113,7 +113,7 @@ CLI_CASES = [
                                                                          "--seed would be ignored"),
     ("eval --text default --eval default", "--text and --eval name the same option: give one of them"),
     ("allocate --method auto --sparsity 0", "--sparsity: an allocation search needs a sparsity above 0"),
-    ("prune --allocation auto --sparsity 0", "--sparsity: an allocation search needs a sparsity above 0"),
+    ("prune --allocation auto --sparsity 0", "--sparsity: sparsity must be in (0, 0.99], got 0"),
     ("allocate --method custom --sparsity 0.5", "--allocation custom needs --points"),
     ("allocate --method custom --points 0:0.5,1:1.0 --sparsity 0.5",
      "control point '1:1.0': sparsity 1 is outside [0, 0.99]"),

@@ -186,9 +186,8 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, message):
 def test_cli_offers_a_search_the_held_out_split_of_the_evaluation_text(tmp_path):
     """A search scored on the calibration text is told of the valid split beside the evaluation text
     (before anything loads: here the model is missing); not when it has a search text, nor without a search."""
-    words = " ".join(f"w{i % 100}" for i in range(3000))
-    for name in ("test.txt", "valid.txt", "calib.txt"):
-        (tmp_path / name).write_text(words)
+    for name in ("test.txt", "valid.txt", "calib.txt"):  # three texts (the same bytes would be one text)
+        (tmp_path / name).write_text(" ".join(f"{name[0]}{i % 100}" for i in range(3000)))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     base = [sys.executable, "-m", "analysis", "sweep", "--model", str(tmp_path / "no-model"), "--sparsities", "0.5",
             "--calib", str(tmp_path / "calib.txt"), "--eval", str(tmp_path / "test.txt"),
