@@ -176,7 +176,8 @@ class SweepGrid:
 
     def expand(self) -> list[RunSettings]:
         """One RunSettings per distinct configuration, pruner-major, seeds innermost. Only `auto` keeps the base's
-        search settings: the others' have the defaults, so changing the search re-runs no other configuration."""
+        search settings: the others' have the defaults, so changing the search re-runs no other configuration.
+        A configuration that reads no calibration text runs with the first seed only."""
         base = self.base.allocation
         no_search = {f.name: f.default for f in fields(AllocationSettings) if f.name.startswith("search_")}
         allocations = [replace(base, method=a) if a == "auto" else
@@ -189,10 +190,14 @@ class SweepGrid:
             for alloc in allocations:
                 for sparsity in self.sparsities if alloc.method != "file" else (alloc.sparsity,):
                     for variant in self._variants(replace(alloc, sparsity=sparsity)):
-                        out += [replace(self.base, allocation=replace(variant, search_seed=seed)
+                        for seed in self.seeds:
+                            s = replace(self.base, allocation=replace(variant, search_seed=seed)
                                         if variant.method == "auto" else variant, prune=prune,
                                         calibration=replace(self.base.calibration, seed=seed))
-                                for seed in self.seeds]
+                            # a run that reads no calibration text (magnitude, no OWL, no search) is one run for
+                            # every seed: the others would repeat it
+                            out.append(s if s.needs_calibration() else
+                                       replace(s, calibration=replace(s.calibration, seed=self.seeds[0])))
         return list(dict.fromkeys(out))  # a value listed twice is one configuration
 
     def _variants(self, alloc: AllocationSettings) -> list[AllocationSettings]:

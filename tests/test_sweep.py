@@ -64,9 +64,11 @@ def test_expansion_crosses_the_axes(tiny, tmp_path):
                   curves=(((0.0, 0.4), (1.0, 0.8)),), sparsities=(0.5, 0.6), epsilons=(0.1, 0.3),
                   owl_lambdas=(0.05,), seeds=(0, 1)).check()
     configs = g.expand()
-    # per pruner: uniform 2 sparsities x 2 seeds, alphapruning x 2 epsilons, owl x 1 lambda, the file
-    # (its own sparsity) x 2 seeds, the curve 2 x 2
-    assert len(configs) == 2 * (4 + 8 + 4 + 2 + 4)
+    # wanda: uniform 2 sparsities x 2 seeds, alphapruning x 2 epsilons, owl x 1 lambda, the file (its own
+    # sparsity) x 2 seeds, the curve 2 x 2; magnitude reads calibration text only for OWL: one seed elsewhere
+    assert len(configs) == (4 + 8 + 4 + 2 + 4) + (2 + 4 + 4 + 1 + 2)
+    assert {c.calibration.seed for c in configs if c.prune.method == "magnitude" and c.allocation.method != "owl"} \
+        == {0}
     assert len({config_key(c) for c in configs}) == len(configs)
     alpha = [c for c in configs if c.allocation.method == "alphapruning"]
     assert {(c.allocation.sparsity, c.allocation.epsilon) for c in alpha} == {(0.5, 0.1), (0.5, 0.3), (0.6, 0.1),
@@ -75,7 +77,7 @@ def test_expansion_crosses_the_axes(tiny, tmp_path):
     assert {c.calibration.seed for c in configs} == {0, 1}
     assert all(c.calibration.n_samples == 4 and c.evaluation.max_windows == 6 for c in configs)
     custom = [c for c in configs if c.allocation.method == "custom"]
-    assert len(custom) == 8 and custom[0].allocation.points == ((0.0, 0.4), (1.0, 0.8))
+    assert len(custom) == 6 and custom[0].allocation.points == ((0.0, 0.4), (1.0, 0.8))
     # the file's configurations are shown at its own sparsity (0.4), not the grid's
     from analysis.sweep import Outcome, config_label, outcome_table
 
