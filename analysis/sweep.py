@@ -659,6 +659,9 @@ def _run_here(pending: list, finish: Callable, *, progress: ProgressFn | None = 
                 record = run_config(settings, dense, stop=stop)
             except Exception as e:  # noqa: BLE001 (reported in the outcome; the sweep goes on)
                 error = _one_line(e)
+                if _bad_input(e):
+                    finish(key, settings, FAILED, attempts=attempt, error=error)
+                    break
                 continue
             if record.get("stopped"):
                 finish(key, settings, CANCELLED, attempts=attempt)
@@ -688,7 +691,18 @@ def _ray_task(settings: RunSettings, key: str, dense: DenseReference, attempts) 
     import ray  # noqa: PLC0415 (optional, and slow to import: only sweeps on Ray need it)
 
     ray.get(attempts.start.remote(key))
-    return run_config(settings, dense), worker_info()
+    try:
+        return run_config(settings, dense), worker_info()
+    except Exception as e:
+        if _bad_input(e):  # returned, not raised: Ray would retry it
+            return {"bad_input": _one_line(e)}, worker_info()
+        raise
+
+
+def _bad_input(e: Exception) -> bool:
+    """An error of the configuration itself (alphascope's ValueErrors: an allocation file for another model, NaN
+    weights), which a retry would only repeat; a crash or the environment (a store locked, a hub away) may pass."""
+    return isinstance(e, AlphascopeError) and isinstance(e, ValueError)
 
 
 def _run_on_ray(pending: list, finish: Callable, *, workers: int, address: str | None, cpus_per_worker: int,
@@ -720,7 +734,10 @@ def _run_on_ray(pending: list, finish: Callable, *, workers: int, address: str |
                     except ray.exceptions.RayError as e:
                         finish(key, settings, FAILED, attempts=tries, error=_one_line(e))
                     else:
-                        finish(key, settings, DONE, record, attempts=tries, worker=worker)
+                        if "bad_input" in record:
+                            finish(key, settings, FAILED, attempts=tries, error=record["bad_input"])
+                        else:
+                            finish(key, settings, DONE, record, attempts=tries, worker=worker)
         except (KeyboardInterrupt, _Stopped):
             for ref in [*refs, dense]:
                 ray.cancel(ref, force=True)

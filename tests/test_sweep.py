@@ -424,14 +424,25 @@ def test_ray_sweep_equals_in_process_retries_and_reports(tiny, in_process, local
     # the killed attempt was retried and says so, in the outcome and in the stored record
     retried = [o for o in outcomes if o.status == DONE and o.attempts == 2]
     assert len(retried) == 1 and store.get(retried[0].run_id)["sweep"]["attempts"] == 2
-    # the configuration that always fails: tried twice, reported with its error, not stored
+    # the configuration that always fails (its allocation is another model's: a bad input, which a retry would
+    # repeat): tried once, reported with its error, not stored
     failed = [o for o in outcomes if o.status == FAILED]
-    assert len(failed) == 2 and all(o.attempts == 2 for o in failed)  # both seeds
+    assert len(failed) == 2 and all(o.attempts == 1 for o in failed)  # both seeds
     assert all("the allocation does not fit this model" in o.error for o in failed)
     assert len(store) == 4 and set(finished_keys(store)) == {o.key for o in here}
     # each worker process loaded the model once, however many configurations it ran
     workers = {o.worker["pid"]: o.worker["loads"] for o in outcomes if o.status == DONE}
     assert set(workers.values()) == {1}
+
+
+def test_a_bad_input_fails_once_in_process(tiny, tmp_path):
+    """A configuration whose allocation is another model's fails the same way every time: reported after one try,
+    and the sweep goes on."""
+    bad = allocation_file(tmp_path / "other-model.json", 4)
+    store = RunStore(tmp_path / "runs.sqlite")
+    outcomes = run_sweep(grid(tiny, allocations=("uniform", bad), seeds=(0,)), store)
+    assert [(o.status, o.attempts) for o in outcomes] == [(DONE, 1), (FAILED, 1)]
+    assert "the allocation does not fit this model" in outcomes[1].error and len(store) == 1
 
 
 def test_auto_searches_once_per_configuration_here_and_on_ray(tiny, local_ray, tmp_path):
