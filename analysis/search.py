@@ -83,6 +83,7 @@ from torch import nn
 from analysis.allocation import MAX_RATIO, Allocation, budget
 from analysis.calibration import InputStats, replaying, walk_blocks
 from analysis.evaluation import token_nll
+from analysis.jobs import JobCancelled
 from analysis.layers import LayerRef, find_blocks, layers_by_block, module_device, module_device_dtype
 from analysis.pruners import get_pruner
 from analysis.pruning import DenseSnapshot, layer_pruner
@@ -238,6 +239,7 @@ class BlockLevels:
         # block (a kind move) prunes only those
         self.cache: dict[tuple[int, str, float], torch.Tensor] = {}
         self.applied: dict[str, float] = {}  # per matrix; absent: dense
+        self.stop: StopFlag = None  # while set, `apply` raises JobCancelled between blocks once it asks to stop
         self.anchored: dict[str, float] = {}  # the anchor's ratios ({}: dense)
         if self.pruner.statistic:
             def keep(_b: int, _refs, stats: dict[str, InputStats]) -> bool:
@@ -272,6 +274,8 @@ class BlockLevels:
     def apply(self, per_layer: dict[str, float]) -> None:
         """Write the candidate with these per-matrix ratios into the model (only matrices that changed)."""
         for b in self.refs:
+            if should_stop(self.stop):  # a first candidate's levels (SparseGPT's, a large model's) take minutes
+                raise JobCancelled("stopped before the search had a best allocation")
             self._write(b, self._key(b, per_layer))
 
     def anchor(self, per_layer: dict[str, float], stop: StopFlag = None, progress: ProgressFn | None = None,
@@ -382,8 +386,9 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
     """Search a per-block allocation at the budget of `starts` (name -> Allocation, all with the same
     sparsity, for this model) with pruner `method`; `model` must be dense and is dense again on
     return. `steps` generations of `offspring` mutants each; `stop` ends the search early (the best
-    so far is returned). The fitness is measured on `fitness_windows` (token ids (n, L)) when given,
-    else on `calib`, which always gives the pruner's statistics. `verify` (one of VERIFY_MODES): "none",
+    so far is returned; while the first start is scored there is none, and it raises JobCancelled). The
+    fitness is measured on `fitness_windows` (token ids (n, L)) when given, else on `calib`, which always
+    gives the pruner's statistics. `verify` (one of VERIFY_MODES): "none",
     the proxy decides; "starts", the starts and the result are pruned for real, and the result is kept
     only if it beats the best start after the real prunes; "all", also every offspring the proxy confirms,
     and only a real improvement replaces the parent (see the module docstring; the front ends' default is
@@ -487,10 +492,12 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
     rng = np.random.default_rng(seed)
     try:
         start_losses = {}
+        levels.stop = stop  # until a start is scored there is no best to return: a stop ends the search there
         for i, (name, alloc) in enumerate(starts.items()):
             if progress:
                 progress(f"search: scoring the start {name} ({i + 1}/{len(starts)})", 0.0)
             start_losses[name] = losses(alloc.per_layer, confirm)
+            levels.stop = None
         start_scores = {name: float(x.mean()) for name, x in start_losses.items()}
         verified: dict[str, float] = {}
         real_losses: dict[str, np.ndarray] = {}

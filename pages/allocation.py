@@ -234,6 +234,7 @@ with st.expander("Find allocation (search)", expanded=SEARCH_KEY in st.session_s
     if search is not None and not search.done and not search.cancelled and g2.button("Cancel the search",
                                                                                      key="alloc_search_cancel"):
         search.cancel()
+        st.rerun()  # without the button: the search says it is cancelling until it stops
 
     @st.fragment(run_every=1.0)
     def _search_status() -> None:

@@ -1,6 +1,7 @@
 """Spectra page: ESD of every weight matrix, alpha across depth, block x kind heatmap, metrics table."""
 import hashlib
 import math
+import re
 from contextlib import nullcontext
 
 import streamlit as st
@@ -146,9 +147,10 @@ with right:
 st.subheader("Metrics table")
 st.dataframe(metrics, hide_index=True, key="spectra_table")
 # what produced the numbers, in each row and in the file's name: downloads of several settings stay apart
-setting = {"model": loaded.info.source, "weights": "pruned copy" if model is work.model else "dense", "fit": res.fit,
+setting = {"model": loaded.info.title, "weights": "pruned copy" if model is work.model else "dense", "fit": res.fit,
            "farms": bool(res.farms)}
-stem = "_".join(["spectra", loaded.info.source.rstrip("/").rsplit("/", 1)[-1], res.fit]
-                + (["farms"] if res.farms else []) + (["pruned"] if model is work.model else []))
+model_name = re.sub(r"[^A-Za-z0-9._-]+", "-", loaded.info.title.rstrip("/").rsplit("/", 1)[-1]).strip("-")  # for a file
+stem = "_".join(["spectra", model_name, res.fit] + (["farms"] if res.farms else []) + (["pruned"] if model is work.model
+                                                                                  else []))
 st.download_button("Download metrics (CSV)", metrics.assign(**setting).to_csv(index=False).encode(),
                    file_name=f"{stem}.csv", mime="text/csv", key="spectra_csv")

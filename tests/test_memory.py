@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from analysis import search as search_module
 from analysis import session
 from analysis.evaluation import perplexity
 from analysis.jobs import CANCELLED, DONE, ERROR, Job
@@ -275,7 +276,7 @@ def test_no_room_at_all_is_a_clear_error_not_a_crash(tiny, monkeypatch):
     assert work.gate.holder is None and zero_fraction(tiny.model) == 0.0
 
 
-def test_a_cancel_before_the_search_has_a_best_so_far_ends_it_at_once(tiny):
+def test_a_cancel_before_the_search_has_a_best_so_far_ends_it_at_once(tiny, monkeypatch):
     """Until the search has scored its starts it has nothing to return: a cancel during its statistics (or
     spectra, OWL) ends the job there instead of after them."""
     settings = AllocationSettings(method="auto", sparsity=0.5, search_steps=2)
@@ -287,6 +288,14 @@ def test_a_cancel_before_the_search_has_a_best_so_far_ends_it_at_once(tiny):
     assert search.start().wait(120) and search.status == CANCELLED, search.traceback
     assert search.result is None and not search.updates()
     assert messages[-1].startswith("search statistics: block 1/")  # no block after it, no start scored
+    # and while its first start is scored (its levels, minutes for SparseGPT or a large model): stopped there too
+    search = Job(lambda j: search_job(j, tiny.model, ModelGate(), "a search", tiny.tokenizer, False, settings,
+                                      "sparsegpt", SETTINGS.calibration, "default"), name="search")
+    cancel_when(search, "search: scoring the start uniform")
+    scored = []
+    monkeypatch.setattr(search_module, "window_losses", lambda *a, **k: scored.append(1))
+    assert search.start().wait(120) and search.status == CANCELLED, search.traceback
+    assert search.result is None and not search.updates() and not scored  # stopped among its levels
 
 
 def test_a_search_whose_session_went_away_is_cancelled(tiny, monkeypatch):
