@@ -320,13 +320,14 @@ def allocation_caveats(alloc: Allocation, method: str, loaded: LoadedModel, roww
     text, or its search's caveats (reuse_caveats). Call it once the allocation's names are checked against the
     model (check_names)."""
     out = []
-    scored = alloc.params.get("search_text") or {}
+    # (a hand-made file's params may hold anything under these names)
+    scored = alloc.params["search_text"] if isinstance(alloc.params.get("search_text"), dict) else {}
+    run = alloc.params["run"] if isinstance(alloc.params.get("run"), dict) else {}
     digest = text_digest(eval_source) if scored and eval_source else None  # the bytes it was scored on, as then
     if scored and eval_source and (same_text(scored.get("source"), eval_source)
                                    or (digest is not None and scored.get("sha256") == digest)):
         out.append(f"this allocation's search was scored on {scored.get('source')}, the text this run is evaluated "
                    "on: its perplexity here is not a held-out measure (evaluate on another text)")
-    run = alloc.params.get("run") or {}
     if run and (run.get("pruner") != method or run.get("rowwise") != rowwise):
         how = " with row-wise TRIM" if run.get("rowwise") else ""
         now = " with row-wise TRIM" if rowwise else ""
