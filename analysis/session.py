@@ -58,6 +58,20 @@ ABANDON_S = 30.0  # how long an idle lease holder's session may be disconnected 
 # (a dropped connection comes back within seconds; a closed tab or a reload never does)
 
 
+class Absence:
+    """How long a browser session has been seen disconnected without a break: each `seconds` is one look."""
+
+    def __init__(self):
+        self.since: float | None = None  # time.monotonic() of the first look that found it gone
+
+    def seconds(self, connected: bool, now: float) -> float:
+        if connected:
+            self.since = None
+        elif self.since is None:
+            self.since = now
+        return 0.0 if self.since is None else now - self.since
+
+
 class ModelGate:
     """Who may use one shared model's weights: any number of readers at once, or one session that
     leased it to prune it in place (until it restored the dense weights). Waiters queue in order of
@@ -75,7 +89,7 @@ class ModelGate:
         self.dense_zero_fraction: float | None = None  # of the dense weights, set by whoever loaded them
         self._reclaimed = 0.0  # time.monotonic() of the last reclaim
         self._holder_copy: weakref.ref | None = None  # the WorkingCopy holding the lease, when a session holds it
-        self._gone_since: float | None = None  # since when the holder's session has been seen disconnected
+        self._away = Absence()  # of the holder's session
 
     def reclaim(self) -> None:
         """Give back a lease whose session is gone (called by waiters, at most every RECLAIM_S).
@@ -100,12 +114,9 @@ class ModelGate:
         work = self._holder_copy() if self._holder_copy is not None else None
         if work is None or work.owner != self.holder or work.abandoned:
             return
-        if work.connected():
-            self._gone_since = None
-        elif self._gone_since is None:
-            self._gone_since = now
-        elif now - self._gone_since >= ABANDON_S and (work.job is None or work.job.done):
-            work.abandon(f"{work.owner} was disconnected for {now - self._gone_since:.0f} s while it held the "
+        away = self._away.seconds(work.connected(), now)
+        if away >= ABANDON_S and (work.job is None or work.job.done):
+            work.abandon(f"{work.owner} was disconnected for {away:.0f} s while it held the "
                          "shared model, pruned in place: its weights were restored for the others")
 
     def _may_go(self, ticket: object, exclusive: bool) -> bool:
@@ -167,7 +178,7 @@ class ModelGate:
         `until` tells the waiters what they wait for; `copy`: the session's WorkingCopy that leases
         them, which `reclaim` asks whether its session is still there."""
         self._enter(True, who, job, until=until)
-        self._holder_copy, self._gone_since = (weakref.ref(copy) if copy is not None else None), None
+        self._holder_copy, self._away = (weakref.ref(copy) if copy is not None else None), Absence()
 
     def release(self, who: str) -> None:
         with self._cond:
@@ -452,14 +463,10 @@ def search_job(job: Job, shared_model: nn.Module, gate: ModelGate, who: str, tok
 def _cancel_when_gone(job: Job, connected: Callable[[], bool]) -> Callable[[], bool]:
     """A stop flag: `job.stop`, which it sets (cancelling the job) once `connected()` has said False for
     ABANDON_S without a break."""
-    gone_since: list[float] = []
+    away = Absence()
 
     def stop() -> bool:
-        if connected():
-            gone_since.clear()
-        elif not gone_since:
-            gone_since.append(time.monotonic())
-        elif time.monotonic() - gone_since[0] >= ABANDON_S:
+        if away.seconds(connected(), time.monotonic()) >= ABANDON_S:
             job.cancel()
         return job.stop.is_set()
     return stop
