@@ -249,8 +249,14 @@ else:
 
 st.subheader("Allocation curves")
 names = model_names(view["model"]) if view["model"].nunique() > 1 else {}
-labels = {int(r.id): f"#{r.id} {names[str(r.model)] + ' · ' if names else ''}{r.method} + {r.allocation_method} "
-                     f"{float(r.achieved or 0):.0%}" for r in view.itertuples()}
+
+
+def _run_label(r, model: str = "") -> str:
+    """A run, for a list: id, model (when given), pruner + allocation and achieved sparsity."""
+    return f"#{r.id} {model + ' · ' if model else ''}{r.method} + {r.allocation_method} {float(r.achieved or 0):.0%}"
+
+
+labels = {int(r.id): _run_label(r, names.get(str(r.model), "")) for r in view.itertuples()}
 _filter("compare_curves", list(labels), list(labels)[-5:])
 chosen_runs = st.multiselect("Runs to overlay", list(labels), format_func=labels.get, key="compare_curves")
 curves = [(labels[i], per_block[i]) for i in chosen_runs if per_block.get(i)]
@@ -262,8 +268,7 @@ st.dataframe(runs, hide_index=True, key="compare_table")
 st.download_button("Download runs (CSV)", runs.to_csv(index=False).encode(), file_name="runs.csv",
                    mime="text/csv", key="compare_csv")
 with st.expander("Delete runs"):
-    every = {int(r.id): f"#{r.id} {r.model} · {r.method} + {r.allocation_method} {float(r.achieved or 0):.0%}"
-             for r in runs.itertuples()}
+    every = {int(r.id): _run_label(r, str(r.model)) for r in runs.itertuples()}
     _filter("compare_delete", list(every), [])  # less what another tab deleted
     doomed = st.multiselect("Runs to delete", list(every), format_func=every.get, key="compare_delete")
     if st.button("Delete for good", key="compare_delete_go", disabled=not doomed,

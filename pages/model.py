@@ -36,7 +36,6 @@ st.caption(
 )
 
 
-
 def _show_held_model() -> None:
     """A session that took its model back from the URL (a reload: follow_url_model) shows that model's choices,
     not the defaults, so that Load and the memory estimate are about the model it has."""
