@@ -1164,6 +1164,8 @@ def cmd_spectra(args: argparse.Namespace) -> int:
         check_fit(settings.fit, args.min_tail)
     except FitError as e:
         raise UsageError(f"--min-tail: {e}") from None
+    if settings.fit != "scan":
+        _refuse_unused(_typed(args, "--min-tail"), f"only the scan fit reads it, and the fit is {settings.fit}")
     as_json = _checked_table_out(args) or args.json  # (checked with --json too)
     model = _model_settings(args).check()
     folder = _checkpoint_folder(model)  # checked (headers only) before the progress bar appears

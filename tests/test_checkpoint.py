@@ -231,6 +231,8 @@ def test_cli_spectra_streams_and_caches(tmp_path, cache, capsys):
     for bad in (["--min-tail", "1"], ["--out", str(tmp_path / "a.parquet")]):
         assert main(["spectra", "--model", str(tmp_path / "m"), *bad]) == 2
         assert capsys.readouterr().err.startswith(f"error: {bad[0]}: ")
+    assert main(["spectra", "--model", str(tmp_path / "m"), "--min-tail", "5"]) == 2  # the default fit is peak
+    assert "error: --min-tail: only the scan fit reads it, and the fit is peak" in capsys.readouterr().err
 
 
 def _csv(result, tmp_path):
