@@ -176,12 +176,13 @@ def _model_settings(args: argparse.Namespace) -> ModelSettings:
     return ModelSettings(args.model, device, args.dtype, args.trust_remote_code)
 
 
-def _load(m: ModelSettings, check=None):
-    """Load the model; `check(preview)` runs on its tokenizer and config before the weights load."""
+def _load(m: ModelSettings, check=None, tokenizer: bool = True):
+    """Load the model; `check(preview)` runs on its tokenizer and config before the weights load.
+    tokenizer=False: for work on the weights alone, which a folder without tokenizer files can do."""
     m.check()
     loaded = load_model(m.source, device=None if m.device == "auto" else m.device,
                         dtype=None if m.dtype == "auto" else m.dtype, trust_remote_code=m.trust_remote_code,
-                        check=check)
+                        check=check, tokenizer=tokenizer)
     if left := unsupported_weights(loaded.model):
         print(f"warning: {UNSUPPORTED.format(n=left)}", file=sys.stderr)
     return loaded
@@ -427,7 +428,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"note: --nm {args.nm} replaces the pattern {alloc.params['nm']} the allocation was pruned with",
               file=sys.stderr)
     try:  # the allocation's model, for the order of the recipe's targets and the N:M widths
-        preview, unread = preview_model(alloc.model), None
+        preview, unread = preview_model(alloc.model, tokenizer=False), None
     except ModelLoadError as e:
         preview, unread = None, f"{alloc.model or 'the allocation names no model'}: {str(e).splitlines()[0]}"
     if nm is not None:
@@ -537,7 +538,7 @@ def cmd_allocate(args: argparse.Namespace) -> int:
         _warn_memory(RunSettings(model=_model_settings(args), calibration=calibration or CalibrationSettings()),
                      preview, "allocated", calibrates=calibration is not None, evaluates=False,
                      hessians=args.method == "auto" and gathers_gram(args.pruner))
-    loaded = _load(_model_settings(args), check)
+    loaded = _load(_model_settings(args), check, tokenizer=calibration is not None)
     _warn_non_finite(loaded.model, "an allocation measured on it")
     if args.method in SPECTRA_METHODS or (args.method == "auto" and settings.search_from is None):
         # the search starts from AlphaPruning too (FARMS's pooled spectra: search_starts)
@@ -1182,7 +1183,7 @@ def cmd_spectra(args: argparse.Namespace) -> int:
         except NotStreamable:
             pass
     if result is None:
-        loaded = _load(model)
+        loaded = _load(model, tokenizer=False)
         result, title = analyze(loaded.model, **kwargs), loaded.info.title
     metrics = result.metrics
     report = sys.stdout if args.out else sys.stderr  # keep stdout clean when the table goes there

@@ -324,9 +324,10 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.d
     return DTYPES[dtype]
 
 
-def _open(source: str, trust_remote_code: bool, progress: ProgressFn | None = None):
+def _open(source: str, trust_remote_code: bool, progress: ProgressFn | None = None, tokenizer: bool = True):
     """Everything `load_model` reads before the weights: (the checked ModelPreview, the folder or hub id
-    the weights load from, the model's title, its PackagedModel or None, the hub access arguments)."""
+    the weights load from, the model's title, its PackagedModel or None, the hub access arguments).
+    tokenizer=False: the preview's tokenizer is None and the folder needs none."""
     path, title, pm = resolve_source(source)
     if pm is not None:
         path = str(ensure_converted(pm.key, progress))
@@ -338,22 +339,25 @@ def _open(source: str, trust_remote_code: bool, progress: ProgressFn | None = No
             raise ModelLoadError(f"Could not load '{source}': {e}") from e
     progress and progress(f"Loading {title}", 0.5)
     try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **hub)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **hub) if tokenizer else None
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **hub)
     except (OSError, ValueError, KeyError) as e:
         raise ModelLoadError(_explain_load_error(source, e)) from e
-    check_tokenizer(tok, config, source)
     bos = pm.bos_per_window if pm else _wants_bos(config)
+    if tok is None:
+        return ModelPreview(source, tok, config, bos, trust_remote_code), path, title, pm, hub
+    check_tokenizer(tok, config, source)
     if bos and getattr(tok, "bos_token_id", None) is None:
         raise ModelLoadError(f"'{source}' is a {config.model_type} model, whose text windows must start with its BOS "
                              "token, but its tokenizer defines none: set bos_token in its tokenizer_config.json.")
     return ModelPreview(source, tok, config, bos, trust_remote_code), path, title, pm, hub
 
 
-def preview_model(source: str = "default", trust_remote_code: bool = False) -> ModelPreview:
+def preview_model(source: str = "default", trust_remote_code: bool = False, tokenizer: bool = True) -> ModelPreview:
     """A model's tokenizer and config without its weights (ModelLoadError as `load_model`), for checks
-    of what a run will ask of the model before any weights load (e.g. a sweep's every configuration)."""
-    return _open(source, trust_remote_code)[0]
+    of what a run will ask of the model before any weights load (e.g. a sweep's every configuration).
+    tokenizer=False: the config alone (the preview's tokenizer is None)."""
+    return _open(source, trust_remote_code, tokenizer=tokenizer)[0]
 
 
 def load_model(
@@ -364,6 +368,7 @@ def load_model(
     progress: ProgressFn | None = None,
     check: Callable[[ModelPreview], None] | None = None,
     device_map: str | None = None,
+    tokenizer: bool = True,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer in eval mode.
 
@@ -374,7 +379,9 @@ def load_model(
     (unknown id, folder without config, a missing/truncated/corrupt safetensors shard, no network to
     the hub, missing package, a tokenizer of another model). `check(preview)` runs once the tokenizer
     and config are read, before the weights load: what the caller will ask of the model (context
-    length, text lengths) fails early there.
+    length, text lengths) fails early there. tokenizer=False: no tokenizer is read (LoadedModel.tokenizer
+    is None), for work on the weights alone (spectra, an allocation without calibration text), so a folder
+    of weights and config.json is enough.
     """
     t0 = time.perf_counter()
     if device == DEVICE_MAP_AUTO:
@@ -383,7 +390,7 @@ def load_model(
         raise ModelLoadError(f"Unknown device_map '{device_map}'; only 'auto' is supported.")
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
-    preview, path, title, pm, hub = _open(source, trust_remote_code, progress)
+    preview, path, title, pm, hub = _open(source, trust_remote_code, progress, tokenizer)
     placing = {"device_map": "auto", "max_memory": _max_memory(),
                "offload_folder": str(cache_dir() / "offload" / re.sub(r"[^\w.-]+", "_", path))} if device_map else {}
     if check is not None:

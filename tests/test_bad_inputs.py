@@ -288,6 +288,30 @@ def test_nan_weights_are_refused_before_the_dense_evaluation(tiny_folder, tmp_pa
         assert r.returncode == 0 and "warning: 'model.layers.1.mlp.down_proj' has non-finite weights" in r.stderr
 
 
+def test_work_on_the_weights_alone_needs_no_tokenizer(tiny_folder, tmp_path):
+    """A folder of weights and config.json (no tokenizer files) is enough for what reads no text: the spectra of a
+    checkpoint that cannot be streamed, an allocation from the spectra, its export. What reads text names the
+    missing tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / "weights-only"
+    folder.mkdir()
+    shutil.copy(tiny_folder / "config.json", folder)
+    model = AutoModelForCausalLM.from_pretrained(tiny_folder)
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")  # not streamable: the spectra load the model
+    assert not any(folder.glob("*.safetensors")) and not any(folder.glob("tokenizer*"))
+    r = run_cli("spectra", f"--model={folder}", "--out", str(tmp_path / "alpha.csv"))
+    assert r.returncode == 0 and len(pd.read_csv(tmp_path / "alpha.csv")) == 21, r.stderr[-2000:]
+    for allocation in ("uniform", "alphapruning"):
+        out = tmp_path / f"{allocation}.json"
+        r = run_cli("allocate", f"--model={folder}", "--allocation", allocation, "--sparsity", "0.5", "--out", str(out))
+        assert r.returncode == 0 and json.loads(out.read_text())["method"] == allocation, r.stderr[-2000:]
+    r = run_cli("export", "--allocation", str(tmp_path / "alphapruning.json"), "--npy", str(tmp_path / "a.npy"))
+    assert r.returncode == 0 and "not read" not in r.stderr, r.stderr[-2000:]  # its module order was read
+    r = run_cli("allocate", f"--model={folder}", "--allocation", "owl", "--sparsity", "0.5")
+    assert r.returncode == 2 and "it has no tokenizer this installation can read" in r.stderr, r.stderr[-2000:]
+
+
 def test_a_search_scored_on_the_evaluation_text_is_refused_or_named(tiny_folder, tmp_path):
     """The search text is compared with the evaluation text by name and by bytes (a copy under another name is
     the same text): prune refuses it; a searched allocation records it, and evaluating on it is named."""
