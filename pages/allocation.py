@@ -88,6 +88,10 @@ more = st.checkbox("Also FARMS and OWL presets", key="alloc_more",
                         "calibration settings of the Prune page. Both run in the background (shared by all "
                         "sessions) and appear here when ready.")
 if more:
+    owl_lambda = st.slider("OWL λ (spread of the OWL ratios)", 0.0, 0.3, DEFAULT.owl_lambda, 0.01,
+                           key="alloc_owl_lambda",
+                           help="OWL's ratios lie in [S-λ, S+λ] before rescaling to the budget: blocks with more "
+                                "outlier activations are pruned less. The OWL paper uses 0.02 to 0.1.")
     calibration, evaluation = prune_data_settings()  # the OWL preset is what an OWL run there applies
     farms_job = spectra_job(loaded, fit, farms=True)
     owl = owl_job(loaded, calibration, evaluation.source, DEFAULT.owl_threshold)
@@ -99,7 +103,7 @@ if more:
         pending.append(f"FARMS spectra {farms_job.progress[1]:.0%}" if not farms_job.done
                        else f"FARMS: {farms_job.error}")
     if owl.status == "done":
-        presets["owl"] = allocate(metrics, target, "owl", outlier_ratios=owl.result, owl_lambda=DEFAULT.owl_lambda,
+        presets["owl"] = allocate(metrics, target, "owl", outlier_ratios=owl.result, owl_lambda=owl_lambda,
                                   model=loaded.info.source)
     else:
         pending.append(f"OWL outlier ratios {owl.progress[1]:.0%}" if not owl.done else f"OWL: {owl.error}")

@@ -104,9 +104,12 @@ rowwise = st.selectbox("Row-wise sparsity", ["none", *ROWWISE], key="prune_rowwi
                             "rows whose output survives pruning well lose more, the others less, each matrix "
                             "keeping its ratio. It costs a few extra pruning passes per matrix: with SparseGPT, "
                             "each is a reconstruction, so the prune takes several times longer.")
-epsilon = ALLOC_DEFAULT.epsilon
+epsilon, owl_lambda = ALLOC_DEFAULT.epsilon, ALLOC_DEFAULT.owl_lambda
 if allocation in SPECTRA_METHODS:
     epsilon = st.slider("ε (spread of the α-guided ratios)", 0.0, 0.9, ALLOC_DEFAULT.epsilon, 0.05, key="prune_epsilon")
+elif allocation == "owl":
+    owl_lambda = st.slider("OWL λ (spread of the OWL ratios)", 0.0, 0.3, ALLOC_DEFAULT.owl_lambda, 0.01,
+                           key="prune_owl_lambda", help="Ratios lie in [S-λ, S+λ] before rescaling to the budget.")
 
 with st.expander("Calibration and evaluation data"):
     d1, d2, d3 = st.columns(3)
@@ -165,7 +168,8 @@ if allocation == "custom" and custom is not None:  # the curve's own settings, s
                                         points=tuple(tuple(p) for p in custom.params["points"]),
                                         as_drawn=not custom.params["normalize"])
 else:
-    alloc_settings = AllocationSettings(method=allocation, sparsity=float(sparsity), epsilon=float(epsilon), fit=fit)
+    alloc_settings = AllocationSettings(method=allocation, sparsity=float(sparsity), epsilon=float(epsilon), fit=fit,
+                                        owl_lambda=float(owl_lambda))
 settings = RunSettings(
     model=ModelSettings(*model_key()),  # the loaded model, so its record can be run again
     allocation=alloc_settings,

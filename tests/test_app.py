@@ -487,7 +487,8 @@ def test_prune_page_prunes_with_your_curve(app, runs_db):
 
 def test_owl_preset_is_the_allocation_an_owl_run_applies(app, runs_db):
     """The Allocation page's OWL preset and an OWL run on the Prune page, with the same calibration
-    settings (chosen on the Prune page), give the same per-block ratios."""
+    settings (chosen on the Prune page) and the same λ (each page has its slider), give the same per-block ratios."""
+    from analysis.settings import AllocationSettings
     from analysis.store import RunStore
 
     app.switch_page("pages/prune.py").run()
@@ -497,17 +498,21 @@ def test_owl_preset_is_the_allocation_an_owl_run_applies(app, runs_db):
     app.number_input(key="prune_eval_seqlen").set_value(64)
     app.number_input(key="prune_windows").set_value(1)
     app.run()
+    app.slider(key="prune_owl_lambda").set_value(0.04).run()
     app.button(key="prune_run").click().run()
     run_until_idle(app, "OWL prune")
     assert not app.error, [e.value for e in app.error]
     store = RunStore(runs_db)
     record = store.get(int(store.all()["id"].max()))
     assert record["config"]["allocation"] == "owl" and record["config"]["n_samples"] == 4
+    assert record["allocation"]["params"]["owl_lambda"] == pytest.approx(0.04)
+    app.slider(key="prune_owl_lambda").set_value(AllocationSettings.owl_lambda).run()  # (the app is shared)
     applied = record["allocation"]["per_block"]
     assert max(applied) - min(applied) > 0.01  # OWL is not uniform here
 
     app.switch_page("pages/allocation.py").run()
     app.checkbox(key="alloc_more").check().run()
+    app.slider(key="alloc_owl_lambda").set_value(0.04).run()
     # the OWL ratios are the Prune run's shared job (already done); FARMS spectra may still be running
     preset, t0 = None, time.time()
     while preset is None:
@@ -518,6 +523,7 @@ def test_owl_preset_is_the_allocation_an_owl_run_applies(app, runs_db):
             pytest.fail(f"no OWL preset after {WAIT_S} s: {[c.value for c in app.caption]}")
         time.sleep(1.0)
     assert preset["owl"].tolist() == pytest.approx(applied, abs=1e-9)
+    app.slider(key="alloc_owl_lambda").set_value(AllocationSettings.owl_lambda).run()
     app.checkbox(key="alloc_more").uncheck().run()
     app.switch_page("pages/prune.py").run()
     app.button(key="prune_restore").click().run()
