@@ -1,4 +1,5 @@
 """Allocation page: draw the layerwise sparsity curve over depth, compare it with the presets."""
+import copy
 import hashlib
 import json
 
@@ -39,6 +40,8 @@ from components.state import owl_job, prune_data_settings, require_model, sessio
 
 POINTS_KEY = "alloc_points"
 OFFSETS_KEY = "_alloc_offsets"  # per-matrix offsets the curve keeps: {"model", "origin", "offsets"} or None
+HISTORY_KEY, SEEN_KEY = "_alloc_history", "_alloc_seen"  # Undo: earlier {"points", "offsets"}, and the current one
+UNDO_DEPTH = 50
 Y_MAX = MAX_RATIO  # highest sparsity a control point may take on the chart: any ratio an allocation may have
 
 st.title("Allocation")
@@ -330,6 +333,21 @@ if offsets:
                  help="One sparsity for every matrix of a block: the curve's."):
         st.session_state[OFFSETS_KEY] = None
         st.rerun()
+# every change of the curve (a drag, the table, a preset, a file, the search's curve, offsets) can be taken back
+now = copy.deepcopy({"points": points, "offsets": kept})
+if (seen := st.session_state.get(SEEN_KEY)) is not None and seen != now:
+    history = st.session_state.setdefault(HISTORY_KEY, [])
+    history.append(seen)
+    del history[:-UNDO_DEPTH]
+st.session_state[SEEN_KEY] = now
+
+
+def _undo() -> None:
+    last = st.session_state[HISTORY_KEY].pop()
+    st.session_state[POINTS_KEY], st.session_state[OFFSETS_KEY] = copy.deepcopy(last["points"]), last["offsets"]
+    st.session_state[SEEN_KEY] = last  # not a change to remember
+
+
 try:
     drawn = custom_allocation(points, metrics, sparsity=None, normalize=False, model=loaded.info.source,
                               offsets=offsets)
@@ -348,6 +366,10 @@ with chart_box:
     overlays.append({**allocation_overlay(applied.per_block, f"applied ({mode})", "#d62728", "solid"),
                      "mode": "markers", "opacity": 0.5})
     curve_editor(points, overlays, key=POINTS_KEY, y_max=Y_MAX, height=380)
+    undo_left = len(st.session_state.get(HISTORY_KEY, []))
+    st.button("Undo", key="alloc_undo", on_click=_undo, disabled=not undo_left,
+              help=f"Take back the last change of the curve or its offsets ({undo_left} to take back, up to "
+                   f"{UNDO_DEPTH}); the target and the mode are the controls above.")
     b1, b2, b3 = st.columns(3)
     b1.metric("Budget as drawn", f"{drawn.achieved:.1%}",
               help="Parameter-weighted mean sparsity of the curve as drawn.")

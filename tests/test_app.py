@@ -417,6 +417,33 @@ def test_allocation_per_matrix_offsets(app):
     app.text_input(key="alloc_search_text").input("").run()
 
 
+def test_allocation_undo_takes_back_each_change_of_the_curve(app):
+    """Undo takes back the curve's changes one at a time, newest first: here offsets dropped, a kind offset
+    set, a reshaped curve (as a drag or the table leaves it)."""
+    app.switch_page("pages/allocation.py")
+    run_until_idle(app, "spectra")
+    app.selectbox(key="alloc_preset").set_value("uniform").run()
+    app.button(key="alloc_load_preset").click().run()
+    uniform = app.session_state["alloc_points"]
+    app.session_state["alloc_points"] = [[0.0, 0.3], [1.0, 0.7]]
+    app.run()
+    [k_proj] = [n for n in app.number_input if n.label == "k_proj"]
+    k_proj.set_value(-0.1).run()
+    with_offsets = app.session_state["alloc_custom"].per_layer
+    app.button(key="alloc_drop_offsets").click().run()
+    assert not app.session_state["alloc_custom"].params.get("offsets")
+
+    app.button(key="alloc_undo").click().run()  # the offsets are back
+    assert app.session_state["alloc_custom"].per_layer == pytest.approx(with_offsets)
+    assert [n for n in app.number_input if n.label == "k_proj"][0].value == pytest.approx(-0.1)
+    app.button(key="alloc_undo").click().run()  # the reshaped curve, without them
+    assert app.session_state["alloc_points"] == [[0.0, 0.3], [1.0, 0.7]]
+    assert not app.session_state["alloc_custom"].params.get("offsets")
+    app.button(key="alloc_undo").click().run()  # the preset
+    assert app.session_state["alloc_points"] == uniform
+    assert not app.exception
+
+
 def test_prune_runs_in_the_background_and_restores(app, runs_db):
     app.switch_page("pages/prune.py").run()
     assert not app.exception
