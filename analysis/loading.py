@@ -130,13 +130,20 @@ def context_length(config) -> int | None:
     return None
 
 
+MIN_VOCAB = 16  # fewer tokens: not a tokenizer read from files (transformers builds an empty one for some models)
+
+
 def check_tokenizer(tokenizer, config, source: str) -> None:
     """A tokenizer whose base vocabulary is larger than the model's embedding rows is not this model's:
     its ids past the end would fail in the first forward pass. (Added special tokens are not counted:
-    some checkpoints list chat tokens they never embed, and plain text does not produce them.)"""
+    some checkpoints list chat tokens they never embed, and plain text does not produce them.) One of
+    fewer than MIN_VOCAB tokens is what transformers builds for a Qwen folder without tokenizer files."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     rows = getattr(text, "vocab_size", None)
     tokens = getattr(tokenizer, "vocab_size", None) or len(tokenizer)
+    if (found := len(tokenizer)) < MIN_VOCAB:
+        raise ModelLoadError(NO_TOKENIZER.format(source=source)
+                             + f" (what was found has {found} token{'' if found == 1 else 's'}).")
     if isinstance(rows, int) and tokens > rows:
         raise ModelLoadError(f"The tokenizer of '{source}' has {tokens} tokens but the model has only {rows} "
                              "embedding rows: the tokenizer belongs to another model.")
@@ -478,13 +485,16 @@ def _wants_bos(config) -> bool:
     return getattr(config, "model_type", "").startswith("gemma")
 
 
+NO_TOKENIZER = ("Could not load '{source}': it has no tokenizer this installation can read (tokenizer.json, or "
+                "tokenizer.model with sentencepiece); copy the tokenizer files of its model beside config.json")
+
+
 def _explain_load_error(source: str, e: Exception) -> str:
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if "trust_remote_code" in str(e):
         return f"'{source}' needs custom code from its repository; enable 'trust remote code' only if you trust it."
     if "instantiate the backend tokenizer" in str(e):
-        return (f"Could not load '{source}': it has no tokenizer this installation can read (tokenizer.json, or "
-                "tokenizer.model with sentencepiece); copy the tokenizer files of its model beside config.json.")
+        return NO_TOKENIZER.format(source=source) + "."
     if any(s in str(e) for s in ("not a valid model identifier", "offline", "Connection", "resolve", "404")):
         return (
             f"Could not load '{source}': it is not a packaged model or local folder, and the Hugging Face "

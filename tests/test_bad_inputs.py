@@ -48,6 +48,11 @@ def bad(tmp_path_factory, wikitext_dir) -> Path:
     # the tokenizer of another model: the packaged SmolLM2's (49152 tokens) beside 120 embedding rows
     (d / "no-tokenizer").mkdir()
     shutil.copy(tiny / "config.json", d / "no-tokenizer")
+    from transformers import Qwen2Config
+
+    # transformers builds an empty tokenizer (1 token) for a Qwen folder without tokenizer files
+    Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=120).save_pretrained(d / "qwen-no-tokenizer")
     broken = Path(shutil.copytree(tiny, d / "broken-config"))
     (broken / "config.json").write_text('{"model_type": ')
     other = Path(shutil.copytree(tiny, d / "mismatch"))
@@ -191,6 +196,10 @@ CLI_CASES = [
     ("prune --model 'not an id!'", "is neither a packaged model, a local folder nor a Hugging Face id"),
     ("prune --model={bad}/no-tokenizer", "Could not load '{bad}/no-tokenizer': it has no tokenizer this installation "
                                          "can read"),
+    ("eval --model={bad}/qwen-no-tokenizer", "Could not load '{bad}/qwen-no-tokenizer': it has no tokenizer this "
+                                             "installation can read (tokenizer.json, or tokenizer.model with "
+                                             "sentencepiece); copy the tokenizer files of its model beside config.json "
+                                             "(what was found has 1 token)."),
     pytest.param("prune --device cuda", "--device: CUDA was requested but no CUDA device is available",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")),
     ("prune --device quantum", "--device: Unknown device 'quantum'; use auto, cpu, cuda or cuda:<index>"),
