@@ -315,10 +315,10 @@ def allocation_caveats(alloc: Allocation, method: str, loaded: LoadedModel, roww
                        eval_source: str | None = None) -> list[str]:
     """Why a saved allocation, pruned onto `loaded` with `method` (and `rowwise`) and evaluated on `eval_source`,
     may not do what it says or did where it was made: its ratios prune another share of this model's weights than
-    both its `sparsity` and its `achieved` say (a file edited by hand), it names another model (whose matrix names
-    this one shares), it is a run record's whose run pruned otherwise, its search was scored on the evaluation
-    text, or its search's caveats (reuse_caveats). Call it once the allocation's names are checked against the
-    model (check_names)."""
+    it says (its `sparsity`; a curve applied as drawn, its `achieved`: a file edited by hand), it names another
+    model (whose matrix names this one shares), it is a run record's whose run pruned otherwise, its search was
+    scored on the evaluation text, or its search's caveats (reuse_caveats). Call it once the allocation's names
+    are checked against the model (check_names)."""
     out = []
     # (a hand-made file's params may hold anything under these names)
     scored = alloc.params["search_text"] if isinstance(alloc.params.get("search_text"), dict) else {}
@@ -335,7 +335,8 @@ def allocation_caveats(alloc: Allocation, method: str, loaded: LoadedModel, roww
                    f"{method}{now}, the result is not that run's (prune --rerun FILE repeats the run)")
     refs = [r for r in prunable_layers(loaded.model) if r.name in alloc.per_layer]
     implied = budget([alloc.per_layer[r.name] for r in refs], [r.params for r in refs])
-    if min(abs(implied - alloc.sparsity), abs(implied - alloc.achieved)) > 5e-4:
+    as_drawn = alloc.method == "custom" and alloc.params.get("normalize") is False  # its target is not its budget
+    if abs(implied - (alloc.achieved if as_drawn else alloc.sparsity)) > 5e-4:
         out.append(f"the allocation says sparsity {alloc.sparsity:.2%} (achieved {alloc.achieved:.2%}), but on this "
                    f"model its ratios prune {implied:.2%} of the weights (edited by hand?); the run reports what it "
                    "prunes")

@@ -553,6 +553,12 @@ def test_an_allocation_made_for_another_model_of_the_same_names_is_a_warning(tin
     assert ("warning: the allocation says sparsity 50.00% (achieved 50.00%), but on this model its ratios prune "
             "70.00% of the weights (edited by hand?)") in r.stderr
     assert "pruned with magnitude + uniform: 0.7" in r.stderr
+    # or its sparsity alone: the run record would say 30% of a run that prunes 70%
+    d["sparsity"], d["achieved"] = 0.3, 0.7
+    alloc.write_text(json.dumps(d))
+    r = run_cli("eval", f"--model={tiny_folder}", *common)
+    assert r.returncode == 0 and ("warning: the allocation says sparsity 30.00% (achieved 70.00%), but on this model "
+                                  "its ratios prune 70.00% of the weights") in r.stderr, r.stderr[-2000:]
 
 
 def test_out_into_a_missing_folder_is_made(bad):
