@@ -113,11 +113,17 @@ class Allocation:
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         return path
 
-    def check_names(self, names) -> None:
+    def check_names(self, names, fixed=()) -> None:
         """Raise AllocationError unless this allocation gives a ratio to exactly the prunable matrices
-        `names` of the model it is applied to (one made for another model names others)."""
+        `names` of the model it is applied to (one made for another model names others); `fixed`: the model's
+        matrices that are not pruned (MoE routers, embeddings), named as such when the allocation lists one."""
         names, have = set(names), set(self.per_layer)
         unknown, missing = sorted(have - names), sorted(names - have)
+        if routed := sorted(set(unknown) & set(fixed)):
+            more = f" and the {len(routed) - 1} others" if len(routed) > 1 else ""
+            raise AllocationError(f"'{routed[0]}' is a matrix of this model that is never pruned (MoE routers, the "
+                                  "embedding and lm_head stay dense), so the allocation cannot give it a ratio; drop "
+                                  f"it{more} from per_layer")
         if unknown or missing:
             example = f"'{unknown[0]}' is not one of its matrices" if unknown else f"no ratio for '{missing[0]}'"
             raise AllocationError(f"the allocation does not fit this model: {len(unknown)} of its {len(have)} names "

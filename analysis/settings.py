@@ -35,7 +35,7 @@ from analysis.data import (
     text_source_problem,
 )
 from analysis.errors import AlphascopeError
-from analysis.layers import layer_table, prunable_layers
+from analysis.layers import find_layers, layer_table, prunable_layers
 from analysis.loading import DEVICE_MAP_AUTO, DTYPES, ModelLoadError, ModelPreview, pick_device
 from analysis.powerlaw import check_fit
 from analysis.pruners import PRUNERS, ROWWISE, check_rowwise, parse_nm
@@ -387,7 +387,9 @@ class AllocationSettings:
         for field_name, path in files.items():
             if path is not None:
                 alloc = Allocation.load(Path(path).expanduser())
-                _checked(field_name, alloc.check_names, [r.name for r in prunable_layers(model)])
+                layers = find_layers(model)
+                _checked(field_name, alloc.check_names, [r.name for r in layers if r.prunable],
+                         [r.name for r in layers if not r.prunable])
                 if field_name == "allocation.search_from":  # the search starts from its per_block
                     _checked(field_name, alloc.check_blocks, layer_table(model))
         if self.method == "auto" and self.search_text is not None:

@@ -461,3 +461,29 @@ def test_prune_page_warns_of_experts_pruned_by_magnitude(tmp_path, monkeypatch):
     assert not at.error, [e.value for e in at.error]
     assert any("saw no calibration token" in w.value and "pruned by magnitude instead of sparsegpt" in w.value
                for w in at.warning), [w.value for w in at.warning]
+
+
+def test_an_allocation_that_gives_a_router_a_ratio_is_told_routers_stay_dense(tmp_path):
+    """A router is one of the model's matrices, listed by the spectra but never pruned: an allocation file naming
+    one is refused with that reason, not as a file made for another model."""
+    import json
+
+    from analysis.allocation import allocate
+    from analysis.layers import layer_table
+    from analysis.loading import ModelPreview
+    from analysis.settings import AllocationSettings, SettingsError
+
+    model = qwen2_moe()
+    alloc = allocate(layer_table(model), 0.5, "uniform").to_dict()
+    alloc["per_layer"]["model.layers.0.mlp.gate"] = 0.5
+    path = tmp_path / "router.json"
+    path.write_text(json.dumps(alloc))
+    preview = ModelPreview("moe", None, model.config, False, model=model)
+    with pytest.raises(SettingsError, match=r"'model.layers.0.mlp.gate' is a matrix of this model that is never "
+                                            r"pruned \(MoE routers, the embedding and lm_head stay dense\)"):
+        AllocationSettings(method="file", file=str(path)).check_model(preview)
+    del alloc["per_layer"]["model.layers.0.mlp.gate"]
+    alloc["per_layer"]["model.layers.9.mlp.gate"] = 0.5  # another model's router: not this one's
+    path.write_text(json.dumps(alloc))
+    with pytest.raises(SettingsError, match="was it made for another model"):
+        AllocationSettings(method="file", file=str(path)).check_model(preview)
