@@ -259,7 +259,10 @@ def _search_differences(a: AllocationSettings) -> list[str]:
 
 
 def line_label(s: RunSettings) -> str:
-    """How a sweep names a line of its plot: the allocation's label, then e.g. ' + trim' for row-wise ratios."""
+    """How a sweep names a line of its plot: the allocation's label (an N:M run's pattern, which takes no
+    allocation), then e.g. ' + trim' for row-wise ratios."""
+    if s.prune.nm:
+        return s.prune.nm
     return allocation_label(s.allocation) + (f" + {s.prune.rowwise}" if s.prune.rowwise else "")
 
 
@@ -474,6 +477,17 @@ def setup_label(s: RunSettings) -> str:
         if value != default])
 
 
+def run_line(record: dict) -> dict | None:
+    """How a stored run is named in a plot, from its settings: `line`, its pruner and line_label (so runs of
+    another ε, λ, curve or TRIM are another line), and `setup`, its setup_label. None for a record without
+    readable settings (made by hand, or by an older version)."""
+    try:
+        s = RunSettings.from_dict(record["config"]["settings"])
+    except (KeyError, TypeError, ValueError):  # (SettingsError is a ValueError)
+        return None
+    return {"line": f"{s.prune.method} + {line_label(s)}", "setup": setup_label(s)}
+
+
 def sweep_row(record: dict) -> dict | None:
     """A stored sweep run as one row of the Compare page's sweep plot (None for other runs)."""
     if not record.get("sweep"):
@@ -574,12 +588,14 @@ def _stored_outcome(key: str, settings: RunSettings, store: RunStore, run_id: in
 
 
 def run_sweep(grid: SweepGrid, store: RunStore, *, workers: int = 1, address: str | None = None,
-              cpus_per_worker: int = 1, progress: ProgressFn | None = None, stop: StopFlag = None,
-              on_outcome: Callable[[Outcome], None] | None = None) -> list[Outcome]:
+              cpus_per_worker: int = 1, progress: ProgressFn | None = None, detail: bool = False,
+              stop: StopFlag = None, on_outcome: Callable[[Outcome], None] | None = None) -> list[Outcome]:
     """Run every configuration of `grid` not yet in `store` and store each finished run as it
     arrives. In this process with workers=1 and no address (or without Ray), else as Ray tasks
     (on the Ray already initialized, else one started here and shut down at the end).
 
+    `progress` hears each configuration start ("2/12 <label>: running") and end; with `detail`, in this process,
+    also each one's own steps (its blocks, its search) in between, for a bar that shows the latest line.
     Returns one Outcome per distinct configuration, in grid order. `stop` (or Ctrl-C) cancels what
     has not finished: Ray tasks are cancelled, a run in progress here stops between blocks; runs
     finished before stay stored. KeyboardInterrupt is re-raised after that. SweepBusy when another
@@ -630,7 +646,7 @@ def run_sweep(grid: SweepGrid, store: RunStore, *, workers: int = 1, address: st
                 _run_on_ray(pending, finish, workers=workers, address=address, cpus_per_worker=cpus_per_worker,
                             stop=stop)
             else:
-                _run_here(pending, finish, progress=progress, stop=stop)
+                _run_here(pending, finish, progress=progress, detail=detail, stop=stop)
         finally:
             release_worker_model()  # an in-process sweep's model (the driver of a Ray sweep loaded none)
             _SWEEPING.release()
@@ -643,11 +659,15 @@ def _one_line(e: BaseException) -> str:
     return f"{type(cause).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
-def _run_here(pending: list, finish: Callable, *, progress: ProgressFn | None = None, stop: StopFlag) -> None:
+def _run_here(pending: list, finish: Callable, *, progress: ProgressFn | None = None, detail: bool = False,
+               stop: StopFlag) -> None:
     """The sweep in this process: the same steps as a Ray task, one configuration after the other,
     each tried twice at most."""
     dense = None
     for i, (key, settings) in enumerate(pending):
+        n = len(pending)
+        label = f"{i + 1}/{n} {config_label(settings)}"
+        within = _within(progress, label, i, n) if progress and detail else None
         error = None
         for attempt in (1, 2):
             try:
@@ -656,7 +676,8 @@ def _run_here(pending: list, finish: Callable, *, progress: ProgressFn | None = 
                     for k, s in pending[i:]:
                         finish(k, s, CANCELLED)
                     return
-                record = run_config(settings, dense, stop=stop)
+                progress and progress(f"{label}: running" + (" again" if attempt > 1 else ""), i / n)
+                record = run_config(settings, dense, progress=within, stop=stop)
             except Exception as e:  # noqa: BLE001 (reported in the outcome; the sweep goes on)
                 error = _one_line(e)
                 if _bad_input(e):
@@ -670,6 +691,11 @@ def _run_here(pending: list, finish: Callable, *, progress: ProgressFn | None = 
             break
         else:
             finish(key, settings, FAILED, attempts=2, error=error)
+
+
+def _within(progress: ProgressFn, label: str, i: int, n: int) -> ProgressFn:
+    """The progress of the i-th of n configurations (`label`), as its share of the sweep's."""
+    return lambda message, fraction: progress(f"{label}: {message}", (i + fraction) / n)
 
 
 class _Attempts:
@@ -756,7 +782,6 @@ class _Stopped(Exception):
 
 __all__ = ["CANCELLED", "DONE", "FAILED", "FAULT_FILE_ENV", "NAMED_ALLOCATIONS", "SKIPPED", "DenseReference",
            "Outcome", "SweepGrid", "allocation_label", "check_address", "check_models", "check_workers", "config_key",
-           "config_label", "line_label",
-           "finished_keys", "grid_from_text", "measure_dense", "outcome_table", "parse_values", "ray_available",
-           "release_worker_model", "run_config", "run_sweep", "split_items", "start_ray", "sweep_row", "worker_info",
-           "worker_model"]
+           "config_label", "line_label", "finished_keys", "grid_from_text", "measure_dense", "outcome_table",
+           "parse_values", "ray_available", "release_worker_model", "run_config", "run_line", "run_sweep",
+           "split_items", "start_ray", "sweep_row", "worker_info", "worker_model"]

@@ -19,6 +19,9 @@ from analysis.allocation import block_depths
 KIND_ORDER = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METHOD_COLORS = {"uniform": "#7f7f7f", "alphapruning": "#1f77b4", "farms": "#2ca02c", "owl": "#ff7f0e",
                  "custom": "#d62728"}
+# lines past an allocation method's first (another ε, setup, pruner), and methods without a color of their own
+PALETTE = ["#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#393b79", "#637939", "#8c6d31", "#843c39",
+           "#7b4173", "#3182bd", "#e6550d"]
 
 
 def _layout(fig: go.Figure, height: int = 360, **kw) -> go.Figure:
@@ -211,27 +214,64 @@ def ppl_figure(updates: list, dense: list | None = None, title: str = "") -> go.
     if updates:
         fig.add_trace(go.Scatter(x=[u.windows_done for u in updates], y=[u.ppl for u in updates],
                                  mode="lines+markers", name="this run", line=dict(color="#d62728")))
-    fig.update_xaxes(title="evaluation windows done")
+    done = max([u.windows_done for u in [*(dense or []), *(updates or [])]], default=0)
+    fig.update_xaxes(title="evaluation windows done", dtick=1 if done <= 16 else None)  # no window 0.5
     fig.update_yaxes(title="running perplexity")
     fig.update_layout(legend=dict(orientation="h", y=1.02, yanchor="bottom", x=0))
     return _layout(fig, 320, title=dict(text=title) if title else None)
 
 
-def ppl_vs_sparsity_figure(runs: pd.DataFrame, x: str = "sparsity", y: str = "ppl",
-                           color: str = "allocation") -> go.Figure:
-    """One line per value of `color` (e.g. "wanda + alphapruning"): perplexity against sparsity (log y).
-    Lines take the allocation's color (the part after " + ") and a dash per pruning method."""
+def ppl_vs_sparsity_figure(runs: pd.DataFrame, x: str = "sparsity", y: str = "ppl", color: str = "label",
+                           hue: str = "allocation_method", dash: str = "method") -> go.Figure:
+    """One line per value of `color` (e.g. "wanda + alphapruning ε=0.3"): perplexity against sparsity (log y,
+    labelled in full). Each line has a color of its own, its allocation method's (`hue`) for the method's first
+    line, and a dash per pruning method (`dash`); the legend names every line, even a lone one."""
     fig = go.Figure()
-    dashes = {}
+    dashes: dict[str, str] = {}
+    colors: dict[str, str] = {}
     for label, d in runs.groupby(color, sort=True):
         d = d.sort_values(x)
-        prune_method, _, alloc = str(label).rpartition(" + ")
-        dash = dashes.setdefault(prune_method, ["solid", "dash", "dot", "dashdot"][len(dashes) % 4])
+        style = dashes.setdefault(str(d[dash].iloc[0]), ["solid", "dash", "dot", "dashdot"][len(dashes) % 4])
         fig.add_trace(go.Scatter(x=d[x], y=d[y], mode="lines+markers", name=str(label),
-                                 line=dict(color=METHOD_COLORS.get(alloc or str(label)), dash=dash)))
+                                 line=dict(color=line_color(colors, label, str(d[hue].iloc[0])), dash=style)))
     fig.update_xaxes(title="sparsity", range=_one_value_range(runs[x]))
-    fig.update_yaxes(title="perplexity", type="log")
-    return _layout(fig, 360)
+    fig.update_yaxes(title="perplexity", type="log", **log_ticks(runs[y]))
+    return _layout(fig, 360, showlegend=True)
+
+
+def line_color(colors: dict[str, str], label: str, method: str) -> str:
+    """The color of line `label` (kept in `colors`, label -> color): the allocation `method`'s own for the
+    first line that takes it, the palette's next unused one for the others, so no two lines share one."""
+    if label not in colors:
+        own = METHOD_COLORS.get(method)
+        free = [c for c in PALETTE if c not in colors.values()] or PALETTE
+        colors[label] = own if own and own not in colors.values() else free[0]
+    return colors[label]
+
+
+def log_ticks(values: pd.Series) -> dict:
+    """tickvals/ticktext for a log axis over `values`, in full (20, 50, 100, 2k, 5M): Plotly labels the ticks
+    between powers of ten with their first digit alone ("2", "5"), which reads as another number. The sparsest
+    of powers of ten, steps of 1-2-5 and every digit that gives four ticks (else every digit); {} (Plotly's own)
+    for no positive values."""
+    v = pd.to_numeric(pd.Series(values), errors="coerce")
+    v = v[(v > 0) & np.isfinite(v)]
+    if v.empty:
+        return {}
+    lo, hi = float(v.min()) / 1.15, float(v.max()) * 1.15
+    decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+    options = [[d * 10.0 ** e for e in decades for d in digits if lo <= d * 10.0 ** e <= hi]
+               for digits in ((1,), (1, 2, 5), range(1, 10))]
+    ticks = next((t for t in options if len(t) >= 4), options[-1])
+    return {"tickvals": ticks, "ticktext": [_short(t) for t in ticks]} if len(ticks) >= 2 else {}
+
+
+def _short(value: float) -> str:
+    """20, 500, 2k, 1.5M: a perplexity tick's label."""
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if value >= scale:
+            return f"{value / scale:g}{suffix}"
+    return f"{value:g}"
 
 
 def _one_value_range(values: pd.Series) -> list[float] | None:
@@ -289,17 +329,13 @@ def sweep_figure(runs: pd.DataFrame) -> go.Figure:
     methods = sorted(runs["method"].astype(str).unique())
     fig = make_subplots(rows=1, cols=max(1, len(methods)), shared_yaxes=True, subplot_titles=methods,
                         horizontal_spacing=0.04)
-    palette = ["#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
     colors: dict[str, str] = {}  # allocation label -> color, the same in every panel (one legend entry)
     for col, method in enumerate(methods, start=1):
         stats = (runs[runs["method"].astype(str) == method].groupby(["allocation", "sparsity"])["pruned_ppl"]
                  .agg(["mean", "min", "max", "count"]).reset_index())
         for label, d in stats.groupby("allocation", sort=True):
             first = label not in colors
-            if first:  # the method's color for its first variant (e.g. one epsilon), the palette's after
-                own = METHOD_COLORS.get(str(label).split(" ")[0])
-                colors[label] = own if own and own not in colors.values() else palette[len(colors) % len(palette)]
-            color = colors[label]
+            color = line_color(colors, label, str(label).split(" ")[0])  # e.g. "alphapruning ε=0.3"
             fig.add_trace(go.Scatter(
                 x=d["sparsity"], y=d["mean"], mode="lines+markers", name=str(label), legendgroup=str(label),
                 showlegend=first, line=dict(color=color),
@@ -315,5 +351,5 @@ def sweep_figure(runs: pd.DataFrame) -> go.Figure:
                                  line=dict(color="black", dash="dash", width=1)), row=1, col=col)
         fig.update_xaxes(title="target sparsity", range=_one_value_range(stats["sparsity"]), row=1, col=col)
     fig.update_yaxes(title="perplexity", type="log", row=1, col=1)
-    fig.update_yaxes(type="log")
+    fig.update_yaxes(type="log", **log_ticks(runs["pruned_ppl"]))  # (the bars span every seed's)
     return _layout(fig, 400)

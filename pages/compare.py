@@ -26,6 +26,7 @@ from analysis.sweep import (
     check_address,
     grid_from_text,
     outcome_table,
+    run_line,
     run_sweep,
     sweep_row,
 )
@@ -135,7 +136,8 @@ with st.expander("Run a sweep", expanded=False):
         else:
             path, workers, address = str(store.path), int(form["workers"]), form["address"]
             job = start_sweep_job(lambda j: run_sweep(grid, RunStore(path), workers=workers, address=address,
-                                                      progress=j.report, stop=j.stop, on_outcome=j.emit))
+                                                      progress=j.report, detail=True, stop=j.stop,
+                                                      on_outcome=j.emit))
             if job is None:
                 st.error("Another sweep is running in this server (started in another tab); wait for it to end "
                          "or cancel it below.")
@@ -172,16 +174,19 @@ if runs.empty:
 
 @st.cache_data(show_spinner=False, max_entries=1024)
 def _details(path: str, run_id: int, revision: int) -> dict:
-    """Achieved sparsity, per-block allocation and zero-shot accuracies of a run, and its sweep row if
-    a sweep made it (a record changes only by RunStore.update, which counts its revision)."""
+    """Achieved sparsity, per-block allocation, zero-shot accuracies, line and setup of a run, and its sweep row
+    if a sweep made it (a record changes only by RunStore.update, which counts its revision)."""
     record = RunStore(path).get(run_id)
-    return {**run_summary(record), "zeroshot": record_accuracy(record), "sweep": sweep_row(record)}
+    config = record.get("config") or {}
+    line = run_line(record) or {"line": f"{config.get('method')} + {config.get('allocation')}", "setup": ""}
+    return {**run_summary(record), **line, "zeroshot": record_accuracy(record), "sweep": sweep_row(record)}
 
 
 revisions = store.revisions()
 details = [_details(str(store.path), int(i), revisions.get(int(i), 0)) for i in runs["id"]]
 runs = runs.assign(achieved=[d["achieved"] for d in details], seed=[d["seed"] for d in details],
-                   eval=[d["eval"] for d in details], model=runs["model"].map(model_group))
+                   eval=[d["eval"] for d in details], line=[d["line"] for d in details],
+                   setup=[d["setup"] for d in details], model=runs["model"].map(model_group))
 # one "acc <task>" column per zero-shot task any run was scored on (runs pruned with --tasks)
 accuracy = pd.DataFrame([d["zeroshot"] for d in details], index=runs.index).add_prefix("acc ")
 runs = pd.concat([runs, accuracy], axis=1)
@@ -220,9 +225,11 @@ ev = f3.selectbox("Evaluation", evals, key="compare_eval",
 view = runs[runs["model"].astype(str).isin(chosen) & runs["method"].astype(str).isin(pick)
             & (runs["eval"].astype(str) == ev)]
 
-st.subheader("Perplexity vs sparsity, per allocation method")
-plot = view.dropna(subset=["pruned_ppl"]).assign(
-    label=lambda d: d["method"].astype(str) + " + " + d["allocation_method"].astype(str))
+st.subheader("Perplexity vs sparsity, per pruner and allocation")
+# a line per pruner and allocation as set (ε, λ, curve, TRIM), and per calibration setup where runs differ in it
+plot = view.dropna(subset=["pruned_ppl"]).assign(label=lambda d: d["line"])
+if plot["setup"].nunique() > 1:
+    plot = plot.assign(label=plot["label"] + " · " + plot["setup"])
 if plot["model"].nunique() > 1:  # a line joins runs of one model only
     plot = plot.assign(label=plot["model"].astype(str).map(model_names(plot["model"])) + " · " + plot["label"])
 if len(plot):
@@ -253,7 +260,7 @@ names = model_names(view["model"]) if view["model"].nunique() > 1 else {}
 
 def _run_label(r, model: str = "") -> str:
     """A run, for a list: id, model (when given), pruner + allocation and achieved sparsity."""
-    return f"#{r.id} {model + ' · ' if model else ''}{r.method} + {r.allocation_method} {float(r.achieved or 0):.0%}"
+    return f"#{r.id} {model + ' · ' if model else ''}{r.line} {float(r.achieved or 0):.0%}"
 
 
 labels = {int(r.id): _run_label(r, names.get(str(r.model), "")) for r in view.itertuples()}

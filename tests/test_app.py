@@ -618,3 +618,6 @@ def test_compare_page_lists_the_run(app):
     assert len(table) >= 1 and {"pruned_ppl", "dense_ppl", "achieved"} <= set(table.columns)
     assert table["achieved"].iloc[-1] == pytest.approx(0.5, abs=0.01)
     assert app.get("download_button")
+    # runs are named by their settings: the OWL run at λ 0.04 (above) is not one line with OWL at the default
+    assert "wanda + owl λ=0.04" in set(table["line"])
+    assert any("wanda + owl λ=0.04" in label for label in app.multiselect(key="compare_delete").options)

@@ -68,3 +68,36 @@ def test_depth_chart_draws_experts_as_points_and_few_blocks_as_whole_numbers():
     modes = {t.name: t.mode for t in fig.data}
     assert modes == {"q_proj": "lines+markers", "experts.up_proj": "markers"}  # no zigzag through the experts
     assert fig.layout.xaxis.dtick == 1 and heatmap_figure(pd.DataFrame(rows)).layout.xaxis.dtick == 1
+
+
+def test_ppl_vs_sparsity_lines_are_told_apart_and_the_axis_is_labelled_in_full():
+    """Two ε of one allocation method, and methods without a color of their own, get colors of their own; a
+    lone line is named in a legend; perplexity ticks read as numbers (2k), not as Plotly's bare digits."""
+    from components.figures import METHOD_COLORS, log_ticks, ppl_vs_sparsity_figure
+
+    runs = pd.DataFrame({
+        "label": ["wanda + alphapruning ε=0.2", "wanda + alphapruning ε=0.3", "magnitude + 2:4", "sparsegpt + n:m"],
+        "method": ["wanda", "wanda", "magnitude", "sparsegpt"],
+        "allocation_method": ["alphapruning", "alphapruning", "n:m", "n:m"],
+        "achieved": [0.5, 0.5, 0.5, 0.5], "pruned_ppl": [90.0, 95.0, 1634.0, 300.0]})
+    fig = ppl_vs_sparsity_figure(runs, x="achieved", y="pruned_ppl")
+    colors = {t.name: t.line.color for t in fig.data}
+    assert colors["wanda + alphapruning ε=0.2"] == METHOD_COLORS["alphapruning"]
+    assert len(set(colors.values())) == 4
+    assert len({t.line.dash for t in fig.data if t.name.startswith("wanda")}) == 1  # a dash per pruner
+    assert len({t.line.dash for t in fig.data}) == 3
+    assert fig.layout.yaxis.ticktext == ("100", "200", "500", "1k")
+    assert ppl_vs_sparsity_figure(runs.head(1), x="achieved", y="pruned_ppl").layout.showlegend
+    assert log_ticks(pd.Series([82.3, 92.9]))["ticktext"] == ["80", "90", "100"]
+    assert log_ticks(pd.Series([45.0, 6e6]))["ticktext"] == ["100", "1k", "10k", "100k", "1M"]
+    assert log_ticks(pd.Series([float("nan"), -1.0])) == {}
+
+
+def test_live_perplexity_counts_whole_windows():
+    from analysis.evaluation import PplUpdate
+    from components.figures import ppl_figure
+
+    one = [PplUpdate(windows_done=1, windows_total=1, ppl=45.8, nll_sum=3.8 * 512, tokens=512)]
+    assert ppl_figure(one, one).layout.xaxis.dtick == 1
+    many = [PplUpdate(windows_done=i, windows_total=40, ppl=45.8, nll_sum=3.8 * i, tokens=i) for i in range(1, 41)]
+    assert ppl_figure(many).layout.xaxis.dtick is None

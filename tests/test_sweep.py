@@ -28,6 +28,7 @@ from analysis.sweep import (
     SweepGrid,
     allocation_label,
     config_key,
+    config_label,
     finished_keys,
     measure_dense,
     parse_values,
@@ -79,13 +80,34 @@ def test_expansion_crosses_the_axes(tiny, tmp_path):
     custom = [c for c in configs if c.allocation.method == "custom"]
     assert len(custom) == 6 and custom[0].allocation.points == ((0.0, 0.4), (1.0, 0.8))
     # the file's configurations are shown at its own sparsity (0.4), not the grid's
-    from analysis.sweep import Outcome, config_label, outcome_table
+    from analysis.sweep import Outcome, outcome_table
 
     at_file = next(c for c in configs if c.allocation.method == "file")
     assert outcome_table([Outcome("k", at_file, "skipped")])["sparsity"].tolist() == [0.4]
     assert " at 0.4, seed" in config_label(at_file)
     # a key follows the settings, not the object: equal settings rebuilt give the same key
     assert config_key(RunSettings.from_dict(configs[0].to_dict())) == config_key(configs[0])
+
+
+def test_a_stored_run_is_named_by_its_settings():
+    """The Compare page's lines: runs of another ε, λ, TRIM or calibration are not one line; an N:M run is named by
+    its pattern (it takes no allocation); a record without readable settings gets no name from them."""
+    from analysis.settings import AllocationSettings, CalibrationSettings, PruneSettings
+    from analysis.sweep import run_line
+
+    def named(**parts):
+        return run_line({"config": {"settings": RunSettings(**parts).to_dict()}})
+
+    alpha = AllocationSettings(method="alphapruning", epsilon=0.2)
+    assert named(allocation=alpha, prune=PruneSettings("wanda")) == \
+        {"line": "wanda + alphapruning ε=0.2", "setup": "calib default 16×256"}
+    assert named(allocation=AllocationSettings(method="owl", owl_lambda=0.04), prune=PruneSettings("sparsegpt",
+                                                                                                   rowwise="trim"),
+                 calibration=CalibrationSettings(n_samples=4, seqlen=64)) == \
+        {"line": "sparsegpt + owl λ=0.04 + trim", "setup": "calib default 4×64"}
+    assert named(allocation=alpha, prune=PruneSettings("magnitude", nm="2:4"))["line"] == "magnitude + 2:4"
+    assert run_line({"config": {"method": "wanda"}}) is None
+    assert run_line({"config": {"settings": {"prune": {"no_such_setting": 1}}}}) is None
 
 
 def test_a_path_spelled_otherwise_is_the_same_configuration(tiny, tmp_path, monkeypatch):
@@ -273,9 +295,15 @@ def test_in_process_sweep_and_resume(tiny, in_process):
     assert [o.status for o in again] == [SKIPPED] * 4 and len(store) == 4
     assert [o.run_id for o in again] == [o.run_id for o in outcomes]
     assert [(o.pruned_ppl, o.achieved) for o in again] == [(o.pruned_ppl, o.achieved) for o in outcomes]
-    # one more seed: only its two configurations run
-    more = run_sweep(replace(g, seeds=(0, 1, 2)), store)
+    # one more seed: only its two configurations run; the progress says which runs, and (detail) how far it is
+    heard = []
+    more = run_sweep(replace(g, seeds=(0, 1, 2)), store, progress=lambda m, f: heard.append((m, f)), detail=True)
     assert [o.status for o in more].count(DONE) == 2 and len(store) == 6
+    first = config_label(next(o.settings for o in more if o.status == DONE))
+    assert (f"1/2 {first}: running", 0.0) in heard
+    blocks = [(m, f) for m, f in heard if m.startswith(f"1/2 {first}: ") and "block" in m]
+    assert blocks and all(0.0 <= f <= 0.5 for _, f in blocks), heard  # the first configuration's half of the bar
+    assert [f for _, f in heard] == sorted(f for _, f in heard)
     assert {o.settings.calibration.seed for o in more if o.status == DONE} == {2}
 
 
