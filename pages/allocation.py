@@ -20,6 +20,7 @@ from analysis.allocation import (
     set_kind_offset,
     within_block_spread,
 )
+from analysis.data import MAX_UPLOAD_MB
 from analysis.jobs import Job
 from analysis.pruners import PRUNERS
 from analysis.search import describe
@@ -427,7 +428,7 @@ st.subheader("Save / load")
 s1, s2 = st.columns(2)
 s1.download_button("Download allocation (JSON)", json.dumps(applied.to_dict(), indent=2).encode(),
                    file_name="allocation.json", mime="application/json", key="alloc_download")
-up = s2.file_uploader("Load an allocation JSON", type=["json"], key="alloc_upload")
+up = s2.file_uploader("Load an allocation JSON", type=["json"], key="alloc_upload", max_upload_size=MAX_UPLOAD_MB)
 for note in st.session_state.pop("_alloc_upload_notes", []):  # from the upload before the rerun below
     s2.info(note)
 if up is not None and st.session_state.get("_alloc_upload_id") != up.file_id:

@@ -3,7 +3,7 @@ import pandas as pd
 import streamlit as st
 
 from analysis.checkpoint import local_folder
-from analysis.data import DataError, check_encoding, save_text, text_source_problem
+from analysis.data import MAX_UPLOAD_MB, DataError, check_encoding, save_text, text_source_problem
 from analysis.export import (
     COMPRESSED_NOTE,
     DEFAULT_FORMAT,
@@ -96,8 +96,14 @@ nm = c2.selectbox("Pattern", ["unstructured", "2:4", "4:8"], key="prune_nm",
 alloc_label = c3.selectbox("Allocation", list(ALLOCATIONS), key="prune_alloc", disabled=nm != "unstructured",
                            help="With an N:M pattern every matrix is (M-N)/M sparse: no allocation applies.")
 allocation = ALLOCATIONS[alloc_label] if nm == "unstructured" else "uniform"
-sparsity = c4.slider("Target sparsity", 0.05, 0.9, ALLOC_DEFAULT.sparsity, 0.05, key="prune_sparsity",
-                     disabled=nm != "unstructured" or allocation == "custom")
+if nm == "unstructured":
+    sparsity = c4.slider("Target sparsity", 0.05, 0.9, ALLOC_DEFAULT.sparsity, 0.05, key="prune_sparsity",
+                         disabled=allocation == "custom")
+else:  # the pattern's own sparsity, shown in a slider of its own: the target set above stays for unstructured runs
+    kept, group = parse_nm(nm)
+    sparsity = (group - kept) / group
+    c4.slider("Target sparsity", 0.05, 0.9, sparsity, 0.05, key="prune_sparsity_nm", disabled=True,
+              help=f"{nm} keeps {kept} of every {group} weights: {sparsity:.0%} of every matrix.")
 rowwise = st.selectbox("Row-wise sparsity", ["none", *ROWWISE], key="prune_rowwise",
                        disabled=nm != "unstructured",
                        help="none: every row of a matrix loses the same fraction; trim (TRIM, Beck et al. 2025): "
@@ -137,7 +143,7 @@ with st.expander("Calibration and evaluation data"):
         or CALIB_DEFAULT.encoding
     st.file_uploader("…or upload a text file: it becomes the evaluation text (put its path in Calibration "
                      "text to calibrate on it instead)", type=["txt"], key="prune_text_upload",
-                     on_change=_use_uploaded_text)
+                     max_upload_size=MAX_UPLOAD_MB, on_change=_use_uploaded_text)
     if upload_error := st.session_state.get("prune_upload_error"):
         st.error(f"Upload refused: {upload_error}")
 try:

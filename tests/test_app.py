@@ -77,6 +77,7 @@ NOT_PERSISTED = {
     "compare_curves": "a filter over the stored runs",
     "compare_delete": "runs to delete are chosen for one click of Delete",
     "prune_export_overwrite": "replacing a folder is asked for at each export",
+    "prune_sparsity_nm": "shows an N:M pattern's fixed sparsity, not a setting",
     "sweep_model": "follows the loaded model",
 }
 INPUT_WIDGETS = {"checkbox", "toggle", "radio", "selectbox", "multiselect", "slider", "select_slider",
@@ -554,6 +555,21 @@ def test_owl_preset_is_the_allocation_an_owl_run_applies(app, runs_db):
     app.checkbox(key="alloc_more").uncheck().run()
     app.switch_page("pages/prune.py").run()
     app.button(key="prune_restore").click().run()
+
+
+def test_prune_page_shows_an_nm_patterns_sparsity_and_keeps_the_target(app):
+    app.switch_page("pages/prune.py").run()
+    app.slider(key="prune_sparsity").set_value(0.7).run()
+    app.selectbox(key="prune_nm").set_value("2:4").run()
+    shown = app.slider(key="prune_sparsity_nm")
+    assert shown.value == pytest.approx(0.5) and shown.disabled and app.selectbox(key="prune_alloc").disabled
+    app.selectbox(key="prune_nm").set_value("4:8").run()
+    assert app.slider(key="prune_sparsity_nm").value == pytest.approx(0.5)
+    app.selectbox(key="prune_nm").set_value("unstructured").run()
+    # the target slider is back (its value, 0.7 again in a browser, comes back through app.py's PERSIST, which
+    # AppTest runs only in a session's first run: the browser test sees it)
+    assert not app.slider(key="prune_sparsity").disabled
+    app.slider(key="prune_sparsity").set_value(0.5).run()
 
 
 def test_prune_page_takes_your_own_evaluation_text(app, tmp_path):
