@@ -5,7 +5,14 @@ shared state (model cache, background jobs, per-session copies) in components/st
 """
 import streamlit as st
 
-from components.state import current_model, follow_url_model, model_key, model_label, session_work
+from components.state import (
+    current_model,
+    follow_url_model,
+    model_key,
+    model_label,
+    persisted_settings,
+    session_work,
+)
 
 st.set_page_config(page_title="alphascope", page_icon=":material/troubleshoot:", layout="wide")
 
@@ -43,8 +50,9 @@ PERSIST = (
     "learn_kind", "learn_n", "learn_aspect", "learn_seed", "learn_log", "learn_fit", "learn_mu", "learn_family",
     "learn_strength", "learn_rank",
 )
-_shadow = st.session_state.setdefault("_persisted", {})
-for _key in PERSIST:
+KEPT_STATE = ("alloc_points", "_alloc_offsets")  # the Allocation page's curve: state, not widgets; kept on a reload
+_shadow = persisted_settings()  # (a reload of the tab takes them back: the URL names them)
+for _key in (*PERSIST, *KEPT_STATE):
     if _key in st.session_state:
         _shadow[_key] = st.session_state[_key]
     if _key in _shadow:  # assigning marks the value as the app's, which survives the page change
@@ -63,5 +71,8 @@ with st.sidebar:
         st.markdown(f"**Model:** {model_label(key)}  \n`{loaded.info.device}` · `{loaded.info.dtype}`")
         work = session_work()
         st.caption(f"Your weights: {work.describe()}")
+    if st.session_state.pop("_restored", False):
+        st.caption("Your settings are back after the reload. Weights pruned before it are not: a reload is a new "
+                   "session, which starts from the dense model (finished runs are in the run store, on Compare).")
 
 nav.run()

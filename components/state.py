@@ -17,6 +17,7 @@ Sharing rules (README, "Memory model")
 """
 from __future__ import annotations
 
+import copy
 import gc
 import threading
 import uuid
@@ -115,6 +116,44 @@ def follow_url_model() -> None:
         held = [k for k in models if k[0] == source and device in (None, k[1]) and dtype in (None, k[2])]
     if held:
         st.session_state["model_key"] = min(held, key=lambda k: k[3])  # trust_remote_code False first
+
+
+SETTINGS_URL_KEY = "s"  # the query parameter naming a tab's settings, which a reload keeps
+MAX_KEPT_SETTINGS = 256  # settings of tabs gone away kept for a reload, before the oldest are dropped
+
+
+@st.cache_resource(show_spinner=False)
+def _settings_by_url() -> tuple[dict[str, dict], threading.Lock]:
+    return {}, threading.Lock()
+
+
+def persisted_settings() -> dict[str, Any]:
+    """The settings app.py keeps across pages (its PERSIST), kept across a reload too: under a token in the URL
+    (?s=...), which a reload (a new session of the same tab) keeps, so it takes them back. A token whose session
+    is still connected (a URL copied into a second tab) gives that tab a copy under a token of its own: two tabs
+    never share their settings. st.session_state["_restored"] says a reload took them back. They are copied:
+    an earlier session that comes back (a dropped connection) keeps its own."""
+    if (mine := st.session_state.get("_persisted")) is not None:
+        if st.query_params.get(SETTINGS_URL_KEY) != (token := st.session_state["_settings_token"]):
+            st.query_params[SETTINGS_URL_KEY] = token  # a page change clears the URL's parameters
+        return mine
+    kept, lock = _settings_by_url()
+    token, connected = st.query_params.get(SETTINGS_URL_KEY), session_connected()
+    with lock:
+        held = kept.pop(token, None) if token else None
+        settings = copy.deepcopy(held["settings"]) if held is not None else {}
+        restored = bool(settings)
+        if held is not None and held["connected"]():  # another open tab's: it keeps the token
+            kept[token] = held
+            token, restored = None, False
+        token = token or uuid.uuid4().hex[:12]
+        kept[token] = {"settings": settings, "connected": connected}
+        gone = [t for t, entry in kept.items() if not entry["connected"]()]  # oldest first (insertion order)
+        for t in gone[:max(0, len(kept) - MAX_KEPT_SETTINGS)]:
+            del kept[t]
+    st.query_params[SETTINGS_URL_KEY] = st.session_state["_settings_token"] = token
+    st.session_state["_persisted"], st.session_state["_restored"] = settings, restored
+    return settings
 
 
 def is_loaded(key: ModelKey) -> bool:

@@ -4,8 +4,8 @@
 Flow (one server, two browser sessions):
   A: load the default model -> Spectra shows an ESD histogram, and a heatmap click opens its layer ->
      drag a curve point with the mouse and see the budget change, type allocation search settings ->
-     start a 50% Wanda prune with that curve and see a perplexity value -> another page and back: the Prune and
-     Allocation pages' settings are still those chosen.
+     Undo the drag and drag again -> start a 50% Wanda prune with that curve and see a perplexity value -> another
+     page and back, then a reload: the Prune and Allocation pages' settings and the curve are still those chosen.
   B (a second browser context, i.e. another user, while A's prune runs): its weights stay the dense
      shared model, its Spectra caption reports no pruned zeros, and evaluating its weights gives the
      dense baseline perplexity.
@@ -107,6 +107,12 @@ def test_spectra_drag_prune_and_isolation(server, browser):
     after = budget_text(a)
     pct = [float(re.search(r"Budget as drawn: ([\d.]+)%", t).group(1)) for t in (before, after)]
     assert pct[1] > pct[0]  # dragged up -> more sparsity
+    a.get_by_role("button", name="Undo", exact=True).click()  # the drag taken back, then made again
+    wait_text_change(a, BUDGET_JS, after)
+    assert budget_text(a) == before
+    drag_point(a, 1, dy=-80)
+    wait_text_change(a, BUDGET_JS, before)
+    assert budget_text(a) == after
     shot(a, "03_allocation_dragged")
     set_inputs(a, "Find allocation (search)", SEARCH)  # (not run: kept for the page-change check below)
 
@@ -144,6 +150,22 @@ def test_spectra_drag_prune_and_isolation(server, browser):
     a.get_by_text("Find allocation (search)").click()
     for label, value in SEARCH.items():
         assert input_box(a, label, value).input_value() == str(value)
+    # ... and after a reload (a new session of the tab): the settings and the curve, not the pruned weights
+    a.reload()
+    a.get_by_text(re.compile(r"^Your settings are back after the reload")).wait_for(timeout=120_000)
+    a.locator("h1").filter(has_text=re.compile("^Allocation")).wait_for(timeout=60_000)
+    wait_run(a)
+    wait_idle(a)
+    assert budget_text(a) == after
+    a.get_by_text("Find allocation (search)").click()
+    wait_run(a)
+    for label, value in SEARCH.items():
+        box = input_box(a, label, value)
+        box.wait_for(timeout=60_000)
+        assert box.input_value() == str(value), (label, box.input_value())
+    nav(a, "Prune")
+    assert "dense (shared model)" in weights_line(a)
+    shot(a, "05b_after_reload")
 
     # B after A's prune: still dense, and its perplexity is the dense baseline
     set_small_eval(b, **SMALL)  # the same evaluation windows as A
