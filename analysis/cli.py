@@ -432,7 +432,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     except ModelLoadError as e:
         preview, unread = None, f"{alloc.model or 'the allocation names no model'}: {str(e).splitlines()[0]}"
     if nm is not None:
-        if not args.nm:
+        if not args.nm and args.recipe:
             print(f"note: the allocation was made for the N:M pattern {alloc.params['nm']}: the recipe's mask "
                   "structure is that pattern", file=sys.stderr)
         if preview is None:
@@ -504,7 +504,10 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     if args.method == "custom":
         if not args.points:
             raise UsageError("--allocation custom needs --points, e.g. --points 0:0.5,0.5:0.7,1:0.8")
-        points = tuple(parse_points(args.points))
+        try:
+            points = tuple(parse_points(args.points))
+        except AllocationError as e:
+            raise SettingsError(str(e), "allocation.points") from None
         if args.sparsity is None and not args.as_drawn:
             raise UsageError("--sparsity is required unless --as-drawn")
     elif args.sparsity is None:
@@ -817,8 +820,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
             raise UsageError("--save-format: dense-ct cannot carry fused MoE experts (transformers does not load them "
                              "under compressed-tensors metadata); save as dense or compressed")
     loaded = _load(settings.model, check)
-    print(f"calibration {settings.calibration.n_samples} x {settings.calibration.seqlen} tokens from "
-          f"{settings.calibration.source}; evaluation on {settings.evaluation.source}", file=sys.stderr)
+    calibrates = f"calibration {settings.calibration.n_samples} x {settings.calibration.seqlen} tokens from " \
+        f"{settings.calibration.source}; " if settings.needs_calibration() else "no calibration text read; "
+    print(f"{calibrates}evaluation on {settings.evaluation.source}", file=sys.stderr)
     _hint_search_text(settings.allocation, settings.evaluation.source)
     result = run(loaded, settings, progress=_print_progress, on_ppl=_print_ppl,
                  on_caveat=lambda caveat: print(f"warning: {caveat}", file=sys.stderr))
@@ -1126,8 +1130,11 @@ def _tqdm_progress(total_label: str):
 
 
 def _block_summary(metrics: pd.DataFrame) -> pd.DataFrame:
-    """Mean alpha per block and group (attn, mlp, ...), plus the block's mean over all its matrices."""
-    m = metrics.assign(where=metrics["block"].map(lambda b: "outside" if b < 0 else b))
+    """Mean alpha per block and group (attn, mlp, ...), plus the block's mean over all its matrices, of the
+    prunable matrices (an MoE router is listed in the table, not counted here: the means are those an
+    allocation reads), and of the matrices outside the blocks when they are listed."""
+    m = metrics[metrics["prunable"] | (metrics["block"] < 0)]
+    m = m.assign(where=m["block"].map(lambda b: "outside" if b < 0 else b))
     table = m.pivot_table(index="where", columns="group", values="alpha", aggfunc="mean", sort=False)
     table["all"] = m.groupby("where", sort=False)["alpha"].mean()
     table.insert(0, "matrices", m.groupby("where", sort=False).size())

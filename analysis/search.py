@@ -643,7 +643,8 @@ def _outcome(info: dict) -> list[str]:
     whether its result was kept, its gain and kind offsets."""
     improvements = len(info["history"]) - 1
     lines = [f"from {info['start']}: {info['history'][0]['fitness']:.4f} -> {info['best_fitness']:.4f} after "
-             f"{info['steps_done']} generations ({improvements} improvements; kept: {info['result']})"]
+             f"{info['steps_done']} generation{'' if info['steps_done'] == 1 else 's'} ({improvements} "
+             f"improvement{'' if improvements == 1 else 's'}; kept: {info['result']})"]
     checked = info.get("verified", {}).get("result")
     if checked is not None:  # verify "starts": the result's real prune against the start's
         start_fit = info["verified"][info["start"]]

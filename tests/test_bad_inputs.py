@@ -124,8 +124,9 @@ CLI_CASES = [
      "control point '1:1.0': sparsity 1 is outside [0, 0.99]"),
     ("allocate --method custom --points 0:-0.2,1:0.5 --sparsity 0.5",
      "control point '0:-0.2': sparsity -0.2 is outside [0, 0.99]"),
-    ("allocate --method custom --points 0:0.5,1.5:0.6 --as-drawn", "control point '1.5:0.6': depth 1.5 is outside"),
-    ("allocate --method custom --points 0:0.5,half:0.6 --as-drawn", "bad control point 'half:0.6'"),
+    ("allocate --method custom --points 0:0.5,1.5:0.6 --as-drawn", "--points: control point '1.5:0.6': depth 1.5 is "
+                                                                   "outside"),
+    ("allocate --method custom --points 0:0.5,half:0.6 --as-drawn", "--points: bad control point 'half:0.6'"),
     # options the run would ignore
     ("prune --nm 2:4 --sparsity 0.7", "--sparsity: an N:M pattern (2:4) prunes every matrix to (M-N)/M, so no "
                                       "allocation or sparsity applies; drop --sparsity or --nm"),
@@ -450,6 +451,7 @@ def test_a_run_says_before_loading_when_it_may_not_fit_in_memory(tiny_folder, tm
     assert f"warning: '{tiny_folder}' cannot be loaded and pruned here: it needs" in err
     assert err.index("cannot be loaded and pruned") < err.index("perplexity")
     assert "original values" not in err  # the command line prunes the model it loaded: no copy of them is kept
+    assert "no calibration text read; evaluation on default" in err  # magnitude + uniform reads none
     assert main(["eval", f"--model={tiny_folder}", "--text", "default", "--eval-seqlen", "32",
                  "--max-windows", "1"]) == 0
     assert f"warning: '{tiny_folder}' cannot be loaded and evaluated here" in capsys.readouterr().err

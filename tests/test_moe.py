@@ -1,6 +1,7 @@
 """Mixture-of-experts models (transformers 5 keeps experts fused in 3-D parameters): every expert's gate,
 up and down projection is a matrix of its own for spectra, allocation and the pruners, fed the tokens
 the router sent it. Tiny Qwen2-MoE / Mixtral / GPT-OSS / Nemotron-H / Llama 4 / JetMoE models built from configs."""
+import re
 from operator import attrgetter
 
 import numpy as np
@@ -348,7 +349,7 @@ def test_other_expert_layouts_are_counted_not_misread():
     assert [r.name for r in layers if r.block == 0 and not r.prunable] == ["transformer.blocks.0.ffn.router.layer"]
 
 
-def test_spectra_of_experts_streamed_or_loaded(tmp_path, monkeypatch):
+def test_spectra_of_experts_streamed_or_loaded(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ALPHASCOPE_CACHE", str(tmp_path / "cache"))
     qwen = qwen2_moe()
     qwen.save_pretrained(tmp_path / "qwen")
@@ -376,6 +377,9 @@ def test_spectra_of_experts_streamed_or_loaded(tmp_path, monkeypatch):
     assert cli_main(["spectra", "--model", str(tmp_path / "mix"), "--out", str(tmp_path / "mix.csv")]) == 0
     table = pd.read_csv(tmp_path / "mix.csv")
     assert len(table) == 2 * (4 + 1 + 3 * 4) and np.isfinite(table["alpha"]).any()  # attention, router, experts
+    # the per-block summary counts the matrices an allocation reads: not the router
+    summary = capsys.readouterr().out
+    assert re.search(r"^0\s+16\s", summary, re.M) and re.search(r"^1\s+16\s", summary, re.M), summary
 
 
 def test_pruned_experts_export_and_reload(tmp_path):
