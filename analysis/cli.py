@@ -90,6 +90,7 @@ from analysis.sweep import (
     check_workers,
     grid_from_text,
     outcome_table,
+    run_line,
     run_sweep,
 )
 from analysis.zeroshot import PAPER_TASKS, ZeroShotError, check_tasks, check_tokenizer
@@ -952,8 +953,13 @@ def cmd_runs(args: argparse.Namespace) -> int:
     if table.empty:
         print(f"no runs yet in {store.path}")
         return 0
-    with pd.option_context("display.width", 200, "display.max_columns", 20):
-        print(table.to_string(index=False))
+    # what tells runs apart beyond the stored columns: the sparsity pruned, and the pruner and allocation as set
+    records = [store.get(i) for i in table["id"]]
+    table.insert(table.columns.get_loc("sparsity") + 1, "achieved",
+                 [(r.get("achieved") or {}).get("overall") for r in records])
+    table["line"] = [(run_line(r) or {}).get("line", "") for r in records]
+    with pd.option_context("display.width", 250, "display.max_columns", 20, "display.max_colwidth", 60):
+        print(table.assign(nm=table["nm"].fillna("")).to_string(index=False))
     return 0
 
 

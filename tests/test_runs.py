@@ -130,6 +130,28 @@ def test_cli_runs_delete(tmp_path):
     assert list(store.all()["id"]) == [ids[1]]
 
 
+def test_cli_runs_lists_what_tells_runs_apart(tmp_path, capsys):
+    """Besides the stored columns: the sparsity each run pruned, and its pruner and allocation as set (ε, TRIM),
+    so two runs that differ only in those are told apart; a record without settings lists the rest."""
+    from analysis.cli import main
+    from analysis.settings import AllocationSettings, PruneSettings, RunSettings
+
+    store = RunStore(tmp_path / "runs.sqlite")
+    for rowwise in (None, "trim"):
+        rec = record(0.5)
+        rec["achieved"]["overall"] = 0.4997
+        rec["config"]["settings"] = RunSettings(allocation=AllocationSettings(method="alphapruning", epsilon=0.2),
+                                                prune=PruneSettings("wanda", rowwise=rowwise)).to_dict()
+        store.add(rec)
+    store.add(record(0.6))
+    assert main(["runs", "--db", str(store.path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "achieved" in out[0].split() and "line" in out[0].split() and "nan" not in out[1].lower()
+    assert "0.4997" in out[1] and out[1].rstrip().endswith("wanda + alphapruning ε=0.2")
+    assert out[2].rstrip().endswith("wanda + alphapruning ε=0.2 + trim")
+    assert "0.6" in out[3]
+
+
 def test_an_updated_record_counts_its_revisions(tmp_path):
     store = RunStore(tmp_path / "runs.sqlite")
     a, b = store.add(record(0.5)), store.add(record(0.7))
