@@ -51,10 +51,18 @@ PERSIST = (
     "learn_strength", "learn_rank",
 )
 KEPT_STATE = ("alloc_points", "_alloc_offsets")  # the Allocation page's curve: state, not widgets; kept on a reload
+# the prefix of each page's setting keys: a reload puts a setting back when its page is first shown (set before its
+# widget ever existed in the session, Streamlit would later read that value back over the widget's own)
+PAGE_KEYS = {"Model": "model_", "Spectra": "spectra_", "Allocation": "alloc_", "Prune": "prune_", "Compare": "sweep_",
+             "Learn": "learn_"}
 _shadow = persisted_settings()  # (a reload of the tab takes them back: the URL names them)
+_waiting = st.session_state.setdefault("_restore_on_page", set(_shadow) - set(KEPT_STATE))
 for _key in (*PERSIST, *KEPT_STATE):
     if _key in st.session_state:
         _shadow[_key] = st.session_state[_key]
+    if _key in _waiting and not _key.startswith(PAGE_KEYS[nav.title]):
+        continue
+    _waiting.discard(_key)
     if _key in _shadow:  # assigning marks the value as the app's, which survives the page change
         st.session_state[_key] = _shadow[_key]
 

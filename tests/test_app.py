@@ -171,18 +171,19 @@ def test_a_reload_keeps_the_settings_and_a_second_tab_gets_its_own():
     """The URL names the tab's settings (?s=...): a new session on it after the tab went away (a reload) takes
     them back, the Allocation page's curve too, and says weights pruned before are not; one opened while the tab
     is still there (a copied URL) starts from a copy of them, under a token of its own.
+    A setting is put back when its page is first shown (here the Model page; the browser test sees the others).
     (AppTest runs app.py, whose loop keeps the settings, only in a session's first run: the test writes what that
     loop would have kept.)"""
     from components.state import SETTINGS_URL_KEY, _settings_by_url
 
     tab = fresh_app()
     token = tab.query_params[SETTINGS_URL_KEY]
-    tab.session_state["_persisted"].update(learn_seed=7, alloc_points=[[0.0, 0.3], [1.0, 0.7]])
+    tab.session_state["_persisted"].update(model_dtype="bfloat16", learn_seed=7, alloc_points=[[0.0, 0.3], [1.0, 0.7]])
 
     copy = AppTest.from_file(APP, default_timeout=300)
     copy.query_params[SETTINGS_URL_KEY] = token
     copy.run()
-    assert copy.session_state["learn_seed"] == 7 and copy.query_params[SETTINGS_URL_KEY] != token
+    assert copy.session_state["model_dtype"] == "bfloat16" and copy.query_params[SETTINGS_URL_KEY] != token
     assert not [c for c in copy.sidebar.caption if "settings are back" in c.value]
     copy.session_state["_persisted"]["alloc_points"][0][1] = 0.1
     assert tab.session_state["_persisted"]["alloc_points"] == [[0.0, 0.3], [1.0, 0.7]]  # not the copy's
@@ -193,12 +194,15 @@ def test_a_reload_keeps_the_settings_and_a_second_tab_gets_its_own():
     reload.query_params[SETTINGS_URL_KEY] = token
     reload.run()
     assert any("Your settings are back after the reload" in c.value for c in reload.sidebar.caption)
-    assert reload.session_state["learn_seed"] == 7 and reload.query_params[SETTINGS_URL_KEY] == token
-    assert reload.session_state["alloc_points"] == [[0.0, 0.3], [1.0, 0.7]]
+    assert reload.session_state["model_dtype"] == "bfloat16" and reload.query_params[SETTINGS_URL_KEY] == token
+    assert reload.selectbox(key="model_dtype").value == "bfloat16"
+    assert reload.session_state["alloc_points"] == [[0.0, 0.3], [1.0, 0.7]]  # (state, not a widget: at once)
+    assert "learn_seed" not in reload.session_state and reload.session_state["_persisted"]["learn_seed"] == 7
     stranger = AppTest.from_file(APP, default_timeout=300)
     stranger.query_params[SETTINGS_URL_KEY] = "no-such-token"
     stranger.run()
-    assert "learn_seed" not in stranger.session_state and not stranger.exception  # (e.g. after a server restart)
+    assert "model_dtype" not in stranger.session_state or stranger.session_state["model_dtype"] != "bfloat16"
+    assert not stranger.session_state["_persisted"] and not stranger.exception  # (e.g. after a server restart)
 
 
 def test_model_page_loads_the_default_model(app):

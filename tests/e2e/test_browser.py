@@ -150,11 +150,17 @@ def test_spectra_drag_prune_and_isolation(server, browser):
     a.get_by_text("Find allocation (search)").click()
     for label, value in SEARCH.items():
         assert input_box(a, label, value).input_value() == str(value)
-    # ... and after a reload (a new session of the tab): the settings and the curve, not the pruned weights
+    # ... and after a reload (a new session of the tab) on another page: the settings and the curve, not the pruned
+    # weights; and a setting changed after the reload is the one kept
+    nav(a, "Prune")
     a.reload()
     a.get_by_text(re.compile(r"^Your settings are back after the reload")).wait_for(timeout=120_000)
-    a.locator("h1").filter(has_text=re.compile("^Allocation")).wait_for(timeout=60_000)
+    a.locator("h1").filter(has_text=re.compile("^Prune")).wait_for(timeout=60_000)
     wait_run(a)
+    assert "dense (shared model)" in weights_line(a)
+    a.get_by_text("Calibration and evaluation data").click()
+    assert a.get_by_role("spinbutton", name="Calibration samples", exact=True).input_value() == str(SMALL["n_samples"])
+    nav(a, "Allocation")
     wait_idle(a)
     assert budget_text(a) == after
     a.get_by_text("Find allocation (search)").click()
@@ -163,8 +169,12 @@ def test_spectra_drag_prune_and_isolation(server, browser):
         box = input_box(a, label, value)
         box.wait_for(timeout=60_000)
         assert box.input_value() == str(value), (label, box.input_value())
-    nav(a, "Prune")
-    assert "dense (shared model)" in weights_line(a)
+    epsilon = a.locator("[data-testid=stSlider]").filter(has_text="ε (AlphaPruning")
+    epsilon.get_by_role("slider").press("ArrowLeft")  # 0.3 -> 0.25
+    wait_run(a)
+    nav(a, "Learn")
+    nav(a, "Allocation")
+    assert epsilon.locator("[data-testid=stSliderThumbValue]").inner_text() == "0.25"
     shot(a, "05b_after_reload")
 
     # B after A's prune: still dense, and its perplexity is the dense baseline
