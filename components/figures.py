@@ -234,7 +234,7 @@ def ppl_vs_sparsity_figure(runs: pd.DataFrame, x: str = "sparsity", y: str = "pp
         style = dashes.setdefault(str(d[dash].iloc[0]), ["solid", "dash", "dot", "dashdot"][len(dashes) % 4])
         fig.add_trace(go.Scatter(x=d[x], y=d[y], mode="lines+markers", name=str(label),
                                  line=dict(color=line_color(colors, label, str(d[hue].iloc[0])), dash=style)))
-    fig.update_xaxes(title="sparsity", range=_one_value_range(runs[x]))
+    fig.update_xaxes(title="sparsity", range=_close_values_range(runs[x]))
     fig.update_yaxes(title="perplexity", type="log", **log_ticks(runs[y]))
     return _layout(fig, 360, showlegend=True)
 
@@ -274,11 +274,15 @@ def _short(value: float) -> str:
     return f"{value:g}"
 
 
-def _one_value_range(values: pd.Series) -> list[float] | None:
-    """An axis range around the only value of `values` (Plotly's own spans ±0.5: sparsity -0.5 to 1.5); None
-    (automatic) for several values."""
-    distinct = pd.Series(values).dropna().unique()
-    return [float(distinct[0]) - 0.05, float(distinct[0]) + 0.05] if len(distinct) == 1 else None
+def _close_values_range(values: pd.Series) -> list[float] | None:
+    """An axis range around the only value of `values`, or values within 0.01 of each other (runs that pruned
+    0.49996 and 0.50006 of their weights): Plotly's own spans ±0.5 for one value (sparsity -0.5 to 1.5), and ticks
+    of 0.00002 for close ones. None (automatic) for values further apart."""
+    v = pd.to_numeric(pd.Series(values), errors="coerce").dropna()
+    if v.empty or v.max() - v.min() >= 0.01:
+        return None
+    mid = float(v.max() + v.min()) / 2
+    return [mid - 0.05, mid + 0.05]
 
 
 def curves_figure(curves: list[tuple[str, list[float]]]) -> go.Figure:
@@ -349,7 +353,7 @@ def sweep_figure(runs: pd.DataFrame) -> go.Figure:
                                  marker=dict(symbol="circle-open", size=12, color="black"),
                                  legendgroup="pareto", showlegend=col == 1, hoverinfo="skip",
                                  line=dict(color="black", dash="dash", width=1)), row=1, col=col)
-        fig.update_xaxes(title="target sparsity", range=_one_value_range(stats["sparsity"]), row=1, col=col)
+        fig.update_xaxes(title="target sparsity", range=_close_values_range(stats["sparsity"]), row=1, col=col)
     fig.update_yaxes(title="perplexity", type="log", row=1, col=1)
     fig.update_yaxes(type="log", **log_ticks(runs["pruned_ppl"]))  # (the bars span every seed's)
     return _layout(fig, 400)

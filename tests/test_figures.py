@@ -88,6 +88,11 @@ def test_ppl_vs_sparsity_lines_are_told_apart_and_the_axis_is_labelled_in_full()
     assert len({t.line.dash for t in fig.data}) == 3
     assert fig.layout.yaxis.ticktext == ("100", "200", "500", "1k")
     assert ppl_vs_sparsity_figure(runs.head(1), x="achieved", y="pruned_ppl").layout.showlegend
+    close = runs.assign(achieved=[0.49996, 0.50006, 0.5, 0.5])  # runs that pruned about the same share
+    assert ppl_vs_sparsity_figure(close, x="achieved", y="pruned_ppl").layout.xaxis.range == pytest.approx(
+        (0.45001, 0.55001))
+    apart = runs.assign(achieved=[0.5, 0.6, 0.5, 0.5])
+    assert ppl_vs_sparsity_figure(apart, x="achieved", y="pruned_ppl").layout.xaxis.range is None
     assert log_ticks(pd.Series([82.3, 92.9]))["ticktext"] == ["80", "90", "100"]
     assert log_ticks(pd.Series([45.0, 6e6]))["ticktext"] == ["100", "1k", "10k", "100k", "1M"]
     assert log_ticks(pd.Series([float("nan"), -1.0])) == {}
