@@ -119,6 +119,11 @@ def test_every_setting_is_kept_across_pages_or_named_as_not():
     stale = sorted(set(persist) - set(inputs)) + sorted(set(NOT_PERSISTED) - set(inputs))
     assert not stale, f"no input on the pages has these keys: {stale}"
     assert len(set(persist)) == len(persist)
+    # a reload puts a setting back when the page its key's prefix names is shown: a key of another prefix never is
+    prefixes = next(ast.literal_eval(n.value) for n in app_tree.body if isinstance(n, ast.Assign)
+                    and any(isinstance(t, ast.Name) and t.id == "PAGE_KEYS" for t in n.targets))
+    misnamed = sorted(k for k in persist if not k.startswith(prefixes[Path(inputs[k]).stem.capitalize()]))
+    assert not misnamed, f"name these after their page's prefix in app.py's PAGE_KEYS: {misnamed}"
 
 
 @pytest.fixture(scope="module")
