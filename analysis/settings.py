@@ -476,6 +476,10 @@ class RunSettings:
                     and math.isfinite(s) and not 0.0 < s <= MAX_RATIO):
                 raise SettingsError(f"sparsity must be in (0, {MAX_RATIO}], got {s:g}", "allocation.sparsity")
             self.allocation.check()
+            if self.allocation.method == "file" and _allocation_file(
+                    self.allocation.file, "allocation.file", "allocation file").achieved == 0:
+                raise SettingsError(f"allocation file '{self.allocation.file}' prunes nothing (sparsity 0): a run "
+                                    "needs a sparsity above 0", "allocation.file")
             self.allocation.check_search_text(self.evaluation.source)
         return self
 

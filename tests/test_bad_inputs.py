@@ -65,6 +65,8 @@ def bad(tmp_path_factory, wikitext_dir) -> Path:
     two = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=120))
     allocate(layer_table(two), 0.3, "uniform", model="two-block").save(d / "other-model.json")
+    # allocate writes a file at sparsity 0; prune refuses it
+    allocate(layer_table(LlamaForCausalLM.from_pretrained(tiny)), 0.0, "uniform", model="tiny").save(d / "zero.json")
     return d
 
 
@@ -119,6 +121,7 @@ CLI_CASES = [
     ("eval --text default --eval default", "--text and --eval name the same option: give one of them"),
     ("allocate --method auto --sparsity 0", "--sparsity: an allocation search needs a sparsity above 0"),
     ("prune --allocation auto --sparsity 0", "--sparsity: sparsity must be in (0, 0.99], got 0"),
+    ("prune --allocation {bad}/zero.json", "--allocation: allocation file '{bad}/zero.json' prunes nothing"),
     ("allocate --method custom --sparsity 0.5", "--allocation custom needs --points"),
     ("allocate --method custom --points 0:0.5,1:1.0 --sparsity 0.5",
      "control point '1:1.0': sparsity 1 is outside [0, 0.99]"),
