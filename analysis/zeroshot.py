@@ -229,6 +229,20 @@ def _datasets_offline(offline: bool):
         datasets.config.HF_HUB_OFFLINE = before
 
 
+@contextmanager
+def _no_git_hash():
+    """Keep lm-eval from running `git describe` in the current folder: the hash of whatever checkout the user
+    stands in is not the model's, and outside one git prints "fatal: not a git repository" to the terminal."""
+    from lm_eval import evaluator  # noqa: PLC0415
+
+    before = evaluator.get_git_commit_hash
+    evaluator.get_git_commit_hash = lambda: None
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = before
+
+
 # --------------------------------------------------------------------------------------------
 # evaluation
 
@@ -317,7 +331,7 @@ def evaluate(model: nn.Module, tokenizer, tasks: str | Sequence[str], limit: int
     was_training = model.training
     model.eval()
     try:
-        with _datasets_offline(not hub_reachable() if set(names) - local else False):
+        with _datasets_offline(not hub_reachable() if set(names) - local else False), _no_git_hash():
             out = lm_eval.simple_evaluate(
                 lm, tasks=list(names), limit=limit, task_manager=_task_manager(bool(set(names) - local)),
                 num_fewshot=0, bootstrap_iters=BOOTSTRAP_ITERS, log_samples=False, random_seed=seed,
