@@ -444,9 +444,18 @@ def text_digest(source: str | None) -> str | None:
     try:
         path = default_corpus_path() if src == "default" else _wikitext_path(src.split(":", 1)[1]) \
             if src.startswith("wikitext2:") else text_file(src)
-        return None if path is None or not path.is_file() else hashlib.sha256(path.read_bytes()).hexdigest()
+        if path is None or not path.is_file():
+            return None
+        stamp = path.stat()
+        return _file_digest(str(path.resolve()), stamp.st_mtime_ns, stamp.st_size)
     except (DataError, OSError):
         return None
+
+
+@functools.lru_cache(maxsize=64)
+def _file_digest(path: str, mtime_ns: int, size: int) -> str:
+    """sha256 of a file's bytes, read again only when its time stamp or size changes (pages ask on every rerun)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def same_text(a: str | None, b: str | None) -> bool:
@@ -457,8 +466,9 @@ def same_text(a: str | None, b: str | None) -> bool:
 
 def is_split(source: str, other: str | None) -> bool:
     """The embedded corpus is always cut in halves (its first half calibrates, its second evaluates);
-    any other source is cut only when it names the same text for both (`same_source`)."""
-    return str(source).strip() == "default" or same_source(source, other)
+    any other source is cut only when both roles read the same text, by name or by bytes (`same_text`: a
+    copy of the test split under another name would otherwise calibrate on the evaluation text)."""
+    return str(source).strip() == "default" or same_text(source, other)
 
 
 def calibration_text(source: str, eval_source: str | None = None, encoding: str = ENCODING) -> str:

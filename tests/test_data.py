@@ -53,6 +53,18 @@ def test_embedded_corpus_is_always_split(wikitext_dir):
     assert evaluation_text("wikitext2:test", "default") == load_text("wikitext2:test")
 
 
+def test_a_copy_of_the_evaluation_text_under_another_name_is_split_like_it(wikitext_dir, tmp_path):
+    """Calibrating on a copy of the evaluation text would train on what is scored: by bytes, it is the same text."""
+    whole = load_text("wikitext2:valid")
+    copy = tmp_path / "my-notes.txt"
+    copy.write_bytes((wikitext_dir / "valid.txt").read_bytes())
+    assert calibration_text(str(copy), "wikitext2:valid") == split_text(whole)[0]
+    assert evaluation_text("wikitext2:valid", str(copy)) == split_text(whole)[1]
+    copy.write_text(whole + "\nand a line of my own\n")  # no longer the same text: read whole again
+    assert calibration_text(str(copy), "wikitext2:valid") == whole + "\nand a line of my own\n"
+    assert evaluation_text("wikitext2:valid", str(copy)) == whole
+
+
 def test_calibration_is_seeded_random_windows(tok):
     text = split_text(load_text("default"))[0]
     a = calibration_batches(tok, text, n_samples=5, seqlen=64, seed=3)
