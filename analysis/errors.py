@@ -9,3 +9,8 @@ reach, a locked run store), so code that catches those keeps working.
 
 class AlphascopeError(Exception):
     """A problem the user can fix, or must know of; the message says which."""
+
+
+def and_more(items) -> str:
+    """" (and N more)" after the first of `items` that a message names, or nothing when it is the only one."""
+    return f" (and {len(items) - 1} more)" if len(items) > 1 else ""

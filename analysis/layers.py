@@ -17,6 +17,8 @@ allocations and pruners see them like any other matrix. Other 3-D layouts are le
 """
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -97,6 +99,20 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
         if isinstance(mod, nn.ModuleList) and len(mod) > 0 and (best is None or len(mod) > len(best[1])):
             best = (name, mod)
     return best
+
+
+def blocks_beyond(keys: Iterable[str], model: nn.Module) -> list[str]:
+    """The tensor names of `keys` (a checkpoint's) under the decoder blocks at an index the model has no block
+    for: a config.json naming fewer blocks than its checkpoint holds, whose last blocks would be dropped. Names
+    the model class ignores on purpose (e.g. a multi-token-prediction block stored after the last) are not."""
+    found = find_blocks(model)
+    if found is None:
+        return []
+    name, blocks = found
+    index = re.compile(rf"{re.escape(name)}\.(\d+)\.")
+    ignored = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()]
+    return sorted(k for k in keys if (m := index.match(k)) and int(m.group(1)) >= len(blocks)
+                  and not any(p.search(k) for p in ignored))
 
 
 def _is_router_module(sub: str, mod: nn.Module) -> bool:

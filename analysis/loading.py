@@ -29,9 +29,9 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from analysis.checkpoint import CheckpointError, has_safetensors, local_folder, open_checkpoint
-from analysis.errors import AlphascopeError
+from analysis.errors import AlphascopeError, and_more
 from analysis.export import ExportError, load_pruned, stored_compressed
-from analysis.layers import find_blocks, layers_by_block, prunable_layers, skeleton
+from analysis.layers import blocks_beyond, find_blocks, layers_by_block, prunable_layers, skeleton
 from analysis.runtime import ProgressFn, cache_dir
 
 
@@ -406,11 +406,13 @@ def load_model(
         model = _load_compressed(source, path, dt, device_map)
     else:
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=dt, trust_remote_code=trust_remote_code, use_safetensors=None, **hub, **placing
+            model, loading_info = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dt, trust_remote_code=trust_remote_code, use_safetensors=None, output_loading_info=True,
+                ignore_mismatched_sizes=True, **hub, **placing
             )
         except (OSError, ValueError, KeyError) as e:
             raise ModelLoadError(_explain_load_error(source, e)) from e
+        _check_loaded_weights(source, model, loading_info)
     if not device_map:
         model.to(dev)
     model.eval()
@@ -434,6 +436,26 @@ def load_model(
         placement=weights_placement(model),
     )
     return LoadedModel(model, preview.tokenizer, info)
+
+
+CONFIG_FIX = "check that config.json belongs to these weights (hidden_size, num_hidden_layers, ...)"
+
+
+def _check_loaded_weights(source: str, model: nn.Module, info: dict) -> None:
+    """ModelLoadError unless the checkpoint holds the weights its config.json describes: transformers leaves a
+    tensor of another shape or a missing parameter random, and drops blocks beyond the config's, with a warning
+    at most, and every result on such a model would be meaningless."""
+    if mismatched := sorted(info["mismatched_keys"]):
+        key, stored, wanted = mismatched[0]
+        raise ModelLoadError(f"'{source}' does not match its config.json: {key} is stored as {tuple(stored)} but "
+                             f"the config makes it {tuple(wanted)}{and_more(mismatched)}; {CONFIG_FIX}.")
+    params = dict(model.named_parameters())
+    if missing := sorted(k for k in info["missing_keys"] if k in params):
+        raise ModelLoadError(f"'{source}' lacks weights its config.json asks for: no {missing[0]}{and_more(missing)}, "
+                             f"which would be random; {CONFIG_FIX}.")
+    if extra := blocks_beyond(info["unexpected_keys"], model):
+        raise ModelLoadError(f"'{source}' holds blocks its config.json does not have: {extra[0]}{and_more(extra)} "
+                             f"would be dropped; {CONFIG_FIX}.")
 
 
 def _load_compressed(source: str, path: str, dtype: torch.dtype, device_map: str | None) -> nn.Module:

@@ -50,9 +50,10 @@ from torch import nn
 from transformers import AutoConfig
 
 from analysis.checkpoint import Checkpoint, CheckpointError, open_checkpoint
+from analysis.errors import and_more
 from analysis.export import stored_compressed
-from analysis.layers import LayerRef, NoBlocksError, find_blocks, find_layers, skeleton
-from analysis.loading import checkpoint_path, pick_device
+from analysis.layers import LayerRef, NoBlocksError, blocks_beyond, find_blocks, find_layers, skeleton
+from analysis.loading import CONFIG_FIX, checkpoint_path, pick_device
 from analysis.powerlaw import MIN_TAIL, XMIN_RULES, PowerLawFit, check_eigs, check_fit, fit_power_law
 from analysis.runtime import ProgressFn, cache_dir
 
@@ -486,7 +487,16 @@ def _checkpoint_matrices(ckpt: Checkpoint, include_outside: bool) -> tuple[list[
                             f"(no tensor {missing[0]}.weight); load the model to analyse them.")
     if missing:
         raise CheckpointError(f"{ckpt.folder}: no tensor {missing[0]}.weight for the model's module {missing[0]}"
-                              + (f" (and {len(missing) - 1} more)." if len(missing) > 1 else "."))
+                              + and_more(missing) + ".")
+    for r in refs:
+        key, expert = sources[r.name]
+        shape = (r.cols, r.rows) if r.transposed else (r.rows, r.cols)
+        if expert is None and tuple(ckpt.tensors[key].shape) != shape:
+            raise CheckpointError(f"{ckpt.folder} does not match its config.json: {key} is stored as "
+                                  f"{tuple(ckpt.tensors[key].shape)} but the config makes it {shape}; {CONFIG_FIX}.")
+    if extra := blocks_beyond(ckpt.tensors, model):
+        raise CheckpointError(f"{ckpt.folder} holds blocks its config.json does not have: {extra[0]}{and_more(extra)} "
+                              f"would be left out; {CONFIG_FIX}.")
     return [replace(r, module=None) for r in refs], sources
 
 

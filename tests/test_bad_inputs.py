@@ -55,6 +55,11 @@ def bad(tmp_path_factory, wikitext_dir) -> Path:
                 num_key_value_heads=2, vocab_size=120).save_pretrained(d / "qwen-no-tokenizer")
     broken = Path(shutil.copytree(tiny, d / "broken-config"))
     (broken / "config.json").write_text('{"model_type": ')
+    for name, key, value in [("wider", "hidden_size", 128), ("more-blocks", "num_hidden_layers", 4),
+                             ("fewer-blocks", "num_hidden_layers", 2)]:  # a config.json of other weights
+        folder = Path(shutil.copytree(tiny, d / name))
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps(config | {key: value}))
     other = Path(shutil.copytree(tiny, d / "mismatch"))
     for f in converted_dir("smollm2").glob("tokenizer*"):
         shutil.copy(f, other)
@@ -258,6 +263,34 @@ def test_cli_bad_input_is_one_line_and_exit_2(args, message, bad):
     assert message.format(bad=bad) in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and "Loading weights" not in r.stderr  # refused before the weights load
     assert r.stdout == ""
+
+
+@pytest.mark.parametrize("args, message", [
+    ("spectra --model={bad}/wider", "{bad}/wider does not match its config.json: model.layers.0.self_attn.q_proj"
+                                    ".weight is stored as (64, 64) but the config makes it (64, 128)"),
+    ("eval --model={bad}/wider", "'{bad}/wider' does not match its config.json: "),
+    ("spectra --model={bad}/more-blocks", "no tensor model.layers.3.self_attn.q_proj.weight"),
+    ("prune --model={bad}/more-blocks --pruner magnitude --allocation uniform --sparsity 0.5",
+     "'{bad}/more-blocks' lacks weights its config.json asks for: no model.layers.3.input_layernorm.weight"),
+    ("spectra --model={bad}/fewer-blocks", "holds blocks its config.json does not have: model.layers.2."),
+    ("eval --model={bad}/fewer-blocks", "holds blocks its config.json does not have: model.layers.2."),
+])
+def test_a_config_of_other_weights_is_refused_not_run_on_random_or_dropped_weights(args, message, bad):
+    """transformers would leave a tensor of another shape or a missing block random, and drop the blocks beyond
+    the config's: every number from such a model would be meaningless, so the load (or the streamed spectra)
+    stops with one error line (after transformers' own report) and records nothing."""
+    import shlex
+
+    db = bad / "config-runs.sqlite"
+    argv = shlex.split(args.format(bad=bad))
+    if argv[0] != "spectra":
+        argv += ["--max-windows", "1", "--db", str(db)] if argv[0] == "prune" else ["--max-windows", "1"]
+    r = run_cli(*argv)
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message.format(bad=bad) in last, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert not db.exists() or len(RunStore(db)) == 0
 
 
 def test_nothing_written_by_refused_runs(bad):
@@ -691,3 +724,4 @@ def test_an_export_neither_overwrites_its_allocation_nor_writes_two_outputs_in_o
         r = run_cli("export", "--allocation", str(alloc), *args)
         assert r.returncode == 2 and r.stderr.startswith(f"error: {message}"), r.stderr
     assert alloc.read_bytes() == (bad / "other-model.json").read_bytes() and not (tmp_path / "r").exists()
+
