@@ -33,7 +33,9 @@ from analysis.layers import (
     fused_experts,
     layers_by_block,
     module_device,
+    token_ids_problem,
 )
+from analysis.loading import pick_device
 from analysis.runtime import ProgressFn, StopFlag, should_stop
 
 
@@ -329,7 +331,9 @@ def walk_blocks(model: nn.Module, calib: torch.Tensor | None, on_block: BlockFn,
     if calib is not None and (calib.dim() != 2 or calib.shape[0] == 0):
         raise CalibrationError("Calibration data must be a non-empty (n_samples, seqlen) tensor of token ids "
                                f"(data.calibration_batches makes one), got shape {tuple(calib.shape)}.")
-    dev = torch.device(device) if device is not None else module_device(model)
+    if calib is not None and (problem := token_ids_problem(calib, model)):
+        raise CalibrationError(f"Calibration data: {problem}.")
+    dev = pick_device(device) if device is not None else module_device(model)
     refs_by_block = layers_by_block(model)
     n = len(blocks)
     if calib is None:

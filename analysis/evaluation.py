@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from analysis.errors import AlphascopeError
-from analysis.layers import module_device
+from analysis.layers import module_device, token_ids_problem
+from analysis.loading import pick_device
 from analysis.runtime import StopFlag, should_stop
 
 
@@ -70,7 +71,9 @@ def perplexity_stream(model: nn.Module, windows: torch.Tensor, device: str | tor
     if windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
         raise EvaluationError(f"windows must be a non-empty (n, L>=2) tensor of token ids (data.eval_windows makes "
                               f"one), got shape {tuple(windows.shape)}")
-    dev = torch.device(device) if device is not None else module_device(model)
+    if problem := token_ids_problem(windows, model):
+        raise EvaluationError(f"windows: {problem}")
+    dev = pick_device(device) if device is not None else module_device(model)
     if dev.type == "meta":  # offloaded by accelerate: its hooks load the weights for each forward
         dev = torch.device("cpu")
     step = default_batch_size(dev) if batch_size is None else int(batch_size)

@@ -101,6 +101,20 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
     return best
 
 
+def token_ids_problem(ids: torch.Tensor, model: nn.Module) -> str | None:
+    """Why `ids` cannot be fed to `model` as token ids (not integers, or outside its embedding's rows: a text
+    tokenized by another model's tokenizer), or None."""
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        return f"token ids must be integers (torch.long), got {str(ids.dtype).replace('torch.', '')}"
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embedding, "num_embeddings", None)
+    if ids.numel() and rows is not None and (int(ids.min()) < 0 or int(ids.max()) >= rows):
+        bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+        return (f"token id {bad} is outside the model's vocabulary of {rows} embedding rows (ids tokenized for "
+                "another model?)")
+    return None
+
+
 def blocks_beyond(keys: Iterable[str], model: nn.Module) -> list[str]:
     """The tensor names of `keys` (a checkpoint's) under the decoder blocks at an index the model has no block
     for: a config.json naming fewer blocks than its checkpoint holds, whose last blocks would be dropped. Names

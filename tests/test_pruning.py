@@ -307,6 +307,29 @@ def test_bad_prune_requests_raise_value_errors():
         prune(model, {names[0]: 0.5, names[1]: 0.1, names[2]: 0.0}, method="magnitude", nm="2:4")
 
 
+def test_bad_devices_and_token_ids_are_refused_alike_by_every_pruner_before_a_weight_changes():
+    from analysis.errors import AlphascopeError
+    from analysis.evaluation import perplexity
+
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calib = calib_ids()
+    cases = [("quantum", calib, "Unknown device 'quantum'"), (None, calib.float(), "must be integers"),
+             (None, calib + 1000, r"token id 1\d\d\d is outside the model's vocabulary of 128")]
+    if not torch.cuda.is_available():
+        cases.append(("cuda", calib, "no CUDA device is available"))
+    for method in ("magnitude", "wanda", "sparsegpt"):
+        for device, ids, message in cases:
+            if method == "magnitude" and device is None:
+                continue  # reads no calibration data
+            with pytest.raises(AlphascopeError, match=message):
+                prune(model, 0.5, method=method, calib=ids, device=device)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    for device, ids, message in cases:
+        with pytest.raises(AlphascopeError, match=message):
+            perplexity(model, ids, device=device)
+
+
 def test_outlier_ratios_per_block():
     model = tiny_llama(layers=3)
     ratios = collect_outlier_ratios(model, calib_ids(), threshold_m=3.0)
