@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -1277,6 +1278,9 @@ def main(argv: list[str] | None = None) -> int:
             flag = "--text"  # eval's own name for it, unless the user typed prune's
         print(f"error: {flag + ': ' if flag else ''}{e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader stopped reading (`runs --show 3 | head`): not an error of the command
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        return 141  # what a shell reports for a writer ended by SIGPIPE
     # SettingsError, AllocationError, DataError, UsageError are ValueErrors; OSError: e.g. a path too long
     except (ModelLoadError, StoreError, ValueError, OSError) as e:
         flag = "--db: " if isinstance(e, StoreError) and hasattr(args, "db") else ""  # the option that picks it

@@ -725,3 +725,12 @@ def test_an_export_neither_overwrites_its_allocation_nor_writes_two_outputs_in_o
         assert r.returncode == 2 and r.stderr.startswith(f"error: {message}"), r.stderr
     assert alloc.read_bytes() == (bad / "other-model.json").read_bytes() and not (tmp_path / "r").exists()
 
+
+def test_output_cut_short_by_its_reader_is_no_error():
+    """`python -m analysis runs --show 3 | head`: the reader closes the pipe; no "error: Broken pipe" line."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "analysis", "models"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=ROOT, env=env)
+    proc.stdout.close()  # before the command writes its first line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == ""
