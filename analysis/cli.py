@@ -58,6 +58,7 @@ from analysis.pipeline import (
     allocation_caveats,
     build_allocation,
     calibration_batch,
+    changed_since,
     dense_spectra,
     evaluation_windows,
     run,
@@ -82,7 +83,7 @@ from analysis.settings import (
     ZeroShotSettings,
 )
 from analysis.spectra import NotStreamable, analyze, analyze_checkpoint
-from analysis.store import RunStore, StoreError, default_db_path, now_iso
+from analysis.store import RunStore, StoreError, default_db_path, eval_label, now_iso
 from analysis.sweep import (
     FAILED,
     NAMED_ALLOCATIONS,
@@ -741,7 +742,9 @@ def _rerun_settings(args: argparse.Namespace) -> tuple[RunSettings, dict]:
         record = json.loads(path.read_text())
         stored = record["config"]["settings"]
     except OSError as e:
-        raise UsageError(f"--rerun: {args.rerun}: cannot read it ({e.strerror or e})") from None
+        hint = f"; to rerun run {args.rerun} of the run store, write its record first: python -m analysis runs " \
+            f"--show {args.rerun} > run.json, then --rerun run.json" if str(args.rerun).isdigit() else ""
+        raise UsageError(f"--rerun: {args.rerun}: cannot read it ({e.strerror or e}){hint}") from None
     except (ValueError, KeyError, TypeError):
         raise UsageError(f"--rerun: {args.rerun} is not a run record with its settings (write one with prune "
                          "--out, or runs --show ID > run.json)") from None
@@ -864,6 +867,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if recorded is not None:
         print(f"the record: perplexity {recorded.get('dense_ppl', float('nan')):.3f} -> "
               f"{recorded.get('pruned_ppl', float('nan')):.3f}")
+        for change in changed_since(recorded, settings):
+            print(f"note: --rerun: {change}", file=sys.stderr)
     if export_error is not None:
         print(f"error: --save-model: {export_error}", file=sys.stderr)
         return 2
@@ -959,6 +964,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
     table.insert(table.columns.get_loc("sparsity") + 1, "achieved",
                  [(r.get("achieved") or {}).get("overall") for r in records])
     table["line"] = [(run_line(r) or {}).get("line", "") for r in records]
+    table["evaluated on"] = [eval_label(r.get("config") or {}) or "" for r in records]  # ppl compare within one
     with pd.option_context("display.width", 250, "display.max_columns", 20, "display.max_colwidth", 60):
         print(table.assign(nm=table["nm"].fillna("")).to_string(index=False))
     return 0

@@ -444,17 +444,20 @@ def text_digest(source: str | None) -> str | None:
     try:
         path = default_corpus_path() if src == "default" else _wikitext_path(src.split(":", 1)[1]) \
             if src.startswith("wikitext2:") else text_file(src)
-        if path is None or not path.is_file():
-            return None
-        stamp = path.stat()
-        return _file_digest(str(path.resolve()), stamp.st_mtime_ns, stamp.st_size)
+        return None if path is None or not path.is_file() else file_sha256(path)
     except (DataError, OSError):
         return None
 
 
-@functools.lru_cache(maxsize=64)
-def _file_digest(path: str, mtime_ns: int, size: int) -> str:
-    """sha256 of a file's bytes, read again only when its time stamp or size changes (pages ask on every rerun)."""
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read again only when its size or modification time changes (pages ask on every
+    rerun, a sweep for every configuration and every stored run)."""
+    stamp = path.stat()
+    return _file_sha256(str(path.resolve()), stamp.st_size, stamp.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 

@@ -16,27 +16,32 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 import transformers
 from torch import nn
 
+from analysis import __version__
 from analysis.allocation import Allocation, allocate, budget, custom_allocation
+from analysis.checkpoint import folder_fingerprint
 from analysis.data import (
     calibration_batches,
     calibration_text,
     eval_windows,
     evaluation_text,
+    file_sha256,
     is_split,
     load_text,
     same_text,
     spread,
     text_digest,
+    text_file,
     tokenize,
 )
 from analysis.evaluation import PplUpdate, perplexity
 from analysis.layers import layer_table, prunable_layers, zero_fraction
-from analysis.loading import OFFLOADED, LoadedModel, ModelLoadError, model_identity, offloaded
+from analysis.loading import OFFLOADED, LoadedModel, ModelLoadError, model_identity, offloaded, resolve_source
 from analysis.owl import collect_outlier_ratios
 from analysis.pruners import PruneError, parse_nm
 from analysis.pruning import PruneReport, check_finite, prune, prune_warnings
@@ -378,7 +383,46 @@ class Timer:
 
 
 def library_versions() -> dict[str, str]:
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+    return {"alphascope": __version__, "python": platform.python_version(), "numpy": np.__version__,
+            "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def content_identity(settings: RunSettings) -> dict:
+    """What the files a configuration reads hold now: its model folder's `folder_fingerprint` (None for a
+    packaged model or a hub id) and the sha256 of each text or allocation file it names. Every run record
+    keeps it (`--rerun` says what changed since) and a sweep keys its runs by it, so that a run made before
+    the weights, a text or a file were written over is not taken for the same configuration now."""
+    path, _, packaged = resolve_source(settings.model.source)
+    a = settings.allocation
+    named = {"calibration.source": text_file(settings.calibration.source),
+             "evaluation.source": text_file(settings.evaluation.source),
+             "allocation.search_text": a.search_text and text_file(a.search_text),
+             "allocation.file": a.file and Path(a.file).expanduser(),
+             "allocation.search_from": a.search_from and Path(a.search_from).expanduser()}
+    files = {role: file_sha256(p) for role, p in named.items() if p and p.is_file()}
+    # a packaged model's weights are its package's, a hub id's its revision's (and may not be here yet)
+    mine = packaged is None and Path(path).expanduser().is_dir()
+    return {"weights": folder_fingerprint(path) if mine else None, "files": files}
+
+
+def changed_since(record: dict, settings: RunSettings) -> list[str]:
+    """Why a rerun of `record` with `settings` may not give its numbers: the model folder's files or a file the
+    run reads (by the record's `content`, the same path only) written over since, or other library versions.
+    One line each; none for what an older record did not keep."""
+    config = record.get("config") or {}
+    then, now = config.get("content") or {}, content_identity(settings)
+    out = ["the model folder's files changed since the record ran"] \
+        if then.get("weights") and now["weights"] and then["weights"] != now["weights"] else []
+    for role, digest in (then.get("files") or {}).items():
+        section, name = role.split(".")
+        path = (config.get("settings") or {}).get(section, {}).get(name)
+        if role in now["files"] and now["files"][role] != digest and path == getattr(getattr(settings, section), name):
+            out.append(f"{path} ({role}) holds other bytes than when the record ran")
+    here = library_versions()
+    if other := [f"{k} {v} (here {here[k]})" for k, v in (record.get("versions") or {}).items()
+                 if k in here and here[k] != v]:
+        out.append(f"the record ran with {', '.join(other)}")
+    return out
 
 
 def record_config(settings: RunSettings, alloc: Allocation, data_info: dict, model_name: str = "",
@@ -391,11 +435,14 @@ def record_config(settings: RunSettings, alloc: Allocation, data_info: dict, mod
             "rowwise": settings.prune.rowwise,
             "allocation": alloc.method if nm is None else "n:m", "allocation_source": source,
             "sparsity": alloc.sparsity, "nm": list(nm) if nm else None,
-            # a file's allocation has its own ε (or none): the settings' default would misreport it
-            "epsilon": alloc.params.get("epsilon") if from_file else settings.allocation.epsilon,
+            # a file's allocation has its own ε (or none), and uniform, owl, custom and N:M read none: the settings'
+            # default would misreport them
+            "epsilon": alloc.params.get("epsilon") if from_file else settings.allocation.epsilon
+            if nm is None and settings.allocation.method in (*SPECTRA_METHODS, "auto") else None,
             **data_info, "seed": settings.calibration.seed,
             # SparseGPT's CPU linear algebra rounds differently on another thread count (~1e-6 relative)
-            "torch_threads": torch.get_num_threads(), "settings": settings.to_dict()}
+            "torch_threads": torch.get_num_threads(), "settings": settings.to_dict(),
+            "content": content_identity(settings)}
 
 
 def make_record(config: dict, allocation: dict | None, report, dense_ppl: float | None, pruned_ppl: float | None,

@@ -21,7 +21,6 @@ once when it fails or its worker dies; Ray does the scheduling.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import importlib.util
 import json
@@ -36,7 +35,6 @@ from urllib.parse import urlparse
 import pandas as pd
 
 from analysis.allocation import MAX_RATIO, Allocation, AllocationError, check_settings, parse_points
-from analysis.checkpoint import folder_fingerprint
 from analysis.data import source_identity, text_file
 from analysis.errors import AlphascopeError
 from analysis.evaluation import perplexity_stream
@@ -46,9 +44,8 @@ from analysis.loading import (
     load_model,
     model_identity,
     preview_model,
-    resolve_source,
 )
-from analysis.pipeline import dense_spectra, evaluation_windows, run, spectra_used
+from analysis.pipeline import content_identity, dense_spectra, evaluation_windows, run, spectra_used
 from analysis.pruners import PRUNERS, ROWWISE, check_rowwise
 from analysis.pruning import DenseSnapshot
 from analysis.runtime import ProgressFn, StopFlag, should_stop
@@ -268,36 +265,6 @@ def line_label(s: RunSettings) -> str:
 
 def config_label(s: RunSettings) -> str:
     return f"{s.prune.method} + {line_label(s)} at {_target(s):g}, seed {s.calibration.seed}"
-
-
-def content_identity(settings: RunSettings) -> dict:
-    """What the files a configuration reads hold now: its model folder's `folder_fingerprint` (None for a
-    packaged model or a hub id) and the sha256 of each text or allocation file it names. A sweep stores
-    it with every run, so that a run made before the weights, a text or a file were written over is not
-    taken for the same configuration now."""
-    path, _, packaged = resolve_source(settings.model.source)
-    a = settings.allocation
-    named = {"calibration.source": text_file(settings.calibration.source),
-             "evaluation.source": text_file(settings.evaluation.source),
-             "allocation.search_text": a.search_text and text_file(a.search_text),
-             "allocation.file": a.file and Path(a.file).expanduser(),
-             "allocation.search_from": a.search_from and Path(a.search_from).expanduser()}
-    files = {role: _file_sha256(str(p.resolve()), *_stamp(p)) for role, p in named.items() if p and p.is_file()}
-    # a packaged model's weights are its package's, a hub id's its revision's (and may not be here yet)
-    mine = packaged is None and Path(path).expanduser().is_dir()
-    return {"weights": folder_fingerprint(path) if mine else None, "files": files}
-
-
-def _stamp(path: Path) -> tuple[int, int]:
-    st = path.stat()
-    return st.st_size, st.st_mtime_ns
-
-
-@functools.lru_cache(maxsize=256)
-def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    """sha256 of a file, read once per (path, size, mtime): a sweep keys every configuration, and every run of
-    its store, by the same few texts."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def config_key(settings: RunSettings, content: dict | None = None) -> str:

@@ -1,4 +1,5 @@
 """Run store durability and the prune/eval/runs command line."""
+import hashlib
 import json
 import math
 import os
@@ -30,7 +31,7 @@ def test_add_all_get(tmp_path):
     assert df["pruned_ppl"].isna().tolist() == [False, True]
     got = store.get(a)
     assert got["id"] == a and got["config"]["method"] == "wanda" and got["achieved"]["per_layer"] == {"a": 0.5}
-    assert set(got["versions"]) == {"python", "torch", "transformers"}
+    assert set(got["versions"]) == {"alphascope", "python", "numpy", "torch", "transformers"}
     with pytest.raises(KeyError):
         store.get(999)
     with sqlite3.connect(store.path) as conn:
@@ -143,13 +144,15 @@ def test_cli_runs_lists_what_tells_runs_apart(tmp_path, capsys):
         rec["config"]["settings"] = RunSettings(allocation=AllocationSettings(method="alphapruning", epsilon=0.2),
                                                 prune=PruneSettings("wanda", rowwise=rowwise)).to_dict()
         store.add(rec)
-    store.add(record(0.6))
+    rec = record(0.6)
+    rec["config"].update(eval="wikitext2:test", eval_windows=4, eval_seqlen=512)  # what its perplexity was measured on
+    store.add(rec)
     assert main(["runs", "--db", str(store.path)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert "achieved" in out[0].split() and "line" in out[0].split() and "nan" not in out[1].lower()
     assert "0.4997" in out[1] and out[1].rstrip().endswith("wanda + alphapruning ε=0.2")
     assert out[2].rstrip().endswith("wanda + alphapruning ε=0.2 + trim")
-    assert "0.6" in out[3]
+    assert "0.6" in out[3] and out[3].rstrip().endswith("wikitext2:test (4 windows of 512 tokens)")
 
 
 def test_an_updated_record_counts_its_revisions(tmp_path):
@@ -260,6 +263,36 @@ def test_every_spelling_of_a_packaged_model_is_one_model_in_run_lists():
     assert model_group("/models/llama-7b") == "/models/llama-7b" and model_group("org/name") == "org/name"
 
 
+def test_a_rerun_says_which_of_its_inputs_changed_since_the_record(tmp_path, capsys):
+    """A record keeps the sha256 of the texts it read, its model folder's fingerprint and the library versions
+    (alphascope's and numpy's too): a rerun whose numbers differ says why."""
+    from conftest import save_tiny_llama
+
+    from analysis import __version__, cli
+
+    folder = save_tiny_llama(tmp_path / "tiny")
+    text = tmp_path / "eval.txt"
+    text.write_text(" ".join(f"w{i % 97}" for i in range(3000)))
+    first, db = tmp_path / "first.json", tmp_path / "runs.sqlite"
+    argv = ["prune", "--model", folder, "--method", "magnitude", "--allocation", "uniform", "--sparsity", "0.5",
+            "--eval", text, "--eval-seqlen", "64", "--max-windows", "2", "--device", "cpu", "--db", db, "--out", first]
+    assert cli.main([str(a) for a in argv]) == 0
+    rec = json.loads(first.read_text())
+    assert rec["config"]["content"]["files"]["evaluation.source"] == hashlib.sha256(text.read_bytes()).hexdigest()
+    assert rec["config"]["content"]["weights"] and rec["versions"]["alphascope"] == __version__
+    assert "numpy" in rec["versions"]
+    assert rec["config"]["epsilon"] is None  # uniform reads no ε: the settings' default is not reported as its
+    capsys.readouterr()
+    text.write_text(" ".join(f"w{i % 89}" for i in range(3000)))  # written over
+    rec["versions"]["torch"] = "1.0"
+    first.write_text(json.dumps(rec))
+    assert cli.main(["prune", "--rerun", str(first), "--db", str(db)]) == 0
+    err = capsys.readouterr().err
+    assert f"note: --rerun: {text} (evaluation.source) holds other bytes than when the record ran" in err
+    assert "note: --rerun: the record ran with torch 1.0 (here " in err
+    assert "model folder" not in err
+
+
 def test_cli_prune_reruns_a_record_with_its_settings_and_its_own_allocation(tmp_path, capsys):
     """prune --rerun takes every setting from the record (runs --show / prune --out). An allocation file
     written over since does not change the rerun: the record holds the allocation its run pruned with."""
@@ -283,7 +316,8 @@ def test_cli_prune_reruns_a_record_with_its_settings_and_its_own_allocation(tmp_
     capsys.readouterr()
     again = tmp_path / "again.json"
     assert cli.main(["prune", "--rerun", str(first), "--db", str(db), "--out", str(again)]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "note: --rerun" not in err  # the allocation file was written over, but the rerun reads the record's copy
     rec, rerun = json.loads(first.read_text()), json.loads(again.read_text())
     assert rec["config"]["settings"]["allocation"]["sparsity"] == 0.6  # the file's budget, not the default
     assert rerun["pruned_ppl"] == rec["pruned_ppl"] and rerun["dense_ppl"] == rec["dense_ppl"]
