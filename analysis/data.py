@@ -306,7 +306,10 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
 
 
 def readable_tokens(tokenizer, text: str, label: str) -> torch.Tensor:
-    """`tokenize`, refusing a tokenizer that turns a non-empty text into nothing (it cannot read it)."""
+    """`tokenize`, refusing an empty text, and a tokenizer that turns a non-empty one into nothing (it cannot
+    read it)."""
+    if not text.strip():
+        raise DataError(f"{label} is empty (nothing but white space); name a text with words in it.")
     ids = tokenize(tokenizer, text)
     if len(ids) == 0 and text.strip():
         raise DataError(f"The model's tokenizer turns {label.lower()} ({len(text):,} characters) into no tokens: it "

@@ -514,7 +514,8 @@ NO_TOKENIZER = ("Could not load '{source}': it has no tokenizer this installatio
 def _explain_load_error(source: str, e: Exception) -> str:
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if "trust_remote_code" in str(e):
-        return f"'{source}' needs custom code from its repository; enable 'trust remote code' only if you trust it."
+        return (f"'{source}' needs custom code from its repository; allow it (--trust-remote-code, or \"Trust remote "
+                f"code\" on the Model page) only if you trust that code.")
     if "instantiate the backend tokenizer" in str(e):
         return NO_TOKENIZER.format(source=source) + "."
     if any(s in str(e) for s in ("not a valid model identifier", "offline", "Connection", "resolve", "404")):

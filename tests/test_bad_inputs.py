@@ -37,6 +37,7 @@ def bad(tmp_path_factory, wikitext_dir) -> Path:
     (d / "binary.txt").write_bytes(bytes(range(256)) * 16)  # NUL bytes: not text
     (d / "latin1.txt").write_bytes(LATIN1)
     (d / "short.txt").write_text("just four words here\n")
+    (d / "blank.txt").write_text("\n  \n\t\n")
     (d / "broken.json").write_text('{"format": ')
     (d / "not-a-store.sqlite").write_bytes(b"this is not a SQLite file " * 100)
     (d / "file").write_text("a file, not a folder\n")
@@ -184,6 +185,8 @@ CLI_CASES = [
      "longer text or shorter windows. (The text is cut in two: its first half calibrates, its second half evaluates.)"),
     (f"eval {TINY} --text {{bad}}/short.txt", "--eval-seqlen: Evaluation text has 4 tokens, fewer than one "
                                               "window of 512"),
+    (f"eval {TINY} --text {{bad}}/blank.txt", "--text: The evaluation text is empty (nothing but white space)"),
+    (f"prune {TINY} --calib {{bad}}/blank.txt", "--calib: The calibration text is empty"),
     (f"prune {TINY} --seqlen 4096", "--seqlen: seqlen = 4096 tokens is longer than the context of '{bad}/tiny' "
                                     "(max_position_embeddings = 2048)"),
     (f"eval {TINY} --eval-seqlen 2049", "--eval-seqlen: seqlen = 2049 tokens is longer than the context"),
