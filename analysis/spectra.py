@@ -37,7 +37,7 @@ import shutil
 import tempfile
 import threading
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -362,13 +362,19 @@ def _pooled(layers, spectrum, farms, normalize, fit, min_tail, workers, progress
         whole = ev if whole is None else _scaled(whole, ref, False, normalize)
         return ev, _fit_row(ev, whole, fit, "non-finite weights" if np.isnan(ev).all() else None, min_tail)
 
-    ordered = sorted(layers, key=lambda r: min(r.rows, r.cols) ** 2 * max(r.rows, r.cols), reverse=True)
+    cost = {r.name: min(r.rows, r.cols) ** 2 * max(r.rows, r.cols) for r in layers}  # the Gram matrix's products
+    ordered = sorted(layers, key=lambda r: cost[r.name], reverse=True)
+    total, done = sum(cost.values()) or 1, 0
     progress and progress(f"Spectra: 0/{len(ordered)} matrices", 0.0)
     pool = ThreadPoolExecutor(workers)
     try:
-        for i, (ref, out) in enumerate(zip(ordered, pool.map(task, ordered))):
-            progress and progress(f"Spectra: {i + 1}/{len(ordered)} matrices", (i + 1) / len(ordered))
-            yield ref.name, out
+        # as they finish, the fraction by cost: in order, the first (largest) would hold back every later count
+        futures = {pool.submit(task, ref): ref for ref in ordered}
+        for i, future in enumerate(as_completed(futures)):
+            ref = futures[future]
+            done += cost[ref.name]
+            progress and progress(f"Spectra: {i + 1}/{len(ordered)} matrices", done / total)
+            yield ref.name, future.result()
     finally:  # a progress callback that raises (a cancelled job) leaves the matrices not started undone
         pool.shutdown(wait=True, cancel_futures=True)
 
