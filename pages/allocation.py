@@ -314,11 +314,12 @@ if new_points != points and len(new_points) >= 2:
     st.session_state[POINTS_KEY] = points = new_points
     edits = st.session_state.get(editor_key) or {}
     if any(edits.get(k) for k in ("edited_rows", "added_rows", "deleted_rows")):
-        st.session_state["_alloc_table_clamped"] = clamped
+        # said while the curve is the clamped one: the curve editor's own rerun would drop a one-time flag
+        st.session_state["_alloc_table_clamped"] = new_points if clamped else None
         st.rerun()  # the table under its new key now: the next edit, made on this one, would be dropped
 elif new_points != points:
     st.warning("Keep at least two control points.")
-if st.session_state.pop("_alloc_table_clamped", False) or clamped:
+if clamped or st.session_state.get("_alloc_table_clamped") == points:
     st.info(f"Values outside depth 0–1 or sparsity 0–{Y_MAX:g} were clamped.")
 
 kept = st.session_state.get(OFFSETS_KEY)
@@ -374,8 +375,8 @@ with chart_box:
     b1, b2, b3 = st.columns(3)
     b1.metric("Budget as drawn", f"{drawn.achieved:.1%}",
               help="Parameter-weighted mean sparsity of the curve as drawn.")
-    b2.metric("Applied budget", f"{applied.achieved:.1%}", delta=f"{applied.achieved - target:+.1%} vs target",
-              delta_color="off")
+    off = round(applied.achieved - target, 4) + 0.0  # no "-0.0%" from float noise (+ 0.0 turns -0.0 into 0.0)
+    b2.metric("Applied budget", f"{applied.achieved:.1%}", delta=f"{off:+.1%} vs target", delta_color="off")
     b3.metric("Weights removed", f"{applied.achieved * sum(params) / 1e6:.3g} M of {sum(params) / 1e6:.3g} M")
     st.markdown(f"Budget as drawn: **{drawn.achieved:.1%}** of prunable weights · applied ({mode}): "
                 f"**{applied.achieved:.1%}** · target {target:.0%}")
