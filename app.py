@@ -5,6 +5,7 @@ shared state (model cache, background jobs, per-session copies) in components/st
 """
 import streamlit as st
 
+from components.figures import favicon
 from components.state import (
     current_model,
     follow_url_model,
@@ -14,7 +15,7 @@ from components.state import (
     session_work,
 )
 
-st.set_page_config(page_title="alphascope", page_icon=":material/troubleshoot:", layout="wide")
+st.set_page_config(page_title="alphascope", page_icon=favicon(), layout="wide")
 
 PAGES = [
     st.Page("pages/model.py", title="Model", icon=":material/memory:", default=True),

@@ -65,7 +65,7 @@ elif kind == "cache":
     picked = st.selectbox("Checkpoint", list(cached), key="model_cached", index=None,
                           placeholder="none found" if not cached else "choose one")
     source = cached.get(picked, "") if picked else ""
-    st.caption(f"Models already downloaded to `{hf_cache_dir()}` (models--*/snapshots/*), loaded from that "
+    st.caption(f"Models already downloaded to `{hf_cache_dir()}` (`models--*/snapshots/*`), loaded from that "
                "folder without the network. Set HF_HUB_CACHE or HF_HOME to look elsewhere.")
 elif kind == "folder":
     typed = st.text_input("Folder with config.json and weights", placeholder="/path/to/checkpoint",

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from components.figures import alpha_depth_figure, esd_density, esd_figure, heatmap_figure
+from components.figures import alpha_depth_figure, block_bars_figure, esd_density, esd_figure, heatmap_figure
 
 
 def test_esd_histogram_shows_empty_bins_as_gaps():
@@ -68,6 +68,8 @@ def test_depth_chart_draws_experts_as_points_and_few_blocks_as_whole_numbers():
     modes = {t.name: t.mode for t in fig.data}
     assert modes == {"q_proj": "lines+markers", "experts.up_proj": "markers"}  # no zigzag through the experts
     assert fig.layout.xaxis.dtick == 1 and heatmap_figure(pd.DataFrame(rows)).layout.xaxis.dtick == 1
+    assert block_bars_figure([0.4, 0.6], [10, 10]).layout.xaxis.dtick == 1  # a 2-block model: no block 0.5
+    assert block_bars_figure([0.5] * 30, [10] * 30).layout.xaxis.dtick is None
 
 
 def test_ppl_vs_sparsity_lines_are_told_apart_and_the_axis_is_labelled_in_full():
