@@ -158,6 +158,11 @@ def test_progress_is_monotone_and_ends_at_one():
     # on one thread or a GPU
     assert len(calls) == (5 if torch.get_num_threads() > 1 else 3)
     assert fracs == sorted(fracs) and fracs[-1] == 1.0 and all(0 <= f <= 1 for f in fracs)
+    if torch.get_num_threads() > 1:  # counted as they finish; the bar moves by each matrix's cost (its Gram's)
+        assert [m for m, _ in calls] == [f"Spectra: {i}/4 matrices" for i in range(5)]
+        steps = sorted(round(b - a, 9) for a, b in zip(fracs, fracs[1:]))
+        total = 3 * 16**2 * 48 + 24**3
+        assert steps == [round(16**2 * 48 / total, 9)] * 3 + [round(24**3 / total, 9)]
 
 
 @pytest.mark.parametrize("threads", [1, 2])  # the batched path, then the pool of single-threaded tasks
