@@ -16,6 +16,7 @@ from PIL import Image
 from plotly.subplots import make_subplots
 
 from analysis.allocation import block_depths
+from analysis.spectra import ALPHA_BANDS
 
 KIND_ORDER = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METHOD_COLORS = {"uniform": "#7f7f7f", "alphapruning": "#1f77b4", "farms": "#2ca02c", "owl": "#ff7f0e",
@@ -156,6 +157,18 @@ def alpha_depth_figure(metrics: pd.DataFrame, metric: str = "alpha") -> go.Figur
     return _layout(fig, 380)
 
 
+def alpha_colors(low: float = ALPHA_BANDS[0], high: float = ALPHA_BANDS[1], top: float = 8.0) -> dict:
+    """Heatmap colours that read α by HT-SR's bands on a fixed scale from 1 to `top`: purple below `low` (a very
+    heavy tail: over-trained), green to yellow inside the band (well trained, the heavier the greener), orange to
+    red above `high` (close to random). A colour scale fitted to one model's range would paint its smallest α the
+    "best" colour even below 2."""
+    at = [(v - 1.0) / (top - 1.0) for v in (low, high)]
+    scale = [[0.0, "#542788"], [at[0], "#998ec3"], [at[0], "#1a9850"], [at[1], "#fee08b"], [at[1], "#fdae61"],
+             [1.0, "#d73027"]]
+    return dict(colorscale=scale, zmin=1.0, zmax=top, colorbar=dict(
+        title="alpha", tickvals=[1.0, low, high, top], ticktext=["1", f"{low:g}", f"{high:g}", f"≥ {top:g}"]))
+
+
 def heatmap_figure(metrics: pd.DataFrame, metric: str = "alpha") -> go.Figure:
     """Block × kind heatmap of `metric`, with an invisible marker on every cell whose customdata is the
     module name: Streamlit reports clicks on scatter points but not on heatmap cells, so the markers
@@ -169,7 +182,8 @@ def heatmap_figure(metrics: pd.DataFrame, metric: str = "alpha") -> go.Figure:
                                                                                               columns=blocks)
     fig = go.Figure(go.Heatmap(
         z=z.to_numpy(dtype=float), x=blocks, y=kinds, hoverinfo="skip",
-        colorscale="RdYlGn_r" if metric in ("alpha", "alpha_hat") else "Viridis", colorbar=dict(title=metric),
+        **(alpha_colors() if metric == "alpha" else
+           dict(colorscale="RdYlGn_r" if metric == "alpha_hat" else "Viridis", colorbar=dict(title=metric))),
     ))
     known = df.dropna(subset=[metric])
     cell = known.groupby(["kind", "block"])[metric]

@@ -112,6 +112,9 @@ with left:
     with st.container(key="spectra_heatmap"):
         st.plotly_chart(heatmap_figure(metrics, heat_metric), key=heat_key,
                         on_select=lambda: _pick_layer(heat_key), selection_mode="points")
+    if heat_metric == "alpha":
+        st.caption(f"Colours by HT-SR's reading: green to yellow {LOW:g}–{HIGH:g} (well trained, greener = heavier "
+                   f"tail), purple below {LOW:g} (over-trained), orange to red above {HIGH:g} (close to random).")
 with right:
     st.subheader("One layer")
     name = st.selectbox("Layer", names, key=LAYER_KEY)

@@ -68,6 +68,10 @@ def test_depth_chart_draws_experts_as_points_and_few_blocks_as_whole_numbers():
     modes = {t.name: t.mode for t in fig.data}
     assert modes == {"q_proj": "lines+markers", "experts.up_proj": "markers"}  # no zigzag through the experts
     assert fig.layout.xaxis.dtick == 1 and heatmap_figure(pd.DataFrame(rows)).layout.xaxis.dtick == 1
+    heat = heatmap_figure(pd.DataFrame(rows)).data[0]  # α on HT-SR's bands, not on this model's range
+    assert (heat.zmin, heat.zmax) == (1.0, 8.0)
+    stops = [(round(at, 6), color) for at, color in heat.colorscale]  # purple up to α = 2, green to yellow to 6
+    assert stops[1:5] == [(0.142857, "#998ec3"), (0.142857, "#1a9850"), (0.714286, "#fee08b"), (0.714286, "#fdae61")]
     assert block_bars_figure([0.4, 0.6], [10, 10]).layout.xaxis.dtick == 1  # a 2-block model: no block 0.5
     assert block_bars_figure([0.5] * 30, [10] * 30).layout.xaxis.dtick is None
 
