@@ -189,8 +189,10 @@ def _quantization_config(model: nn.Module, weights: dict[str, torch.Tensor], two
     )
     from compressed_tensors.config import BitmaskConfig, DenseSparsityConfig, Sparse24BitMaskConfig  # noqa: PLC0415
 
-    zeros = sum(w.numel() - int(torch.count_nonzero(w)) for w in weights.values())
-    total = sum(w.numel() for w in weights.values())
+    # compressed-tensors' "average sparsity of the entire model", as llm-compressor fills it: zeros among every
+    # parameter (a tied matrix once), not only among the pruned matrices
+    zeros = sum(p.numel() - int(torch.count_nonzero(p)) for p in model.parameters())
+    total = sum(p.numel() for p in model.parameters())
     ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in weights)
     cls = DenseSparsityConfig if stored_dense else Sparse24BitMaskConfig if two_four else BitmaskConfig
     # sparsity_structure "unstructured" also covers other N:M patterns: compressed-tensors names only 2:4

@@ -65,9 +65,11 @@ def test_compressed_unstructured_nonuniform_reloads_identical(tmp_path, model_fn
     assert sc["format"] == "sparse-bitmask" and sc["sparsity_structure"] == "unstructured"
     assert sc["targets"] == ["Linear"] and sc["ignore"] == ["lm_head"]
     names = list(alloc["per_layer"])
-    zeros = sum(int((model.get_submodule(n).weight == 0).sum()) for n in names)
-    total = sum(model.get_submodule(n).weight.numel() for n in names)
-    assert sc["global_sparsity"] == pytest.approx(zeros / total)
+    # of the entire model, as llm-compressor fills it: below the pruned matrices' share (embedding, norms are dense)
+    zeros = sum(int((p == 0).sum()) for p in model.parameters())
+    assert sc["global_sparsity"] == pytest.approx(zeros / sum(p.numel() for p in model.parameters()))
+    assert sc["global_sparsity"] < sum(zero_fraction(model, n) * model.get_submodule(n).weight.numel()
+                                       for n in names) / sum(model.get_submodule(n).weight.numel() for n in names)
     with safetensors.safe_open(out / "model.safetensors", "pt") as f:
         keys = set(f.keys())
     assert f"{names[0]}.bitmask" in keys and f"{names[0]}.row_offsets" in keys and f"{names[0]}.weight" not in keys
@@ -87,7 +89,8 @@ def test_compressed_24_uses_the_24_format_and_is_smaller(tmp_path):
     out = export(model, None, alloc, tmp_path / "c24", format="compressed")
     sc = json.loads((out / "config.json").read_text())["quantization_config"]["sparsity_config"]
     assert sc["format"] == "sparse-24-bitmask" and sc["sparsity_structure"] == "2:4"
-    assert sc["global_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert sc["global_sparsity"] == pytest.approx(sum(int((p == 0).sum()) for p in model.parameters())
+                                                  / sum(p.numel() for p in model.parameters()))
     name = "model.layers.0.mlp.down_proj"
     with safetensors.safe_open(out / "model.safetensors", "pt") as f:
         assert list(f.get_tensor(f"{name}.compressed").shape) == [64, 64]  # 64 x 128 at 2 of every 4
@@ -121,9 +124,8 @@ def test_dense_ct_export_carries_the_sparsity_metadata_and_reloads_with_transfor
     assert q["quant_method"] == "compressed-tensors" and sc["format"] == "dense"
     assert sc["sparsity_structure"] == ("2:4" if nm else "unstructured")
     assert sc["targets"] == ["Linear"] and sc["ignore"] == ["lm_head"]
-    names = list(alloc["per_layer"])
-    zeros = sum(int((model.get_submodule(n).weight == 0).sum()) for n in names)
-    assert sc["global_sparsity"] == pytest.approx(zeros / sum(model.get_submodule(n).weight.numel() for n in names))
+    zeros = sum(int((p == 0).sum()) for p in model.parameters())
+    assert sc["global_sparsity"] == pytest.approx(zeros / sum(p.numel() for p in model.parameters()))
     hf = AutoModelForCausalLM.from_pretrained(out)
     assert type(hf.config.quantization_config).__name__ == "CompressedTensorsConfig"  # read, not ignored
     assert_same_weights(model, hf)
