@@ -39,6 +39,11 @@ class ModelLoadError(AlphascopeError, RuntimeError):
     """A model could not be resolved or loaded; the message is meant for the user as is."""
 
 
+class NoTokenizerError(ModelLoadError):
+    """The model folder has no tokenizer this installation can read; `load_model(tokenizer=False)` loads its
+    weights for the work that reads no text (spectra, allocations from them)."""
+
+
 @dataclass(frozen=True)
 class PackagedModel:
     key: str
@@ -142,8 +147,8 @@ def check_tokenizer(tokenizer, config, source: str) -> None:
     rows = getattr(text, "vocab_size", None)
     tokens = getattr(tokenizer, "vocab_size", None) or len(tokenizer)
     if (found := len(tokenizer)) < MIN_VOCAB:
-        raise ModelLoadError(NO_TOKENIZER.format(source=source)
-                             + f" (what was found has {found} token{'' if found == 1 else 's'}).")
+        raise NoTokenizerError(NO_TOKENIZER.format(source=source)
+                               + f" (what was found has {found} token{'' if found == 1 else 's'}).")
     if isinstance(rows, int) and tokens > rows:
         raise ModelLoadError(f"The tokenizer of '{source}' has {tokens} tokens but the model has only {rows} "
                              "embedding rows: the tokenizer belongs to another model.")
@@ -349,7 +354,8 @@ def _open(source: str, trust_remote_code: bool, progress: ProgressFn | None = No
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **hub) if tokenizer else None
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **hub)
     except (OSError, ValueError, KeyError) as e:
-        raise ModelLoadError(_explain_load_error(source, e)) from e
+        error = NoTokenizerError if NO_BACKEND_TOKENIZER in str(e) else ModelLoadError
+        raise error(_explain_load_error(source, e)) from e
     bos = pm.bos_per_window if pm else _wants_bos(config)
     if tok is None:
         return ModelPreview(source, tok, config, bos, trust_remote_code), path, title, pm, hub
@@ -507,6 +513,7 @@ def _wants_bos(config) -> bool:
     return getattr(config, "model_type", "").startswith("gemma")
 
 
+NO_BACKEND_TOKENIZER = "instantiate the backend tokenizer"  # transformers' words for a folder without tokenizer files
 NO_TOKENIZER = ("Could not load '{source}': it has no tokenizer this installation can read (tokenizer.json, or "
                 "tokenizer.model with sentencepiece); copy the tokenizer files of its model beside config.json")
 
@@ -516,7 +523,7 @@ def _explain_load_error(source: str, e: Exception) -> str:
     if "trust_remote_code" in str(e):
         return (f"'{source}' needs custom code from its repository; allow it (--trust-remote-code, or \"Trust remote "
                 f"code\" on the Model page) only if you trust that code.")
-    if "instantiate the backend tokenizer" in str(e):
+    if NO_BACKEND_TOKENIZER in str(e):
         return NO_TOKENIZER.format(source=source) + "."
     if any(s in str(e) for s in ("not a valid model identifier", "offline", "Connection", "resolve", "404")):
         return (

@@ -37,7 +37,7 @@ from analysis.checkpoint import has_safetensors, local_folder
 from analysis.data import is_split
 from analysis.jobs import CANCELLED, ERROR, Job
 from analysis.layers import zero_fraction
-from analysis.loading import PACKAGED, LoadedModel, load_model, memory_estimate, packaged_key
+from analysis.loading import PACKAGED, LoadedModel, NoTokenizerError, load_model, memory_estimate, packaged_key
 from analysis.pipeline import calibration_batch, evaluation_windows
 from analysis.session import ModelGate, WorkingCopy, evaluate_job, outlier_ratios_job
 from analysis.settings import QUICK_EVALUATION, CalibrationSettings, EvaluationSettings, SpectraSettings
@@ -77,9 +77,12 @@ def load_shared_model(source: str, device: str, dtype: str, trust_remote_code: b
         with lock:
             if key in models:
                 return models[key]
-        loaded = load_model(source, device=None if device == "auto" else device,
-                            dtype=None if dtype == "auto" else dtype, trust_remote_code=trust_remote_code,
-                            progress=progress)
+        how = dict(device=None if device == "auto" else device, dtype=None if dtype == "auto" else dtype,
+                   trust_remote_code=trust_remote_code, progress=progress)
+        try:
+            loaded = load_model(source, **how)
+        except NoTokenizerError:  # weights and config.json alone: spectra and allocations from them still work
+            loaded = load_model(source, **how, tokenizer=False)
         model_gate(key).dense_zero_fraction = zero_fraction(loaded.model)  # the shared weights stay dense
         with lock:
             models[key] = loaded
@@ -192,6 +195,18 @@ def require_model() -> LoadedModel:
         st.page_link(MODEL_PAGE, label="Go to the Model page", icon=":material/memory:")
         st.stop()
     return loaded
+
+
+NO_TOKENIZER_NOTE = ("This model's folder has no tokenizer files: its spectra and the allocations made from them "
+                     "(uniform, AlphaPruning, FARMS, a drawn curve) work, but pruning, perplexity, OWL and the search "
+                     "read text. Copy the tokenizer files of its model beside config.json and load it again.")
+
+
+def require_tokenizer(loaded: LoadedModel) -> None:
+    """Stop the page script, saying why, when the model was loaded without a tokenizer (NO_TOKENIZER_NOTE)."""
+    if loaded.tokenizer is None:
+        st.warning(NO_TOKENIZER_NOTE)
+        st.stop()
 
 
 def model_label(key: ModelKey) -> str:

@@ -37,7 +37,15 @@ from analysis.settings import (
 from components.curve_editor import clamp_points, curve_editor, curve_points
 from components.figures import METHOD_COLORS, allocation_overlay, block_bars_figure, curves_figure
 from components.labels import OBJECTIVE_LABELS, SPACE_LABELS, VERIFY_LABELS
-from components.state import owl_job, prune_data_settings, require_model, session_work, spectra_job, wait_for
+from components.state import (
+    NO_TOKENIZER_NOTE,
+    owl_job,
+    prune_data_settings,
+    require_model,
+    session_work,
+    spectra_job,
+    wait_for,
+)
 
 POINTS_KEY = "alloc_points"
 OFFSETS_KEY = "_alloc_offsets"  # per-matrix offsets the curve keeps: {"model", "origin", "offsets"} or None
@@ -98,7 +106,7 @@ if more:
                                 "outlier activations are pruned less. The OWL paper uses 0.02 to 0.1.")
     calibration, evaluation = prune_data_settings()  # the OWL preset is what an OWL run there applies
     farms_job = spectra_job(loaded, fit, farms=True)
-    owl = owl_job(loaded, calibration, evaluation.source, DEFAULT.owl_threshold)
+    owl = owl_job(loaded, calibration, evaluation.source, DEFAULT.owl_threshold) if loaded.tokenizer else None
     pending = []
     if farms_job.status == "done":
         presets["farms"] = allocate(farms_job.result.metrics, target, "farms", epsilon=epsilon, metric=DEFAULT.metric,
@@ -106,11 +114,15 @@ if more:
     else:
         pending.append(f"FARMS spectra {farms_job.progress[1]:.0%}" if not farms_job.done
                        else f"FARMS: {farms_job.error}")
-    if owl.status == "done":
+    if owl is None:
+        pending.append("OWL: no tokenizer for its calibration text")
+    elif owl.status == "done":
         presets["owl"] = allocate(metrics, target, "owl", outlier_ratios=owl.result, owl_lambda=owl_lambda,
                                   model=loaded.info.source)
     else:
         pending.append(f"OWL outlier ratios {owl.progress[1]:.0%}" if not owl.done else f"OWL: {owl.error}")
+    if owl is None:
+        st.caption(NO_TOKENIZER_NOTE)
     if pending:
         st.caption("Computing in the background: " + ", ".join(pending) + " (they appear on the next interaction).")
 
@@ -207,7 +219,10 @@ with st.expander("Find allocation (search)", expanded=SEARCH_KEY in st.session_s
                                  "search keeps its budget" + (f" ({mine.achieved:.1%})." if mine else "."))
     search: Job | None = st.session_state.get(SEARCH_KEY)
     g1, g2 = st.columns(2)
-    if g1.button("Find allocation", key="alloc_search_run", disabled=search is not None and not search.done):
+    if loaded.tokenizer is None:
+        st.caption(NO_TOKENIZER_NOTE)
+    if g1.button("Find allocation", key="alloc_search_run",
+                 disabled=loaded.tokenizer is None or (search is not None and not search.done)):
         cal, evaluation = prune_data_settings()
         ev = evaluation.source
         cfg = AllocationSettings(method="auto", sparsity=float(target), epsilon=float(epsilon),

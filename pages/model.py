@@ -18,7 +18,15 @@ from analysis.loading import (
     pick_dtype,
     resolve_source,
 )
-from components.state import is_loaded, load_shared_model, model_key, prune_data_settings, session_work, spectra_job
+from components.state import (
+    NO_TOKENIZER_NOTE,
+    is_loaded,
+    load_shared_model,
+    model_key,
+    prune_data_settings,
+    session_work,
+    spectra_job,
+)
 
 SOURCES = {
     "SmolLM2-135M-Instruct (packaged default)": "default",
@@ -132,6 +140,8 @@ if current is not None:
     info = loaded.info
     work = session_work()
     st.success(f"Loaded **{info.title}** on `{info.device}` as `{info.dtype}` in {info.load_seconds:.1f} s.")
+    if loaded.tokenizer is None:
+        st.warning(NO_TOKENIZER_NOTE)
     st.caption("Weights live on: " + ", ".join(f"**{where}** {format_bytes(n)}"
                                                for where, n in info.placement.items()))
     refs = find_layers(loaded.model)

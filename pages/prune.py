@@ -49,6 +49,7 @@ from components.state import (
     peek_dense_ppl_job,
     remember_prune_data,
     require_model,
+    require_tokenizer,
     runs_store,
     session_weights,
     session_work,
@@ -80,6 +81,7 @@ def _use_uploaded_text() -> None:
 
 st.title("Prune")
 loaded = require_model()
+require_tokenizer(loaded)
 work = session_work()
 job: Job | None = work.job
 busy = job is not None and not job.done

@@ -236,6 +236,31 @@ def test_bad_model_source_shows_an_error(kind, key, value, message):
     assert "model_key" not in at.session_state  # nothing was loaded
 
 
+def test_a_folder_without_tokenizer_files_loads_for_its_spectra_and_says_what_needs_text(tmp_path):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=120)).save_pretrained(tmp_path / "weights-only")
+    at = fresh_app()
+    at.radio(key="model_choice").set_value("Local checkpoint folder").run()
+    at.text_input(key="model_folder").input(str(tmp_path / "weights-only")).run()
+    at.button(key="model_load").click().run()
+    assert not at.exception and not at.error
+    assert at.success[0].value.startswith("Loaded **")
+    assert any("has no tokenizer files" in w.value for w in at.warning)
+    at.switch_page("pages/spectra.py")
+    run_until_idle(at, "spectra of the weights-only model")
+    assert not at.warning and at.selectbox(key="spectra_layer").options  # the spectra need no tokenizer
+    at.switch_page("pages/allocation.py")
+    run_until_idle(at, "allocation page")
+    assert at.button(key="alloc_search_run").disabled  # the search reads calibration text
+    assert any("has no tokenizer files" in c.value for c in at.caption)
+    at.switch_page("pages/prune.py").run()
+    assert not at.exception and "has no tokenizer files" in at.warning[0].value
+
+
 def test_pages_without_a_model_point_to_the_model_page():
     at = fresh_app()
     for page in ("spectra", "allocation", "prune"):
