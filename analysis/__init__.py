@@ -2,4 +2,4 @@
 
 Never imports Streamlit; the dashboard (app.py, pages/) is a thin view over these modules.
 """
-__version__ = "0.1.0"
+from analysis.runtime import VERSION as __version__  # noqa: F401 (the package's version)

@@ -35,8 +35,7 @@ from analysis.layers import (
     module_device,
     token_ids_problem,
 )
-from analysis.loading import pick_device
-from analysis.runtime import ProgressFn, StopFlag, should_stop
+from analysis.runtime import ProgressFn, StopFlag, pick_device, should_stop
 
 
 class InputStats:

@@ -17,8 +17,7 @@ from torch import nn
 
 from analysis.errors import AlphascopeError
 from analysis.layers import module_device, token_ids_problem
-from analysis.loading import pick_device
-from analysis.runtime import StopFlag, should_stop
+from analysis.runtime import StopFlag, pick_device, should_stop
 
 
 @dataclass(frozen=True)

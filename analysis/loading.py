@@ -29,14 +29,10 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from analysis.checkpoint import CheckpointError, has_safetensors, local_folder, open_checkpoint
-from analysis.errors import AlphascopeError, and_more
+from analysis.errors import and_more
 from analysis.export import ExportError, load_pruned, stored_compressed
 from analysis.layers import blocks_beyond, find_blocks, layers_by_block, prunable_layers, skeleton
-from analysis.runtime import ProgressFn, cache_dir
-
-
-class ModelLoadError(AlphascopeError, RuntimeError):
-    """A model could not be resolved or loaded; the message is meant for the user as is."""
+from analysis.runtime import ModelLoadError, ProgressFn, cache_dir, pick_device
 
 
 class NoTokenizerError(ModelLoadError):
@@ -305,22 +301,6 @@ def _is_hub_id(path: str, pm: PackagedModel | None) -> bool:
 
 
 DEVICE_MAP_AUTO = "device_map=auto"  # the device choice that spreads a model with accelerate
-
-
-def pick_device(device: str | None = None) -> torch.device:
-    """`None`/"auto": CUDA when available, else CPU."""
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        d = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ModelLoadError(f"Unknown device '{device}'; use auto, cpu, cuda or cuda:<index>.") from None
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError("CUDA was requested but no CUDA device is available; use device 'cpu'.")
-    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
-        raise ModelLoadError(f"There is no {device}: this machine has {torch.cuda.device_count()} CUDA device(s).")
-    return d
-
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

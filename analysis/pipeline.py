@@ -22,7 +22,6 @@ import torch
 import transformers
 from torch import nn
 
-from analysis import __version__
 from analysis.allocation import Allocation, allocate, budget, custom_allocation
 from analysis.checkpoint import folder_fingerprint
 from analysis.data import (
@@ -45,7 +44,7 @@ from analysis.loading import OFFLOADED, LoadedModel, ModelLoadError, model_ident
 from analysis.owl import collect_outlier_ratios
 from analysis.pruners import PruneError, parse_nm
 from analysis.pruning import PruneReport, check_finite, prune, prune_warnings
-from analysis.runtime import ProgressFn, StopFlag, should_stop
+from analysis.runtime import VERSION, ProgressFn, StopFlag, should_stop
 from analysis.search import OnBest, gone_on, reuse_caveats, search_allocation
 from analysis.settings import (
     SPECTRA_METHODS,
@@ -383,7 +382,7 @@ class Timer:
 
 
 def library_versions() -> dict[str, str]:
-    return {"alphascope": __version__, "python": platform.python_version(), "numpy": np.__version__,
+    return {"alphascope": VERSION, "python": platform.python_version(), "numpy": np.__version__,
             "torch": torch.__version__, "transformers": transformers.__version__}
 
 
