@@ -6,6 +6,7 @@ fraction of weights set to zero.
 """
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -22,9 +23,10 @@ KIND_ORDER = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 METHOD_COLORS = {"uniform": "#7f7f7f", "alphapruning": "#1f77b4", "farms": "#2ca02c", "owl": "#ff7f0e",
                  "custom": "#d62728"}
 # lines past an allocation method's first (another ε, setup, pruner), and methods without a color of their own
+@functools.cache
 def favicon(size: int = 32) -> Image.Image:
-    """The app's icon, drawn here: a heavy-tailed histogram, bars falling as a power law. A named icon would be
-    fetched from a font server the offline machines this runs on cannot reach."""
+    """The app's icon, drawn here (once: app.py asks on every rerun): a heavy-tailed histogram, bars falling as a
+    power law. A named icon would be fetched from a font server the offline machines this runs on cannot reach."""
     icon = np.zeros((size, size, 4), dtype=np.uint8)
     bars = 6
     width = size // bars
