@@ -311,7 +311,7 @@ def readable_tokens(tokenizer, text: str, label: str) -> torch.Tensor:
     if not text.strip():
         raise DataError(f"{label} is empty (nothing but white space); name a text with words in it.")
     ids = tokenize(tokenizer, text)
-    if len(ids) == 0 and text.strip():
+    if len(ids) == 0:
         raise DataError(f"The model's tokenizer turns {label.lower()} ({len(text):,} characters) into no tokens: it "
                         "cannot read this text (is the tokenizer this model's?).")
     return ids

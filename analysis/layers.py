@@ -108,10 +108,12 @@ def token_ids_problem(ids: torch.Tensor, model: nn.Module) -> str | None:
         return f"token ids must be integers (torch.long), got {str(ids.dtype).replace('torch.', '')}"
     embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     rows = getattr(embedding, "num_embeddings", None)
-    if ids.numel() and rows is not None and (int(ids.min()) < 0 or int(ids.max()) >= rows):
-        bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
-        return (f"token id {bad} is outside the model's vocabulary of {rows} embedding rows (ids tokenized for "
-                "another model?)")
+    if not ids.numel() or rows is None:
+        return None
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= rows:
+        return (f"token id {low if low < 0 else high} is outside the model's vocabulary of {rows} embedding rows "
+                "(ids tokenized for another model?)")
     return None
 
 

@@ -435,7 +435,7 @@ def _check_loaded_weights(source: str, model: nn.Module, info: dict) -> None:
         key, stored, wanted = mismatched[0]
         raise ModelLoadError(f"'{source}' does not match its config.json: {key} is stored as {tuple(stored)} but "
                              f"the config makes it {tuple(wanted)}{and_more(mismatched)}; {CONFIG_FIX}.")
-    params = dict(model.named_parameters())
+    params = {name for name, _ in model.named_parameters()}
     if missing := sorted(k for k in info["missing_keys"] if k in params):
         raise ModelLoadError(f"'{source}' lacks weights its config.json asks for: no {missing[0]}{and_more(missing)}, "
                              f"which would be random; {CONFIG_FIX}.")
