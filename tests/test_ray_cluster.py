@@ -3,6 +3,7 @@ started with `ray start` in its own processes, with token authentication (Ray's 
 clusters it starts), reached by its GCS address (host:port) and by a Ray Client address
 (ray://host:port). The runs equal the same sweep in one process; without the token the command
 stops with one line that says what to set."""
+import contextlib
 import os
 import secrets
 import signal
@@ -49,24 +50,42 @@ def without_ray_auth(env: dict) -> dict:
 def cluster(tmp_path_factory):
     """A one-node cluster with 2 CPUs and token authentication, in its own process group; yields
     (GCS port, Ray Client port, token)."""
-    gcs, client, token = free_port(), free_port(), secrets.token_hex(32)
-    log = (tmp_path_factory.mktemp("ray") / "head.log").open("w")
+    token = secrets.token_hex(32)
     env = {**without_ray_auth(os.environ), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
            "RAY_memory_monitor_refresh_ms": "0"}
-    head = subprocess.Popen(
-        [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--port", str(gcs),
-         "--ray-client-server-port", str(client), "--num-cpus", "2", "--include-dashboard", "false",
-         "--disable-usage-stats"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    folder = tmp_path_factory.mktemp("ray")
+    for attempt in range(3):  # a port free_port found may be taken by one of Ray's own processes meanwhile
+        gcs, client = free_port(), free_port()
+        log = (folder / f"head-{attempt}.log").open("w")
+        head = subprocess.Popen(
+            [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--port", str(gcs),
+             "--ray-client-server-port", str(client), "--num-cpus", "2", "--include-dashboard", "false",
+             "--disable-usage-stats"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        try:
+            wait_for_port(client, head)
+            time.sleep(5)  # `ray start --block` ends its node when one of its processes failed to start
+            if head.poll() is None:
+                break
+        except (RuntimeError, TimeoutError):
+            if attempt == 2:
+                raise
+        _stop_head(head, log, gcs)
+    else:
+        raise RuntimeError(f"ray start's node ended at once, 3 times (logs in {folder})")
     try:
-        wait_for_port(client, head)
         yield gcs, client, token
     finally:
+        _stop_head(head, log, gcs)
+
+
+def _stop_head(head: subprocess.Popen, log, gcs: int) -> None:
+    with contextlib.suppress(ProcessLookupError):  # (a node that ended may leave processes in its group)
         os.killpg(head.pid, signal.SIGKILL)  # SIGTERM would drain the node for 30 s first
-        head.wait(timeout=60)
-        log.close()
-        latest = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"  # where `ray start` names its cluster
-        if latest.exists() and latest.read_text().strip().endswith(f":{gcs}"):
-            latest.unlink()
+    head.wait(timeout=60)
+    log.close()
+    latest = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"  # where `ray start` names its cluster
+    if latest.exists() and latest.read_text().strip().endswith(f":{gcs}"):
+        latest.unlink()
 
 
 @pytest.fixture(scope="module")
