@@ -242,7 +242,8 @@ def budget(ratios, params) -> float:
     return float(np.sum(p * r) / np.sum(p))
 
 
-def _check_sparsity(sparsity, lo: float = 0.0, hi: float = MAX_RATIO, name: str = "sparsity") -> float:
+def check_sparsity(sparsity, lo: float = 0.0, hi: float = MAX_RATIO, name: str = "sparsity") -> float:
+    """`sparsity` as a float, after checking it is a finite number in [lo, hi]; AllocationError naming `name`."""
     if not _is_number(sparsity) and not isinstance(sparsity, np.floating):
         raise AllocationError(f"{name} must be a finite number, got {sparsity!r}")
     s = float(sparsity)
@@ -266,8 +267,9 @@ def _solve_monotone(g, target: float, a: float, b: float) -> float:
     return 0.5 * (a + b)
 
 
-def _polish(r: np.ndarray, p: np.ndarray, target_mass: float, lo: float, hi: float, apply, t: float):
-    """Bisection leaves ~1e-16 relative error in t; fix the clipped set at t and solve the linear rest exactly."""
+def _polish(p: np.ndarray, target_mass: float, lo: float, hi: float, apply, t: float):
+    """Bisection leaves ~1e-16 relative error in t: keep the clipped ratios at t and shift the free ones by one
+    constant, so their mass makes the budget exact."""
     x = apply(t)
     free = (x > lo) & (x < hi)
     if not free.any():
@@ -306,7 +308,7 @@ def exact_budget(ratios, params, sparsity, lo: float = 0.0, hi: float = MAX_RATI
         raise AllocationError(f"bounds must satisfy 0 <= lo < hi <= 1, got lo={lo}, hi={hi}")
     if mode not in ("scale", "shift"):
         raise AllocationError(f"mode must be 'scale' or 'shift', got {mode!r}")
-    s = _check_sparsity(sparsity, lo, hi)
+    s = check_sparsity(sparsity, lo, hi)
     mass = s * p.sum()
 
     if mode == "scale":
@@ -335,24 +337,36 @@ def _scale_to_budget(r, p, mass, lo, hi):
     if float(np.sum(p * apply(hi / r[pos].min()))) < mass - 1e-12 * p.sum():
         return None  # zero ratios stay at lo: scaling alone cannot reach the target
     c = _solve_monotone(lambda c: float(np.sum(p * apply(c))), mass, 0.0, hi / r[pos].min())
-    return _polish(r, p, mass, lo, hi, apply, c)
+    return _polish(p, mass, lo, hi, apply, c)
 
 
 def _shift_to_budget(r, p, mass, lo, hi):
     apply = lambda t: np.clip(r + t, lo, hi)  # noqa: E731
     a, b = lo - r.max(), hi - r.min()
     t = _solve_monotone(lambda t: float(np.sum(p * apply(t))), mass, a, b)
-    return _polish(r, p, mass, lo, hi, apply, t)
+    return _polish(p, mass, lo, hi, apply, t)
 
 
 # --------------------------------------------------------------------------------------------
 # metrics handling
 
 
-def _check_metric(metric: str) -> int:
+def check_metric(metric: str, method: str = "alphapruning") -> int:
+    """The direction of `metric` (METRIC_DIRECTION), after checking the allocation `method` can use it: farms
+    changes only the power-law fit, so it needs a metric of the fit. AllocationError otherwise."""
     if metric not in METRIC_DIRECTION:
         raise AllocationError(f"unknown metric {metric!r}; choose one of {', '.join(METRIC_DIRECTION)}")
+    if method == "farms" and metric not in FIT_METRICS:
+        raise AllocationError(f"farms changes only the power-law fit, which metric {metric!r} does not use: it would "
+                              f"be alphapruning's allocation; use alphapruning, or metric {' or '.join(FIT_METRICS)}")
     return METRIC_DIRECTION[metric]
+
+
+def check_granularity(granularity: str) -> str:
+    """`granularity`, after checking it is one of GRANULARITIES; AllocationError otherwise."""
+    if granularity not in GRANULARITIES:
+        raise AllocationError(f"granularity must be 'block' or 'layer', got {granularity!r}")
+    return granularity
 
 
 def prunable_rows(metrics: pd.DataFrame, columns: tuple[str, ...] = ()) -> pd.DataFrame:
@@ -447,26 +461,6 @@ def _finish(df, ratios, sparsity, method, params, model) -> Allocation:
 # methods
 
 
-def check_settings(method: str = "alphapruning", sparsity: float | None = 0.5, epsilon: float = 0.3,
-                   metric: str = "alpha", granularity: str = "block", owl_lambda: float = 0.08) -> None:
-    """Validate allocation settings before any expensive work (model loading, spectra); raises
-    AllocationError naming the first bad value. sparsity=None is allowed (a custom curve as drawn)."""
-    if method not in METHODS:
-        raise AllocationError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if sparsity is not None:
-        _check_sparsity(sparsity)
-    if method in ("alphapruning", "farms"):
-        _check_spread(epsilon, "epsilon")
-        _check_metric(metric)
-    if method == "farms" and metric not in FIT_METRICS:
-        raise AllocationError(f"farms changes only the power-law fit, which metric {metric!r} does not use: it would "
-                              f"be alphapruning's allocation; use alphapruning, or metric {' or '.join(FIT_METRICS)}")
-    if granularity not in GRANULARITIES:
-        raise AllocationError(f"granularity must be 'block' or 'layer', got {granularity!r}")
-    if method == "owl":
-        _check_spread(owl_lambda, "owl_lambda")
-
-
 def allocate(
     metrics: pd.DataFrame,
     sparsity: float,
@@ -491,8 +485,8 @@ def allocate(
     if method not in METHODS or method == "custom":
         raise AllocationError(f"unknown method {method!r}; choose uniform, alphapruning, farms or owl "
                               "(custom curves: custom_allocation)")
-    s = _check_sparsity(sparsity)
-    check_settings(method, None, epsilon, metric, granularity, owl_lambda)
+    s = check_sparsity(sparsity)
+    check_granularity(granularity)
     if method == "uniform":
         df = prunable_rows(metrics)
         return _finish(df, np.full(len(df), s), s, method, {}, model)
@@ -506,7 +500,9 @@ def allocate(
     return _alphapruning(metrics, s, method, epsilon, metric, granularity, model)
 
 
-def _check_spread(x, name: str) -> float:
+def check_spread(x, name: str) -> float:
+    """`x` as a float, after checking it is a spread in [0, 1) (AlphaPruning's ε, OWL's λ); AllocationError naming
+    `name`."""
     if not _is_number(x) and not isinstance(x, np.floating):
         raise AllocationError(f"{name} must be a finite number, got {x!r}")
     x = float(x)
@@ -521,8 +517,8 @@ def alphapruning_ratios(values: np.ndarray, sparsity: float, epsilon: float) -> 
 
 
 def _alphapruning(metrics, s, method, epsilon, metric, granularity, model) -> Allocation:
-    eps = _check_spread(epsilon, "epsilon")
-    direction = _check_metric(metric)
+    eps = check_spread(epsilon, "epsilon")
+    direction = check_metric(metric, method)
     df = prunable_rows(metrics, (metric,))
     warnings: list[str] = []
     v = direction * _valid_values(df, metric, warnings)
@@ -533,13 +529,15 @@ def _alphapruning(metrics, s, method, epsilon, metric, granularity, model) -> Al
         v = block_mean.reindex(df["block"].to_numpy()).to_numpy()
     ratios = exact_budget(alphapruning_ratios(v, s, eps), p, s, mode="scale")
     params = {"epsilon": eps, "metric": metric, "granularity": granularity}
+    if "fit" in metrics.attrs:  # metrics from analyze (a hand-built table does not say)
+        params["fit"] = metrics.attrs["fit"]
     if warnings:
         params["warnings"] = warnings
     return _finish(df, ratios, s, method, params, model)
 
 
 def _owl(metrics, s, outlier_ratios, owl_lambda, model) -> Allocation:
-    lam = _check_spread(owl_lambda, "owl_lambda")
+    lam = check_spread(owl_lambda, "owl_lambda")
     df = prunable_rows(metrics)
     if not outlier_ratios:
         raise AllocationError("method 'owl' needs outlier_ratios {block: fraction of outliers}")
@@ -732,13 +730,13 @@ def custom_allocation(points, metrics: pd.DataFrame, sparsity: float | None = No
     if normalize:
         if sparsity is None:
             raise AllocationError("normalize=True needs a target sparsity")
-        s = _check_sparsity(sparsity)
+        s = check_sparsity(sparsity)
         if s > 0 and not (ratios > 0).any():  # exact_budget then shifts: every matrix gets the target
             warnings.append(f"the curve prunes nothing, so it has no shape to scale to the target: every matrix "
                             f"gets {s:.1%}")
         ratios = exact_budget(ratios, p, s, mode="scale")
     else:
-        s = budget(ratios, p) if sparsity is None else _check_sparsity(sparsity)
+        s = budget(ratios, p) if sparsity is None else check_sparsity(sparsity)
     params = {"points": [[float(a), float(b)] for a, b in zip(x, y)], "normalize": bool(normalize)}
     if offsets:
         params["offsets"] = {str(k): float(v) for k, v in offsets.items()}

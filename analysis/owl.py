@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from analysis.allocation import AllocationError
 from analysis.calibration import InputStats, walk_blocks
 from analysis.layers import LayerRef
 from analysis.pruners import wanda_scores
@@ -23,7 +24,7 @@ def collect_outlier_ratios(model: nn.Module, calib: torch.Tensor, threshold_m: f
     scores, and counting them as free of outliers would dilute their block's ratio.
     """
     if threshold_m <= 0:
-        raise ValueError(f"threshold_m must be > 0, got {threshold_m}")
+        raise AllocationError(f"threshold_m must be > 0, got {threshold_m}")
     ratios: dict[int, float] = {}
 
     def on_block(b: int, refs: list[LayerRef], stats: dict[str, InputStats]) -> bool:

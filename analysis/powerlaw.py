@@ -63,6 +63,12 @@ class PowerLawFit:
     def failed(cls, status: str) -> PowerLawFit:
         return cls(math.nan, math.nan, math.nan, 0, status)
 
+    @property
+    def alpha_stderr(self) -> float:
+        """Standard error of alpha from the tail's size alone, (alpha - 1) / sqrt(n_tail) (the maximum-likelihood
+        estimator's, Clauset, Shalizi & Newman 2009): a fit on a few eigenvalues is a noisy one. NaN if failed."""
+        return (self.alpha - 1) / math.sqrt(self.n_tail) if self.status == "ok" and self.n_tail > 0 else math.nan
+
 
 def positive_threshold(eigs: np.ndarray) -> float:
     """Eigenvalues at or below this are treated as zero: min(1e-5, 1e-7·λmax)."""

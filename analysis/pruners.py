@@ -67,10 +67,15 @@ def parse_nm(nm) -> NM | None:
     return n, m
 
 
+def nm_sparsity(nm: NM) -> float:
+    """The share of a matrix an N:M pattern prunes: (M-N)/M (2:4 -> 0.5)."""
+    return (nm[1] - nm[0]) / nm[1]
+
+
 def check_nm_ratios(ratios: dict[str, float], nm: NM) -> None:
     """PruneError unless every ratio is the pattern's (M-N)/M or 0 (a matrix kept dense): an N:M mask
     removes exactly that share, whatever ratio is asked for."""
-    want = (nm[1] - nm[0]) / nm[1]
+    want = nm_sparsity(nm)
     odd = [k for k, v in ratios.items() if float(v) > 0 and not math.isclose(float(v), want)]
     if odd:
         raise PruneError(f"an N:M pattern {nm[0]}:{nm[1]} prunes a matrix to {want:g} (or 0 to keep it dense); "

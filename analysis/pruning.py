@@ -20,7 +20,6 @@ from analysis.calibration import InputStats, walk_blocks
 from analysis.layers import LayerRef, find_blocks, prunable_layers
 from analysis.pruners import (
     NM,
-    PRUNERS,
     PruneError,
     Pruner,
     check_nm_ratios,
@@ -30,8 +29,6 @@ from analysis.pruners import (
     prune_trim,
 )
 from analysis.runtime import ProgressFn, StopFlag
-
-METHODS = tuple(PRUNERS)
 
 
 @dataclass

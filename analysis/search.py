@@ -80,7 +80,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from analysis.allocation import MAX_RATIO, Allocation, budget
+from analysis.allocation import MAX_RATIO, Allocation, AllocationError, budget
 from analysis.calibration import InputStats, replaying, walk_blocks
 from analysis.evaluation import token_nll
 from analysis.jobs import JobCancelled
@@ -402,18 +402,18 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
     windows), its cost (seconds, forward passes, tokens, real prunes) and `device`, the type of device its real
     prunes ran on."""
     if not starts:
-        raise ValueError("the search needs at least one start allocation")
+        raise AllocationError("the search needs at least one start allocation")
     sparsity = next(iter(starts.values())).sparsity
     if calib is None or calib.dim() != 2:
-        raise ValueError("the search needs calibration data (calib = token ids, shape (n, seqlen)).")
+        raise AllocationError("the search needs calibration data (calib = token ids, shape (n, seqlen)).")
     if objective not in SEARCH_OBJECTIVES:
-        raise ValueError(f"objective must be one of {', '.join(SEARCH_OBJECTIVES)}, got {objective!r}")
+        raise AllocationError(f"objective must be one of {', '.join(SEARCH_OBJECTIVES)}, got {objective!r}")
     if verify not in VERIFY_MODES:
-        raise ValueError(f"verify must be one of {', '.join(VERIFY_MODES)}, got {verify!r}")
+        raise AllocationError(f"verify must be one of {', '.join(VERIFY_MODES)}, got {verify!r}")
     if space not in SEARCH_SPACES:
-        raise ValueError(f"space must be one of {', '.join(SEARCH_SPACES)}, got {space!r}")
+        raise AllocationError(f"space must be one of {', '.join(SEARCH_SPACES)}, got {space!r}")
     if fitness_windows is not None and (fitness_windows.dim() != 2 or fitness_windows.shape[1] < 2):
-        raise ValueError("fitness_windows must be token ids of shape (n, seqlen >= 2).")
+        raise AllocationError("fitness_windows must be token ids of shape (n, seqlen >= 2).")
     t0 = time.perf_counter()
     refs = layers_by_block(model)
     n_blocks = max(refs) + 1

@@ -18,7 +18,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-from analysis.allocation import MAX_RATIO, Allocation, check_settings
+from analysis.allocation import MAX_RATIO, Allocation, check_granularity, check_metric, check_sparsity, check_spread
 from analysis.data import (
     ENCODING,
     calibration_batches,
@@ -38,7 +38,7 @@ from analysis.errors import AlphascopeError
 from analysis.layers import find_layers, layer_table, prunable_layers
 from analysis.loading import DEVICE_MAP_AUTO, DTYPES, ModelLoadError, ModelPreview, pick_device
 from analysis.powerlaw import check_fit
-from analysis.pruners import PRUNERS, ROWWISE, check_rowwise, parse_nm
+from analysis.pruners import PRUNERS, check_rowwise, parse_nm
 
 # allocation methods a run can name; "auto" a search (analysis.search), "custom" a drawn curve, "file" an
 # allocation JSON
@@ -297,17 +297,15 @@ class AllocationSettings:
         if self.method == "file":
             _allocation_file(self.file, "allocation.file", "allocation file")
             return self
-        # one field at a time (the others at valid values), so the error says which field is wrong
         if not self.as_drawn:
-            _checked("allocation.sparsity", check_settings, "uniform", self.sparsity)
+            _checked("allocation.sparsity", check_sparsity, self.sparsity)
         if self.method == "auto" and self.sparsity == 0:
             raise SettingsError("an allocation search needs a sparsity above 0: at 0 every allocation is the "
                                 "dense model", "allocation.sparsity")
-        _checked("allocation.epsilon", check_settings, "alphapruning", 0.5, self.epsilon)
-        _checked("allocation.metric", check_settings, "farms" if self.method == "farms" else "alphapruning", 0.5, 0.3,
-                 self.metric)
-        _checked("allocation.granularity", check_settings, "uniform", 0.5, 0.3, "alpha", self.granularity)
-        _checked("allocation.owl_lambda", check_settings, "owl", 0.5, 0.3, "alpha", "block", self.owl_lambda)
+        _checked("allocation.epsilon", check_spread, self.epsilon, "epsilon")
+        _checked("allocation.metric", check_metric, self.metric, self.method)
+        _checked("allocation.granularity", check_granularity, self.granularity)
+        _checked("allocation.owl_lambda", check_spread, self.owl_lambda, "owl_lambda")
         _checked("allocation.fit", check_fit, self.fit)
         if not self.owl_threshold > 0:
             raise SettingsError(f"owl_threshold must be > 0, got {self.owl_threshold}", "allocation.owl_threshold")
@@ -406,7 +404,7 @@ class AllocationSettings:
 @dataclass(frozen=True)
 class PruneSettings:
     """method: a key of analysis.pruners.PRUNERS; nm: "2:4"-style N:M pattern or None (unstructured);
-    rowwise: None or one of analysis.pruning.ROWWISE ("trim": per-row ratios, unstructured only)."""
+    rowwise: None or one of analysis.pruners.ROWWISE ("trim": per-row ratios, unstructured only)."""
 
     method: str = "wanda"
     nm: str | None = None
@@ -520,6 +518,6 @@ class RunSettings:
         return cls(**parts)
 
 
-__all__ = ["ALLOCATION_METHODS", "QUICK_EVALUATION", "QUICK_ZEROSHOT", "ROWWISE", "SPECTRA_METHODS",
+__all__ = ["ALLOCATION_METHODS", "QUICK_EVALUATION", "QUICK_ZEROSHOT", "SPECTRA_METHODS",
            "AllocationSettings", "CalibrationSettings", "EvaluationSettings", "ModelSettings", "PruneSettings",
            "RunSettings", "SettingsError", "SpectraSettings", "ZeroShotSettings"]

@@ -82,6 +82,12 @@ class SpectraResult:
 
     def __post_init__(self):
         self.metrics.attrs["farms"] = self.farms  # allocate checks that farms/alphapruning get their own kind
+        self.metrics.attrs["fit"] = self.fit  # and records the xmin rule the alphas were fitted with
+
+    def mp_ratio(self, rows: int, cols: int) -> float:
+        """The aspect ratio of the random matrix a (rows, cols) matrix's spectrum is compared with: its own
+        (long / short side), or 1 for FARMS, whose windows are square."""
+        return 1.0 if self.farms else max(rows, cols) / min(rows, cols)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -731,6 +737,19 @@ def mp_curve(eigs: np.ndarray, ratio: float, log: bool = True, points: int = 400
 ALPHA_BANDS = (2.0, 6.0)  # HT-SR's reading: below over-trained, inside well trained, above under-trained
 
 
+def alpha_summary(result: SpectraResult) -> dict:
+    """The reading of a model's prunable matrices whose fit is "ok" (`fitted` of them): their mean alpha, how many
+    lie below, inside and above ALPHA_BANDS, and how many have a tail beyond the Marchenko–Pastur edge
+    (`beyond_mp_edge`), where alone alpha reads learned structure."""
+    ok = result.metrics[(result.metrics["status"] == "ok") & result.metrics["prunable"]]
+    low, high = ALPHA_BANDS
+    return {"fitted": len(ok), "mean_alpha": float(ok["alpha"].mean()) if len(ok) else math.nan,
+            "below": int((ok["alpha"] < low).sum()), "inside": int(ok["alpha"].between(low, high).sum()),
+            "above": int((ok["alpha"] > high).sum()),
+            "with_tail": sum(beyond_mp_edge(result.esds[r.name], result.mp_ratio(r.rows, r.cols)) > 0
+                             for r in ok.itertuples())}
+
+
 def shuffled_esd(ref: LayerRef, farms: bool = False, normalize: bool = False, seed: int = 0) -> np.ndarray:
     """ESD of the matrix with its entries randomly permuted: the same entry distribution with no
     learned correlations left (what the layer's spectrum would be without structure)."""
@@ -740,6 +759,6 @@ def shuffled_esd(ref: LayerRef, farms: bool = False, normalize: bool = False, se
     return farms_esd(shuffled, normalize) if farms else esd(shuffled, normalize)
 
 
-__all__ = ["ALPHA_BANDS", "COLUMNS", "NotStreamable", "SpectraResult", "analyze", "analyze_checkpoint",
+__all__ = ["ALPHA_BANDS", "COLUMNS", "NotStreamable", "SpectraResult", "alpha_summary", "analyze", "analyze_checkpoint",
            "checkpoint_layers", "esd", "farms_esd", "farms_spectrum", "farms_windows", "mp_bounds", "mp_curve",
            "mp_density", "shuffled_esd", "spectral_entropy", "streamed_esd"]

@@ -192,11 +192,16 @@ def eval_label(config: dict) -> str | None:
     return f"{source} ({n} window{'' if n == 1 else 's'} of {config.get('eval_seqlen')} tokens{half})"
 
 
+def achieved_overall(record: dict) -> float | None:
+    """The share of zeros a run left in the prunable matrices, weighted by their sizes (None if not recorded)."""
+    return (record.get("achieved") or {}).get("overall")
+
+
 def run_summary(record: dict) -> dict:
     """What the Compare page shows of a run beyond the table's columns: achieved overall sparsity,
     the per-block allocation, the evaluation (`eval_label`) and the calibration seed."""
     alloc, config = record.get("allocation") or {}, record.get("config") or {}
-    return {"achieved": (record.get("achieved") or {}).get("overall"), "per_block": alloc.get("per_block") or [],
+    return {"achieved": achieved_overall(record), "per_block": alloc.get("per_block") or [],
             "eval": eval_label(config), "seed": config.get("seed")}
 
 

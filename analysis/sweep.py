@@ -34,7 +34,7 @@ from urllib.parse import urlparse
 
 import pandas as pd
 
-from analysis.allocation import MAX_RATIO, Allocation, AllocationError, check_settings, parse_points
+from analysis.allocation import MAX_RATIO, Allocation, AllocationError, check_spread, parse_points
 from analysis.data import source_identity, text_file
 from analysis.errors import AlphascopeError
 from analysis.evaluation import perplexity_stream
@@ -61,10 +61,11 @@ from analysis.settings import (
     SpectraSettings,
     check_positive_int,
 )
-from analysis.store import RunStore, eval_label
+from analysis.store import RunStore, achieved_overall, eval_label
 
 NAMED_ALLOCATIONS = ALLOCATION_METHODS[:5]  # uniform, alphapruning, farms, owl, auto
 DONE, SKIPPED, FAILED, CANCELLED = "done", "skipped", "failed", "cancelled"
+DELETED = "deleted"  # a table's status for a run that was stored, then deleted from the run store
 ADDRESS_TIMEOUT_S = 3.0  # how long `check_address` waits for a cluster to answer
 # A file path: while that file exists, the next configuration to start deletes it and kills its own
 # worker process (the retry tests arm one crash this way).
@@ -159,9 +160,9 @@ class SweepGrid:
             if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 < s <= MAX_RATIO:
                 raise SettingsError(f"sparsity {s} is outside (0, {MAX_RATIO}]", "sweep.sparsities")
         for e in self.epsilons:
-            _axis_check("sweep.epsilons", check_settings, "alphapruning", 0.5, e)
+            _axis_check("sweep.epsilons", check_spread, e, "epsilon")
         for lam in self.owl_lambdas:
-            _axis_check("sweep.owl_lambdas", check_settings, "owl", 0.5, 0.3, "alpha", "block", lam)
+            _axis_check("sweep.owl_lambdas", check_spread, lam, "owl_lambda")
         for r in self.rowwise:
             _axis_check("sweep.rowwise", check_rowwise, r, None)
         for seed in self.seeds:
@@ -463,7 +464,7 @@ def sweep_row(record: dict) -> dict | None:
     return {"id": record.get("id"), "model": record["config"].get("model"), "method": s.prune.method,
             "allocation": line_label(s), "setup": setup_label(s),
             "sparsity": record["config"].get("sparsity", s.allocation.sparsity),
-            "achieved": (record.get("achieved") or {}).get("overall"), "seed": s.calibration.seed,
+            "achieved": achieved_overall(record), "seed": s.calibration.seed,
             "eval": eval_label(record["config"]), "dense_ppl": record.get("dense_ppl"),
             "pruned_ppl": record.get("pruned_ppl")}
 
@@ -478,13 +479,15 @@ def _target(settings: RunSettings) -> float:
         return float("nan")
 
 
-def outcome_table(outcomes: list[Outcome]) -> pd.DataFrame:
-    """One row per configuration: what the CLI prints at the end of a sweep and the page shows."""
+def outcome_table(outcomes: list[Outcome], stored=None) -> pd.DataFrame:
+    """One row per configuration: what the CLI prints at the end of a sweep and the page shows. With `stored`
+    (the ids now in the run store), a run deleted since the sweep stored it has the status "deleted"."""
     columns = ["method", "allocation", "sparsity", "seed", "status", "run", "dense_ppl", "pruned_ppl", "achieved",
                "attempts", "error"]
+    gone = set() if stored is None else {o.run_id for o in outcomes if o.run_id is not None} - set(stored)
     return pd.DataFrame([[o.settings.prune.method, line_label(o.settings), _target(o.settings),
-                          o.settings.calibration.seed, o.status, o.run_id, o.dense_ppl, o.pruned_ppl, o.achieved,
-                          o.attempts, o.error] for o in outcomes],
+                          o.settings.calibration.seed, DELETED if o.run_id in gone else o.status, o.run_id,
+                          o.dense_ppl, o.pruned_ppl, o.achieved, o.attempts, o.error] for o in outcomes],
                         columns=columns).astype({"run": "Int64"})  # run ids, None where a configuration failed
 
 
@@ -550,7 +553,7 @@ def check_models(configs: list[RunSettings]) -> None:
 def _stored_outcome(key: str, settings: RunSettings, store: RunStore, run_id: int) -> Outcome:
     record = store.get(run_id)
     return Outcome(key, settings, SKIPPED, run_id=run_id, dense_ppl=record.get("dense_ppl"),
-                   pruned_ppl=record.get("pruned_ppl"), achieved=(record.get("achieved") or {}).get("overall"),
+                   pruned_ppl=record.get("pruned_ppl"), achieved=achieved_overall(record),
                    attempts=(record.get("sweep") or {}).get("attempts", 0))
 
 
@@ -593,7 +596,7 @@ def run_sweep(grid: SweepGrid, store: RunStore, *, workers: int = 1, address: st
             record["sweep"] = {"key": key, "attempts": attempts, "content": contents[key]}
             o.run_id = store.add(record)
             o.dense_ppl, o.pruned_ppl = record.get("dense_ppl"), record.get("pruned_ppl")
-            o.achieved = (record.get("achieved") or {}).get("overall")
+            o.achieved = achieved_overall(record)
         outcomes[key] = o
         on_outcome and on_outcome(o)
         if progress:

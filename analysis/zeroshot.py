@@ -70,7 +70,7 @@ class ZeroShotResult:
 
     def accuracy(self) -> dict[str, float]:
         """Task -> acc (the metric the papers' tables report)."""
-        return {s.task: s.value for s in self.scores if s.metric == "acc"}
+        return record_accuracy({"zeroshot": self.to_dict()})
 
     def to_dict(self) -> dict:
         """What a run record keeps (record["zeroshot"])."""

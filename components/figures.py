@@ -137,11 +137,17 @@ def esd_figure(eigs: np.ndarray, alpha: float | None = None, xmin: float | None 
     return _layout(fig, 380, title=dict(text=title, y=0.98, font=dict(size=13)) if title else None)
 
 
+def kind_order(kinds) -> list[str]:
+    """The matrix kinds present in `kinds`, in KIND_ORDER (attention, then MLP), others after them by name."""
+    present = set(kinds)
+    return [k for k in KIND_ORDER if k in present] + sorted(present - set(KIND_ORDER))
+
+
 def alpha_depth_figure(metrics: pd.DataFrame, metric: str = "alpha") -> go.Figure:
     """`metric` across depth (block index), one line per matrix kind; customdata = module name,
     so a clicked point tells which layer it is."""
     df = metrics[metrics["block"] >= 0]
-    kinds = [k for k in KIND_ORDER if k in set(df["kind"])] + sorted(set(df["kind"]) - set(KIND_ORDER))
+    kinds = kind_order(df["kind"])
     fig = go.Figure()
     for kind in kinds:
         d = df[df["kind"] == kind].sort_values("block")
@@ -151,8 +157,9 @@ def alpha_depth_figure(metrics: pd.DataFrame, metric: str = "alpha") -> go.Figur
             marker=dict(size=7), hovertemplate="%{customdata}<br>" + metric + " %{y:.3f}<extra></extra>",
         ))
     if metric == "alpha":
-        fig.add_hrect(y0=2, y1=6, fillcolor="green", opacity=0.06, line_width=0,
-                      annotation_text="2 ≤ α ≤ 6", annotation_position="top left")
+        low, high = ALPHA_BANDS
+        fig.add_hrect(y0=low, y1=high, fillcolor="green", opacity=0.06, line_width=0,
+                      annotation_text=f"{low:g} ≤ α ≤ {high:g}", annotation_position="top left")
     fig.update_xaxes(title="block (depth)", dtick=1 if df["block"].nunique() <= 16 else None)  # no block 0.5
     fig.update_yaxes(title=metric)
     fig.update_layout(clickmode="event+select", legend=dict(orientation="h", y=1.02, yanchor="bottom", x=0))
@@ -178,7 +185,7 @@ def heatmap_figure(metrics: pd.DataFrame, metric: str = "alpha") -> go.Figure:
     matrices (a block's experts) shows their median, its hover their count and range, and its click opens
     the matrix nearest the median."""
     df = metrics[metrics["block"] >= 0]
-    kinds = [k for k in KIND_ORDER if k in set(df["kind"])] + sorted(set(df["kind"]) - set(KIND_ORDER))
+    kinds = kind_order(df["kind"])
     blocks = sorted(df["block"].unique())
     z = df.pivot_table(index="kind", columns="block", values=metric, aggfunc="median").reindex(index=kinds,
                                                                                               columns=blocks)
@@ -231,7 +238,7 @@ def block_bars_figure(per_block: list[float], params: list[int], target: float |
     return _layout(fig, 280)
 
 
-def ppl_figure(updates: list, dense: list | None = None, title: str = "") -> go.Figure:
+def ppl_figure(updates: list, dense: list | None = None) -> go.Figure:
     """Running perplexity vs windows evaluated, for the pruned weights and the dense baseline.
 
     updates / dense: sequences of objects with .windows_done and .ppl (analysis.evaluation.PplUpdate).
@@ -247,7 +254,7 @@ def ppl_figure(updates: list, dense: list | None = None, title: str = "") -> go.
     fig.update_xaxes(title="evaluation windows done", dtick=1 if done <= 16 else None)  # no window 0.5
     fig.update_yaxes(title="running perplexity")
     fig.update_layout(legend=dict(orientation="h", y=1.02, yanchor="bottom", x=0))
-    return _layout(fig, 320, title=dict(text=title) if title else None)
+    return _layout(fig, 320)
 
 
 def ppl_vs_sparsity_figure(runs: pd.DataFrame, x: str = "sparsity", y: str = "ppl", color: str = "label",

@@ -446,11 +446,13 @@ def test_not_json(tmp_path):
 
 def test_alphapruning_on_default_model_spectra(default_model):
     from analysis.layers import prunable_layers
-    from analysis.spectra import analyze
+    from analysis.spectra import analyze, refit
 
     res = analyze(default_model.model)
     layers = prunable_layers(default_model.model)
     a = allocate(res.metrics, 0.7, epsilon=0.3, model="default")
+    # the xmin rule its alphas were fitted with is part of the allocation, made in Python as by the CLI
+    assert a.params["fit"] == "peak" and allocate(refit(res, "scan").metrics, 0.7).params["fit"] == "scan"
     assert list(a.per_layer) == [r.name for r in layers]
     assert len(a.per_block) == default_model.info.n_blocks
     assert a.achieved == pytest.approx(0.7, abs=1e-6)

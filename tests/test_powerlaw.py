@@ -36,6 +36,17 @@ def test_hill_recovers_pareto_alpha(alpha, rule):
     assert 0 <= fit.ks_distance < 0.05
 
 
+
+def test_alpha_stderr_matches_the_spread_over_samples():
+    # the median rule keeps a tail of half the values, so the spread comes from the sample alone: the
+    # reported standard error must predict the seed-to-seed standard deviation of alpha
+    fits = [fit_power_law(pareto(3.0, 400, seed=s), "median") for s in range(60)]
+    spread = float(np.std([f.alpha for f in fits], ddof=1))
+    stderr = float(np.mean([f.alpha_stderr for f in fits]))
+    assert fits[0].alpha_stderr == pytest.approx((fits[0].alpha - 1) / math.sqrt(fits[0].n_tail))
+    assert 0.7 < spread / stderr < 1.4, (spread, stderr)
+    assert math.isnan(PowerLawFit.failed("all zero").alpha_stderr)
+
 def test_scan_finds_the_start_of_the_tail():
     # a log-normal bulk below 10, a Pareto(alpha=2.5) tail above: xmin should land near 10
     rng = np.random.default_rng(1)

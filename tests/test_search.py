@@ -16,7 +16,7 @@ import torch
 from conftest import save_tiny_llama, word_tokenizer
 from test_pruning import calib_ids, correlated_inputs, tiny_llama
 
-from analysis.allocation import Allocation, allocate, budget
+from analysis.allocation import Allocation, AllocationError, allocate, budget
 from analysis.calibration import walk_blocks
 from analysis.data import DataError, calibration_batches, spread_windows, unsampled_windows
 from analysis.evaluation import window_nll
@@ -352,7 +352,7 @@ def test_search_over_blocks_and_matrix_kinds(tiny_search, method):
         snap = prune_from_dense_statistics(model, calib, a)
         assert fitness(model, calib[:, :128]) == pytest.approx(a.params["best_fitness"], rel=1e-5)
         snap.restore(model)
-    with pytest.raises(ValueError, match="space must be one of block, block\\+kind"):
+    with pytest.raises(AllocationError, match="space must be one of block, block\\+kind"):
         search_allocation(model, calib, starts, steps=1, space="matrix")
 
 
@@ -425,7 +425,7 @@ def test_search_on_kl_to_the_dense_model(tiny_search):
     snap = prune_from_dense_statistics(model, calib, a)
     assert fitness(model, confirm, reference=ref) == pytest.approx(a.params["best_fitness"], rel=1e-3)
     snap.restore(model)
-    with pytest.raises(ValueError, match="objective must be one of nll, kl"):
+    with pytest.raises(AllocationError, match="objective must be one of nll, kl"):
         search_allocation(model, calib, starts, steps=1, objective="kld")
     with pytest.raises(SettingsError, match="search_objective must be one of nll, kl") as e:
         AllocationSettings(method="auto", search_objective="loss").check()
@@ -451,7 +451,7 @@ def test_search_scored_on_a_held_out_text(tiny_search):
     snap = prune_from_dense_statistics(model, calib, a)
     assert fitness(model, held) == pytest.approx(a.params["best_fitness"], rel=1e-5)
     snap.restore(model)
-    with pytest.raises(ValueError, match="fitness_windows must be token ids"):
+    with pytest.raises(AllocationError, match="fitness_windows must be token ids"):
         search_allocation(model, calib, starts, steps=1, fitness_windows=held[0])
 
 
@@ -737,7 +737,7 @@ def test_checked_search_decides_on_later_tokens_with_the_kl_objective(off_grid_s
 
 def test_verify_modes_are_checked(off_grid_starts):
     model, calib, starts = off_grid_starts
-    with pytest.raises(ValueError, match="verify must be one of none, starts, all"):
+    with pytest.raises(AllocationError, match="verify must be one of none, starts, all"):
         search_allocation(model, calib, starts, steps=1, verify=True)
     with pytest.raises(SettingsError, match="search_verify must be one of none, starts, all") as e:
         AllocationSettings(method="auto", search_verify="some").check()

@@ -15,7 +15,17 @@ from torch import nn
 
 from analysis.layers import LayerRef, NoBlocksError, find_layers, prunable_layers
 from analysis.powerlaw import fit_power_law
-from analysis.spectra import COLUMNS, analyze, beyond_mp_edge, esd, farms_esd, farms_windows, mp_bounds, mp_density
+from analysis.spectra import (
+    COLUMNS,
+    alpha_summary,
+    analyze,
+    beyond_mp_edge,
+    esd,
+    farms_esd,
+    farms_windows,
+    mp_bounds,
+    mp_density,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,6 +134,16 @@ def test_only_a_tail_beyond_the_marchenko_pastur_edge_counts():
     spiked = esd(gaussian(200, 400, seed=0) + 3 * spike / 20)
     assert beyond_mp_edge(spiked, 2.0) == 1
     assert beyond_mp_edge(np.array([np.nan]), 2.0) == 0
+    # the reading the Spectra page and the spectra command print: of the matrices fitted, one has a tail
+    refs = [linear_ref(w, f"m{i}", i) for i, w in enumerate(
+        [gaussian(200, 400, seed=0), gaussian(200, 400, seed=0) + 3 * spike / 20, torch.zeros(200, 400)])]
+    result = analyze(refs)
+    summary = alpha_summary(result)
+    alphas = result.metrics["alpha"].iloc[:2]
+    assert summary["fitted"] == 2 and summary["with_tail"] == 1  # the all-zero matrix has no fit
+    assert summary["below"] + summary["inside"] + summary["above"] == 2
+    assert summary["mean_alpha"] == pytest.approx(alphas.mean())
+    assert result.mp_ratio(200, 400) == 2.0 and analyze(refs[:1], farms=True).mp_ratio(200, 400) == 1.0
 
 
 def test_unknown_fit_is_a_value_error():

@@ -17,7 +17,7 @@ from analysis.allocation import allocate
 from analysis.layers import layer_table
 from analysis.loading import load_model
 from analysis.pipeline import run, spectra_used
-from analysis.settings import RunSettings, SettingsError
+from analysis.settings import ModelSettings, RunSettings, SettingsError
 from analysis.store import RunStore
 from analysis.sweep import (
     CANCELLED,
@@ -84,6 +84,11 @@ def test_expansion_crosses_the_axes(tiny, tmp_path):
 
     at_file = next(c for c in configs if c.allocation.method == "file")
     assert outcome_table([Outcome("k", at_file, "skipped")])["sparsity"].tolist() == [0.4]
+    # a run deleted from the store since the sweep stored it is not shown as if it were there
+    outcomes = [Outcome("a", at_file, "done", run_id=3), Outcome("b", at_file, "skipped", run_id=5),
+                Outcome("c", at_file, "failed")]
+    assert outcome_table(outcomes, stored={5: 0})["status"].tolist() == ["deleted", "skipped", "failed"]
+    assert outcome_table(outcomes)["status"].tolist() == ["done", "skipped", "failed"]
     assert " at 0.4, seed" in config_label(at_file)
     # a key follows the settings, not the object: equal settings rebuilt give the same key
     assert config_key(RunSettings.from_dict(configs[0].to_dict())) == config_key(configs[0])
@@ -248,7 +253,10 @@ def test_the_pipeline_run_checks_its_model_first_and_warns_of_weights_pruned_bef
     assert e.value.field == "allocation.file"
     first = run(loaded, tiny).record
     assert "warnings" not in first
-    again = run(loaded, tiny).record  # on the weights the first run pruned, not restored
+    # settings naming no model (RunSettings() says "default"), as a script may pass them: the record names the
+    # model that ran, so that a rerun of it loads that one
+    again = run(loaded, replace(tiny, model=ModelSettings())).record  # on the weights the first run pruned
+    assert again["config"]["settings"]["model"]["source"] == loaded.info.source
     assert again["dense_ppl"] == pytest.approx(first["pruned_ppl"], rel=1e-5)
     assert any(re.match(r"5\d\.\d% of the prunable weights are zero already", w) for w in again["warnings"])
 
