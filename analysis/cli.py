@@ -58,6 +58,7 @@ from analysis.pipeline import (
     allocation_caveats,
     build_allocation,
     calibration_batch,
+    calibration_params,
     changed_since,
     dense_spectra,
     evaluation_windows,
@@ -82,8 +83,8 @@ from analysis.settings import (
     SpectraSettings,
     ZeroShotSettings,
 )
-from analysis.spectra import NotStreamable, analyze, analyze_checkpoint
-from analysis.store import RunStore, StoreError, default_db_path, eval_label, now_iso
+from analysis.spectra import ALPHA_BANDS, NotStreamable, alpha_summary, analyze, analyze_checkpoint
+from analysis.store import RunStore, StoreError, achieved_overall, default_db_path, eval_label, now_iso
 from analysis.sweep import (
     FAILED,
     NAMED_ALLOCATIONS,
@@ -183,8 +184,7 @@ def _load(m: ModelSettings, check=None, tokenizer: bool = True):
     """Load the model; `check(preview)` runs on its tokenizer and config before the weights load.
     tokenizer=False: for work on the weights alone, which a folder without tokenizer files can do."""
     m.check()
-    loaded = load_model(m.source, device=None if m.device == "auto" else m.device,
-                        dtype=None if m.dtype == "auto" else m.dtype, trust_remote_code=m.trust_remote_code,
+    loaded = load_model(m.source, device=m.device, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
                         check=check, tokenizer=tokenizer)
     if left := unsupported_weights(loaded.model):
         print(f"warning: {UNSUPPORTED.format(n=left)}", file=sys.stderr)
@@ -357,6 +357,8 @@ def _checked_outputs(args: argparse.Namespace, outputs: dict[str, str | None]) -
                 raise UsageError(f"{flag}: {path} would overwrite what {source_flag} reads ({source}); "
                                  "write it elsewhere")
         taken[target] = flag
+        if target.is_file():  # said before the run, while the user can still stop it
+            print(f"note: {flag}: {path} exists; it will be replaced", file=sys.stderr)
 
 
 def _checked_model_folder(args: argparse.Namespace) -> None:
@@ -561,6 +563,8 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     alloc = build_allocation(settings, loaded.model, calib=calib, metrics=metrics, model_name=args.model,
                              prune_method=args.pruner, progress=_print_progress, fitness_windows=held_out,
                              then_windows=then)
+    if calibration is not None:  # its whole text: prune and eval warn when they evaluate on that text
+        alloc.params["calibration"] = calibration_params(calibration)
     _print_allocation(alloc, metrics, args.metric if args.method in SPECTRA_METHODS else None)
     _print_search(alloc)
     if args.out:
@@ -715,7 +719,7 @@ def _run_settings(args: argparse.Namespace) -> RunSettings:
                            prune=PruneSettings(args.method, nm, args.rowwise), calibration=_calibration(args),
                            evaluation=_evaluation(args))
     if settings.prune.nm is None and method == "file" and not Path(file).expanduser().is_file():
-        raise UsageError(f"--allocation must be one of {', '.join(ALLOCATION_METHODS[:5])} or an allocation "
+        raise UsageError(f"--allocation must be one of {', '.join(NAMED_ALLOCATIONS)} or an allocation "
                          f"JSON file; '{args.allocation}' is neither.")
     settings.prune.check()  # a bad --nm first, then a conflict between options, which says more than a
     _refuse_ignored(args)  # missing default text would
@@ -836,6 +840,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     _print_search(result.allocation)
     record["timings_s"]["load"] = round(loaded.info.load_seconds, 3)
+    if recorded is not None:  # which record this one reran (the allocation file it names may be a temporary one)
+        record["rerun_of"] = {"file": str(Path(args.rerun).expanduser().resolve()), "id": recorded.get("id"),
+                              "created": recorded.get("created")}
     export_error = None
     if zeroshot is not None:
         record["zeroshot"] = _zeroshot(loaded, zeroshot, "pruned").to_dict()
@@ -867,7 +874,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if recorded is not None:
         print(f"the record: perplexity {recorded.get('dense_ppl', float('nan')):.3f} -> "
               f"{recorded.get('pruned_ppl', float('nan')):.3f}")
-        for change in changed_since(recorded, settings):
+        for change in changed_since(recorded, settings, record["config"]):
             print(f"note: --rerun: {change}", file=sys.stderr)
     if export_error is not None:
         print(f"error: --save-model: {export_error}", file=sys.stderr)
@@ -962,7 +969,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
     # what tells runs apart beyond the stored columns: the sparsity pruned, and the pruner and allocation as set
     records = [store.get(i) for i in table["id"]]
     table.insert(table.columns.get_loc("sparsity") + 1, "achieved",
-                 [(r.get("achieved") or {}).get("overall") for r in records])
+                 [achieved_overall(r) for r in records])
     table["line"] = [(run_line(r) or {}).get("line", "") for r in records]
     table["evaluated on"] = [eval_label(r.get("config") or {}) or "" for r in records]  # ppl compare within one
     with pd.option_context("display.width", 250, "display.max_columns", 20, "display.max_colwidth", 60):
@@ -987,7 +994,7 @@ def _add_prune_parsers(sub) -> None:
     p.add_argument("--pruner", "--method", dest="method", default=PruneSettings.method, choices=list(PRUNERS),
                    metavar="PRUNER", help=PRUNER_HELP)
     p.add_argument("--allocation", default=None,
-                   help=f"{', '.join(ALLOCATION_METHODS[:5])}, or an allocation JSON file (default: "
+                   help=f"{', '.join(NAMED_ALLOCATIONS)}, or an allocation JSON file (default: "
                         f"{AllocationSettings.method}; none with --nm)")
     p.add_argument("--sparsity", type=float, default=None,
                    help=f"target fraction of pruned weights, in (0, 0.99] (default: {AllocationSettings.sparsity:g}; "
@@ -1100,7 +1107,7 @@ def _add_sweep_parser(sub) -> None:
     p.add_argument("--pruners", "--methods", dest="methods", default=PruneSettings.method, metavar="PRUNERS",
                    help=f"comma-separated: {', '.join(PRUNERS)} (--methods: its older name)")
     p.add_argument("--allocations", default=AllocationSettings.method,
-                   help=f"comma-separated: {', '.join(ALLOCATION_METHODS[:5])} or allocation JSON files "
+                   help=f"comma-separated: {', '.join(NAMED_ALLOCATIONS)} or allocation JSON files "
                         "(auto: the allocation search, with the seed of each calibration sample)")
     p.add_argument("--curve", action="append", default=None,
                    help="a custom curve's control points, e.g. 0:0.5,0.5:0.7,1:0.8 (repeat for more curves)")
@@ -1195,7 +1202,7 @@ def cmd_spectra(args: argparse.Namespace) -> int:
     result = None
     if folder is not None:  # streamed from the shards, no model load; cached by the checkpoint's content
         try:
-            result = analyze_checkpoint(folder, device=None if model.device == "auto" else model.device, **kwargs)
+            result = analyze_checkpoint(folder, device=model.device, **kwargs)
             title = resolve_source(model.source)[1]
             if unused := _typed(args, "--dtype", "--device-map"):
                 print(f"note: {', '.join(unused)} unused: the checkpoint was streamed from its shards in their stored "
@@ -1215,8 +1222,12 @@ def cmd_spectra(args: argparse.Namespace) -> int:
         print(f"warning: {names[0]}: {status}" if len(names) == 1 else
               f"warning: {len(names)} matrices: {status} (e.g. {names[0]}; the status column names them)",
               file=sys.stderr)
+    read = alpha_summary(result)  # the Spectra page's reading, of the prunable matrices fitted
+    low, high = ALPHA_BANDS
     print(f"{len(metrics)} matrices of {title}, fit={settings.fit}{', FARMS' if settings.farms else ''}: "
-          f"median alpha {metrics['alpha'].median():.3f}" + (" (from the cache)" if result.cached else "")
+          f"median alpha {metrics['alpha'].median():.3f}; of {read['fitted']} prunable fitted, {read['inside']} in "
+          f"[{low:g}, {high:g}] and {read['with_tail']} with a tail beyond MP"
+          + (" (from the cache)" if result.cached else "")
           + (f"; wrote {args.out}" if args.out else ""), file=report)
     return 0
 

@@ -344,6 +344,8 @@ def calibration_batches(tokenizer, text: str, n_samples: int = 16, seqlen: int =
 
     Start positions are drawn uniformly with a generator seeded by `seed`, so the same seed gives
     the same batch. Windows may overlap each other (not the evaluation text, see `split_text`).
+    bos: each window starts with the tokenizer's BOS token (models trained so, e.g. Gemma), and
+    `seqlen` counts it: a window then holds seqlen - 1 tokens of the text.
     """
     if int(n_samples) != n_samples or n_samples < 1:
         raise DataError(f"n_samples must be a positive integer, got {n_samples}")
@@ -373,7 +375,8 @@ def eval_windows(tokenizer, text: str, seqlen: int = 512, bos: bool = False,
     """Consecutive non-overlapping windows of `text` as a (n, seqlen) LongTensor.
 
     The tail shorter than a window is dropped; `max_windows` keeps only the first windows
-    (a fixed prefix of the text, so results stay comparable).
+    (a fixed prefix of the text, so results stay comparable). bos: as in `calibration_batches` (a
+    window of `seqlen` tokens holds seqlen - 1 of the text after the BOS token).
     """
     span = _check_seqlen(seqlen, bos)
     if max_windows is not None and (int(max_windows) != max_windows or max_windows < 1):
@@ -423,6 +426,19 @@ def text_file(source: str) -> Path | None:
     return None if src == "default" or src.startswith(("wikitext2:", "hf:")) else Path(src).expanduser()
 
 
+def read_file(source: str) -> Path | None:
+    """The file on this machine a text source is read from: a text file, the embedded corpus, or the WikiText-2
+    split's file; None for an hf: dataset (read through the datasets library's cache) or a source that names no
+    readable file. What a record fingerprints, so a rerun sees a text changed under the same name."""
+    src = str(source).strip()
+    try:
+        path = default_corpus_path() if src == "default" else _wikitext_path(src.split(":", 1)[1]) \
+            if src.startswith("wikitext2:") else text_file(src)
+        return path if path is not None and path.is_file() else None
+    except (DataError, OSError):  # (a name the file system refuses)
+        return None
+
+
 def source_identity(source: str) -> str:
     """What `source` names, whatever its spelling: a file as its resolved absolute path (`my.txt`,
     `./my.txt` and a link to it are one text), any other source as written (stripped)."""
@@ -443,12 +459,10 @@ def same_source(a: str | None, b: str | None) -> bool:
 def text_digest(source: str | None) -> str | None:
     """sha256 of the file a local text source reads (the embedded corpus, WikiText-2, a .txt path), None for
     another source (hf:, whose reading may need the network) or a file not there."""
-    src = str(source or "").strip()
+    path = read_file(source or "")
     try:
-        path = default_corpus_path() if src == "default" else _wikitext_path(src.split(":", 1)[1]) \
-            if src.startswith("wikitext2:") else text_file(src)
-        return None if path is None or not path.is_file() else file_sha256(path)
-    except (DataError, OSError):
+        return None if path is None else file_sha256(path)
+    except OSError:
         return None
 
 

@@ -87,7 +87,7 @@ def _check_writable_folder(folder: Path, what: Path) -> None:
     try:
         fd, probe = tempfile.mkstemp(prefix=".alphascope-probe-", dir=base)
     except OSError as e:
-        raise ExportError(f"cannot write {what}: {base} is not writable ({e.strerror or e})") from None
+        raise ExportError(f"cannot write {what}: no file can be created in {base} ({e.strerror or e})") from None
     os.close(fd)
     os.unlink(probe)
 

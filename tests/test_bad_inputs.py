@@ -386,6 +386,28 @@ def test_a_search_scored_on_the_evaluation_text_is_refused_or_named(tiny_folder,
     assert r.returncode == 0 and f"warning: --search-text {tmp_path / 'test.txt'} names a test split" in r.stderr
 
 
+def test_owl_ratios_measured_on_the_evaluation_text_are_named(tiny_folder, tmp_path):
+    """allocate measures OWL's outlier ratios on the whole calibration text (prune would calibrate on the half it
+    does not evaluate): the file records that text, and a run evaluated on it says its perplexity is not held out."""
+    from analysis.data import default_corpus_path
+
+    copy = tmp_path / "copy.txt"
+    shutil.copyfile(default_corpus_path(), copy)
+    out = tmp_path / "owl.json"
+    r = run_cli("allocate", f"--model={tiny_folder}", "--allocation", "owl", "--sparsity", "0.5", "--calib", str(copy),
+                "--nsamples", "2", "--seqlen", "32", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(out.read_text())["params"]["calibration"]["source"] == str(copy)
+    common = ["--eval-seqlen", "32", "--max-windows", "1", "--nsamples", "2", "--seqlen", "32"]
+    r = run_cli("eval", f"--model={tiny_folder}", "--allocation", str(out), "--text", "default", *common)
+    assert r.returncode == 0 and f"warning: this allocation's OWL ratios were measured on {copy}, the text this run " \
+        "is evaluated on, all of it" in r.stderr, r.stderr[-2000:]  # the same bytes under another name
+    other = tmp_path / "other.txt"
+    other.write_text(" ".join(f"word{i % 89}" for i in range(3000)))
+    r = run_cli("eval", f"--model={tiny_folder}", "--allocation", str(out), "--text", str(other), *common)
+    assert r.returncode == 0 and "OWL ratios were measured" not in r.stderr, r.stderr[-2000:]
+
+
 def test_export_refuses_an_allocation_that_misses_a_matrix(tiny_folder, tmp_path):
     """AlphaPruning's .npy is a list in module order: a matrix missing from the file would shift every ratio after
     it onto the wrong matrix. Export checks the file against its model as prune does."""
@@ -602,11 +624,16 @@ def test_an_allocation_made_for_another_model_of_the_same_names_is_a_warning(tin
                                   "its ratios prune 70.00% of the weights") in r.stderr, r.stderr[-2000:]
 
 
-def test_out_into_a_missing_folder_is_made(bad):
-    """A missing output folder is not an error: it is made (for spectra as for allocate and prune)."""
+def test_out_into_a_missing_folder_is_made_and_a_file_replaced_says_so(bad):
+    """A missing output folder is not an error: it is made (for spectra as for allocate and prune). An existing
+    file is replaced, with a note before the run."""
     out = bad / "new" / "folder" / "metrics.csv"
     r = run_cli("spectra", f"--model={bad}/tiny", "--device", "cpu", "--out", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
+    assert len(pd.read_csv(out)) == 21 and "exists" not in r.stderr
+    out.write_text("an earlier table\n")
+    r = run_cli("spectra", f"--model={bad}/tiny", "--device", "cpu", "--out", str(out))
+    assert r.returncode == 0 and f"note: --out: {out} exists; it will be replaced" in r.stderr, r.stderr[-2000:]
     assert len(pd.read_csv(out)) == 21
 
 

@@ -9,7 +9,7 @@ import torch
 from conftest import save_tiny_llama
 
 from analysis.layers import find_layers, prunable_layers
-from analysis.loading import ModelLoadError, load_model, resolve_source
+from analysis.loading import ModelLoadError, load_model, package_version, resolve_source
 
 
 def test_default_model_is_real_smollm2(default_model):
@@ -34,8 +34,14 @@ def test_second_load_reads_the_converted_cache(default_model):
     does not convert again (load time is measured in bench/, not asserted here)."""
     folder = Path(default_model.info.path)
     before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    # another package version's weights (and the unversioned folder of older alphascope versions) are stale: gone
+    stale = [folder.parent / "smollm2", folder.parent / "smollm2-0.0.1"]
+    for old in stale:
+        old.mkdir(exist_ok=True)
+        (old / "model.safetensors").write_bytes(b"old weights")
     again = load_model("default")
     assert Path(again.info.path) == folder and folder.parent.name == "converted"
+    assert folder.name == f"smollm2-{package_version('smollm2')}" and not any(old.exists() for old in stale)
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
 
 

