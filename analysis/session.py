@@ -25,10 +25,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from analysis.allocation import Allocation
+from analysis.allocation import Allocation, AllocationError
 from analysis.evaluation import PplUpdate, default_batch_size, perplexity_stream
 from analysis.jobs import DONE, Job, JobCancelled
-from analysis.layers import module_device
+from analysis.layers import module_device, module_device_dtype
 from analysis.loading import (
     OFFLOADED,
     MemoryEstimate,
@@ -47,6 +47,7 @@ from analysis.pipeline import (
     record_config,
     search_windows,
 )
+from analysis.pruners import PruneError
 from analysis.pruning import DenseSnapshot, prune
 from analysis.settings import AllocationSettings, CalibrationSettings, RunSettings
 from analysis.zeroshot import ZeroShotResult
@@ -386,12 +387,13 @@ def lease_problem(model: nn.Module, need: MemoryEstimate) -> str | None:
 
 
 def evaluate_job(job: Job, model: nn.Module, windows, lo: float = 0.0, hi: float = 1.0,
-                 after_first=None) -> PplUpdate | None:
-    """Stream running perplexity over `windows` into job.emit (one PplUpdate per window), with
-    progress from `lo` to `hi`; returns the last PplUpdate (None if stopped before the first window).
-    `after_first`: called once after the first window (e.g. to start a job that would compete for CPU)."""
+                 after_first=None, batch_size: int | None = None) -> PplUpdate | None:
+    """Stream running perplexity over `windows` into job.emit (one PplUpdate per forward pass of
+    `batch_size` windows: one on a CPU by default), with progress from `lo` to `hi`; returns the last
+    PplUpdate (None if stopped before the first pass). `after_first`: called once after the first pass
+    (e.g. to start a job that would compete for CPU)."""
     last = None
-    for u in perplexity_stream(model, windows, stop=job.stop):
+    for u in perplexity_stream(model, windows, stop=job.stop, batch_size=batch_size):
         first, last = last is None, u
         job.emit(u)
         if first and after_first is not None:
@@ -439,11 +441,11 @@ def search_job(job: Job, shared_model: nn.Module, gate: ModelGate, who: str, tok
     model = _private_copy(shared_model, need, gate, who, job)
     if model is None:
         dev = module_device(shared_model)
-        raise ValueError(f"The search needs a private copy of the model (it writes candidate weights into it): "
-                         f"{format_bytes(need.weights + need.working)} on {dev}, "
-                         f"where {format_bytes(available_memory_bytes(dev))} are free. "
-                         "Free memory, or run it from the command line (python -m analysis allocate --allocation "
-                         "auto), which searches on the model it loads.")
+        raise AllocationError(f"The search needs a private copy of the model (it writes candidate weights into it): "
+                              f"{format_bytes(need.weights + need.working)} on {dev}, "
+                              f"where {format_bytes(available_memory_bytes(dev))} are free. "
+                              "Free memory, or run it from the command line (python -m analysis allocate --allocation "
+                              "auto), which searches on the model it loads.")
     calib = calibration_batch(tokenizer, calibration, eval_source, bos)
     held_out, then = search_windows(tokenizer, settings, calibration, bos)
 
@@ -505,21 +507,22 @@ def _result_of(job: Job, what: str, owner: Job):
     while not job.wait(timeout=0.25):
         owner.check()
     if job.status != DONE:
-        raise ValueError(f"{what} failed: {job.error or job.status}")
+        raise PruneError(f"{what} failed: {job.error or job.status}")
     return job.result
 
 
 def prune_and_evaluate(job: Job, work: WorkingCopy, shared_model: nn.Module, tokenizer, settings: RunSettings,
                        model_name: str = "", bos: bool = False, store=None, dense_job: Job | None = None,
-                       metrics=None, owl_job: Job | None = None, custom: Allocation | None = None) -> dict:
+                       metrics=None, owl_job: Job | None = None, custom: Allocation | None = None,
+                       model_title: str | None = None) -> dict:
     """Prune `work`'s weights block by block (a private copy, or the shared model leased when no
-    copy fits: see the module docstring), then stream their perplexity window by window.
+    copy fits: see the module docstring), then stream their perplexity as it is measured.
 
     Inputs shared with the other pages: `metrics` (the spectra an alphapruning/farms allocation uses),
     `owl_job` (the shared OWL outlier-ratio job for these calibration settings: the Allocation page's
     OWL preset uses the same one), `custom` (the curve drawn on the Allocation page).
     Progress: job.progress goes 0 -> 0.7 over the blocks, then 0.7 -> 1 over the windows; every
-    window emits a PplUpdate. Cancelling restores the dense weights. A finished run is added to
+    forward pass (`evaluate_job`) emits a PplUpdate. Cancelling restores the dense weights. A finished run is added to
     `store` (an analysis.store.RunStore) when given, with the dense perplexity of `dense_job` (the
     shared baseline on the same windows; started after the first pruned window if nobody started it
     yet, so it does not slow down the first live value on a small CPU). Returns the run record.
@@ -539,7 +542,7 @@ def prune_and_evaluate(job: Job, work: WorkingCopy, shared_model: nn.Module, tok
             job.report("copying the shared model (first prune of this session)", 0.0)
             if not work.make_copy(shared_model, need, job):
                 if problem := lease_problem(shared_model, need):
-                    raise ValueError(problem)
+                    raise PruneError(problem)
                 if dense_job is not None:  # it reads the dense shared weights: before they are pruned
                     job.report("dense baseline first: the shared model is about to be pruned in place", 0.0)
                     _result_of(dense_job, "the dense baseline", job)
@@ -571,14 +574,17 @@ def prune_and_evaluate(job: Job, work: WorkingCopy, shared_model: nn.Module, tok
         job.report(f"pruned to {report.overall:.1%} in {report.seconds:.1f} s; evaluating", 0.7)
         with timer("pruned_eval"):
             last = evaluate_job(job, model, data.windows, 0.7, 1.0,
-                                after_first=dense_job.start_once if dense_job else None)
+                                after_first=dense_job.start_once if dense_job else None,
+                                batch_size=s.evaluation.batch_size)
     complete = last is not None and last.windows_done == last.windows_total
     dense = None
     if dense_job is not None and complete:
         dense_job.start_once()
         dense_job.wait(timeout=600)
         dense = dense_job.result if dense_job.status == DONE else None
-    config = record_config(s, alloc, data.info, model_name, origin="dashboard")
+    device, dtype = module_device_dtype(shared_model)  # where the weights live; each block is pruned on `pruned_on`
+    config = record_config(s, alloc, data.info, model_name, model_title=model_title, device=device, dtype=dtype,
+                           pruned_on=str(prune_device(shared_model)), origin="dashboard")
     record = make_record(config, alloc.to_dict(), report, dense, None if last is None else last.ppl, timer.seconds,
                          complete=complete)
     if store is not None and complete:

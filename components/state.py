@@ -77,8 +77,7 @@ def load_shared_model(source: str, device: str, dtype: str, trust_remote_code: b
         with lock:
             if key in models:
                 return models[key]
-        how = dict(device=None if device == "auto" else device, dtype=None if dtype == "auto" else dtype,
-                   trust_remote_code=trust_remote_code, progress=progress)
+        how = dict(device=device, dtype=dtype, trust_remote_code=trust_remote_code, progress=progress)
         try:
             loaded = load_model(source, **how)
         except NoTokenizerError:  # weights and config.json alone: spectra and allocations from them still work
@@ -92,8 +91,8 @@ def load_shared_model(source: str, device: str, dtype: str, trust_remote_code: b
                     models.pop(next(iter(models)))
             # Keep the cycle collector off the objects that live as long as the server (modules,
             # the model, its tokenizer). The server allocates steadily, and every full collection
-            # walked all of them with the GIL held: measured right after loading SmolLM2, it took
-            # two thirds of the process's CPU time and stalled the spectra workers (12 s vs 5.5 s).
+            # walked all of them with the GIL held: right after loading SmolLM2 it took most of the
+            # process's CPU time and stalled the spectra workers.
             gc.collect()
             gc.freeze()
         return loaded
@@ -339,7 +338,7 @@ def weights_zero_fraction(model, version: int = 0) -> float:
 
     Version 0 is the shared dense model: measured once at load (it may be pruned in place by a
     session holding its lease right now, so it is not counted again). Otherwise counting scans every
-    weight (a few hundred ms on a CPU, competing with a running prune), so the result is kept per
+    weight (competing with a running prune on a CPU), so the result is kept per
     (model, version): pass the WorkingCopy's version for a session's weights."""
     key = model_key()
     if version == 0 and key is not None and model_gate(key).dense_zero_fraction is not None:
@@ -398,7 +397,7 @@ def dense_ppl_job(loaded: LoadedModel, calib_source: str, evaluation: Evaluation
     evaluates (same text split, length, count, BOS), computed once for everyone."""
     def run(job: Job):
         windows = evaluation_windows(loaded.tokenizer, evaluation, calib_source, loaded.info.bos_per_window)
-        last = evaluate_job(job, loaded.model, windows)
+        last = evaluate_job(job, loaded.model, windows, batch_size=evaluation.batch_size)
         return None if last is None else last.ppl
 
     return shared_job(_dense_key(calib_source, evaluation), run, name="dense-ppl", start=start)

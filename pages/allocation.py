@@ -21,7 +21,7 @@ from analysis.allocation import (
     within_block_spread,
 )
 from analysis.data import MAX_UPLOAD_MB
-from analysis.jobs import Job
+from analysis.jobs import DONE, ERROR, Job
 from analysis.pruners import PRUNERS
 from analysis.search import describe
 from analysis.session import search_job
@@ -108,21 +108,19 @@ if more:
     farms_job = spectra_job(loaded, fit, farms=True)
     owl = owl_job(loaded, calibration, evaluation.source, DEFAULT.owl_threshold) if loaded.tokenizer else None
     pending = []
-    if farms_job.status == "done":
+    if farms_job.status == DONE:
         presets["farms"] = allocate(farms_job.result.metrics, target, "farms", epsilon=epsilon, metric=DEFAULT.metric,
                                     granularity=DEFAULT.granularity, model=loaded.info.source)
     else:
         pending.append(f"FARMS spectra {farms_job.progress[1]:.0%}" if not farms_job.done
                        else f"FARMS: {farms_job.error}")
     if owl is None:
-        pending.append("OWL: no tokenizer for its calibration text")
-    elif owl.status == "done":
+        st.caption(NO_TOKENIZER_NOTE)  # no OWL preset: nothing is pending
+    elif owl.status == DONE:
         presets["owl"] = allocate(metrics, target, "owl", outlier_ratios=owl.result, owl_lambda=owl_lambda,
                                   model=loaded.info.source)
     else:
         pending.append(f"OWL outlier ratios {owl.progress[1]:.0%}" if not owl.done else f"OWL: {owl.error}")
-    if owl is None:
-        st.caption(NO_TOKENIZER_NOTE)
     if pending:
         st.caption("Computing in the background: " + ", ".join(pending) + " (they appear on the next interaction).")
 
@@ -236,8 +234,8 @@ with st.expander("Find allocation (search)", expanded=SEARCH_KEY in st.session_s
                                  else None)
         shared, tok, info, start = loaded.model, loaded.tokenizer, loaded.info, mine if from_mine else None
         # the presets' FARMS spectra and OWL ratios, measured with the same fit, calibration and threshold
-        known_farms = farms_job.result.metrics if more and farms_job.status == "done" else None
-        known_owl = owl.result if more and owl.status == "done" else None
+        known_farms = farms_job.result.metrics if more and farms_job.status == DONE else None
+        known_owl = owl.result if more and owl.status == DONE else None
         work = session_work()
         try:
             cfg.check()
@@ -266,7 +264,7 @@ with st.expander("Find allocation (search)", expanded=SEARCH_KEY in st.session_s
             return
         best = job.latest()
         msg, frac = job.progress
-        if job.status == "error":
+        if job.status == ERROR:
             st.error(f"The search failed: {job.error}")
         elif not job.done:
             # a cancel is seen between the search's steps, and a step (a real prune) can take a while

@@ -15,7 +15,9 @@ from analysis.settings import (
     SEARCH_STEP_MAX,
     VERIFY_MODES,
     AllocationSettings,
+    CalibrationSettings,
     ModelSettings,
+    PruneSettings,
     RunSettings,
     SettingsError,
 )
@@ -66,15 +68,16 @@ running = sweep_job()
 running = running if running is not None and not running.done else None
 with st.expander("Run a sweep", expanded=False):
     st.caption("Every combination of the values below is pruned and evaluated like a run on the Prune page "
-               "(calibration: the embedded corpus, 16 x 256 tokens) and stored here; configurations already "
-               "stored are skipped. More than one worker, or a Ray address, runs them as Ray tasks; the sweep "
-               "loads its own copy of the model. `auto` runs the allocation search in each configuration, "
-               "seeded by its calibration seed.")
+               f"(calibration: the embedded corpus, {CalibrationSettings.n_samples} x {CalibrationSettings.seqlen} "
+               "tokens) and stored here; configurations already stored are skipped. More than one worker, or a "
+               "Ray address, runs them as Ray tasks; the sweep loads its own copy of the model. `auto` runs the "
+               "allocation search in each configuration, seeded by its calibration seed.")
     with st.form("sweep_form"):
         c1, c2, c3 = st.columns(3)
         form = {
             "model": c1.text_input("Model", value=(model_key() or ("default",))[0], key="sweep_model"),
-            "methods": c1.multiselect("Pruners", list(PRUNERS), default=["wanda"], key="sweep_methods"),
+            "methods": c1.multiselect("Pruners", list(PRUNERS), default=[PruneSettings.method],
+                                    key="sweep_methods"),
             "rowwise": c1.multiselect("Row-wise sparsity", ["none", *ROWWISE], default=["none"], key="sweep_rowwise",
                                       help="Per-row ratios inside each matrix (TRIM), as on the Prune page; both "
                                            "runs every configuration both ways."),
@@ -84,8 +87,9 @@ with st.expander("Run a sweep", expanded=False):
             "curves": c2.text_area("Custom curves, one per line (depth:sparsity,...)", key="sweep_curves",
                                    placeholder="0:0.4,0.5:0.6,1:0.8"),
             "sparsities": c2.text_input("Sparsities", "0.5,0.6,0.7", key="sweep_sparsities"),
-            "epsilons": c2.text_input("Epsilons (alphapruning, farms)", "0.3", key="sweep_epsilons"),
-            "owl_lambdas": c2.text_input("OWL lambdas", "0.08", key="sweep_owl_lambdas"),
+            "epsilons": c2.text_input("Epsilons (alphapruning, farms)", f"{AllocationSettings.epsilon:g}",
+                                      key="sweep_epsilons"),
+            "owl_lambdas": c2.text_input("OWL lambdas", f"{AllocationSettings.owl_lambda:g}", key="sweep_owl_lambdas"),
             "search_steps": c2.number_input("Search generations (auto)", 1, 500, AllocationSettings.search_steps,
                                             key="sweep_search_steps"),
             "search_then_steps": c2.number_input("Then: more generations (auto)", 0, 500,
@@ -158,7 +162,8 @@ if job is not None and (not job.done or st.session_state.get("sweep_seen") is jo
         if job.status == ERROR:
             st.error(f"The sweep failed: {job.error}")
         if job.updates():
-            st.dataframe(outcome_table(job.updates()), hide_index=True, key="sweep_outcomes")
+            st.dataframe(outcome_table(job.updates(), stored=store.revisions()), hide_index=True,
+                         key="sweep_outcomes")
         if job.done and st.session_state.get("sweep_shown") is not job:
             st.session_state["sweep_shown"] = job
             # the sweep just ended: redraw the page with its runs (and the form's button), the filters started
@@ -187,7 +192,7 @@ details = [_details(str(store.path), int(i), revisions.get(int(i), 0)) for i in 
 runs = runs.assign(achieved=[d["achieved"] for d in details], seed=[d["seed"] for d in details],
                    eval=[d["eval"] for d in details], line=[d["line"] for d in details],
                    setup=[d["setup"] for d in details], model=runs["model"].map(model_group))
-# one "acc <task>" column per zero-shot task any run was scored on (runs pruned with --tasks)
+# one "acc <task>" column per zero-shot task any run was scored on (--tasks, or Score on the Prune page)
 accuracy = pd.DataFrame([d["zeroshot"] for d in details], index=runs.index).add_prefix("acc ")
 runs = pd.concat([runs, accuracy], axis=1)
 per_block = {int(i): d["per_block"] for i, d in zip(runs["id"], details)}
@@ -211,7 +216,7 @@ def _filter(key: str, options: list, default):
         st.session_state[key] = value
 
 
-f1, f2, f3 = st.columns(3)
+f1, f2 = st.columns(2)
 models = sorted(runs["model"].astype(str).unique())
 _filter("compare_models", models, models)
 chosen = f1.multiselect("Models", models, key="compare_models")
@@ -220,7 +225,7 @@ _filter("compare_methods", methods, methods)
 pick = f2.multiselect("Pruning methods", methods, key="compare_methods")
 evals = sorted(runs["eval"].astype(str).unique())
 _filter("compare_eval", evals, str(runs.loc[runs["id"].idxmax(), "eval"]))  # the newest run's
-ev = f3.selectbox("Evaluation", evals, key="compare_eval",
+ev = st.selectbox("Evaluation", evals, key="compare_eval",  # a row of its own: the labels are long
                   help="Perplexities are only comparable on the same evaluation text, windows and window length.")
 view = runs[runs["model"].astype(str).isin(chosen) & runs["method"].astype(str).isin(pick)
             & (runs["eval"].astype(str) == ev)]

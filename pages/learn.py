@@ -102,4 +102,5 @@ st.info(note)
 low, high = ALPHA_BANDS
 st.caption(f"Reading α on real layers, where the ESD has a tail beyond the bulk: ≈ {low:g}–{high:g} well trained; "
            f"< {low:g} very heavy tail (over-fit / over-trained); > {high:g} close to random (under-trained). "
-           "Fit status: " + fit.status)
+           f"Fit status: {fit.status}" + (f", on a tail of {fit.n_tail} eigenvalues (standard error of α from the "
+                                          f"tail's size: ±{fit.alpha_stderr:.2f})" if fit.status == "ok" else "") + ".")

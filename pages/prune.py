@@ -15,10 +15,10 @@ from analysis.export import (
     recipe_caveats,
     recipe_yaml,
 )
-from analysis.jobs import DONE, PENDING, Job
+from analysis.jobs import CANCELLED, DONE, ERROR, PENDING, Job
 from analysis.loading import ModelPreview
 from analysis.pipeline import evaluation_windows
-from analysis.pruners import PRUNERS, ROWWISE, parse_nm
+from analysis.pruners import PRUNERS, ROWWISE, nm_sparsity, parse_nm
 from analysis.session import (
     ABANDON_S,
     evaluate_weights_job,
@@ -39,7 +39,7 @@ from analysis.settings import (
     SettingsError,
     SpectraSettings,
 )
-from analysis.store import StoreError
+from analysis.store import StoreError, to_json
 from analysis.zeroshot import PAPER_TASKS, local_tasks
 from components.figures import ppl_figure
 from components.state import (
@@ -103,7 +103,7 @@ if nm == "unstructured":
                          disabled=allocation == "custom")
 else:  # the pattern's own sparsity, shown in a slider of its own: the target set above stays for unstructured runs
     kept, group = parse_nm(nm)
-    sparsity = (group - kept) / group
+    sparsity = nm_sparsity((kept, group))
     c4.slider("Target sparsity", 0.05, 0.9, sparsity, 0.05, key="prune_sparsity_nm", disabled=True,
               help=f"{nm} keeps {kept} of every {group} weights: {sparsity:.0%} of every matrix.")
 rowwise = st.selectbox("Row-wise sparsity", ["none", *ROWWISE], key="prune_rowwise",
@@ -187,7 +187,7 @@ settings = RunSettings(
 metrics = None
 if allocation in SPECTRA_METHODS and settings.prune.nm is None:
     spec = spectra_job(loaded, fit, farms=allocation == "farms")
-    if spec.status == "done":
+    if spec.status == DONE:
         metrics = spec.result.metrics
     else:
         st.info(f"Spectra for {alloc_label} are still being computed ({spec.progress[1]:.0%}); Run waits for them.")
@@ -229,7 +229,7 @@ def start_run() -> str | None:
         if allocation == "owl" else None
     work.job = Job(lambda j: prune_and_evaluate(j, work, shared, tok, settings, model_name=info.source,
                                                 bos=info.bos_per_window, store=store, dense_job=dense_job,
-                                                metrics=metrics, owl_job=owl, custom=custom),
+                                                metrics=metrics, owl_job=owl, custom=custom, model_title=info.title),
                    name="prune").start()
     return None
 
@@ -286,7 +286,7 @@ def live() -> None:
     dense_updates = dense.updates() if dense is not None else []
     if dense is None or (dense.status == PENDING and (j is None or j.done)):  # (a Run cancelled before it began)
         m2.metric("Dense baseline perplexity", "–", help="computed with the first Run or Evaluate for these settings")
-    elif dense.status == "error":
+    elif dense.status == ERROR:
         m2.error(f"Dense baseline failed: {dense.error}")
     elif dense_updates:
         m2.metric("Dense baseline perplexity", f"{dense_updates[-1].ppl:.2f}",
@@ -307,9 +307,9 @@ def live() -> None:
                       delta=f"{u.ppl - dense_updates[min(len(dense_updates), u.windows_done) - 1].ppl:+.2f} vs dense"
                       if dense_updates else None, delta_color="inverse",
                       help=f"running value after {u.windows_done}/{u.windows_total} windows")
-        if j.status == "error":
+        if j.status == ERROR:
             st.error(j.error)
-        elif j.status == "cancelled":
+        elif j.status == CANCELLED:
             st.warning("Cancelled; the dense weights were restored." if j.name == "prune" and not work.pruned
                        else "Cancelled.")
         elif j.status == DONE and isinstance(j.result, dict):
@@ -369,6 +369,17 @@ if alloc is None:
     st.caption("The recipe and ratio downloads describe the allocation of your last prune: run one first.")
 for caveat in recipe_caveats(per_layer):
     st.caption(f"Recipe: {caveat}.")
+try:  # the record of the last prune, as the run store keeps it (zero-shot scores included)
+    record = runs_store().get(work.run_id) if work.pruned and work.run_id is not None else None
+except (StoreError, KeyError):  # deleted on the Compare page, or the store is unreadable: nothing to offer
+    record = None
+if record is not None:
+    record_file = f"run-{work.run_id}.json"
+    st.download_button("Download run record (JSON)", to_json(record, indent=2) + "\n", file_name=record_file,
+                       mime="application/json", key="prune_record_download",
+                       help="every setting of your last prune, its allocation, perplexities and versions")
+    st.caption(f"Run it again from the command line: `python -m analysis prune --rerun {record_file}` (or write the "
+               f"record from the run store: `python -m analysis runs --show {work.run_id} > {record_file}`).")
 
 
 st.subheader("Zero-shot accuracy")

@@ -8,7 +8,7 @@ import streamlit as st
 
 from analysis.layers import find_layers
 from analysis.powerlaw import XMIN_RULES
-from analysis.spectra import ALPHA_BANDS, beyond_mp_edge, mp_curve, shuffled_esd
+from analysis.spectra import ALPHA_BANDS, alpha_summary, mp_curve, shuffled_esd
 from components.figures import alpha_depth_figure, esd_figure, heatmap_figure
 from components.state import (
     require_model,
@@ -61,19 +61,13 @@ zero = weights_zero_fraction(model, work.version if model is work.model else 0)
 st.caption(f"{len(metrics)} matrices · {zero:.2%} of the prunable weights analyzed here are zero · "
            f"fit '{res.fit}'{' · FARMS' if res.farms else ''}")
 
-ok = metrics[(metrics["status"] == "ok") & metrics["prunable"]]
+summary = alpha_summary(res)
 m1, m2, m3, m4, m5 = st.columns(5)
-m1.metric("Mean α (prunable)", f"{ok['alpha'].mean():.2f}" if len(ok) else "n/a")
-m2.metric(f"α < {LOW:g} (over-trained)", int((ok["alpha"] < LOW).sum()))
-m3.metric(f"{LOW:g} ≤ α ≤ {HIGH:g}", int(((ok["alpha"] >= LOW) & (ok["alpha"] <= HIGH)).sum()))
-m4.metric(f"α > {HIGH:g} (under-trained)", int((ok["alpha"] > HIGH).sum()))
-def mp_ratio(rows: int, cols: int) -> float:
-    """The aspect ratio of the random matrix a spectrum is compared with: FARMS pools square windows."""
-    return 1.0 if res.farms else max(rows, cols) / min(rows, cols)
-
-
-tails = sum(beyond_mp_edge(res.esds[r.name], mp_ratio(r.rows, r.cols)) > 0 for r in ok.itertuples())
-m5.metric("With a tail beyond MP", f"{tails} of {len(ok)}",
+m1.metric("Mean α (prunable)", f"{summary['mean_alpha']:.2f}" if summary["fitted"] else "n/a")
+m2.metric(f"α < {LOW:g} (over-trained)", summary["below"])
+m3.metric(f"{LOW:g} ≤ α ≤ {HIGH:g}", summary["inside"])
+m4.metric(f"α > {HIGH:g} (under-trained)", summary["above"])
+m5.metric("With a tail beyond MP", f"{summary['with_tail']} of {summary['fitted']}",
           help="Matrices with eigenvalues beyond the Marchenko–Pastur edge of a random matrix of the same shape and "
                "mean eigenvalue. Only there does α read a learned tail: a randomly initialised layer has none, "
                "yet a fit to its bulk can still land in the 'well trained' band (see the Learn page).")
@@ -127,7 +121,7 @@ with right:
     eigs = res.esds[name]
     mp = rand = None
     if show_mp:
-        mp = mp_curve(eigs, mp_ratio(row["rows"], row["cols"]), log=log)
+        mp = mp_curve(eigs, res.mp_ratio(row["rows"], row["cols"]), log=log)
     dense_read = which != "my pruned copy"  # the shared weights: read through the gate, never while pruned in place
     if show_rand:
         with work.gate.reading(work.owner, blocking=False) if dense_read else nullcontext(True) as readable:

@@ -257,6 +257,14 @@ def test_a_folder_without_tokenizer_files_loads_for_its_spectra_and_says_what_ne
     run_until_idle(at, "allocation page")
     assert at.button(key="alloc_search_run").disabled  # the search reads calibration text
     assert any("has no tokenizer files" in c.value for c in at.caption)
+    at.checkbox(key="alloc_more").check().run()
+    assert not any("OWL" in c.value for c in at.caption if "in the background" in c.value)  # it is not coming
+    t0 = time.time()
+    while "farms" not in at.selectbox(key="alloc_preset").options and time.time() - t0 < WAIT_S:
+        time.sleep(1.0)
+        at.run()
+    assert at.selectbox(key="alloc_preset").options == ["uniform", "alphapruning", "farms"]
+    assert not any("in the background" in c.value for c in at.caption)
     at.switch_page("pages/prune.py").run()
     assert not at.exception and "has no tokenizer files" in at.warning[0].value
 
@@ -599,8 +607,12 @@ def test_owl_preset_is_the_allocation_an_owl_run_applies(app, runs_db):
     run_until_idle(app, "OWL prune")
     assert not app.error, [e.value for e in app.error]
     store = RunStore(runs_db)
-    record = store.get(int(store.all()["id"].max()))
+    run_id = int(store.all()["id"].max())
+    record = store.get(run_id)
     assert record["config"]["allocation"] == "owl" and record["config"]["n_samples"] == 4
+    # the dashboard's run is a CLI command away: its record to download, and the command that reruns it
+    assert any(f"python -m analysis prune --rerun run-{run_id}.json" in c.value for c in app.caption)
+    assert (record["config"]["device"], record["config"]["dtype"]) == ("cpu", "float32")
     assert record["allocation"]["params"]["owl_lambda"] == pytest.approx(0.04)
     app.slider(key="prune_owl_lambda").set_value(AllocationSettings.owl_lambda).run()  # (the app is shared)
     applied = record["allocation"]["per_block"]
