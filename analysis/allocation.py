@@ -98,6 +98,14 @@ class Allocation:
     def warnings(self) -> list[str]:
         return list(self.params.get("warnings", []))
 
+    @property
+    def pruner(self) -> str | None:
+        """The pruner this allocation was searched with (a search's params) or pruned with (a run record's), None
+        where its params do not say."""
+        run = self.params.get("run") if isinstance(self.params.get("run"), dict) else {}
+        pruner = run.get("pruner", self.params.get("pruner"))
+        return pruner if isinstance(pruner, str) else None
+
     def to_dict(self) -> dict:
         d = asdict(self)
         return {"format": FORMAT, "version": FORMAT_VERSION, **d}

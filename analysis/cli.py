@@ -36,6 +36,7 @@ from analysis.export import (
     module_order,
     ratios_npy,
     recipe_caveats,
+    recipe_pruner_for,
     recipe_yaml,
 )
 from analysis.layers import UNSUPPORTED, layer_table, prunable_layers, skeleton, unsupported_weights, zero_fraction
@@ -373,7 +374,8 @@ def _add_allocation_file_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", default=None, help="write the allocation as an llm-compressor recipe (YAML) here")
     p.add_argument("--recipe-pruner", default=None, choices=list(RECIPE_PRUNERS),
                    help="the recipe's pruning modifier: SparseGPTModifier (sparsegpt) or WandaPruningModifier "
-                   f"(wanda); default {DEFAULT_RECIPE_PRUNER}")
+                   "(wanda); default: the pruner the allocation was searched or pruned with (a search's, a run "
+                   f"record's) when it is one of these, else {DEFAULT_RECIPE_PRUNER}")
     p.add_argument("--npy", default=None, help="write the ratios here as a .npy vector (one per matrix, module "
                    "order: the ratios list AlphaPruning's prune functions take)")
 
@@ -394,10 +396,14 @@ def _write_allocation_files(args: argparse.Namespace, alloc: Allocation, per_lay
     contents = {}  # made before anything is written, so a refused recipe leaves no .npy behind
     if args.recipe:
         try:
-            recipe = recipe_yaml(per_layer, args.recipe_pruner or DEFAULT_RECIPE_PRUNER, nm, note)
+            pruner = args.recipe_pruner or recipe_pruner_for(alloc.pruner)
+            recipe = recipe_yaml(per_layer, pruner, nm, note)
         except ExportError as e:
             raise UsageError(f"--recipe: {e}") from None
         contents["--recipe"] = (args.recipe, recipe.encode())
+        if args.recipe_pruner is None and pruner != DEFAULT_RECIPE_PRUNER:
+            print(f"note: --recipe: its modifier is {RECIPE_PRUNERS[pruner]}, as the allocation was made with "
+                  f"{pruner} (--recipe-pruner chooses)", file=sys.stderr)
     if args.npy:
         contents["--npy"] = (args.npy, ratios_npy(per_layer))
     for flag, (path, data) in contents.items():

@@ -347,6 +347,12 @@ def module_order(per_layer: dict[str, float], model: nn.Module | None = None) ->
     return dict(sorted(per_layer.items(), key=lambda item: position(item[0])))  # stable: experts keep their order
 
 
+def recipe_pruner_for(pruner: str | None) -> str:
+    """The recipe's pruner for an allocation made for or pruned with `pruner`: that one where llm-compressor has its
+    modifier (sparsegpt, wanda), else DEFAULT_RECIPE_PRUNER."""
+    return pruner if pruner in RECIPE_PRUNERS else DEFAULT_RECIPE_PRUNER
+
+
 def recipe_yaml(per_layer: dict[str, float], pruner: str = DEFAULT_RECIPE_PRUNER, nm: tuple[int, int] | None = None,
                 note: str = "") -> str:
     """An llm-compressor recipe pruning each matrix of `per_layer` (module name -> sparsity, in module

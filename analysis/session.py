@@ -218,6 +218,7 @@ class WorkingCopy:
         self.label = "dense"
         self.version = 0
         self.allocation = None  # the Allocation the copy was last pruned with
+        self.pruner: str | None = None  # and the pruner (PRUNERS key)
         self.run_id: int | None = None  # the run store's record of that prune (zero-shot scores join it)
         self.job: Job | None = None  # the running or last prune/eval job of the owner
         self.lock = threading.Lock()  # one job at a time may change the weights
@@ -317,7 +318,7 @@ class WorkingCopy:
         """Free the copy's memory (restoring a lease first); the owner then reads the shared model."""
         if self.leased:
             self.restore()
-        self.model = self.dense = self.allocation = self.run_id = None
+        self.model = self.dense = self.allocation = self.pruner = self.run_id = None
         self.label = "dense"
         self.version += 1
 
@@ -570,7 +571,7 @@ def prune_and_evaluate(job: Job, work: WorkingCopy, shared_model: nn.Module, tok
             raise
         rowwise = f" + {s.prune.rowwise}" if s.prune.rowwise else ""  # e.g. "wanda + trim 70% (owl)"
         work.label = f"{s.prune.method}{rowwise} {report.overall:.0%} ({s.prune.nm or alloc.method})"  # N:M: none
-        work.allocation = alloc
+        work.allocation, work.pruner = alloc, s.prune.method
         job.report(f"pruned to {report.overall:.1%} in {report.seconds:.1f} s; evaluating", 0.7)
         with timer("pruned_eval"):
             last = evaluate_job(job, model, data.windows, 0.7, 1.0,

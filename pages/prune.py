@@ -13,6 +13,7 @@ from analysis.export import (
     module_order,
     ratios_npy,
     recipe_caveats,
+    recipe_pruner_for,
     recipe_yaml,
 )
 from analysis.jobs import CANCELLED, DONE, ERROR, PENDING, Job
@@ -121,7 +122,7 @@ elif allocation == "owl":
 
 with st.expander("Calibration and evaluation data"):
     d1, d2, d3 = st.columns(3)
-    calib_source = d1.text_input("Calibration text", CALIB_DEFAULT.source, key="prune_calib_source",
+    calibration_source = d1.text_input("Calibration text", CALIB_DEFAULT.source, key="prune_calib_source",
                                  help="'default' (embedded corpus: its first half calibrates, its second half "
                                       "evaluates), 'wikitext2:valid', or a .txt path. A text named for both "
                                       "calibration and evaluation is split in disjoint halves too.")
@@ -151,7 +152,7 @@ with st.expander("Calibration and evaluation data"):
 try:
     check_encoding(encoding)
     text_problems = [f"{what}: {problem}"
-                     for what, src in (("Calibration text", calib_source), ("Evaluation text", eval_source))
+                     for what, src in (("Calibration text", calibration_source), ("Evaluation text", eval_source))
                      if (problem := text_source_problem(src, encoding))]
 except DataError as e:
     text_problems = [str(e)]
@@ -167,7 +168,7 @@ elif allocation == "custom":
                + ("normalized to its target)." if custom.params["normalize"] else "as drawn).")
                + " The target sparsity here does not apply to it.")
 fit = st.session_state.get("spectra_fit", SpectraSettings.fit)
-calibration = CalibrationSettings(calib_source.strip() or CALIB_DEFAULT.source, int(n_samples), int(calib_seqlen),
+calibration = CalibrationSettings(calibration_source.strip() or CALIB_DEFAULT.source, int(n_samples), int(calib_seqlen),
                                   encoding=encoding)
 evaluation = EvaluationSettings(eval_source, int(eval_seqlen), int(max_windows) or None, encoding=encoding)
 remember_prune_data(calibration, evaluation)
@@ -350,8 +351,11 @@ if x3.button("Export pruned model", disabled=busy or not work.pruned, key="prune
             st.info(f"{COMPRESSED_NOTE}.")
 alloc = work.allocation if work.pruned else None
 r1, r2, r3 = st.columns([1, 1, 1])
-recipe_pruner = r1.selectbox("Recipe pruner", list(RECIPE_PRUNERS), key="prune_recipe_pruner",
-                             help="the llm-compressor modifier that carries the per-matrix sparsities")
+made_with = recipe_pruner_for(work.pruner if alloc is not None else None)  # the last prune's, where it has one
+recipe_pruner = r1.selectbox("Recipe pruner", list(RECIPE_PRUNERS), index=list(RECIPE_PRUNERS).index(made_with),
+                             key=f"prune_recipe_pruner_{made_with}",  # a prune with another pruner selects that one
+                             help="the llm-compressor modifier that carries the per-matrix sparsities (the pruner of "
+                                  "your last prune where llm-compressor has it)")
 per_layer = module_order(alloc.per_layer, work.model) if alloc is not None else {}
 # the last prune's own pattern (an N:M run's allocation names it), not the one selected now: an N:M recipe
 # prunes every target to its pattern, whatever ratios an unstructured allocation gives

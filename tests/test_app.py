@@ -525,6 +525,8 @@ def test_prune_runs_in_the_background_and_restores(app, runs_db):
     app.switch_page("pages/prune.py").run()
     assert not app.exception
     assert "dense (shared model) · 0.0% of prunable weights are zero" in texts(app)
+    assert app.selectbox(key="prune_recipe_pruner_sparsegpt").value == "sparsegpt"  # no prune yet: the default
+
     def small_settings():  # so the test stays quick on two cores
         set_prune_inputs(app, alloc="uniform", n_samples=4, calib_seqlen=64, eval_seqlen=128, windows=3)
 
@@ -542,6 +544,7 @@ def test_prune_runs_in_the_background_and_restores(app, runs_db):
     dense = float(metric(app, "Dense baseline perplexity"))
     assert math.isfinite(ppl) and ppl > dense > 1
     assert "pruned copy — wanda 50% (uniform) · 50.0% of prunable weights are zero" in texts(app)
+    assert app.selectbox(key="prune_recipe_pruner_wanda").value == "wanda"  # the recipe's modifier: the prune's
     # the shared model is untouched
     from components.state import load_shared_model
 

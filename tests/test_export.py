@@ -393,6 +393,17 @@ def test_cli_export_writes_recipe_and_npy(tmp_path, capsys, recipe_parser):
     (modifier,) = recipe_parser.create_instance(str(recipe)).modifiers
     assert modifier.sparsity == list(alloc["per_layer"].values()) == np.load(npy).tolist()
     assert modifier.mask_structure == "0:0" and type(modifier).__name__ == "WandaPruningModifier"
+    # without --recipe-pruner: the pruner the allocation was searched or pruned with, where its file says
+    searched = tmp_path / "s.json"
+    Allocation.from_dict({**alloc, "params": {**alloc.get("params", {}), "pruner": "wanda"}}).save(searched)
+    record = tmp_path / "run.json"  # a run record's allocation was pruned with its config's method
+    record.write_text(json.dumps({"config": {"method": "magnitude"}, "allocation": alloc}))
+    for source, want in ((path, "SparseGPTModifier"), (searched, "WandaPruningModifier"),
+                         (record, "SparseGPTModifier")):  # magnitude: llm-compressor's SparseGPT modifier then
+        code, _, err = run(capsys, "export", "--allocation", source, "--recipe", recipe)
+        assert code == 0 and type(recipe_parser.create_instance(str(recipe)).modifiers[0]).__name__ == want, err
+        assert ("as the allocation was made with wanda" in err) == (source == searched), err
+    assert Allocation.load(record).pruner == "magnitude" and Allocation.load(path).pruner is None
     code, _, err = run(capsys, "export", "--allocation", path)
     assert code == 2 and "nothing to write" in err
     code, _, err = run(capsys, "export", "--allocation", path, "--recipe", tmp_path)
