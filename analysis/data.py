@@ -497,7 +497,7 @@ def calibration_text(source: str, eval_source: str | None = None, encoding: str 
     return split_text(text)[0] if is_split(source, eval_source) else text
 
 
-def evaluation_text(source: str, calib_source: str | None = None, encoding: str = ENCODING) -> str:
+def evaluation_text(source: str, calibration_source: str | None = None, encoding: str = ENCODING) -> str:
     """The text evaluation windows are cut from (see `is_split`)."""
     text = load_text(source, encoding)
-    return split_text(text)[1] if is_split(source, calib_source) else text
+    return split_text(text)[1] if is_split(source, calibration_source) else text

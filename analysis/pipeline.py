@@ -61,6 +61,7 @@ from analysis.settings import (
     AllocationSettings,
     CalibrationSettings,
     EvaluationSettings,
+    PruneSettings,
     RunSettings,
     SpectraSettings,
     search_samples,
@@ -199,7 +200,7 @@ def search_starts(settings: AllocationSettings, model: nn.Module, calib: torch.T
         farms_metrics = dense_spectra(model, used["farms_metrics"], progress)
     spectra = {"alphapruning": metrics, "farms": farms_metrics}
     if outlier_ratios is None:
-        outlier_ratios = collect_outlier_ratios(model, calib, threshold_m=settings.owl_threshold, progress=progress)
+        outlier_ratios = collect_outlier_ratios(model, calib, owl_threshold=settings.owl_threshold, progress=progress)
     return {name: build_allocation(s, model, calib=calib, metrics=spectra.get(s.method), outlier_ratios=outlier_ratios,
                                    model_name=model_name) for name, s in base.items()}
 
@@ -224,7 +225,7 @@ def search_in_stages(settings: AllocationSettings, model: nn.Module, calib: torc
             progress(message.replace("search", label, 1), at / total if total else f)
 
         best = on_best and (lambda ratios, fit, step: on_best(ratios, fit, done + step))
-        return search_allocation(model, calib, stage_starts, method=prune_method, steps=steps,
+        return search_allocation(model, calib, stage_starts, prune_method=prune_method, steps=steps,
                                  step=settings.search_step, space=settings.search_space, seed=seed,
                                  objective=settings.search_objective, fitness_windows=windows,
                                  verify=settings.search_verify,
@@ -245,7 +246,7 @@ def search_in_stages(settings: AllocationSettings, model: nn.Module, calib: torc
 
 def build_allocation(settings: AllocationSettings, model: nn.Module, *, nm=None, calib: torch.Tensor | None = None,
                      metrics: pd.DataFrame | None = None, outlier_ratios: dict[int, float] | None = None,
-                     custom: Allocation | None = None, model_name: str = "", prune_method: str = "wanda",
+                     custom: Allocation | None = None, model_name: str = "", prune_method: str = PruneSettings.method,
                      progress: ProgressFn | None = None, stop: StopFlag = None,
                      on_best: OnBest | None = None, fitness_windows: torch.Tensor | None = None,
                      farms_metrics: pd.DataFrame | None = None, then_windows: torch.Tensor | None = None) -> Allocation:
@@ -287,7 +288,7 @@ def build_allocation(settings: AllocationSettings, model: nn.Module, *, nm=None,
     if method == "owl" and outlier_ratios is None:
         if calib is None:
             raise AllocationError("owl needs calibration data for its outlier ratios.")
-        outlier_ratios = collect_outlier_ratios(model, calib, threshold_m=settings.owl_threshold, progress=progress)
+        outlier_ratios = collect_outlier_ratios(model, calib, owl_threshold=settings.owl_threshold, progress=progress)
     alloc = allocate(metrics, settings.sparsity, method=method, epsilon=settings.epsilon, metric=settings.metric,
                      granularity=settings.granularity, outlier_ratios=outlier_ratios, owl_lambda=settings.owl_lambda,
                      model=model_name)

@@ -88,7 +88,15 @@ from analysis.layers import LayerRef, find_blocks, layers_by_block, module_devic
 from analysis.pruners import get_pruner
 from analysis.pruning import DenseSnapshot, layer_pruner
 from analysis.runtime import ProgressFn, StopFlag, should_stop
-from analysis.settings import SEARCH_OBJECTIVES, SEARCH_SEQLEN, SEARCH_SPACES, SEARCH_STEP, VERIFY_MODES
+from analysis.settings import (
+    SEARCH_OBJECTIVES,
+    SEARCH_SEQLEN,
+    SEARCH_SPACES,
+    SEARCH_STEP,
+    VERIFY_MODES,
+    AllocationSettings,
+    PruneSettings,
+)
 
 OnBest = Callable[[list[float], float, int], None]  # (per-block ratios, confirmed fitness, step)
 
@@ -374,25 +382,26 @@ def paired_gain(before: np.ndarray, after: np.ndarray) -> tuple[float, float]:
     return float(d.mean()), se
 
 
-def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, Allocation], method: str = "wanda",
-                      steps: int = 40, seed: int = 0, step: float = SEARCH_STEP, space: str = "block",
-                      offspring: int = 4,
+def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, Allocation],
+                      prune_method: str = PruneSettings.method, steps: int = AllocationSettings.search_steps,
+                      seed: int = AllocationSettings.search_seed, step: float = AllocationSettings.search_step,
+                      space: str = AllocationSettings.search_space, offspring: int = 4,
                       screen_samples: int = 4, screen_seqlen: int = 128, confirm_seqlen: int = SEARCH_SEQLEN,
-                      confirm_samples: int | None = None,
-                      objective: str = "nll", fitness_windows: torch.Tensor | None = None, verify: str = "none",
+                      confirm_samples: int | None = None, objective: str = AllocationSettings.search_objective,
+                      fitness_windows: torch.Tensor | None = None, verify: str = AllocationSettings.search_verify,
                       model_name: str = "",
                       progress: ProgressFn | None = None, stop: StopFlag = None,
                       on_best: OnBest | None = None) -> Allocation:
     """Search a per-block allocation at the budget of `starts` (name -> Allocation, all with the same
-    sparsity, for this model) with pruner `method`; `model` must be dense and is dense again on
+    sparsity, for this model) with pruner `prune_method`; `model` must be dense and is dense again on
     return. `steps` generations of `offspring` mutants each; `stop` ends the search early (the best
     so far is returned; while the first start is scored there is none, and it raises JobCancelled). The
     fitness is measured on `fitness_windows` (token ids (n, L)) when given, else on `calib`, which always
     gives the pruner's statistics. `verify` (one of VERIFY_MODES): "none",
     the proxy decides; "starts", the starts and the result are pruned for real, and the result is kept
     only if it beats the best start after the real prunes; "all", also every offspring the proxy confirms,
-    and only a real improvement replaces the parent (see the module docstring; the front ends' default is
-    AllocationSettings.search_verify, "starts"). The result's params hold
+    and only a real improvement replaces the parent (see the module docstring). The defaults are the front ends'
+    (AllocationSettings' search_* fields, PruneSettings.method). The result's params hold
     the search's settings, the starts' fitness, the history (one entry per improvement, its fitness the
     proxy's unless "all"), the real prunes' fitness (`verified`: start name, "step N" or "result" ->
     fitness), what was kept (`result`, `real_fitness`), the result's `gain` over the start it went on from
@@ -418,7 +427,7 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
     refs = layers_by_block(model)
     n_blocks = max(refs) + 1
     params = [sum(r.params for r in refs.get(b, [])) for b in range(n_blocks)]
-    levels = BlockLevels(model, calib, method, progress)
+    levels = BlockLevels(model, calib, prune_method, progress)
     scored = calib if fitness_windows is None else fitness_windows
     where = "calibration" if fitness_windows is None else "held-out"
     checked = scored[:, :confirm_seqlen]  # where a real prune is scored
@@ -581,7 +590,7 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
     gain, gain_se = paired_gain(base_windows, parent_windows)
     ran_on = module_device_dtype(model)
     info = {
-        "pruner": method, "objective": objective, "step": step, "space": space, "steps": steps,
+        "pruner": prune_method, "objective": objective, "step": step, "space": space, "steps": steps,
         "fitness": f"{where} {'NLL' if objective == 'nll' else 'KL(dense || pruned)'} (nats/token)",
         "steps_done": done, "seed": seed, "offspring": offspring, "screen_tokens": int(screen.numel()),
         "confirm_tokens": int(confirm.numel()),

@@ -404,7 +404,7 @@ def evaluate_job(job: Job, model: nn.Module, windows, lo: float = 0.0, hi: float
     return last
 
 
-def outlier_ratios_job(job: Job, shared_model: nn.Module, calib, threshold_m: float, gate: ModelGate,
+def outlier_ratios_job(job: Job, shared_model: nn.Module, calib, owl_threshold: float, gate: ModelGate,
                        need: MemoryEstimate) -> dict[int, float]:
     """OWL outlier ratios of a shared model. Collecting activations registers forward hooks and
     intercepts the first block's inputs, which would disturb every other session running the shared
@@ -414,12 +414,12 @@ def outlier_ratios_job(job: Job, shared_model: nn.Module, calib, threshold_m: fl
     model = _private_copy(shared_model, need, gate, "the OWL outlier measurement", job)
     if model is not None:
         try:
-            return collect_outlier_ratios(model, calib, threshold_m, progress=job.report)
+            return collect_outlier_ratios(model, calib, owl_threshold, progress=job.report)
         finally:
             del model
     gate.lease("the OWL outlier measurement", "the OWL outlier measurement to finish", job)
     try:
-        return collect_outlier_ratios(shared_model, calib, threshold_m, progress=job.report)
+        return collect_outlier_ratios(shared_model, calib, owl_threshold, progress=job.report)
     finally:
         gate.release("the OWL outlier measurement")
 

@@ -184,7 +184,7 @@ def searched_allocation(model, calib, sparsity: float, method: str, seed: int, s
         objective, text, verify, step = SEARCHES[name]
         windows = held_out(text, calib_seed, verify, SCALES.get(name, 1))
         confirmed = confirm_samples(windows, verify, calib.shape[0])  # not `confirm`: the confirmation length above
-        alloc = search_allocation(model, calib, starts, method=method, steps=steps, step=step,
+        alloc = search_allocation(model, calib, starts, prune_method=method, steps=steps, step=step,
                                   space=SPACES.get(name, "block"), seed=seed,
                                   model_name=model_name,
                                   screen_samples=n, screen_seqlen=length, confirm_seqlen=int(confirm),
@@ -532,7 +532,7 @@ def main(argv=None) -> int:
     if bases & {"owl", *SEARCHES}:
         for seed in seeds:
             t0 = time.perf_counter()
-            outliers[seed] = collect_outlier_ratios(model, calibs[seed], threshold_m=5.0)
+            outliers[seed] = collect_outlier_ratios(model, calibs[seed], owl_threshold=5.0)
             results["owl_outliers_s"] = round(time.perf_counter() - t0, 2)
     eps = 0.3
     if "alphapruning" in bases:

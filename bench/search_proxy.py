@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     confirm_seqlen = int(cfg["search_tokens"].split(",")[1])  # as bench.quality's search confirmed on
     calib = calibration_batches(lm.tokenizer, load_text("default"), cfg["nsamples"], cfg["seqlen"], seed=args.seed,
                                 bos=lm.info.bos_per_window)
-    outliers = collect_outlier_ratios(model, calib, threshold_m=5.0)
+    outliers = collect_outlier_ratios(model, calib, owl_threshold=5.0)
     # the searches of bench.quality also start from the epsilon it chose on valid
     starts = search_starts(AllocationSettings(sparsity=args.sparsity, epsilon=quality["epsilon"], owl_threshold=5.0),
                            model, calib, dense_spectra(model, SpectraSettings()), outliers, args.model)

@@ -392,28 +392,29 @@ def wait_for(job: Job, what: str, every: float = 0.25) -> None:
     st.stop()
 
 
-def dense_ppl_job(loaded: LoadedModel, calib_source: str, evaluation: EvaluationSettings, start: bool = True) -> Job:
+def dense_ppl_job(loaded: LoadedModel, calibration_source: str, evaluation: EvaluationSettings,
+                  start: bool = True) -> Job:
     """Perplexity of the shared dense model on exactly the windows a prune run with these settings
     evaluates (same text split, length, count, BOS), computed once for everyone."""
     def run(job: Job):
-        windows = evaluation_windows(loaded.tokenizer, evaluation, calib_source, loaded.info.bos_per_window)
+        windows = evaluation_windows(loaded.tokenizer, evaluation, calibration_source, loaded.info.bos_per_window)
         last = evaluate_job(job, loaded.model, windows, batch_size=evaluation.batch_size)
         return None if last is None else last.ppl
 
-    return shared_job(_dense_key(calib_source, evaluation), run, name="dense-ppl", start=start)
+    return shared_job(_dense_key(calibration_source, evaluation), run, name="dense-ppl", start=start)
 
 
-def _dense_key(calib_source: str, evaluation: EvaluationSettings) -> tuple:
-    return ("dense_ppl", model_key(), calib_source, evaluation.source, evaluation.seqlen, evaluation.max_windows,
+def _dense_key(calibration_source: str, evaluation: EvaluationSettings) -> tuple:
+    return ("dense_ppl", model_key(), calibration_source, evaluation.source, evaluation.seqlen, evaluation.max_windows,
             evaluation.encoding)
 
 
-def peek_dense_ppl_job(calib_source: str, evaluation: EvaluationSettings) -> Job | None:
+def peek_dense_ppl_job(calibration_source: str, evaluation: EvaluationSettings) -> Job | None:
     """The dense-baseline job for these settings if one was started (by any session), else None."""
-    return peek_job(_dense_key(calib_source, evaluation))
+    return peek_job(_dense_key(calibration_source, evaluation))
 
 
-def owl_job(loaded: LoadedModel, calibration: CalibrationSettings, eval_source: str, threshold_m: float,
+def owl_job(loaded: LoadedModel, calibration: CalibrationSettings, eval_source: str, owl_threshold: float,
             start: bool = True) -> Job:
     """OWL outlier ratios of the shared model (measured on a throw-away copy, or in place under the
     model's lease when no copy fits), once for everyone per
@@ -422,10 +423,10 @@ def owl_job(loaded: LoadedModel, calibration: CalibrationSettings, eval_source: 
     def run(job: Job):
         calib = calibration_batch(loaded.tokenizer, calibration, eval_source, loaded.info.bos_per_window)
         need = memory_estimate(loaded.model, loaded.info.dtype, calibration.n_samples, calibration.seqlen)
-        return outlier_ratios_job(job, loaded.model, calib, threshold_m, model_gate(key[1]), need)
+        return outlier_ratios_job(job, loaded.model, calib, owl_threshold, model_gate(key[1]), need)
 
     key = ("owl", model_key(), calibration, eval_source if is_split(calibration.source, eval_source) else None,
-           threshold_m)
+           owl_threshold)
     return shared_job(key, run, name="owl-ratios", start=start, reads=False)
 
 

@@ -70,3 +70,42 @@ def test_every_error_class_of_the_engine_is_an_alphascope_error():
         found += [c for c in vars(module).values() if isinstance(c, type) and issubclass(c, Exception)
                   and c.__module__ == module.__name__ and c.__name__.endswith("Error")]  # not control flow
     assert len(found) >= 12 and all(issubclass(c, AlphascopeError) for c in found), found
+
+
+def test_engine_defaults_are_the_settings_defaults():
+    """A script calling the engine's functions without an argument gets what the CLI and the dashboard do: each
+    default below is the settings' (analysis.settings), whichever module declares it (README, "Architecture")."""
+    import inspect
+
+    from analysis import allocation, data, loading, owl, pipeline, pruning, search, spectra
+    from analysis.settings import (
+        AllocationSettings,
+        CalibrationSettings,
+        EvaluationSettings,
+        PruneSettings,
+        SpectraSettings,
+    )
+
+    A, C, E, P, S = AllocationSettings, CalibrationSettings, EvaluationSettings, PruneSettings, SpectraSettings
+    same = {  # (function, parameter): the settings' field
+        (allocation.allocate, "epsilon"): A.epsilon, (allocation.allocate, "metric"): A.metric,
+        (allocation.allocate, "granularity"): A.granularity, (allocation.allocate, "owl_lambda"): A.owl_lambda,
+        (allocation.allocate, "method"): A.method,
+        (owl.collect_outlier_ratios, "owl_threshold"): A.owl_threshold,
+        (data.calibration_batches, "n_samples"): C.n_samples, (data.calibration_batches, "seqlen"): C.seqlen,
+        (data.calibration_batches, "seed"): C.seed, (data.eval_windows, "seqlen"): E.seqlen,
+        (data.eval_windows, "max_windows"): E.max_windows, (loading.estimate_memory, "n_samples"): C.n_samples,
+        (loading.estimate_memory, "seqlen"): C.seqlen, (pruning.prune, "method"): P.method,
+        (pipeline.build_allocation, "prune_method"): P.method, (spectra.analyze, "fit"): S.fit,
+        (spectra.analyze, "farms"): S.farms, (spectra.analyze, "normalize"): S.normalize,
+        (spectra.analyze, "include_outside"): S.include_outside, (spectra.analyze_checkpoint, "fit"): S.fit,
+        (search.search_allocation, "prune_method"): P.method, (search.search_allocation, "steps"): A.search_steps,
+        (search.search_allocation, "seed"): A.search_seed, (search.search_allocation, "step"): A.search_step,
+        (search.search_allocation, "space"): A.search_space,
+        (search.search_allocation, "objective"): A.search_objective,
+        (search.search_allocation, "verify"): A.search_verify,
+    }
+    differ = [f"{fn.__module__}.{fn.__name__}({name}={inspect.signature(fn).parameters[name].default!r}), "
+              f"settings {want!r}" for (fn, name), want in same.items()
+              if inspect.signature(fn).parameters[name].default != want]
+    assert not differ, differ

@@ -437,8 +437,8 @@ def test_search_over_blocks_and_kinds_moves_the_experts_kinds_too():
 
     model, ids = qwen2_moe(), calib(n=8, seqlen=32)
     starts = {"uniform": allocate(layer_table(model), 0.6, "uniform")}
-    a = search_allocation(model, ids, starts, method="wanda", steps=12, seed=0, screen_samples=2, screen_seqlen=16,
-                          space="block+kind")
+    a = search_allocation(model, ids, starts, prune_method="wanda", steps=12, seed=0, screen_samples=2,
+                          screen_seqlen=16, space="block+kind", verify="none")
     kinds = a.params["history"][-1]["kinds"]
     assert {"experts.gate_proj", "experts.up_proj", "experts.down_proj"} <= set(kinds)
     assert a.achieved == pytest.approx(0.6, abs=1e-12)

@@ -332,10 +332,10 @@ def test_bad_devices_and_token_ids_are_refused_alike_by_every_pruner_before_a_we
 
 def test_outlier_ratios_per_block():
     model = tiny_llama(layers=3)
-    ratios = collect_outlier_ratios(model, calib_ids(), threshold_m=3.0)
+    ratios = collect_outlier_ratios(model, calib_ids(), owl_threshold=3.0)
     assert sorted(ratios) == [0, 1, 2]
     assert all(0.0 < r < 0.2 for r in ratios.values())
-    assert set(collect_outlier_ratios(model, calib_ids(), threshold_m=1e9).values()) == {0.0}
+    assert set(collect_outlier_ratios(model, calib_ids(), owl_threshold=1e9).values()) == {0.0}
     # hand count for block 0 at M=3, from the same statistics
     counts, total = 0, 0
 

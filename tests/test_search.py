@@ -300,8 +300,8 @@ def test_search_starts_include_the_settings_epsilon(tiny_search):
 def test_search_is_deterministic_exact_and_never_worse_than_its_best_start(tiny_search):
     model, calib, starts = tiny_search
     dense = DenseSnapshot.take(model)
-    a = search_allocation(model, calib, starts, steps=12, seed=3, screen_samples=2, screen_seqlen=16)
-    b = search_allocation(model, calib, starts, steps=12, seed=3, screen_samples=2, screen_seqlen=16)
+    a = search_allocation(model, calib, starts, steps=12, seed=3, screen_samples=2, screen_seqlen=16, verify="none")
+    b = search_allocation(model, calib, starts, steps=12, seed=3, screen_samples=2, screen_seqlen=16, verify="none")
     assert a.per_block == b.per_block and a.params["history"] == b.params["history"]
     assert a.method == "auto" and a.achieved == pytest.approx(0.6, abs=1e-12)
     for step in a.params["history"]:  # every accepted candidate is exactly at the budget
@@ -330,10 +330,10 @@ def test_search_over_blocks_and_matrix_kinds(tiny_search, method):
     differ inside a block by their kind's offset, each block keeps the per-block ratio the history shows,
     and its fitness is that of the model pruned from dense statistics at those per-matrix ratios."""
     model, calib, starts = tiny_search
-    a = search_allocation(model, calib, starts, method=method, steps=12, seed=1, screen_samples=2,
-                          screen_seqlen=16, space="block+kind")
-    b = search_allocation(model, calib, starts, method=method, steps=12, seed=1, screen_samples=2,
-                          screen_seqlen=16, space="block+kind")
+    a = search_allocation(model, calib, starts, prune_method=method, steps=12, seed=1, screen_samples=2,
+                          screen_seqlen=16, space="block+kind", verify="none")
+    b = search_allocation(model, calib, starts, prune_method=method, steps=12, seed=1, screen_samples=2,
+                          screen_seqlen=16, space="block+kind", verify="none")
     assert a.per_layer == b.per_layer and a.params["history"] == b.params["history"]
     assert a.params["space"] == "block+kind" and a.achieved == pytest.approx(0.6, abs=1e-12)
     kinds = a.params["history"][-1]["kinds"]
@@ -392,7 +392,8 @@ def test_a_search_from_a_start_with_per_matrix_ratios_goes_on_from_those_ratios(
     per_block = [float(np.average([mine[r.name] for r in layers if r.block == b],
                                   weights=[weights[r.name] for r in layers if r.block == b])) for b in range(4)]
     curve = Allocation("", 0.62, "custom", {}, per_block, mine, float(np.average(per_block)))
-    a = search_allocation(model, calib, {"your curve": curve}, steps=6, seed=1, screen_samples=2, screen_seqlen=16)
+    a = search_allocation(model, calib, {"your curve": curve}, steps=6, seed=1, screen_samples=2, screen_seqlen=16,
+                          verify="none")
     assert a.params["history"][0]["fitness"] == pytest.approx(a.params["starts"]["your curve"], rel=1e-6)
     downs = [r for r in layers if r.kind == "down_proj"]
     others = {r.block: r for r in layers if r.kind == "up_proj"}
@@ -403,7 +404,7 @@ def test_search_fitness_matches_the_cached_candidate(tiny_search):
     """The search's confirmed fitness is the calibration NLL of the model pruned block by block from
     dense statistics at the result's ratios (what the cache assembles)."""
     model, calib, starts = tiny_search
-    a = search_allocation(model, calib, starts, steps=4, seed=0, screen_samples=2, screen_seqlen=16)
+    a = search_allocation(model, calib, starts, steps=4, seed=0, screen_samples=2, screen_seqlen=16, verify="none")
     snap = prune_from_dense_statistics(model, calib, a)
     assert fitness(model, calib[:, :128]) == pytest.approx(a.params["best_fitness"], rel=1e-5)
     snap.restore(model)
@@ -417,8 +418,10 @@ def test_search_on_kl_to_the_dense_model(tiny_search):
     ref = log_probs(model, confirm)
     assert ref.dtype == torch.float16 and ref.shape[:2] == (confirm.shape[0], confirm.shape[1] - 1)
     assert abs(fitness(model, confirm, reference=ref)) < 1e-3
-    a = search_allocation(model, calib, starts, steps=8, seed=1, screen_samples=2, screen_seqlen=16, objective="kl")
-    b = search_allocation(model, calib, starts, steps=8, seed=1, screen_samples=2, screen_seqlen=16, objective="kl")
+    a = search_allocation(model, calib, starts, steps=8, seed=1, screen_samples=2, screen_seqlen=16, objective="kl",
+                          verify="none")
+    b = search_allocation(model, calib, starts, steps=8, seed=1, screen_samples=2, screen_seqlen=16, objective="kl",
+                          verify="none")
     assert a.per_block == b.per_block and a.params["objective"] == "kl" and "KL" in a.params["fitness"]
     assert a.achieved == pytest.approx(0.6, abs=1e-12)
     assert 0 < a.params["best_fitness"] <= min(a.params["starts"].values())
@@ -443,8 +446,8 @@ def test_search_scored_on_a_held_out_text(tiny_search):
     model, calib, starts = tiny_search
     held = calib_ids(6, 24, seed=5)
     a = search_allocation(model, calib, starts, steps=6, seed=2, screen_samples=2, screen_seqlen=16,
-                          fitness_windows=held)
-    mine = search_allocation(model, calib, starts, steps=6, seed=2, screen_samples=2, screen_seqlen=16)
+                          fitness_windows=held, verify="none")
+    mine = search_allocation(model, calib, starts, steps=6, seed=2, screen_samples=2, screen_seqlen=16, verify="none")
     assert a.params["fitness"].startswith("held-out") and mine.params["fitness"].startswith("calibration")
     assert a.params["confirm_tokens"] == held.numel() and a.params["starts"] != mine.params["starts"]
     assert a.achieved == pytest.approx(0.6, abs=1e-12) and a.params["best_fitness"] <= min(a.params["starts"].values())
@@ -459,7 +462,7 @@ def test_search_goes_on_from_a_saved_result(tiny_search, tmp_path):
     """settings.search_from: a saved search result is the only start, scored where the search left it,
     and the search goes on from there at its budget; a drawn curve (`custom`) likewise."""
     model, calib, starts = tiny_search
-    first = search_allocation(model, calib, starts, steps=6, seed=1, screen_samples=2, screen_seqlen=16)
+    first = search_allocation(model, calib, starts, steps=6, seed=1, screen_samples=2, screen_seqlen=16, verify="none")
     assert first.params["result"] == "search"
     path = first.save(tmp_path / "first.json")
     # the proxy's fitness goes on from where the first (unverified) search left it
@@ -595,9 +598,9 @@ def test_verified_search_improves_only_after_a_real_prune(off_grid_starts, metho
     improvement, and the result's fitness is that of a real prune at its ratios; deterministic."""
     model, calib, starts = off_grid_starts
     dense = DenseSnapshot.take(model)
-    a = search_allocation(model, calib, starts, method=method, steps=8, seed=seed, screen_samples=2,
+    a = search_allocation(model, calib, starts, prune_method=method, steps=8, seed=seed, screen_samples=2,
                           screen_seqlen=16, verify="all")
-    b = search_allocation(model, calib, starts, method=method, steps=8, seed=seed, screen_samples=2,
+    b = search_allocation(model, calib, starts, prune_method=method, steps=8, seed=seed, screen_samples=2,
                           screen_seqlen=16, verify="all")
     assert a.per_layer == b.per_layer and a.params["verified"] == b.params["verified"]
     verified, history = a.params["verified"], a.params["history"]
@@ -638,7 +641,7 @@ def test_search_checking_its_starts_and_result(off_grid_starts, method, seed, ke
     allocation's real fitness is a real prune's; deterministic; the model is dense again."""
     model, calib, starts = off_grid_starts
     dense = DenseSnapshot.take(model)
-    kw = dict(method=method, steps=8, seed=seed, screen_samples=2, screen_seqlen=16, verify="starts")
+    kw = dict(prune_method=method, steps=8, seed=seed, screen_samples=2, screen_seqlen=16, verify="starts")
     a, b = search_allocation(model, calib, starts, **kw), search_allocation(model, calib, starts, **kw)
     assert a.per_layer == b.per_layer and a.params["verified"] == b.params["verified"]
     p = a.params
@@ -674,8 +677,8 @@ def test_checked_search_decides_on_the_tokens_it_did_not_select_on(off_grid_star
     (predicted with the window before them), which no candidate was selected on; the gain is measured there."""
     model, calib, starts = off_grid_starts
     dense = DenseSnapshot.take(model)
-    a = search_allocation(model, calib, starts, method=method, steps=8, seed=seed, screen_samples=2, screen_seqlen=8,
-                          confirm_seqlen=16, verify="starts")
+    a = search_allocation(model, calib, starts, prune_method=method, steps=8, seed=seed, screen_samples=2,
+                          screen_seqlen=8, confirm_seqlen=16, verify="starts")
     p = a.params
     start, decided, verified = p["start"], p["decided"], p["verified"]
     assert set(decided) == {start, "result"} and p["decision_tokens"] == calib.shape[0] * 16
@@ -705,7 +708,7 @@ def test_real_prunes_scored_from_their_walk_match_forwards(off_grid_starts, obje
     """On the calibration windows a real prune is scored from its own block walk (the norm and head only): the
     same numbers as forwards over the same windows given as a held-out text, for fewer forward passes."""
     model, calib, starts = off_grid_starts
-    kw = dict(method="wanda", steps=8, seed=1, screen_samples=2, screen_seqlen=8, confirm_seqlen=16,
+    kw = dict(prune_method="wanda", steps=8, seed=1, screen_samples=2, screen_seqlen=8, confirm_seqlen=16,
               verify="starts", objective=objective)
     walked = search_allocation(model, calib, starts, **kw).params
     forwards = search_allocation(model, calib, starts, fitness_windows=calib.clone(), **kw).params
@@ -724,8 +727,8 @@ def test_checked_search_decides_on_later_tokens_with_the_kl_objective(off_grid_s
     dense = DenseSnapshot.take(model)
     reference = log_probs(model, calib, from_token=16)
     assert reference.shape[:2] == (8, 16)
-    a = search_allocation(model, calib, starts, method="wanda", steps=8, seed=1, screen_samples=2, screen_seqlen=8,
-                          confirm_seqlen=16, verify="starts", objective="kl")
+    a = search_allocation(model, calib, starts, prune_method="wanda", steps=8, seed=1, screen_samples=2,
+                          screen_seqlen=8, confirm_seqlen=16, verify="starts", objective="kl")
     p = a.params
     prune(model, starts[p["start"]].per_layer, method="wanda", calib=calib)
     kl = window_losses(model, calib, reference=reference, from_token=16)
@@ -757,7 +760,7 @@ def test_verified_search_with_a_repeated_start_anchors_on_the_first(off_grid_sta
     from the first one's anchor: the same search as without the repeat."""
     model, calib, starts = off_grid_starts
     ordered = {"ramp": starts["ramp"], "uniform": starts["uniform"]}
-    kw = dict(method="wanda", steps=8, seed=4, screen_samples=2, screen_seqlen=16, verify="all")
+    kw = dict(prune_method="wanda", steps=8, seed=4, screen_samples=2, screen_seqlen=16, verify="all")
     a = search_allocation(model, calib, {**ordered, "ramp again": starts["ramp"]}, **kw)
     b = search_allocation(model, calib, ordered, **kw)
     assert a.params["real_prunes"] == b.params["real_prunes"] and a.params["start"] == "ramp"
@@ -769,7 +772,7 @@ def test_verified_search_on_more_held_out_windows_than_its_proxy(off_grid_starts
     while every real prune (verify) is scored on all of them."""
     model, calib, starts = off_grid_starts
     held = calib_ids(8, 24, seed=5)
-    a = search_allocation(model, calib, starts, method="sparsegpt", steps=6, seed=0, screen_samples=1,
+    a = search_allocation(model, calib, starts, prune_method="sparsegpt", steps=6, seed=0, screen_samples=1,
                           screen_seqlen=16, fitness_windows=held, confirm_samples=2, verify="all")
     assert a.params["confirm_tokens"] == 2 * 24 and a.params["real_prune_tokens"] == held.numel()
     assert len(a.params["verified"]) > len(starts)
@@ -791,9 +794,9 @@ def test_search_in_two_stages_is_the_search_then_the_search_from_its_result(off_
     seen, best = [], []
     a = search_in_stages(settings, model, calib, starts, method, held, more,
                          progress=lambda m, f: seen.append((m, f)), on_best=lambda r, f, s: best.append(s))
-    first = search_allocation(model, calib, starts, method=method, steps=4, seed=3, fitness_windows=held,
+    first = search_allocation(model, calib, starts, prune_method=method, steps=4, seed=3, fitness_windows=held,
                               verify="all", confirm_samples=1)
-    then = search_allocation(model, calib, {"stage 1": first}, method=method, steps=4, seed=3 + THEN_SEED,
+    then = search_allocation(model, calib, {"stage 1": first}, prune_method=method, steps=4, seed=3 + THEN_SEED,
                              fitness_windows=more, verify="all", confirm_samples=2)
     assert a.per_layer == then.per_layer and a.per_block == then.per_block
     assert a.achieved == pytest.approx(0.6, abs=1e-12)
