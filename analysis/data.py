@@ -466,6 +466,12 @@ def text_digest(source: str | None) -> str | None:
         return None
 
 
+def ids_sha256(ids: torch.Tensor) -> str:
+    """sha256 of token ids as int64 bytes: what a run read, whichever text, split and tokenizer made them (the one
+    fingerprint an hf: dataset, read through its library's cache, has)."""
+    return hashlib.sha256(ids.detach().to("cpu", torch.int64).contiguous().numpy().tobytes()).hexdigest()
+
+
 def file_sha256(path: Path) -> str:
     """sha256 of a file's bytes, read again only when its size or modification time changes (pages ask on every
     rerun, a sweep for every configuration and every stored run)."""

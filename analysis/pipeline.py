@@ -30,6 +30,7 @@ from analysis.data import (
     eval_windows,
     evaluation_text,
     file_sha256,
+    ids_sha256,
     is_split,
     load_text,
     read_file,
@@ -137,7 +138,8 @@ def prepare_data(tokenizer, calibration: CalibrationSettings, evaluation: Evalua
             "seqlen": calibration.seqlen if calibrate else None, "eval": evaluation.source,
             "eval_seqlen": evaluation.seqlen, "eval_windows": int(windows.shape[0]),
             "eval_tokens": int(windows.shape[0] * (windows.shape[1] - 1)), "bos": bos,
-            "split": is_split(evaluation.source, calibration.source)}  # evaluated on one half of its text
+            "split": is_split(evaluation.source, calibration.source),  # evaluated on one half of its text
+            "calib_ids_sha256": None if calib is None else ids_sha256(calib), "eval_ids_sha256": ids_sha256(windows)}
     return RunData(calib, windows, info)
 
 
@@ -439,12 +441,13 @@ def content_identity(settings: RunSettings) -> dict:
 
 def changed_since(record: dict, settings: RunSettings, ran: dict | None = None) -> list[str]:
     """Why a rerun of `record` with `settings` may not give its numbers: the model folder's files or a file the
-    run reads (by the record's `content`, the same path only) written over since, another device or dtype than
-    the record's (`ran`: the rerun's own record config; "auto" may pick another here), or other library versions.
+    run reads (by the record's `content`, the same path only) written over since, other token ids read than the
+    record's (an hf: dataset changed in its cache, another tokenizer: by `ran`, the rerun's own record config),
+    another device or dtype than the record's ("auto" may pick another here), or other library versions.
     One line each; none for what an older record did not keep."""
     config = record.get("config") or {}
     then, now = config.get("content") or {}, content_identity(settings)
-    out = []
+    out, rewritten = [], set()
     if then.get("weights") and now["weights"] and then["weights"] != now["weights"]:
         packaged = resolve_source(settings.model.source)[2] is not None
         out.append(f"the model is {now['weights']} here, the record ran on {then['weights']}" if packaged
@@ -454,6 +457,13 @@ def changed_since(record: dict, settings: RunSettings, ran: dict | None = None) 
         path = (config.get("settings") or {}).get(section, {}).get(name)
         if role in now["files"] and now["files"][role] != digest and path == getattr(getattr(settings, section), name):
             out.append(f"{path} ({role}) holds other bytes than when the record ran")
+            rewritten.add(role)
+    for text, role, what in (("calib", "calibration.source", "calibration batch"),
+                             ("eval", "evaluation.source", "evaluation windows")):
+        then_ids, now_ids = config.get(f"{text}_ids_sha256"), (ran or {}).get(f"{text}_ids_sha256")
+        if then_ids and now_ids and then_ids != now_ids and role not in rewritten:
+            out.append(f"the {what} of {config.get(text)} hold other token ids than the record's (its text or the "
+                       "tokenizer changed)")
     # by device type: "cuda" and "cuda:0" are one device to a record (an index says which GPU, not what computes)
     where = [(str(c.get("device") or "").split(":")[0], c.get("dtype")) for c in (config, ran or {})]
     if ran is not None and all(where[0]) and where[0] != where[1]:

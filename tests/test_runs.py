@@ -302,6 +302,38 @@ def test_a_rerun_says_which_of_its_inputs_changed_since_the_record(tmp_path, cap
     assert "model folder" not in err
 
 
+def test_a_rerun_notices_an_hf_dataset_that_changed_in_its_cache(tmp_path, capsys):
+    """An hf: dataset has no file a record could fingerprint; the token ids a run read are fingerprinted instead,
+    so a rerun that read other ids says so (here a local dataset folder rewritten under the same name)."""
+    datasets = pytest.importorskip("datasets")
+    from conftest import save_tiny_llama
+
+    from analysis import cli
+
+    folder = save_tiny_llama(tmp_path / "tiny")
+    ds = tmp_path / "ds"
+    ds.mkdir()
+
+    def write(n: int) -> None:
+        rows = [" ".join(f"w{(i * 7 + j) % n}" for j in range(200)) for i in range(20)]
+        datasets.Dataset.from_dict({"text": rows}).to_parquet(str(ds / "test.parquet"))
+
+    write(97)
+    first, db = tmp_path / "first.json", tmp_path / "runs.sqlite"
+    argv = ["prune", "--model", folder, "--pruner", "magnitude", "--allocation", "uniform", "--sparsity", "0.5",
+            "--eval", f"hf:{ds}:test", "--eval-seqlen", "64", "--max-windows", "2", "--device", "cpu", "--db", db,
+            "--out", first]
+    assert cli.main([str(a) for a in argv]) == 0
+    config = json.loads(first.read_text())["config"]
+    assert len(config["eval_ids_sha256"]) == 64 and config["calib_ids_sha256"] is None  # magnitude calibrates not
+    assert cli.main(["prune", "--rerun", str(first), "--db", str(db)]) == 0
+    assert "token ids" not in capsys.readouterr().err  # the same dataset: nothing to say
+    write(89)
+    assert cli.main(["prune", "--rerun", str(first), "--db", str(db)]) == 0
+    assert (f"note: --rerun: the evaluation windows of hf:{ds}:test hold other token ids than the record's (its "
+            "text or the tokenizer changed)") in capsys.readouterr().err
+
+
 def test_cli_prune_reruns_a_record_with_its_settings_and_its_own_allocation(tmp_path, capsys):
     """prune --rerun takes every setting from the record (runs --show / prune --out). An allocation file
     written over since does not change the rerun: the record holds the allocation its run pruned with."""
