@@ -36,6 +36,7 @@ from analysis.export import (
     module_order,
     ratios_npy,
     recipe_caveats,
+    recipe_note,
     recipe_pruner_for,
     recipe_yaml,
 )
@@ -391,13 +392,11 @@ def _check_recipe_options(args: argparse.Namespace) -> None:
 
 def _write_allocation_files(args: argparse.Namespace, alloc: Allocation, per_layer: dict[str, float],
                             nm=None) -> None:
-    note = (f"alphascope allocation '{alloc.method}' for {alloc.model or 'an unnamed model'}: target "
-            f"{alloc.sparsity:.4f}, achieved {alloc.achieved:.6f}\none sparsity per target, in module order")
     contents = {}  # made before anything is written, so a refused recipe leaves no .npy behind
     if args.recipe:
         try:
             pruner = args.recipe_pruner or recipe_pruner_for(alloc.pruner)
-            recipe = recipe_yaml(per_layer, pruner, nm, note)
+            recipe = recipe_yaml(per_layer, pruner, nm, recipe_note(alloc))
         except ExportError as e:
             raise UsageError(f"--recipe: {e}") from None
         contents["--recipe"] = (args.recipe, recipe.encode())

@@ -353,6 +353,13 @@ def recipe_pruner_for(pruner: str | None) -> str:
     return pruner if pruner in RECIPE_PRUNERS else DEFAULT_RECIPE_PRUNER
 
 
+def recipe_note(alloc) -> str:
+    """The comment lines on top of the recipe of `alloc` (an analysis.allocation.Allocation), the same from the CLI
+    and the Prune page: how it was made, for which model, its target and achieved sparsity."""
+    return (f"alphascope allocation '{alloc.method}' for {alloc.model or 'an unnamed model'}: target "
+            f"{alloc.sparsity:.4f}, achieved {alloc.achieved:.6f}\none sparsity per target, in module order")
+
+
 def recipe_yaml(per_layer: dict[str, float], pruner: str = DEFAULT_RECIPE_PRUNER, nm: tuple[int, int] | None = None,
                 note: str = "") -> str:
     """An llm-compressor recipe pruning each matrix of `per_layer` (module name -> sparsity, in module

@@ -13,6 +13,7 @@ from analysis.export import (
     module_order,
     ratios_npy,
     recipe_caveats,
+    recipe_note,
     recipe_pruner_for,
     recipe_yaml,
 )
@@ -360,7 +361,8 @@ per_layer = module_order(alloc.per_layer, work.model) if alloc is not None else 
 # the last prune's own pattern (an N:M run's allocation names it), not the one selected now: an N:M recipe
 # prunes every target to its pattern, whatever ratios an unstructured allocation gives
 has_targets = any(r > 0 for r in per_layer.values())  # a recipe names the pruned matrices only
-recipe = recipe_yaml(per_layer, recipe_pruner, parse_nm(alloc.params.get("nm"))) if has_targets else ""
+recipe = recipe_yaml(per_layer, recipe_pruner, parse_nm(alloc.params.get("nm")), recipe_note(alloc)) if has_targets \
+    else ""
 r2.download_button("Download llm-compressor recipe", recipe, file_name="recipe.yaml", mime="application/x-yaml",
                    disabled=not has_targets, key="prune_recipe_download",
                    help="the allocation of your last prune, with its pattern (N:M or unstructured) as the mask "

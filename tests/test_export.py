@@ -393,6 +393,7 @@ def test_cli_export_writes_recipe_and_npy(tmp_path, capsys, recipe_parser):
     (modifier,) = recipe_parser.create_instance(str(recipe)).modifiers
     assert modifier.sparsity == list(alloc["per_layer"].values()) == np.load(npy).tolist()
     assert modifier.mask_structure == "0:0" and type(modifier).__name__ == "WandaPruningModifier"
+    assert recipe.read_text().startswith(f"# alphascope allocation '{alloc['method']}' for ")  # as the Prune page's
     # without --recipe-pruner: the pruner the allocation was searched or pruned with, where its file says
     searched = tmp_path / "s.json"
     Allocation.from_dict({**alloc, "params": {**alloc.get("params", {}), "pruner": "wanda"}}).save(searched)
