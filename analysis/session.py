@@ -287,7 +287,7 @@ class WorkingCopy:
             self._abandoned.detach()
             self.dense.restore(self.model)
             self.model = self.dense = None
-            self.leased, self.label, self.allocation, self.run_id = False, "dense", None, None
+            self.leased, self.label, self.allocation, self.pruner, self.run_id = False, "dense", None, None, None
             self.version += 1
             self.gate.release(self.owner)
         elif self.pruned:
@@ -297,7 +297,7 @@ class WorkingCopy:
             if not started:
                 self.drop()
                 return
-            self.label, self.allocation, self.run_id = "dense", None, None
+            self.label, self.allocation, self.pruner, self.run_id = "dense", None, None, None
             self.version += 1
 
     def abandon(self, why: str = "") -> None:

@@ -352,9 +352,10 @@ if x3.button("Export pruned model", disabled=busy or not work.pruned, key="prune
             st.info(f"{COMPRESSED_NOTE}.")
 alloc = work.allocation if work.pruned else None
 r1, r2, r3 = st.columns([1, 1, 1])
-made_with = recipe_pruner_for(work.pruner if alloc is not None else None)  # the last prune's, where it has one
-recipe_pruner = r1.selectbox("Recipe pruner", list(RECIPE_PRUNERS), index=list(RECIPE_PRUNERS).index(made_with),
-                             key=f"prune_recipe_pruner_{made_with}",  # a prune with another pruner selects that one
+if st.session_state.get("_prune_recipe_for") != work.version:  # a new prune (or a restore) selects its pruner
+    st.session_state["_prune_recipe_for"] = work.version
+    st.session_state["prune_recipe_pruner"] = recipe_pruner_for(work.pruner if alloc is not None else None)
+recipe_pruner = r1.selectbox("Recipe pruner", list(RECIPE_PRUNERS), key="prune_recipe_pruner",
                              help="the llm-compressor modifier that carries the per-matrix sparsities (the pruner of "
                                   "your last prune where llm-compressor has it)")
 per_layer = module_order(alloc.per_layer, work.model) if alloc is not None else {}

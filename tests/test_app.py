@@ -525,7 +525,7 @@ def test_prune_runs_in_the_background_and_restores(app, runs_db):
     app.switch_page("pages/prune.py").run()
     assert not app.exception
     assert "dense (shared model) · 0.0% of prunable weights are zero" in texts(app)
-    assert app.selectbox(key="prune_recipe_pruner_sparsegpt").value == "sparsegpt"  # no prune yet: the default
+    assert app.selectbox(key="prune_recipe_pruner").value == "sparsegpt"  # no prune yet: the default
 
     def small_settings():  # so the test stays quick on two cores
         set_prune_inputs(app, alloc="uniform", n_samples=4, calib_seqlen=64, eval_seqlen=128, windows=3)
@@ -544,7 +544,7 @@ def test_prune_runs_in_the_background_and_restores(app, runs_db):
     dense = float(metric(app, "Dense baseline perplexity"))
     assert math.isfinite(ppl) and ppl > dense > 1
     assert "pruned copy — wanda 50% (uniform) · 50.0% of prunable weights are zero" in texts(app)
-    assert app.selectbox(key="prune_recipe_pruner_wanda").value == "wanda"  # the recipe's modifier: the prune's
+    assert app.selectbox(key="prune_recipe_pruner").value == "wanda"  # the recipe's modifier: the prune's
     # the shared model is untouched
     from components.state import load_shared_model
 
@@ -556,6 +556,7 @@ def test_prune_runs_in_the_background_and_restores(app, runs_db):
     assert len(runs) == 1 and runs["pruned_ppl"][0] == pytest.approx(ppl, abs=0.01)
     app.button(key="prune_restore").click().run()
     assert "dense (shared model) · 0.0% of prunable weights are zero" in texts(app)
+    assert app.selectbox(key="prune_recipe_pruner").value == "sparsegpt"  # no prune to follow
 
 
 def test_prune_page_prunes_with_your_curve(app, runs_db):
