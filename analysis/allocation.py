@@ -460,6 +460,14 @@ def _per_block_from_layers(df: pd.DataFrame, ratios: np.ndarray) -> list[float]:
 
 def _finish(df, ratios, sparsity, method, params, model) -> Allocation:
     ratios = np.asarray(ratios, dtype=np.float64)
+    capped = ratios >= MAX_RATIO - 1e-9
+    rescaled = method != "uniform" and (method != "custom" or params.get("normalize"))
+    if rescaled and capped.any() and not capped.all():  # the budget rescale pushed them there, not the user
+        blocks = sorted({int(b) for b in df["block"].to_numpy()[capped]})
+        params = {**params, "warnings": [*params.get("warnings", []), (
+            f"{int(capped.sum())} of {len(ratios)} matrices (block{'s' if len(blocks) > 1 else ''} "
+            f"{', '.join(map(str, blocks))}) reached the {MAX_RATIO:.0%} cap: the budget is kept by pruning the "
+            "others more, so the shape is flattened there (a smaller spread or target avoids it)")]}
     per_layer = {str(n): float(r) for n, r in zip(df["name"], ratios)}
     achieved = budget(ratios, df["params"].to_numpy(float))
     return Allocation(model, float(sparsity), method, params, _per_block_from_layers(df, ratios), per_layer, achieved)

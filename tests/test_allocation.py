@@ -221,6 +221,22 @@ def test_failed_fits_fall_back_to_mean_with_warning():
         allocate(df2, 0.5)
 
 
+def test_ratios_pushed_to_the_cap_by_the_budget_are_named():
+    """A spread that the budget rescale pushes past 99% is clipped there (the others pruned more to keep the budget):
+    the allocation says which blocks, so "exact budget" does not hide a flattened curve."""
+    df = metrics_frame(list(np.linspace(2.0, 6.0, 12)))
+    high = allocate(df, 0.85, epsilon=0.3)
+    capped = [b for b, r in enumerate(high.per_block) if r >= MAX_RATIO - 1e-9]
+    assert capped and high.achieved == pytest.approx(0.85, abs=1e-12)
+    (warning,) = high.warnings
+    blocks = ", ".join(map(str, capped))
+    assert warning.startswith(f"{len(capped)} of 12 matrices (blocks {blocks}) reached the 99% cap")
+    assert not allocate(df, 0.5, epsilon=0.3).warnings  # within the cap: nothing to say
+    assert not allocate(df, MAX_RATIO, method="uniform").warnings  # every matrix at the cap, as asked
+    curve = custom_allocation([(0, 0.99), (1, 0.2)], df, normalize=False)
+    assert not curve.warnings  # drawn at the cap by hand, applied as drawn
+
+
 def test_uniform_and_non_prunable_rows():
     df = smol_like(3)
     extra = pd.DataFrame([dict(name="model.embed_tokens", block=-1, kind="embed_tokens", params=10**7,
@@ -312,7 +328,7 @@ def test_a_flat_zero_curve_normalized_says_it_has_no_shape():
     a = custom_allocation([(0, 0.0), (1, 0.0)], df, sparsity=0.5, normalize=True)
     assert a.achieved == pytest.approx(0.5, abs=1e-9) and a.per_block == pytest.approx([0.5] * len(a.per_block))
     assert any("prunes nothing" in w for w in a.warnings)
-    assert not custom_allocation([(0, 0.0), (1, 0.2)], df, sparsity=0.5, normalize=True).warnings
+    assert not custom_allocation([(0, 0.1), (1, 0.2)], df, sparsity=0.5, normalize=True).warnings
     assert not custom_allocation([(0, 0.0), (1, 0.0)], df, normalize=False).warnings
 
 
