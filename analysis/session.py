@@ -229,9 +229,9 @@ class WorkingCopy:
 
     def describe(self) -> str:
         """The "Your weights" line."""
+        if self.job is not None and self.job.name == "prune" and not self.job.done:  # (a copy pruned before too)
+            return "being pruned (dense again if the prune fails or is cancelled)"
         if not self.pruned:
-            if self.job is not None and self.job.name == "prune" and not self.job.done:
-                return "being pruned (dense again if the prune fails or is cancelled)"
             return "dense (shared model)"
         if self.leased:
             return "pruned in place — " + self.label + " (the shared model is yours until you restore it)"

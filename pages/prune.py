@@ -373,7 +373,10 @@ r3.download_button("Download ratios (.npy)", ratios_npy(per_layer) if alloc is n
                    key="prune_npy_download",
                    help="one ratio per matrix, in module order: the ratios list AlphaPruning's prune functions take")
 if alloc is None:
-    st.caption("The recipe and ratio downloads describe the allocation of your last prune: run one first.")
+    restored = work.job is not None and st.session_state.get("_prune_restored_after") is work.job
+    st.caption("The recipe and ratio downloads describe the allocation of the prune your weights hold: "
+               + ("Restore dense cleared it (the Compare page keeps every run's record and allocation)."
+                  if restored else "run one first."))
 for caveat in recipe_caveats(per_layer):
     st.caption(f"Recipe: {caveat}.")
 try:  # the record of the last prune, as the run store keeps it (zero-shot scores included)
@@ -397,7 +400,7 @@ z1, z2, z3 = st.columns([3, 1, 1])
 zs_tasks = z1.multiselect("Tasks", [*local_tasks(), *PAPER_TASKS], default=list(QUICK_ZEROSHOT.tasks),
                           key="prune_zs_tasks")
 zs_limit = z2.number_input("Documents per task (0 = all)", 0, 100_000, QUICK_ZEROSHOT.limit, key="prune_zs_limit")
-if z3.button("Zero-shot accuracy of current weights", disabled=busy or not zs_tasks, key="prune_zs_run"):
+if z3.button("Score current weights", disabled=busy or not zs_tasks, key="prune_zs_run"):
     zs_label = work.label if work.pruned else "dense"
     zs_run = work.run_id if work.pruned else None
 
