@@ -107,22 +107,33 @@ if more:
     calibration, evaluation = prune_data_settings()  # the OWL preset is what an OWL run there applies
     farms_job = spectra_job(loaded, fit, farms=True)
     owl = owl_job(loaded, calibration, evaluation.source, DEFAULT.owl_threshold) if loaded.tokenizer else None
-    pending = []
+    running = {}  # name -> job still computing
     if farms_job.status == DONE:
         presets["farms"] = allocate(farms_job.result.metrics, target, "farms", epsilon=epsilon, metric=DEFAULT.metric,
                                     granularity=DEFAULT.granularity, model=loaded.info.source)
+    elif farms_job.done:
+        st.error(f"FARMS: {farms_job.error}")
     else:
-        pending.append(f"FARMS spectra {farms_job.progress[1]:.0%}" if not farms_job.done
-                       else f"FARMS: {farms_job.error}")
+        running["FARMS spectra"] = farms_job
     if owl is None:
         st.caption(NO_TOKENIZER_NOTE)  # no OWL preset: nothing is pending
     elif owl.status == DONE:
         presets["owl"] = allocate(metrics, target, "owl", outlier_ratios=owl.result, owl_lambda=owl_lambda,
                                   model=loaded.info.source)
+    elif owl.done:
+        st.error(f"OWL: {owl.error}")
     else:
-        pending.append(f"OWL outlier ratios {owl.progress[1]:.0%}" if not owl.done else f"OWL: {owl.error}")
-    if pending:
-        st.caption("Computing in the background: " + ", ".join(pending) + " (they appear on the next interaction).")
+        running["OWL outlier ratios"] = owl
+    if running:
+        @st.fragment(run_every=1.0)
+        def background() -> None:
+            """Their progress, every second; the page runs again when they are done, and their presets appear."""
+            if all(job.done for job in running.values()):
+                st.rerun()
+            st.caption("Computing in the background: "
+                       + ", ".join(f"{name} {job.progress[1]:.0%}" for name, job in running.items()))
+
+        background()
 
 with st.expander("Preset ratios per block (table)"):
     st.dataframe(pd.DataFrame({"block": range(n_blocks), "params": params,
@@ -389,7 +400,8 @@ with chart_box:
     b1.metric("Budget as drawn", f"{drawn.achieved:.1%}",
               help="Parameter-weighted mean sparsity of the curve as drawn.")
     off = round(applied.achieved - target, 4) + 0.0  # no "-0.0%" from float noise (+ 0.0 turns -0.0 into 0.0)
-    b2.metric("Applied budget", f"{applied.achieved:.1%}", delta=f"{off:+.1%} vs target", delta_color="off")
+    b2.metric("Applied budget", f"{applied.achieved:.1%}", delta=f"{off:+.1%} vs target", delta_color="off",
+              delta_arrow="off" if abs(off) < 0.0005 else "auto")  # no arrow for what reads "+0.0%"
     b3.metric("Weights removed", f"{applied.achieved * sum(params) / 1e6:.3g} M of {sum(params) / 1e6:.3g} M")
     st.markdown(f"Budget as drawn: **{drawn.achieved:.1%}** of prunable weights · applied ({mode}): "
                 f"**{applied.achieved:.1%}** · target {target:.0%}")
