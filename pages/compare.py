@@ -72,7 +72,7 @@ with st.expander("Run a sweep", expanded=False):
                "tokens) and stored here; configurations already stored are skipped. More than one worker, or a "
                "Ray address, runs them as Ray tasks; the sweep loads its own copy of the model. `auto` runs the "
                "allocation search in each configuration, seeded by its calibration seed.")
-    with st.form("sweep_form"):
+    with st.form("sweep_form", enter_to_submit=False):  # Enter in a field is an edit, not a sweep of many runs
         c1, c2, c3 = st.columns(3)
         form = {
             "model": c1.text_input("Model", value=(model_key() or ("default",))[0], key="sweep_model"),
