@@ -45,18 +45,21 @@ def _layout(fig: go.Figure, height: int = 360, **kw) -> go.Figure:
     return fig
 
 
-def esd_density(eigs: np.ndarray, log: bool = True, bins: int = 80) -> tuple[np.ndarray, np.ndarray]:
+def esd_density(eigs: np.ndarray, log: bool = True, bins: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Histogram of the positive eigenvalues as a density: (bin edges, density per bin).
 
     log=True uses logarithmically spaced bins (what a log-log plot needs). log=False spends `bins` equal
     bins on the bulk (up to the 99th percentile) and a quarter as many log-spaced ones on the tail: equal
     bins over the whole range would put a heavy-tailed bulk into a spike at the first bin or two. The
     density is count / (n * bin width) either way, so it integrates to 1 over the positive eigenvalues.
+    bins: by default one per 8 eigenvalues, from 20 to 80 (more would leave a small matrix's histogram a comb
+    of empty bins).
     """
     x = np.asarray(eigs, dtype=np.float64)
     x = x[np.isfinite(x) & (x > 0)]
     if x.size == 0:
         return np.array([0.0, 1.0]), np.array([0.0])
+    bins = int(np.clip(x.size // 8, 20, 80)) if bins is None else bins
     lo, hi = x.min(), x.max()
     if hi <= lo:
         hi = lo * 1.01 + 1e-12
@@ -128,13 +131,17 @@ def esd_figure(eigs: np.ndarray, alpha: float | None = None, xmin: float | None 
         # 10^xmin and stretch the axis that far)
         fig.add_annotation(x=math.log10(xmin) if log else xmin, y=1, yref="paper", yanchor="bottom", text="xmin",
                            showarrow=False, font=dict(size=10, color="#d62728"))
-    fig.update_xaxes(type="log" if log else "linear", title=x_title)
+    shown = x if randomized is None else np.concatenate([x, np.asarray(randomized, dtype=np.float64)])
+    fig.update_xaxes(type="log" if log else "linear", title=x_title, **(log_ticks(pd.Series(shown)) if log else {}))
     fig.update_yaxes(type="log" if log else "linear", title="density")
     if log and keep.any():
         lo = dens[keep].min()
-        fig.update_yaxes(range=[math.log10(lo) - 0.5, math.log10(dens.max()) + 0.5])
+        fig.update_yaxes(range=[math.log10(lo) - 0.5, math.log10(dens.max()) + 0.5],
+                         **log_ticks(pd.Series([lo / 3, dens.max() * 3])))
     fig.update_layout(bargap=0, legend=dict(orientation="h", y=1.02, yanchor="bottom", x=0))
-    return _layout(fig, 380, title=dict(text=title, y=0.98, font=dict(size=13)) if title else None)
+    _layout(fig, 380, title=dict(text=title, y=0.98, font=dict(size=13)) if title else None)
+    # a title above the legend: room for two rows of legend between them (four overlays wrap on a half-width panel)
+    return fig.update_layout(margin=dict(t=95)) if title else fig
 
 
 def kind_order(kinds) -> list[str]:
@@ -251,8 +258,9 @@ def ppl_figure(updates: list, dense: list | None = None) -> go.Figure:
         fig.add_trace(go.Scatter(x=[u.windows_done for u in updates], y=[u.ppl for u in updates],
                                  mode="lines+markers", name="this run", line=dict(color="#d62728")))
     done = max([u.windows_done for u in [*(dense or []), *(updates or [])]], default=0)
-    fig.update_xaxes(title="evaluation windows done", dtick=1 if done <= 16 else None)  # no window 0.5
-    fig.update_yaxes(title="running perplexity")
+    fig.update_xaxes(title="evaluation windows done", dtick=1 if done <= 16 else None,  # no window 0.5
+                     range=None if done else [0, 4])  # (nothing yet: no axis from -1, no negative perplexity)
+    fig.update_yaxes(title="running perplexity", rangemode="nonnegative")
     fig.update_layout(legend=dict(orientation="h", y=1.02, yanchor="bottom", x=0))
     return _layout(fig, 320)
 

@@ -58,7 +58,8 @@ wait_for(job, "Computing spectra")
 res = job.result
 metrics = res.metrics
 zero = weights_zero_fraction(model, work.version if model is work.model else 0)
-st.caption(f"{len(metrics)} matrices · {zero:.2%} of the prunable weights analyzed here are zero · "
+st.caption(f"{len(metrics)} matrices ({int(metrics['prunable'].sum())} prunable: the α counts below are of those "
+           f"fitted) · {zero:.2%} of the prunable weights analyzed here are zero · "
            f"fit '{res.fit}'{' · FARMS' if res.farms else ''}")
 
 summary = alpha_summary(res)
