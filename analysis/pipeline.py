@@ -571,6 +571,9 @@ def run(loaded: LoadedModel, settings: RunSettings, *, progress: ProgressFn | No
                                  metrics=metrics, farms_metrics=farms_metrics, model_name=info.source,
                                  prune_method=settings.prune.method,
                                  progress=progress, fitness_windows=held_out, then_windows=then)
+    for warning in alloc.warnings:  # (a failed fit's fallback, ratios clipped at the cap): said before the prune
+        caveats.append(f"allocation: {warning}")
+        on_caveat and on_caveat(caveats[-1])
 
     def evaluate(label: str) -> float:
         show = (lambda u: on_ppl(label, u)) if on_ppl else None

@@ -586,8 +586,9 @@ def prune_and_evaluate(job: Job, work: WorkingCopy, shared_model: nn.Module, tok
     device, dtype = module_device_dtype(shared_model)  # where the weights live; each block is pruned on `pruned_on`
     config = record_config(s, alloc, data.info, model_name, model_title=model_title, device=device, dtype=dtype,
                            pruned_on=str(prune_device(shared_model)), origin="dashboard")
+    warned = [f"allocation: {w}" for w in alloc.warnings]  # the page shows the record's warnings
     record = make_record(config, alloc.to_dict(), report, dense, None if last is None else last.ppl, timer.seconds,
-                         complete=complete)
+                         complete=complete, **({"warnings": warned} if warned else {}))
     if store is not None and complete:
         record["id"] = work.run_id = store.add(record)
     return record

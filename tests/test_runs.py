@@ -302,6 +302,29 @@ def test_a_rerun_says_which_of_its_inputs_changed_since_the_record(tmp_path, cap
     assert "model folder" not in err
 
 
+def test_prune_says_and_records_the_allocations_own_warnings(tmp_path, capsys):
+    """What the allocation warns of (here ratios its budget rescale clipped at 99%) is said before the prune and kept
+    in the record's warnings, which the Prune page shows."""
+    from conftest import save_tiny_llama
+
+    from analysis import cli
+
+    folder = save_tiny_llama(tmp_path / "tiny")
+    text = tmp_path / "eval.txt"
+    text.write_text(" ".join(f"w{i % 97}" for i in range(3000)))
+    out, alloc = tmp_path / "run.json", tmp_path / "alloc.json"
+    argv = ["allocate", "--model", folder, "--allocation", "custom", "--points", "0:0,1:0.2", "--sparsity", "0.6",
+            "--out", alloc]
+    assert cli.main([str(a) for a in argv]) == 0 and "reached the 99% cap" in capsys.readouterr().err
+    argv = ["prune", "--model", folder, "--pruner", "magnitude", "--allocation", alloc, "--eval", text,
+            "--eval-seqlen", "64", "--max-windows", "1", "--device", "cpu", "--db", tmp_path / "runs.sqlite",
+            "--out", out]
+    assert cli.main([str(a) for a in argv]) == 0
+    err = capsys.readouterr().err
+    assert "warning: allocation: " in err and "reached the 99% cap" in err
+    assert any(w.startswith("allocation: ") and "99% cap" in w for w in json.loads(out.read_text())["warnings"])
+
+
 def test_a_rerun_notices_an_hf_dataset_that_changed_in_its_cache(tmp_path, capsys):
     """An hf: dataset has no file a record could fingerprint; the token ids a run read are fingerprinted instead,
     so a rerun that read other ids says so (here a local dataset folder rewritten under the same name)."""
