@@ -127,8 +127,8 @@ if more:
     if running:
         @st.fragment(run_every=1.0)
         def background() -> None:
-            """Their progress, every second; the page runs again when they are done, and their presets appear."""
-            if all(job.done for job in running.values()):
+            """Their progress, every second; the page runs again when one is done, and its preset appears."""
+            if any(job.done for job in running.values()):
                 st.rerun()
             st.caption("Computing in the background: "
                        + ", ".join(f"{name} {job.progress[1]:.0%}" for name, job in running.items()))
