@@ -328,6 +328,11 @@ def run_caveats(settings: RunSettings, loaded: LoadedModel) -> list[str]:
     return out
 
 
+def allocation_warnings(alloc: Allocation) -> list[str]:
+    """An allocation's own warnings (a failed fit's fallback, ratios clipped at the cap) as a run record's."""
+    return [f"allocation: {w}" for w in alloc.warnings]
+
+
 def calibration_params(calibration: CalibrationSettings) -> dict:
     """What an allocation measured on calibration text (OWL's outlier ratios, a search) keeps of it: its settings
     (the text and the batch drawn from it), with the sha256 of the text's file."""
@@ -571,9 +576,9 @@ def run(loaded: LoadedModel, settings: RunSettings, *, progress: ProgressFn | No
                                  metrics=metrics, farms_metrics=farms_metrics, model_name=info.source,
                                  prune_method=settings.prune.method,
                                  progress=progress, fitness_windows=held_out, then_windows=then)
-    for warning in alloc.warnings:  # (a failed fit's fallback, ratios clipped at the cap): said before the prune
-        caveats.append(f"allocation: {warning}")
-        on_caveat and on_caveat(caveats[-1])
+    for warning in allocation_warnings(alloc):  # said before the prune
+        caveats.append(warning)
+        on_caveat and on_caveat(warning)
 
     def evaluate(label: str) -> float:
         show = (lambda u: on_ppl(label, u)) if on_ppl else None

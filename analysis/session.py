@@ -40,6 +40,7 @@ from analysis.loading import (
 from analysis.owl import collect_outlier_ratios
 from analysis.pipeline import (
     Timer,
+    allocation_warnings,
     build_allocation,
     calibration_batch,
     make_record,
@@ -586,7 +587,7 @@ def prune_and_evaluate(job: Job, work: WorkingCopy, shared_model: nn.Module, tok
     device, dtype = module_device_dtype(shared_model)  # where the weights live; each block is pruned on `pruned_on`
     config = record_config(s, alloc, data.info, model_name, model_title=model_title, device=device, dtype=dtype,
                            pruned_on=str(prune_device(shared_model)), origin="dashboard")
-    warned = [f"allocation: {w}" for w in alloc.warnings]  # the page shows the record's warnings
+    warned = allocation_warnings(alloc)  # the page shows the record's warnings
     record = make_record(config, alloc.to_dict(), report, dense, None if last is None else last.ppl, timer.seconds,
                          complete=complete, **({"warnings": warned} if warned else {}))
     if store is not None and complete:
