@@ -838,7 +838,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         f"{settings.calibration.source}; " if settings.needs_calibration() else "no calibration text read; "
     print(f"{calibrates}evaluation on {settings.evaluation.source}", file=sys.stderr)
     _hint_search_text(settings.allocation, settings.evaluation.source)
-    result = run(loaded, settings, progress=_print_progress, on_ppl=_print_ppl,
+    result = run(loaded, settings, progress=_print_progress, on_ppl=_print_ppl, origin="cli",
                  on_caveat=lambda caveat: print(f"warning: {caveat}", file=sys.stderr))
     record, report = result.record, result.report
     for warning in prune_warnings(report):

@@ -541,9 +541,9 @@ class RunResult:
 
 def run(loaded: LoadedModel, settings: RunSettings, *, progress: ProgressFn | None = None,
         on_ppl: Callable[[str, PplUpdate], None] | None = None, on_caveat: Callable[[str], None] | None = None,
-        stop: StopFlag = None,
-        timer: Timer | None = None, metrics: pd.DataFrame | None = None,
-        farms_metrics: pd.DataFrame | None = None, dense_ppl: float | None = None) -> RunResult:
+        stop: StopFlag = None, timer: Timer | None = None, metrics: pd.DataFrame | None = None,
+        farms_metrics: pd.DataFrame | None = None, dense_ppl: float | None = None, origin: str = "library"
+        ) -> RunResult:
     """Allocate, measure the dense perplexity, prune `loaded.model` in place and measure it again.
     `on_ppl(label, update)` sees every running perplexity ("dense", then "pruned"); `on_caveat(text)` each of
     the run's warnings (run_caveats, also kept in the record) as soon as they are known. A sweep passes
@@ -551,7 +551,8 @@ def run(loaded: LoadedModel, settings: RunSettings, *, progress: ProgressFn | No
     build_allocation takes them) and `dense_ppl` (on this run's evaluation windows); the dense
     evaluation is then skipped. The settings are checked against the model (settings.check_model) first. The
     record names the model that ran: `loaded`'s source, whatever settings.model.source says (a script's
-    RunSettings() without a model would otherwise record the default model, and a rerun load that one)."""
+    RunSettings() without a model would otherwise record the default model, and a rerun load that one).
+    `origin` names the front end in the record ("cli", "sweep"; the dashboard records through analysis.session)."""
     settings.check()
     if model_identity(settings.model.source) != model_identity(loaded.info.source):
         settings = replace(settings, model=replace(settings.model, source=loaded.info.source))
@@ -593,8 +594,9 @@ def run(loaded: LoadedModel, settings: RunSettings, *, progress: ProgressFn | No
                        progress=progress, stop=stop, rowwise=settings.prune.rowwise)
     with timer("pruned_eval"):
         pruned = evaluate("pruned")
+    # each block is pruned where it lives (the dashboard's prune may move it to a GPU: session.prune_device)
     config = record_config(settings, alloc, data.info, info.source, model_title=info.title, device=info.device,
-                           dtype=info.dtype)
+                           dtype=info.dtype, pruned_on=info.device, origin=origin)
     record = make_record(config, alloc.to_dict(), report, dense, pruned, timer.seconds,
                          **({"warnings": caveats} if caveats else {}))
     return RunResult(record, alloc, report)

@@ -377,7 +377,7 @@ def run_config(settings: RunSettings, dense: DenseReference, *, progress: Progre
     loaded, snapshot = worker_model(settings.model)
     snapshot.restore(loaded.model)
     given = {arg: dense.metrics[sp] for arg, sp in spectra_used(settings.allocation, settings.prune.nm).items()}
-    return run(loaded, settings, progress=progress, stop=stop, dense_ppl=dense.ppl, **given).record
+    return run(loaded, settings, progress=progress, stop=stop, dense_ppl=dense.ppl, origin="sweep", **given).record
 
 
 def _fault_once() -> None:

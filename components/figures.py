@@ -40,8 +40,8 @@ PALETTE = ["#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#393b79", "#6
            "#7b4173", "#3182bd", "#e6550d"]
 
 
-def _layout(fig: go.Figure, height: int = 360, **kw) -> go.Figure:
-    fig.update_layout(height=height, margin=dict(l=50, r=10, t=40, b=40), **kw)
+def _layout(fig: go.Figure, height: int = 360, top: int = 40, **kw) -> go.Figure:
+    fig.update_layout(height=height, margin=dict(l=50, r=10, t=top, b=40), **kw)
     return fig
 
 
@@ -139,9 +139,9 @@ def esd_figure(eigs: np.ndarray, alpha: float | None = None, xmin: float | None 
         fig.update_yaxes(range=[math.log10(lo) - 0.5, math.log10(dens.max()) + 0.5],
                          **log_ticks(pd.Series([lo / 3, dens.max() * 3])))
     fig.update_layout(bargap=0, legend=dict(orientation="h", y=1.02, yanchor="bottom", x=0))
-    _layout(fig, 380, title=dict(text=title, y=0.98, font=dict(size=13)) if title else None)
     # a title above the legend: room for two rows of legend between them (four overlays wrap on a half-width panel)
-    return fig.update_layout(margin=dict(t=95)) if title else fig
+    return _layout(fig, 380, top=95 if title else 40,
+                   title=dict(text=title, y=0.98, font=dict(size=13)) if title else None)
 
 
 def kind_order(kinds) -> list[str]:

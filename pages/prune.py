@@ -263,7 +263,7 @@ if refused:
 # the dense baseline on these exact windows: started with the first Run/Evaluate, then shared
 dense = peek_dense_ppl_job(calibration.source, evaluation)
 zero = weights_zero_fraction(*session_weights(work, loaded.model))
-st.markdown(f"**Your weights:** {work.describe()} · {zero:.1%} of prunable weights are zero")
+st.markdown(f"**Your weights:** {work.describe()} · {zero:.2%} of prunable weights are zero")
 if work.abandoned and not work.leased:  # this session came back after the waiters took its lease
     st.warning(f"While you were away: {work.abandoned}.")
 work.gate.reclaim()  # a lease of a closed tab is given back before it is shown as held
@@ -317,7 +317,7 @@ def live() -> None:
         elif j.status == DONE and isinstance(j.result, dict):
             for warning in j.result.get("warnings", []):
                 st.warning(warning)
-    m3.metric("Zeros in your weights", f"{weights_zero_fraction(*session_weights(work, loaded.model)):.1%}",
+    m3.metric("Zeros in your weights", f"{weights_zero_fraction(*session_weights(work, loaded.model)):.2%}",
               help=work.describe())
     st.plotly_chart(ppl_figure(updates, dense_updates), key="prune_ppl_chart")
     if j is not None and j.done and st.session_state.get("_prune_seen") is not j:
@@ -354,7 +354,7 @@ alloc = work.allocation if work.pruned else None
 r1, r2, r3 = st.columns([1, 1, 1])
 if st.session_state.get("_prune_recipe_for") != work.version:  # a new prune (or a restore) selects its pruner
     st.session_state["_prune_recipe_for"] = work.version
-    st.session_state["prune_recipe_pruner"] = recipe_pruner_for(work.pruner if alloc is not None else None)
+    st.session_state["prune_recipe_pruner"] = recipe_pruner_for(work.pruner)
 recipe_pruner = r1.selectbox("Recipe pruner", list(RECIPE_PRUNERS), key="prune_recipe_pruner",
                              help="the llm-compressor modifier that carries the per-matrix sparsities (the pruner of "
                                   "your last prune where llm-compressor has it)")

@@ -210,6 +210,7 @@ def test_cli_prune_writes_record_and_store(tmp_path, wikitext_dir):
     assert "wanda: block 30/30" in r.stderr and "pruned perplexity" in r.stderr
     rec = json.loads(out.read_text())
     assert rec["config"]["method"] == "wanda" and rec["config"]["eval_windows"] == 2
+    assert (rec["config"]["origin"], rec["config"]["pruned_on"], rec["config"]["device"]) == ("cli", "cpu", "cpu")
     assert rec["achieved"]["overall"] == pytest.approx(0.5, abs=1e-3)
     assert len(rec["achieved"]["per_layer"]) == 210
     assert math.isfinite(rec["dense_ppl"]) and rec["pruned_ppl"] > rec["dense_ppl"]

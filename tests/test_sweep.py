@@ -242,6 +242,7 @@ def test_a_sweep_run_is_the_pipeline_run(tiny):
     assert ours["pruned_ppl"] == pytest.approx(theirs["pruned_ppl"], rel=1e-6)
     assert ours["allocation"]["per_layer"] == pytest.approx(theirs["allocation"]["per_layer"])
     assert ours["achieved"]["overall"] == pytest.approx(theirs["achieved"]["overall"])
+    assert (ours["config"]["origin"], theirs["config"]["origin"]) == ("sweep", "library")
 
 
 def test_the_pipeline_run_checks_its_model_first_and_warns_of_weights_pruned_before(tiny, tmp_path):

@@ -130,7 +130,7 @@ def test_spectra_drag_prune_and_isolation(server, browser):
     b = open_app(ctx_b, server)
     load_default(b)  # instant: the model is cached for all sessions
     nav(b, "Prune")
-    assert "dense (shared model) · 0.0% of prunable weights are zero" in weights_line(b)
+    assert "dense (shared model) · 0.03% of prunable weights are zero" in weights_line(b)
 
     ppl_a = float(metric_value(a, "Perplexity (prune)"))
     shot(a, "04_prune_first_ppl")
@@ -138,7 +138,7 @@ def test_spectra_drag_prune_and_isolation(server, browser):
     ppl_a = float(metric_value(a, "Perplexity (prune)"))
     dense_a = float(metric_value(a, "Dense baseline perplexity"))
     assert ppl_a > dense_a > 1
-    assert "pruned copy" in weights_line(a, containing="50.0% of prunable weights are zero")
+    assert "pruned copy" in weights_line(a, containing="50.00% of prunable weights are zero")
     shot(a, "05_prune_done")
     # the settings chosen on a page are still there after visiting another page
     nav(a, "Compare")
@@ -179,7 +179,7 @@ def test_spectra_drag_prune_and_isolation(server, browser):
 
     # B after A's prune: still dense, and its perplexity is the dense baseline
     set_small_eval(b, **SMALL)  # the same evaluation windows as A
-    assert "dense (shared model) · 0.0% of prunable weights are zero" in weights_line(b)
+    assert "dense (shared model) · 0.03% of prunable weights are zero" in weights_line(b)
     b.get_by_role("button", name="Evaluate current weights").click()
     ppl_b = float(metric_value(b, "Perplexity (eval)"))
     wait_idle(b)
