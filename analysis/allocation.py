@@ -25,8 +25,8 @@ Methods
   LLMs to High Sparsity", 2023): blocks with a larger fraction of outlier activations get lower
   sparsity; the outlier ratios are mapped linearly onto ``[S+lambda, S-lambda]`` and shifted so the
   budget equals S.
-- ``custom``: a curve through control points (depth in [0, 1], sparsity), interpolated over blocks
-  with a monotone-preserving piecewise cubic (PCHIP, Fritsch & Carlson 1980).
+- ``custom``: a curve through control points (depth in [0, 1], sparsity), interpolated linearly over
+  blocks: the straight segments the Allocation page's editor draws are the ratios applied.
 """
 from __future__ import annotations
 
@@ -38,7 +38,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.interpolate import PchipInterpolator
 
 from analysis.errors import AlphascopeError
 
@@ -603,12 +602,9 @@ def _clean_points(points, warnings: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 def curve_values(points, depths) -> np.ndarray:
     """Evaluate the custom curve through `points` at `depths` (clamped to the end points outside
-    their range), clipped to [0, MAX_RATIO]. Monotone between control points: no overshoot."""
+    their range), clipped to [0, MAX_RATIO]: straight segments between control points, as the editor draws them."""
     x, y = _clean_points(points, [])
-    d = np.clip(np.asarray(depths, dtype=np.float64), x[0], x[-1])
-    if x.size == 1:
-        return np.full(d.shape, y[0])
-    return np.clip(PchipInterpolator(x, y)(d), 0.0, MAX_RATIO)
+    return np.clip(np.interp(np.asarray(depths, dtype=np.float64), x, y), 0.0, MAX_RATIO)
 
 
 def block_depths(n_blocks: int) -> np.ndarray:

@@ -332,13 +332,17 @@ def test_a_flat_zero_curve_normalized_says_it_has_no_shape():
     assert not custom_allocation([(0, 0.0), (1, 0.0)], df, normalize=False).warnings
 
 
-def test_custom_curve_is_monotone_between_points_and_clamped():
+def test_custom_curve_is_the_drawn_segments_and_clamped():
+    """The editor draws straight segments between the points: the applied ratios lie on them."""
     pts = [(0.2, 0.1), (0.5, 0.6), (0.8, 0.6), (1.0, 0.7)]
     d = np.linspace(0, 1, 501)
     v = curve_values(pts, d)
     assert np.all(np.diff(v) >= -1e-12)  # no overshoot on the flat piece, no dip anywhere
     assert v[d <= 0.2].tolist() == [0.1] * int(np.sum(d <= 0.2))
     assert np.all(np.abs(v[(d >= 0.5) & (d <= 0.8)] - 0.6) < 1e-12)
+    assert curve_values(pts, [0.35, 0.9]) == pytest.approx([0.35, 0.65])  # halfway along two segments
+    valley = [(0.0, 0.6), (0.47, 0.0), (1.0, 0.6)]  # a point dragged to the bottom: a V, not a rounded dip
+    assert curve_values(valley, [0.53]) == pytest.approx([0.6 * 0.06 / 0.53])
 
 
 def test_custom_points_cleaned_with_warnings():
