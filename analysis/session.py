@@ -49,7 +49,7 @@ from analysis.pipeline import (
     search_windows,
 )
 from analysis.pruners import PruneError
-from analysis.pruning import DenseSnapshot, prune
+from analysis.pruning import DenseSnapshot, check_finite, prune
 from analysis.settings import AllocationSettings, CalibrationSettings, RunSettings
 from analysis.zeroshot import ZeroShotResult
 from analysis.zeroshot import evaluate as zeroshot_evaluate
@@ -89,6 +89,7 @@ class ModelGate:
         self.holder: str | None = None  # who leased the model, or None
         self.until = ""  # what the waiters wait for, e.g. "session 3f2a9c's pruned weights to be restored"
         self.dense_zero_fraction: float | None = None  # of the dense weights, set by whoever loaded them
+        self.non_finite: str | None = None  # the dense weights' first prunable matrix with NaN or inf, likewise
         self._reclaimed = 0.0  # time.monotonic() of the last reclaim
         self._holder_copy: weakref.ref | None = None  # the WorkingCopy holding the lease, when a session holds it
         self._away = Absence()  # of the holder's session
@@ -552,6 +553,7 @@ def prune_and_evaluate(job: Job, work: WorkingCopy, shared_model: nn.Module, tok
                 work.lease(shared_model, job)
             model = work.model
         try:  # until pruned: any failure or cancel puts the dense weights back (and ends a lease)
+            check_finite(model)
             job.report("tokenizing calibration and evaluation text", 0.02)
             with timer("data"):
                 data = prepare_data(tokenizer, s.calibration, s.evaluation, bos, s.needs_calibration())

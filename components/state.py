@@ -37,8 +37,17 @@ from analysis.checkpoint import has_safetensors, local_folder
 from analysis.data import is_split
 from analysis.jobs import CANCELLED, ERROR, Job
 from analysis.layers import zero_fraction
-from analysis.loading import PACKAGED, LoadedModel, NoTokenizerError, load_model, memory_estimate, packaged_key
+from analysis.loading import (
+    PACKAGED,
+    LoadedModel,
+    NoTokenizerError,
+    load_model,
+    memory_estimate,
+    offloaded,
+    packaged_key,
+)
 from analysis.pipeline import calibration_batch, evaluation_windows
+from analysis.pruning import non_finite
 from analysis.session import ModelGate, WorkingCopy, evaluate_job, outlier_ratios_job
 from analysis.settings import QUICK_EVALUATION, CalibrationSettings, EvaluationSettings, SpectraSettings
 from analysis.spectra import NotStreamable, analyze, analyze_checkpoint
@@ -82,7 +91,9 @@ def load_shared_model(source: str, device: str, dtype: str, trust_remote_code: b
             loaded = load_model(source, **how)
         except NoTokenizerError:  # weights and config.json alone: spectra and allocations from them still work
             loaded = load_model(source, **how, tokenizer=False)
-        model_gate(key).dense_zero_fraction = zero_fraction(loaded.model)  # the shared weights stay dense
+        gate = model_gate(key)
+        gate.dense_zero_fraction = zero_fraction(loaded.model)  # the shared weights stay dense
+        gate.non_finite = None if offloaded(loaded.model) else non_finite(loaded.model)  # (not read from disk)
         with lock:
             models[key] = loaded
             if len(models) > MAX_MODELS:
@@ -180,6 +191,18 @@ def model_key() -> ModelKey | None:
     return st.session_state.get("model_key")
 
 
+def non_finite_note() -> str | None:
+    """What the pages say when the loaded model has NaN or inf weights (None when it has none): found at load,
+    so that no page computes in vain before saying so."""
+    key = model_key()
+    name = model_gate(key).non_finite if key is not None else None
+    if name is None:
+        return None
+    return (f"'{name}' has non-finite weights (NaN or inf), and perhaps other matrices too (the Spectra page lists "
+            "them as not fitted): no pruner can rank such weights, so Run is refused, and the model's perplexity "
+            "and OWL's outlier ratios come out as nan. Repair or re-download the checkpoint.")
+
+
 def current_model() -> LoadedModel | None:
     """This session's chosen model (from the shared cache), or None before a model was loaded."""
     key = model_key()
@@ -187,12 +210,15 @@ def current_model() -> LoadedModel | None:
 
 
 def require_model() -> LoadedModel:
-    """The current model, or a pointer to the Model page and a stop of the page script."""
+    """The current model, or a pointer to the Model page and a stop of the page script. A model with NaN or
+    inf weights gets its warning (non_finite_note) on top of every page."""
     loaded = current_model()
     if loaded is None:
         st.info("No model loaded yet. Load one on the Model page first (the packaged default takes ~2 s).")
         st.page_link(MODEL_PAGE, label="Go to the Model page", icon=":material/memory:")
         st.stop()
+    if note := non_finite_note():
+        st.warning(note)
     return loaded
 
 

@@ -23,6 +23,7 @@ from components.state import (
     is_loaded,
     load_shared_model,
     model_key,
+    non_finite_note,
     prune_data_settings,
     session_work,
     spectra_job,
@@ -119,7 +120,23 @@ def _memory_problem() -> str | None:
     return est.problem(resolved, f"'{source}'")
 
 
-if st.button("Load model", type="primary", disabled=not source, key="model_load"):
+def _source_problem(source: str) -> str | None:
+    """What Load would say at once about `source` (no folder, no config.json, not an id), else None."""
+    try:
+        resolve_source(source)
+    except ModelLoadError as e:
+        return str(e)
+    return None
+
+
+source_problem = _source_problem(source) if source else None
+if source_problem:
+    st.error(source_problem)
+held = st.session_state.get("work")  # this session's weights of the model loaded now
+if held is not None and held.key not in (None, key) and (held.pruned or (held.job and not held.job.done)):
+    st.warning(f"Loading another model drops your weights of the current one ({held.describe()}) and cancels any "
+               "job of yours still running on them; finished runs stay on the Compare page.")
+if st.button("Load model", type="primary", disabled=not source or bool(source_problem), key="model_load"):
     bar = st.progress(0.0, text="Starting…")
     try:
         if problem := _memory_problem():
@@ -142,6 +159,8 @@ if current is not None:
     st.success(f"Loaded **{info.title}** on `{info.device}` as `{info.dtype}` in {info.load_seconds:.1f} s.")
     if loaded.tokenizer is None:
         st.warning(NO_TOKENIZER_NOTE)
+    if note := non_finite_note():
+        st.warning(note)
     st.caption("Weights live on: " + ", ".join(f"**{where}** {format_bytes(n)}"
                                                for where, n in info.placement.items()))
     refs = find_layers(loaded.model)
@@ -167,18 +186,7 @@ if current is not None:
         st.warning(UNSUPPORTED.format(n=left) + ".")
 
 
-def _source_problem(source: str) -> str | None:
-    """What Load would say at once about `source` (no folder, no config.json, not an id), else None."""
-    try:
-        resolve_source(source)
-    except ModelLoadError as e:
-        return str(e)
-    return None
-
-
-if source and (problem := _source_problem(source)):
-    estimate_slot.caption(f"Memory estimate unavailable: {problem}")
-elif source:
+if source and not source_problem:
     est = _estimate(source, load_dtype, calibration.n_samples, calibration.seqlen, eval_batch, evaluation.seqlen)
     estimate_slot.caption(
         f"Estimated memory: **{format_bytes(est.weights)}** of weights as {load_dtype}; pruning adds up to "

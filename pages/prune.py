@@ -47,6 +47,7 @@ from components.figures import ppl_figure
 from components.state import (
     dense_ppl_job,
     model_key,
+    non_finite_note,
     owl_job,
     peek_dense_ppl_job,
     remember_prune_data,
@@ -213,8 +214,11 @@ def data_problem(calibrate: bool) -> str | None:
 
 
 b1, b2, b3, b4 = st.columns(4)
-ready = not busy and not text_problems and (allocation != "custom" or custom is not None) and (
+ready = not busy and not text_problems and not non_finite_note() and (
+    allocation != "custom" or custom is not None) and (
     allocation not in SPECTRA_METHODS or metrics is not None or settings.prune.nm is not None)
+
+
 def start_run() -> str | None:
     """Start the prune job; the reason it was not started otherwise."""
     if problem := data_problem(calibrate=True):
@@ -262,8 +266,18 @@ if refused:
 
 # the dense baseline on these exact windows: started with the first Run/Evaluate, then shared
 dense = peek_dense_ppl_job(calibration.source, evaluation)
-zero = weights_zero_fraction(*session_weights(work, loaded.model))
-st.markdown(f"**Your weights:** {work.describe()} · {zero:.2%} of prunable weights are zero")
+
+
+def zero_share() -> str | None:
+    """The share of zeros in this session's weights, None while a prune changes them (a count then would be of
+    the blocks pruned so far, and kept for the weights' version)."""
+    if work.job is not None and work.job.name == "prune" and not work.job.done:
+        return None
+    return f"{weights_zero_fraction(*session_weights(work, loaded.model)):.2%}"
+
+
+zeros = zero_share()
+st.markdown(f"**Your weights:** {work.describe()}" + (f" · {zeros} of prunable weights are zero" if zeros else ""))
 if work.abandoned and not work.leased:  # this session came back after the waiters took its lease
     st.warning(f"While you were away: {work.abandoned}.")
 work.gate.reclaim()  # a lease of a closed tab is given back before it is shown as held
@@ -317,8 +331,7 @@ def live() -> None:
         elif j.status == DONE and isinstance(j.result, dict):
             for warning in j.result.get("warnings", []):
                 st.warning(warning)
-    m3.metric("Zeros in your weights", f"{weights_zero_fraction(*session_weights(work, loaded.model)):.2%}",
-              help=work.describe())
+    m3.metric("Zeros in your weights", zero_share() or "…", help=work.describe())
     st.plotly_chart(ppl_figure(updates, dense_updates), key="prune_ppl_chart")
     if j is not None and j.done and st.session_state.get("_prune_seen") is not j:
         st.session_state["_prune_seen"] = j

@@ -58,8 +58,10 @@ wait_for(job, "Computing spectra")
 res = job.result
 metrics = res.metrics
 zero = weights_zero_fraction(model, work.version if model is work.model else 0)
+unfitted = metrics.loc[metrics["prunable"] & (metrics["status"] != "ok"), "status"].value_counts()
 st.caption(f"{len(metrics)} matrices ({int(metrics['prunable'].sum())} prunable: the α counts below are of those "
-           f"fitted) · {zero:.2%} of the prunable weights analyzed here are zero · "
+           "fitted" + "".join(f"; {n} not fitted: {status}" for status, n in unfitted.items()) + ") · "
+           f"{zero:.2%} of the prunable weights analyzed here are zero · "
            f"fit '{res.fit}'{' · FARMS' if res.farms else ''}")
 
 summary = alpha_summary(res)

@@ -12,6 +12,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -312,16 +313,22 @@ def tiny_folder(tmp_path_factory) -> Path:
     return save_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny")
 
 
+def nan_copy(folder: Path, to: Path) -> Path:
+    """A copy of the checkpoint `folder` with one NaN in block 1's down projection."""
+    from transformers import AutoModelForCausalLM
+
+    to = Path(shutil.copytree(folder, to))
+    model = AutoModelForCausalLM.from_pretrained(to)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(to)
+    return to
+
+
 def test_nan_weights_are_refused_before_the_dense_evaluation(tiny_folder, tmp_path):
     """A NaN is found once the weights are read, before the dense perplexity (hours on a large model) and
     before anything is pruned; the run store keeps nothing."""
-    from transformers import AutoModelForCausalLM
-
-    folder = Path(shutil.copytree(tiny_folder, tmp_path / "nan"))
-    model = AutoModelForCausalLM.from_pretrained(folder)
-    with torch.no_grad():
-        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
-    model.save_pretrained(folder)
+    folder = nan_copy(tiny_folder, tmp_path / "nan")
     db = tmp_path / "runs.sqlite"
     r = run_cli("prune", f"--model={folder}", "--method", "magnitude", "--allocation", "uniform", "--sparsity", "0.5",
                 "--eval", "default", "--eval-seqlen", "32", "--max-windows", "1", "--db", str(db))
@@ -335,6 +342,33 @@ def test_nan_weights_are_refused_before_the_dense_evaluation(tiny_folder, tmp_pa
                  ["allocate", "--allocation", "uniform", "--sparsity", "0.5"]):
         r = run_cli(*args, f"--model={folder}")
         assert r.returncode == 0 and "warning: 'model.layers.1.mlp.down_proj' has non-finite weights" in r.stderr
+
+
+def test_the_dashboard_says_at_load_that_weights_are_nan_and_prunes_none_of_them(tiny_folder, tmp_path):
+    """The Model page says which matrix has NaN weights as soon as the model is loaded, every page that uses it
+    repeats it, the Spectra page counts the matrix as not fitted, and Prune's Run is off."""
+    from streamlit.testing.v1 import AppTest
+
+    folder = nan_copy(tiny_folder, tmp_path / "nan")
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
+    at.run()
+    at.radio(key="model_choice").set_value("Local checkpoint folder").run()
+    at.text_input(key="model_folder").input(str(folder)).run()
+    at.button(key="model_load").click().run()
+    assert not at.exception and at.success[0].value.startswith("Loaded **")
+    said = "'model.layers.1.mlp.down_proj' has non-finite weights (NaN or inf)"
+    assert [w.value for w in at.warning if said in w.value], [w.value for w in at.warning]
+    at.switch_page("pages/spectra.py").run()
+    for _ in range(120):  # the spectra run in the background
+        if any("not fitted: non-finite weights" in c.value for c in at.caption):
+            break
+        time.sleep(0.5)
+        at.run()
+    assert any("21 prunable" in c.value and "; 1 not fitted: non-finite weights)" in c.value for c in at.caption)
+    assert any(said in w.value for w in at.warning)
+    at.switch_page("pages/prune.py").run()
+    assert not at.exception and any(said in w.value for w in at.warning)
+    assert at.button(key="prune_run").disabled
 
 
 def test_work_on_the_weights_alone_needs_no_tokenizer(tiny_folder, tmp_path):
