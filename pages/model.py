@@ -133,8 +133,9 @@ source_problem = _source_problem(source) if source else None
 if source_problem:
     st.error(source_problem)
 held = st.session_state.get("work")  # this session's weights of the model loaded now
-if held is not None and held.key not in (None, key) and (held.pruned or (held.job and not held.job.done)):
-    st.warning(f"Loading another model drops your weights of the current one ({held.describe()}) and cancels any "
+if source and not source_problem and held is not None and held.key not in (None, key) and (
+        held.pruned or (held.job and not held.job.done)):
+    st.warning(f"Loading this choice drops your weights of the model loaded now ({held.describe()}) and cancels any "
                "job of yours still running on them; finished runs stay on the Compare page.")
 if st.button("Load model", type="primary", disabled=not source or bool(source_problem), key="model_load"):
     bar = st.progress(0.0, text="Starting…")

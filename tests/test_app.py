@@ -553,6 +553,13 @@ def test_prune_runs_in_the_background_and_restores(app, runs_db):
 
     runs = RunStore(runs_db).all()
     assert len(runs) == 1 and runs["pruned_ppl"][0] == pytest.approx(ppl, abs=0.01)
+    # choosing another model (here: another dtype) says, before Load, that loading it drops the pruned copy
+    app.switch_page("pages/model.py").run()
+    app.selectbox(key="model_dtype").set_value("bfloat16").run()
+    assert any(w.value.startswith("Loading this choice drops your weights") for w in app.warning)
+    app.selectbox(key="model_dtype").set_value("auto").run()
+    assert not app.warning
+    app.switch_page("pages/prune.py").run()
     app.button(key="prune_restore").click().run()
     assert "dense (shared model) · 0.03% of prunable weights are zero" in texts(app)
     assert app.selectbox(key="prune_recipe_pruner").value == "sparsegpt"  # no prune to follow
