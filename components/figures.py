@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 from PIL import Image
+from plotly import colors
 from plotly.subplots import make_subplots
 
 from analysis.allocation import block_depths
@@ -99,12 +100,12 @@ def esd_figure(eigs: np.ndarray, alpha: float | None = None, xmin: float | None 
     if log:  # bars have no sensible width on a log axis: draw the histogram as a filled step line
         fig.add_trace(go.Scatter(
             **_steps(edges, dens, floor), mode="lines", fill="tozeroy", line=dict(color="#4c78a8", width=1),
-            name="ESD (histogram)",
+            name="ESD",
             hovertemplate="λ %{x:.3g}<br>density %{y:.3g}<extra></extra>",
         ))
     else:
         fig.add_trace(go.Bar(
-            x=0.5 * (edges[:-1] + edges[1:]), y=dens, width=np.diff(edges), name="ESD (histogram)",
+            x=0.5 * (edges[:-1] + edges[1:]), y=dens, width=np.diff(edges), name="ESD",
             marker_color="#4c78a8", marker_line_width=0, opacity=0.75,
             hovertemplate="λ %{x:.3g}<br>density %{y:.3g}<extra></extra>",
         ))
@@ -113,19 +114,19 @@ def esd_figure(eigs: np.ndarray, alpha: float | None = None, xmin: float | None 
     if randomized is not None:
         redges, rdens = esd_density(randomized, log=log)
         fig.add_trace(go.Scatter(**_steps(redges, rdens, floor), mode="lines", line=dict(color="#9467bd", width=1.5),
-                                 name="randomized weights"))
+                                 name="randomized"))
     if mp is not None:
         mx, my = mp
         mk = my > 0
         fig.add_trace(go.Scatter(x=mx[mk], y=my[mk], mode="lines", line=dict(color="#2ca02c", width=2),
-                                 name="Marchenko–Pastur (random matrix)"))
+                                 name="Marchenko–Pastur"))
     if alpha is not None and xmin is not None and math.isfinite(alpha) and math.isfinite(xmin) and x.size:
         tail = x[x >= xmin]
         f = tail.size / x.size
         lx = np.geomspace(xmin, max(x.max(), xmin * 1.01), 60)
         ly = f * (alpha - 1) / xmin * (lx / xmin) ** (-alpha)
         fig.add_trace(go.Scatter(x=lx, y=ly, mode="lines", line=dict(color="#d62728", width=2.5, dash="dash"),
-                                 name=f"power law fit, α = {alpha:.2f}"))
+                                 name=f"power law, α = {alpha:.2f}"))
         fig.add_vline(x=xmin, line=dict(color="#d62728", width=1, dash="dot"))
         # an annotation's x on a log axis is log10 of the value (add_vline's own label would put it at
         # 10^xmin and stretch the axis that far)
@@ -239,7 +240,8 @@ def block_bars_figure(per_block: list[float], params: list[int], target: float |
     ))
     if target is not None:
         fig.add_hline(y=target, line=dict(color="black", dash="dash", width=1),
-                      annotation_text=f"target {target:.0%}", annotation_position="top left")
+                      annotation_text=f"target {target:.0%}", annotation_position="top right",
+                      annotation_bgcolor="rgba(255,255,255,0.8)")  # readable over a bar
     fig.update_xaxes(title="block", dtick=1 if len(per_block) <= 16 else None)  # no ticks between two blocks
     fig.update_yaxes(title="sparsity", range=[0, max(1.0, float(r.max(initial=0)) * 1.05)])
     return _layout(fig, 280)
@@ -336,7 +338,8 @@ def curves_figure(curves: list[tuple[str, list[float]]]) -> go.Figure:
         fig.add_trace(go.Scatter(x=block_depths(len(per_block)), y=per_block, mode="lines+markers", name=label))
     fig.update_xaxes(title="relative depth")
     fig.update_yaxes(title="sparsity")
-    return _layout(fig, 360)
+    # Plotly's qualitative colours: Streamlit's own palette starts dark blue, light blue, which two runs' curves get
+    return _layout(fig, 360, colorway=colors.qualitative.Plotly)
 
 
 def pareto_front(points: pd.DataFrame, x: str = "sparsity", y: str = "ppl") -> pd.DataFrame:

@@ -313,7 +313,13 @@ with st.expander("Find allocation (search)", expanded=SEARCH_KEY in st.session_s
 p1, p2, p3 = st.columns([2, 1, 1])
 preset = p1.selectbox("Preset", list(presets), index=list(presets).index("alphapruning"), key="alloc_preset")
 k = p2.number_input("Control points", 2, max(2, n_blocks), min(7, n_blocks), key="alloc_preset_points")
-if p3.button("Load preset as the curve", key="alloc_load_preset"):
+for warning in presets[preset].warnings:  # e.g. a failed fit's α replaced by the mean, ratios at the cap
+    st.warning(f"{preset}: {warning}")
+if p3.button("Load preset as the curve", key="alloc_load_preset",
+             help="Its per-block ratios at that many control points, spread over depth, and each matrix's offset from "
+                  "its block's ratio. Between the points the curve is straight, so with fewer points than blocks the "
+                  "curve as drawn implies a budget near the preset's, not equal: \"normalized to target\" restores "
+                  "it."):
     st.session_state[POINTS_KEY] = clamp_points(control_points(presets[preset].per_block, int(k)), Y_MAX)[0]
     keep_offsets(block_offsets(presets[preset], metrics), f"the {preset} preset")
 
@@ -402,7 +408,7 @@ with chart_box:
     off = round(applied.achieved - target, 4) + 0.0  # no "-0.0%" from float noise (+ 0.0 turns -0.0 into 0.0)
     b2.metric("Applied budget", f"{applied.achieved:.1%}", delta=f"{off:+.1%} vs target", delta_color="off",
               delta_arrow="off" if abs(off) < 0.0005 else "auto")  # no arrow for what reads "+0.0%"
-    b3.metric("Weights removed", f"{applied.achieved * sum(params) / 1e6:.3g} M of {sum(params) / 1e6:.3g} M")
+    b3.metric("Weights removed", f"{applied.achieved * sum(params) / 1e6:.1f} M of {sum(params) / 1e6:.1f} M")
     st.markdown(f"Budget as drawn: **{drawn.achieved:.1%}** of prunable weights · applied ({mode}): "
                 f"**{applied.achieved:.1%}** · target {target:.0%}")
     for w in applied.warnings:

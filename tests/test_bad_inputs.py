@@ -366,6 +366,9 @@ def test_the_dashboard_says_at_load_that_weights_are_nan_and_prunes_none_of_them
         at.run()
     assert any("21 prunable" in c.value and "; 1 not fitted: non-finite weights)" in c.value for c in at.caption)
     assert any(said in w.value for w in at.warning)
+    at.switch_page("pages/allocation.py").run()  # the preset says what it did with the matrix it could not fit
+    assert not at.exception and any(w.value.startswith("alphapruning: ") for w in at.warning), \
+        [w.value for w in at.warning]
     at.switch_page("pages/prune.py").run()
     assert not at.exception and any(said in w.value for w in at.warning)
     assert at.button(key="prune_run").disabled

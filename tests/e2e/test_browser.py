@@ -83,7 +83,7 @@ def test_spectra_drag_prune_and_isolation(server, browser):
     nav(a, "Spectra")
     wait_idle(a)
     esd_svg(a).wait_for(timeout=LONG_MS)
-    assert a.locator(".st-key-spectra_esd").get_by_text("ESD (histogram)").count() >= 1
+    assert a.locator(".st-key-spectra_esd").get_by_text("ESD", exact=True).count() >= 1
     assert a.locator(".st-key-spectra_esd .scatterlayer .trace").count() >= 2  # histogram + power-law fit
     shot(a, "02_spectra")
     # a click on a heatmap cell opens that cell's layer (the top right cell: the last block's down_proj)

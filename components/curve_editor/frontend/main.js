@@ -79,7 +79,8 @@
       data.push({
         x: o.x, y: o.y, name: o.name, type: "scatter", mode: o.mode || "lines",
         line: { dash: o.dash || "dot", width: o.width || 1.5, color: o.color },
-        marker: { size: 5, color: o.color }, hoverinfo: "name+y", opacity: o.opacity || 0.9,
+        marker: { size: 5, color: o.color }, opacity: o.opacity || 0.9,
+        hovertemplate: "%{y:.3f}<extra>%{fullData.name}</extra>",
       });
     });
     const sorted = points.map(shown).sort((a, b) => a[0] - b[0]);
