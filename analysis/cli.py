@@ -92,6 +92,7 @@ from analysis.sweep import (
     NAMED_ALLOCATIONS,
     SweepGrid,
     check_address,
+    check_models,
     check_workers,
     grid_from_text,
     outcome_table,
@@ -321,7 +322,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 # options whose value may be a local file or folder the command reads (argparse dest -> flag)
 INPUTS = {"model": "--model", "allocation": "--allocation", "calib": "--calib", "eval": "--eval",
-          "search_text": "--search-text", "search_from": "--search-from", "db": "--db"}
+          "search_text": "--search-text", "search_from": "--search-from", "db": "--db", "rerun": "--rerun"}
 
 
 def _inputs(args: argparse.Namespace) -> dict[str, Path]:
@@ -504,8 +505,11 @@ def _hint_search_text(allocation: AllocationSettings, evaluation_source: str) ->
               "cells measured (README, 'Allocation search')", file=sys.stderr)
 
 
-def _print_search(alloc: Allocation) -> None:
+def _print_search(alloc: Allocation, file: str | None = None) -> None:
+    """The account of the search that made `alloc`: run now, or read from the allocation `file`."""
     if alloc.method == "auto" and "history" in alloc.params:
+        if file is not None:
+            print(f"the search that made {file} (stored in it, not run again):")
         print("\n".join(describe(alloc.params)))
 
 
@@ -724,7 +728,7 @@ def _run_settings(args: argparse.Namespace) -> RunSettings:
                            prune=PruneSettings(args.method, nm, args.rowwise), calibration=_calibration(args),
                            evaluation=_evaluation(args))
     if settings.prune.nm is None and method == "file" and not Path(file).expanduser().is_file():
-        raise UsageError(f"--allocation must be one of {', '.join(NAMED_ALLOCATIONS)} or an allocation "
+        raise UsageError(f"--allocation: must be one of {', '.join(NAMED_ALLOCATIONS)} or an allocation "
                          f"JSON file; '{args.allocation}' is neither.")
     settings.prune.check()  # a bad --nm first, then a conflict between options, which says more than a
     _refuse_ignored(args)  # missing default text would
@@ -822,7 +826,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
         _refuse_unused(_typed(args, "--save-format", "--overwrite"), "--save-model is not given")
     zeroshot = _zeroshot_settings(args)
     _checked_outputs(args, {"--out": args.out})
-    store = RunStore(args.db)  # a store that cannot be opened is refused now, not after the run
+    folder, out = (Path(p).expanduser().resolve() if p else None for p in (args.save_model, args.out))
+    if folder is not None and out is not None and (out == folder or folder in out.parents):
+        raise UsageError(f"--out: {args.out} is in the --save-model folder ({folder}), which the export fills; "
+                         "write the record elsewhere")
+    stores = []
+
     def check(preview) -> None:
         settings.check_model(preview)
         if zeroshot is not None:
@@ -833,7 +842,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
                 r.expert is not None for r in prunable_layers(preview.skeleton())):
             raise UsageError("--save-format: dense-ct cannot carry fused MoE experts (transformers does not load them "
                              "under compressed-tensors metadata); save as dense or compressed")
+        # the last check: a store that cannot be opened is refused before the weights load, and a bad input above
+        # creates no store
+        stores.append(RunStore(args.db).check_writable())
+
     loaded = _load(settings.model, check)
+    store = stores[0]
     calibrates = f"calibration {settings.calibration.n_samples} x {settings.calibration.seqlen} tokens from " \
         f"{settings.calibration.source}; " if settings.needs_calibration() else "no calibration text read; "
     print(f"{calibrates}evaluation on {settings.evaluation.source}", file=sys.stderr)
@@ -843,7 +857,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     record, report = result.record, result.report
     for warning in prune_warnings(report):
         print(f"warning: {warning}", file=sys.stderr)
-    _print_search(result.allocation)
+    _print_search(result.allocation, settings.allocation.file if settings.allocation.method == "file" else None)
     record["timings_s"]["load"] = round(loaded.info.load_seconds, 3)
     if recorded is not None:  # which record this one reran (the allocation file it names may be a temporary one)
         record["rerun_of"] = {"file": str(Path(args.rerun).expanduser().resolve()), "id": recorded.get("id"),
@@ -1006,7 +1020,8 @@ def _add_prune_parsers(sub) -> None:
                         "none with --nm or an allocation file, which keeps its own)")
     _add_allocation_args(p)
     p.add_argument("--nm", default=PruneSettings.nm,
-                   help="N:M semi-structured sparsity, e.g. 2:4 (overrides the allocation)")
+                   help="N:M semi-structured sparsity, e.g. 2:4: every matrix (M-N)/M sparse, so no --allocation or "
+                        "--sparsity with it (an allocation file made for a pattern brings its own)")
     p.add_argument("--rowwise", default=PruneSettings.rowwise, choices=list(ROWWISE),
                    help="row-wise sparsity inside each matrix: trim (TRIM, Beck et al. 2025)")
     _add_calib_args(p)
@@ -1076,14 +1091,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     as_json = _checked_table_out(args)
     check_workers(args.workers, args.cpus_per_worker)
     check_address(args.address)
-    store = RunStore(args.db)
-    where = f"Ray at {args.address}" if args.address else (
-        f"local Ray, {args.workers} workers" if args.workers > 1 else "this process")
     configs = grid.expand()
-    print(f"sweep: {len(configs)} configuration(s) on {where}; runs go to {store.path}", file=sys.stderr)
+    if args.address is None:  # (a cluster's machines are not this one) one error line before anything is written
+        check_models(configs)
     searched = next((c for c in configs if c.allocation.method == "auto"), None)
     if searched is not None:
         _hint_search_text(searched.allocation, searched.evaluation.source)
+    store = RunStore(args.db).check_writable()
+    where = f"Ray at {args.address}" if args.address else (
+        f"local Ray, {args.workers} workers" if args.workers > 1 else "this process")
+    print(f"sweep: {len(configs)} configuration(s) on {where}; runs go to {store.path}", file=sys.stderr)
     if args.address is None:  # a cluster's machines are not this one
         first = configs[0]
         _warn_memory(first, preview_model(first.model.source, first.model.trust_remote_code), snapshot=True,
@@ -1305,7 +1322,9 @@ def main(argv: list[str] | None = None) -> int:
         return 141  # what a shell reports for a writer ended by SIGPIPE
     # SettingsError, AllocationError, DataError, UsageError are ValueErrors; OSError: e.g. a path too long
     except (ModelLoadError, StoreError, ValueError, OSError) as e:
-        flag = "--db: " if isinstance(e, StoreError) and hasattr(args, "db") else ""  # the option that picks it
+        # the option that picks it
+        flag = "--db: " if isinstance(e, StoreError) and hasattr(args, "db") else \
+            "--model: " if isinstance(e, ModelLoadError) and hasattr(args, "model") else ""
         print(f"error: {flag}{e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -90,6 +90,14 @@ class RunStore:
             if conn is not None:
                 conn.close()
 
+    def check_writable(self) -> RunStore:
+        """StoreError now, not after a run, when another process keeps the store locked for writing (waits
+        `timeout` for it, as add would)."""
+        with self._connect() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.rollback()
+        return self
+
     def add(self, record: dict) -> int:
         """Append one run record; returns its id. All or nothing: on any error nothing is stored."""
         row = _row(record)

@@ -99,7 +99,7 @@ CLI_CASES = [
     ("prune --sparsity -0.1", "--sparsity: sparsity must be in (0, 0.99], got -0.1"),
     ("prune --epsilon 1.5", "--epsilon: epsilon = 1.5 is outside [0, 1)"),
     ("prune --epsilon -1", "--epsilon: epsilon = -1 is outside [0, 1)"),
-    ("prune --allocation foo", "--allocation must be one of uniform, alphapruning, farms, owl, auto or an allocation "
+    ("prune --allocation foo", "--allocation: must be one of uniform, alphapruning, farms, owl, auto or an allocation "
                                "JSON file; 'foo' is neither"),
     ("prune --allocation nowhere.json --method magnitude --max-windows 1", "neither"),
     ("prune --allocation {bad}/broken.json", "--allocation: {bad}/broken.json: not valid JSON"),
@@ -239,7 +239,7 @@ CLI_CASES = [
     # an output over one of the command's own inputs, or two outputs in one file
     ("prune --calib {bad}/short.txt --out {bad}/short.txt",
      "--out: {bad}/short.txt would overwrite what --calib reads ({bad}/short.txt); write it elsewhere"),
-    ("prune --out {bad}/runs.sqlite", "--out: {bad}/runs.sqlite would overwrite what --db reads"),
+    ("prune --out {bad}/refused.sqlite", "--out: {bad}/refused.sqlite would overwrite what --db reads"),
     (f"spectra {TINY} --out {{bad}}/tiny/config.json", "--out: {bad}/tiny/config.json would overwrite what --model "
                                                        "reads ({bad}/tiny)"),
     ("allocate --method uniform --sparsity 0.5 --out {bad}/a.json --npy {bad}/a.json",
@@ -248,6 +248,11 @@ CLI_CASES = [
                                                    "(config.json): overwriting replaces only a model folder"),
     (f"prune {TINY} --save-model {{bad}}/tiny --overwrite",
      "--save-model: {bad}/tiny holds what --model reads ({bad}/tiny), which saving would replace"),
+    (f"prune {TINY} --save-model {{bad}}/saved --out {{bad}}/saved",
+     "--out: {bad}/saved is in the --save-model folder ({bad}/saved), which the export fills"),
+    # the sweep's checks on the model's tokenizer: one line before its own, and before a store is made
+    (f"sweep {TINY} --calib {{bad}}/short.txt", "--seqlen: Calibration text has"),
+    ("sweep --model={bad}/missing", "--model: Model folder '{bad}/missing' does not exist."),
 ]
 
 
@@ -259,14 +264,16 @@ def test_cli_bad_input_is_one_line_and_exit_2(args, message, bad):
     import shlex
 
     argv = shlex.split(args.format(bad=bad))
+    db = bad / "refused.sqlite"
     if argv[0] in ("prune", "sweep") and "--db" not in argv:
-        argv += ["--db", str(bad / "runs.sqlite")]  # not the user's run store
+        argv += ["--db", str(db)]  # not the user's run store
     r = run_cli(*argv)
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
     assert message.format(bad=bad) in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and "Loading weights" not in r.stderr  # refused before the weights load
     assert r.stdout == ""
+    assert not db.exists()  # nothing written: not even an empty store
 
 
 @pytest.mark.parametrize("args, message", [
@@ -714,8 +721,11 @@ def test_locked_store_refuses_and_keeps_earlier_runs(tmp_path):
     holder.execute("BEGIN EXCLUSIVE")  # another process writing
     with pytest.raises(StoreError, match="is locked by another process"):
         store.add(make_record({"model": "b"}, None, None, 1.0, 2.0, {}))
+    with pytest.raises(StoreError, match="is locked by another process"):  # what prune and sweep ask before a run
+        RunStore(store.path, timeout=0.2).check_writable()
     assert list(store.all()["model"]) == ["a"]  # readers still see the earlier runs (WAL)
     holder.execute("ROLLBACK")
+    assert store.check_writable() is store
     store.add(make_record({"model": "c"}, None, None, 1.0, 2.0, {}))
     assert list(store.all()["model"]) == ["a", "c"]
 

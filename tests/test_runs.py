@@ -379,6 +379,8 @@ def test_cli_prune_reruns_a_record_with_its_settings_and_its_own_allocation(tmp_
     assert cli.main([str(a) for a in argv]) == 0, capsys.readouterr().err
     custom_allocation([(0.0, 0.7), (1.0, 0.3)], table, 0.5, model=str(folder)).save(alloc)  # written over
     capsys.readouterr()
+    assert cli.main(["prune", "--rerun", str(first), "--db", str(db), "--out", str(first)]) == 2  # not over its input
+    assert f"--out: {first} would overwrite what --rerun reads" in capsys.readouterr().err
     again = tmp_path / "again.json"
     assert cli.main(["prune", "--rerun", str(first), "--db", str(db), "--out", str(again)]) == 0
     out, err = capsys.readouterr()

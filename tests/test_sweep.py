@@ -214,18 +214,20 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, message):
 
 def test_cli_offers_a_search_the_held_out_split_of_the_evaluation_text(tmp_path):
     """A search scored on the calibration text is told of the valid split beside the evaluation text
-    (before anything loads: here the model is missing); not when it has a search text, nor without a search."""
+    (once the model's tokenizer took the texts, before its weights load: here the run store is no store); not when
+    it has a search text, nor without a search."""
     for name in ("test.txt", "valid.txt", "calib.txt"):  # three texts (the same bytes would be one text)
         (tmp_path / name).write_text(" ".join(f"{name[0]}{i % 100}" for i in range(3000)))
+    (tmp_path / "runs.sqlite").write_bytes(b"not a store " * 100)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    base = [sys.executable, "-m", "analysis", "sweep", "--model", str(tmp_path / "no-model"), "--sparsities", "0.5",
-            "--calib", str(tmp_path / "calib.txt"), "--eval", str(tmp_path / "test.txt"),
-            "--db", str(tmp_path / "runs.sqlite")]
+    base = [sys.executable, "-m", "analysis", "sweep", "--model", str(save_tiny_llama(tmp_path / "tiny")),
+            "--sparsities", "0.5", "--calib", str(tmp_path / "calib.txt"), "--eval", str(tmp_path / "test.txt"),
+            "--seqlen", "32", "--eval-seqlen", "32", "--db", str(tmp_path / "runs.sqlite")]
     hint = f"hint: the search is scored on the calibration text; --search-text {tmp_path / 'valid.txt'} (held out"
     for extra, hinted in ((["--allocations", "uniform,auto"], True), (["--allocations", "uniform"], False),
                           (["--allocations", "auto", "--search-text", str(tmp_path / "valid.txt")], False)):
         p = subprocess.run([*base, *extra], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
-        assert p.returncode == 2 and "does not exist" in p.stderr.splitlines()[-1], p.stderr
+        assert p.returncode == 2 and "is not a run store" in p.stderr.splitlines()[-1], p.stderr
         assert (hint in p.stderr) == hinted, p.stderr
 
 
