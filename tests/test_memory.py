@@ -497,7 +497,7 @@ def test_two_sessions_under_a_low_memory_limit(tiny_dir, monkeypatch, tmp_path):
     _small_prune_settings(b)
     assert any(f"held by {work.owner}" in w.value for w in b.warning), (
         [w.value for w in b.warning], [i.value for i in b.info], work.owner, b.session_state["work"].owner)
-    assert any("dense (shared model) · 0.0%" in m.value for m in b.markdown)  # not the pruned zeros
+    assert any("dense (shared model) · 0.00%" in m.value for m in b.markdown)  # not the pruned zeros
     b.button(key="prune_eval").click().run()
     _small_prune_settings(b)
     waiting = [p.proto.text for p in b.get("progress")]
