@@ -830,9 +830,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if folder is not None and out is not None and (out == folder or folder in out.parents):
         raise UsageError(f"--out: {args.out} is in the --save-model folder ({folder}), which the export fills; "
                          "write the record elsewhere")
-    stores = []
+    store: RunStore | None = None
 
     def check(preview) -> None:
+        nonlocal store
         settings.check_model(preview)
         if zeroshot is not None:
             _check_zeroshot_tokenizer(preview)
@@ -844,10 +845,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
                              "under compressed-tensors metadata); save as dense or compressed")
         # the last check: a store that cannot be opened is refused before the weights load, and a bad input above
         # creates no store
-        stores.append(RunStore(args.db).check_writable())
+        store = RunStore(args.db).check_writable()
 
     loaded = _load(settings.model, check)
-    store = stores[0]
     calibrates = f"calibration {settings.calibration.n_samples} x {settings.calibration.seqlen} tokens from " \
         f"{settings.calibration.source}; " if settings.needs_calibration() else "no calibration text read; "
     print(f"{calibrates}evaluation on {settings.evaluation.source}", file=sys.stderr)

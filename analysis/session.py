@@ -229,9 +229,14 @@ class WorkingCopy:
     def pruned(self) -> bool:
         return self.model is not None and self.label != "dense"
 
+    @property
+    def pruning(self) -> bool:
+        """Whether a prune job is changing these weights now (a copy pruned before too)."""
+        return self.job is not None and self.job.name == "prune" and not self.job.done
+
     def describe(self) -> str:
         """The "Your weights" line."""
-        if self.job is not None and self.job.name == "prune" and not self.job.done:  # (a copy pruned before too)
+        if self.pruning:
             return "being pruned (dense again if the prune fails or is cancelled)"
         if not self.pruned:
             return "dense (shared model)"

@@ -271,7 +271,7 @@ dense = peek_dense_ppl_job(calibration.source, evaluation)
 def zero_share() -> str | None:
     """The share of zeros in this session's weights, None while a prune changes them (a count then would be of
     the blocks pruned so far, and kept for the weights' version)."""
-    if work.job is not None and work.job.name == "prune" and not work.job.done:
+    if work.pruning:
         return None
     return f"{weights_zero_fraction(*session_weights(work, loaded.model)):.2%}"
 
