@@ -39,16 +39,33 @@ def layer_of(module: str) -> int:
     raise AssertionError(f"analysis/{module}.py is in no layer of tests/test_architecture.py (and the README)")
 
 
+# the CLI package's own modules, lowest first: the shared options, the checks, the commands, then main
+CLI_LAYERS = [{"options"}, {"checks"}, {"allocate", "prune", "sweep", "spectra"}, {"__init__"}]
+
+
+def engine_modules() -> list[tuple[Path, str]]:
+    """(path, layer name) of every engine module; the cli package's modules are all in the cli layer."""
+    found = [(p, p.stem) for p in sorted((ROOT / "analysis").glob("*.py")) if p.stem != "__init__"]
+    return found + [(p, "cli") for p in sorted((ROOT / "analysis" / "cli").glob("*.py"))]
+
+
 def test_engine_layers_only_import_downwards():
-    for path in sorted((ROOT / "analysis").glob("*.py")):
-        if path.stem == "__init__":
-            continue
-        mine = layer_of(path.stem)
+    for path, name in engine_modules():
+        mine = layer_of(name)
         for dep in project_imports(path):
             assert not dep.startswith(("components", "pages", "streamlit")), f"{path.name} imports {dep}"
             other = dep.split(".")[1] if "." in dep else None
             assert other is not None, f"{path.name}: import the module, not the package: {dep}"
+            if other == "cli" and name == "cli":  # within the package: downwards in CLI_LAYERS
+                low, high = (next(i for i, layer in enumerate(CLI_LAYERS) if m in layer)
+                             for m in (dep.split(".")[2], path.stem))
+                assert low < high, f"cli/{path.name} imports {dep}"
+                continue
             assert layer_of(other) < mine, f"{path.name} (layer {mine}) imports {other} (layer {layer_of(other)})"
+
+
+def test_the_cli_package_has_every_module_in_a_layer():
+    assert {p.stem for p in (ROOT / "analysis" / "cli").glob("*.py")} == set().union(*CLI_LAYERS)
 
 
 def test_components_do_not_import_pages():
@@ -63,10 +80,11 @@ def test_every_error_class_of_the_engine_is_an_alphascope_error():
     from analysis.errors import AlphascopeError
 
     found = []
-    for path in sorted((ROOT / "analysis").glob("*.py")):
-        if path.stem in ("__init__", "__main__"):
+    for path, name in engine_modules():
+        if path.stem == "__main__":
             continue
-        module = importlib.import_module(f"analysis.{path.stem}")
+        module = importlib.import_module(f"analysis.{path.stem}" if name != "cli" else
+                                         "analysis.cli" + ("" if path.stem == "__init__" else f".{path.stem}"))
         found += [c for c in vars(module).values() if isinstance(c, type) and issubclass(c, Exception)
                   and c.__module__ == module.__name__ and c.__name__.endswith("Error")]  # not control flow
     assert len(found) >= 12 and all(issubclass(c, AlphascopeError) for c in found), found

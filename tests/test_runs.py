@@ -244,7 +244,8 @@ def test_cli_eval_with_allocation_file(tmp_path, default_model, wikitext_dir):
 def test_cli_defaults_are_the_settings_defaults(wikitext_dir):  # the default evaluation text is checked
     """`python -m analysis prune` with no options runs exactly RunSettings() (the dashboard's widgets
     read the same defaults); options override one field each."""
-    from analysis.cli import _run_settings, build_parser
+    from analysis.cli import build_parser
+    from analysis.cli.prune import _run_settings
     from analysis.settings import RunSettings
 
     parser = build_parser()
