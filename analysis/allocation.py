@@ -45,6 +45,7 @@ MAX_RATIO = 0.99  # never prune a whole matrix: keep at least 1% of its weights
 FORMAT = "alphascope-allocation"
 FORMAT_VERSION = 1
 METHODS = ("uniform", "alphapruning", "farms", "owl", "custom")
+SAVED_METHODS = (*METHODS, "auto")  # what a file's method may be: "auto" is a search's result (analysis.search)
 GRANULARITIES = ("block", "layer")
 
 # Direction of each metric: +1 means "a higher value marks a less well-trained matrix, prune it more".
@@ -115,9 +116,15 @@ class Allocation:
         return _allocation_from_dict(d)
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        """Write the versioned JSON to `path`, a file (its folders are made); AllocationError when it cannot be."""
+        path = Path(path).expanduser()
+        if path.is_dir():
+            raise AllocationError(f"{path} is a folder: give the allocation a file name, e.g. {path / 'alloc.json'}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        except OSError as e:
+            raise AllocationError(f"{path}: cannot write it ({e.strerror or e})") from None
         return path
 
     def check_names(self, names, fixed=()) -> None:
@@ -213,8 +220,9 @@ def _allocation_from_dict(d) -> Allocation:
     if not isinstance(model, str):
         raise AllocationError(f"model must be a string, got {model!r}")
     method = d["method"]
-    if not isinstance(method, str) or not method:
-        raise AllocationError(f"method must be a non-empty string, got {method!r}")
+    if method not in SAVED_METHODS:  # it names the allocation in messages, records and recipes
+        raise AllocationError(f"method must be one of {', '.join(SAVED_METHODS)} (how the ratios were made; a file "
+                              f"written by hand: custom), got {method!r}")
     params = d.get("params", {})
     if not isinstance(params, dict):
         raise AllocationError(f"params must be an object, got {type(params).__name__}")

@@ -311,6 +311,12 @@ def export(model: nn.Module, tokenizer, allocation, out_dir: str | Path, format:
         if tokenizer is not None:
             tokenizer.save_pretrained(stage)
         (stage / "allocation.json").write_text(json.dumps(alloc, indent=2))
+        # safetensors writes its files 0600: give every file the mode a file written here gets from the umask,
+        # so a serving account that can read the folder can read the weights too
+        mode = (stage / "allocation.json").stat().st_mode & 0o777
+        for file in stage.rglob("*"):
+            if file.is_file():
+                file.chmod(mode)
         if out.exists():
             shutil.rmtree(out)
         stage.rename(out)

@@ -267,6 +267,20 @@ def checkpoint_path(source: str) -> Path | None:
     return ensure_converted(pm.key) if pm is not None else local_folder(path)
 
 
+def streamable_folder(source: str, trust_remote_code: bool = False) -> Path | None:
+    """The safetensors folder of a model source whose matrices can be read one at a time without loading the
+    model (analysis.spectra.analyze_checkpoint), its shards checked (headers only: CheckpointError for a bad one),
+    or None when the model must be loaded: weights not on this machine, not safetensors, or a model that needs its
+    repository's code (its modules come from that code)."""
+    if trust_remote_code:
+        return None
+    folder = checkpoint_path(source)
+    if folder is None or not has_safetensors(folder):
+        return None
+    open_checkpoint(folder)
+    return folder
+
+
 def model_identity(source: str) -> str:
     """What a model source names, whatever its spelling: a folder (a packaged model's converted one
     included) as its resolved path, a hub id as written."""
@@ -477,6 +491,12 @@ def _max_memory() -> dict:
     each visible GPU and on the host (the rest goes to disk)."""
     gpus = {i: available_memory_bytes(torch.device("cuda", i)) for i in range(torch.cuda.device_count())}
     return gpus | {"cpu": available_memory_bytes(torch.device("cpu"))}
+
+
+def placement_room() -> int:
+    """Bytes device_map="auto" may place on the GPUs and the host together (`_max_memory`); weights beyond it go to
+    disk, where they can be evaluated, not pruned."""
+    return sum(_max_memory().values())
 
 
 def weights_placement(model: nn.Module) -> dict[str, int]:

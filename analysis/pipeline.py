@@ -69,7 +69,7 @@ from analysis.settings import (
     search_seqlen,
     then_samples,
 )
-from analysis.spectra import analyze
+from analysis.spectra import NotStreamable, analyze, analyze_checkpoint
 from analysis.store import now_iso, to_json
 
 # --------------------------------------------------------------------------------------------
@@ -147,10 +147,22 @@ def prepare_data(tokenizer, calibration: CalibrationSettings, evaluation: Evalua
 # allocation
 
 
-def dense_spectra(model: nn.Module, spectra: SpectraSettings, progress: ProgressFn | None = None) -> pd.DataFrame:
-    """Per-matrix spectral metrics of the model as it is now (call it before pruning)."""
-    return analyze(model, fit=spectra.fit, farms=spectra.farms, normalize=spectra.normalize,
-                   include_outside=spectra.include_outside, progress=progress).metrics
+def dense_spectra(model: nn.Module | None, spectra: SpectraSettings, progress: ProgressFn | None = None,
+                  checkpoint: Path | None = None, device: str | None = None) -> pd.DataFrame:
+    """Per-matrix spectral metrics of the dense model (call it before pruning). With `checkpoint`, the
+    safetensors folder the model's weights are as stored (loading.streamable_folder; the model unchanged since
+    it loaded, in any dtype): its matrices are streamed from the shards on `device` and the result is cached on
+    disk by their content (analysis.spectra.analyze_checkpoint: the same rows; a second run reads them at once),
+    and `model` may be None. Otherwise, or for a checkpoint that cannot be streamed, of `model` in memory."""
+    kwargs = dict(fit=spectra.fit, farms=spectra.farms, normalize=spectra.normalize,
+                  include_outside=spectra.include_outside, progress=progress)
+    if checkpoint is not None:
+        try:
+            return analyze_checkpoint(checkpoint, device=device, **kwargs).metrics
+        except NotStreamable:
+            if model is None:
+                raise
+    return analyze(model, **kwargs).metrics
 
 
 AUTO_EPSILONS = (0.1, 0.2, 0.3)  # AlphaPruning and FARMS spread the search starts from
@@ -374,17 +386,30 @@ def allocation_caveats(alloc: Allocation, method: str, loaded: LoadedModel, roww
         now = " with row-wise TRIM" if rowwise else ""
         out.append(f"this allocation is a run record's, whose run pruned with {run['pruner']}{how}; pruned here with "
                    f"{method}{now}, the result is not that run's (prune --rerun FILE repeats the run)")
-    refs = [r for r in prunable_layers(loaded.model) if r.name in alloc.per_layer]
-    implied = budget([alloc.per_layer[r.name] for r in refs], [r.params for r in refs])
-    as_drawn = alloc.method == "custom" and alloc.params.get("normalize") is False  # its target is not its budget
-    if abs(implied - (alloc.achieved if as_drawn else alloc.sparsity)) > 5e-4:
-        out.append(f"the allocation says sparsity {alloc.sparsity:.2%} (achieved {alloc.achieved:.2%}), but on this "
-                   f"model its ratios prune {implied:.2%} of the weights (edited by hand?); the run reports what it "
-                   "prunes")
+    out += stated_caveats(alloc, loaded.model)
     if alloc.model and _identity(alloc.model) != _identity(loaded.info.source):
         out.append(f"this allocation was made for {alloc.model}, not {loaded.info.source}: its ratios were chosen "
                    "for that model's layers (only its matrix names fit this one)")
     return out + reuse_caveats(alloc.params, method, loaded.model)
+
+
+def stated_caveats(alloc: Allocation, model: nn.Module) -> list[str]:
+    """Where what a saved allocation states is not what its ratios prune on `model` (its shapes are all that is read:
+    a skeleton will do): its `sparsity` (a curve applied as drawn: its `achieved`) or `achieved`, and a `per_block` that
+    is not its blocks' weighted means of per_layer. A file edited by hand; what prunes is per_layer."""
+    out = []
+    refs = [r for r in prunable_layers(model) if r.name in alloc.per_layer]
+    implied = budget([alloc.per_layer[r.name] for r in refs], [r.params for r in refs])
+    as_drawn = alloc.method == "custom" and alloc.params.get("normalize") is False  # its target is not its budget
+    if max(abs(implied - alloc.achieved), 0 if as_drawn else abs(implied - alloc.sparsity)) > 5e-4:
+        out.append(f"the allocation says sparsity {alloc.sparsity:.2%} (achieved {alloc.achieved:.2%}), but on this "
+                   f"model its ratios prune {implied:.2%} of the weights (edited by hand?); what prunes is its "
+                   "per_layer ratios")
+    try:
+        alloc.check_blocks(layer_table(model))
+    except AllocationError as e:
+        out.append(f"{e}; what prunes is its per_layer ratios")
+    return out
 
 
 def _identity(source: str) -> str:
@@ -542,14 +567,16 @@ class RunResult:
 def run(loaded: LoadedModel, settings: RunSettings, *, progress: ProgressFn | None = None,
         on_ppl: Callable[[str, PplUpdate], None] | None = None, on_caveat: Callable[[str], None] | None = None,
         stop: StopFlag = None, timer: Timer | None = None, metrics: pd.DataFrame | None = None,
-        farms_metrics: pd.DataFrame | None = None, dense_ppl: float | None = None, origin: str = "library"
-        ) -> RunResult:
+        farms_metrics: pd.DataFrame | None = None, dense_ppl: float | None = None, origin: str = "library",
+        checkpoint: Path | None = None) -> RunResult:
     """Allocate, measure the dense perplexity, prune `loaded.model` in place and measure it again.
     `on_ppl(label, update)` sees every running perplexity ("dense", then "pruned"); `on_caveat(text)` each of
     the run's warnings (run_caveats, also kept in the record) as soon as they are known. A sweep passes
     what it measured once on the same dense model: `metrics` and `farms_metrics` (spectra, as
     build_allocation takes them) and `dense_ppl` (on this run's evaluation windows); the dense
-    evaluation is then skipped. The settings are checked against the model (settings.check_model) first. The
+    evaluation is then skipped. `checkpoint`: the safetensors folder `loaded` came from, its weights unchanged
+    since (loading.streamable_folder): the spectra not passed in are streamed from it and cached (dense_spectra).
+    The settings are checked against the model (settings.check_model) first. The
     record names the model that ran: `loaded`'s source, whatever settings.model.source says (a script's
     RunSettings() without a model would otherwise record the default model, and a rerun load that one).
     `origin` names the front end in the record ("cli", "sweep"; the dashboard records through analysis.session)."""
@@ -575,6 +602,11 @@ def run(loaded: LoadedModel, settings: RunSettings, *, progress: ProgressFn | No
                                         info.bos_per_window)
         alloc = build_allocation(settings.allocation, model, nm=settings.prune.nm, calib=data.calib,
                                  metrics=metrics, farms_metrics=farms_metrics, model_name=info.source,
+        if checkpoint is not None and metrics is None and farms_metrics is None:
+            on = None if info.device_map else settings.model.device  # (weights accelerate spread: GPU when there is)
+            streamed = {arg: dense_spectra(model, sp, progress, checkpoint, on)
+                        for arg, sp in spectra_used(settings.allocation, settings.prune.nm).items()}
+            metrics, farms_metrics = streamed.get("metrics"), streamed.get("farms_metrics")
                                  prune_method=settings.prune.method,
                                  progress=progress, fitness_windows=held_out, then_windows=then)
     for warning in allocation_warnings(alloc):  # said before the prune

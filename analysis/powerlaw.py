@@ -183,11 +183,14 @@ class FitError(AlphascopeError, ValueError):
 
 
 def check_fit(fit: str, min_tail: int = MIN_TAIL) -> None:
-    """FitError unless `fit` is one of XMIN_RULES and `min_tail` an integer >= 2."""
+    """FitError unless `fit` is one of XMIN_RULES and `min_tail` an integer >= 2, given (not MIN_TAIL) only to the
+    scan rule, the one that reads it."""
     if fit not in XMIN_RULES:
         raise FitError(f"Unknown fit '{fit}'; choose one of {', '.join(XMIN_RULES)}.")
     if isinstance(min_tail, bool) or not isinstance(min_tail, int) or min_tail < 2:
         raise FitError(f"min_tail must be an integer >= 2 (a tail of fewer eigenvalues has no slope), got {min_tail!r}")
+    if fit != "scan" and min_tail != MIN_TAIL:
+        raise FitError(f"min_tail is read by the scan fit only, and the fit is {fit}: leave it at {MIN_TAIL}")
 
 
 def fit_power_law(eigs, fit: str = "peak", min_tail: int = MIN_TAIL, device=None) -> PowerLawFit:

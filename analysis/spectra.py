@@ -329,7 +329,7 @@ def analyze(
     device: where the eigenvalues are computed (default: where the weights live).
     progress: called as progress(message, fraction) as matrices (CPU) or shape groups (GPU) finish.
     min_tail: smallest tail the "scan" rule may choose (2 reproduces weightwatcher's default fit).
-    Matrices with NaN/inf weights get status "non-finite weights" and NaN metrics.
+    Matrices with NaN/inf weights get status NON_FINITE and NaN metrics.
     """
     check_fit(fit, min_tail)
     layers = _resolve_layers(model_or_layers, include_outside)
@@ -366,7 +366,7 @@ def _pooled(layers, spectrum, farms, normalize, fit, min_tail, workers, progress
         ev, whole = spectrum(ref) if farms else (spectrum(ref), None)
         ev = _scaled(ev, ref, farms, normalize)
         whole = ev if whole is None else _scaled(whole, ref, False, normalize)
-        return ev, _fit_row(ev, whole, fit, "non-finite weights" if np.isnan(ev).all() else None, min_tail)
+        return ev, _fit_row(ev, whole, fit, NON_FINITE if np.isnan(ev).all() else None, min_tail)
 
     cost = {r.name: min(r.rows, r.cols) ** 2 * max(r.rows, r.cols) for r in layers}  # the Gram matrix's products
     ordered = sorted(layers, key=lambda r: cost[r.name], reverse=True)
@@ -397,7 +397,7 @@ def _batched(layers, dev, farms, normalize, fit, min_tail, progress) -> dict:
         if torch.isfinite(w).all():  # one NaN would spoil its whole batch
             groups[_group_key(ref, farms)].append((ref, w))
         else:
-            esds[ref.name], status[ref.name] = _non_finite(w), "non-finite weights"
+            esds[ref.name], status[ref.name] = _non_finite(w), NON_FINITE
     for g, (key, items) in enumerate(groups.items()):
         progress and progress(f"Spectra of {len(items)} matrices of shape {key[0]}x{key[1]}", g / len(groups))
         for (ref, _), ev in zip(items, _group_eigs([w for _, w in items], farms)):
@@ -429,6 +429,9 @@ CHUNK_ELEMENTS = 1 << 22  # entries per streamed slice: 32 MiB in float64
 # bump when the cached files' layout or the metrics' meaning changes (2: fused MoE experts listed; 3: normalize
 # divides by the long side; 4: FARMS's norm metrics are the whole matrix's; 5: shared experts' kinds)
 CACHE_VERSION = 5
+
+
+NON_FINITE = "non-finite weights"  # the status of a matrix with NaN or inf weights
 
 
 class NotStreamable(CheckpointError):

@@ -44,6 +44,7 @@ from analysis.loading import (
     load_model,
     model_identity,
     preview_model,
+    streamable_folder,
 )
 from analysis.pipeline import content_identity, dense_spectra, evaluation_windows, run, spectra_used
 from analysis.pruners import PRUNERS, ROWWISE, check_rowwise
@@ -358,7 +359,7 @@ def measure_dense(configs: list[RunSettings], progress: ProgressFn | None = None
         if should_stop(stop):
             return None
         say(f"dense reference: {'FARMS ' if sp.farms else ''}spectra", 0.0)
-        metrics[sp] = dense_spectra(loaded.model, sp)
+        metrics[sp] = dense_spectra(loaded.model, sp, checkpoint=folder, device=on)
     windows = evaluation_windows(loaded.tokenizer, first.evaluation, first.calibration.source,
                                  loaded.info.bos_per_window)
     last = None
@@ -389,6 +390,8 @@ def _fault_once() -> None:
             return
         os._exit(1)
 
+    folder = streamable_folder(first.model.source, first.model.trust_remote_code)  # spectra streamed and cached
+    on = None if loaded.info.device_map else first.model.device
 
 # --------------------------------------------------------------------------------------------
 # a whole sweep

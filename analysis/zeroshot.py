@@ -16,6 +16,7 @@ error, and n, the number of documents scored.
 """
 from __future__ import annotations
 
+import difflib
 import random
 import re
 import time
@@ -187,6 +188,9 @@ def check_tasks(tasks: str | Sequence[str]) -> tuple[str, ...]:
         return names
     online = hub_reachable()
     if not online and not any(_datasets_cached(p) for p in _cached_dataset_names()):
+        for name in remote:  # a local task misspelt, most likely, where the hub's tasks cannot run anyway
+            if near := difflib.get_close_matches(name, local, n=1, cutoff=0.75):
+                raise ZeroShotError(f"unknown task '{name}': did you mean the local task '{near[0]}'?")
         raise _hub_message(remote[0], "is not a local task (nor checked against lm-eval's task list, which is of "
                                       "no use here): lm-eval's own tasks read their data (none of it in the local "
                                       "datasets cache)")
@@ -194,7 +198,9 @@ def check_tasks(tasks: str | Sequence[str]) -> tuple[str, ...]:
     for name in remote:
         entry = index.get(name)
         if entry is None:
-            raise ZeroShotError(f"unknown task '{name}': not a local task ({', '.join(sorted(local))}) nor an "
+            near = difflib.get_close_matches(name, [*local, *index], n=1, cutoff=0.75)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            raise ZeroShotError(f"unknown task '{name}'{hint}: not a local task ({', '.join(sorted(local))}) nor an "
                                 f"lm-eval task (list those with: python -m lm_eval ls tasks).")
         path = (entry.cfg or {}).get("dataset_path")
         if not online and path and not _datasets_cached(path):

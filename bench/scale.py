@@ -348,8 +348,8 @@ def parse_calib(s: str) -> tuple[int, int]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--sizes", default=None, help="comma list of 1.1b, 7b, or 7b:K (first K blocks only); "
-                    "default 1.1b,7b:2 on CPU, 1.1b,7b on CUDA")
+    ap.add_argument("--sizes", default=None, help=f"comma list of SIZE or SIZE:K (its first K blocks only), SIZE one "
+                    f"of {', '.join(SIZES)}; default 1.1b,7b:2 on CPU, 1.1b,7b on CUDA")
     ap.add_argument("--steps", default=None, help=f"comma list of {', '.join(STEPS)} (default: all that apply)")
     ap.add_argument("--work", default="/tmp/alphascope_scale", help="where the checkpoints are written (kept)")
     ap.add_argument("--out", default=None, help="default bench/results/scale_<device>.json")

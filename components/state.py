@@ -33,7 +33,6 @@ from streamlit.runtime.scriptrunner import get_script_run_ctx
 # lazy attributes once, at the app's first run, in one thread. Resolved lazily, two script threads
 # (a rerun overlapping the previous run, or two sessions) could both trigger the lazy import and
 # one of them would see a half-initialized module ("cannot import name").
-from analysis.checkpoint import has_safetensors, local_folder
 from analysis.data import is_split
 from analysis.jobs import CANCELLED, ERROR, Job
 from analysis.layers import zero_fraction
@@ -45,6 +44,7 @@ from analysis.loading import (
     memory_estimate,
     offloaded,
     packaged_key,
+    streamable_folder,
 )
 from analysis.pipeline import calibration_batch, evaluation_windows
 from analysis.pruning import non_finite
@@ -309,10 +309,10 @@ def spectra_job(loaded: LoadedModel, fit: str = SpectraSettings.fit, farms: bool
     the spectra at once; others (and trust-remote-code models) are analyzed in memory."""
     key = ("spectra", model_key(), fit, bool(farms))
     remote_code = key[1] is not None and key[1][3]  # its modules come from the repository's code: load them
-    folder = None if remote_code else local_folder(loaded.info.path)
+    folder = streamable_folder(loaded.info.path, remote_code)
 
     def run(job: Job):
-        if folder is not None and has_safetensors(folder):
+        if folder is not None:
             try:
                 return analyze_checkpoint(folder, fit=fit, farms=farms, include_outside=True,
                                           device=loaded.info.device, progress=job.report)

@@ -386,6 +386,8 @@ def test_json_round_trip(tmp_path):
     assert set(raw) >= {"model", "sparsity", "method", "params", "per_block", "per_layer", "achieved", "version"}
     b = Allocation.load(path)
     assert b == a
+    with pytest.raises(AllocationError, match=r"sub is a folder: give the allocation a file name, e\.g\. .*alloc"):
+        a.save(tmp_path / "sub")
     # a run record (prune --out) names the allocation its run pruned with: that is the one it loads as
     record = tmp_path / "run.json"
     record.write_text(json.dumps({"config": {"method": "wanda"}, "allocation": raw, "pruned_ppl": 12.0}))
@@ -408,6 +410,10 @@ def test_json_round_trip(tmp_path):
     (lambda d: d["params"].__setitem__("nm", "garbage"),
      "params.nm must be an N:M pattern such as '2:4', got 'garbage'"),
     (lambda d: d.__setitem__("per_layer", {"x": True}), "finite number"),
+    # a pruner's name is no allocation method: the run's line would read "magnitude + magnitude"
+    (lambda d: d.__setitem__("method", "magnitude"), r"method must be one of uniform, alphapruning, farms, owl, "
+                                                     r"custom, auto \(how the ratios were made; a file written by "
+                                                     r"hand: custom\), got 'magnitude'"),
 ])
 def test_bad_json_is_rejected_with_message(tmp_path, patch, word):
     d = allocate(metrics_frame([2.0, 3.0]), 0.5).to_dict()

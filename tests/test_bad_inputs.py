@@ -344,9 +344,10 @@ def test_nan_weights_are_refused_before_the_dense_evaluation(tiny_folder, tmp_pa
         "error: 'model.layers.1.mlp.down_proj' has non-finite weights (NaN or inf), which no pruner can rank; "
         "nothing was pruned (the Spectra page and `spectra` flag such matrices)")
     assert "perplexity" not in r.stderr and len(RunStore(db)) == 0
-    # evaluating it or allocating from it works, with a word that the numbers mean nothing
+    # evaluating it or allocating from its spectra (streamed from its shards) works, with a word that the numbers
+    # mean nothing
     for args in (["eval", "--text", "default", "--eval-seqlen", "32", "--max-windows", "1"],
-                 ["allocate", "--allocation", "uniform", "--sparsity", "0.5"]):
+                 ["allocate", "--allocation", "alphapruning", "--sparsity", "0.5"]):
         r = run_cli(*args, f"--model={folder}")
         assert r.returncode == 0 and "warning: 'model.layers.1.mlp.down_proj' has non-finite weights" in r.stderr
 
@@ -560,8 +561,12 @@ def test_a_run_says_before_loading_when_it_may_not_fit_in_memory(tiny_folder, tm
     assert main(["eval", f"--model={tiny_folder}", "--text", "default", "--eval-seqlen", "32",
                  "--max-windows", "1"]) == 0
     assert f"warning: '{tiny_folder}' cannot be loaded and evaluated here" in capsys.readouterr().err
-    assert main(["allocate", f"--model={tiny_folder}", "--allocation", "uniform", "--sparsity", "0.5"]) == 0
+    assert main(["allocate", f"--model={tiny_folder}", "--allocation", "owl", "--sparsity", "0.5", "--nsamples", "2",
+                 "--seqlen", "32"]) == 0
     assert f"warning: '{tiny_folder}' cannot be loaded and allocated here" in capsys.readouterr().err
+    # an allocation of the weights alone reads the checkpoint's shards one matrix at a time: it loads no model
+    assert main(["allocate", f"--model={tiny_folder}", "--allocation", "alphapruning", "--sparsity", "0.5"]) == 0
+    assert "cannot be loaded" not in capsys.readouterr().err
     # room for the weights and the run's working memory, not for a copy of the pruned matrices: no warning
     est = estimate_memory(str(tiny_folder), "float32", 16, 256, 1, 32)
     monkeypatch.setenv("ALPHASCOPE_MEMORY_LIMIT_BYTES", str(est.weights + est.working + est.prunable // 2))
@@ -666,6 +671,18 @@ def test_an_allocation_made_for_another_model_of_the_same_names_is_a_warning(tin
     r = run_cli("eval", f"--model={tiny_folder}", *common)
     assert r.returncode == 0 and ("warning: the allocation says sparsity 30.00% (achieved 70.00%), but on this model "
                                   "its ratios prune 70.00% of the weights") in r.stderr, r.stderr[-2000:]
+    # or its achieved alone; and its per_block, still the 0.5 of the file it was, is not what its blocks prune
+    d["sparsity"], d["achieved"] = 0.7, 0.9
+    alloc.write_text(json.dumps(d))
+    r = run_cli("eval", f"--model={tiny_folder}", *common)
+    assert r.returncode == 0 and "warning: the allocation says sparsity 70.00% (achieved 90.00%)" in r.stderr
+    assert ("warning: per_block[0] is 0.500000 but its matrices' ratios in per_layer average 0.700000 (edited by "
+            "hand?); what prunes is its per_layer ratios") in r.stderr, r.stderr[-2000:]
+    d["per_block"], d["achieved"] = [0.7] * (len(d["per_block"]) + 1), 0.7
+    alloc.write_text(json.dumps(d))
+    r = run_cli("eval", f"--model={tiny_folder}", *common)
+    assert r.returncode == 0 and "warning: per_block has 4 ratios, the model has 3 blocks" in r.stderr, r.stderr[-2000:]
+    assert "the allocation says" not in r.stderr
 
 
 def test_out_into_a_missing_folder_is_made_and_a_file_replaced_says_so(bad):

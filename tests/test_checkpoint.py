@@ -1,6 +1,6 @@
 """Checkpoint folders read without loading the model: validation, streamed spectra equal to the
 in-memory ones, the disk cache, and the CLI's streamed path. Real tiny models saved as safetensors
-shards; nothing mocked."""
+shards; nothing mocked (one tripwire shows that a command loads no model)."""
 import json
 import struct
 
@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from analysis.allocation import Allocation, allocate
 from analysis.checkpoint import CheckpointError, open_checkpoint
 from analysis.cli import main
 from analysis.layers import find_layers
@@ -233,6 +234,46 @@ def test_cli_spectra_streams_and_caches(tmp_path, cache, capsys):
         assert capsys.readouterr().err.startswith(f"error: {bad[0]}: ")
     assert main(["spectra", "--model", str(tmp_path / "m"), "--min-tail", "5"]) == 2  # the default fit is peak
     assert "error: --min-tail: only the scan fit reads it, and the fit is peak" in capsys.readouterr().err
+
+
+def test_cli_allocate_of_the_weights_alone_loads_no_model_and_prune_reads_the_cached_spectra(
+        tmp_path, cache, capsys, monkeypatch):
+    """allocate without calibration text takes the shapes from config.json and the spectra from the shards (cached):
+    the same ratios as from the loaded model, and no model is built, so a model larger than memory can be allocated.
+    prune loads the model to prune it, and reads its allocation's spectra from the shards and the cache too."""
+    from analysis.cli import options
+
+    model = sharded_llama(tmp_path / "m")
+    want = allocate(analyze(model).metrics, 0.6, "alphapruning", epsilon=0.3)
+
+    def tripwire(*args, **kwargs):
+        raise AssertionError("allocate loaded the model")
+    with monkeypatch.context() as patch:
+        patch.setattr(options, "load_model", tripwire)
+        for method, extra in (("alphapruning", ["--epsilon", "0.3", "--dtype", "bfloat16"]), ("uniform", []),
+                              ("custom", ["--points", "0:0.4,1:0.8"])):
+            argv = ["allocate", "--model", tmp_path / "m", "--allocation", method, "--sparsity", "0.6", *extra,
+                    "--out", tmp_path / f"{method}.json", "--npy", tmp_path / f"{method}.npy"]
+            assert main([str(a) for a in argv]) == 0
+            assert Allocation.load(tmp_path / f"{method}.json").achieved == pytest.approx(0.6, abs=1e-6)
+    got = Allocation.load(tmp_path / "alphapruning.json").per_layer
+    assert list(got) == list(want.per_layer)  # the model's module order, as the loaded model gives it
+    np.testing.assert_allclose(list(got.values()), list(want.per_layer.values()), rtol=1e-12)
+    assert "note: --dtype unused: the model was not loaded" in capsys.readouterr().err
+    assert np.load(tmp_path / "uniform.npy").shape == (len(got),)
+    assert analyze_checkpoint(tmp_path / "m").cached  # the spectra allocate streamed were kept
+
+    folder = save_tiny_llama(tmp_path / "t")  # (with a tokenizer: prune evaluates)
+    text = tmp_path / "eval.txt"
+    text.write_text(" ".join(f"w{i % 97}" for i in range(2000)))
+    argv = ["prune", "--model", folder, "--pruner", "magnitude", "--allocation", "alphapruning", "--sparsity", "0.5",
+            "--eval", text, "--eval-seqlen", "32", "--max-windows", "1", "--device", "cpu", "--db",
+            tmp_path / "runs.sqlite", "--out", tmp_path / "run.json"]
+    assert main([str(a) for a in argv]) == 0
+    assert analyze_checkpoint(folder).cached  # prune streamed its allocation's spectra, and kept them
+    ran = json.loads((tmp_path / "run.json").read_text())["allocation"]["per_layer"]
+    dense = AutoModelForCausalLM.from_pretrained(folder)
+    assert ran == pytest.approx(allocate(analyze(dense).metrics, 0.5, "alphapruning").per_layer, rel=1e-12)
 
 
 def _csv(result, tmp_path):

@@ -107,16 +107,21 @@ def test_every_option_a_command_in_the_docs_shows_exists(capsys):
     assert unknown == {}
 
 
-def test_the_python_api_examples_of_the_readme_run_as_written(capsys):
-    """README "Python API": its two blocks, in one namespace, on the real default model."""
+def test_the_python_api_examples_of_the_readme_run_as_written(capsys, tmp_path, monkeypatch):
+    """README "Python API": its two blocks, each in its own namespace (each can be pasted alone), on the real
+    default model; the second adds its record to the run store."""
+    from analysis.store import RunStore
+
+    monkeypatch.setenv("ALPHASCOPE_RUNS_DB", str(tmp_path / "runs.sqlite"))
     section = (ROOT / "README.md").read_text().split("## Python API", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
     assert len(blocks) == 2
-    namespace: dict = {}
-    for block in blocks:
+    namespaces: list[dict] = [{}, {}]
+    for block, namespace in zip(blocks, namespaces):
         exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 (the project's own docs)
     first, second = capsys.readouterr().out.splitlines()
     assert re.fullmatch(r"0\.500 sparse, perplexity \d+\.\d\d", first)
     dense_ppl, pruned_ppl, achieved = (float(x) for x in second.split())
     assert pruned_ppl > dense_ppl and achieved == pytest.approx(0.6, abs=1e-3)
-    assert namespace["loaded"].model is namespace["model"]
+    assert namespaces[0]["loaded"].model is namespaces[0]["model"]
+    assert RunStore().get(namespaces[1]["run_id"])["pruned_ppl"] == pytest.approx(pruned_ppl)

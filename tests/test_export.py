@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from analysis import cli
 from analysis.export import (
+    FORMATS,
     ExportError,
     check_destination,
     export,
@@ -36,7 +37,7 @@ def pruned(model_fn=tiny_llama, nm=None, ratios=None, method="magnitude"):
     names = [r.name for r in prunable_layers(model)]
     per_layer = ratios or {n: 0.2 + 0.6 * i / (len(names) - 1) for i, n in enumerate(names)}
     prune(model, per_layer, method=method, calib=calib_ids(), nm=nm)
-    return model, {"method": "test", "sparsity": 0.5, "per_block": [], "per_layer": per_layer}
+    return model, {"method": "custom", "sparsity": 0.5, "per_block": [], "per_layer": per_layer}
 
 
 def assert_same_weights(a, b):
@@ -110,6 +111,10 @@ def test_dense_export_reloads_with_transformers(tmp_path):
     umask = os.umask(0o022)
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # as mkdir makes it: readable by a serving account
+    for format in FORMATS:  # and so is every file, the weights too (safetensors writes them 0600)
+        folder = export(model, None, alloc, tmp_path / format, format=format)
+        assert {f.name: f.stat().st_mode & 0o777 for f in folder.iterdir()} == \
+            {f.name: 0o666 & ~umask for f in folder.iterdir()}, format
     assert_same_weights(model, AutoModelForCausalLM.from_pretrained(out))
     assert_same_weights(model, load_pruned(out))
 
@@ -465,6 +470,23 @@ def test_cli_export_writes_the_targets_in_the_models_module_order(tmp_path, caps
     assert code == 0 and "warning" not in err, err
     in_module_order = [n for n, _ in model.named_modules() if n in alloc.per_layer]
     assert np.load(tmp_path / "r.npy").tolist() == [alloc.per_layer[n] for n in in_module_order]
+    # a file that names no model (written by hand): its order is kept, unless --model names the model
+    shuffled["model"] = ""
+    path = Allocation.from_dict(shuffled).save(tmp_path / "no_model.json")
+    code, _, err = run(capsys, "export", "--allocation", path, "--npy", tmp_path / "r.npy")
+    assert code == 0 and "the allocation names no model; give it with --model" in err, err
+    assert np.load(tmp_path / "r.npy").tolist() == list(shuffled["per_layer"].values())
+    code, _, err = run(capsys, "export", "--allocation", path, "--npy", tmp_path / "r.npy", "--model", folder)
+    assert code == 0 and "warning" not in err, err
+    assert np.load(tmp_path / "r.npy").tolist() == [alloc.per_layer[n] for n in in_module_order]
+    # what the file states is checked against its ratios, as prune does: here a sparsity they do not prune
+    shuffled["sparsity"] = shuffled["achieved"] = 0.3
+    path = Allocation.from_dict(shuffled).save(tmp_path / "edited.json")
+    code, _, err = run(capsys, "export", "--allocation", path, "--recipe", tmp_path / "r.yaml", "--model", folder)
+    assert code == 0 and ("warning: the allocation says sparsity 30.00% (achieved 30.00%), but on this model its "
+                          "ratios prune 50.00% of the weights") in err, err
+    code, _, err = run(capsys, "export", "--allocation", path, "--npy", tmp_path / "n.npy", "--model", tmp_path / "no")
+    assert code == 2 and err.startswith("error: --model: ") and err.count("\n") == 1, err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -529,7 +551,7 @@ def test_a_compressed_export_loads_decompressed_and_its_spectra_load_it(tmp_path
     loaded = load_model(str(save_tiny_llama(tmp_path / "tiny")))
     per_layer = {r.name: 0.5 for r in prunable_layers(loaded.model)}
     prune(loaded.model, per_layer, method="magnitude")
-    out = export(loaded.model, loaded.tokenizer, {"method": "test", "sparsity": 0.5, "per_block": [],
+    out = export(loaded.model, loaded.tokenizer, {"method": "custom", "sparsity": 0.5, "per_block": [],
                                                   "per_layer": per_layer}, tmp_path / "c", format="compressed")
     assert_same_weights(loaded.model, load_model(str(out)).model)
     with pytest.raises(NotStreamable, match="stored compressed"):

@@ -562,6 +562,26 @@ def test_cli_device_map_auto_gives_the_resident_perplexity(tiny_dir, capsys):
     assert capsys.readouterr().out.strip().splitlines()[-1] == resident
 
 
+def test_cli_prune_refuses_before_the_load_a_device_map_that_would_offload(tiny_dir, tmp_path, capsys, monkeypatch):
+    """Weights beyond what device_map="auto" may place go to disk, where they cannot be pruned: prune says so before
+    it loads anything (and writes no store), not after the load; with the room, it prunes."""
+    from analysis.cli import main
+    from analysis.loading import format_bytes, placement_room
+
+    db = tmp_path / "runs.sqlite"
+    args = ["prune", "--model", str(tiny_dir), "--device-map", "auto", "--pruner", "magnitude", "--sparsity", "0.5",
+            "--eval", "default", "--eval-seqlen", "16", "--max-windows", "1", "--db", str(db)]
+    monkeypatch.setenv(MEMORY_LIMIT_ENV, "250000")  # about half the weights on the host (and on a GPU)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --device-map: the weights ("), err
+    assert (f"exceed the {format_bytes(placement_room())} free on the GPUs and the host, so accelerate would put some "
+            "on disk, where they can be evaluated, not pruned") in err, err
+    assert "\n" not in err.strip() and not db.exists()
+    monkeypatch.delenv(MEMORY_LIMIT_ENV)
+    assert main(args) == 0 and db.exists()
+
+
 def test_model_page_refuses_a_model_that_cannot_fit(tiny_dir, tmp_path, monkeypatch):
     import shutil
 

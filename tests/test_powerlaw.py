@@ -127,6 +127,8 @@ def test_unknown_rule_or_bad_min_tail_is_a_typed_error():
     for bad in (1, -5, 2.5, True):
         with pytest.raises(FitError, match="min_tail must be an integer >= 2"):
             fit_power_law(np.arange(1.0, 50.0), "scan", min_tail=bad)
+    with pytest.raises(FitError, match="min_tail is read by the scan fit only, and the fit is peak: leave it at 10"):
+        fit_power_law(np.arange(1.0, 50.0), "peak", min_tail=3)  # ignored, it would also key a cache of its own
     assert issubclass(FitError, AlphascopeError) and issubclass(FitError, ValueError)
 
 

@@ -86,6 +86,12 @@ def test_hub_task_without_hub_fails_at_once_with_one_line(offline, task, capsys)
     assert capsys.readouterr().err.startswith(f"error: --tasks: task '{task}'")
 
 
+def test_a_misspelt_local_task_is_named(offline, capsys):
+    """Where the hub's tasks cannot run, a name close to a local task is its typo, not a hub task to explain."""
+    assert main(["eval", "--tasks", "clozee", "--model", "/nonexistent/model"]) == 2
+    assert capsys.readouterr().err == "error: --tasks: unknown task 'clozee': did you mean the local task 'cloze'?\n"
+
+
 def test_unknown_task_named_when_lm_eval_tasks_are_indexed(offline):
     (offline / "datasets" / "aps___super_glue" / "boolq").mkdir(parents=True)  # something cached: look closer
     with pytest.raises(ZeroShotError, match="unknown task 'no_such_task'"):

@@ -12,6 +12,7 @@ from analysis.allocation import Allocation, AllocationError, block_table, parse_
 from analysis.cli.checks import (
     allocation_file,
     checked_outputs,
+    note_not_loaded,
     print_search,
     refuse_search_text,
     refuse_unread,
@@ -45,8 +46,15 @@ from analysis.export import (
     recipe_yaml,
 )
 from analysis.layers import layer_table, skeleton
-from analysis.loading import ModelLoadError, preview_model
-from analysis.pipeline import build_allocation, calibration_batch, calibration_params, dense_spectra, search_windows
+from analysis.loading import DEVICE_MAP_AUTO, ModelLoadError, preview_model, streamable_folder
+from analysis.pipeline import (
+    build_allocation,
+    calibration_batch,
+    calibration_params,
+    dense_spectra,
+    search_windows,
+    stated_caveats,
+)
 from analysis.pruners import PRUNERS, PruneError, check_nm_ratios, parse_nm
 from analysis.pruning import gathers_gram
 from analysis.settings import (
@@ -57,6 +65,7 @@ from analysis.settings import (
     RunSettings,
     SettingsError,
 )
+from analysis.spectra import NotStreamable
 
 
 def _add_allocation_file_args(p: argparse.ArgumentParser) -> None:
@@ -117,10 +126,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.nm and alloc.params.get("nm") and parse_nm(alloc.params["nm"]) != nm:
         print(f"note: --nm {args.nm} replaces the pattern {alloc.params['nm']} the allocation was pruned with",
               file=sys.stderr)
-    try:  # the allocation's model, for the order of the recipe's targets and the N:M widths
-        preview, unread = preview_model(alloc.model, tokenizer=False), None
+    source = args.model or alloc.model  # for the order of the recipe's targets and the N:M widths (config.json only)
+    try:
+        preview, unread = preview_model(source, tokenizer=False), None
     except ModelLoadError as e:
-        preview, unread = None, f"{alloc.model or 'the allocation names no model'}: {str(e).splitlines()[0]}"
+        if args.model:
+            raise
+        preview, unread = None, (f"{alloc.model}: {str(e).splitlines()[0]} (--model names it)" if alloc.model else
+                                 "the allocation names no model; give it with --model")
     if nm is not None:
         if not args.nm and args.recipe:
             print(f"note: the allocation was made for the N:M pattern {alloc.params['nm']}: the recipe's mask "
@@ -136,7 +149,10 @@ def cmd_export(args: argparse.Namespace) -> int:
                              "its sparsity says)") from None
     if preview is not None:  # llm-compressor pairs the i-th sparsity with the i-th target in module order
         AllocationSettings(method="file", file=args.allocation).check_model(preview)  # every matrix, once: as prune
-        per_layer = module_order(alloc.per_layer, skeleton(preview.config))
+        model = skeleton(preview.config)
+        for caveat in stated_caveats(alloc, model):
+            print(f"warning: {caveat}", file=sys.stderr)
+        per_layer = module_order(alloc.per_layer, model)
     else:
         per_layer = alloc.per_layer
         print(f"warning: the targets keep the file's order (llm-compressor pairs the i-th sparsity with the i-th "
@@ -148,6 +164,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 def add_export_parser(sub) -> None:
     p = add_command(sub, "export", "an allocation JSON as an llm-compressor recipe and/or AlphaPruning .npy")
     p.add_argument("--allocation", required=True, help="allocation JSON (from allocate --out or a prune run)")
+    p.add_argument("--model", default=None,
+                   help="the model the recipe is for (default: the allocation's): its config.json gives the targets' "
+                        "order; no weights are read")
     _add_allocation_file_args(p)
     p.add_argument("--nm", default=None, help="the recipe's mask structure, e.g. 2:4 (default: unstructured)")
     p.set_defaults(func=cmd_export)
@@ -206,29 +225,46 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     _check_recipe_options(args)
     checked_outputs(args, {"--out": args.out, "--recipe": args.recipe, "--npy": args.npy})
 
-    def check(preview) -> None:
+    def check(preview, loads: bool = True) -> None:
         if calibration is not None:
             calibration.check_model(preview)
         settings.check_model(preview, *([calibration.seqlen] if calibration else []))
-        # the search scores candidates on calibration windows: their logits are within a calibration pass's size
-        warn_memory(RunSettings(model=model_settings(args), calibration=calibration or CalibrationSettings()),
-                    preview, "allocated", calibrates=calibration is not None, evaluates=False,
-                    hessians=args.method == "auto" and gathers_gram(args.pruner))
-    loaded = load_checked(model_settings(args), check, tokenizer=calibration is not None)
-    warn_non_finite(loaded.model, "an allocation measured on it")
-    if args.method in SPECTRA_METHODS or (args.method == "auto" and settings.search_from is None):
-        # the search starts from AlphaPruning too (FARMS's pooled spectra: search_starts)
-        metrics = dense_spectra(loaded.model, settings.spectra, progress=print_progress)
-    else:
-        metrics = layer_table(loaded.model)
-    calib = None
+        if loads:  # the search scores candidates on calibration windows: their logits are within a calibration pass
+            warn_memory(RunSettings(model=model_settings(args), calibration=calibration or CalibrationSettings()),
+                        preview, "allocated", calibrates=calibration is not None, evaluates=False,
+                        hessians=args.method == "auto" and gathers_gram(args.pruner))
+    m = model_settings(args).check()
+    folder = streamable_folder(m.source, m.trust_remote_code)
+    # the search starts from AlphaPruning too (FARMS's pooled spectra: search_starts)
+    spectral = args.method in SPECTRA_METHODS or (args.method == "auto" and settings.search_from is None)
+    on = None if m.device == DEVICE_MAP_AUTO else m.device
+    model = metrics = loaded = None
+    if folder is not None and calibration is None:  # of the weights alone: read from the shards, the model not loaded
+        preview = preview_model(m.source, tokenizer=False)
+        check(preview, loads=False)
+        try:
+            if spectral:
+                metrics = dense_spectra(None, settings.spectra, print_progress, folder, on)
+                warn_non_finite(None, "an allocation measured on it", metrics)
+            model = preview.skeleton()  # module names and shapes
+            note_not_loaded(args, "its config and the checkpoint's shards, in their stored dtype, were read")
+        except NotStreamable:
+            pass
+    if model is None:
+        loaded = load_checked(m, check, tokenizer=calibration is not None)
+        warn_non_finite(loaded.model, "an allocation measured on it")
+        model = loaded.model
+        if spectral:
+            metrics = dense_spectra(model, settings.spectra, print_progress, folder, on)
+    metrics = layer_table(model) if metrics is None else metrics
+    calib = held_out = then = None
     if calibration is not None:
-        calib = calibration_batch(loaded.tokenizer, calibration, bos=loaded.info.bos_per_window)
+        bos = loaded.info.bos_per_window
+        calib = calibration_batch(loaded.tokenizer, calibration, bos=bos)
+        held_out, then = search_windows(loaded.tokenizer, settings, calibration, bos)
     if args.method == "custom" and args.as_drawn:
         settings = AllocationSettings(method="custom", points=points, as_drawn=True)
-    bos = loaded.info.bos_per_window
-    held_out, then = search_windows(loaded.tokenizer, settings, calibration, bos) if calibration else (None, None)
-    alloc = build_allocation(settings, loaded.model, calib=calib, metrics=metrics, model_name=args.model,
+    alloc = build_allocation(settings, model, calib=calib, metrics=metrics, model_name=args.model,
                              prune_method=args.pruner, progress=print_progress, fitness_windows=held_out,
                              then_windows=then)
     if calibration is not None:  # its whole text: prune and eval warn when they evaluate on that text
@@ -237,7 +273,7 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     print_search(alloc)
     if args.out:
         print(f"wrote {alloc.save(args.out)}")
-    _write_allocation_files(args, alloc, module_order(alloc.per_layer, loaded.model))
+    _write_allocation_files(args, alloc, module_order(alloc.per_layer, model))
     return 0
 
 

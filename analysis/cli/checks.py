@@ -13,10 +13,19 @@ from analysis.allocation import Allocation, AllocationError
 from analysis.cli.options import FLAGS, UsageError, refuse_unused, typed_flags
 from analysis.evaluation import default_batch_size
 from analysis.export import ExportError, check_destination, check_output_file
-from analysis.loading import DEVICE_MAP_AUTO, memory_estimate, offloaded, pick_device, pick_dtype
+from analysis.loading import (
+    DEVICE_MAP_AUTO,
+    format_bytes,
+    memory_estimate,
+    offloaded,
+    pick_device,
+    pick_dtype,
+    placement_room,
+)
 from analysis.pruning import non_finite
 from analysis.search import describe
 from analysis.settings import AllocationSettings, RunSettings
+from analysis.spectra import NON_FINITE
 from analysis.store import default_db_path
 
 # options whose value may be a local file or folder the command reads (argparse dest -> flag)
@@ -122,8 +131,20 @@ def refuse_unread(args: argparse.Namespace, allocations: list[str]) -> None:
             refuse_unused([flag], f"only {who} {uses} it, and the allocation is {' or '.join(allocations)}")
 
 
-def warn_non_finite(model, what: str) -> None:
-    if not offloaded(model) and (name := non_finite(model)) is not None:  # (weights on disk are not read for it)
+def note_not_loaded(args: argparse.Namespace, read: str) -> None:
+    """Say that --dtype and --device-map, where given, went unused: the model was not loaded (`read`: what was)."""
+    if unused := typed_flags(args, "--dtype", "--device-map"):
+        print(f"note: {', '.join(unused)} unused: the model was not loaded ({read})", file=sys.stderr)
+
+
+def warn_non_finite(model, what: str, metrics: pd.DataFrame | None = None) -> None:
+    """Name the first matrix with NaN or inf weights: of `model` (weights offloaded to disk are not read for it), or
+    by the status of `metrics`, its spectra read from the checkpoint's shards when `model` is not loaded."""
+    if metrics is not None:
+        name = next(iter(metrics.loc[metrics["status"] == NON_FINITE, "name"]), None)
+    else:
+        name = None if offloaded(model) else non_finite(model)
+    if name is not None:
         print(f"warning: '{name}' has non-finite weights (NaN or inf): {what} will mean nothing (the spectra command "
               "lists such matrices)", file=sys.stderr)
 
@@ -150,6 +171,17 @@ def warn_memory(settings: RunSettings, preview, task: str = "pruned", calibrates
         title += f" ({copies} workers, each with its own copy)"
     if problem := est.problem(device, title, task):
         print(f"warning: {problem}", file=sys.stderr)
+
+
+def refuse_offload(settings: RunSettings, preview) -> None:
+    """A prune of a model placed by accelerate (--device-map auto) needs every weight in memory: refused before the
+    weights load when they exceed what device_map="auto" may place, as the rest would go to disk."""
+    dtype = pick_dtype(settings.model.dtype, pick_device(None))  # as load_model picks it for a device map
+    weights = memory_estimate(preview.skeleton(), dtype, 0, 1).weights
+    if weights > (room := placement_room()):
+        raise UsageError(f"--device-map: the weights ({format_bytes(weights)} in {str(dtype).removeprefix('torch.')}) "
+                         f"exceed the {format_bytes(room)} free on the GPUs and the host, so accelerate would put some "
+                         "on disk, where they can be evaluated, not pruned; prune with more memory free")
 
 
 def checked_table_out(args: argparse.Namespace) -> bool:

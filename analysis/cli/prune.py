@@ -21,6 +21,7 @@ from analysis.cli.checks import (
     checked_outputs,
     hint_search_text,
     print_search,
+    refuse_offload,
     refuse_search_text,
     refuse_unread,
     warn_memory,
@@ -48,6 +49,7 @@ from analysis.cli.options import (
 from analysis.evaluation import perplexity
 from analysis.export import COMPRESSED_NOTE, DEFAULT_FORMAT, FORMATS, ExportError, export
 from analysis.layers import prunable_layers, zero_fraction
+from analysis.loading import DEVICE_MAP_AUTO, streamable_folder
 from analysis.pipeline import (
     PRIOR_ZEROS,
     allocation_caveats,
@@ -241,6 +243,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
             _check_zeroshot_tokenizer(preview)
         warn_memory(settings, preview, calibrates=settings.needs_calibration(),
                     hessians=gathers_gram(settings.prune.method, settings.prune.rowwise))
+        if settings.model.device == DEVICE_MAP_AUTO:
+            refuse_offload(settings, preview)
         if args.save_model and args.save_format == "dense-ct" and any(
                 r.expert is not None for r in prunable_layers(preview.skeleton())):
             raise UsageError("--save-format: dense-ct cannot carry fused MoE experts (transformers does not load them "
@@ -255,7 +259,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     print(f"{calibrates}evaluation on {settings.evaluation.source}", file=sys.stderr)
     hint_search_text(settings.allocation, settings.evaluation.source)
     result = run(loaded, settings, progress=print_progress, on_ppl=print_ppl, origin="cli",
-                 on_caveat=lambda caveat: print(f"warning: {caveat}", file=sys.stderr))
+                 on_caveat=lambda caveat: print(f"warning: {caveat}", file=sys.stderr),
+                 checkpoint=streamable_folder(settings.model.source, settings.model.trust_remote_code))
     record, report = result.record, result.report
     for warning in prune_warnings(report):
         print(f"warning: {warning}", file=sys.stderr)

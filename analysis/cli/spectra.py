@@ -3,13 +3,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import pandas as pd
 from tqdm import tqdm
 
-from analysis.checkpoint import has_safetensors, open_checkpoint
-from analysis.cli.checks import checked_table_out, write_table
+from analysis.cli.checks import checked_table_out, note_not_loaded, write_table
 from analysis.cli.options import (
     UsageError,
     add_command,
@@ -19,9 +17,9 @@ from analysis.cli.options import (
     refuse_unused,
     typed_flags,
 )
-from analysis.loading import checkpoint_path, resolve_source
+from analysis.loading import resolve_source, streamable_folder
 from analysis.powerlaw import MIN_TAIL, XMIN_RULES, FitError, check_fit
-from analysis.settings import ModelSettings, SpectraSettings
+from analysis.settings import SpectraSettings
 from analysis.spectra import ALPHA_BANDS, NotStreamable, alpha_summary, analyze, analyze_checkpoint
 
 
@@ -57,15 +55,17 @@ def _block_summary(metrics: pd.DataFrame) -> pd.DataFrame:
 
 def cmd_spectra(args: argparse.Namespace) -> int:
     settings = SpectraSettings(args.fit, args.farms, args.normalize, args.include_outside).check()
+    if settings.fit != "scan":
+        refuse_unused(typed_flags(args, "--min-tail"), f"only the scan fit reads it, and the fit is {settings.fit}")
     try:
         check_fit(settings.fit, args.min_tail)
     except FitError as e:
         raise UsageError(f"--min-tail: {e}") from None
-    if settings.fit != "scan":
-        refuse_unused(typed_flags(args, "--min-tail"), f"only the scan fit reads it, and the fit is {settings.fit}")
     as_json = checked_table_out(args) or args.json  # (checked with --json too)
     model = model_settings(args).check()
-    folder = _checkpoint_folder(model)  # checked (headers only) before the progress bar appears
+    # a packaged model's converted folder, a local folder, a hub id's snapshot in the local cache; checked (headers
+    # only) before the progress bar appears
+    folder = streamable_folder(model.source, model.trust_remote_code)
     kwargs = dict(fit=settings.fit, farms=settings.farms, normalize=settings.normalize,
                   include_outside=settings.include_outside, min_tail=args.min_tail, progress=_tqdm_progress("spectra"))
     result = None
@@ -73,9 +73,7 @@ def cmd_spectra(args: argparse.Namespace) -> int:
         try:
             result = analyze_checkpoint(folder, device=model.device, **kwargs)
             title = resolve_source(model.source)[1]
-            if unused := typed_flags(args, "--dtype", "--device-map"):
-                print(f"note: {', '.join(unused)} unused: the checkpoint was streamed from its shards in their stored "
-                      "dtype, not loaded", file=sys.stderr)
+            note_not_loaded(args, "its matrices were streamed from the checkpoint's shards, in their stored dtype")
         except NotStreamable:
             pass
     if result is None:
@@ -99,19 +97,6 @@ def cmd_spectra(args: argparse.Namespace) -> int:
           + (" (from the cache)" if result.cached else "")
           + (f"; wrote {args.out}" if args.out else ""), file=report)
     return 0
-
-
-def _checkpoint_folder(model: ModelSettings) -> Path | None:
-    """The safetensors folder to stream the spectra from (a packaged model's converted folder, a local
-    folder, a Hugging Face id's snapshot in the local cache), or None: then the model is loaded.
-    Models that need their repository's code are always loaded."""
-    if model.trust_remote_code:
-        return None
-    folder = checkpoint_path(model.source)
-    if folder is None or not has_safetensors(folder):
-        return None
-    open_checkpoint(folder)  # a bad shard: one line (CheckpointError) before any work
-    return folder
 
 
 def add_spectra_parser(sub) -> None:
