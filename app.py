@@ -82,6 +82,8 @@ with st.sidebar:
         st.caption(f"Your weights: {work.describe()}")
     if st.session_state.pop("_restored", False):
         st.caption("Your settings are back after the reload. Weights pruned before it are not: a reload is a new "
-                   "session, which starts from the dense model (finished runs are in the run store, on Compare).")
+                   "session, which starts from the dense model (finished runs are in the run store, on Compare). "
+                   "An allocation search started before it is cancelled (its result lived in that session); a sweep "
+                   "goes on (Compare).")
 
 nav.run()

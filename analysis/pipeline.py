@@ -571,7 +571,9 @@ def run(loaded: LoadedModel, settings: RunSettings, *, progress: ProgressFn | No
         checkpoint: Path | None = None) -> RunResult:
     """Allocate, measure the dense perplexity, prune `loaded.model` in place and measure it again.
     `on_ppl(label, update)` sees every running perplexity ("dense", then "pruned"); `on_caveat(text)` each of
-    the run's warnings (run_caveats, also kept in the record) as soon as they are known. A sweep passes
+    the run's warnings (run_caveats, also kept in the record) as soon as they are known. `stop` ends a search
+    early (with its best so far) and the prune between two blocks: the record then says "stopped", and the partly
+    pruned model is not evaluated (its pruned_ppl is None; restore it from a DenseSnapshot). A sweep passes
     what it measured once on the same dense model: `metrics` and `farms_metrics` (spectra, as
     build_allocation takes them) and `dense_ppl` (on this run's evaluation windows); the dense
     evaluation is then skipped. `checkpoint`: the safetensors folder `loaded` came from, its weights unchanged
@@ -600,15 +602,15 @@ def run(loaded: LoadedModel, settings: RunSettings, *, progress: ProgressFn | No
     with timer("allocation"):
         held_out, then = search_windows(loaded.tokenizer, settings.allocation, settings.calibration,
                                         info.bos_per_window)
-        alloc = build_allocation(settings.allocation, model, nm=settings.prune.nm, calib=data.calib,
-                                 metrics=metrics, farms_metrics=farms_metrics, model_name=info.source,
         if checkpoint is not None and metrics is None and farms_metrics is None:
             on = None if info.device_map else settings.model.device  # (weights accelerate spread: GPU when there is)
             streamed = {arg: dense_spectra(model, sp, progress, checkpoint, on)
                         for arg, sp in spectra_used(settings.allocation, settings.prune.nm).items()}
             metrics, farms_metrics = streamed.get("metrics"), streamed.get("farms_metrics")
-                                 prune_method=settings.prune.method,
-                                 progress=progress, fitness_windows=held_out, then_windows=then)
+        alloc = build_allocation(settings.allocation, model, nm=settings.prune.nm, calib=data.calib,
+                                 metrics=metrics, farms_metrics=farms_metrics, model_name=info.source,
+                                 prune_method=settings.prune.method, progress=progress, stop=stop,
+                                 fitness_windows=held_out, then_windows=then)
     for warning in allocation_warnings(alloc):  # said before the prune
         caveats.append(warning)
         on_caveat and on_caveat(warning)
@@ -624,8 +626,10 @@ def run(loaded: LoadedModel, settings: RunSettings, *, progress: ProgressFn | No
     with timer("prune"):
         report = prune(model, alloc.per_layer, method=settings.prune.method, calib=data.calib, nm=settings.prune.nm,
                        progress=progress, stop=stop, rowwise=settings.prune.rowwise)
-    with timer("pruned_eval"):
-        pruned = evaluate("pruned")
+    pruned = None  # a prune `stop` cut short (record["stopped"]) is partly done: nothing to evaluate
+    if not report.stopped:
+        with timer("pruned_eval"):
+            pruned = evaluate("pruned")
     # each block is pruned where it lives (the dashboard's prune may move it to a GPU: session.prune_device)
     config = record_config(settings, alloc, data.info, info.source, model_title=info.title, device=info.device,
                            dtype=info.dtype, pruned_on=info.device, origin=origin)

@@ -224,9 +224,13 @@ def grid_from_text(base: RunSettings, *, methods: str, allocations: str, sparsit
                      seeds=parse_values(seeds, int, "sweep.seeds")).check()
 
 
+LABEL_POINTS = 4  # a custom curve of up to this many points is named by them
+
+
 def allocation_label(a: AllocationSettings) -> str:
-    """How a sweep names an allocation: 'alphapruning ε=0.3', 'owl λ=0.08', 'custom 0:0.5,1:0.8',
-    the file's name, 'uniform'; 'auto', followed by the search settings that differ from the defaults,
+    """How a sweep names an allocation: 'alphapruning ε=0.3', 'owl λ=0.08', 'custom 0:0.5,1:0.8' (a curve of
+    more than LABEL_POINTS points: 'custom, 30 points #1a2b3c', short enough for a legend, another curve another
+    digest), the file's name, 'uniform'; 'auto', followed by the search settings that differ from the defaults,
     e.g. 'auto kl, block+kind, verify all, 16 generations, on valid.txt', so that different searches
     are different lines of the sweep plot."""
     if a.method in SPECTRA_METHODS:
@@ -234,7 +238,10 @@ def allocation_label(a: AllocationSettings) -> str:
     if a.method == "owl":
         return f"owl λ={a.owl_lambda:g}"
     if a.method == "custom":
-        return "custom " + ",".join(f"{d:g}:{s:g}" for d, s in a.points or ())
+        points = ",".join(f"{d:g}:{s:g}" for d, s in a.points or ())
+        if len(a.points or ()) <= LABEL_POINTS:
+            return f"custom {points}"
+        return f"custom, {len(a.points)} points #{hashlib.sha256(points.encode()).hexdigest()[:6]}"
     if a.method == "file":
         return Path(a.file or "").name
     if a.method == "auto":
@@ -286,9 +293,32 @@ def config_key(settings: RunSettings, content: dict | None = None) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
 
 
+# the HTTP/2 client connection preface and an empty SETTINGS frame: a gRPC server answers with its own SETTINGS
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+_H2_SETTINGS = 4  # the frame type byte of a SETTINGS frame (RFC 9113, section 6.5)
+
+
+def _answers_grpc(conn: socket.socket) -> bool:
+    """Whether the server on `conn` answers the HTTP/2 client preface with a SETTINGS frame, as every gRPC
+    server does (Ray's GCS and its Ray Client server among them); a web server, or a proxy with nothing behind
+    it, does not. (Ray with TLS, RAY_USE_TLS, is not probed: its gRPC is encrypted.)"""
+    try:
+        conn.sendall(_H2_PREFACE)
+        head = b""
+        while len(head) < 9:  # a frame header: length (3), type, flags, stream id (4)
+            chunk = conn.recv(9 - len(head))
+            if not chunk:
+                return False
+            head += chunk
+    except OSError:
+        return False
+    return head[3] == _H2_SETTINGS
+
+
 def check_address(address: str | None, timeout: float = ADDRESS_TIMEOUT_S) -> None:
     """Refuse a Ray address nothing answers at (host:port or ray://host:port) within `timeout`
-    seconds, before a sweep starts; None (a local Ray) and "auto" are not checked."""
+    seconds, or where what answers is no gRPC server (a Ray cluster's GCS and Ray Client servers are), before a
+    sweep starts: Ray would try to connect for ever. None (a local Ray) and "auto" are not checked."""
     if not address or address == "auto":
         return
     parsed = urlparse(address if "://" in address else f"ray://{address}")
@@ -299,9 +329,14 @@ def check_address(address: str | None, timeout: float = ADDRESS_TIMEOUT_S) -> No
     if not host or not port:
         raise SettingsError(f"{address!r} is not a Ray address (host:port or ray://host:port)", "sweep.address")
     try:
-        socket.create_connection((host, port), timeout=timeout).close()
+        conn = socket.create_connection((host, port), timeout=timeout)
     except OSError as e:
         raise SettingsError(f"cannot reach a Ray cluster at {address} ({e.strerror or e})", "sweep.address") from None
+    with conn:
+        if os.environ.get("RAY_USE_TLS", "0").lower() not in ("1", "true") and not _answers_grpc(conn):
+            raise SettingsError(f"what answers at {address} is not a Ray cluster (no gRPC server); give the address "
+                                "`ray start --head` prints (host:6379 by default) or its Ray Client address "
+                                "(ray://host:10001)", "sweep.address")
 
 
 # --------------------------------------------------------------------------------------------
@@ -355,6 +390,8 @@ def measure_dense(configs: list[RunSettings], progress: ProgressFn | None = None
     loaded, dense = worker_model(first.model)
     dense.restore(loaded.model)
     metrics = {}
+    folder = streamable_folder(first.model.source, first.model.trust_remote_code)  # spectra streamed and cached
+    on = None if loaded.info.device_map else first.model.device
     for sp in {sp for c in configs for sp in spectra_used(c.allocation, c.prune.nm).values()}:
         if should_stop(stop):
             return None
@@ -390,8 +427,6 @@ def _fault_once() -> None:
             return
         os._exit(1)
 
-    folder = streamable_folder(first.model.source, first.model.trust_remote_code)  # spectra streamed and cached
-    on = None if loaded.info.device_map else first.model.device
 
 # --------------------------------------------------------------------------------------------
 # a whole sweep
@@ -603,11 +638,12 @@ def run_sweep(grid: SweepGrid, store: RunStore, *, workers: int = 1, address: st
         outcomes[key] = o
         on_outcome and on_outcome(o)
         if progress:
-            ended = sum(x.status != SKIPPED for x in outcomes.values())
+            ended = sum(x.status not in (SKIPPED, CANCELLED) for x in outcomes.values())
             ppl = f": perplexity {o.pruned_ppl:.3f} (run {o.run_id})" if o.pruned_ppl is not None else ""
             retried = f", {attempts} attempts" if attempts > 1 else ""
-            progress(f"{ended}/{len(pending)} {config_label(settings)} {status}{ppl}{retried}"
-                     + (f": {error}" if error else ""), ended / len(pending))
+            progress(f"cancelled after {ended} of {len(pending)} configurations (the finished ones are stored)"
+                     if status == CANCELLED else f"{ended}/{len(pending)} {config_label(settings)} {status}{ppl}"
+                     f"{retried}" + (f": {error}" if error else ""), ended / len(pending))
 
     if progress and stored:
         progress(f"{len(outcomes)} of {len(by_key)} configurations already in the store: skipped", 0.0)
@@ -617,7 +653,7 @@ def run_sweep(grid: SweepGrid, store: RunStore, *, workers: int = 1, address: st
         try:
             if use_ray:
                 _run_on_ray(pending, finish, workers=workers, address=address, cpus_per_worker=cpus_per_worker,
-                            stop=stop)
+                            stop=stop, progress=progress)
             else:
                 _run_here(pending, finish, progress=progress, detail=detail, stop=stop)
         finally:
@@ -705,11 +741,13 @@ def _bad_input(e: Exception) -> bool:
 
 
 def _run_on_ray(pending: list, finish: Callable, *, workers: int, address: str | None, cpus_per_worker: int,
-                stop: StopFlag) -> None:
+                stop: StopFlag, progress: ProgressFn | None = None) -> None:
     import ray  # noqa: PLC0415 (optional, and slow to import: only sweeps on Ray need it)
 
+    say = progress or (lambda message, fraction: None)
     own = not ray.is_initialized()
     if own:
+        say(f"connecting to Ray at {address}" if address else f"starting a local Ray ({workers} workers)", 0.0)
         start_ray(workers, cpus_per_worker, address)
     try:
         # one GPU per task where there are GPUs; max_calls=0 keeps a GPU worker (and its model) alive
@@ -720,6 +758,7 @@ def _run_on_ray(pending: list, finish: Callable, *, workers: int, address: str |
         dense = ray.remote(measure_dense).options(**resources, **retry).remote([s for _, s in pending])
         task = ray.remote(_ray_task).options(**resources, **retry)
         refs = {task.remote(s, k, dense, attempts): (k, s) for k, s in pending}
+        say(f"on Ray: the dense reference, then {len(refs)} configurations (each loads the model)", 0.0)
         try:
             while refs:
                 if should_stop(stop):

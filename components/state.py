@@ -56,6 +56,7 @@ from analysis.store import RunStore
 ModelKey = tuple[str, str, str, bool]  # (source, device, dtype, trust_remote_code)
 
 MODEL_PAGE = "pages/model.py"
+CUSTOM_ON_PRUNE = "custom curve (Allocation page)"  # the Prune page's allocation that prunes the drawn curve
 
 
 # --------------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from components.curve_editor import clamp_points, curve_editor, curve_points
 from components.figures import METHOD_COLORS, allocation_overlay, block_bars_figure, curves_figure
 from components.labels import OBJECTIVE_LABELS, SPACE_LABELS, VERIFY_LABELS
 from components.state import (
+    CUSTOM_ON_PRUNE,
     NO_TOKENIZER_NOTE,
     owl_job,
     prune_data_settings,
@@ -305,9 +306,11 @@ with st.expander("Find allocation (search)", expanded=SEARCH_KEY in st.session_s
     if search is not None and _search_curve(search) and (search.done or search.cancelled):
         if st.button("Use this curve", key="alloc_search_use",
                      help="Take the search's per-block ratios as the control points (one per block), and its kind "
-                          "offsets, if it searched them, as each matrix's offset from its block's ratio."):
+                          "offsets, if it searched them, as each matrix's offset from its block's ratio; the Prune "
+                          "page's allocation becomes this curve."):
             st.session_state[POINTS_KEY] = clamp_points(control_points(_search_curve(search)[1]), Y_MAX)[0]
             keep_offsets(block_offsets(search.result, metrics) if search.result is not None else {}, "the search")
+            st.session_state["prune_alloc"] = CUSTOM_ON_PRUNE  # what the user took it for
             st.rerun()
 
 p1, p2, p3 = st.columns([2, 1, 1])

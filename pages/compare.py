@@ -156,9 +156,13 @@ if job is not None and (not job.done or st.session_state.get("sweep_seen") is jo
     @st.fragment(run_every=1.0 if not job.done else None)
     def _sweep_progress():
         msg, frac = job.progress
-        st.progress(frac, text=f"Sweep ({job.status}): {msg} ({job.elapsed:.0f} s)")
-        if not job.done and st.button("Cancel the sweep", key="sweep_cancel"):
+        # a run in progress stops at its next block (Ray tasks at once): say so until the sweep has ended
+        pending = "Cancelling (the run in progress stops at its next block; finished runs stay stored): " \
+            if job.cancelled and not job.done else ""
+        st.progress(frac, text=f"Sweep ({job.status}): {pending}{msg} ({job.elapsed:.0f} s)")
+        if not job.done and not job.cancelled and st.button("Cancel the sweep", key="sweep_cancel"):
             job.cancel()
+            st.rerun(scope="fragment")  # without the button, saying it is cancelling
         if job.status == ERROR:
             st.error(f"The sweep failed: {job.error}")
         if job.updates():

@@ -45,6 +45,7 @@ from analysis.store import StoreError, to_json
 from analysis.zeroshot import PAPER_TASKS, local_tasks
 from components.figures import ppl_figure
 from components.state import (
+    CUSTOM_ON_PRUNE,
     dense_ppl_job,
     model_key,
     non_finite_note,
@@ -61,7 +62,7 @@ from components.state import (
 )
 
 ALLOCATIONS = {"alphapruning (α-guided)": "alphapruning", "uniform": "uniform", "FARMS (α-guided)": "farms",
-               "OWL (outlier-guided)": "owl", "custom curve (Allocation page)": "custom"}
+               "OWL (outlier-guided)": "owl", CUSTOM_ON_PRUNE: "custom"}
 OWN_TEXT = "your own text (file path or hf:...)"
 EVAL_SOURCES = ["default", "wikitext2:test", "wikitext2:valid", OWN_TEXT]
 ALLOC_DEFAULT, CALIB_DEFAULT = AllocationSettings(), CalibrationSettings()

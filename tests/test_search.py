@@ -1181,6 +1181,7 @@ def test_allocation_page_finds_an_allocation(tmp_path, monkeypatch):
     at.button(key="alloc_search_use").click().run()
     assert not at.exception
     assert len(at.session_state["alloc_points"]) == 30
+    assert at.session_state["prune_alloc"] == "custom curve (Allocation page)"  # the Prune page prunes it now
     assert at.session_state["alloc_custom"].achieved == pytest.approx(0.5, abs=1e-6)
     # the curve with the search's kind offsets (if it moved any) is the search's allocation, matrix by matrix (to
     # the 4 decimals the control points keep)

@@ -1,8 +1,10 @@
 """Sweeps (analysis.sweep): grid expansion, bad grids, resume from the run store, and the same sweep
 in this process and on a local Ray (2 CPUs) with a worker killed once and a configuration that
 always fails. Models are tiny LLaMAs saved to a temporary folder, so Ray workers load them by path."""
+import http.server
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -17,7 +19,7 @@ from analysis.allocation import allocate
 from analysis.layers import layer_table
 from analysis.loading import load_model
 from analysis.pipeline import run, spectra_used
-from analysis.settings import ModelSettings, RunSettings, SettingsError
+from analysis.settings import AllocationSettings, ModelSettings, RunSettings, SettingsError
 from analysis.store import RunStore
 from analysis.sweep import (
     CANCELLED,
@@ -159,6 +161,19 @@ def test_searches_with_other_settings_are_other_lines_of_the_plot():
     assert allocation_label(staged) == "auto on wikitext2:valid, then 40 generations on 256 windows"
 
 
+def test_a_curve_of_many_points_has_a_label_a_legend_can_hold():
+    """A typed curve is named by its points; one of a block's worth of points (a search's, used as the curve) by
+    their count and a digest: another curve is another line, and the label stays short."""
+    from analysis.settings import AllocationSettings
+
+    assert allocation_label(AllocationSettings(method="custom", points=((0, 0.5), (1, 0.8)))) == "custom 0:0.5,1:0.8"
+    many = tuple((i / 29, 0.4 + 0.01 * i) for i in range(30))
+    label = allocation_label(AllocationSettings(method="custom", points=many))
+    assert re.fullmatch(r"custom, 30 points #[0-9a-f]{6}", label)
+    other = allocation_label(AllocationSettings(method="custom", points=(*many[:-1], (1, 0.5))))
+    assert other != label and len(other) == len(label)
+
+
 @pytest.mark.parametrize("axes, field, message", [
     ({"methods": ()}, "sweep.methods", "the grid is empty"),
     ({"allocations": ()}, "sweep.allocations", "the grid is empty"),
@@ -190,10 +205,17 @@ def test_bad_lists_and_addresses(tiny, tmp_path):
     with pytest.raises(SettingsError, match="not an integer"):
         parse_values("0,1.5", int, "sweep.seeds")
     store = RunStore(tmp_path / "runs.sqlite")
-    for address, message in [("127.0.0.1:1", "cannot reach a Ray cluster"), ("nonsense", "not a Ray address")]:
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)  # not Ray
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts, says nothing (as a proxy with nothing behind it)
+    for address, message in [("127.0.0.1:1", "cannot reach a Ray cluster"), ("nonsense", "not a Ray address"),
+                             (f"127.0.0.1:{web.server_address[1]}", r"is not a Ray cluster \(no gRPC server\)"),
+                             (f"127.0.0.1:{silent.getsockname()[1]}", r"is not a Ray cluster \(no gRPC server\)")]:
         with pytest.raises(SettingsError, match=message) as e:
             run_sweep(grid(tiny), store, address=address)
         assert e.value.field == "sweep.address"
+    web.shutdown()
+    silent.close()
     assert len(store) == 0
 
 
@@ -403,10 +425,26 @@ def test_a_text_no_configuration_can_use_is_one_error_before_any_run(tiny, tmp_p
 
 def test_stop_before_start_cancels_everything_here(tiny, tmp_path):
     store = RunStore(tmp_path / "runs.sqlite")
-    stop = threading.Event()
+    stop, heard = threading.Event(), []
     stop.set()
-    outcomes = run_sweep(grid(tiny), store, stop=stop)
+    outcomes = run_sweep(grid(tiny), store, stop=stop, progress=lambda m, f: heard.append((m, f)))
     assert [o.status for o in outcomes] == [CANCELLED] * 4 and len(store) == 0
+    # not "4/4 ... cancelled" at 100%: no configuration ran
+    assert heard[-1] == ("cancelled after 0 of 4 configurations (the finished ones are stored)", 0.0)
+
+
+def test_a_stop_during_a_prune_ends_the_run_without_evaluating_the_half_pruned_model(tiny):
+    """A sweep's Cancel is seen between two blocks of the prune; the run then ends at once (the partly pruned model
+    is not scored on every evaluation window first), its record marked stopped."""
+    loaded, stop, scored = load_model(tiny.model.source), threading.Event(), []
+
+    def progress(message, fraction):
+        if "block" in message:
+            stop.set()
+    result = run(loaded, replace(tiny, allocation=AllocationSettings(sparsity=0.5)), progress=progress, stop=stop,
+                 on_ppl=lambda label, update: scored.append(label))
+    assert result.record["stopped"] and result.report.blocks_done < 3
+    assert result.record["pruned_ppl"] is None and set(scored) == {"dense"}
 
 
 def test_a_stop_during_the_dense_reference_cancels_everything_there(tiny, tmp_path):
