@@ -12,6 +12,7 @@ from components.state import (
     model_key,
     model_label,
     persisted_settings,
+    return_to_page,
     session_work,
 )
 
@@ -26,6 +27,7 @@ PAGES = [
     st.Page("pages/learn.py", title="Learn", icon=":material/school:"),
 ]
 nav = st.navigation(PAGES)
+return_to_page()  # a page Streamlit ran without this script (after a server restart) is shown again now
 
 # Streamlit drops a widget's value at the end of a run in which its page was not shown. This script
 # runs before every page: it keeps a shadow copy of each setting and puts it back when the widget's

@@ -22,6 +22,7 @@ import gc
 import threading
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import streamlit as st
@@ -325,6 +326,28 @@ def spectra_job(loaded: LoadedModel, fit: str = SpectraSettings.fit, farms: bool
 
 # --------------------------------------------------------------------------------------------
 # the session's private copy
+
+
+APP_RAN, RETURN_TO = "_app_ran", "_return_to"  # session keys: app.py has run; the page to go back to
+
+
+def through_app(page_file: str) -> None:
+    """First thing on every page (`page_file`: its __file__). A tab that reconnects to a restarted server before any
+    session has run app.py gets Streamlit's automatic pages/ navigation, which runs the page on its own: no sidebar,
+    no kept settings. Such a page starts again from app.py, whose navigation then holds for the whole server, and
+    app.py comes back to the page (`return_to_page`). A page run as the main script (a test of one page) is left."""
+    ctx = get_script_run_ctx()
+    if ctx is not None and not st.session_state.get(APP_RAN) and Path(ctx.main_script_path).name == "app.py":
+        root = Path(ctx.main_script_path).resolve().parent
+        st.session_state[RETURN_TO] = str(Path(page_file).resolve().relative_to(root))
+        st.switch_page("app.py")
+
+
+def return_to_page() -> None:
+    """app.py, once its navigation is set up: mark the session, and go back to the page `through_app` left."""
+    st.session_state[APP_RAN] = True
+    if (page := st.session_state.pop(RETURN_TO, None)) is not None:
+        st.switch_page(page)
 
 
 def session_label() -> str:

@@ -45,8 +45,11 @@ from components.state import (
     require_model,
     session_work,
     spectra_job,
+    through_app,
     wait_for,
 )
+
+through_app(__file__)  # (after a server restart, a tab that comes back starts from app.py)
 
 POINTS_KEY = "alloc_points"
 OFFSETS_KEY = "_alloc_offsets"  # per-matrix offsets the curve keeps: {"model", "origin", "offsets"} or None

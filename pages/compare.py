@@ -35,7 +35,9 @@ from analysis.sweep import (
 from analysis.zeroshot import record_accuracy
 from components.figures import curves_figure, model_names, ppl_vs_sparsity_figure, sweep_figure
 from components.labels import OBJECTIVE_LABELS, SPACE_LABELS, VERIFY_LABELS
-from components.state import model_key, runs_store, start_sweep_job, sweep_job
+from components.state import model_key, runs_store, start_sweep_job, sweep_job, through_app
+
+through_app(__file__)  # (after a server restart, a tab that comes back starts from app.py)
 
 st.title("Compare runs")
 try:

@@ -10,6 +10,9 @@ from analysis.powerlaw import XMIN_RULES, fit_power_law
 from analysis.spectra import ALPHA_BANDS, beyond_mp_edge, esd, mp_bounds, mp_curve
 from components import synthetic
 from components.figures import esd_figure
+from components.state import through_app
+
+through_app(__file__)  # (after a server restart, a tab that comes back starts from app.py)
 
 
 @st.cache_resource

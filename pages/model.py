@@ -27,7 +27,10 @@ from components.state import (
     prune_data_settings,
     session_work,
     spectra_job,
+    through_app,
 )
+
+through_app(__file__)  # (after a server restart, a tab that comes back starts from app.py)
 
 SOURCES = {
     "SmolLM2-135M-Instruct (packaged default)": "default",

@@ -58,8 +58,11 @@ from components.state import (
     session_weights,
     session_work,
     spectra_job,
+    through_app,
     weights_zero_fraction,
 )
+
+through_app(__file__)  # (after a server restart, a tab that comes back starts from app.py)
 
 ALLOCATIONS = {"alphapruning (α-guided)": "alphapruning", "uniform": "uniform", "FARMS (α-guided)": "farms",
                "OWL (outlier-guided)": "owl", CUSTOM_ON_PRUNE: "custom"}

@@ -15,9 +15,12 @@ from components.state import (
     session_spectra_job,
     session_work,
     spectra_job,
+    through_app,
     wait_for,
     weights_zero_fraction,
 )
+
+through_app(__file__)  # (after a server restart, a tab that comes back starts from app.py)
 
 METRICS = ["alpha", "alpha_hat", "stable_rank", "log_norm", "spectral_entropy", "lambda_max", "ks_distance"]
 LAYER_KEY = "spectra_layer"

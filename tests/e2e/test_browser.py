@@ -194,3 +194,21 @@ def test_spectra_drag_prune_and_isolation(server, browser):
     shot(b, "07_other_session_spectra")
     ctx_a.close()
     ctx_b.close()
+
+
+def test_a_page_asked_for_first_on_a_fresh_server_is_shown_through_the_app(browser, tmp_path):
+    """After a server restart, an open tab comes back asking for its page before any session has run app.py, and
+    Streamlit then runs the page on its own with its automatic pages/ navigation (lowercase file names, an "app"
+    entry, no sidebar header, no kept settings). The page starts again from app.py and is shown in the app."""
+    proc, url = start_server(env={"ALPHASCOPE_RUNS_DB": str(tmp_path / "runs.sqlite")})
+    try:
+        page = browser.new_page()
+        page.goto(f"{url}/learn")
+        page.get_by_text("Learn: what a spectrum says about a layer").wait_for(timeout=LONG_MS)
+        nav = page.locator("[data-testid=stSidebarNav]").inner_text().split("\n")
+        assert "Allocation" in nav and "app" not in nav and "allocation" not in nav, nav
+        assert page.url.split("?")[0] == f"{url}/learn"
+        assert "alphascope" in page.locator("[data-testid=stSidebar]").inner_text()  # app.py's sidebar
+        page.close()
+    finally:
+        stop_server(proc)
