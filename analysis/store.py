@@ -195,7 +195,7 @@ def eval_label(config: dict) -> str | None:
     source = config.get("eval")
     if source is None or config.get("eval_windows") is None:
         return source
-    half = ", its half not used for calibration" if config.get("split") else ""
+    half = ", from the half of the text not used for calibration" if config.get("split") else ""
     n = config["eval_windows"]
     return f"{source} ({n} window{'' if n == 1 else 's'} of {config.get('eval_seqlen')} tokens{half})"
 

@@ -130,8 +130,10 @@ def esd_figure(eigs: np.ndarray, alpha: float | None = None, xmin: float | None 
         fig.add_vline(x=xmin, line=dict(color="#d62728", width=1, dash="dot"))
         # an annotation's x on a log axis is log10 of the value (add_vline's own label would put it at
         # 10^xmin and stretch the axis that far)
-        fig.add_annotation(x=math.log10(xmin) if log else xmin, y=1, yref="paper", yanchor="bottom", text="xmin",
-                           showarrow=False, font=dict(size=10, color="#d62728"))
+        # inside the plot's top, right of the line: above it the legend sits
+        fig.add_annotation(x=math.log10(xmin) if log else xmin, y=1, yref="paper", yanchor="top", xanchor="left",
+                           xshift=2, text="xmin", showarrow=False, font=dict(size=10, color="#d62728"),
+                           bgcolor="rgba(255,255,255,0.7)")
     shown = x if randomized is None else np.concatenate([x, np.asarray(randomized, dtype=np.float64)])
     fig.update_xaxes(type="log" if log else "linear", title=x_title, **(log_ticks(pd.Series(shown)) if log else {}))
     fig.update_yaxes(type="log" if log else "linear", title="density")
@@ -167,7 +169,8 @@ def alpha_depth_figure(metrics: pd.DataFrame, metric: str = "alpha") -> go.Figur
     if metric == "alpha":
         low, high = ALPHA_BANDS
         fig.add_hrect(y0=low, y1=high, fillcolor="green", opacity=0.06, line_width=0,
-                      annotation_text=f"{low:g} ≤ α ≤ {high:g}", annotation_position="top left")
+                      annotation_text=f"{low:g} ≤ α ≤ {high:g}", annotation_position="top left",
+                      annotation_bgcolor="rgba(255,255,255,0.7)")  # readable over the lines at block 0
     fig.update_xaxes(title="block (depth)", dtick=1 if df["block"].nunique() <= 16 else None)  # no block 0.5
     fig.update_yaxes(title=metric)
     fig.update_layout(clickmode="event+select", legend=dict(orientation="h", y=1.02, yanchor="bottom", x=0))

@@ -295,7 +295,8 @@ with st.expander("Find allocation (search)", expanded=SEARCH_KEY in st.session_s
                                    help="Every matrix's sparsity as found (with kind offsets too), for "
                                         "`--allocation search.json` on the command line.")
         if best:
-            st.metric(f"Best {OBJECTIVE_LABELS[best['objective']]} so far", f"{best['fitness']:.4f} nats/token",
+            st.metric(f"Best {OBJECTIVE_LABELS[best['objective']]} {'found' if job.done else 'so far'}",
+                      f"{best['fitness']:.4f} nats/token",
                       help=f"found at generation {best['step']}. A second stage scores on its own, larger set of "
                            "held-out windows, so the figure can rise when it begins.")
             mine = st.session_state.get("alloc_custom")

@@ -37,7 +37,8 @@ st.markdown(
     "A random (untrained) matrix gives the **Marchenko–Pastur** bulk with no tail; training builds "
     "correlations that show up as a **power-law tail** p(λ) ∝ λ^-α. Smaller α means a heavier tail. "
     "Play with the matrices below: the ESD is of (1/N)·WᵀW, with the Marchenko–Pastur curve for the "
-    "same shape and entry variance, and α is fitted exactly as on the Spectra page."
+    "same shape and entry variance, and α is fitted exactly as on the Spectra page. (The Spectra page shows "
+    "the eigenvalues of WᵀW itself, so its λ axis has another scale; α, a slope, does not depend on it.)"
 )
 
 kind = st.radio("Matrix", ["Gaussian (random)", "Heavy-tailed entries", "Low-rank spikes + noise"],
@@ -68,7 +69,9 @@ elif kind.startswith("Low"):
     rank = s2.slider("Rank (number of spikes)", 1, 10, 3, key="learn_rank")
     matrix = ("spiked", {"strength": strength, "rank": rank})
     threshold = aspect ** -0.25
-    note = (f"Spikes leave the bulk once s > Q^(-1/4) = {threshold:.2f} (the BBP transition), {rank} of them. "
+    out = f"so {rank} spike{'s' if rank > 1 else ''} leave{'' if rank > 1 else 's'} it here" if strength > threshold \
+        else "so none leaves it here"
+    note = (f"Spikes leave the bulk once s > Q^(-1/4) = {threshold:.2f} (the BBP transition), {out}. "
             "A few outliers are not a power law: the fit may take them and the bulk's edge as a short \"tail\" "
             "and return almost any α (even below 2). Count the eigenvalues beyond the edge and look at the "
             "histogram: HT-SR reads the shape of a whole tail, not single spikes.")

@@ -55,17 +55,17 @@ def test_compare_page_keeps_runs_on_other_windows_apart(tmp_path, monkeypatch):
     monkeypatch.setenv("ALPHASCOPE_RUNS_DB", str(store.path))
     at = AppTest.from_file(str(ROOT / "pages" / "compare.py"), default_timeout=60).run()
     assert not at.exception, [e.value for e in at.exception]
-    label = "default (16 windows of 512 tokens, its half not used for calibration)"
+    label = "default (16 windows of 512 tokens, from the half of the text not used for calibration)"
     assert sorted(at.selectbox(key="compare_eval").options) == [
-        "default", "default (1 window of 512 tokens, its half not used for calibration)", label]
+        "default", "default (1 window of 512 tokens, from the half of the text not used for calibration)", label]
     at.selectbox(key="compare_eval").set_value(label).run()
     assert any(c.value == "Dense perplexity on this evaluation: 26.81" for c in at.caption)
     table = at.dataframe[-1].value  # "All runs"
     assert list(table["seed"].head(3)) == [16, 16, 1]
     # the curves to overlay follow the filter: runs it took away leave, and none left starts again from the newest
     assert at.multiselect(key="compare_curves").value == [1, 2]
-    at.selectbox(key="compare_eval").set_value("default (1 window of 512 tokens, its half not used for "
-                                                "calibration)").run()
+    at.selectbox(key="compare_eval").set_value("default (1 window of 512 tokens, from the half of the text not "
+                                                "used for calibration)").run()
     assert not at.exception and at.multiselect(key="compare_curves").value == [3]
     at.selectbox(key="compare_eval").set_value(label).run()
     assert at.multiselect(key="compare_curves").value == [1, 2]

@@ -1168,7 +1168,7 @@ def test_allocation_page_finds_an_allocation(tmp_path, monkeypatch):
     at.number_input(key="alloc_search_then_steps").set_value(1).run()  # a second stage on twice the windows
     at.button(key="alloc_search_run").click().run()
     run_until_idle(at, "search")
-    assert "nats/token" in metric(at, "Best KL to the dense model so far")
+    assert "nats/token" in metric(at, "Best KL to the dense model found")
     job = at.session_state["alloc_search_job"]
     assert job.status == "done" and job.result.method == "auto" and job.result.params["objective"] == "kl"
     assert job.result.params["step"] == 0.05
