@@ -42,6 +42,7 @@ from analysis.data import (
 from analysis.evaluation import PplUpdate, perplexity
 from analysis.layers import layer_table, prunable_layers, zero_fraction
 from analysis.loading import (
+    DEVICE_MAP_AUTO,
     OFFLOADED,
     LoadedModel,
     ModelLoadError,
@@ -151,14 +152,16 @@ def dense_spectra(model: nn.Module | None, spectra: SpectraSettings, progress: P
                   checkpoint: Path | None = None, device: str | None = None) -> pd.DataFrame:
     """Per-matrix spectral metrics of the dense model (call it before pruning). With `checkpoint`, the
     safetensors folder the model's weights are as stored (loading.streamable_folder; the model unchanged since
-    it loaded, in any dtype): its matrices are streamed from the shards on `device` and the result is cached on
+    it loaded, in any dtype): its matrices are streamed from the shards on `device` (a model's device, or
+    DEVICE_MAP_AUTO for weights accelerate spread: then a GPU where there is one) and the result is cached on
     disk by their content (analysis.spectra.analyze_checkpoint: the same rows; a second run reads them at once),
     and `model` may be None. Otherwise, or for a checkpoint that cannot be streamed, of `model` in memory."""
     kwargs = dict(fit=spectra.fit, farms=spectra.farms, normalize=spectra.normalize,
                   include_outside=spectra.include_outside, progress=progress)
     if checkpoint is not None:
         try:
-            return analyze_checkpoint(checkpoint, device=device, **kwargs).metrics
+            return analyze_checkpoint(checkpoint, device=None if device == DEVICE_MAP_AUTO else device,
+                                      **kwargs).metrics
         except NotStreamable:
             if model is None:
                 raise
@@ -603,8 +606,7 @@ def run(loaded: LoadedModel, settings: RunSettings, *, progress: ProgressFn | No
         held_out, then = search_windows(loaded.tokenizer, settings.allocation, settings.calibration,
                                         info.bos_per_window)
         if checkpoint is not None and metrics is None and farms_metrics is None:
-            on = None if info.device_map else settings.model.device  # (weights accelerate spread: GPU when there is)
-            streamed = {arg: dense_spectra(model, sp, progress, checkpoint, on)
+            streamed = {arg: dense_spectra(model, sp, progress, checkpoint, info.device)
                         for arg, sp in spectra_used(settings.allocation, settings.prune.nm).items()}
             metrics, farms_metrics = streamed.get("metrics"), streamed.get("farms_metrics")
         alloc = build_allocation(settings.allocation, model, nm=settings.prune.nm, calib=data.calib,

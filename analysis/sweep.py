@@ -391,12 +391,11 @@ def measure_dense(configs: list[RunSettings], progress: ProgressFn | None = None
     dense.restore(loaded.model)
     metrics = {}
     folder = streamable_folder(first.model.source, first.model.trust_remote_code)  # spectra streamed and cached
-    on = None if loaded.info.device_map else first.model.device
     for sp in {sp for c in configs for sp in spectra_used(c.allocation, c.prune.nm).values()}:
         if should_stop(stop):
             return None
         say(f"dense reference: {'FARMS ' if sp.farms else ''}spectra", 0.0)
-        metrics[sp] = dense_spectra(loaded.model, sp, checkpoint=folder, device=on)
+        metrics[sp] = dense_spectra(loaded.model, sp, checkpoint=folder, device=loaded.info.device)
     windows = evaluation_windows(loaded.tokenizer, first.evaluation, first.calibration.source,
                                  loaded.info.bos_per_window)
     last = None

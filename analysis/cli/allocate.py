@@ -46,7 +46,7 @@ from analysis.export import (
     recipe_yaml,
 )
 from analysis.layers import layer_table, skeleton
-from analysis.loading import DEVICE_MAP_AUTO, ModelLoadError, preview_model, streamable_folder
+from analysis.loading import ModelLoadError, preview_model, streamable_folder
 from analysis.pipeline import (
     build_allocation,
     calibration_batch,
@@ -237,14 +237,13 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     folder = streamable_folder(m.source, m.trust_remote_code)
     # the search starts from AlphaPruning too (FARMS's pooled spectra: search_starts)
     spectral = args.method in SPECTRA_METHODS or (args.method == "auto" and settings.search_from is None)
-    on = None if m.device == DEVICE_MAP_AUTO else m.device
     model = metrics = loaded = None
     if folder is not None and calibration is None:  # of the weights alone: read from the shards, the model not loaded
         preview = preview_model(m.source, tokenizer=False)
         check(preview, loads=False)
         try:
             if spectral:
-                metrics = dense_spectra(None, settings.spectra, print_progress, folder, on)
+                metrics = dense_spectra(None, settings.spectra, print_progress, folder, m.device)
                 warn_non_finite(None, "an allocation measured on it", metrics)
             model = preview.skeleton()  # module names and shapes
             note_not_loaded(args, "its config and the checkpoint's shards, in their stored dtype, were read")
@@ -255,7 +254,7 @@ def cmd_allocate(args: argparse.Namespace) -> int:
         warn_non_finite(loaded.model, "an allocation measured on it")
         model = loaded.model
         if spectral:
-            metrics = dense_spectra(model, settings.spectra, print_progress, folder, on)
+            metrics = dense_spectra(model, settings.spectra, print_progress, folder, loaded.info.device)
     metrics = layer_table(model) if metrics is None else metrics
     calib = held_out = then = None
     if calibration is not None:
