@@ -593,7 +593,7 @@ class MemoryEstimate:
     def problem(self, device: torch.device, title: str = "The model", task: str = "pruned") -> str | None:
         """Why the weights plus one prune in place do not fit in what `available_memory_bytes`
         allows on `device` (and on the host, for the original values), or None when they fit.
-        `task` ends "cannot be loaded and ... here". A run that keeps no original values (the command
+        `task` ends "may not fit here to be loaded and ...". A run that keeps no original values (the command
         line prunes the model it loaded), calibrates, evaluates or gathers no Hessians passes an estimate
         with those set to 0; the message names only the parts there are, and advice only for those."""
         free, host = available_memory_bytes(device), available_memory_bytes("cpu")
@@ -623,7 +623,8 @@ class MemoryEstimate:
             advice.append(f"{DEVICE_MAP_AUTO} (--device-map auto: the weights spread over the GPUs and the CPU; those "
                           "it puts on disk can be evaluated, not pruned)")
         advice.append("free memory")
-        return (f"{title} cannot be loaded and {task} here: it needs {where}, but only {size(free)} "
+        return (f"{title} may not fit here to be loaded and {task}: it needs up to {where} (an upper-bound "
+                f"estimate), but only {size(free)} "
                 f"{'' if on_cpu else f'on {device} and {size(host)} on the host '}"
                 f"are free ({short}). Try {', '.join(advice[:-1])}{',' if len(advice) > 2 else ''} or {advice[-1]}.")
 

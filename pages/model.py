@@ -144,7 +144,7 @@ if st.button("Load model", type="primary", disabled=not source or bool(source_pr
     bar = st.progress(0.0, text="Starting…")
     try:
         if problem := _memory_problem():
-            raise ModelLoadError(problem)
+            raise ModelLoadError(f"Not loaded: {problem}")
         loaded = load_shared_model(*key, progress=lambda msg, frac: bar.progress(min(max(frac, 0.0), 1.0), text=msg))
     except ModelLoadError as e:
         bar.empty()

@@ -378,7 +378,7 @@ def test_estimate_before_load_includes_pruning_and_refuses_what_cannot_fit(tiny_
     assert est.problem(torch.device("cpu")) is None
     monkeypatch.setenv(MEMORY_LIMIT_ENV, str(est.weights))
     msg = est.problem(torch.device("cpu"), "tiny")
-    assert msg.startswith("tiny cannot be loaded and pruned here")
+    assert msg.startswith("tiny may not fit here to be loaded and pruned")
     short = (est.weights + est.working + est.prunable - est.weights) / 2**10
     assert f"are free ({short:.1f} KiB short)" in msg  # small sizes in KiB: two equal "0.00 GiB" said nothing
     assert "Hessians (SparseGPT; TRIM's Gram matrices)" in msg and "original values" in msg and "a 16-bit dtype" in msg
@@ -387,7 +387,7 @@ def test_estimate_before_load_includes_pruning_and_refuses_what_cannot_fit(tiny_
                    hessians=0)
     monkeypatch.setenv(MEMORY_LIMIT_ENV, str(half.weights // 2))
     msg = half.problem(torch.device("cpu"), "tiny", "evaluated")
-    assert msg.startswith("tiny cannot be loaded and evaluated here")
+    assert msg.startswith("tiny may not fit here to be loaded and evaluated")
     assert "an evaluation batch's logits" in msg and "Hessians" not in msg and "original values" not in msg
     assert "16-bit" not in msg and "calibration" not in msg and "shorter evaluation windows" in msg
 
@@ -592,7 +592,7 @@ def test_model_page_refuses_a_model_that_cannot_fit(tiny_dir, tmp_path, monkeypa
     at.text_input(key="model_folder").set_value(str(folder)).run()
     at.button(key="model_load").click().run()
     assert not at.exception
-    assert any(e.value.startswith(f"'{folder}' cannot be loaded and pruned here") for e in at.error), \
+    assert any(e.value.startswith(f"Not loaded: '{folder}' may not fit here") for e in at.error), \
         [e.value for e in at.error]
     assert "model_key" not in at.session_state
 
