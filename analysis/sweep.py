@@ -380,10 +380,11 @@ class DenseReference:
 
 
 def measure_dense(configs: list[RunSettings], progress: ProgressFn | None = None,
-                  stop: StopFlag = None) -> DenseReference | None:
+                  stop: StopFlag = None, ppl: float | None = None) -> DenseReference | None:
     """The dense reference of a sweep's configurations (they share model, calibration source and
     evaluation settings, as every configuration of one grid does); None when `stop` ended it. `progress`
-    names each step, at fraction 0 of the sweep."""
+    names each step, at fraction 0 of the sweep. `ppl`: the dense perplexity where it is known (a resumed
+    sweep's stored runs measured it on the same windows), not measured again."""
     say = progress or (lambda message, fraction: None)
     first = configs[0]
     say("dense reference: loading the model", 0.0)
@@ -396,6 +397,8 @@ def measure_dense(configs: list[RunSettings], progress: ProgressFn | None = None
             return None
         say(f"dense reference: {'FARMS ' if sp.farms else ''}spectra", 0.0)
         metrics[sp] = dense_spectra(loaded.model, sp, checkpoint=folder, device=loaded.info.device)
+    if ppl is not None:
+        return DenseReference(metrics, ppl)
     windows = evaluation_windows(loaded.tokenizer, first.evaluation, first.calibration.source,
                                  loaded.info.bos_per_window)
     last = None
@@ -646,15 +649,17 @@ def run_sweep(grid: SweepGrid, store: RunStore, *, workers: int = 1, address: st
 
     if progress and stored:
         progress(f"{len(outcomes)} of {len(by_key)} configurations already in the store: skipped", 0.0)
+    # the stored runs of this grid measured the dense perplexity the pending ones would: a resume reuses it
+    known = next((o.dense_ppl for o in outcomes.values() if o.dense_ppl is not None), None)
     if pending:
         if not _SWEEPING.acquire(blocking=False):
             raise SweepBusy("another sweep is running in this process; wait for it to end or cancel it")
         try:
             if use_ray:
                 _run_on_ray(pending, finish, workers=workers, address=address, cpus_per_worker=cpus_per_worker,
-                            stop=stop, progress=progress)
+                            stop=stop, progress=progress, dense_ppl=known)
             else:
-                _run_here(pending, finish, progress=progress, detail=detail, stop=stop)
+                _run_here(pending, finish, progress=progress, detail=detail, stop=stop, dense_ppl=known)
         finally:
             release_worker_model()  # an in-process sweep's model (the driver of a Ray sweep loaded none)
             _SWEEPING.release()
@@ -668,7 +673,7 @@ def _one_line(e: BaseException) -> str:
 
 
 def _run_here(pending: list, finish: Callable, *, progress: ProgressFn | None = None, detail: bool = False,
-               stop: StopFlag) -> None:
+               stop: StopFlag, dense_ppl: float | None = None) -> None:
     """The sweep in this process: the same steps as a Ray task, one configuration after the other,
     each tried twice at most."""
     dense = None
@@ -679,7 +684,7 @@ def _run_here(pending: list, finish: Callable, *, progress: ProgressFn | None = 
         error = None
         for attempt in (1, 2):
             try:
-                dense = dense or measure_dense([s for _, s in pending], progress, stop)
+                dense = dense or measure_dense([s for _, s in pending], progress, stop, dense_ppl)
                 if dense is None or should_stop(stop):
                     for k, s in pending[i:]:
                         finish(k, s, CANCELLED)
@@ -740,7 +745,7 @@ def _bad_input(e: Exception) -> bool:
 
 
 def _run_on_ray(pending: list, finish: Callable, *, workers: int, address: str | None, cpus_per_worker: int,
-                stop: StopFlag, progress: ProgressFn | None = None) -> None:
+                stop: StopFlag, progress: ProgressFn | None = None, dense_ppl: float | None = None) -> None:
     import ray  # noqa: PLC0415 (optional, and slow to import: only sweeps on Ray need it)
 
     say = progress or (lambda message, fraction: None)
@@ -754,7 +759,8 @@ def _run_on_ray(pending: list, finish: Callable, *, workers: int, address: str |
                      else {"num_cpus": cpus_per_worker})
         retry = {"max_retries": 1, "retry_exceptions": True}
         attempts = ray.remote(_Attempts).options(num_cpus=0).remote()
-        dense = ray.remote(measure_dense).options(**resources, **retry).remote([s for _, s in pending])
+        dense = ray.remote(measure_dense).options(**resources, **retry).remote([s for _, s in pending],
+                                                                                ppl=dense_ppl)
         task = ray.remote(_ray_task).options(**resources, **retry)
         refs = {task.remote(s, k, dense, attempts): (k, s) for k, s in pending}
         say(f"on Ray: the dense reference, then {len(refs)} configurations (each loads the model)", 0.0)

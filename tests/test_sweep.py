@@ -338,6 +338,9 @@ def test_in_process_sweep_and_resume(tiny, in_process):
     assert blocks and all(0.0 <= f <= 0.5 for _, f in blocks), heard  # the first configuration's half of the bar
     assert [f for _, f in heard] == sorted(f for _, f in heard)
     assert {o.settings.calibration.seed for o in more if o.status == DONE} == {2}
+    # the stored runs' dense perplexity is the new ones': a resume does not measure it again
+    assert {o.dense_ppl for o in more} == {outcomes[0].dense_ppl}
+    assert not [m for m, _ in heard if m.startswith("dense reference: perplexity")], heard
 
 
 def test_resume_runs_again_on_weights_or_texts_written_over_since(tmp_path):
