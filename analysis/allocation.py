@@ -161,6 +161,10 @@ class Allocation:
     @classmethod
     def load(cls, path: str | Path) -> Allocation:
         path = Path(path)
+        if path.is_dir():  # a folder written by --save-model keeps its allocation beside the weights
+            inside = path / "allocation.json"
+            raise AllocationError(f"{path} is a folder; give {inside}, the allocation it was pruned with"
+                                  if inside.is_file() else f"{path} is a folder, not an allocation JSON")
         try:
             d = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:

@@ -479,14 +479,14 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
     real_fits: dict[tuple, np.ndarray] = {}
     real_tails: dict[tuple, np.ndarray] = {}  # with `tail`: per-window fitness on the tokens after `checked`
 
-    def real(per_layer: dict[str, float], what: str, at: float) -> np.ndarray | None:
+    def real(per_layer: dict[str, float], what: str, at: float, note: str = "") -> np.ndarray | None:
         """Per-window fitness on all the scored windows after a real prune at these ratios (every block
         fed by the pruned blocks before it, as the final prune does), which becomes the levels' anchor;
         the known fitness (and no prune) for ratios pruned before; None if stopped. Progress names
-        `what` is pruned, block by block, at fraction `at` of the search."""
+        `what` is pruned, block by block, at fraction `at` of the search, each line ending with `note`."""
         key = tuple(per_layer.items())
         if key not in real_fits:
-            show = progress and (lambda message, _f: progress(message, at))
+            show = progress and (lambda message, _f: progress(message + note, at))
             final: list[torch.Tensor] = []
             if not levels.anchor(per_layer, stop, show, f"search: pruning {what} for real, block",
                                  on_output=final.append if walked else None):
@@ -498,13 +498,21 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
                 real_tails[key] = x[:, confirm_seqlen - 1:].mean(1).numpy()
         return real_fits[key]
 
+    def lead(scores: dict[str, float]) -> str:
+        """The best start so far, for the progress while the starts are scored (there is no step yet)."""
+        if not scores:
+            return ""
+        name = min(scores, key=scores.get)
+        return f" (best so far: {name}, {where} {objective.upper()} {scores[name]:.4f})"
+
     rng = np.random.default_rng(seed)
     try:
         start_losses = {}
         levels.stop = stop  # until a start is scored there is no best to return: a stop ends the search there
         for i, (name, alloc) in enumerate(starts.items()):
             if progress:
-                progress(f"search: scoring the start {name} ({i + 1}/{len(starts)})", 0.0)
+                progress(f"search: scoring the start {name} ({i + 1}/{len(starts)})"
+                         f"{lead({n: float(x.mean()) for n, x in start_losses.items()})}", 0.0)
             start_losses[name] = losses(alloc.per_layer, confirm)
             levels.stop = None
         start_scores = {name: float(x.mean()) for name, x in start_losses.items()}
@@ -513,7 +521,7 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
         best_state, best_fit = None, math.inf
         if real_starts:
             for name, alloc in starts.items():
-                x = real(alloc.per_layer, f"the start {name}", 0.0)
+                x = real(alloc.per_layer, f"the start {name}", 0.0, lead(verified))
                 if x is None:
                     break
                 fit = float(x.mean())

@@ -388,6 +388,12 @@ def test_json_round_trip(tmp_path):
     assert b == a
     with pytest.raises(AllocationError, match=r"sub is a folder: give the allocation a file name, e\.g\. .*alloc"):
         a.save(tmp_path / "sub")
+    # a folder is named as one; a saved model's (--save-model) points at the allocation it holds
+    with pytest.raises(AllocationError, match=r"sub is a folder, not an allocation JSON$"):
+        Allocation.load(tmp_path / "sub")
+    a.save(tmp_path / "saved-model" / "allocation.json")
+    with pytest.raises(AllocationError, match=r"saved-model is a folder; give .*saved-model/allocation\.json, the "):
+        Allocation.load(tmp_path / "saved-model")
     # a run record (prune --out) names the allocation its run pruned with: that is the one it loads as
     record = tmp_path / "run.json"
     record.write_text(json.dumps({"config": {"method": "wanda"}, "allocation": raw, "pruned_ppl": 12.0}))

@@ -827,6 +827,12 @@ def test_search_in_two_stages_is_the_search_then_the_search_from_its_result(off_
     starts_only = search_in_stages(replace(settings, search_steps=0, search_then_steps=0), model, calib, starts,
                                    method, held, progress=lambda m, f: seen.append((m, f)))
     assert starts_only.params["steps"] == 0 and seen and all(0.0 <= f <= 1.0 for _, f in seen)
+    # before the first generation, the progress names the best start so far: on the proxy, then after real prunes
+    for phase in ("scoring the start", "for real, block"):
+        lines = [m for m, _ in seen if phase in m]
+        assert "best so far" not in lines[0] and "(best so far: " in lines[-1], lines
+    verified = starts_only.params["verified"]
+    assert f"best so far: {min(list(verified)[:-1], key=verified.get)}, held-out NLL" in lines[-1]
 
 
 def test_search_then_settings_are_checked():
