@@ -70,7 +70,8 @@ COLUMNS = [
 @dataclass
 class SpectraResult:
     """metrics: one row per matrix (columns `COLUMNS`); esds: name -> ascending eigenvalues (float64,
-    for FARMS the pooled eigenvalues of all windows); fit / farms / normalize: the settings used."""
+    for FARMS the pooled eigenvalues of all windows); fit / farms / normalize / min_tail: the settings used
+    (min_tail: the scan fit's). `table()`: the metrics with how far to trust each α, and the settings."""
 
     metrics: pd.DataFrame
     esds: dict[str, np.ndarray] = field(repr=False)
@@ -79,6 +80,7 @@ class SpectraResult:
     normalize: bool = False
     device: str = "cpu"
     cached: bool = False  # read from the disk cache of streamed spectra (analyze_checkpoint), not computed
+    min_tail: int = MIN_TAIL
 
     def __post_init__(self):
         self.metrics.attrs["farms"] = self.farms  # allocate checks that farms/alphapruning get their own kind
@@ -88,6 +90,18 @@ class SpectraResult:
         """The aspect ratio of the random matrix a (rows, cols) matrix's spectrum is compared with: its own
         (long / short side), or 1 for FARMS, whose windows are square."""
         return 1.0 if self.farms else max(rows, cols) / min(rows, cols)
+
+    def table(self) -> pd.DataFrame:
+        """`metrics` plus, per matrix, `beyond_mp` (its eigenvalues beyond the Marchenko–Pastur edge,
+        `beyond_mp_edge`: only where there are some does α read a learned tail) and `alpha_stderr` (the Hill
+        estimate's standard error, (α − 1)/√n_tail: a tail of a few eigenvalues gives a large one), and the
+        settings that produced them (fit, min_tail, farms, normalize): what the CLI and the Spectra page write."""
+        ok = self.metrics["status"] == "ok"
+        beyond = [beyond_mp_edge(self.esds[r.name], self.mp_ratio(r.rows, r.cols)) if fitted else pd.NA
+                  for r, fitted in zip(self.metrics.itertuples(), ok)]
+        stderr = ((self.metrics["alpha"] - 1) / np.sqrt(self.metrics["n_tail"].where(ok))).where(ok)
+        return self.metrics.assign(beyond_mp=pd.array(beyond, dtype="Int64"), alpha_stderr=stderr, fit=self.fit,
+                                   min_tail=self.min_tail, farms=self.farms, normalize=self.normalize)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,7 +358,8 @@ def analyze(
             done = _batched(layers, dev, farms, normalize, fit, min_tail, progress)
     rows = [_layer_row(ref) | done[ref.name][1] for ref in layers]
     esds = {ref.name: done[ref.name][0] for ref in layers}
-    return SpectraResult(pd.DataFrame(rows, columns=COLUMNS), esds, fit, farms, normalize, str(used))
+    return SpectraResult(pd.DataFrame(rows, columns=COLUMNS), esds, fit, farms, normalize, str(used),
+                         min_tail=min_tail)
 
 
 def _weight(ref: LayerRef, dev) -> torch.Tensor:
@@ -562,7 +577,7 @@ def _cache_folder(ckpt: Checkpoint, settings: dict) -> Path:
     return cache_dir() / "spectra" / hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
-def _read_cached(folder: Path, fit: str, farms: bool, normalize: bool) -> SpectraResult | None:
+def _read_cached(folder: Path, fit: str, farms: bool, normalize: bool, min_tail: int) -> SpectraResult | None:
     try:
         metrics = pd.read_parquet(folder / "metrics.parquet")
         with np.load(folder / "esds.npz") as z:
@@ -570,7 +585,7 @@ def _read_cached(folder: Path, fit: str, farms: bool, normalize: bool) -> Spectr
         device = json.loads((folder / "meta.json").read_text())["device"]
     except (OSError, KeyError, ValueError):  # absent, or unreadable: recompute (and rewrite)
         return None
-    return SpectraResult(metrics, esds, fit, farms, normalize, device, cached=True)
+    return SpectraResult(metrics, esds, fit, farms, normalize, device, cached=True, min_tail=min_tail)
 
 
 def _cached_spectra(ckpt: Checkpoint, settings: dict) -> SpectraResult | None:
@@ -579,7 +594,7 @@ def _cached_spectra(ckpt: Checkpoint, settings: dict) -> SpectraResult | None:
         for min_tail in dict.fromkeys((settings["min_tail"], MIN_TAIL)):
             other = settings | {"fit": fit, "min_tail": min_tail}
             if other != settings and (hit := _read_cached(_cache_folder(ckpt, other), fit, settings["farms"],
-                                                          settings["normalize"])) is not None:
+                                                          settings["normalize"], min_tail)) is not None:
                 return hit
     return None
 
@@ -597,7 +612,7 @@ def refit(result: SpectraResult, fit: str, min_tail: int = MIN_TAIL) -> SpectraR
         lam = row["lambda_max"]
         metrics.loc[i, ["alpha", "xmin", "ks_distance", "n_tail", "alpha_hat", "status"]] = [
             f.alpha, f.xmin, f.ks_distance, f.n_tail, f.alpha * math.log10(lam) if lam > 0 else math.nan, f.status]
-    return replace(result, metrics=metrics, fit=fit, cached=False)
+    return replace(result, metrics=metrics, fit=fit, cached=False, min_tail=min_tail)
 
 
 def _write_cached(folder: Path, result: SpectraResult) -> None:
@@ -651,7 +666,7 @@ def analyze_checkpoint(
     settings = {"fit": fit, "farms": bool(farms), "normalize": bool(normalize),
                 "include_outside": bool(include_outside), "min_tail": min_tail}
     where = _cache_folder(ckpt, settings)
-    if cache and (hit := _read_cached(where, fit, farms, normalize)) is not None:
+    if cache and (hit := _read_cached(where, fit, farms, normalize, min_tail)) is not None:
         progress and progress("Spectra read from the cache", 1.0)
         return hit
     if cache and (other := _cached_spectra(ckpt, settings)) is not None:
@@ -672,7 +687,7 @@ def analyze_checkpoint(
         done = dict(_pooled(layers, spectrum, farms, normalize, fit, min_tail, workers, progress))
     rows = [_layer_row(ref) | done[ref.name][1] for ref in layers]
     result = SpectraResult(pd.DataFrame(rows, columns=COLUMNS), {ref.name: done[ref.name][0] for ref in layers},
-                           fit, farms, normalize, str(used))
+                           fit, farms, normalize, str(used), min_tail=min_tail)
     if cache:
         _write_cached(where, result)
     return result
@@ -744,13 +759,12 @@ def alpha_summary(result: SpectraResult) -> dict:
     """The reading of a model's prunable matrices whose fit is "ok" (`fitted` of them): their mean alpha, how many
     lie below, inside and above ALPHA_BANDS, and how many have a tail beyond the Marchenko–Pastur edge
     (`beyond_mp_edge`), where alone alpha reads learned structure."""
-    ok = result.metrics[(result.metrics["status"] == "ok") & result.metrics["prunable"]]
+    table = result.table()
+    ok = table[(table["status"] == "ok") & table["prunable"]]
     low, high = ALPHA_BANDS
     return {"fitted": len(ok), "mean_alpha": float(ok["alpha"].mean()) if len(ok) else math.nan,
             "below": int((ok["alpha"] < low).sum()), "inside": int(ok["alpha"].between(low, high).sum()),
-            "above": int((ok["alpha"] > high).sum()),
-            "with_tail": sum(beyond_mp_edge(result.esds[r.name], result.mp_ratio(r.rows, r.cols)) > 0
-                             for r in ok.itertuples())}
+            "above": int((ok["alpha"] > high).sum()), "with_tail": int((ok["beyond_mp"] > 0).sum())}
 
 
 def shuffled_esd(ref: LayerRef, farms: bool = False, normalize: bool = False, seed: int = 0) -> np.ndarray:

@@ -172,7 +172,7 @@ def alpha_depth_figure(metrics: pd.DataFrame, metric: str = "alpha") -> go.Figur
                       annotation_text=f"{low:g} ≤ α ≤ {high:g}", annotation_position="top left",
                       annotation_bgcolor="rgba(255,255,255,0.7)")  # readable over the lines at block 0
     fig.update_xaxes(title="block (depth)", dtick=1 if df["block"].nunique() <= 16 else None)  # no block 0.5
-    fig.update_yaxes(title=metric)
+    fig.update_yaxes(title=metric, type="log" if metric == "lambda_max" else None)  # a few λmax dwarf the rest
     fig.update_layout(clickmode="event+select", legend=dict(orientation="h", y=1.02, yanchor="bottom", x=0))
     return _layout(fig, 380)
 

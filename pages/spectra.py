@@ -1,13 +1,15 @@
 """Spectra page: ESD of every weight matrix, alpha across depth, block x kind heatmap, metrics table."""
 import hashlib
+import io
 import math
 import re
 from contextlib import nullcontext
 
+import numpy as np
 import streamlit as st
 
 from analysis.layers import find_layers
-from analysis.powerlaw import XMIN_RULES
+from analysis.powerlaw import MIN_TAIL, XMIN_RULES
 from analysis.spectra import ALPHA_BANDS, alpha_summary, mp_curve, shuffled_esd
 from components.figures import alpha_depth_figure, esd_figure, heatmap_figure
 from components.state import (
@@ -22,7 +24,8 @@ from components.state import (
 
 through_app(__file__)  # (after a server restart, a tab that comes back starts from app.py)
 
-METRICS = ["alpha", "alpha_hat", "stable_rank", "log_norm", "spectral_entropy", "lambda_max", "ks_distance"]
+METRICS = ["alpha", "alpha_hat", "stable_rank", "log_norm", "spectral_entropy", "lambda_max", "ks_distance", "n_tail",
+           "alpha_stderr", "beyond_mp"]
 LAYER_KEY = "spectra_layer"
 
 st.title("Spectra")
@@ -39,15 +42,23 @@ with st.expander("How to read α (the power-law exponent of the ESD tail)", expa
         f"- **α > {HIGH:g}**: the spectrum is close to a random matrix's (Marchenko–Pastur): the layer is "
         "under-trained and carries little learned structure.\n"
         "- AlphaPruning (Lu et al., NeurIPS 2024) uses this: layers with larger α are pruned more.\n"
-        "- Read α together with the fit's KS distance: a large distance means the tail is no clean power law."
+        "- Read α only where the layer has a tail: eigenvalues beyond the Marchenko–Pastur edge (`beyond_mp` in the "
+        "table; a random matrix has none), and more than a few of them in the fit (`alpha_stderr` = (α−1)/√n_tail "
+        "well below 1). A fit to a handful of eigenvalues can have a small KS distance and still say little.\n"
+        "- The bands are HT-SR's rule of thumb, and where a layer falls depends on the xmin rule: compare the counts "
+        "below under peak, median and scan before reading a layer as over- or under-trained."
     )
 
 c1, c2, c3 = st.columns([1, 1, 2])
 fit = c1.selectbox("xmin rule", XMIN_RULES, key="spectra_fit",
-                   help="peak: the tail starts near the histogram peak (HT-SR / AlphaPruning default); "
-                        "median: at the median eigenvalue; scan: smallest KS distance.")
+                   help="peak: the tail starts near the histogram peak (AlphaPruning's rule, the default here); "
+                        "median: at the median eigenvalue; scan: the smallest KS distance over every xmin that keeps "
+                        f"at least {MIN_TAIL} eigenvalues in the tail (weightwatcher's default fit keeps 2: "
+                        "`--min-tail 2` on the command line).")
 farms = c2.checkbox("FARMS", key="spectra_farms",
-                    help="Fit the pooled ESD of square sub-windows (removes the aspect-ratio bias). Slower: one "
+                    help="Fit the pooled ESD of square sub-windows, against the aspect-ratio bias of α (shown with the "
+                         "median rule: README, FARMS; a Gaussian matrix has no tail, and with peak or scan its α is "
+                         "noise either way). Slower: one "
                          "eigensolve per window (about 2 x long/short side of a matrix) instead of one per matrix, "
                          "e.g. minutes for Gemma-3-270m on a 2-core CPU; the norm metrics stay the whole matrix's.")
 sources = ["shared dense model"] + (["my pruned copy"] if work.pruned else [])
@@ -59,12 +70,15 @@ else:
     job, model = spectra_job(loaded, fit, farms), loaded.model
 wait_for(job, "Computing spectra")
 res = job.result
-metrics = res.metrics
+metrics = res.table()  # with beyond_mp, alpha_stderr and the settings
+charted = metrics.astype({"beyond_mp": "float64"})  # (a count that is NaN where the fit failed)
 zero = weights_zero_fraction(model, work.version if model is work.model else 0)
 unfitted = metrics.loc[metrics["prunable"] & (metrics["status"] != "ok"), "status"].value_counts()
 st.caption(f"{len(metrics)} matrices ({int(metrics['prunable'].sum())} prunable: the α counts below are of those "
            "fitted" + "".join(f"; {n} not fitted: {status}" for status, n in unfitted.items()) + ") · "
-           f"{zero:.2%} of the prunable weights analyzed here are zero · "
+           f"{zero:.2%} of the prunable weights analyzed here are zero"
+           + (f" (the packaged {loaded.info.quantization.split(' (')[0]} rounds small weights to 0)"
+              if zero and loaded.info.quantization and model is not work.model else "") + " · "
            f"fit '{res.fit}'{' · FARMS' if res.farms else ''}")
 
 summary = alpha_summary(res)
@@ -77,6 +91,14 @@ m5.metric("With a tail beyond MP", f"{summary['with_tail']} of {summary['fitted'
           help="Matrices with eigenvalues beyond the Marchenko–Pastur edge of a random matrix of the same shape and "
                "mean eigenvalue. Only there does α read a learned tail: a randomly initialised layer has none, "
                "yet a fit to its bulk can still land in the 'well trained' band (see the Learn page).")
+
+
+
+def _npz(esds: dict) -> bytes:
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **esds)
+    return buf.getvalue()
+
 
 names = metrics["name"].tolist()
 if st.session_state.get(LAYER_KEY) not in names:
@@ -105,12 +127,12 @@ with left:
     st.subheader("Across depth")
     depth_metric = st.selectbox("Metric", METRICS, key="spectra_depth_metric")
     with st.container(key="spectra_depth_chart"):
-        st.plotly_chart(alpha_depth_figure(metrics, depth_metric), key=depth_key,
+        st.plotly_chart(alpha_depth_figure(charted, depth_metric), key=depth_key,
                         on_select=lambda: _pick_layer(depth_key), selection_mode="points")
     st.caption("Click a point to open that layer's ESD.")
     heat_metric = st.selectbox("Heatmap metric", METRICS, key="spectra_heat_metric")
     with st.container(key="spectra_heatmap"):
-        st.plotly_chart(heatmap_figure(metrics, heat_metric), key=heat_key,
+        st.plotly_chart(heatmap_figure(charted, heat_metric), key=heat_key,
                         on_select=lambda: _pick_layer(heat_key), selection_mode="points")
     if heat_metric == "alpha":
         st.caption(f"Colours by HT-SR's reading: green to yellow {LOW:g}–{HIGH:g} (well trained, greener = heavier "
@@ -141,19 +163,30 @@ with right:
     alpha = float(row["alpha"]) if math.isfinite(row["alpha"]) else None
     st.plotly_chart(esd_figure(eigs, alpha, float(row["xmin"]), log=log, mp=mp, randomized=rand,
                                title=f"{name} ({row['rows']} x {row['cols']})"), key="spectra_esd")
+    fitted = row["status"] == "ok"
     st.markdown(
-        f"α = **{row['alpha']:.2f}** · xmin = {row['xmin']:.3g} · tail {int(row['n_tail'])} eigenvalues · "
+        f"α = **{row['alpha']:.2f}**{f' ± {row.alpha_stderr:.2f}' if fitted else ''} · xmin = {row['xmin']:.3g} · "
+        f"tail {int(row['n_tail'])} eigenvalues{f' ({row.beyond_mp} beyond the MP edge)' if fitted else ''} · "
         f"KS = {row['ks_distance']:.3f} · λmax = {row['lambda_max']:.3g} · stable rank = "
         f"{row['stable_rank']:.1f} · status: {row['status']}"
     )
+    if fitted and row["beyond_mp"] == 0:
+        st.caption(":orange[No eigenvalue lies beyond the Marchenko–Pastur edge: this α is a fit to the bulk, as a "
+                   "random matrix's would be, and reads no learned tail.]")
+    elif fitted and row["alpha_stderr"] > 1:
+        st.caption(f":orange[This α rests on a tail of {int(row['n_tail'])} eigenvalues (± {row['alpha_stderr']:.1f}): "
+                   "read the ESD itself, or the scan rule's fit, which keeps a longer tail.]")
 
 st.subheader("Metrics table")
 st.dataframe(metrics, hide_index=True, key="spectra_table")
 # what produced the numbers, in each row and in the file's name: downloads of several settings stay apart
-setting = {"model": loaded.info.title, "weights": "pruned copy" if model is work.model else "dense", "fit": res.fit,
-           "farms": bool(res.farms)}
+setting = {"model": loaded.info.title, "weights": "pruned copy" if model is work.model else "dense"}
 model_name = re.sub(r"[^A-Za-z0-9._-]+", "-", loaded.info.title.rstrip("/").rsplit("/", 1)[-1]).strip("-")  # for a file
 stem = "_".join(["spectra", model_name, res.fit] + (["farms"] if res.farms else []) + (["pruned"] if model is work.model
                                                                                   else []))
 st.download_button("Download metrics (CSV)", metrics.assign(**setting).to_csv(index=False).encode(),
                    file_name=f"{stem}.csv", mime="text/csv", key="spectra_csv")
+st.download_button("Download ESDs (.npz)", lambda: _npz(res.esds), file_name=f"{stem}_esds.npz",
+                   mime="application/octet-stream", key="spectra_npz",
+                   help="Every matrix's eigenvalues, ascending (FARMS: its windows' pooled), one array per matrix "
+                        "name: numpy.load(...)[name]. The command line writes the same with `spectra --esds`.")

@@ -308,7 +308,12 @@ def test_spectra_page(app):
     table = app.dataframe[0].value
     assert len(table) == 211  # 210 block matrices + the (tied) embedding
     assert metric(app, "With a tail beyond MP") == "201 of 210"  # trained weights: nearly all have a real tail
-    assert app.get("download_button")
+    assert (table.loc[table["prunable"], "beyond_mp"] > 0).sum() == 201 and table["fit"].unique().tolist() == ["peak"]
+    assert {b.proto.label for b in app.get("download_button")} == {"Download metrics (CSV)", "Download ESDs (.npz)"}
+    # a fit on a tail of a few eigenvalues says so under its α
+    few = table[table["prunable"] & (table["alpha_stderr"] > 1) & (table["beyond_mp"] > 0)]["name"].iloc[0]
+    app.selectbox(key="spectra_layer").set_value(few).run()
+    assert any("This α rests on a tail of" in c.value for c in app.caption)
     layer = "model.layers.7.mlp.down_proj"
     app.selectbox(key="spectra_layer").set_value(layer).run()
     alpha = float(table.set_index("name").loc[layer, "alpha"])

@@ -234,6 +234,17 @@ def test_cli_spectra_streams_and_caches(tmp_path, cache, capsys):
         assert capsys.readouterr().err.startswith(f"error: {bad[0]}: ")
     assert main(["spectra", "--model", str(tmp_path / "m"), "--min-tail", "5"]) == 2  # the default fit is peak
     assert "error: --min-tail: only the scan fit reads it, and the fit is peak" in capsys.readouterr().err
+    # the file says what made it, and how far to trust each fit; the eigenvalues themselves on request
+    assert pd.read_json(js)[["fit", "min_tail", "farms"]].drop_duplicates().values.tolist() == [["scan", 2, False]]
+    assert {"beyond_mp", "alpha_stderr"} <= set(pd.read_csv(out).columns)
+    npz = tmp_path / "esds.npz"
+    assert main(["spectra", "--model", str(tmp_path / "m"), "--out", str(out), "--esds", str(npz)]) == 0
+    with np.load(npz) as z:
+        esds = analyze(model).esds
+        assert set(z.files) == set(esds)  # (streamed: equal to the in-memory ESDs to round-off)
+        assert all(np.allclose(z[n], esds[n], rtol=1e-9, atol=1e-12 * esds[n].max()) for n in esds)
+    assert main(["spectra", "--model", str(tmp_path / "m"), "--esds", str(tmp_path / "esds.csv")]) == 2
+    assert "error: --esds: " in (err := capsys.readouterr().err) and "name the file .npz" in err
 
 
 def test_cli_allocate_of_the_weights_alone_loads_no_model_and_prune_reads_the_cached_spectra(
@@ -278,5 +289,5 @@ def test_cli_allocate_of_the_weights_alone_loads_no_model_and_prune_reads_the_ca
 
 def _csv(result, tmp_path):
     path = tmp_path / "mem.csv"
-    result.metrics.to_csv(path, index=False)
+    result.table().to_csv(path, index=False)
     return path

@@ -14,7 +14,7 @@ from conftest import save_tiny_llama
 from torch import nn
 
 from analysis.layers import LayerRef, NoBlocksError, find_layers, prunable_layers
-from analysis.powerlaw import fit_power_law
+from analysis.powerlaw import MIN_TAIL, fit_power_law
 from analysis.spectra import (
     COLUMNS,
     alpha_summary,
@@ -144,6 +144,14 @@ def test_only_a_tail_beyond_the_marchenko_pastur_edge_counts():
     assert summary["below"] + summary["inside"] + summary["above"] == 2
     assert summary["mean_alpha"] == pytest.approx(alphas.mean())
     assert result.mp_ratio(200, 400) == 2.0 and analyze(refs[:1], farms=True).mp_ratio(200, 400) == 1.0
+    # the table every front end writes: each fit's trust, and the settings that made it
+    table = result.table()
+    assert table["beyond_mp"].tolist()[:2] == [0, 1] and table["beyond_mp"].isna().tolist() == [False, False, True]
+    fits = [fit_power_law(result.esds[n]) for n in ("m0", "m1")]
+    assert table["alpha_stderr"].iloc[:2].tolist() == pytest.approx([f.alpha_stderr for f in fits])
+    assert math.isnan(table["alpha_stderr"].iloc[2])
+    assert (table[["fit", "min_tail", "farms", "normalize"]].iloc[0].tolist() == ["peak", MIN_TAIL, False, False])
+    assert analyze(refs[:1], fit="scan", min_tail=2).table()["min_tail"].tolist() == [2]
 
 
 def test_unknown_fit_is_a_value_error():
@@ -356,7 +364,8 @@ def test_cli_writes_csv_and_summary(tiny_llama, tmp_path):
     r = run_cli("--model", str(tiny_llama), "--device", "cpu", "--out", str(out), "--fit", "median")
     assert r.returncode == 0, r.stderr
     m = pd.read_csv(out)
-    assert list(m.columns) == COLUMNS and len(m) == 21
+    assert list(m.columns) == [*COLUMNS, "beyond_mp", "alpha_stderr", "fit", "min_tail", "farms", "normalize"]
+    assert len(m) == 21 and (m["fit"] == "median").all()
     assert sorted(m["block"].unique()) == [0, 1, 2]
     assert (m["status"] == "ok").all() and np.isfinite(m["alpha"]).all()
     assert "attn" in r.stdout and "mlp" in r.stdout and "21 matrices" in r.stdout  # per-block summary

@@ -7,6 +7,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from analysis.allocation import Allocation, AllocationError
@@ -25,7 +26,7 @@ from analysis.loading import (
 from analysis.pruning import non_finite
 from analysis.search import describe
 from analysis.settings import AllocationSettings, RunSettings
-from analysis.spectra import NON_FINITE
+from analysis.spectra import NON_FINITE, SpectraResult
 from analysis.store import default_db_path
 
 # options whose value may be a local file or folder the command reads (argparse dest -> flag)
@@ -184,14 +185,23 @@ def refuse_offload(settings: RunSettings, preview) -> None:
                          "on disk, where they can be evaluated, not pruned; prune with more memory free")
 
 
-def checked_table_out(args: argparse.Namespace) -> bool:
-    """Check --out (a table: CSV, or JSON records); whether it names a JSON file."""
+def checked_table_out(args: argparse.Namespace, more: dict[str, str | None] | None = None) -> bool:
+    """Check --out (a table: CSV, or JSON records), and the command's `more` outputs (flag -> path) with it;
+    whether --out names a JSON file."""
     if args.out and Path(args.out).suffix.lower() not in (".csv", ".json", ".txt", ""):
         raise UsageError(f"--out: {args.out}: {args.command} writes CSV or JSON; name the file .csv or .json")
-    checked_outputs(args, {"--out": args.out})
+    checked_outputs(args, {"--out": args.out, **(more or {})})
     if getattr(args, "json", False) and (args.out or "").lower().endswith(".csv"):
         raise UsageError(f"--json: --out {args.out} names a CSV file; name it .json, or drop --json")
     return (args.out or "").lower().endswith(".json")
+
+
+def write_esds(result: SpectraResult, out: str) -> None:
+    """The spectra's eigenvalues (SpectraResult.esds) as one .npz, an array per matrix name."""
+    try:
+        np.savez_compressed(Path(out).expanduser(), **result.esds)
+    except OSError as e:
+        raise UsageError(f"--esds: cannot write {out}: {e.strerror or e}") from e
 
 
 def write_table(table: pd.DataFrame, out: str | None, as_json: bool) -> None:

@@ -7,7 +7,7 @@ import sys
 import pandas as pd
 from tqdm import tqdm
 
-from analysis.cli.checks import checked_table_out, note_not_loaded, write_table
+from analysis.cli.checks import checked_table_out, note_not_loaded, write_esds, write_table
 from analysis.cli.options import (
     UsageError,
     add_command,
@@ -61,7 +61,9 @@ def cmd_spectra(args: argparse.Namespace) -> int:
         check_fit(settings.fit, args.min_tail)
     except FitError as e:
         raise UsageError(f"--min-tail: {e}") from None
-    as_json = checked_table_out(args) or args.json  # (checked with --json too)
+    if args.esds and not args.esds.lower().endswith(".npz"):
+        raise UsageError(f"--esds: {args.esds}: the eigenvalues are written as NumPy's .npz; name the file .npz")
+    as_json = checked_table_out(args, {"--esds": args.esds}) or args.json  # (checked with --json too)
     model = model_settings(args).check()
     # a packaged model's converted folder, a local folder, a hub id's snapshot in the local cache; checked (headers
     # only) before the progress bar appears
@@ -81,7 +83,9 @@ def cmd_spectra(args: argparse.Namespace) -> int:
         result, title = analyze(loaded.model, **kwargs), loaded.info.title
     metrics = result.metrics
     report = sys.stdout if args.out else sys.stderr  # keep stdout clean when the table goes there
-    write_table(metrics, args.out, as_json)
+    write_table(result.table(), args.out, as_json)  # each row with its fit's trust and the settings
+    if args.esds:
+        write_esds(result, args.esds)
     with pd.option_context("display.width", 200, "display.max_rows", 500):
         print(_block_summary(metrics).to_string(), file=report)
     for status, names in metrics[metrics["status"] != "ok"].groupby("status")["name"]:  # one line per status
@@ -114,4 +118,6 @@ def add_spectra_parser(sub) -> None:
                    help=f"smallest tail the scan fit may choose (default {MIN_TAIL}; 2 is weightwatcher's)")
     p.add_argument("--include-outside", action="store_true", help="also the embedding and lm_head (not prunable)")
     p.add_argument("--json", action="store_true", help="write JSON records instead of CSV")
+    p.add_argument("--esds", default=None, metavar="FILE.npz",
+                   help="also every matrix's eigenvalues (ascending; FARMS's pooled windows'), keyed by its name")
     p.set_defaults(func=cmd_spectra)
