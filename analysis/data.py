@@ -5,7 +5,10 @@ Text sources (`load_text`):
     ~360 KB, ~76K SmolLM2 tokens) shipped inside the gensim package;
   - "wikitext2:test" / "wikitext2:valid": the raw WikiText-2 files in ../shared/data/wikitext-2
     (override the folder with $ALPHASCOPE_WIKITEXT);
-  - "hf:<dataset>[:<config>]:<split>": a Hugging Face dataset (needs `datasets` and a reachable hub);
+  - "hf:<dataset>[:<config>]:<split>": a Hugging Face dataset (needs `datasets` and, for a hub id, a
+    reachable hub); <dataset> may be a local folder: one written by `save_to_disk` (a DatasetDict's, or a
+    single Dataset's, whose split is the one it was saved with, "train" if none), or of data files;
+  - a .jsonl file: the "text" field of each line's JSON object, joined by blank lines;
   - anything else: a path to a text file, UTF-8 unless another `encoding` is named (a file with NUL
     bytes is refused as binary, one that does not decode is refused with the offset of the first bad byte).
 
@@ -14,9 +17,10 @@ line boundary (`split_text`), the first for calibration and the second for evalu
 source named for both is cut the same way (`calibration_text`, `evaluation_text`).
 
 Token windows: the text is tokenized once (cached per tokenizer and text), without special
-tokens. Calibration samples are random windows (seeded); evaluation windows are consecutive and
-non-overlapping. With `bos=True` every window starts with the tokenizer's BOS token followed by
-seqlen-1 text tokens (Gemma needs this; `ModelInfo.bos_per_window`).
+tokens; a text of more than TOKENIZE_CHARS characters in pieces cut at line starts, so that its tokens, not
+the tokenizer's per-character bookkeeping, are what it costs in memory. Calibration samples are random windows
+(seeded); evaluation windows are consecutive and non-overlapping. With `bos=True` every window starts with the
+tokenizer's BOS token followed by seqlen-1 text tokens (Gemma needs this; `ModelInfo.bos_per_window`).
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import codecs
 import functools
 import hashlib
 import importlib.util
+import json
 import os
 import re
 import stat
@@ -77,7 +82,8 @@ def load_text(source: str, encoding: str = ENCODING) -> str:
         return _load_wikitext(src.split(":", 1)[1])
     if src.startswith("hf:"):
         return _load_hf(src[3:])
-    return _read(Path(src).expanduser(), encoding)
+    path = Path(src).expanduser()
+    return _read_jsonl(path, encoding) if path.suffix.lower() == ".jsonl" else _read(path, encoding)
 
 
 def text_source_problem(source: str, encoding: str = ENCODING) -> str | None:
@@ -167,6 +173,26 @@ def _read(path: Path, encoding: str = ENCODING) -> str:
     return _decode(path, path.read_bytes(), encoding)
 
 
+def _read_jsonl(path: Path, encoding: str = ENCODING) -> str:
+    """The "text" fields of a JSON-lines file's objects, joined by blank lines (as a dataset's rows are)."""
+    texts = []
+    for n, line in enumerate(_read(path, encoding).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"'{path}' line {n} is not JSON ({e.msg}); a .jsonl file holds one JSON object per "
+                            "line, with its text in \"text\" (rename a plain text file .txt).") from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise DataError(f"'{path}' line {n} has no \"text\" string; each line's object must hold its text "
+                            "there.")
+        texts.append(row["text"])
+    if not texts:
+        raise DataError(f"'{path}' holds no JSON lines.")
+    return "\n\n".join(texts)
+
+
 _HELD_OUT_NAMES = ("valid", "validation", "val", "dev")
 
 
@@ -230,7 +256,12 @@ def _load_hf(spec: str) -> str:
     except ImportError as e:
         raise DataError("Hugging Face datasets need the package 'datasets' (pip install datasets).") from e
     try:
-        ds = datasets.load_dataset(name, config, split=split)
+        if _saved_dataset(name):
+            ds = _saved_split(datasets.load_from_disk(name), name, split)
+        else:
+            ds = datasets.load_dataset(name, config, split=split)
+    except DataError:
+        raise
     except Exception as e:  # noqa: BLE001 (offline, unknown name, bad split: all user-fixable)
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DataError(f"Could not load dataset '{spec}': {reason}") from e
@@ -240,6 +271,26 @@ def _load_hf(spec: str) -> str:
     if not texts:
         raise DataError(f"Dataset '{spec}' has no text in its 'text' column.")
     return "\n\n".join(texts)
+
+
+def _saved_dataset(name: str) -> bool:
+    """Whether `name` is a folder written by datasets' save_to_disk (a DatasetDict's or a Dataset's)."""
+    folder = Path(name).expanduser()
+    return (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()
+
+
+def _saved_split(saved, name: str, split: str):
+    """The `split` of what load_from_disk read: a DatasetDict's split, or a single Dataset saved as that split
+    (one saved without a split counts as "train")."""
+    if hasattr(saved, "keys"):  # a DatasetDict
+        if split not in saved:
+            raise DataError(f"The dataset saved in '{name}' has no split '{split}' (it has: {', '.join(saved)}).")
+        return saved[split]
+    own = str(saved.split or "train")
+    if split != own:
+        raise DataError(f"'{name}' holds one dataset (saved by Dataset.save_to_disk), split '{own}': name it "
+                        f"hf:{name}:{own}.")
+    return saved
 
 
 def split_text(text: str, fraction: float = 0.5) -> tuple[str, str]:
@@ -291,14 +342,39 @@ def _fingerprint(tokenizer) -> str:
     return fingerprint
 
 
+TOKENIZE_CHARS = 2**20  # a fast tokenizer keeps ~100 bytes per character of the text it is given at once
+
+
+def _pieces(text: str, size: int) -> list[str]:
+    """`text` in pieces of about `size` characters, each but the last ending with a line break before a line
+    that starts with one space and a word, or (after a non-space character) with a word: cuts the byte-level
+    pretokenizers split at anyway, so the pieces' tokens are the whole text's (one call for a text that fits)."""
+    def clean(cut: int) -> bool:  # text[cut - 1] is the line break
+        line = text[cut:cut + 2]
+        if line[:1] == " ":  # " word": the space goes with the word, the break with what came before
+            return len(line) == 2 and not line[1].isspace()
+        return line != "" and not line[0].isspace() and not text[cut - 2].isspace()
+
+    pieces, start = [], 0
+    while len(text) - start > size:
+        cut = start + size
+        while (cut := text.find("\n", cut) + 1) and cut < len(text) and not clean(cut):
+            pass
+        if not cut:  # no line break left: the rest in one piece
+            break
+        pieces.append(text[start:cut])
+        start = cut
+    return [*pieces, text[start:]]
+
+
 def tokenize(tokenizer, text: str) -> torch.Tensor:
     """All tokens of `text` as a 1-D LongTensor, no special tokens; cached per (tokenizer, text)."""
     key = (_fingerprint(tokenizer), len(tokenizer), hashlib.sha1(text.encode("utf-8", errors="replace")).hexdigest())
     ids = _TOKEN_CACHE.get(key)
     if ids is None:
         # verbose=False: the whole corpus is longer than model_max_length, which is fine here
-        enc = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-        ids = torch.tensor(enc, dtype=torch.long)
+        ids = torch.cat([torch.tensor(tokenizer(piece, add_special_tokens=False, verbose=False)["input_ids"],
+                                      dtype=torch.long) for piece in _pieces(text, TOKENIZE_CHARS)])
         if len(_TOKEN_CACHE) >= _CACHE_MAX:
             _TOKEN_CACHE.pop(next(iter(_TOKEN_CACHE)))
         _TOKEN_CACHE[key] = ids

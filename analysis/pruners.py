@@ -185,8 +185,11 @@ def _block_prune_counts(ratio: Ratio, cols: int, blocksize: int) -> list:
     return [b - a for a, b in zip(cum[:-1], cum[1:])]
 
 
+SPARSEGPT_BLOCK = 128  # input columns SparseGPT prunes and updates at a time; an N:M group must not straddle two
+
+
 def prune_sparsegpt(w: torch.Tensor, hessian: torch.Tensor, ratio: Ratio, nm: NM | None = None,
-                    blocksize: int = 128, percdamp: float = 0.01) -> torch.Tensor:
+                    blocksize: int = SPARSEGPT_BLOCK, percdamp: float = 0.01) -> torch.Tensor:
     """SparseGPT on one matrix (out, in) with the input Hessian (in, in); returns the pruned matrix.
 
     Works on the transpose (in, out) so that each input column is a contiguous row (fast updates)."""

@@ -38,7 +38,7 @@ from analysis.errors import AlphascopeError
 from analysis.layers import find_layers, layer_table, prunable_layers
 from analysis.loading import DEVICE_MAP_AUTO, DTYPES, ModelLoadError, ModelPreview, pick_device
 from analysis.powerlaw import check_fit
-from analysis.pruners import PRUNERS, check_rowwise, parse_nm
+from analysis.pruners import PRUNERS, SPARSEGPT_BLOCK, check_rowwise, parse_nm
 
 # allocation methods a run can name; "auto" a search (analysis.search), "custom" a drawn curve, "file" an
 # allocation JSON
@@ -413,7 +413,10 @@ class PruneSettings:
     def check(self) -> PruneSettings:
         if self.method not in PRUNERS:
             raise SettingsError(f"method must be one of {', '.join(PRUNERS)}, got {self.method!r}", "prune.method")
-        _checked("prune.nm", parse_nm, self.nm)
+        pattern = _checked("prune.nm", parse_nm, self.nm)
+        if self.method == "sparsegpt" and pattern and SPARSEGPT_BLOCK % pattern[1]:
+            raise SettingsError(f"SparseGPT prunes {SPARSEGPT_BLOCK} input columns at a time, so an N:M pattern's M "
+                                f"must divide {SPARSEGPT_BLOCK} (2:4, 4:8, ...); {self.nm} does not", "prune.nm")
         _checked("prune.rowwise", check_rowwise, self.rowwise, self.nm)
         return self
 

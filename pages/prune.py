@@ -130,8 +130,9 @@ with st.expander("Calibration and evaluation data"):
     d1, d2, d3 = st.columns(3)
     calibration_source = d1.text_input("Calibration text", CALIB_DEFAULT.source, key="prune_calib_source",
                                  help="'default' (embedded corpus: its first half calibrates, its second half "
-                                      "evaluates), 'wikitext2:valid', or a .txt path. A text named for both "
-                                      "calibration and evaluation is split in disjoint halves too.")
+                                      "evaluates), 'wikitext2:valid', a .txt or .jsonl path, or "
+                                      "'hf:<dataset>[:<config>]:<split>' (a local save_to_disk folder too). A text "
+                                      "named for both calibration and evaluation is split in disjoint halves too.")
     n_samples = d2.number_input("Calibration samples", 1, 256, CALIB_DEFAULT.n_samples, key="prune_n_samples",
                                 help="The papers use 128 x 2048 tokens; the default keeps a CPU prune interactive.")
     calib_seqlen = d3.number_input("Calibration length (tokens)", 16, 2048, CALIB_DEFAULT.seqlen, step=16,

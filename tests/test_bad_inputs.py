@@ -111,6 +111,8 @@ CLI_CASES = [
     ("prune --nm 2:4:8", "--nm: N:M must look like '2:4', got '2:4:8'"),
     ("prune --sparsity 0.5 --nm 4:2", "--nm: N:M needs 0 < N < M, got 4:2"),
     ("prune --nm 0:4", "--nm: N:M needs 0 < N < M, got 0:4"),
+    ("prune --pruner sparsegpt --nm 2:3", "--nm: SparseGPT prunes 128 input columns at a time, so an N:M pattern's M "
+                                          "must divide 128 (2:4, 4:8, ...); 2:3 does not"),
     ("prune --nsamples 0", "--nsamples: n_samples must be an integer >= 1, got 0"),
     ("prune --seqlen 1", "--seqlen: seqlen must be an integer >= 2, got 1"),
     ("prune --max-windows 0", "--max-windows: max_windows must be an integer >= 1, got 0"),

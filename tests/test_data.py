@@ -167,6 +167,47 @@ def test_hf_rows_without_text_are_skipped(tmp_path):
         load_text(f"hf:{folder}:train")
 
 
+def test_a_dataset_saved_to_disk_is_read_by_its_split(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows = {"train": {"text": ["calibration text"]}, "test": {"text": ["held-out", "text"]}}
+    dd = datasets.DatasetDict({k: datasets.Dataset.from_dict(v) for k, v in rows.items()})
+    dd.save_to_disk(str(tmp_path / "dd"))
+    assert load_text(f"hf:{tmp_path / 'dd'}:test") == "held-out\n\ntext"
+    with pytest.raises(DataError, match=r"has no split 'valid' \(it has: train, test\)"):
+        load_text(f"hf:{tmp_path / 'dd'}:valid")
+    dd["train"].save_to_disk(str(tmp_path / "one"))  # a single Dataset: its own split
+    assert load_text(f"hf:{tmp_path / 'one'}:train") == "calibration text"
+    datasets.Dataset.from_dict(rows["test"]).save_to_disk(str(tmp_path / "unnamed"))  # saved without a split
+    assert load_text(f"hf:{tmp_path / 'unnamed'}:train") == "held-out\n\ntext"
+    with pytest.raises(DataError, match=r"holds one dataset .*split 'train': name it hf:.*one:train"):
+        load_text(f"hf:{tmp_path / 'one'}:test")
+
+
+def test_a_jsonl_file_is_read_by_its_text_fields(tmp_path):
+    f = tmp_path / "corpus.jsonl"
+    f.write_text('{"text": "caf\\u00e9 \\"quoted\\""}\n\n{"text": "second", "id": 2}\n')
+    assert load_text(str(f)) == 'café "quoted"\n\nsecond'
+    for body, message in (('{"text": "a"}\nnot json\n', "line 2 is not JSON"),
+                          ('{"body": "a"}\n', 'line 1 has no "text"'), ("\n\n", "holds no JSON lines")):
+        f.write_text(body)
+        with pytest.raises(DataError, match=message):
+            load_text(str(f))
+
+
+def test_a_long_text_is_tokenized_in_pieces_to_the_same_tokens(tok, monkeypatch):
+    from analysis import data
+
+    lines = load_text("default").splitlines()  # its lines end with a space: a cut there would change tokens
+    assert len(data._pieces("\n".join(lines), 10_000)) == 1
+    monkeypatch.setattr(data, "TOKENIZE_CHARS", 10_000)
+    # lines without that space, and lines that start with one (as WikiText's do)
+    for text in ("\n".join(line.rstrip() for line in lines), "\n".join(" " + line for line in lines)):
+        pieces = data._pieces(text, 10_000)
+        assert len(pieces) > 20 and "".join(pieces) == text and all(p.endswith("\n") for p in pieces[:-1])
+        monkeypatch.setattr(data, "_TOKEN_CACHE", {})
+        assert tokenize(tok, text).tolist() == tok(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+
 def test_text_source_problems_are_found_without_reading(tmp_path):
     f = tmp_path / "mine.txt"
     f.write_text("hello world\n")
