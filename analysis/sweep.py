@@ -472,16 +472,19 @@ def finished_keys(store: RunStore) -> dict[str, int]:
     return out
 
 
-def setup_label(s: RunSettings) -> str:
+def setup_label(s: RunSettings, used_dtype: str | None = None) -> str:
     """What a sweep's runs share besides the grid's axes: the calibration text and batch, and the spectra, OWL
     and dtype settings where they are not the defaults. Runs of another setup are another line of the plot,
-    not more seeds of the same one."""
+    not more seeds of the same one. `used_dtype`: the dtype the run ran in (its record's), which names it
+    where known, so that "auto" and the float32 it picked on a CPU are one setup (float32 is not named)."""
     c, a, d = s.calibration, s.allocation, AllocationSettings()
+    dtype, usual = ((used_dtype.removeprefix("torch."), "float32") if used_dtype else
+                    (s.model.dtype, ModelSettings.dtype))
     text = Path(c.source).name if text_file(c.source) else c.source
     return ", ".join([f"calib {text} {c.n_samples}×{c.seqlen}"] + [
         f"{name} {value}" for name, value, default in (
             ("metric", a.metric, d.metric), ("fit", a.fit, d.fit), ("granularity", a.granularity, d.granularity),
-            ("OWL M", a.owl_threshold, d.owl_threshold), ("dtype", s.model.dtype, ModelSettings.dtype))
+            ("OWL M", a.owl_threshold, d.owl_threshold), ("dtype", dtype, usual))
         if value != default])
 
 
@@ -493,7 +496,7 @@ def run_line(record: dict) -> dict | None:
         s = RunSettings.from_dict(record["config"]["settings"])
     except (KeyError, TypeError, ValueError):  # (SettingsError is a ValueError)
         return None
-    return {"line": f"{s.prune.method} + {line_label(s)}", "setup": setup_label(s)}
+    return {"line": f"{s.prune.method} + {line_label(s)}", "setup": setup_label(s, record["config"].get("dtype"))}
 
 
 def sweep_row(record: dict) -> dict | None:
@@ -502,7 +505,7 @@ def sweep_row(record: dict) -> dict | None:
         return None
     s = RunSettings.from_dict(record["config"]["settings"])
     return {"id": record.get("id"), "model": record["config"].get("model"), "method": s.prune.method,
-            "allocation": line_label(s), "setup": setup_label(s),
+            "allocation": line_label(s), "setup": setup_label(s, record["config"].get("dtype")),
             "sparsity": record["config"].get("sparsity", s.allocation.sparsity),
             "achieved": achieved_overall(record), "seed": s.calibration.seed,
             "eval": eval_label(record["config"]), "dense_ppl": record.get("dense_ppl"),

@@ -195,7 +195,9 @@ def _details(path: str, run_id: int, revision: int) -> dict:
 
 revisions = store.revisions()
 details = [_details(str(store.path), int(i), revisions.get(int(i), 0)) for i in runs["id"]]
-runs = runs.assign(achieved=[d["achieved"] for d in details], seed=[d["seed"] for d in details],
+# (a whole number, empty for a run that read no calibration text, not 0.0 in the downloaded CSV)
+runs = runs.assign(achieved=[d["achieved"] for d in details],
+                   seed=pd.array([d["seed"] for d in details], dtype="Int64"),
                    eval=[d["eval"] for d in details], line=[d["line"] for d in details],
                    setup=[d["setup"] for d in details], model=runs["model"].map(model_group))
 # one "acc <task>" column per zero-shot task any run was scored on (--tasks, or Score on the Prune page)

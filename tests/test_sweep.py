@@ -113,6 +113,15 @@ def test_a_stored_run_is_named_by_its_settings():
                  calibration=CalibrationSettings(n_samples=4, seqlen=64)) == \
         {"line": "sparsegpt + owl λ=0.04 + trim", "setup": "calib default 4×64"}
     assert named(allocation=alpha, prune=PruneSettings("magnitude", nm="2:4"))["line"] == "magnitude + 2:4"
+    # a run is named by the dtype it ran in: "auto" that picked float32 and float32 asked for are one setup
+    from analysis.settings import ModelSettings
+
+    def ran(dtype_asked: str, dtype_used: str) -> str:
+        settings = RunSettings(model=ModelSettings(dtype=dtype_asked)).to_dict()
+        return run_line({"config": {"settings": settings, "dtype": dtype_used}})["setup"]
+    assert ran("auto", "torch.float32") == ran("float32", "float32") == "calib default 16×256"
+    assert ran("auto", "torch.bfloat16") == ran("bfloat16", "bfloat16") == "calib default 16×256, dtype bfloat16"
+    assert named(model=ModelSettings(dtype="float16"))["setup"].endswith("dtype float16")  # (no record of it)
     assert run_line({"config": {"method": "wanda"}}) is None
     assert run_line({"config": {"settings": {"prune": {"no_such_setting": 1}}}}) is None
 
