@@ -8,6 +8,7 @@ import streamlit as st
 from components.figures import favicon
 from components.state import (
     current_model,
+    finish_model_load,
     follow_url_model,
     model_key,
     model_label,
@@ -69,6 +70,7 @@ for _key in (*PERSIST, *KEPT_STATE):
     if _key in _shadow:  # assigning marks the value as the app's, which survives the page change
         st.session_state[_key] = _shadow[_key]
 
+loading = finish_model_load()  # a load started on the Model page ends here, whichever page is shown
 follow_url_model()  # a reload finds the model it had
 
 with st.sidebar:
@@ -82,10 +84,12 @@ with st.sidebar:
         st.markdown(f"**Model:** {model_label(key)}  \n`{loaded.info.device}` · `{loaded.info.dtype}`")
         work = session_work()
         st.caption(f"Your weights: {work.describe()}")
+    if loading is not None:
+        st.caption(f"Loading {model_label(loading.tag)}…" if not loading.done else
+                   f"Loading {model_label(loading.tag)} failed: the Model page says why.")
     if st.session_state.pop("_restored", False):
         st.caption("Your settings are back after the reload. Weights pruned before it are not: a reload is a new "
                    "session, which starts from the dense model (finished runs are in the run store, on Compare). "
-                   "An allocation search started before it is cancelled (its result lived in that session); a sweep "
-                   "goes on (Compare).")
+                   "An allocation search started before it goes on (Allocation page), as does a sweep (Compare).")
 
 nav.run()

@@ -44,11 +44,13 @@ class Job:
       error: one-line message when status == "error" (`traceback` holds the full text)
       stop: threading.Event set by `cancel()`; pass it to engine calls that accept `stop=`
       started_at / finished_at: time.time() stamps (seconds), None until they happen
+      tag: what the job is for, as its starter tells it (e.g. the model it runs on), or None
     """
 
-    def __init__(self, fn: Callable[[Job], Any], name: str = "job", max_updates: int = 10_000):
+    def __init__(self, fn: Callable[[Job], Any], name: str = "job", max_updates: int = 10_000, tag: Any = None):
         self.fn = fn
         self.name = name
+        self.tag = tag
         self.status = PENDING
         self.progress: tuple[str, float] = ("waiting", 0.0)
         self.result: Any = None

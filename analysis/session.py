@@ -441,8 +441,9 @@ def search_job(job: Job, shared_model: nn.Module, gate: ModelGate, who: str, tok
     clear error. `start`: the user's curve, the search's only start (None: the presets). `metrics`,
     `farms_metrics`, `outlier_ratios`: the dense spectra, FARMS spectra and OWL ratios when known (None:
     the search measures what it needs). Each improvement is emitted as {"per_block", "fitness", "step",
-    "objective"}. `connected`: whether the session that started it is still there; once it has been away for
-    ABANDON_S (a closed or reloaded tab) the search is cancelled, as its result lives only in that session."""
+    "objective"}. `connected`: whether the tab that started it is still open (the dashboard counts a reload's
+    session as the tab's); once it has been away for ABANDON_S (a closed tab) the search is cancelled, as no one
+    would see its result."""
     stop = job.stop if connected is None else _cancel_when_gone(job, connected)
     job.report("copying the model", 0.0)
     need = prune_need(shared_model, RunSettings(allocation=settings, calibration=calibration))

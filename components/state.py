@@ -35,7 +35,7 @@ from streamlit.runtime.scriptrunner import get_script_run_ctx
 # (a rerun overlapping the previous run, or two sessions) could both trigger the lazy import and
 # one of them would see a half-initialized module ("cannot import name").
 from analysis.data import is_split
-from analysis.jobs import CANCELLED, ERROR, Job
+from analysis.jobs import CANCELLED, DONE, ERROR, Job
 from analysis.layers import zero_fraction
 from analysis.loading import (
     PACKAGED,
@@ -157,18 +157,47 @@ def persisted_settings() -> dict[str, Any]:
     with lock:
         held = kept.pop(token, None) if token else None
         settings = copy.deepcopy(held["settings"]) if held is not None else {}
+        jobs = held.get("jobs", {}) if held is not None else {}  # (an entry from before jobs were kept has none)
         restored = bool(settings)
-        if held is not None and held["connected"]():  # another open tab's: it keeps the token
+        if held is not None and held["connected"]():  # another open tab's: it keeps the token (and its jobs)
             kept[token] = held
-            token, restored = None, False
+            token, restored, jobs = None, False, {}
         token = token or uuid.uuid4().hex[:12]
-        kept[token] = {"settings": settings, "connected": connected}
+        kept[token] = {"settings": settings, "connected": connected, "jobs": jobs}
         gone = [t for t, entry in kept.items() if not entry["connected"]()]  # oldest first (insertion order)
         for t in gone[:max(0, len(kept) - MAX_KEPT_SETTINGS)]:
             del kept[t]
     st.query_params[SETTINGS_URL_KEY] = st.session_state["_settings_token"] = token
     st.session_state["_persisted"], st.session_state["_restored"] = settings, restored
+    st.session_state.update(jobs)  # the jobs the tab started before the reload (keep_job)
     return settings
+
+
+def keep_job(key: str, job: Job) -> Job:
+    """Put `job` in this session's state under `key`, and beside the tab's settings (persisted_settings), so that
+    a reload of the tab finds it under `key` again, running or finished. A job that should end when the tab is
+    closed checks `tab_connected`, which a reload does not make False for long."""
+    st.session_state[key] = job
+    kept, lock = _settings_by_url()
+    with lock:
+        if (entry := kept.get(st.session_state.get("_settings_token"))) is not None:
+            entry.setdefault("jobs", {})[key] = job
+    return job
+
+
+def tab_connected() -> Callable[[], bool]:
+    """Whether this tab is still open: the session that holds its settings' URL token now (after a reload, the
+    new one) is connected. Without that token (a page run alone), whether this session is."""
+    token = st.session_state.get("_settings_token")
+    if token is None:
+        return session_connected()
+    kept, lock = _settings_by_url()
+
+    def connected() -> bool:
+        with lock:
+            entry = kept.get(token)
+        return entry is not None and entry["connected"]()
+    return connected
 
 
 def is_loaded(key: ModelKey) -> bool:
@@ -211,9 +240,36 @@ def current_model() -> LoadedModel | None:
     return load_shared_model(*key) if key else None
 
 
+LOAD_KEY = "_model_load"  # the load a session started on the Model page (a Job tagged with its model key)
+
+
+def start_model_load(key: ModelKey) -> Job:
+    """Load the model `key` in the background (load_shared_model), for this session: it goes on when the user
+    leaves the Model page, and `finish_model_load` makes it the session's model on whichever page they are."""
+    def load(job: Job) -> LoadedModel:
+        return load_shared_model(*key, progress=lambda message, frac: job.report(message, min(max(frac, 0.0), 1.0)))
+    job = st.session_state[LOAD_KEY] = Job(load, name="model-load", tag=key).start()
+    return job
+
+
+def finish_model_load() -> Job | None:
+    """A load this session started that has ended: a loaded model becomes the session's (its spectra start), a
+    failed one stays for the Model page to show. Returns the load while it runs (or failed), else None."""
+    job = st.session_state.get(LOAD_KEY)
+    if job is None or job.status != DONE:
+        return job
+    del st.session_state[LOAD_KEY]
+    st.session_state["model_key"] = job.tag
+    spectra_job(job.result)  # the Spectra page opens ready
+    return None
+
+
 def require_model() -> LoadedModel:
-    """The current model, or a pointer to the Model page and a stop of the page script. A model with NaN or
-    inf weights gets its warning (non_finite_note) on top of every page."""
+    """The current model, or a pointer to the Model page and a stop of the page script; while the session's
+    load runs, its progress (the page runs again when it ends). A model with NaN or inf weights gets its
+    warning (non_finite_note) on top of every page."""
+    if (load := finish_model_load()) is not None and not load.done:
+        wait_for(load, f"Loading {load.tag[0]} (started on the Model page)")
     loaded = current_model()
     if loaded is None:
         st.info("No model loaded yet. Load one on the Model page first (the packaged default takes ~2 s).")

@@ -40,11 +40,14 @@ from components.labels import OBJECTIVE_LABELS, SPACE_LABELS, VERIFY_LABELS
 from components.state import (
     CUSTOM_ON_PRUNE,
     NO_TOKENIZER_NOTE,
+    keep_job,
+    model_key,
     owl_job,
     prune_data_settings,
     require_model,
     session_work,
     spectra_job,
+    tab_connected,
     through_app,
     wait_for,
 )
@@ -145,7 +148,10 @@ with st.expander("Preset ratios per block (table)"):
                  hide_index=True, key="alloc_preset_table")
 
 # ---- Find allocation: the search (analysis.search) on a private copy, in the background ----
-SEARCH_KEY = "alloc_search_job"
+SEARCH_KEY = "alloc_search_job"  # kept for a reload of the tab (keep_job): the search goes on meanwhile
+if (_old := st.session_state.get(SEARCH_KEY)) is not None and _old.tag != model_key():
+    _old.cancel()  # a search of the model this session had before: of no use to this one
+    del st.session_state[SEARCH_KEY]
 
 
 def _search_curve(job: Job) -> tuple[str, list[float]] | None:
@@ -262,11 +268,12 @@ with st.expander("Find allocation (search)", expanded=SEARCH_KEY in st.session_s
                 st.error("Your weights are the shared model, pruned in place: the search starts from the dense "
                          "model, so restore it first (Prune page, Restore dense).")
             else:
-                st.session_state[SEARCH_KEY] = search = Job(
+                connected = tab_connected()  # a reload of the tab does not end the search
+                search = keep_job(SEARCH_KEY, Job(
                     lambda j: search_job(j, shared, work.gate, f"{work.owner}'s allocation search", tok,
                                          info.bos_per_window, cfg, search_pruner, cal, ev, info.source, metrics,
-                                         start, known_farms, known_owl, work.connected),
-                    name="allocation-search").start()
+                                         start, known_farms, known_owl, connected),
+                    name="allocation-search", tag=model_key()).start())
     if search is not None and not search.done and not search.cancelled and g2.button("Cancel the search",
                                                                                      key="alloc_search_cancel"):
         search.cancel()

@@ -5,6 +5,7 @@ import pandas as pd
 import streamlit as st
 
 from analysis.evaluation import default_batch_size
+from analysis.jobs import ERROR
 from analysis.layers import UNSUPPORTED, find_layers, unsupported_weights
 from analysis.loading import (
     DEVICE_MAP_AUTO,
@@ -19,15 +20,18 @@ from analysis.loading import (
     resolve_source,
 )
 from components.state import (
+    LOAD_KEY,
     NO_TOKENIZER_NOTE,
+    finish_model_load,
     is_loaded,
     load_shared_model,
     model_key,
     non_finite_note,
     prune_data_settings,
     session_work,
-    spectra_job,
+    start_model_load,
     through_app,
+    wait_for,
 )
 
 through_app(__file__)  # (after a server restart, a tab that comes back starts from app.py)
@@ -140,20 +144,26 @@ if source and not source_problem and held is not None and held.key not in (None,
         held.pruned or (held.job and not held.job.done)):
     st.warning(f"Loading this choice drops your weights of the model loaded now ({held.describe()}) and cancels any "
                "job of yours still running on them; finished runs stay on the Compare page.")
+if (load := st.session_state.get(LOAD_KEY)) is not None and load.status == ERROR:  # (one that ended elsewhere too)
+    del st.session_state[LOAD_KEY]
+    st.error(load.error)
+elif load is not None and not load.done:  # started before the user left the page and came back
+    wait_for(load, f"Loading {load.tag[0]}")
 if st.button("Load model", type="primary", disabled=not source or bool(source_problem), key="model_load"):
-    bar = st.progress(0.0, text="Starting…")
-    try:
-        if problem := _memory_problem():
-            raise ModelLoadError(f"Not loaded: {problem}")
-        loaded = load_shared_model(*key, progress=lambda msg, frac: bar.progress(min(max(frac, 0.0), 1.0), text=msg))
-    except ModelLoadError as e:
-        bar.empty()
-        st.error(str(e))
+    if problem := _memory_problem():
+        st.error(f"Not loaded: {problem}")
     else:
+        # in the background: a user who goes to another page meanwhile gets the model there (finish_model_load)
+        load = start_model_load(key)
+        bar = st.progress(0.0, text="Starting…")
+        while not load.wait(0.25):
+            message, frac = load.progress
+            bar.progress(frac, text=message)
         bar.empty()
-        st.session_state["model_key"] = key
-        spectra_job(loaded)  # start the default spectra in the background: the Spectra page opens ready
-        st.rerun()  # redraw the sidebar, which ran before the load
+        if finish_model_load() is None:
+            st.rerun()  # redraw the sidebar, which ran before the load
+        del st.session_state[LOAD_KEY]
+        st.error(load.error)
 
 current = model_key()
 if current is not None:

@@ -8,6 +8,7 @@ import ast
 import json
 import math
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -170,6 +171,27 @@ def test_a_reload_keeps_the_model_the_server_holds(app):
     other.query_params["model"] = "/not/loaded/anywhere"
     other.run()
     assert not other.exception and "model_key" not in other.session_state
+
+
+def test_a_load_goes_on_when_the_user_leaves_the_model_page(app):
+    """Load model runs in the background: a session that goes to another page while it loads (which stops the
+    Model page's script) sees its progress there, then has the model, and its spectra start."""
+    from analysis.jobs import Job
+    from components.state import LOAD_KEY, load_shared_model
+
+    key, go = app.session_state["model_key"], threading.Event()
+    at = fresh_app()
+    # as start_model_load starts it, held until the test lets it finish
+    at.session_state[LOAD_KEY] = Job(lambda j: go.wait(60) and load_shared_model(*key), tag=key).start()
+    at.switch_page("pages/spectra.py").run()
+    assert not at.exception and "model_key" not in at.session_state
+    assert [p.text.split(":")[0] for p in at.get("progress")] == ["Loading default (started on the Model page)"]
+    assert not [i for i in at.info if "No model loaded yet" in i.value]  # the load's progress instead
+    go.set()
+    at.session_state[LOAD_KEY].wait(60)
+    run_until_idle(at, "spectra")
+    assert not at.exception and at.session_state["model_key"] == key and LOAD_KEY not in at.session_state
+    assert not [i for i in at.info if "No model loaded yet" in i.value]
 
 
 def test_a_reload_keeps_the_settings_and_a_second_tab_gets_its_own():
