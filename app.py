@@ -43,7 +43,7 @@ PERSIST = (
     "alloc_search_text", "alloc_search_verify", "alloc_search_samples", "alloc_search_space",
     "alloc_search_then_steps", "alloc_search_then_samples", "alloc_search_from_mine",
     "prune_method", "prune_nm", "prune_alloc", "prune_sparsity", "prune_epsilon", "prune_owl_lambda",
-    "prune_calib_source",
+    "prune_calib_source", "prune_calib_seed",
     "prune_n_samples", "prune_calib_seqlen", "prune_eval_source", "prune_eval_own", "prune_eval_seqlen",
     "prune_windows", "prune_encoding", "prune_rowwise", "prune_export_dir", "prune_export_format",
     "prune_recipe_pruner", "prune_zs_tasks", "prune_zs_limit",

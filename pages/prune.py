@@ -119,6 +119,9 @@ rowwise = st.selectbox("Row-wise sparsity", ["none", *ROWWISE], key="prune_rowwi
                             "rows whose output survives pruning well lose more, the others less, each matrix "
                             "keeping its ratio. It costs a few extra pruning passes per matrix: with SparseGPT, "
                             "each is a reconstruction, so the prune takes several times longer.")
+if nm != "unstructured":
+    st.caption(f"{nm} prunes every matrix to {sparsity:.0%}: the allocation and row-wise sparsity above do not apply "
+               "(they stay set for unstructured runs).")
 epsilon, owl_lambda = ALLOC_DEFAULT.epsilon, ALLOC_DEFAULT.owl_lambda
 if allocation in SPECTRA_METHODS:
     epsilon = st.slider("ε (spread of the α-guided ratios)", 0.0, 0.9, ALLOC_DEFAULT.epsilon, 0.05, key="prune_epsilon")
@@ -127,7 +130,7 @@ elif allocation == "owl":
                            key="prune_owl_lambda", help="Ratios lie in [S-λ, S+λ] before rescaling to the budget.")
 
 with st.expander("Calibration and evaluation data"):
-    d1, d2, d3 = st.columns(3)
+    d1, d2, d3, d4 = st.columns(4)
     calibration_source = d1.text_input("Calibration text", CALIB_DEFAULT.source, key="prune_calib_source",
                                  help="'default' (embedded corpus: its first half calibrates, its second half "
                                       "evaluates), 'wikitext2:valid', a .txt or .jsonl path, or "
@@ -137,6 +140,9 @@ with st.expander("Calibration and evaluation data"):
                                 help="The papers use 128 x 2048 tokens; the default keeps a CPU prune interactive.")
     calib_seqlen = d3.number_input("Calibration length (tokens)", 16, 2048, CALIB_DEFAULT.seqlen, step=16,
                                    key="prune_calib_seqlen")
+    calib_seed = d4.number_input("Calibration seed", 0, 2**31 - 1, CALIB_DEFAULT.seed, key="prune_calib_seed",
+                                 help="Which random windows of the calibration text are drawn (--seed on the command "
+                                      "line): runs of several seeds give the spread of a result.")
     e1, e2, e3, e4 = st.columns(4)
     eval_source = e1.selectbox("Evaluation text", EVAL_SOURCES, key="prune_eval_source")
     if eval_source == OWN_TEXT:
@@ -176,7 +182,7 @@ elif allocation == "custom":
                + " The target sparsity here does not apply to it.")
 fit = st.session_state.get("spectra_fit", SpectraSettings.fit)
 calibration = CalibrationSettings(calibration_source.strip() or CALIB_DEFAULT.source, int(n_samples), int(calib_seqlen),
-                                  encoding=encoding)
+                                  int(calib_seed), encoding=encoding)
 evaluation = EvaluationSettings(eval_source, int(eval_seqlen), int(max_windows) or None, encoding=encoding)
 remember_prune_data(calibration, evaluation)
 if allocation == "custom" and custom is not None:  # the curve's own settings, so the run record can redo it

@@ -635,6 +635,7 @@ def test_owl_preset_is_the_allocation_an_owl_run_applies(app, runs_db):
     app.switch_page("pages/prune.py").run()
     app.selectbox(key="prune_alloc").set_value("OWL (outlier-guided)")
     app.number_input(key="prune_n_samples").set_value(4)
+    app.number_input(key="prune_calib_seed").set_value(1)  # (the Allocation page's OWL preset reads it too)
     app.number_input(key="prune_calib_seqlen").set_value(64)
     app.number_input(key="prune_eval_seqlen").set_value(64)
     app.number_input(key="prune_windows").set_value(1)
@@ -647,6 +648,7 @@ def test_owl_preset_is_the_allocation_an_owl_run_applies(app, runs_db):
     run_id = int(store.all()["id"].max())
     record = store.get(run_id)
     assert record["config"]["allocation"] == "owl" and record["config"]["n_samples"] == 4
+    assert record["config"]["seed"] == 1 and record["config"]["settings"]["calibration"]["seed"] == 1
     # the dashboard's run is a CLI command away: its record to download, and the command that reruns it
     assert any(f"python -m analysis prune --rerun run-{run_id}.json" in c.value for c in app.caption)
     assert (record["config"]["device"], record["config"]["dtype"]) == ("cpu", "float32")
@@ -672,6 +674,7 @@ def test_owl_preset_is_the_allocation_an_owl_run_applies(app, runs_db):
     app.checkbox(key="alloc_more").uncheck().run()
     app.switch_page("pages/prune.py").run()
     app.button(key="prune_restore").click().run()
+    app.number_input(key="prune_calib_seed").set_value(0).run()  # (the app is shared)
 
 
 def test_prune_page_shows_an_nm_patterns_sparsity_and_keeps_the_target(app):
@@ -680,6 +683,7 @@ def test_prune_page_shows_an_nm_patterns_sparsity_and_keeps_the_target(app):
     app.selectbox(key="prune_nm").set_value("2:4").run()
     shown = app.slider(key="prune_sparsity_nm")
     assert shown.value == pytest.approx(0.5) and shown.disabled and app.selectbox(key="prune_alloc").disabled
+    assert any(c.value.startswith("2:4 prunes every matrix to 50%: the allocation") for c in app.caption)
     app.selectbox(key="prune_nm").set_value("4:8").run()
     assert app.slider(key="prune_sparsity_nm").value == pytest.approx(0.5)
     app.selectbox(key="prune_nm").set_value("unstructured").run()
