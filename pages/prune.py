@@ -316,8 +316,11 @@ def live() -> None:
     elif dense.status == ERROR:
         m2.error(f"Dense baseline failed: {dense.error}")
     elif dense_updates:
-        m2.metric("Dense baseline perplexity", f"{dense_updates[-1].ppl:.2f}",
-                  help=f"{dense_updates[-1].windows_done}/{dense_updates[-1].windows_total} windows")
+        last = dense_updates[-1]
+        so_far = f" ({last.windows_done}/{last.windows_total} windows so far)" \
+            if last.windows_done < last.windows_total else ""  # (a tab opened while it is measured)
+        m2.metric(f"Dense baseline perplexity{so_far}", f"{last.ppl:.2f}",
+                  help=f"{last.windows_done}/{last.windows_total} windows")
     else:
         m2.metric("Dense baseline perplexity", "…")
     updates = j.updates() if j is not None else []
