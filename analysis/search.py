@@ -507,15 +507,13 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
 
     rng = np.random.default_rng(seed)
     try:
-        start_losses = {}
+        start_scores: dict[str, float] = {}
         levels.stop = stop  # until a start is scored there is no best to return: a stop ends the search there
         for i, (name, alloc) in enumerate(starts.items()):
             if progress:
-                progress(f"search: scoring the start {name} ({i + 1}/{len(starts)})"
-                         f"{lead({n: float(x.mean()) for n, x in start_losses.items()})}", 0.0)
-            start_losses[name] = losses(alloc.per_layer, confirm)
+                progress(f"search: scoring the start {name} ({i + 1}/{len(starts)}){lead(start_scores)}", 0.0)
+            start_scores[name] = float(losses(alloc.per_layer, confirm).mean())
             levels.stop = None
-        start_scores = {name: float(x.mean()) for name, x in start_losses.items()}
         verified: dict[str, float] = {}
         real_losses: dict[str, np.ndarray] = {}
         best_state, best_fit = None, math.inf

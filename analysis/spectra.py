@@ -103,6 +103,11 @@ class SpectraResult:
         return self.metrics.assign(beyond_mp=pd.array(beyond, dtype="Int64"), alpha_stderr=stderr, fit=self.fit,
                                    min_tail=self.min_tail, farms=self.farms, normalize=self.normalize)
 
+    def save_esds(self, file) -> None:
+        """Every matrix's eigenvalues (`esds`) as one NumPy .npz, an array per matrix name; `file`: a path or a
+        binary file object (what the CLI's --esds and the Spectra page's download write)."""
+        np.savez_compressed(file, **self.esds)
+
 
 # ---------------------------------------------------------------------------------------------
 # eigenvalues
@@ -755,11 +760,10 @@ def mp_curve(eigs: np.ndarray, ratio: float, log: bool = True, points: int = 400
 ALPHA_BANDS = (2.0, 6.0)  # HT-SR's reading: below over-trained, inside well trained, above under-trained
 
 
-def alpha_summary(result: SpectraResult) -> dict:
-    """The reading of a model's prunable matrices whose fit is "ok" (`fitted` of them): their mean alpha, how many
-    lie below, inside and above ALPHA_BANDS, and how many have a tail beyond the Marchenko–Pastur edge
-    (`beyond_mp_edge`), where alone alpha reads learned structure."""
-    table = result.table()
+def alpha_summary(table: pd.DataFrame) -> dict:
+    """The reading of a spectra table's (SpectraResult.table()) prunable matrices whose fit is "ok" (`fitted` of
+    them): their mean alpha, how many lie below, inside and above ALPHA_BANDS, and how many have a tail beyond the
+    Marchenko–Pastur edge (`beyond_mp`), where alone alpha reads learned structure."""
     ok = table[(table["status"] == "ok") & table["prunable"]]
     low, high = ALPHA_BANDS
     return {"fitted": len(ok), "mean_alpha": float(ok["alpha"].mean()) if len(ok) else math.nan,

@@ -144,10 +144,11 @@ if source and not source_problem and held is not None and held.key not in (None,
         held.pruned or (held.job and not held.job.done)):
     st.warning(f"Loading this choice drops your weights of the model loaded now ({held.describe()}) and cancels any "
                "job of yours still running on them; finished runs stay on the Compare page.")
-if (load := st.session_state.get(LOAD_KEY)) is not None and load.status == ERROR:  # (one that ended elsewhere too)
+# this session's load: its model taken once it has ended, its error shown (where it ended), its progress while it runs
+if (load := finish_model_load()) is not None and load.status == ERROR:
     del st.session_state[LOAD_KEY]
     st.error(load.error)
-elif load is not None and not load.done:  # started before the user left the page and came back
+elif load is not None:  # started before the user left the page and came back
     wait_for(load, f"Loading {load.tag[0]}")
 if st.button("Load model", type="primary", disabled=not source or bool(source_problem), key="model_load"):
     if problem := _memory_problem():
@@ -159,11 +160,7 @@ if st.button("Load model", type="primary", disabled=not source or bool(source_pr
         while not load.wait(0.25):
             message, frac = load.progress
             bar.progress(frac, text=message)
-        bar.empty()
-        if finish_model_load() is None:
-            st.rerun()  # redraw the sidebar, which ran before the load
-        del st.session_state[LOAD_KEY]
-        st.error(load.error)
+        st.rerun()  # the sidebar, which ran before the load, and the load's end above: its model or its error
 
 current = model_key()
 if current is not None:

@@ -5,7 +5,6 @@ import math
 import re
 from contextlib import nullcontext
 
-import numpy as np
 import streamlit as st
 
 from analysis.layers import find_layers
@@ -81,7 +80,7 @@ st.caption(f"{len(metrics)} matrices ({int(metrics['prunable'].sum())} prunable:
               if zero and loaded.info.quantization and model is not work.model else "") + " · "
            f"fit '{res.fit}'{' · FARMS' if res.farms else ''}")
 
-summary = alpha_summary(res)
+summary = alpha_summary(metrics)
 m1, m2, m3, m4, m5 = st.columns(5)
 m1.metric("Mean α (prunable)", f"{summary['mean_alpha']:.2f}" if summary["fitted"] else "n/a")
 m2.metric(f"α < {LOW:g} (over-trained)", summary["below"])
@@ -93,10 +92,9 @@ m5.metric("With a tail beyond MP", f"{summary['with_tail']} of {summary['fitted'
                "yet a fit to its bulk can still land in the 'well trained' band (see the Learn page).")
 
 
-
-def _npz(esds: dict) -> bytes:
+def _npz() -> bytes:
     buf = io.BytesIO()
-    np.savez_compressed(buf, **esds)
+    res.save_esds(buf)
     return buf.getvalue()
 
 
@@ -186,7 +184,7 @@ stem = "_".join(["spectra", model_name, res.fit] + (["farms"] if res.farms else 
                                                                                   else []))
 st.download_button("Download metrics (CSV)", metrics.assign(**setting).to_csv(index=False).encode(),
                    file_name=f"{stem}.csv", mime="text/csv", key="spectra_csv")
-st.download_button("Download ESDs (.npz)", lambda: _npz(res.esds), file_name=f"{stem}_esds.npz",
+st.download_button("Download ESDs (.npz)", _npz, file_name=f"{stem}_esds.npz",
                    mime="application/octet-stream", key="spectra_npz",
                    help="Every matrix's eigenvalues, ascending (FARMS: its windows' pooled), one array per matrix "
                         "name: numpy.load(...)[name]. The command line writes the same with `spectra --esds`.")

@@ -194,6 +194,27 @@ def test_a_load_goes_on_when_the_user_leaves_the_model_page(app):
     assert not [i for i in at.info if "No model loaded yet" in i.value]
 
 
+def test_a_load_that_fails_says_why_and_leaves_no_model(tmp_path):
+    """A load that fails in the background (weights that do not read) is an error on the Model page, and the
+    session has no model and no load left."""
+    from conftest import save_tiny_llama
+
+    from components.state import LOAD_KEY
+
+    folder = tmp_path / "broken"
+    save_tiny_llama(folder)
+    for weights in folder.glob("*.safetensors"):
+        weights.write_bytes(b"not a safetensors file")
+    at = fresh_app()
+    at.radio(key="model_choice").set_value("Local checkpoint folder").run()
+    at.text_input(key="model_folder").set_value(str(folder)).run()
+    at.button(key="model_load").click().run()
+    assert not at.exception and [e.value for e in at.error if "corrupt safetensors header" in e.value] == \
+        [e.value for e in at.error], [e.value for e in at.error]  # the load's own error, once
+    assert len(at.error) == 1
+    assert "model_key" not in at.session_state and LOAD_KEY not in at.session_state
+
+
 def test_a_reload_keeps_the_settings_and_a_second_tab_gets_its_own():
     """The URL names the tab's settings (?s=...): a new session on it after the tab went away (a reload) takes
     them back, the Allocation page's curve too, and says weights pruned before are not; one opened while the tab

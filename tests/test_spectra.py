@@ -138,7 +138,7 @@ def test_only_a_tail_beyond_the_marchenko_pastur_edge_counts():
     refs = [linear_ref(w, f"m{i}", i) for i, w in enumerate(
         [gaussian(200, 400, seed=0), gaussian(200, 400, seed=0) + 3 * spike / 20, torch.zeros(200, 400)])]
     result = analyze(refs)
-    summary = alpha_summary(result)
+    summary = alpha_summary(result.table())
     alphas = result.metrics["alpha"].iloc[:2]
     assert summary["fitted"] == 2 and summary["with_tail"] == 1  # the all-zero matrix has no fit
     assert summary["below"] + summary["inside"] + summary["above"] == 2

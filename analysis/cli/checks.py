@@ -7,7 +7,6 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from analysis.allocation import Allocation, AllocationError
@@ -197,9 +196,9 @@ def checked_table_out(args: argparse.Namespace, more: dict[str, str | None] | No
 
 
 def write_esds(result: SpectraResult, out: str) -> None:
-    """The spectra's eigenvalues (SpectraResult.esds) as one .npz, an array per matrix name."""
+    """The spectra's eigenvalues as one .npz (SpectraResult.save_esds); UsageError naming --esds if it fails."""
     try:
-        np.savez_compressed(Path(out).expanduser(), **result.esds)
+        result.save_esds(Path(out).expanduser())
     except OSError as e:
         raise UsageError(f"--esds: cannot write {out}: {e.strerror or e}") from e
 

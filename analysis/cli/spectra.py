@@ -81,9 +81,9 @@ def cmd_spectra(args: argparse.Namespace) -> int:
     if result is None:
         loaded = load_checked(model, tokenizer=False)
         result, title = analyze(loaded.model, **kwargs), loaded.info.title
-    metrics = result.metrics
+    metrics, table = result.metrics, result.table()  # the table: each row with its fit's trust and the settings
     report = sys.stdout if args.out else sys.stderr  # keep stdout clean when the table goes there
-    write_table(result.table(), args.out, as_json)  # each row with its fit's trust and the settings
+    write_table(table, args.out, as_json)
     if args.esds:
         write_esds(result, args.esds)
     with pd.option_context("display.width", 200, "display.max_rows", 500):
@@ -93,7 +93,7 @@ def cmd_spectra(args: argparse.Namespace) -> int:
         print(f"warning: {names[0]}: {status}" if len(names) == 1 else
               f"warning: {len(names)} matrices: {status} (e.g. {names[0]}; the status column names them)",
               file=sys.stderr)
-    read = alpha_summary(result)  # the Spectra page's reading, of the prunable matrices fitted
+    read = alpha_summary(table)  # the Spectra page's reading, of the prunable matrices fitted
     low, high = ALPHA_BANDS
     print(f"{len(metrics)} matrices of {title}, fit={settings.fit}{', FARMS' if settings.farms else ''}: "
           f"median alpha {metrics['alpha'].median():.3f}; of {read['fitted']} prunable fitted, {read['inside']} in "
