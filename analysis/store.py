@@ -207,10 +207,17 @@ def achieved_overall(record: dict) -> float | None:
 
 def run_summary(record: dict) -> dict:
     """What the Compare page shows of a run beyond the table's columns: achieved overall sparsity,
-    the per-block allocation, the evaluation (`eval_label`) and the calibration seed."""
+    the per-block allocation, the evaluation (`eval_label`), AlphaPruning's / FARMS' ε and OWL's λ (None where
+    the allocation reads none), and the calibration text (its full source) and seed (None where the run read
+    no calibration text)."""
     alloc, config = record.get("allocation") or {}, record.get("config") or {}
+    stored = (config.get("settings") or {}).get("allocation") or {}
+    owl = config.get("allocation_source") == "owl" and not config.get("nm")
+    calibrated = bool(config.get("n_samples"))
     return {"achieved": achieved_overall(record), "per_block": alloc.get("per_block") or [],
-            "eval": eval_label(config), "seed": config.get("seed")}
+            "eval": eval_label(config), "epsilon": config.get("epsilon"),
+            "owl_lambda": stored.get("owl_lambda") if owl else None,
+            "calibration": config.get("calib") if calibrated else None, "seed": config.get("seed")}
 
 
 def _json_default(obj):

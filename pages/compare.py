@@ -205,6 +205,9 @@ accuracy = pd.DataFrame([d["zeroshot"] for d in details], index=runs.index).add_
 runs = pd.concat([runs, accuracy], axis=1)
 per_block = {int(i): d["per_block"] for i, d in zip(runs["id"], details)}
 
+                   epsilon=pd.array([d["epsilon"] for d in details], dtype="Float64"),
+                   owl_lambda=pd.array([d["owl_lambda"] for d in details], dtype="Float64"),
+                   calibration=[d["calibration"] for d in details],
 reset = st.session_state.pop("_compare_reset", False)
 
 

@@ -779,3 +779,6 @@ def test_compare_page_lists_the_run(app):
     # runs are named by their settings: the OWL run at λ 0.04 (above) is not one line with OWL at the default
     assert "wanda + owl λ=0.04" in set(table["line"])
     assert any("wanda + owl λ=0.04" in label for label in app.multiselect(key="compare_delete").options)
+    # its λ, ε and calibration text are columns of their own (of the downloaded CSV too)
+    owl = table[table["line"] == "wanda + owl λ=0.04"]
+    assert (owl["owl_lambda"] == 0.04).all() and owl["epsilon"].isna().all() and owl["calibration"].notna().all()

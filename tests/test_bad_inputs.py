@@ -496,6 +496,7 @@ def test_a_run_that_reads_no_calibration_text_ignores_its_length(tiny_folder, tm
               "--eval-seqlen", "32", "--max-windows", "1", "--db", str(tmp_path / "runs.sqlite")]
     r = run_cli("prune", f"--model={tiny_folder}", "--method", "magnitude", *common)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert "no calibration text read (magnitude with this allocation does not use --calib)" in r.stderr
     assert len(RunStore(tmp_path / "runs.sqlite")) == 1
     r = run_cli("prune", f"--model={tiny_folder}", "--method", "wanda", *common)
     assert r.returncode == 2 and "--seqlen: Calibration text has" in r.stderr

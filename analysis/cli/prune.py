@@ -255,7 +255,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     loaded = load_checked(settings.model, check)
     calibrates = f"calibration {settings.calibration.n_samples} x {settings.calibration.seqlen} tokens from " \
-        f"{settings.calibration.source}; " if settings.needs_calibration() else "no calibration text read; "
+        f"{settings.calibration.source}; " if settings.needs_calibration() else "no calibration text read" + (
+            f" ({settings.prune.method} with this allocation does not use --calib)" if typed_flags(args, "--calib")
+            else "") + "; "
     print(f"{calibrates}evaluation on {settings.evaluation.source}", file=sys.stderr)
     hint_search_text(settings.allocation, settings.evaluation.source)
     result = run(loaded, settings, progress=print_progress, on_ppl=print_ppl, origin="cli",
