@@ -74,56 +74,64 @@ with st.expander("Run a sweep", expanded=False):
                "tokens) and stored here; configurations already stored are skipped. More than one worker, or a "
                "Ray address, runs them as Ray tasks; the sweep loads its own copy of the model. `auto` runs the "
                "allocation search in each configuration, seeded by its calibration seed.")
+    # locked while a sweep runs: a field typed in meanwhile would be submitted later while showing an older value
+    locked = running is not None
     with st.form("sweep_form", enter_to_submit=False):  # Enter in a field is an edit, not a sweep of many runs
         c1, c2, c3 = st.columns(3)
         form = {
-            "model": c1.text_input("Model", value=(model_key() or ("default",))[0], key="sweep_model"),
+            "model": c1.text_input("Model", value=(model_key() or ("default",))[0], key="sweep_model", disabled=locked),
             "methods": c1.multiselect("Pruners", list(PRUNERS), default=[PruneSettings.method],
-                                    key="sweep_methods"),
+                                    key="sweep_methods", disabled=locked),
             "rowwise": c1.multiselect("Row-wise sparsity", ["none", *ROWWISE], default=["none"], key="sweep_rowwise",
-                                      help="Per-row ratios inside each matrix (TRIM), as on the Prune page; both "
-                                           "runs every configuration both ways."),
+                                      disabled=locked, help="Per-row ratios inside each matrix (TRIM), as on the "
+                                                            "Prune page; both runs every configuration both ways."),
             "allocations": c1.multiselect("Allocations", list(NAMED_ALLOCATIONS), default=["uniform", "alphapruning"],
-                                          key="sweep_allocations"),
-            "files": c1.text_input("Allocation JSON files (comma-separated)", key="sweep_files"),
+                                          key="sweep_allocations", disabled=locked),
+            "files": c1.text_input("Allocation JSON files (comma-separated)", key="sweep_files", disabled=locked),
             "curves": c2.text_area("Custom curves, one per line (depth:sparsity,...)", key="sweep_curves",
-                                   placeholder="0:0.4,0.5:0.6,1:0.8"),
-            "sparsities": c2.text_input("Sparsities", "0.5,0.6,0.7", key="sweep_sparsities"),
+                                   disabled=locked, placeholder="0:0.4,0.5:0.6,1:0.8"),
+            "sparsities": c2.text_input("Sparsities", "0.5,0.6,0.7", key="sweep_sparsities", disabled=locked),
             "epsilons": c2.text_input("Epsilons (alphapruning, farms)", f"{AllocationSettings.epsilon:g}",
-                                      key="sweep_epsilons"),
-            "owl_lambdas": c2.text_input("OWL lambdas", f"{AllocationSettings.owl_lambda:g}", key="sweep_owl_lambdas"),
+                                      key="sweep_epsilons", disabled=locked),
+            "owl_lambdas": c2.text_input("OWL lambdas", f"{AllocationSettings.owl_lambda:g}", key="sweep_owl_lambdas",
+                                          disabled=locked),
             "search_steps": c2.number_input("Search generations (auto)", 1, 500, AllocationSettings.search_steps,
-                                            key="sweep_search_steps"),
+                                            key="sweep_search_steps", disabled=locked),
             "search_then_steps": c2.number_input("Then: more generations (auto)", 0, 500,
                                                  AllocationSettings.search_then_steps, key="sweep_search_then_steps",
+                                                 disabled=locked,
                                                  help="A second stage from the search's result, its real prunes "
                                                       "scored on twice the windows of the search text, which it "
                                                       "needs (as on the Allocation page)."),
             "search_step": c2.number_input("Search step (auto)", 0.005, SEARCH_STEP_MAX, AllocationSettings.search_step,
-                                           0.005, format="%.3f", key="sweep_search_step"),
+                                           0.005, format="%.3f", key="sweep_search_step", disabled=locked),
             "search_text": c2.text_input("Search scored on (auto; empty: the calibration text)",
-                                         key="sweep_search_text", help="A held-out text source, best the valid "
-                                         "split of the evaluation text's domain (wikitext2:valid for "
-                                         "wikitext2:test); never the evaluation text."),
+                                         key="sweep_search_text", disabled=locked,
+                                         help="A held-out text source, best the valid split of the evaluation "
+                                              "text's domain (wikitext2:valid for wikitext2:test); never the "
+                                              "evaluation text."),
             "search_space": c2.selectbox("Search space (auto)", SEARCH_SPACES, key="sweep_search_space",
+                                         disabled=locked,
                                          index=SEARCH_SPACES.index(AllocationSettings.search_space),
                                          format_func=SPACE_LABELS.get,
                                          help="Per block, or also one offset per matrix kind shared by every block "
                                               "(as on the Allocation page)."),
             "search_objective": c2.selectbox("Search objective (auto)", SEARCH_OBJECTIVES, key="sweep_search_objective",
+                                             disabled=locked,
                                              index=SEARCH_OBJECTIVES.index(AllocationSettings.search_objective),
                                              format_func=OBJECTIVE_LABELS.get),
             "search_verify": c2.selectbox("Prune for real (auto)", VERIFY_MODES, key="sweep_search_verify",
+                                          disabled=locked,
                                           index=VERIFY_MODES.index(AllocationSettings.search_verify),
                                           format_func=VERIFY_LABELS.get,
                                           help="What the search confirms with a full prune instead of its fast proxy "
                                                "(as on the Allocation page)."),
-            "seeds": c3.text_input("Calibration seeds", "0,1", key="sweep_seeds"),
-            "eval": c3.text_input("Evaluation text", QUICK_EVALUATION.source, key="sweep_eval"),
+            "seeds": c3.text_input("Calibration seeds", "0,1", key="sweep_seeds", disabled=locked),
+            "eval": c3.text_input("Evaluation text", QUICK_EVALUATION.source, key="sweep_eval", disabled=locked),
             "max_windows": c3.number_input("Evaluation windows", 1, 10_000, QUICK_EVALUATION.max_windows,
-                                           key="sweep_max_windows"),
-            "workers": c3.number_input("Workers", 1, 64, 1, key="sweep_workers"),
-            "address": c3.text_input("Ray address (empty: this machine)", key="sweep_address",
+                                           key="sweep_max_windows", disabled=locked),
+            "workers": c3.number_input("Workers", 1, 64, 1, key="sweep_workers", disabled=locked),
+            "address": c3.text_input("Ray address (empty: this machine)", key="sweep_address", disabled=locked,
                                      help="An existing cluster: host:port (its GCS, from a node of the cluster) "
                                      "or ray://host:10001 (Ray Client). A cluster with token authentication "
                                      "needs the app started with RAY_AUTH_MODE=token and the token "
@@ -197,6 +205,9 @@ revisions = store.revisions()
 details = [_details(str(store.path), int(i), revisions.get(int(i), 0)) for i in runs["id"]]
 # (a whole number, empty for a run that read no calibration text, not 0.0 in the downloaded CSV)
 runs = runs.assign(achieved=[d["achieved"] for d in details],
+                   epsilon=pd.array([d["epsilon"] for d in details], dtype="Float64"),
+                   owl_lambda=pd.array([d["owl_lambda"] for d in details], dtype="Float64"),
+                   calibration=[d["calibration"] for d in details],
                    seed=pd.array([d["seed"] for d in details], dtype="Int64"),
                    eval=[d["eval"] for d in details], line=[d["line"] for d in details],
                    setup=[d["setup"] for d in details], model=runs["model"].map(model_group))
@@ -205,9 +216,6 @@ accuracy = pd.DataFrame([d["zeroshot"] for d in details], index=runs.index).add_
 runs = pd.concat([runs, accuracy], axis=1)
 per_block = {int(i): d["per_block"] for i, d in zip(runs["id"], details)}
 
-                   epsilon=pd.array([d["epsilon"] for d in details], dtype="Float64"),
-                   owl_lambda=pd.array([d["owl_lambda"] for d in details], dtype="Float64"),
-                   calibration=[d["calibration"] for d in details],
 reset = st.session_state.pop("_compare_reset", False)
 
 

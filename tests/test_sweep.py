@@ -665,6 +665,8 @@ def test_compare_page_shows_the_servers_running_sweep_in_every_tab(tmp_path, mon
         at = AppTest.from_file(str(ROOT / "pages" / "compare.py"), default_timeout=60).run()
         assert not at.exception, [e.value for e in at.exception]
         assert at.button[0].disabled  # the form's Start
+        # and its fields: one typed in meanwhile would be submitted later while showing an older value
+        assert at.text_input(key="sweep_epsilons").disabled and at.multiselect(key="sweep_methods").disabled
         assert any("Sweep (running): 1/4 wanda uniform 0.5 done" in p.proto.text for p in at.get("progress"))
         at.button(key="sweep_cancel").click().run()
         assert job.wait(30) and job.status == "cancelled"
