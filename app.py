@@ -35,8 +35,8 @@ return_to_page()  # a page Streamlit ran without this script (after a server res
 # own value is gone, so a page shows what the user chose when they come back to it.
 PERSIST = (
     "model_choice", "model_hf_id", "model_folder", "model_cached", "model_device", "model_dtype", "model_trust",
-    "spectra_fit", "spectra_farms", "spectra_weights", "spectra_layer", "spectra_depth_metric",
-    "spectra_heat_metric", "spectra_log", "spectra_mp", "spectra_rand",
+    "spectra_fit", "spectra_min_tail", "spectra_farms", "spectra_weights", "spectra_layer", "spectra_overlay",
+    "spectra_depth_metric", "spectra_heat_metric", "spectra_log", "spectra_mp", "spectra_rand",
     "alloc_target", "alloc_epsilon", "alloc_mode", "alloc_more", "alloc_owl_lambda", "alloc_preset",
     "alloc_preset_points",
     "alloc_search_pruner", "alloc_search_steps", "alloc_search_step", "alloc_search_seed", "alloc_search_objective",

@@ -37,7 +37,7 @@ from analysis.data import (
 from analysis.errors import AlphascopeError
 from analysis.layers import find_layers, layer_table, prunable_layers
 from analysis.loading import DEVICE_MAP_AUTO, DTYPES, ModelLoadError, ModelPreview, pick_device
-from analysis.powerlaw import check_fit
+from analysis.powerlaw import MIN_TAIL, check_fit
 from analysis.pruners import PRUNERS, SPARSEGPT_BLOCK, check_rowwise, parse_nm
 
 # allocation methods a run can name; "auto" a search (analysis.search), "custom" a drawn curve, "file" an
@@ -170,15 +170,18 @@ class ModelSettings:
 class SpectraSettings:
     """fit: xmin rule of the power-law fit (analysis.powerlaw); farms: pooled fixed-aspect-ratio
     windows; normalize: eigenvalues divided by N, the long side of the matrix (of a window with FARMS);
-    include_outside: embedding and lm_head too."""
+    include_outside: embedding and lm_head too; min_tail: the fewest eigenvalues the "scan" rule's tail
+    may keep (read by scan only; 2 is weightwatcher's default fit)."""
 
     fit: str = "peak"
     farms: bool = False
     normalize: bool = False
     include_outside: bool = False
+    min_tail: int = MIN_TAIL
 
     def check(self) -> SpectraSettings:
         _checked("spectra.fit", check_fit, self.fit)
+        _checked("spectra.min_tail", check_fit, self.fit, self.min_tail)
         return self
 
 

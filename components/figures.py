@@ -83,20 +83,23 @@ def _steps(edges: np.ndarray, dens: np.ndarray, floor: float) -> dict:
 def esd_figure(eigs: np.ndarray, alpha: float | None = None, xmin: float | None = None, log: bool = True,
                mp: tuple[np.ndarray, np.ndarray] | None = None,
                randomized: np.ndarray | None = None, title: str = "",
-               x_title: str = "eigenvalue λ of WᵀW") -> go.Figure:
+               x_title: str = "eigenvalue λ of WᵀW", overlay: tuple[str, np.ndarray] | None = None) -> go.Figure:
     """ESD histogram with the fitted power law p(λ) ∝ λ^-alpha drawn over the tail λ >= xmin.
 
     The power-law line is scaled to the tail's share of the eigenvalues, so on the log-log plot it
     sits on the histogram: p(λ) = f · (alpha-1)/xmin · (λ/xmin)^-alpha, f = n_tail / n.
     mp: (x, density) of a Marchenko–Pastur curve; randomized: eigenvalues of the same matrix with its
-    entries shuffled (what the layer would look like with no learned structure).
+    entries shuffled (what the layer would look like with no learned structure); overlay: (name,
+    eigenvalues) of another ESD drawn as a line over this one (another layer, or this one pruned).
     """
     edges, dens = esd_density(eigs, log=log)
+    oedges, odens = esd_density(overlay[1], log=log) if overlay is not None else (None, dens[:0])
     fig = go.Figure()
     keep = dens > 0
+    drawn = np.concatenate([dens[keep], odens[odens > 0]])  # the densities the y axis shows
     # a log axis has no zero: empty bins are drawn down at `floor`, below the axis range, so a gap in
     # the spectrum (a lone outlier far out) shows as a gap instead of a line joining its neighbours
-    floor = dens[keep].min() / 10 if log and keep.any() else 0.0
+    floor = drawn.min() / 10 if log and keep.any() else 0.0
     if log:  # bars have no sensible width on a log axis: draw the histogram as a filled step line
         fig.add_trace(go.Scatter(
             **_steps(edges, dens, floor), mode="lines", fill="tozeroy", line=dict(color="#4c78a8", width=1),
@@ -115,6 +118,9 @@ def esd_figure(eigs: np.ndarray, alpha: float | None = None, xmin: float | None 
         redges, rdens = esd_density(randomized, log=log)
         fig.add_trace(go.Scatter(**_steps(redges, rdens, floor), mode="lines", line=dict(color="#9467bd", width=1.5),
                                  name="randomized"))
+    if overlay is not None:
+        fig.add_trace(go.Scatter(**_steps(oedges, odens, floor), mode="lines", line=dict(color="#ff7f0e", width=1.5),
+                                 name=overlay[0]))
     if mp is not None:
         mx, my = mp
         mk = my > 0
@@ -134,13 +140,13 @@ def esd_figure(eigs: np.ndarray, alpha: float | None = None, xmin: float | None 
         fig.add_annotation(x=math.log10(xmin) if log else xmin, y=1, yref="paper", yanchor="top", xanchor="left",
                            xshift=2, text="xmin", showarrow=False, font=dict(size=10, color="#d62728"),
                            bgcolor="rgba(255,255,255,0.7)")
-    shown = x if randomized is None else np.concatenate([x, np.asarray(randomized, dtype=np.float64)])
+    shown = np.concatenate([x, *(np.asarray(e, dtype=np.float64) for e in (randomized, overlay[1] if overlay else None)
+                                 if e is not None)])
     fig.update_xaxes(type="log" if log else "linear", title=x_title, **(log_ticks(pd.Series(shown)) if log else {}))
     fig.update_yaxes(type="log" if log else "linear", title="density")
     if log and keep.any():
-        lo = dens[keep].min()
-        fig.update_yaxes(range=[math.log10(lo) - 0.5, math.log10(dens.max()) + 0.5],
-                         **log_ticks(pd.Series([lo / 3, dens.max() * 3])))
+        lo, hi = drawn.min(), drawn.max()
+        fig.update_yaxes(range=[math.log10(lo) - 0.5, math.log10(hi) + 0.5], **log_ticks(pd.Series([lo / 3, hi * 3])))
     fig.update_layout(bargap=0, legend=dict(orientation="h", y=1.02, yanchor="bottom", x=0))
     # a title above the legend: room for two rows of legend between them (four overlays wrap on a half-width panel)
     return _layout(fig, 380, top=95 if title else 40,

@@ -359,13 +359,14 @@ def peek_job(key: tuple) -> Job | None:
         return jobs.get(key)
 
 
-def spectra_job(loaded: LoadedModel, fit: str = SpectraSettings.fit, farms: bool = False) -> Job:
-    """Spectra of the shared (dense) model, computed once per (model, fit rule, FARMS) for everyone.
+def spectra_job(loaded: LoadedModel, fit: str = SpectraSettings.fit, farms: bool = False,
+                min_tail: int = SpectraSettings.min_tail) -> Job:
+    """Spectra of the shared (dense) model, computed once per (model, fit rule, FARMS, min_tail) for everyone.
 
     A model loaded from a safetensors folder (local, the HF cache, or a packaged model's converted
     folder) is streamed from its shards and cached on disk by their content, so reopening it shows
     the spectra at once; others (and trust-remote-code models) are analyzed in memory."""
-    key = ("spectra", model_key(), fit, bool(farms))
+    key = ("spectra", model_key(), fit, bool(farms), min_tail)
     remote_code = key[1] is not None and key[1][3]  # its modules come from the repository's code: load them
     folder = streamable_folder(loaded.info.path, remote_code)
 
@@ -373,10 +374,11 @@ def spectra_job(loaded: LoadedModel, fit: str = SpectraSettings.fit, farms: bool
         if folder is not None:
             try:
                 return analyze_checkpoint(folder, fit=fit, farms=farms, include_outside=True,
-                                          device=loaded.info.device, progress=job.report)
+                                          device=loaded.info.device, progress=job.report, min_tail=min_tail)
             except NotStreamable:
                 pass
-        return analyze(loaded.model, fit=fit, farms=farms, include_outside=True, progress=job.report)
+        return analyze(loaded.model, fit=fit, farms=farms, include_outside=True, progress=job.report,
+                       min_tail=min_tail)
     return shared_job(key, run, name="spectra")
 
 
@@ -463,16 +465,16 @@ def session_weights(work: WorkingCopy, shared_model) -> tuple[Any, int]:
     return (work.model, work.version) if work.pruned else (shared_model, 0)
 
 
-def session_spectra_job(work: WorkingCopy, fit: str, farms: bool) -> Job:
+def session_spectra_job(work: WorkingCopy, fit: str, farms: bool, min_tail: int = SpectraSettings.min_tail) -> Job:
     """Spectra of this session's pruned copy (private: no other session has these weights)."""
     jobs = st.session_state.setdefault("work_spectra", {})
-    key = (work.key, work.version, fit, bool(farms))
+    key = (work.key, work.version, fit, bool(farms), min_tail)
     job = jobs.get(key)
     if job is None or job.status == CANCELLED:
         model = work.model
         jobs.clear()  # results of older weights are stale
-        job = jobs[key] = Job(lambda j: analyze(model, fit=fit, farms=farms, include_outside=True,
-                                                progress=j.report), name="spectra-session").start()
+        job = jobs[key] = Job(lambda j: analyze(model, fit=fit, farms=farms, include_outside=True, progress=j.report,
+                                                min_tail=min_tail), name="spectra-session").start()
     return job
 
 

@@ -8,7 +8,8 @@ from contextlib import nullcontext
 import streamlit as st
 
 from analysis.layers import find_layers
-from analysis.powerlaw import MIN_TAIL, XMIN_RULES
+from analysis.powerlaw import XMIN_RULES
+from analysis.settings import SpectraSettings
 from analysis.spectra import ALPHA_BANDS, alpha_summary, mp_curve, shuffled_esd
 from components.figures import alpha_depth_figure, esd_figure, heatmap_figure
 from components.state import (
@@ -26,6 +27,7 @@ through_app(__file__)  # (after a server restart, a tab that comes back starts f
 METRICS = ["alpha", "alpha_hat", "stable_rank", "log_norm", "spectral_entropy", "lambda_max", "ks_distance", "n_tail",
            "alpha_stderr", "beyond_mp"]
 LAYER_KEY = "spectra_layer"
+OVERLAY_KEY = "spectra_overlay"
 
 st.title("Spectra")
 loaded = require_model()
@@ -52,8 +54,14 @@ c1, c2, c3 = st.columns([1, 1, 2])
 fit = c1.selectbox("xmin rule", XMIN_RULES, key="spectra_fit",
                    help="peak: the tail starts near the histogram peak (AlphaPruning's rule, the default here); "
                         "median: at the median eigenvalue; scan: the smallest KS distance over every xmin that keeps "
-                        f"at least {MIN_TAIL} eigenvalues in the tail (weightwatcher's default fit keeps 2: "
-                        "`--min-tail 2` on the command line).")
+                        "at least 'Smallest tail' eigenvalues in the tail.")
+# weightwatcher's default fit keeps 2; a larger floor keeps a few top eigenvalues from making a huge, noisy α
+DEFAULT_TAIL = SpectraSettings.min_tail
+min_tail = c1.number_input("Smallest tail", min_value=2, max_value=10_000, value=DEFAULT_TAIL, step=1,
+                           key="spectra_min_tail", disabled=fit != "scan",
+                           help=f"scan only: the fewest eigenvalues its tail may keep (default {DEFAULT_TAIL}; 2 is "
+                                "weightwatcher's default fit; `--min-tail` on the command line).")
+min_tail = int(min_tail) if fit == "scan" else DEFAULT_TAIL
 farms = c2.checkbox("FARMS", key="spectra_farms",
                     help="Fit the pooled ESD of square sub-windows, against the aspect-ratio bias of α (shown with the "
                          "median rule: README, FARMS; a Gaussian matrix has no tail, and with peak or scan its α is "
@@ -63,10 +71,10 @@ farms = c2.checkbox("FARMS", key="spectra_farms",
 sources = ["shared dense model"] + (["my pruned copy"] if work.pruned else [])
 which = c3.radio("Weights", sources, horizontal=True, key="spectra_weights")
 if which == "my pruned copy" and work.pruned:
-    job, model = session_spectra_job(work, fit, farms), work.model
+    job, model = session_spectra_job(work, fit, farms, min_tail), work.model
     st.caption(f"Your pruned copy: {work.label}. Other sessions still see the dense model.")
 else:
-    job, model = spectra_job(loaded, fit, farms), loaded.model
+    job, model = spectra_job(loaded, fit, farms, min_tail), loaded.model
 wait_for(job, "Computing spectra")
 res = job.result
 metrics = res.table()  # with beyond_mp, alpha_stderr and the settings
@@ -158,8 +166,25 @@ with right:
             who = f"{work.gate.holder} has" if work.gate.holder else "a session is about to have"
             st.caption(f"The randomized ESD reads the shared dense weights, which {who} pruned in place right now: "
                        "it is drawn once they are restored.")
+    # another layer's ESD over this one, or this layer's in the other weights (what pruning did to it)
+    counterpart = ("this layer, dense" if model is work.model else "this layer, my pruned copy") if work.pruned \
+        else None
+    choices = ["none", *([counterpart] if counterpart else []), *(n for n in names if n != name)]
+    if st.session_state.get(OVERLAY_KEY) not in choices:
+        st.session_state[OVERLAY_KEY] = "none"
+    versus = st.selectbox("Overlay", choices, key=OVERLAY_KEY,
+                          help="Draw another ESD over this one: another layer's, or, once you have pruned, this "
+                               "layer's in the other weights (dense or your pruned copy), to see what pruning did.")
+    overlay = None
+    if versus == counterpart:
+        other = spectra_job(loaded, fit, farms, min_tail) if model is work.model else \
+            session_spectra_job(work, fit, farms, min_tail)
+        wait_for(other, f"Computing the spectra of {counterpart.removeprefix('this layer, ')}")
+        overlay = (counterpart.removeprefix("this layer, "), other.result.esds[name])
+    elif versus != "none":
+        overlay = (versus, res.esds[versus])
     alpha = float(row["alpha"]) if math.isfinite(row["alpha"]) else None
-    st.plotly_chart(esd_figure(eigs, alpha, float(row["xmin"]), log=log, mp=mp, randomized=rand,
+    st.plotly_chart(esd_figure(eigs, alpha, float(row["xmin"]), log=log, mp=mp, randomized=rand, overlay=overlay,
                                title=f"{name} ({row['rows']} x {row['cols']})"), key="spectra_esd")
     fitted = row["status"] == "ok"
     st.markdown(

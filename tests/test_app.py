@@ -49,6 +49,11 @@ def run_until_idle(at: AppTest, what: str, timeout: float = WAIT_S) -> AppTest:
         time.sleep(1.0)
 
 
+def trace_names(chart) -> list[str]:
+    """The names of a drawn Plotly chart's traces."""
+    return [trace.get("name") for trace in json.loads(chart.proto.spec)["data"]]
+
+
 def set_prune_inputs(at: AppTest, **values) -> AppTest:
     """Set Prune page inputs named by their key without "prune_" (method, alloc: select boxes; the others
     number inputs), then run. Tests call it again after a rerun: AppTest re-creates a page's widgets
@@ -366,6 +371,11 @@ def test_spectra_page(app):
     app.toggle(key="spectra_log").set_value(False).run()
     assert not app.exception
     assert len(app.get("plotly_chart")) == 3  # depth, heatmap, ESD (drawn content: see the browser test)
+    # another layer's ESD over this one; no pruned copy yet to compare with
+    assert "this layer, my pruned copy" not in app.selectbox(key="spectra_overlay").options
+    app.selectbox(key="spectra_overlay").set_value("model.layers.0.mlp.down_proj").run()
+    assert "model.layers.0.mlp.down_proj" in trace_names(app.get("plotly_chart")[-1])
+    app.selectbox(key="spectra_overlay").set_value("none").run()
     # while another session has the shared model pruned in place, the randomized ESD does not read it
     gate = app.session_state["work"].gate
     gate.lease("session elsewhere", "session elsewhere's pruned weights to be restored")
@@ -376,6 +386,16 @@ def test_spectra_page(app):
         gate.release("session elsewhere")
     app.run()
     assert not any("pruned in place right now" in c.value for c in app.caption) and not app.exception
+    # the scan fit's smallest tail is set on the page (read by scan only), as --min-tail on the command line
+    assert app.number_input(key="spectra_min_tail").disabled
+    app.selectbox(key="spectra_fit").set_value("scan").run()
+    app.number_input(key="spectra_min_tail").set_value(2).run()
+    run_until_idle(app, "spectra")
+    scan = app.dataframe[0].value
+    assert scan["fit"].unique().tolist() == ["scan"] and scan["min_tail"].unique().tolist() == [2]
+    assert scan.loc[scan["prunable"], "n_tail"].min() < 10  # weightwatcher's floor lets some tails be that small
+    app.selectbox(key="spectra_fit").set_value("peak").run()  # (the app fixture is shared)
+    run_until_idle(app, "spectra")
 
 
 def _budget(at: AppTest) -> float:

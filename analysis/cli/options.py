@@ -19,7 +19,8 @@ class UsageError(AlphascopeError, ValueError):
 
 # the option that sets each setting (SettingsError.field), so an error names what to change
 FLAGS = {
-    "model.source": "--model", "spectra.fit": "--fit", "allocation.method": "--allocation",
+    "model.source": "--model", "spectra.fit": "--fit", "spectra.min_tail": "--min-tail",
+    "allocation.method": "--allocation",
     "allocation.file": "--allocation", "allocation.sparsity": "--sparsity", "allocation.epsilon": "--epsilon",
     "allocation.metric": "--metric", "allocation.granularity": "--granularity", "allocation.fit": "--fit",
     "allocation.owl_lambda": "--owl-lambda", "allocation.owl_threshold": "--owl-threshold",

@@ -18,7 +18,7 @@ from analysis.cli.options import (
     typed_flags,
 )
 from analysis.loading import resolve_source, streamable_folder
-from analysis.powerlaw import MIN_TAIL, XMIN_RULES, FitError, check_fit
+from analysis.powerlaw import XMIN_RULES
 from analysis.settings import SpectraSettings
 from analysis.spectra import ALPHA_BANDS, NotStreamable, alpha_summary, analyze, analyze_checkpoint
 
@@ -54,13 +54,9 @@ def _block_summary(metrics: pd.DataFrame) -> pd.DataFrame:
 
 
 def cmd_spectra(args: argparse.Namespace) -> int:
-    settings = SpectraSettings(args.fit, args.farms, args.normalize, args.include_outside).check()
-    if settings.fit != "scan":
-        refuse_unused(typed_flags(args, "--min-tail"), f"only the scan fit reads it, and the fit is {settings.fit}")
-    try:
-        check_fit(settings.fit, args.min_tail)
-    except FitError as e:
-        raise UsageError(f"--min-tail: {e}") from None
+    if args.fit != "scan":
+        refuse_unused(typed_flags(args, "--min-tail"), f"only the scan fit reads it, and the fit is {args.fit}")
+    settings = SpectraSettings(args.fit, args.farms, args.normalize, args.include_outside, args.min_tail).check()
     if args.esds and not args.esds.lower().endswith(".npz"):
         raise UsageError(f"--esds: {args.esds}: the eigenvalues are written as NumPy's .npz; name the file .npz")
     as_json = checked_table_out(args, {"--esds": args.esds}) or args.json  # (checked with --json too)
@@ -69,7 +65,8 @@ def cmd_spectra(args: argparse.Namespace) -> int:
     # only) before the progress bar appears
     folder = streamable_folder(model.source, model.trust_remote_code)
     kwargs = dict(fit=settings.fit, farms=settings.farms, normalize=settings.normalize,
-                  include_outside=settings.include_outside, min_tail=args.min_tail, progress=_tqdm_progress("spectra"))
+                  include_outside=settings.include_outside, min_tail=settings.min_tail,
+                  progress=_tqdm_progress("spectra"))
     result = None
     if folder is not None:  # streamed from the shards, no model load; cached by the checkpoint's content
         try:
@@ -114,8 +111,8 @@ def add_spectra_parser(sub) -> None:
     p.add_argument("--normalize", action="store_true",
                    help="divide eigenvalues by N = max(rows, cols), the long side (as weightwatcher; with --farms "
                         "the pooled ESD by its windows' side)")
-    p.add_argument("--min-tail", type=int, default=MIN_TAIL,
-                   help=f"smallest tail the scan fit may choose (default {MIN_TAIL}; 2 is weightwatcher's)")
+    p.add_argument("--min-tail", type=int, default=d.min_tail,
+                   help=f"smallest tail the scan fit may choose (default {d.min_tail}; 2 is weightwatcher's)")
     p.add_argument("--include-outside", action="store_true", help="also the embedding and lm_head (not prunable)")
     p.add_argument("--json", action="store_true", help="write JSON records instead of CSV")
     p.add_argument("--esds", default=None, metavar="FILE.npz",
