@@ -88,8 +88,8 @@ with st.sidebar:
         st.caption(f"Loading {model_label(loading.tag)}…" if not loading.done else
                    f"Loading {model_label(loading.tag)} failed: the Model page says why.")
     if st.session_state.pop("_restored", False):
-        st.caption("Your settings are back after the reload. Weights pruned before it are not: a reload is a new "
-                   "session, which starts from the dense model (finished runs are in the run store, on Compare). "
-                   "An allocation search started before it goes on (Allocation page), as does a sweep (Compare).")
+        st.caption("Your settings are back after the reload, with your weights: a prune started before it goes on "
+                   "(Prune page), as do an allocation search (Allocation page) and a sweep (Compare). Finished runs "
+                   "are in the run store, on Compare.")
 
 nav.run()

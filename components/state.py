@@ -21,6 +21,7 @@ import copy
 import gc
 import threading
 import uuid
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -169,19 +170,23 @@ def persisted_settings() -> dict[str, Any]:
             del kept[t]
     st.query_params[SETTINGS_URL_KEY] = st.session_state["_settings_token"] = token
     st.session_state["_persisted"], st.session_state["_restored"] = settings, restored
-    st.session_state.update(jobs)  # the jobs the tab started before the reload (keep_job)
+    for key, job in jobs.items():  # the jobs the tab started before the reload (keep_job)
+        if (job := job() if isinstance(job, weakref.ref) else job) is not None:
+            st.session_state[key] = job
     return settings
 
 
-def keep_job(key: str, job: Job) -> Job:
+def keep_job(key: str, job, weak: bool = False):
     """Put `job` in this session's state under `key`, and beside the tab's settings (persisted_settings), so that
     a reload of the tab finds it under `key` again, running or finished. A job that should end when the tab is
-    closed checks `tab_connected`, which a reload does not make False for long."""
+    closed checks `tab_connected`, which a reload does not make False for long. weak=True keeps it beside the
+    settings only while something else holds it (the old session, or its running job): for weights, which a
+    closed tab must not hold on to."""
     st.session_state[key] = job
     kept, lock = _settings_by_url()
     with lock:
         if (entry := kept.get(st.session_state.get("_settings_token"))) is not None:
-            entry.setdefault("jobs", {})[key] = job
+            entry.setdefault("jobs", {})[key] = weakref.ref(job) if weak else job
     return job
 
 
@@ -416,7 +421,8 @@ def session_label() -> str:
 
 def session_work() -> WorkingCopy:
     """This session's weights for the current model (a new WorkingCopy when the model changed: the
-    old one's job is cancelled, and a lease of the old model given back once no job holds it).
+    old one's job is cancelled, and a lease of the old model given back once no job holds it). A reload of
+    the tab finds them again (keep_job), with the prune that was running or its result.
 
     The private copy itself is made in the background or by the first prune job
     (analysis.session.WorkingCopy.make_copy)."""
@@ -425,8 +431,8 @@ def session_work() -> WorkingCopy:
     if work is None or work.key != key:
         if work is not None:
             work.abandon()
-        work = st.session_state["work"] = WorkingCopy(key, model_gate(key) if key else None, session_label(),
-                                                      session_connected())
+        work = keep_job("work", WorkingCopy(key, model_gate(key) if key else None, session_label(), tab_connected()),
+                        weak=True)
     return work
 
 

@@ -621,6 +621,30 @@ def test_prune_runs_in_the_background_and_restores(app, runs_db):
 
     runs = RunStore(runs_db).all()
     assert len(runs) == 1 and runs["pruned_ppl"][0] == pytest.approx(ppl, abs=0.01)
+    # a reload of the tab (a new session on its URL, the old one gone) finds its pruned copy and the prune's result
+    from streamlit.testing.v1 import AppTest
+
+    from components.state import SETTINGS_URL_KEY, URL_KEYS, _settings_by_url
+
+    kept, _ = _settings_by_url()
+    kept[app.query_params[SETTINGS_URL_KEY]]["connected"] = lambda: False
+    reload = AppTest.from_file(APP, default_timeout=120)
+    reload.query_params[SETTINGS_URL_KEY] = app.query_params[SETTINGS_URL_KEY]
+    for name, value in zip(URL_KEYS, app.session_state["model_key"]):  # (app.py writes them in a browser's URL)
+        reload.query_params[name] = value
+    reload.run()
+    reload.switch_page("pages/prune.py").run()
+    assert not reload.exception and reload.session_state["work"] is app.session_state["work"]
+    assert "pruned copy — wanda 50% (uniform) · 50.00% of prunable weights are zero" in texts(reload)
+    assert float(metric(reload, "Perplexity (prune)")) == ppl
+    # the Spectra page draws a layer's ESD in the pruned copy over its dense one
+    app.switch_page("pages/spectra.py").run()
+    app.selectbox(key="spectra_overlay").set_value("this layer, my pruned copy").run()
+    run_until_idle(app, "spectra")
+    assert not app.exception and "my pruned copy" in trace_names(app.get("plotly_chart")[-1])
+    app.selectbox(key="spectra_overlay").set_value("none").run()
+    app.switch_page("pages/prune.py").run()
+    small_settings()
     # choosing another model (here: another dtype) says, before Load, that loading it drops the pruned copy
     app.switch_page("pages/model.py").run()
     app.selectbox(key="model_dtype").set_value("bfloat16").run()
@@ -798,7 +822,7 @@ def test_compare_page_lists_the_run(app):
     assert app.get("download_button")
     # runs are named by their settings: the OWL run at λ 0.04 (above) is not one line with OWL at the default
     assert "wanda + owl λ=0.04" in set(table["line"])
-    assert any("wanda + owl λ=0.04" in label for label in app.multiselect(key="compare_delete").options)
     # its λ, ε and calibration text are columns of their own (of the downloaded CSV too)
     owl = table[table["line"] == "wanda + owl λ=0.04"]
     assert (owl["owl_lambda"] == 0.04).all() and owl["epsilon"].isna().all() and owl["calibration"].notna().all()
+    assert any("wanda + owl λ=0.04" in label for label in app.multiselect(key="compare_delete").options)
