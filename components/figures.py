@@ -46,7 +46,8 @@ def _layout(fig: go.Figure, height: int = 360, top: int = 40, **kw) -> go.Figure
     return fig
 
 
-def esd_density(eigs: np.ndarray, log: bool = True, bins: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def esd_density(eigs: np.ndarray, log: bool = True, bins: int | None = None,
+                edges: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Histogram of the positive eigenvalues as a density: (bin edges, density per bin).
 
     log=True uses logarithmically spaced bins (what a log-log plot needs). log=False spends `bins` equal
@@ -54,12 +55,18 @@ def esd_density(eigs: np.ndarray, log: bool = True, bins: int | None = None) -> 
     bins over the whole range would put a heavy-tailed bulk into a spike at the first bin or two. The
     density is count / (n * bin width) either way, so it integrates to 1 over the positive eigenvalues.
     bins: by default one per 8 eigenvalues, from 20 to 80 (more would leave a small matrix's histogram a comb
-    of empty bins).
+    of empty bins). edges: another histogram's bins instead (an overlay on it), with log-spaced ones added past
+    its last where these eigenvalues reach further.
     """
     x = np.asarray(eigs, dtype=np.float64)
     x = x[np.isfinite(x) & (x > 0)]
     if x.size == 0:
         return np.array([0.0, 1.0]), np.array([0.0])
+    if edges is not None:
+        if x.max() > edges[-1]:
+            edges = np.concatenate([edges, np.geomspace(edges[-1], x.max(), 11)[1:]])
+        counts, edges = np.histogram(x, bins=edges)
+        return edges, counts / (x.size * np.diff(edges))
     bins = int(np.clip(x.size // 8, 20, 80)) if bins is None else bins
     lo, hi = x.min(), x.max()
     if hi <= lo:
@@ -93,7 +100,10 @@ def esd_figure(eigs: np.ndarray, alpha: float | None = None, xmin: float | None 
     eigenvalues) of another ESD drawn as a line over this one (another layer, or this one pruned).
     """
     edges, dens = esd_density(eigs, log=log)
-    oedges, odens = esd_density(overlay[1], log=log) if overlay is not None else (None, dens[:0])
+    # on a linear axis the overlays take this ESD's bins: their own would spend a quarter of them on their top 1%,
+    # a comb where a shuffled matrix has no tail
+    shared = None if log else edges
+    oedges, odens = esd_density(overlay[1], log=log, edges=shared) if overlay is not None else (None, dens[:0])
     fig = go.Figure()
     keep = dens > 0
     drawn = np.concatenate([dens[keep], odens[odens > 0]])  # the densities the y axis shows
@@ -115,7 +125,7 @@ def esd_figure(eigs: np.ndarray, alpha: float | None = None, xmin: float | None 
     x = np.asarray(eigs, dtype=np.float64)
     x = x[np.isfinite(x) & (x > 0)]
     if randomized is not None:
-        redges, rdens = esd_density(randomized, log=log)
+        redges, rdens = esd_density(randomized, log=log, edges=shared)
         fig.add_trace(go.Scatter(**_steps(redges, rdens, floor), mode="lines", line=dict(color="#9467bd", width=1.5),
                                  name="randomized"))
     if overlay is not None:
@@ -174,9 +184,10 @@ def alpha_depth_figure(metrics: pd.DataFrame, metric: str = "alpha") -> go.Figur
         ))
     if metric == "alpha":
         low, high = ALPHA_BANDS
-        fig.add_hrect(y0=low, y1=high, fillcolor="green", opacity=0.06, line_width=0,
-                      annotation_text=f"{low:g} ≤ α ≤ {high:g}", annotation_position="top left",
-                      annotation_bgcolor="rgba(255,255,255,0.7)")  # readable over the lines at block 0
+        fig.add_hrect(y0=low, y1=high, fillcolor="green", opacity=0.06, line_width=0)
+        # named in the legend: a label inside the plot covered the points of the first blocks
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=f"{low:g} ≤ α ≤ {high:g}",
+                                 marker=dict(symbol="square", size=12, color="rgba(0,128,0,0.2)"), hoverinfo="skip"))
     fig.update_xaxes(title="block (depth)", dtick=1 if df["block"].nunique() <= 16 else None)  # no block 0.5
     fig.update_yaxes(title=metric, type="log" if metric == "lambda_max" else None)  # a few λmax dwarf the rest
     fig.update_layout(clickmode="event+select", legend=dict(orientation="h", y=1.02, yanchor="bottom", x=0))

@@ -37,6 +37,12 @@ def test_linear_esd_histogram_resolves_a_heavy_tailed_bulk():
     assert in_bulk.sum() >= 60  # equal bins over [0.5, max] would leave the bulk one or two
     assert np.sum(dens * np.diff(edges)) == pytest.approx(1.0)
     assert edges[-1] == pytest.approx(eigs.max()) and np.all(np.diff(edges) > 0)
+    # a shuffled matrix (no tail) drawn over it takes its bins: its own would crowd a quarter of them into its top 1%
+    shuffled = rng.uniform(0.5, 4.0, 1000)
+    fig = esd_figure(eigs, log=False, randomized=shuffled, overlay=("another", rng.uniform(0.5, 300.0, 1000)))
+    random_x, other_x = (np.unique(t.x) for t in fig.data[1:3])
+    assert np.array_equal(random_x, edges)
+    assert np.isin(edges, other_x).all() and other_x.max() == pytest.approx(300.0, rel=0.01)  # its bins reach on
 
 
 def test_heatmap_cells_carry_their_matrix_for_a_click():
@@ -66,7 +72,9 @@ def test_depth_chart_draws_experts_as_points_and_few_blocks_as_whole_numbers():
              for b in range(3) for e in range(4)]
     fig = alpha_depth_figure(pd.DataFrame(rows))
     modes = {t.name: t.mode for t in fig.data}
-    assert modes == {"q_proj": "lines+markers", "experts.up_proj": "markers"}  # no zigzag through the experts
+    # no zigzag through the experts; the well-trained band is named in the legend, not over the first blocks' points
+    assert modes == {"q_proj": "lines+markers", "experts.up_proj": "markers", "2 ≤ α ≤ 6": "markers"}
+    assert not fig.layout.annotations
     assert fig.layout.xaxis.dtick == 1 and heatmap_figure(pd.DataFrame(rows)).layout.xaxis.dtick == 1
     heat = heatmap_figure(pd.DataFrame(rows)).data[0]  # α on HT-SR's bands, not on this model's range
     assert (heat.zmin, heat.zmax) == (1.0, 8.0)
