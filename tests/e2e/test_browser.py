@@ -150,14 +150,14 @@ def test_spectra_drag_prune_and_isolation(server, browser):
     a.get_by_text("Find allocation (search)").click()
     for label, value in SEARCH.items():
         assert input_box(a, label, value).input_value() == str(value)
-    # ... and after a reload (a new session of the tab) on another page: the settings and the curve, not the pruned
+    # ... and after a reload (a new session of the tab) on another page: the settings, the curve and the pruned
     # weights; and a setting changed after the reload is the one kept
     nav(a, "Prune")
     a.reload()
     a.get_by_text(re.compile(r"^Your settings are back after the reload")).wait_for(timeout=120_000)
     a.locator("h1").filter(has_text=re.compile("^Prune")).wait_for(timeout=60_000)
     wait_run(a)
-    assert "dense (shared model)" in weights_line(a)
+    assert "pruned copy" in weights_line(a, containing="50.00% of prunable weights are zero")
     a.get_by_text("Calibration and evaluation data").click()
     assert a.get_by_role("spinbutton", name="Calibration samples", exact=True).input_value() == str(SMALL["n_samples"])
     nav(a, "Allocation")
