@@ -580,6 +580,7 @@ class MemoryEstimate:
     logits: int  # one evaluation batch's logits (in the load dtype and in float32)
     hessians: int  # SparseGPT: a float32 cols x cols matrix per input of the prunable matrices of the largest block
     param_bytes: int = 4  # bytes per weight in the load dtype
+    search: int = 0  # what an allocation search holds beyond a prune (analysis.search.search_memory)
 
     @property
     def activations(self) -> int:
@@ -588,7 +589,7 @@ class MemoryEstimate:
 
     @property
     def working(self) -> int:
-        return self.activations + self.hessians
+        return self.activations + self.hessians + self.search
 
     def problem(self, device: torch.device, title: str = "The model", task: str = "pruned") -> str | None:
         """Why the weights plus one prune in place do not fit in what `available_memory_bytes`
@@ -605,6 +606,7 @@ class MemoryEstimate:
         activations = ("a calibration pass" if self.calibration >= self.logits else "an evaluation batch's logits")
         parts = [(self.weights, "weights"), (self.activations, f"activations ({activations})"),
                  (self.hessians, "Hessians (SparseGPT; TRIM's Gram matrices)"),
+                 (self.search, "the allocation search's caches"),
                  (self.prunable if on_cpu else 0, "original values of the pruned matrices")]
         where = f"{size(need)} on {device}"
         if len(named := [f"{size(n)} {what}" for n, what in parts if n]) > 1:
@@ -619,6 +621,8 @@ class MemoryEstimate:
             advice.append("shorter evaluation windows or smaller batches")
         if self.hessians > need // 4:
             advice.append("Wanda or magnitude without row-wise TRIM (no Hessians)")
+        if self.search > need // 4:
+            advice.append("an allocation the search found before (its JSON), or Wanda for the search")
         if not on_cpu:
             advice.append(f"{DEVICE_MAP_AUTO} (--device-map auto: the weights spread over the GPUs and the CPU; those "
                           "it puts on disk can be evaluated, not pruned)")

@@ -231,8 +231,9 @@ def search_in_stages(settings: AllocationSettings, model: nn.Module, calib: torc
     with settings.search_then_steps, a second stage goes on from its result: that many more generations, with
     search seed + THEN_SEED, scored on `then_windows` (more held-out text: smaller real improvements stand out
     from the windows' noise), exactly as `--search-from` the first stage's JSON would. Progress and `on_best`
-    count the two stages' generations as one run (the statistics each stage gathers before its first generation
-    hold the bar where the stage starts); a stop ends the search with the best so far."""
+    count the two stages as one run, each stage's share of the bar its generations' (the statistics each stage
+    gathers before its first generation hold the bar where the stage starts); a stop ends the search with the
+    best so far."""
     total = settings.search_steps + settings.search_then_steps
 
     def stage(stage_starts: dict[str, Allocation], steps: int, seed: int, windows: torch.Tensor | None,

@@ -70,7 +70,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -96,9 +96,14 @@ from analysis.settings import (
     VERIFY_MODES,
     AllocationSettings,
     PruneSettings,
+    search_samples,
 )
 
 OnBest = Callable[[list[float], float, int], None]  # (per-block ratios, confirmed fitness, step)
+# the level cache holds at most this many prunes' worth of every prunable matrix (least recently used dropped
+# beyond: pruned again when needed); unbounded, it grew with every ratio a block visited
+LEVEL_SETS = 4.0
+REAL_PRUNE_UNITS = 4  # a real prune's time in generations, for the progress's fraction (roughly: both vary)
 
 
 @dataclass(frozen=True)
@@ -237,15 +242,19 @@ class BlockLevels:
     it are assembled from blocks pruned with nearly the inputs a real prune would feed them."""
 
     def __init__(self, model: nn.Module, calib: torch.Tensor, method: str,
-                 progress: ProgressFn | None = None, device: str | torch.device | None = None):
+                 progress: ProgressFn | None = None, device: str | torch.device | None = None,
+                 level_sets: float = LEVEL_SETS):
         self.model, self.calib, self.device, self.method = model, calib, device, method
         self.pruner = get_pruner(method)
         self.refs: dict[int, list[LayerRef]] = layers_by_block(model)
         self.dense = DenseSnapshot.take(model)
         self.stats: dict[str, InputStats] = {}
         # (block, matrix, ratio) -> that matrix pruned: per matrix, so a move that changes some matrices of a
-        # block (a kind move) prunes only those
-        self.cache: dict[tuple[int, str, float], torch.Tensor] = {}
+        # block (a kind move) prunes only those; in order of use, within `budget` bytes (a mask is 1 byte per
+        # weight, SparseGPT's updated weights the dense dtype's)
+        self.cache: OrderedDict[tuple[int, str, float], torch.Tensor] = OrderedDict()
+        one = sum(w.numel() * (1 if self.pruner.mask else w.element_size()) for w in self.dense.weights.values())
+        self.budget, self.cached = int(level_sets * one), 0
         self.applied: dict[str, float] = {}  # per matrix; absent: dense
         self.stop: StopFlag = None  # while set, `apply` raises JobCancelled between blocks once it asks to stop
         self.anchored: dict[str, float] = {}  # the anchor's ratios ({}: dense)
@@ -261,14 +270,26 @@ class BlockLevels:
         return tuple(round(float(per_layer.get(r.name, 0.0)), 12) for r in self.refs[b])
 
     def _level(self, b: int, ref: LayerRef, ratio: float) -> torch.Tensor:
-        if (b, ref.name, ratio) not in self.cache:
-            w = self.dense.weights[ref.name].float()
-            pruner, stat = layer_pruner(self.method, self.stats.get(ref.name))
-            w = w.to(stat.device) if stat is not None else w
-            # pruners that only remove weights are kept as masks (1 byte per weight)
-            self.cache[(b, ref.name, ratio)] = pruner.mask(w, ratio, None, stat).cpu() if pruner.mask \
-                else pruner.apply(w, ratio, None, stat).to("cpu", self.dense.weights[ref.name].dtype)
-        return self.cache[(b, ref.name, ratio)]
+        key = (b, ref.name, ratio)
+        if key in self.cache:
+            self.cache.move_to_end(key)
+            return self.cache[key]
+        w = self.dense.weights[ref.name].float()
+        pruner, stat = layer_pruner(self.method, self.stats.get(ref.name))
+        w = w.to(stat.device) if stat is not None else w
+        # pruners that only remove weights are kept as masks (1 byte per weight)
+        level = pruner.mask(w, ratio, None, stat).cpu() if pruner.mask \
+            else pruner.apply(w, ratio, None, stat).to("cpu", self.dense.weights[ref.name].dtype)
+        self.cache[key] = level
+        self.cached += level.nbytes
+        while self.cached > self.budget and len(self.cache) > 1:
+            self.cached -= self.cache.popitem(last=False)[1].nbytes
+        return level
+
+    def _keep(self, cache: dict) -> None:
+        """Hold these levels (in their order of use), counted against the budget."""
+        self.cache = OrderedDict(cache)
+        self.cached = sum(v.nbytes for v in self.cache.values())
 
     def _write(self, b: int, key: tuple[float, ...]) -> None:
         """Block b's matrices at these ratios (only those that differ from what the model holds)."""
@@ -296,7 +317,7 @@ class BlockLevels:
         runs no data). False if `stop` ended it (the levels are then mixed: `load` a saved state)."""
         changed = [b for b in self.refs if self._key(b, per_layer) != self._key(b, self.anchored)]
         first = min(changed, default=max(self.refs) + 1)
-        self.cache = {k: v for k, v in self.cache.items() if k[0] <= first}
+        self._keep({k: v for k, v in self.cache.items() if k[0] <= first})
         self.restore()
 
         def on_block(b: int, _refs, stats: dict[str, InputStats]) -> bool:
@@ -311,17 +332,40 @@ class BlockLevels:
         return done == len(find_blocks(self.model)[1])
 
     def save(self) -> tuple:
-        """The anchor, statistics and levels (references, not copies), for `load`."""
-        return self.anchored, dict(self.stats), dict(self.cache)
+        """The anchor, statistics and levels (references, not copies: the levels it holds stay in memory beside
+        the budget until it is dropped), for `load`."""
+        return self.anchored, dict(self.stats), OrderedDict(self.cache)
 
     def load(self, state: tuple) -> None:
         anchored, stats, cache = state
-        self.anchored, self.stats, self.cache = anchored, dict(stats), dict(cache)
+        self.anchored, self.stats = anchored, dict(stats)
+        self._keep(cache)
         self.applied = {}  # the model holds other weights now
 
     def restore(self) -> None:
         self.dense.restore(self.model)
         self.applied = {}
+
+
+def search_memory(model: nn.Module, settings: AllocationSettings, method: str, param_bytes: int, n_samples: int,
+                  seqlen: int) -> int:
+    """Bytes the allocation search holds beyond what pruning `model` (its shapes: a meta-device skeleton will do)
+    with `method` needs, for a calibration batch of n_samples x seqlen tokens: the dense values of the prunable
+    matrices (param_bytes each), the level cache (LEVEL_SETS prunes' worth), SparseGPT's Hessians of every matrix
+    (a prune holds one block's), and the "kl" objective's dense log-probabilities (float16); a search that prunes
+    for real (verify) keeps a second set of levels and statistics, its parent's, to go back to."""
+    refs = layers_by_block(model)
+    params = sum(r.params for block in refs.values() for r in block)
+    pruner = get_pruner(method)
+    held = 1 if settings.search_verify == "none" else 2
+    levels = held * LEVEL_SETS * params * (1 if pruner.mask else param_bytes)
+    hessians = held * sum(r.cols * r.cols * 4 for block in refs.values()
+                          for r in {r.input_key: r for r in block}.values()) if pruner.statistic == "hessian" else 0
+    windows = search_samples(n_samples, settings.search_verify, settings.search_samples) \
+        if settings.search_text is not None else n_samples
+    vocab = model.get_input_embeddings().num_embeddings
+    reference = windows * seqlen * vocab * 2 if settings.search_objective == "kl" else 0
+    return int(params * param_bytes + levels + hessians + reference)
 
 
 def log_probs(model: nn.Module, windows: torch.Tensor, batch: int = 4, from_token: int = 1) -> torch.Tensor:
@@ -505,21 +549,29 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
         name = min(scores, key=scores.get)
         return f" (best so far: {name}, {where} {objective.upper()} {scores[name]:.4f})"
 
+    # the progress's fraction, in units of a generation: a start's proxy score about one, a real prune about
+    # REAL_PRUNE_UNITS (the starts took most of a search at 0% before)
+    first_step = len(starts) * (1 + (REAL_PRUNE_UNITS if real_starts else 0))
+
+    def fraction(units: float) -> float:
+        return units / (first_step + steps)
+
     rng = np.random.default_rng(seed)
     try:
         start_scores: dict[str, float] = {}
         levels.stop = stop  # until a start is scored there is no best to return: a stop ends the search there
         for i, (name, alloc) in enumerate(starts.items()):
             if progress:
-                progress(f"search: scoring the start {name} ({i + 1}/{len(starts)}){lead(start_scores)}", 0.0)
+                progress(f"search: scoring the start {name} ({i + 1}/{len(starts)}){lead(start_scores)}", fraction(i))
             start_scores[name] = float(losses(alloc.per_layer, confirm).mean())
             levels.stop = None
         verified: dict[str, float] = {}
         real_losses: dict[str, np.ndarray] = {}
         best_state, best_fit = None, math.inf
         if real_starts:
-            for name, alloc in starts.items():
-                x = real(alloc.per_layer, f"the start {name}", 0.0, lead(verified))
+            for j, (name, alloc) in enumerate(starts.items()):
+                x = real(alloc.per_layer, f"the start {name}", fraction(len(starts) + j * REAL_PRUNE_UNITS),
+                         lead(verified))
                 if x is None:
                     break
                 fit = float(x.mean())
@@ -557,7 +609,7 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
             fit, better = confirmed, confirmed < parent_confirm
             if real_steps and better:  # a real prune decides, and re-anchors the levels
                 saved = levels.save()
-                fit_windows = real(child, f"the step {s} candidate", s / steps)
+                fit_windows = real(child, f"the step {s} candidate", fraction(first_step + s))
                 fit = None if fit_windows is None else float(fit_windows.mean())
                 if fit is not None:
                     verified[f"step {s}"] = fit
@@ -574,7 +626,8 @@ def search_allocation(model: nn.Module, calib: torch.Tensor, starts: dict[str, A
                     on_best(grid.ratios(parent), parent_fit, s)
             done = s
             if progress:
-                progress(f"search: step {s}/{steps}, best {where} {objective.upper()} {parent_fit:.4f}", s / steps)
+                progress(f"search: step {s}/{steps}, best {where} {objective.upper()} {parent_fit:.4f}",
+                         fraction(first_step + s))
         chosen = "search" if len(history) > 1 else best_name
         decided: dict[str, float] = {}
         if verify == "starts" and chosen == "search" and not should_stop(stop):

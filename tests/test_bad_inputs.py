@@ -567,6 +567,11 @@ def test_a_run_says_before_loading_when_it_may_not_fit_in_memory(tiny_folder, tm
     assert main(["allocate", f"--model={tiny_folder}", "--allocation", "owl", "--sparsity", "0.5", "--nsamples", "2",
                  "--seqlen", "32"]) == 0
     assert f"warning: '{tiny_folder}' may not fit here to be loaded and allocated" in capsys.readouterr().err
+    # a search holds more than a prune: its caches are counted and named (analysis.search.search_memory)
+    assert main(["allocate", f"--model={tiny_folder}", "--allocation", "auto", "--sparsity", "0.5", "--nsamples", "2",
+                 "--seqlen", "32", "--search-steps", "1", "--search-verify", "none", "--out",
+                 str(tmp_path / "auto.json")]) == 0
+    assert "the allocation search's caches" in capsys.readouterr().err
     # an allocation of the weights alone reads the checkpoint's shards one matrix at a time: it loads no model
     assert main(["allocate", f"--model={tiny_folder}", "--allocation", "alphapruning", "--sparsity", "0.5"]) == 0
     assert "may not fit here" not in capsys.readouterr().err

@@ -40,6 +40,7 @@ from analysis.pruners import (
 )
 from analysis.pruning import DenseSnapshot, prune
 from analysis.search import (
+    LEVEL_SETS,
     BlockLevels,
     Grid,
     _replays,
@@ -50,6 +51,7 @@ from analysis.search import (
     paired_gain,
     reuse_caveats,
     search_allocation,
+    search_memory,
     window_losses,
 )
 from analysis.settings import (
@@ -295,6 +297,58 @@ def test_search_starts_include_the_settings_epsilon(tiny_search):
     for e in (0.0, AUTO_EPSILONS[0], 0.1 + 0.2):  # 0.30000000000000004: the 0.3 start
         n = len(search_starts(AllocationSettings(sparsity=0.6, epsilon=e), model, calib))
         assert n == 2 + 2 * len(AUTO_EPSILONS)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_cached_levels_stay_within_their_budget_and_prune_the_same(tiny_search, method):
+    """The search's cache of pruned blocks keeps to its byte budget (least recently used levels dropped): a
+    candidate assembled after its levels were dropped and pruned again is the same model."""
+    model, calib, _ = tiny_search
+    refs = prunable_layers(model)
+    rng = np.random.default_rng(0)
+    candidates = [{r.name: float(rng.choice([0.4, 0.5, 0.6, 0.7])) for r in refs} for _ in range(6)]
+    small, big = (BlockLevels(model, calib, method, level_sets=sets) for sets in (0.5, 100.0))
+    for candidate in [*candidates, candidates[0]]:
+        big.restore()
+        big.apply(candidate)
+        want = {r.name: r.weight().clone() for r in refs}
+        small.restore()
+        small.apply(candidate)
+        assert all(torch.equal(r.weight(), want[r.name]) for r in refs)
+        assert 0 < small.cached <= small.budget
+    assert len(small.cache) < len(big.cache) and big.cached <= big.budget
+    big.restore()
+
+
+def test_search_progress_moves_while_its_starts_are_scored(tiny_search):
+    """The starts (a proxy score each, then a real prune each) take their share of the progress bar, which
+    moves on through them and the generations to the end, never back."""
+    model, calib, starts = tiny_search
+    seen: list[tuple[str, float]] = []
+    search_allocation(model, calib, starts, steps=3, seed=0, screen_samples=2, screen_seqlen=16, verify="starts",
+                      progress=lambda message, f: seen.append((message, f)))
+    fractions = [f for m, f in seen if m.startswith("search:")]  # (the statistics' walk is a bar of its own)
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    scoring = [f for m, f in seen if "scoring the start" in m]
+    real = [f for m, f in seen if "pruning the start" in m]
+    assert scoring[0] == 0.0 < scoring[1] < real[0] < real[-1] < min(f for m, f in seen if m.startswith("search: step"))
+
+
+def test_search_memory_counts_what_the_search_holds(tiny_search):
+    """The estimate's search term: the dense values and LEVEL_SETS levels (masks for Wanda, weights for
+    SparseGPT, with its Hessians of every matrix), twice the levels and statistics when it prunes for real, and
+    the KL objective's dense log-probabilities."""
+    model, _, _ = tiny_search
+    refs = prunable_layers(model)
+    params = sum(r.params for r in refs)
+    none = AllocationSettings(method="auto", search_verify="none")
+    wanda = search_memory(model, none, "wanda", 4, 8, 32)
+    assert wanda == params * 4 + LEVEL_SETS * params
+    assert search_memory(model, replace(none, search_verify="starts"), "wanda", 4, 8, 32) == wanda + LEVEL_SETS * params
+    hessians = sum(r.cols ** 2 * 4 for b in range(4) for r in {r.input_key: r for r in refs if r.block == b}.values())
+    assert search_memory(model, none, "sparsegpt", 4, 8, 32) == params * 4 + LEVEL_SETS * params * 4 + hessians
+    vocab = model.get_input_embeddings().num_embeddings
+    assert search_memory(model, replace(none, search_objective="kl"), "wanda", 4, 8, 32) == wanda + 8 * 32 * vocab * 2
 
 
 def test_search_is_deterministic_exact_and_never_worse_than_its_best_start(tiny_search):
@@ -807,7 +861,9 @@ def test_search_in_two_stages_is_the_search_then_the_search_from_its_result(off_
     for k in ("forward_passes", "tokens", "real_prunes"):
         assert a.params[k] == a.params["before"][k] + then.params[k]
     steps = [(m.split(":")[0], f) for m, f in seen if ": step " in m]
-    assert steps == [("search", s / 8) for s in range(1, 5)] + [("search, stage 2", s / 8) for s in range(5, 9)]
+    assert [m for m, _ in steps] == ["search"] * 4 + ["search, stage 2"] * 4
+    fractions = [f for _, f in steps]  # each stage's starts take the first part of its half of the bar
+    assert 0.0 < fractions[0] and fractions == sorted(fractions) and fractions[3] == 0.5 and fractions[-1] == 1.0
     # each stage's statistics, gathered before its first generation, hold the bar where the stage starts
     stats = {(m.split(":")[0], f) for m, f in seen if "statistics: block" in m}
     assert stats == {("search statistics", 0.0), ("search, stage 2 statistics", 0.5)}
@@ -866,7 +922,8 @@ def test_verified_search_stopped_during_a_real_prune_keeps_the_best_so_far(off_g
                 stop.set()
     a = search_allocation(model, calib, starts, steps=8, seed=4, screen_samples=2, screen_seqlen=16, verify="all",
                           progress=progress, stop=stop)
-    assert seen["step 1"] == [(str(b), 1 / 8) for b in range(1, 5)] and list(seen) == ["step 1", "step 2"]
+    assert [b for b, _ in seen["step 1"]] == ["1", "2", "3", "4"] and list(seen) == ["step 1", "step 2"]
+    assert len({f for _, f in seen["step 1"]}) == 1 and 0 < seen["step 1"][0][1] < seen["step 2"][0][1] < 1
     history, verified = a.params["history"], a.params["verified"]
     assert [h["step"] for h in history] == [0, 1] and a.params["steps_done"] == 2
     assert set(verified) == set(starts) | {"step 1"} and a.params["real_fitness"] == verified["step 1"]

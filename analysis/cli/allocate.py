@@ -230,7 +230,8 @@ def cmd_allocate(args: argparse.Namespace) -> int:
             calibration.check_model(preview)
         settings.check_model(preview, *([calibration.seqlen] if calibration else []))
         if loads:  # the search scores candidates on calibration windows: their logits are within a calibration pass
-            warn_memory(RunSettings(model=model_settings(args), calibration=calibration or CalibrationSettings()),
+            warn_memory(RunSettings(model=model_settings(args), allocation=settings, prune=PruneSettings(args.pruner),
+                                    calibration=calibration or CalibrationSettings()),
                         preview, "allocated", calibrates=calibration is not None, evaluates=False,
                         hessians=args.method == "auto" and gathers_gram(args.pruner))
     m = model_settings(args).check()

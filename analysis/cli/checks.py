@@ -23,7 +23,7 @@ from analysis.loading import (
     placement_room,
 )
 from analysis.pruning import non_finite
-from analysis.search import describe
+from analysis.search import describe, search_memory
 from analysis.settings import AllocationSettings, RunSettings
 from analysis.spectra import NON_FINITE, SpectraResult
 from analysis.store import default_db_path
@@ -154,8 +154,9 @@ def warn_memory(settings: RunSettings, preview, task: str = "pruned", calibrates
     """Say before the weights load when the run's estimated memory (loading.memory_estimate) exceeds what is free:
     a warning, not a refusal, as the estimate is an upper bound (placed by accelerate: not estimated). A command
     prunes the model it loaded, so it keeps no original values unless `snapshot` (a sweep restores its dense
-    weights before each run); what it does not do (calibrate, evaluate, gather Hessians) is left out. `copies`:
-    processes on this machine that each load the model (a sweep's local Ray workers on the CPU)."""
+    weights before each run); what it does not do (calibrate, evaluate, gather Hessians) is left out; an allocation
+    search (settings.allocation "auto") adds its caches. `copies`: processes on this machine that each load the
+    model (a sweep's local Ray workers on the CPU)."""
     if settings.model.device == DEVICE_MAP_AUTO:
         return
     device = pick_device(settings.model.device)
@@ -164,10 +165,14 @@ def warn_memory(settings: RunSettings, preview, task: str = "pruned", calibrates
                           settings.calibration.n_samples if calibrates else 0, settings.calibration.seqlen, eval_batch,
                           settings.evaluation.seqlen)
     est = replace(est, prunable=est.prunable if snapshot else 0, hessians=est.hessians if hessians else 0)
+    if settings.allocation.method == "auto" and settings.prune.nm is None:
+        est = replace(est, search=search_memory(preview.skeleton(), settings.allocation, settings.prune.method,
+                                                est.param_bytes, settings.calibration.n_samples,
+                                                settings.calibration.seqlen))
     title = f"'{settings.model.source}'"
     if copies > 1:
         est = replace(est, **{f: getattr(est, f) * copies
-                              for f in ("weights", "prunable", "calibration", "logits", "hessians")})
+                              for f in ("weights", "prunable", "calibration", "logits", "hessians", "search")})
         title += f" ({copies} workers, each with its own copy)"
     if problem := est.problem(device, title, task):
         print(f"warning: {problem}", file=sys.stderr)

@@ -73,7 +73,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         f"local Ray, {args.workers} workers" if args.workers > 1 else "this process")
     print(f"sweep: {len(configs)} configuration(s) on {where}; runs go to {store.path}", file=sys.stderr)
     if args.address is None:  # a cluster's machines are not this one
-        first = configs[0]
+        first = searched or configs[0]  # a search holds the most
         warn_memory(first, preview_model(first.model.source, first.model.trust_remote_code), snapshot=True,
                     calibrates=any(c.needs_calibration() for c in configs),
                     hessians=any(gathers_gram(c.prune.method, c.prune.rowwise) for c in configs),
