@@ -277,10 +277,12 @@ def _allocation_dict(allocation) -> dict:
 
 
 def export(model: nn.Module, tokenizer, allocation, out_dir: str | Path, format: str = DEFAULT_FORMAT,
-           overwrite: bool = False, inputs: dict[str, Path] | None = None) -> Path:
+           overwrite: bool = False, inputs: dict[str, Path] | None = None, pruner: str | None = None) -> Path:
     """Save the (pruned) model in `format` (one of FORMATS, see the module docstring) with its
     tokenizer (None: none) and the allocation as allocation.json. `allocation`: an Allocation (anything
     with to_dict()) or a dict; its per_layer names are the matrices the compressed format compresses.
+    `pruner`: the pruner the model was pruned with, kept in allocation.json as a run record's allocation keeps
+    it (params.run.pruner: Allocation.pruner, what `export --recipe` makes its modifier from).
     An existing non-empty `out_dir` is replaced only if `overwrite`, and never when it holds one of `inputs`
     (check_destination). Raises ExportError (nothing is left behind, an older export in `out_dir` is kept) when
     the folder cannot be written."""
@@ -288,6 +290,8 @@ def export(model: nn.Module, tokenizer, allocation, out_dir: str | Path, format:
         raise ExportError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     out = check_destination(out_dir, overwrite, inputs)
     alloc = _allocation_dict(allocation)
+    if pruner is not None:
+        alloc = {**alloc, "params": {**alloc.get("params", {}), "run": {"pruner": pruner}}}
     weights = {n: m.weight for n, m in model.named_modules() if n in alloc.get("per_layer", {})}
     if format == "dense-ct" and (fused := sorted(set(alloc.get("per_layer", {})) - set(weights))):
         raise ExportError(f"dense-ct: {len(fused)} pruned matrices (e.g. '{fused[0]}') are slices of fused MoE "

@@ -370,7 +370,7 @@ if x3.button("Export pruned model", disabled=busy or not work.pruned, key="prune
         source = local_folder(loaded.info.path)  # the model's own checkpoint: never saved over
         with st.spinner(f"Saving the pruned model ({save_format}) to {out_dir}…"):
             path = export(work.model, loaded.tokenizer, work.allocation, out_dir, save_format, overwrite,
-                          {"the loaded model": source} if source is not None else None)
+                          {"the loaded model": source} if source is not None else None, pruner=work.pruner)
     except (OSError, ValueError) as e:
         st.error(f"Export failed: {e}")
     else:

@@ -351,6 +351,15 @@ def test_cli_prune_saves_compressed_model(tmp_path, capsys):
     code, _, err = run(capsys, "export", "--allocation", out / "allocation.json", "--recipe", recipe)
     assert code == 0 and "mask_structure: '2:4'" in recipe.read_text(), err
     assert "note: the allocation was made for the N:M pattern 2:4" in err
+    # and the pruner it was pruned with, so a Wanda prune's folder gives a Wanda recipe, as its run record does
+    assert json.loads((out / "allocation.json").read_text())["params"]["run"] == {"pruner": "magnitude"}
+    code, _, err = run(capsys, "prune", "--model", model_dir, "--device", "cpu", "--method", "wanda", "--allocation",
+                       "uniform", "--sparsity", 0.5, "--nsamples", 2, "--seqlen", 16, "--eval", "default",
+                       "--eval-seqlen", 32, "--max-windows", 1, "--db", tmp_path / "r.sqlite", "--save-model",
+                       tmp_path / "wanda")
+    assert code == 0, err
+    code, _, err = run(capsys, "export", "--allocation", tmp_path / "wanda" / "allocation.json", "--recipe", recipe)
+    assert code == 0 and "WandaPruningModifier" in recipe.read_text(), err
 
 
 def test_cli_prune_says_when_it_saves_in_another_dtype_than_the_checkpoints(tmp_path, capsys):

@@ -277,7 +277,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.save_model:
         try:
             path = export(loaded.model, loaded.tokenizer, result.allocation, args.save_model, args.save_format,
-                          args.overwrite)
+                          args.overwrite, pruner=settings.prune.method)
         except ExportError as e:  # e.g. a full disk: still keep the run record below
             export_error = e
         else:
@@ -365,7 +365,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         _zeroshot(loaded, zeroshot, label)
         return 0
     ppl = perplexity(loaded.model, windows, on_update=lambda u: print_ppl(label, u), batch_size=evaluation.batch_size)
-    print(f"perplexity {ppl:.4f} on {evaluation.source} ({windows.shape[0]} windows of {windows.shape[1]} tokens)")
+    n = windows.shape[0]
+    print(f"perplexity {ppl:.4f} on {evaluation.source} ({n} window{'s' if n != 1 else ''} of {windows.shape[1]} "
+          "tokens)")
     return 0
 
 
