@@ -553,9 +553,10 @@ def start_ray(workers: int, cpus_per_worker: int = 1, address: str | None = None
         for attempt in range(1, tries + 1):
             try:
                 # "local": a new Ray of our own even where `ray start` left a cluster (or its address file) here
+                # no progress bars in the workers: Ray forwards each redraw as an empty "(_ray_task pid=...)" line
                 ray.init(address=address or "local", num_cpus=None if address else workers * cpus_per_worker,
-                         runtime_env={"py_modules": [str(PACKAGE_DIR)]}, include_dashboard=False,
-                         logging_level="warning")
+                         runtime_env={"py_modules": [str(PACKAGE_DIR)], "env_vars": {"TQDM_DISABLE": "1"}},
+                         include_dashboard=False, logging_level="warning")
                 break
             except ConnectionAbortedError:  # Ray Client's "Initialization failure from server"
                 if attempt == tries:

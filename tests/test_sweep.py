@@ -556,6 +556,13 @@ def test_auto_searches_once_per_configuration_here_and_on_ray(tiny, local_ray, t
             assert params["objective"] == "kl" and mine["achieved"]["overall"] == pytest.approx(0.6, abs=0.01)
 
 
+def test_ray_workers_draw_no_progress_bars(local_ray):
+    """Ray forwards each redraw of a worker's progress bar as an empty "(_ray_task pid=...)" line."""
+    import ray
+
+    assert ray.get(ray.remote(lambda: os.environ.get("TQDM_DISABLE")).remote()) == "1"
+
+
 def test_ray_sweep_stops_on_the_stop_flag(tiny, local_ray, tmp_path):
     store = RunStore(tmp_path / "runs.sqlite")
     stop = threading.Event()
