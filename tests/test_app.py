@@ -49,6 +49,19 @@ def run_until_idle(at: AppTest, what: str, timeout: float = WAIT_S) -> AppTest:
         time.sleep(1.0)
 
 
+def reload_tab(at: AppTest, timeout: float = 120) -> AppTest:
+    """A reload of `at`'s tab: a new session on its URL (its settings token and model), the old one gone."""
+    from components.state import SETTINGS_URL_KEY, URL_KEYS, _settings_by_url
+
+    kept, _ = _settings_by_url()
+    kept[at.query_params[SETTINGS_URL_KEY]]["connected"] = lambda: False
+    reload = AppTest.from_file(APP, default_timeout=timeout)
+    reload.query_params[SETTINGS_URL_KEY] = at.query_params[SETTINGS_URL_KEY]
+    for name, value in zip(URL_KEYS, at.session_state["model_key"]):  # (app.py writes them in a browser's URL)
+        reload.query_params[name] = value
+    return reload.run()
+
+
 def trace_names(chart) -> list[str]:
     """The names of a drawn Plotly chart's traces."""
     return [trace.get("name") for trace in json.loads(chart.proto.spec)["data"]]
@@ -622,17 +635,7 @@ def test_prune_runs_in_the_background_and_restores(app, runs_db):
     runs = RunStore(runs_db).all()
     assert len(runs) == 1 and runs["pruned_ppl"][0] == pytest.approx(ppl, abs=0.01)
     # a reload of the tab (a new session on its URL, the old one gone) finds its pruned copy and the prune's result
-    from streamlit.testing.v1 import AppTest
-
-    from components.state import SETTINGS_URL_KEY, URL_KEYS, _settings_by_url
-
-    kept, _ = _settings_by_url()
-    kept[app.query_params[SETTINGS_URL_KEY]]["connected"] = lambda: False
-    reload = AppTest.from_file(APP, default_timeout=120)
-    reload.query_params[SETTINGS_URL_KEY] = app.query_params[SETTINGS_URL_KEY]
-    for name, value in zip(URL_KEYS, app.session_state["model_key"]):  # (app.py writes them in a browser's URL)
-        reload.query_params[name] = value
-    reload.run()
+    reload = reload_tab(app)
     reload.switch_page("pages/prune.py").run()
     assert not reload.exception and reload.session_state["work"] is app.session_state["work"]
     assert "pruned copy — wanda 50% (uniform) · 50.00% of prunable weights are zero" in texts(reload)

@@ -1242,17 +1242,9 @@ def test_allocation_page_finds_an_allocation(tmp_path, monkeypatch):
     assert any("starts (proxy): " in c.value and "cost: " in c.value and "then 1 more generations" in c.value
                for c in at.code)  # the search's account
     # a reload of the tab (a new session on its URL, the old one gone) finds the search again
-    from streamlit.testing.v1 import AppTest
-    from test_app import APP
+    from test_app import reload_tab
 
-    from components.state import SETTINGS_URL_KEY, URL_KEYS, _settings_by_url
-    kept, _ = _settings_by_url()
-    kept[at.query_params[SETTINGS_URL_KEY]]["connected"] = lambda: False
-    reload = AppTest.from_file(APP, default_timeout=300)
-    reload.query_params[SETTINGS_URL_KEY] = at.query_params[SETTINGS_URL_KEY]
-    for name, value in zip(URL_KEYS, at.session_state["model_key"]):  # (app.py writes them in a browser's URL)
-        reload.query_params[name] = value
-    reload.run()
+    reload = reload_tab(at, timeout=300)
     reload.switch_page("pages/allocation.py").run()
     assert not reload.exception and reload.session_state["alloc_search_job"] is job
     assert "nats/token" in metric(reload, "Best KL to the dense model found")
