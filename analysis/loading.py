@@ -667,11 +667,16 @@ def memory_estimate(model: nn.Module, dtype: str | torch.dtype | None, n_samples
     tokens = n_samples * seqlen
     calibration = tokens * (2 * hidden + 3 * wide) * b + n_samples * heads * seqlen * seqlen * b
     logits = eval_batch * eval_seqlen * vocab * (b + 4)
-    # one Hessian per statistic (an expert's gate and up share one), in the block that needs the most (a model's
-    # first blocks may be dense and its later ones MoE)
-    hessians = max((sum(r.cols * r.cols * 4 for r in {r.input_key: r for r in block}.values())
-                    for block in layers_by_block(model).values()), default=0)
+    # in the block that needs the most (a model's first blocks may be dense and its later ones MoE)
+    hessians = max(hessian_bytes(model), default=0)
     return MemoryEstimate(weights, sum(r.params for r in refs) * b, calibration, logits, hessians, b)
+
+
+def hessian_bytes(model: nn.Module) -> list[int]:
+    """Per block: SparseGPT's float32 cols x cols Hessians, one per input of its prunable matrices (an expert's
+    gate and up share one)."""
+    return [sum(r.cols * r.cols * 4 for r in {r.input_key: r for r in block}.values())
+            for block in layers_by_block(model).values()]
 
 
 def estimate_memory(source: str, dtype: str | torch.dtype | None = "float32", n_samples: int = 16,

@@ -85,6 +85,7 @@ from analysis.calibration import InputStats, replaying, walk_blocks
 from analysis.evaluation import token_nll
 from analysis.jobs import JobCancelled
 from analysis.layers import LayerRef, find_blocks, layers_by_block, module_device, module_device_dtype
+from analysis.loading import hessian_bytes
 from analysis.pruners import get_pruner
 from analysis.pruning import DenseSnapshot, layer_pruner
 from analysis.runtime import ProgressFn, StopFlag, should_stop
@@ -359,8 +360,7 @@ def search_memory(model: nn.Module, settings: AllocationSettings, method: str, p
     pruner = get_pruner(method)
     held = 1 if settings.search_verify == "none" else 2
     levels = held * LEVEL_SETS * params * (1 if pruner.mask else param_bytes)
-    hessians = held * sum(r.cols * r.cols * 4 for block in refs.values()
-                          for r in {r.input_key: r for r in block}.values()) if pruner.statistic == "hessian" else 0
+    hessians = held * sum(hessian_bytes(model)) if pruner.statistic == "hessian" else 0
     windows = search_samples(n_samples, settings.search_verify, settings.search_samples) \
         if settings.search_text is not None else n_samples
     vocab = model.get_input_embeddings().num_embeddings

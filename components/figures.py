@@ -65,21 +65,23 @@ def esd_density(eigs: np.ndarray, log: bool = True, bins: int | None = None,
     if edges is not None:
         if x.max() > edges[-1]:
             edges = np.concatenate([edges, np.geomspace(edges[-1], x.max(), 11)[1:]])
-        counts, edges = np.histogram(x, bins=edges)
-        return edges, counts / (x.size * np.diff(edges))
-    bins = int(np.clip(x.size // 8, 20, 80)) if bins is None else bins
+    else:
+        edges = _own_edges(x, log, int(np.clip(x.size // 8, 20, 80)) if bins is None else bins)
+    counts, edges = np.histogram(x, bins=edges)
+    return edges, counts / (x.size * np.diff(edges))
+
+
+def _own_edges(x: np.ndarray, log: bool, bins: int) -> np.ndarray:
+    """esd_density's bins for the positive eigenvalues `x`."""
     lo, hi = x.min(), x.max()
     if hi <= lo:
         hi = lo * 1.01 + 1e-12
     bulk = float(np.quantile(x, 0.99))
     if log:
-        edges = np.geomspace(lo, hi, bins + 1)
-    elif lo < bulk < hi:
-        edges = np.concatenate([np.linspace(lo, bulk, bins + 1), np.geomspace(bulk, hi, bins // 4 + 1)[1:]])
-    else:
-        edges = np.linspace(lo, hi, bins + 1)
-    counts, edges = np.histogram(x, bins=edges)
-    return edges, counts / (x.size * np.diff(edges))
+        return np.geomspace(lo, hi, bins + 1)
+    if lo < bulk < hi:
+        return np.concatenate([np.linspace(lo, bulk, bins + 1), np.geomspace(bulk, hi, bins // 4 + 1)[1:]])
+    return np.linspace(lo, hi, bins + 1)
 
 
 def _steps(edges: np.ndarray, dens: np.ndarray, floor: float) -> dict:
